@@ -1,0 +1,53 @@
+# megatron-consa: set-up, demo and tests on a fresh clone.
+#
+#   make install   create .venv and install everything the package needs
+#   make demo      install, then run the main job end to end on the CPU
+#   make test      install, then run the whole test suite
+#
+# Idempotent: `install` is a stamp target that reruns only when setup.py or
+# this Makefile changes.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+TORCH_CPU_VERSION := 2.13.0
+MCORE_VERSION     := 0.19.2
+
+.PHONY: install demo test test-gpu bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24" wheel setuptools
+	# Torch first: with no torch present, megatron-core's `torch>=2.6` resolves
+	# to a multi-GB CUDA build. On a machine without CUDA take the CPU build.
+	@if command -v nvidia-smi >/dev/null 2>&1 || $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  echo "CUDA present: keeping/installing a CUDA torch"; $(PIP) install --quiet "torch>=2.6"; \
+	else \
+	  $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"; \
+	fi
+	# megatron-core 0.19 declares Requires-Python>=3.12 but runs on 3.11:
+	# install its needs, then the wheel without the Python check.
+	$(PIP) install --quiet numpy "packaging>=24.2" psutil
+	$(PIP) install --quiet --no-deps --ignore-requires-python "megatron-core==$(MCORE_VERSION)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) examples/cpu_quickstart.py
+
+test: install
+	$(PY) -m pytest tests -q
+
+test-gpu: install
+	$(PY) -m pytest tests/gpu -q -rs
+
+bench: install
+	$(PY) benchmarks/attention_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

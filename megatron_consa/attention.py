@@ -1,0 +1,231 @@
+"""`ConsaCoreAttention`: hybrid FA/SWA core attention for megatron-core.
+
+It fills `SelfAttentionSubmodules.core_attention` (the slot megatron-core's
+`DotProductAttention` / `TEDotProductAttention` normally fill) and takes the
+same constructor and forward arguments, so it fits any megatron-core model
+whose layers use `SelfAttention`. It does not touch `attention.py` or GPTModel.
+
+Two modes, fixed by `config.consa.allocation`:
+
+* learning (no allocation): the layer owns the hard-concrete gates of its
+  units (`log_alpha`, float32, replicated on every TP rank). Per local KV group
+  o = z * FA(q, k, v) + (1 - z) * SWA(q, k, v), z broadcast to the query heads
+  of the group. A branch is skipped when every local z is exactly 0 or 1 (the
+  clamp makes its gradient zero there). Before the local groups are sliced,
+  `log_alpha` passes through megatron-core's copy-to-tensor-parallel-region,
+  so its gradient is summed over TP ranks and the replicas stay identical.
+* fixed (a binary allocation): FA groups get only FA, SWA groups only SWA; a
+  layer of one type is a single call, a mixed layer one call per type on the
+  heads of that type. No extra work over a plain model.
+
+The gate noise for training is handed in by the controller once per iteration
+(`set_gate_noise`), so the forward is a pure function of `log_alpha` and that
+noise: activation recomputation and every TP rank see the same z.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_consa.backends.select import make_attention_backend
+from megatron_consa.config import ConsaConfigError
+from megatron_consa.gates import HardConcrete, deterministic_z, sample_z
+
+logger = logging.getLogger(__name__)
+
+
+class ConsaCoreAttention(MegatronModule):
+    """Hybrid full / sliding-window core attention with optional learned gates.
+
+    Input layout is megatron-core's: query [sq, b, np, hn], key and value
+    [sk, b, ng, hn] (np, ng: local query heads and KV groups). Output
+    [sq, b, np * hn].
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        consa = getattr(config, "consa", None)
+        if consa is None:
+            raise ConsaConfigError(
+                "ConsaCoreAttention needs a config with a `consa` field "
+                "(build it with megatron_consa.model.ConsaTransformerConfig)"
+            )
+        self.consa = consa
+        if config.context_parallel_size != 1:
+            raise ConsaConfigError("context_parallel_size > 1 is not supported by ConsaCoreAttention yet")
+        if attention_type != "self":
+            raise ConsaConfigError(f"attention_type={attention_type!r}: ConSA gates self-attention only")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ConsaConfigError(
+                f"attention_dropout={dropout}: ConsaCoreAttention does not implement attention "
+                "dropout; set attention_dropout=0 (Qwen3/Llama train without it)"
+            )
+
+        if pg_collection is not None and hasattr(pg_collection, "tp"):
+            self.tp_group = pg_collection.tp
+        else:
+            self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp_size = self.tp_group.size() if self.tp_group is not None else 1
+        tp_rank = self.tp_group.rank() if self.tp_group is not None else 0
+
+        self.attn_mask_type = attn_mask_type
+        self.layer_index = max(1, layer_number) - 1  # global, 0-based
+        self.num_kv_heads = config.num_query_groups or config.num_attention_heads
+        consa.check_model_shape(num_layers=config.num_layers, num_kv_heads=self.num_kv_heads, tp_size=tp_size)
+        self.kv_heads_local = self.num_kv_heads // tp_size
+        self.heads_local = config.num_attention_heads // tp_size
+        self.heads_per_group = self.heads_local // self.kv_heads_local
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.hidden_per_partition = config.kv_channels * self.heads_local
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        if config.apply_query_key_layer_scaling:
+            raise ConsaConfigError("apply_query_key_layer_scaling=True is not supported; set it to False")
+
+        self.hc = HardConcrete.from_config(consa)
+        self.backend = make_attention_backend(
+            consa.backend,
+            window=consa.window,
+            sink_tokens=consa.sink_tokens,
+            softmax_scale=self.softmax_scale,
+            kv_channels=config.kv_channels,
+            layer_number=self.layer_index + 1,
+        )
+
+        if consa.learning:
+            num_units = 1 if consa.granularity == "layer" else self.num_kv_heads
+            self.log_alpha = torch.nn.Parameter(
+                torch.full((num_units,), float(consa.init_log_alpha), dtype=torch.float32)
+            )
+            # Replicated on every TP rank (not split): megatron treats it like a norm weight.
+            self.log_alpha.tensor_model_parallel = False
+            self.log_alpha.consa_gate = True
+            self.gate_unit_cost = self.num_kv_heads if consa.granularity == "layer" else 1
+            self.register_buffer(
+                "gate_unit_ids",
+                torch.arange(num_units, dtype=torch.int64) + self.layer_index * num_units,
+                persistent=False,
+            )
+            self._gate_noise: Optional[Tensor] = None
+            self.fa_local = None
+        else:
+            self.log_alpha = None
+            row = consa.allocation[self.layer_index]
+            fa = torch.tensor(row, dtype=torch.bool)[tp_rank * self.kv_heads_local : (tp_rank + 1) * self.kv_heads_local]
+            self.fa_local = [bool(v) for v in fa]
+
+    # ---- gates ------------------------------------------------------------
+    def set_gate_noise(self, u: Optional[Tensor]) -> None:
+        """The controller's uniform noise for this iteration ([units], float32)."""
+        self._gate_noise = None if u is None else u.to(device=self.log_alpha.device, dtype=torch.float32)
+
+    def gate_values(self) -> Tensor:
+        """z for every KV head of this layer ([num_kv_heads], float32), differentiable.
+
+        Training uses the controller's noise; evaluation the noise-free value.
+        """
+        log_alpha = self.log_alpha
+        if self.tp_size > 1:
+            log_alpha = copy_to_tensor_model_parallel_region(log_alpha, group=self.tp_group)
+        if self.training:
+            if self._gate_noise is None:
+                raise RuntimeError(
+                    f"layer {self.layer_index}: no gate noise for this iteration; call "
+                    "ConsaController.begin_iteration(gates) before the forward pass"
+                )
+            z = sample_z(log_alpha, self._gate_noise, self.hc)
+        else:
+            z = deterministic_z(log_alpha, self.hc)
+        return z.expand(self.num_kv_heads) if z.numel() == 1 else z
+
+    # ---- forward ----------------------------------------------------------
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences are not supported by ConsaCoreAttention")
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by ConsaCoreAttention")
+        mask_type = attn_mask_type or self.attn_mask_type
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise NotImplementedError(f"attn_mask_type={mask_type}: ConSA attention is causal")
+        # The causal structure is built into both kernels; an explicit causal
+        # attention_mask from the data pipeline carries no extra information.
+
+        if self.log_alpha is None:
+            out = self._fixed(query, key, value)
+        else:
+            out = self._learning(query, key, value)
+        # [sq, b, np, hn] -> [sq, b, np * hn]
+        return out.reshape(out.size(0), out.size(1), self.hidden_per_partition)
+
+    def _learning(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        z_all = self.gate_values()
+        lo = self.tp_rank * self.kv_heads_local
+        z = z_all[lo : lo + self.kv_heads_local]  # [ng]
+        # One host sync per layer: decide which branches carry gradient.
+        all_fa, all_swa = (bool(v) for v in torch.stack([(z == 1).all(), (z == 0).all()]).tolist())
+        if all_fa:  # z == 1 exactly: o = FA, and dz/dlog_alpha = 0 under the clamp
+            return self.backend.full(query, key, value)
+        if all_swa:
+            return self.backend.sliding(query, key, value)
+        zh = z.to(query.dtype).repeat_interleave(self.heads_per_group)[:, None]  # [np, 1]
+        fa = self.backend.full(query, key, value)  # [sq, b, np, hn]
+        swa = self.backend.sliding(query, key, value)
+        return zh * fa + (1 - zh) * swa
+
+    def _fixed(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        if all(self.fa_local):
+            return self.backend.full(query, key, value)
+        if not any(self.fa_local):
+            return self.backend.sliding(query, key, value)
+        out = torch.empty_like(query)
+        for is_fa, call in ((True, self.backend.full), (False, self.backend.sliding)):
+            groups = [g for g, f in enumerate(self.fa_local) if f == is_fa]
+            heads = [g * self.heads_per_group + r for g in groups for r in range(self.heads_per_group)]
+            gi = torch.tensor(groups, device=query.device)
+            hi = torch.tensor(heads, device=query.device)
+            # [sq, b, np_type, hn]
+            out[:, :, hi] = call(query.index_select(2, hi), key.index_select(2, gi), value.index_select(2, gi))
+        return out
+
+    # ---- allocation -------------------------------------------------------
+    def fa_heads(self) -> list[int]:
+        """The current FA/SWA decision of this layer's KV heads (1 = FA).
+
+        Fixed mode: the allocation row (local groups). Learning mode: z > 0 at
+        the noise-free evaluation value, over all KV heads of the layer.
+        """
+        if self.log_alpha is None:
+            return [int(v) for v in self.fa_local]
+        with torch.no_grad():
+            z = deterministic_z(self.log_alpha.float(), self.hc)
+        z = z.expand(self.num_kv_heads) if z.numel() == 1 else z
+        return [int(v > 0) for v in z.tolist()]

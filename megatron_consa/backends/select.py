@@ -1,0 +1,151 @@
+"""Attention backends behind `ConsaCoreAttention`, and the one place that picks one.
+
+A backend exposes two calls on megatron-core's layout (query [sq, b, hq, d],
+key/value [sk, b, hkv, d], output [sq, b, hq, d]):
+
+* `full(q, k, v)`   causal full attention;
+* `sliding(q, k, v)` causal sliding-window attention with window W (each query
+  sees itself and the W-1 tokens before it) plus the first `sink_tokens`.
+
+`TorchAttentionBackend` runs anywhere (CPU, or a GPU without Transformer
+Engine); its SWA costs O(n*W). `TEAttentionBackend` wraps Transformer
+Engine's `DotProductAttention`: one causal instance and one windowed instance
+(`window_size=(W-1, 0)`), created per head count on first use, because a
+mixed layer in fixed mode calls each type on a subset of the heads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from megatron_consa.backends.torch_attention import full_causal_attention, sliding_window_attention
+from megatron_consa.config import ConsaConfigError
+
+
+def transformer_engine_available() -> bool:
+    """True when CUDA is present and Transformer Engine imports."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a wheel without its CUDA libraries raises OSError, not ImportError
+        return False
+    return True
+
+
+def resolve_backend_name(name: str) -> str:
+    """`auto` -> `te` when Transformer Engine can run here, else `torch`."""
+    if name == "auto":
+        return "te" if transformer_engine_available() else "torch"
+    if name == "te" and not transformer_engine_available():
+        raise ConsaConfigError(
+            "ConsaConfig.backend='te' needs CUDA and an importable transformer_engine; "
+            "install megatron-consa[gpu] on a GPU machine or use backend='torch'"
+        )
+    return name
+
+
+def _to_bhsd(x: Tensor) -> Tensor:
+    # [s, b, h, d] -> [b, h, s, d]
+    return x.permute(1, 2, 0, 3)
+
+
+def _to_sbhd(x: Tensor) -> Tensor:
+    # [b, h, s, d] -> [s, b, h, d]
+    return x.permute(2, 0, 1, 3)
+
+
+class TorchAttentionBackend:
+    """Pure-torch kernels: SDPA for causal FA, blocked O(n*W) SWA."""
+
+    name = "torch"
+
+    def __init__(self, *, window: int, sink_tokens: int, softmax_scale: float) -> None:
+        self.window = window
+        self.sink_tokens = sink_tokens
+        self.scale = softmax_scale
+
+    def full(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = full_causal_attention(_to_bhsd(q), _to_bhsd(k), _to_bhsd(v), scale=self.scale)
+        return _to_sbhd(out)
+
+    def sliding(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = sliding_window_attention(
+            _to_bhsd(q).contiguous(),
+            _to_bhsd(k).contiguous(),
+            _to_bhsd(v).contiguous(),
+            window=self.window,
+            scale=self.scale,
+            sink_tokens=self.sink_tokens,
+        )
+        return _to_sbhd(out)
+
+
+class TEAttentionBackend:
+    """Transformer Engine `DotProductAttention`: one causal and one windowed instance."""
+
+    name = "te"
+
+    def __init__(
+        self, *, window: int, sink_tokens: int, softmax_scale: float, kv_channels: int, layer_number: int
+    ) -> None:
+        if sink_tokens:
+            raise ConsaConfigError(
+                f"ConsaConfig.sink_tokens={sink_tokens} is not supported by the Transformer Engine "
+                "backend (its sliding window has no sinks); use backend='torch' or sink_tokens=0"
+            )
+        self.window_size = window
+        self.scale = softmax_scale
+        self.kv_channels = kv_channels
+        self.layer_number = layer_number
+        self._instances: dict[tuple[int, int, bool], Callable] = {}
+
+    def _instance(self, num_heads: int, num_groups: int, windowed: bool):
+        key = (num_heads, num_groups, windowed)
+        if key not in self._instances:
+            from transformer_engine.pytorch import DotProductAttention
+
+            self._instances[key] = DotProductAttention(
+                num_attention_heads=num_heads,
+                kv_channels=self.kv_channels,
+                num_gqa_groups=num_groups,
+                attention_dropout=0.0,
+                qkv_format="sbhd",
+                attn_mask_type="causal",
+                window_size=(self.window_size - 1, 0) if windowed else None,
+                softmax_scale=self.scale,
+                layer_number=self.layer_number,
+                attention_type="self",
+            )
+        return self._instances[key]
+
+    def _call(self, q: Tensor, k: Tensor, v: Tensor, windowed: bool) -> Tensor:
+        attn = self._instance(q.size(2), k.size(2), windowed)
+        out = attn(q, k, v, qkv_format="sbhd", attn_mask_type="causal")  # [sq, b, hq * d]
+        return out.view(q.size(0), q.size(1), q.size(2), q.size(3))
+
+    def full(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self._call(q, k, v, windowed=False)
+
+    def sliding(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self._call(q, k, v, windowed=True)
+
+
+def make_attention_backend(
+    name: str, *, window: int, sink_tokens: int, softmax_scale: float, kv_channels: int, layer_number: int
+):
+    """Build the backend `name` (`auto`, `torch` or `te`)."""
+    resolved = resolve_backend_name(name)
+    if resolved == "te":
+        return TEAttentionBackend(
+            window=window,
+            sink_tokens=sink_tokens,
+            softmax_scale=softmax_scale,
+            kv_channels=kv_channels,
+            layer_number=layer_number,
+        )
+    return TorchAttentionBackend(window=window, sink_tokens=sink_tokens, softmax_scale=softmax_scale)

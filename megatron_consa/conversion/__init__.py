@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron-core weight conversion (pure functions, no I/O)."""

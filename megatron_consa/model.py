@@ -1,0 +1,204 @@
+"""Build a megatron-core GPTModel with ConSA attention for a Qwen3/Llama-style architecture.
+
+`ArchitectureConfig` is the Hugging Face-shaped description of the network
+(RMSNorm, SwiGLU, RoPE with theta, GQA, optional QK-norm, tied or untied
+embeddings, optional QKV bias for Qwen2). `ConsaTransformerConfig` is
+megatron-core's `TransformerConfig` plus a `consa: ConsaConfig` field, which
+is what `ConsaCoreAttention` reads. `build_gpt_model` puts the two together
+with the local or the Transformer Engine ConSA layer spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_consa.attention import ConsaCoreAttention
+from megatron_consa.config import ConsaConfig, ConsaConfigError
+from megatron_consa.specs import get_consa_layer_spec
+
+SUPPORTED_HF_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+
+
+@dataclass
+class ArchitectureConfig:
+    """A decoder-only Qwen3/Llama-style architecture, in Hugging Face terms."""
+
+    vocab_size: int
+    """Embedding rows (padded vocabulary)."""
+    hidden_size: int
+    """Model width."""
+    intermediate_size: int
+    """SwiGLU inner width."""
+    num_layers: int
+    """Transformer layers (HF `num_hidden_layers`)."""
+    num_attention_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """KV heads (GQA groups, HF `num_key_value_heads`)."""
+    head_dim: Optional[int] = None
+    """Per-head width; defaults to hidden_size // num_attention_heads."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
+    qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is built for."""
+    model_type: str = "qwen3"
+    """The Hugging Face model type this came from (for export)."""
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ConsaConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "ArchitectureConfig":
+        """From a transformers `PretrainedConfig` of a supported model type."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_HF_MODEL_TYPES:
+            raise ConsaConfigError(
+                f"model_type={model_type!r} is not supported; supported: {SUPPORTED_HF_MODEL_TYPES}"
+            )
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ConsaConfigError(f"hidden_act={act!r}: only SwiGLU (silu) MLPs are supported")
+        rope_theta = getattr(hf_config, "rope_theta", None)
+        if rope_theta is None:  # transformers >= 5 keeps it in rope_parameters
+            rope_theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        qkv_bias = bool(getattr(hf_config, "attention_bias", model_type == "qwen2"))
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_attention_heads=hf_config.num_attention_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+            head_dim=getattr(hf_config, "head_dim", None),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=hf_config.rms_norm_eps,
+            qk_norm=model_type == "qwen3",
+            qkv_bias=qkv_bias or model_type == "qwen2",
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            max_position_embeddings=hf_config.max_position_embeddings,
+            model_type=model_type,
+        )
+
+
+@dataclass
+class ConsaTransformerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus the ConSA settings."""
+
+    consa: ConsaConfig = field(default_factory=ConsaConfig)
+    """Window, sinks, granularity, gates, controller; read by ConsaCoreAttention."""
+
+
+def build_transformer_config(
+    arch: ArchitectureConfig, consa: ConsaConfig, **megatron_overrides: Any
+) -> ConsaTransformerConfig:
+    """The megatron-core config for `arch` with ConSA attention.
+
+    `megatron_overrides` are TransformerConfig fields (parallel sizes, dtypes,
+    recomputation, ...). Fusions that need CUDA kernels are off without CUDA.
+    """
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not cuda,
+        consa=consa,
+    )
+    known = {f.name for f in fields(ConsaTransformerConfig)}
+    unknown = set(megatron_overrides) - known
+    if unknown:
+        raise ConsaConfigError(f"unknown TransformerConfig field(s): {sorted(unknown)}")
+    kwargs.update(megatron_overrides)
+    config = ConsaTransformerConfig(**kwargs)
+    tp = config.tensor_model_parallel_size
+    consa.check_model_shape(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, tp_size=tp)
+    return config
+
+
+def build_gpt_model(
+    config: ConsaTransformerConfig,
+    arch: ArchitectureConfig,
+    *,
+    use_transformer_engine: Optional[bool] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+) -> GPTModel:
+    """A GPTModel (one pipeline stage / virtual chunk) with ConSA attention.
+
+    `use_transformer_engine=None` follows the ConSA backend: the TE layer spec
+    when the attention backend resolves to `te`, the local spec otherwise.
+    """
+    if use_transformer_engine is None:
+        from megatron_consa.backends.select import resolve_backend_name
+
+        use_transformer_engine = resolve_backend_name(config.consa.backend) == "te"
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    spec = get_consa_layer_spec(use_transformer_engine=use_transformer_engine, qk_layernorm=arch.qk_norm)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        rotary_percent=1.0,
+        vp_stage=vp_stage,
+    )
+
+
+def consa_attention_modules(model_chunks: Iterable[torch.nn.Module]) -> list[ConsaCoreAttention]:
+    """Every ConsaCoreAttention in these model chunks, in layer order."""
+    mods = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, ConsaCoreAttention)]
+    return sorted(mods, key=lambda m: m.layer_index)
+
+
+def gate_parameters(model_chunks: Iterable[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The log_alpha parameters (for the gates' own optimizer group)."""
+    return [m.log_alpha for m in consa_attention_modules(model_chunks) if m.log_alpha is not None]

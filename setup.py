@@ -1,0 +1,40 @@
+"""megatron-consa: learned hybrid FA/SWA attention allocation for megatron-core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="megatron-consa",
+    version="0.1.0",
+    description=(
+        "ConSA for megatron-core: hard-concrete L0 gates learn which attention units "
+        "keep full attention and which become sliding-window attention, under a KV budget."
+    ),
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_consa", "megatron_consa.*"]),
+    install_requires=[
+        "megatron-core>=0.19,<0.20",
+        "torch>=2.6",
+        "numpy",
+        "packaging>=24.2",
+        "psutil",
+        "sentencepiece",
+        "safetensors",
+        "transformers>=4.51",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
