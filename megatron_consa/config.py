@@ -64,10 +64,10 @@ class ConsaConfig:
     target_warmup_iters: int = 100
     """The target ramps linearly: t(k) = t_final * min(1, k / warmup)."""
 
-    lagrangian_lr: float = 0.5
+    lagrangian_lr: float = 0.05
     """Dual step size eta: lambda1 += eta*(s_hat - t), lambda2 += eta*(s_hat - t)^2."""
 
-    gate_lr: float = 0.1
+    gate_lr: float = 0.05
     """Learning rate of the gate parameters (their own group, no weight decay)."""
 
     gates_only: bool = False

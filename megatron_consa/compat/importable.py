@@ -76,8 +76,8 @@ def _read_real_module_names(fullname: str) -> tuple[Dict[str, Any], List[str], L
                     continue
                 try:
                     value = ast.literal_eval(node.value)
-                except ValueError:
-                    continue
+                except (ValueError, TypeError, SyntaxError, RecursionError):
+                    continue  # not a literal (e.g. a call): not a constant
                 if target.id == "__all__":
                     names = list(value)
                 else:

@@ -1,0 +1,143 @@
+"""ConsaCoreAttention against a dense masked attention written here, and learning vs fixed mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import megatron_consa  # noqa: F401  (makes megatron.core importable without triton)
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_consa.attention import ConsaCoreAttention
+from megatron_consa.config import ConsaConfig, ConsaConfigError
+from megatron_consa.controller import ConsaController, find_gates
+from megatron_consa.gates import sample_z
+from megatron_consa.model import ConsaTransformerConfig
+
+L, HEADS, G, D, S, B = 3, 8, 4, 16, 29, 2
+FA_ROWS = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def _config(**consa) -> ConsaTransformerConfig:
+    return ConsaTransformerConfig(
+        num_layers=L,
+        hidden_size=HEADS * D,
+        num_attention_heads=HEADS,
+        num_query_groups=G,
+        kv_channels=D,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        consa=ConsaConfig(**consa),
+    )
+
+
+def _attn(layer: int, **consa) -> ConsaCoreAttention:
+    return ConsaCoreAttention(_config(**consa), layer_number=layer + 1, attn_mask_type=AttnMaskType.causal)
+
+
+def _qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(S, B, HEADS, D, generator=g)
+    k = torch.randn(S, B, G, D, generator=g)
+    v = torch.randn(S, B, G, D, generator=g)
+    return q, k, v
+
+
+def _reference(q, k, v, fa_row, window, sinks):
+    """Dense attention with an explicit per-head mask, built from the convention."""
+    rep = HEADS // G
+    out = torch.empty(S, B, HEADS, D, dtype=torch.float64)
+    i = torch.arange(S)[:, None]
+    j = torch.arange(S)[None, :]
+    causal = j <= i
+    swa = causal & ((j > i - window) | (j < sinks))
+    for h in range(HEADS):
+        mask = causal if fa_row[h // rep] else swa
+        qh = q[:, :, h].double().transpose(0, 1)  # [b, s, d]
+        kh = k[:, :, h // rep].double().transpose(0, 1)
+        vh = v[:, :, h // rep].double().transpose(0, 1)
+        scores = qh @ kh.transpose(1, 2) / math.sqrt(D)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[:, :, h] = (scores.softmax(-1) @ vh).transpose(0, 1)
+    return out.reshape(S, B, HEADS * D)
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+class TestCoreAttention:
+    @pytest.mark.parametrize("sinks", [0, 3])
+    @pytest.mark.parametrize("layer", [0, 1, 2])
+    def test_fixed_allocation_matches_dense_reference(self, layer, sinks):
+        attn = _attn(layer, window=6, sink_tokens=sinks, allocation=FA_ROWS).eval()
+        q, k, v = _qkv(layer)
+        out = attn(q, k, v, None)
+        ref = _reference(q, k, v, FA_ROWS[layer], 6, sinks)
+        assert out.shape == (S, B, HEADS * D)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+    @pytest.mark.parametrize("granularity", ["kv_head", "layer"])
+    def test_learning_with_exact_gates_equals_fixed(self, granularity):
+        layer = 0 if granularity == "kv_head" else 2
+        row = FA_ROWS[layer]
+        fixed = _attn(layer, window=6, allocation=FA_ROWS)
+        learn = _attn(layer, window=6, granularity=granularity)
+        with torch.no_grad():
+            la = torch.tensor([8.0 if f else -8.0 for f in row])
+            learn.log_alpha.copy_(la if granularity == "kv_head" else la[:1])
+        q, k, v = _qkv(3)
+        ctl = ConsaController(learn.consa, total_cost=L * G)
+        ctl.begin_iteration(find_gates([learn]))
+        for mode in ("train", "eval"):
+            getattr(learn, mode)()
+            fixed.train(mode == "train")
+            torch.testing.assert_close(learn(q, k, v, None), fixed(q, k, v, None), rtol=1e-6, atol=1e-7)
+
+    def test_learning_mode_mixes_branches_and_gradients_reach_gates(self):
+        attn = _attn(1, window=4)
+        ctl = ConsaController(attn.consa, total_cost=L * G)
+        with torch.no_grad():
+            attn.log_alpha.copy_(torch.tensor([-0.5, 0.0, 0.3, 1.0]))
+        gates = find_gates([attn])
+        ctl.begin_iteration(gates)
+        q, k, v = _qkv(4)
+        out = attn.train()(q, k, v, None)
+        z = sample_z(attn.log_alpha.detach(), ctl.noise(attn.gate_unit_ids), attn.hc)
+        zh = z.repeat_interleave(HEADS // G)
+        fa = _reference(q, k, v, [1] * G, 4, 0).view(S, B, HEADS, D)
+        swa = _reference(q, k, v, [0] * G, 4, 0).view(S, B, HEADS, D)
+        expect = (zh[:, None] * fa + (1 - zh[:, None]) * swa).reshape(S, B, -1)
+        torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=1e-6)
+        # same iteration, same noise: recomputation gives the same output
+        torch.testing.assert_close(attn(q, k, v, None), out, rtol=0, atol=0)
+        out.square().sum().backward()
+        assert attn.log_alpha.grad is not None
+        interior = (z > 0) & (z < 1)
+        assert interior.any() and torch.all(attn.log_alpha.grad[interior] != 0)
+        assert torch.all(attn.log_alpha.grad[~interior] == 0)
+
+    def test_training_without_noise_is_a_clear_error(self):
+        attn = _attn(0, window=4).train()
+        with pytest.raises(RuntimeError, match="begin_iteration"):
+            attn(*_qkv(), None)
+
+    def test_bad_allocation_shape_names_the_field(self):
+        with pytest.raises(ConsaConfigError, match="allocation"):
+            _attn(0, window=4, allocation=[[1, 0], [0, 1]])
+        with pytest.raises(ConsaConfigError, match="allocation"):
+            _attn(0, window=4, granularity="layer", allocation=FA_ROWS)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("target_sparsity", 1.0), ("target_sparsity", -0.1), ("window", 0), ("sink_tokens", -1), ("granularity", "head")],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ConsaConfigError, match=field):
+        ConsaConfig(**{field: value})
+
+
+def test_kv_groups_not_divisible_by_tp_names_the_fix():
+    with pytest.raises(ConsaConfigError, match="tensor_model_parallel_size"):
+        ConsaConfig().check_model_shape(num_layers=2, num_kv_heads=3, tp_size=2)
