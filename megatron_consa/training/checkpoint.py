@@ -1,0 +1,127 @@
+"""Distributed checkpoints of a ConSA run with megatron-core's dist_checkpointing.
+
+A checkpoint holds the model (gates included: `log_alpha` is an ordinary
+parameter of each layer's core attention, so its sharded key carries the
+global layer index), the optimizer, the LR scheduler, the controller state
+(iteration, lambda1, lambda2) and the ConSA/architecture configs. Being a
+dist_checkpointing checkpoint, it loads at any TP/PP/DP layout.
+
+Saving writes to `<dir>.tmp-<iteration>` and renames it into place once every
+rank finished, so an interrupted save never leaves a half-written checkpoint
+under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_consa.compat import cpu_shims_active, fix_param_steps_after_load, prepare_distrib_optimizer_for_load
+
+logger = logging.getLogger(__name__)
+
+CONSA_META_FILE = "consa_run.json"
+
+
+def _model_sharded_state_dict(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _sharded_state_dict(trainer, *, is_loading: bool) -> dict:
+    model_sd = _model_sharded_state_dict(trainer.chunks)
+    merged_model = {}
+    for v in model_sd.values():
+        merged_model.update(v)
+    state = dict(model_sd)
+    metadata = None
+    if trainer.parallel.use_distributed_optimizer:
+        # The format that works with every optimizer backend, CPU fallback included.
+        # It reshards over data-parallel ranks only: keep TP/PP when resuming it.
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=is_loading, metadata=metadata)
+    state["opt_param_scheduler"] = trainer.scheduler.state_dict()
+    state["consa_controller"] = trainer.controller.state_dict()
+    state["iteration"] = trainer.iteration
+    return state
+
+
+def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
+    """Save `trainer` (all ranks call this) into `directory` atomically."""
+    final = Path(directory)
+    tmp = final.with_name(f"{final.name}.tmp-{trainer.iteration}")
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(tmp))
+    dist.barrier()
+    if rank == 0:
+        meta = {
+            "iteration": trainer.iteration,
+            "consa": trainer.consa.to_dict(),
+            "architecture": trainer.arch.__dict__,
+            "training": trainer.training.to_dict(),
+        }
+        (tmp / CONSA_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    dist.barrier()
+    logger.info("saved checkpoint at iteration %d to %s", trainer.iteration, final)
+    return final
+
+
+def load_checkpoint(trainer, directory: str | os.PathLike, *, load_optimizer: bool = True) -> int:
+    """Load a checkpoint saved at any parallel layout into `trainer`; returns its iteration."""
+    path = Path(directory)
+    if not (path / CONSA_META_FILE).exists():
+        raise FileNotFoundError(
+            f"{path} is not a megatron-consa checkpoint (no {CONSA_META_FILE}); pass the directory "
+            "written by save_checkpoint"
+        )
+    cpu = cpu_shims_active()
+    if cpu and load_optimizer:
+        # the torch-Adam fallback creates its state lazily; megatron expects it filled
+        prepare_distrib_optimizer_for_load(trainer.optimizer)
+    state = _sharded_state_dict(trainer, is_loading=True)
+    if not load_optimizer:
+        state.pop("optimizer")
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(trainer.chunks):
+        key = "model" if len(trainer.chunks) == 1 else f"model{i}"
+        chunk.load_state_dict(_strip_extra(loaded[key]), strict=False)
+    if load_optimizer:
+        with torch.no_grad():
+            trainer.optimizer.load_state_dict(loaded["optimizer"])
+        if cpu:
+            fix_param_steps_after_load(trainer.optimizer)
+        trainer.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    trainer.controller.load_state_dict(loaded["consa_controller"])
+    trainer.iteration = int(loaded["iteration"])
+    return trainer.iteration
+
+
+def _strip_extra(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if v is not None}
+
+
+def read_checkpoint_meta(directory: str | os.PathLike) -> Optional[dict]:
+    """The run metadata of a checkpoint (configs, iteration), or None."""
+    f = Path(directory) / CONSA_META_FILE
+    return json.loads(f.read_text()) if f.exists() else None

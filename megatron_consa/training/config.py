@@ -1,0 +1,146 @@
+"""Typed configs for a training run (parallel layout and optimisation)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from megatron_consa.config import ConsaConfigError
+
+
+def _fail(cls: str, name: str, value, fix: str) -> None:
+    raise ConsaConfigError(f"{cls}.{name}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over ranks (world = tp * pp * dp)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: KV heads per layer must divide by it."""
+    pipeline_model_parallel_size: int = 1
+    """PP: layers per stage must be whole (num_layers divisible by pp * vpp)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved 1F1B: model chunks per pipeline stage."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (megatron-core's)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with backward."""
+    recompute_granularity: Optional[str] = None
+    """None, 'full' or 'selective' activation recomputation."""
+    recompute_method: Optional[str] = None
+    """'uniform' or 'block' (full recomputation only)."""
+    recompute_num_layers: Optional[int] = None
+    """Layers per recomputation unit (full recomputation only)."""
+
+    def validate(self, *, num_layers: int, num_kv_heads: int, world_size: int) -> int:
+        """Check the layout against the model and the world; returns the DP size."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        vpp = self.virtual_pipeline_model_parallel_size or 1
+        if tp < 1 or pp < 1 or vpp < 1:
+            _fail("ParallelConfig", "tensor/pipeline sizes", (tp, pp, vpp), "sizes must be >= 1")
+        if world_size % (tp * pp):
+            _fail(
+                "ParallelConfig",
+                "tensor_model_parallel_size*pipeline_model_parallel_size",
+                tp * pp,
+                f"must divide the world size {world_size}",
+            )
+        if num_kv_heads % tp:
+            _fail(
+                "ParallelConfig",
+                "tensor_model_parallel_size",
+                tp,
+                f"must divide num_query_groups={num_kv_heads} (ConSA gates are per KV head)",
+            )
+        if num_layers % (pp * vpp):
+            _fail(
+                "ParallelConfig",
+                "pipeline_model_parallel_size",
+                pp if vpp == 1 else (pp, vpp),
+                f"pp * vpp must divide num_layers={num_layers}",
+            )
+        if self.virtual_pipeline_model_parallel_size is not None and pp < 2:
+            _fail("ParallelConfig", "virtual_pipeline_model_parallel_size", vpp, "needs pipeline_model_parallel_size >= 2")
+        if self.sequence_parallel and tp == 1:
+            _fail("ParallelConfig", "sequence_parallel", True, "needs tensor_model_parallel_size > 1")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            _fail("ParallelConfig", "recompute_granularity", self.recompute_granularity, "use None, 'full' or 'selective'")
+        return world_size // (tp * pp)
+
+    def megatron_fields(self) -> dict:
+        """The TransformerConfig fields this layout sets."""
+        out = dict(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            recompute_granularity=self.recompute_granularity,
+        )
+        if self.recompute_granularity == "full":
+            out.update(recompute_method=self.recompute_method or "uniform", recompute_num_layers=self.recompute_num_layers or 1)
+        return out
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, batch and logging settings of a run."""
+
+    train_iters: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 2
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    seq_length: int = 256
+    """Tokens per sequence."""
+    lr: float = 3e-4
+    """Peak learning rate of the model weights."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up of every learning rate (gates included)."""
+    lr_decay_style: str = "cosine"
+    """'constant', 'linear' or 'cosine' (megatron-core's scheduler)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (never applied to gates, norms, biases)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    bf16: bool = False
+    """bf16 weights and activations (gates stay float32)."""
+    fp16: bool = False
+    """fp16 with dynamic loss scaling (gates stay float32)."""
+    seed: int = 1234
+    """Seed of weight init, data order and (with ConsaConfig.noise_seed) nothing else."""
+    log_interval: int = 10
+    """Iterations between log lines."""
+    allocation_check_interval: int = 50
+    """Iterations between the all-ranks-hold-the-same-gates check (0 disables)."""
+    tensorboard_dir: Optional[str] = None
+    """Write scalars (loss, s_hat, target, lambdas, lr) here when set."""
+
+    def validate(self, *, dp_size: int) -> int:
+        """Check batch sizes; returns micro-batches per step per DP rank."""
+        per_step = self.micro_batch_size * dp_size
+        if self.global_batch_size % per_step:
+            _fail(
+                "TrainingConfig",
+                "global_batch_size",
+                self.global_batch_size,
+                f"must be a multiple of micro_batch_size*data_parallel_size={per_step}",
+            )
+        if self.bf16 and self.fp16:
+            _fail("TrainingConfig", "bf16", True, "choose bf16 or fp16, not both")
+        if self.train_iters < 0:
+            _fail("TrainingConfig", "train_iters", self.train_iters, "must be >= 0")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            _fail("TrainingConfig", "lr_decay_style", self.lr_decay_style, "use constant, linear or cosine")
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict:
+        return asdict(self)

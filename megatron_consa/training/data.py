@@ -1,0 +1,103 @@
+"""Micro-batch streams for the training loop.
+
+`SyntheticRecallData` makes a corpus that needs long-range attention: each
+sequence is random "filler" tokens in which a random key segment appears
+twice, the second copy more than a window after the first. Predicting the
+second copy needs attention beyond the window, so a learned allocation has a
+reason to keep some units FA. It is deterministic in (seed, sample index) and
+needs no files, which makes it the data of the CPU demo and the tests.
+
+Every stream yields dicts of `tokens`, `labels`, `loss_mask`, `position_ids`
+([b, s] tensors); `micro_batches` slices the global batch of an iteration for
+one data-parallel rank so that every layout sees the same samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+
+class SampleSource(Protocol):
+    """A deterministic map from a global sample index to a token sequence of seq_length + 1."""
+
+    def sample(self, index: int) -> Tensor: ...
+
+
+@dataclass
+class SyntheticRecallData:
+    vocab_size: int
+    seq_length: int
+    key_length: int = 8
+    """Tokens in the repeated segment."""
+    min_distance: int = 64
+    """The copy starts at least this many tokens after the original."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seq_length + 1 < self.min_distance + 2 * self.key_length + 1:
+            raise ValueError(
+                f"seq_length={self.seq_length} is too short for min_distance={self.min_distance} "
+                f"and key_length={self.key_length}"
+            )
+        if self.vocab_size < 4:
+            raise ValueError(f"vocab_size={self.vocab_size} must be >= 4")
+
+    def sample(self, index: int) -> Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + index) & 0x7FFFFFFFFFFF)
+        n = self.seq_length + 1
+        seq = torch.randint(2, self.vocab_size, (n,), generator=g)
+        span = n - self.key_length - self.min_distance - self.key_length
+        start = int(torch.randint(0, max(1, span), (1,), generator=g))
+        copy_at = start + self.key_length + self.min_distance
+        copy_at += int(torch.randint(0, max(1, n - copy_at - self.key_length + 1), (1,), generator=g))
+        if start > 0:
+            seq[start - 1] = 1  # marker token before the key
+        seq[copy_at - 1] = 1  # the same marker announces the copy
+        seq[copy_at : copy_at + self.key_length] = seq[start : start + self.key_length]
+        return seq
+
+
+def batch_from_samples(samples: list[Tensor]) -> dict[str, Tensor]:
+    """[seq+1] samples -> shifted tokens/labels with a full loss mask."""
+    data = torch.stack(samples)  # [b, s+1]
+    tokens = data[:, :-1].contiguous()
+    labels = data[:, 1:].contiguous()
+    b, s = tokens.shape
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": torch.ones(b, s, dtype=torch.float32),
+        "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+    }
+
+
+def micro_batches(
+    source: SampleSource,
+    *,
+    iteration: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+) -> list[dict[str, Tensor]]:
+    """The micro-batches of one iteration for one data-parallel rank.
+
+    Sample order: global index = iteration * global_batch_size + j; micro-batch m
+    of DP rank r holds j in [(m * dp_size + r) * mbs, ... + mbs).
+    """
+    n_micro = global_batch_size // (micro_batch_size * dp_size)
+    base = iteration * global_batch_size
+    out = []
+    for m in range(n_micro):
+        first = (m * dp_size + dp_rank) * micro_batch_size
+        out.append(batch_from_samples([source.sample(base + first + i) for i in range(micro_batch_size)]))
+    return out
+
+
+def repeat_for_chunks(batches: list[dict[str, Tensor]], num_chunks: int) -> list[Iterator]:
+    """One iterator per virtual-pipeline model chunk over the same micro-batches."""
+    return [iter(batches) for _ in range(num_chunks)]

@@ -1,0 +1,324 @@
+"""The ConSA training step on megatron-core's schedules, DDP and optimizer.
+
+One iteration:
+
+1. the controller hands every local gate its noise (keyed by the iteration);
+2. megatron-core's forward-backward schedule (no pipelining, 1F1B or
+   interleaved 1F1B) runs the micro-batches and finalises the gradients
+   (data-parallel reduction, embedding and sequence-parallel norm reductions);
+3. each pipeline stage adds its own share of the constraint gradient,
+   d/dlog_alpha [lambda1 (s_hat - t) + lambda2 (s_hat - t)^2], where s_hat is
+   global (the FA cost summed over the pipeline group). It is added once per
+   step (the LM loss is already averaged over micro-batches and DP ranks),
+   multiplied by the loss scale so fp16 unscaling treats it like the LM part,
+   and, being identical on every DP replica, needs no extra reduction;
+4. the optimizer steps (gates in their own group: own lr, no weight decay),
+   gates are clamped to their bounds, the multipliers take their dual step;
+5. every `allocation_check_interval` iterations all replicas of every gate are
+   compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_consa.config import ConsaConfig
+from megatron_consa.controller import ConsaController, clamp_log_alpha_
+from megatron_consa.model import (
+    ArchitectureConfig,
+    ConsaTransformerConfig,
+    build_gpt_model,
+    build_transformer_config,
+    consa_attention_modules,
+)
+from megatron_consa.training.config import ParallelConfig, TrainingConfig
+from megatron_consa.training.data import SampleSource, micro_batches, repeat_for_chunks
+from megatron_consa.training.parallel import (
+    check_gates_consistent,
+    device,
+    last_stage_scalar_to_all,
+    pipeline_cost_all_reduce,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def build_model_chunks(
+    arch: ArchitectureConfig,
+    consa: ConsaConfig,
+    parallel: ParallelConfig,
+    training: TrainingConfig,
+    *,
+    wrap_ddp: bool = True,
+) -> tuple[list[torch.nn.Module], ConsaTransformerConfig]:
+    """This rank's model chunks (one per virtual stage), in megatron-core's DDP."""
+    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+    config = build_transformer_config(
+        arch,
+        consa,
+        params_dtype=dtype,
+        bf16=training.bf16,
+        fp16=training.fp16,
+        pipeline_dtype=dtype,
+        **parallel.megatron_fields(),
+    )
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        model = build_gpt_model(config, arch, vp_stage=vp_stage if vpp else None)
+        model.to(device())
+        if training.bf16 or training.fp16:
+            model = Float16Module(config, model)
+        chunks.append(model)
+    # Gates stay float32 whatever the model dtype (Float16Module casts everything).
+    for m in consa_attention_modules(chunks):
+        if m.log_alpha is not None:
+            m.log_alpha.data = m.log_alpha.data.float()
+    if consa.gates_only:
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                p.requires_grad_(name.endswith("log_alpha"))
+    if wrap_ddp:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=parallel.overlap_grad_reduce,
+            use_distributed_optimizer=parallel.use_distributed_optimizer,
+        )
+        chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+    return chunks, config
+
+
+def build_optimizer(
+    chunks: list[torch.nn.Module], consa: ConsaConfig, parallel: ParallelConfig, training: TrainingConfig
+):
+    """megatron-core's optimizer with the gates in their own group, and its LR scheduler."""
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=training.lr,
+        min_lr=training.min_lr,
+        weight_decay=training.weight_decay,
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_eps=training.adam_eps,
+        clip_grad=training.clip_grad,
+        bf16=training.bf16,
+        fp16=training.fp16,
+        params_dtype=torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        loss_scale=None,
+        initial_loss_scale=2.0**16,
+    )
+    overrides = get_standard_config_overrides(opt_config)
+    overrides[ParamKey(attr="consa_gate")] = ParamGroupOverride(
+        max_lr=consa.gate_lr, min_lr=consa.gate_lr, wd_mult=0.0
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks, config_overrides=overrides)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=training.lr,
+        min_lr=training.min_lr,
+        lr_warmup_steps=training.lr_warmup_iters,
+        lr_decay_steps=max(1, training.train_iters),
+        lr_decay_style=training.lr_decay_style,
+        start_wd=training.weight_decay,
+        end_wd=training.weight_decay,
+        wd_incr_steps=max(1, training.train_iters),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float()
+    mask = loss_mask.to(losses.device).float()
+    loss = (losses * mask).sum() / mask.sum()
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core forward step: next micro-batch -> (per-token losses, loss function)."""
+    batch = next(data_iterator)
+    dev = device()
+    tokens = batch["tokens"].to(dev)
+    labels = batch["labels"].to(dev)
+    pos = batch["position_ids"].to(dev)
+    output = model(tokens, pos, attention_mask=None, labels=labels)
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+@dataclass
+class StepRecord:
+    """What one iteration did (identical on every rank)."""
+
+    iteration: int
+    loss: float
+    s_hat: float
+    target: float
+    lambda1: float
+    lambda2: float
+    lr: float
+    grad_norm: Optional[float]
+    skipped: bool
+    extra: dict = field(default_factory=dict)
+
+
+class ConsaTrainer:
+    """Drives learning-phase (or fixed-allocation) training of one rank's model chunks."""
+
+    def __init__(
+        self,
+        *,
+        arch: ArchitectureConfig,
+        consa: ConsaConfig,
+        parallel: ParallelConfig,
+        training: TrainingConfig,
+        data: SampleSource,
+    ) -> None:
+        self.arch, self.consa, self.parallel, self.training, self.data = arch, consa, parallel, training, data
+        world = torch.distributed.get_world_size()
+        self.dp_size = parallel.validate(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, world_size=world)
+        self.num_microbatches = training.validate(dp_size=self.dp_size)
+        self.chunks, self.config = build_model_chunks(arch, consa, parallel, training)
+        self.optimizer, self.scheduler = build_optimizer(self.chunks, consa, parallel, training)
+        self.gates = [m for m in consa_attention_modules(self.chunks) if m.log_alpha is not None]
+        self.controller = ConsaController(
+            consa, total_cost=arch.num_layers * arch.num_kv_heads, cost_all_reduce=pipeline_cost_all_reduce()
+        )
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.finalize_model_grads_func = finalize_model_grads
+        if len(self.chunks) == 1:
+            self.config.no_sync_func = self.chunks[0].no_sync
+        else:
+            self.config.no_sync_func = [c.no_sync for c in self.chunks]
+        self.iteration = 0
+        self.history: list[StepRecord] = []
+        self._forward_backward = get_forward_backward_func()
+
+    # ---- one iteration -----------------------------------------------------
+    def _batches(self, iteration: int):
+        return micro_batches(
+            self.data,
+            iteration=iteration,
+            global_batch_size=self.training.global_batch_size,
+            micro_batch_size=self.training.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=self.dp_size,
+        )
+
+    def _add_constraint_gradient(self) -> float:
+        """Backpropagate this stage's share of the constraint into the gate grads; returns s_hat."""
+        penalty, s_hat = self.controller.constraint_loss(self.gates)
+        params = [g.log_alpha for g in self.gates]
+        if params and self.controller.config.learning:
+            grads = torch.autograd.grad(penalty, params, allow_unused=True)
+            scale = float(self.optimizer.get_loss_scale())
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                g = (g * scale).to(p.device)
+                if hasattr(p, "main_grad") and p.main_grad is not None:
+                    p.main_grad.add_(g.to(p.main_grad.dtype))
+                elif p.grad is None:
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.grad.add_(g.to(p.grad.dtype))
+        return s_hat
+
+    def train_step(self) -> StepRecord:
+        k = self.iteration
+        self.controller.iteration = k
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.controller.begin_iteration(self.gates)
+
+        batches = self._batches(k)
+        data_iter = repeat_for_chunks(batches, len(self.chunks))
+        losses = self._forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data_iter if len(self.chunks) > 1 else data_iter[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.training.seq_length,
+            micro_batch_size=self.training.micro_batch_size,
+            forward_only=False,
+        )
+        s_hat = self._add_constraint_gradient()
+        target = self.controller.target()
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if self.gates:
+            clamp_log_alpha_(self.gates, self.consa)
+        if update_ok:
+            self.scheduler.step(increment=1)
+        dual = self.controller.dual_step(s_hat) if self.consa.learning else {"lambda1": 0.0, "lambda2": 0.0}
+
+        local_loss = None
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+            local_loss = float(torch.stack([x["lm loss"].float() for x in losses]).mean())
+        loss = last_stage_scalar_to_all(local_loss)
+        lr = next(g["lr"] for g in self.optimizer.param_groups if not g.get("is_decoupled_lr", False))
+        record = StepRecord(
+            iteration=k,
+            loss=loss,
+            s_hat=s_hat,
+            target=target,
+            lambda1=dual["lambda1"],
+            lambda2=dual["lambda2"],
+            lr=float(lr),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            skipped=not update_ok,
+        )
+        self.iteration += 1
+        self.history.append(record)
+        interval = self.training.allocation_check_interval
+        if interval and (self.iteration % interval == 0 or self.iteration == 1):
+            check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
+        return record
+
+    def train(self, iterations: Optional[int] = None, on_step: Optional[Callable[[StepRecord], Any]] = None):
+        """Run `iterations` steps (default: up to train_iters)."""
+        n = self.training.train_iters - self.iteration if iterations is None else iterations
+        for _ in range(n):
+            record = self.train_step()
+            if on_step is not None:
+                on_step(record)
+        return self.history
+
+    # ---- inspection --------------------------------------------------------
+    def local_log_alpha(self) -> dict[int, torch.Tensor]:
+        """{global layer index: log_alpha} for the gates this rank holds."""
+        return {g.layer_index: g.log_alpha.detach().float().cpu().clone() for g in self.gates}
+
+    def gather_log_alpha(self) -> torch.Tensor:
+        """All layers' log_alpha on every rank ([L, units per layer], float32)."""
+        units = 1 if self.consa.granularity == "layer" else self.arch.num_kv_heads
+        full = torch.zeros(self.arch.num_layers, units, dtype=torch.float64, device=device())
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            for layer, la in self.local_log_alpha().items():
+                full[layer] = la.double().to(full.device)
+        torch.distributed.all_reduce(full)
+        return full.float().cpu()

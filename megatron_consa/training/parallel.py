@@ -1,0 +1,110 @@
+"""Process groups for ConSA: initialisation, the pipeline cost reduction, the consistency guard."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from torch import Tensor
+
+from megatron_consa.compat import apply_cpu_shims
+from megatron_consa.training.config import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def device() -> torch.device:
+    """The device this rank computes on (its GPU, or the CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def initialize_distributed(parallel: ParallelConfig, *, seed: int) -> None:
+    """Start torch.distributed (from torchrun's env) and megatron-core's parallel state.
+
+    NCCL on GPUs, gloo on a CPU (with megatron_consa.compat's shims applied).
+    Safe to call again with another layout: the previous model-parallel state
+    is destroyed first, the process group kept.
+    """
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=10)
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    # Same weights on every data-parallel replica; TP ranks get their own RNG stream.
+    torch.manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+    model_parallel_cuda_manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+
+
+def pipeline_cost_all_reduce() -> Callable[[Tensor], Tensor]:
+    """Sum a scalar over the pipeline-parallel group (the controller's global FA cost)."""
+    group = parallel_state.get_pipeline_model_parallel_group()
+    size = parallel_state.get_pipeline_model_parallel_world_size()
+
+    def reduce(x: Tensor) -> Tensor:
+        if size == 1:
+            return x
+        y = x.detach().to(device=device(), dtype=torch.float64).clone()
+        dist.all_reduce(y, group=group)
+        return y.to(x.dtype).to(x.device)
+
+    return reduce
+
+
+def last_stage_scalar_to_all(value: float | None) -> float:
+    """A scalar known on the last pipeline stage (averaged over DP there), on every rank."""
+    t = torch.tensor([0.0 if value is None else float(value)], dtype=torch.float64, device=device())
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        t /= parallel_state.get_data_parallel_world_size()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(t, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(t.item())
+
+
+class AllocationMismatchError(RuntimeError):
+    """Ranks that must hold identical gates do not."""
+
+
+def check_gates_consistent(gate_params: Sequence[Tensor], *, iteration: int) -> None:
+    """Raise AllocationMismatchError unless every replica of every gate is bit-identical.
+
+    Gates are replicated over tensor-parallel and data-parallel ranks; each
+    replica set is compared with an all-gather of the raw bytes.
+    """
+    if not gate_params:
+        flat = torch.zeros(0, dtype=torch.float32, device=device())
+    else:
+        flat = torch.cat([p.detach().float().reshape(-1) for p in gate_params]).to(device())
+    for name, group in (
+        ("tensor-parallel", parallel_state.get_tensor_model_parallel_group()),
+        ("data-parallel", parallel_state.get_data_parallel_group()),
+    ):
+        size = dist.get_world_size(group)
+        if size == 1:
+            continue
+        gathered = [torch.empty_like(flat) for _ in range(size)]
+        dist.all_gather(gathered, flat, group=group)
+        ranks = dist.get_process_group_ranks(group)
+        bad = [ranks[i] for i, g in enumerate(gathered) if not torch.equal(g.view(torch.int32), gathered[0].view(torch.int32))]
+        if bad:
+            raise AllocationMismatchError(
+                f"iteration {iteration}: ConSA gates differ across {name} ranks {ranks}: ranks {bad} "
+                f"disagree with rank {ranks[0]}. Replicated gates must stay identical; check that "
+                "every rank runs the same code, seeds and controller state"
+            )
