@@ -55,8 +55,11 @@ def _make_qkv(b, hkv, rep, s, d, dtype, device, seed=0):
 
 
 def _check_against_ref(fn, s, window, sinks, rep, dtype, device, fwd_tol, grad_tol, d=16):
-    """fwd within fwd_tol, grads within grad_tol (absolute, plus the same relative
-    tolerance: fp32 dK/dV of a sink key sum over all queries and reach |g| ~ 3)."""
+    """Forward within ``fwd_tol`` and gradients within ``grad_tol`` (absolute).
+
+    For fp32 the gradient tolerance is relative to the largest reference entry
+    when that exceeds 1: dK/dV of a sink key sum ~100 O(1) terms (|g| up to ~10),
+    so fp32 rounding alone reaches ~1e-6 there."""
     b, hkv = 2, 2
     scale = 0.7 / d ** 0.5
     q, k, v = _make_qkv(b, hkv, rep, s, d, dtype, device)
@@ -73,7 +76,8 @@ def _check_against_ref(fn, s, window, sinks, rep, dtype, device, fwd_tol, grad_t
     torch.testing.assert_close(out.double(), ref, atol=fwd_tol, rtol=0)
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.double(), rg, atol=grad_tol, rtol=grad_tol, msg=lambda m: f"d{name}: {m}")
+        atol = grad_tol * (max(1.0, rg.abs().max().item()) if dtype == torch.float32 else 1.0)
+        torch.testing.assert_close(g.double(), rg, atol=atol, rtol=0, msg=lambda m: f"d{name}: {m}")
 
 
 # (s, W, S, B): s not divisible by B, W = 1, W = s - 1, W >= s, sinks 0/1/4,
@@ -109,7 +113,10 @@ def test_swa_matches_reference_fp64(s, window, sinks, block, rep, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rep", [1, 2])
-@pytest.mark.parametrize("s,window,sinks,block", [(37, 5, 0, 8), (37, 5, 4, 8), (50, 1, 1, 7), (40, 39, 4, 16), (96, 24, 1, None)])
+@pytest.mark.parametrize(
+    "s,window,sinks,block",
+    [(37, 5, 0, 8), (37, 5, 4, 8), (50, 1, 1, 7), (40, 39, 4, 16), (96, 24, 1, None)],
+)
 def test_swa_matches_reference_fp32(s, window, sinks, block, rep, device):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -199,8 +206,9 @@ def test_swa_saved_memory_is_linear():
 
 
 def test_default_block_size_and_validation():
-    assert default_block_size(256, 4096) == 128
-    assert default_block_size(8, 4096) == 64
+    assert default_block_size(8, 4096) == 32
+    assert default_block_size(256, 4096) == 64
+    assert default_block_size(1024, 4096) == 128
     assert default_block_size(256, 10) == 10
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError):
