@@ -44,6 +44,25 @@ from megatron_consa.gates import HardConcrete, deterministic_z, sample_z
 logger = logging.getLogger(__name__)
 
 
+class _KeepInGraph(torch.autograd.Function):
+    """Identity on `out` that makes it depend on `z` with a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, z: Tensor) -> Tensor:
+        ctx.z_shape, ctx.z_dtype = z.shape, z.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, torch.zeros(ctx.z_shape, dtype=ctx.z_dtype, device=grad.device)
+
+
+def _keep_in_graph(out: Tensor, z: Tensor) -> Tensor:
+    if not (torch.is_grad_enabled() and z.requires_grad):
+        return out
+    return _KeepInGraph.apply(out, z)
+
+
 class ConsaCoreAttention(MegatronModule):
     """Hybrid full / sliding-window core attention with optional learned gates.
 
@@ -192,10 +211,13 @@ class ConsaCoreAttention(MegatronModule):
         z = z_all[lo : lo + self.kv_heads_local]  # [ng]
         # One host sync per layer: decide which branches carry gradient.
         all_fa, all_swa = (bool(v) for v in torch.stack([(z == 1).all(), (z == 0).all()]).tolist())
-        if all_fa:  # z == 1 exactly: o = FA, and dz/dlog_alpha = 0 under the clamp
-            return self.backend.full(query, key, value)
+        # z == 1 (or 0) exactly: o = FA (or SWA) and dz/dlog_alpha = 0 under the clamp.
+        # z stays in the graph anyway, so every TP rank runs the backward all-reduce
+        # of copy_to_tensor_model_parallel_region, whatever its local groups decided.
+        if all_fa:
+            return _keep_in_graph(self.backend.full(query, key, value), z)
         if all_swa:
-            return self.backend.sliding(query, key, value)
+            return _keep_in_graph(self.backend.sliding(query, key, value), z)
         zh = z.to(query.dtype).repeat_interleave(self.heads_per_group)[:, None]  # [np, 1]
         fa = self.backend.full(query, key, value)  # [sq, b, np, hn]
         swa = self.backend.sliding(query, key, value)

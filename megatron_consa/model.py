@@ -142,6 +142,10 @@ def build_transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not cuda,
+        # gloo pairs the sends/receives of one batch_isend_irecv in posting order; with
+        # PP=2 and virtual stages both directions go to the same peer and activations
+        # and gradients get swapped silently. Separate p2p ops are correct (and tested).
+        batch_p2p_comm=cuda,
         consa=consa,
     )
     known = {f.name for f in fields(ConsaTransformerConfig)}
@@ -191,6 +195,13 @@ def build_gpt_model(
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron-core wrappers (DDP, Float16Module)."""
+    while not isinstance(chunk, GPTModel) and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def consa_attention_modules(model_chunks: Iterable[torch.nn.Module]) -> list[ConsaCoreAttention]:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_consa.model import unwrap_model
 from megatron_consa.compat import cpu_shims_active, fix_param_steps_after_load, prepare_distrib_optimizer_for_load
 
 logger = logging.getLogger(__name__)
@@ -32,17 +33,23 @@ CONSA_META_FILE = "consa_run.json"
 
 
 def _model_sharded_state_dict(chunks) -> dict:
+    # From the bare GPTModel: wrappers (DDP) would add a `module.` prefix that
+    # their own load_state_dict does not strip.
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _sharded_state_dict(trainer, *, is_loading: bool) -> dict:
+def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = True) -> dict:
     model_sd = _model_sharded_state_dict(trainer.chunks)
     merged_model = {}
     for v in model_sd.values():
         merged_model.update(v)
     state = dict(model_sd)
+    state["consa_controller"] = trainer.controller.state_dict()
+    state["iteration"] = trainer.iteration
+    if not with_optimizer:
+        return state
     metadata = None
     if trainer.parallel.use_distributed_optimizer:
         # The format that works with every optimizer backend, CPU fallback included.
@@ -50,8 +57,6 @@ def _sharded_state_dict(trainer, *, is_loading: bool) -> dict:
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
     state["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=is_loading, metadata=metadata)
     state["opt_param_scheduler"] = trainer.scheduler.state_dict()
-    state["consa_controller"] = trainer.controller.state_dict()
-    state["iteration"] = trainer.iteration
     return state
 
 
@@ -99,13 +104,17 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, load_optimizer: bo
     if cpu and load_optimizer:
         # the torch-Adam fallback creates its state lazily; megatron expects it filled
         prepare_distrib_optimizer_for_load(trainer.optimizer)
-    state = _sharded_state_dict(trainer, is_loading=True)
-    if not load_optimizer:
-        state.pop("optimizer")
+    state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(trainer.chunks):
         key = "model" if len(trainer.chunks) == 1 else f"model{i}"
-        chunk.load_state_dict(_strip_extra(loaded[key]), strict=False)
+        result = unwrap_model(chunk).load_state_dict(_strip_extra(loaded[key]), strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint {path} does not fit model chunk {i}: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
     if load_optimizer:
         with torch.no_grad():
             trainer.optimizer.load_state_dict(loaded["optimizer"])

@@ -56,12 +56,6 @@ from megatron_consa.training.parallel import (
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def build_model_chunks(
     arch: ArchitectureConfig,
     consa: ConsaConfig,
@@ -155,7 +149,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float()
     mask = loss_mask.to(losses.device).float()
     loss = (losses * mask).sum() / mask.sum()
-    return loss, {"lm loss": loss.detach()}
+    return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
 
 def forward_step(data_iterator, model):
@@ -215,6 +209,10 @@ class ConsaTrainer:
             self.config.no_sync_func = [c.no_sync for c in self.chunks]
         self.iteration = 0
         self.history: list[StepRecord] = []
+        # When True, each step keeps the unscaled gate gradients of the whole
+        # objective (LM loss + constraint), for inspection and tests.
+        self.capture_gate_grads = False
+        self.last_gate_grads: dict[int, torch.Tensor] = {}
         self._forward_backward = get_forward_backward_func()
 
     # ---- one iteration -----------------------------------------------------
@@ -268,6 +266,11 @@ class ConsaTrainer:
             forward_only=False,
         )
         s_hat = self._add_constraint_gradient()
+        if self.capture_gate_grads:
+            scale = float(self.optimizer.get_loss_scale())
+            self.last_gate_grads = {
+                g.layer_index: _grad_of(g.log_alpha).float().cpu() / scale for g in self.gates
+            }
         target = self.controller.target()
         update_ok, grad_norm, _ = self.optimizer.step()
         if self.gates:
@@ -315,10 +318,24 @@ class ConsaTrainer:
 
     def gather_log_alpha(self) -> torch.Tensor:
         """All layers' log_alpha on every rank ([L, units per layer], float32)."""
+        return self._gather_per_layer(self.local_log_alpha())
+
+    def gather_gate_grads(self) -> torch.Tensor:
+        """All layers' gate gradients of the last step (set capture_gate_grads first)."""
+        return self._gather_per_layer(self.last_gate_grads)
+
+    def _gather_per_layer(self, local: dict[int, torch.Tensor]) -> torch.Tensor:
         units = 1 if self.consa.granularity == "layer" else self.arch.num_kv_heads
         full = torch.zeros(self.arch.num_layers, units, dtype=torch.float64, device=device())
         if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-            for layer, la in self.local_log_alpha().items():
-                full[layer] = la.double().to(full.device)
+            for layer, value in local.items():
+                full[layer] = value.double().to(full.device)
         torch.distributed.all_reduce(full)
         return full.float().cpu()
+
+
+def _grad_of(p: torch.Tensor) -> torch.Tensor:
+    grad = getattr(p, "main_grad", None)
+    if grad is None:
+        grad = p.grad
+    return torch.zeros_like(p) if grad is None else grad.detach()

@@ -1,0 +1,153 @@
+"""What spawned ranks run (see harness.py), and the shared tiny run definition.
+
+The run definition (architecture, ConSA, training, data) is also imported by
+the single-process reference in the tests, so both sides train the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_consa.config import ConsaConfig
+from megatron_consa.model import ArchitectureConfig
+from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_consa.training.config import ParallelConfig, TrainingConfig
+from megatron_consa.training.data import SyntheticRecallData
+from megatron_consa.training.loop import ConsaTrainer
+from megatron_consa.training.parallel import initialize_distributed
+
+ARCH = ArchitectureConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_attention_heads=8,
+    num_kv_heads=4,
+    head_dim=8,
+    qk_norm=True,
+    rope_theta=10000.0,
+    max_position_embeddings=64,
+)
+DATA = SyntheticRecallData(vocab_size=128, seq_length=32, key_length=4, min_distance=12, seed=3)
+
+
+def consa_config(granularity: str = "kv_head") -> ConsaConfig:
+    # Fast-moving gates and multipliers so 10 iterations exercise the constraint.
+    return ConsaConfig(
+        window=8,
+        target_sparsity=0.5,
+        target_warmup_iters=4,
+        gate_lr=0.03,
+        lagrangian_lr=2.0,
+        init_log_alpha=0.0,
+        granularity=granularity,
+    )
+
+
+def training_config(**kw) -> TrainingConfig:
+    base = dict(
+        train_iters=10,
+        micro_batch_size=1,
+        global_batch_size=8,
+        seq_length=32,
+        lr=1e-3,
+        min_lr=1e-3,
+        lr_decay_style="constant",
+        weight_decay=0.01,
+        clip_grad=1.0,
+        allocation_check_interval=1,  # bit-for-bit replica check after every iteration
+    )
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+LAYOUTS = {
+    "tp1pp1": ParallelConfig(),
+    "tp2": ParallelConfig(tensor_model_parallel_size=2),
+    "pp2": ParallelConfig(pipeline_model_parallel_size=2),
+    "pp2_vpp2": ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+    "tp2pp2": ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+    "tp2_sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+    "tp2_distopt": ParallelConfig(tensor_model_parallel_size=2, use_distributed_optimizer=True),
+    "pp2_recompute_full": ParallelConfig(
+        pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    ),
+    "tp2_recompute_selective": ParallelConfig(tensor_model_parallel_size=2, recompute_granularity="selective"),
+}
+
+
+def make_trainer(parallel: ParallelConfig, granularity: str = "kv_head", **train_kw) -> ConsaTrainer:
+    training = training_config(**train_kw)
+    initialize_distributed(parallel, seed=training.seed)
+    trainer = ConsaTrainer(arch=ARCH, consa=consa_config(granularity), parallel=parallel, training=training, data=DATA)
+    trainer.capture_gate_grads = True
+    return trainer
+
+
+def _step_record(trainer: ConsaTrainer, record) -> dict:
+    return {
+        "loss": record.loss,
+        "s_hat": record.s_hat,
+        "lambda1": record.lambda1,
+        "lambda2": record.lambda2,
+        "log_alpha": trainer.gather_log_alpha(),
+        "gate_grad": trainer.gather_gate_grads(),
+    }
+
+
+def layouts(
+    *, out_dir: str, names: list[str], iters: int = 10, resume_from: str = "tp2pp2", resume_at: int = 5,
+    resume_into: tuple[str, ...] = ("tp1pp1", "pp2"), granularity: str = "kv_head",
+) -> dict:
+    """Train the same run at each layout from the same initial checkpoint.
+
+    The first layout writes the initial weights; every later one loads them.
+    The `resume_from` layout also saves a checkpoint at `resume_at`, which is
+    then loaded (with optimizer and controller) at each `resume_into` layout
+    and trained to `iters`.
+    """
+    out = Path(out_dir)
+    init_ckpt, mid_ckpt = out / "init", out / f"{resume_from}-iter{resume_at}"
+    runs: dict[str, list[dict]] = {}
+    local_gates: dict[str, dict] = {}
+    for name in names:
+        trainer = make_trainer(LAYOUTS[name], granularity)
+        if not init_ckpt.exists():
+            save_checkpoint(trainer, init_ckpt)
+        else:
+            load_checkpoint(trainer, init_ckpt, load_optimizer=False)
+        history = []
+        for k in range(iters):
+            if name == resume_from and k == resume_at:
+                save_checkpoint(trainer, mid_ckpt)
+            history.append(_step_record(trainer, trainer.train_step()))
+        runs[name] = history
+        local_gates[name] = trainer.local_log_alpha()
+    for name in resume_into:
+        trainer = make_trainer(LAYOUTS[name], granularity)
+        load_checkpoint(trainer, mid_ckpt)
+        runs[f"resume:{name}"] = [_step_record(trainer, trainer.train_step()) for _ in range(iters - resume_at)]
+    rank = torch.distributed.get_rank()
+    return {"runs": runs if rank == 0 else None, "local_gates": local_gates, "rank": rank, "mid_ckpt": str(mid_ckpt)}
+
+
+
+def debug_vpp(*, out_dir: str, fixed: bool) -> dict:
+    from pathlib import Path
+    out = {}
+    init = Path(out_dir) / ("init-fixed" if fixed else "init-learn")
+    for name in ["tp1pp1", "pp2", "pp2_vpp2"]:
+        training = training_config()
+        initialize_distributed(LAYOUTS[name], seed=training.seed)
+        consa = consa_config()
+        if fixed:
+            consa.allocation = [[1, 0, 1, 0]] * 4
+        trainer = ConsaTrainer(arch=ARCH, consa=consa, parallel=LAYOUTS[name], training=training, data=DATA)
+        if not init.exists():
+            save_checkpoint(trainer, init)
+        else:
+            load_checkpoint(trainer, init, load_optimizer=False)
+        out[name] = [trainer.train_step().loss for _ in range(2)]
+    return out

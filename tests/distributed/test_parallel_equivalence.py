@@ -1,0 +1,104 @@
+"""One ConSA run at every parallel layout, on 4 spawned gloo ranks, against TP1PP1.
+
+A single launch trains the same 10 iterations (same initial checkpoint, same
+data, same gate noise) at TP1PP1, TP2, PP2, interleaved PP2, TP2xPP2, TP2+SP,
+TP2 with the distributed optimizer, PP2 with full recomputation and TP2 with
+selective recomputation (data parallelism fills the rest of the 4 ranks), then
+resumes a TP2xPP2 checkpoint taken at iteration 5 at TP1PP1 and at PP2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megatron_consa  # noqa: F401
+from harness import launch
+from scenarios import ARCH, DATA, LAYOUTS, make_trainer
+
+from megatron_consa.model import unwrap_model
+from megatron_consa.training.checkpoint import load_checkpoint
+from megatron_consa.training.data import micro_batches
+
+REFERENCE = "tp1pp1"
+COMPARED = [name for name in LAYOUTS if name != REFERENCE]
+ITERS, RESUME_AT = 10, 5
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layouts")
+    results = launch(
+        "layouts",
+        4,
+        out,
+        names=[REFERENCE, *COMPARED],
+        iters=ITERS,
+        resume_from="tp2pp2",
+        resume_at=RESUME_AT,
+        resume_into=("tp1pp1", "pp2"),
+    )
+    return results
+
+
+def _close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-8)
+
+
+def _assert_same_trajectory(run: list[dict], ref: list[dict], what: str) -> None:
+    assert len(run) == len(ref)
+    for k, (r, e) in enumerate(zip(run, ref)):
+        for key in ("loss", "s_hat", "lambda1", "lambda2"):
+            assert _close(r[key], e[key]), f"{what} iteration {k}: {key} {r[key]!r} != {e[key]!r}"
+        diff = (r["log_alpha"] - e["log_alpha"]).abs().max().item()
+        assert torch.allclose(r["log_alpha"], e["log_alpha"], rtol=1e-5, atol=1e-6), f"{what} iteration {k}: log_alpha differs by {diff:.3g}"
+
+
+@pytest.mark.parametrize("layout", COMPARED)
+def test_layout_follows_the_tp1pp1_trajectory(launched, layout):
+    runs = launched[0]["runs"]
+    _assert_same_trajectory(runs[layout], runs[REFERENCE], layout)
+    # the run really moved: gates learned, multipliers acted
+    first, last = runs[REFERENCE][0], runs[REFERENCE][-1]
+    assert last["log_alpha"].abs().max() > 0.02  # init_log_alpha is 0
+    assert abs(last["lambda1"]) > 0.1 and last["s_hat"] != first["s_hat"]
+
+
+@pytest.mark.parametrize("into", ["tp1pp1", "pp2"])
+def test_tp2pp2_checkpoint_resumes_the_same_trajectory(launched, into):
+    runs = launched[0]["runs"]
+    _assert_same_trajectory(runs[f"resume:{into}"], runs["tp2pp2"][RESUME_AT:], f"resume at {into}")
+
+
+def test_every_replica_holds_bit_identical_gates(launched):
+    # Each train step also ran the bit-for-bit replica check (allocation_check_interval=1);
+    # here every rank's local copy is compared with the gathered reference values.
+    final = {name: run[-1]["log_alpha"] for name, run in launched[0]["runs"].items()}
+    for rank_result in launched:
+        for layout, local in rank_result["local_gates"].items():
+            for layer, value in local.items():
+                assert torch.equal(value, final[layout][layer]), (rank_result["rank"], layout, layer)
+
+
+def test_distributed_gate_gradient_equals_single_process_autograd(launched, single_rank_mcore):
+    """TP2xPP2's gate gradient at iteration 5 == d(LM loss + Lagrangian)/dlog_alpha in one process."""
+    expected = launched[0]["runs"]["tp2pp2"][RESUME_AT]["gate_grad"]
+    trainer = make_trainer(LAYOUTS["tp1pp1"])
+    load_checkpoint(trainer, launched[0]["mid_ckpt"])
+    model = unwrap_model(trainer.chunks[0]).train()
+    ctl = trainer.controller
+    assert ctl.iteration == RESUME_AT and ctl.lambda1 != 0.0
+    ctl.begin_iteration(trainer.gates)
+    batches = micro_batches(
+        DATA, iteration=RESUME_AT, global_batch_size=8, micro_batch_size=1, dp_rank=0, dp_size=1
+    )
+    lm = 0.0
+    for b in batches:
+        per_token = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"])
+        lm = lm + (per_token * b["loss_mask"]).sum() / b["loss_mask"].sum()
+    lm = lm / len(batches)
+    objective = lm + ctl.penalty(ctl.expected_sparsity(trainer.gates))
+    grads = torch.autograd.grad(objective, [g.log_alpha for g in trainer.gates])
+    got = torch.stack([g.float() for g in grads]).view(ARCH.num_layers, -1)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(expected, got, rtol=1e-5, atol=1e-7)
