@@ -129,7 +129,7 @@ def counter_uniform(seed: int, iteration: int, unit_ids: Tensor | list[int], eps
     layout draws the same value for the same global unit at the same iteration.
     Returns float32 on the CPU with the shape of `unit_ids`.
     """
-    ids = torch.as_tensor(unit_ids, dtype=torch.int64)
+    ids = torch.as_tensor(unit_ids, dtype=torch.int64).cpu()
     with np.errstate(over="ignore"):
         key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
         key = _splitmix64(key ^ np.uint64(iteration & 0xFFFFFFFFFFFFFFFF))

@@ -63,8 +63,16 @@ def build_model_chunks(
     training: TrainingConfig,
     *,
     wrap_ddp: bool = True,
+    transformer_impl: str = "auto",
 ) -> tuple[list[torch.nn.Module], ConsaTransformerConfig]:
-    """This rank's model chunks (one per virtual stage), in megatron-core's DDP."""
+    """This rank's model chunks (one per virtual stage), in megatron-core's DDP.
+
+    `transformer_impl`: `local` (megatron-core's torch layers), `transformer_engine`
+    (TE layers), or `auto` (TE layers exactly when the ConSA backend is TE).
+    """
+    if transformer_impl not in ("auto", "local", "transformer_engine"):
+        raise ValueError(f"transformer_impl={transformer_impl!r}: use auto, local or transformer_engine")
+    use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
     dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
     config = build_transformer_config(
         arch,
@@ -78,7 +86,7 @@ def build_model_chunks(
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
-        model = build_gpt_model(config, arch, vp_stage=vp_stage if vpp else None)
+        model = build_gpt_model(config, arch, use_transformer_engine=use_te, vp_stage=vp_stage if vpp else None)
         model.to(device())
         if training.bf16 or training.fp16:
             model = Float16Module(config, model)
@@ -190,12 +198,15 @@ class ConsaTrainer:
         parallel: ParallelConfig,
         training: TrainingConfig,
         data: SampleSource,
+        transformer_impl: str = "auto",
     ) -> None:
         self.arch, self.consa, self.parallel, self.training, self.data = arch, consa, parallel, training, data
         world = torch.distributed.get_world_size()
         self.dp_size = parallel.validate(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, world_size=world)
         self.num_microbatches = training.validate(dp_size=self.dp_size)
-        self.chunks, self.config = build_model_chunks(arch, consa, parallel, training)
+        self.chunks, self.config = build_model_chunks(
+            arch, consa, parallel, training, transformer_impl=transformer_impl
+        )
         self.optimizer, self.scheduler = build_optimizer(self.chunks, consa, parallel, training)
         self.gates = [m for m in consa_attention_modules(self.chunks) if m.log_alpha is not None]
         self.controller = ConsaController(
