@@ -82,15 +82,18 @@ class AllocationMismatchError(RuntimeError):
 
 
 def check_gates_consistent(gate_params: Sequence[Tensor], *, iteration: int) -> None:
-    """Raise AllocationMismatchError unless every replica of every gate is bit-identical.
+    """Raise AllocationMismatchError on every rank unless all gate replicas are bit-identical.
 
     Gates are replicated over tensor-parallel and data-parallel ranks; each
-    replica set is compared with an all-gather of the raw bytes.
+    replica set is compared with an all-gather of the raw bits. Every rank runs
+    the same collectives whatever it finds, and the verdict is agreed over the
+    world, so a mismatch raises everywhere (no rank is left waiting).
     """
     if not gate_params:
         flat = torch.zeros(0, dtype=torch.float32, device=device())
     else:
         flat = torch.cat([p.detach().float().reshape(-1) for p in gate_params]).to(device())
+    problems = []
     for name, group in (
         ("tensor-parallel", parallel_state.get_tensor_model_parallel_group()),
         ("data-parallel", parallel_state.get_data_parallel_group()),
@@ -101,10 +104,19 @@ def check_gates_consistent(gate_params: Sequence[Tensor], *, iteration: int) -> 
         gathered = [torch.empty_like(flat) for _ in range(size)]
         dist.all_gather(gathered, flat, group=group)
         ranks = dist.get_process_group_ranks(group)
-        bad = [ranks[i] for i, g in enumerate(gathered) if not torch.equal(g.view(torch.int32), gathered[0].view(torch.int32))]
+        reference = gathered[0].view(torch.int32)
+        bad = [ranks[i] for i, g in enumerate(gathered) if not torch.equal(g.view(torch.int32), reference)]
         if bad:
-            raise AllocationMismatchError(
-                f"iteration {iteration}: ConSA gates differ across {name} ranks {ranks}: ranks {bad} "
-                f"disagree with rank {ranks[0]}. Replicated gates must stay identical; check that "
-                "every rank runs the same code, seeds and controller state"
-            )
+            problems.append(f"{name} group {ranks}: ranks {bad} disagree with rank {ranks[0]}")
+    flag = torch.tensor([float(bool(problems))], device=device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problems)
+    found = sorted({p for rank_problems in everyone for p in rank_problems})
+    raise AllocationMismatchError(
+        f"iteration {iteration}: ConSA gates that must be identical differ: {'; '.join(found)}. "
+        "Replicated gates must stay bit-identical; check that every rank runs the same code, "
+        "seeds, data and controller state"
+    )

@@ -130,24 +130,26 @@ def layouts(
         load_checkpoint(trainer, mid_ckpt)
         runs[f"resume:{name}"] = [_step_record(trainer, trainer.train_step()) for _ in range(iters - resume_at)]
     rank = torch.distributed.get_rank()
-    return {"runs": runs if rank == 0 else None, "local_gates": local_gates, "rank": rank, "mid_ckpt": str(mid_ckpt)}
+    return {
+        "runs": runs if rank == 0 else None,
+        "local_gates": local_gates,
+        "rank": rank,
+        "mid_ckpt": str(mid_ckpt),
+        "guard_error": _perturbed_replica_error(),
+    }
 
 
+def _perturbed_replica_error() -> str | None:
+    """Global rank 3 nudges one gate; the consistency guard must name it."""
+    from megatron_consa.training.parallel import AllocationMismatchError, check_gates_consistent
 
-def debug_vpp(*, out_dir: str, fixed: bool) -> dict:
-    from pathlib import Path
-    out = {}
-    init = Path(out_dir) / ("init-fixed" if fixed else "init-learn")
-    for name in ["tp1pp1", "pp2", "pp2_vpp2"]:
-        training = training_config()
-        initialize_distributed(LAYOUTS[name], seed=training.seed)
-        consa = consa_config()
-        if fixed:
-            consa.allocation = [[1, 0, 1, 0]] * 4
-        trainer = ConsaTrainer(arch=ARCH, consa=consa, parallel=LAYOUTS[name], training=training, data=DATA)
-        if not init.exists():
-            save_checkpoint(trainer, init)
-        else:
-            load_checkpoint(trainer, init, load_optimizer=False)
-        out[name] = [trainer.train_step().loss for _ in range(2)]
-    return out
+    trainer = make_trainer(LAYOUTS["tp2"])
+    if torch.distributed.get_rank() == 3:
+        with torch.no_grad():
+            trainer.gates[0].log_alpha.add_(1e-6)
+    try:
+        check_gates_consistent([g.log_alpha for g in trainer.gates], iteration=7)
+    except AllocationMismatchError as err:
+        return str(err)
+    return None
+

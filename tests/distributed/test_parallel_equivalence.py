@@ -102,3 +102,12 @@ def test_distributed_gate_gradient_equals_single_process_autograd(launched, sing
     got = torch.stack([g.float() for g in grads]).view(ARCH.num_layers, -1)
     assert got.abs().max() > 0
     torch.testing.assert_close(expected, got, rtol=1e-5, atol=1e-7)
+
+
+def test_consistency_guard_names_the_rank_that_differs(launched):
+    # TP2 x DP2 on 4 ranks: rank 3 shares gates with rank 2 (TP) and with rank 1 (DP).
+    errors = {r["rank"]: r["guard_error"] for r in launched}
+    assert all(e is not None for e in errors.values()), errors
+    for rank, message in errors.items():  # every rank raises, with the same message
+        assert "iteration 7" in message and "ranks [3]" in message, message
+        assert "tensor-parallel group [2, 3]" in message and "data-parallel group [1, 3]" in message, message
