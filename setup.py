@@ -28,6 +28,7 @@ setup(
         "safetensors",
         "transformers>=4.51",
         "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],

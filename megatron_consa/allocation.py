@@ -91,11 +91,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from megatron_consa.config import GRANULARITIES
+from megatron_consa.gates import fa_budget
+
 ALLOCATION_FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-GRANULARITIES = ("layer", "kv_head")
 
-_BUDGET_EPS = 1e-9
+
 _SPARSITY_ATOL = 1e-9
 
 _REQUIRED_KEYS = (
@@ -129,8 +131,7 @@ def num_units(granularity: str, num_layers: int, num_kv_heads: int) -> int:
 def fa_unit_budget(total_units: int, target_sparsity: float) -> int:
     """FA units for a target: ``floor((1 - t) * total_units + 0.5 + 1e-9)`` (round half up)."""
     _check_target(target_sparsity, "fa_unit_budget")
-    k = math.floor((1.0 - float(target_sparsity)) * total_units + 0.5 + _BUDGET_EPS)
-    return max(0, min(total_units, k))
+    return fa_budget(float(target_sparsity), total_units, 1)
 
 
 def _check_granularity(granularity: Any, where: str) -> None:

@@ -85,7 +85,8 @@ def fa_budget(target_sparsity: float, total_cost: int, unit_cost: int) -> int:
     if not 0.0 <= target_sparsity <= 1.0:
         raise ValueError(f"target_sparsity={target_sparsity} must lie in [0, 1]")
     num_units = total_cost // unit_cost
-    k = math.floor((1.0 - target_sparsity) * total_cost / unit_cost + 0.5)
+    # +1e-9: (1 - 0.9) * 5 is 0.4999... in floating point and must round to 1, not 0
+    k = math.floor((1.0 - target_sparsity) * total_cost / unit_cost + 0.5 + 1e-9)
     return max(0, min(num_units, k))
 
 

@@ -61,6 +61,33 @@ class SyntheticRecallData:
         return seq
 
 
+@dataclass
+class PeriodicSequenceData:
+    """Sequences that repeat with a fixed period: x[p] = x[p - period] after the first period.
+
+    The simplest long-range dependency: a head that attends `period - 1` tokens
+    back predicts every token after the first period. With a window shorter
+    than the period only full-attention heads can, so the LM loss has a clear
+    reason to keep some units FA; a small model learns it in a few hundred
+    steps on a CPU (the quickstart's data).
+    """
+
+    vocab_size: int
+    seq_length: int
+    period: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 < self.period <= self.seq_length:
+            raise ValueError(f"period={self.period} must lie in (1, seq_length={self.seq_length}]")
+
+    def sample(self, index: int) -> Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + index) & 0x7FFFFFFFFFFF)
+        head = torch.randint(0, self.vocab_size, (self.period,), generator=g)
+        reps = (self.seq_length + 1 + self.period - 1) // self.period
+        return head.repeat(reps)[: self.seq_length + 1]
+
+
 def batch_from_samples(samples: list[Tensor]) -> dict[str, Tensor]:
     """[seq+1] samples -> shifted tokens/labels with a full loss mask."""
     data = torch.stack(samples)  # [b, s+1]

@@ -143,7 +143,7 @@ def build_optimizer(
         max_lr=training.lr,
         min_lr=training.min_lr,
         lr_warmup_steps=training.lr_warmup_iters,
-        lr_decay_steps=max(1, training.train_iters),
+        lr_decay_steps=max(1, training.train_iters, training.lr_warmup_iters + 1),
         lr_decay_style=training.lr_decay_style,
         start_wd=training.weight_decay,
         end_wd=training.weight_decay,
@@ -225,6 +225,12 @@ class ConsaTrainer:
         self.capture_gate_grads = False
         self.last_gate_grads: dict[int, torch.Tensor] = {}
         self._forward_backward = get_forward_backward_func()
+        self._writer = None
+        # megatron's convention: the last rank writes TensorBoard (it holds the loss)
+        if training.tensorboard_dir and torch.distributed.get_rank() == world - 1:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=training.tensorboard_dir)
 
     # ---- one iteration -----------------------------------------------------
     def _batches(self, iteration: int):
@@ -241,7 +247,7 @@ class ConsaTrainer:
         """Backpropagate this stage's share of the constraint into the gate grads; returns s_hat."""
         penalty, s_hat = self.controller.constraint_loss(self.gates)
         params = [g.log_alpha for g in self.gates]
-        if params and self.controller.config.learning:
+        if params:
             grads = torch.autograd.grad(penalty, params, allow_unused=True)
             scale = float(self.optimizer.get_loss_scale())
             for p, g in zip(params, grads):
@@ -276,13 +282,16 @@ class ConsaTrainer:
             micro_batch_size=self.training.micro_batch_size,
             forward_only=False,
         )
-        s_hat = self._add_constraint_gradient()
+        if self.consa.learning:
+            s_hat = self._add_constraint_gradient()
+        else:  # fixed allocation: report its exact SWA share
+            s_hat = 1.0 - sum(map(sum, self.consa.allocation)) / (self.arch.num_layers * self.arch.num_kv_heads)
         if self.capture_gate_grads:
             scale = float(self.optimizer.get_loss_scale())
             self.last_gate_grads = {
                 g.layer_index: _grad_of(g.log_alpha).float().cpu() / scale for g in self.gates
             }
-        target = self.controller.target()
+        target = self.controller.target() if self.consa.learning else s_hat
         update_ok, grad_norm, _ = self.optimizer.step()
         if self.gates:
             clamp_log_alpha_(self.gates, self.consa)
@@ -308,6 +317,7 @@ class ConsaTrainer:
         )
         self.iteration += 1
         self.history.append(record)
+        self._log(record)
         interval = self.training.allocation_check_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
             check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
@@ -321,6 +331,27 @@ class ConsaTrainer:
             if on_step is not None:
                 on_step(record)
         return self.history
+
+    # ---- logging -----------------------------------------------------------
+    def _log(self, r: StepRecord) -> None:
+        if self._writer is not None:
+            for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr"):
+                self._writer.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
+            if r.grad_norm is not None:
+                self._writer.add_scalar("consa/grad_norm", r.grad_norm, r.iteration)
+        interval = self.training.log_interval
+        if interval and torch.distributed.get_rank() == 0 and (r.iteration % interval == 0 or r.skipped):
+            logger.info(
+                "iter %6d | loss %.4f | s_hat %.4f | target %.4f | lambda1 %+.4f | lambda2 %.4f | lr %.3g%s",
+                r.iteration, r.loss, r.s_hat, r.target, r.lambda1, r.lambda2, r.lr,
+                " | skipped (loss scale)" if r.skipped else "",
+            )
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     # ---- inspection --------------------------------------------------------
     def local_log_alpha(self) -> dict[int, torch.Tensor]:

@@ -1,0 +1,54 @@
+"""Bad run configurations fail before any work, naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_consa.config import ConsaConfigError
+from megatron_consa.training.config import ParallelConfig, TrainingConfig
+
+
+def _validate(**kw):
+    return ParallelConfig(**kw).validate(num_layers=4, num_kv_heads=4, world_size=8)
+
+
+def test_a_good_layout_gives_the_data_parallel_size():
+    assert _validate(tensor_model_parallel_size=2, pipeline_model_parallel_size=2) == 2
+    assert _validate(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2) == 4
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(tensor_model_parallel_size=8), "tensor_model_parallel_size"),  # 8 does not divide 4 KV heads
+        (dict(tensor_model_parallel_size=3), "tensor_model_parallel_size"),
+        (dict(pipeline_model_parallel_size=8), "pipeline_model_parallel_size"),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=4), "pipeline_model_parallel_size"),
+        (dict(virtual_pipeline_model_parallel_size=2), "virtual_pipeline_model_parallel_size"),
+        (dict(sequence_parallel=True), "sequence_parallel"),
+        (dict(recompute_granularity="some"), "recompute_granularity"),
+    ],
+)
+def test_bad_layouts_name_the_field(kw, field):
+    with pytest.raises(ConsaConfigError, match=field):
+        _validate(**kw)
+
+
+def test_kv_heads_fewer_than_tp_ranks_is_refused():
+    # megatron-core would replicate KV heads over TP ranks; per-KV-head gates cannot be split then
+    with pytest.raises(ConsaConfigError, match="num_query_groups=2"):
+        ParallelConfig(tensor_model_parallel_size=4).validate(num_layers=4, num_kv_heads=2, world_size=4)
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(global_batch_size=6, micro_batch_size=4), "global_batch_size"),
+        (dict(bf16=True, fp16=True), "bf16"),
+        (dict(lr_decay_style="exp"), "lr_decay_style"),
+        (dict(train_iters=-1), "train_iters"),
+    ],
+)
+def test_bad_training_settings_name_the_field(kw, field):
+    with pytest.raises(ConsaConfigError, match=field):
+        TrainingConfig(**kw).validate(dp_size=1)
