@@ -41,10 +41,10 @@ demo: install
 	$(PY) examples/cpu_quickstart.py
 
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest -q
 
 test-gpu: install
-	$(PY) -m pytest tests/gpu -q -rs
+	$(PY) -m pytest tests/gpu -q
 
 bench: install
 	$(PY) benchmarks/attention_cpu.py
