@@ -115,6 +115,8 @@ class TrainingConfig:
     """bf16 weights and activations (gates stay float32)."""
     fp16: bool = False
     """fp16 with dynamic loss scaling (gates stay float32)."""
+    initial_loss_scale: float = 2.0**16
+    """Starting dynamic loss scale for fp16 (halved on overflow, megatron-core's scaler)."""
     seed: int = 1234
     """Seed of weight init, data order and (with ConsaConfig.noise_seed) nothing else."""
     log_interval: int = 10

@@ -130,7 +130,7 @@ def build_optimizer(
         params_dtype=torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         loss_scale=None,
-        initial_loss_scale=2.0**16,
+        initial_loss_scale=training.initial_loss_scale,
     )
     overrides = get_standard_config_overrides(opt_config)
     overrides[ParamKey(attr="consa_gate")] = ParamGroupOverride(

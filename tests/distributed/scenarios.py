@@ -78,6 +78,13 @@ LAYOUTS = {
 }
 
 
+# Mixed-precision runs: (layout, TrainingConfig overrides). Gates stay float32.
+PRECISION_RUNS = {
+    "tp2pp2_bf16": ("tp2pp2", {"bf16": True}),
+    "tp2pp2_fp16": ("tp2pp2", {"fp16": True, "initial_loss_scale": 1024.0}),
+}
+
+
 def make_trainer(parallel: ParallelConfig, granularity: str = "kv_head", **train_kw) -> ConsaTrainer:
     training = training_config(**train_kw)
     initialize_distributed(parallel, seed=training.seed)
@@ -89,6 +96,7 @@ def make_trainer(parallel: ParallelConfig, granularity: str = "kv_head", **train
 def _step_record(trainer: ConsaTrainer, record) -> dict:
     return {
         "loss": record.loss,
+        "skipped": record.skipped,
         "s_hat": record.s_hat,
         "lambda1": record.lambda1,
         "lambda2": record.lambda2,
@@ -113,7 +121,8 @@ def layouts(
     runs: dict[str, list[dict]] = {}
     local_gates: dict[str, dict] = {}
     for name in names:
-        trainer = make_trainer(LAYOUTS[name], granularity)
+        layout, train_kw = PRECISION_RUNS.get(name, (name, {}))
+        trainer = make_trainer(LAYOUTS[layout], granularity, **train_kw)
         if not init_ckpt.exists():
             save_checkpoint(trainer, init_ckpt)
         else:

@@ -14,7 +14,7 @@ import torch
 
 import megatron_consa  # noqa: F401
 from harness import launch
-from scenarios import ARCH, DATA, LAYOUTS, make_trainer
+from scenarios import ARCH, DATA, LAYOUTS, PRECISION_RUNS, make_trainer
 
 from megatron_consa.model import unwrap_model
 from megatron_consa.training.checkpoint import load_checkpoint
@@ -32,7 +32,7 @@ def launched(tmp_path_factory):
         "layouts",
         4,
         out,
-        names=[REFERENCE, *COMPARED],
+        names=[REFERENCE, *COMPARED, *PRECISION_RUNS],
         iters=ITERS,
         resume_from="tp2pp2",
         resume_at=RESUME_AT,
@@ -111,3 +111,18 @@ def test_consistency_guard_names_the_rank_that_differs(launched):
     for rank, message in errors.items():  # every rank raises, with the same message
         assert "iteration 7" in message and "ranks [3]" in message, message
         assert "tensor-parallel group [2, 3]" in message and "data-parallel group [1, 3]" in message, message
+
+
+@pytest.mark.parametrize("run", list(PRECISION_RUNS))
+def test_mixed_precision_follows_fp32_with_the_constraint_scaled_right(launched, run):
+    """bf16, and fp16 with dynamic loss scaling: the unscaled gate gradient (LM + constraint)
+    matches fp32 to half-precision accuracy, so the constraint share is scaled like the LM part."""
+    runs = launched[0]["runs"]
+    ref, got = runs[REFERENCE], runs[run]
+    assert not any(r["skipped"] for r in got), f"{run}: a step overflowed; lower initial_loss_scale"
+    for k in range(len(got)):
+        assert abs(got[k]["loss"] - ref[k]["loss"]) < 1e-2 * ref[k]["loss"], (run, k)
+        assert abs(got[k]["s_hat"] - ref[k]["s_hat"]) < 5e-3, (run, k)
+    for k in (0, RESUME_AT, len(got) - 1):
+        scale = ref[k]["gate_grad"].abs().max()
+        torch.testing.assert_close(got[k]["gate_grad"], ref[k]["gate_grad"], rtol=0.1, atol=0.1 * scale)
