@@ -16,7 +16,7 @@ toy problem in `tests/unit/test_controller.py` settles on the target.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 GRANULARITIES = ("layer", "kv_head")
@@ -101,9 +101,6 @@ class ConsaConfig:
 
     hc_eps: float = 1e-6
     """Uniform noise is drawn from U(eps, 1 - eps)."""
-
-    extra: dict = field(default_factory=dict)
-    """Free-form metadata carried into checkpoints and allocation files."""
 
     def __post_init__(self) -> None:
         self.validate()

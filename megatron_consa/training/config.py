@@ -118,7 +118,7 @@ class TrainingConfig:
     initial_loss_scale: float = 2.0**16
     """Starting dynamic loss scale for fp16 (halved on overflow, megatron-core's scaler)."""
     seed: int = 1234
-    """Seed of weight init, data order and (with ConsaConfig.noise_seed) nothing else."""
+    """Seed of weight initialisation (the data and the gate noise have seeds of their own)."""
     log_interval: int = 10
     """Iterations between log lines."""
     allocation_check_interval: int = 50
