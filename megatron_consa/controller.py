@@ -20,7 +20,7 @@ pipeline group), so this module holds no process-group code. With the default
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Protocol, runtime_checkable
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -31,7 +31,6 @@ from megatron_consa.gates import HardConcrete, counter_uniform, expected_fa_cost
 CostAllReduce = Callable[[Tensor], Tensor]
 
 
-@runtime_checkable
 class GateProvider(Protocol):
     """What the controller needs from a module that owns gates."""
 
@@ -44,10 +43,12 @@ class GateProvider(Protocol):
 
 def find_gates(modules: Iterable[torch.nn.Module]) -> list[GateProvider]:
     """Every learning-mode gate owner inside the given model chunks, in module order."""
+    # Duck typing, not isinstance(m, GateProvider): since Python 3.12 runtime protocol
+    # checks look attributes up statically and miss nn.Module parameters and buffers.
     found = []
     for chunk in modules:
         for m in chunk.modules():
-            if isinstance(m, GateProvider) and getattr(m, "log_alpha", None) is not None:
+            if callable(getattr(m, "set_gate_noise", None)) and getattr(m, "log_alpha", None) is not None:
                 found.append(m)
     return found
 

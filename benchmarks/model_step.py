@@ -1,0 +1,175 @@
+"""Model step benchmark: ConSA GPTModel vs megatron-core's stock GPTModel, side by side.
+
+One process builds, with the same weights:
+  stock FA      megatron-core GPTModel, local spec (DotProductAttention), causal
+  stock SWA     the same with `window_size=(W-1, 0)` (megatron-core's own SWA: a dense mask)
+  consa FA      ConSA, fixed allocation, every KV head FA
+  consa 75%     ConSA, fixed allocation, 75% of KV heads SWA (uniform_heads preset)
+  consa learn   ConSA learning mode (gates interior: both branches computed)
+and times a forward+backward step of each (median over --reps, interleaved so
+that background load hits all alike), with peak memory on a GPU. Ratios are
+against stock FA.
+
+    python benchmarks/model_step.py --device cuda --dtype bf16 --seq-len 8192 --window 1024
+    python benchmarks/model_step.py --device cpu --seq-len 2048 --window 128 --hidden 256 --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=str, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import megatron_consa  # noqa: F401
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_consa.allocation import make_preset
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.controller import ConsaController, find_gates
+    from megatron_consa.model import ArchitectureConfig, build_gpt_model, build_transformer_config
+    from megatron_consa.training.config import ParallelConfig
+    from megatron_consa.training.parallel import initialize_distributed
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    initialize_distributed(ParallelConfig(), seed=0)
+    dev = torch.device(args.device)
+    bf16 = args.dtype == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    arch = ArchitectureConfig(
+        vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_layers=args.layers,
+        num_attention_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, qk_norm=True,
+        rope_theta=10000.0, max_position_embeddings=args.seq_len,
+    )
+    common = dict(params_dtype=dtype, bf16=bf16)
+
+    def stock(window):
+        base = build_transformer_config(arch, ConsaConfig(), **common)
+        fields = {f: getattr(base, f) for f in TransformerConfig.__dataclass_fields__ if hasattr(base, f)}
+        fields.update(window_size=window)
+        cfg = TransformerConfig(**{k: v for k, v in fields.items() if k in TransformerConfig.__dataclass_fields__})
+        return GPTModel(
+            config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+            vocab_size=arch.vocab_size, max_sequence_length=args.seq_len, position_embedding_type="rope",
+            rotary_base=10000,
+        ), cfg
+
+    def consa(**kw):
+        cfg = build_transformer_config(arch, ConsaConfig(window=args.window, backend="torch", **kw), **common)
+        return build_gpt_model(cfg, arch, use_transformer_engine=False), cfg
+
+    ref, ref_cfg = stock(None)
+    quarter = make_preset(
+        "uniform_heads", num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, granularity="kv_head",
+        target_sparsity=0.75, window=args.window,
+    ).fa
+    models = {
+        "stock FA": (ref, ref_cfg),
+        "stock SWA (window_size)": stock((args.window - 1, 0)),
+        "consa all FA": consa(allocation=[[1] * arch.num_kv_heads] * arch.num_layers),
+        "consa 75% SWA": consa(allocation=quarter),
+        "consa learning": consa(init_log_alpha=0.0),
+    }
+    state = ref.state_dict()
+    prepared = {}
+    for name, (model, cfg) in models.items():
+        model.load_state_dict(state, strict=False)
+        model = model.to(dev)
+        if bf16:
+            model = Float16Module(cfg, model)
+        prepared[name] = model.train()
+    for gate in find_gates(prepared.values()):
+        gate.log_alpha.data = gate.log_alpha.data.float()
+    ctl = ConsaController(ConsaConfig(), total_cost=arch.num_layers * arch.num_kv_heads)
+    ctl.begin_iteration(find_gates(prepared.values()))
+
+    tokens = torch.randint(0, arch.vocab_size, (args.batch, args.seq_len), device=dev)
+    pos = torch.arange(args.seq_len, device=dev).unsqueeze(0).expand_as(tokens)
+
+    def step(model):
+        loss = model(tokens, pos, attention_mask=None, labels=tokens).float().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {name: [] for name in prepared}
+    peak = {}
+    for name, model in prepared.items():  # warm-up and peak memory
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step(model)
+        sync()
+        if dev.type == "cuda":
+            peak[name] = torch.cuda.max_memory_allocated() / 2**30
+    for _ in range(args.reps):
+        for name, model in prepared.items():
+            sync()
+            t0 = time.perf_counter()
+            step(model)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+
+    base = statistics.median(times["stock FA"])
+    rows = []
+    print(f"\nfwd+bwd step, {args.device} {args.dtype}, b={args.batch} n={args.seq_len} W={args.window} "
+          f"layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads}x{args.head_dim}\n")
+    print("| model | step (ms) | vs stock FA |" + (" peak mem (GiB) |" if peak else ""))
+    print("|---|---:|---:|" + ("---:|" if peak else ""))
+    for name in prepared:
+        med = statistics.median(times[name])
+        row = {"model": name, "ms": med * 1e3, "ratio": med / base, "peak_gib": peak.get(name)}
+        rows.append(row)
+        mem = f" {peak[name]:.2f} |" if peak else ""
+        print(f"| {name} | {med * 1e3:.1f} | {med / base:.3f}x |{mem}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
