@@ -22,7 +22,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from megatron_consa.backends.torch_attention import full_causal_attention, sliding_window_attention
+from megatron_consa.backends.torch_attention import (
+    flex_attention_available,
+    flex_sliding_window_attention,
+    full_causal_attention,
+    sliding_window_attention,
+)
 from megatron_consa.config import ConsaConfigError
 
 
@@ -60,20 +65,31 @@ def _to_sbhd(x: Tensor) -> Tensor:
 
 
 class TorchAttentionBackend:
-    """Pure-torch kernels: SDPA for causal FA, blocked O(n*W) SWA."""
+    """Pure-torch kernels: SDPA for causal FA; SWA via compiled FlexAttention on CUDA
+    (block-sparse), via the blocked O(n*W) SDPA kernel elsewhere.
+
+    `use_flex=False` forces the blocked kernel on CUDA too.
+    """
 
     name = "torch"
 
-    def __init__(self, *, window: int, sink_tokens: int, softmax_scale: float) -> None:
+    def __init__(self, *, window: int, sink_tokens: int, softmax_scale: float, use_flex: bool = True) -> None:
         self.window = window
         self.sink_tokens = sink_tokens
         self.scale = softmax_scale
+        self.use_flex = use_flex
 
     def full(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = full_causal_attention(_to_bhsd(q), _to_bhsd(k), _to_bhsd(v), scale=self.scale)
         return _to_sbhd(out)
 
     def sliding(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.use_flex and flex_attention_available(q.device):
+            out = flex_sliding_window_attention(
+                _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), window=self.window, scale=self.scale,
+                sink_tokens=self.sink_tokens,
+            )
+            return _to_sbhd(out)
         out = sliding_window_attention(
             _to_bhsd(q).contiguous(),
             _to_bhsd(k).contiguous(),
