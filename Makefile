@@ -7,7 +7,7 @@
 # Idempotent: `install` is a stamp target that reruns only when setup.py or
 # this Makefile changes.
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip

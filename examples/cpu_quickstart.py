@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=96, help="tokens per sequence (default: 96)")
     p.add_argument("--gate-lr", type=float, default=0.1, help="gate learning rate (default: 0.1, faster than the library default for a short run)")
     p.add_argument("--lagrangian-lr", type=float, default=0.3, help="multiplier step eta (default: 0.3)")
+    p.add_argument("--allow-off-target", action="store_true", help="finalize even if s_hat did not settle on the target")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (allocation.json, tensorboard/)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
@@ -51,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.iters < 1 or args.pretrain_iters < 1:
+        print("error: --iters and --pretrain-iters must be >= 1", file=sys.stderr)
+        return 2
+    if args.window < 2:
+        print(f"error: --window={args.window}: use 2 or more (the data repeats every 1.5 windows)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("megatron", "torch", "py.warnings"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import megatron_consa  # noqa: F401
-    from megatron_consa.allocation import Allocation
+    from megatron_consa.allocation import Allocation, AllocationError
     from megatron_consa.config import ConsaConfig, ConsaConfigError
     from megatron_consa.model import ArchitectureConfig, unwrap_model
     from megatron_consa.training.config import ParallelConfig, TrainingConfig
@@ -124,10 +131,15 @@ def main(argv=None) -> int:
                  dense_history[0].loss, history[-1].s_hat, args.target)
 
     log_alpha = trainer.gather_log_alpha()
-    allocation = Allocation.from_log_alpha(
-        log_alpha, target_sparsity=args.target, granularity=args.granularity, num_kv_heads=arch.num_kv_heads,
-        window=args.window, metadata={"iterations": args.iters, "final_s_hat": history[-1].s_hat},
-    )
+    try:
+        allocation = Allocation.from_log_alpha(
+            log_alpha, target_sparsity=args.target, granularity=args.granularity, num_kv_heads=arch.num_kv_heads,
+            window=args.window, metadata={"iterations": args.iters}, expected_sparsity=history[-1].s_hat,
+            tolerance=None if args.allow_off_target else consa.settle_tolerance,
+        )
+    except AllocationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     allocation.save(args.out / "allocation.json")
     print()

@@ -492,8 +492,26 @@ class Allocation:
         sink_tokens: int = 0,
         source: str = "consa",
         metadata: dict | None = None,
+        expected_sparsity: float | None = None,
+        tolerance: float | None = None,
     ) -> "Allocation":
-        """Finalize gates (:func:`finalize_topk`) and keep ``log_alpha`` (as ``L x G``) in the file."""
+        """Finalize gates (:func:`finalize_topk`) and keep ``log_alpha`` (as ``L x G``) in the file.
+
+        Top-k always meets the budget, which can hide a learning phase that never
+        reached it. Pass the run's last ``expected_sparsity`` (s_hat) and a
+        ``tolerance``: an s_hat further than that from the target is an error, so
+        a user sees it before using the allocation. It is recorded in the metadata.
+        """
+        if expected_sparsity is not None:
+            gap = abs(float(expected_sparsity) - float(target_sparsity))
+            if tolerance is not None and gap > tolerance:
+                raise AllocationError(
+                    f"finalize: the learned expected sparsity s_hat={expected_sparsity:.4f} is {gap:.4f} away "
+                    f"from target_sparsity={target_sparsity} (tolerance {tolerance}); the gates did not "
+                    "settle, so top-k would hide that. Train longer (or raise gate_lr / lagrangian_lr), "
+                    "or finalize anyway with a larger tolerance"
+                )
+            metadata = {**(metadata or {}), "final_s_hat": float(expected_sparsity)}
         fa = finalize_topk(log_alpha, target_sparsity=target_sparsity, granularity=granularity, num_kv_heads=num_kv_heads)
         scores, num_layers = _unit_scores(log_alpha, granularity, None, num_kv_heads, "log_alpha")
         if granularity == "layer":

@@ -16,7 +16,8 @@ Two modes, fixed by `config.consa.allocation`:
   so its gradient is summed over TP ranks and the replicas stay identical.
 * fixed (a binary allocation): FA groups get only FA, SWA groups only SWA; a
   layer of one type is a single call, a mixed layer one call per type on the
-  heads of that type. No extra work over a plain model.
+  heads of that type: no extra attention work over a plain model (a mixed
+  layer gathers its query/KV heads by type, a copy of q, k and v).
 
 The gate noise for training is handed in by the controller once per iteration
 (`set_gate_noise`), so the forward is a pure function of `log_alpha` and that

@@ -23,6 +23,14 @@ GRANULARITIES = ("layer", "kv_head")
 BACKENDS = ("auto", "torch", "te")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class ConsaConfigError(ValueError):
     """A ConSA configuration field has an invalid value; the message names it."""
 
@@ -61,8 +69,11 @@ class ConsaConfig:
     target_sparsity: float = 0.75
     """Fraction of KV-head cost that should be SWA, in [0, 1)."""
 
-    target_warmup_iters: int = 100
-    """The target ramps linearly: t(k) = t_final * min(1, k / warmup)."""
+    target_warmup_iters: int = 2000
+    """The target ramps linearly: t(k) = t_final * min(1, k / warmup). With the
+    default gate lr and multiplier step, run the allocation phase for about three
+    times this (the settling test runs 6000 iterations); shorter runs should
+    shorten the warm-up and raise gate_lr / lagrangian_lr (the quickstart does)."""
 
     lagrangian_lr: float = 0.05
     """Dual step size eta: lambda1 += eta*(s_hat - t), lambda2 += eta*(s_hat - t)^2."""
@@ -72,6 +83,10 @@ class ConsaConfig:
 
     gates_only: bool = False
     """Freeze model weights and train only the gates (cheap, DuoAttention-like)."""
+
+    settle_tolerance: float = 0.02
+    """Finalize refuses an allocation whose learned s_hat is further than this from
+    the target (top-k would otherwise hide a run that never reached its budget)."""
 
     noise_seed: int = 1234
     """Seed of the counter-based gate noise, keyed by (seed, iteration, unit)."""
@@ -107,9 +122,9 @@ class ConsaConfig:
 
     def validate(self) -> None:
         """Raise ConsaConfigError naming the first invalid field."""
-        if not isinstance(self.window, int) or self.window < 1:
+        if not _is_int(self.window) or self.window < 1:
             _fail("window", self.window, "the sliding window must be an integer >= 1")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
             _fail("sink_tokens", self.sink_tokens, "attention sinks must be an integer >= 0")
         if self.granularity not in GRANULARITIES:
             _fail("granularity", self.granularity, f"choose one of {GRANULARITIES}")
@@ -118,11 +133,15 @@ class ConsaConfig:
         t = self.target_sparsity
         if not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 <= t < 1.0:
             _fail("target_sparsity", t, "the SWA share must lie in [0, 1)")
-        if self.target_warmup_iters < 0:
-            _fail("target_warmup_iters", self.target_warmup_iters, "use 0 (no warm-up) or more")
-        for name in ("lagrangian_lr", "gate_lr"):
-            if getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "learning rates must be >= 0")
+        if not _is_int(self.target_warmup_iters) or self.target_warmup_iters < 0:
+            _fail("target_warmup_iters", self.target_warmup_iters, "use an integer, 0 (no warm-up) or more")
+        for name in ("lagrangian_lr", "gate_lr", "settle_tolerance"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                _fail(name, value, "must be a finite number >= 0")
+        for name in ("init_log_alpha", "log_alpha_min", "log_alpha_max"):
+            if not _is_number(getattr(self, name)) or not math.isfinite(getattr(self, name)):
+                _fail(name, getattr(self, name), "must be a finite number")
         if not self.log_alpha_min < self.log_alpha_max:
             _fail("log_alpha_min", self.log_alpha_min, "must be below log_alpha_max")
         if not self.log_alpha_min <= self.init_log_alpha <= self.log_alpha_max:
@@ -137,10 +156,19 @@ class ConsaConfig:
             _fail("hc_eps", self.hc_eps, "noise clipping must lie in (0, 0.5)")
         if self.allocation is not None:
             rows = self.allocation
-            if not rows or any(len(r) != len(rows[0]) for r in rows):
-                _fail("allocation", "...", "must be a non-empty num_layers x num_kv_heads matrix")
-            if any(v not in (0, 1) for r in rows for v in r):
-                _fail("allocation", "...", "entries must be 0 (SWA) or 1 (FA)")
+            if hasattr(rows, "fa") and hasattr(rows, "achieved_sparsity"):
+                _fail("allocation", type(rows).__name__, "pass the matrix: ConsaConfig(allocation=alloc.fa)")
+            if (
+                not isinstance(rows, (list, tuple))
+                or not rows
+                or not all(isinstance(r, (list, tuple)) and r for r in rows)
+                or any(len(r) != len(rows[0]) for r in rows)
+            ):
+                _fail("allocation", rows, "must be a non-empty num_layers x num_kv_heads matrix (list of rows)")
+            if any(not _is_int(v) or v not in (0, 1) for r in rows for v in r):
+                _fail("allocation", "...", "entries must be the integers 0 (SWA) or 1 (FA)")
+            if self.gates_only:
+                _fail("gates_only", True, "a fixed allocation has no gates to train; drop one of the two")
 
     def check_model_shape(self, *, num_layers: int, num_kv_heads: int, tp_size: int = 1) -> None:
         """Check this config against a model's shape and tensor-parallel size."""

@@ -20,87 +20,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_consa.architecture import SUPPORTED_HF_MODEL_TYPES, ArchitectureConfig  # noqa: F401 (re-export)
 from megatron_consa.attention import ConsaCoreAttention
 from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.specs import get_consa_layer_spec
-
-SUPPORTED_HF_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
-
-
-@dataclass
-class ArchitectureConfig:
-    """A decoder-only Qwen3/Llama-style architecture, in Hugging Face terms."""
-
-    vocab_size: int
-    """Embedding rows (padded vocabulary)."""
-    hidden_size: int
-    """Model width."""
-    intermediate_size: int
-    """SwiGLU inner width."""
-    num_layers: int
-    """Transformer layers (HF `num_hidden_layers`)."""
-    num_attention_heads: int
-    """Query heads."""
-    num_kv_heads: int
-    """KV heads (GQA groups, HF `num_key_value_heads`)."""
-    head_dim: Optional[int] = None
-    """Per-head width; defaults to hidden_size // num_attention_heads."""
-    rope_theta: float = 1_000_000.0
-    """RoPE base."""
-    rms_norm_eps: float = 1e-6
-    """RMSNorm epsilon."""
-    qk_norm: bool = False
-    """Per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
-    qkv_bias: bool = False
-    """Bias on the QKV projection (Qwen2)."""
-    tie_word_embeddings: bool = False
-    """Share the input embedding with the output layer."""
-    max_position_embeddings: int = 4096
-    """Longest sequence the model is built for."""
-    model_type: str = "qwen3"
-    """The Hugging Face model type this came from (for export)."""
-
-    def __post_init__(self) -> None:
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_kv_heads:
-            raise ConsaConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_kv_heads={self.num_kv_heads}"
-            )
-
-    @classmethod
-    def from_hf(cls, hf_config: Any) -> "ArchitectureConfig":
-        """From a transformers `PretrainedConfig` of a supported model type."""
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_HF_MODEL_TYPES:
-            raise ConsaConfigError(
-                f"model_type={model_type!r} is not supported; supported: {SUPPORTED_HF_MODEL_TYPES}"
-            )
-        act = getattr(hf_config, "hidden_act", "silu")
-        if act != "silu":
-            raise ConsaConfigError(f"hidden_act={act!r}: only SwiGLU (silu) MLPs are supported")
-        rope_theta = getattr(hf_config, "rope_theta", None)
-        if rope_theta is None:  # transformers >= 5 keeps it in rope_parameters
-            rope_theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        qkv_bias = bool(getattr(hf_config, "attention_bias", model_type == "qwen2"))
-        return cls(
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_layers=hf_config.num_hidden_layers,
-            num_attention_heads=hf_config.num_attention_heads,
-            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
-            head_dim=getattr(hf_config, "head_dim", None),
-            rope_theta=float(rope_theta),
-            rms_norm_eps=hf_config.rms_norm_eps,
-            qk_norm=model_type == "qwen3",
-            qkv_bias=qkv_bias or model_type == "qwen2",
-            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            max_position_embeddings=hf_config.max_position_embeddings,
-            model_type=model_type,
-        )
-
 
 @dataclass
 class ConsaTransformerConfig(TransformerConfig):

@@ -10,7 +10,7 @@ calls "cuda". ``torch.cuda.current_device()`` answers ``"cpu"``, tensors asked f
 "cuda" are made on the CPU, the "cuda" RNG is the CPU default generator, streams and
 events are no-ops (CPU ops are synchronous).
 
-Shims (see ``/work/shared/MCORE_ON_CPU.md``, "Needs a shim on CPU", items 1-6):
+Shims (the project notes in shared/MCORE_ON_CPU.md, "Needs a shim on CPU", items 1-6):
 
 1. ``install_cpu_rng_tracker``      - RNG tracker keeping CPU generator states.
 2. ``patch_cuda_device_queries``    - ``torch.cuda.current_device()`` -> ``"cpu"``.

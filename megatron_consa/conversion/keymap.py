@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_consa.model import ArchitectureConfig
+from megatron_consa.architecture import ArchitectureConfig
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ def split_qkv(qkv: Tensor, arch: ArchitectureConfig) -> tuple[Tensor, Tensor, Te
 def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bool = False) -> dict[str, Tensor]:
     """A full (unsharded) megatron-core GPTModel state dict from an HF state dict."""
     out: dict[str, Tensor] = {}
+    used: set[str] = set()
     tables = [(e, None) for e in global_entries(arch)]
     tables += [(e, i) for i in range(arch.num_layers) for e in layer_entries(arch, te=te)]
     for entry, i in tables:
@@ -119,6 +120,13 @@ def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bo
         else:
             value = tensors[0]
         out[entry.mcore.format(i=i)] = value.clone()
+        used.update(names)
+    leftover = sorted(set(hf_state) - used - {"lm_head.weight"} - {k for k in hf_state if k.endswith("rotary_emb.inv_freq")})
+    if leftover:
+        raise KeyError(
+            f"Hugging Face checkpoint has tensors this architecture does not use: {leftover[:8]}"
+            f"{' ...' if len(leftover) > 8 else ''}; the model would silently drop them"
+        )
     return out
 
 

@@ -3,12 +3,13 @@
 A checkpoint holds the model (gates included: `log_alpha` is an ordinary
 parameter of each layer's core attention, so its sharded key carries the
 global layer index), the optimizer, the LR scheduler, the controller state
-(iteration, lambda1, lambda2) and the ConSA/architecture configs. Being a
-dist_checkpointing checkpoint, it loads at any TP/PP/DP layout.
+(iteration, lambda1, lambda2) and the ConSA/architecture configs. With the
+standard optimizer it loads at any TP/PP/DP layout; the distributed
+optimizer's state (megatron's dp_reshardable format) at another DP size only.
 
 Saving writes to `<dir>.tmp-<iteration>` and renames it into place once every
-rank finished, so an interrupted save never leaves a half-written checkpoint
-under the final name.
+rank finished; an existing checkpoint is kept as `<dir>.old` during the swap,
+and loading falls back to it if a save was interrupted between the renames.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_consa.model import unwrap_model
+from megatron_consa.training.parallel import device
 from megatron_consa.compat import cpu_shims_active, fix_param_steps_after_load, prepare_distrib_optimizer_for_load
 
 logger = logging.getLogger(__name__)
@@ -72,34 +74,86 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(tmp))
     dist.barrier()
+    error = ""
     if rank == 0:
-        meta = {
-            "iteration": trainer.iteration,
-            "consa": trainer.consa.to_dict(),
-            "architecture": trainer.arch.__dict__,
-            "training": trainer.training.to_dict(),
-        }
-        (tmp / CONSA_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    dist.barrier()
+        try:
+            meta = {
+                "iteration": trainer.iteration,
+                "consa": trainer.consa.to_dict(),
+                "architecture": trainer.arch.__dict__,
+                "training": trainer.training.to_dict(),
+            }
+            (tmp / CONSA_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            _swap_into_place(tmp, final)
+        except OSError as err:  # tell every rank, instead of leaving them in the barrier
+            error = f"could not move the checkpoint into {final}: {err}"
+    _raise_everywhere(error)
     logger.info("saved checkpoint at iteration %d to %s", trainer.iteration, final)
     return final
 
 
-def load_checkpoint(trainer, directory: str | os.PathLike, *, load_optimizer: bool = True) -> int:
-    """Load a checkpoint saved at any parallel layout into `trainer`; returns its iteration."""
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` survives as `<final>.old` until then."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)  # a leftover of an interrupted earlier save
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _raise_everywhere(error: str) -> None:
+    flag = torch.tensor([1.0 if error else 0.0], device=device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        messages: list = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, error)
+        raise RuntimeError("; ".join(m for m in messages if m))
+
+
+def _resolve(directory: str | os.PathLike) -> Path:
     path = Path(directory)
-    if not (path / CONSA_META_FILE).exists():
-        raise FileNotFoundError(
-            f"{path} is not a megatron-consa checkpoint (no {CONSA_META_FILE}); pass the directory "
-            "written by save_checkpoint"
+    if (path / CONSA_META_FILE).exists():
+        return path
+    old = path.with_name(path.name + ".old")
+    if (old / CONSA_META_FILE).exists():  # a save was interrupted between the two renames
+        logger.warning("%s is missing; loading the previous checkpoint %s", path, old)
+        return old
+    raise FileNotFoundError(
+        f"{path} is not a megatron-consa checkpoint (no {CONSA_META_FILE}); pass the directory "
+        "written by save_checkpoint"
+    )
+
+
+def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool = False) -> int:
+    """Load a checkpoint into `trainer`; returns the iteration it was saved at.
+
+    Full resume (default): model, optimizer, LR scheduler, controller and
+    iteration. `weights_only=True`: the model (gates included) and nothing else,
+    for starting a new phase from these weights; the trainer keeps its own
+    iteration, schedule and controller state.
+
+    The standard optimizer's checkpoints load at any TP/PP/DP layout; the
+    distributed optimizer's (dp_reshardable) at another DP size only.
+    """
+    path = _resolve(directory)
+    meta = read_checkpoint_meta(path) or {}
+    saved_arch = meta.get("architecture", {})
+    for field_name in ("num_layers", "num_kv_heads", "hidden_size", "num_attention_heads"):
+        if field_name in saved_arch and saved_arch[field_name] != getattr(trainer.arch, field_name):
+            raise ValueError(
+                f"checkpoint {path} has {field_name}={saved_arch[field_name]} but the model has "
+                f"{getattr(trainer.arch, field_name)}: build the model with the checkpoint's architecture"
+            )
+    saved_gran = meta.get("consa", {}).get("granularity")
+    if saved_gran and saved_gran != trainer.consa.granularity and trainer.consa.learning:
+        raise ValueError(
+            f"checkpoint {path} has gates at granularity={saved_gran!r} but ConsaConfig.granularity="
+            f"{trainer.consa.granularity!r}: use the checkpoint's granularity"
         )
+    load_optimizer = not weights_only
     cpu = cpu_shims_active()
     if cpu and load_optimizer:
         # the torch-Adam fallback creates its state lazily; megatron expects it filled
@@ -121,6 +175,8 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, load_optimizer: bo
         if cpu:
             fix_param_steps_after_load(trainer.optimizer)
         trainer.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if weights_only:
+        return int(loaded["iteration"])
     trainer.controller.load_state_dict(loaded["consa_controller"])
     trainer.iteration = int(loaded["iteration"])
     return trainer.iteration

@@ -126,7 +126,7 @@ def layouts(
         if not init_ckpt.exists():
             save_checkpoint(trainer, init_ckpt)
         else:
-            load_checkpoint(trainer, init_ckpt, load_optimizer=False)
+            load_checkpoint(trainer, init_ckpt, weights_only=True)
         history = []
         for k in range(iters):
             if name == resume_from and k == resume_at:

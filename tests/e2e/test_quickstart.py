@@ -16,7 +16,7 @@ def test_quickstart_writes_an_allocation_on_budget(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "cpu_quickstart.py"), "--pretrain-iters", "4", "--iters", "6",
-         "--target", "0.5", "--out", str(out)],
+         "--target", "0.5", "--allow-off-target", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,4 +36,15 @@ def test_quickstart_rejects_a_bad_target(tmp_path):
     )
     assert proc.returncode == 2
     assert "target_sparsity" in proc.stderr
+    assert not (tmp_path / "allocation.json").exists()
+
+
+def test_quickstart_refuses_to_finalize_an_unsettled_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "cpu_quickstart.py"), "--pretrain-iters", "2", "--iters", "3",
+         "--target", "0.5", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "did not settle" in proc.stderr and "s_hat" in proc.stderr
     assert not (tmp_path / "allocation.json").exists()

@@ -406,3 +406,15 @@ def test_list_presets():
     assert set(p) == {"all_fa", "all_swa", "interleave:K", "top_swa", "bottom_swa", "uniform_heads", "random:SEED",
                       "heuristic"}
     assert all(isinstance(v, str) and v and "\n" not in v for v in p.values())
+
+
+def test_finalize_refuses_an_unsettled_run():
+    import torch as _torch
+
+    la = _torch.tensor([[3.0, -2.0], [1.0, -8.0]])
+    with pytest.raises(AllocationError, match="did not settle"):
+        Allocation.from_log_alpha(la, target_sparsity=0.5, granularity="kv_head", num_kv_heads=2, window=8,
+                                  expected_sparsity=0.62, tolerance=0.02)
+    ok = Allocation.from_log_alpha(la, target_sparsity=0.5, granularity="kv_head", num_kv_heads=2, window=8,
+                                   expected_sparsity=0.51, tolerance=0.02)
+    assert ok.metadata["final_s_hat"] == 0.51 and ok.achieved_sparsity == 0.5

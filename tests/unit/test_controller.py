@@ -12,6 +12,7 @@ from megatron_consa.allocation import Allocation
 from megatron_consa.config import ConsaConfig
 from megatron_consa.controller import ConsaController, clamp_log_alpha_, find_gates
 from megatron_consa.gates import HardConcrete, expected_sparsity, sample_z
+from megatron_consa.training.config import TrainingConfig
 
 
 class ToyGates(torch.nn.Module):
@@ -105,7 +106,11 @@ def _learn(config: ConsaConfig, L: int, G: int, steps: int) -> tuple[ToyGates, C
     gates_mod = ToyGates(L, G, config)
     gates = find_gates([gates_mod])
     ctl = ConsaController(config, total_cost=L * G)
-    opt = torch.optim.Adam([gates_mod.log_alpha], lr=config.gate_lr, weight_decay=0.0)
+    train = TrainingConfig()  # the trainer's Adam settings, which the gates share
+    opt = torch.optim.Adam(
+        [gates_mod.log_alpha], lr=config.gate_lr, betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps, weight_decay=0.0,
+    )
     history = []
     for _ in range(steps):
         ctl.begin_iteration(gates)
@@ -122,9 +127,10 @@ def _learn(config: ConsaConfig, L: int, G: int, steps: int) -> tuple[ToyGates, C
 @pytest.mark.parametrize("granularity", ["layer", "kv_head"])
 @pytest.mark.parametrize("target", [0.25, 0.5, 0.75, 0.875])
 def test_defaults_settle_on_target_and_finalize_meets_budget(granularity, target):
-    """Gates-only toy with every controller default except the run length."""
+    """Gates-only toy with every controller and optimizer default; 6000 iterations (3x warm-up)."""
     L, G, steps = 8, 4, 6000
-    cfg = ConsaConfig(granularity=granularity, target_sparsity=target, target_warmup_iters=2000)
+    cfg = ConsaConfig(granularity=granularity, target_sparsity=target)
+    assert steps >= 3 * cfg.target_warmup_iters
     gates_mod, ctl, hist = _learn(cfg, L, G, steps)
     assert abs(hist[-1] - target) < 0.01, f"s_hat ended at {hist[-1]:.4f} for target {target}"
     s_now = expected_sparsity(gates_mod.log_alpha.detach(), gates_mod.gate_unit_cost, L * G).item()

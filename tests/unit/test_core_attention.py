@@ -131,7 +131,11 @@ class TestCoreAttention:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("target_sparsity", 1.0), ("target_sparsity", -0.1), ("window", 0), ("sink_tokens", -1), ("granularity", "head")],
+    [
+        ("target_sparsity", 1.0), ("target_sparsity", -0.1), ("window", 0), ("sink_tokens", -1),
+        ("granularity", "head"), ("target_warmup_iters", "4"), ("lagrangian_lr", float("nan")),
+        ("allocation", [1, 0]), ("allocation", [[1.0, 0.0]]), ("allocation", [[True, False]]),
+    ],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConsaConfigError, match=field):
@@ -141,3 +145,8 @@ def test_bad_config_names_the_field(field, value):
 def test_kv_groups_not_divisible_by_tp_names_the_fix():
     with pytest.raises(ConsaConfigError, match="tensor_model_parallel_size"):
         ConsaConfig().check_model_shape(num_layers=2, num_kv_heads=3, tp_size=2)
+
+
+def test_gates_only_with_a_fixed_allocation_is_refused():
+    with pytest.raises(ConsaConfigError, match="gates_only"):
+        ConsaConfig(allocation=[[1, 0]], gates_only=True)

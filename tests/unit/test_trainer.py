@@ -67,3 +67,38 @@ class TestTrainer:
     def test_bad_layout_fails_before_building(self):
         with pytest.raises(ConsaConfigError, match="global_batch_size"):
             _trainer(ConsaConfig(window=4), global_batch_size=3)
+
+    def test_checkpoint_weights_only_and_full_resume(self, tmp_path):
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+
+        consa = ConsaConfig(window=4, init_log_alpha=0.0, target_warmup_iters=0)
+        first = _trainer(consa)
+        first.train(2)
+        save_checkpoint(first, tmp_path / "ckpt")
+        save_checkpoint(first, tmp_path / "ckpt")  # over an existing one
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+        fresh = _trainer(consa)
+        assert load_checkpoint(fresh, tmp_path / "ckpt", weights_only=True) == 2
+        assert fresh.iteration == 0 and fresh.controller.lambda1 == 0.0
+        for name, value in _weights(first).items():
+            assert torch.equal(value, _weights(fresh)[name]), name
+        resumed = _trainer(consa)
+        load_checkpoint(resumed, tmp_path / "ckpt")
+        assert resumed.iteration == 2 and resumed.controller.lambda1 == first.controller.lambda1
+        with pytest.raises(ValueError, match="granularity"):
+            load_checkpoint(_trainer(ConsaConfig(window=4, granularity="layer")), tmp_path / "ckpt")
+
+
+def test_interrupted_save_falls_back_to_the_previous_checkpoint(tmp_path):
+    from megatron_consa.training.checkpoint import CONSA_META_FILE, _resolve, _swap_into_place
+
+    final, tmp = tmp_path / "ckpt", tmp_path / "ckpt.tmp-5"
+    for d, tag in ((final, "old"), (tmp, "new"), (tmp_path / "ckpt.old", "stale")):
+        d.mkdir()
+        (d / CONSA_META_FILE).write_text(tag)
+    _swap_into_place(tmp, final)  # a stale .old from an earlier crash does not block it
+    assert (final / CONSA_META_FILE).read_text() == "new" and not (tmp_path / "ckpt.old").exists()
+    final.rename(tmp_path / "ckpt.old")  # as if a crash hit between the two renames
+    assert _resolve(final) == tmp_path / "ckpt.old"
+    with pytest.raises(FileNotFoundError, match="not a megatron-consa checkpoint"):
+        _resolve(tmp_path / "elsewhere")

@@ -47,6 +47,7 @@ def test_kv_heads_fewer_than_tp_ranks_is_refused():
         (dict(bf16=True, fp16=True), "bf16"),
         (dict(lr_decay_style="exp"), "lr_decay_style"),
         (dict(train_iters=-1), "train_iters"),
+        (dict(micro_batch_size=0), "micro_batch_size"),
     ],
 )
 def test_bad_training_settings_name_the_field(kw, field):

@@ -1,0 +1,113 @@
+"""The architecture of a decoder-only Qwen3/Llama-style model, in Hugging Face terms.
+
+No megatron-core import: conversion code and tools read it without building a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from megatron_consa.config import ConsaConfigError
+
+SUPPORTED_HF_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+
+
+@dataclass
+class ArchitectureConfig:
+    """A decoder-only Qwen3/Llama-style architecture, in Hugging Face terms."""
+
+    vocab_size: int
+    """Embedding rows (padded vocabulary)."""
+    hidden_size: int
+    """Model width."""
+    intermediate_size: int
+    """SwiGLU inner width."""
+    num_layers: int
+    """Transformer layers (HF `num_hidden_layers`)."""
+    num_attention_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """KV heads (GQA groups, HF `num_key_value_heads`)."""
+    head_dim: Optional[int] = None
+    """Per-head width; defaults to hidden_size // num_attention_heads."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
+    qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is built for."""
+    model_type: str = "qwen3"
+    """The Hugging Face model type this came from (for export)."""
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ConsaConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "ArchitectureConfig":
+        """From a transformers `PretrainedConfig` of a supported model type."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_HF_MODEL_TYPES:
+            raise ConsaConfigError(
+                f"model_type={model_type!r} is not supported; supported: {SUPPORTED_HF_MODEL_TYPES}"
+            )
+        _reject_unsupported_hf_features(hf_config, model_type)
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ConsaConfigError(f"hidden_act={act!r}: only SwiGLU (silu) MLPs are supported")
+        rope_theta = getattr(hf_config, "rope_theta", None)
+        if rope_theta is None:  # transformers >= 5 keeps it in rope_parameters
+            rope_theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        qkv_bias = bool(getattr(hf_config, "attention_bias", model_type == "qwen2"))
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_attention_heads=hf_config.num_attention_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+            head_dim=getattr(hf_config, "head_dim", None),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=hf_config.rms_norm_eps,
+            qk_norm=model_type == "qwen3",
+            qkv_bias=qkv_bias or model_type == "qwen2",
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            max_position_embeddings=hf_config.max_position_embeddings,
+            model_type=model_type,
+        )
+
+
+def _reject_unsupported_hf_features(hf_config: Any, model_type: str) -> None:
+    """Fail, naming the field, on HF settings the megatron-core model here would silently drop."""
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if scaling is None:
+        scaling = getattr(hf_config, "rope_parameters", None)
+    if isinstance(scaling, dict):
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in (None, "default"):
+            raise ConsaConfigError(
+                f"rope_scaling type {kind!r} is not supported yet (only plain RoPE with rope_theta); "
+                "convert a checkpoint without RoPE scaling"
+            )
+    if model_type in ("llama", "mistral") and getattr(hf_config, "attention_bias", False):
+        raise ConsaConfigError(
+            f"{model_type} with attention_bias=True also has an o_proj bias, which is not supported; "
+            "use a checkpoint with attention_bias=False"
+        )
+    if model_type == "mistral" and getattr(hf_config, "sliding_window", None):
+        raise ConsaConfigError(
+            f"mistral sliding_window={hf_config.sliding_window}: the checkpoint already uses SWA on every "
+            "layer; set sliding_window=None to learn an allocation, or use the all_swa preset with that window"
+        )

@@ -1,0 +1,50 @@
+"""ArchitectureConfig.from_hf: what it reads, and what it refuses rather than drop silently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from megatron_consa.architecture import ArchitectureConfig  # noqa: E402
+from megatron_consa.config import ConsaConfigError  # noqa: E402
+from megatron_consa.conversion.keymap import hf_to_mcore, mcore_to_hf  # noqa: E402
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def test_qwen3_fields():
+    cfg = transformers.Qwen3Config(head_dim=16, rope_theta=5e5, tie_word_embeddings=True, **SMALL)
+    arch = ArchitectureConfig.from_hf(cfg)
+    assert (arch.qk_norm, arch.qkv_bias, arch.tie_word_embeddings, arch.head_dim) == (True, False, True, 16)
+    assert arch.rope_theta == 5e5 and arch.num_kv_heads == 2 and arch.model_type == "qwen3"
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: transformers.LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 32}, **SMALL),
+         "rope_scaling"),
+        (lambda: transformers.LlamaConfig(attention_bias=True, **SMALL), "attention_bias"),
+        (lambda: transformers.MistralConfig(sliding_window=16, **SMALL), "sliding_window"),
+        (lambda: transformers.GPT2Config(), "model_type"),
+    ],
+)
+def test_unsupported_hf_settings_are_refused(make, match):
+    with pytest.raises(ConsaConfigError, match=match):
+        ArchitectureConfig.from_hf(make())
+
+
+def test_key_map_round_trip_and_leftover_tensors():
+    cfg = transformers.Qwen2Config(**SMALL)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(cfg).state_dict()
+    arch = ArchitectureConfig.from_hf(cfg)
+    back = mcore_to_hf(hf_to_mcore(hf, arch), arch)
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+    with pytest.raises(KeyError, match="does not use"):
+        hf_to_mcore({**hf, "model.layers.0.mlp.extra.weight": torch.zeros(1)}, arch)
