@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_consa.architecture import SUPPORTED_HF_MODEL_TYPES, ArchitectureConfig  # noqa: F401 (re-export)
 from megatron_consa.attention import ConsaCoreAttention
+from megatron_consa.compat import has_cuda
 from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.specs import get_consa_layer_spec
 
@@ -41,7 +42,7 @@ def build_transformer_config(
     `megatron_overrides` are TransformerConfig fields (parallel sizes, dtypes,
     recomputation, ...). Fusions that need CUDA kernels are off without CUDA.
     """
-    cuda = torch.cuda.is_available()
+    cuda = has_cuda()
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,

@@ -28,12 +28,13 @@ from megatron_consa.backends.torch_attention import (
     full_causal_attention,
     sliding_window_attention,
 )
+from megatron_consa.compat import has_cuda
 from megatron_consa.config import ConsaConfigError
 
 
 def transformer_engine_available() -> bool:
     """True when CUDA is present and Transformer Engine imports."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+    if not has_cuda() or importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401

@@ -42,6 +42,7 @@ them), so no row is fully masked and neither forward nor backward produces NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -286,7 +287,8 @@ def dense_masked_attention(
 # FlexAttention (CUDA): block-sparse sliding window, compiled.
 # ---------------------------------------------------------------------------
 
-_FLEX = None
+FLEX_BLOCK_MASK_CACHE = 32
+"""Block masks kept per (seq_len, window, sinks, device): a run sees few shapes."""
 
 
 def flex_attention_available(device: torch.device) -> bool:
@@ -300,28 +302,21 @@ def flex_attention_available(device: torch.device) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
+    return torch.compile(flex_attention, dynamic=False)
 
 
-_BLOCK_MASKS: dict = {}
-
-
+@functools.lru_cache(maxsize=FLEX_BLOCK_MASK_CACHE)
 def _flex_block_mask(seq_len: int, window: int, sink_tokens: int, device: torch.device):
-    key = (seq_len, window, sink_tokens, str(device))
-    if key not in _BLOCK_MASKS:
-        from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink_tokens))
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink_tokens))
 
-        _BLOCK_MASKS[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
-    return _BLOCK_MASKS[key]
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
 
 
 def flex_sliding_window_attention(

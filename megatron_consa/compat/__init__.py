@@ -93,3 +93,22 @@ __all__ = [
     "prepare_distrib_optimizer_for_load",
     "fix_param_steps_after_load",
 ]
+
+
+def has_cuda() -> bool:
+    """The one CPU-vs-GPU question the rest of the package asks (device, backend, fusions)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def compute_device():
+    """This rank's device: its GPU (torch.cuda.current_device()) or the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+
+
+def distributed_backend() -> str:
+    """NCCL on GPUs, gloo on a CPU."""
+    return "nccl" if has_cuda() else "gloo"

@@ -13,15 +13,23 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from torch import Tensor
 
-from megatron_consa.compat import apply_cpu_shims
+from megatron_consa.compat import apply_cpu_shims, compute_device, distributed_backend, has_cuda
 from megatron_consa.training.config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
 
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
+"""How long a collective may wait before torch.distributed gives up."""
+
+PIPELINE_SEED_STRIDE = 100
+"""Each pipeline stage seeds its weight initialisation with seed + stride * pp_rank
+(megatron-LM's convention), so stages do not draw the same weights."""
+
+
 def device() -> torch.device:
     """The device this rank computes on (its GPU, or the CPU)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return compute_device()
 
 
 def initialize_distributed(parallel: ParallelConfig, *, seed: int) -> None:
@@ -33,11 +41,9 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int) -> None:
     """
     apply_cpu_shims()
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            "nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=10)
-        )
+        dist.init_process_group(distributed_backend(), timeout=PROCESS_GROUP_TIMEOUT)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -46,8 +52,9 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int) -> None:
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
     )
     # Same weights on every data-parallel replica; TP ranks get their own RNG stream.
-    torch.manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
-    model_parallel_cuda_manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+    stage_seed = seed + PIPELINE_SEED_STRIDE * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
 
 
 def pipeline_cost_all_reduce() -> Callable[[Tensor], Tensor]:
