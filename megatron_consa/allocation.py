@@ -92,7 +92,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from megatron_consa.config import GRANULARITIES
-from megatron_consa.gates import fa_budget
+from megatron_consa.gates import fa_budget, rank_units
 
 ALLOCATION_FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -180,7 +180,7 @@ def _expand_layer_order(layer_order: Sequence[int], granularity: str, num_kv_hea
 
 def _order_by_score(scores: Sequence[float]) -> list[int]:
     """Unit indices by descending score, ties by lower index."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return rank_units(scores)
 
 
 # --------------------------------------------------------------------------- finalize

@@ -153,6 +153,12 @@ class ConsaCoreAttention(MegatronModule):
             row = consa.allocation[self.layer_index]
             fa = torch.tensor(row, dtype=torch.bool)[tp_rank * self.kv_heads_local : (tp_rank + 1) * self.kv_heads_local]
             self.fa_local = [bool(v) for v in fa]
+            # Index tensors of a mixed layer, built once (buffers follow .to()/.cuda()).
+            for kind, is_fa in (("fa", True), ("swa", False)):
+                groups = [g for g, f in enumerate(self.fa_local) if f == is_fa]
+                heads = [g * self.heads_per_group + r for g in groups for r in range(self.heads_per_group)]
+                self.register_buffer(f"_{kind}_groups", torch.tensor(groups, dtype=torch.long), persistent=False)
+                self.register_buffer(f"_{kind}_heads", torch.tensor(heads, dtype=torch.long), persistent=False)
 
     # ---- gates ------------------------------------------------------------
     def set_gate_noise(self, u: Optional[Tensor]) -> None:
@@ -230,11 +236,10 @@ class ConsaCoreAttention(MegatronModule):
         if not any(self.fa_local):
             return self.backend.sliding(query, key, value)
         out = torch.empty_like(query)
-        for is_fa, call in ((True, self.backend.full), (False, self.backend.sliding)):
-            groups = [g for g, f in enumerate(self.fa_local) if f == is_fa]
-            heads = [g * self.heads_per_group + r for g in groups for r in range(self.heads_per_group)]
-            gi = torch.tensor(groups, device=query.device)
-            hi = torch.tensor(heads, device=query.device)
+        for call, gi, hi in (
+            (self.backend.full, self._fa_groups, self._fa_heads),
+            (self.backend.sliding, self._swa_groups, self._swa_heads),
+        ):
             # [sq, b, np_type, hn]
             out[:, :, hi] = call(query.index_select(2, hi), key.index_select(2, gi), value.index_select(2, gi))
         return out

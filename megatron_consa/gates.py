@@ -90,14 +90,16 @@ def fa_budget(target_sparsity: float, total_cost: int, unit_cost: int) -> int:
     return max(0, min(num_units, k))
 
 
-def topk_units(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask over a flat score vector: the k largest are True.
+def rank_units(scores) -> list[int]:
+    """Unit indices by descending score, ties to the lower index (deterministic)."""
+    values = [float(v) for v in (scores.detach().flatten().tolist() if isinstance(scores, Tensor) else scores)]
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
 
-    Ties go to the lower index (a stable sort on -score), so the result does
-    not depend on the sort implementation.
-    """
-    flat = scores.detach().flatten().double().cpu()
-    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))
+
+def topk_units(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask over a flat score vector: the k largest are True (ties: lower index)."""
+    flat = scores.detach().flatten()
+    order = rank_units(flat)
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[order[:k]] = True
     return mask.view(scores.shape)
