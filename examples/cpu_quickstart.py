@@ -9,11 +9,13 @@ What `make demo` runs. One process, gloo, no downloads:
    checkpoint, which ConSA normally starts from);
 2. allocation phase: the same weights, now with ConSA gates at KV-head
    granularity, trained jointly (weights + gates) under the augmented
-   Lagrangian; the log shows s_hat next to the target;
-3. finalize: the units with the largest log_alpha stay FA so the SWA share is
-   exactly the target; write allocation.json and print the allocation.
+   Lagrangian with every controller default of `ConsaConfig` (only target,
+   granularity and window are chosen); the log shows s_hat next to the target;
+3. finalize: the tail of s_hat must have stayed on the target; the units with
+   the largest log_alpha stay FA so the SWA share is exactly the target; write
+   allocation.json and print the allocation.
 
-    python examples/cpu_quickstart.py --pretrain-iters 250 --iters 300 --target 0.75 --out runs/quickstart
+    python examples/cpu_quickstart.py --pretrain-iters 250 --iters 600 --target 0.75 --out runs/quickstart
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import socket
 import sys
@@ -37,14 +40,14 @@ def _free_port() -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrain-iters", type=int, default=250, help="dense (all-FA) pretraining iterations (default: 250)")
-    p.add_argument("--iters", type=int, default=300, help="allocation-phase iterations (default: 300)")
+    p.add_argument("--iters", type=int, default=600,
+                   help="allocation-phase iterations, more than the target warm-up (default: 600)")
     p.add_argument("--target", type=float, default=0.75, help="SWA share of KV heads to reach, in [0, 1) (default: 0.75)")
     p.add_argument("--granularity", choices=["kv_head", "layer"], default="kv_head", help="gate per KV head or per layer")
     p.add_argument("--window", type=int, default=8, help="sliding window W in tokens (default: 8)")
     p.add_argument("--seq-length", type=int, default=96, help="tokens per sequence (default: 96)")
-    p.add_argument("--gate-lr", type=float, default=0.1, help="gate learning rate (default: 0.1, faster than the library default for a short run)")
-    p.add_argument("--lagrangian-lr", type=float, default=0.3, help="multiplier step eta (default: 0.3)")
-    p.add_argument("--allow-off-target", action="store_true", help="finalize even if s_hat did not settle on the target")
+    p.add_argument("--allow-off-target", action="store_true",
+                   help="finalize even if the s_hat tail did not settle on the target (for experiments)")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (allocation.json, tensorboard/)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
@@ -70,26 +73,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import megatron_consa  # noqa: F401
-    from megatron_consa.allocation import Allocation, AllocationError
+    from megatron_consa.allocation import AllocationError
     from megatron_consa.config import ConsaConfig, ConsaConfigError
     from megatron_consa.model import ArchitectureConfig, unwrap_model
     from megatron_consa.training.config import ParallelConfig, TrainingConfig
     from megatron_consa.training.data import PeriodicSequenceData
-    from megatron_consa.training.loop import ConsaTrainer
+    from megatron_consa.training.loop import ConsaTrainer, check_learning_run
     from megatron_consa.training.parallel import initialize_distributed
 
-    try:
-        consa = ConsaConfig(
-            window=args.window,
-            granularity=args.granularity,
-            target_sparsity=args.target,
-            target_warmup_iters=max(1, args.iters // 3),
-            gate_lr=args.gate_lr,
-            lagrangian_lr=args.lagrangian_lr,
-        )
-    except ConsaConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     arch = ArchitectureConfig(
         vocab_size=32, hidden_size=128, intermediate_size=256, num_layers=4, num_attention_heads=8,
         num_kv_heads=4, head_dim=16, qk_norm=True, rope_theta=10000.0, max_position_embeddings=args.seq_length,
@@ -103,6 +94,16 @@ def main(argv=None) -> int:
         train_iters=args.iters, lr=2e-3, min_lr=2e-4, log_interval=max(1, args.iters // 15),
         tensorboard_dir=str(args.out / "tensorboard"), **common,
     )
+    try:
+        consa = ConsaConfig(
+            window=args.window,
+            granularity=args.granularity,
+            target_sparsity=args.target,
+        )
+        check_learning_run(consa, arch=arch, training=training, tp_size=1)
+    except ConsaConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # Sequences repeating with period 1.5 W: predicting them needs a head that looks
     # further back than the window, i.e. a full-attention head.
     data = PeriodicSequenceData(vocab_size=arch.vocab_size, seq_length=args.seq_length, period=3 * args.window // 2)
@@ -130,13 +131,10 @@ def main(argv=None) -> int:
                  "s_hat %.3f for target %.3f", time.time() - start, history[-1].loss, dense_history[-1].loss,
                  dense_history[0].loss, history[-1].s_hat, args.target)
 
-    log_alpha = trainer.gather_log_alpha()
+    report = trainer.settle_report()
+    logging.info("settling: %s", report.describe())
     try:
-        allocation = Allocation.from_log_alpha(
-            log_alpha, target_sparsity=args.target, granularity=args.granularity, num_kv_heads=arch.num_kv_heads,
-            window=args.window, metadata={"iterations": args.iters}, expected_sparsity=history[-1].s_hat,
-            tolerance=None if args.allow_off_target else consa.settle_tolerance,
-        )
+        allocation = trainer.finalize(tolerance=math.inf if args.allow_off_target else None)
     except AllocationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -144,6 +142,10 @@ def main(argv=None) -> int:
     allocation.save(args.out / "allocation.json")
     print()
     print(allocation.summary())
+    undecided = allocation.metadata.get("undecided_units")
+    if undecided:
+        print(f"note: {len(undecided)} units near the FA/SWA boundary had (nearly) equal log_alpha and were "
+              f"ranked by index: {undecided}")
     print(f"\nwrote {args.out / 'allocation.json'}; TensorBoard logs in {args.out / 'tensorboard'}")
     torch.distributed.destroy_process_group()
     return 0

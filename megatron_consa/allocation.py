@@ -81,6 +81,7 @@ otherwise. See :func:`list_presets`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -93,6 +94,8 @@ import torch
 
 from megatron_consa.config import GRANULARITIES
 from megatron_consa.gates import fa_budget, rank_units
+
+logger = logging.getLogger(__name__)
 
 ALLOCATION_FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -492,28 +495,67 @@ class Allocation:
         sink_tokens: int = 0,
         source: str = "consa",
         metadata: dict | None = None,
-        expected_sparsity: float | None = None,
-        tolerance: float | None = None,
+        settle: Any = None,
+        margin: float = 0.0,
     ) -> "Allocation":
-        """Finalize gates (:func:`finalize_topk`) and keep ``log_alpha`` (as ``L x G``) in the file.
+        """Finalize learned gates (:func:`finalize_topk`); keep ``log_alpha`` (as ``L x G``) in the file.
 
-        Top-k always meets the budget, which can hide a learning phase that never
-        reached it. Pass the run's last ``expected_sparsity`` (s_hat) and a
-        ``tolerance``: an s_hat further than that from the target is an error, so
-        a user sees it before using the allocation. It is recorded in the metadata.
+        Refuses, naming the reason and the fix,
+
+        * a target the granularity cannot meet exactly ((1 - t) x units is not whole);
+        * ``settle``, the run's :class:`~megatron_consa.controller.SettleReport`, when it
+          says the run did not settle: top-k always meets the budget and would hide it,
+
+        and says so (a warning, and ``metadata["undecided_units"]``) when the last FA
+        unit's log_alpha lies within ``margin`` of the first SWA unit's: the choice
+        among the units near that boundary is made by unit index, not learned (units
+        the LM loss is indifferent to often share one log_alpha). The budget holds.
+        ``metadata["boundary_margin"]`` records the gap in every case.
         """
-        if expected_sparsity is not None:
-            gap = abs(float(expected_sparsity) - float(target_sparsity))
-            if tolerance is not None and gap > tolerance:
-                raise AllocationError(
-                    f"finalize: the learned expected sparsity s_hat={expected_sparsity:.4f} is {gap:.4f} away "
-                    f"from target_sparsity={target_sparsity} (tolerance {tolerance}); the gates did not "
-                    "settle, so top-k would hide that. Train longer (or raise gate_lr / lagrangian_lr), "
-                    "or finalize anyway with a larger tolerance"
-                )
-            metadata = {**(metadata or {}), "final_s_hat": float(expected_sparsity)}
-        fa = finalize_topk(log_alpha, target_sparsity=target_sparsity, granularity=granularity, num_kv_heads=num_kv_heads)
+        _check_granularity(granularity, "finalize")
+        _check_target(target_sparsity, "finalize")
         scores, num_layers = _unit_scores(log_alpha, granularity, None, num_kv_heads, "log_alpha")
+        n = len(scores)
+        exact = (1.0 - float(target_sparsity)) * n
+        if abs(exact - round(exact)) > 1e-6:
+            lo, hi = math.floor(exact), math.ceil(exact)
+            nearest = [f"{1 - k / n:.6g}" for k in (hi, lo) if 0 < k <= n]
+            raise AllocationError(
+                f"finalize: target_sparsity={target_sparsity} is not representable at granularity "
+                f"'{granularity}' with {n} units ((1 - t) x {n} = {exact:.4g} FA units); the nearest "
+                f"representable targets are {' and '.join(nearest)}"
+            )
+        meta = dict(metadata or {})
+        if settle is not None:
+            if not settle.settled:
+                raise AllocationError(f"finalize: {settle.describe()}; top-k would hide that")
+            meta.update(
+                settle_max_gap=float(settle.max_gap),
+                settle_tail=[int(settle.first_iteration), int(settle.last_iteration)],
+            )
+        order = _order_by_score(scores)
+        k = fa_unit_budget(n, target_sparsity)
+        if 0 < k < n:
+            boundary = scores[order[k - 1]] - scores[order[k]]
+            meta["boundary_margin"] = float(boundary)
+            if boundary < margin:
+                # Every unit whose log_alpha lies within `margin` of the boundary pair
+                # could have gone either way: name them, so the user sees which part
+                # of the allocation is a choice by unit index rather than a learned one.
+                lo, hi = scores[order[k]], scores[order[k - 1]]
+                undecided = [u for u in order if lo - margin <= scores[u] <= hi + margin]
+                names = [
+                    [u, 0] if granularity == "layer" else [u // num_kv_heads, u % num_kv_heads] for u in undecided
+                ]
+                meta["undecided_units"] = names
+                logger.warning(
+                    "finalize: too close to call: the last FA unit (log_alpha %.4f) and the first SWA unit "
+                    "(%.4f) differ by less than margin=%s; %d units [layer, head] within the margin of the "
+                    "boundary (%s) were ranked by unit index, not by learning. The budget holds; train longer "
+                    "if the choice among them matters",
+                    hi, lo, margin, len(undecided), names,
+                )
+        fa = _take_units(order, k, granularity, num_layers, num_kv_heads)
         if granularity == "layer":
             la = [[scores[l]] * num_kv_heads for l in range(num_layers)]
         else:
@@ -528,7 +570,7 @@ class Allocation:
             fa=fa,
             log_alpha=la,
             source=source,
-            metadata=dict(metadata or {}),
+            metadata=meta,
         ).validate()
 
     # ----------------------------------------------------------------- queries

@@ -3,12 +3,21 @@
 The controller is the only stateful piece of the method outside the layers:
 
 * the target schedule t(k) = t_final * min(1, k / warmup);
-* the multipliers lambda1, lambda2 with an explicit dual (ascent) step after
-  each optimizer step: lambda1 += eta*(s_hat - t), lambda2 += eta*(s_hat - t)^2.
-  They are controller state, saved in checkpoints, never optimizer parameters;
+* the augmented Lagrangian term, with gap = s_hat - t:
+      lambda1 * gap + (rho/2 + lambda2) * gap^2
+  The quadratic weight rho/2 is fixed and active from iteration 0: it is the
+  proportional (damping) force, so s_hat tracks the ramping target instead of
+  lagging behind it. lambda1 is the integral force that removes the offset a
+  proportional force alone leaves;
+* the multipliers' explicit dual (ascent) step after each *applied* optimizer
+  step: lambda1 += eta*gap, lambda2 += eta*gap^2. Anti-windup: no dual step
+  while the target still ramps (unless `integrate_during_warmup`), so the
+  multipliers do not integrate the ramp's lag and overshoot when it stops. They
+  are controller state, saved in checkpoints, never optimizer parameters;
+* the record of s_hat per iteration, which finalize judges
+  (`judge_settling`: the tail of the run, not one sample);
 * the per-iteration gate noise, drawn from `gates.counter_uniform` keyed by
-  (seed, iteration, global unit index) and handed to every gate;
-* the Lagrangian term lambda1*(s_hat - t) + lambda2*(s_hat - t)^2.
+  (seed, iteration, global unit index) and handed to every gate.
 
 Gates live in the layers that use them (`ConsaCoreAttention`); the controller
 reaches them through the small `GateProvider` protocol. The global expected
@@ -20,7 +29,9 @@ pipeline group), so this module holds no process-group code. With the default
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Protocol
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -80,6 +91,8 @@ class ConsaController:
         self.lambda1 = 0.0
         self.lambda2 = 0.0
         self.last_s_hat: Optional[float] = None
+        # [iteration, s_hat] of every iteration run so far (saved in checkpoints)
+        self.s_hat_history: list[list[float]] = []
 
     # ---- schedule ----------------------------------------------------------
     def target(self, iteration: Optional[int] = None) -> float:
@@ -123,28 +136,47 @@ class ConsaController:
         fa_cost = local + (global_cost.to(local.device) - local.detach())
         return 1.0 - fa_cost / self.total_cost
 
+    @property
+    def quadratic_weight(self) -> float:
+        """The weight of gap^2 in the penalty: rho/2 (fixed) + lambda2 (integrated)."""
+        return self.config.lagrangian_rho / 2.0 + self.lambda2
+
     def penalty(self, s_hat: Tensor, target: Optional[float] = None) -> Tensor:
-        """lambda1*(s_hat - t) + lambda2*(s_hat - t)^2 at the current multipliers."""
+        """lambda1*gap + (rho/2 + lambda2)*gap^2 at the current multipliers, gap = s_hat - t."""
         gap = s_hat - (self.target() if target is None else target)
-        return self.lambda1 * gap + self.lambda2 * gap * gap
+        return self.lambda1 * gap + self.quadratic_weight * gap * gap
+
+    def integrating(self, iteration: Optional[int] = None) -> bool:
+        """Whether the dual step of this iteration moves the multipliers (anti-windup)."""
+        k = self.iteration if iteration is None else iteration
+        return self.config.integrate_during_warmup or k >= self.config.target_warmup_iters
 
     def constraint_loss(self, gates: Iterable[GateProvider]) -> tuple[Tensor, float]:
         """(penalty tensor to backpropagate, s_hat as a float) for this iteration."""
         s_hat = self.expected_sparsity(list(gates))
         return self.penalty(s_hat), float(s_hat.detach())
 
-    def dual_step(self, s_hat: float) -> dict:
-        """Ascend the multipliers on the observed s_hat and advance the iteration.
+    def dual_step(self, s_hat: float, *, applied: bool = True) -> dict:
+        """Record s_hat, ascend the multipliers on it, and advance the iteration.
 
-        Returns the figures worth logging (s_hat, target, lambda1, lambda2).
+        `applied=False` (the optimizer skipped its step, e.g. an fp16 overflow)
+        records s_hat but leaves the multipliers alone: the gates did not move,
+        so the multipliers must not either. While the target still ramps the
+        multipliers stay put too (anti-windup, see `integrating`).
+        Returns the figures worth logging (s_hat, target, lambda1, lambda2, dual_step).
         """
         t = self.target()
         gap = float(s_hat) - t
-        eta = self.config.lagrangian_lr
-        self.lambda1 += eta * gap
-        self.lambda2 += eta * gap * gap
+        step = applied and self.integrating()
+        if step:
+            eta = self.config.lagrangian_lr
+            self.lambda1 += eta * gap
+            self.lambda2 += eta * gap * gap
         self.last_s_hat = float(s_hat)
-        record = {"s_hat": float(s_hat), "target": t, "lambda1": self.lambda1, "lambda2": self.lambda2}
+        self.s_hat_history.append([self.iteration, float(s_hat)])
+        record = {
+            "s_hat": float(s_hat), "target": t, "lambda1": self.lambda1, "lambda2": self.lambda2, "dual_step": step,
+        }
         self.iteration += 1
         return record
 
@@ -155,6 +187,7 @@ class ConsaController:
             "lambda1": self.lambda1,
             "lambda2": self.lambda2,
             "last_s_hat": self.last_s_hat,
+            "s_hat_history": [list(r) for r in self.s_hat_history],
             "target_sparsity": self.config.target_sparsity,
             "noise_seed": self.config.noise_seed,
         }
@@ -167,6 +200,7 @@ class ConsaController:
         self.lambda1 = float(state["lambda1"])
         self.lambda2 = float(state["lambda2"])
         self.last_s_hat = state.get("last_s_hat")
+        self.s_hat_history = [[int(k), float(v)] for k, v in state.get("s_hat_history", [])]
 
 
 def clamp_log_alpha_(gates: Iterable[GateProvider], config: ConsaConfig) -> None:
@@ -174,3 +208,73 @@ def clamp_log_alpha_(gates: Iterable[GateProvider], config: ConsaConfig) -> None
     with torch.no_grad():
         for g in gates:
             g.log_alpha.clamp_(config.log_alpha_min, config.log_alpha_max)
+
+
+@dataclass(frozen=True)
+class SettleReport:
+    """How the tail of a learning run sat against its target (see `judge_settling`)."""
+
+    target: float
+    first_iteration: int
+    """First iteration of the judged tail (-1 when nothing could be judged)."""
+    last_iteration: int
+    max_gap: float
+    """max |s_hat - target| over the tail (inf when nothing could be judged)."""
+    tolerance: float
+    reason: str = ""
+    """Why the run counts as unsettled, when it does."""
+
+    @property
+    def settled(self) -> bool:
+        return not self.reason
+
+    def describe(self) -> str:
+        if not self.settled:
+            return self.reason
+        return (
+            f"s_hat stayed within {self.max_gap:.4f} of target {self.target} over iterations "
+            f"{self.first_iteration}..{self.last_iteration} (tolerance {self.tolerance})"
+        )
+
+
+def judge_settling(
+    history: Sequence[Sequence[float]],
+    *,
+    target_sparsity: float,
+    warmup_iters: int,
+    tail_fraction: float,
+    tolerance: float,
+) -> SettleReport:
+    """Judge a learning run by the tail of its s_hat record, not by one sample.
+
+    `history` holds [iteration, s_hat] pairs in order. The tail is the last
+    ceil(tail_fraction * n) of the n records (at least one); every one of them
+    must come after the target warm-up and lie within `tolerance` of the
+    final target. A limit cycle that happens to cross the target at the last
+    step fails here, since its swing lies in the tail.
+    """
+    def unsettled(reason: str, first: int = -1, last: int = -1, gap: float = math.inf) -> SettleReport:
+        return SettleReport(target_sparsity, first, last, gap, tolerance, reason)
+
+    if not history:
+        return unsettled("no s_hat was recorded: the run has no learning iterations to judge")
+    n = len(history)
+    tail = history[n - max(1, math.ceil(tail_fraction * n)):]
+    first, last = int(tail[0][0]), int(tail[-1][0])
+    gaps = [abs(float(s) - target_sparsity) for _, s in tail]
+    worst = max(gaps)
+    if first < warmup_iters:
+        return unsettled(
+            f"the judged tail (iterations {first}..{last}, the last {tail_fraction:.0%} of the run) starts "
+            f"inside the target warm-up ({warmup_iters} iterations): train longer so the tail comes after it",
+            first, last, worst,
+        )
+    if worst > tolerance:
+        k = int(tail[gaps.index(worst)][0])
+        return unsettled(
+            f"s_hat did not settle: over iterations {first}..{last} it strayed up to {worst:.4f} from target "
+            f"{target_sparsity} (at iteration {k}; tolerance {tolerance}). Train longer, or finalize anyway "
+            "with a larger tolerance",
+            first, last, worst,
+        )
+    return SettleReport(target_sparsity, first, last, worst, tolerance)

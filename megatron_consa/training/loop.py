@@ -12,10 +12,17 @@ One iteration:
    step (the LM loss is already averaged over micro-batches and DP ranks),
    multiplied by the loss scale so fp16 unscaling treats it like the LM part,
    and, being identical on every DP replica, needs no extra reduction;
-4. the optimizer steps (gates in their own group: own lr, no weight decay),
-   gates are clamped to their bounds, the multipliers take their dual step;
+4. the optimizer steps (gates in their own group: own lr, no weight decay, and
+   their own gradient-norm clip, outside the model's global clip, so the
+   constraint never shrinks the LM update and LM spikes never shrink the
+   gates'), gates are clamped to their bounds, and, if the step was applied,
+   the multipliers take their dual step;
 5. every `allocation_check_interval` iterations all replicas of every gate are
    compared bit for bit.
+
+`ConsaTrainer.settle_report()` judges the recorded tail of s_hat and
+`ConsaTrainer.finalize()` turns the gates into an `Allocation` at the exact
+budget, refusing a run that did not settle.
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import get_standard_config_overrides
+from megatron.core.optimizer import optimizer as mcore_optimizer_module
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_consa.config import ConsaConfig
-from megatron_consa.controller import ConsaController, clamp_log_alpha_
+from megatron_consa.allocation import Allocation
+from megatron_consa.config import ConsaConfig, ConsaConfigError
+from megatron_consa.controller import ConsaController, SettleReport, clamp_log_alpha_, judge_settling
+from megatron_consa.gates import HardConcrete, deterministic_z
 from megatron_consa.model import (
     ArchitectureConfig,
     ConsaTransformerConfig,
@@ -112,10 +122,38 @@ def build_model_chunks(
     return chunks, config
 
 
+GATE_GRAD_NORM_GROUP = "consa_gate"
+"""megatron-core's separate gradient-norm group the gates belong to (see `exclude_gates_from_global_clip`)."""
+
+
+def exclude_gates_from_global_clip(chunks: list[torch.nn.Module]) -> None:
+    """Give the gates a gradient-norm clip of their own, outside the model's global one.
+
+    megatron-core (>= 0.19) excludes parameters tagged with a registered
+    `grad_norm_group` from the global gradient norm and clips each group by its
+    own norm (it does so for multi-token-prediction heads). We register one
+    group for the gates and tag them: the constraint gradient never shrinks the
+    LM update, and an LM spike never shrinks the gates' update. The reported
+    `grad_norm` is the model's alone.
+    """
+    groups = getattr(mcore_optimizer_module, "SEPARATE_GRAD_NORM_GROUPS", None)
+    if groups is None or not hasattr(mcore_optimizer_module, "GRAD_NORM_GROUP_ATTR"):
+        raise RuntimeError(
+            "megatron.core.optimizer.optimizer has no SEPARATE_GRAD_NORM_GROUPS / GRAD_NORM_GROUP_ATTR: "
+            "this megatron-core cannot clip the ConSA gates apart from the model; use megatron-core 0.19"
+        )
+    if GATE_GRAD_NORM_GROUP not in groups:
+        mcore_optimizer_module.SEPARATE_GRAD_NORM_GROUPS = tuple(groups) + (GATE_GRAD_NORM_GROUP,)
+    for m in consa_attention_modules(chunks):
+        if m.log_alpha is not None:
+            setattr(m.log_alpha, mcore_optimizer_module.GRAD_NORM_GROUP_ATTR, GATE_GRAD_NORM_GROUP)
+
+
 def build_optimizer(
     chunks: list[torch.nn.Module], consa: ConsaConfig, parallel: ParallelConfig, training: TrainingConfig
 ):
     """megatron-core's optimizer with the gates in their own group, and its LR scheduler."""
+    exclude_gates_from_global_clip(chunks)
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=training.lr,
@@ -182,8 +220,16 @@ class StepRecord:
     lambda1: float
     lambda2: float
     lr: float
+    """Learning rate of the model weights."""
+    gate_lr: Optional[float]
+    """Learning rate of the gates (None without gates)."""
     grad_norm: Optional[float]
+    """Global gradient norm of the model weights (the gates are clipped apart)."""
     skipped: bool
+    dual_step: bool = False
+    """Whether the multipliers moved this iteration (not on skipped steps, not during the warm-up)."""
+    fa_per_layer: Optional[list[int]] = None
+    """FA KV heads per layer at the noise-free gate value (filled at log iterations)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -204,6 +250,7 @@ class ConsaTrainer:
         world = torch.distributed.get_world_size()
         self.dp_size = parallel.validate(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, world_size=world)
         self.num_microbatches = training.validate(dp_size=self.dp_size)
+        check_learning_run(consa, arch=arch, training=training, tp_size=parallel.tensor_model_parallel_size)
         self.chunks, self.config = build_model_chunks(
             arch, consa, parallel, training, transformer_impl=transformer_impl
         )
@@ -297,13 +344,20 @@ class ConsaTrainer:
             clamp_log_alpha_(self.gates, self.consa)
         if update_ok:
             self.scheduler.step(increment=1)
-        dual = self.controller.dual_step(s_hat) if self.consa.learning else {"lambda1": 0.0, "lambda2": 0.0}
+        if self.consa.learning:
+            dual = self.controller.dual_step(s_hat, applied=bool(update_ok))
+        else:
+            dual = {"lambda1": 0.0, "lambda2": 0.0, "dual_step": False}
 
         local_loss = None
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
             local_loss = float(torch.stack([x["lm loss"].float() for x in losses]).mean())
         loss = last_stage_scalar_to_all(local_loss)
-        lr = next(g["lr"] for g in self.optimizer.param_groups if not g.get("is_decoupled_lr", False))
+        lr, gate_lr = self._learning_rates()
+        interval = self.training.log_interval
+        fa_per_layer = None
+        if self.consa.learning and interval and (k % interval == 0 or k == self.training.train_iters - 1):
+            fa_per_layer = self.fa_per_layer()  # a collective: every rank takes this branch
         record = StepRecord(
             iteration=k,
             loss=loss,
@@ -311,9 +365,12 @@ class ConsaTrainer:
             target=target,
             lambda1=dual["lambda1"],
             lambda2=dual["lambda2"],
-            lr=float(lr),
+            lr=lr,
+            gate_lr=gate_lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=not update_ok,
+            dual_step=dual["dual_step"],
+            fa_per_layer=fa_per_layer,
         )
         self.iteration += 1
         self.history.append(record)
@@ -333,17 +390,36 @@ class ConsaTrainer:
         return self.history
 
     # ---- logging -----------------------------------------------------------
+    def _learning_rates(self) -> tuple[float, Optional[float]]:
+        """(model lr, gate lr): the gate group is the one holding the gates' log_alpha."""
+        gate_ids = {id(g.log_alpha) for g in self.gates}
+        lr, gate_lr = None, None
+        for group in self.optimizer.param_groups:
+            if group.get("is_decoupled_lr", False):
+                continue
+            if gate_ids and any(id(p) in gate_ids for p in group["params"]):
+                gate_lr = float(group["lr"])
+            elif lr is None and group["params"]:
+                lr = float(group["lr"])
+        if lr is None:  # gates-only: every model weight is frozen; report the schedule's lr
+            lr = float(self.scheduler.get_lr(self.optimizer.param_groups[0]))
+        return lr, gate_lr
+
     def _log(self, r: StepRecord) -> None:
         if self._writer is not None:
-            for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr"):
-                self._writer.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
-            if r.grad_norm is not None:
-                self._writer.add_scalar("consa/grad_norm", r.grad_norm, r.iteration)
+            for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm"):
+                if getattr(r, key) is not None:
+                    self._writer.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
+            if r.fa_per_layer is not None:
+                for layer, count in enumerate(r.fa_per_layer):
+                    self._writer.add_scalar(f"consa_fa_heads/layer_{layer:03d}", count, r.iteration)
         interval = self.training.log_interval
         if interval and torch.distributed.get_rank() == 0 and (r.iteration % interval == 0 or r.skipped):
+            gate = "" if r.gate_lr is None else f" | gate lr {r.gate_lr:.3g}"
+            fa = "" if r.fa_per_layer is None else " | FA/layer " + ",".join(map(str, r.fa_per_layer))
             logger.info(
-                "iter %6d | loss %.4f | s_hat %.4f | target %.4f | lambda1 %+.4f | lambda2 %.4f | lr %.3g%s",
-                r.iteration, r.loss, r.s_hat, r.target, r.lambda1, r.lambda2, r.lr,
+                "iter %6d | loss %.4f | s_hat %.4f | target %.4f | lambda1 %+.4f | lambda2 %.4f | lr %.3g%s%s%s",
+                r.iteration, r.loss, r.s_hat, r.target, r.lambda1, r.lambda2, r.lr, gate, fa,
                 " | skipped (loss scale)" if r.skipped else "",
             )
 
@@ -362,6 +438,45 @@ class ConsaTrainer:
         """All layers' log_alpha on every rank ([L, units per layer], float32)."""
         return self._gather_per_layer(self.local_log_alpha())
 
+    def fa_per_layer(self) -> list[int]:
+        """FA KV heads per layer at the noise-free gate value (a collective over all ranks)."""
+        z = deterministic_z(self.gather_log_alpha(), HardConcrete.from_config(self.consa))
+        counts = (z > 0).sum(dim=1)
+        if self.consa.granularity == "layer":
+            counts = counts * self.arch.num_kv_heads
+        return [int(c) for c in counts]
+
+    def settle_report(self) -> SettleReport:
+        """Judge the recorded s_hat tail of this learning run (see `controller.judge_settling`)."""
+        c = self.consa
+        return judge_settling(
+            self.controller.s_hat_history, target_sparsity=c.target_sparsity, warmup_iters=c.target_warmup_iters,
+            tail_fraction=c.settle_tail_fraction, tolerance=c.settle_tolerance,
+        )
+
+    def finalize(self, *, tolerance: Optional[float] = None, margin: Optional[float] = None,
+                 metadata: Optional[dict] = None) -> Allocation:
+        """The allocation at the exact budget from the learned gates (a collective over all ranks).
+
+        Refuses (AllocationError) a run whose s_hat tail left target +- tolerance
+        (default `ConsaConfig.settle_tolerance`; pass float('inf') to accept any); warns
+        about units too close to call within `margin` (default `ConsaConfig.finalize_margin`).
+        """
+        if not self.consa.learning:
+            raise ConsaConfigError("finalize: this run has a fixed allocation and no gates to finalize")
+        log_alpha = self.gather_log_alpha()
+        c = self.consa
+        report = judge_settling(
+            self.controller.s_hat_history, target_sparsity=c.target_sparsity, warmup_iters=c.target_warmup_iters,
+            tail_fraction=c.settle_tail_fraction, tolerance=c.settle_tolerance if tolerance is None else tolerance,
+        )
+        meta = {"iterations": self.controller.iteration, "final_s_hat": self.controller.last_s_hat, **(metadata or {})}
+        return Allocation.from_log_alpha(
+            log_alpha, target_sparsity=c.target_sparsity, granularity=c.granularity,
+            num_kv_heads=self.arch.num_kv_heads, window=c.window, sink_tokens=c.sink_tokens, metadata=meta,
+            settle=report, margin=c.finalize_margin if margin is None else margin,
+        )
+
     def gather_gate_grads(self) -> torch.Tensor:
         """All layers' gate gradients of the last step (set capture_gate_grads first)."""
         return self._gather_per_layer(self.last_gate_grads)
@@ -374,6 +489,28 @@ class ConsaTrainer:
                 full[layer] = value.double().to(full.device)
         torch.distributed.all_reduce(full)
         return full.float().cpu()
+
+
+def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training: TrainingConfig, tp_size: int) -> None:
+    """Checks of a learning run that need the model and the run length, made before any work.
+
+    The target must be representable at the granularity (named with its
+    nearest representable neighbours), and the target warm-up must end before
+    the run does, with room for the judged tail after it.
+    """
+    consa.check_model_shape(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, tp_size=tp_size)
+    if not consa.learning:
+        return
+    consa.check_target_representable(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads)
+    if training.train_iters == 0:
+        return
+    if consa.target_warmup_iters >= training.train_iters:
+        raise ConsaConfigError(
+            f"ConsaConfig.target_warmup_iters={consa.target_warmup_iters} is not shorter than "
+            f"TrainingConfig.train_iters={training.train_iters}: the target would still be ramping when the "
+            "allocation phase ends, so it could never settle; train for longer than the warm-up (a few hundred "
+            "iterations more) or shorten the warm-up"
+        )
 
 
 def _grad_of(p: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,11 @@ class TestCoreAttention:
         ("target_sparsity", 1.0), ("target_sparsity", -0.1), ("window", 0), ("sink_tokens", -1),
         ("granularity", "head"), ("target_warmup_iters", "4"), ("lagrangian_lr", float("nan")),
         ("allocation", [1, 0]), ("allocation", [[1.0, 0.0]]), ("allocation", [[True, False]]),
+        # malformed types that used to be accepted or fail later with a bare TypeError
+        ("gates_only", "false"), ("gates_only", 1), ("noise_seed", "abc"), ("noise_seed", 1.5),
+        ("target_sparsity", False), ("hc_gamma", "-0.1"), ("hc_zeta", None), ("window", True),
+        ("integrate_during_warmup", "no"), ("lagrangian_rho", -1.0), ("settle_tail_fraction", 0.0),
+        ("settle_tolerance", "0.01"), ("finalize_margin", float("inf")), ("backend", None), ("init_log_alpha", "3"),
     ],
 )
 def test_bad_config_names_the_field(field, value):

@@ -1,4 +1,5 @@
-"""ConsaTrainer in one process: gates-only mode, fixed-allocation runs, checks before any work."""
+"""ConsaTrainer in one process: gates-only mode, fixed-allocation runs, checks before any work,
+the controller's wiring (dual steps, bounds, clipping) and settling in the real trainer."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class TestTrainer:
         assert all(not torch.equal(v, _weights(trainer)[n]) for n, v in before.items() if n.endswith("weight"))
 
     def test_gate_group_has_its_own_lr_and_no_weight_decay(self):
-        trainer = _trainer(ConsaConfig(window=4, gate_lr=0.123), weight_decay=0.1)
+        trainer = _trainer(ConsaConfig(window=4, gate_lr=0.123, target_warmup_iters=0), weight_decay=0.1)
         gate_ids = {id(g.log_alpha) for g in trainer.gates}
         groups = [g for g in trainer.optimizer.param_groups if any(id(p) in gate_ids for p in g["params"])]
         assert len(groups) == 1 and len(groups[0]["params"]) == len(gate_ids)
@@ -85,8 +86,112 @@ class TestTrainer:
         resumed = _trainer(consa)
         load_checkpoint(resumed, tmp_path / "ckpt")
         assert resumed.iteration == 2 and resumed.controller.lambda1 == first.controller.lambda1
+        assert resumed.controller.s_hat_history == first.controller.s_hat_history
         with pytest.raises(ValueError, match="granularity"):
-            load_checkpoint(_trainer(ConsaConfig(window=4, granularity="layer")), tmp_path / "ckpt")
+            load_checkpoint(_trainer(ConsaConfig(window=4, granularity="layer", target_sparsity=0.5,
+                                             target_warmup_iters=0)), tmp_path / "ckpt")
+
+
+    def test_warmup_longer_than_the_run_fails_before_any_work(self):
+        with pytest.raises(ConsaConfigError, match="target_warmup_iters=200.*train_iters=3"):
+            _trainer(ConsaConfig(window=4))  # library default warm-up, a 3-iteration run
+
+    def test_unrepresentable_target_fails_before_any_work(self):
+        with pytest.raises(ConsaConfigError, match="nearest representable targets are 0.5"):
+            _trainer(ConsaConfig(window=4, granularity="layer", target_sparsity=0.75, target_warmup_iters=0))
+
+    def test_dual_steps_are_the_sum_of_the_recorded_gaps(self):
+        """Pinned wiring: one dual step per applied optimizer step after the warm-up, none before;
+        lambda1 and lambda2 equal the sums of eta*gap and eta*gap^2 over the recorded s_hat."""
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=4, lagrangian_lr=3.0,
+                            init_log_alpha=0.0)
+        trainer = _trainer(consa, train_iters=12)
+        history = trainer.train()
+        assert len(history) == 12 and [r.dual_step for r in history] == [False] * 4 + [True] * 8
+        gaps = [r.s_hat - r.target for r in history if r.dual_step]
+        assert trainer.controller.lambda1 == pytest.approx(3.0 * sum(gaps), rel=1e-12, abs=1e-12)
+        assert trainer.controller.lambda2 == pytest.approx(3.0 * sum(g * g for g in gaps), rel=1e-12, abs=1e-15)
+        assert history[-1].lambda1 == trainer.controller.lambda1
+        assert [k for k, _ in trainer.controller.s_hat_history] == list(range(12))
+        assert [v for _, v in trainer.controller.s_hat_history] == [r.s_hat for r in history]
+        assert all(r.gate_lr == 0.05 for r in history) and history[0].fa_per_layer is not None
+
+    @pytest.mark.parametrize("target,bound", [(0.5, -1.0), (0.0, 1.0)])
+    def test_gates_pushed_against_their_bounds_never_leave_them(self, target, bound):
+        # In [-1, 1] s_hat can only reach [0.07, 0.35]: target 0.5 pushes every gate down, 0.0 every gate up.
+        consa = ConsaConfig(window=4, target_sparsity=target, target_warmup_iters=0, log_alpha_min=-1.0,
+                            log_alpha_max=1.0, init_log_alpha=0.5, gate_lr=0.5, gates_only=True)
+        trainer = _trainer(consa, train_iters=15)
+        seen = []
+        trainer.train(on_step=lambda r: seen.append(trainer.gather_log_alpha()))
+        values = torch.stack(seen)
+        assert values.min() >= -1.0 and values.max() <= 1.0
+        assert (values[-5:] == bound).all(), "the constraint did not hold the gates on their bound"
+
+    def test_gates_are_clipped_apart_from_the_model(self):
+        """The global clip acts on the model weights alone; the gates are clipped by their own norm."""
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        trainer = _trainer(consa, clip_grad=1e-3)
+        gate_ids = {id(g.log_alpha) for g in trainer.gates}
+        params = [p for chunk in trainer.chunks for p in chunk.parameters() if p.requires_grad]
+        seen = {}
+        real_step = trainer.optimizer.step
+
+        def step():
+            seen["before"] = [p.main_grad.detach().clone() for p in params]
+            out = real_step()
+            seen["after"] = [p.main_grad.detach().clone() for p in params]
+            return out
+
+        trainer.optimizer.step = step
+        record = trainer.train_step()
+        gate = [i for i, p in enumerate(params) if id(p) in gate_ids]
+        model = [i for i, p in enumerate(params) if id(p) not in gate_ids]
+        norm = lambda idx: float(torch.sqrt(sum((seen["before"][i].double() ** 2).sum() for i in idx)))
+        model_norm, gate_norm = norm(model), norm(gate)
+        assert record.grad_norm == pytest.approx(model_norm, rel=1e-5)  # gates are not in the global norm
+        for idx, n in ((model, model_norm), (gate, gate_norm)):
+            coef = min(1.0, 1e-3 / (n + 1e-6))
+            for i in idx:
+                torch.testing.assert_close(seen["after"][i], seen["before"][i] * coef, rtol=1e-4, atol=1e-12)
+        assert gate_norm > 0 and model_norm > 0
+
+    def test_no_dual_step_on_a_skipped_fp16_step(self):
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        trainer = _trainer(consa, fp16=True, initial_loss_scale=2.0**120, train_iters=2)
+        record = trainer.train_step()
+        assert record.skipped and not record.dual_step
+        assert (trainer.controller.lambda1, trainer.controller.lambda2) == (0.0, 0.0)
+        assert trainer.controller.s_hat_history == [[0, record.s_hat]]
+
+
+SETTLE_ARCH = ArchitectureConfig(
+    vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=4, num_attention_heads=4,
+    num_kv_heads=2, head_dim=16, qk_norm=True, rope_theta=10000.0, max_position_embeddings=48,
+)
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+@pytest.mark.parametrize("granularity,target", [("kv_head", 0.5), ("kv_head", 0.75), ("layer", 0.5), ("layer", 0.75)])
+def test_real_trainer_settles_with_the_default_controller(granularity, target):
+    """megatron-core optimizer, scheduler, clipping and co-trained weights; every ConsaConfig controller default.
+    s_hat must sit within the default tolerance over the judged tail and finalize must accept the run."""
+    consa = ConsaConfig(window=4, granularity=granularity, target_sparsity=target)
+    training = TrainingConfig(train_iters=400, micro_batch_size=2, global_batch_size=2, seq_length=48, lr=2e-3,
+                              min_lr=2e-4, log_interval=0)
+    initialize_distributed(ParallelConfig(), seed=training.seed)
+    data = PeriodicSequenceData(vocab_size=32, seq_length=48, period=6)
+    trainer = ConsaTrainer(arch=SETTLE_ARCH, consa=consa, parallel=ParallelConfig(), training=training, data=data)
+    bounds = []
+    trainer.train(on_step=lambda r: bounds.append((min(float(g.log_alpha.min()) for g in trainer.gates),
+                                                   max(float(g.log_alpha.max()) for g in trainer.gates))))
+    report = trainer.settle_report()
+    assert report.settled, report.describe()
+    allocation = trainer.finalize()
+    assert allocation.achieved_sparsity == pytest.approx(target, abs=1e-12)
+    assert min(b[0] for b in bounds) >= consa.log_alpha_min and max(b[1] for b in bounds) <= consa.log_alpha_max
+    first = next(k for k, (_, s) in enumerate(trainer.controller.s_hat_history) if abs(s - target) <= 0.01)
+    assert first < 1000
 
 
 def test_interrupted_save_falls_back_to_the_previous_checkpoint(tmp_path):
