@@ -120,12 +120,14 @@ def run_toy(
     return ToyRun(gates=gates, controller=controller, s_hat=history, report=report)
 
 
-def legacy_controller_config(config: ConsaConfig) -> ConsaConfig:
-    """The controller shipped before the damped one (for side-by-side benchmarks only).
+def legacy_controller_config(config: ConsaConfig, *, iterations: int) -> ConsaConfig:
+    """The controller shipped before the damped one, at the old quickstart's schedule (benchmarks only).
 
     Plain dual ascent: no fixed quadratic weight, multipliers integrating from
-    iteration 0 (during the warm-up too), eta 0.05, warm-up 2000 iterations.
+    iteration 0 (through the warm-up too), multiplier step 0.3, gate lr 0.1 and
+    a warm-up of a third of the run: what `make demo` ran, and failed with.
     """
     return dataclasses.replace(
-        config, lagrangian_rho=0.0, lagrangian_lr=0.05, integrate_during_warmup=True, target_warmup_iters=2000
+        config, lagrangian_rho=0.0, lagrangian_lr=0.3, gate_lr=0.1, integrate_during_warmup=True,
+        target_warmup_iters=max(1, iterations // 3),
     )

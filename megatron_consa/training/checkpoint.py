@@ -10,13 +10,22 @@ optimizer's state (megatron's dp_reshardable format) at another DP size only.
 Saving writes to `<dir>.tmp-<iteration>` and renames it into place once every
 rank finished; an existing checkpoint is kept as `<dir>.old` during the swap,
 and loading falls back to it if a save was interrupted between the renames.
+
+A run (`save_run_checkpoint`) keeps Megatron-LM's layout: `<save>/iter_XXXXXXX/`
+per checkpoint and `<save>/latest_checkpointed_iteration.txt`, the marker,
+written (atomically) only after every shard of the new checkpoint is in place:
+a crash or kill during a save leaves the previous checkpoint loadable and
+marked latest. Each checkpoint also holds every rank's RNG states and, for a
+learning run, the gathered log_alpha of all layers (so finalize needs no model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -32,6 +41,40 @@ from megatron_consa.compat import cpu_shims_active, fix_param_steps_after_load, 
 logger = logging.getLogger(__name__)
 
 CONSA_META_FILE = "consa_run.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's marker of the latest complete checkpoint in a `--save` directory."""
+
+
+def _rng_file(directory: Path, rank: int) -> Path:
+    return directory / f"rng_rank{rank:05d}.pt"
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    if hasattr(tracker, "get_states"):
+        state["tracker"] = tracker.get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "tracker" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _model_sharded_state_dict(chunks) -> dict:
@@ -50,6 +93,8 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = Tru
     state = dict(model_sd)
     state["consa_controller"] = trainer.controller.state_dict()
     state["iteration"] = trainer.iteration
+    if not is_loading and trainer.consa.learning:
+        state["consa_log_alpha"] = trainer.gather_log_alpha().tolist()  # a collective: every rank saves
     if not with_optimizer:
         return state
     metadata = None
@@ -73,6 +118,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(tmp))
+    torch.save(_rng_state(), _rng_file(tmp, rank))
     dist.barrier()
     error = ""
     if rank == 0:
@@ -82,6 +128,8 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
                 "consa": trainer.consa.to_dict(),
                 "architecture": trainer.arch.__dict__,
                 "training": trainer.training.to_dict(),
+                "parallel": dataclasses.asdict(trainer.parallel),
+                "world_size": dist.get_world_size(),
             }
             (tmp / CONSA_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
             _swap_into_place(tmp, final)
@@ -159,11 +207,20 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         # the torch-Adam fallback creates its state lazily; megatron expects it filled
         prepare_distrib_optimizer_for_load(trainer.optimizer)
     state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
+    checkpoint_has_gates = meta.get("consa", {}).get("allocation", None) is None and bool(meta)
+    if weights_only and not checkpoint_has_gates:
+        # A dense or fixed-allocation checkpoint starting a learning phase: the gates
+        # are not in it and keep their initial value (init_log_alpha).
+        for key in [k for k in state if k.startswith("model")]:
+            state[key] = {k: v for k, v in state[key].items() if not k.endswith("log_alpha")}
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(trainer.chunks):
         key = "model" if len(trainer.chunks) == 1 else f"model{i}"
         result = unwrap_model(chunk).load_state_dict(_strip_extra(loaded[key]), strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        missing = [
+            k for k in result.missing_keys
+            if not k.endswith("_extra_state") and not (k.endswith("log_alpha") and not checkpoint_has_gates)
+        ]
         if missing or result.unexpected_keys:
             raise RuntimeError(
                 f"checkpoint {path} does not fit model chunk {i}: missing {missing[:5]}, "
@@ -179,6 +236,9 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         return int(loaded["iteration"])
     trainer.controller.load_state_dict(loaded["consa_controller"])
     trainer.iteration = int(loaded["iteration"])
+    rng = _rng_file(path, dist.get_rank())
+    if rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
+        _set_rng_state(torch.load(rng, weights_only=False))
     return trainer.iteration
 
 
@@ -190,3 +250,44 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> Optional[dict]:
     """The run metadata of a checkpoint (configs, iteration), or None."""
     f = Path(directory) / CONSA_META_FILE
     return json.loads(f.read_text()) if f.exists() else None
+
+
+# ---------------------------------------------------------------------------- a run's checkpoints
+
+
+def iteration_dir(save: str | os.PathLike, iteration: int) -> Path:
+    return Path(save) / f"iter_{iteration:07d}"
+
+
+def save_run_checkpoint(trainer, save: str | os.PathLike) -> Path:
+    """Save into `<save>/iter_XXXXXXX` and only then mark it latest (all ranks call this)."""
+    path = save_checkpoint(trainer, iteration_dir(save, trainer.iteration))
+    if dist.get_rank() == 0:
+        tracker = Path(save) / TRACKER_FILE
+        tmp = tracker.with_name(tracker.name + ".tmp")
+        tmp.write_text(f"{trainer.iteration}\n")
+        os.replace(tmp, tracker)  # atomic: the marker names a complete checkpoint, old or new
+    dist.barrier()
+    return path
+
+
+def resolve_load_dir(load: str | os.PathLike) -> Path:
+    """The checkpoint directory `--load` means: the latest in a `--save` directory, or the directory itself."""
+    path = Path(load)
+    if not path.exists():
+        raise FileNotFoundError(f"--load {path}: no such directory")
+    tracker = path / TRACKER_FILE
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise FileNotFoundError(f"--load {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
+        target = iteration_dir(path, int(text))
+        if not (target / CONSA_META_FILE).is_file():
+            raise FileNotFoundError(f"--load {path}: {TRACKER_FILE} names {target.name}, which is not a complete checkpoint")
+        return target
+    return _resolve(path)
+
+
+def read_common_state(directory: str | os.PathLike) -> dict:
+    """The non-sharded part of a checkpoint (iteration, controller state, gathered log_alpha) without a model."""
+    return dist_checkpointing.load_common_state_dict(str(directory))

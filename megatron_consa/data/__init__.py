@@ -1,0 +1,1 @@
+"""Data for training: tokenizers, JSONL -> megatron-core indexed datasets, GPT sample sources."""

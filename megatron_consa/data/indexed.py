@@ -1,0 +1,108 @@
+"""JSONL -> megatron-core indexed dataset (`.bin` / `.idx`), the format GPTDataset reads.
+
+`write_indexed_dataset` encodes documents (one JSON object per line, text in
+`json_key`) with worker processes and writes them with megatron-core's
+`IndexedDatasetBuilder`, each document followed by the tokenizer's EOD token.
+It writes `<prefix>.bin/.idx.tmp` first and renames both into place at the end,
+so an interrupted run leaves no half-written dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+_WORKER_TOKENIZER = None
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the fix."""
+
+
+def iter_jsonl_texts(paths: Iterable[str | os.PathLike], json_key: str = "text") -> Iterator[str]:
+    """The `json_key` field of every line of every JSONL file, in order (errors name file and line)."""
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"--input {path}: no such file")
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{n}: not a JSON object ({err.msg}); one JSON document per line") from err
+                if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
+                    raise DataError(f"{path}:{n}: no string field {json_key!r} (choose it with --json-keys)")
+                yield obj[json_key]
+
+
+def _init_worker(factory: Callable[[], object]) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = factory()
+
+
+def _encode(text: str) -> list[int]:
+    return _WORKER_TOKENIZER.encode(text)
+
+
+def write_indexed_dataset(
+    texts: Iterable[str],
+    output_prefix: str | os.PathLike,
+    *,
+    tokenizer_factory: Callable[[], object],
+    workers: int = 1,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
+    """Encode `texts` and write `<output_prefix>.bin/.idx`; returns {documents, tokens}.
+
+    `tokenizer_factory` builds the tokenizer in each worker (tokenizers are not
+    picklable); `progress(n)` is called after each document (e.g. tqdm.update).
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    tokenizer = tokenizer_factory()
+    eod = int(tokenizer.eod)
+    dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
+    prefix = str(output_prefix)
+    tmp_prefix = prefix + ".tmp"
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(get_bin_path(tmp_prefix), dtype=dtype)
+    docs = tokens = 0
+    try:
+        if workers > 1:
+            pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer_factory,))
+            encoded = pool.imap(_encode, texts, chunksize=16)
+        else:
+            pool = None
+            encoded = (tokenizer.encode(t) for t in texts)
+        for ids in encoded:
+            if not ids:
+                continue
+            ids = list(ids) + [eod]
+            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            docs += 1
+            tokens += len(ids)
+            if progress is not None:
+                progress(1)
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if docs == 0:
+            raise DataError("the input holds no non-empty document: nothing to write")
+        builder.finalize(get_idx_path(tmp_prefix))
+    except BaseException:
+        for path in (get_bin_path(tmp_prefix), get_idx_path(tmp_prefix)):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    os.replace(get_bin_path(tmp_prefix), get_bin_path(prefix))
+    os.replace(get_idx_path(tmp_prefix), get_idx_path(prefix))
+    return {"documents": docs, "tokens": tokens}

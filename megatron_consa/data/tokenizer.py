@@ -1,0 +1,122 @@
+"""Tokenizers the training entry and the preprocessing tool share.
+
+Megatron-LM's names for `--tokenizer-type`:
+
+* `SentencePieceTokenizer`: a sentencepiece `.model` file (`--tokenizer-model`);
+  `train_sentencepiece` makes one from text, offline;
+* `HuggingFaceTokenizer`: a local Hugging Face tokenizer directory (`--tokenizer-model`),
+  loaded with `transformers.AutoTokenizer` (never from a hub);
+* `NullTokenizer`: no text at all, for `--mock-data`: ids 0..vocab_size-1, EOD = vocab_size - 1.
+
+Each exposes `vocab_size`, `eod` and `encode(text) -> list[int]`, the attributes
+megatron-core's GPTDataset reads (`tokenizer.eod`, `tokenizer.vocab_size`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built or does not fit; the message names the flag and the fix."""
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise TokenizerError(f"--tokenizer-model {path}: no sentencepiece model file there")
+        self.model_file = path
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = int(self._sp.get_piece_size())
+        eos = int(self._sp.eos_id())
+        self.eod = eos if eos >= 0 else self.vocab_size - 1
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def save_to(self, directory: Path) -> None:
+        shutil.copy2(self.model_file, Path(directory) / "tokenizer.model")
+
+
+class HuggingFaceTokenizer:
+    def __init__(self, directory: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        path = Path(directory)
+        if not path.is_dir():
+            raise TokenizerError(f"--tokenizer-model {path}: not a Hugging Face tokenizer directory")
+        self.directory = path
+        self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.vocab_size = int(len(self._tok))
+        eos = self._tok.eos_token_id
+        self.eod = int(eos) if eos is not None else self.vocab_size - 1
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def save_to(self, directory: Path) -> None:
+        self._tok.save_pretrained(str(directory))
+
+
+class NullTokenizer:
+    """No text: the mock-data tokenizer (ids are given, EOD is the last id)."""
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 2:
+            raise TokenizerError(f"--vocab-size {vocab_size}: the null tokenizer needs at least 2 ids")
+        self.vocab_size = int(vocab_size)
+        self.eod = self.vocab_size - 1
+
+    def encode(self, text: str) -> list[int]:
+        raise TokenizerError("--tokenizer-type NullTokenizer has no text encoding; use it with --mock-data only")
+
+    def save_to(self, directory: Path) -> None:  # nothing to save
+        return None
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, *, vocab_size: Optional[int] = None):
+    """The tokenizer named by Megatron-LM's `--tokenizer-type` (see the module docstring)."""
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise TokenizerError(f"--tokenizer-type {tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None:
+            raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size")
+        return NullTokenizer(vocab_size)
+    if not tokenizer_model:
+        raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model (a file or directory)")
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
+    return HuggingFaceTokenizer(tokenizer_model)
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *, vocab_size: int,
+                        model_type: str = "bpe") -> Path:
+    """Train a sentencepiece model on `texts` (offline); returns the `.model` path.
+
+    Byte fallback is on (no unknown tokens on any input) and id 1 is the EOS
+    the datasets use as the end-of-document token.
+    """
+    import sentencepiece
+
+    prefix = Path(model_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, character_coverage=1.0, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+        max_sentence_length=1 << 16, num_threads=1, minloglevel=2, hard_vocab_limit=False,
+    )
+    return prefix.with_suffix(".model")

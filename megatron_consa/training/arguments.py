@@ -1,0 +1,325 @@
+"""Command-line arguments of the training entry point, parsed once into typed configs.
+
+Flag names follow Megatron-LM where it has them (`--tensor-model-parallel-size`,
+`--num-layers`, `--data-path`, `--save`, ...), plus `--consa-*` flags for the
+method. `parse_run_config(argv)` returns a `RunConfig` of the typed dataclasses
+the library takes (`ArchitectureConfig`, `ConsaConfig`, `ParallelConfig`,
+`TrainingConfig`, `DataConfig`, `CheckpointConfig`); nothing below the entry
+point reads these arguments again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_consa.architecture import ArchitectureConfig
+from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
+from megatron_consa.data.gpt import DataConfig
+from megatron_consa.data.tokenizer import TOKENIZER_TYPES
+from megatron_consa.training.config import ParallelConfig, TrainingConfig
+
+PHASES = ("learn", "fixed")
+
+
+class ArgumentError(ValueError):
+    """A flag with a bad value, or flags that do not fit together; the message names the flag."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where a run saves and what it resumes from."""
+
+    save: Optional[str] = None
+    """Directory of `iter_XXXXXXX/` checkpoints and `latest_checkpointed_iteration.txt`."""
+    load: Optional[str] = None
+    """A checkpoint directory (a `--save` directory or one `iter_*` in it) to resume or start from."""
+    save_interval: Optional[int] = None
+    """Iterations between saves (and a save at the end when `save` is set)."""
+    finetune: bool = False
+    """Load the model weights only (start a new phase): iteration, optimizer and controller start fresh."""
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer_type: str = "NullTokenizer"
+    tokenizer_model: Optional[str] = None
+    vocab_size: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs, typed."""
+
+    arch: ArchitectureConfig
+    consa: ConsaConfig
+    parallel: ParallelConfig
+    training: TrainingConfig
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    checkpoint: CheckpointConfig
+    phase: str = "learn"
+    allocation_source: Optional[str] = None
+    """The allocation file or preset name a fixed phase runs (None: from the loaded checkpoint)."""
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    hf_config: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_consa.train",
+        description=(
+            "Train a megatron-core GPT model with ConSA hybrid attention. Phases: `learn` (gates + "
+            "augmented Lagrangian choose FA/SWA units under --consa-target-sparsity), then "
+            "tools/finalize_allocation.py, then `fixed` (continued training with the allocation fixed). "
+            "Launch with torchrun: torchrun --nproc-per-node N -m megatron_consa.train ..."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model (or --hf-config)")
+    g.add_argument("--hf-config", help="a Hugging Face config.json (or its directory) describing the model")
+    g.add_argument("--num-layers", type=int, help="transformer layers")
+    g.add_argument("--hidden-size", type=int, help="model width")
+    g.add_argument("--ffn-hidden-size", type=int, help="SwiGLU inner width")
+    g.add_argument("--num-attention-heads", type=int, help="query heads")
+    g.add_argument("--num-query-groups", type=int, help="KV heads (GQA groups); default: num-attention-heads")
+    g.add_argument("--kv-channels", type=int, help="per-head width; default hidden-size / heads")
+    g.add_argument("--rotary-base", type=float, default=1_000_000.0, help="RoPE theta")
+    g.add_argument("--norm-epsilon", type=float, default=1e-6, help="RMSNorm epsilon")
+    g.add_argument("--qk-layernorm", action="store_true", help="per-head RMSNorm on q and k (Qwen3)")
+    g.add_argument("--add-qkv-bias", action="store_true", help="bias on the QKV projection (Qwen2)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate output layer (default: tied)")
+    g.add_argument("--max-position-embeddings", type=int, help="longest sequence; default seq-length")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size (divides the KV heads)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   help="layers per virtual stage (interleaved 1F1B)")
+    g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallelism (TP > 1)")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap the DP gradient reduction")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], help="activation recomputation")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], help="full recomputation method")
+    g.add_argument("--recompute-num-layers", type=int, help="layers per recomputation unit")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--seq-length", type=int, required=True, help="tokens per sequence")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch per DP rank")
+    g.add_argument("--global-batch-size", type=int, help="sequences per step; default micro-batch x DP")
+    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps (of this run, resumed ones count)")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the weights")
+    g.add_argument("--min-lr", type=float, default=3e-5, help="final learning rate")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear LR warm-up")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (not on gates)")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip of the weights")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (gates stay fp32)")
+    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling")
+    g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
+    g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
+    g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
+    g.add_argument("--eval-interval", type=int, help="iterations between validation-loss evaluations")
+    g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="not supported: hybrid attention does not honour document masks (refused)")
+    g.add_argument("--reset-position-ids", action="store_true", help="not supported (refused)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[], help="dataset prefixes, optionally weighted: 0.3 A 0.7 B")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test split of the blend")
+    g.add_argument("--mock-data", action="store_true", help="megatron-core's mock dataset (no files)")
+    g.add_argument("--data-cache-path", help="where megatron-core caches sample indices")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="SentencePieceTokenizer / HuggingFaceTokenizer (with --tokenizer-model), NullTokenizer")
+    g.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
+    g.add_argument("--vocab-size", type=int, help="vocabulary of the NullTokenizer / model when no tokenizer")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", help="checkpoint directory (iter_XXXXXXX/ + latest_checkpointed_iteration.txt)")
+    g.add_argument("--load", help="checkpoint to resume (or, with --finetune, to start from)")
+    g.add_argument("--save-interval", type=int, help="iterations between checkpoints")
+    g.add_argument("--finetune", action="store_true",
+                   help="load the weights only: new iteration count, optimizer and controller")
+
+    g = p.add_argument_group("ConSA")
+    d = ConsaConfig()
+    g.add_argument("--consa-phase", choices=PHASES, default="learn",
+                   help="learn: gates + Lagrangian; fixed: continued training with a fixed allocation")
+    g.add_argument("--consa-granularity", choices=GRANULARITIES, default=d.granularity, help="gate per layer or KV head")
+    g.add_argument("--consa-target-sparsity", type=float, default=d.target_sparsity, help="SWA share of KV heads")
+    g.add_argument("--consa-window", type=int, default=d.window, help="sliding window W (HF sliding_window)")
+    g.add_argument("--consa-sink-tokens", type=int, default=d.sink_tokens, help="attention sinks of SWA heads")
+    g.add_argument("--consa-gates-only", action="store_true", help="freeze the weights, train the gates only")
+    g.add_argument("--consa-allocation", help="fixed phase: an allocation.json, or a preset name (interleave:4, ...)")
+    g.add_argument("--consa-backend", choices=["auto", "torch", "te"], default=d.backend, help="attention backend")
+    g.add_argument("--consa-target-warmup-iters", type=int, default=d.target_warmup_iters, help="target ramp")
+    g.add_argument("--consa-gate-lr", type=float, default=d.gate_lr, help="gate learning rate")
+    g.add_argument("--consa-lagrangian-lr", type=float, default=d.lagrangian_lr, help="multiplier step eta")
+    g.add_argument("--consa-lagrangian-rho", type=float, default=d.lagrangian_rho, help="fixed quadratic weight rho")
+    g.add_argument("--consa-noise-seed", type=int, default=d.noise_seed, help="gate noise seed")
+    g.add_argument("--consa-init-log-alpha", type=float, default=d.init_log_alpha, help="initial gate log_alpha")
+    g.add_argument("--consa-settle-tolerance", type=float, default=d.settle_tolerance,
+                   help="finalize: allowed |s_hat - target| over the judged tail")
+    return p
+
+
+def _load_hf_config(path: str) -> dict:
+    f = Path(path)
+    if f.is_dir():
+        f = f / "config.json"
+    if not f.is_file():
+        raise ArgumentError(f"--hf-config {path}: no config.json there")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise ArgumentError(f"--hf-config {f}: not JSON ({err.msg})") from err
+
+
+def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
+    if a.hf_config:
+        from transformers import AutoConfig
+
+        raw = _load_hf_config(a.hf_config)
+        model_type = raw.get("model_type")
+        try:
+            hf = AutoConfig.for_model(**raw) if model_type else None
+        except (ValueError, KeyError) as err:
+            raise ArgumentError(f"--hf-config {a.hf_config}: model_type {model_type!r} is not known: {err}") from err
+        if hf is None:
+            raise ArgumentError(f"--hf-config {a.hf_config}: config.json has no model_type")
+        try:
+            return ArchitectureConfig.from_hf(hf)
+        except (ValueError, NotImplementedError) as err:
+            raise ArgumentError(f"--hf-config {a.hf_config}: {err}") from err
+    missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads") if getattr(a, f) is None]
+    if missing:
+        raise ArgumentError("the model needs --hf-config or " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    heads = a.num_attention_heads
+    return ArchitectureConfig(
+        vocab_size=a.vocab_size or 0,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.ffn_hidden_size or 4 * a.hidden_size,
+        num_layers=a.num_layers,
+        num_attention_heads=heads,
+        num_kv_heads=a.num_query_groups or heads,
+        head_dim=a.kv_channels,
+        rope_theta=a.rotary_base,
+        rms_norm_eps=a.norm_epsilon,
+        qk_norm=a.qk_layernorm,
+        qkv_bias=a.add_qkv_bias,
+        tie_word_embeddings=not a.untie_embeddings_and_output_weights,
+        max_position_embeddings=a.max_position_embeddings or a.seq_length,
+    )
+
+
+def run_config_from_args(a: argparse.Namespace) -> RunConfig:
+    """Typed configs from parsed flags; raises ArgumentError / ConsaConfigError naming the flag."""
+    if a.reset_attention_mask or a.reset_position_ids:
+        flag = "--reset-attention-mask" if a.reset_attention_mask else "--reset-position-ids"
+        raise ArgumentError(
+            f"{flag}: ConSA's hybrid attention is causal over the whole sequence and does not honour "
+            "per-document masks or position resets; train without it (documents are separated by EOD tokens)"
+        )
+    if a.bf16 and a.fp16:
+        raise ArgumentError("--bf16 and --fp16: choose one")
+    arch = _arch_from_args(a)
+    vpp = None
+    if a.num_layers_per_virtual_pipeline_stage:
+        per_stage = arch.num_layers // max(1, a.pipeline_model_parallel_size)
+        if per_stage % a.num_layers_per_virtual_pipeline_stage:
+            raise ArgumentError(
+                f"--num-layers-per-virtual-pipeline-stage {a.num_layers_per_virtual_pipeline_stage} must divide the "
+                f"{per_stage} layers of each pipeline stage"
+            )
+        vpp = per_stage // a.num_layers_per_virtual_pipeline_stage
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=a.tensor_model_parallel_size,
+        pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=a.sequence_parallel,
+        use_distributed_optimizer=a.use_distributed_optimizer,
+        overlap_grad_reduce=a.overlap_grad_reduce,
+        recompute_granularity=a.recompute_granularity,
+        recompute_method=a.recompute_method,
+        recompute_num_layers=a.recompute_num_layers,
+    )
+    training = TrainingConfig(
+        train_iters=a.train_iters,
+        micro_batch_size=a.micro_batch_size,
+        global_batch_size=a.global_batch_size or 0,  # 0: filled in once the DP size is known
+        seq_length=a.seq_length,
+        lr=a.lr,
+        min_lr=a.min_lr,
+        lr_warmup_iters=a.lr_warmup_iters,
+        lr_decay_style=a.lr_decay_style,
+        weight_decay=a.weight_decay,
+        adam_beta1=a.adam_beta1,
+        adam_beta2=a.adam_beta2,
+        clip_grad=a.clip_grad,
+        bf16=a.bf16,
+        fp16=a.fp16,
+        seed=a.seed,
+        log_interval=a.log_interval,
+        tensorboard_dir=a.tensorboard_dir,
+    )
+    if a.train_iters < 1:
+        raise ArgumentError(f"--train-iters {a.train_iters}: must be >= 1")
+    consa = ConsaConfig(
+        window=a.consa_window,
+        sink_tokens=a.consa_sink_tokens,
+        granularity=a.consa_granularity,
+        backend=a.consa_backend,
+        target_sparsity=a.consa_target_sparsity,
+        target_warmup_iters=a.consa_target_warmup_iters,
+        lagrangian_rho=a.consa_lagrangian_rho,
+        lagrangian_lr=a.consa_lagrangian_lr,
+        gate_lr=a.consa_gate_lr,
+        gates_only=a.consa_gates_only,
+        settle_tolerance=a.consa_settle_tolerance,
+        noise_seed=a.consa_noise_seed,
+        init_log_alpha=a.consa_init_log_alpha,
+    )
+    if a.consa_phase == "learn" and a.consa_allocation:
+        raise ArgumentError("--consa-allocation is for --consa-phase fixed; the learn phase learns one")
+    if a.consa_phase == "fixed" and a.consa_gates_only:
+        raise ArgumentError("--consa-gates-only is for --consa-phase learn; a fixed allocation has no gates")
+    if not a.mock_data and not a.data_path:
+        raise ArgumentError("--data-path is missing: give dataset prefixes (tools/preprocess_data.py) or --mock-data")
+    data = DataConfig(data_path=list(a.data_path), split=a.split, mock=a.mock_data, cache_path=a.data_cache_path,
+                      seed=a.seed)
+    tok_type = a.tokenizer_type or ("NullTokenizer" if a.tokenizer_model is None else "SentencePieceTokenizer")
+    tokenizer = TokenizerConfig(tokenizer_type=tok_type, tokenizer_model=a.tokenizer_model, vocab_size=a.vocab_size)
+    for flag, value in (("--save-interval", a.save_interval), ("--eval-interval", a.eval_interval)):
+        if value is not None and value < 1:
+            raise ArgumentError(f"{flag} {value}: must be >= 1")
+    checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune)
+    return RunConfig(
+        arch=arch, consa=consa, parallel=parallel, training=training, data=data, tokenizer=tokenizer,
+        checkpoint=checkpoint, phase=a.consa_phase, allocation_source=a.consa_allocation,
+        eval_interval=a.eval_interval, eval_iters=a.eval_iters, hf_config=a.hf_config,
+    )
+
+
+def parse_run_config(argv=None) -> RunConfig:
+    args = build_parser().parse_args(argv)
+    return run_config_from_args(args)
+
+
+def with_vocab_size(arch: ArchitectureConfig, vocab_size: int) -> ArchitectureConfig:
+    return dataclasses.replace(arch, vocab_size=vocab_size)
+
+
+__all__ = [
+    "ArgumentError", "CheckpointConfig", "RunConfig", "TokenizerConfig", "build_parser", "parse_run_config",
+    "run_config_from_args", "ConsaConfigError",
+]
