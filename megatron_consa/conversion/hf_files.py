@@ -1,0 +1,58 @@
+"""Reading Hugging Face checkpoint directories: config.json, safetensors (sharded too), tokenizer.
+
+Only safetensors are read (no pickle). Nothing here builds a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+"""Files copied verbatim between checkpoint directories (those present)."""
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """A transformers config from a checkpoint directory or a config.json file."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist: pass a Hugging Face checkpoint directory or its config.json")
+    data = json.loads(file.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{file} has no 'model_type' field; it is not a Hugging Face model config")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as err:
+        raise ValueError(f"{file}: model_type={model_type!r} is not known to transformers ({err})") from None
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files of `src` that exist into `dst`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    if not copied:
+        logger.warning("no tokenizer files in %s; the output has none", src)
+    return copied
