@@ -56,3 +56,45 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     if not copied:
         logger.warning("no tokenizer files in %s; the output has none", src)
     return copied
+
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(hf_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory: one safetensors file or the shards its index names."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map': the sharded checkpoint index is damaged")
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names weight files that are missing from {hf_dir}: {missing}")
+        return files
+    single = hf_dir / SAFETENSORS_FILE
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt"))
+    hint = (
+        f" (found {pickled}: pickle files are not read, since unpickling can run code; re-save the model "
+        "with save_pretrained(..., safe_serialization=True))" if pickled else ""
+    )
+    raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {hf_dir}{hint}")
+
+
+def read_safetensors(hf_dir: str | Path) -> dict:
+    """Every tensor of the checkpoint's safetensors file(s), by HF name."""
+    from safetensors.torch import load_file
+
+    state: dict = {}
+    for f in safetensors_files(hf_dir):
+        part = load_file(str(f))
+        clash = sorted(set(part) & set(state))
+        if clash:
+            raise ValueError(f"{f.name} repeats tensors already read from another shard: {clash[:5]}")
+        state.update(part)
+    return state

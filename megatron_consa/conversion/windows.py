@@ -55,7 +55,8 @@ def hf_window_fields(allocation: Optional[Allocation], arch: ArchitectureConfig)
     if any(len(set(row)) > 1 for row in allocation.fa):
         raise AllocationError(
             "the allocation is head-wise (a layer mixes FA and SWA heads); stock transformers attention "
-            "cannot run that: export it for the 'consa' attention implementation instead"
+            "cannot run that, and the head-wise export (attn_implementation=\"consa\") is not implemented yet: "
+            "export a layer-wise allocation (granularity layer)"
         )
     if allocation.sink_tokens:
         raise AllocationError(
