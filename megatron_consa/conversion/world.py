@@ -28,7 +28,8 @@ def conversion_world(*, rank: int, world_size: int, port: int, tp: int = 1, pp: 
     """megatron-core's parallel state for one conversion rank; torn down afterwards.
 
     Reuses an already initialised torch.distributed world (one rank, e.g. a
-    test process); otherwise starts one and destroys it on exit.
+    test process) and leaves megatron-core's state initialised in it; otherwise
+    starts a world and destroys it on exit.
     """
     started = not dist.is_initialized()
     if started:
@@ -39,6 +40,6 @@ def conversion_world(*, rank: int, world_size: int, port: int, tp: int = 1, pp: 
     try:
         yield
     finally:
-        parallel_state.destroy_model_parallel()
         if started:
+            parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
