@@ -89,9 +89,11 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
 def read_safetensors(hf_dir: str | Path) -> dict:
     """Every tensor of the checkpoint's safetensors file(s), by HF name."""
     from safetensors.torch import load_file
+    from tqdm import tqdm
 
     state: dict = {}
-    for f in safetensors_files(hf_dir):
+    files = safetensors_files(hf_dir)
+    for f in tqdm(files, desc="reading safetensors", unit="file", disable=None):  # None: off when stderr is not a terminal
         part = load_file(str(f))
         clash = sorted(set(part) & set(state))
         if clash:

@@ -239,3 +239,30 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted
     (tmp_path / "hf" / "keep.txt").write_text("x")
     assert run_tool(EXPORT.main, ["--load", str(target), "--save", str(tmp_path / "hf")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and (tmp_path / "hf" / "keep.txt").exists()
+
+
+def test_imported_checkpoint_starts_a_learning_run(converted, single_rank_mcore):
+    """The training code loads a converted checkpoint with weights_only (gates at init_log_alpha)."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.model import ArchitectureConfig, unwrap_model
+    from megatron_consa.training.checkpoint import load_checkpoint, read_checkpoint_meta
+    from megatron_consa.training.config import ParallelConfig, TrainingConfig
+    from megatron_consa.training.data import PeriodicSequenceData
+    from megatron_consa.training.loop import ConsaTrainer
+    from megatron_consa.training.parallel import initialize_distributed
+
+    hf_dir, ckpt = converted[1]["qwen3"]
+    arch = ArchitectureConfig(**read_checkpoint_meta(ckpt)["architecture"])
+    training = TrainingConfig(train_iters=1, micro_batch_size=1, global_batch_size=1, seq_length=16, lr=1e-3, min_lr=1e-3, lr_decay_style="constant")
+    initialize_distributed(ParallelConfig(), seed=training.seed)
+    trainer = ConsaTrainer(
+        arch=arch, consa=ConsaConfig(window=WINDOW, backend="torch"), parallel=ParallelConfig(), training=training,
+        data=PeriodicSequenceData(vocab_size=arch.vocab_size, seq_length=16, period=5),
+    )
+    assert load_checkpoint(trainer, ckpt, weights_only=True) == 0
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    got = unwrap_model(trainer.chunks[0]).state_dict()
+    assert torch.equal(got["embedding.word_embeddings.weight"], hf["model.embed_tokens.weight"])
+    assert torch.equal(got["decoder.layers.3.mlp.linear_fc2.weight"], hf["model.layers.3.mlp.down_proj.weight"])
+    record = trainer.train_step()
+    assert torch.isfinite(torch.tensor(record.loss))
