@@ -56,14 +56,30 @@ class ArchitectureConfig:
             )
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "ArchitectureConfig":
-        """From a transformers `PretrainedConfig` of a supported model type."""
+    def from_hf(cls, hf_config: Any, *, allow_sliding_window: bool = False) -> "ArchitectureConfig":
+        """From a transformers `PretrainedConfig` of a supported model type.
+
+        A config whose layers already use sliding windows (see `hf_sliding_layers`)
+        is refused unless `allow_sliding_window=True`: the architecture alone would
+        build a full-attention model. With it, the caller carries the windows over,
+        as the importer does (`megatron_consa.conversion.windows.allocation_from_hf`).
+        """
         model_type = getattr(hf_config, "model_type", None)
         if model_type not in SUPPORTED_HF_MODEL_TYPES:
             raise ConsaConfigError(
                 f"model_type={model_type!r} is not supported; supported: {SUPPORTED_HF_MODEL_TYPES}"
             )
         _reject_unsupported_hf_features(hf_config, model_type)
+        window, sliding = hf_sliding_layers(hf_config)
+        if any(sliding) and not allow_sliding_window:
+            raise ConsaConfigError(
+                f"{model_type} config uses sliding_window={window} on layers "
+                f"{[i for i, s in enumerate(sliding) if s]} ({_sliding_source(hf_config)}); a model built "
+                "from the architecture alone would run full attention there. Import it with "
+                "tools/convert_hf_to_megatron.py (writes the equivalent allocation.json), or call "
+                "from_hf(..., allow_sliding_window=True) and build the model with "
+                "megatron_consa.conversion.windows.allocation_from_hf(config)"
+            )
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise ConsaConfigError(f"hidden_act={act!r}: only SwiGLU (silu) MLPs are supported")
@@ -106,8 +122,48 @@ def _reject_unsupported_hf_features(hf_config: Any, model_type: str) -> None:
             f"{model_type} with attention_bias=True also has an o_proj bias, which is not supported; "
             "use a checkpoint with attention_bias=False"
         )
-    if model_type == "mistral" and getattr(hf_config, "sliding_window", None):
+
+
+def hf_sliding_layers(hf_config: Any) -> tuple[Optional[int], list[bool]]:
+    """(window, per-layer "uses the sliding window") exactly as transformers runs the config.
+
+    * qwen2 / qwen3: layer i slides when `layer_types[i] == "sliding_attention"`
+      and `sliding_window` is set (transformers clears `sliding_window` unless
+      `use_sliding_window`; without `layer_types` it derives them from
+      `max_window_layers`: layers >= max_window_layers slide).
+    * mistral: `sliding_window` set -> every layer slides.
+    * llama: no sliding windows.
+
+    HF `sliding_window=W` is ConSA's window W (a query sees itself and W-1 earlier tokens).
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    n = hf_config.num_hidden_layers
+    window = getattr(hf_config, "sliding_window", None)
+    if model_type == "mistral":
+        return window, [window is not None] * n
+    if model_type not in ("qwen2", "qwen3"):
+        return None, [False] * n
+    if getattr(hf_config, "use_sliding_window", False) is False:
+        window = None  # what transformers does; also for a raw dict-like config
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:
+        max_window_layers = getattr(hf_config, "max_window_layers", n)
+        layer_types = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention" for i in range(n)]
+    if len(layer_types) != n:
+        raise ConsaConfigError(f"layer_types has {len(layer_types)} entries but num_hidden_layers={n}")
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ConsaConfigError(f"layer_types contains {unknown}; only full_attention and sliding_attention are supported")
+    if window is None and "sliding_attention" in layer_types:
         raise ConsaConfigError(
-            f"mistral sliding_window={hf_config.sliding_window}: the checkpoint already uses SWA on every "
-            "layer; set sliding_window=None to learn an allocation, or use the all_swa preset with that window"
+            "layer_types marks sliding_attention layers but use_sliding_window is false or sliding_window is null: "
+            "transformers' behaviour is ambiguous there; set use_sliding_window=true with a sliding_window, "
+            "or make every layer full_attention"
         )
+    return window, [t == "sliding_attention" for t in layer_types]
+
+
+def _sliding_source(hf_config: Any) -> str:
+    if getattr(hf_config, "model_type", None) == "mistral":
+        return "mistral sliding_window applies to every layer"
+    return "use_sliding_window with layer_types / max_window_layers"

@@ -10,10 +10,12 @@ with the local or the Transformer Engine ConSA layer spec.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core import parallel_state
@@ -22,9 +24,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_consa.architecture import SUPPORTED_HF_MODEL_TYPES, ArchitectureConfig  # noqa: F401 (re-export)
 from megatron_consa.attention import ConsaCoreAttention
-from megatron_consa.compat import has_cuda
+from megatron_consa.compat import apply_cpu_shims, distributed_backend, has_cuda
 from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.specs import get_consa_layer_spec
+
+logger = logging.getLogger(__name__)
+
+SINGLE_PROCESS_SEED = 1234
+"""Weight-initialisation seed of the one-process world `build_gpt_model` starts
+when nothing set up torch.distributed (the weights are usually loaded anyway)."""
 
 @dataclass
 class ConsaTransformerConfig(TransformerConfig):
@@ -94,9 +102,12 @@ def build_gpt_model(
 ) -> GPTModel:
     """A GPTModel (one pipeline stage / virtual chunk) with ConSA attention.
 
+    Works as is in a plain Python process: see `ensure_model_parallel`.
+
     `use_transformer_engine=None` follows the ConSA backend: the TE layer spec
     when the attention backend resolves to `te`, the local spec otherwise.
     """
+    ensure_model_parallel(config)
     if use_transformer_engine is None:
         from megatron_consa.backends.select import resolve_backend_name
 
@@ -119,6 +130,38 @@ def build_gpt_model(
         rotary_percent=1.0,
         vp_stage=vp_stage,
     )
+
+
+def ensure_model_parallel(config: TransformerConfig) -> None:
+    """Make megatron-core's parallel state usable for building `config`'s model.
+
+    Applies the CPU shims (`megatron_consa.compat.apply_cpu_shims`, a no-op with
+    CUDA). Under torchrun, initialise the layout first (for example
+    `megatron_consa.training.parallel.initialize_distributed`); then this only
+    checks it. In a plain single process with nothing initialised and a
+    TP=1, PP=1 config, it starts a one-process world (gloo on a CPU, NCCL on a
+    GPU) and seeds megatron's RNG with `SINGLE_PROCESS_SEED`.
+    """
+    apply_cpu_shims()
+    if parallel_state.model_parallel_is_initialized():
+        return
+    tp = config.tensor_model_parallel_size
+    pp = config.pipeline_model_parallel_size
+    if tp * pp != 1 or (dist.is_initialized() and dist.get_world_size() != 1):
+        raise ConsaConfigError(
+            f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp} needs a launched world: "
+            "start the processes with torchrun and call "
+            "megatron_consa.training.parallel.initialize_distributed(...) before build_gpt_model"
+        )
+    if not dist.is_initialized():
+        if has_cuda():
+            torch.cuda.set_device(0)
+        dist.init_process_group(distributed_backend(), store=dist.HashStore(), rank=0, world_size=1)
+        logger.info("started a one-process %s world for megatron-core", distributed_backend())
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(SINGLE_PROCESS_SEED)
 
 
 def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -149,3 +149,42 @@ def mcore_to_hf(mcore_state: dict[str, Tensor], arch: ArchitectureConfig, *, te:
     if arch.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+def expected_hf_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF tensor the architecture needs (tied models have no lm_head)."""
+    h, nh, ng, d, ffn = arch.hidden_size, arch.num_attention_heads, arch.num_kv_heads, arch.head_dim, arch.intermediate_size
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (nh * d, h),
+        "self_attn.k_proj.weight": (ng * d, h),
+        "self_attn.v_proj.weight": (ng * d, h),
+        "self_attn.o_proj.weight": (h, nh * d),
+        "mlp.gate_proj.weight": (ffn, h),
+        "mlp.up_proj.weight": (ffn, h),
+        "mlp.down_proj.weight": (h, ffn),
+    }
+    if arch.qkv_bias:
+        per_layer.update({"self_attn.q_proj.bias": (nh * d,), "self_attn.k_proj.bias": (ng * d,), "self_attn.v_proj.bias": (ng * d,)})
+    if arch.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    for i in range(arch.num_layers):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def check_hf_shapes(hf_state: dict[str, Tensor], arch: ArchitectureConfig) -> None:
+    """Raise ValueError naming the first tensor that is missing or has the wrong shape."""
+    for name, shape in expected_hf_shapes(arch).items():
+        if name not in hf_state:
+            raise ValueError(f"the Hugging Face checkpoint lacks tensor {name!r} (shape {list(shape)} expected)")
+        got = tuple(hf_state[name].shape)
+        if got != shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}: "
+                "the weights do not belong to this config"
+            )

@@ -85,18 +85,34 @@ def _model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def model_state_for_save(chunks, *, controller_state: dict, iteration: int) -> dict:
+    """What every checkpoint holds: the model chunks' sharded state, the controller, the iteration.
+
+    A checkpoint with only this (a converted one) loads with `weights_only=True`.
+    """
+    state = dict(_model_sharded_state_dict(chunks))
+    state["consa_controller"] = controller_state
+    state["iteration"] = iteration
+    return state
+
+
+def write_checkpoint_meta(directory: str | os.PathLike, meta: dict) -> None:
+    """The run metadata file (`consa_run.json`) that marks a complete checkpoint directory."""
+    (Path(directory) / CONSA_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
 def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = True) -> dict:
-    model_sd = _model_sharded_state_dict(trainer.chunks)
-    merged_model = {}
-    for v in model_sd.values():
-        merged_model.update(v)
-    state = dict(model_sd)
-    state["consa_controller"] = trainer.controller.state_dict()
-    state["iteration"] = trainer.iteration
+    state = model_state_for_save(
+        trainer.chunks, controller_state=trainer.controller.state_dict(), iteration=trainer.iteration
+    )
     if not is_loading and trainer.consa.learning:
         state["consa_log_alpha"] = trainer.gather_log_alpha().tolist()  # a collective: every rank saves
     if not with_optimizer:
         return state
+    merged_model = {}
+    for key, v in state.items():
+        if key.startswith("model"):
+            merged_model.update(v)
     metadata = None
     if trainer.parallel.use_distributed_optimizer:
         # The format that works with every optimizer backend, CPU fallback included.
@@ -131,7 +147,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
                 "parallel": dataclasses.asdict(trainer.parallel),
                 "world_size": dist.get_world_size(),
             }
-            (tmp / CONSA_META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            write_checkpoint_meta(tmp, meta)
             _swap_into_place(tmp, final)
         except OSError as err:  # tell every rank, instead of leaving them in the barrier
             error = f"could not move the checkpoint into {final}: {err}"
@@ -214,18 +230,7 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         for key in [k for k in state if k.startswith("model")]:
             state[key] = {k: v for k, v in state[key].items() if not k.endswith("log_alpha")}
     loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(trainer.chunks):
-        key = "model" if len(trainer.chunks) == 1 else f"model{i}"
-        result = unwrap_model(chunk).load_state_dict(_strip_extra(loaded[key]), strict=False)
-        missing = [
-            k for k in result.missing_keys
-            if not k.endswith("_extra_state") and not (k.endswith("log_alpha") and not checkpoint_has_gates)
-        ]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"checkpoint {path} does not fit model chunk {i}: missing {missing[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}"
-            )
+    _load_chunks(trainer.chunks, loaded, path, gates_in_checkpoint=checkpoint_has_gates)
     if load_optimizer:
         with torch.no_grad():
             trainer.optimizer.load_state_dict(loaded["optimizer"])
@@ -240,6 +245,34 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
     if rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
         _set_rng_state(torch.load(rng, weights_only=False))
     return trainer.iteration
+
+
+def _load_chunks(chunks, loaded: dict, path: Path, *, gates_in_checkpoint: bool = True) -> None:
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        result = unwrap_model(chunk).load_state_dict(_strip_extra(loaded[key]), strict=False)
+        missing = [
+            k for k in result.missing_keys
+            if not k.endswith("_extra_state") and (gates_in_checkpoint or not k.endswith("log_alpha"))
+        ]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint {path} does not fit model chunk {i}: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+
+
+def load_model_weights(chunks, directory: str | os.PathLike) -> dict:
+    """Load only the model weights of a checkpoint into `chunks` (all ranks call this).
+
+    For inference, evaluation and export: any TP/PP layout, no trainer needed. A
+    fixed-mode model skips the checkpoint's gates. Returns the checkpoint's metadata.
+    """
+    path = _resolve(directory)
+    state = {k: v for k, v in model_state_for_save(chunks, controller_state={}, iteration=0).items() if k.startswith("model")}
+    loaded = dist_checkpointing.load(state, str(path))
+    _load_chunks(chunks, loaded, path)
+    return read_checkpoint_meta(path) or {}
 
 
 def _strip_extra(sd: dict) -> dict:

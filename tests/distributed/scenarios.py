@@ -162,3 +162,66 @@ def _perturbed_replica_error() -> str | None:
         return str(err)
     return None
 
+
+
+# ----------------------------------------------------------------- conversion
+
+
+def checkpoint_logits(ckpt_dir: str, toks: torch.Tensor) -> torch.Tensor | None:
+    """Logits [b, s, vocab] of an imported checkpoint at the current TP/PP layout (last stage; else None).
+
+    Fixed mode with the checkpoint's allocation.json when it has one, all-FA otherwise.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_consa.allocation import Allocation
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+    from megatron_consa.training.checkpoint import load_model_weights, read_checkpoint_meta
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    arch = ArchitectureConfig(**meta["architecture"])
+    alloc_file = Path(ckpt_dir) / "allocation.json"
+    if alloc_file.exists():
+        alloc = Allocation.load(alloc_file)
+        consa = ConsaConfig(window=alloc.window, allocation=alloc.fa, backend="torch")
+    else:
+        consa = ConsaConfig(allocation=[[1] * arch.num_kv_heads] * arch.num_layers, backend="torch")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = build_transformer_config(
+        arch, consa, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32
+    )
+    model = build_gpt_model(config, arch, use_transformer_engine=False).eval()
+    load_model_weights([model], ckpt_dir)
+    pos = torch.arange(toks.size(1)).unsqueeze(0).expand_as(toks)
+    group = parallel_state.get_pipeline_model_parallel_group()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    hidden_shape = (toks.size(1), toks.size(0), arch.hidden_size)  # [s, b, h]
+    with torch.no_grad():
+        if stage > 0:
+            received = torch.empty(hidden_shape)
+            dist.recv(received, group_src=stage - 1, group=group)
+            model.set_input_tensor(received)
+        out = model(toks, pos, attention_mask=None)
+        if stage < pp - 1:
+            dist.send(out.contiguous(), group_dst=stage + 1, group=group)
+            return None
+    return gather_from_tensor_model_parallel_region(out)  # vocab-parallel -> full vocab
+
+
+def conversion_layouts(out_dir: str, checkpoints: dict, layouts: dict, tokens: torch.Tensor) -> dict:
+    """Each imported checkpoint's logits at each layout {name: (tp, pp)}; rank 0 returns the last stage's."""
+    import torch.distributed as dist
+
+    results = {}
+    for name, (tp, pp) in layouts.items():
+        initialize_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=1)
+        for family, ckpt in checkpoints.items():
+            logits = checkpoint_logits(ckpt, tokens)
+            box = [logits]
+            dist.broadcast_object_list(box, src=dist.get_world_size() - 1)  # the last rank is a last stage
+            results[(family, name)] = box[0]
+    return results

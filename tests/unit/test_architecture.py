@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megatron_consa.architecture import ArchitectureConfig  # noqa: E402
+from megatron_consa.architecture import ArchitectureConfig, hf_sliding_layers  # noqa: E402
 from megatron_consa.config import ConsaConfigError  # noqa: E402
 from megatron_consa.conversion.keymap import hf_to_mcore, mcore_to_hf  # noqa: E402
 
@@ -31,6 +31,11 @@ def test_qwen3_fields():
          "rope_scaling"),
         (lambda: transformers.LlamaConfig(attention_bias=True, **SMALL), "attention_bias"),
         (lambda: transformers.MistralConfig(sliding_window=16, **SMALL), "sliding_window"),
+        (lambda: transformers.Qwen3Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **SMALL),
+         r"sliding_window=8 on layers \[1"),
+        (lambda: transformers.Qwen2Config(use_sliding_window=True, sliding_window=8,
+                                          layer_types=["sliding_attention"] + ["full_attention"] * (SMALL["num_hidden_layers"] - 1),
+                                          **SMALL), r"on layers \[0\]"),
         (lambda: transformers.GPT2Config(), "model_type"),
     ],
 )
@@ -48,3 +53,16 @@ def test_key_map_round_trip_and_leftover_tensors():
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
     with pytest.raises(KeyError, match="does not use"):
         hf_to_mcore({**hf, "model.layers.0.mlp.extra.weight": torch.zeros(1)}, arch)
+
+
+def test_sliding_layers_follow_transformers():
+    """layer_types wins; without it max_window_layers; use_sliding_window=False switches windows off."""
+    n = SMALL["num_hidden_layers"]
+    off = transformers.Qwen3Config(sliding_window=8, max_window_layers=0, **SMALL)  # use_sliding_window False
+    assert hf_sliding_layers(off) == (None, [False] * n)
+    top = transformers.Qwen3Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **SMALL)
+    assert hf_sliding_layers(top) == (8, [False] + [True] * (n - 1))
+    mistral = transformers.MistralConfig(sliding_window=16, **SMALL)
+    assert hf_sliding_layers(mistral) == (16, [True] * n)
+    arch = ArchitectureConfig.from_hf(top, allow_sliding_window=True)
+    assert arch.num_layers == n

@@ -1,0 +1,38 @@
+"""What every command-line tool in tools/ shares: logging set-up and user-error exits.
+
+A tool's `main(argv) -> int` parses flags and does I/O; `run_tool(main)` turns the
+errors a user can fix (bad flag values, wrong files, mismatched models) into one
+clear line on stderr and exit status 2, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+logger = logging.getLogger("megatron_consa.cli")
+
+USER_ERROR_EXIT = 2
+"""Exit status for an input the user must fix (argparse uses the same)."""
+
+
+class UserInputError(ValueError):
+    """A tool input (path, flag, file content) the user must fix; the message says how."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+"""ValueError covers UserInputError, ConsaConfigError and AllocationError."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run `main(argv)`; a user error becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT

@@ -1,0 +1,102 @@
+"""Reading Hugging Face checkpoint directories: config.json, safetensors (sharded too), tokenizer.
+
+Only safetensors are read (no pickle). Nothing here builds a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+"""Files copied verbatim between checkpoint directories (those present)."""
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """A transformers config from a checkpoint directory or a config.json file."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist: pass a Hugging Face checkpoint directory or its config.json")
+    data = json.loads(file.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{file} has no 'model_type' field; it is not a Hugging Face model config")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as err:
+        raise ValueError(f"{file}: model_type={model_type!r} is not known to transformers ({err})") from None
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files of `src` that exist into `dst`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    if not copied:
+        logger.warning("no tokenizer files in %s; the output has none", src)
+    return copied
+
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(hf_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory: one safetensors file or the shards its index names."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map': the sharded checkpoint index is damaged")
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names weight files that are missing from {hf_dir}: {missing}")
+        return files
+    single = hf_dir / SAFETENSORS_FILE
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt"))
+    hint = (
+        f" (found {pickled}: pickle files are not read, since unpickling can run code; re-save the model "
+        "with save_pretrained(..., safe_serialization=True))" if pickled else ""
+    )
+    raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {hf_dir}{hint}")
+
+
+def read_safetensors(hf_dir: str | Path) -> dict:
+    """Every tensor of the checkpoint's safetensors file(s), by HF name."""
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    state: dict = {}
+    files = safetensors_files(hf_dir)
+    for f in tqdm(files, desc="reading safetensors", unit="file", disable=None):  # None: off when stderr is not a terminal
+        part = load_file(str(f))
+        clash = sorted(set(part) & set(state))
+        if clash:
+            raise ValueError(f"{f.name} repeats tensors already read from another shard: {clash[:5]}")
+        state.update(part)
+    return state

@@ -1,0 +1,215 @@
+"""Import a Hugging Face checkpoint as a megatron-consa training checkpoint.
+
+The output directory is a checkpoint in the format
+`megatron_consa.training.checkpoint` writes (megatron-core dist_checkpointing:
+model with ConSA gates at `init_log_alpha`, controller state, iteration 0,
+`consa_run.json`), so training starts from it with `weights_only=True`, at any
+TP/PP layout. Beside it: the source `config.json` (the `--hf-config` of a later
+run), the tokenizer files, and `allocation.json` when the source already used
+sliding windows (the equivalent fixed allocation; train with it to keep the
+model as it was).
+
+Each of the TP x PP ranks builds its stage of the model at the requested layout,
+loads its shard (`conversion.sharding`) and saves; one rank runs in this process,
+more are spawned (gloo on a CPU). Everything is written into a temporary sibling
+directory and renamed into place at the end: a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_consa.allocation import Allocation
+from megatron_consa.architecture import ArchitectureConfig
+from megatron_consa.config import ConsaConfig
+from megatron_consa.conversion.hf_files import copy_tokenizer_files, load_hf_config, read_safetensors
+from megatron_consa.conversion.keymap import check_hf_shapes, hf_to_mcore
+from megatron_consa.conversion.sharding import RankLayout, check_layout, shard_state_dict
+from megatron_consa.conversion.windows import allocation_from_hf
+from megatron_consa.conversion.world import conversion_world, free_port
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ALLOCATION_FILE = "allocation.json"
+HF_CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    """What to convert, and how to shard it."""
+
+    hf_path: str
+    """Hugging Face checkpoint directory (config.json + safetensors)."""
+    save: str
+    """Output checkpoint directory."""
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    dtype: Optional[str] = None
+    """fp32, bf16 or fp16; None keeps the checkpoint's own dtype."""
+    granularity: str = "kv_head"
+    """Granularity of the gates written into the checkpoint (for a learning phase)."""
+    overwrite: bool = False
+    """Replace an existing, different checkpoint at `save`."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory holds something else; the message says how to proceed."""
+
+
+def check_output_dir(save: Path, marker: dict, overwrite: bool) -> bool:
+    """True when `save` already holds exactly this conversion (nothing to do).
+
+    An empty or missing directory is fine; anything else is refused unless
+    `overwrite`. `marker` is compared with the `conversion` entry of its metadata.
+    """
+    if not save.exists() or (save.is_dir() and not any(save.iterdir())):
+        return False
+    meta_file = save / "consa_run.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()).get("conversion") == marker:
+        return True
+    if not overwrite:
+        raise OutputExistsError(
+            f"{save} already exists and holds a different checkpoint or other files: choose another "
+            "--save directory, or pass --overwrite to replace it"
+        )
+    return False
+
+
+def _source_fingerprint(hf_path: Path) -> list:
+    return sorted([p.name, p.stat().st_size] for p in hf_path.iterdir() if p.suffix in (".safetensors", ".json"))
+
+
+@dataclass
+class _Prepared:
+    arch: ArchitectureConfig
+    consa: ConsaConfig
+    allocation: Optional[Allocation]
+    dtype: torch.dtype
+    marker: dict
+
+
+def prepare_import(request: ImportRequest) -> _Prepared:
+    """Validate everything that can be checked before writing (config, layout, tensors)."""
+    hf_path = Path(request.hf_path)
+    hf_config = load_hf_config(hf_path)
+    arch = ArchitectureConfig.from_hf(hf_config, allow_sliding_window=True)
+    check_layout(arch, request.tensor_model_parallel_size, request.pipeline_model_parallel_size)
+    allocation = allocation_from_hf(hf_config, arch)
+    hf_state = read_safetensors(hf_path)
+    check_hf_shapes(hf_state, arch)
+    hf_to_mcore(hf_state, arch)  # refuses tensors the model would drop
+    if request.dtype is None:
+        dtype = hf_state["model.embed_tokens.weight"].dtype
+    elif request.dtype in DTYPES:
+        dtype = DTYPES[request.dtype]
+    else:
+        raise ValueError(f"--dtype {request.dtype!r}: choose one of {sorted(DTYPES)}")
+    window = allocation.window if allocation else ConsaConfig().window
+    consa = ConsaConfig(window=window, granularity=request.granularity, backend="torch")
+    consa.check_model_shape(
+        num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, tp_size=request.tensor_model_parallel_size
+    )
+    marker = {
+        "from": "huggingface",
+        "hf_path": str(hf_path.resolve()),
+        "source_files": _source_fingerprint(hf_path),
+        "tensor_model_parallel_size": request.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": request.pipeline_model_parallel_size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "granularity": request.granularity,
+    }
+    return _Prepared(arch, consa, allocation, dtype, marker)
+
+
+def import_hf_checkpoint(request: ImportRequest) -> Path:
+    """Convert `request.hf_path` into `request.save` (see the module docstring)."""
+    prepared = prepare_import(request)
+    save = Path(request.save)
+    if check_output_dir(save, prepared.marker, request.overwrite):
+        logger.info("%s already holds this conversion; nothing to do", save)
+        return save
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save.name}.tmp-", dir=save.parent))
+    try:
+        world = request.tensor_model_parallel_size * request.pipeline_model_parallel_size
+        args = (world, free_port(), request, prepared, str(tmp))
+        if world == 1:
+            _rank_entry(0, *args)
+        else:
+            import torch.multiprocessing as mp
+
+            mp.start_processes(_rank_entry, args=args, nprocs=world, join=True, start_method="spawn")
+        _write_side_files(request, prepared, tmp)
+        if save.exists():
+            shutil.rmtree(save) if save.is_dir() else save.unlink()
+        tmp.rename(save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s (TP=%d, PP=%d)", save, request.tensor_model_parallel_size, request.pipeline_model_parallel_size)
+    return save
+
+
+def _write_side_files(request: ImportRequest, prepared: _Prepared, out: Path) -> None:
+    from megatron_consa.training.checkpoint import write_checkpoint_meta
+
+    shutil.copy2(Path(request.hf_path) / HF_CONFIG_FILE, out / HF_CONFIG_FILE)
+    copy_tokenizer_files(request.hf_path, out)
+    if prepared.allocation is not None:
+        prepared.allocation.save(out / ALLOCATION_FILE)
+        logger.info("the source uses sliding windows: wrote the equivalent %s\n%s", ALLOCATION_FILE, prepared.allocation.summary())
+    write_checkpoint_meta(
+        out,
+        {
+            "iteration": 0,
+            "consa": prepared.consa.to_dict(),
+            "architecture": asdict(prepared.arch),
+            "training": None,
+            "allocation": ALLOCATION_FILE if prepared.allocation is not None else None,
+            "conversion": prepared.marker,
+        },
+    )
+
+
+def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepared: _Prepared, out: str) -> None:
+    """One rank: build its stage, load its shard, save (all ranks together)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_consa.controller import ConsaController
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+    from megatron_consa.training.checkpoint import model_state_for_save
+
+    if world > 1:
+        torch.set_num_threads(1)
+    tp, pp = request.tensor_model_parallel_size, request.pipeline_model_parallel_size
+    with conversion_world(rank=rank, world_size=world, port=port, tp=tp, pp=pp):
+        arch = prepared.arch
+        config = build_transformer_config(
+            arch, prepared.consa, params_dtype=prepared.dtype, pipeline_dtype=prepared.dtype,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        )
+        model = build_gpt_model(config, arch, use_transformer_engine=False)
+        layout = RankLayout(
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp,
+        )
+        full = hf_to_mcore(read_safetensors(request.hf_path), arch)
+        local = {k: v.to(prepared.dtype) for k, v in shard_state_dict(full, arch, layout).items()}
+        result = model.load_state_dict(local, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(("_extra_state", "log_alpha"))]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"rank {rank}: shard does not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        controller = ConsaController(prepared.consa, total_cost=arch.num_layers * arch.num_kv_heads)
+        state = model_state_for_save([model], controller_state=controller.state_dict(), iteration=0)
+        dist_checkpointing.save(state, out)
+        dist.barrier()

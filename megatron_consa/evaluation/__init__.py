@@ -1,0 +1,1 @@
+"""Evaluation helpers: KV-cache accounting (`kv_memory`)."""

@@ -1,0 +1,65 @@
+"""Tiny random Hugging Face checkpoints of every supported family, saved as safetensors (shared by tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+L, G, SEQ, VOCAB, WINDOW = 4, 2, 24, 96, 5
+
+FAMILIES = ("qwen3", "qwen3_hybrid", "qwen2_bias", "llama_tied", "mistral")
+
+
+def hf_model(kind: str):
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=L, num_attention_heads=4,
+        num_key_value_heads=G, rms_norm_eps=1e-6, max_position_embeddings=64, attention_dropout=0.0,
+    )
+    if kind == "qwen3":  # head_dim != hidden / heads
+        cfg, cls = transformers.Qwen3Config(head_dim=24, rope_theta=10000.0, **common), transformers.Qwen3ForCausalLM
+    elif kind == "qwen3_hybrid":  # mixed layer_types: imported with the equivalent allocation
+        cfg = transformers.Qwen3Config(
+            head_dim=16, use_sliding_window=True, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], **common,
+        )
+        cls = transformers.Qwen3ForCausalLM
+    elif kind == "qwen2_bias":
+        cfg, cls = transformers.Qwen2Config(rope_theta=20000.0, **common), transformers.Qwen2ForCausalLM
+    elif kind == "llama_tied":
+        cfg, cls = transformers.LlamaConfig(rope_theta=50000.0, tie_word_embeddings=True, **common), transformers.LlamaForCausalLM
+    elif kind == "mistral":
+        cfg, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(FAMILIES.index(kind))
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))  # non-trivial biases and norms
+    return model
+
+
+def save_hf(kind: str, directory: Path, *, sharded: bool = False) -> Path:
+    model = hf_model(kind)
+    model.save_pretrained(directory, max_shard_size="60KB" if sharded else "10GB")
+    return directory
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+def hf_logits(model_or_dir, toks=None) -> torch.Tensor:
+    import transformers
+
+    toks = tokens() if toks is None else toks
+    model = model_or_dir
+    if not isinstance(model_or_dir, torch.nn.Module):
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model.eval()(toks).logits

@@ -1,0 +1,268 @@
+"""Hugging Face <-> megatron-consa conversion through the CLIs, against transformers' own forward.
+
+One module-scoped set-up converts a tiny random checkpoint of every family
+(Qwen3 with head_dim != hidden/heads, Qwen3 with mixed layer_types, Qwen2 with
+QKV bias, Llama with tied embeddings, Mistral; the Qwen2 one sharded into an
+index) at TP1 through tools/convert_hf_to_megatron.py, and loads every
+checkpoint at TP2 and at PP2 in one 2-rank gloo launch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "distributed"))
+
+from conversion_fixtures import FAMILIES, WINDOW, hf_logits, hf_model, save_hf, tokens  # noqa: E402
+
+from megatron_consa.allocation import Allocation, make_preset  # noqa: E402
+from megatron_consa.cli import run_tool  # noqa: E402
+
+TOL = 1e-5
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+IMPORT, EXPORT = _tool("convert_hf_to_megatron"), _tool("convert_megatron_to_hf")
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conversion")
+    out = {}
+    for kind in FAMILIES:
+        hf_dir = save_hf(kind, root / f"hf-{kind}", sharded=kind == "qwen2_bias")
+        ckpt = root / f"mcore-{kind}"
+        assert run_tool(IMPORT.main, ["--hf-path", str(hf_dir), "--save", str(ckpt), "--dtype", "fp32"]) == 0
+        out[kind] = (hf_dir, ckpt)
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def layouts(converted, tmp_path_factory):
+    from harness import launch
+
+    _, out = converted
+    results = launch(
+        "conversion_layouts", 2, tmp_path_factory.mktemp("conv-launch"),
+        checkpoints={k: str(c) for k, (_, c) in out.items()}, layouts={"tp2": (2, 1), "pp2": (1, 2)}, tokens=tokens(),
+    )
+    return results[0]
+
+
+def test_sharded_index_and_sliding_source_are_imported(converted):
+    _, out = converted
+    assert (out["qwen2_bias"][0] / "model.safetensors.index.json").exists()
+    alloc = Allocation.load(out["qwen3_hybrid"][1] / "allocation.json")
+    assert alloc.window == WINDOW and alloc.fa == [[0, 0], [1, 1], [0, 0], [1, 1]]  # layer_types, 0-based
+    for kind in FAMILIES:
+        assert (out[kind][1] / "allocation.json").exists() == (kind == "qwen3_hybrid")
+        assert (out[kind][1] / "config.json").exists()
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_imported_logits_equal_transformers(converted, layouts, kind, layout, single_rank_mcore):
+    hf_dir, ckpt = converted[1][kind]
+    if layout == "tp1":
+        from scenarios import checkpoint_logits
+
+        ours = checkpoint_logits(str(ckpt), tokens())
+    else:
+        ours = layouts[(kind, layout)]
+    ref = hf_logits(hf_dir)
+    assert ours.shape == ref.shape
+    assert _rel(ours, ref) < TOL, (kind, layout, _rel(ours, ref))
+
+
+def test_hybrid_import_really_slides(converted):
+    hf_dir, _ = converted[1]["qwen3_hybrid"]
+    model = hf_model("qwen3_hybrid")
+    full = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**model.config.to_dict(), "use_sliding_window": False, "layer_types": None}))
+    full.load_state_dict(model.state_dict())
+    full.config._attn_implementation = "eager"
+    assert _rel(hf_logits(hf_dir), hf_logits(full)) > 1e-3  # the windows change the result at this length
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_round_trip_through_the_clis_is_bit_exact(converted, kind):
+    root, out = converted
+    hf_dir, ckpt = out[kind]
+    back = root / f"back-{kind}"
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back)]) == 0
+    src = {}
+    for f in hf_dir.glob("*.safetensors"):
+        src.update(load_file(str(f)))
+    got = load_file(str(back / "model.safetensors"))
+    src.pop("lm_head.weight", None) if kind == "llama_tied" else None
+    assert sorted(got) == sorted(src)
+    for k in src:
+        assert torch.equal(got[k], src[k]), k
+    # the exported directory runs in stock transformers, windows included
+    assert _rel(hf_logits(back), hf_logits(hf_dir)) < TOL
+
+
+def test_tp2_conversion_through_the_cli_round_trips(converted):
+    root, out = converted
+    hf_dir = out["qwen2_bias"][0]
+    ckpt, back = root / "mcore-qwen2-tp2", root / "back-qwen2-tp2"
+    assert run_tool(IMPORT.main, ["--hf-path", str(hf_dir), "--save", str(ckpt), "--tensor-model-parallel-size", "2"]) == 0
+    meta = json.loads((ckpt / "consa_run.json").read_text())
+    assert meta["conversion"]["tensor_model_parallel_size"] == 2
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back)]) == 0
+    src = {}
+    for f in hf_dir.glob("*.safetensors"):
+        src.update(load_file(str(f)))
+    got = load_file(str(back / "model.safetensors"))
+    assert sorted(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src)
+
+
+def test_layer_wise_hybrid_export_runs_in_stock_transformers(converted, single_rank_mcore):
+    """A learned-style layer allocation on a Qwen3 import: stock transformers == our fixed-mode model."""
+    from scenarios import checkpoint_logits
+
+    root, out = converted
+    _, ckpt = out["qwen3"]
+    alloc = make_preset("interleave:2", num_layers=4, num_kv_heads=2, granularity="layer", target_sparsity=0.5, window=WINDOW)
+    alloc.save(root / "interleave.json")
+    back = root / "hybrid-export"
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back), "--allocation", str(root / "interleave.json")]) == 0
+    config = json.loads((back / "config.json").read_text())
+    assert config["use_sliding_window"] is True and config["sliding_window"] == WINDOW
+    assert config["layer_types"] == ["sliding_attention" if r[0] == 0 else "full_attention" for r in alloc.fa]
+    # our fixed-mode model with the same allocation: point the checkpoint at it through a copy
+    hybrid_ckpt = root / "mcore-qwen3-interleave"
+    import shutil
+
+    shutil.copytree(ckpt, hybrid_ckpt)
+    alloc.save(hybrid_ckpt / "allocation.json")
+    ours = checkpoint_logits(str(hybrid_ckpt), tokens())
+    stock = hf_logits(back)
+    assert _rel(ours, stock) < TOL
+    assert _rel(stock, hf_logits(out["qwen3"][0])) > 1e-3  # the hybrid differs from the all-FA source
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _assert_refused(capsys, tool, argv, message, nothing_at):
+    assert run_tool(tool.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not nothing_at.exists(), f"{nothing_at} was left behind"
+    assert not list(nothing_at.parent.glob(f".{nothing_at.name}.tmp-*")), "a temporary directory was left behind"
+
+
+def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(tmp_path, capsys, converted):
+    root, out = converted
+    save = tmp_path / "out"
+    # unsupported architecture
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_layer": 2}))
+    _assert_refused(capsys, IMPORT, ["--hf-path", str(gpt2), "--save", str(save)], "model_type='gpt2' is not supported", save)
+    # missing weight file (a shard named by the index)
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(out["qwen2_bias"][0], broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    _assert_refused(capsys, IMPORT, ["--hf-path", str(broken), "--save", str(save)], f"missing from {broken}: ['{shard.name}']", save)
+    # pickle only
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(out["qwen3"][0] / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    _assert_refused(capsys, IMPORT, ["--hf-path", str(pickled), "--save", str(save)], "pickle files are not read", save)
+    # a tensor with the wrong shape
+    bad_shape = tmp_path / "bad_shape"
+    shutil.copytree(out["qwen3"][0], bad_shape)
+    state = load_file(str(bad_shape / "model.safetensors"))
+    state["model.layers.1.self_attn.k_proj.weight"] = state["model.layers.1.self_attn.k_proj.weight"][:-1].clone()
+    save_file(state, str(bad_shape / "model.safetensors"), metadata={"format": "pt"})
+    _assert_refused(capsys, IMPORT, ["--hf-path", str(bad_shape), "--save", str(save)], "'model.layers.1.self_attn.k_proj.weight' has shape [47, 64]", save)
+    # heads not divisible by TP
+    _assert_refused(
+        capsys, IMPORT, ["--hf-path", str(out["qwen3"][0]), "--save", str(save), "--tensor-model-parallel-size", "3"],
+        "num_attention_heads=4 is not divisible by --tensor-model-parallel-size=3", save,
+    )
+    # an allocation made for another model
+    other = make_preset("all_swa", num_layers=6, num_kv_heads=2, granularity="layer", target_sparsity=None, window=8)
+    other.save(tmp_path / "other.json")
+    _assert_refused(
+        capsys, EXPORT, ["--load", str(out["qwen3"][1]), "--save", str(save), "--allocation", str(tmp_path / "other.json")],
+        "allocation field 'num_layers' is 6 but the model/config has num_layers=4", save,
+    )
+    # head-wise allocations need the consa attention, which stock config fields cannot express
+    heads = make_preset("uniform_heads", num_layers=4, num_kv_heads=2, granularity="kv_head", target_sparsity=0.5, window=8)
+    heads.save(tmp_path / "heads.json")
+    _assert_refused(
+        capsys, EXPORT, ["--load", str(out["qwen3"][1]), "--save", str(save), "--allocation", str(tmp_path / "heads.json")],
+        "the allocation is head-wise", save,
+    )
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted):
+    _, out = converted
+    hf_qwen3, hf_llama = out["qwen3"][0], out["llama_tied"][0]
+    target = tmp_path / "ckpt"
+    assert run_tool(IMPORT.main, ["--hf-path", str(hf_qwen3), "--save", str(target)]) == 0
+    before = (target / "consa_run.json").read_text()
+    assert run_tool(IMPORT.main, ["--hf-path", str(hf_qwen3), "--save", str(target)]) == 0  # same conversion: no-op
+    assert run_tool(IMPORT.main, ["--hf-path", str(hf_llama), "--save", str(target)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (target / "consa_run.json").read_text() == before  # untouched
+    assert run_tool(IMPORT.main, ["--hf-path", str(hf_llama), "--save", str(target), "--overwrite"]) == 0
+    assert json.loads((target / "consa_run.json").read_text())["architecture"]["model_type"] == "llama"
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("x")
+    assert run_tool(EXPORT.main, ["--load", str(target), "--save", str(tmp_path / "hf")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (tmp_path / "hf" / "keep.txt").exists()
+
+
+def test_imported_checkpoint_starts_a_learning_run(converted, single_rank_mcore):
+    """The training code loads a converted checkpoint with weights_only (gates at init_log_alpha)."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.model import ArchitectureConfig, unwrap_model
+    from megatron_consa.training.checkpoint import load_checkpoint, read_checkpoint_meta
+    from megatron_consa.training.config import ParallelConfig, TrainingConfig
+    from megatron_consa.training.data import PeriodicSequenceData
+    from megatron_consa.training.loop import ConsaTrainer
+    from megatron_consa.training.parallel import initialize_distributed
+
+    hf_dir, ckpt = converted[1]["qwen3"]
+    arch = ArchitectureConfig(**read_checkpoint_meta(ckpt)["architecture"])
+    training = TrainingConfig(train_iters=1, micro_batch_size=1, global_batch_size=1, seq_length=16, lr=1e-3, min_lr=1e-3, lr_decay_style="constant")
+    initialize_distributed(ParallelConfig(), seed=training.seed)
+    trainer = ConsaTrainer(
+        arch=arch, consa=ConsaConfig(window=WINDOW, backend="torch"), parallel=ParallelConfig(), training=training,
+        data=PeriodicSequenceData(vocab_size=arch.vocab_size, seq_length=16, period=5),
+    )
+    assert load_checkpoint(trainer, ckpt, weights_only=True) == 0
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    got = unwrap_model(trainer.chunks[0]).state_dict()
+    assert torch.equal(got["embedding.word_embeddings.weight"], hf["model.embed_tokens.weight"])
+    assert torch.equal(got["decoder.layers.3.mlp.linear_fc2.weight"], hf["model.layers.3.mlp.down_proj.weight"])
+    record = trainer.train_step()
+    assert torch.isfinite(torch.tensor(record.loss))

@@ -1,0 +1,99 @@
+"""KV-cache accounting (megatron_consa.evaluation.kv_memory) and tools/kv_budget.py against the formula."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_consa.allocation import make_preset
+from megatron_consa.evaluation.kv_memory import (
+    KvCacheShape,
+    all_fa_bytes,
+    allocation_bytes,
+    parse_bytes,
+    sparsity_for_budget,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+L, G, D = 28, 8, 128  # Qwen3-0.6B's KV shape
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _formula(n_fa_heads, n_swa_heads, n, window, sinks, batch, head_dim, nbytes):
+    return 2 * batch * head_dim * nbytes * (n_fa_heads * n + n_swa_heads * min(n, window + sinks))
+
+
+def test_bytes_equal_the_formula():
+    shape = KvCacheShape(num_layers=L, num_kv_heads=G, head_dim=D, context_length=32768, batch_size=4, bytes_per_element=2)
+    assert all_fa_bytes(shape) == _formula(L * G, 0, 32768, 0, 0, 4, D, 2) == 14 * 2**30  # 14 GiB for batch 4 at 32k
+    alloc = make_preset("uniform_heads", num_layers=L, num_kv_heads=G, granularity="kv_head",
+                        target_sparsity=0.75, window=4096, sink_tokens=4)
+    assert allocation_bytes(shape, alloc) == _formula(56, 168, 32768, 4096, 4, 4, D, 2)
+    short = KvCacheShape(num_layers=L, num_kv_heads=G, head_dim=D, context_length=1000)
+    assert allocation_bytes(short, alloc) == all_fa_bytes(short)  # window longer than the context
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "layer"])
+def test_budget_gives_the_largest_fa_share_that_fits(granularity):
+    shape = KvCacheShape(num_layers=L, num_kv_heads=G, head_dim=D, context_length=16384, batch_size=2)
+    budget = int(0.4 * all_fa_bytes(shape))
+    fit = sparsity_for_budget(shape, budget, window=1024, granularity=granularity)
+    alloc = make_preset("bottom_swa", num_layers=L, num_kv_heads=G, granularity=granularity,
+                        target_sparsity=fit.target_sparsity, window=1024)
+    used = allocation_bytes(shape, alloc)
+    assert used == fit.kv_bytes <= budget
+    unit_heads = 1 if granularity == "kv_head" else G
+    assert alloc.num_fa_kv_heads == fit.fa_units * unit_heads
+    one_more = _formula(alloc.num_fa_kv_heads + unit_heads, L * G - alloc.num_fa_kv_heads - unit_heads,
+                        16384, 1024, 0, 2, D, 2)
+    assert one_more > budget  # the next unit would not fit
+
+
+def test_budget_below_all_swa_is_refused():
+    shape = KvCacheShape(num_layers=L, num_kv_heads=G, head_dim=D, context_length=16384)
+    with pytest.raises(ValueError, match="below the all-SWA KV cache"):
+        sparsity_for_budget(shape, 1000, window=1024)
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("1.5 GB") == 1_500_000_000 and parse_bytes("77") == 77
+    with pytest.raises(ValueError, match="byte count"):
+        parse_bytes("lots")
+
+
+def test_cli_reports_formula_values(tmp_path, capsys):
+    config = {"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 1024, "intermediate_size": 3072,
+              "num_hidden_layers": L, "num_attention_heads": 16, "num_key_value_heads": G, "head_dim": D}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    alloc = make_preset("top_swa", num_layers=L, num_kv_heads=G, granularity="layer", target_sparsity=0.5, window=512)
+    alloc.save(tmp_path / "allocation.json")
+    tool = _tool("kv_budget")
+    rc = tool.main(["--hf-config", str(tmp_path), "--context-length", "8192", "--batch-size", "3", "--dtype", "fp32",
+                    "--allocation", str(tmp_path / "allocation.json"), "--budget", "1GiB", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["all_fa_bytes"] == _formula(L * G, 0, 8192, 0, 0, 3, D, 4)
+    assert report["allocation_bytes"] == _formula(14 * G, 14 * G, 8192, 512, 0, 3, D, 4)
+    fit_units = report["fitting_fa_units"]
+    assert report["fitting_bytes"] == _formula(fit_units, L * G - fit_units, 8192, 512, 0, 3, D, 4) <= 2**30
+    assert report["fitting_target_sparsity"] == pytest.approx(1 - fit_units / (L * G))
+
+
+def test_cli_errors_name_the_fix(tmp_path, capsys):
+    tool = _tool("kv_budget")
+    from megatron_consa.cli import run_tool
+
+    assert run_tool(tool.main, ["--hf-config", str(tmp_path / "nope"), "--context-length", "10"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    assert run_tool(tool.main, ["--hf-config", str(tmp_path), "--context-length", "10"]) == 2
+    assert "model_type='gpt2' is not supported" in capsys.readouterr().err

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Export a megatron-consa checkpoint (any TP/PP layout) to a Hugging Face directory.
+
+    python tools/convert_megatron_to_hf.py --load ckpt/qwen3-0.6b --save hf/qwen3-hybrid \
+        --allocation allocation.json
+
+A layer-wise allocation becomes stock config fields (layer_types, sliding_window,
+use_sliding_window) so stock transformers runs the hybrid model. Without
+--allocation the checkpoint's own allocation.json is used if it has one, else
+the export is all full attention. See megatron_consa.conversion.exporter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from megatron_consa.cli import run_tool, setup_logging
+from megatron_consa.conversion.exporter import ExportRequest, export_to_hf
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="megatron-consa checkpoint directory")
+    p.add_argument("--save", required=True, help="output Hugging Face directory")
+    p.add_argument("--allocation", help="allocation.json (layer-wise) to export the hybrid model with")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    export_to_hf(ExportRequest(load=args.load, save=args.save, allocation=args.allocation, overwrite=args.overwrite))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
