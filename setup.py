@@ -29,6 +29,7 @@ setup(
         "transformers>=4.51",
         "tqdm",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],

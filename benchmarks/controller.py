@@ -114,7 +114,7 @@ def trainer_runs(iterations: int, pretrain_iters: int) -> list[dict]:
     all_fa = ConsaConfig(window=window, allocation=[[1] * 4 for _ in range(4)])
     dense = ConsaTrainer(arch=arch, consa=all_fa, parallel=parallel, training=pre, data=data)
     dense.train()
-    dense_state = {k: v.clone() for k, v in unwrap_model(dense.chunks[0]).state_dict().items()}
+    dense_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in unwrap_model(dense.chunks[0]).state_dict().items()}
     del dense
     rows = []
     training = TrainingConfig(train_iters=iterations, lr=2e-3, min_lr=2e-4, **common)
@@ -163,6 +163,9 @@ def main(argv=None) -> int:
     start = time.time()
     toy = toy_grid(args.toy_iters)
     text = [markdown(toy, f"Toy grid ({args.toy_iters} iterations per run, {len(toy) // 2} cases)")]
+    print(text[0], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "controller_toy.json").write_text(json.dumps(toy, indent=1))
     trainer = [] if args.skip_trainer else trainer_runs(args.trainer_iters, args.pretrain_iters)
     if trainer:
         text.append(markdown(trainer, f"Quickstart model in ConsaTrainer ({args.trainer_iters} iterations)"))

@@ -26,14 +26,21 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be built or does not fit; the message names the flag and the fix."""
 
 
-class SentencePieceTokenizer:
+class _Tokenizer:
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron-core hashes into its dataset cache keys (it reads this attribute)."""
+        return {"class": type(self).__name__, "source": str(getattr(self, "source", "")), "vocab_size": self.vocab_size}
+
+
+class SentencePieceTokenizer(_Tokenizer):
     def __init__(self, model_file: str | os.PathLike):
         import sentencepiece
 
         path = Path(model_file)
         if not path.is_file():
             raise TokenizerError(f"--tokenizer-model {path}: no sentencepiece model file there")
-        self.model_file = path
+        self.model_file = self.source = path
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = int(self._sp.get_piece_size())
         eos = int(self._sp.eos_id())
@@ -49,14 +56,14 @@ class SentencePieceTokenizer:
         shutil.copy2(self.model_file, Path(directory) / "tokenizer.model")
 
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(_Tokenizer):
     def __init__(self, directory: str | os.PathLike):
         from transformers import AutoTokenizer
 
         path = Path(directory)
         if not path.is_dir():
             raise TokenizerError(f"--tokenizer-model {path}: not a Hugging Face tokenizer directory")
-        self.directory = path
+        self.directory = self.source = path
         self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.vocab_size = int(len(self._tok))
         eos = self._tok.eos_token_id
@@ -72,7 +79,7 @@ class HuggingFaceTokenizer:
         self._tok.save_pretrained(str(directory))
 
 
-class NullTokenizer:
+class NullTokenizer(_Tokenizer):
     """No text: the mock-data tokenizer (ids are given, EOD is the last id)."""
 
     def __init__(self, vocab_size: int):

@@ -146,6 +146,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
                 "training": trainer.training.to_dict(),
                 "parallel": dataclasses.asdict(trainer.parallel),
                 "world_size": dist.get_world_size(),
+                "resumable": True,
             }
             write_checkpoint_meta(tmp, meta)
             _swap_into_place(tmp, final)

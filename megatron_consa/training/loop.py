@@ -28,6 +28,7 @@ budget, refusing a run that did not settle.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Optional
@@ -272,6 +273,8 @@ class ConsaTrainer:
         self.capture_gate_grads = False
         self.last_gate_grads: dict[int, torch.Tensor] = {}
         self._forward_backward = get_forward_backward_func()
+        self._start_time = time.time()
+        self._last_log = (self._start_time, 0)  # (time, iteration) of the previous log line
         self._writer = None
         # megatron's convention: the last rank writes TensorBoard (it holds the loss)
         if training.tensorboard_dir and torch.distributed.get_rank() == world - 1:
@@ -380,6 +383,38 @@ class ConsaTrainer:
             check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
         return record
 
+    @torch.no_grad()
+    def evaluate(self, source: SampleSource, *, iterations: int, first_batch: int = 0) -> float:
+        """Mean LM loss over `iterations` global batches of `source` (forward only, noise-free gates).
+
+        Batch j is the same global batch on every layout (`micro_batches`), so the
+        figure does not depend on TP/PP/DP. Every rank returns the same value.
+        """
+        for chunk in self.chunks:
+            chunk.eval()
+        losses = []
+        for j in range(iterations):
+            batches = micro_batches(
+                source, iteration=first_batch + j, global_batch_size=self.training.global_batch_size,
+                micro_batch_size=self.training.micro_batch_size,
+                dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size,
+            )
+            data_iter = repeat_for_chunks(batches, len(self.chunks))
+            out = self._forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=data_iter if len(self.chunks) > 1 else data_iter[0],
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=self.num_microbatches, seq_length=self.training.seq_length,
+                micro_batch_size=self.training.micro_batch_size, forward_only=True,
+            )
+            local = None
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and out:
+                local = float(torch.stack([x["lm loss"].float() for x in out]).mean())
+            losses.append(last_stage_scalar_to_all(local))  # averaged over the DP replicas too
+        for chunk in self.chunks:
+            chunk.train()
+        return sum(losses) / max(1, len(losses))
+
     def train(self, iterations: Optional[int] = None, on_step: Optional[Callable[[StepRecord], Any]] = None):
         """Run `iterations` steps (default: up to train_iters)."""
         n = self.training.train_iters - self.iteration if iterations is None else iterations
@@ -414,12 +449,24 @@ class ConsaTrainer:
                 for layer, count in enumerate(r.fa_per_layer):
                     self._writer.add_scalar(f"consa_fa_heads/layer_{layer:03d}", count, r.iteration)
         interval = self.training.log_interval
-        if interval and torch.distributed.get_rank() == 0 and (r.iteration % interval == 0 or r.skipped):
+        if interval and (r.iteration % interval == 0 or r.skipped):
+            now, done = time.time(), r.iteration + 1
+            prev_time, prev_iter = self._last_log
+            per_iter = (now - prev_time) / max(1, done - prev_iter)
+            self._last_log = (now, done)
+            tokens_per_s = self.training.global_batch_size * self.training.seq_length / max(per_iter, 1e-9)
+            eta = per_iter * max(0, self.training.train_iters - done)
+            if self._writer is not None:
+                self._writer.add_scalar("consa/tokens_per_s", tokens_per_s, r.iteration)
+            if torch.distributed.get_rank() != 0:
+                return
             gate = "" if r.gate_lr is None else f" | gate lr {r.gate_lr:.3g}"
             fa = "" if r.fa_per_layer is None else " | FA/layer " + ",".join(map(str, r.fa_per_layer))
             logger.info(
-                "iter %6d | loss %.4f | s_hat %.4f | target %.4f | lambda1 %+.4f | lambda2 %.4f | lr %.3g%s%s%s",
-                r.iteration, r.loss, r.s_hat, r.target, r.lambda1, r.lambda2, r.lr, gate, fa,
+                "iter %6d/%d | loss %.4f | lr %.3g%s | %.0f tok/s | elapsed %s | ETA %s | s_hat %.4f | target %.4f | "
+                "lambda1 %+.4f | lambda2 %.4f%s%s",
+                r.iteration, self.training.train_iters, r.loss, r.lr, gate, tokens_per_s,
+                _hms(now - self._start_time), _hms(eta), r.s_hat, r.target, r.lambda1, r.lambda2, fa,
                 " | skipped (loss scale)" if r.skipped else "",
             )
 
@@ -511,6 +558,11 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
             "allocation phase ends, so it could never settle; train for longer than the warm-up (a few hundred "
             "iterations more) or shorten the warm-up"
         )
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _grad_of(p: torch.Tensor) -> torch.Tensor:

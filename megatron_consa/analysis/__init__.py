@@ -1,0 +1,1 @@
+"""Allocation statistics and heatmaps."""

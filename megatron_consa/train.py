@@ -1,0 +1,66 @@
+"""The training entry point: `python -m megatron_consa.train` (under torchrun for several ranks).
+
+    torchrun --nproc-per-node 8 -m megatron_consa.train --hf-config Qwen3-0.6B/ \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+        --data-path corpus_text_document --tokenizer-type HuggingFaceTokenizer --tokenizer-model Qwen3-0.6B/ \
+        --seq-length 4096 --micro-batch-size 1 --global-batch-size 64 --train-iters 2000 --lr 1e-5 \
+        --consa-phase learn --consa-target-sparsity 0.75 --consa-window 1024 --save ckpt/learn --save-interval 200
+
+Flags are parsed once here into the typed configs (`megatron_consa.training.arguments`);
+`--help` lists them all. Bad input exits with status 2 and a message naming the
+flag, before any training work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def main(argv=None) -> int:
+    from megatron_consa.cli import USER_ERROR_EXIT
+    from megatron_consa.training.arguments import parse_run_config
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("megatron", "torch", "py.warnings"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    try:
+        run = parse_run_config(argv)
+        from megatron_consa.training.run import prepare_run
+
+        prepared = prepare_run(run, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except (ValueError, FileNotFoundError) as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    if "MASTER_ADDR" not in os.environ:  # plain `python -m megatron_consa.train`: a one-rank world
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import torch
+
+    from megatron_consa.training.run import run_training
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    try:
+        run_training(prepared)
+    except ValueError as err:
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

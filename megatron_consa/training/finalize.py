@@ -1,0 +1,130 @@
+"""Finalize a learning-phase checkpoint: allocation at the exact budget, heatmap, fixed-mode checkpoint.
+
+`finalize_checkpoint` reads the learning run's record from its checkpoint
+(the s_hat of every iteration and the gathered log_alpha, both in the
+checkpoint's common state, so no model is needed to judge it), refuses a run
+whose s_hat tail did not settle, and writes into one output directory:
+
+* `allocation.json`: the K units with the largest log_alpha FA, the budget met exactly;
+* `allocation_heatmap.png`: layers x KV heads, log_alpha with the FA units outlined;
+* `checkpoint/`: the model weights in fixed mode (no gates), the allocation in its
+  metadata: `--load DIR/checkpoint --consa-phase fixed` continues training from it.
+
+Everything goes to a temporary sibling directory first, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_consa.allocation import Allocation
+from megatron_consa.architecture import ArchitectureConfig
+from megatron_consa.config import ConsaConfig
+from megatron_consa.controller import judge_settling
+
+logger = logging.getLogger(__name__)
+
+ALLOCATION_FILE = "allocation.json"
+HEATMAP_FILE = "allocation_heatmap.png"
+CHECKPOINT_DIR = "checkpoint"
+
+
+class FinalizeError(ValueError):
+    """A checkpoint that cannot be finalized; the message names the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class FinalizeRequest:
+    load: str
+    """A learning run's --save directory (its latest checkpoint) or one iter_* directory."""
+    save: str
+    """Output directory."""
+    tolerance: Optional[float] = None
+    """Allowed max |s_hat - target| over the judged tail (default: the run's settle_tolerance)."""
+    margin: Optional[float] = None
+    """log_alpha gap below which boundary units are reported undecided (default: the run's finalize_margin)."""
+    overwrite: bool = False
+    with_checkpoint: bool = True
+    """Also write the fixed-mode model checkpoint (needs a model build; off: allocation and heatmap only)."""
+
+
+def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
+    from megatron_consa.training.checkpoint import read_checkpoint_meta, read_common_state, resolve_load_dir
+
+    path = resolve_load_dir(request.load)
+    meta = read_checkpoint_meta(path) or {}
+    if not meta.get("consa"):
+        raise FinalizeError(f"--load {request.load}: {path} has no ConSA metadata")
+    consa = ConsaConfig.from_dict(meta["consa"])
+    if not consa.learning:
+        raise FinalizeError(f"--load {request.load}: a fixed-allocation checkpoint has no gates to finalize")
+    arch = ArchitectureConfig(**meta["architecture"])
+    common = read_common_state(path)
+    log_alpha = common.get("consa_log_alpha")
+    if log_alpha is None:
+        raise FinalizeError(f"--load {request.load}: the checkpoint holds no gathered log_alpha (saved by an older version)")
+    history = common["consa_controller"].get("s_hat_history", [])
+    report = judge_settling(
+        history, target_sparsity=consa.target_sparsity, warmup_iters=consa.target_warmup_iters,
+        tail_fraction=consa.settle_tail_fraction,
+        tolerance=consa.settle_tolerance if request.tolerance is None else request.tolerance,
+    )
+    allocation = Allocation.from_log_alpha(
+        torch.tensor(log_alpha), target_sparsity=consa.target_sparsity, granularity=consa.granularity,
+        num_kv_heads=arch.num_kv_heads, window=consa.window, sink_tokens=consa.sink_tokens,
+        metadata={"checkpoint": str(path), "iterations": int(common["iteration"]),
+                  "final_s_hat": history[-1][1] if history else None},
+        settle=report, margin=consa.finalize_margin if request.margin is None else request.margin,
+    )
+    out = Path(request.save)
+    if out.exists() and any(out.iterdir()) and not request.overwrite:
+        raise FinalizeError(f"--save {out}: exists and is not empty; choose another directory or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        allocation.save(tmp / ALLOCATION_FILE)
+        from megatron_consa.analysis.heatmap import save_heatmap
+
+        save_heatmap(tmp / HEATMAP_FILE, allocation.fa, allocation.log_alpha,
+                     title=f"learned allocation: sparsity {allocation.achieved_sparsity:.3f}, W={consa.window}")
+        if request.with_checkpoint:
+            _write_fixed_checkpoint(path, tmp / CHECKPOINT_DIR, meta, arch, dataclasses.replace(consa, allocation=allocation.fa))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("settling: %s", report.describe())
+    return allocation
+
+
+def _write_fixed_checkpoint(src: Path, dst: Path, meta: dict, arch: ArchitectureConfig, consa: ConsaConfig) -> None:
+    """The learn checkpoint's weights in a fixed-mode model (gates dropped), as a weights-only checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_consa.conversion.world import conversion_world, free_port
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+    from megatron_consa.training.checkpoint import load_model_weights, model_state_for_save, write_checkpoint_meta
+
+    training = meta.get("training") or {}
+    dtype = torch.bfloat16 if training.get("bf16") else torch.float16 if training.get("fp16") else torch.float32
+    with conversion_world(rank=0, world_size=1, port=free_port()):
+        fixed = dataclasses.replace(consa, backend="torch")
+        model = build_gpt_model(build_transformer_config(arch, fixed, params_dtype=dtype), arch,
+                                use_transformer_engine=False)
+        load_model_weights([model], src)  # the fixed model asks for no gates
+        dst.mkdir(parents=True)
+        dist_checkpointing.save(model_state_for_save([model], controller_state={}, iteration=0), str(dst))
+    write_checkpoint_meta(dst, {
+        "iteration": 0, "consa": consa.to_dict(), "architecture": dataclasses.asdict(arch), "training": training,
+        "finalized_from": str(src), "resumable": False,
+    })

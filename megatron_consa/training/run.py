@@ -1,0 +1,259 @@
+"""One training run from typed configs: checks, data, trainer, checkpoints, evaluation, logs.
+
+`prepare_run` makes every check that needs no process group (tokenizer vs
+model vocabulary, data files, allocation file vs model, `--load` and `--save`
+directories, parallel layout vs world size, warm-up vs run length) so bad input
+fails before any training work with a message naming the flag. `run_training`
+then does the work on every rank: megatron-core's datasets, the `ConsaTrainer`,
+resume from `--load`, validation loss every `--eval-interval`, a checkpoint every
+`--save-interval` and at the end (with the allocation heatmap in TensorBoard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from megatron_consa.allocation import Allocation, make_preset
+from megatron_consa.config import ConsaConfigError
+from megatron_consa.data.gpt import check_data_paths, max_token_id
+from megatron_consa.data.tokenizer import build_tokenizer
+from megatron_consa.training.arguments import ArgumentError, RunConfig
+
+logger = logging.getLogger(__name__)
+
+VOCAB_PAD_MULTIPLE = 128
+"""Megatron-LM's --make-vocab-size-divisible-by: the embedding rows are padded to a multiple of this times TP."""
+
+
+@dataclass
+class PreparedRun:
+    run: RunConfig
+    tokenizer: object
+    load_dir: Optional[Path]
+    load_meta: dict
+    resume: bool
+    """True: full resume (optimizer, controller, iteration); False: weights only (or no --load)."""
+    allocation: Optional[Allocation]
+
+
+def _resolve_allocation(run: RunConfig, load_meta: dict) -> Optional[Allocation]:
+    """The fixed phase's allocation: a file, a preset, or the one the loaded checkpoint was trained with."""
+    if run.phase != "fixed":
+        return None
+    arch, consa = run.arch, run.consa
+    src = run.allocation_source
+    if src and (src.endswith(".json") or Path(src).is_file()):
+        try:
+            alloc = Allocation.load(src)
+        except FileNotFoundError as err:
+            raise ArgumentError(f"--consa-allocation {src}: no such file") from err
+        try:
+            alloc.check_compatible(arch.num_layers, arch.num_kv_heads)
+        except ValueError as err:
+            raise ArgumentError(f"--consa-allocation {src}: {err}") from err
+        return alloc
+    if src:
+        try:
+            return make_preset(src, num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
+                               granularity=consa.granularity, target_sparsity=consa.target_sparsity,
+                               window=consa.window, sink_tokens=consa.sink_tokens)
+        except ValueError as err:
+            raise ArgumentError(f"--consa-allocation {src}: {err}") from err
+    saved = (load_meta.get("consa") or {}).get("allocation")
+    if saved is None:
+        raise ArgumentError(
+            "--consa-phase fixed needs an allocation: --consa-allocation FILE|PRESET, or --load a checkpoint "
+            "written by tools/finalize_allocation.py (or an earlier fixed phase)"
+        )
+    c = load_meta["consa"]
+    return Allocation(granularity=c["granularity"], num_layers=len(saved), num_kv_heads=len(saved[0]),
+                      window=c["window"], sink_tokens=c.get("sink_tokens", 0), target_sparsity=None, fa=saved,
+                      source="checkpoint").validate()
+
+
+def _check_save_dir(save: str) -> None:
+    path = Path(save)
+    if path.exists() and not path.is_dir():
+        raise ArgumentError(f"--save {save}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ArgumentError(f"--save {save}: not writable ({err.strerror or err}); choose a directory you can write") from err
+
+
+def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
+    """Every check that needs no process group; returns the run with its configs completed."""
+    from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
+    from megatron_consa.training.loop import check_learning_run
+
+    tok = run.tokenizer
+    vocab_hint = tok.vocab_size or (run.arch.vocab_size or None)
+    try:
+        tokenizer = build_tokenizer(tok.tokenizer_type, tok.tokenizer_model, vocab_size=vocab_hint)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from err
+    arch = run.arch
+    tp = run.parallel.tensor_model_parallel_size
+    if not arch.vocab_size:
+        multiple = VOCAB_PAD_MULTIPLE * tp
+        arch = dataclasses.replace(arch, vocab_size=math.ceil(tokenizer.vocab_size / multiple) * multiple)
+    elif tokenizer.vocab_size > arch.vocab_size:
+        raise ArgumentError(
+            f"--tokenizer-model: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{arch.vocab_size} (--vocab-size / --hf-config): use the model's own tokenizer or a larger vocabulary"
+        )
+    if not run.data.mock:
+        try:
+            check_data_paths(run.data)
+        except ValueError as err:
+            raise ArgumentError(str(err)) from err
+        top = max_token_id(run.data)
+        if top is not None and top >= arch.vocab_size:
+            raise ArgumentError(
+                f"--data-path: the data holds token id {top} but the model's vocabulary is {arch.vocab_size}: "
+                "preprocess it with this model's tokenizer (--tokenizer-model)"
+            )
+    parallel, training = run.parallel, run.training
+    dp = parallel.validate(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, world_size=world_size)
+    if not training.global_batch_size:
+        training = dataclasses.replace(training, global_batch_size=training.micro_batch_size * dp)
+    training.validate(dp_size=dp)
+
+    load_dir, load_meta, resume = None, {}, False
+    if run.checkpoint.load:
+        try:
+            load_dir = resolve_load_dir(run.checkpoint.load)
+        except FileNotFoundError as err:
+            raise ArgumentError(str(err)) from err
+        load_meta = read_checkpoint_meta(load_dir) or {}
+        saved_arch = load_meta.get("architecture") or {}
+        for name in ("num_layers", "num_kv_heads", "hidden_size", "num_attention_heads", "vocab_size"):
+            if name in saved_arch and saved_arch[name] != getattr(arch, name):
+                raise ArgumentError(
+                    f"--load {run.checkpoint.load}: the checkpoint has {name}={saved_arch[name]} but this run's model "
+                    f"has {getattr(arch, name)}: describe the same model (e.g. --hf-config of the checkpoint)"
+                )
+        saved_learning = (load_meta.get("consa") or {}).get("allocation") is None
+        same_phase = saved_learning == (run.phase == "learn")
+        resume = bool(load_meta.get("resumable")) and not run.checkpoint.finetune and same_phase
+        if load_meta.get("resumable") and not run.checkpoint.finetune and not same_phase:
+            raise ArgumentError(
+                f"--load {run.checkpoint.load}: a {'learn' if saved_learning else 'fixed'}-phase checkpoint cannot be "
+                f"resumed as a {run.phase} phase; add --finetune to start the new phase from its weights "
+                "(or finalize it first: tools/finalize_allocation.py)"
+            )
+    allocation = _resolve_allocation(run, load_meta)
+    consa = run.consa
+    if allocation is not None:
+        consa = dataclasses.replace(consa, allocation=allocation.fa, granularity=allocation.granularity,
+                                    window=allocation.window, sink_tokens=allocation.sink_tokens)
+        consa.validate()
+    run = dataclasses.replace(run, arch=arch, consa=consa, training=training)
+    try:
+        check_learning_run(consa, arch=arch, training=training, tp_size=tp)
+    except ConsaConfigError as err:
+        raise ArgumentError(str(err)) from err
+    if run.checkpoint.save:
+        _check_save_dir(run.checkpoint.save)
+    return PreparedRun(run=run, tokenizer=tokenizer, load_dir=load_dir, load_meta=load_meta, resume=resume,
+                       allocation=allocation)
+
+
+def _eval_samples(run: RunConfig) -> int:
+    if not run.eval_interval:
+        return 0
+    evals = run.training.train_iters // run.eval_interval + 1
+    return evals * run.eval_iters * run.training.global_batch_size
+
+
+def run_training(prepared: PreparedRun):
+    """Train on every rank (torch.distributed is started here from torchrun's environment)."""
+    import torch
+
+    from megatron_consa.data.gpt import build_gpt_sources
+    from megatron_consa.training.checkpoint import load_checkpoint, save_run_checkpoint
+    from megatron_consa.training.loop import ConsaTrainer
+    from megatron_consa.training.parallel import initialize_distributed
+
+    run = prepared.run
+    training = run.training
+    initialize_distributed(run.parallel, seed=training.seed)
+    samples = training.train_iters * training.global_batch_size
+    train_src, valid_src, _ = build_gpt_sources(
+        run.data, prepared.tokenizer, seq_length=training.seq_length, train_samples=samples,
+        valid_samples=_eval_samples(run),
+    )
+    if train_src is None:
+        raise ArgumentError(f"--split {run.data.split}: the training split is empty")
+    if run.eval_interval and valid_src is None:
+        raise ArgumentError(f"--eval-interval needs a validation split; --split {run.data.split} has none")
+    trainer = ConsaTrainer(arch=run.arch, consa=run.consa, parallel=run.parallel, training=training, data=train_src)
+    if prepared.load_dir is not None:
+        at = load_checkpoint(trainer, prepared.load_dir, weights_only=not prepared.resume)
+        if dist_rank() == 0:
+            logger.info("%s %s (iteration %d)", "resumed from" if prepared.resume else "started from the weights of",
+                        prepared.load_dir, at)
+    save = run.checkpoint.save
+    interval = run.checkpoint.save_interval
+    eval_batch = 0
+
+    def evaluate(k: int) -> None:
+        nonlocal eval_batch
+        loss = trainer.evaluate(valid_src, iterations=run.eval_iters, first_batch=eval_batch)
+        eval_batch += run.eval_iters
+        if trainer._writer is not None:
+            trainer._writer.add_scalar("consa/valid_loss", loss, k)
+        if dist_rank() == 0:
+            logger.info("validation | iter %d | loss %.4f | ppl %.3f", k, loss, math.exp(min(loss, 50.0)))
+
+    def checkpoint() -> None:
+        path = save_run_checkpoint(trainer, save)
+        if run.consa.learning:
+            log_alpha = trainer.gather_log_alpha()  # a collective: every rank
+            if trainer._writer is not None:
+                _tensorboard_heatmap(trainer, log_alpha)
+
+    while trainer.iteration < training.train_iters:
+        trainer.train_step()
+        k = trainer.iteration
+        if run.eval_interval and k % run.eval_interval == 0:
+            evaluate(k)
+        if save and interval and k % interval == 0 and k < training.train_iters:
+            checkpoint()
+    if save:
+        checkpoint()
+    if run.consa.learning:
+        report, fa = trainer.settle_report(), trainer.fa_per_layer()  # fa_per_layer: a collective
+        if dist_rank() == 0:
+            logger.info("allocation phase: %s", report.describe())
+            logger.info("FA KV heads per layer now: %s (finalize with tools/finalize_allocation.py)", fa)
+    trainer.close()
+    torch.distributed.barrier()
+    return trainer
+
+
+def _tensorboard_heatmap(trainer, la) -> None:
+    from megatron_consa.analysis.heatmap import heatmap_image
+    from megatron_consa.gates import HardConcrete, deterministic_z
+
+    z = deterministic_z(la, HardConcrete.from_config(trainer.consa))
+    G = trainer.arch.num_kv_heads
+    if la.shape[1] == 1:
+        la, z = la.expand(-1, G), z.expand(-1, G)
+    image = heatmap_image((z > 0).int().tolist(), la.tolist(), title=f"log_alpha at iteration {trainer.iteration}")
+    trainer._writer.add_image("consa/allocation_heatmap", image, trainer.iteration, dataformats="HWC")
+
+
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
