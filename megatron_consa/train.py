@@ -19,6 +19,20 @@ import sys
 import warnings
 
 
+_FLAG_PREFIX = {"ConsaConfig": "--consa-", "TrainingConfig": "--", "ParallelConfig": "--"}
+
+
+def flag_names(message: str) -> str:
+    """Name the command-line flag beside a config field in an error (`ConsaConfig.window` -> `--consa-window`)."""
+    import re
+
+    def repl(m: "re.Match") -> str:
+        cls, field = m.group(1), m.group(2)
+        return f"{_FLAG_PREFIX[cls]}{field.replace('_', '-')} ({cls}.{field})"
+
+    return re.sub(r"\b(ConsaConfig|TrainingConfig|ParallelConfig)\.([a-z_]+)", repl, message)
+
+
 def main(argv=None) -> int:
     from megatron_consa.cli import USER_ERROR_EXIT
     from megatron_consa.training.arguments import parse_run_config
@@ -36,7 +50,7 @@ def main(argv=None) -> int:
         prepared = prepare_run(run, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, FileNotFoundError) as err:
         if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {flag_names(str(err))}", file=sys.stderr)
         return USER_ERROR_EXIT
     if "MASTER_ADDR" not in os.environ:  # plain `python -m megatron_consa.train`: a one-rank world
         import socket

@@ -66,9 +66,9 @@ def hf_config_from_arch(arch: ArchitectureConfig) -> Any:
 
 
 def export_to_hf(request: ExportRequest) -> Path:
-    from megatron_consa.training.checkpoint import read_checkpoint_meta
+    from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
 
-    load, save = Path(request.load), Path(request.save)
+    load, save = resolve_load_dir(request.load), Path(request.save)
     meta = read_checkpoint_meta(load)
     if meta is None:
         raise FileNotFoundError(f"{load} is not a megatron-consa checkpoint (no consa_run.json)")

@@ -107,6 +107,8 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = Tru
     )
     if not is_loading and trainer.consa.learning:
         state["consa_log_alpha"] = trainer.gather_log_alpha().tolist()  # a collective: every rank saves
+    if not is_loading:
+        state["train_records"] = [dataclasses.asdict(r) for r in trainer.history]
     if not with_optimizer:
         return state
     merged_model = {}
@@ -136,6 +138,10 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
     dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(tmp))
     torch.save(_rng_state(), _rng_file(tmp, rank))
     dist.barrier()
+    if os.environ.get(FAULT_INJECTION_ENV) == str(trainer.iteration):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     error = ""
     if rank == 0:
         try:
@@ -242,6 +248,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         return int(loaded["iteration"])
     trainer.controller.load_state_dict(loaded["consa_controller"])
     trainer.iteration = int(loaded["iteration"])
+    from megatron_consa.training.loop import StepRecord
+
+    records = read_common_state(path).get("train_records") or []
+    trainer.history = [StepRecord(**r) for r in records]
     rng = _rng_file(path, dist.get_rank())
     if rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
         _set_rng_state(torch.load(rng, weights_only=False))
@@ -291,6 +301,11 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> Optional[dict]:
 
 def iteration_dir(save: str | os.PathLike, iteration: int) -> Path:
     return Path(save) / f"iter_{iteration:07d}"
+
+
+FAULT_INJECTION_ENV = "MEGATRON_CONSA_KILL_DURING_SAVE"
+"""Tests only: SIGKILL this process after the shards of the checkpoint at this iteration are written,
+before they are renamed into place and marked latest (a crash in the middle of a save)."""
 
 
 def save_run_checkpoint(trainer, save: str | os.PathLike) -> Path:

@@ -61,8 +61,10 @@ def _resolve_allocation(run: RunConfig, load_meta: dict) -> Optional[Allocation]
         return alloc
     if src:
         try:
+            fixed_pattern = src in ("all_fa", "all_swa")  # they meet no target but their own
             return make_preset(src, num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
-                               granularity=consa.granularity, target_sparsity=consa.target_sparsity,
+                               granularity=consa.granularity,
+                               target_sparsity=None if fixed_pattern else consa.target_sparsity,
                                window=consa.window, sink_tokens=consa.sink_tokens)
         except ValueError as err:
             raise ArgumentError(f"--consa-allocation {src}: {err}") from err

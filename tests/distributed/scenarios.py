@@ -75,7 +75,13 @@ LAYOUTS = {
         pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
     ),
     "tp2_recompute_selective": ParallelConfig(tensor_model_parallel_size=2, recompute_granularity="selective"),
+    "tp2_overlap_grad_reduce": ParallelConfig(tensor_model_parallel_size=2, overlap_grad_reduce=True),
 }
+
+# A mixed allocation for fixed-mode runs, unbalanced on purpose: at TP2 layer 0 keeps
+# its FA heads on rank 0, layer 3 on rank 1, so a rank slicing the wrong half of its
+# row computes another function.
+FIXED_ALLOCATION = [[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1]]
 
 
 # Mixed-precision runs: (layout, TrainingConfig overrides). Gates stay float32.
@@ -146,6 +152,45 @@ def layouts(
         "mid_ckpt": str(mid_ckpt),
         "guard_error": _perturbed_replica_error(),
     }
+
+
+def fixed_layouts(*, out_dir: str, names: list[str], iters: int = 6,
+                  layer_names: tuple[str, ...] = ("tp1pp1", "tp2pp2")) -> dict:
+    """Fixed-mode continued training (FIXED_ALLOCATION) at each layout from the same weights,
+    and learning at layer granularity at `layer_names`; rank 0 returns the loss curves."""
+    import dataclasses
+
+    out = Path(out_dir)
+    init_ckpt = out / "fixed-init"
+    consa = dataclasses.replace(consa_config(), allocation=FIXED_ALLOCATION)
+    runs: dict[str, list[float]] = {}
+    for name in names:
+        training = training_config(train_iters=iters)
+        initialize_distributed(LAYOUTS[name], seed=training.seed)
+        trainer = ConsaTrainer(arch=ARCH, consa=consa, parallel=LAYOUTS[name], training=training, data=DATA)
+        if not init_ckpt.exists():
+            save_checkpoint(trainer, init_ckpt)
+        else:
+            load_checkpoint(trainer, init_ckpt, weights_only=True)
+        runs[f"fixed:{name}"] = [trainer.train_step().loss for _ in range(iters)]
+    training = training_config(train_iters=iters)
+    initialize_distributed(LAYOUTS["tp1pp1"], seed=training.seed)
+    all_fa = dataclasses.replace(consa, allocation=[[1] * ARCH.num_kv_heads] * ARCH.num_layers)
+    trainer = ConsaTrainer(arch=ARCH, consa=all_fa, parallel=LAYOUTS["tp1pp1"], training=training, data=DATA)
+    load_checkpoint(trainer, init_ckpt, weights_only=True)
+    runs["allfa:tp1pp1"] = [trainer.train_step().loss for _ in range(iters)]
+    layer_init = out / "layer-init"
+    for name in layer_names:
+        trainer = make_trainer(LAYOUTS[name], "layer", train_iters=iters)
+        if not layer_init.exists():
+            save_checkpoint(trainer, layer_init)
+        else:
+            load_checkpoint(trainer, layer_init, weights_only=True)
+        runs[f"layer:{name}"] = [
+            (r.loss, r.s_hat, r.lambda1) for r in (trainer.train_step() for _ in range(iters))
+        ]
+        runs[f"layer:{name}:log_alpha"] = trainer.gather_log_alpha()
+    return {"runs": runs if torch.distributed.get_rank() == 0 else None}
 
 
 def _perturbed_replica_error() -> str | None:

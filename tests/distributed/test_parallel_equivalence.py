@@ -126,3 +126,34 @@ def test_mixed_precision_follows_fp32_with_the_constraint_scaled_right(launched,
     for k in (0, RESUME_AT, len(got) - 1):
         scale = ref[k]["gate_grad"].abs().max()
         torch.testing.assert_close(got[k]["gate_grad"], ref[k]["gate_grad"], rtol=0.1, atol=0.1 * scale)
+
+
+FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce"]
+
+
+@pytest.fixture(scope="module")
+def fixed_launched(tmp_path_factory):
+    return launch("fixed_layouts", 4, tmp_path_factory.mktemp("fixed"), names=FIXED_LAYOUTS, iters=6)[0]["runs"]
+
+
+@pytest.mark.parametrize("layout", FIXED_LAYOUTS[1:])
+def test_fixed_allocation_training_follows_tp1pp1(fixed_launched, layout):
+    """Continued training with a mixed, TP-unbalanced fixed allocation: same loss curve at every layout."""
+    ref, got = fixed_launched["fixed:tp1pp1"], fixed_launched[f"fixed:{layout}"]
+    assert len(got) == len(ref) and ref[-1] < ref[0]
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert _close(a, b), f"{layout} iteration {k}: loss {a!r} != {b!r}"
+
+
+def test_fixed_allocation_changes_the_function(fixed_launched):
+    """The fixed runs really run the mixed allocation: all-FA from the same weights gives another loss."""
+    assert not _close(fixed_launched["fixed:tp1pp1"][0], fixed_launched["allfa:tp1pp1"][0], rel=1e-3)
+
+
+def test_layer_granularity_follows_tp1pp1(fixed_launched):
+    ref, got = fixed_launched["layer:tp1pp1"], fixed_launched["layer:tp2pp2"]
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert all(_close(x, y) for x, y in zip(a, b)), f"layer granularity iteration {k}: {a} != {b}"
+    torch.testing.assert_close(fixed_launched["layer:tp2pp2:log_alpha"], fixed_launched["layer:tp1pp1:log_alpha"],
+                               rtol=1e-5, atol=1e-6)
+    assert fixed_launched["layer:tp1pp1:log_alpha"].shape[1] == 1

@@ -1,0 +1,23 @@
+# megatron-consa on an NGC PyTorch container (it brings CUDA, NCCL, Transformer Engine and apex).
+#
+#   docker build -t megatron-consa .
+#   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 -it \
+#       -v /data:/data -v /models:/models megatron-consa \
+#       torchrun --nproc-per-node 8 -m megatron_consa.train --help
+#
+# The NGC release pins torch; megatron-core is installed without dependencies so
+# pip does not replace that torch.
+ARG BASE=nvcr.io/nvidia/pytorch:25.09-py3
+FROM ${BASE}
+
+WORKDIR /workspace/megatron-consa
+RUN pip install --no-cache-dir "packaging>=24.2" psutil && \
+    pip install --no-cache-dir --no-deps "megatron-core==0.19.2"
+COPY setup.py README.md ./
+COPY megatron_consa ./megatron_consa
+COPY tools ./tools
+COPY examples ./examples
+RUN pip install --no-cache-dir --no-deps -e . && \
+    pip install --no-cache-dir sentencepiece safetensors "transformers>=4.51" tqdm tensorboard matplotlib && \
+    python -c "import megatron_consa, transformer_engine; print('megatron-consa ready, TE', transformer_engine.__version__)"
+ENV PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1

@@ -1,0 +1,69 @@
+"""An offline corpus for the CPU demo and tests: real text every machine has, plus a recall task.
+
+* real text: the Python standard library's own sources (`sysconfig`'s stdlib
+  directory), cut into documents of about `chars` characters, in sorted file order;
+* a long-range recall task: a random sequence of `key_words` common words, then the
+  same sequence again, and again. Predicting a repeat needs attention further back
+  than the length of the key: with a sliding window shorter than that, only
+  full-attention units can, so the learned allocation has a reason to keep some FA.
+
+Deterministic in its seed. `recall_documents` is also what the recall evaluation
+draws its held-out prompts from (another seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+RECALL_WORDS = (
+    "apple river stone cloud green metal paper light honey north tiger glass music ocean pilot candle "
+    "forest silver bridge winter garden rocket yellow planet castle spring violet summer orange desert "
+    "marble island copper anchor wizard falcon meadow thunder crystal harbor lemon valley"
+).split()
+
+
+def stdlib_documents(*, max_documents: int, chars: int = 2000) -> Iterator[str]:
+    """Chunks of the standard library's .py sources (sorted paths, deterministic)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    produced = 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for start in range(0, len(text) - chars // 2, chars):
+            yield text[start:start + chars]
+            produced += 1
+            if produced >= max_documents:
+                return
+
+
+def recall_document(rng: random.Random, *, key_words: int, repeats: int) -> str:
+    key = " ".join(rng.choice(RECALL_WORDS) for _ in range(key_words))
+    return "recall: " + " | ".join([key] * repeats)
+
+
+def recall_documents(n: int, *, key_words: int, repeats: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [recall_document(rng, key_words=key_words, repeats=repeats) for _ in range(n)]
+
+
+def write_demo_corpus(path: str | os.PathLike, *, text_documents: int, recall: int, key_words: int,
+                      repeats: int, seed: int = 0) -> dict:
+    """JSONL of stdlib chunks and recall documents, interleaved deterministically (temp file, then rename)."""
+    docs = list(stdlib_documents(max_documents=text_documents))
+    docs += recall_documents(recall, key_words=key_words, repeats=repeats, seed=seed)
+    random.Random(seed + 1).shuffle(docs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    os.replace(tmp, path)
+    return {"documents": len(docs), "recall": recall}

@@ -1,0 +1,203 @@
+"""The training entry point as users launch it: torchrun, real data files, phases, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_consa.allocation import Allocation
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+         "--num-query-groups", "2", "--kv-channels", "16", "--qk-layernorm", "--rotary-base", "10000",
+         "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--weight-decay", "0"]
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None):
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", _free_port(),
+           "-m", "megatron_consa.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _train(args: list[str], **kw):
+    return subprocess.run([PY, "-m", "megatron_consa.train", *args], cwd=ROOT, env=kw.get("env", ENV),
+                          capture_output=True, text=True, timeout=kw.get("timeout", 600))
+
+
+def _ok(proc) -> str:
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc.stdout + proc.stderr
+
+
+def _losses(log: str) -> list[float]:
+    return [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if "| loss " in line and "iter " in line]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The demo corpus (stdlib text + recall task), preprocessed with a sentencepiece model trained on it."""
+    from megatron_consa.data.demo_corpus import write_demo_corpus
+
+    d = tmp_path_factory.mktemp("corpus")
+    write_demo_corpus(d / "corpus.jsonl", text_documents=60, recall=120, key_words=8, repeats=4)
+    proc = subprocess.run([PY, "tools/preprocess_data.py", "--input", str(d / "corpus.jsonl"), "--output-prefix",
+                           str(d / "c"), "--train-sentencepiece", "256", "--workers", "2"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    _ok(proc)
+    assert (d / "c_text_document.bin").stat().st_size > 0 and (d / "c.model").exists()
+    return {"data": str(d / "c_text_document"), "tok": str(d / "c.model"), "dir": d}
+
+
+def _data(corpus) -> list[str]:
+    return ["--data-path", corpus["data"], "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", corpus["tok"]]
+
+
+@pytest.mark.parametrize("learn_layout,fixed_layout", [("--tensor-model-parallel-size", "--pipeline-model-parallel-size"),
+                                                       ("--pipeline-model-parallel-size", "--tensor-model-parallel-size")])
+def test_preprocess_learn_finalize_fixed_through_torchrun(corpus, tmp_path, learn_layout, fixed_layout):
+    """2 ranks at TP2 then PP2 (and the other way round): each phase's output is the next one's input."""
+    learn = _ok(_torchrun(MODEL + _data(corpus) + [
+        learn_layout, "2", "--consa-phase", "learn", "--consa-target-sparsity", "0.75", "--consa-window", "8",
+        "--consa-target-warmup-iters", "10", "--train-iters", "30", "--lr", "3e-3", "--log-interval", "5",
+        "--eval-interval", "15", "--eval-iters", "2", "--save", str(tmp_path / "learn"), "--save-interval", "15",
+        "--tensorboard-dir", str(tmp_path / "tb")]))
+    losses = _losses(learn)
+    assert losses[-1] < losses[0] and "validation | iter 15" in learn and "gate lr" in learn and "ETA" in learn
+    assert (tmp_path / "learn" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    fin = subprocess.run([PY, "tools/finalize_allocation.py", "--load", str(tmp_path / "learn"), "--save",
+                          str(tmp_path / "fin"), "--tolerance", "1"], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    _ok(fin)
+    alloc = Allocation.load(tmp_path / "fin" / "allocation.json")
+    assert alloc.achieved_sparsity == 0.75 and alloc.num_fa_kv_heads == 2  # 4 layers x 2 KV heads, exactly
+    assert (tmp_path / "fin" / "allocation_heatmap.png").stat().st_size > 1000
+    fixed = _ok(_torchrun(MODEL + _data(corpus) + [
+        fixed_layout, "2", "--consa-phase", "fixed", "--load", str(tmp_path / "fin" / "checkpoint"),
+        "--train-iters", "20", "--lr", "3e-3", "--log-interval", "5", "--save", str(tmp_path / "fixed")]))
+    fixed_losses = _losses(fixed)
+    assert fixed_losses[-1] < fixed_losses[0] and "s_hat 0.7500" in fixed
+    meta = json.loads((tmp_path / "fixed" / "iter_0000020" / "consa_run.json").read_text())
+    assert meta["consa"]["allocation"] == alloc.fa
+
+
+def _final_state(save: Path) -> dict:
+    from megatron_consa.compat import ensure_importable
+
+    ensure_importable()
+    from megatron_consa.training.checkpoint import read_common_state, resolve_load_dir
+
+    common = read_common_state(resolve_load_dir(save))
+    return {"records": common["train_records"], "controller": common["consa_controller"],
+            "log_alpha": common["consa_log_alpha"]}
+
+
+RESUME_RUN = MODEL + ["--mock-data", "--vocab-size", "128", "--split", "90,10,0", "--consa-phase", "learn",
+                      "--consa-target-sparsity", "0.5", "--consa-window", "8", "--consa-target-warmup-iters", "6",
+                      "--consa-init-log-alpha", "0.5", "--train-iters", "24", "--lr", "3e-3", "--log-interval", "1",
+                      "--save-interval", "4"]
+
+
+def test_sigkill_and_resume_is_bit_exact(tmp_path):
+    _ok(_train(RESUME_RUN + ["--save", str(tmp_path / "whole")]))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tracker = killed / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tracker.exists() and tracker.read_text().strip() == "8"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = int(tracker.read_text())
+    assert 8 <= last < 24, f"the run was not killed mid-way (latest checkpoint {last})"
+    _ok(_train(RESUME_RUN + ["--save", str(killed), "--load", str(killed)]))
+    whole, resumed = _final_state(tmp_path / "whole"), _final_state(killed)
+    assert len(resumed["records"]) == 24
+    assert resumed["records"] == whole["records"]  # loss, s_hat, lambdas, lr of every iteration, bit for bit
+    assert resumed["controller"] == whole["controller"] and resumed["log_alpha"] == whole["log_alpha"]
+
+
+def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
+    save = tmp_path / "run"
+    env = {**ENV, "MEGATRON_CONSA_KILL_DURING_SAVE": "8"}
+    proc = _train(RESUME_RUN + ["--save", str(save)], env=env)
+    assert proc.returncode == -signal.SIGKILL
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not (save / "iter_0000008").exists()  # only its temporary directory
+    resumed = _ok(_train(RESUME_RUN + ["--save", str(save), "--load", str(save)]))
+    assert "resumed from" in resumed and "iter_0000004" in resumed
+    assert len(_final_state(save)["records"]) == 24
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad(argv: list[str], capsys) -> str:
+    from megatron_consa.train import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    return err
+
+
+BASE = MODEL + ["--mock-data", "--vocab-size", "128", "--train-iters", "5", "--consa-target-warmup-iters", "1"]
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    empty = tmp_path / "empty"
+    (tmp_path / "empty.bin").write_bytes(b"")
+    (tmp_path / "empty.idx").write_bytes(b"")
+    no_mock = [a for a in BASE if a != "--mock-data"]
+    assert "--data-path" in _bad(no_mock + ["--save", str(keep)], capsys)
+    assert "does not exist" in _bad(no_mock + ["--data-path", str(tmp_path / "nothing")], capsys)
+    assert "is empty" in _bad(no_mock + ["--data-path", str(empty)], capsys)
+    small_vocab = [a for a in no_mock if a not in ("--vocab-size", "128")] + [
+        "--vocab-size", "64", "--data-path", corpus["data"], "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", corpus["tok"]]
+    err = _bad(small_vocab, capsys)
+    assert "--tokenizer-model" in err and "model's vocabulary is 64" in err
+    assert "--consa-target-sparsity" in _bad(BASE + ["--consa-target-sparsity", "1.5"], capsys)
+    other = Allocation(granularity="kv_head", num_layers=2, num_kv_heads=2, window=8, sink_tokens=0,
+                       target_sparsity=0.5, fa=[[1, 0], [0, 1]])
+    other.save(tmp_path / "other.json")
+    err = _bad(BASE + ["--consa-phase", "fixed", "--consa-allocation", str(tmp_path / "other.json")], capsys)
+    assert "--consa-allocation" in err and "num_layers" in err
+    assert "--load" in _bad(BASE + ["--load", str(keep)], capsys)
+    (tmp_path / "a_file").write_text("")
+    assert "--save" in _bad(BASE + ["--save", str(tmp_path / "a_file" / "sub")], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    err = _bad(BASE + ["--tensor-model-parallel-size", "4"], capsys)
+    assert "--tensor-model-parallel-size" in err and "num_query_groups=2" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    assert "--hf-config" in _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)
+    assert "--reset-attention-mask" in _bad(BASE + ["--reset-attention-mask"], capsys)
+    err = _bad([a for a in BASE if a not in ("--consa-target-warmup-iters", "1")] + ["--consa-target-warmup-iters", "9"],
+               capsys)
+    assert "--consa-target-warmup-iters" in err and "--train-iters" in err
+    assert sorted(p.name for p in keep.iterdir()) == ["precious.txt"]  # nothing written or overwritten

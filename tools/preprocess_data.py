@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""JSONL -> megatron-core indexed dataset (.bin/.idx) for `--data-path`.
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --workers 2
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
+        --train-sentencepiece 4096            # trains data/corpus.model on the input first
+
+One JSON object per line; the text is in --json-keys (default `text`). Each
+document is followed by the tokenizer's end-of-document token. Writes
+<output-prefix>_text_document.bin/.idx (Megatron-LM's naming) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_consa.cli import UserInputError, run_tool, setup_logging
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="JSONL file(s)")
+    p.add_argument("--output-prefix", required=True, help="output prefix; writes <prefix>_text_document.bin/.idx")
+    p.add_argument("--json-keys", default="text", help="the JSON field holding the text")
+    p.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   default="SentencePieceTokenizer")
+    p.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
+    p.add_argument("--train-sentencepiece", type=int, metavar="VOCAB",
+                   help="train a sentencepiece model of this vocabulary on the input (written to <prefix>.model)")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes")
+    args = p.parse_args(argv)
+    setup_logging()
+    from tqdm import tqdm
+
+    from megatron_consa.data.indexed import iter_jsonl_texts, write_indexed_dataset
+    from megatron_consa.data.tokenizer import build_tokenizer, train_sentencepiece
+
+    if args.workers < 1:
+        raise UserInputError(f"--workers {args.workers}: must be >= 1")
+    model = args.tokenizer_model
+    if args.train_sentencepiece:
+        if args.tokenizer_type != "SentencePieceTokenizer":
+            raise UserInputError("--train-sentencepiece makes a SentencePieceTokenizer; drop --tokenizer-type")
+        if args.train_sentencepiece < 64:
+            raise UserInputError(f"--train-sentencepiece {args.train_sentencepiece}: use a vocabulary of 64 or more")
+        model = str(train_sentencepiece(iter_jsonl_texts(args.input, args.json_keys), args.output_prefix,
+                                        vocab_size=args.train_sentencepiece))
+        print(f"trained {model}")
+    if not model:
+        raise UserInputError("--tokenizer-model is missing (or pass --train-sentencepiece VOCAB)")
+    factory = functools.partial(build_tokenizer, args.tokenizer_type, model)
+    factory()  # fail early on a bad tokenizer
+    prefix = f"{args.output_prefix}_text_document"
+    with tqdm(desc="documents", unit="doc") as bar:
+        stats = write_indexed_dataset(iter_jsonl_texts(args.input, args.json_keys), prefix, tokenizer_factory=factory,
+                                      workers=args.workers, progress=bar.update)
+    print(f"wrote {prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
