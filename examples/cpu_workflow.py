@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (replaced)")
-    p.add_argument("--pretrain-iters", type=int, default=300)
+    p.add_argument("--pretrain-iters", type=int, default=400)
     p.add_argument("--learn-iters", type=int, default=400, help="allocation phase (more than the 200 warm-up)")
     p.add_argument("--fixed-iters", type=int, default=100)
     p.add_argument("--target", type=float, default=0.75, help="SWA share of KV heads")
-    p.add_argument("--window", type=int, default=12)
+    p.add_argument("--window", type=int, default=8)
     p.add_argument("--nproc", type=int, default=2, help="ranks per phase (torchrun --nproc-per-node)")
     return p.parse_args(argv)
 
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
 
     from megatron_consa.data.demo_corpus import write_demo_corpus
 
-    key_words = 16
-    stats = write_demo_corpus(out / "corpus.jsonl", text_documents=400, recall=800, key_words=key_words, repeats=4)
+    key_words = 12
+    stats = write_demo_corpus(out / "corpus.jsonl", text_documents=150, recall=1500, key_words=key_words, repeats=6)
     print(f"corpus: {stats['documents']} documents ({stats['recall']} recall) -> {out / 'corpus.jsonl'}")
     step("preprocess", [py, "tools/preprocess_data.py", "--input", str(out / "corpus.jsonl"), "--output-prefix",
                         str(out / "data" / "corpus"), "--train-sentencepiece", "512", "--workers", "2"])
@@ -121,7 +121,7 @@ def _recall_table(out: Path, *, window: int, key_words: int) -> list[dict]:
 
     torch.set_num_threads(2)
     tok = build_tokenizer("SentencePieceTokenizer", str(out / "data" / "corpus.model"))
-    docs = recall_documents(32, key_words=key_words, repeats=4, seed=10_000)  # held out: another seed
+    docs = recall_documents(32, key_words=key_words, repeats=6, seed=10_000)  # held out: another seed
     meta = read_checkpoint_meta(resolve_load_dir(out / "pretrain"))
     L, G = meta["architecture"]["num_layers"], meta["architecture"]["num_kv_heads"]
     hybrid = (read_checkpoint_meta(resolve_load_dir(out / "fixed"))["consa"])["allocation"]

@@ -99,10 +99,15 @@ def build_gpt_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
+    stock_attention: bool = False,
 ) -> GPTModel:
     """A GPTModel (one pipeline stage / virtual chunk) with ConSA attention.
 
     Works as is in a plain Python process: see `ensure_model_parallel`.
+
+    `stock_attention=True` builds megatron-core's own local layer spec instead
+    (its DotProductAttention, full causal attention, no ConSA): the baseline
+    benchmarks compare against, with the same parameter names.
 
     `use_transformer_engine=None` follows the ConSA backend: the TE layer spec
     when the attention backend resolves to `te`, the local spec otherwise.
@@ -116,7 +121,12 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    spec = get_consa_layer_spec(use_transformer_engine=use_transformer_engine, qk_layernorm=arch.qk_norm)
+    if stock_attention:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    else:
+        spec = get_consa_layer_spec(use_transformer_engine=use_transformer_engine, qk_layernorm=arch.qk_norm)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

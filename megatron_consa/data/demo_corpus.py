@@ -27,7 +27,7 @@ RECALL_WORDS = (
 ).split()
 
 
-def stdlib_documents(*, max_documents: int, chars: int = 2000) -> Iterator[str]:
+def stdlib_documents(*, max_documents: int, chars: int = 1000) -> Iterator[str]:
     """Chunks of the standard library's .py sources (sorted paths, deterministic)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     produced = 0

@@ -121,9 +121,13 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *
 
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, character_coverage=1.0, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
-        max_sentence_length=1 << 16, num_threads=1, minloglevel=2, hard_vocab_limit=False,
-    )
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, character_coverage=0.9995, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+            max_sentence_length=1 << 16, num_threads=1, minloglevel=2, hard_vocab_limit=False,
+        )
+    except RuntimeError as err:
+        raise TokenizerError(f"--train-sentencepiece {vocab_size}: sentencepiece refused ({err}); "
+                             "a larger vocabulary usually fixes it") from err
     return prefix.with_suffix(".model")

@@ -68,6 +68,7 @@ class RunConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 10
     hf_config: Optional[str] = None
+    transformer_impl: str = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="separate output layer (default: tied)")
     g.add_argument("--max-position-embeddings", type=int, help="longest sequence; default seq-length")
+    g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine", "stock"], default="auto",
+                   help="layer spec: auto (TE on GPU when installed), local, transformer_engine, or stock "
+                        "(megatron-core's own attention, no ConSA; a baseline, needs --consa-allocation all_fa)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size (divides the KV heads)")
@@ -307,6 +311,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         arch=arch, consa=consa, parallel=parallel, training=training, data=data, tokenizer=tokenizer,
         checkpoint=checkpoint, phase=a.consa_phase, allocation_source=a.consa_allocation,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters, hf_config=a.hf_config,
+        transformer_impl=a.transformer_impl,
     )
 
 

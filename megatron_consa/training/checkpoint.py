@@ -334,7 +334,12 @@ def resolve_load_dir(load: str | os.PathLike) -> Path:
         if not (target / CONSA_META_FILE).is_file():
             raise FileNotFoundError(f"--load {path}: {TRACKER_FILE} names {target.name}, which is not a complete checkpoint")
         return target
-    return _resolve(path)
+    try:
+        return _resolve(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"--load {path}: neither a checkpoint (no {CONSA_META_FILE}) nor a --save directory (no {TRACKER_FILE})"
+        ) from err
 
 
 def read_common_state(directory: str | os.PathLike) -> dict:

@@ -67,6 +67,9 @@ from megatron_consa.training.parallel import (
 logger = logging.getLogger(__name__)
 
 
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine", "stock")
+
+
 def build_model_chunks(
     arch: ArchitectureConfig,
     consa: ConsaConfig,
@@ -79,11 +82,16 @@ def build_model_chunks(
     """This rank's model chunks (one per virtual stage), in megatron-core's DDP.
 
     `transformer_impl`: `local` (megatron-core's torch layers), `transformer_engine`
-    (TE layers), or `auto` (TE layers exactly when the ConSA backend is TE).
+    (TE layers), `auto` (TE layers exactly when the ConSA backend is TE), or
+    `stock` (megatron-core's own local spec and attention, no ConSA: a benchmark
+    baseline; it needs an all-FA fixed allocation).
     """
-    if transformer_impl not in ("auto", "local", "transformer_engine"):
-        raise ValueError(f"transformer_impl={transformer_impl!r}: use auto, local or transformer_engine")
-    use_te = None if transformer_impl == "auto" else transformer_impl == "transformer_engine"
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl={transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
+    stock = transformer_impl == "stock"
+    if stock and (consa.learning or any(0 in row for row in consa.allocation)):
+        raise ConsaConfigError("transformer_impl='stock' is megatron-core's full attention: use an all-FA fixed allocation")
+    use_te = None if transformer_impl in ("auto", "stock") else transformer_impl == "transformer_engine"
     dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
     config = build_transformer_config(
         arch,
@@ -97,7 +105,8 @@ def build_model_chunks(
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
-        model = build_gpt_model(config, arch, use_transformer_engine=use_te, vp_stage=vp_stage if vpp else None)
+        model = build_gpt_model(config, arch, use_transformer_engine=False if stock else use_te,
+                                vp_stage=vp_stage if vpp else None, stock_attention=stock)
         model.to(device())
         if training.bf16 or training.fp16:
             model = Float16Module(config, model)

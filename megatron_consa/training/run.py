@@ -198,7 +198,8 @@ def run_training(prepared: PreparedRun):
         raise ArgumentError(f"--split {run.data.split}: the training split is empty")
     if run.eval_interval and valid_src is None:
         raise ArgumentError(f"--eval-interval needs a validation split; --split {run.data.split} has none")
-    trainer = ConsaTrainer(arch=run.arch, consa=run.consa, parallel=run.parallel, training=training, data=train_src)
+    trainer = ConsaTrainer(arch=run.arch, consa=run.consa, parallel=run.parallel, training=training, data=train_src,
+                           transformer_impl=run.transformer_impl)
     if prepared.load_dir is not None:
         at = load_checkpoint(trainer, prepared.load_dir, weights_only=not prepared.resume)
         if dist_rank() == 0:

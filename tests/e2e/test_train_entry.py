@@ -59,7 +59,7 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     write_demo_corpus(d / "corpus.jsonl", text_documents=60, recall=120, key_words=8, repeats=4)
     proc = subprocess.run([PY, "tools/preprocess_data.py", "--input", str(d / "corpus.jsonl"), "--output-prefix",
-                           str(d / "c"), "--train-sentencepiece", "256", "--workers", "2"],
+                           str(d / "c"), "--train-sentencepiece", "512", "--workers", "2"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     _ok(proc)
     assert (d / "c_text_document.bin").stat().st_size > 0 and (d / "c.model").exists()
@@ -120,12 +120,12 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     _ok(_train(RESUME_RUN + ["--save", str(tmp_path / "whole")]))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     tracker = killed / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 300
     while time.time() < deadline and not (tracker.exists() and tracker.read_text().strip() == "8"):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and the checkpoint writer's helper processes
     proc.wait()
     last = int(tracker.read_text())
     assert 8 <= last < 24, f"the run was not killed mid-way (latest checkpoint {last})"
@@ -139,8 +139,16 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
 def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
     save = tmp_path / "run"
     env = {**ENV, "MEGATRON_CONSA_KILL_DURING_SAVE": "8"}
-    proc = _train(RESUME_RUN + ["--save", str(save)], env=env)
-    assert proc.returncode == -signal.SIGKILL
+    # Its own session: the checkpoint writer's helper processes outlive a SIGKILLed parent; end them too.
+    proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(save)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert proc.wait(timeout=600) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert not (save / "iter_0000008").exists()  # only its temporary directory
     resumed = _ok(_train(RESUME_RUN + ["--save", str(save), "--load", str(save)]))
@@ -149,6 +157,12 @@ def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+
+
+def _with(args: list[str], flag: str, value: str) -> list[str]:
+    """`args` with `flag`'s value replaced."""
+    i = args.index(flag)
+    return args[:i + 1] + [value] + args[i + 2:]
 
 
 def _bad(argv: list[str], capsys) -> str:
@@ -175,9 +189,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "--data-path" in _bad(no_mock + ["--save", str(keep)], capsys)
     assert "does not exist" in _bad(no_mock + ["--data-path", str(tmp_path / "nothing")], capsys)
     assert "is empty" in _bad(no_mock + ["--data-path", str(empty)], capsys)
-    small_vocab = [a for a in no_mock if a not in ("--vocab-size", "128")] + [
-        "--vocab-size", "64", "--data-path", corpus["data"], "--tokenizer-type", "SentencePieceTokenizer",
-        "--tokenizer-model", corpus["tok"]]
+    small_vocab = _with(no_mock, "--vocab-size", "64") + [
+        "--data-path", corpus["data"], "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["tok"]]
     err = _bad(small_vocab, capsys)
     assert "--tokenizer-model" in err and "model's vocabulary is 64" in err
     assert "--consa-target-sparsity" in _bad(BASE + ["--consa-target-sparsity", "1.5"], capsys)
@@ -197,7 +210,6 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     assert "--hf-config" in _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)
     assert "--reset-attention-mask" in _bad(BASE + ["--reset-attention-mask"], capsys)
-    err = _bad([a for a in BASE if a not in ("--consa-target-warmup-iters", "1")] + ["--consa-target-warmup-iters", "9"],
-               capsys)
+    err = _bad(_with(BASE, "--consa-target-warmup-iters", "9"), capsys)
     assert "--consa-target-warmup-iters" in err and "--train-iters" in err
     assert sorted(p.name for p in keep.iterdir()) == ["precious.txt"]  # nothing written or overwritten
