@@ -112,7 +112,7 @@ def _final_state(save: Path) -> dict:
 
 RESUME_RUN = MODEL + ["--mock-data", "--vocab-size", "128", "--split", "90,10,0", "--consa-phase", "learn",
                       "--consa-target-sparsity", "0.5", "--consa-window", "8", "--consa-target-warmup-iters", "6",
-                      "--consa-init-log-alpha", "0.5", "--train-iters", "24", "--lr", "3e-3", "--log-interval", "1",
+                      "--consa-init-log-alpha", "0.5", "--train-iters", "16", "--lr", "3e-3", "--log-interval", "1",
                       "--save-interval", "4"]
 
 
@@ -128,10 +128,10 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the run and the checkpoint writer's helper processes
     proc.wait()
     last = int(tracker.read_text())
-    assert 8 <= last < 24, f"the run was not killed mid-way (latest checkpoint {last})"
+    assert 8 <= last < 16, f"the run was not killed mid-way (latest checkpoint {last})"
     _ok(_train(RESUME_RUN + ["--save", str(killed), "--load", str(killed)]))
     whole, resumed = _final_state(tmp_path / "whole"), _final_state(killed)
-    assert len(resumed["records"]) == 24
+    assert len(resumed["records"]) == 16
     assert resumed["records"] == whole["records"]  # loss, s_hat, lambdas, lr of every iteration, bit for bit
     assert resumed["controller"] == whole["controller"] and resumed["log_alpha"] == whole["log_alpha"]
 
@@ -153,7 +153,7 @@ def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
     assert not (save / "iter_0000008").exists()  # only its temporary directory
     resumed = _ok(_train(RESUME_RUN + ["--save", str(save), "--load", str(save)]))
     assert "resumed from" in resumed and "iter_0000004" in resumed
-    assert len(_final_state(save)["records"]) == 24
+    assert len(_final_state(save)["records"]) == 16
 
 
 # ----------------------------------------------------------------------------- bad input
