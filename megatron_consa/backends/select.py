@@ -43,6 +43,17 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def te_dot_product_attention_class():
+    """Transformer Engine's `DotProductAttention` (imported on first use).
+
+    The one place the TE backend gets its attention class from, so a test can
+    stand in for it on a machine without Transformer Engine.
+    """
+    from transformer_engine.pytorch import DotProductAttention
+
+    return DotProductAttention
+
+
 def resolve_backend_name(name: str) -> str:
     """`auto` -> `te` when Transformer Engine can run here, else `torch`."""
     if name == "auto":
@@ -124,9 +135,9 @@ class TEAttentionBackend:
     def _instance(self, num_heads: int, num_groups: int, windowed: bool):
         key = (num_heads, num_groups, windowed)
         if key not in self._instances:
-            from transformer_engine.pytorch import DotProductAttention
-
-            self._instances[key] = DotProductAttention(
+            # Flash/TE window (left, right): query p sees keys p-left .. p+right, so
+            # "itself and the W-1 before it" is (W-1, 0).
+            self._instances[key] = te_dot_product_attention_class()(
                 num_attention_heads=num_heads,
                 kv_channels=self.kv_channels,
                 num_gqa_groups=num_groups,

@@ -54,6 +54,9 @@ __all__ = [
     "sliding_window_attention",
     "dense_masked_attention",
     "sliding_window_mask",
+    "sliding_window_mask_mod",
+    "flex_sliding_window_block_mask",
+    "flex_sliding_window_attention",
     "default_block_size",
 ]
 
@@ -309,14 +312,34 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.lru_cache(maxsize=FLEX_BLOCK_MASK_CACHE)
-def _flex_block_mask(seq_len: int, window: int, sink_tokens: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
+def sliding_window_mask_mod(window: int, sink_tokens: int = 0):
+    """FlexAttention ``mask_mod`` of the SWA convention (True = may attend).
+
+    ``kv <= q and (q - kv < W or kv < S)``: the same set as
+    :func:`sliding_window_mask`. Pure tensor arithmetic, so it can be evaluated
+    on any device (the CPU tests pin it against the reference window mask).
+    """
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink_tokens))
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=FLEX_BLOCK_MASK_CACHE)
+def flex_sliding_window_block_mask(seq_len: int, window: int, sink_tokens: int, device: torch.device):
+    """The block mask `flex_sliding_window_attention` uses (cached per shape and device).
+
+    Built by FlexAttention's `create_block_mask` from :func:`sliding_window_mask_mod`;
+    tiles outside the window (and sinks) are skipped, tiles entirely inside it
+    are marked full (their mask_mod is not evaluated).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(
+        sliding_window_mask_mod(window, sink_tokens), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+        device=device,
+    )
 
 
 def flex_sliding_window_attention(
@@ -329,5 +352,5 @@ def flex_sliding_window_attention(
     O(s * W) on the GPU's fused kernel instead of a masked dense one.
     """
     rep = _check_qkv(q, k, v)
-    mask = _flex_block_mask(q.size(2), window, sink_tokens, q.device)
+    mask = flex_sliding_window_block_mask(q.size(2), window, sink_tokens, q.device)
     return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=rep > 1)
