@@ -33,7 +33,7 @@ class ToyGates(torch.nn.Module):
         self.w = torch.logspace(-2, 0, units)[perm]
         self.u = None
 
-    def set_gate_noise(self, u):
+    def set_gate_noise(self, u, log_alpha_host=None):
         self.u = u
 
     def forward(self):
