@@ -35,8 +35,15 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# OpenMP threads spin at barriers by default. On a machine shared with other jobs a
+# spinning thread holds the core its partner needs: the blocked SWA (many short
+# parallel regions) then ran 5x slower while FA (one long region) did not. PASSIVE
+# (threads sleep at barriers) measures the kernels rather than the scheduler; it is
+# set before torch starts OpenMP. Export OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -123,7 +130,8 @@ def run_grid(args):
     ]
     print(
         f"CPU attention grid: b={args.batch} hq={args.heads} d={d} S={args.sinks} threads={args.threads} "
-        f"reps={args.reps} torch={torch.__version__}; {len(configs)} configurations; pass = SWA/FA <= "
+        f"reps={args.reps} torch={torch.__version__} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"{len(configs)} configurations; pass = SWA/FA <= "
         f"{args.grid_limit:.2f}, forward and forward+backward"
     )
     print()
@@ -175,6 +183,7 @@ def run_grid(args):
             "batch": args.batch, "heads": args.heads, "head_dim": d, "sinks": args.sinks,
             "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "limit": args.grid_limit,
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         }
         with open(args.json, "w") as f:
             json.dump({"config": config, "grid": rows}, f, indent=2)
@@ -248,12 +257,14 @@ def main(argv=None):
         "window": W, "sinks": S, "block_size": block, "dtype": args.dtype,
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "ideal_swa_ratio": min(1.0, n * W / (n * n / 2)),
         "max_abs_err_ours_vs_dense": max_err,
     }
     print(
         f"CPU attention benchmark: b={b} hq={hq} hkv={hkv} n={n} d={d} W={W} S={S} "
-        f"{args.dtype} threads={args.threads} reps={args.reps} torch={torch.__version__}"
+        f"{args.dtype} threads={args.threads} reps={args.reps} torch={torch.__version__} "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     print(f"ideal SWA/FA work ratio n*W/(n^2/2) = {config['ideal_swa_ratio']:.3f}; "
           f"max |ours - dense| = {max_err:.2e}")

@@ -198,16 +198,19 @@ class ConsaCoreAttention(MegatronModule):
         log_alpha = self.log_alpha
         if self.tp_size > 1:
             log_alpha = copy_to_tensor_model_parallel_region(log_alpha, group=self.tp_group)
-        if self.training:
-            if self._gate_noise is None:
-                raise RuntimeError(
-                    f"layer {self.layer_index}: no gate noise for this iteration; call "
-                    "ConsaController.begin_iteration(gates) before the forward pass"
-                )
-            z = sample_z(log_alpha, self._gate_noise, self.hc)
-        else:
-            z = deterministic_z(log_alpha, self.hc)
+        z = self._z(log_alpha, self._gate_noise)
         return z.expand(self.num_kv_heads) if z.numel() == 1 else z
+
+    def _z(self, log_alpha: Tensor, noise: Optional[Tensor]) -> Tensor:
+        """Training: the sample at this iteration's noise; evaluation: the noise-free z."""
+        if not self.training:
+            return deterministic_z(log_alpha, self.hc)
+        if noise is None:
+            raise RuntimeError(
+                f"layer {self.layer_index}: no gate noise for this iteration; call "
+                "ConsaController.begin_iteration(gates) before the forward pass"
+            )
+        return sample_z(log_alpha, noise, self.hc)
 
     # ---- forward ----------------------------------------------------------
     def forward(
@@ -251,16 +254,7 @@ class ConsaCoreAttention(MegatronModule):
         current, else one device sync (evaluation, or a gate changed since the copy)."""
         key = self._plan_key(training=self.training)
         if self._plan is None or self._plan[0] != key or not self.training:
-            log_alpha = self.log_alpha.detach().float().cpu()
-            if self.training:
-                if self._gate_noise_host is None:
-                    raise RuntimeError(
-                        f"layer {self.layer_index}: no gate noise for this iteration; call "
-                        "ConsaController.begin_iteration(gates) before the forward pass"
-                    )
-                z = sample_z(log_alpha, self._gate_noise_host, self.hc)
-            else:
-                z = deterministic_z(log_alpha, self.hc)
+            z = self._z(self.log_alpha.detach().float().cpu(), self._gate_noise_host)
             self._plan = (key, self._local(z))
         return self._plan[1]
 
