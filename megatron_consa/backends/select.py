@@ -102,10 +102,12 @@ class TorchAttentionBackend:
                 sink_tokens=self.sink_tokens,
             )
             return _to_sbhd(out)
+        # No .contiguous(): the kernel copies q into blocks and k/v into padded
+        # buffers anyway, from any strides.
         out = sliding_window_attention(
-            _to_bhsd(q).contiguous(),
-            _to_bhsd(k).contiguous(),
-            _to_bhsd(v).contiguous(),
+            _to_bhsd(q),
+            _to_bhsd(k),
+            _to_bhsd(v),
             window=self.window,
             scale=self.scale,
             sink_tokens=self.sink_tokens,
