@@ -186,18 +186,33 @@ def _band_mask(
     return mask
 
 
-@functools.lru_cache(maxsize=16)
+BAND_BIAS_CACHE_BYTES = 64 << 20
+"""Additive band masks up to this size are kept (per shape, a few of them); larger
+ones (long sequences with wide windows and many query heads per KV head reach a
+GiB) are rebuilt on every call, as SDPA would convert a boolean mask anyway."""
+
+
 def _band_bias(
     nblk: int, block: int, window: int, sinks: int, rep: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """Additive form of :func:`_band_mask` for the CPU kernel, ``[1, nblk, rep*B, S + chunk]``
-    (0 visible, -inf hidden; rows repeated for the ``rep`` query heads of a KV group).
-    Cached: it depends on the shape only, and SDPA would convert a boolean mask on every call."""
+    (0 visible, -inf hidden; rows repeated for the ``rep`` query heads of a KV group)."""
+    _, _, L = _chunk_layout(nblk * block, window, block)
+    nbytes = nblk * rep * block * (sinks + L) * torch.empty((), dtype=dtype).element_size()
+    if nbytes <= BAND_BIAS_CACHE_BYTES:
+        return _cached_band_bias(nblk, block, window, sinks, rep, dtype, device)
+    return _build_band_bias(nblk, block, window, sinks, rep, dtype, device)
+
+
+def _build_band_bias(nblk, block, window, sinks, rep, dtype, device) -> torch.Tensor:
     mask = _band_mask(nblk, block, window, sinks, device)
     if rep > 1:
         mask = mask.repeat(1, rep, 1)  # [nblk, rep*B, S + L]
     bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
     return bias.unsqueeze(0)
+
+
+_cached_band_bias = functools.lru_cache(maxsize=8)(_build_band_bias)
 
 
 def _query_blocks(x: torch.Tensor, rep: int, nblk: int, block: int) -> torch.Tensor:

@@ -271,3 +271,15 @@ def test_bf16_gradients_follow_fp32():
     for name, g, r in zip("qkv", got, ref):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), r, atol=6e-2 * max(1.0, r.abs().max().item()), rtol=0, msg=name)
+
+
+def test_large_band_masks_are_not_cached(monkeypatch):
+    from megatron_consa.backends import torch_attention
+
+    torch_attention._cached_band_bias.cache_clear()
+    monkeypatch.setattr(torch_attention, "BAND_BIAS_CACHE_BYTES", 0)
+    test_swa_matches_reference_fp64(37, 5, 4, 8, 2, "cpu")
+    assert torch_attention._cached_band_bias.cache_info().currsize == 0
+    monkeypatch.setattr(torch_attention, "BAND_BIAS_CACHE_BYTES", 1 << 30)
+    test_swa_matches_reference_fp64(37, 5, 4, 8, 2, "cpu")
+    assert torch_attention._cached_band_bias.cache_info().currsize == 1
