@@ -124,9 +124,11 @@ def default_block_size(window: int, seq_len: int) -> int:
     times, so the gradient w.r.t. the chunks (and the fused kernels' per-block
     overhead) grows as ``B`` shrinks. Measured on a 2-core CPU (fp32, d=64,
     n=4096, forward+backward), the best ``B`` was ~32 for W=64, ~64 for
-    W=128..256 and 128..256 for W=512..1024, hence::
+    W=128..256 and 128..256 for W=512..1024; with the CPU flash ops called
+    directly (under load, fwd+bwd, 8 heads x 64) 256 beat 128 by 5% at n=4096,
+    W=1024 and by 12% at n=16384, W=2048 (512 was no better), hence::
 
-        W <= 64 -> 32,   64 < W <= 256 -> 64,   W > 256 -> 128
+        W <= 64 -> 32,   64 < W <= 256 -> 64,   256 < W <= 512 -> 128,   W > 512 -> 256
 
     (never more than ``seq_len``).
     """
@@ -134,8 +136,10 @@ def default_block_size(window: int, seq_len: int) -> int:
         block = 32
     elif window <= 256:
         block = 64
-    else:
+    elif window <= 512:
         block = 128
+    else:
+        block = 256
     return max(1, min(block, seq_len))
 
 

@@ -208,7 +208,8 @@ def test_swa_saved_memory_is_linear():
 def test_default_block_size_and_validation():
     assert default_block_size(8, 4096) == 32
     assert default_block_size(256, 4096) == 64
-    assert default_block_size(1024, 4096) == 128
+    assert default_block_size(512, 4096) == 128
+    assert default_block_size(1024, 4096) == 256
     assert default_block_size(256, 10) == 10
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError):
