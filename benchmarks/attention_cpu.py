@@ -12,6 +12,17 @@ that background load on a shared machine hits all of them alike.
 
     python benchmarks/attention_cpu.py [--seq-len 4096 --window 256 --heads 8
         --head-dim 64 --reps 5 --threads 2 --json out.json]
+
+Grid mode (issue 10's acceptance grid: every n, every W <= n/4, every GQA ratio,
+every dtype; FA vs ours only, interleaved per configuration) prints one table
+and writes JSON:
+
+    python benchmarks/attention_cpu.py --grid [--grid-seq-lens 1024,4096
+        --grid-windows 32,256 --grid-gqa 1,8 --grid-dtypes fp32,bf16] --json grid.json
+
+The query heads stay at --heads (KV heads = heads / ratio), so FA's work is
+the same across ratios. A configuration passes at SWA/FA <= --grid-limit
+(0.30), forward and forward+backward.
 """
 
 from __future__ import annotations
@@ -24,8 +35,15 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# OpenMP threads spin at barriers by default. On a machine shared with other jobs a
+# spinning thread holds the core its partner needs: the blocked SWA (many short
+# parallel regions) then ran 5x slower while FA (one long region) did not. PASSIVE
+# (threads sleep at barriers) measures the kernels rather than the scheduler; it is
+# set before torch starts OpenMP. Export OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -55,11 +73,139 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-dense", action="store_true", help="skip the O(n^2) dense-mask SWA")
     p.add_argument("--json", type=str, default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--baseline", type=str, default=None,
+        help="another torch_attention.py (e.g. from `git show REV:megatron_consa/backends/torch_attention.py`) "
+        "whose sliding_window_attention runs as one more method, side by side",
+    )
+    p.add_argument("--grid", action="store_true", help="run the grid below instead of one configuration")
+    p.add_argument("--grid-seq-lens", type=_ints, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--grid-windows", type=_ints, default=[32, 64, 128, 256, 512, 1024, 2048],
+                   help="windows; only W <= n/4 is run for each n")
+    p.add_argument("--grid-gqa", type=_ints, default=[1, 2, 4, 8], help="query heads per KV head")
+    p.add_argument("--grid-dtypes", type=lambda t: t.split(","), default=["fp32", "bf16"])
+    p.add_argument("--grid-limit", type=float, default=0.30, help="pass mark for SWA / FA")
     return p.parse_args(argv)
+
+
+def _ints(text):
+    return [int(t) for t in text.split(",")]
+
+
+def swa_work_ratio(n: int, window: int) -> float:
+    """Score entries of exact SWA over those of causal FA: (n*W - W(W-1)/2) / (n(n+1)/2).
+    About 2W/n for W << n; 0.44 at W = n/4, so no exact kernel reaches 0.30x there."""
+    w = min(window, n)
+    return (n * w - w * (w - 1) / 2) / (n * (n + 1) / 2)
+
+
+def time_interleaved(methods, inputs, grad_out, *, reps, warmup):
+    """Forward (no grad) and forward+backward seconds per repetition for each method,
+    the methods interleaved in every repetition: ``{name: {"fwd": [...], "fwd_bwd": [...]}}``."""
+
+    def run_fwd(fn):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+    def run_fwd_bwd(fn):
+        for t in inputs:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn().backward(grad_out)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for fn in methods.values():
+            run_fwd(fn)
+            run_fwd_bwd(fn)
+    times = {name: {"fwd": [], "fwd_bwd": []} for name in methods}
+    for _ in range(reps):
+        for name, fn in methods.items():
+            times[name]["fwd"].append(run_fwd(fn))
+            times[name]["fwd_bwd"].append(run_fwd_bwd(fn))
+    return times
+
+
+def run_grid(args):
+    """FA vs ours over the grid; returns the rows (also printed, and written to --json)."""
+    torch.set_num_threads(args.threads)
+    d = args.head_dim
+    configs = [
+        (n, W, ratio, dt)
+        for dt in args.grid_dtypes
+        for ratio in args.grid_gqa
+        for n in args.grid_seq_lens
+        for W in args.grid_windows
+        if W <= n // 4 and args.heads % ratio == 0
+    ]
+    print(
+        f"CPU attention grid: b={args.batch} hq={args.heads} d={d} S={args.sinks} threads={args.threads} "
+        f"reps={args.reps} torch={torch.__version__} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"{len(configs)} configurations; pass = SWA/FA <= "
+        f"{args.grid_limit:.2f}, forward and forward+backward"
+    )
+    print()
+    print("| n | W | hq/hkv | dtype | B | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
+          "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = []
+    for n, W, ratio, dt in configs:
+        torch.manual_seed(0)
+        dtype = DTYPES[dt]
+        hq, hkv, S = args.heads, args.heads // ratio, args.sinks
+        q = torch.randn(args.batch, hq, n, d, dtype=dtype, requires_grad=True)
+        k = torch.randn(args.batch, hkv, n, d, dtype=dtype, requires_grad=True)
+        v = torch.randn(args.batch, hkv, n, d, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(args.batch, hq, n, d, dtype=dtype)
+        methods = {
+            "fa": lambda: full_causal_attention(q, k, v, scale=d ** -0.5),
+            "ours": lambda: sliding_window_attention(
+                q, k, v, window=W, scale=d ** -0.5, sink_tokens=S, block_size=args.block_size
+            ),
+        }
+        times = time_interleaved(methods, (q, k, v), grad_out, reps=args.reps, warmup=args.warmup)
+        med = {m: {key: statistics.median(ts) for key, ts in t.items()} for m, t in times.items()}
+        row = {
+            "seq_len": n, "window": W, "heads": hq, "kv_heads": hkv, "dtype": dt,
+            "block_size": args.block_size or default_block_size(W, n), "ideal": swa_work_ratio(n, W),
+            "fa_fwd_ms": 1e3 * med["fa"]["fwd"], "swa_fwd_ms": 1e3 * med["ours"]["fwd"],
+            "fwd_ratio": med["ours"]["fwd"] / med["fa"]["fwd"],
+            "fa_fwd_bwd_ms": 1e3 * med["fa"]["fwd_bwd"], "swa_fwd_bwd_ms": 1e3 * med["ours"]["fwd_bwd"],
+            "fwd_bwd_ratio": med["ours"]["fwd_bwd"] / med["fa"]["fwd_bwd"],
+        }
+        row["pass"] = max(row["fwd_ratio"], row["fwd_bwd_ratio"]) <= args.grid_limit
+        rows.append(row)
+        print(
+            f"| {n} | {W} | {ratio} | {dt} | {row['block_size']} | {row['ideal']:.3f} | {row['fa_fwd_ms']:.1f} "
+            f"| {row['swa_fwd_ms']:.1f} | {row['fwd_ratio']:.3f}x | {row['fa_fwd_bwd_ms']:.1f} "
+            f"| {row['swa_fwd_bwd_ms']:.1f} | {row['fwd_bwd_ratio']:.3f}x | {'yes' if row['pass'] else 'NO'} |",
+            flush=True,
+        )
+    worst = max(rows, key=lambda r: max(r["fwd_ratio"], r["fwd_bwd_ratio"])) if rows else None
+    if worst:
+        print(
+            f"\n{sum(r['pass'] for r in rows)}/{len(rows)} pass; worst: n={worst['seq_len']} W={worst['window']} "
+            f"hkv={worst['kv_heads']} {worst['dtype']}: fwd {worst['fwd_ratio']:.3f}x, "
+            f"fwd+bwd {worst['fwd_bwd_ratio']:.3f}x"
+        )
+    if args.json:
+        config = {
+            "batch": args.batch, "heads": args.heads, "head_dim": d, "sinks": args.sinks,
+            "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "limit": args.grid_limit,
+            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        }
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "grid": rows}, f, indent=2)
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.grid:
+        return run_grid(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
@@ -94,6 +240,15 @@ def main(argv=None):
     if not args.skip_dense:
         methods["dense-mask SWA (SDPA [n,n] mask)"] = dense_swa
     methods[f"ours: blocked SWA (B={block})"] = ours
+    if args.baseline:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("baseline_torch_attention", args.baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
+        methods[f"baseline: {args.baseline}"] = lambda: baseline.sliding_window_attention(
+            q, k, v, window=W, scale=scale, sink_tokens=S, block_size=args.block_size
+        )
 
     # Sanity: ours vs dense-mask SWA.
     with torch.no_grad():
@@ -101,29 +256,7 @@ def main(argv=None):
         max_err = (ours().float() - ref).abs().max().item() if ref is not None else float("nan")
         del ref
 
-    def run_fwd(fn):
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-
-    def run_fwd_bwd(fn):
-        q.grad = k.grad = v.grad = None
-        t0 = time.perf_counter()
-        out = fn()
-        out.backward(grad_out)
-        return time.perf_counter() - t0
-
-    for _ in range(args.warmup):
-        for fn in methods.values():
-            run_fwd(fn)
-            run_fwd_bwd(fn)
-    times = {name: {"fwd": [], "fwd_bwd": []} for name in methods}
-    for _ in range(args.reps):
-        for name, fn in methods.items():
-            times[name]["fwd"].append(run_fwd(fn))
-            times[name]["fwd_bwd"].append(run_fwd_bwd(fn))
-
+    times = time_interleaved(methods, (q, k, v), grad_out, reps=args.reps, warmup=args.warmup)
     med = {name: {key: statistics.median(ts) for key, ts in t.items()} for name, t in times.items()}
     fa_name = next(iter(methods))
     rows = []
@@ -145,14 +278,16 @@ def main(argv=None):
         "window": W, "sinks": S, "block_size": block, "dtype": args.dtype,
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "ideal_swa_ratio": min(1.0, n * W / (n * n / 2)),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "ideal_swa_ratio": swa_work_ratio(n, W),
         "max_abs_err_ours_vs_dense": max_err,
     }
     print(
         f"CPU attention benchmark: b={b} hq={hq} hkv={hkv} n={n} d={d} W={W} S={S} "
-        f"{args.dtype} threads={args.threads} reps={args.reps} torch={torch.__version__}"
+        f"{args.dtype} threads={args.threads} reps={args.reps} torch={torch.__version__} "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
-    print(f"ideal SWA/FA work ratio n*W/(n^2/2) = {config['ideal_swa_ratio']:.3f}; "
+    print(f"ideal SWA/FA work ratio (score entries) = {config['ideal_swa_ratio']:.3f}; "
           f"max |ours - dense| = {max_err:.2e}")
     print()
     print("| method | fwd (ms) | fwd / FA | fwd+bwd (ms) | fwd+bwd / FA |")

@@ -27,6 +27,13 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# OpenMP threads spin at barriers by default. On a machine shared with other jobs a
+# spinning thread holds the core its partner needs: the blocked SWA (many short
+# parallel regions) then ran 5x slower while FA (one long region) did not. PASSIVE
+# (threads sleep at barriers) measures the kernels rather than the scheduler; it is
+# set before torch starts OpenMP. Export OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +166,8 @@ def main(argv=None) -> int:
     base = statistics.median(times[base_name])
     rows = []
     print(f"\nfwd+bwd step, {args.device} {args.dtype}, b={args.batch} n={args.seq_len} W={args.window} "
-          f"layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads}x{args.head_dim}\n")
+          f"layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads}x{args.head_dim} "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}\n")
     print(f"| model | step (ms) | vs {base_name} |" + (" peak mem (GiB) |" if peak else ""))
     print("|---|---:|---:|" + ("---:|" if peak else ""))
     for name in prepared:

@@ -10,8 +10,12 @@ Two modes, fixed by `config.consa.allocation`:
 * learning (no allocation): the layer owns the hard-concrete gates of its
   units (`log_alpha`, float32, replicated on every TP rank). Per local KV group
   o = z * FA(q, k, v) + (1 - z) * SWA(q, k, v), z broadcast to the query heads
-  of the group. A branch is skipped when every local z is exactly 0 or 1 (the
-  clamp makes its gradient zero there). Before the local groups are sliced,
+  of the group. Which branches to run is decided on the host, without a
+  device sync in the forward: the controller hands each layer a host copy of
+  its log_alpha with the iteration's noise, and the layer computes z there
+  with the same float32 formula. A branch is skipped when every local z is
+  exactly 0 or 1 (the clamp makes its gradient zero there); when every local
+  z is 0 or 1 but both occur, each branch runs on its own heads only. Before the local groups are sliced,
   `log_alpha` passes through megatron-core's copy-to-tensor-parallel-region,
   so its gradient is summed over TP ranks and the replicas stay identical.
 * fixed (a binary allocation): FA groups get only FA, SWA groups only SWA; a
@@ -147,6 +151,10 @@ class ConsaCoreAttention(MegatronModule):
                 persistent=False,
             )
             self._gate_noise: Optional[Tensor] = None
+            self._gate_noise_host: Optional[Tensor] = None
+            self._noise_count = 0  # which set_gate_noise call the noise came from
+            self._plan: Optional[tuple] = None  # (key, local z on the host)
+            self._type_index: dict[tuple[bool, ...], tuple[Tensor, ...]] = {}
             self.fa_local = None
         else:
             self.log_alpha = None
@@ -154,16 +162,33 @@ class ConsaCoreAttention(MegatronModule):
             fa = torch.tensor(row, dtype=torch.bool)[tp_rank * self.kv_heads_local : (tp_rank + 1) * self.kv_heads_local]
             self.fa_local = [bool(v) for v in fa]
             # Index tensors of a mixed layer, built once (buffers follow .to()/.cuda()).
-            for kind, is_fa in (("fa", True), ("swa", False)):
-                groups = [g for g, f in enumerate(self.fa_local) if f == is_fa]
-                heads = [g * self.heads_per_group + r for g in groups for r in range(self.heads_per_group)]
-                self.register_buffer(f"_{kind}_groups", torch.tensor(groups, dtype=torch.long), persistent=False)
-                self.register_buffer(f"_{kind}_heads", torch.tensor(heads, dtype=torch.long), persistent=False)
+            for name, index in zip(("_fa_groups", "_fa_heads", "_swa_groups", "_swa_heads"), self._index_by_type(self.fa_local)):
+                self.register_buffer(name, index, persistent=False)
+
+    def _index_by_type(self, fa: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Local (FA groups, FA query heads, SWA groups, SWA query heads) as index tensors."""
+        out = []
+        for is_fa in (True, False):
+            groups = [g for g, f in enumerate(fa) if f == is_fa]
+            heads = [g * self.heads_per_group + r for g in groups for r in range(self.heads_per_group)]
+            out += [torch.tensor(groups, dtype=torch.long), torch.tensor(heads, dtype=torch.long)]
+        return tuple(out)
 
     # ---- gates ------------------------------------------------------------
-    def set_gate_noise(self, u: Optional[Tensor]) -> None:
-        """The controller's uniform noise for this iteration ([units], float32)."""
-        self._gate_noise = None if u is None else u.to(device=self.log_alpha.device, dtype=torch.float32)
+    def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None) -> None:
+        """The controller's uniform noise for this iteration ([units], float32), and
+        optionally a host copy of `log_alpha` for the same iteration (then the forward
+        plans its branches without a device sync)."""
+        self._noise_count += 1
+        self._plan = None
+        if u is None:
+            self._gate_noise = self._gate_noise_host = None
+            return
+        self._gate_noise_host = u.detach().to(device="cpu", dtype=torch.float32)
+        self._gate_noise = u.to(device=self.log_alpha.device, dtype=torch.float32)
+        if log_alpha_host is not None:
+            z = sample_z(log_alpha_host.to(device="cpu", dtype=torch.float32), self._gate_noise_host, self.hc)
+            self._plan = (self._plan_key(training=True), self._local(z))
 
     def gate_values(self) -> Tensor:
         """z for every KV head of this layer ([num_kv_heads], float32), differentiable.
@@ -173,16 +198,19 @@ class ConsaCoreAttention(MegatronModule):
         log_alpha = self.log_alpha
         if self.tp_size > 1:
             log_alpha = copy_to_tensor_model_parallel_region(log_alpha, group=self.tp_group)
-        if self.training:
-            if self._gate_noise is None:
-                raise RuntimeError(
-                    f"layer {self.layer_index}: no gate noise for this iteration; call "
-                    "ConsaController.begin_iteration(gates) before the forward pass"
-                )
-            z = sample_z(log_alpha, self._gate_noise, self.hc)
-        else:
-            z = deterministic_z(log_alpha, self.hc)
+        z = self._z(log_alpha, self._gate_noise)
         return z.expand(self.num_kv_heads) if z.numel() == 1 else z
+
+    def _z(self, log_alpha: Tensor, noise: Optional[Tensor]) -> Tensor:
+        """Training: the sample at this iteration's noise; evaluation: the noise-free z."""
+        if not self.training:
+            return deterministic_z(log_alpha, self.hc)
+        if noise is None:
+            raise RuntimeError(
+                f"layer {self.layer_index}: no gate noise for this iteration; call "
+                "ConsaController.begin_iteration(gates) before the forward pass"
+            )
+        return sample_z(log_alpha, noise, self.hc)
 
     # ---- forward ----------------------------------------------------------
     def forward(
@@ -212,34 +240,57 @@ class ConsaCoreAttention(MegatronModule):
         # [sq, b, np, hn] -> [sq, b, np * hn]
         return out.reshape(out.size(0), out.size(1), self.hidden_per_partition)
 
-    def _learning(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        z_all = self.gate_values()
+    def _local(self, z: Tensor) -> Tensor:
+        """This TP rank's groups of a per-KV-head (or one layer-unit) z."""
+        z = z.expand(self.num_kv_heads) if z.numel() == 1 else z
         lo = self.tp_rank * self.kv_heads_local
-        z = z_all[lo : lo + self.kv_heads_local]  # [ng]
-        # One host sync per layer: decide which branches carry gradient.
-        all_fa, all_swa = (bool(v) for v in torch.stack([(z == 1).all(), (z == 0).all()]).tolist())
+        return z[lo : lo + self.kv_heads_local]
+
+    def _plan_key(self, *, training: bool) -> tuple:
+        return (training, self._noise_count if training else None, self.log_alpha._version, self.log_alpha.data_ptr())
+
+    def _host_z(self) -> Tensor:
+        """Local z on the host ([ng], float32): from the controller's copy when it is
+        current, else one device sync (evaluation, or a gate changed since the copy)."""
+        key = self._plan_key(training=self.training)
+        if self._plan is None or self._plan[0] != key or not self.training:
+            z = self._z(self.log_alpha.detach().float().cpu(), self._gate_noise_host)
+            self._plan = (key, self._local(z))
+        return self._plan[1]
+
+    def _learning(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        z_host = self._host_z()  # decides the branches; no device sync
+        z = self._local(self.gate_values())  # [ng], differentiable
         # z == 1 (or 0) exactly: o = FA (or SWA) and dz/dlog_alpha = 0 under the clamp.
         # z stays in the graph anyway, so every TP rank runs the backward all-reduce
         # of copy_to_tensor_model_parallel_region, whatever its local groups decided.
-        if all_fa:
-            return _keep_in_graph(self.backend.full(query, key, value), z)
-        if all_swa:
-            return _keep_in_graph(self.backend.sliding(query, key, value), z)
+        saturated = bool(((z_host == 0) | (z_host == 1)).all())
+        if saturated:
+            fa = tuple(bool(v) for v in (z_host == 1).tolist())
+            if fa not in self._type_index:  # few patterns in a run; built once each
+                if len(self._type_index) >= 2 * self.kv_heads_local + 2:
+                    self._type_index.clear()
+                self._type_index[fa] = tuple(t.to(query.device) for t in self._index_by_type(list(fa)))
+            return _keep_in_graph(self._by_type(query, key, value, fa, *self._type_index[fa]), z)
         zh = z.to(query.dtype).repeat_interleave(self.heads_per_group)[:, None]  # [np, 1]
         fa = self.backend.full(query, key, value)  # [sq, b, np, hn]
         swa = self.backend.sliding(query, key, value)
-        return zh * fa + (1 - zh) * swa
+        return torch.lerp(swa, fa, zh)  # swa + z * (fa - swa), one fused op
 
     def _fixed(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        if all(self.fa_local):
+        return self._by_type(
+            query, key, value, self.fa_local, self._fa_groups, self._fa_heads, self._swa_groups, self._swa_heads
+        )
+
+    def _by_type(self, query, key, value, fa, fa_groups, fa_heads, swa_groups, swa_heads) -> Tensor:
+        """FA on the groups marked in `fa`, SWA on the rest: one call for a layer of one
+        type, else one call per type on its heads (gathered: a copy of q, k and v)."""
+        if all(fa):
             return self.backend.full(query, key, value)
-        if not any(self.fa_local):
+        if not any(fa):
             return self.backend.sliding(query, key, value)
         out = torch.empty_like(query)
-        for call, gi, hi in (
-            (self.backend.full, self._fa_groups, self._fa_heads),
-            (self.backend.sliding, self._swa_groups, self._swa_heads),
-        ):
+        for call, gi, hi in ((self.backend.full, fa_groups, fa_heads), (self.backend.sliding, swa_groups, swa_heads)):
             # [sq, b, np_type, hn]
             out[:, :, hi] = call(query.index_select(2, hi), key.index_select(2, gi), value.index_select(2, gi))
         return out

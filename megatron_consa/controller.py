@@ -49,7 +49,10 @@ class GateProvider(Protocol):
     gate_unit_ids: Tensor  # [units], global unit index (layer-major)
     gate_unit_cost: int  # KV-head cost of one unit
 
-    def set_gate_noise(self, u: Optional[Tensor]) -> None: ...
+    def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None) -> None:
+        """This iteration's noise (float32, on the host); `log_alpha_host` is a host copy
+        of `log_alpha` taken for the same iteration (lets the owner plan its forward
+        without a device sync), or None."""
 
 
 def find_gates(modules: Iterable[torch.nn.Module]) -> list[GateProvider]:
@@ -109,9 +112,15 @@ class ConsaController:
         return counter_uniform(self.config.noise_seed, k, unit_ids, self.hc.eps)
 
     def begin_iteration(self, gates: Iterable[GateProvider]) -> None:
-        """Hand every gate its noise for the current iteration."""
-        for g in gates:
-            g.set_gate_noise(self.noise(g.gate_unit_ids).to(g.log_alpha.device))
+        """Hand every gate its noise for the current iteration, with a host copy of its
+        log_alpha: one device-to-host transfer for all gates, instead of one per layer
+        in the forward."""
+        gates = list(gates)
+        if not gates:
+            return
+        host = torch.cat([g.log_alpha.detach().float().reshape(-1) for g in gates]).cpu()
+        for g, log_alpha in zip(gates, host.split([g.log_alpha.numel() for g in gates])):
+            g.set_gate_noise(self.noise(g.gate_unit_ids), log_alpha_host=log_alpha)
 
     # ---- constraint --------------------------------------------------------
     def local_fa_cost(self, gates: Iterable[GateProvider]) -> Tensor:

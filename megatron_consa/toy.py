@@ -46,7 +46,7 @@ class ToyGates(torch.nn.Module):
         self.register_buffer("importance", torch.logspace(-2, 0, units)[perm] * importance_scale)
         self.u: Optional[torch.Tensor] = None
 
-    def set_gate_noise(self, u: Optional[torch.Tensor]) -> None:
+    def set_gate_noise(self, u: Optional[torch.Tensor], log_alpha_host: Optional[torch.Tensor] = None) -> None:
         self.u = u
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:

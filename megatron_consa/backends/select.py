@@ -43,6 +43,17 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def te_dot_product_attention_class():
+    """Transformer Engine's `DotProductAttention` (imported on first use).
+
+    The one place the TE backend gets its attention class from, so a test can
+    stand in for it on a machine without Transformer Engine.
+    """
+    from transformer_engine.pytorch import DotProductAttention
+
+    return DotProductAttention
+
+
 def resolve_backend_name(name: str) -> str:
     """`auto` -> `te` when Transformer Engine can run here, else `torch`."""
     if name == "auto":
@@ -91,10 +102,12 @@ class TorchAttentionBackend:
                 sink_tokens=self.sink_tokens,
             )
             return _to_sbhd(out)
+        # No .contiguous(): the kernel copies q into blocks and k/v into padded
+        # buffers anyway, from any strides.
         out = sliding_window_attention(
-            _to_bhsd(q).contiguous(),
-            _to_bhsd(k).contiguous(),
-            _to_bhsd(v).contiguous(),
+            _to_bhsd(q),
+            _to_bhsd(k),
+            _to_bhsd(v),
             window=self.window,
             scale=self.scale,
             sink_tokens=self.sink_tokens,
@@ -124,9 +137,9 @@ class TEAttentionBackend:
     def _instance(self, num_heads: int, num_groups: int, windowed: bool):
         key = (num_heads, num_groups, windowed)
         if key not in self._instances:
-            from transformer_engine.pytorch import DotProductAttention
-
-            self._instances[key] = DotProductAttention(
+            # Flash/TE window (left, right): query p sees keys p-left .. p+right, so
+            # "itself and the W-1 before it" is (W-1, 0).
+            self._instances[key] = te_dot_product_attention_class()(
                 num_attention_heads=num_heads,
                 kv_channels=self.kv_channels,
                 num_gqa_groups=num_groups,

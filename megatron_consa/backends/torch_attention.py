@@ -21,19 +21,28 @@ O(n*W) blocking
 ``sliding_window_attention`` never forms an ``[s, s]`` score matrix. Queries
 are split into ``nblk = ceil(s / B)`` blocks of ``B`` tokens (the tail block is
 zero-padded). Query block ``i`` covers positions ``[i*B, i*B + B)`` and can
-only see keys in ``[i*B - W + 1, i*B + B)``: a chunk of ``L = B + W - 1`` keys.
-``k``/``v`` are left-padded by ``W - 1`` zero rows (and right-padded to
-``nblk*B``) and ``unfold`` turns them into an overlapping ``[.., nblk, L, d]``
-*view* (no copy in the forward). The ``S`` sink keys are prepended to every
-chunk. A boolean band mask of shape ``[nblk, B, S + L]`` (broadcast over batch
-and heads) hides left-padding keys, keys outside the window, and sink keys that
-already lie in the window or in the future. All blocks then go through one
-batched ``scaled_dot_product_attention`` call with the blocks as the "head"
-dimension (``[b*hkv, nblk, rep*B, d]``; GQA query heads are folded into the
-rows so K/V are never repeated). The mask is passed 4-D, which keeps SDPA on its
-fused kernels (CPU: flash, forward and backward; CUDA: memory-efficient), so time
-and memory are ``O(s * (B + W + S))`` in the forward and in the backward. The
-default ``B`` is :func:`default_block_size`.
+only see keys in ``[i*B - W + 1, i*B + B)``; its *chunk* is the whole key blocks
+around that, positions ``[i*B - ahead, i*B + B)`` with ``ahead = B*ceil((W-1)/B)``
+(``L = ahead + B`` keys, at most ``B - 1`` more than the ``B + W - 1`` needed).
+``k``/``v`` are left-padded by ``ahead`` zero rows (and right-padded to
+``nblk*B``) and the chunks are an overlapping strided *view* of them. The ``S``
+sink keys are prepended to every chunk. A band mask of shape ``[nblk, B, S + L]``
+(broadcast over batch and heads) hides left-padding keys, keys outside the
+window, and sink keys that already lie in the window or in the future. All
+blocks then go through one batched flash-attention call with the blocks as the
+"head" dimension (``[b*hkv, nblk, rep*B, d]``; GQA query heads are folded into
+the rows so K/V are never repeated), so time and memory are
+``O(s * (B + W + S))`` in the forward and in the backward. The default ``B`` is
+:func:`default_block_size`.
+
+On the CPU, :class:`_CpuBlockedSWA` calls the CPU flash kernel's forward and
+backward ops directly: the chunks stay a view in the backward too, their
+gradients are summed back onto the keys by ``L / B`` shifted adds (autograd's
+unfold backward was a tenth of the step), the additive mask is cached per shape,
+and large batch x head stacks are split into calls of at most
+``CPU_CALL_BYTES`` of chunks. Elsewhere (CUDA without FlexAttention) the same
+layout goes through public ``scaled_dot_product_attention`` with a 4-D boolean
+mask (a 3-D one falls back to the math kernel) and autograd's backward.
 
 Every query row sees at least its own key (right-padding keys are not masked:
 causality alone hides them from real queries, and padded query rows may look at
@@ -54,6 +63,9 @@ __all__ = [
     "sliding_window_attention",
     "dense_masked_attention",
     "sliding_window_mask",
+    "sliding_window_mask_mod",
+    "flex_sliding_window_block_mask",
+    "flex_sliding_window_attention",
     "default_block_size",
 ]
 
@@ -112,9 +124,11 @@ def default_block_size(window: int, seq_len: int) -> int:
     times, so the gradient w.r.t. the chunks (and the fused kernels' per-block
     overhead) grows as ``B`` shrinks. Measured on a 2-core CPU (fp32, d=64,
     n=4096, forward+backward), the best ``B`` was ~32 for W=64, ~64 for
-    W=128..256 and 128..256 for W=512..1024, hence::
+    W=128..256 and 128..256 for W=512..1024; with the CPU flash ops called
+    directly (under load, fwd+bwd, 8 heads x 64) 256 beat 128 by 5% at n=4096,
+    W=1024 and by 12% at n=16384, W=2048 (512 was no better), hence::
 
-        W <= 64 -> 32,   64 < W <= 256 -> 64,   W > 256 -> 128
+        W <= 64 -> 32,   64 < W <= 256 -> 64,   256 < W <= 512 -> 128,   W > 512 -> 256
 
     (never more than ``seq_len``).
     """
@@ -122,26 +136,50 @@ def default_block_size(window: int, seq_len: int) -> int:
         block = 32
     elif window <= 256:
         block = 64
-    else:
+    elif window <= 512:
         block = 128
+    else:
+        block = 256
     return max(1, min(block, seq_len))
+
+
+CPU_CALL_BYTES = 8 << 20
+"""Largest K (or V) chunk tensor, in bytes, one CPU flash-attention call works on.
+
+Bigger batch x KV-head stacks are split into several calls. The flash backward
+zero-fills gradient buffers the size of the chunks; above glibc's mmap
+threshold (at most 32 MiB) every call page-faults them in afresh, which cost
+about a fifth of the SWA backward on a 2-core VM. Below it, freed buffers are
+reused."""
+
+
+def _chunk_layout(s: int, window: int, block: int) -> tuple[int, int, int]:
+    """``(nblk, ahead, chunk)``: query blocks, keys before a block, keys per chunk.
+
+    Chunk ``i`` holds key positions ``[i*B - ahead, i*B + B)`` with
+    ``ahead = m*B``, ``m = ceil((W-1)/B)``: whole key blocks, so chunk ``i`` is
+    rows ``[i*B, i*B + chunk)`` of the keys left-padded by ``ahead`` zero rows.
+    """
+    nblk = math.ceil(s / block)
+    ahead = math.ceil((window - 1) / block) * block
+    return nblk, ahead, ahead + block
 
 
 def _band_mask(
     nblk: int, block: int, window: int, sinks: int, device: torch.device
 ) -> torch.Tensor:
-    """Boolean mask ``[nblk, block, sinks + block + window - 1]`` (True = may attend).
+    """Boolean mask ``[nblk, B, S + chunk]`` (True = may attend), see :func:`_chunk_layout`.
 
-    Column ``sinks + c`` of block ``i`` is key position ``j = i*B - (W-1) + c``
-    (negative = left padding); columns ``0..sinks-1`` are the sink keys ``0..S-1``.
+    Column ``S + c`` of block ``i`` is key position ``j = i*B - ahead + c``
+    (negative = left padding); columns ``0..S-1`` are the sink keys ``0..S-1``.
     """
-    L = block + window - 1
+    _, ahead, L = _chunk_layout(nblk * block, window, block)
     i = torch.arange(block, device=device).view(block, 1)  # query offset in block
     c = torch.arange(L, device=device).view(1, L)  # key offset in chunk
-    # j <= p  <=>  c <= i + W - 1 ;  j > p - W  <=>  c >= i
-    band = (c >= i) & (c <= i + window - 1)  # [B, L]
+    # p = iB + r, j = iB - ahead + c:  j <= p <=> c <= r + ahead;  j > p - W <=> c > r + ahead - W
+    band = (c <= i + ahead) & (c > i + ahead - window)  # [B, L]
     blk = torch.arange(nblk, device=device).view(nblk, 1, 1)
-    key_pos = blk * block - (window - 1) + c.view(1, 1, L)  # [nblk, 1, L]
+    key_pos = blk * block - ahead + c.view(1, 1, L)  # [nblk, 1, L]
     mask = band.unsqueeze(0) & (key_pos >= 0)  # [nblk, B, L]
     if sinks > 0:
         q_pos = blk * block + i.view(1, block, 1)  # [nblk, B, 1]
@@ -152,13 +190,196 @@ def _band_mask(
     return mask
 
 
-def _key_chunks(x: torch.Tensor, window: int, block: int, nblk: int) -> torch.Tensor:
-    """Overlapping key/value chunks ``[b*hkv, nblk, B + W - 1, d]`` (a strided view)."""
+BAND_BIAS_CACHE_BYTES = 64 << 20
+"""Additive band masks up to this size are kept (per shape, a few of them); larger
+ones (long sequences with wide windows and many query heads per KV head reach a
+GiB) are rebuilt on every call, as SDPA would convert a boolean mask anyway."""
+
+
+def _band_bias(
+    nblk: int, block: int, window: int, sinks: int, rep: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive form of :func:`_band_mask` for the CPU kernel, ``[1, nblk, rep*B, S + chunk]``
+    (0 visible, -inf hidden; rows repeated for the ``rep`` query heads of a KV group)."""
+    _, _, L = _chunk_layout(nblk * block, window, block)
+    nbytes = nblk * rep * block * (sinks + L) * torch.empty((), dtype=dtype).element_size()
+    if nbytes <= BAND_BIAS_CACHE_BYTES:
+        return _cached_band_bias(nblk, block, window, sinks, rep, dtype, device)
+    return _build_band_bias(nblk, block, window, sinks, rep, dtype, device)
+
+
+def _build_band_bias(nblk, block, window, sinks, rep, dtype, device) -> torch.Tensor:
+    mask = _band_mask(nblk, block, window, sinks, device)
+    if rep > 1:
+        mask = mask.repeat(1, rep, 1)  # [nblk, rep*B, S + L]
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    return bias.unsqueeze(0)
+
+
+_cached_band_bias = functools.lru_cache(maxsize=8)(_build_band_bias)
+
+
+def _query_blocks(x: torch.Tensor, rep: int, nblk: int, block: int) -> torch.Tensor:
+    """``[b, hq, s, d]`` -> ``[b*hkv, nblk, rep*B, d]`` (zero-padded to ``nblk*B``); the
+    ``rep`` query heads of a KV group are folded into the rows so K/V are never repeated."""
+    b, hq, s, d = x.shape
+    s_pad = nblk * block
+    xp = F.pad(x, (0, 0, 0, s_pad - s)) if s_pad != s else x  # [b, hq, s_pad, d]
+    if rep == 1:
+        return xp.reshape(b * hq, nblk, block, d)
+    xb = xp.reshape(b, hq // rep, rep, nblk, block, d)  # [b, hkv, rep, nblk, B, d]
+    return xb.permute(0, 1, 3, 2, 4, 5).reshape(b * hq // rep, nblk, rep * block, d)
+
+
+def _from_query_blocks(x: torch.Tensor, b: int, hq: int, rep: int, s: int) -> torch.Tensor:
+    """Inverse of :func:`_query_blocks`: ``[b*hkv, nblk, rep*B, d]`` -> ``[b, hq, s, d]``."""
+    _, nblk, rows, d = x.shape
+    block = rows // rep
+    s_pad = nblk * block
+    if rep == 1:
+        out = x.reshape(b, hq, s_pad, d)
+    else:
+        out = x.reshape(b, hq // rep, nblk, rep, block, d)  # [b, hkv, nblk, rep, B, d]
+        out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, hq, s_pad, d)
+    return out[:, :, :s] if s_pad != s else out
+
+
+def _cpu_flash_ops_available() -> bool:
+    aten = torch.ops.aten
+    return hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+class _CpuBlockedSWA(torch.autograd.Function):
+    """The blocked SWA on the CPU flash kernel, with its own backward.
+
+    The K/V chunks are an overlapping strided *view* of the padded keys in the
+    forward and in the backward (the CPU flash kernel reads any row stride), and
+    the backward sums the chunk gradients onto the keys with ``chunk / B`` shifted
+    adds, instead of autograd's generic unfold backward. The backward reuses the
+    forward's output and log-sum-exp, like SDPA's own.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float, sinks: int, block: int):
+        b, hq, s, d = q.shape
+        hkv = k.shape[1]
+        rep = hq // hkv
+        nblk, ahead, L = _chunk_layout(s, window, block)
+        qb = _query_blocks(q, rep, nblk, block)  # [b*hkv, nblk, rep*B, d]
+        kc, vc = (_cpu_chunks(x, nblk, block, ahead, sinks) for x in (k, v))  # [b*hkv, nblk, S + L, d]
+        bias = _band_bias(nblk, block, window, sinks, rep, q.dtype, q.device)
+        rows = _rows_per_call(kc)
+        parts = [
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qb[r : r + rows], kc[r : r + rows], vc[r : r + rows], 0.0, False, attn_mask=bias, scale=scale
+            )
+            for r in range(0, qb.size(0), rows)
+        ]
+        out = _cat([o for o, _ in parts])  # [b*hkv, nblk, rep*B, d]
+        lse = _cat([lse for _, lse in parts])
+        ctx.save_for_backward(qb, kc, vc, out, lse, bias)
+        ctx.meta = (b, hq, rep, s, block, ahead, sinks, scale)
+        return _from_query_blocks(out, b, hq, rep, s)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        qb, kc, vc, out, lse, bias = ctx.saved_tensors
+        b, hq, rep, s, block, ahead, sinks, scale = ctx.meta
+        nblk = qb.size(1)
+        gb = _query_blocks(grad, rep, nblk, block).contiguous()  # [b*hkv, nblk, rep*B, d]
+        rows = _rows_per_call(kc)
+        dq, dk, dv = [], [], []
+        for r in range(0, qb.size(0), rows):
+            part = slice(r, r + rows)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                gb[part], qb[part], kc[part], vc[part], out[part], lse[part], 0.0, False,
+                attn_mask=bias, scale=scale,
+            )
+            dq.append(gq)
+            dk.append(_fold_chunks(gk, s, block, ahead, sinks))
+            dv.append(_fold_chunks(gv, s, block, ahead, sinks))
+        hkv = hq // rep
+        d = qb.size(-1)
+        return (
+            _from_query_blocks(_cat(dq), b, hq, rep, s),
+            _cat(dk).view(b, hkv, s, d),
+            _cat(dv).view(b, hkv, s, d),
+            None, None, None, None,
+        )
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _rows_per_call(chunks: torch.Tensor) -> int:
+    """Rows of ``[b*hkv, ...]`` per CPU flash call, keeping a chunk tensor under CPU_CALL_BYTES."""
+    per_row = chunks[0].numel() * chunks.element_size()
+    return max(1, CPU_CALL_BYTES // per_row)
+
+
+def _cpu_chunks(x: torch.Tensor, nblk: int, block: int, ahead: int, sinks: int) -> torch.Tensor:
+    """``[b, hkv, s, d]`` -> chunks ``[b*hkv, nblk, S + ahead + B, d]``.
+
+    Without sinks an overlapping strided view of the keys padded by ``ahead``
+    zero rows in front (and to ``nblk*B`` behind): one copy of ``x``, not of
+    every chunk. Sinks are prepended to each chunk (a copy).
+    """
     b, h, s, d = x.shape
-    L = block + window - 1
-    xp = F.pad(x, (0, 0, window - 1, nblk * block - s))  # [b, h, nblk*B + W - 1, d]
-    chunks = xp.unfold(2, L, block)  # [b, h, nblk, d, L]
-    return chunks.transpose(-1, -2).reshape(b * h, nblk, L, d)  # [b*h, nblk, L, d]
+    P = ahead + nblk * block
+    xp = x.new_zeros(b * h, P, d)
+    xp[:, ahead : ahead + s] = x.reshape(b * h, s, d)
+    L = ahead + block
+    chunks = xp.as_strided((b * h, nblk, L, d), (P * d, block * d, d, 1))
+    if sinks:
+        head = x.reshape(b * h, 1, s, d)[:, :, :sinks].expand(-1, nblk, -1, -1)  # [b*h, nblk, S, d]
+        chunks = torch.cat([head, chunks], dim=2)
+    return chunks
+
+
+def _fold_chunks(grad: torch.Tensor, s: int, block: int, ahead: int, sinks: int) -> torch.Tensor:
+    """Sum chunk gradients ``[rows, nblk, S + ahead + B, d]`` onto the keys: ``[rows, s, d]``."""
+    rows, nblk, _, d = grad.shape
+    m = ahead // block
+    window_part = grad[:, :, sinks:].view(rows, nblk, m + 1, block, d)
+    # Chunk i, key block t sits at padded key block i + t.
+    padded = grad.new_zeros(rows, nblk + m, block, d)
+    for t in range(m + 1):
+        padded[:, t : t + nblk] += window_part[:, :, t]
+    keys = padded.view(rows, (nblk + m) * block, d)[:, ahead : ahead + s]
+    if sinks:
+        keys[:, :sinks] += grad[:, :, :sinks].sum(dim=1)
+    return keys
+
+
+def _sdpa_blocked_swa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, sinks: int, block: int
+) -> torch.Tensor:
+    """The blocked SWA through public ``scaled_dot_product_attention`` (any device; autograd
+    differentiates it). Same layout and mask as :class:`_CpuBlockedSWA`."""
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    rep = hq // hkv
+    nblk, ahead, L = _chunk_layout(s, window, block)
+    qb = _query_blocks(q, rep, nblk, block)  # [b*hkv, nblk, rep*B, d]
+
+    def chunks(x):  # [b, hkv, s, d] -> overlapping view [b*hkv, nblk, L, d]
+        xp = F.pad(x, (0, 0, ahead, nblk * block - s))  # [b, hkv, ahead + nblk*B, d]
+        view = xp.unfold(2, L, block).transpose(-1, -2).reshape(b * hkv, nblk, L, d)
+        if sinks:
+            head = x[:, :, :sinks].reshape(b * hkv, 1, sinks, d).expand(-1, nblk, -1, -1)
+            view = torch.cat([head, view], dim=2)  # [b*hkv, nblk, S + L, d]
+        return view
+
+    mask = _band_mask(nblk, block, window, sinks, q.device)  # [nblk, B, S + L]
+    if rep > 1:
+        mask = mask.repeat(1, rep, 1)  # [nblk, rep*B, S + L]
+    # A 4-D mask is required for the fused kernels (a 3-D one falls back to math).
+    out = F.scaled_dot_product_attention(qb, chunks(k), chunks(v), attn_mask=mask.unsqueeze(0), scale=scale)
+    return _from_query_blocks(out, b, hq, rep, s)
 
 
 def sliding_window_attention(
@@ -182,17 +403,17 @@ def sliding_window_attention(
         block_size: query block size ``B``; default :func:`default_block_size`.
 
     Returns:
-        ``[b, hq, s, d]`` in the dtype of ``q``.
+        ``[b, hq, s, d]`` in the dtype of ``q``. On the CPU the backward is
+        :class:`_CpuBlockedSWA`'s (first order only).
     """
-    rep = _check_qkv(q, k, v)
+    _check_qkv(q, k, v)
     window = int(window)
     sink_tokens = int(sink_tokens)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
-    b, hq, s, d = q.shape
-    hkv = hq // rep
+    s = q.shape[2]
     if s == 0:
         return q.new_empty(q.shape)
     if window >= s:
@@ -205,41 +426,9 @@ def sliding_window_attention(
     if block < 1:
         raise ValueError(f"block_size must be >= 1, got {block}")
     block = min(block, s)
-    nblk = math.ceil(s / block)
-    s_pad = nblk * block
-    L = block + window - 1
-
-    # Queries: [b, hq, s, d] -> [b*hkv, nblk, rep*B, d]; the rep query heads of a
-    # KV group are folded into the rows of each block so K/V are never repeated.
-    qp = F.pad(q, (0, 0, 0, s_pad - s)) if s_pad != s else q  # [b, hq, s_pad, d]
-    if rep == 1:
-        qb = qp.reshape(b * hq, nblk, block, d)  # [b*h, nblk, B, d]
-    else:
-        qb = qp.reshape(b, hkv, rep, nblk, block, d)  # [b, hkv, rep, nblk, B, d]
-        qb = qb.permute(0, 1, 3, 2, 4, 5).reshape(b * hkv, nblk, rep * block, d)
-
-    kc = _key_chunks(k, window, block, nblk)  # [b*hkv, nblk, L, d]
-    vc = _key_chunks(v, window, block, nblk)  # [b*hkv, nblk, L, d]
-    if sinks > 0:
-        ks = k[:, :, :sinks].reshape(b * hkv, 1, sinks, d).expand(-1, nblk, -1, -1)
-        vs = v[:, :, :sinks].reshape(b * hkv, 1, sinks, d).expand(-1, nblk, -1, -1)
-        kc = torch.cat([ks, kc], dim=2)  # [b*hkv, nblk, S + L, d]
-        vc = torch.cat([vs, vc], dim=2)  # [b*hkv, nblk, S + L, d]
-
-    mask = _band_mask(nblk, block, window, sinks, q.device)  # [nblk, B, S + L]
-    if rep > 1:
-        mask = mask.repeat(1, rep, 1)  # [nblk, rep*B, S + L]
-    # A 4-D mask is required for the fused kernels (a 3-D one falls back to math).
-    mask = mask.unsqueeze(0)  # [1, nblk, rep*B, S + L]
-
-    out = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=mask, scale=scale)
-    # out: [b*hkv, nblk, rep*B, d] -> [b, hq, s_pad, d]
-    if rep == 1:
-        out = out.reshape(b, hq, s_pad, d)
-    else:
-        out = out.reshape(b, hkv, nblk, rep, block, d)  # [b, hkv, nblk, rep, B, d]
-        out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, hq, s_pad, d)
-    return out[:, :, :s] if s_pad != s else out
+    if q.device.type == "cpu" and _cpu_flash_ops_available():
+        return _CpuBlockedSWA.apply(q, k, v, window, scale, sinks, block)
+    return _sdpa_blocked_swa(q, k, v, window=window, scale=scale, sinks=sinks, block=block)
 
 
 def sliding_window_mask(
@@ -309,14 +498,34 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.lru_cache(maxsize=FLEX_BLOCK_MASK_CACHE)
-def _flex_block_mask(seq_len: int, window: int, sink_tokens: int, device: torch.device):
-    from torch.nn.attention.flex_attention import create_block_mask
+def sliding_window_mask_mod(window: int, sink_tokens: int = 0):
+    """FlexAttention ``mask_mod`` of the SWA convention (True = may attend).
+
+    ``kv <= q and (q - kv < W or kv < S)``: the same set as
+    :func:`sliding_window_mask`. Pure tensor arithmetic, so it can be evaluated
+    on any device (the CPU tests pin it against the reference window mask).
+    """
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink_tokens))
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=FLEX_BLOCK_MASK_CACHE)
+def flex_sliding_window_block_mask(seq_len: int, window: int, sink_tokens: int, device: torch.device):
+    """The block mask `flex_sliding_window_attention` uses (cached per shape and device).
+
+    Built by FlexAttention's `create_block_mask` from :func:`sliding_window_mask_mod`;
+    tiles outside the window (and sinks) are skipped, tiles entirely inside it
+    are marked full (their mask_mod is not evaluated).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(
+        sliding_window_mask_mod(window, sink_tokens), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+        device=device,
+    )
 
 
 def flex_sliding_window_attention(
@@ -329,5 +538,5 @@ def flex_sliding_window_attention(
     O(s * W) on the GPU's fused kernel instead of a masked dense one.
     """
     rep = _check_qkv(q, k, v)
-    mask = _flex_block_mask(q.size(2), window, sink_tokens, q.device)
+    mask = flex_sliding_window_block_mask(q.size(2), window, sink_tokens, q.device)
     return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=rep > 1)

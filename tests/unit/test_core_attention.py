@@ -117,6 +117,56 @@ class TestCoreAttention:
         assert interior.any() and torch.all(attn.log_alpha.grad[interior] != 0)
         assert torch.all(attn.log_alpha.grad[~interior] == 0)
 
+    def test_training_forward_plans_from_the_controllers_host_copy(self, monkeypatch):
+        """After begin_iteration the training forward reads no gate value back from the
+        device; a gate edited after the copy is noticed (and then read back once)."""
+        attn = _attn(0, window=4).train()
+        with torch.no_grad():
+            attn.log_alpha.copy_(torch.tensor([8.0, -8.0, 0.2, -0.4]))
+        ctl = ConsaController(attn.consa, total_cost=L * G)
+        ctl.begin_iteration(find_gates([attn]))
+        reads = []
+        real_cpu = torch.Tensor.cpu
+
+        def counting_cpu(t, *args, **kwargs):
+            if t.data_ptr() == attn.log_alpha.data_ptr():  # a gate read back from its device
+                reads.append(t.shape)
+            return real_cpu(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+        q, k, v = _qkv(5)
+        out = attn(q, k, v, None)
+        attn(q, k, v, None)  # recomputation: same plan
+        assert reads == []
+        z = sample_z(attn.log_alpha.detach(), ctl.noise(attn.gate_unit_ids), attn.hc)
+        zh = z.repeat_interleave(HEADS // G)[:, None]
+        fa = _reference(q, k, v, [1] * G, 4, 0).view(S, B, HEADS, D)
+        swa = _reference(q, k, v, [0] * G, 4, 0).view(S, B, HEADS, D)
+        torch.testing.assert_close(out.double(), (zh * fa + (1 - zh) * swa).reshape(S, B, -1), rtol=1e-6, atol=1e-6)
+
+        with torch.no_grad():  # every gate saturated now: the plan must follow
+            attn.log_alpha.copy_(torch.tensor([8.0, -8.0, -8.0, 8.0]))
+        out = attn(q, k, v, None)
+        assert reads  # read back (the CPU shims may route one read through two calls)
+        torch.testing.assert_close(out.double(), _reference(q, k, v, [1, 0, 0, 1], 4, 0), rtol=1e-6, atol=1e-6)
+
+    def test_saturated_mixed_gates_run_each_branch_on_its_heads_with_gates_in_graph(self):
+        attn = _attn(0, window=5).train()
+        with torch.no_grad():
+            attn.log_alpha.copy_(torch.tensor([8.0, -8.0, -8.0, 8.0]))
+        ConsaController(attn.consa, total_cost=L * G).begin_iteration(find_gates([attn]))
+        calls = []
+        for name in ("full", "sliding"):
+            real = getattr(attn.backend, name)
+            setattr(attn.backend, name, lambda q, k, v, real=real, name=name: calls.append((name, q.size(2))) or real(q, k, v))
+        q, k, v = (t.requires_grad_(True) for t in _qkv(6))
+        out = attn(q, k, v, None)
+        assert sorted(calls) == [("full", HEADS // 2), ("sliding", HEADS // 2)]
+        torch.testing.assert_close(out.double(), _reference(q, k, v, [1, 0, 0, 1], 5, 0), rtol=1e-6, atol=1e-6)
+        out.square().sum().backward()
+        assert attn.log_alpha.grad is not None and torch.all(attn.log_alpha.grad == 0)
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+
     def test_training_without_noise_is_a_clear_error(self):
         attn = _attn(0, window=4).train()
         with pytest.raises(RuntimeError, match="begin_iteration"):

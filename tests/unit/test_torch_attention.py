@@ -208,7 +208,8 @@ def test_swa_saved_memory_is_linear():
 def test_default_block_size_and_validation():
     assert default_block_size(8, 4096) == 32
     assert default_block_size(256, 4096) == 64
-    assert default_block_size(1024, 4096) == 128
+    assert default_block_size(512, 4096) == 128
+    assert default_block_size(1024, 4096) == 256
     assert default_block_size(256, 10) == 10
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError):
@@ -232,3 +233,54 @@ def test_swa_uses_fused_sdpa_kernel_on_cpu():
     names = {e.key for e in prof.key_averages()}
     assert not any("scaled_dot_product_attention_math" in n for n in names), names
     assert any("flash_attention" in n for n in names), names
+
+
+@pytest.mark.parametrize("rep", [1, 2])
+@pytest.mark.parametrize("s,window,sinks,block", [(37, 5, 0, 8), (37, 5, 4, 8), (50, 1, 1, 7), (45, 3, 10, 16)])
+def test_public_sdpa_path_matches_reference(s, window, sinks, block, rep):
+    """The path CUDA takes without FlexAttention (public SDPA, autograd's backward), run on the CPU."""
+    from megatron_consa.backends.torch_attention import _sdpa_blocked_swa
+
+    def fn(q, k, v, scale):
+        return _sdpa_blocked_swa(q, k, v, window=window, scale=scale, sinks=min(sinks, s - window), block=block)
+
+    _check_against_ref(fn, s, window, sinks, rep, torch.float64, "cpu", 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_cpu_kernel_split_into_several_calls_matches_reference(monkeypatch, sinks):
+    """Batch x KV heads split across flash calls (one row each) gives the same values and gradients."""
+    from megatron_consa.backends import torch_attention
+
+    monkeypatch.setattr(torch_attention, "CPU_CALL_BYTES", 1)
+
+    def fn(q, k, v, scale):
+        return sliding_window_attention(q, k, v, window=6, scale=scale, sink_tokens=sinks, block_size=4)
+
+    _check_against_ref(fn, 41, 6, sinks, 2, torch.float32, "cpu", 1e-6, 1e-6)
+    _check_against_ref(fn, 41, 6, sinks, 1, torch.float64, "cpu", 1e-10, 1e-10)
+
+
+def test_bf16_gradients_follow_fp32():
+    s, window, sinks, d = 300, 64, 2, 32
+    q, k, v = _make_qkv(1, 2, 4, s, d, torch.float32, "cpu")
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    ref = torch.autograd.grad(sliding_window_attention(q, k, v, window=window, scale=d ** -0.5, sink_tokens=sinks), (q, k, v), go)
+    qh, kh, vh = (t.detach().bfloat16().requires_grad_(True) for t in (q, k, v))
+    out = sliding_window_attention(qh, kh, vh, window=window, scale=d ** -0.5, sink_tokens=sinks)
+    got = torch.autograd.grad(out, (qh, kh, vh), go.bfloat16())
+    for name, g, r in zip("qkv", got, ref):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), r, atol=6e-2 * max(1.0, r.abs().max().item()), rtol=0, msg=name)
+
+
+def test_large_band_masks_are_not_cached(monkeypatch):
+    from megatron_consa.backends import torch_attention
+
+    torch_attention._cached_band_bias.cache_clear()
+    monkeypatch.setattr(torch_attention, "BAND_BIAS_CACHE_BYTES", 0)
+    test_swa_matches_reference_fp64(37, 5, 4, 8, 2, "cpu")
+    assert torch_attention._cached_band_bias.cache_info().currsize == 0
+    monkeypatch.setattr(torch_attention, "BAND_BIAS_CACHE_BYTES", 1 << 30)
+    test_swa_matches_reference_fp64(37, 5, 4, 8, 2, "cpu")
+    assert torch_attention._cached_band_bias.cache_info().currsize == 1
