@@ -256,7 +256,7 @@ def test_imported_checkpoint_starts_a_learning_run(converted, single_rank_mcore)
     training = TrainingConfig(train_iters=1, micro_batch_size=1, global_batch_size=1, seq_length=16, lr=1e-3, min_lr=1e-3, lr_decay_style="constant")
     initialize_distributed(ParallelConfig(), seed=training.seed)
     trainer = ConsaTrainer(
-        arch=arch, consa=ConsaConfig(window=WINDOW, backend="torch"), parallel=ParallelConfig(), training=training,
+        arch=arch, consa=ConsaConfig(window=WINDOW, backend="torch", target_warmup_iters=0), parallel=ParallelConfig(), training=training,
         data=PeriodicSequenceData(vocab_size=arch.vocab_size, seq_length=16, period=5),
     )
     assert load_checkpoint(trainer, ckpt, weights_only=True) == 0
