@@ -2,6 +2,7 @@
 #
 #   make install   create .venv and install everything the package needs
 #   make demo      install, then run the main job end to end on the CPU
+#   make workflow  install, then preprocess -> pretrain -> learn -> finalize -> fixed through torchrun
 #   make test      install, then run the whole test suite
 #
 # Idempotent: `install` is a stamp target that reruns only when setup.py or
@@ -16,7 +17,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU_VERSION := 2.13.0
 MCORE_VERSION     := 0.19.2
 
-.PHONY: install demo test test-gpu bench clean
+.PHONY: install demo workflow test test-gpu bench clean
 
 install: $(STAMP)
 
@@ -39,6 +40,9 @@ $(STAMP): setup.py Makefile
 
 demo: install
 	$(PY) examples/cpu_quickstart.py
+
+workflow: install
+	$(PY) examples/cpu_workflow.py --out runs/workflow
 
 test: install
 	$(PY) -m pytest -q
