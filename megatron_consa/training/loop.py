@@ -502,12 +502,12 @@ class ConsaTrainer:
             counts = counts * self.arch.num_kv_heads
         return [int(c) for c in counts]
 
-    def settle_report(self) -> SettleReport:
+    def settle_report(self, tolerance: Optional[float] = None) -> SettleReport:
         """Judge the recorded s_hat tail of this learning run (see `controller.judge_settling`)."""
         c = self.consa
         return judge_settling(
             self.controller.s_hat_history, target_sparsity=c.target_sparsity, warmup_iters=c.target_warmup_iters,
-            tail_fraction=c.settle_tail_fraction, tolerance=c.settle_tolerance,
+            tail_fraction=c.settle_tail_fraction, tolerance=c.settle_tolerance if tolerance is None else tolerance,
         )
 
     def finalize(self, *, tolerance: Optional[float] = None, margin: Optional[float] = None,
@@ -522,10 +522,7 @@ class ConsaTrainer:
             raise ConsaConfigError("finalize: this run has a fixed allocation and no gates to finalize")
         log_alpha = self.gather_log_alpha()
         c = self.consa
-        report = judge_settling(
-            self.controller.s_hat_history, target_sparsity=c.target_sparsity, warmup_iters=c.target_warmup_iters,
-            tail_fraction=c.settle_tail_fraction, tolerance=c.settle_tolerance if tolerance is None else tolerance,
-        )
+        report = self.settle_report(tolerance)
         meta = {"iterations": self.controller.iteration, "final_s_hat": self.controller.last_s_hat, **(metadata or {})}
         return Allocation.from_log_alpha(
             log_alpha, target_sparsity=c.target_sparsity, granularity=c.granularity,
