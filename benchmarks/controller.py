@@ -47,7 +47,7 @@ def _summary(rows: list[dict]) -> dict:
         "cases": len(rows),
         "settled_within_1000": len(ok),
         "worst_settle": max((r["settled_by"] for r in rows if r["settled_by"] is not None), default=None),
-        "worst_tail_gap": max(r["tail_gap"] for r in rows),
+        "worst_tail_gap": max((r["tail_gap"] for r in rows), default=0.0),
     }
 
 
@@ -144,6 +144,8 @@ def markdown(rows: list[dict], title: str) -> str:
            "|---|---:|---:|---:|---:|"]
     for name in ("old", "new"):
         s = _summary([r for r in rows if r["controller"] == name])
+        if not s["cases"]:
+            continue
         out.append(f"| {name} | {s['cases']} | {s['settled_within_1000']} | {s['worst_settle'] or 'never'} | "
                    f"{s['worst_tail_gap']:.4f} |")
     return "\n".join(out)
@@ -155,17 +157,19 @@ def main(argv=None) -> int:
     p.add_argument("--trainer-iters", type=int, default=600, help="allocation-phase iterations in the trainer")
     p.add_argument("--pretrain-iters", type=int, default=250, help="dense pretraining of the quickstart model")
     p.add_argument("--skip-trainer", action="store_true", help="toy grid only")
+    p.add_argument("--skip-toy", action="store_true", help="real trainer only")
     p.add_argument("--out", type=Path, default=Path("runs/bench_controller"))
     args = p.parse_args(argv)
     import warnings
 
     warnings.filterwarnings("ignore")
     start = time.time()
-    toy = toy_grid(args.toy_iters)
-    text = [markdown(toy, f"Toy grid ({args.toy_iters} iterations per run, {len(toy) // 2} cases)")]
+    toy = [] if args.skip_toy else toy_grid(args.toy_iters)
+    text = [markdown(toy, f"Toy grid ({args.toy_iters} iterations per run, {len(toy) // 2} cases)") if toy else ""]
     print(text[0], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "controller_toy.json").write_text(json.dumps(toy, indent=1))
+    if toy:
+        (args.out / "controller_toy.json").write_text(json.dumps(toy, indent=1))
     trainer = [] if args.skip_trainer else trainer_runs(args.trainer_iters, args.pretrain_iters)
     if trainer:
         text.append(markdown(trainer, f"Quickstart model in ConsaTrainer ({args.trainer_iters} iterations)"))
