@@ -81,21 +81,6 @@ def check_data_paths(config: DataConfig) -> None:
                 raise DataError(f"--data-path {prefix}: {path} is empty (re-run tools/preprocess_data.py)")
 
 
-def max_token_id(config: DataConfig) -> Optional[int]:
-    """The largest token id stored in the blend (None for mock data); reads the .bin files."""
-    if config.mock:
-        return None
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    prefixes, _ = _parse_blend(config.data_path)
-    top = 0
-    for prefix in prefixes:
-        dtype = IndexedDataset(prefix, mmap=True).index.dtype
-        top = max(top, int(np.memmap(prefix + ".bin", dtype=dtype, mode="r").max()))
-    return top
-
-
 def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_samples: int,
                       valid_samples: int, test_samples: int = 0):
     """(train, valid, test) sample sources (None where a split is empty)."""

@@ -22,7 +22,7 @@ from typing import Optional
 
 from megatron_consa.allocation import Allocation, make_preset
 from megatron_consa.config import ConsaConfigError
-from megatron_consa.data.gpt import check_data_paths, max_token_id
+from megatron_consa.data.gpt import check_data_paths
 from megatron_consa.data.tokenizer import build_tokenizer
 from megatron_consa.training.arguments import ArgumentError, RunConfig
 
@@ -118,12 +118,6 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             check_data_paths(run.data)
         except ValueError as err:
             raise ArgumentError(str(err)) from err
-        top = max_token_id(run.data)
-        if top is not None and top >= arch.vocab_size:
-            raise ArgumentError(
-                f"--data-path: the data holds token id {top} but the model's vocabulary is {arch.vocab_size}: "
-                "preprocess it with this model's tokenizer (--tokenizer-model)"
-            )
     parallel, training = run.parallel, run.training
     dp = parallel.validate(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, world_size=world_size)
     if not training.global_batch_size:
