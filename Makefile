@@ -1,8 +1,10 @@
 # megatron-consa: set-up, demo and tests on a fresh clone.
 #
 #   make install   create .venv and install everything the package needs
-#   make demo      install, then run the main job end to end on the CPU
-#   make workflow  install, then preprocess -> pretrain -> learn -> finalize -> fixed through torchrun
+#   make demo      install, then the main job on the CPU: preprocess -> learn -> finalize -> fixed,
+#                  torchrun with 2 ranks, from the dense checkpoint in examples/checkpoints/demo_dense
+#   make workflow  the same, pretraining the dense start first
+#   make quickstart  install, then the library-API quickstart (no torchrun)
 #   make test      install, then run the whole test suite
 #
 # Idempotent: `install` is a stamp target that reruns only when setup.py or
@@ -17,7 +19,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU_VERSION := 2.13.0
 MCORE_VERSION     := 0.19.2
 
-.PHONY: install demo workflow test test-gpu bench clean
+.PHONY: install demo workflow quickstart test test-gpu bench clean
 
 install: $(STAMP)
 
@@ -39,10 +41,13 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: install
-	$(PY) examples/cpu_quickstart.py
+	$(PY) examples/cpu_workflow.py --out runs/demo
 
 workflow: install
-	$(PY) examples/cpu_workflow.py --out runs/workflow
+	$(PY) examples/cpu_workflow.py --out runs/workflow --pretrain
+
+quickstart: install
+	$(PY) examples/cpu_quickstart.py
 
 test: install
 	$(PY) -m pytest -q

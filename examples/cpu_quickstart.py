@@ -1,6 +1,6 @@
 """CPU quickstart: learn a FA/SWA allocation for a small Qwen3-style model, then finalize it.
 
-What `make demo` runs. One process, gloo, no downloads:
+What `make quickstart` runs: the library API in one process (gloo), no torchrun, no downloads:
 
 1. pretrain a 4-layer Qwen3-style GPTModel (8 query heads, 4 KV heads,
    QK-norm), all heads FA, on generated sequences that repeat with a period

@@ -25,8 +25,22 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 """ValueError covers UserInputError, ConsaConfigError and AllocationError."""
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+NOISY_LOGGERS = ("megatron", "torch", "py.warnings")
+"""Libraries whose INFO lines and deprecation notices bury ours (megatron-core's GPTModel, FSDP, async save)."""
+
+
+def setup_logging(verbose: bool = False, *, level: Optional[int] = None,
+                  fmt: str = "%(levelname)s %(name)s: %(message)s", datefmt: Optional[str] = None) -> None:
+    """Our loggers at INFO (DEBUG with `verbose`); the noisy libraries at ERROR unless `verbose`."""
+    logging.basicConfig(level=level if level is not None else logging.DEBUG if verbose else logging.INFO,
+                        format=fmt, datefmt=datefmt)
+    if not verbose:
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:

@@ -34,14 +34,12 @@ def flag_names(message: str) -> str:
 
 
 def main(argv=None) -> int:
-    from megatron_consa.cli import USER_ERROR_EXIT
+    from megatron_consa.cli import USER_ERROR_EXIT, setup_logging
     from megatron_consa.training.arguments import parse_run_config
 
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("megatron", "torch", "py.warnings"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging(level=logging.INFO if rank == 0 else logging.WARNING, fmt="%(asctime)s %(message)s",
+                  datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore")
     try:
         run = parse_run_config(argv)

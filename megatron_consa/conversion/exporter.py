@@ -22,7 +22,7 @@ import torch
 from megatron_consa.allocation import Allocation
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfig
-from megatron_consa.conversion.hf_files import SAFETENSORS_FILE, copy_tokenizer_files, load_hf_config
+from megatron_consa.conversion.hf_files import SAFETENSORS_FILE, copy_tokenizer_files, hf_config_from_arch, load_hf_config
 from megatron_consa.conversion.importer import ALLOCATION_FILE, DTYPES, HF_CONFIG_FILE, OutputExistsError
 from megatron_consa.conversion.keymap import mcore_to_hf
 from megatron_consa.conversion.windows import hf_window_fields
@@ -47,22 +47,6 @@ def _checkpoint_dtype(meta: dict) -> torch.dtype:
     if conversion.get("dtype") in ("float32", "bfloat16", "float16"):
         return getattr(torch, conversion["dtype"])
     return torch.bfloat16 if training.get("bf16") else torch.float16 if training.get("fp16") else torch.float32
-
-
-def hf_config_from_arch(arch: ArchitectureConfig) -> Any:
-    """A stock transformers config for `arch` (when the checkpoint carries no config.json)."""
-    from transformers import AutoConfig
-
-    kw = dict(
-        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim, rope_theta=arch.rope_theta,
-        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=arch.tie_word_embeddings,
-        max_position_embeddings=arch.max_position_embeddings, hidden_act="silu",
-    )
-    if arch.model_type in ("qwen3", "llama"):
-        kw["attention_bias"] = arch.qkv_bias
-    return AutoConfig.for_model(arch.model_type, **kw)
 
 
 def export_to_hf(request: ExportRequest) -> Path:
@@ -123,4 +107,4 @@ def _merged_hf_state(load: Path, arch: ArchitectureConfig, dtype: torch.dtype) -
     return {k: v.contiguous() for k, v in hf.items()}
 
 
-__all__ = ["DTYPES", "ExportRequest", "export_to_hf", "hf_config_from_arch"]
+__all__ = ["DTYPES", "ExportRequest", "export_to_hf"]

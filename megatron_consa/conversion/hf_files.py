@@ -9,7 +9,10 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_consa.architecture import ArchitectureConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,22 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     if not copied:
         logger.warning("no tokenizer files in %s; the output has none", src)
     return copied
+
+
+def hf_config_from_arch(arch: ArchitectureConfig) -> Any:
+    """A stock transformers config for `arch` (when the checkpoint carries no config.json)."""
+    from transformers import AutoConfig
+
+    kw = dict(
+        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim, rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=arch.tie_word_embeddings,
+        max_position_embeddings=arch.max_position_embeddings, hidden_act="silu",
+    )
+    if arch.model_type in ("qwen3", "llama"):
+        kw["attention_bias"] = arch.qkv_bias
+    return AutoConfig.for_model(arch.model_type, **kw)
 
 
 SAFETENSORS_FILE = "model.safetensors"

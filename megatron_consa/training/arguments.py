@@ -42,6 +42,8 @@ class CheckpointConfig:
     """Iterations between saves (and a save at the end when `save` is set)."""
     finetune: bool = False
     """Load the model weights only (start a new phase): iteration, optimizer and controller start fresh."""
+    save_optim: bool = True
+    """Save optimizer and LR-scheduler state (resumable); off: a weights-only checkpoint, about a third the size."""
 
 
 @dataclass
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="checkpoint directory (iter_XXXXXXX/ + latest_checkpointed_iteration.txt)")
     g.add_argument("--load", help="checkpoint to resume (or, with --finetune, to start from)")
     g.add_argument("--save-interval", type=int, help="iterations between checkpoints")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save the model weights (and gates, controller) only: a smaller checkpoint that starts a new "
+                        "phase (--load it; no --finetune needed) but cannot be resumed")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
 
@@ -306,7 +311,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     for flag, value in (("--save-interval", a.save_interval), ("--eval-interval", a.eval_interval)):
         if value is not None and value < 1:
             raise ArgumentError(f"{flag} {value}: must be >= 1")
-    checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune)
+    checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
+                                  save_optim=not a.no_save_optim)
     return RunConfig(
         arch=arch, consa=consa, parallel=parallel, training=training, data=data, tokenizer=tokenizer,
         checkpoint=checkpoint, phase=a.consa_phase, allocation_source=a.consa_allocation,

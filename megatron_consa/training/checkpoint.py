@@ -125,8 +125,16 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = Tru
     return state
 
 
-def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
-    """Save `trainer` (all ranks call this) into `directory` atomically."""
+def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[Callable[[Path], dict]] = None,
+                    with_optimizer: bool = True) -> Path:
+    """Save `trainer` (all ranks call this) into `directory` atomically.
+
+    `extras(dir)` (rank 0, before the directory is complete) writes the files
+    that describe the checkpoint beside the shards (its tokenizer, config.json)
+    and returns entries for the metadata. `with_optimizer=False`: weights, gates
+    and controller only (no optimizer, scheduler or RNG): it starts a new phase,
+    it cannot resume.
+    """
     final = Path(directory)
     tmp = final.with_name(f"{final.name}.tmp-{trainer.iteration}")
     rank = dist.get_rank()
@@ -135,8 +143,9 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(tmp))
-    torch.save(_rng_state(), _rng_file(tmp, rank))
+    dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer), str(tmp))
+    if with_optimizer:
+        torch.save(_rng_state(), _rng_file(tmp, rank))
     dist.barrier()
     if os.environ.get(FAULT_INJECTION_ENV) == str(trainer.iteration):
         import signal
@@ -152,8 +161,10 @@ def save_checkpoint(trainer, directory: str | os.PathLike) -> Path:
                 "training": trainer.training.to_dict(),
                 "parallel": dataclasses.asdict(trainer.parallel),
                 "world_size": dist.get_world_size(),
-                "resumable": True,
+                "resumable": with_optimizer,
             }
+            if extras is not None:
+                meta.update(extras(tmp))
             write_checkpoint_meta(tmp, meta)
             _swap_into_place(tmp, final)
         except OSError as err:  # tell every rank, instead of leaving them in the barrier
@@ -308,9 +319,12 @@ FAULT_INJECTION_ENV = "MEGATRON_CONSA_KILL_DURING_SAVE"
 before they are renamed into place and marked latest (a crash in the middle of a save)."""
 
 
-def save_run_checkpoint(trainer, save: str | os.PathLike) -> Path:
-    """Save into `<save>/iter_XXXXXXX` and only then mark it latest (all ranks call this)."""
-    path = save_checkpoint(trainer, iteration_dir(save, trainer.iteration))
+def save_run_checkpoint(trainer, save: str | os.PathLike, **save_kwargs) -> Path:
+    """Save into `<save>/iter_XXXXXXX` and only then mark it latest (all ranks call this).
+
+    `save_kwargs`: `extras` and `with_optimizer` of `save_checkpoint`.
+    """
+    path = save_checkpoint(trainer, iteration_dir(save, trainer.iteration), **save_kwargs)
     if dist.get_rank() == 0:
         tracker = Path(save) / TRACKER_FILE
         tmp = tracker.with_name(tracker.name + ".tmp")

@@ -111,6 +111,8 @@ def _write_fixed_checkpoint(src: Path, dst: Path, meta: dict, arch: Architecture
     """The learn checkpoint's weights in a fixed-mode model (gates dropped), as a weights-only checkpoint."""
     from megatron.core import dist_checkpointing
 
+    from megatron_consa.conversion.hf_files import copy_tokenizer_files
+    from megatron_consa.conversion.importer import HF_CONFIG_FILE
     from megatron_consa.conversion.world import conversion_world, free_port
     from megatron_consa.model import build_gpt_model, build_transformer_config
     from megatron_consa.training.checkpoint import load_model_weights, model_state_for_save, write_checkpoint_meta
@@ -124,7 +126,10 @@ def _write_fixed_checkpoint(src: Path, dst: Path, meta: dict, arch: Architecture
         load_model_weights([model], src)  # the fixed model asks for no gates
         dst.mkdir(parents=True)
         dist_checkpointing.save(model_state_for_save([model], controller_state={}, iteration=0), str(dst))
+    copy_tokenizer_files(src, dst)
+    if (src / HF_CONFIG_FILE).is_file():
+        shutil.copy2(src / HF_CONFIG_FILE, dst / HF_CONFIG_FILE)
     write_checkpoint_meta(dst, {
         "iteration": 0, "consa": consa.to_dict(), "architecture": dataclasses.asdict(arch), "training": training,
-        "finalized_from": str(src), "resumable": False,
+        "finalized_from": str(src), "resumable": False, **({"tokenizer": meta["tokenizer"]} if "tokenizer" in meta else {}),
     })

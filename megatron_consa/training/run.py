@@ -15,10 +15,11 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_consa.allocation import Allocation, make_preset
 from megatron_consa.config import ConsaConfigError
@@ -171,6 +172,28 @@ def _eval_samples(run: RunConfig) -> int:
     return evals * run.eval_iters * run.training.global_batch_size
 
 
+def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
+    """What makes a checkpoint self-describing: its tokenizer and a Hugging Face config.json.
+
+    With them, finalize, export (tools/convert_megatron_to_hf.py), generation and a
+    later run (`--hf-config <checkpoint>`) need no flag to know the model and its text.
+    The config is the run's own `--hf-config` file when given (family extras kept).
+    """
+
+    def write(directory: Path) -> dict:
+        from megatron_consa.conversion.hf_files import hf_config_from_arch
+
+        tokenizer.save_to(directory)
+        if run.hf_config:
+            source = Path(run.hf_config)
+            shutil.copy2(source / "config.json" if source.is_dir() else source, directory / "config.json")
+        else:
+            hf_config_from_arch(run.arch).save_pretrained(str(directory))
+        return {"tokenizer": type(tokenizer).__name__}
+
+    return write
+
+
 def run_training(prepared: PreparedRun):
     """Train on every rank (torch.distributed is started here from torchrun's environment)."""
     import torch
@@ -213,7 +236,8 @@ def run_training(prepared: PreparedRun):
             logger.info("validation | iter %d | loss %.4f | ppl %.3f", k, loss, math.exp(min(loss, 50.0)))
 
     def checkpoint() -> None:
-        path = save_run_checkpoint(trainer, save)
+        path = save_run_checkpoint(trainer, save, extras=_checkpoint_extras(run, prepared.tokenizer),
+                                   with_optimizer=run.checkpoint.save_optim)
         if run.consa.learning:
             log_alpha = trainer.gather_log_alpha()  # a collective: every rank
             if trainer._writer is not None:

@@ -1,4 +1,4 @@
-"""The CPU quickstart (make demo) end to end, at its shipped settings."""
+"""The CPU quickstart (`make quickstart`, the library-API example) end to end, at its shipped settings."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ QUICKSTART = str(ROOT / "examples" / "cpu_quickstart.py")
 
 
 def test_quickstart_at_its_shipped_defaults_finalizes_on_budget(tmp_path):
-    """Exactly what `make demo` runs (only the output directory differs): no relaxing flag."""
+    """Exactly what `make quickstart` runs (only the output directory differs): no relaxing flag."""
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, QUICKSTART, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -71,10 +71,13 @@ def _data(corpus) -> list[str]:
             "--tokenizer-model", corpus["tok"]]
 
 
-@pytest.mark.parametrize("learn_layout,fixed_layout", [("--tensor-model-parallel-size", "--pipeline-model-parallel-size"),
-                                                       ("--pipeline-model-parallel-size", "--tensor-model-parallel-size")])
-def test_preprocess_learn_finalize_fixed_through_torchrun(corpus, tmp_path, learn_layout, fixed_layout):
-    """2 ranks at TP2 then PP2 (and the other way round): each phase's output is the next one's input."""
+def test_preprocess_learn_finalize_fixed_through_torchrun(corpus, tmp_path):
+    """2 ranks, learn at PP2 then fixed at TP2: each phase's output is the next one's input.
+
+    The other way round (learn at TP2, fixed at PP2) is `make demo`, tested at its
+    shipped settings in test_demo.py.
+    """
+    learn_layout, fixed_layout = "--pipeline-model-parallel-size", "--tensor-model-parallel-size"
     learn = _ok(_torchrun(MODEL + _data(corpus) + [
         learn_layout, "2", "--consa-phase", "learn", "--consa-target-sparsity", "0.75", "--consa-window", "8",
         "--consa-target-warmup-iters", "10", "--train-iters", "30", "--lr", "3e-3", "--log-interval", "5",
@@ -90,6 +93,7 @@ def test_preprocess_learn_finalize_fixed_through_torchrun(corpus, tmp_path, lear
     alloc = Allocation.load(tmp_path / "fin" / "allocation.json")
     assert alloc.achieved_sparsity == 0.75 and alloc.num_fa_kv_heads == 2  # 4 layers x 2 KV heads, exactly
     assert (tmp_path / "fin" / "allocation_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "fin" / "checkpoint" / "tokenizer.model").read_bytes() == Path(corpus["tok"]).read_bytes()
     fixed = _ok(_torchrun(MODEL + _data(corpus) + [
         fixed_layout, "2", "--consa-phase", "fixed", "--load", str(tmp_path / "fin" / "checkpoint"),
         "--train-iters", "20", "--lr", "3e-3", "--log-interval", "5", "--save", str(tmp_path / "fixed")]))
@@ -97,6 +101,48 @@ def test_preprocess_learn_finalize_fixed_through_torchrun(corpus, tmp_path, lear
     assert fixed_losses[-1] < losses[0] and "s_hat 0.7500" in fixed  # the whole chain learned
     meta = json.loads((tmp_path / "fixed" / "iter_0000020" / "consa_run.json").read_text())
     assert meta["consa"]["allocation"] == alloc.fa
+
+
+def _hf_tokenizer_dir(texts: list[str], out: Path) -> Path:
+    """A byte-level BPE tokenizer trained here (offline) and saved as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out))
+    return out
+
+
+def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_path):
+    """--tokenizer-type HuggingFaceTokenizer: the .bin holds the tokenizer's own ids + EOD, and a run trains on it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    docs = [json.loads(line)["text"] for line in (corpus["dir"] / "corpus.jsonl").read_text().splitlines()]
+    tok_dir = _hf_tokenizer_dir(docs, tmp_path / "hf_tokenizer")
+    _ok(subprocess.run([PY, "tools/preprocess_data.py", "--input", str(corpus["dir"] / "corpus.jsonl"),
+                        "--output-prefix", str(tmp_path / "hf"), "--tokenizer-type", "HuggingFaceTokenizer",
+                        "--tokenizer-model", str(tok_dir), "--workers", "2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+    reference = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    written = IndexedDataset(str(tmp_path / "hf_text_document"))
+    assert len(written) == len(docs)
+    for i in (0, len(docs) // 2, len(docs) - 1):  # document order kept, EOD appended
+        expected = reference.encode(docs[i], add_special_tokens=False) + [reference.eos_token_id]
+        assert written[i].tolist() == expected
+    log = _ok(_train(MODEL + [
+        "--data-path", str(tmp_path / "hf_text_document"), "--split", "90,10,0", "--tokenizer-type",
+        "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir), "--consa-phase", "fixed", "--consa-allocation",
+        "all_fa", "--train-iters", "12", "--lr", "3e-3", "--log-interval", "4", "--save", str(tmp_path / "run")]))
+    losses = _losses(log)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    saved = tmp_path / "run" / "iter_0000012"
+    assert AutoTokenizer.from_pretrained(str(saved), local_files_only=True).encode("x = 1") == \
+        reference.encode("x = 1")  # the checkpoint carries its tokenizer
 
 
 def _final_state(save: Path) -> dict:
