@@ -137,12 +137,18 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     log = _ok(_train(MODEL + [
         "--data-path", str(tmp_path / "hf_text_document"), "--split", "90,10,0", "--tokenizer-type",
         "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir), "--consa-phase", "fixed", "--consa-allocation",
-        "all_fa", "--train-iters", "12", "--lr", "3e-3", "--log-interval", "4", "--save", str(tmp_path / "run")]))
+        "all_fa", "--train-iters", "12", "--lr", "3e-3", "--log-interval", "4", "--save", str(tmp_path / "run"),
+        "--no-save-optim"]))
     losses = _losses(log)
     assert len(losses) == 3 and losses[-1] < losses[0]
     saved = tmp_path / "run" / "iter_0000012"
     assert AutoTokenizer.from_pretrained(str(saved), local_files_only=True).encode("x = 1") == \
         reference.encode("x = 1")  # the checkpoint carries its tokenizer
+    # --no-save-optim: weights only, marked not resumable, described by its own config.json
+    meta = json.loads((saved / "consa_run.json").read_text())
+    assert meta["resumable"] is False and not list(saved.glob("rng_rank*"))
+    assert b"optimizer" not in (saved / ".metadata").read_bytes()  # dist_checkpointing's index of the shards
+    assert json.loads((saved / "config.json").read_text())["num_hidden_layers"] == 4
 
 
 def _final_state(save: Path) -> dict:
