@@ -5,11 +5,13 @@ Only safetensors are read (no pickle). Nothing here builds a model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,27 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     if not copied:
         logger.warning("no tokenizer files in %s; the output has none", src)
     return copied
+
+
+@contextlib.contextmanager
+def staged_directory(save: str | Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `save` to write an output into.
+
+    On success it is renamed to `save` (replacing what was there: callers check
+    `--overwrite` first); on any failure it is removed, so nothing half-written
+    is ever left at `save` or beside it.
+    """
+    save = Path(save)
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save.name}.tmp-", dir=save.parent))
+    try:
+        yield tmp
+        if save.exists():
+            shutil.rmtree(save) if save.is_dir() else save.unlink()
+        tmp.rename(save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 SAFETENSORS_FILE = "model.safetensors"
