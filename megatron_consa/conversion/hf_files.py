@@ -5,11 +5,13 @@ Only safetensors are read (no pickle). Nothing here builds a model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from megatron_consa.architecture import ArchitectureConfig
@@ -75,6 +77,27 @@ def hf_config_from_arch(arch: ArchitectureConfig) -> Any:
     if arch.model_type in ("qwen3", "llama"):
         kw["attention_bias"] = arch.qkv_bias
     return AutoConfig.for_model(arch.model_type, **kw)
+
+
+@contextlib.contextmanager
+def staged_directory(save: str | Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `save` to write an output into.
+
+    On success it is renamed to `save` (replacing what was there: callers check
+    `--overwrite` first); on any failure it is removed, so nothing half-written
+    is ever left at `save` or beside it.
+    """
+    save = Path(save)
+    save.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save.name}.tmp-", dir=save.parent))
+    try:
+        yield tmp
+        if save.exists():
+            shutil.rmtree(save) if save.is_dir() else save.unlink()
+        tmp.rename(save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 SAFETENSORS_FILE = "model.safetensors"

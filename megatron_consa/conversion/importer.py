@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,7 @@ import torch
 from megatron_consa.allocation import Allocation
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfig
-from megatron_consa.conversion.hf_files import copy_tokenizer_files, load_hf_config, read_safetensors
+from megatron_consa.conversion.hf_files import copy_tokenizer_files, load_hf_config, read_safetensors, staged_directory
 from megatron_consa.conversion.keymap import check_hf_shapes, hf_to_mcore
 from megatron_consa.conversion.sharding import RankLayout, check_layout, shard_state_dict
 from megatron_consa.conversion.windows import allocation_from_hf
@@ -137,9 +136,7 @@ def import_hf_checkpoint(request: ImportRequest) -> Path:
     if check_output_dir(save, prepared.marker, request.overwrite):
         logger.info("%s already holds this conversion; nothing to do", save)
         return save
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{save.name}.tmp-", dir=save.parent))
-    try:
+    with staged_directory(save) as tmp:
         world = request.tensor_model_parallel_size * request.pipeline_model_parallel_size
         args = (world, free_port(), request, prepared, str(tmp))
         if world == 1:
@@ -149,12 +146,6 @@ def import_hf_checkpoint(request: ImportRequest) -> Path:
 
             mp.start_processes(_rank_entry, args=args, nprocs=world, join=True, start_method="spawn")
         _write_side_files(request, prepared, tmp)
-        if save.exists():
-            shutil.rmtree(save) if save.is_dir() else save.unlink()
-        tmp.rename(save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s (TP=%d, PP=%d)", save, request.tensor_model_parallel_size, request.pipeline_model_parallel_size)
     return save
 
@@ -197,6 +188,7 @@ def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepar
         config = build_transformer_config(
             arch, prepared.consa, params_dtype=prepared.dtype, pipeline_dtype=prepared.dtype,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            perform_initialization=False,  # every weight is loaded below (checked): skip drawing a random model
         )
         model = build_gpt_model(config, arch, use_transformer_engine=False)
         layout = RankLayout(

@@ -237,7 +237,8 @@ def checkpoint_logits(ckpt_dir: str, toks: torch.Tensor) -> torch.Tensor | None:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = build_transformer_config(
-        arch, consa, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32
+        arch, consa, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+        perform_initialization=False,  # every weight is loaded
     )
     model = build_gpt_model(config, arch, use_transformer_engine=False).eval()
     load_model_weights([model], ckpt_dir)

@@ -9,7 +9,6 @@ checkpoint at TP2 and at PP2 in one 2-rank gloo launch.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -24,26 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 
-from conversion_fixtures import FAMILIES, WINDOW, hf_logits, hf_model, save_hf, tokens  # noqa: E402
+from conversion_fixtures import (  # noqa: E402
+    EXPORT, FAMILIES, IMPORT, TOL, WINDOW, assert_weights_equal, hf_logits, hf_model, read_weights, rel_err, save_hf, tokens,
+)
 
 from megatron_consa.allocation import Allocation, make_preset  # noqa: E402
 from megatron_consa.cli import run_tool  # noqa: E402
-
-TOL = 1e-5
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-IMPORT, EXPORT = _tool("convert_hf_to_megatron"), _tool("convert_megatron_to_hf")
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +77,7 @@ def test_imported_logits_equal_transformers(converted, layouts, kind, layout, si
         ours = layouts[(kind, layout)]
     ref = hf_logits(hf_dir)
     assert ours.shape == ref.shape
-    assert _rel(ours, ref) < TOL, (kind, layout, _rel(ours, ref))
+    assert rel_err(ours, ref) < TOL, (kind, layout, rel_err(ours, ref))
 
 
 def test_hybrid_import_really_slides(converted):
@@ -101,7 +86,7 @@ def test_hybrid_import_really_slides(converted):
     full = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**model.config.to_dict(), "use_sliding_window": False, "layer_types": None}))
     full.load_state_dict(model.state_dict())
     full.config._attn_implementation = "eager"
-    assert _rel(hf_logits(hf_dir), hf_logits(full)) > 1e-3  # the windows change the result at this length
+    assert rel_err(hf_logits(hf_dir), hf_logits(full)) > 1e-3  # the windows change the result at this length
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -110,16 +95,11 @@ def test_round_trip_through_the_clis_is_bit_exact(converted, kind):
     hf_dir, ckpt = out[kind]
     back = root / f"back-{kind}"
     assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back)]) == 0
-    src = {}
-    for f in hf_dir.glob("*.safetensors"):
-        src.update(load_file(str(f)))
-    got = load_file(str(back / "model.safetensors"))
+    src = read_weights(hf_dir)
     src.pop("lm_head.weight", None) if kind == "llama_tied" else None
-    assert sorted(got) == sorted(src)
-    for k in src:
-        assert torch.equal(got[k], src[k]), k
+    assert_weights_equal(read_weights(back), src)
     # the exported directory runs in stock transformers, windows included
-    assert _rel(hf_logits(back), hf_logits(hf_dir)) < TOL
+    assert rel_err(hf_logits(back), hf_logits(hf_dir)) < TOL
 
 
 def test_tp2_conversion_through_the_cli_round_trips(converted):
@@ -130,11 +110,7 @@ def test_tp2_conversion_through_the_cli_round_trips(converted):
     meta = json.loads((ckpt / "consa_run.json").read_text())
     assert meta["conversion"]["tensor_model_parallel_size"] == 2
     assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back)]) == 0
-    src = {}
-    for f in hf_dir.glob("*.safetensors"):
-        src.update(load_file(str(f)))
-    got = load_file(str(back / "model.safetensors"))
-    assert sorted(got) == sorted(src) and all(torch.equal(got[k], src[k]) for k in src)
+    assert_weights_equal(read_weights(back), read_weights(hf_dir))
 
 
 def test_layer_wise_hybrid_export_runs_in_stock_transformers(converted, single_rank_mcore):
@@ -158,8 +134,8 @@ def test_layer_wise_hybrid_export_runs_in_stock_transformers(converted, single_r
     alloc.save(hybrid_ckpt / "allocation.json")
     ours = checkpoint_logits(str(hybrid_ckpt), tokens())
     stock = hf_logits(back)
-    assert _rel(ours, stock) < TOL
-    assert _rel(stock, hf_logits(out["qwen3"][0])) > 1e-3  # the hybrid differs from the all-FA source
+    assert rel_err(ours, stock) < TOL
+    assert rel_err(stock, hf_logits(out["qwen3"][0])) > 1e-3  # the hybrid differs from the all-FA source
 
 
 # ----------------------------------------------------------------- bad input
