@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from megatron_consa.allocation import Allocation
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfig
 from megatron_consa.controller import judge_settling
+from megatron_consa.conversion.hf_files import copy_tokenizer_files, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
     out = Path(request.save)
     if out.exists() and any(out.iterdir()) and not request.overwrite:
         raise FinalizeError(f"--save {out}: exists and is not empty; choose another directory or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         allocation.save(tmp / ALLOCATION_FILE)
         from megatron_consa.analysis.heatmap import save_heatmap
 
@@ -97,12 +95,6 @@ def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
                      title=f"learned allocation: sparsity {allocation.achieved_sparsity:.3f}, W={consa.window}")
         if request.with_checkpoint:
             _write_fixed_checkpoint(path, tmp / CHECKPOINT_DIR, meta, arch, dataclasses.replace(consa, allocation=allocation.fa))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("settling: %s", report.describe())
     return allocation
 
@@ -111,7 +103,6 @@ def _write_fixed_checkpoint(src: Path, dst: Path, meta: dict, arch: Architecture
     """The learn checkpoint's weights in a fixed-mode model (gates dropped), as a weights-only checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from megatron_consa.conversion.hf_files import copy_tokenizer_files
     from megatron_consa.conversion.importer import HF_CONFIG_FILE
     from megatron_consa.conversion.world import conversion_world, free_port
     from megatron_consa.model import build_gpt_model, build_transformer_config
