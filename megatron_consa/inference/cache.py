@@ -190,8 +190,14 @@ class LayerKVCache:
 
     @property
     def entries(self) -> int:
-        """Cached tokens summed over KV heads (each entry is one K and one V row)."""
+        """Cached tokens summed over KV heads, per sequence (each entry is one K and one V row)."""
         return self.num_fa_heads * self.length + self.num_swa_heads * min(self.length, self.swa_slots)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the K and V entries held: `entries` x 2 (K, V) x batch x head_dim x element size."""
+        buf = next((b for b in self.buffers.values() if b is not None), None)
+        return 0 if buf is None else self.entries * 2 * buf.size(0) * buf.size(3) * buf.element_size()
 
     @property
     def allocated_entries(self) -> int:
@@ -326,6 +332,11 @@ class HybridKVCache:
     def entries(self) -> int:
         """Cached tokens summed over every layer's KV heads."""
         return sum(layer.entries for layer in self.layers)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the K and V entries held (the kv_memory formula at `seq_length`)."""
+        return sum(layer.held_bytes for layer in self.layers)
 
     @property
     def nbytes(self) -> int:

@@ -35,6 +35,7 @@ from megatron_consa.allocation import Allocation, make_preset
 from megatron_consa.architecture import CONSA_HF_CONFIG_KEY, ArchitectureConfig
 from megatron_consa.conversion.windows import CONSA_ATTENTION, CONSA_ATTENTION_IN_CONFIG, allocation_from_hf
 from megatron_consa.inference.cache import CachedKV, HybridKVCache, LayerKVCache, hybrid_attention
+from megatron_consa.inference.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +197,33 @@ class HybridCache(Cache):
         return self.kv.entries
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of the K and V entries held."""
+        return self.kv.held_bytes
+
+    @property
     def nbytes(self) -> int:
         """Bytes of every K and V buffer allocated."""
         return self.kv.nbytes
+
+
+@torch.no_grad()
+def generate_hf(
+    model: Any, prompt: Tensor, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig()
+) -> tuple[Tensor, HybridCache]:
+    """transformers' `generate` with a `HybridCache`: ``([b, n + new] tokens, the cache)``.
+
+    Sampling is transformers' own (temperature, top-k, top-p), seeded by
+    `torch.manual_seed(sampling.seed)`; it draws other numbers than
+    `megatron_consa.inference.generate` does for the same seed.
+    """
+    cache = HybridCache.for_model(model, max_length=prompt.size(1) + max_new_tokens)
+    kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
+    if not sampling.greedy:
+        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        torch.manual_seed(sampling.seed)
+    tokens = model.generate(prompt, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs)
+    return tokens, cache
 
 
 def register() -> None:
@@ -211,4 +236,7 @@ def register() -> None:
 
 register()  # importing this module registers (see megatron_consa.inference.hf_hook)
 
-__all__ = ["HybridCache", "HybridCacheLayer", "config_allocation", "consa_attention", "consa_attention_mask", "register"]
+__all__ = [
+    "HybridCache", "HybridCacheLayer", "config_allocation", "consa_attention", "consa_attention_mask", "generate_hf",
+    "register",
+]
