@@ -7,13 +7,13 @@
 --load: our checkpoint (any TP/PP layout, merged into one in-process rank), in
 fixed mode with its allocation.json (or --allocation; all FA without one); the
 generator is megatron_consa.inference.generate. --hf-path: an export
-(tools/convert_megatron_to_hf.py), loaded with the consa attention and run by
-transformers' generate with HybridCache. Either way FA heads cache every token
-and SWA heads only the window plus the sinks.
+(tools/convert_megatron_to_hf.py; any Qwen3/Qwen2/Llama/Mistral directory),
+loaded with the consa attention and run by transformers' generate with
+HybridCache. Either way FA heads cache every token and SWA heads only the
+window plus the sinks.
 
-Prints the generated continuation (token ids too with --prompt-ids and no
-tokenizer). The tokenizer is the model directory's (--tokenizer to choose
-another). Sampling is greedy unless --temperature > 0; the two back ends draw
+Prints the generated continuation (as token ids when there is no tokenizer).
+The tokenizer is the model directory's (--tokenizer to choose another). Sampling is greedy unless --temperature > 0; the two back ends draw
 different random numbers for the same --seed.
 """
 
@@ -64,7 +64,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--top-p", type=_PROBABILITY, default=1.0, help="nucleus sampling mass (1: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--prefill-chunk", type=_POSITIVE, help="with --load: prefill the prompt in chunks of this many tokens")
-    p.add_argument("--kv-report", action="store_true", help="also print the KV-cache size against all FA")
+    p.add_argument("--kv-report", action="store_true", help="also print the KV-cache bytes held and allocated, and all FA's at the same length")
     return p.parse_args(argv)
 
 
@@ -114,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tokens, cache = generate_hf(model.eval(), ids, max_new_tokens=args.max_new_tokens, sampling=sampling)
         allocation, dtype = config_allocation(model.config), torch.float32
     new = tokens[0, ids.size(1):].tolist()
-    print(tokenizer.decode(new) if tokenizer is not None and hasattr(tokenizer, "decode") else " ".join(map(str, new)))
+    print(tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new)))
     if args.kv_report:
         _kv_report(cache, allocation, arch, tokens.size(1), dtype)
     return 0

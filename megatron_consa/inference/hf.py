@@ -109,8 +109,9 @@ def consa_attention_mask(
     positions); a padding mask with padded positions is refused."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise NotImplementedError(
-            "the consa attention does not support padded batches: generate prompts of different lengths one "
-            "at a time (or left-pad nothing)"
+            "the consa attention does not support padded batches (the attention_mask has zeros): generate "
+            "prompts of different lengths one at a time, and pass attention_mask=torch.ones_like(input_ids) "
+            "when a prompt contains the pad token id"
         )
     return None
 
@@ -222,7 +223,9 @@ def generate_hf(
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         torch.manual_seed(sampling.seed)
-    tokens = model.generate(prompt, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs)
+    tokens = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs
+    )
     return tokens, cache
 
 

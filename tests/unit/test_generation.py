@@ -221,6 +221,7 @@ def _hf_model(family: str, allocation: Allocation | None):
 
 def _hf_generate(model, prompt, sampling: SamplingConfig, **kw):
     kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=not sampling.greedy, pad_token_id=0)
+    kwargs["attention_mask"] = kw.pop("attention_mask", torch.ones_like(prompt))  # token 0 is no padding here
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         torch.manual_seed(sampling.seed)
