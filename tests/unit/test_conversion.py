@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -223,9 +224,12 @@ def test_head_wise_export_runs_with_the_consa_attention(converted, head_wise_exp
 
 
 def test_head_wise_export_without_the_package_fails_loudly(converted, head_wise_exports, tmp_path):
-    """Stock transformers, in a fresh process that never imports megatron_consa, refuses the export,
-    and so it does after the model was loaded with the package and saved again by transformers."""
+    """Stock transformers, in a fresh process that has not imported megatron_consa, refuses the export,
+    and so it does after the model was loaded with the package and saved again by transformers. Importing
+    the package afterwards (transformers already loaded) registers the attention at once."""
     import subprocess
+
+    from megatron_consa.conversion.windows import CONSA_ATTENTION_IN_CONFIG
 
     back, _ = head_wise_exports["qwen3"]
     model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
@@ -244,13 +248,18 @@ def test_head_wise_export_without_the_package_fails_loudly(converted, head_wise_
         "        errors.append(f'{type(err).__name__}: {err}')\n"
         "assert 'megatron_consa' not in sys.modules\n"
         "print(json.dumps(errors))\n"
+        "import megatron_consa\n"
+        "print(json.dumps(AutoModelForCausalLM.from_pretrained(sys.argv[1]).config._attn_implementation))\n"
     )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", script, str(back), str(tmp_path / "resaved")], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=600)
+                         text=True, cwd=tmp_path, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    errors = json.loads(run.stdout.strip().splitlines()[-2])
     for error in errors:
         assert error is not None and "import megatron_consa" in error, errors
+    loaded_with = json.loads(run.stdout.strip().splitlines()[-1])  # loaded once the package is imported
+    assert loaded_with == CONSA_ATTENTION_IN_CONFIG
 
 
 def test_head_wise_export_imports_back(converted, head_wise_exports, tmp_path):
