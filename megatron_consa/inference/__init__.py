@@ -6,9 +6,9 @@
 * `sampling`: greedy / temperature / top-k / top-p choice of the next token.
 * `generate`: token generation from our megatron-core model with the cache.
 * `hf`: the attention implementation `megatron_consa` registers with transformers
-  (`attn_implementation="consa"`) and the cache as a transformers `Cache`.
+  (`attn_implementation="consa"`) and the cache as a transformers `Cache`;
+  `hf_hook` registers it (importing `hf` does too).
 
-Nothing here is imported by `import megatron_consa` itself, except the
-registration hook (`megatron_consa.inference.hf_registration`), which waits
-until transformers' modeling code is imported.
+`import megatron_consa` imports only `hf_hook` from here: it registers the
+consa attention once transformers' modeling code is imported.
 """
