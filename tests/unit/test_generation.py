@@ -248,6 +248,15 @@ def test_hf_generate_with_hybrid_cache_equals_recomputing_the_prefix(family, sin
     assert not torch.equal(_hf_generate(all_fa, prompt, SamplingConfig()), hybrid)  # the window changes the tokens
 
 
+def test_hf_beam_search_reorders_the_hybrid_cache():
+    from megatron_consa.inference.hf import HybridCache
+
+    model = _hf_model("qwen3", _allocation(2))
+    prompt = _prompt()
+    beams = _hf_generate(model, prompt, SamplingConfig(), num_beams=3, past_key_values=HybridCache.for_model(model))
+    assert torch.equal(beams, _hf_generate(model, prompt, SamplingConfig(), num_beams=3, use_cache=False))
+
+
 def test_hf_cache_and_attention_refuse_what_they_cannot_run():
     from megatron_consa.inference.hf import HybridCache
 
