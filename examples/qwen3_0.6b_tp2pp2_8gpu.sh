@@ -5,7 +5,8 @@
 #   2. learn the allocation (gates + weights, KV-head granularity, 75% SWA, W=1024);
 #   3. finalize it (allocation.json, heatmap, fixed-mode checkpoint);
 #   4. continued training of the hybrid model with the allocation fixed;
-#   5. export back to Hugging Face.
+#   5. export back to Hugging Face (the head-wise allocation runs through the consa attention:
+#      `import megatron_consa` before `from_pretrained`), and generate from the export.
 #
 # Usage: HF=/models/Qwen3-0.6B DATA=/data/corpus_text_document OUT=/ckpt/consa bash examples/qwen3_0.6b_tp2pp2_8gpu.sh
 set -euo pipefail
@@ -41,3 +42,5 @@ torchrun --nproc-per-node "$NPROC" -m megatron_consa.train "${COMMON[@]}" \
 
 python tools/convert_megatron_to_hf.py --load "$OUT/fixed" --save "$OUT/hf-hybrid" \
     --allocation "$OUT/finalized/allocation.json"
+
+python tools/generate.py --hf-path "$OUT/hf-hybrid" --prompt "The capital of France is" --max-new-tokens 32 --kv-report

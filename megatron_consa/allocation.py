@@ -633,6 +633,20 @@ class Allocation:
         return "\n".join(out)
 
 
+def heads_by_type(fa_row: Sequence[int | bool], heads_per_group: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(FA KV groups, their query heads, SWA KV groups, their query heads) of one layer row.
+
+    GQA convention (megatron and Hugging Face): query head ``h`` reads KV group
+    ``h // heads_per_group``, so group ``g`` owns query heads
+    ``g * heads_per_group .. (g + 1) * heads_per_group - 1``.
+    """
+    out: list[list[int]] = []
+    for is_fa in (True, False):
+        groups = [g for g, f in enumerate(fa_row) if bool(f) == is_fa]
+        out += [groups, [g * heads_per_group + r for g in groups for r in range(heads_per_group)]]
+    return out[0], out[1], out[2], out[3]
+
+
 def _fsync_dir(directory: str) -> None:
     """Best effort: persist the rename (POSIX); ignored where unsupported."""
     try:

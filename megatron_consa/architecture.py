@@ -12,6 +12,10 @@ from megatron_consa.config import ConsaConfigError
 
 SUPPORTED_HF_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 
+CONSA_HF_CONFIG_KEY = "consa"
+"""config.json field of an export that runs through the `consa` attention: the allocation
+(see `megatron_consa.conversion.windows`)."""
+
 
 @dataclass
 class ArchitectureConfig:
@@ -59,7 +63,8 @@ class ArchitectureConfig:
     def from_hf(cls, hf_config: Any, *, allow_sliding_window: bool = False) -> "ArchitectureConfig":
         """From a transformers `PretrainedConfig` of a supported model type.
 
-        A config whose layers already use sliding windows (see `hf_sliding_layers`)
+        A config whose layers already use sliding windows (see `hf_sliding_layers`),
+        or that carries a `consa` allocation (an export for the `consa` attention),
         is refused unless `allow_sliding_window=True`: the architecture alone would
         build a full-attention model. With it, the caller carries the windows over,
         as the importer does (`megatron_consa.conversion.windows.allocation_from_hf`).
@@ -70,6 +75,14 @@ class ArchitectureConfig:
                 f"model_type={model_type!r} is not supported; supported: {SUPPORTED_HF_MODEL_TYPES}"
             )
         _reject_unsupported_hf_features(hf_config, model_type)
+        if getattr(hf_config, CONSA_HF_CONFIG_KEY, None) is not None and not allow_sliding_window:
+            raise ConsaConfigError(
+                f"{model_type} config carries a hybrid FA/SWA allocation in its {CONSA_HF_CONFIG_KEY!r} field "
+                "(an export for the consa attention); a model built from the architecture alone would run full "
+                "attention everywhere. Import it with tools/convert_hf_to_megatron.py (writes allocation.json), "
+                "or call from_hf(..., allow_sliding_window=True) and build the model with "
+                "megatron_consa.conversion.windows.allocation_from_hf(config)"
+            )
         window, sliding = hf_sliding_layers(hf_config)
         if any(sliding) and not allow_sliding_window:
             raise ConsaConfigError(

@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_consa.allocation import heads_by_type
 from megatron_consa.backends.select import make_attention_backend
 from megatron_consa.config import ConsaConfigError
 from megatron_consa.gates import HardConcrete, deterministic_z, sample_z
@@ -167,12 +168,7 @@ class ConsaCoreAttention(MegatronModule):
 
     def _index_by_type(self, fa: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Local (FA groups, FA query heads, SWA groups, SWA query heads) as index tensors."""
-        out = []
-        for is_fa in (True, False):
-            groups = [g for g, f in enumerate(fa) if f == is_fa]
-            heads = [g * self.heads_per_group + r for g in groups for r in range(self.heads_per_group)]
-            out += [torch.tensor(groups, dtype=torch.long), torch.tensor(heads, dtype=torch.long)]
-        return tuple(out)
+        return tuple(torch.tensor(index, dtype=torch.long) for index in heads_by_type(fa, self.heads_per_group))
 
     # ---- gates ------------------------------------------------------------
     def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None) -> None:

@@ -4,10 +4,19 @@
     python tools/convert_megatron_to_hf.py --load ckpt/qwen3-0.6b --save hf/qwen3-hybrid \
         --allocation allocation.json
 
-A layer-wise allocation becomes stock config fields (layer_types, sliding_window,
-use_sliding_window) so stock transformers runs the hybrid model. Without
---allocation the checkpoint's own allocation.json is used if it has one, else
-the export is all full attention. See megatron_consa.conversion.exporter.
+A layer-wise allocation that stock attention can run (no sinks; Qwen2/Qwen3 any
+mix, Mistral all-SWA) becomes stock config fields (layer_types, sliding_window,
+use_sliding_window): stock transformers runs the hybrid model. Any other
+allocation (head-wise, sinks, a Llama/Mistral layer mix) is stored in
+config.json for the consa attention that `import megatron_consa` registers with
+transformers; stock transformers without the package refuses to load it:
+
+    import megatron_consa
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("hf/qwen3-hybrid")   # runs the consa attention
+
+Without --allocation the checkpoint's own allocation.json is used if it has one,
+else the export is all full attention. See megatron_consa.conversion.exporter.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="megatron-consa checkpoint directory")
     p.add_argument("--save", required=True, help="output Hugging Face directory")
-    p.add_argument("--allocation", help="allocation.json (layer-wise) to export the hybrid model with")
+    p.add_argument("--allocation", help="allocation.json (layer-wise or head-wise) to export the hybrid model with")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
     return p.parse_args(argv)
 

@@ -60,9 +60,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "full_causal_attention",
+    "attention_over_keys",
     "sliding_window_attention",
     "dense_masked_attention",
     "sliding_window_mask",
+    "window_visible",
     "sliding_window_mask_mod",
     "flex_sliding_window_block_mask",
     "flex_sliding_window_attention",
@@ -103,16 +105,38 @@ def full_causal_attention(
     ``q`` ``[b, hq, s, d]``, ``k``/``v`` ``[b, hkv, s, d]`` with ``hq % hkv == 0``;
     returns ``[b, hq, s, d]``.
     """
-    rep = _check_qkv(q, k, v)
+    _check_qkv(q, k, v)
+    return _sdpa(q, k, v, scale=scale, is_causal=True)
+
+
+def attention_over_keys(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Attention of ``q`` ``[b, hq, m, d]`` over keys ``k``/``v`` ``[b, hkv, k, d]`` of any length.
+
+    ``mask`` (``[m, k]`` boolean, True = may attend; every row must see a key) or
+    None: every query sees every key (a decode step over a cache). For queries
+    at positions of their own, such as a KV cache's (see :func:`window_visible`).
+    """
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q [b, hq, m, d] and k, v [b, hkv, k, d]; got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    return _sdpa(q, k, v, scale=scale, attn_mask=mask)
+
+
+def _sdpa(q, k, v, *, scale: float, is_causal: bool = False, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDPA with grouped-query K/V (native GQA where torch has it, else repeated K/V)."""
+    rep = q.shape[1] // k.shape[1]
     if rep == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     try:
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=True
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=True
         )
     except (TypeError, RuntimeError):  # older torch / backend without GQA support
         return F.scaled_dot_product_attention(
-            q, _expand_kv(k, rep), _expand_kv(v, rep), is_causal=True, scale=scale
+            q, _expand_kv(k, rep), _expand_kv(v, rep), attn_mask=attn_mask, is_causal=is_causal, scale=scale
         )
 
 
@@ -441,10 +465,24 @@ def sliding_window_mask(
 
     ``mask[p, j] = j <= p and (j > p - window or j < sink_tokens)``.
     """
+    positions = torch.arange(seq_len, device=device)
+    return window_visible(positions, positions, window, sink_tokens)
+
+
+def window_visible(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, sink_tokens: int = 0
+) -> torch.Tensor:
+    """Boolean ``[len(q), len(k)]`` mask of the SWA convention at absolute positions (True = may attend).
+
+    ``visible[i, c] = j <= p and (j > p - window or j < sink_tokens)`` with
+    ``p = query_positions[i]``, ``j = key_positions[c]``: what a KV cache that holds
+    keys in any order (a ring buffer) needs, and :func:`sliding_window_mask` for
+    ``positions = 0 .. s-1``.
+    """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    p = torch.arange(seq_len, device=device).view(seq_len, 1)
-    j = torch.arange(seq_len, device=device).view(1, seq_len)
+    p = query_positions.view(-1, 1)
+    j = key_positions.view(1, -1)
     return (j <= p) & ((j > p - window) | (j < sink_tokens))
 
 

@@ -222,18 +222,14 @@ def checkpoint_logits(ckpt_dir: str, toks: torch.Tensor) -> torch.Tensor | None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_consa.allocation import Allocation
-    from megatron_consa.config import ConsaConfig
+    from megatron_consa.conversion.checkpoint_model import fixed_consa_config
     from megatron_consa.model import build_gpt_model, build_transformer_config
     from megatron_consa.training.checkpoint import load_model_weights, read_checkpoint_meta
 
     meta = read_checkpoint_meta(ckpt_dir)
     arch = ArchitectureConfig(**meta["architecture"])
     alloc_file = Path(ckpt_dir) / "allocation.json"
-    if alloc_file.exists():
-        alloc = Allocation.load(alloc_file)
-        consa = ConsaConfig(window=alloc.window, allocation=alloc.fa, backend="torch")
-    else:
-        consa = ConsaConfig(allocation=[[1] * arch.num_kv_heads] * arch.num_layers, backend="torch")
+    consa = fixed_consa_config(arch, Allocation.load(alloc_file) if alloc_file.exists() else None)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     config = build_transformer_config(

@@ -4,12 +4,16 @@ One module-scoped set-up converts a tiny random checkpoint of every family
 (Qwen3 with head_dim != hidden/heads, Qwen3 with mixed layer_types, Qwen2 with
 QKV bias, Llama with tied embeddings, Mistral; the Qwen2 one sharded into an
 index) at TP1 through tools/convert_hf_to_megatron.py, and loads every
-checkpoint at TP2 and at PP2 in one 2-rank gloo launch.
+checkpoint at TP2 and at PP2 in one 2-rank gloo launch. Exports: bit-exact round
+trips, a layer-wise allocation in stock transformers, and a head-wise one (with
+sinks) through the consa attention for every family, which stock transformers
+without the package refuses.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -113,6 +117,15 @@ def test_tp2_conversion_through_the_cli_round_trips(converted):
     assert_weights_equal(read_weights(back), read_weights(hf_dir))
 
 
+def _with_allocation(ckpt: Path, allocation: Allocation, copy: Path) -> Path:
+    """A copy of a checkpoint whose allocation.json is `allocation` (our fixed-mode reference)."""
+    import shutil
+
+    shutil.copytree(ckpt, copy)
+    allocation.save(copy / "allocation.json")
+    return copy
+
+
 def test_layer_wise_hybrid_export_runs_in_stock_transformers(converted, single_rank_mcore):
     """A learned-style layer allocation on a Qwen3 import: stock transformers == our fixed-mode model."""
     from scenarios import checkpoint_logits
@@ -127,15 +140,112 @@ def test_layer_wise_hybrid_export_runs_in_stock_transformers(converted, single_r
     assert config["use_sliding_window"] is True and config["sliding_window"] == WINDOW
     assert config["layer_types"] == ["sliding_attention" if r[0] == 0 else "full_attention" for r in alloc.fa]
     # our fixed-mode model with the same allocation: point the checkpoint at it through a copy
-    hybrid_ckpt = root / "mcore-qwen3-interleave"
-    import shutil
-
-    shutil.copytree(ckpt, hybrid_ckpt)
-    alloc.save(hybrid_ckpt / "allocation.json")
-    ours = checkpoint_logits(str(hybrid_ckpt), tokens())
+    ours = checkpoint_logits(str(_with_allocation(ckpt, alloc, root / "mcore-qwen3-interleave")), tokens())
     stock = hf_logits(back)
     assert rel_err(ours, stock) < TOL
     assert rel_err(stock, hf_logits(out["qwen3"][0])) > 1e-3  # the hybrid differs from the all-FA source
+
+
+# ----------------------------------------------------------------- head-wise export (consa attention)
+
+HEAD_WISE = [[1, 1], [1, 0], [0, 0], [0, 1]]  # an all-FA layer, two mixed layers, an all-SWA layer
+HEAD_WISE_KINDS = {"qwen3": 2, "qwen2_bias": 1, "llama_tied": 1, "mistral": 0}  # family -> sink tokens
+
+
+def _consa_logits(hf_dir: Path) -> torch.Tensor:
+    """Logits of an export loaded the way a user does: config.json names the attention."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(tokens()).logits
+
+
+@pytest.fixture(scope="module")
+def head_wise_exports(converted):
+    root, out = converted
+    exports = {}
+    for kind, sinks in HEAD_WISE_KINDS.items():
+        alloc = Allocation(granularity="kv_head", num_layers=4, num_kv_heads=2, window=WINDOW, sink_tokens=sinks,
+                           target_sparsity=None, fa=HEAD_WISE).validate()
+        alloc.save(root / f"head-wise-{kind}.json")
+        back = root / f"head-wise-export-{kind}"
+        argv = ["--load", str(out[kind][1]), "--save", str(back), "--allocation", str(root / f"head-wise-{kind}.json")]
+        assert run_tool(EXPORT.main, argv) == 0
+        exports[kind] = (back, alloc)
+    return exports
+
+
+@pytest.mark.parametrize("kind", list(HEAD_WISE_KINDS))
+def test_head_wise_export_runs_with_the_consa_attention(converted, head_wise_exports, kind, single_rank_mcore):
+    """A head-wise allocation (sinks too) in config.json: the registered consa attention == our fixed-mode model."""
+    from scenarios import checkpoint_logits
+
+    from megatron_consa.architecture import ArchitectureConfig
+    from megatron_consa.config import ConsaConfigError
+    from megatron_consa.conversion.hf_files import load_hf_config
+    from megatron_consa.conversion.windows import CONSA_ATTENTION_IN_CONFIG
+
+    root, out = converted
+    back, alloc = head_wise_exports[kind]
+    config = json.loads((back / "config.json").read_text())
+    assert config["attn_implementation"] == CONSA_ATTENTION_IN_CONFIG
+    assert config["consa"]["fa"] == HEAD_WISE and config["consa"]["window"] == WINDOW
+    assert config["consa"]["sink_tokens"] == HEAD_WISE_KINDS[kind]
+    assert config.get("sliding_window") is None and "sliding_attention" not in config.get("layer_types", [])
+    ours = checkpoint_logits(str(_with_allocation(out[kind][1], alloc, root / f"mcore-head-wise-{kind}")), tokens())
+    served = _consa_logits(back)
+    assert _rel(served, ours) < TOL, (kind, _rel(served, ours))
+    assert _rel(served, hf_logits(out[kind][0])) > 1e-3  # the windows change the result at this length
+    with pytest.raises(ConsaConfigError, match="carries a hybrid FA/SWA allocation in its 'consa' field"):
+        ArchitectureConfig.from_hf(load_hf_config(back))  # never silently built as all FA
+
+
+def test_head_wise_export_without_the_package_fails_loudly(converted, head_wise_exports, tmp_path):
+    """Stock transformers, in a fresh process that has not imported megatron_consa, refuses the export,
+    and so it does after the model was loaded with the package and saved again by transformers. Importing
+    the package afterwards (transformers already loaded) registers the attention at once."""
+    import subprocess
+
+    from megatron_consa.conversion.windows import CONSA_ATTENTION_IN_CONFIG
+
+    back, _ = head_wise_exports["qwen3"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
+    with torch.no_grad():
+        model(tokens()[:, :4])
+    model.save_pretrained(tmp_path / "resaved")
+    script = (
+        "import json, sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "errors = []\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        AutoModelForCausalLM.from_pretrained(path)\n"
+        "        errors.append(None)\n"
+        "    except Exception as err:\n"
+        "        errors.append(f'{type(err).__name__}: {err}')\n"
+        "assert 'megatron_consa' not in sys.modules\n"
+        "print(json.dumps(errors))\n"
+        "import megatron_consa\n"
+        "print(json.dumps(AutoModelForCausalLM.from_pretrained(sys.argv[1]).config._attn_implementation))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script, str(back), str(tmp_path / "resaved")], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-2])
+    for error in errors:
+        assert error is not None and "import megatron_consa" in error, errors
+    loaded_with = json.loads(run.stdout.strip().splitlines()[-1])  # loaded once the package is imported
+    assert loaded_with == CONSA_ATTENTION_IN_CONFIG
+
+
+def test_head_wise_export_imports_back(converted, head_wise_exports, tmp_path):
+    """The consa export is a source the importer reads: its allocation comes back as allocation.json."""
+    back, alloc = head_wise_exports["qwen3"]
+    ckpt = tmp_path / "reimported"
+    assert run_tool(IMPORT.main, ["--hf-path", str(back), "--save", str(ckpt)]) == 0
+    again = Allocation.load(ckpt / "allocation.json")
+    assert (again.fa, again.window, again.sink_tokens) == (alloc.fa, alloc.window, alloc.sink_tokens)
+    assert json.loads((ckpt / "consa_run.json").read_text())["allocation"] == "allocation.json"
 
 
 # ----------------------------------------------------------------- bad input
@@ -189,13 +299,6 @@ def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(tmp_path,
     _assert_refused(
         capsys, EXPORT, ["--load", str(out["qwen3"][1]), "--save", str(save), "--allocation", str(tmp_path / "other.json")],
         "allocation field 'num_layers' is 6 but the model/config has num_layers=4", save,
-    )
-    # head-wise allocations need the consa attention, which stock config fields cannot express
-    heads = make_preset("uniform_heads", num_layers=4, num_kv_heads=2, granularity="kv_head", target_sparsity=0.5, window=8)
-    heads.save(tmp_path / "heads.json")
-    _assert_refused(
-        capsys, EXPORT, ["--load", str(out["qwen3"][1]), "--save", str(save), "--allocation", str(tmp_path / "heads.json")],
-        "the allocation is head-wise", save,
     )
 
 

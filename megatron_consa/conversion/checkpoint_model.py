@@ -1,0 +1,90 @@
+"""A megatron-consa checkpoint as one in-process model (for export and generation).
+
+`read_checkpoint_info` reads what a checkpoint directory says about itself
+(architecture, allocation, dtype); `one_rank_model` builds a TP1/PP1 model with
+its weights in a one-rank world: megatron-core's dist_checkpointing merges the
+shards of any TP/PP layout on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from megatron_consa.allocation import Allocation
+from megatron_consa.architecture import ArchitectureConfig
+from megatron_consa.config import ConsaConfig
+from megatron_consa.conversion.importer import ALLOCATION_FILE
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint directory says about itself."""
+
+    path: Path
+    """The checkpoint directory (a `--save` directory resolved to its latest iteration)."""
+    meta: dict
+    """Its consa_run.json."""
+    arch: ArchitectureConfig
+    allocation: Optional[Allocation]
+    """The allocation asked for, else the checkpoint's own allocation.json, else None (all FA)."""
+    dtype: torch.dtype
+    """The dtype its weights were trained or converted in."""
+
+
+def read_checkpoint_info(load: str | Path, allocation: Optional[str | Path] = None) -> CheckpointInfo:
+    """Read `load` (`FileNotFoundError` when it is not a megatron-consa checkpoint); `allocation`
+    overrides the checkpoint's own allocation.json (checked against the architecture)."""
+    from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
+
+    path = resolve_load_dir(load)
+    meta = read_checkpoint_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a megatron-consa checkpoint (no consa_run.json)")
+    arch = ArchitectureConfig(**meta["architecture"])
+    allocation_path = allocation or (path / ALLOCATION_FILE if meta.get("allocation") else None)
+    alloc = Allocation.load(allocation_path) if allocation_path else None
+    if alloc is not None:
+        alloc.check_compatible(arch.num_layers, arch.num_kv_heads)
+    return CheckpointInfo(path=path, meta=meta, arch=arch, allocation=alloc, dtype=_checkpoint_dtype(meta))
+
+
+def _checkpoint_dtype(meta: dict) -> torch.dtype:
+    conversion, training = meta.get("conversion") or {}, meta.get("training") or {}
+    if conversion.get("dtype") in ("float32", "bfloat16", "float16"):
+        return getattr(torch, conversion["dtype"])
+    return torch.bfloat16 if training.get("bf16") else torch.float16 if training.get("fp16") else torch.float32
+
+
+def fixed_consa_config(arch: ArchitectureConfig, allocation: Optional[Allocation]) -> ConsaConfig:
+    """Fixed mode with `allocation` (window and sinks included), or all FA without one (torch backend)."""
+    if allocation is None:
+        return ConsaConfig(allocation=[[1] * arch.num_kv_heads] * arch.num_layers, backend="torch")
+    return ConsaConfig(
+        window=allocation.window, sink_tokens=allocation.sink_tokens, allocation=allocation.fa, backend="torch"
+    )
+
+
+@contextlib.contextmanager
+def one_rank_model(info: CheckpointInfo, consa: ConsaConfig, *, dtype: Optional[torch.dtype] = None) -> Iterator[torch.nn.Module]:
+    """A TP1/PP1 GPTModel (eval mode) with the checkpoint's weights, alive inside a one-rank world.
+
+    Reuses a one-rank world that is already initialised (a test process);
+    otherwise starts one and tears it down on exit.
+    """
+    from megatron_consa.conversion.world import conversion_world, free_port
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+    from megatron_consa.training.checkpoint import load_model_weights
+
+    with conversion_world(rank=0, world_size=1, port=free_port()):
+        config = build_transformer_config(info.arch, consa, params_dtype=dtype or info.dtype)
+        model = build_gpt_model(config, info.arch, use_transformer_engine=False)
+        load_model_weights([model], info.path)
+        yield model.eval()
+
+
+__all__ = ["CheckpointInfo", "fixed_consa_config", "one_rank_model", "read_checkpoint_info"]

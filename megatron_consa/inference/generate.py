@@ -1,0 +1,173 @@
+"""Token generation from our megatron-core model (ConSA fixed mode) with the hybrid KV cache.
+
+`generate` runs megatron-core's own `GPTModel.forward` on the new tokens only.
+While it runs, `kv_cache_attached` puts a cache-reading core attention in each
+layer's `core_attention` slot (the layer's `ConsaCoreAttention` gives the
+allocation row, window, sinks and softmax scale) and offsets the model's RoPE
+by the number of cached tokens, so positions stay absolute. Nothing else of
+the model changes, and both are restored afterwards.
+
+One rank (TP1, PP1): load a checkpoint of any layout with
+`megatron_consa.conversion.checkpoint_model.one_rank_model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from megatron_consa.attention import ConsaCoreAttention
+from megatron_consa.inference.cache import HybridKVCache, LayerKVCache, hybrid_attention
+from megatron_consa.inference.sampling import SamplingConfig, next_token
+
+
+@dataclass
+class GenerationResult:
+    tokens: Tensor
+    """Prompt and generated tokens, ``[b, n + new]``."""
+    logits: Tensor
+    """The logits each generated token was chosen from, ``[b, new, vocab]`` (float32)."""
+    cache: HybridKVCache
+    """The cache after the last step (it holds every token but the last generated one)."""
+
+    @property
+    def new_tokens(self) -> Tensor:
+        return self.tokens[:, self.tokens.size(1) - self.logits.size(1) :]
+
+
+class CachedCoreAttention(torch.nn.Module):
+    """Stands in a layer's `core_attention` slot while generating: stores the new tokens'
+    keys and values in the layer's cache and attends over it."""
+
+    def __init__(self, core: ConsaCoreAttention, cache: LayerKVCache):
+        super().__init__()
+        self.core, self.cache = core, cache
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None) -> Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("generation with the hybrid KV cache supports no attention bias or packed sequences")
+        sq, b = query.size(0), query.size(1)
+        # [s, b, heads, hn] -> [b, heads, s, hn]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        view = self.cache.append(k, v)
+        out = hybrid_attention(
+            q, view, self.cache.fa_row, window=self.cache.window, sink_tokens=self.cache.sink_tokens,
+            scale=self.core.softmax_scale,
+        )
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _fixed_cores(model: torch.nn.Module) -> list[ConsaCoreAttention]:
+    config = model.config
+    if config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1:
+        raise ValueError(
+            "generation runs on one rank: build the model at TP1/PP1 (one_rank_model loads a checkpoint of any layout)"
+        )
+    cores = sorted((m for m in model.modules() if isinstance(m, ConsaCoreAttention)), key=lambda m: m.layer_index)
+    if not cores:
+        raise ValueError("the model has no ConsaCoreAttention layers (build it with megatron_consa.model.build_gpt_model)")
+    if any(core.log_alpha is not None for core in cores):
+        raise ValueError(
+            "generation needs a fixed allocation: the model is in learning mode (gates); build it with "
+            "ConsaConfig(allocation=...) (finalize the gates first, tools/finalize_allocation.py)"
+        )
+    return cores
+
+
+def cache_for_model(model: torch.nn.Module, *, max_length: Optional[int] = None) -> HybridKVCache:
+    """An empty hybrid cache for a fixed-mode model: each layer's allocation row, window and sinks."""
+    return HybridKVCache(
+        LayerKVCache(core.fa_local, window=core.consa.window, sink_tokens=core.consa.sink_tokens, max_length=max_length)
+        for core in _fixed_cores(model)
+    )
+
+
+@contextlib.contextmanager
+def kv_cache_attached(model: torch.nn.Module, cache: HybridKVCache) -> Iterator[HybridKVCache]:
+    """Run `model`'s forward over `cache`: feed it the next tokens only (see the module docstring)."""
+    cores = _fixed_cores(model)
+    if len(cores) != len(cache.layers) or any(
+        tuple(int(f) for f in core.fa_local) != layer.fa_row
+        or (core.consa.window, core.consa.sink_tokens) != (layer.window, layer.sink_tokens)
+        for core, layer in zip(cores, cache.layers)
+    ):
+        raise ValueError("the cache was made for another allocation; build it with cache_for_model(model)")
+    slots = [(layer.self_attention, layer.self_attention.core_attention) for layer in model.decoder.layers]
+    rotary = model.rotary_pos_emb
+    try:
+        for (attention, core), layer_cache in zip(slots, cache.layers):
+            attention.core_attention = CachedCoreAttention(core, layer_cache)
+        # GPTModel asks for the RoPE of `seq_len` positions from 0; from the cache's length instead.
+        rotary.forward = functools.partial(_offset_rope, rotary, cache)
+        yield cache
+    finally:
+        for attention, core in slots:
+            attention.core_attention = core
+        rotary.__dict__.pop("forward", None)
+
+
+def _offset_rope(rotary: torch.nn.Module, cache: HybridKVCache, max_seq_len: int, offset: int = 0, **kwargs) -> Tensor:
+    return type(rotary).forward(rotary, max_seq_len, offset + cache.seq_length, **kwargs)
+
+
+def _forward(model: torch.nn.Module, tokens: Tensor, start: int) -> Tensor:
+    """Logits ``[b, m, vocab]`` of tokens at positions ``start ..`` (the model reads the rest from the cache)."""
+    positions = torch.arange(start, start + tokens.size(1), device=tokens.device).expand_as(tokens)
+    return model(tokens, positions, attention_mask=None)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt: Tensor,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    prefill_chunk: Optional[int] = None,
+    eos_token_id: Optional[int] = None,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` after `prompt` (``[b, n]`` token ids) with the hybrid KV cache.
+
+    The prompt is prefilled in chunks of `prefill_chunk` tokens (all at once when
+    None); each new token is one forward of one token. Sampling draws from a
+    generator seeded with `sampling.seed`. A sequence that emits `eos_token_id`
+    continues with it; generation stops when every sequence has.
+    """
+    if prompt.dim() != 2 or prompt.size(1) < 1:
+        raise ValueError(f"prompt must be [batch, tokens] with at least one token, got shape {tuple(prompt.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1 (or None: the whole prompt at once)")
+    model.eval()
+    n = prompt.size(1)
+    cache = cache_for_model(model, max_length=n + max_new_tokens)
+    generator = sampling.generator(prompt.device)
+    tokens, step_logits = prompt, []
+    done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
+    with kv_cache_attached(model, cache):
+        chunk = prefill_chunk or n
+        for start in range(0, n, chunk):
+            logits = _forward(model, prompt[:, start : start + chunk], start)
+        for _ in range(max_new_tokens):
+            last = logits[:, -1].float()
+            token = next_token(last, sampling, generator)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            step_logits.append(last)
+            if len(step_logits) == max_new_tokens or bool(done.all()):
+                break
+            logits = _forward(model, token[:, None], tokens.size(1) - 1)
+    return GenerationResult(tokens=tokens, logits=torch.stack(step_logits, dim=1), cache=cache)
+
+
+__all__ = ["CachedCoreAttention", "GenerationResult", "cache_for_model", "generate", "kv_cache_attached"]

@@ -1,0 +1,349 @@
+"""The hybrid KV cache and generation with it, against references that do not use it.
+
+* the cache's attention, chunk by chunk, equals dense masked attention over the whole
+  history (`dense_masked_attention` with the window mask) and its size is the
+  kv_memory formula;
+* our megatron-core model generates with the cache the same tokens (greedy and
+  sampled) as recomputing the whole prefix every step with the training kernels;
+* transformers' `generate` with `HybridCache` and the consa attention gives the same
+  tokens as `generate(use_cache=False)` and as transformers' own DynamicCache, for
+  Qwen3, Qwen2, Llama and Mistral configs;
+* tools/generate.py prints the same text from our checkpoint and from its export.
+
+Prompts are longer than the window (W=5) so the ring evicts, and the allocation
+mixes an all-FA layer, two mixed layers and an all-SWA layer, with sinks and without.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conversion_fixtures import G, L, VOCAB  # noqa: E402
+
+from megatron_consa.allocation import Allocation  # noqa: E402
+from megatron_consa.backends.torch_attention import dense_masked_attention, sliding_window_mask  # noqa: E402
+from megatron_consa.cli import run_tool  # noqa: E402
+from megatron_consa.evaluation.kv_memory import KvCacheShape, allocation_bytes  # noqa: E402
+from megatron_consa.inference.cache import HybridKVCache, LayerKVCache, hybrid_attention  # noqa: E402
+from megatron_consa.inference.sampling import SamplingConfig, next_token  # noqa: E402
+
+W = 5
+MIXED = [[1, 1], [1, 0], [0, 0], [0, 1]]  # all-FA layer, two mixed layers, all-SWA layer
+PROMPT_LEN, NEW = 12, 10
+SAMPLED = SamplingConfig(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+
+
+def _allocation(sinks: int, fa=MIXED) -> Allocation:
+    return Allocation(
+        granularity="kv_head", num_layers=L, num_kv_heads=G, window=W, sink_tokens=sinks, target_sparsity=None, fa=fa,
+    ).validate()
+
+
+def _formula_bytes(fa_heads: int, swa_heads: int, n: int, sinks: int, *, batch: int, head_dim: int, nbytes: int) -> int:
+    return 2 * batch * head_dim * nbytes * (fa_heads * n + swa_heads * min(n, W + sinks))
+
+
+def _prompt(batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(5))
+
+
+# --------------------------------------------------------------------------- the cache itself
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize(
+    "chunks",
+    [[1] * 17, [9, 1, 1, 3, 1, 2], [2, 2, 2, 2, 2, 2, 2, 2], [6, 11]],
+    ids=["token-by-token", "prefill-decode-chunk", "small-chunks", "chunk-longer-than-window"],
+)
+def test_cache_attention_equals_dense_masked_reference(sinks, chunks):
+    b, rep, d, row = 2, 2, 8, [1, 0, 0]  # GQA 2, one FA and two SWA KV heads
+    n = sum(chunks)
+    gen = torch.Generator().manual_seed(sum(chunks) + sinks)
+    q = torch.randn(b, len(row) * rep, n, d, generator=gen)
+    k, v = (torch.randn(b, len(row), n, d, generator=gen) for _ in range(2))
+    masks = {1: sliding_window_mask(n, n), 0: sliding_window_mask(n, W, sinks)}  # FA: causal
+    mask = torch.stack([masks[row[h // rep]] for h in range(q.size(1))])[None]
+    reference = dense_masked_attention(q, k, v, mask=mask, scale=0.3)
+
+    cache = LayerKVCache(row, window=W, sink_tokens=sinks)
+    pos, outs = 0, []
+    for m in chunks:
+        view = cache.append(k[:, :, pos : pos + m], v[:, :, pos : pos + m])
+        outs.append(hybrid_attention(q[:, :, pos : pos + m], view, row, window=W, sink_tokens=sinks, scale=0.3))
+        pos += m
+        assert cache.entries == 1 * pos + 2 * min(pos, W + sinks)
+        assert cache.buffers["swa_k"].size(2) <= W + sinks  # the SWA heads never hold more than the window + sinks
+    torch.testing.assert_close(torch.cat(outs, dim=2), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_cache_bytes_equal_the_kv_memory_formula(sinks):
+    allocation = _allocation(sinks)
+    b, d, n = 3, 4, 23
+    cache = HybridKVCache.from_allocation(allocation, max_length=n)
+    gen = torch.Generator().manual_seed(0)
+    fa_heads = sum(map(sum, MIXED))
+    for step, m in enumerate([7, 1, 1, 6, 1, 1, 1, 5]):
+        for layer in cache.layers:
+            layer.append(*(torch.randn(b, G, m, d, generator=gen) for _ in range(2)))
+        seen = cache.seq_length
+        expected = _formula_bytes(fa_heads, L * G - fa_heads, seen, sinks, batch=b, head_dim=d, nbytes=4)
+        shape = KvCacheShape(num_layers=L, num_kv_heads=G, head_dim=d, context_length=seen, batch_size=b, bytes_per_element=4)
+        assert cache.held_bytes == expected == allocation_bytes(shape, allocation), step
+    assert seen == n and cache.nbytes == cache.held_bytes  # allocated exactly: max_length was the final length
+
+
+def test_cache_without_max_length_keeps_swa_heads_bounded():
+    layer = LayerKVCache([0, 1], window=W, sink_tokens=1)
+    for _ in range(40):
+        layer.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert layer.buffers["swa_k"].shape == (1, 1, W + 1, 4) and layer.buffers["fa_k"].size(2) >= 40
+    assert layer.entries == 40 + (W + 1)
+
+
+def test_cache_refuses_keys_of_another_shape():
+    layer = LayerKVCache([1, 0], window=W)
+    with pytest.raises(ValueError, match=r"expected keys and values \[b, 2, m, d\]"):
+        layer.append(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+
+
+def test_sampling_config_refuses_bad_values():
+    for kw, message in [({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"), ({"top_p": 0}, "top_p")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingConfig(**kw)
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+    assert next_token(logits, SamplingConfig(), None).item() == 1
+    picks = {next_token(logits, SamplingConfig(temperature=1.0, top_k=2, seed=s), SamplingConfig(seed=s, temperature=1.0).generator(torch.device("cpu"))).item() for s in range(30)}
+    assert picks == {1, 3}  # top-k 2 keeps exactly the two best
+
+
+# --------------------------------------------------------------------------- our megatron-core model
+
+
+def _megatron_model(allocation: Allocation, weights=None):
+    from megatron_consa.conversion.checkpoint_model import fixed_consa_config
+    from megatron_consa.model import ArchitectureConfig, build_gpt_model, build_transformer_config
+
+    arch = ArchitectureConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=L, num_attention_heads=4, num_kv_heads=G,
+        head_dim=16, qk_norm=True, rope_theta=10000.0, max_position_embeddings=64,
+    )
+    model = build_gpt_model(build_transformer_config(arch, fixed_consa_config(arch, allocation)), arch).eval()
+    if weights is None:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():  # larger than megatron's init, so attention matters
+                scale = 1.0 if "embedding" in name else 0.15
+                noise = torch.randn(p.shape, generator=gen) * scale
+                p.copy_(1.0 + 0.1 * noise if name.endswith("layer_norm_weight") or "layernorm" in name else noise)
+    else:
+        model.load_state_dict(weights, strict=False)
+    return model
+
+
+def _recompute(model, prompt, sampling: SamplingConfig):
+    """Reference: the whole prefix through the model every step (the training kernels, no cache)."""
+    tokens, generator, logits = prompt, sampling.generator(prompt.device), []
+    with torch.no_grad():
+        for _ in range(NEW):
+            positions = torch.arange(tokens.size(1)).expand_as(tokens)
+            last = model(tokens, positions, attention_mask=None)[:, -1].float()
+            logits.append(last)
+            tokens = torch.cat([tokens, next_token(last, sampling, generator)[:, None]], dim=1)
+    return tokens, torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_megatron_generation_with_the_cache_equals_recomputing_the_prefix(single_rank_mcore, sinks):
+    from megatron_consa.inference.generate import generate
+
+    model = _megatron_model(_allocation(sinks))
+    prompt = _prompt()
+    for sampling in (SamplingConfig(), SAMPLED):
+        ref_tokens, ref_logits = _recompute(model, prompt, sampling)
+        for chunk in (None, 5):
+            result = generate(model, prompt, max_new_tokens=NEW, sampling=sampling, prefill_chunk=chunk)
+            assert torch.equal(result.tokens, ref_tokens), (sampling, chunk)
+            torch.testing.assert_close(result.logits, ref_logits, rtol=1e-5, atol=1e-5)
+        if sampling.greedy:
+            greedy_logits = ref_logits
+    fa_heads = sum(map(sum, MIXED))
+    n = PROMPT_LEN + NEW - 1  # the last token is never fed back
+    assert result.cache.held_bytes == _formula_bytes(fa_heads, L * G - fa_heads, n, sinks, batch=2, head_dim=16, nbytes=4)
+    # the window matters at this length: the same weights with every head FA give other logits
+    all_fa = _megatron_model(None, weights=model.state_dict())
+    assert (_recompute(all_fa, prompt, SamplingConfig())[1] - greedy_logits).abs().max() > 1e-2
+
+
+def test_megatron_generation_refuses_a_learning_mode_model(single_rank_mcore):
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.inference.generate import generate
+    from megatron_consa.model import ArchitectureConfig, build_gpt_model, build_transformer_config
+
+    arch = ArchitectureConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=2)
+    model = build_gpt_model(build_transformer_config(arch, ConsaConfig(window=W, backend="torch")), arch)
+    with pytest.raises(ValueError, match="needs a fixed allocation"):
+        generate(model, _prompt(1), max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def _hf_model(family: str, allocation: Allocation | None):
+    from megatron_consa.architecture import ArchitectureConfig
+    from megatron_consa.conversion.windows import CONSA_ATTENTION, hf_window_fields, set_window_fields
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=L, num_attention_heads=4,
+        num_key_value_heads=G, head_dim=16, max_position_embeddings=64, rope_theta=10000.0,
+    )
+    config = transformers.AutoConfig.for_model(family, **common)
+    set_window_fields(config, hf_window_fields(allocation, ArchitectureConfig.from_hf(config, allow_sliding_window=True)))
+    config._attn_implementation = CONSA_ATTENTION
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # attention that depends on the keys it sees
+    return model
+
+
+def _hf_generate(model, prompt, sampling: SamplingConfig, **kw):
+    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=not sampling.greedy, pad_token_id=0)
+    kwargs["attention_mask"] = kw.pop("attention_mask", torch.ones_like(prompt))  # token 0 is no padding here
+    if not sampling.greedy:
+        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        torch.manual_seed(sampling.seed)
+    with torch.no_grad():
+        return model.generate(prompt, **kwargs, **kw)
+
+
+@pytest.mark.parametrize("family,sinks", [("qwen3", 2), ("qwen3", 0), ("qwen2", 1), ("llama", 2), ("mistral", 0)])
+def test_hf_generate_with_hybrid_cache_equals_recomputing_the_prefix(family, sinks):
+    from megatron_consa.inference.hf import HybridCache
+
+    model = _hf_model(family, _allocation(sinks))
+    prompt = _prompt()
+    for sampling in (SamplingConfig(), SAMPLED) if family == "qwen3" else (SamplingConfig(),):
+        cache = HybridCache.for_model(model)
+        hybrid = _hf_generate(model, prompt, sampling, past_key_values=cache)
+        assert torch.equal(hybrid, _hf_generate(model, prompt, sampling, use_cache=False)), sampling
+        assert torch.equal(hybrid, _hf_generate(model, prompt, sampling)), sampling  # transformers' DynamicCache
+        n = PROMPT_LEN + NEW - 1
+        fa_heads = sum(map(sum, MIXED))
+        assert cache.held_bytes == _formula_bytes(fa_heads, L * G - fa_heads, n, sinks, batch=2, head_dim=16, nbytes=4)
+    all_fa = _hf_model(family, None)
+    all_fa.load_state_dict(model.state_dict())
+    assert not torch.equal(_hf_generate(all_fa, prompt, SamplingConfig()), hybrid)  # the window changes the tokens
+
+
+def test_hf_beam_search_reorders_the_hybrid_cache():
+    from megatron_consa.inference.hf import HybridCache
+
+    model = _hf_model("qwen3", _allocation(2))
+    prompt = _prompt()
+    beams = _hf_generate(model, prompt, SamplingConfig(), num_beams=3, past_key_values=HybridCache.for_model(model))
+    assert torch.equal(beams, _hf_generate(model, prompt, SamplingConfig(), num_beams=3, use_cache=False))
+
+
+def test_hf_cache_and_attention_refuse_what_they_cannot_run():
+    from megatron_consa.inference.hf import HybridCache
+
+    model = _hf_model("qwen3", _allocation(0))
+    prompt = _prompt()
+    padded = torch.ones_like(prompt)
+    padded[0, :3] = 0
+    with pytest.raises(NotImplementedError, match="padded batches"):
+        _hf_generate(model, prompt, SamplingConfig(), attention_mask=padded)
+    stock = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match='attn_implementation="consa"'):
+        HybridCache.for_model(stock)
+
+
+# --------------------------------------------------------------------------- tools/generate.py
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save_word_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary: 'w0' .. 'w95', split on spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def generation_dirs(tmp_path_factory):
+    """A Qwen3 HF checkpoint with a tokenizer, imported, and exported again with a head-wise allocation."""
+    from conversion_fixtures import save_hf
+
+    root = tmp_path_factory.mktemp("generate-cli")
+    hf_dir = save_hf("qwen3", root / "hf")
+    _save_word_tokenizer(hf_dir)
+    ckpt, export, allocation = root / "ckpt", root / "export", root / "allocation.json"
+    assert run_tool(_tool("convert_hf_to_megatron").main, ["--hf-path", str(hf_dir), "--save", str(ckpt), "--dtype", "fp32"]) == 0
+    _allocation(2).save(allocation)
+    argv = ["--load", str(ckpt), "--save", str(export), "--allocation", str(allocation)]
+    assert run_tool(_tool("convert_megatron_to_hf").main, argv) == 0
+    return ckpt, export, allocation
+
+
+def test_generate_cli_prints_the_same_text_from_the_checkpoint_and_its_export(generation_dirs, capsys):
+    ckpt, export, allocation = generation_dirs
+    tool = _tool("generate")
+    prompt = " ".join(f"w{i}" for i in _prompt(1)[0].tolist())
+    texts = []
+    for source in (["--load", str(ckpt), "--allocation", str(allocation)], ["--hf-path", str(export)]):
+        assert run_tool(tool.main, [*source, "--prompt", prompt, "--max-new-tokens", str(NEW), "--kv-report"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        texts.append(out[0])
+        assert out[1].startswith(f"KV cache after {PROMPT_LEN + NEW - 1} tokens")
+    assert texts[0] == texts[1] and len(texts[0].split()) == NEW, texts
+
+
+def _exit_status(tool, argv) -> int:
+    try:
+        return run_tool(tool.main, argv)
+    except SystemExit as exit:  # argparse's own refusals
+        return exit.code
+
+
+def test_generate_cli_refuses_bad_input(generation_dirs, tmp_path, capsys):
+    ckpt, export, _ = generation_dirs
+    tool = _tool("generate")
+    cases = [
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--temperature", "-0.5"], "--temperature: must be a number >= 0"),
+        (["--load", str(ckpt)], "one of the arguments --prompt --prompt-ids is required"),
+        (["--load", str(ckpt), "--prompt-ids", "1,x"], "--prompt-ids '1,x': write comma-separated integers"),
+        (["--load", str(ckpt), "--prompt-ids", f"1,{VOCAB}"], f"--prompt-ids: token ids [{VOCAB}] are outside the vocabulary"),
+        (["--hf-path", str(export), "--prompt-ids", "1", "--allocation", "a.json"], "--allocation and --prefill-chunk go with --load"),
+        (["--load", str(tmp_path / "missing"), "--prompt-ids", "1"], "no such directory"),
+        (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(tmp_path)], f"--tokenizer {tmp_path}: no sentencepiece"),
+    ]
+    for argv, message in cases:
+        assert _exit_status(tool, argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)

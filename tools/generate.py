@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Generate text with the hybrid KV cache, from a megatron-consa checkpoint or an exported HF directory.
+
+    python tools/generate.py --load ckpt/qwen3 --prompt "def fibonacci(n):" --max-new-tokens 64
+    python tools/generate.py --hf-path hf/qwen3-hybrid --prompt "Once upon a time" --temperature 0.8 --top-p 0.95
+
+--load: our checkpoint (any TP/PP layout, merged into one in-process rank), in
+fixed mode with its allocation.json (or --allocation; all FA without one); the
+generator is megatron_consa.inference.generate. --hf-path: an export
+(tools/convert_megatron_to_hf.py; any Qwen3/Qwen2/Llama/Mistral directory),
+loaded with the consa attention and run by transformers' generate with
+HybridCache. Either way FA heads cache every token and SWA heads only the
+window plus the sinks.
+
+Prints the generated continuation (as token ids when there is no tokenizer).
+The tokenizer is the model directory's (--tokenizer to choose another). Sampling is greedy unless --temperature > 0; the two back ends draw
+different random numbers for the same --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_consa.cli import UserInputError, run_tool, setup_logging
+
+
+def _checked(convert, ok, requirement: str):
+    """An argparse type: `convert(text)`, refused with `requirement` unless `ok(value)`."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+_POSITIVE = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_NON_NEGATIVE = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_TEMPERATURE = _checked(float, lambda v: v >= 0, "a number >= 0")
+_PROBABILITY = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--load", help="megatron-consa checkpoint directory (or a training --save directory)")
+    source.add_argument("--hf-path", help="Hugging Face directory exported by tools/convert_megatron_to_hf.py")
+    p.add_argument("--allocation", help="with --load: allocation.json to generate with (default: the checkpoint's)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 5,17,3")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
+    p.add_argument("--max-new-tokens", type=_POSITIVE, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_PROBABILITY, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--prefill-chunk", type=_POSITIVE, help="with --load: prefill the prompt in chunks of this many tokens")
+    p.add_argument("--kv-report", action="store_true", help="also print the KV-cache bytes held and allocated, and all FA's at the same length")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from megatron_consa.data.tokenizer import tokenizer_from_path
+    from megatron_consa.inference.sampling import SamplingConfig
+
+    if args.hf_path and (args.allocation or args.prefill_chunk):
+        raise UserInputError("--allocation and --prefill-chunk go with --load; an export's allocation is in its config.json")
+    model_dir = Path(args.load or args.hf_path)
+    if not model_dir.is_dir():
+        raise UserInputError(f"--{'load' if args.load else 'hf-path'} {model_dir}: no such directory")
+    tokenizer = tokenizer_from_path(args.tokenizer) if args.tokenizer else None
+    if args.tokenizer and tokenizer is None:
+        raise UserInputError(f"--tokenizer {args.tokenizer}: no sentencepiece model or Hugging Face tokenizer there")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+    if args.load:
+        from megatron_consa.conversion.checkpoint_model import fixed_consa_config, one_rank_model, read_checkpoint_info
+        from megatron_consa.inference.generate import generate
+
+        info = read_checkpoint_info(args.load, args.allocation)
+        tokenizer = tokenizer or tokenizer_from_path(info.path)
+        ids = _prompt_ids(args, tokenizer, info.arch.vocab_size)
+        with one_rank_model(info, fixed_consa_config(info.arch, info.allocation)) as model:
+            result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, prefill_chunk=args.prefill_chunk)
+        tokens, cache, allocation, arch, dtype = result.tokens, result.cache, info.allocation, info.arch, info.dtype
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from megatron_consa.architecture import ArchitectureConfig
+        from megatron_consa.conversion.hf_files import load_hf_config
+        from megatron_consa.conversion.windows import CONSA_ATTENTION
+        from megatron_consa.inference.hf import config_allocation, generate_hf
+
+        arch = ArchitectureConfig.from_hf(load_hf_config(model_dir), allow_sliding_window=True)
+        tokenizer = tokenizer or tokenizer_from_path(model_dir)
+        ids = _prompt_ids(args, tokenizer, arch.vocab_size)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32)
+        tokens, cache = generate_hf(model.eval(), ids, max_new_tokens=args.max_new_tokens, sampling=sampling)
+        allocation, dtype = config_allocation(model.config), torch.float32
+    new = tokens[0, ids.size(1):].tolist()
+    print(tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new)))
+    if args.kv_report:
+        _kv_report(cache, allocation, arch, tokens.size(1), dtype)
+    return 0
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer, vocab_size: int):
+    import torch
+
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise UserInputError("--prompt needs a tokenizer and the model directory has none: pass --tokenizer or --prompt-ids")
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            raise UserInputError("--prompt encodes to no tokens: give some text")
+    else:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UserInputError(f"--prompt-ids {args.prompt_ids!r}: write comma-separated integers, e.g. 5,17,3") from None
+        if not ids:
+            raise UserInputError("--prompt-ids is empty: give at least one token id")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise UserInputError(f"--prompt-ids: token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def _kv_report(cache, allocation, arch, total_tokens: int, dtype) -> None:
+    import torch
+
+    from megatron_consa.evaluation.kv_memory import KvCacheShape, all_fa_bytes, format_bytes
+
+    cached = total_tokens - 1  # the last generated token is never fed back
+    element = torch.empty((), dtype=dtype).element_size()
+    shape = KvCacheShape(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                         context_length=cached, bytes_per_element=element)
+    name = allocation.source if allocation is not None else "all FA"
+    print(f"KV cache after {cached} tokens ({name}): {format_bytes(cache.held_bytes)} held, "
+          f"{format_bytes(cache.nbytes)} allocated; all FA: {format_bytes(all_fa_bytes(shape))}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
