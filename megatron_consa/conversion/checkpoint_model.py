@@ -81,7 +81,8 @@ def one_rank_model(info: CheckpointInfo, consa: ConsaConfig, *, dtype: Optional[
     from megatron_consa.training.checkpoint import load_model_weights
 
     with conversion_world(rank=0, world_size=1, port=free_port()):
-        config = build_transformer_config(info.arch, consa, params_dtype=dtype or info.dtype)
+        config = build_transformer_config(info.arch, consa, params_dtype=dtype or info.dtype,
+                                          perform_initialization=False)  # every weight is loaded below
         model = build_gpt_model(config, info.arch, use_transformer_engine=False)
         load_model_weights([model], info.path)
         yield model.eval()
