@@ -37,6 +37,12 @@ class ArchitectureConfig:
     """Per-head width; defaults to hidden_size // num_attention_heads."""
     rope_theta: float = 1_000_000.0
     """RoPE base."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama 3.x RoPE scaling factor (HF `rope_type: llama3`); None: plain RoPE.
+
+    megatron-core implements llama3 scaling with low/high frequency factors 1 and 4
+    and an original context of 8192 (Llama 3.1-3.3's values); `from_hf` refuses others.
+    """
     rms_norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     qk_norm: bool = False
@@ -109,6 +115,7 @@ class ArchitectureConfig:
             num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
             head_dim=getattr(hf_config, "head_dim", None),
             rope_theta=float(rope_theta),
+            rope_scaling_factor=hf_rope_scaling_factor(hf_config),
             rms_norm_eps=hf_config.rms_norm_eps,
             qk_norm=model_type == "qwen3",
             qkv_bias=qkv_bias or model_type == "qwen2",
@@ -118,18 +125,37 @@ class ArchitectureConfig:
         )
 
 
-def _reject_unsupported_hf_features(hf_config: Any, model_type: str) -> None:
-    """Fail, naming the field, on HF settings the megatron-core model here would silently drop."""
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+"""The llama3 RoPE-scaling parameters megatron-core's GPTModel hard-codes (only `factor` is free)."""
+
+
+def hf_rope_scaling_factor(hf_config: Any) -> Optional[float]:
+    """The llama3 RoPE scaling factor of an HF config, None for plain RoPE; refuses what megatron-core cannot run."""
     scaling = getattr(hf_config, "rope_scaling", None)
     if scaling is None:
         scaling = getattr(hf_config, "rope_parameters", None)
-    if isinstance(scaling, dict):
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in (None, "default"):
-            raise ConsaConfigError(
-                f"rope_scaling type {kind!r} is not supported yet (only plain RoPE with rope_theta); "
-                "convert a checkpoint without RoPE scaling"
-            )
+    if not isinstance(scaling, dict):
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ConsaConfigError(
+            f"rope_scaling type {kind!r} is not supported (plain RoPE and Llama 3's 'llama3' scaling are); "
+            "convert a checkpoint without it"
+        )
+    differs = {k: scaling.get(k) for k, v in LLAMA3_ROPE_FIXED.items() if float(scaling.get(k, v)) != v}
+    if differs:
+        raise ConsaConfigError(
+            f"rope_scaling llama3 with {differs}: megatron-core's llama3 scaling fixes "
+            f"{LLAMA3_ROPE_FIXED} (only factor may differ)"
+        )
+    return float(scaling["factor"])
+
+
+def _reject_unsupported_hf_features(hf_config: Any, model_type: str) -> None:
+    """Fail, naming the field, on HF settings the megatron-core model here would silently drop."""
+    hf_rope_scaling_factor(hf_config)
     if model_type in ("llama", "mistral") and getattr(hf_config, "attention_bias", False):
         raise ConsaConfigError(
             f"{model_type} with attention_bias=True also has an o_proj bias, which is not supported; "

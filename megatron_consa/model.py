@@ -138,6 +138,8 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta),
         rotary_percent=1.0,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
 

@@ -53,6 +53,9 @@ def assert_weights_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 L, G, SEQ, VOCAB, WINDOW = 4, 2, 24, 96, 5
 
 FAMILIES = ("qwen3", "qwen3_hybrid", "qwen2_bias", "llama_tied", "mistral")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+"""Llama 3.1's RoPE scaling (with head_dim 16 its lowest frequencies are rescaled)."""
 
 
 def hf_model(kind: str):
@@ -72,8 +75,9 @@ def hf_model(kind: str):
         cls = transformers.Qwen3ForCausalLM
     elif kind == "qwen2_bias":
         cfg, cls = transformers.Qwen2Config(rope_theta=20000.0, **common), transformers.Qwen2ForCausalLM
-    elif kind == "llama_tied":
-        cfg, cls = transformers.LlamaConfig(rope_theta=50000.0, tie_word_embeddings=True, **common), transformers.LlamaForCausalLM
+    elif kind == "llama_tied":  # Llama 3.x: tied embeddings, llama3 RoPE scaling
+        cfg = transformers.LlamaConfig(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE, **common)
+        cls = transformers.LlamaForCausalLM
     elif kind == "mistral":
         cfg, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
     else:

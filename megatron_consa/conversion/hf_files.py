@@ -76,6 +76,11 @@ def hf_config_from_arch(arch: ArchitectureConfig) -> Any:
     )
     if arch.model_type in ("qwen3", "llama"):
         kw["attention_bias"] = arch.qkv_bias
+    if arch.rope_scaling_factor is not None:
+        from megatron_consa.architecture import LLAMA3_ROPE_FIXED
+
+        kw["rope_parameters"] = {"rope_type": "llama3", "rope_theta": arch.rope_theta,
+                                 "factor": arch.rope_scaling_factor, **LLAMA3_ROPE_FIXED}
     return AutoConfig.for_model(arch.model_type, **kw)
 
 

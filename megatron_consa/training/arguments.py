@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, help="KV heads (GQA groups); default: num-attention-heads")
     g.add_argument("--kv-channels", type=int, help="per-head width; default hidden-size / heads")
     g.add_argument("--rotary-base", type=float, default=1_000_000.0, help="RoPE theta")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="the RoPE scaling factor (--use-rope-scaling)")
     g.add_argument("--norm-epsilon", type=float, default=1e-6, help="RMSNorm epsilon")
     g.add_argument("--qk-layernorm", action="store_true", help="per-head RMSNorm on q and k (Qwen3)")
     g.add_argument("--add-qkv-bias", action="store_true", help="bias on the QKV projection (Qwen2)")
@@ -223,6 +226,7 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
         num_kv_heads=a.num_query_groups or heads,
         head_dim=a.kv_channels,
         rope_theta=a.rotary_base,
+        rope_scaling_factor=a.rope_scaling_factor if a.use_rope_scaling else None,
         rms_norm_eps=a.norm_epsilon,
         qk_norm=a.qk_layernorm,
         qkv_bias=a.add_qkv_bias,

@@ -32,7 +32,9 @@ from conversion_fixtures import (  # noqa: E402
 )
 
 from megatron_consa.allocation import Allocation, make_preset  # noqa: E402
+from megatron_consa.architecture import ArchitectureConfig  # noqa: E402
 from megatron_consa.cli import run_tool  # noqa: E402
+from megatron_consa.config import ConsaConfigError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,34 @@ def test_hybrid_import_really_slides(converted):
     full.load_state_dict(model.state_dict())
     full.config._attn_implementation = "eager"
     assert rel_err(hf_logits(hf_dir), hf_logits(full)) > 1e-3  # the windows change the result at this length
+
+
+def test_llama3_rope_scaling_is_carried_over_or_refused(tmp_path, single_rank_mcore):
+    """Llama 3.x's llama3 RoPE scaling reaches our model: logits equal transformers' at positions where the scaling
+    matters (512 tokens; dropping it changes transformers' own logits by far more than the tolerance)."""
+    from conversion_fixtures import LLAMA3_ROPE
+    from scenarios import checkpoint_logits
+
+    model = hf_model("llama_tied")
+    long = transformers.LlamaConfig(**{**model.config.to_dict(), "max_position_embeddings": 1024})
+    scaled = transformers.LlamaForCausalLM(long).eval()
+    scaled.load_state_dict(model.state_dict())
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        **long.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]}})).eval()
+    plain.load_state_dict(model.state_dict())
+    for m in (scaled, plain):
+        m.config._attn_implementation = "eager"
+    toks = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(3))
+    ref = hf_logits(scaled, toks)
+    assert rel_err(hf_logits(plain, toks), ref) > 10 * TOL  # dropping the scaling would fail the check below
+    scaled.save_pretrained(tmp_path / "hf")
+    assert run_tool(IMPORT.main, ["--hf-path", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt"), "--dtype", "fp32"]) == 0
+    assert ArchitectureConfig.from_hf(scaled.config).rope_scaling_factor == LLAMA3_ROPE["factor"]
+    assert rel_err(checkpoint_logits(str(tmp_path / "ckpt"), toks), ref) < TOL
+    for bad, field in (({"rope_type": "yarn", "factor": 4.0}, "'yarn'"), ({"low_freq_factor": 2.0}, "low_freq_factor")):
+        cfg = transformers.LlamaConfig(**{**long.to_dict(), "rope_parameters": {**LLAMA3_ROPE, **bad}})
+        with pytest.raises(ConsaConfigError, match=field):
+            ArchitectureConfig.from_hf(cfg)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -193,8 +223,8 @@ def test_head_wise_export_runs_with_the_consa_attention(converted, head_wise_exp
     assert config.get("sliding_window") is None and "sliding_attention" not in config.get("layer_types", [])
     ours = checkpoint_logits(str(_with_allocation(out[kind][1], alloc, root / f"mcore-head-wise-{kind}")), tokens())
     served = _consa_logits(back)
-    assert _rel(served, ours) < TOL, (kind, _rel(served, ours))
-    assert _rel(served, hf_logits(out[kind][0])) > 1e-3  # the windows change the result at this length
+    assert rel_err(served, ours) < TOL, (kind, rel_err(served, ours))
+    assert rel_err(served, hf_logits(out[kind][0])) > 1e-3  # the windows change the result at this length
     with pytest.raises(ConsaConfigError, match="carries a hybrid FA/SWA allocation in its 'consa' field"):
         ArchitectureConfig.from_hf(load_hf_config(back))  # never silently built as all FA
 

@@ -130,3 +130,32 @@ def test_round_trip_through_the_clis_is_bit_exact(imported, smollm2_hf_dir, work
     for name in TOKENIZER_FILES:
         if (smollm2_hf_dir / name).is_file():
             assert (back / name).read_bytes() == (smollm2_hf_dir / name).read_bytes(), name
+
+
+def test_hybrid_cache_generation_equals_recomputing_the_prefix(imported, text, single_rank_mcore):
+    """SmolLM2 at a mixed head-wise allocation (half its 90 KV heads windowed, W=32, 4 sinks): generating with
+    the hybrid KV cache gives the tokens (and logits) of running the whole prefix through the model every step."""
+    from megatron_consa.allocation import make_preset
+    from megatron_consa.conversion.checkpoint_model import fixed_consa_config, one_rank_model, read_checkpoint_info
+    from megatron_consa.inference.generate import generate
+
+    info = read_checkpoint_info(str(imported["tp1"]), None)
+    arch, new = info.arch, 8
+    mixed = make_preset("random:0", num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, granularity="kv_head",
+                        target_sparsity=0.5, window=32, sink_tokens=4)
+    prompt = text[:, :96]
+    with one_rank_model(info, fixed_consa_config(arch, mixed)) as model, torch.no_grad():
+        result = generate(model, prompt, max_new_tokens=new)
+        tokens, logits = prompt, []
+        for _ in range(new):
+            last = model(tokens, torch.arange(tokens.size(1))[None], attention_mask=None)[:, -1].float()
+            logits.append(last)
+            tokens = torch.cat([tokens, last.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(result.tokens, tokens)
+    torch.testing.assert_close(result.logits, torch.stack(logits, dim=1), rtol=1e-4, atol=1e-4)
+    fa, n = mixed.num_fa_kv_heads, prompt.size(1) + new - 1  # the last token is never fed back
+    swa = arch.num_layers * arch.num_kv_heads - fa
+    assert result.cache.entries == fa * n + swa * min(n, mixed.window + mixed.sink_tokens)
+    with one_rank_model(info, fixed_consa_config(arch, None)) as all_fa, torch.no_grad():
+        dense = all_fa(prompt, torch.arange(prompt.size(1))[None], attention_mask=None)[:, -1].float()
+    assert (dense - logits[0]).abs().max() > 1e-2  # the windows change the model at this length
