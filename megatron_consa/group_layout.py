@@ -16,8 +16,8 @@ moves as little as it can:
 
 1. balance: the FA groups per rank differ by at most 1 (the ranks that hold
    most FA groups in index order keep the larger share); a rank above its share
-   swaps its last FA groups for the first SWA groups of a rank below its share,
-   each in the other's place;
+   swaps its last FA groups for the last SWA groups of a rank below its share,
+   each in the other's place (so a rank of one type becomes two runs);
 2. contiguity: a rank whose groups then form more than one run of each type
    puts its FA groups first (stable); a rank with at most one run per type
    keeps its order.
@@ -85,7 +85,7 @@ def kv_group_order(fa_row: Sequence[int], tp_size: int) -> tuple[int, ...]:
         for receiver in range(tp_size):
             while counts[donor] > share[donor] and counts[receiver] < share[receiver]:
                 i = max(i for i, g in enumerate(slots[donor]) if fa[g])  # its last FA group
-                j = min(j for j, g in enumerate(slots[receiver]) if not fa[g])  # the other's first SWA group
+                j = max(j for j, g in enumerate(slots[receiver]) if not fa[g])  # the other's last SWA group
                 slots[donor][i], slots[receiver][j] = slots[receiver][j], slots[donor][i]
                 counts[donor] -= 1
                 counts[receiver] += 1
