@@ -22,7 +22,9 @@ over the ranks). This subclass moves the weights there once, when it is built:
 * `state_dict()` / `load_state_dict()` are, as everywhere in megatron-core, the
   rank's own tensors in its storage order (what `dist_checkpointing.load`
   merges back); only a layer whose order is not the identity differs from
-  megatron's order there.
+  megatron's order there. In one process (TP1), `to_canonical_order` and
+  `to_stored_order` convert a whole-model state dict between the two, e.g. to
+  load `conversion.keymap.hf_to_mcore`'s output with `load_state_dict`.
 
 Learning mode (no allocation) and `ConsaConfig.permute_kv_groups=False` leave
 megatron-core's SelfAttention unchanged.
@@ -43,7 +45,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron_consa.attention import ConsaCoreAttention
 from megatron_consa.compat import compute_device
 from megatron_consa.config import ConsaConfigError
-from megatron_consa.group_layout import rank_groups, take_groups
+from megatron_consa.group_layout import inverse_order, rank_groups, take_groups
 
 GROUPED_TENSORS = (("linear_qkv", "weight", 0), ("linear_qkv", "bias", 0), ("linear_proj", "weight", 1))
 """(submodule, parameter, dim): the tensors made of one equal block per KV group along dim
@@ -99,6 +101,36 @@ class ConsaSelfAttention(SelfAttention):
             key = f"{prefix}{module}.{name}"
             state[key] = _canonical_group_factory(state[key], self._local_groups, dim, self.config.num_query_groups)
         return state
+
+
+def to_stored_order(model: torch.nn.Module, state: dict) -> dict:
+    """A TP1 state dict of `model` in megatron's (canonical) order -> the order its layers
+    store their KV groups in (what `model.load_state_dict` takes). Other entries pass as they are."""
+    return _reorder_state_dict(model, state, to_stored=True)
+
+
+def to_canonical_order(model: torch.nn.Module, state: dict) -> dict:
+    """Inverse of `to_stored_order`: `model`'s TP1 state dict (or gradients by parameter name)
+    in megatron's order, as a model with `ConsaConfig.permute_kv_groups=False` holds it."""
+    return _reorder_state_dict(model, state, to_stored=False)
+
+
+def _reorder_state_dict(model: torch.nn.Module, state: dict, *, to_stored: bool) -> dict:
+    out = dict(state)
+    for prefix, module in model.named_modules():
+        if not isinstance(module, ConsaSelfAttention) or module.kv_group_order is None:
+            continue
+        if module._tp_size != 1:
+            raise ValueError(
+                "a tensor-parallel rank holds other KV groups than its slice of megatron's order: "
+                "move weights between layouts with dist_checkpointing (sharded_state_dict), not state_dict()"
+            )
+        order = module.kv_group_order if to_stored else inverse_order(module.kv_group_order)
+        for name, param, dim in GROUPED_TENSORS:
+            key = f"{prefix}.{name}.{param}"
+            if key in out:
+                out[key] = take_groups(out[key], order, dim, module.config.num_query_groups)
+    return out
 
 
 def _gather_tensor_parallel(t: Tensor, dim: int, group) -> Tensor:

@@ -30,7 +30,7 @@ from megatron_consa.backends.torch_attention import dense_masked_attention, slid
 from megatron_consa.config import ConsaConfig
 from megatron_consa.group_layout import fa_per_rank, inverse_order, kv_group_order, take_groups, type_runs
 from megatron_consa.model import ArchitectureConfig, build_gpt_model, build_transformer_config, consa_attention_modules
-from megatron_consa.self_attention import GROUPED_TENSORS, ConsaSelfAttention
+from megatron_consa.self_attention import ConsaSelfAttention, to_canonical_order, to_stored_order
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -114,17 +114,7 @@ def _logits_and_grads(model):
     pos = torch.arange(SEQ).unsqueeze(0).expand_as(toks)
     logits = model(toks, pos, attention_mask=None)
     (logits.float().square().mean() + logits.float().mean()).backward()
-    return logits.detach(), {n: _canonical(model, n, p.grad) for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _canonical(model, name: str, t: torch.Tensor) -> torch.Tensor:
-    """A tensor of the reordered model's layout in megatron's order (TP1)."""
-    for module, param, dim in GROUPED_TENSORS:
-        if name.endswith(f"self_attention.{module}.{param}"):
-            attention = model.get_submodule(name[: -len(f".{module}.{param}")])
-            if attention.kv_group_order is not None:
-                return take_groups(t, inverse_order(attention.kv_group_order), dim, ARCH.num_kv_heads)
-    return t
+    return logits.detach(), to_canonical_order(model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
 
 
 def _dense_forward(attn):
@@ -168,6 +158,16 @@ class TestReorderedModel:
         sharded = learning.sharded_state_dict()
         assert isinstance(sharded["decoder.layers.0.self_attention.linear_qkv.weight"], ShardedTensor)
         assert isinstance(model.sharded_state_dict()["decoder.layers.0.self_attention.linear_qkv.weight"], ShardedTensorFactory)
+
+    def test_plain_state_dicts_convert_between_orders_in_one_process(self):
+        reordered = _model(permute=True)
+        canonical = to_canonical_order(reordered, reordered.state_dict())
+        want = _model(permute=False).state_dict()  # same seed: the same weights in megatron's order
+        assert [k for k, v in want.items() if torch.is_tensor(v) and not torch.equal(canonical[k], v)] == []
+        # a state dict in megatron's order (a conversion's, another model's) loads through to_stored_order
+        other = _model(permute=False, seed=8)
+        reordered.load_state_dict(to_stored_order(reordered, other.state_dict()))
+        torch.testing.assert_close(_logits_and_grads(reordered)[0], _logits_and_grads(other)[0], rtol=0, atol=1e-6)
 
     def test_logits_and_gradients_equal_megatrons_order_and_dense_masked_attention(self):
         reordered = _logits_and_grads(_model(permute=True))
