@@ -178,7 +178,7 @@ def test_hand_made_allocation_is_unbalanced_in_megatrons_order():
         assert max(max(c) - min(c) for c in counts) > 1, (tp, counts)
 
 
-@pytest.mark.parametrize("tp", [t for t in BALANCE_TP_SIZES if t > 1])
+@pytest.mark.parametrize("tp", BALANCE_TP_SIZES)
 def test_fa_groups_spread_evenly_over_tp_ranks(fixed_launched, tp):
     """Each rank's core attention holds its groups contiguously by type, FA counts per layer
     differ by at most 1 over the ranks, and the ranks together hold the allocation's row."""
@@ -195,7 +195,7 @@ def test_fa_groups_spread_evenly_over_tp_ranks(fixed_launched, tp):
 
 @pytest.mark.parametrize("tp", BALANCE_TP_SIZES)
 def test_reordered_models_compute_the_tp1_function(fixed_launched, tp):
-    """Loaded from the same canonical weights, TP1/TP2/TP4 in the stored order give the logits of
+    """Loaded from the same canonical weights, TP2/TP4 in the stored order give the logits of
     TP1 in megatron's order; freshly built, each order starts from the same function."""
     balance = fixed_launched["balance"]
     ref = balance["reference"]
