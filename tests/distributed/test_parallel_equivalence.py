@@ -129,7 +129,7 @@ def test_mixed_precision_follows_fp32_with_the_constraint_scaled_right(launched,
         torch.testing.assert_close(got[k]["gate_grad"], ref[k]["gate_grad"], rtol=0.1, atol=0.1 * scale)
 
 
-FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce"]
+FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce", "tp2_distopt"]
 
 
 @pytest.fixture(scope="module")
