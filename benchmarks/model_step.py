@@ -4,7 +4,13 @@ One process builds, with the same weights:
   stock FA      megatron-core GPTModel, local spec (DotProductAttention), causal
   stock SWA     the same with `window_size=(W-1, 0)` (megatron-core's own SWA: a dense mask)
   consa FA      ConSA, fixed allocation, every KV head FA
-  consa 75%     ConSA, fixed allocation, 75% of KV heads SWA (uniform_heads preset)
+  consa 75%     ConSA, fixed allocation, 75% of KV heads SWA (uniform_heads preset:
+                each layer's FA heads come first, so each type is already one slice)
+  consa 75%, FA in the middle
+                the same rows rolled by one head (SWA, FA..., SWA...), once in
+                megatron's head order (the mixed layer gathers its heads by type,
+                a copy of q, k and v: what every mixed layer did before the
+                KV-group reordering) and once stored by type (each kernel reads a view)
   consa learn   ConSA learning mode (gates interior: both branches computed)
 and times a forward+backward step of each (median over --reps, interleaved so
 that background load hits all alike), with peak memory on a GPU. Ratios are
@@ -74,6 +80,7 @@ def main(argv=None) -> int:
     from megatron_consa.config import ConsaConfig
     from megatron_consa.controller import ConsaController, find_gates
     from megatron_consa.model import ArchitectureConfig, build_gpt_model, build_transformer_config
+    from megatron_consa.self_attention import to_stored_order
     from megatron_consa.training.config import ParallelConfig
     from megatron_consa.training.parallel import initialize_distributed
 
@@ -115,15 +122,18 @@ def main(argv=None) -> int:
         "stock FA": (ref, ref_cfg),
         "stock SWA (window_size)": stock((args.window - 1, 0)),
     }
+    middle = [row[-1:] + row[:-1] for row in quarter]  # FA heads between SWA heads
     models.update({
         "consa all FA": consa(allocation=[[1] * arch.num_kv_heads] * arch.num_layers),
         "consa 75% SWA": consa(allocation=quarter),
+        "consa 75% SWA, FA in the middle, megatron order (gathered)": consa(allocation=middle, permute_kv_groups=False),
+        "consa 75% SWA, FA in the middle, stored by type (views)": consa(allocation=middle),
         "consa learning": consa(init_log_alpha=0.0),
     })
     state = ref.state_dict()
     prepared = {}
     for name, (model, cfg) in models.items():
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(to_stored_order(model, state), strict=False)
         model = model.to(dev)
         if bf16:
             model = Float16Module(cfg, model)

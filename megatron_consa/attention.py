@@ -20,8 +20,12 @@ Two modes, fixed by `config.consa.allocation`:
   so its gradient is summed over TP ranks and the replicas stay identical.
 * fixed (a binary allocation): FA groups get only FA, SWA groups only SWA; a
   layer of one type is a single call, a mixed layer one call per type on the
-  heads of that type: no extra attention work over a plain model (a mixed
-  layer gathers its query/KV heads by type, a copy of q, k and v).
+  heads of that type: no extra attention work over a plain model. Inside
+  `ConsaSelfAttention` (the ConSA layer specs) the layer stores its KV groups
+  in `megatron_consa.group_layout.kv_group_order` (each type one contiguous
+  slice of heads on every TP rank, FA groups spread evenly over the ranks), so
+  each kernel reads a view of q, k and v; otherwise a mixed layer whose types
+  interleave gathers its heads by type (a copy of q, k and v).
 
 The gate noise for training is handed in by the controller once per iteration
 (`set_gate_noise`), so the forward is a pure function of `log_alpha` and that
@@ -46,6 +50,7 @@ from megatron_consa.allocation import heads_by_type
 from megatron_consa.backends.select import make_attention_backend
 from megatron_consa.config import ConsaConfigError
 from megatron_consa.gates import HardConcrete, deterministic_z, sample_z
+from megatron_consa.group_layout import kv_group_order, rank_groups, type_runs
 
 logger = logging.getLogger(__name__)
 
@@ -155,20 +160,35 @@ class ConsaCoreAttention(MegatronModule):
             self._gate_noise_host: Optional[Tensor] = None
             self._noise_count = 0  # which set_gate_noise call the noise came from
             self._plan: Optional[tuple] = None  # (key, local z on the host)
-            self._type_index: dict[tuple[bool, ...], tuple[Tensor, ...]] = {}
-            self.fa_local = None
+            self.fa_row = None
         else:
             self.log_alpha = None
-            row = consa.allocation[self.layer_index]
-            fa = torch.tensor(row, dtype=torch.bool)[tp_rank * self.kv_heads_local : (tp_rank + 1) * self.kv_heads_local]
-            self.fa_local = [bool(v) for v in fa]
-            # Index tensors of a mixed layer, built once (buffers follow .to()/.cuda()).
-            for name, index in zip(("_fa_groups", "_fa_heads", "_swa_groups", "_swa_heads"), self._index_by_type(self.fa_local)):
-                self.register_buffer(name, index, persistent=False)
+            self.fa_row = tuple(bool(v) for v in consa.allocation[self.layer_index])  # canonical order
+        # How a local FA/SWA pattern is split into kernel calls (a few patterns in a run).
+        self._type_plans: dict[tuple, tuple] = {}
+        self.local_groups: tuple[int, ...] = tuple(range(tp_rank * self.kv_heads_local, (tp_rank + 1) * self.kv_heads_local))
+        """Canonical indices of this rank's KV groups, in the order q, k and v hold them."""
 
-    def _index_by_type(self, fa: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Local (FA groups, FA query heads, SWA groups, SWA query heads) as index tensors."""
-        return tuple(torch.tensor(index, dtype=torch.long) for index in heads_by_type(fa, self.heads_per_group))
+    @property
+    def fa_local(self) -> Optional[tuple[bool, ...]]:
+        """Fixed mode: the type of each local group (True = FA), in `local_groups` order."""
+        return None if self.fa_row is None else tuple(self.fa_row[g] for g in self.local_groups)
+
+    def preferred_group_order(self) -> Optional[tuple[int, ...]]:
+        """Fixed mode with `ConsaConfig.permute_kv_groups`: the order the layer's KV groups
+        should be stored in (`group_layout.kv_group_order`); None otherwise."""
+        if self.fa_row is None or not self.consa.permute_kv_groups:
+            return None
+        return kv_group_order(self.fa_row, self.tp_size)
+
+    def adopt_group_order(self, order) -> None:
+        """The layer's weights now store the KV groups in `order` (q, k and v arrive so):
+        called by `ConsaSelfAttention` once it has moved them."""
+        if self.fa_row is None:
+            raise RuntimeError(f"layer {self.layer_index}: only a fixed allocation reorders KV groups")
+        if sorted(order) != list(range(self.num_kv_heads)):
+            raise ValueError(f"layer {self.layer_index}: {order} is not an order of {self.num_kv_heads} KV groups")
+        self.local_groups = rank_groups(order, self.tp_size, self.tp_rank)
 
     # ---- gates ------------------------------------------------------------
     def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None) -> None:
@@ -263,43 +283,66 @@ class ConsaCoreAttention(MegatronModule):
         saturated = bool(((z_host == 0) | (z_host == 1)).all())
         if saturated:
             fa = tuple(bool(v) for v in (z_host == 1).tolist())
-            if fa not in self._type_index:  # few patterns in a run; built once each
-                if len(self._type_index) >= 2 * self.kv_heads_local + 2:
-                    self._type_index.clear()
-                self._type_index[fa] = tuple(t.to(query.device) for t in self._index_by_type(list(fa)))
-            return _keep_in_graph(self._by_type(query, key, value, fa, *self._type_index[fa]), z)
+            return _keep_in_graph(self._by_type(query, key, value, fa), z)
         zh = z.to(query.dtype).repeat_interleave(self.heads_per_group)[:, None]  # [np, 1]
         fa = self.backend.full(query, key, value)  # [sq, b, np, hn]
         swa = self.backend.sliding(query, key, value)
         return torch.lerp(swa, fa, zh)  # swa + z * (fa - swa), one fused op
 
     def _fixed(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        return self._by_type(
-            query, key, value, self.fa_local, self._fa_groups, self._fa_heads, self._swa_groups, self._swa_heads
-        )
+        return self._by_type(query, key, value, self.fa_local)
 
-    def _by_type(self, query, key, value, fa, fa_groups, fa_heads, swa_groups, swa_heads) -> Tensor:
-        """FA on the groups marked in `fa`, SWA on the rest: one call for a layer of one
-        type, else one call per type on its heads (gathered: a copy of q, k and v)."""
-        if all(fa):
-            return self.backend.full(query, key, value)
-        if not any(fa):
-            return self.backend.sliding(query, key, value)
+    def _by_type(self, query: Tensor, key: Tensor, value: Tensor, fa: tuple[bool, ...]) -> Tensor:
+        """FA on the local groups marked in `fa`, SWA on the rest: one call per type.
+
+        When each type is one contiguous run of groups (always inside
+        `ConsaSelfAttention`), each call reads a view of q, k and v and the outputs
+        are concatenated (the one copy a single-type layer's output makes too);
+        otherwise the heads are gathered by type (a copy of q, k and v).
+        """
+        calls = {True: self.backend.full, False: self.backend.sliding}
+        plan = self._type_plan(fa, query.device)
+        if plan[0] == "runs":
+            _, types, head_sizes, group_sizes = plan
+            if len(types) == 1:
+                return calls[types[0]](query, key, value)
+            # [sq, b, np_run, hn] views; split's backward is one cat of the gradients
+            parts = zip(types, query.split(head_sizes, dim=2), key.split(group_sizes, dim=2), value.split(group_sizes, dim=2))
+            return torch.cat([calls[t](q, k, v) for t, q, k, v in parts], dim=2)
         out = torch.empty_like(query)
-        for call, gi, hi in ((self.backend.full, fa_groups, fa_heads), (self.backend.sliding, swa_groups, swa_heads)):
+        for is_fa, groups, heads in plan[1]:
             # [sq, b, np_type, hn]
-            out[:, :, hi] = call(query.index_select(2, hi), key.index_select(2, gi), value.index_select(2, gi))
+            out[:, :, heads] = calls[is_fa](query.index_select(2, heads), key.index_select(2, groups), value.index_select(2, groups))
         return out
+
+    def _type_plan(self, fa: tuple[bool, ...], device: torch.device) -> tuple:
+        """("runs", types, head sizes, group sizes) when each type is one run of groups,
+        else ("gather", [(is_fa, group index, query-head index)]); built once per pattern."""
+        key = (fa, device)
+        if key not in self._type_plans:
+            if len(self._type_plans) >= 2 * self.kv_heads_local + 2:  # learning mode sees few patterns
+                self._type_plans.clear()
+            runs = type_runs(fa)
+            if len(runs) <= 2:
+                sizes = [stop - start for _, start, stop in runs]
+                plan = ("runs", [t for t, _, _ in runs], [n * self.heads_per_group for n in sizes], sizes)
+            else:
+                fa_groups, fa_heads, swa_groups, swa_heads = heads_by_type(fa, self.heads_per_group)
+                plan = ("gather", [(is_fa, torch.tensor(groups, device=device), torch.tensor(heads, device=device))
+                                   for is_fa, groups, heads in ((True, fa_groups, fa_heads), (False, swa_groups, swa_heads))])
+            self._type_plans[key] = plan
+        return self._type_plans[key]
 
     # ---- allocation -------------------------------------------------------
     def fa_heads(self) -> list[int]:
-        """The current FA/SWA decision of this layer's KV heads (1 = FA).
+        """The current FA/SWA decision of this layer's KV heads (1 = FA), in canonical order.
 
-        Fixed mode: the allocation row (local groups). Learning mode: z > 0 at
-        the noise-free evaluation value, over all KV heads of the layer.
+        Fixed mode: the allocation row. Learning mode: z > 0 at the noise-free
+        evaluation value. All KV heads of the layer (`local_groups` says which
+        this rank holds).
         """
         if self.log_alpha is None:
-            return [int(v) for v in self.fa_local]
+            return [int(v) for v in self.fa_row]
         with torch.no_grad():
             z = deterministic_z(self.log_alpha.float(), self.hc)
         z = z.expand(self.num_kv_heads) if z.numel() == 1 else z

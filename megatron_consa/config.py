@@ -113,6 +113,16 @@ class ConsaConfig:
     When set, attention runs in fixed mode (no gates); when None, the layers
     own gates and run in learning mode."""
 
+    permute_kv_groups: bool = True
+    """Fixed mode, in the ConSA layer specs: store each layer's KV groups (with
+    their query heads, QKV-projection rows and output-projection columns) so that
+    each type is one contiguous slice of heads on every TP rank and the FA groups
+    spread over the TP ranks as evenly as their count allows
+    (`megatron_consa.group_layout`). The function is unchanged and checkpoints stay
+    in the canonical order; a mixed layer then runs each kernel on a view instead
+    of a gathered copy. False keeps megatron-core's order, so a module's plain
+    `state_dict()` is the canonical one (see README, design notes)."""
+
     # ---- target and controller ---------------------------------------------
     target_sparsity: float = 0.75
     """Fraction of KV-head cost that should be SWA, in [0, 1). In learning mode it
@@ -210,7 +220,7 @@ class ConsaConfig:
         _check_float(self, "settle_tail_fraction", fix="a fraction of the run in (0, 1]")
         if not 0.0 < self.settle_tail_fraction <= 1.0:
             _fail("settle_tail_fraction", self.settle_tail_fraction, "a fraction of the run in (0, 1]")
-        for name in ("gates_only", "integrate_during_warmup"):
+        for name in ("gates_only", "integrate_during_warmup", "permute_kv_groups"):
             _check_bool(self, name)
         _check_int(self, "noise_seed", minimum=0, fix="the noise seed is an integer >= 0")
         for name in ("init_log_alpha", "log_alpha_min", "log_alpha_max", "hc_gamma", "hc_zeta", "hc_beta", "hc_eps"):

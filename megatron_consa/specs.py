@@ -1,8 +1,11 @@
 """Layer specs that put `ConsaCoreAttention` in megatron-core's core-attention slot.
 
-The specs start from megatron-core's own GPT layer specs and replace exactly one
-slot, `self_attention.submodules.core_attention`; everything else (fused
-QKV projection, QK-norm, SwiGLU MLP, norms) stays megatron-core's.
+The specs start from megatron-core's own GPT layer specs and fill the
+`self_attention.submodules.core_attention` slot with `ConsaCoreAttention`; the
+self-attention module becomes `ConsaSelfAttention`, megatron-core's
+SelfAttention that, with a fixed allocation, stores each layer's KV groups by
+type (`megatron_consa.self_attention`). Everything else (fused QKV projection,
+QK-norm, SwiGLU MLP, norms) stays megatron-core's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_consa.attention import ConsaCoreAttention
 from megatron_consa.config import ConsaConfigError
+from megatron_consa.self_attention import ConsaSelfAttention
 
 
 def _with_consa_core_attention(spec: ModuleSpec) -> ModuleSpec:
@@ -21,6 +25,9 @@ def _with_consa_core_attention(spec: ModuleSpec) -> ModuleSpec:
     attn = spec.submodules.self_attention
     if not hasattr(attn.submodules, "core_attention"):
         raise ConsaConfigError(f"layer spec {spec.module.__name__} has no core_attention slot to fill")
+    if not issubclass(ConsaSelfAttention, attn.module):
+        raise ConsaConfigError(f"layer spec {spec.module.__name__} uses {attn.module.__name__}, not SelfAttention")
+    attn.module = ConsaSelfAttention
     attn.submodules.core_attention = ConsaCoreAttention
     return spec
 

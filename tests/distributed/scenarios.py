@@ -6,6 +6,7 @@ the single-process reference in the tests, so both sides train the same thing.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -84,6 +85,20 @@ LAYOUTS = {
 FIXED_ALLOCATION = [[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1]]
 
 
+# KV-group balance over TP ranks: 8 KV groups, so TP4 leaves two per rank. Hand-made
+# and unbalanced in megatron's order: layer 0 has every FA group in the first half
+# (TP2: all on rank 0), layer 1 its three at the end, layer 2 alternates (contiguous
+# per rank only after reordering), layer 3 wraps around.
+BALANCE_ARCH = dataclasses.replace(ARCH, num_attention_heads=16, num_kv_heads=8, head_dim=4)
+BALANCE_ALLOCATION = [
+    [1, 1, 1, 1, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 1, 1, 1],
+    [1, 0, 1, 0, 1, 0, 1, 0],
+    [1, 1, 0, 0, 0, 0, 0, 1],
+]
+BALANCE_TP_SIZES = (2, 4)  # TP1 in one process: tests/unit/test_group_layout.py
+
+
 # Mixed-precision runs: (layout, TrainingConfig overrides). Gates stay float32.
 PRECISION_RUNS = {
     "tp2pp2_bf16": ("tp2pp2", {"bf16": True}),
@@ -155,24 +170,37 @@ def layouts(
 
 
 def fixed_layouts(*, out_dir: str, names: list[str], iters: int = 6,
-                  layer_names: tuple[str, ...] = ("tp1pp1", "tp2pp2")) -> dict:
-    """Fixed-mode continued training (FIXED_ALLOCATION) at each layout from the same weights,
-    and learning at layer granularity at `layer_names`; rank 0 returns the loss curves."""
-    import dataclasses
-
+                  layer_names: tuple[str, ...] = ("tp1pp1", "tp2pp2"),
+                  resume_from: str = "tp2", resume_at: int = 3, resume_into: str = "tp1pp1") -> dict:
+    """Fixed-mode continued training (FIXED_ALLOCATION) at each layout from the same weights
+    (the `resume_from` run also saves at `resume_at`, with its optimizer, and the run is
+    resumed from there at `resume_into`), learning at layer granularity at `layer_names`,
+    and the KV-group balance checks (`group_balance`); rank 0 returns the loss curves."""
     out = Path(out_dir)
-    init_ckpt = out / "fixed-init"
+    init_ckpt, mid_ckpt = out / "fixed-init", out / f"fixed-{resume_from}-iter{resume_at}"
     consa = dataclasses.replace(consa_config(), allocation=FIXED_ALLOCATION)
     runs: dict[str, list[float]] = {}
-    for name in names:
+
+    def fixed_trainer(name: str) -> ConsaTrainer:
         training = training_config(train_iters=iters)
         initialize_distributed(LAYOUTS[name], seed=training.seed)
-        trainer = ConsaTrainer(arch=ARCH, consa=consa, parallel=LAYOUTS[name], training=training, data=DATA)
+        return ConsaTrainer(arch=ARCH, consa=consa, parallel=LAYOUTS[name], training=training, data=DATA)
+
+    for name in names:
+        trainer = fixed_trainer(name)
         if not init_ckpt.exists():
             save_checkpoint(trainer, init_ckpt)
         else:
             load_checkpoint(trainer, init_ckpt, weights_only=True)
-        runs[f"fixed:{name}"] = [trainer.train_step().loss for _ in range(iters)]
+        losses = []
+        for k in range(iters):
+            if name == resume_from and k == resume_at:
+                save_checkpoint(trainer, mid_ckpt)
+            losses.append(trainer.train_step().loss)
+        runs[f"fixed:{name}"] = losses
+    trainer = fixed_trainer(resume_into)
+    load_checkpoint(trainer, mid_ckpt)
+    runs[f"fixed:resume:{resume_into}"] = [trainer.train_step().loss for _ in range(iters - resume_at)]
     training = training_config(train_iters=iters)
     initialize_distributed(LAYOUTS["tp1pp1"], seed=training.seed)
     all_fa = dataclasses.replace(consa, allocation=[[1] * ARCH.num_kv_heads] * ARCH.num_layers)
@@ -190,7 +218,88 @@ def fixed_layouts(*, out_dir: str, names: list[str], iters: int = 6,
             (r.loss, r.s_hat, r.lambda1) for r in (trainer.train_step() for _ in range(iters))
         ]
         runs[f"layer:{name}:log_alpha"] = trainer.gather_log_alpha()
+    runs["balance"] = group_balance(out_dir=out_dir)
     return {"runs": runs if torch.distributed.get_rank() == 0 else None}
+
+
+def _balance_model(tp: int, *, permute: bool, allocation=BALANCE_ALLOCATION, seed: int = 11):
+    """A fixed-mode BALANCE_ARCH model at TP `tp` (the current layout), initialised from `seed`."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+
+    consa = ConsaConfig(window=3, allocation=allocation, permute_kv_groups=permute, backend="torch")
+    config = build_transformer_config(BALANCE_ARCH, consa, tensor_model_parallel_size=tp)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return build_gpt_model(config, BALANCE_ARCH, use_transformer_engine=False).eval()
+
+
+def _full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    pos = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        return gather_from_tensor_model_parallel_region(model(tokens, pos, attention_mask=None))
+
+
+def save_weights(model, directory: Path, arch: ArchitectureConfig) -> None:
+    """The model's weights as a checkpoint `load_model_weights` and the exporter read (all ranks call this)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_consa.training.checkpoint import model_state_for_save, write_checkpoint_meta
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model_state_for_save([model], controller_state={}, iteration=0), str(directory))
+    if torch.distributed.get_rank() == 0:
+        write_checkpoint_meta(directory, {"architecture": dataclasses.asdict(arch)})
+    torch.distributed.barrier()
+
+
+def group_balance(*, out_dir: str) -> dict:
+    """Fixed mixed models (BALANCE_ALLOCATION) at TP2 and TP4 in the stored KV-group order.
+
+    Returns, for rank 0: the logits of each TP size loaded from the same canonical
+    weights, of the megatron-order model at TP1 (the reference) and of all-FA; each
+    rank's groups (canonical index, type) as its core attention and weights hold them;
+    the logits of freshly built models (no load) in both orders at each TP size; and
+    the keys whose weights, saved at each TP size, load into a megatron-order TP1
+    model other than bit for bit equal to the weights it loaded (none, if canonical).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_consa.model import consa_attention_modules
+    from megatron_consa.training.checkpoint import load_model_weights
+
+    out = Path(out_dir) / "balance"
+    tokens = torch.randint(0, BALANCE_ARCH.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    initialize_distributed(ParallelConfig(), seed=0)  # TP1: data parallelism fills the world
+    reference = _balance_model(1, permute=False)
+    save_weights(reference, out / "init", BALANCE_ARCH)
+    result: dict = {"reference": _full_logits(reference, tokens), "logits": {}, "groups": {}, "fresh": {}, "round_trip": {}}
+    all_fa = _balance_model(1, permute=False, allocation=[[1] * BALANCE_ARCH.num_kv_heads] * BALANCE_ARCH.num_layers)
+    load_model_weights([all_fa], out / "init")
+    result["all_fa"] = _full_logits(all_fa, tokens)
+    for tp in BALANCE_TP_SIZES:
+        initialize_distributed(ParallelConfig(tensor_model_parallel_size=tp), seed=0)
+        result["fresh"][tp] = tuple(_full_logits(_balance_model(tp, permute=p, seed=23), tokens) for p in (False, True))
+        model = _balance_model(tp, permute=True)
+        load_model_weights([model], out / "init")
+        result["logits"][tp] = _full_logits(model, tokens)
+        mine = [(m.local_groups, m.fa_local) for m in consa_attention_modules([model])]
+        ranks: list = [None] * tp
+        torch.distributed.all_gather_object(ranks, mine, group=parallel_state.get_tensor_model_parallel_group())
+        result["groups"][tp] = ranks  # [rank][layer] -> (groups, types)
+        save_weights(model, out / f"tp{tp}", BALANCE_ARCH)
+    expected = {k: v for k, v in reference.state_dict().items() if torch.is_tensor(v)}
+    initialize_distributed(ParallelConfig(), seed=0)
+    for tp in BALANCE_TP_SIZES:
+        back = _balance_model(1, permute=False)
+        load_model_weights([back], out / f"tp{tp}")
+        got = back.state_dict()
+        result["round_trip"][tp] = sorted(k for k, v in expected.items() if not torch.equal(got[k], v))
+    return result if torch.distributed.get_rank() == 0 else None
 
 
 def _perturbed_replica_error() -> str | None:

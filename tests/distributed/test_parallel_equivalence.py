@@ -14,8 +14,9 @@ import torch
 
 import megatron_consa  # noqa: F401
 from harness import launch
-from scenarios import ARCH, DATA, LAYOUTS, PRECISION_RUNS, make_trainer
+from scenarios import ARCH, BALANCE_ALLOCATION, BALANCE_TP_SIZES, DATA, LAYOUTS, PRECISION_RUNS, make_trainer
 
+from megatron_consa.group_layout import fa_per_rank, type_runs
 from megatron_consa.model import unwrap_model
 from megatron_consa.training.checkpoint import load_checkpoint
 from megatron_consa.training.data import micro_batches
@@ -128,7 +129,7 @@ def test_mixed_precision_follows_fp32_with_the_constraint_scaled_right(launched,
         torch.testing.assert_close(got[k]["gate_grad"], ref[k]["gate_grad"], rtol=0.1, atol=0.1 * scale)
 
 
-FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce"]
+FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce", "tp2_distopt"]
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,54 @@ def test_layer_granularity_follows_tp1pp1(fixed_launched):
     torch.testing.assert_close(fixed_launched["layer:tp2pp2:log_alpha"], fixed_launched["layer:tp1pp1:log_alpha"],
                                rtol=1e-5, atol=1e-6)
     assert fixed_launched["layer:tp1pp1:log_alpha"].shape[1] == 1
+
+
+def test_fixed_allocation_resumes_at_another_tp_size(fixed_launched):
+    """A TP2 checkpoint of a reordered fixed model (optimizer states included) resumes at TP1."""
+    ref, got = fixed_launched["fixed:tp2"][3:], fixed_launched["fixed:resume:tp1pp1"]
+    assert len(got) == len(ref)
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert _close(a, b), f"resume at tp1pp1 iteration {k}: loss {a!r} != {b!r}"
+
+
+def test_hand_made_allocation_is_unbalanced_in_megatrons_order():
+    """So the balance below is the reordering's work, not the rows'."""
+    natural = list(range(len(BALANCE_ALLOCATION[0])))
+    for tp in (2, 4):
+        counts = [fa_per_rank(row, natural, tp) for row in BALANCE_ALLOCATION]
+        assert max(max(c) - min(c) for c in counts) > 1, (tp, counts)
+
+
+@pytest.mark.parametrize("tp", BALANCE_TP_SIZES)
+def test_fa_groups_spread_evenly_over_tp_ranks(fixed_launched, tp):
+    """Each rank's core attention holds its groups contiguously by type, FA counts per layer
+    differ by at most 1 over the ranks, and the ranks together hold the allocation's row."""
+    ranks = fixed_launched["balance"]["groups"][tp]
+    for layer, row in enumerate(BALANCE_ALLOCATION):
+        held = [ranks[r][layer] for r in range(tp)]
+        fa_counts = [sum(types) for _, types in held]
+        assert max(fa_counts) - min(fa_counts) <= 1, (tp, layer, fa_counts)
+        assert sorted(g for groups, _ in held for g in groups) == list(range(len(row))), (tp, layer, held)
+        for groups, types in held:
+            assert list(types) == [bool(row[g]) for g in groups], (tp, layer, groups, types)
+            assert len(type_runs(types)) <= 2, (tp, layer, types)
+
+
+@pytest.mark.parametrize("tp", BALANCE_TP_SIZES)
+def test_reordered_models_compute_the_tp1_function(fixed_launched, tp):
+    """Loaded from the same canonical weights, TP2/TP4 in the stored order give the logits of
+    TP1 in megatron's order; freshly built, each order starts from the same function."""
+    balance = fixed_launched["balance"]
+    ref = balance["reference"]
+    scale = ref.abs().max()
+    torch.testing.assert_close(balance["logits"][tp], ref, rtol=0, atol=1e-6 * scale)
+    megatron_order, stored_order = balance["fresh"][tp]
+    torch.testing.assert_close(stored_order, megatron_order, rtol=0, atol=1e-6 * megatron_order.abs().max())
+    # the allocation matters here: all-FA from the same weights differs by far more than the tolerance
+    assert (balance["all_fa"] - ref).abs().max() > 1e-3 * scale
+
+
+@pytest.mark.parametrize("tp", BALANCE_TP_SIZES)
+def test_reordered_checkpoints_are_canonical(fixed_launched, tp):
+    """Weights saved by a reordered model at any TP size load into megatron's order at TP1 bit for bit."""
+    assert fixed_launched["balance"]["round_trip"][tp] == []

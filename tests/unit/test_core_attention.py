@@ -150,10 +150,11 @@ class TestCoreAttention:
         assert reads  # read back (the CPU shims may route one read through two calls)
         torch.testing.assert_close(out.double(), _reference(q, k, v, [1, 0, 0, 1], 4, 0), rtol=1e-6, atol=1e-6)
 
-    def test_saturated_mixed_gates_run_each_branch_on_its_heads_with_gates_in_graph(self):
+    @pytest.mark.parametrize("row", [[1, 0, 0, 1], [1, 1, 0, 0]])  # heads gathered by type / two views
+    def test_saturated_mixed_gates_run_each_branch_on_its_heads_with_gates_in_graph(self, row):
         attn = _attn(0, window=5).train()
         with torch.no_grad():
-            attn.log_alpha.copy_(torch.tensor([8.0, -8.0, -8.0, 8.0]))
+            attn.log_alpha.copy_(torch.tensor([8.0 if f else -8.0 for f in row]))
         ConsaController(attn.consa, total_cost=L * G).begin_iteration(find_gates([attn]))
         calls = []
         for name in ("full", "sliding"):
@@ -162,7 +163,7 @@ class TestCoreAttention:
         q, k, v = (t.requires_grad_(True) for t in _qkv(6))
         out = attn(q, k, v, None)
         assert sorted(calls) == [("full", HEADS // 2), ("sliding", HEADS // 2)]
-        torch.testing.assert_close(out.double(), _reference(q, k, v, [1, 0, 0, 1], 5, 0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.double(), _reference(q, k, v, row, 5, 0), rtol=1e-6, atol=1e-6)
         out.square().sum().backward()
         assert attn.log_alpha.grad is not None and torch.all(attn.log_alpha.grad == 0)
         assert q.grad is not None and torch.isfinite(q.grad).all()
