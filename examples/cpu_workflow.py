@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_START = ROOT / "examples" / "checkpoints" / "demo_dense"
 KEY_WORDS, REPEATS = 12, 6
 """The recall task: a key of 12 random words, repeated 6 times per document."""
+TRAIN_TEXT_DOCUMENTS = 150
+"""Standard-library chunks in the corpus (the first ones, in sorted path order); later ones are held out."""
 
 
 def parse_args(argv=None):
@@ -92,7 +94,7 @@ def _noise(line: str) -> bool:
 def write_corpus(out: Path) -> Path:
     from megatron_consa.data.demo_corpus import write_demo_corpus
 
-    stats = write_demo_corpus(out / "corpus.jsonl", text_documents=150, recall=1500, key_words=KEY_WORDS,
+    stats = write_demo_corpus(out / "corpus.jsonl", text_documents=TRAIN_TEXT_DOCUMENTS, recall=1500, key_words=KEY_WORDS,
                               repeats=REPEATS)
     print(f"corpus: {stats['documents']} documents ({stats['recall']} recall) -> {out / 'corpus.jsonl'}")
     return out / "corpus.jsonl"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_workflow import ROOT, Workflow, data_flags, write_corpus  # noqa: E402
+from cpu_workflow import KEY_WORDS, REPEATS, ROOT, TRAIN_TEXT_DOCUMENTS, Workflow, data_flags, write_corpus  # noqa: E402
 
 STARTS = {seed: ROOT / "examples" / "checkpoints" / f"dense_6l_seed{seed}" for seed in (1, 2)}
 RULES = ["interleave:4", "top_swa", "bottom_swa", "uniform_heads", "random:1", "random:2", "heuristic"]
@@ -80,20 +80,45 @@ def run_seed(args, seed: int) -> None:
         if not (out / "finalized" / "allocation.json").exists():
             flow.run(f"seed {seed}: finalize", [sys.executable, "tools/finalize_allocation.py", "--load",
                                                 str(out / "learn"), "--save", str(out / "finalized")])
+    scores = out / "heuristic_scores.json"
     if "continue" in args.parts:
+        if not scores.is_file():
+            flow.run(f"seed {seed}: heuristic scores (attention mass beyond the window, dense model)", [
+                sys.executable, "tools/calibrate_heuristic.py", "--load", str(start), "--text",
+                str(out / "corpus.jsonl"), "--seq-length", "128", "--num-sequences", "32", "--window",
+                str(args.window), "--output", str(scores), "--no-progress"])
         for name, load, allocation in variants(out, start):
             save = out / "continued" / name
             if _done(save):
-                continue
-            if allocation == "heuristic" and not (out / "heuristic_scores.json").is_file():
-                print(f"seed {seed}: {name} skipped: no {out / 'heuristic_scores.json'} yet (calibrate first)")
                 continue
             budget = target if allocation in RULES else []  # all_fa/all_swa/files carry their own
             flow.train(f"seed {seed}: continued training, {name}", common + lr + budget + [
                 "--load", str(load), "--consa-phase", "fixed", *(["--consa-allocation", allocation] if allocation else []),
                 "--train-iters", str(args.continue_iters), "--log-interval", "50", "--save", str(save),
-                "--no-save-optim", *(["--calibration-scores", str(out / "heuristic_scores.json")]
-                                     if allocation == "heuristic" else [])])
+                "--no-save-optim", *(["--consa-calibration-scores", str(scores)] if allocation == "heuristic" else [])])
+    if "evaluate" in args.parts:
+        held_out = write_held_out(out, seed)
+        for name, _, _ in variants(out, start):
+            for kind, path in held_out.items():
+                report = out / "eval" / f"{name}.{kind}.json"
+                if not report.is_file():
+                    flow.run(f"seed {seed}: evaluate {name} on held-out {kind}", [
+                        sys.executable, "tools/evaluate.py", "--load", str(out / "continued" / name), "--allocation",
+                        "checkpoint", "--text", str(path), "--seq-length", "128", "--num-sequences", "64",
+                        "--output", str(report), "--no-progress"])
+
+
+def write_held_out(out: Path, seed: int) -> dict[str, Path]:
+    """Text the runs never trained on: later stdlib chunks, and recall documents of another seed."""
+    from megatron_consa.data.demo_corpus import recall_documents, stdlib_documents
+
+    files = {"text": out / "held_out_text.jsonl", "recall": out / "held_out_recall.jsonl"}
+    if not all(f.is_file() for f in files.values()):
+        text = list(stdlib_documents(max_documents=TRAIN_TEXT_DOCUMENTS + 64))[TRAIN_TEXT_DOCUMENTS:]
+        recall = recall_documents(64, key_words=KEY_WORDS, repeats=REPEATS, seed=10_000 + seed)
+        for kind, docs in (("text", text), ("recall", recall)):
+            files[kind].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return files
 
 
 def variants(out: Path, start: Path) -> list[tuple[str, Path, str | None]]:
@@ -105,10 +130,36 @@ def variants(out: Path, start: Path) -> list[tuple[str, Path, str | None]]:
     return [(name.replace(" ", "_").replace(",", "").replace(":", "_"), load, alloc) for name, load, alloc in rows]
 
 
+def report(args) -> str:
+    """Perplexity beyond the window per variant and seed (held-out text, held-out recall), and the seed mean."""
+    seeds = [seed for seed in args.seeds if (args.out / f"seed{seed}" / "eval").is_dir()]
+    names = [name for name, _, _ in variants(args.out / "seed1", STARTS[1])]
+    lines = [f"Perplexity beyond the window (W={args.window}) after {args.continue_iters} iterations of continued "
+             f"training, target sparsity {args.target} (all_fa/all_swa: 0 and 1), seeds {seeds}.", "",
+             "| variant | " + " | ".join(f"text s{s} | recall s{s}" for s in seeds) + " | text mean | recall mean |",
+             "|---|" + "---:|" * (2 * len(seeds) + 2)]
+    for name in names:
+        cells, means = [], {"text": [], "recall": []}
+        for seed in seeds:
+            for kind in ("text", "recall"):
+                f = args.out / f"seed{seed}" / "eval" / f"{name}.{kind}.json"
+                value = json.loads(f.read_text())["allocations"][0]["perplexity"]["perplexity_beyond_window"] \
+                    if f.is_file() else float("nan")
+                cells.append(f"{value:.3f}")
+                means[kind].append(value)
+        cells += [f"{sum(v) / len(v):.3f}" if v else "nan" for v in means.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     for seed in args.seeds:
         run_seed(args, seed)
+    if "report" in args.parts:
+        table = report(args)
+        (args.out / "study_small.md").write_text(table)
+        print("\n" + table)
     return 0
 
 
