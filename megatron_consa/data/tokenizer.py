@@ -110,6 +110,23 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, 
     return HuggingFaceTokenizer(tokenizer_model)
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+"""Any of these marks a Hugging Face tokenizer directory."""
+
+
+def tokenizer_from_path(path: str | os.PathLike) -> Optional[_Tokenizer]:
+    """The tokenizer at `path`: a sentencepiece `.model` file, or a directory holding a Hugging Face
+    tokenizer or a `tokenizer.model` (a model or checkpoint directory); None when there is none."""
+    path = Path(path)
+    if path.is_file():
+        return SentencePieceTokenizer(path)
+    if any((path / name).is_file() for name in HF_TOKENIZER_FILES):
+        return HuggingFaceTokenizer(path)
+    if (path / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(path / "tokenizer.model")
+    return None
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *, vocab_size: int,
                         model_type: str = "bpe") -> Path:
     """Train a sentencepiece model on `texts` (offline); returns the `.model` path.
