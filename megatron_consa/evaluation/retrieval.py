@@ -67,6 +67,8 @@ KV_KEY_WORDS = 3
 
 DEFAULT_LEAD_TOKENS = 64
 """Default context: the longest distance's prompt plus this much haystack (or pairs) before the needle."""
+HAYSTACK_CONTEXTS = 4
+"""The passkey haystack holds this many contexts of text (each prompt cuts a random slice of it)."""
 
 
 @dataclass(frozen=True)
@@ -115,26 +117,27 @@ class RetrievalSample:
 
 
 def haystack_tokens(tokenizer, num_tokens: int, documents: Optional[Iterable[str]] = None) -> list[int]:
-    """At least `num_tokens` tokens of real text: `documents`, or the Python standard library's sources."""
+    """Up to `num_tokens` tokens of real text: `documents`, or the Python standard library's sources."""
     docs = documents if documents is not None else stdlib_documents(max_documents=1_000_000)
     out: list[int] = []
     for doc in docs:
         out.extend(tokenizer.encode(doc))
         if len(out) >= num_tokens:
-            return out
-    raise ValueError(f"the haystack text holds {len(out)} tokens; {num_tokens} are needed: give more text")
+            break
+    return out[:num_tokens]
 
 
 def _value(rng: random.Random, digits: int) -> str:
     return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
 
 
-def passkey_samples(tokenizer, config: RetrievalConfig, *, haystack: Optional[Sequence[int]] = None
+def passkey_samples(tokenizer, config: RetrievalConfig, *, haystack_documents: Optional[Iterable[str]] = None
                     ) -> list[RetrievalSample]:
     """Passkey prompts, `samples_per_distance` per distance (see the module docstring).
 
-    `haystack`: the token stream the filler is cut from (default: stdlib sources,
-    as many tokens as needed); each prompt takes a random contiguous slice.
+    The haystack is `haystack_documents` (default: the standard library's sources),
+    tokenized up to HAYSTACK_CONTEXTS prompt lengths; each prompt takes a random
+    contiguous slice of it.
     """
     enc = tokenizer.encode
     intro, prefix, suffix, question = (enc(t) for t in (PASSKEY_INTRO, PASSKEY_NEEDLE_PREFIX, PASSKEY_NEEDLE_SUFFIX,
@@ -153,13 +156,14 @@ def passkey_samples(tokenizer, config: RetrievalConfig, *, haystack: Optional[Se
     if context < longest:
         raise ValueError(f"context_length {context} is too short: the largest distance needs a prompt of {longest} "
                          "tokens; raise the context length or lower the distance")
-    haystack = list(haystack) if haystack is not None else haystack_tokens(tokenizer, context)
+    haystack = haystack_tokens(tokenizer, HAYSTACK_CONTEXTS * context, haystack_documents)
     samples = []
     for d, value in draws:
         tail = d - shortest  # haystack between the needle and the question
         lead = context - fixed - len(value) - d  # haystack before the needle
         if len(haystack) < lead + tail:
-            raise ValueError(f"the haystack holds {len(haystack)} tokens; a prompt needs {lead + tail}")
+            raise ValueError(f"the haystack text holds {len(haystack)} tokens; a prompt needs {lead + tail}: "
+                             "give more text")
         offset = rng.randrange(len(haystack) - (lead + tail) + 1)
         hay = haystack[offset:offset + lead + tail]
         start = len(intro) + lead + len(prefix)
@@ -223,11 +227,11 @@ def kv_recall_samples(tokenizer, config: RetrievalConfig) -> list[RetrievalSampl
     return samples
 
 
-def make_samples(task: str, tokenizer, config: RetrievalConfig, *, haystack: Optional[Sequence[int]] = None
-                 ) -> list[RetrievalSample]:
-    """The prompts of one task (`passkey` or `kv`)."""
+def make_samples(task: str, tokenizer, config: RetrievalConfig, *,
+                 haystack_documents: Optional[Iterable[str]] = None) -> list[RetrievalSample]:
+    """The prompts of one task (`passkey` or `kv`; the haystack text is passkey's)."""
     if task == "passkey":
-        return passkey_samples(tokenizer, config, haystack=haystack)
+        return passkey_samples(tokenizer, config, haystack_documents=haystack_documents)
     if task == "kv":
         return kv_recall_samples(tokenizer, config)
     raise ValueError(f"retrieval task {task!r}: use one of {', '.join(TASKS)}")

@@ -14,6 +14,7 @@ Every source gives one int64 tensor ``[N, seq_length + 1]``: a row's first
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -22,6 +23,54 @@ import torch
 from megatron_consa.data.indexed import DataError, iter_jsonl_texts
 
 SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class SequenceSource:
+    """Where evaluation or calibration sequences come from: exactly one of `text`, `data_path`, `stdlib`."""
+
+    seq_length: int
+    """Tokens a sequence feeds the model (each row holds seq_length + 1)."""
+    num_sequences: int
+    """Rows to take (fewer when a text file runs out)."""
+    text: Optional[str] = None
+    """A plain-text file (one document) or a JSONL file (one document per line)."""
+    json_key: str = "text"
+    """The JSONL field holding the text."""
+    data_path: tuple[str, ...] = ()
+    """Indexed-dataset prefixes (Megatron-LM's --data-path, blends with weights too)."""
+    split: str = "969,30,1"
+    """Megatron-LM's --split of the blend."""
+    data_split: str = "valid"
+    """Which split of `data_path` to draw from: train, valid or test."""
+    stdlib: bool = False
+    """The Python standard library's sources: real text every machine has (offline demos)."""
+    seed: int = 1234
+    """megatron-core's shuffling seed for `data_path`."""
+
+    def __post_init__(self) -> None:
+        given = [name for name, on in (("text", self.text), ("data_path", self.data_path), ("stdlib", self.stdlib))
+                 if on]
+        if len(given) != 1:
+            raise DataError(f"give exactly one source of sequences (a text/JSONL file, an indexed dataset or the "
+                            f"stdlib text); got {given or 'none'}")
+        if self.seq_length < 1 or self.num_sequences < 1:
+            raise DataError(f"seq_length={self.seq_length}, num_sequences={self.num_sequences}: both must be >= 1")
+
+
+def load_sequences(source: SequenceSource, tokenizer) -> torch.Tensor:
+    """The [N, seq_length + 1] tokens `source` names, tokenized with `tokenizer`."""
+    if source.data_path:
+        return indexed_split_sequences(list(source.data_path), tokenizer, split=source.split,
+                                       which=source.data_split, seq_length=source.seq_length,
+                                       num_sequences=source.num_sequences, seed=source.seed)
+    if source.stdlib:
+        from megatron_consa.data.demo_corpus import stdlib_documents
+
+        documents: Iterable[str] = stdlib_documents(max_documents=1_000_000)
+    else:
+        documents = text_file_documents(source.text, json_key=source.json_key)
+    return pack_documents(documents, tokenizer, seq_length=source.seq_length, max_sequences=source.num_sequences)
 
 
 def text_file_documents(path: str | Path, *, json_key: str = "text") -> Iterator[str]:
@@ -75,4 +124,5 @@ def indexed_split_sequences(data_path: list[str], tokenizer, *, split: str, whic
     return torch.stack([source.sample(i) for i in range(num_sequences)])
 
 
-__all__ = ["SPLITS", "indexed_split_sequences", "pack_documents", "text_file_documents"]
+__all__ = ["SPLITS", "SequenceSource", "indexed_split_sequences", "load_sequences", "pack_documents",
+           "text_file_documents"]
