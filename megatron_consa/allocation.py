@@ -92,7 +92,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import torch
 
 from megatron_consa.config import GRANULARITIES
-from megatron_consa.files import write_text_atomic
+from megatron_consa.files import read_json, write_text_atomic
 from megatron_consa.gates import fa_budget, rank_units
 
 if TYPE_CHECKING:
@@ -456,16 +456,8 @@ class Allocation:
     def load(cls, path: str | os.PathLike) -> "Allocation":
         """Read and validate a file; errors name the path."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise AllocationError(f"{path}: allocation file not found") from None
-        except json.JSONDecodeError as e:
-            raise AllocationError(
-                f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                "regenerate it with tools/finalize_allocation or fix the syntax"
-            ) from None
+        d = read_json(path, what="allocation file", error=AllocationError,
+                      hint="; regenerate it with tools/finalize_allocation or fix the syntax")
         return cls.from_dict(d, where=path)
 
     # ----------------------------------------------------------------- construction
@@ -792,7 +784,6 @@ def make_preset(
         fa=fa,
         source=name,
     ).validate(where)
-
 
 
 def allocation_from_spec(

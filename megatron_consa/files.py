@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the same directory, fsync, then `os.replace`.
+"""File I/O the package shares: atomic writes (a temporary file in the same directory, fsync, then
+`os.replace`) and JSON reads whose errors name the file.
 
 A reader (or a crash) sees the old file or the new one, never half of one. Used by
 every file the package writes as a result (allocation.json, unit scores, evaluation
@@ -50,9 +51,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike, *, what: str, error: type[Exception] = ValueError, hint: str = "") -> Any:
+    """The JSON in `path`; a missing file or bad JSON raises `error` naming the path (`hint`: how to fix it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """`obj` as indented JSON (no NaN / inf: they are not JSON), written atomically."""
     return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-__all__ = ["write_json_atomic", "write_text_atomic"]
+__all__ = ["read_json", "write_json_atomic", "write_text_atomic"]

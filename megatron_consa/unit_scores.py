@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from megatron_consa.config import GRANULARITIES
-from megatron_consa.files import write_text_atomic
+from megatron_consa.files import read_json, write_text_atomic
 
 UNIT_SCORES_FORMAT_VERSION = 1
 SCORE_KINDS = ("attention_mass", "ablation")
@@ -164,13 +164,7 @@ class UnitScores:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "UnitScores":
         """Read and validate a file; errors name the path."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise UnitScoresError(f"{path}: unit-scores file not found") from None
-        except json.JSONDecodeError as e:
-            raise UnitScoresError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        d = read_json(path, what="unit-scores file", error=UnitScoresError)
         return cls.from_dict(d, where=str(path))
 
 

@@ -9,7 +9,6 @@ analysed allocation's budget (`stats.ranking_allocation`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,7 @@ from megatron_consa.analysis.stats import (
     overlap,
     ranking_allocation,
 )
+from megatron_consa.files import read_json
 from megatron_consa.unit_scores import UnitScores, is_unit_scores_file
 
 
@@ -77,13 +77,7 @@ class AnalysisReport:
 
 def load_compared(path: str | Path, like: Allocation) -> tuple[str, Allocation]:
     """(kind, allocation) of a compared file: an allocation.json, or a ranking's top units at `like`'s budget."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise AllocationError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise AllocationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    d = read_json(path, what="file", error=AllocationError)
     if is_unit_scores_file(d):
         scores = UnitScores.from_dict(d, where=str(path))
         return scores.kind, ranking_allocation(scores, like)
