@@ -48,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="repeatable: an allocation.json, `checkpoint` (the checkpoint's own), or a preset: "
                         f"{', '.join(list_presets())} (default: `checkpoint` when it has one, else all_fa)")
     g.add_argument("--target-sparsity", type=float, help="the presets' target (share of KV heads SWA)")
-    g.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head", help="the presets' unit")
+    g.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head", help="the presets' unit (default: kv_head)")
     g.add_argument("--window", type=int,
                    help="sliding window W of every allocation (default: the checkpoint's for presets, a file's own)")
     g.add_argument("--sink-tokens", type=int, help="attention sinks of every allocation (default: as --window)")
@@ -65,12 +65,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="retrieval prompt tokens (default: the longest distance's prompt + 64 tokens of lead)")
     g.add_argument("--haystack", metavar="FILE",
                    help="text or JSONL the passkey haystack is cut from (default: the Python standard library)")
-    g.add_argument("--retrieval-seed", type=int, default=0, help="seed of values, keys and haystack offsets")
+    g.add_argument("--retrieval-seed", type=int, default=0, help="seed of values, keys and haystack offsets (default: 0)")
     g = p.add_argument_group("KV cache")
     g.add_argument("--kv-context-length", type=int,
-                   help="tokens per sequence for the KV bytes (default: the longest sequence evaluated)")
+                   help="tokens per sequence for the KV bytes (default: the longest sequence evaluated; needed when "
+                        "nothing is evaluated)")
     g.add_argument("--kv-batch-size", type=int, default=1, help="sequences cached at once (default: 1)")
-    g.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="KV-cache element type")
+    g.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="KV-cache element type (default: bf16)")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default: 1)")
     g.add_argument("--output", metavar="FILE.json", help="write the report as JSON (atomically)")
@@ -90,6 +91,8 @@ def _check(args: argparse.Namespace) -> None:
                                  ("--kv-context-length", args.kv_context_length, 0)):
         if value is not None and value < minimum:
             raise UserInputError(f"{flag} {value}: must be >= {minimum}")
+    if not (args.text or args.data_path or args.stdlib_text or args.retrieval) and args.kv_context_length is None:
+        raise UserInputError("--kv-context-length is needed when no perplexity data or retrieval sets a length")
     for d in args.distances or ():
         if d < 1:
             raise UserInputError(f"--distances {d}: distances are >= 1 token")

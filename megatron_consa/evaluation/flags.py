@@ -40,7 +40,7 @@ def add_sequence_arguments(p: argparse.ArgumentParser, *, what: str, seq_length:
                    help=f"tokens per sequence (default: {seq_length})")
     g.add_argument("--num-sequences", type=int, default=num_sequences,
                    help=f"sequences to score (default: {num_sequences}; fewer when a text file runs out)")
-    g.add_argument("--data-seed", type=int, default=1234, help="megatron-core's shuffling seed for --data-path")
+    g.add_argument("--data-seed", type=int, default=1234, help="megatron-core's shuffling seed for --data-path (default: 1234)")
 
 
 def sequence_source(args: argparse.Namespace) -> Optional[SequenceSource]:

@@ -129,6 +129,25 @@ def test_perplexity_and_kv_bytes_equal_direct_computations(tmp_path, docs, singl
     assert report["kv_context_length"] == 1000
 
 
+def test_indexed_split_rows_are_windows_of_its_text(tmp_path, docs, tokenizers, single_rank_mcore):
+    """--data-path: the rows megatron-core's GPTDataset draws from the split are the document's own tokens."""
+    from megatron_consa.data.indexed import write_indexed_dataset
+    from megatron_consa.evaluation.sequences import indexed_split_sequences
+
+    tok = tokenizers["sentencepiece"]
+    text = " ".join(docs)
+    write_indexed_dataset([text], tmp_path / "one", tokenizer_factory=lambda: tok)
+    rows = indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="valid", seq_length=32,
+                                   num_sequences=5)
+    stream = (tok.encode(text) + [tok.eod]) * 2  # the only document, over two epochs at most
+    assert rows.shape == (5, 33)
+    for row in rows.tolist():
+        assert _find(stream, row), "a row is not a contiguous window of the document + EOD"
+    with pytest.raises(ValueError, match="the test split is empty"):
+        indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="test", seq_length=32,
+                                num_sequences=1)
+
+
 # ----------------------------------------------------------------------------- retrieval generators, on tokens
 
 
@@ -240,13 +259,16 @@ def test_cli_retrieval_buckets_and_the_checkpoints_own_allocation(tmp_path, sing
     (["--allocation", "interleave:2"], "target_sparsity is required"),
     (["--stdlib-text", "--text", "x.txt"], "--text and --stdlib-text"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--kv-context-length", "-1"], "--kv-context-length"),
 ])
 def test_cli_bad_input_is_one_error_line(argv, flag, capsys, single_rank_mcore):
-    assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--no-progress"] + argv) == 2
+    assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--no-progress", "--kv-context-length", "64"] + argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and flag in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_missing_checkpoint(tmp_path, capsys):
-    assert run_tool(EVALUATE.main, ["--load", str(tmp_path / "nothing")]) == 2
+def test_cli_missing_checkpoint_and_nothing_to_measure(tmp_path, capsys):
+    assert run_tool(EVALUATE.main, ["--load", str(tmp_path / "nothing"), "--kv-context-length", "64"]) == 2
     assert "--load" in capsys.readouterr().err
+    assert run_tool(EVALUATE.main, ["--load", str(DEMO)]) == 2
+    assert "--kv-context-length is needed" in capsys.readouterr().err
