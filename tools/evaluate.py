@@ -21,6 +21,7 @@ Prints a table; --output writes the JSON report (atomically).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -93,6 +94,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UserInputError(f"{flag} {value}: must be >= {minimum}")
     if not (args.text or args.data_path or args.stdlib_text or args.retrieval) and args.kv_context_length is None:
         raise UserInputError("--kv-context-length is needed when no perplexity data or retrieval sets a length")
+    if args.haystack and not os.path.isfile(args.haystack):
+        raise UserInputError(f"--haystack {args.haystack}: no such file")
     for d in args.distances or ():
         if d < 1:
             raise UserInputError(f"--distances {d}: distances are >= 1 token")

@@ -9,6 +9,7 @@ naming the flag).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional
 
 from megatron_consa.cli import UserInputError
@@ -51,6 +52,8 @@ def sequence_source(args: argparse.Namespace) -> Optional[SequenceSource]:
         return None
     if len(named) > 1:
         raise UserInputError(f"{' and '.join(named)}: give one source of sequences")
+    if args.text and not Path(args.text).is_file():
+        raise UserInputError(f"--text {args.text}: no such file")
     for flag, value in (("--seq-length", args.seq_length), ("--num-sequences", args.num_sequences)):
         if value < 1:
             raise UserInputError(f"{flag} {value}: must be >= 1")

@@ -258,6 +258,8 @@ def test_cli_retrieval_buckets_and_the_checkpoints_own_allocation(tmp_path, sing
     (["--allocation", "heuristic", "--target-sparsity", "0.5"], "--calibration-scores"),
     (["--allocation", "interleave:2"], "target_sparsity is required"),
     (["--stdlib-text", "--text", "x.txt"], "--text and --stdlib-text"),
+    (["--text", "missing.jsonl"], "--text missing.jsonl"),
+    (["--retrieval", "passkey", "--distances", "64", "--haystack", "missing.txt"], "--haystack"),
     (["--batch-size", "0"], "--batch-size"),
     (["--kv-context-length", "-1"], "--kv-context-length"),
 ])
