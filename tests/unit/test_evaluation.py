@@ -148,6 +148,28 @@ def test_indexed_split_rows_are_windows_of_its_text(tmp_path, docs, tokenizers, 
                                 num_sequences=1)
 
 
+def test_an_imported_sliding_window_model_runs_its_own_allocation(tmp_path, single_rank_mcore):
+    """An imported Hugging Face Qwen3 with mixed layer_types: perplexity under `checkpoint` equals transformers'."""
+    from conversion_fixtures import WINDOW, hf_logits, save_hf, tokens
+
+    from megatron_consa.evaluation.models import CheckpointModels, model_logits_fn
+    from megatron_consa.evaluation.perplexity import evaluate_perplexity
+
+    hf_dir = save_hf("qwen3_hybrid", tmp_path / "hf")
+    ckpt = tmp_path / "imported"
+    assert run_tool(_tool("convert_hf_to_megatron").main, ["--hf-path", str(hf_dir), "--save", str(ckpt),
+                                                           "--dtype", "fp32"]) == 0
+    rows = tokens()  # [2, 24]
+    with CheckpointModels(ckpt) as models:
+        own = models.own_allocation()
+        assert own.fa == [[0, 0], [1, 1], [0, 0], [1, 1]] and own.window == WINDOW
+        ours = evaluate_perplexity(model_logits_fn(models.model()), rows, window=WINDOW)
+    logp = torch.log_softmax(hf_logits(hf_dir, rows[:, :-1]).double(), -1)
+    nll = -logp.gather(-1, rows[:, 1:].unsqueeze(-1)).squeeze(-1)  # [2, 23]
+    assert ours.mean_nll == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert ours.mean_nll_beyond_window == pytest.approx(nll[:, WINDOW:].mean().item(), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- retrieval generators, on tokens
 
 
