@@ -86,14 +86,17 @@ import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
 from megatron_consa.config import GRANULARITIES
+from megatron_consa.files import read_json, write_text_atomic
 from megatron_consa.gates import fa_budget, rank_units
+
+if TYPE_CHECKING:
+    from megatron_consa.unit_scores import UnitScores
 
 logger = logging.getLogger(__name__)
 
@@ -447,38 +450,14 @@ class Allocation:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: temp file in the same directory, fsync, ``os.replace``."""
-        path = os.fspath(path)
-        text = self.to_json()
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(directory)
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Allocation":
         """Read and validate a file; errors name the path."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise AllocationError(f"{path}: allocation file not found") from None
-        except json.JSONDecodeError as e:
-            raise AllocationError(
-                f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                "regenerate it with tools/finalize_allocation or fix the syntax"
-            ) from None
+        d = read_json(path, what="allocation file", error=AllocationError,
+                      hint="; regenerate it with tools/finalize_allocation or fix the syntax")
         return cls.from_dict(d, where=path)
 
     # ----------------------------------------------------------------- construction
@@ -645,20 +624,6 @@ def heads_by_type(fa_row: Sequence[int | bool], heads_per_group: int) -> tuple[l
         groups = [g for g, f in enumerate(fa_row) if bool(f) == is_fa]
         out += [groups, [g * heads_per_group + r for g in groups for r in range(heads_per_group)]]
     return out[0], out[1], out[2], out[3]
-
-
-def _fsync_dir(directory: str) -> None:
-    """Best effort: persist the rename (POSIX); ignored where unsupported."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- presets
@@ -835,11 +800,60 @@ def make_preset(
     ).validate(where)
 
 
+def allocation_from_spec(
+    spec: str,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    granularity: str,
+    target_sparsity: float | None,
+    window: int,
+    sink_tokens: int = 0,
+    calibration_scores: "UnitScores | None" = None,
+) -> Allocation:
+    """What a tool's allocation flag names: an ``allocation.json`` path or a preset name.
+
+    A file (a path ending in ``.json`` or an existing file) is loaded and checked
+    against ``num_layers`` / ``num_kv_heads``; it keeps its own window and sinks. A
+    preset is made at ``target_sparsity`` with ``granularity``, ``window`` and
+    ``sink_tokens`` (``all_fa`` / ``all_swa`` meet only their own sparsity and ignore
+    the target). ``heuristic`` needs ``calibration_scores``
+    (:class:`megatron_consa.unit_scores.UnitScores` for this model); other specs
+    ignore them.
+    """
+    if spec.endswith(".json") or os.path.isfile(spec):
+        alloc = Allocation.load(spec)
+        alloc.check_compatible(num_layers, num_kv_heads)
+        return alloc
+    base, _ = _parse_preset(spec)
+    scores = None
+    if base == "heuristic":
+        if calibration_scores is None:
+            raise AllocationError(
+                "preset 'heuristic' needs calibration scores: pass the unit-scores file "
+                "tools/calibrate_heuristic.py writes for this model"
+            )
+        calibration_scores.check_compatible(num_layers, num_kv_heads)
+        if (calibration_scores.window, calibration_scores.sink_tokens) != (window, sink_tokens):
+            logger.warning(
+                "preset 'heuristic': the calibration scores were measured for window %d, sinks %d; the allocation "
+                "uses window %d, sinks %d", calibration_scores.window, calibration_scores.sink_tokens, window,
+                sink_tokens,
+            )
+        scores = calibration_scores.scores
+    return make_preset(
+        spec, num_layers=num_layers, num_kv_heads=num_kv_heads, granularity=granularity,
+        target_sparsity=None if base in ("all_fa", "all_swa") else target_sparsity, window=window,
+        sink_tokens=sink_tokens, calibration_scores=scores,
+    )
+
+
 __all__ = [
     "ALLOCATION_FORMAT_VERSION",
     "GRANULARITIES",
     "Allocation",
     "AllocationError",
+    "allocation_from_spec",
     "fa_unit_budget",
     "finalize_topk",
     "list_presets",

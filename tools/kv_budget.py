@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from megatron_consa.allocation import Allocation, list_presets, make_preset
+from megatron_consa.allocation import Allocation, allocation_from_spec, list_presets
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.cli import UserInputError, run_tool, setup_logging
 from megatron_consa.conversion.hf_files import load_hf_config
@@ -30,6 +30,7 @@ from megatron_consa.evaluation.kv_memory import (
     parse_bytes,
     sparsity_for_budget,
 )
+from megatron_consa.unit_scores import UnitScores
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -44,6 +45,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     which.add_argument("--allocation", help="an allocation.json")
     which.add_argument("--preset", help=f"a rule-based allocation: {', '.join(list_presets())}")
     p.add_argument("--target-sparsity", type=float, help="the preset's target")
+    p.add_argument("--calibration-scores", metavar="FILE",
+                   help="with --preset heuristic: the unit-scores file tools/calibrate_heuristic.py wrote")
     p.add_argument("--granularity", default="kv_head", choices=("layer", "kv_head"))
     p.add_argument("--budget", help="KV-cache memory you have, e.g. 24GiB: prints the target sparsity that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -69,7 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.preset:
         if args.window is None:
             raise UserInputError("--preset needs --window (the sliding window W)")
-        allocation = make_preset(
+        if args.preset == "heuristic" and not args.calibration_scores:
+            raise UserInputError("--preset heuristic needs --calibration-scores FILE (tools/calibrate_heuristic.py)")
+        allocation = allocation_from_spec(
             args.preset,
             num_layers=arch.num_layers,
             num_kv_heads=arch.num_kv_heads,
@@ -77,6 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             target_sparsity=args.target_sparsity,
             window=args.window,
             sink_tokens=args.sink_tokens or 0,
+            calibration_scores=UnitScores.load(args.calibration_scores) if args.calibration_scores else None,
         )
     window = args.window if args.window is not None else (allocation.window if allocation else None)
     sinks = args.sink_tokens if args.sink_tokens is not None else (allocation.sink_tokens if allocation else 0)

@@ -44,31 +44,12 @@ def recall_accuracy(logits_fn, tokenizer, documents: Sequence[str], *, window: i
 def checkpoint_logits_fn(checkpoint, fa: Optional[list[list[int]]] = None, *, window: Optional[int] = None):
     """A one-rank fixed-mode model of `checkpoint` (any saved TP/PP) under allocation `fa`
     (default: the checkpoint's own, else all-FA); returns (logits_fn, close)."""
-    from megatron_consa.architecture import ArchitectureConfig
-    from megatron_consa.config import ConsaConfig
-    from megatron_consa.conversion.world import conversion_world, free_port
-    from megatron_consa.model import build_gpt_model, build_transformer_config
-    from megatron_consa.training.checkpoint import load_model_weights, read_checkpoint_meta, resolve_load_dir
+    from megatron_consa.evaluation.models import CheckpointModels, model_logits_fn
 
-    path = resolve_load_dir(checkpoint)
-    meta = read_checkpoint_meta(path) or {}
-    arch = ArchitectureConfig(**meta["architecture"])
-    saved = meta.get("consa") or {}
-    fa = fa or saved.get("allocation") or [[1] * arch.num_kv_heads for _ in range(arch.num_layers)]
-    consa = ConsaConfig(window=window or saved.get("window", 512), sink_tokens=saved.get("sink_tokens", 0),
-                        allocation=fa, backend="torch")
-    world = conversion_world(rank=0, world_size=1, port=free_port())
-    world.__enter__()
-    model = build_gpt_model(build_transformer_config(arch, consa, params_dtype=torch.float32), arch,
-                            use_transformer_engine=False)
-    load_model_weights([model], path)
-    model.eval()
-
-    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0)
-        return model(tokens, pos, attention_mask=None).float()
-
-    def close() -> None:
-        world.__exit__(None, None, None)
-
-    return logits_fn, close
+    models = CheckpointModels(checkpoint).__enter__()
+    try:
+        logits_fn = model_logits_fn(models.model(fa, window=window))
+    except BaseException:
+        models.__exit__(None, None, None)
+        raise
+    return logits_fn, lambda: models.__exit__(None, None, None)

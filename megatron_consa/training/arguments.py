@@ -67,6 +67,8 @@ class RunConfig:
     phase: str = "learn"
     allocation_source: Optional[str] = None
     """The allocation file or preset name a fixed phase runs (None: from the loaded checkpoint)."""
+    calibration_scores: Optional[str] = None
+    """The unit-scores file the `heuristic` preset ranks units by (tools/calibrate_heuristic.py)."""
     eval_interval: Optional[int] = None
     eval_iters: int = 10
     hf_config: Optional[str] = None
@@ -173,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--consa-sink-tokens", type=int, default=d.sink_tokens, help="attention sinks of SWA heads")
     g.add_argument("--consa-gates-only", action="store_true", help="freeze the weights, train the gates only")
     g.add_argument("--consa-allocation", help="fixed phase: an allocation.json, or a preset name (interleave:4, ...)")
+    g.add_argument("--consa-calibration-scores", metavar="FILE",
+                   help="with --consa-allocation heuristic: the unit-scores file tools/calibrate_heuristic.py wrote")
     g.add_argument("--consa-backend", choices=["auto", "torch", "te"], default=d.backend, help="attention backend")
     g.add_argument("--consa-target-warmup-iters", type=int, default=d.target_warmup_iters, help="target ramp")
     g.add_argument("--consa-gate-lr", type=float, default=d.gate_lr, help="gate learning rate")
@@ -320,6 +324,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     return RunConfig(
         arch=arch, consa=consa, parallel=parallel, training=training, data=data, tokenizer=tokenizer,
         checkpoint=checkpoint, phase=a.consa_phase, allocation_source=a.consa_allocation,
+        calibration_scores=a.consa_calibration_scores,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters, hf_config=a.hf_config,
         transformer_impl=a.transformer_impl,
     )

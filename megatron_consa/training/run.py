@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from megatron_consa.allocation import Allocation, make_preset
+from megatron_consa.allocation import Allocation, allocation_from_spec
 from megatron_consa.config import ConsaConfigError
 from megatron_consa.data.gpt import check_data_paths
 from megatron_consa.data.tokenizer import build_tokenizer
 from megatron_consa.training.arguments import ArgumentError, RunConfig
+from megatron_consa.unit_scores import UnitScores
 
 logger = logging.getLogger(__name__)
 
@@ -50,25 +51,22 @@ def _resolve_allocation(run: RunConfig, load_meta: dict) -> Optional[Allocation]
         return None
     arch, consa = run.arch, run.consa
     src = run.allocation_source
-    if src and (src.endswith(".json") or Path(src).is_file()):
+    scores = None
+    if run.calibration_scores:
+        if src != "heuristic":
+            raise ArgumentError("--consa-calibration-scores is for --consa-allocation heuristic")
         try:
-            alloc = Allocation.load(src)
-        except FileNotFoundError as err:
-            raise ArgumentError(f"--consa-allocation {src}: no such file") from err
-        try:
-            alloc.check_compatible(arch.num_layers, arch.num_kv_heads)
+            scores = UnitScores.load(run.calibration_scores)
         except ValueError as err:
-            raise ArgumentError(f"--consa-allocation {src}: {err}") from err
-        return alloc
+            raise ArgumentError(f"--consa-calibration-scores {run.calibration_scores}: {err}") from err
     if src:
         try:
-            fixed_pattern = src in ("all_fa", "all_swa")  # they meet no target but their own
-            return make_preset(src, num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
-                               granularity=consa.granularity,
-                               target_sparsity=None if fixed_pattern else consa.target_sparsity,
-                               window=consa.window, sink_tokens=consa.sink_tokens)
+            return allocation_from_spec(src, num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
+                                        granularity=consa.granularity, target_sparsity=consa.target_sparsity,
+                                        window=consa.window, sink_tokens=consa.sink_tokens, calibration_scores=scores)
         except ValueError as err:
-            raise ArgumentError(f"--consa-allocation {src}: {err}") from err
+            hint = " (--consa-calibration-scores FILE)" if src == "heuristic" and scores is None else ""
+            raise ArgumentError(f"--consa-allocation {src}: {err}{hint}") from err
     saved = (load_meta.get("consa") or {}).get("allocation")
     if saved is None:
         raise ArgumentError(

@@ -15,6 +15,9 @@ import pytest
 from megatron_consa.allocation import Allocation
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tokenizer_fixtures import hf_tokenizer_dir  # noqa: E402
 PY = sys.executable
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -103,27 +106,13 @@ def test_preprocess_learn_finalize_fixed_through_torchrun(corpus, tmp_path):
     assert meta["consa"]["allocation"] == alloc.fa
 
 
-def _hf_tokenizer_dir(texts: list[str], out: Path) -> Path:
-    """A byte-level BPE tokenizer trained here (offline) and saved as a Hugging Face tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(out))
-    return out
-
-
 def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_path):
     """--tokenizer-type HuggingFaceTokenizer: the .bin holds the tokenizer's own ids + EOD, and a run trains on it."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoTokenizer
 
     docs = [json.loads(line)["text"] for line in (corpus["dir"] / "corpus.jsonl").read_text().splitlines()]
-    tok_dir = _hf_tokenizer_dir(docs, tmp_path / "hf_tokenizer")
+    tok_dir = hf_tokenizer_dir(docs, tmp_path / "hf_tokenizer")
     _ok(subprocess.run([PY, "tools/preprocess_data.py", "--input", str(corpus["dir"] / "corpus.jsonl"),
                         "--output-prefix", str(tmp_path / "hf"), "--tokenizer-type", "HuggingFaceTokenizer",
                         "--tokenizer-model", str(tok_dir), "--workers", "2"],

@@ -1,0 +1,70 @@
+"""File I/O the package shares: atomic writes (a temporary file in the same directory, fsync, then
+`os.replace`) and JSON reads whose errors name the file.
+
+A reader (or a crash) sees the old file or the new one, never half of one. Used by
+every file the package writes as a result (allocation.json, unit scores, evaluation
+reports).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(directory: str) -> None:
+    """Best effort: persist the rename (POSIX); ignored where unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically; creates the parent directory. Returns the path."""
+    path = Path(path)
+    directory = str(path.parent.resolve())
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def read_json(path: str | os.PathLike, *, what: str, error: type[Exception] = ValueError, hint: str = "") -> Any:
+    """The JSON in `path`; a missing file or bad JSON raises `error` naming the path (`hint`: how to fix it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from None
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """`obj` as indented JSON (no NaN / inf: they are not JSON), written atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+__all__ = ["read_json", "write_json_atomic", "write_text_atomic"]

@@ -1,0 +1,298 @@
+"""tools/evaluate.py and megatron_consa.evaluation against independent computations.
+
+* perplexity (overall and beyond the window) equals a direct computation with a model
+  the test builds itself from the checkpoint, on token rows it cuts itself;
+* the retrieval generators put the needle's value at the requested distance, checked
+  on the tokens, with a sentencepiece and a Hugging Face tokenizer;
+* retrieval scoring counts exactly the samples an oracle gets right;
+* the KV bytes equal the formula.
+
+The checkpoint is the shipped dense demo model (`make demo`'s start: 4 layers x 4 KV
+heads, window 8, its sentencepiece tokenizer beside it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_consa.allocation import make_preset
+from megatron_consa.cli import run_tool
+from megatron_consa.data.demo_corpus import stdlib_documents
+from megatron_consa.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
+from megatron_consa.evaluation.retrieval import (
+    KV_QUESTION,
+    PASSKEY_NEEDLE_PREFIX,
+    PASSKEY_QUESTION,
+    RetrievalConfig,
+    kv_recall_samples,
+    passkey_samples,
+    score_retrieval,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "examples" / "checkpoints" / "demo_dense"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tokenizer_fixtures import hf_tokenizer_dir  # noqa: E402
+
+W = 8  # the demo checkpoint's window
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EVALUATE = _tool("evaluate")
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str]:
+    return list(stdlib_documents(max_documents=8, chars=600))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(docs, tmp_path_factory):
+    hf_dir = hf_tokenizer_dir(docs * 4, tmp_path_factory.mktemp("hf_tok"))
+    return {"sentencepiece": SentencePieceTokenizer(DEMO / "tokenizer.model"), "hf": HuggingFaceTokenizer(hf_dir)}
+
+
+# ----------------------------------------------------------------------------- perplexity and KV bytes
+
+
+def _direct_nll(rows: list[list[int]], fa) -> tuple[float, float]:
+    """Mean NLL over all positions and over positions >= W, with a model built here from the checkpoint."""
+    from megatron_consa.architecture import ArchitectureConfig
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+    from megatron_consa.training.checkpoint import load_model_weights
+
+    arch = ArchitectureConfig(**json.loads((DEMO / "consa_run.json").read_text())["architecture"])
+    consa = ConsaConfig(window=W, allocation=fa, backend="torch")
+    model = build_gpt_model(build_transformer_config(arch, consa, params_dtype=torch.float32), arch,
+                            use_transformer_engine=False)
+    load_model_weights([model], DEMO)
+    model.eval()
+    every, beyond = [], []
+    with torch.no_grad():
+        for row in rows:
+            x = torch.tensor(row[:-1]).unsqueeze(0)
+            logp = torch.log_softmax(model(x, torch.arange(x.shape[1]).unsqueeze(0), attention_mask=None)[0].double(), -1)
+            nll = [-float(logp[p, row[p + 1]]) for p in range(len(row) - 1)]
+            every += nll
+            beyond += nll[W:]
+    return sum(every) / len(every), sum(beyond) / len(beyond)
+
+
+def test_perplexity_and_kv_bytes_equal_direct_computations(tmp_path, docs, single_rank_mcore, capsys):
+    text = tmp_path / "held_out.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    seq, n = 40, 3
+    argv = ["--load", str(DEMO), "--allocation", "all_fa", "--allocation", "uniform_heads", "--target-sparsity", "0.5",
+            "--text", str(text), "--seq-length", str(seq), "--num-sequences", str(n), "--batch-size", "2",
+            "--kv-context-length", "1000", "--kv-batch-size", "3", "--kv-dtype", "fp32",
+            "--output", str(tmp_path / "out" / "eval.json"), "--no-progress"]
+    assert run_tool(EVALUATE.main, argv) == 0
+    table = capsys.readouterr().out
+    assert "| uniform_heads | 0.500 | 8 |" in table
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+
+    import sentencepiece  # the rows, cut here: documents + EOS, stride seq
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(DEMO / "tokenizer.model"))
+    stream = [t for d in docs for t in sp.encode(d) + [sp.eos_id()]]
+    rows = [stream[i * seq:i * seq + seq + 1] for i in range(n)]
+    uniform = make_preset("uniform_heads", num_layers=4, num_kv_heads=4, granularity="kv_head", target_sparsity=0.5,
+                          window=W).fa
+    results = {}
+    for row in report["allocations"]:
+        fa = [[1] * 4] * 4 if row["name"] == "all_fa" else uniform
+        assert row["fa"] == fa and row["window"] == W
+        every, beyond = _direct_nll(rows, fa)
+        ppl = row["perplexity"]
+        assert ppl["tokens"] == n * seq and ppl["tokens_beyond_window"] == n * (seq - W)
+        assert ppl["mean_nll"] == pytest.approx(every, rel=1e-5)
+        assert ppl["mean_nll_beyond_window"] == pytest.approx(beyond, rel=1e-5)
+        assert ppl["perplexity"] == pytest.approx(torch.tensor(every).exp().item(), rel=1e-5)
+        fa_heads = sum(map(sum, fa))
+        assert row["kv_bytes"] == 2 * 3 * 16 * 4 * (fa_heads * 1000 + (16 - fa_heads) * min(1000, W))
+        results[row["name"]] = beyond
+    assert results["all_fa"] != results["uniform_heads"]  # the allocation reached the attention
+    assert report["kv_context_length"] == 1000
+
+
+def test_indexed_split_rows_are_windows_of_its_text(tmp_path, docs, tokenizers, single_rank_mcore):
+    """--data-path: the rows megatron-core's GPTDataset draws from the split are the document's own tokens."""
+    from megatron_consa.data.indexed import write_indexed_dataset
+    from megatron_consa.evaluation.sequences import indexed_split_sequences
+
+    tok = tokenizers["sentencepiece"]
+    text = " ".join(docs)
+    write_indexed_dataset([text], tmp_path / "one", tokenizer_factory=lambda: tok)
+    rows = indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="valid", seq_length=32,
+                                   num_sequences=5)
+    stream = (tok.encode(text) + [tok.eod]) * 2  # the only document, over two epochs at most
+    assert rows.shape == (5, 33)
+    for row in rows.tolist():
+        assert _find(stream, row), "a row is not a contiguous window of the document + EOD"
+    with pytest.raises(ValueError, match="the test split is empty"):
+        indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="test", seq_length=32,
+                                num_sequences=1)
+
+
+def test_an_imported_sliding_window_model_runs_its_own_allocation(tmp_path, single_rank_mcore):
+    """An imported Hugging Face Qwen3 with mixed layer_types: perplexity under `checkpoint` equals transformers'."""
+    from conversion_fixtures import WINDOW, hf_logits, save_hf, tokens
+
+    from megatron_consa.evaluation.models import CheckpointModels, model_logits_fn
+    from megatron_consa.evaluation.perplexity import evaluate_perplexity
+
+    hf_dir = save_hf("qwen3_hybrid", tmp_path / "hf")
+    ckpt = tmp_path / "imported"
+    assert run_tool(_tool("convert_hf_to_megatron").main, ["--hf-path", str(hf_dir), "--save", str(ckpt),
+                                                           "--dtype", "fp32"]) == 0
+    rows = tokens()  # [2, 24]
+    with CheckpointModels(ckpt) as models:
+        own = models.own_allocation()
+        assert own.fa == [[0, 0], [1, 1], [0, 0], [1, 1]] and own.window == WINDOW
+        ours = evaluate_perplexity(model_logits_fn(models.model()), rows, window=WINDOW)
+    logp = torch.log_softmax(hf_logits(hf_dir, rows[:, :-1]).double(), -1)
+    nll = -logp.gather(-1, rows[:, 1:].unsqueeze(-1)).squeeze(-1)  # [2, 23]
+    assert ours.mean_nll == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert ours.mean_nll_beyond_window == pytest.approx(nll[:, WINDOW:].mean().item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- retrieval generators, on tokens
+
+
+def _find(seq: list[int], sub: list[int]) -> list[int]:
+    return [i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_passkey_needle_sits_at_the_requested_distance(tokenizers, kind):
+    tok = tokenizers[kind]
+    config = RetrievalConfig(distances=(60, 150, 300), samples_per_distance=3, seed=5)
+    samples = passkey_samples(tok, config)
+    assert len(samples) == 9 and len({len(s.tokens) - len(s.answer) for s in samples}) == 1  # one context length
+    question = tok.encode(PASSKEY_QUESTION)
+    prefix = tok.encode(PASSKEY_NEEDLE_PREFIX)
+    for s in samples:
+        prompt = s.tokens[:s.prompt_length]
+        assert s.tokens[s.prompt_length:] == s.answer
+        digits = tok.decode(s.answer).strip()
+        assert len(digits) == 5 and digits.isdigit()
+        start, end = s.value_span
+        assert prompt[start:end] == s.answer and prompt[start - len(prefix):start] == prefix
+        assert prompt[-len(question):] == question
+        # the distance: last prompt position minus the last value token's position
+        assert (len(prompt) - 1) - (end - 1) == s.requested_distance == s.distance
+        assert _find(prompt, s.answer) == [start]  # no copy of the value nearer the question
+    assert len({tuple(s.answer) for s in samples}) > 1  # values vary
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_kv_recall_value_sits_at_the_requested_distance(tokenizers, kind):
+    tok = tokenizers[kind]
+    config = RetrievalConfig(distances=(80, 200), samples_per_distance=3, context_length=400, seed=1)
+    samples = kv_recall_samples(tok, config)
+    question = tok.encode(KV_QUESTION)
+    for s in samples:
+        prompt = s.tokens[:s.prompt_length]
+        start, end = s.value_span
+        assert prompt[start:end] == s.answer == s.tokens[s.prompt_length:]
+        # the queried key, as it ends the prompt, stands right before the value
+        key_start = max(i for i in _find(prompt[:-1], question)) + len(question)
+        key = prompt[key_start:]
+        assert prompt[start - len(key):start] == key and len(_find(prompt, key)) == 2
+        pair = len(key) + len(s.answer) + len(tok.encode(";"))
+        assert s.requested_distance <= (len(prompt) - 1) - (end - 1) == s.distance < s.requested_distance + 2 * pair
+        assert len(prompt) <= 400
+
+
+def test_too_short_distances_are_refused(tokenizers):
+    with pytest.raises(ValueError, match="choose distances >="):
+        passkey_samples(tokenizers["hf"], RetrievalConfig(distances=(3,), samples_per_distance=1))
+    with pytest.raises(ValueError, match="context_length 100 is too short"):
+        passkey_samples(tokenizers["hf"], RetrievalConfig(distances=(200,), samples_per_distance=1, context_length=100))
+
+
+def test_scoring_counts_what_an_oracle_gets_right(tokenizers):
+    tok = tokenizers["sentencepiece"]
+    samples = passkey_samples(tok, RetrievalConfig(distances=(60, 90), samples_per_distance=3, seed=2))
+    samples += kv_recall_samples(tok, RetrievalConfig(distances=(60,), samples_per_distance=2, seed=2))
+    wrong = {1, 6}  # the oracle misses the last answer token of these samples
+    full = {tuple(s.tokens[:-1]): (i, s) for i, s in enumerate(samples)}
+
+    def oracle(tokens: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], tok.vocab_size)
+        for b, row in enumerate(tokens.tolist()):
+            i, s = full[tuple(row)]
+            targets = s.tokens[1:]
+            if i in wrong:
+                targets = targets[:-1] + [(targets[-1] + 1) % tok.vocab_size]
+            logits[b, torch.arange(len(targets)), torch.tensor(targets)] = 10.0
+        return logits
+
+    buckets = {(b.task, b.distance): b for b in score_retrieval(oracle, samples, batch_size=2)}
+    assert {k: (b.samples, b.correct) for k, b in buckets.items()} == {
+        ("passkey", 60): (3, 2), ("passkey", 90): (3, 3), ("kv", 60): (2, 1)}
+    assert buckets[("passkey", 90)].accuracy == 1.0
+    # answer NLL: log-softmax of a logit of 10 among vocab_size zeros, per answer token
+    per_token = -torch.log_softmax(torch.tensor([10.0] + [0.0] * (tok.vocab_size - 1)), 0)[0].item()
+    right = samples[3:6]
+    assert buckets[("passkey", 90)].mean_answer_nll == pytest.approx(
+        sum(len(s.answer) for s in right) / 3 * per_token, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- the CLI end to end
+
+
+def test_cli_retrieval_buckets_and_the_checkpoints_own_allocation(tmp_path, single_rank_mcore, capsys):
+    argv = ["--load", str(DEMO), "--allocation", "checkpoint", "--allocation", "all_swa",
+            "--retrieval", "passkey", "kv", "--distances", "60", "90", "--samples-per-distance", "2",
+            "--output", str(tmp_path / "eval.json"), "--no-progress"]
+    assert run_tool(EVALUATE.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "passkey d=60" in out and "kv d=90" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    checkpoint, swa = report["allocations"]
+    assert checkpoint["fa"] == [[1] * 4] * 4 and swa["sparsity"] == 1.0
+    for row in report["allocations"]:
+        assert [(b["task"], b["distance"], b["samples"]) for b in row["retrieval"]] == [
+            ("passkey", 60, 2), ("passkey", 90, 2), ("kv", 60, 2), ("kv", 90, 2)]
+        assert row["perplexity"] is None
+    ctx = report["kv_context_length"]  # default: the longest prompt + answer evaluated
+    assert ctx > 90 + 64 and checkpoint["kv_bytes"] == 2 * 16 * 2 * 16 * ctx and swa["kv_bytes"] == 2 * 16 * 2 * 16 * W
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--retrieval", "passkey"], "--retrieval needs --distances"),
+    (["--retrieval", "passkey", "--distances", "2"], "--distances"),
+    (["--allocation", "heuristic", "--target-sparsity", "0.5"], "--calibration-scores"),
+    (["--allocation", "interleave:2"], "target_sparsity is required"),
+    (["--stdlib-text", "--text", "x.txt"], "--text and --stdlib-text"),
+    (["--text", "missing.jsonl"], "--text missing.jsonl"),
+    (["--retrieval", "passkey", "--distances", "64", "--haystack", "missing.txt"], "--haystack"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--kv-context-length", "-1"], "--kv-context-length"),
+])
+def test_cli_bad_input_is_one_error_line(argv, flag, capsys, single_rank_mcore):
+    assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--no-progress", "--kv-context-length", "64"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_missing_checkpoint_and_nothing_to_measure(tmp_path, capsys):
+    assert run_tool(EVALUATE.main, ["--load", str(tmp_path / "nothing"), "--kv-context-length", "64"]) == 2
+    assert "--load" in capsys.readouterr().err
+    assert run_tool(EVALUATE.main, ["--load", str(DEMO)]) == 2
+    assert "--kv-context-length is needed" in capsys.readouterr().err

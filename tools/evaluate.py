@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint under allocations: perplexity, long-range retrieval, KV-cache bytes.
+
+    python tools/evaluate.py --load ckpt/fixed --allocation checkpoint --allocation all_fa \\
+        --allocation uniform_heads --allocation interleave:4 --target-sparsity 0.75 \\
+        --text held_out.jsonl --seq-length 2048 --num-sequences 32 \\
+        --retrieval passkey kv --distances 256 512 1024 --samples-per-distance 16 \\
+        --kv-context-length 32768 --output eval.json
+
+The checkpoint may be saved at any TP/PP (training, finalize, or an imported
+Hugging Face model); every allocation runs on a one-rank copy of it. An
+allocation is an allocation.json, a preset (made at --target-sparsity,
+--granularity, and the checkpoint's window unless --window), or `checkpoint`
+(its own). Perplexity is reported over all positions and over the positions
+beyond the window (where FA and SWA differ); retrieval as accuracy per task and
+distance (tokens between the needle's value and the question's end; >= the
+window means out of an SWA head's reach); KV bytes by the kv_memory formula.
+Prints a table; --output writes the JSON report (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from megatron_consa.allocation import list_presets
+from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.evaluation.flags import (
+    add_checkpoint_arguments,
+    add_sequence_arguments,
+    checkpoint_tokenizer,
+    sequence_source,
+    tqdm_progress,
+)
+from megatron_consa.evaluation.kv_memory import DTYPE_BYTES
+from megatron_consa.evaluation.retrieval import TASKS
+
+DEFAULT_SEQ_LENGTH = 1024
+DEFAULT_NUM_SEQUENCES = 16
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(p)
+    g = p.add_argument_group("allocations")
+    g.add_argument("--allocation", action="append", metavar="SPEC",
+                   help="repeatable: an allocation.json, `checkpoint` (the checkpoint's own), or a preset: "
+                        f"{', '.join(list_presets())} (default: `checkpoint` when it has one, else all_fa)")
+    g.add_argument("--target-sparsity", type=float, help="the presets' target (share of KV heads SWA)")
+    g.add_argument("--granularity", choices=("kv_head", "layer"), default="kv_head", help="the presets' unit (default: kv_head)")
+    g.add_argument("--window", type=int,
+                   help="sliding window W of every allocation (default: the checkpoint's for presets, a file's own)")
+    g.add_argument("--sink-tokens", type=int, help="attention sinks of every allocation (default: as --window)")
+    g.add_argument("--calibration-scores", metavar="FILE",
+                   help="the unit-scores file the `heuristic` preset ranks by (tools/calibrate_heuristic.py)")
+    add_sequence_arguments(p, what="perplexity", seq_length=DEFAULT_SEQ_LENGTH, num_sequences=DEFAULT_NUM_SEQUENCES)
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--retrieval", nargs="+", choices=TASKS, metavar="TASK",
+                   help=f"tasks to run: {', '.join(TASKS)} (passkey in real text; key-value recall)")
+    g.add_argument("--distances", nargs="+", type=int, metavar="D",
+                   help="distances in tokens, one accuracy bucket each (needed with --retrieval)")
+    g.add_argument("--samples-per-distance", type=int, default=8, help="prompts per task and distance (default: 8)")
+    g.add_argument("--context-length", type=int,
+                   help="retrieval prompt tokens (default: the longest distance's prompt + 64 tokens of lead)")
+    g.add_argument("--haystack", metavar="FILE",
+                   help="text or JSONL the passkey haystack is cut from (default: the Python standard library)")
+    g.add_argument("--retrieval-seed", type=int, default=0, help="seed of values, keys and haystack offsets (default: 0)")
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--kv-context-length", type=int,
+                   help="tokens per sequence for the KV bytes (default: the longest sequence evaluated; needed when "
+                        "nothing is evaluated)")
+    g.add_argument("--kv-batch-size", type=int, default=1, help="sequences cached at once (default: 1)")
+    g.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="KV-cache element type (default: bf16)")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default: 1)")
+    g.add_argument("--output", metavar="FILE.json", help="write the report as JSON (atomically)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.retrieval and not args.distances:
+        raise UserInputError("--retrieval needs --distances (tokens between the needle and the question)")
+    if args.distances and not args.retrieval:
+        raise UserInputError("--distances is for --retrieval: name the tasks (passkey, kv)")
+    for flag, value, minimum in (("--batch-size", args.batch_size, 1), ("--kv-batch-size", args.kv_batch_size, 1),
+                                 ("--samples-per-distance", args.samples_per_distance, 1),
+                                 ("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0),
+                                 ("--context-length", args.context_length, 1),
+                                 ("--kv-context-length", args.kv_context_length, 0)):
+        if value is not None and value < minimum:
+            raise UserInputError(f"{flag} {value}: must be >= {minimum}")
+    if not (args.text or args.data_path or args.stdlib_text or args.retrieval) and args.kv_context_length is None:
+        raise UserInputError("--kv-context-length is needed when no perplexity data or retrieval sets a length")
+    if args.haystack and not os.path.isfile(args.haystack):
+        raise UserInputError(f"--haystack {args.haystack}: no such file")
+    for d in args.distances or ():
+        if d < 1:
+            raise UserInputError(f"--distances {d}: distances are >= 1 token")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    _check(args)
+    source = sequence_source(args)
+    setup_logging()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron_consa.evaluation.models import CheckpointModels
+    from megatron_consa.evaluation.retrieval import RetrievalConfig, make_samples
+    from megatron_consa.evaluation.sequences import load_sequences, text_file_documents
+    from megatron_consa.evaluation.suite import (
+        CHECKPOINT_SPEC,
+        EvaluationRequest,
+        evaluate_allocations,
+        resolve_allocations,
+    )
+    from megatron_consa.files import write_json_atomic
+    from megatron_consa.unit_scores import UnitScores
+
+    models = CheckpointModels(args.load)
+    specs = args.allocation or [CHECKPOINT_SPEC if models.own_allocation() is not None else "all_fa"]
+    try:
+        scores = UnitScores.load(args.calibration_scores) if args.calibration_scores else None
+    except ValueError as err:
+        raise UserInputError(f"--calibration-scores: {err}") from err
+    try:
+        allocations = resolve_allocations(specs, models, granularity=args.granularity,
+                                          target_sparsity=args.target_sparsity, window=args.window,
+                                          sink_tokens=args.sink_tokens, calibration_scores=scores)
+    except ValueError as err:
+        hint = " (--calibration-scores FILE)" if "heuristic" in specs and scores is None else ""
+        raise UserInputError(f"--allocation: {err}{hint}") from err
+    needs_text = source is not None or args.retrieval
+    tokenizer = checkpoint_tokenizer(models, args.tokenizer_model) if needs_text else None
+    samples = []
+    if args.retrieval:
+        haystack = text_file_documents(args.haystack) if args.haystack else None
+        try:
+            config = RetrievalConfig(distances=tuple(args.distances), samples_per_distance=args.samples_per_distance,
+                                     context_length=args.context_length, seed=args.retrieval_seed)
+            for task in args.retrieval:
+                samples += make_samples(task, tokenizer, config, haystack_documents=haystack)
+        except ValueError as err:
+            raise UserInputError(f"--distances / --context-length / --haystack: {err}") from err
+    with models:
+        request = EvaluationRequest(
+            allocations=tuple(allocations), perplexity_sequences=load_sequences(source, tokenizer) if source else None,
+            retrieval_samples=tuple(samples), kv_context_length=args.kv_context_length,
+            kv_batch_size=args.kv_batch_size, kv_dtype=args.kv_dtype, batch_size=args.batch_size,
+        )
+        report = evaluate_allocations(models, request, progress=tqdm_progress(not args.no_progress))
+    print(report.table())
+    if args.output:
+        write_json_atomic(args.output, report.to_dict())
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
