@@ -100,11 +100,11 @@ def write_corpus(out: Path) -> Path:
     return out / "corpus.jsonl"
 
 
-def data_flags(out: Path, tokenizer_model: Path) -> list[str]:
+def data_flags(out: Path, tokenizer_model: Path, global_batch_size: int = 8) -> list[str]:
     return ["--data-path", str(out / "data" / "corpus_text_document"), "--split", "95,5,0",
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
-            "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "8", "--weight-decay", "0",
-            "--eval-iters", "4"]
+            "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", str(global_batch_size),
+            "--weight-decay", "0", "--eval-iters", "4"]
 
 
 def pretrain(flow: Workflow, args) -> Path:
@@ -136,7 +136,9 @@ def learn_finalize_fixed(flow: Workflow, args, start: Path) -> dict:
             sys.executable, "tools/preprocess_data.py", "--input", str(write_corpus(out)), "--output-prefix",
             str(out / "data" / "corpus"), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
             str(start / "tokenizer.model"), "--workers", "2"])
-    common = ["--hf-config", str(start), "--consa-window", str(args.window)] + data_flags(out, start / "tokenizer.model")
+    # TP=2 and PP=2 leave one data-parallel rank: one micro-batch of 4 sequences per iteration.
+    common = ["--hf-config", str(start), "--consa-window", str(args.window)] + data_flags(
+        out, start / "tokenizer.model", global_batch_size=4)
     flow.train(f"learn the allocation (target sparsity {args.target}), TP=2", common + [
         "--tensor-model-parallel-size", "2", "--load", str(start), "--consa-phase", "learn",
         "--consa-granularity", "kv_head", "--consa-target-sparsity", str(args.target),

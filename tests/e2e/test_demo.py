@@ -48,6 +48,12 @@ def test_make_demo_at_its_shipped_settings(tmp_path):
     learn = _losses(log, "=== learn the allocation")
     assert len(learn) >= 8 and min(learn[-3:]) < learn[0]
     assert "allocation phase: s_hat stayed within" in log
+    for field in ("gate lr", "tok/s", "ETA", "lambda1", "FA/layer", "validation | iter 100"):
+        assert field in log, field
+    assert list((out / "tensorboard" / "learn").glob("events.out.tfevents.*")), "no TensorBoard events"
+    start = ROOT / "examples" / "checkpoints" / "demo_dense"
+    for name in ("tokenizer.model", "config.json"):  # each phase's checkpoint describes itself
+        assert (out / "finalized" / "checkpoint" / name).read_bytes() == (start / name).read_bytes(), name
     for line in ("allocation:  ", "heatmap:     ", "12/16 KV heads SWA", "| ConSA hybrid after continued training |"):
         assert line in log
 

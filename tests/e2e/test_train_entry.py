@@ -69,43 +69,6 @@ def corpus(tmp_path_factory):
     return {"data": str(d / "c_text_document"), "tok": str(d / "c.model"), "dir": d}
 
 
-def _data(corpus) -> list[str]:
-    return ["--data-path", corpus["data"], "--split", "90,10,0", "--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", corpus["tok"]]
-
-
-def test_preprocess_learn_finalize_fixed_through_torchrun(corpus, tmp_path):
-    """2 ranks, learn at PP2 then fixed at TP2: each phase's output is the next one's input.
-
-    The other way round (learn at TP2, fixed at PP2) is `make demo`, tested at its
-    shipped settings in test_demo.py.
-    """
-    learn_layout, fixed_layout = "--pipeline-model-parallel-size", "--tensor-model-parallel-size"
-    learn = _ok(_torchrun(MODEL + _data(corpus) + [
-        learn_layout, "2", "--consa-phase", "learn", "--consa-target-sparsity", "0.75", "--consa-window", "8",
-        "--consa-target-warmup-iters", "10", "--train-iters", "30", "--lr", "3e-3", "--log-interval", "5",
-        "--eval-interval", "15", "--eval-iters", "2", "--save", str(tmp_path / "learn"), "--save-interval", "15",
-        "--tensorboard-dir", str(tmp_path / "tb")]))
-    losses = _losses(learn)
-    assert losses[-1] < losses[0] and "validation | iter 15" in learn and "gate lr" in learn and "ETA" in learn
-    assert (tmp_path / "learn" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
-    fin = subprocess.run([PY, "tools/finalize_allocation.py", "--load", str(tmp_path / "learn"), "--save",
-                          str(tmp_path / "fin"), "--tolerance", "1"], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=300)
-    _ok(fin)
-    alloc = Allocation.load(tmp_path / "fin" / "allocation.json")
-    assert alloc.achieved_sparsity == 0.75 and alloc.num_fa_kv_heads == 2  # 4 layers x 2 KV heads, exactly
-    assert (tmp_path / "fin" / "allocation_heatmap.png").stat().st_size > 1000
-    assert (tmp_path / "fin" / "checkpoint" / "tokenizer.model").read_bytes() == Path(corpus["tok"]).read_bytes()
-    fixed = _ok(_torchrun(MODEL + _data(corpus) + [
-        fixed_layout, "2", "--consa-phase", "fixed", "--load", str(tmp_path / "fin" / "checkpoint"),
-        "--train-iters", "20", "--lr", "3e-3", "--log-interval", "5", "--save", str(tmp_path / "fixed")]))
-    fixed_losses = _losses(fixed)
-    assert fixed_losses[-1] < losses[0] and "s_hat 0.7500" in fixed  # the whole chain learned
-    meta = json.loads((tmp_path / "fixed" / "iter_0000020" / "consa_run.json").read_text())
-    assert meta["consa"]["allocation"] == alloc.fa
-
-
 def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_path):
     """--tokenizer-type HuggingFaceTokenizer: the .bin holds the tokenizer's own ids + EOD, and a run trains on it."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
