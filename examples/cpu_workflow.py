@@ -1,6 +1,6 @@
 """The ConSA workflow on a CPU, through the real entry points and torchrun with 2 ranks.
 
-`make demo` runs it (about 5 minutes on 2 cores, no downloads):
+`make demo` runs it (under 3 minutes on 2 cores, plus the install; no downloads):
 
 1. corpus: the Python standard library's own sources mixed with a long-range
    recall task (a key of random words, repeated; `megatron_consa.data.demo_corpus`);
