@@ -15,7 +15,7 @@ What `make quickstart` runs: the library API in one process (gloo), no torchrun,
    the largest log_alpha stay FA so the SWA share is exactly the target; write
    allocation.json and print the allocation.
 
-    python examples/cpu_quickstart.py --pretrain-iters 250 --iters 600 --target 0.75 --out runs/quickstart
+    python examples/cpu_quickstart.py --pretrain-iters 250 --iters 320 --target 0.75 --out runs/quickstart
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _free_port() -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrain-iters", type=int, default=250, help="dense (all-FA) pretraining iterations (default: 250)")
-    p.add_argument("--iters", type=int, default=600,
-                   help="allocation-phase iterations, more than the target warm-up (default: 600)")
+    p.add_argument("--iters", type=int, default=320,
+                   help="allocation-phase iterations: the 200-iteration target warm-up, then settling (default: 320)")
     p.add_argument("--target", type=float, default=0.75, help="SWA share of KV heads to reach, in [0, 1) (default: 0.75)")
     p.add_argument("--granularity", choices=["kv_head", "layer"], default="kv_head", help="gate per KV head or per layer")
     p.add_argument("--window", type=int, default=8, help="sliding window W in tokens (default: 8)")
