@@ -168,7 +168,7 @@ def learn(flow: Workflow, out: Path, hf: Path, ckpt: Path, s: Settings, target: 
             "--data-path", str(out / "data" / "train_text_document"), "--split", "100,0,0",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf),
             "--seq-length", str(s.seq_length), "--micro-batch-size", "1", "--global-batch-size", "1",
-            "--lr", "1e-5", "--train-iters", str(s.learn_iters), "--log-interval", str(max(1, s.learn_iters // 10)),
+            "--lr", "1e-5", "--min-lr", "1e-5", "--train-iters", str(s.learn_iters), "--log-interval", str(max(1, s.learn_iters // 10)),
             "--consa-phase", "learn", "--consa-gates-only", "--consa-granularity", granularity,
             "--consa-target-sparsity", str(target), "--consa-window", str(s.window),
             "--consa-target-warmup-iters", str(s.warmup_iters), "--save", str(save), "--no-save-optim"])

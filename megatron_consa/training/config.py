@@ -151,6 +151,11 @@ class TrainingConfig:
             _fail("TrainingConfig", "train_iters", self.train_iters, "must be >= 0")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             _fail("TrainingConfig", "lr_decay_style", self.lr_decay_style, "use constant, linear or cosine")
+        for name in ("lr", "min_lr"):
+            if getattr(self, name) < 0:
+                _fail("TrainingConfig", name, getattr(self, name), "must be >= 0")
+        if self.min_lr > self.lr:
+            _fail("TrainingConfig", "min_lr", self.min_lr, f"the decay ends below the peak: use a value <= lr={self.lr}")
         return self.global_batch_size // per_step
 
     def to_dict(self) -> dict:
