@@ -55,6 +55,8 @@ class Settings:
     seq_length: int = 512
     learn_iters: int = 300
     warmup_iters: int = 200
+    """The target ramp. Gates move about gate_lr (0.05) in log_alpha per iteration, so from their
+    initial 3.0 they need some 60 iterations to reach a target: a shorter ramp cannot be tracked."""
     train_documents: int = 400
     passkey_documents: int = 200
     calib_sequences: int = 16
@@ -63,8 +65,8 @@ class Settings:
     samples_per_distance: int = 16
 
 
-QUICK = Settings(targets=(0.5,), granularities=("kv_head",), window=32, seq_length=128, learn_iters=30,
-                 warmup_iters=10, train_documents=40, passkey_documents=20, calib_sequences=2, eval_sequences=2,
+QUICK = Settings(targets=(0.5,), granularities=("kv_head",), window=32, seq_length=128, learn_iters=160,
+                 warmup_iters=80, train_documents=40, passkey_documents=20, calib_sequences=2, eval_sequences=2,
                  distances=(48,), samples_per_distance=2)
 
 
