@@ -69,23 +69,32 @@ def fixed_consa_config(arch: ArchitectureConfig, allocation: Optional[Allocation
     )
 
 
+def load_model(info: CheckpointInfo, consa: ConsaConfig, *, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """A TP1/PP1 GPTModel (eval mode) with the checkpoint's weights; needs a one-rank world.
+
+    The weights are not drawn at random first (`perform_initialization=False`):
+    the load overwrites every tensor.
+    """
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+    from megatron_consa.training.checkpoint import load_model_weights
+
+    config = build_transformer_config(info.arch, consa, params_dtype=dtype or info.dtype, perform_initialization=False)
+    model = build_gpt_model(config, info.arch, use_transformer_engine=False)
+    load_model_weights([model], info.path)
+    return model.eval()
+
+
 @contextlib.contextmanager
 def one_rank_model(info: CheckpointInfo, consa: ConsaConfig, *, dtype: Optional[torch.dtype] = None) -> Iterator[torch.nn.Module]:
-    """A TP1/PP1 GPTModel (eval mode) with the checkpoint's weights, alive inside a one-rank world.
+    """`load_model` alive inside a one-rank world.
 
     Reuses a one-rank world that is already initialised (a test process);
     otherwise starts one and tears it down on exit.
     """
     from megatron_consa.conversion.world import conversion_world, free_port
-    from megatron_consa.model import build_gpt_model, build_transformer_config
-    from megatron_consa.training.checkpoint import load_model_weights
 
     with conversion_world(rank=0, world_size=1, port=free_port()):
-        config = build_transformer_config(info.arch, consa, params_dtype=dtype or info.dtype,
-                                          perform_initialization=False)  # every weight is loaded below
-        model = build_gpt_model(config, info.arch, use_transformer_engine=False)
-        load_model_weights([model], info.path)
-        yield model.eval()
+        yield load_model(info, consa, dtype=dtype)
 
 
-__all__ = ["CheckpointInfo", "fixed_consa_config", "one_rank_model", "read_checkpoint_info"]
+__all__ = ["CheckpointInfo", "fixed_consa_config", "load_model", "one_rank_model", "read_checkpoint_info"]

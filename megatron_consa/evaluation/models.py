@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from megatron_consa.allocation import Allocation
-from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfig
 
 logger = logging.getLogger(__name__)
@@ -59,15 +58,11 @@ class CheckpointModels:
     """
 
     def __init__(self, load: str | Path, *, dtype: torch.dtype = torch.float32):
-        from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
+        from megatron_consa.conversion.checkpoint_model import read_checkpoint_info
 
-        self.path = resolve_load_dir(load)
-        meta = read_checkpoint_meta(self.path)
-        if meta is None or "architecture" not in meta:
-            raise FileNotFoundError(f"{load}: {self.path} is not a megatron-consa checkpoint (no consa_run.json)")
-        self.meta = meta
-        self.arch = ArchitectureConfig(**meta["architecture"])
-        saved = meta.get("consa") or {}
+        self.info = read_checkpoint_info(load)
+        self.path, self.meta, self.arch = self.info.path, self.info.meta, self.info.arch
+        saved = self.meta.get("consa") or {}
         self.window: int = int(saved.get("window", ConsaConfig().window))
         """The window the checkpoint was trained (or imported) with."""
         self.sink_tokens: int = int(saved.get("sink_tokens", 0))
@@ -78,13 +73,9 @@ class CheckpointModels:
     # ---------------------------------------------------------------- what the checkpoint says
 
     def own_allocation(self) -> Optional[Allocation]:
-        """The allocation the checkpoint runs: a fixed phase's, or an import's `allocation.json`; else None."""
-        from megatron_consa.conversion.importer import ALLOCATION_FILE
-
-        if self.meta.get("allocation"):  # an imported sliding-window model
-            alloc = Allocation.load(self.path / ALLOCATION_FILE)
-            alloc.check_compatible(self.arch.num_layers, self.arch.num_kv_heads)
-            return alloc
+        """The allocation the checkpoint runs: an import's `allocation.json`, or a fixed phase's; else None."""
+        if self.info.allocation is not None:  # an imported sliding-window model
+            return self.info.allocation
         if self._saved_fa is None:
             return None
         return Allocation(granularity="kv_head", num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,
@@ -124,8 +115,7 @@ class CheckpointModels:
         if self._world is None:
             raise RuntimeError("CheckpointModels.model() needs the one-rank world: use `with CheckpointModels(...)`")
         from megatron_consa.compat import compute_device
-        from megatron_consa.model import build_gpt_model, build_transformer_config
-        from megatron_consa.training.checkpoint import load_model_weights
+        from megatron_consa.conversion.checkpoint_model import load_model
 
         if fa is None:
             own = self.own_allocation()
@@ -136,10 +126,7 @@ class CheckpointModels:
             allocation=[list(map(int, row)) for row in fa],
             backend="torch",
         )
-        config = build_transformer_config(self.arch, consa, params_dtype=self.dtype, perform_initialization=False)
-        model = build_gpt_model(config, self.arch, use_transformer_engine=False)
-        load_model_weights([model], self.path)
-        return model.to(compute_device()).eval()
+        return load_model(self.info, consa, dtype=self.dtype).to(compute_device())
 
     def allocation_model(self, allocation: Allocation) -> torch.nn.Module:
         """The model under `allocation` (its grid, window and sinks)."""

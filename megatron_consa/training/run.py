@@ -234,9 +234,9 @@ def run_training(prepared: PreparedRun):
             logger.info("validation | iter %d | loss %.4f | ppl %.3f", k, loss, math.exp(min(loss, 50.0)))
 
     def checkpoint() -> None:
-        path = save_run_checkpoint(trainer, save, extras=_checkpoint_extras(run, prepared.tokenizer),
-                                   with_optimizer=run.checkpoint.save_optim)
-        if run.consa.learning:
+        save_run_checkpoint(trainer, save, extras=_checkpoint_extras(run, prepared.tokenizer),
+                            with_optimizer=run.checkpoint.save_optim)
+        if run.consa.learning and training.tensorboard_dir:  # the same on every rank
             log_alpha = trainer.gather_log_alpha()  # a collective: every rank
             if trainer._writer is not None:
                 _tensorboard_heatmap(trainer, log_alpha)
