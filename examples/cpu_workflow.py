@@ -67,20 +67,24 @@ class Workflow:
 
     def __init__(self, out: Path, nproc: int):
         self.out, self.nproc, self.start_time = out, nproc, time.time()
-        self.env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        threads = max(1, (os.cpu_count() or 1) // nproc)  # the cores shared by the ranks of a training launch
+        self.env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
 
-    def run(self, title: str, cmd: list[str], keep_last: int = 20) -> None:
+    def run(self, title: str, cmd: list[str], keep_last: int = 20) -> float:
+        """Run one step; its wall time in seconds."""
         print(f"\n=== {title} ({self.elapsed()})\n$ {' '.join(cmd)}", flush=True)
+        start = time.time()
         proc = subprocess.run(cmd, env=self.env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines = [line for line in proc.stdout.splitlines() if not _noise(line)]
         print("\n".join(lines[-keep_last:]), flush=True)
         if proc.returncode != 0:
             raise SystemExit(f"error: step '{title}' failed (exit {proc.returncode})")
+        return time.time() - start
 
-    def train(self, title: str, args: list[str]) -> None:
+    def train(self, title: str, args: list[str]) -> float:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.nproc),
                     "--master-port", str(_free_port()), "-m", "megatron_consa.train"]
-        self.run(title, torchrun + args)
+        return self.run(title, torchrun + args)
 
     def elapsed(self) -> str:
         return f"{time.time() - self.start_time:.0f} s"

@@ -9,7 +9,8 @@ the project's converter; its weights stay frozen. Through the real tools:
    real text, then the question) -> tools/preprocess_data.py with the model's
    own tokenizer; held-out text from other stdlib files for evaluation;
 3. tools/calibrate_heuristic.py: attention mass beyond the window per KV head
-   in the dense model (the `heuristic` preset's scores);
+   in the dense model (the `heuristic` preset's scores), and the single-head
+   ablation ranking (the loss increase when one KV head alone is SWA);
 4. for each target and granularity: gates-only learning (python -m
    megatron_consa.train --consa-gates-only, controller defaults) ->
    tools/finalize_allocation.py --no-checkpoint;
@@ -17,12 +18,16 @@ the project's converter; its weights stay frozen. Through the real tools:
    rule preset, the heuristic, two random draws, at the same budget and window;
    all-FA and all-SWA once: perplexity beyond the window on held-out text, and
    pass-key / key-value retrieval accuracy by distance;
-6. a markdown table (and the JSON) of everything.
+6. tools/analyze_allocation.py on each learned map: heatmap, FA per depth
+   third, depth centroid, FA blocks, overlap with the heuristic, the ablation
+   ranking and the other granularity's learned map;
+7. study_real.md (tables, where the learned allocation ranks) and
+   study_real.json (the same numbers), written atomically.
 
 Every step writes its output and is skipped when that output exists: the study
 resumes where it stopped, and `--parts` runs some steps only.
 
-    python examples/study_real.py --out runs/study_real            # about 2 hours on 2 cores
+    python examples/study_real.py --out runs/study_real            # about 1.5 hours on 2 cores
     python examples/study_real.py --out runs/study_real_quick --quick   # a few minutes (tested in make test)
 
 30 layers cannot be split 75/25 (22.5 layers), nor 90 KV heads (67.5): the
@@ -35,6 +40,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -42,6 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_workflow import Workflow  # noqa: E402
+
+from megatron_consa.files import write_text_atomic  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RULES = ["interleave:4", "top_swa", "bottom_swa", "uniform_heads", "random:1", "random:2", "heuristic"]
@@ -53,21 +61,24 @@ class Settings:
     granularities: tuple[str, ...] = ("kv_head", "layer")
     window: int = 64
     seq_length: int = 512
-    learn_iters: int = 300
-    warmup_iters: int = 200
+    learn_iters: int = 200
+    warmup_iters: int = 100
     """The target ramp. Gates move about gate_lr (0.05) in log_alpha per iteration, so from their
     initial 3.0 they need some 60 iterations to reach a target: a shorter ramp cannot be tracked."""
     train_documents: int = 400
     passkey_documents: int = 200
     calib_sequences: int = 16
+    ablation_sequences: int = 2
+    """Single-unit ablation (KV heads) evaluates the model once per head (90 of them): fewer sequences than
+    calibration; 0: no ablation ranking (quick mode)."""
     eval_sequences: int = 16
-    distances: tuple[int, ...] = (96, 192, 384)
-    samples_per_distance: int = 16
+    distances: tuple[int, ...] = (128, 384)
+    samples_per_distance: int = 8
 
 
 QUICK = Settings(targets=(0.5,), granularities=("kv_head",), window=32, seq_length=128, learn_iters=160,
-                 warmup_iters=80, train_documents=40, passkey_documents=20, calib_sequences=2, eval_sequences=2,
-                 distances=(48,), samples_per_distance=2)
+                 warmup_iters=80, train_documents=40, passkey_documents=20, calib_sequences=2, ablation_sequences=0,
+                 eval_sequences=2, distances=(48,), samples_per_distance=2)
 
 
 def parse_args(argv=None):
@@ -78,7 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--hf-dir", type=Path, help="an existing SmolLM2 HF directory (default: made from the GGUF)")
     p.add_argument("--parts", nargs="+", default=["prepare", "learn", "evaluate", "report"],
                    choices=["prepare", "learn", "evaluate", "report"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.hf_dir is not None and not (args.hf_dir / "config.json").is_file():
+        p.error(f"--hf-dir {args.hf_dir} holds no Hugging Face model (no config.json): give the directory "
+                "tools/convert_gguf_to_hf.py wrote, or leave --hf-dir out to convert the GGUF here")
+    return args
 
 
 def gguf_file() -> Path:
@@ -134,13 +149,14 @@ def main(argv=None) -> int:
                                     "--output-prefix", str(out / "data" / "train"), "--tokenizer-type",
                                     "HuggingFaceTokenizer", "--tokenizer-model", str(hf), "--workers", "2"])
         for granularity in s.granularities:
-            scores = out / f"heuristic_{granularity}.json"
+            scores = scores_file(out, "attention", granularity)
             if not scores.is_file():
-                flow.run(f"heuristic scores ({granularity})", [
-                    py, "tools/calibrate_heuristic.py", "--load", str(ckpt), "--tokenizer-model", str(hf),
-                    "--text", str(out / "data" / "train.jsonl"), "--seq-length", str(s.seq_length),
-                    "--num-sequences", str(s.calib_sequences), "--window", str(s.window), "--granularity",
-                    granularity, "--output", str(scores), "--no-progress"])
+                flow.run(f"heuristic scores ({granularity})", calibrate_cmd(
+                    out, hf, ckpt, s, "attention", granularity, s.calib_sequences, scores))
+        ablation = scores_file(out, "ablation", "kv_head")
+        if s.ablation_sequences and not ablation.is_file():
+            flow.run("ablation ranking (kv_head; a layer is ranked by its heads)", calibrate_cmd(
+                out, hf, ckpt, s, "ablation", "kv_head", s.ablation_sequences, ablation))
     for target in s.targets:
         for granularity in s.granularities:
             name = unit_name(target, granularity)
@@ -150,30 +166,60 @@ def main(argv=None) -> int:
                 flow.run(f"evaluate {name}", evaluate_cmd(out, hf, ckpt, s, granularity, target, [
                     "--allocation", str(out / f"finalized_{name}" / "allocation.json"), *sum(
                         (["--allocation", r] for r in RULES), []),
-                    "--calibration-scores", str(out / f"heuristic_{granularity}.json")], out / f"eval_{name}.json"))
+                    "--calibration-scores", str(scores_file(out, "attention", granularity))], out / f"eval_{name}.json"))
+    for target in s.targets:  # after every learning run: each map is compared with the other granularity's
+        for granularity in s.granularities:
+            name = unit_name(target, granularity)
+            if "evaluate" in args.parts and not (out / f"analysis_{name}.json").is_file():
+                others = [out / f"finalized_{unit_name(target, g)}" / "allocation.json" for g in s.granularities
+                          if g != granularity]
+                flow.run(f"analyze {name}", [
+                    py, "tools/analyze_allocation.py", "--allocation", str(out / f"finalized_{name}" / "allocation.json"),
+                    *sum((["--compare", str(f)] for f in [scores_file(out, "attention", granularity),
+                                                           scores_file(out, "ablation", "kv_head"), *others]
+                          if f.is_file()), []),
+                    "--heatmap", str(out / f"heatmap_{name}.png"), "--output", str(out / f"analysis_{name}.json")])
     if "evaluate" in args.parts and not (out / "eval_references.json").is_file():
         flow.run("evaluate all-FA and all-SWA", evaluate_cmd(out, hf, ckpt, s, "kv_head", None, [
             "--allocation", "all_fa", "--allocation", "all_swa"], out / "eval_references.json"))
     if "report" in args.parts:
-        table = report(out, s)
-        (out / "study_real.md").write_text(table)
+        table, summary = report(out, s)
+        write_text_atomic(out / "study_real.md", table)
+        write_text_atomic(out / "study_real.json", json.dumps(summary, indent=1) + "\n")
         print("\n" + table)
     return 0
+
+
+def scores_file(out: Path, mode: str, granularity: str) -> Path:
+    """Unit scores of the dense model: `attention` (the heuristic's input) or `ablation` (the oracle-style ranking)."""
+    return out / f"{'heuristic' if mode == 'attention' else 'ablation'}_{granularity}.json"
+
+
+def calibrate_cmd(out: Path, hf: Path, ckpt: Path, s: Settings, mode: str, granularity: str, sequences: int,
+                  output: Path) -> list[str]:
+    return [sys.executable, "tools/calibrate_heuristic.py", "--load", str(ckpt), "--tokenizer-model", str(hf),
+            "--mode", mode, "--text", str(out / "data" / "train.jsonl"), "--seq-length", str(s.seq_length),
+            "--num-sequences", str(sequences), "--window", str(s.window), "--granularity", granularity,
+            "--output", str(output), "--no-progress"]
 
 
 def learn(flow: Workflow, out: Path, hf: Path, ckpt: Path, s: Settings, target: float, granularity: str,
           name: str) -> None:
     save, final = out / f"learn_{name}", out / f"finalized_{name}"
     if not (save / "latest_checkpointed_iteration.txt").is_file():
-        flow.run(f"learn {name} (gates only, weights frozen)", [
+        wall = flow.run(f"learn {name} (gates only, weights frozen)", [
             sys.executable, "-m", "megatron_consa.train", "--hf-config", str(ckpt), "--load", str(ckpt),
             "--data-path", str(out / "data" / "train_text_document"), "--split", "100,0,0",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf),
             "--seq-length", str(s.seq_length), "--micro-batch-size", "1", "--global-batch-size", "1",
-            "--lr", "1e-5", "--min-lr", "1e-5", "--train-iters", str(s.learn_iters), "--log-interval", str(max(1, s.learn_iters // 10)),
+            "--lr", "1e-5", "--min-lr", "1e-5", "--train-iters", str(s.learn_iters),
+            "--log-interval", str(max(1, s.learn_iters // 10)),
             "--consa-phase", "learn", "--consa-gates-only", "--consa-granularity", granularity,
             "--consa-target-sparsity", str(target), "--consa-window", str(s.window),
             "--consa-target-warmup-iters", str(s.warmup_iters), "--save", str(save), "--no-save-optim"])
+        write_text_atomic(out / f"cost_{name}.json", json.dumps(
+            {"iterations": s.learn_iters, "tokens": s.learn_iters * s.seq_length, "wall_s": round(wall, 1),
+             "processes": 1, "cores": os.cpu_count()}) + "\n")
     if not (final / "allocation.json").is_file():
         flow.run(f"finalize {name}", [sys.executable, "tools/finalize_allocation.py", "--load", str(save),
                                       "--save", str(final), "--no-checkpoint"])
@@ -189,26 +235,105 @@ def evaluate_cmd(out: Path, hf: Path, ckpt: Path, s: Settings, granularity: str,
             "--output", str(output), "--no-progress"]
 
 
-def report(out: Path, s: Settings) -> str:
-    """One markdown table per (target, granularity), the references on top."""
-    lines = [f"SmolLM2-135M, weights frozen, W={s.window}, seq {s.seq_length}; perplexity beyond the window on "
-             f"held-out stdlib text ({s.eval_sequences} x {s.seq_length} tokens); retrieval accuracy by distance "
-             f"({s.samples_per_distance} prompts each)."]
-    runs = [("references", out / "eval_references.json")]
-    runs += [(unit_name(t, g), out / f"eval_{unit_name(t, g)}.json") for t in s.targets for g in s.granularities]
-    for title, path in runs:
-        if not path.is_file():
-            continue
-        results = json.loads(path.read_text())["allocations"]
-        lines += ["", f"### {title}", "", "| allocation | SWA share | ppl beyond W | " +
-                  " | ".join(f"{task} @{d}" for task in ("passkey", "kv") for d in s.distances) + " |",
-                  "|---|---:|---:|" + "---:|" * (2 * len(s.distances))]
-        for r in results:
-            acc = {(b["task"], b["distance"]): b["accuracy"] for b in r["retrieval"]}
-            cells = [f"{acc.get((task, d), float('nan')):.2f}" for task in ("passkey", "kv") for d in s.distances]
-            lines.append(f"| {r['name']} | {r['sparsity']:.3f} | {r['perplexity']['perplexity_beyond_window']:.2f} | "
-                         + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _row(r: dict, s: Settings) -> dict:
+    """One evaluated allocation: its name in the study, perplexity beyond the window and retrieval accuracy."""
+    ppl = r["perplexity"]
+    name = "learned" if r["name"].endswith("allocation.json") else r["name"]
+    acc = {f"{b['task']}@{b['distance']}": b["accuracy"] for b in r["retrieval"]}
+    return {"allocation": name, "sparsity": r["sparsity"], "ppl_beyond_window": ppl["perplexity_beyond_window"],
+            "nll_beyond_window": ppl["mean_nll_beyond_window"],
+            "nll_std_error": ppl.get("nll_beyond_window_std_error"), "retrieval": acc, "kv_bytes": r["kv_bytes"],
+            "fa": r["fa"]}
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _verdict(rows: list[dict]) -> dict:
+    """Where the learned allocation ranks by perplexity beyond the window, and who beats it or loses to it by more
+    than 2 s.e. of the learned allocation's mean NLL (None without an s.e.: fewer than 2 sequences)."""
+    learned = next(r for r in rows if r["allocation"] == "learned")
+    others = [r for r in rows if r is not learned]
+    nll, se = learned["nll_beyond_window"], learned["nll_std_error"]
+    return {"rank": 1 + sum(r["nll_beyond_window"] < nll for r in others), "of": len(rows),
+            "beaten_by": [r["allocation"] for r in others if r["nll_beyond_window"] < nll],
+            "beaten_by_more_than_2_se": None if se is None else [
+                r["allocation"] for r in others if r["nll_beyond_window"] < nll - 2 * se],
+            "beats_by_more_than_2_se": None if se is None else [
+                r["allocation"] for r in others if r["nll_beyond_window"] > nll + 2 * se]}
+
+
+def _retrieval_cells(row: dict, s: Settings) -> list[str]:
+    return [f"{row['retrieval'].get(f'{task}@{d}', float('nan')):.2f}" for task in ("passkey", "kv") for d in s.distances]
+
+
+def report(out: Path, s: Settings) -> tuple[str, dict]:
+    """Markdown tables (references, then one per target and granularity, then the learned maps' patterns) and the
+    same numbers as JSON."""
+    summary: dict = {"settings": dataclasses.asdict(s), "references": [], "runs": {}}
+    head = ("| allocation | SWA share | ppl beyond W | ± s.e. (NLL) | " +
+            " | ".join(f"{task} @{d}" for task in ("passkey", "kv") for d in s.distances) + " |")
+    rule = "|---|---:|---:|---:|" + "---:|" * (2 * len(s.distances))
+    lines = [f"SmolLM2-135M, weights frozen, W={s.window}, seq {s.seq_length}: perplexity beyond the window on "
+             f"held-out stdlib text ({s.eval_sequences} x {s.seq_length} tokens; s.e. of the mean NLL over sequences) "
+             f"and retrieval accuracy by distance ({s.samples_per_distance} prompts each). Every allocation of a "
+             "table has the same KV budget and window."]
+
+    def table_rows(rows):
+        return [f"| {'**learned**' if r['allocation'] == 'learned' else r['allocation']} | {r['sparsity']:.3f} | "
+                f"{r['ppl_beyond_window']:.2f} | {_fmt(r['nll_std_error'])} | "
+                + " | ".join(_retrieval_cells(r, s)) + " |" for r in rows]
+
+    refs = out / "eval_references.json"
+    if refs.is_file():
+        summary["references"] = [_row(r, s) for r in json.loads(refs.read_text())["allocations"]]
+        lines += ["", "### references", "", head, rule, *table_rows(summary["references"])]
+    patterns = []
+    for target in s.targets:
+        for granularity in s.granularities:
+            name = unit_name(target, granularity)
+            path = out / f"eval_{name}.json"
+            if not path.is_file():
+                continue
+            rows = [_row(r, s) for r in json.loads(path.read_text())["allocations"]]
+            run = {"target": target, "granularity": granularity, "allocations": rows, "verdict": _verdict(rows)}
+            cost = out / f"cost_{name}.json"
+            if cost.is_file():
+                run["allocation_phase"] = json.loads(cost.read_text())
+            analysis = out / f"analysis_{name}.json"
+            if analysis.is_file():
+                run["analysis"] = json.loads(analysis.read_text())
+                patterns.append((name, run["analysis"]))
+            summary["runs"][name] = run
+            v = run["verdict"]
+            lines += ["", f"### {granularity}, target {target:.4f}", "", head, rule, *table_rows(rows), "",
+                      f"Learned ranks {v['rank']} of {v['of']} by perplexity beyond W"
+                      + (f"; beaten by {', '.join(v['beaten_by'])}" if v["beaten_by"] else "")
+                      + (f" (by more than 2 s.e.: {', '.join(v['beaten_by_more_than_2_se']) or 'none'})"
+                         if v["beaten_by"] and v["beaten_by_more_than_2_se"] is not None else "")
+                      + (f"; beats by more than 2 s.e.: {', '.join(v['beats_by_more_than_2_se']) or 'none'}"
+                         if v["beats_by_more_than_2_se"] is not None else "") + "."]
+            if "allocation_phase" in run:
+                c = run["allocation_phase"]
+                lines.append(f"Allocation phase: {c['iterations']} iterations, {c['tokens']} tokens, "
+                             f"{c['wall_s'] / 60:.1f} min on {c['cores']} cores.")
+    if patterns:
+        lines += ["", "### learned maps", "", "| run | FA bottom / middle / top third | FA depth centroid | FA layer "
+                  "blocks | vs attention heuristic (Jaccard, shared / chance) | vs ablation | vs other granularity |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, a in patterns:
+            st = a["stats"]
+            cmp = {c["kind"]: c["overlap"] for c in a["comparisons"]}
+
+            def cell(kind):
+                o = cmp.get(kind)
+                return "-" if o is None else f"{o['jaccard']:.2f} ({o['shared_fa']} / {o['chance_shared_fa']:.1f})"
+
+            lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in st['fa_fraction_by_third'])} | "
+                         f"{st['fa_depth_centroid']:.3f} | {st['num_fa_blocks']} | {cell('attention_mass')} | "
+                         f"{cell('ablation')} | {cell('allocation')} |")
+    return "\n".join(lines) + "\n", summary
 
 
 if __name__ == "__main__":

@@ -12,10 +12,16 @@ real entry points with torchrun and 2 ranks (DP=2):
 * every rule at the same budget (interleave:4, top_swa, bottom_swa,
   uniform_heads, two random draws, the heuristic calibrated on the dense start),
   each from the dense start with the same N iterations;
-* all-FA and all-SWA references, with the same N iterations.
+* all-FA and all-SWA references, with the same N iterations;
+* controls with as many weight updates as the learned workflow in all (the
+  heuristic and all-FA, learn + N iterations from the dense start): the
+  learned row trains longer than the others, and these say how much of its
+  lead is that.
 
-Each variant is then evaluated with tools/evaluate.py: perplexity on held-out
-text beyond the window, and recall accuracy by distance. Every step writes its
+Each variant is then evaluated with tools/evaluate.py: perplexity beyond the
+window on held-out text and on held-out recall documents (whose repeated key
+lies beyond the window); each learned map is analysed against the heuristic,
+the single-head ablation ranking and the other seed's map. Every step writes its
 output directory and is skipped when that output exists, so the study resumes
 where it stopped; `--parts` runs some steps only.
 
@@ -34,9 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_workflow import KEY_WORDS, REPEATS, ROOT, TRAIN_TEXT_DOCUMENTS, Workflow, data_flags, write_corpus  # noqa: E402
 
+from megatron_consa.files import write_text_atomic  # noqa: E402
+
 STARTS = {seed: ROOT / "examples" / "checkpoints" / f"dense_6l_seed{seed}" for seed in (1, 2)}
 RULES = ["interleave:4", "top_swa", "bottom_swa", "uniform_heads", "random:1", "random:2", "heuristic"]
 PARTS = ("learn", "continue", "evaluate", "report")
+SAME_TOTAL_CONTROLS = ["heuristic", "all_fa"]
+"""Trained as many steps as the learned workflow in all (joint learning + continued training)."""
 
 
 def parse_args(argv=None):
@@ -87,18 +97,19 @@ def run_seed(args, seed: int) -> None:
                 sys.executable, "tools/calibrate_heuristic.py", "--load", str(start), "--text",
                 str(out / "corpus.jsonl"), "--seq-length", "128", "--num-sequences", "32", "--window",
                 str(args.window), "--output", str(scores), "--no-progress"])
-        for name, load, allocation in variants(out, start):
+        for name, load, allocation, same_total in variants(out, start):
             save = out / "continued" / name
             if _done(save):
                 continue
             budget = target if allocation in RULES else []  # all_fa/all_swa/files carry their own
             flow.train(f"seed {seed}: continued training, {name}", common + lr + budget + [
                 "--load", str(load), "--consa-phase", "fixed", *(["--consa-allocation", allocation] if allocation else []),
-                "--train-iters", str(args.continue_iters), "--log-interval", "50", "--save", str(save),
+                "--train-iters", str(args.continue_iters + (args.learn_iters if same_total else 0)),
+                "--log-interval", "50", "--save", str(save),
                 "--no-save-optim", *(["--consa-calibration-scores", str(scores)] if allocation == "heuristic" else [])])
     if "evaluate" in args.parts:
         held_out = write_held_out(out, seed)
-        for name, _, _ in variants(out, start):
+        for name, *_ in variants(out, start):
             for kind, path in held_out.items():
                 report = out / "eval" / f"{name}.{kind}.json"
                 if not report.is_file():
@@ -106,6 +117,27 @@ def run_seed(args, seed: int) -> None:
                         sys.executable, "tools/evaluate.py", "--load", str(out / "continued" / name), "--allocation",
                         "checkpoint", "--text", str(path), "--seq-length", "128", "--num-sequences", "64",
                         "--output", str(report), "--no-progress"])
+        ablation = out / "ablation_scores.json"
+        if not ablation.is_file():
+            flow.run(f"seed {seed}: ablation ranking (loss increase when one KV head alone is SWA, dense model)", [
+                sys.executable, "tools/calibrate_heuristic.py", "--mode", "ablation", "--load", str(start), "--text",
+                str(held_out["text"]), "--seq-length", "128", "--num-sequences", "32", "--window", str(args.window),
+                "--output", str(ablation), "--no-progress"])
+
+
+def analyze(args) -> None:
+    """Each seed's learned map against the heuristic, the ablation ranking and the other seeds' learned maps."""
+    flow = Workflow(args.out, args.nproc)
+    for seed in args.seeds:
+        out = args.out / f"seed{seed}"
+        if (out / "analysis.json").is_file() or not (out / "finalized" / "allocation.json").is_file():
+            continue
+        compare = [out / "heuristic_scores.json", out / "ablation_scores.json"] + [
+            args.out / f"seed{other}" / "finalized" / "allocation.json" for other in args.seeds if other != seed]
+        flow.run(f"seed {seed}: analyze the learned allocation", [
+            sys.executable, "tools/analyze_allocation.py", "--allocation", str(out / "finalized" / "allocation.json"),
+            *sum((["--compare", str(f)] for f in compare if f.is_file()), []),
+            "--heatmap", str(out / "allocation_heatmap.png"), "--output", str(out / "analysis.json")])
 
 
 def write_held_out(out: Path, seed: int) -> dict[str, Path]:
@@ -121,44 +153,76 @@ def write_held_out(out: Path, seed: int) -> dict[str, Path]:
     return files
 
 
-def variants(out: Path, start: Path) -> list[tuple[str, Path, str | None]]:
-    """(name, checkpoint to start from, allocation file or preset; None: the checkpoint's own)."""
-    rows = [("learned", out / "finalized" / "checkpoint", None),
-            ("learned allocation, dense weights", start, str(out / "finalized" / "allocation.json"))]
-    rows += [(rule, start, rule) for rule in RULES]
-    rows += [("all_fa", start, "all_fa"), ("all_swa", start, "all_swa")]
-    return [(name.replace(" ", "_").replace(",", "").replace(":", "_"), load, alloc) for name, load, alloc in rows]
+def variants(out: Path, start: Path) -> list[tuple[str, Path, str | None, bool]]:
+    """(name, checkpoint to start from, allocation file or preset (None: the checkpoint's own), same_total).
+
+    same_total: trained for learn + continue iterations from the dense start, as many weight updates as the
+    learned workflow's joint learning plus continued training (a control: the learned row trains longer)."""
+    rows = [("learned", out / "finalized" / "checkpoint", None, False),
+            ("learned allocation, dense weights", start, str(out / "finalized" / "allocation.json"), False)]
+    rows += [(rule, start, rule, False) for rule in RULES]
+    rows += [("all_fa", start, "all_fa", False), ("all_swa", start, "all_swa", False)]
+    rows += [(f"{rule}, same total steps", start, rule, True) for rule in SAME_TOTAL_CONTROLS]
+    return [(name.replace(" ", "_").replace(",", "").replace(":", "_"), load, alloc, same_total)
+            for name, load, alloc, same_total in rows]
 
 
-def report(args) -> str:
-    """Perplexity beyond the window per variant and seed (held-out text, held-out recall), and the seed mean."""
+def report(args) -> tuple[str, dict]:
+    """Perplexity beyond the window per variant and seed (held-out text, held-out recall), the seed mean and spread;
+    the learned maps' pattern statistics. Markdown, and the same numbers as JSON."""
     seeds = [seed for seed in args.seeds if (args.out / f"seed{seed}" / "eval").is_dir()]
-    names = [name for name, _, _ in variants(args.out / "seed1", STARTS[1])]
+    names = [name for name, *_ in variants(args.out / "seed1", STARTS[1])]
+    summary: dict = {"target": args.target, "window": args.window, "learn_iters": args.learn_iters,
+                     "continue_iters": args.continue_iters, "seeds": seeds, "variants": {}, "learned_maps": {}}
     lines = [f"Perplexity beyond the window (W={args.window}) after {args.continue_iters} iterations of continued "
-             f"training, target sparsity {args.target} (all_fa/all_swa: 0 and 1), seeds {seeds}.", "",
+             f"training, target sparsity {args.target} (all_fa/all_swa: 0 and 1), seeds {seeds}; held-out text "
+             "(64 x 128 tokens) and held-out recall documents. Lower is better.", "",
              "| variant | " + " | ".join(f"text s{s} | recall s{s}" for s in seeds) + " | text mean | recall mean |",
              "|---|" + "---:|" * (2 * len(seeds) + 2)]
     for name in names:
-        cells, means = [], {"text": [], "recall": []}
+        cells, values = [], {"text": [], "recall": []}
         for seed in seeds:
             for kind in ("text", "recall"):
                 f = args.out / f"seed{seed}" / "eval" / f"{name}.{kind}.json"
                 value = json.loads(f.read_text())["allocations"][0]["perplexity"]["perplexity_beyond_window"] \
                     if f.is_file() else float("nan")
                 cells.append(f"{value:.3f}")
-                means[kind].append(value)
-        cells += [f"{sum(v) / len(v):.3f}" if v else "nan" for v in means.values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+                values[kind].append(value)
+        means = {kind: sum(v) / len(v) if v else float("nan") for kind, v in values.items()}
+        summary["variants"][name] = {"per_seed": {str(s): {k: values[k][i] for k in values} for i, s in enumerate(seeds)},
+                                     "mean": means}
+        label = f"**{name}**" if name == "learned" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(f"{m:.3f}" for m in means.values()) + " |")
+    maps = [(seed, json.loads(f.read_text())) for seed in seeds
+            if (f := args.out / f"seed{seed}" / "analysis.json").is_file()]
+    if maps:
+        lines += ["", "| learned map | FA bottom / middle / top third | FA depth centroid | FA layer blocks | vs heuristic "
+                  "(Jaccard, shared / chance) | vs ablation | vs the other seed |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for seed, a in maps:
+            st = a["stats"]
+            cmp = {c["kind"]: c["overlap"] for c in a["comparisons"]}
+
+            def cell(kind):
+                o = cmp.get(kind)
+                return "-" if o is None else f"{o['jaccard']:.2f} ({o['shared_fa']} / {o['chance_shared_fa']:.1f})"
+
+            summary["learned_maps"][str(seed)] = {"stats": st, "overlaps": cmp}
+            lines.append(f"| seed {seed} | {' / '.join(f'{x:.2f}' for x in st['fa_fraction_by_third'])} | "
+                         f"{st['fa_depth_centroid']:.3f} | {st['num_fa_blocks']} | {cell('attention_mass')} | "
+                         f"{cell('ablation')} | {cell('allocation')} |")
+    return "\n".join(lines) + "\n", summary
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     for seed in args.seeds:
         run_seed(args, seed)
+    if "evaluate" in args.parts:
+        analyze(args)
     if "report" in args.parts:
-        table = report(args)
-        (args.out / "study_small.md").write_text(table)
+        table, summary = report(args)
+        write_text_atomic(args.out / "study_small.md", table)
+        write_text_atomic(args.out / "study_small.json", json.dumps(summary, indent=1) + "\n")
         print("\n" + table)
     return 0
 

@@ -8,6 +8,7 @@ reports).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -29,13 +30,29 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=None)
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it, briefly)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: str | os.PathLike) -> None:
+    """Give a file or directory made by `tempfile` (private: 0600 / 0700) the mode `open` or `mkdir` would have
+    given it under the process umask, so the renamed result is as readable as any other output."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` atomically; creates the parent directory. Returns the path."""
+    """Write `text` (UTF-8) to `path` atomically, with the mode a plain write would give it; creates the parent
+    directory. Returns the path."""
     path = Path(path)
     directory = str(path.parent.resolve())
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        plain_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -67,4 +84,4 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-__all__ = ["read_json", "write_json_atomic", "write_text_atomic"]
+__all__ = ["plain_mode", "read_json", "write_json_atomic", "write_text_atomic"]

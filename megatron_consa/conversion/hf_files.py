@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from megatron_consa.files import plain_mode
+
 if TYPE_CHECKING:
     from megatron_consa.architecture import ArchitectureConfig
 
@@ -96,6 +98,7 @@ def staged_directory(save: str | Path) -> Iterator[Path]:
     save.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save.name}.tmp-", dir=save.parent))
     try:
+        plain_mode(tmp)  # mkdtemp's 0700 would make the output private
         yield tmp
         if save.exists():
             shutil.rmtree(save) if save.is_dir() else save.unlink()

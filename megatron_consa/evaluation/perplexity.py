@@ -39,6 +39,9 @@ class PerplexityResult:
     """Positions at or beyond window + sink_tokens."""
     mean_nll_beyond_window: Optional[float]
     """None when no position lies beyond the window (seq_length <= window + sinks)."""
+    nll_beyond_window_std_error: Optional[float] = None
+    """The standard error of ``mean_nll_beyond_window`` over sequences (each sequence's mean NLL beyond the window,
+    sample standard deviation / sqrt(N)): the spread to compare two allocations by. None for fewer than 2 sequences."""
 
     @property
     def perplexity(self) -> float:
@@ -61,6 +64,7 @@ def evaluate_perplexity(logits_fn: LogitsFn, sequences: torch.Tensor, *, window:
     seq_length = sequences.shape[1] - 1
     far = beyond_window(seq_length, window=window, sink_tokens=sink_tokens)
     nll_sum = nll_far = 0.0
+    per_sequence_far: list[float] = []
     for start in range(0, sequences.shape[0], batch_size):
         batch = sequences[start:start + batch_size]
         logits = logits_fn(batch[:, :-1])  # [b, s, V]
@@ -68,6 +72,8 @@ def evaluate_perplexity(logits_fn: LogitsFn, sequences: torch.Tensor, *, window:
         nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").double().cpu()  # [b, s]
         nll_sum += float(nll.sum())
         nll_far += float(nll[:, far].sum())
+        if far.any():
+            per_sequence_far += nll[:, far].mean(dim=1).tolist()
         if progress is not None:
             progress(batch.shape[0])
     n = sequences.shape[0]
@@ -75,6 +81,8 @@ def evaluate_perplexity(logits_fn: LogitsFn, sequences: torch.Tensor, *, window:
     return PerplexityResult(
         sequences=n, seq_length=seq_length, tokens=n * seq_length, mean_nll=nll_sum / (n * seq_length),
         tokens_beyond_window=far_tokens, mean_nll_beyond_window=nll_far / far_tokens if far_tokens else None,
+        nll_beyond_window_std_error=(torch.tensor(per_sequence_far, dtype=torch.float64).std().item() / math.sqrt(n)
+                                     if len(per_sequence_far) >= 2 else None),
     )
 
 

@@ -106,6 +106,26 @@ def test_save_is_atomic_on_write_failure(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == ["allocation.json"]
 
 
+def test_atomic_outputs_get_the_mode_a_plain_write_gives(tmp_path):
+    """tempfile makes private files (0600) and directories (0700); a renamed output must not stay private."""
+    import os
+    import stat
+
+    from megatron_consa.conversion.hf_files import staged_directory
+    from megatron_consa.files import _umask
+
+    umask = _umask()
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    _alloc().save(tmp_path / "allocation.json")
+    assert stat.S_IMODE(os.stat(tmp_path / "allocation.json").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    assert stat.S_IMODE(os.stat(plain).st_mode) == 0o666 & ~umask
+    with staged_directory(tmp_path / "out") as d:
+        (d / "f").write_text("x")
+    (tmp_path / "made").mkdir()
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == stat.S_IMODE(os.stat(tmp_path / "made").st_mode)
+
+
 def test_load_bad_json_names_path(tmp_path):
     p = tmp_path / "broken.json"
     p.write_text("{not json")

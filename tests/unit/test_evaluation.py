@@ -168,6 +168,8 @@ def test_an_imported_sliding_window_model_runs_its_own_allocation(tmp_path, sing
     nll = -logp.gather(-1, rows[:, 1:].unsqueeze(-1)).squeeze(-1)  # [2, 23]
     assert ours.mean_nll == pytest.approx(nll.mean().item(), rel=1e-5)
     assert ours.mean_nll_beyond_window == pytest.approx(nll[:, WINDOW:].mean().item(), rel=1e-5)
+    per_row = nll[:, WINDOW:].mean(dim=1)  # two rows: sample std = |a - b| / sqrt(2), over sqrt(2)
+    assert ours.nll_beyond_window_std_error == pytest.approx(abs(per_row[0] - per_row[1]).item() / 2, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- retrieval generators, on tokens

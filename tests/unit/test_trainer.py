@@ -172,10 +172,11 @@ SETTLE_ARCH = ArchitectureConfig(
 
 
 @pytest.mark.usefixtures("single_rank_mcore")
-@pytest.mark.parametrize("granularity,target", [("kv_head", 0.5), ("kv_head", 0.75), ("layer", 0.5), ("layer", 0.75)])
+@pytest.mark.parametrize("granularity,target", [("kv_head", 0.5), ("layer", 0.5), ("layer", 0.75)])
 def test_real_trainer_settles_with_the_default_controller(granularity, target):
     """megatron-core optimizer, scheduler, clipping and co-trained weights; every ConsaConfig controller default.
-    s_hat must sit within the default tolerance over the judged tail and finalize must accept the run."""
+    s_hat must sit within the default tolerance over the judged tail and finalize must accept the run.
+    kv_head at 0.75 is the shipped case: tests/e2e/test_quickstart.py and test_demo.py run it as shipped."""
     consa = ConsaConfig(window=4, granularity=granularity, target_sparsity=target)
     training = TrainingConfig(train_iters=400, micro_batch_size=2, global_batch_size=2, seq_length=48, lr=2e-3,
                               min_lr=2e-4, log_interval=0)
