@@ -61,8 +61,8 @@ class Settings:
     granularities: tuple[str, ...] = ("kv_head", "layer")
     window: int = 64
     seq_length: int = 512
-    learn_iters: int = 200
-    warmup_iters: int = 100
+    learn_iters: int = 160
+    warmup_iters: int = 80
     """The target ramp. Gates move about gate_lr (0.05) in log_alpha per iteration, so from their
     initial 3.0 they need some 60 iterations to reach a target: a shorter ramp cannot be tracked."""
     train_documents: int = 400
