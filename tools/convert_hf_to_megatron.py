@@ -27,7 +27,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: the checkpoint's own)")
-    p.add_argument("--granularity", choices=("layer", "kv_head"), default="kv_head", help="gates written for a learning phase")
+    p.add_argument("--granularity", choices=("layer", "kv_head"), default="kv_head",
+                   help="granularity of the gates written (untrained, at their initial value; a learning phase "
+                        "started from the import keeps its own initial gates, at either granularity)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, different checkpoint at --save")
     return p.parse_args(argv)
 

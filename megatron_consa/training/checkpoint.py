@@ -229,11 +229,15 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
                 f"checkpoint {path} has {field_name}={saved_arch[field_name]} but the model has "
                 f"{getattr(trainer.arch, field_name)}: build the model with the checkpoint's architecture"
             )
+    # An import's gates were never trained (every log_alpha at its initial value): a phase that starts from it
+    # keeps its own initial gates, at any granularity.
+    untrained_import = weights_only and "conversion" in meta and not meta.get("iteration")
     saved_gran = meta.get("consa", {}).get("granularity")
-    if saved_gran and saved_gran != trainer.consa.granularity and trainer.consa.learning:
+    if saved_gran and saved_gran != trainer.consa.granularity and trainer.consa.learning and not untrained_import:
         raise ValueError(
-            f"checkpoint {path} has gates at granularity={saved_gran!r} but ConsaConfig.granularity="
-            f"{trainer.consa.granularity!r}: use the checkpoint's granularity"
+            f"checkpoint {path} has learned gates at granularity={saved_gran!r} but ConsaConfig.granularity="
+            f"{trainer.consa.granularity!r}: learn at the checkpoint's granularity (--consa-granularity "
+            f"{saved_gran}), or start from weights without learned gates"
         )
     load_optimizer = not weights_only
     cpu = cpu_shims_active()
@@ -241,10 +245,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         # the torch-Adam fallback creates its state lazily; megatron expects it filled
         prepare_distrib_optimizer_for_load(trainer.optimizer)
     state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
-    checkpoint_has_gates = meta.get("consa", {}).get("allocation", None) is None and bool(meta)
+    checkpoint_has_gates = meta.get("consa", {}).get("allocation", None) is None and bool(meta) and not untrained_import
     if weights_only and not checkpoint_has_gates:
-        # A dense or fixed-allocation checkpoint starting a learning phase: the gates
-        # are not in it and keep their initial value (init_log_alpha).
+        # A dense or fixed-allocation checkpoint, or an import, starting a learning phase: the gates are not in it
+        # (or never trained) and keep their initial value (init_log_alpha).
         for key in [k for k in state if k.startswith("model")]:
             state[key] = {k: v for k, v in state[key].items() if not k.endswith("log_alpha")}
     loaded = dist_checkpointing.load(state, str(path))

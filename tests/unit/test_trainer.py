@@ -90,7 +90,39 @@ class TestTrainer:
         with pytest.raises(ValueError, match="granularity"):
             load_checkpoint(_trainer(ConsaConfig(window=4, granularity="layer", target_sparsity=0.5,
                                              target_warmup_iters=0)), tmp_path / "ckpt")
+        with pytest.raises(ValueError, match="learned gates at granularity='kv_head'.*--consa-granularity kv_head"):
+            load_checkpoint(_trainer(ConsaConfig(window=4, granularity="layer", target_sparsity=0.5,
+                                             target_warmup_iters=0)), tmp_path / "ckpt", weights_only=True)
 
+
+    def test_an_import_starts_learning_at_either_granularity_with_its_own_initial_gates(self, tmp_path):
+        """An import writes untrained gates (kv_head by default); learning from it at layer granularity, or with
+        another init_log_alpha, keeps the run's own initial gates and loads every weight."""
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from conversion_fixtures import IMPORT, read_weights, save_hf
+
+        from megatron_consa.cli import run_tool
+        from megatron_consa.conversion.hf_files import load_hf_config
+        from megatron_consa.training.checkpoint import load_checkpoint
+
+        hf_dir = save_hf("qwen3", tmp_path / "hf")
+        assert run_tool(IMPORT.main, ["--hf-path", str(hf_dir), "--save", str(tmp_path / "imp"), "--dtype", "fp32"]) == 0
+        arch = ArchitectureConfig.from_hf(load_hf_config(hf_dir))
+        training = TrainingConfig(train_iters=3, micro_batch_size=2, global_batch_size=4, seq_length=16, lr=1e-2,
+                                  min_lr=1e-2, lr_decay_style="constant")
+        data = PeriodicSequenceData(vocab_size=arch.vocab_size, seq_length=16, period=6)
+        for granularity in ("layer", "kv_head"):
+            consa = ConsaConfig(window=4, granularity=granularity, target_sparsity=0.5, init_log_alpha=1.25,
+                                target_warmup_iters=0)
+            initialize_distributed(ParallelConfig(), seed=training.seed)
+            trainer = ConsaTrainer(arch=arch, consa=consa, parallel=ParallelConfig(), training=training, data=data)
+            load_checkpoint(trainer, tmp_path / "imp", weights_only=True)
+            assert all(torch.all(g.log_alpha == 1.25) for g in trainer.gates), granularity
+            emb = unwrap_model(trainer.chunks[0]).embedding.word_embeddings.weight.detach()
+            assert torch.equal(emb, read_weights(hf_dir)["model.embed_tokens.weight"]), granularity
 
     def test_warmup_longer_than_the_run_fails_before_any_work(self):
         with pytest.raises(ConsaConfigError, match="target_warmup_iters=200.*train_iters=3"):
