@@ -90,6 +90,22 @@ class Workflow:
         return f"{time.time() - self.start_time:.0f} s"
 
 
+def learned_map_row(label: str, analysis: dict) -> str:
+    """A markdown row of a learned map's patterns (tools/analyze_allocation.py --output JSON): FA share per depth
+    third, depth centroid, FA blocks, and its overlap (Jaccard, shared / chance) with the attention-mass heuristic,
+    the ablation ranking and another learned allocation ("-" where not compared)."""
+    st = analysis["stats"]
+    overlaps = {c["kind"]: c["overlap"] for c in analysis["comparisons"]}
+
+    def cell(kind: str) -> str:
+        o = overlaps.get(kind)
+        return "-" if o is None else f"{o['jaccard']:.2f} ({o['shared_fa']} / {o['chance_shared_fa']:.1f})"
+
+    return (f"| {label} | {' / '.join(f'{x:.2f}' for x in st['fa_fraction_by_third'])} | "
+            f"{st['fa_depth_centroid']:.3f} | {st['num_fa_blocks']} | {cell('attention_mass')} | {cell('ablation')} | "
+            f"{cell('allocation')} |")
+
+
 def _noise(line: str) -> bool:
     """torchrun's and the libraries' warnings (the tools' own lines are kept)."""
     return line.startswith(("W1", "[W", "  warnings.warn", "/")) or "Warning" in line or "warn(" in line

@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_workflow import Workflow  # noqa: E402
+from cpu_workflow import Workflow, learned_map_row  # noqa: E402
 
 from megatron_consa.files import write_text_atomic  # noqa: E402
 
@@ -322,17 +322,7 @@ def report(out: Path, s: Settings) -> tuple[str, dict]:
         lines += ["", "### learned maps", "", "| run | FA bottom / middle / top third | FA depth centroid | FA layer "
                   "blocks | vs attention heuristic (Jaccard, shared / chance) | vs ablation | vs other granularity |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, a in patterns:
-            st = a["stats"]
-            cmp = {c["kind"]: c["overlap"] for c in a["comparisons"]}
-
-            def cell(kind):
-                o = cmp.get(kind)
-                return "-" if o is None else f"{o['jaccard']:.2f} ({o['shared_fa']} / {o['chance_shared_fa']:.1f})"
-
-            lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in st['fa_fraction_by_third'])} | "
-                         f"{st['fa_depth_centroid']:.3f} | {st['num_fa_blocks']} | {cell('attention_mass')} | "
-                         f"{cell('ablation')} | {cell('allocation')} |")
+        lines += [learned_map_row(name, a) for name, a in patterns]
     return "\n".join(lines) + "\n", summary
 
 

@@ -38,7 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_workflow import KEY_WORDS, REPEATS, ROOT, TRAIN_TEXT_DOCUMENTS, Workflow, data_flags, write_corpus  # noqa: E402
+from cpu_workflow import (  # noqa: E402
+    KEY_WORDS, REPEATS, ROOT, TRAIN_TEXT_DOCUMENTS, Workflow, data_flags, learned_map_row, write_corpus,
+)
 
 from megatron_consa.files import write_text_atomic  # noqa: E402
 
@@ -199,17 +201,9 @@ def report(args) -> tuple[str, dict]:
         lines += ["", "| learned map | FA bottom / middle / top third | FA depth centroid | FA layer blocks | vs heuristic "
                   "(Jaccard, shared / chance) | vs ablation | vs the other seed |", "|---|---:|---:|---:|---:|---:|---:|"]
         for seed, a in maps:
-            st = a["stats"]
-            cmp = {c["kind"]: c["overlap"] for c in a["comparisons"]}
-
-            def cell(kind):
-                o = cmp.get(kind)
-                return "-" if o is None else f"{o['jaccard']:.2f} ({o['shared_fa']} / {o['chance_shared_fa']:.1f})"
-
-            summary["learned_maps"][str(seed)] = {"stats": st, "overlaps": cmp}
-            lines.append(f"| seed {seed} | {' / '.join(f'{x:.2f}' for x in st['fa_fraction_by_third'])} | "
-                         f"{st['fa_depth_centroid']:.3f} | {st['num_fa_blocks']} | {cell('attention_mass')} | "
-                         f"{cell('ablation')} | {cell('allocation')} |")
+            summary["learned_maps"][str(seed)] = {
+                "stats": a["stats"], "overlaps": {c["kind"]: c["overlap"] for c in a["comparisons"]}}
+            lines.append(learned_map_row(f"seed {seed}", a))
     return "\n".join(lines) + "\n", summary
 
 
