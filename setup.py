@@ -32,7 +32,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "filelock"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     classifiers=[

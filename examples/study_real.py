@@ -40,8 +40,10 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,10 +63,12 @@ class Settings:
     granularities: tuple[str, ...] = ("kv_head", "layer")
     window: int = 64
     seq_length: int = 512
-    learn_iters: int = 160
-    warmup_iters: int = 80
-    """The target ramp. Gates move about gate_lr (0.05) in log_alpha per iteration, so from their
-    initial 3.0 they need some 60 iterations to reach a target: a shorter ramp cannot be tracked."""
+    ramp_iters_per_target: int = 160
+    """The target ramp's length per unit of target: every target ramps at the same rate (0.5 over 80 iterations),
+    then learning goes on as long again to settle (0.5: 160 iterations in all; 22/30: 118 and 236). Gates move about
+    gate_lr (0.05) in log_alpha per iteration, so from their initial 3.0 they need some 60 iterations to reach a
+    target: a steeper ramp cannot be tracked. (A fixed 80-iteration ramp and 160 iterations did not settle at 22/30
+    on kv_head: the multipliers wound up while the gates lagged, and s_hat still swung 0.016 at the end.)"""
     train_documents: int = 400
     passkey_documents: int = 200
     calib_sequences: int = 16
@@ -76,9 +80,17 @@ class Settings:
     samples_per_distance: int = 8
 
 
-QUICK = Settings(targets=(0.5,), granularities=("kv_head",), window=32, seq_length=128, learn_iters=160,
-                 warmup_iters=80, train_documents=40, passkey_documents=20, calib_sequences=2, ablation_sequences=0,
-                 eval_sequences=2, distances=(48,), samples_per_distance=2)
+QUICK = Settings(targets=(0.5,), granularities=("kv_head",), window=16, seq_length=64, train_documents=40,
+                 passkey_documents=20, calib_sequences=2, ablation_sequences=0, eval_sequences=2, distances=(32,),
+                 samples_per_distance=2)
+"""The pipeline end to end in a few minutes (tested in make test): the same controller and schedule, a quarter of
+the window and sequence (the learning phase costs per token), one target and granularity, few evaluation tokens."""
+
+
+def learning_schedule(s: Settings, target: float) -> tuple[int, int]:
+    """(target warm-up iterations, learning iterations) at a target: the same ramp rate, then as long to settle."""
+    warmup = math.ceil(target * s.ramp_iters_per_target - 1e-9)
+    return warmup, 2 * warmup
 
 
 def parse_args(argv=None):
@@ -162,22 +174,23 @@ def main(argv=None) -> int:
             name = unit_name(target, granularity)
             if "learn" in args.parts:
                 learn(flow, out, hf, ckpt, s, target, granularity, name)
-            if "evaluate" in args.parts and not (out / f"eval_{name}.json").is_file():
+            learned = out / f"finalized_{name}" / "allocation.json"
+            if "evaluate" in args.parts and not up_to_date(out / f"eval_{name}.json", learned):
                 flow.run(f"evaluate {name}", evaluate_cmd(out, hf, ckpt, s, granularity, target, [
-                    "--allocation", str(out / f"finalized_{name}" / "allocation.json"), *sum(
+                    "--allocation", str(learned), *sum(
                         (["--allocation", r] for r in RULES), []),
                     "--calibration-scores", str(scores_file(out, "attention", granularity))], out / f"eval_{name}.json"))
     for target in s.targets:  # after every learning run: each map is compared with the other granularity's
         for granularity in s.granularities:
             name = unit_name(target, granularity)
-            if "evaluate" in args.parts and not (out / f"analysis_{name}.json").is_file():
-                others = [out / f"finalized_{unit_name(target, g)}" / "allocation.json" for g in s.granularities
-                          if g != granularity]
+            learned = out / f"finalized_{name}" / "allocation.json"
+            compared = [f for f in [scores_file(out, "attention", granularity), scores_file(out, "ablation", "kv_head"),
+                                    *(out / f"finalized_{unit_name(target, g)}" / "allocation.json"
+                                      for g in s.granularities if g != granularity)] if f.is_file()]
+            if "evaluate" in args.parts and not up_to_date(out / f"analysis_{name}.json", learned, *compared):
                 flow.run(f"analyze {name}", [
-                    py, "tools/analyze_allocation.py", "--allocation", str(out / f"finalized_{name}" / "allocation.json"),
-                    *sum((["--compare", str(f)] for f in [scores_file(out, "attention", granularity),
-                                                           scores_file(out, "ablation", "kv_head"), *others]
-                          if f.is_file()), []),
+                    py, "tools/analyze_allocation.py", "--allocation", str(learned),
+                    *sum((["--compare", str(f)] for f in compared), []),
                     "--heatmap", str(out / f"heatmap_{name}.png"), "--output", str(out / f"analysis_{name}.json")])
     if "evaluate" in args.parts and not (out / "eval_references.json").is_file():
         flow.run("evaluate all-FA and all-SWA", evaluate_cmd(out, hf, ckpt, s, "kv_head", None, [
@@ -188,6 +201,12 @@ def main(argv=None) -> int:
         write_text_atomic(out / "study_real.json", json.dumps(summary, indent=1) + "\n")
         print("\n" + table)
     return 0
+
+
+def up_to_date(output: Path, *inputs: Path) -> bool:
+    """Whether `output` exists and is no older than any of its inputs (as make decides): a step whose input was
+    made again (a learning run redone at another schedule) runs again."""
+    return output.is_file() and all(output.stat().st_mtime >= i.stat().st_mtime for i in inputs if i.exists())
 
 
 def scores_file(out: Path, mode: str, granularity: str) -> Path:
@@ -206,21 +225,26 @@ def calibrate_cmd(out: Path, hf: Path, ckpt: Path, s: Settings, mode: str, granu
 def learn(flow: Workflow, out: Path, hf: Path, ckpt: Path, s: Settings, target: float, granularity: str,
           name: str) -> None:
     save, final = out / f"learn_{name}", out / f"finalized_{name}"
-    if not (save / "latest_checkpointed_iteration.txt").is_file():
+    warmup, iters = learning_schedule(s, target)
+    latest = save / "latest_checkpointed_iteration.txt"
+    if not latest.is_file() or latest.read_text().strip() != str(iters):  # absent, cut short, or another schedule
+        if save.exists():
+            print(f"\n{save} holds no {iters}-iteration run (cut short, or another schedule): learning again")
+            shutil.rmtree(save)
         wall = flow.run(f"learn {name} (gates only, weights frozen)", [
             sys.executable, "-m", "megatron_consa.train", "--hf-config", str(ckpt), "--load", str(ckpt),
             "--data-path", str(out / "data" / "train_text_document"), "--split", "100,0,0",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf),
             "--seq-length", str(s.seq_length), "--micro-batch-size", "1", "--global-batch-size", "1",
-            "--lr", "1e-5", "--min-lr", "1e-5", "--train-iters", str(s.learn_iters),
-            "--log-interval", str(max(1, s.learn_iters // 10)),
+            "--lr", "1e-5", "--min-lr", "1e-5", "--train-iters", str(iters),
+            "--log-interval", str(max(1, iters // 10)),
             "--consa-phase", "learn", "--consa-gates-only", "--consa-granularity", granularity,
             "--consa-target-sparsity", str(target), "--consa-window", str(s.window),
-            "--consa-target-warmup-iters", str(s.warmup_iters), "--save", str(save), "--no-save-optim"])
+            "--consa-target-warmup-iters", str(warmup), "--save", str(save), "--no-save-optim"])
         write_text_atomic(out / f"cost_{name}.json", json.dumps(
-            {"iterations": s.learn_iters, "tokens": s.learn_iters * s.seq_length, "wall_s": round(wall, 1),
-             "processes": 1, "cores": os.cpu_count()}) + "\n")
-    if not (final / "allocation.json").is_file():
+            {"iterations": iters, "target_warmup_iters": warmup, "tokens": iters * s.seq_length,
+             "wall_s": round(wall, 1), "processes": 1, "cores": os.cpu_count()}) + "\n")
+    if not up_to_date(final / "allocation.json", latest):
         flow.run(f"finalize {name}", [sys.executable, "tools/finalize_allocation.py", "--load", str(save),
                                       "--save", str(final), "--no-checkpoint"])
 

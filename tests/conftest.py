@@ -20,10 +20,27 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import types
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`), share the cores: each worker computes with cores / workers threads.
+
+    Without it two workers would each run torch on every core, and the
+    oversubscribed threads spin against each other. Subprocesses a test starts
+    inherit OMP_NUM_THREADS unless the test sets its own.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _free_port() -> int:

