@@ -67,7 +67,7 @@ study: install
 	$(PY) examples/study_real.py --out runs/study_real
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -q

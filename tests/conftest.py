@@ -23,8 +23,33 @@ from __future__ import annotations
 import os
 import socket
 import types
+from pathlib import Path
 
 import pytest
+
+
+LONGEST_FIRST = (
+    "e2e/test_study.py",
+    "distributed/test_parallel_equivalence.py",
+    "e2e/test_demo.py",
+    "e2e/test_train_entry.py",
+    "e2e/test_quickstart.py",
+    "unit/test_real_weights.py",
+)
+"""The test files that take minutes, longest first. Collected first, so that pytest-xdist (`make test`, one test
+file per worker at a time, handed out in collection order) starts them at once instead of leaving one to run alone
+at the end."""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    root = Path(__file__).resolve().parent
+
+    def rank(item) -> int:
+        path = Path(str(item.path))
+        return first.get(path.relative_to(root).as_posix(), len(first)) if path.is_relative_to(root) else len(first)
+
+    items.sort(key=rank)  # stable: every other test keeps its collection order
 
 
 def pytest_configure(config):
@@ -32,12 +57,16 @@ def pytest_configure(config):
 
     Without it two workers would each run torch on every core, and the
     oversubscribed threads spin against each other. Subprocesses a test starts
-    inherit OMP_NUM_THREADS unless the test sets its own.
+    inherit OMP_NUM_THREADS unless the test sets its own. A test that starts
+    processes (torchrun ranks, the study's steps) still competes with the other
+    workers, so OpenMP threads sleep at barriers instead of spinning
+    (OMP_WAIT_POLICY=PASSIVE, set before torch starts OpenMP; yours wins).
     """
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         threads = max(1, (os.cpu_count() or 1) // int(workers))
         os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         torch.set_num_threads(threads)
