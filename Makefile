@@ -9,7 +9,8 @@
 #                  SmolLM2-135M study; resumable (each step skips what its output already holds)
 #   make test      install, then run the whole test suite (under 20 minutes on 2 cores), the study's
 #                  quick mode included; TEST_WORKERS pytest-xdist processes (default: one per core),
-#                  each test file on one worker, each worker with cores / workers torch threads
+#                  each test file on one worker, longest first (tests/conftest.py), each worker with
+#                  cores / workers torch threads
 #
 # Idempotent: `install` is a stamp target that reruns only when setup.py or
 # this Makefile changes.
@@ -67,7 +68,7 @@ study: install
 	$(PY) examples/study_real.py --out runs/study_real
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -q

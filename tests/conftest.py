@@ -36,9 +36,9 @@ LONGEST_FIRST = (
     "e2e/test_quickstart.py",
     "unit/test_real_weights.py",
 )
-"""The test files that take minutes, longest first. Collected first, so that pytest-xdist (`make test`, one test
-file per worker at a time, handed out in collection order) starts them at once instead of leaving one to run alone
-at the end."""
+"""The test files that take minutes, longest first. Collected first, so that pytest-xdist (`make test`: one test
+file per worker at a time, handed out in collection order with --no-loadscope-reorder; xdist's own reorder puts files
+with many tests first) starts them at once instead of leaving one to run alone at the end."""
 
 
 def pytest_collection_modifyitems(session, config, items):
