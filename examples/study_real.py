@@ -27,7 +27,7 @@ the project's converter; its weights stay frozen. Through the real tools:
 Every step writes its output and is skipped when that output exists: the study
 resumes where it stopped, and `--parts` runs some steps only.
 
-    python examples/study_real.py --out runs/study_real            # about 1.5 hours on 2 cores
+    python examples/study_real.py --out runs/study_real            # about 2 hours on 2 cores
     python examples/study_real.py --out runs/study_real_quick --quick   # a few minutes (tested in make test)
 
 30 layers cannot be split 75/25 (22.5 layers), nor 90 KV heads (67.5): the
