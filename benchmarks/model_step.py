@@ -23,7 +23,6 @@ against stock FA (or, with --skip-stock, against consa all FA).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -187,8 +186,9 @@ def main(argv=None) -> int:
         mem = f" {peak[name]:.2f} |" if peak else ""
         print(f"| {name} | {med * 1e3:.1f} | {med / base:.3f}x |{mem}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+        from megatron_consa.files import write_json_atomic
+
+        write_json_atomic(args.json, {"args": vars(args), "rows": rows})
     torch.distributed.destroy_process_group()
     return 0
 

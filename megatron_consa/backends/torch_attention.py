@@ -18,35 +18,35 @@ Conventions
 
 O(n*W) blocking
 ---------------
-``sliding_window_attention`` never forms an ``[s, s]`` score matrix. Queries
-are split into ``nblk = ceil(s / B)`` blocks of ``B`` tokens (the tail block is
-zero-padded). Query block ``i`` covers positions ``[i*B, i*B + B)`` and can
-only see keys in ``[i*B - W + 1, i*B + B)``; its *chunk* is the whole key blocks
-around that, positions ``[i*B - ahead, i*B + B)`` with ``ahead = B*ceil((W-1)/B)``
-(``L = ahead + B`` keys, at most ``B - 1`` more than the ``B + W - 1`` needed).
-``k``/``v`` are left-padded by ``ahead`` zero rows (and right-padded to
-``nblk*B``) and the chunks are an overlapping strided *view* of them. The ``S``
-sink keys are prepended to every chunk. A band mask of shape ``[nblk, B, S + L]``
-(broadcast over batch and heads) hides left-padding keys, keys outside the
-window, and sink keys that already lie in the window or in the future. All
-blocks then go through one batched flash-attention call with the blocks as the
-"head" dimension (``[b*hkv, nblk, rep*B, d]``; GQA query heads are folded into
-the rows so K/V are never repeated), so time and memory are
-``O(s * (B + W + S))`` in the forward and in the backward. The default ``B`` is
-:func:`default_block_size`.
+``sliding_window_attention`` never forms an ``[s, s]`` score matrix. The first
+``W`` queries see every key before them, so they are plain causal FA over the
+first ``W`` keys. The other queries (positions ``W .. s-1``) are split into
+``nblk = ceil((s - W) / B)`` blocks of ``B`` (the tail block zero-padded). Query
+``r`` of block ``i`` sits at ``p = W + i*B + r`` and sees keys ``p - W + 1 .. p``;
+its block's *chunk* is the ``L = W + B`` keys ``i*B .. i*B + W + B - 1`` (one
+more than it needs, so that ``L`` stays a multiple of the vector width; right-padded
+keys are seen by padded queries only). Chunk column ``c`` is visible to row ``r``
+iff ``r < c <= r + W``: the same band for every block, so the mask is one
+``[B, L]`` tile broadcast over the blocks, and no key is left padding. The chunks are an overlapping strided *view* of the keys. With ``S``
+attention sinks the sink keys are prepended to every chunk and the mask, now
+``[nblk, B, S + L]``, also shows sink ``j`` to row ``r`` of block ``i`` iff
+``j <= i*B + r`` (older than the window). All blocks go through one batched
+flash-attention call with the blocks as the "head" dimension
+(``[b*hkv, nblk, rep*B, d]``; GQA query heads are folded into the rows so K/V
+are never repeated), so time and memory are ``O(s * (B + W + S))`` in the
+forward and in the backward. The default ``B`` is :func:`default_block_size`.
 
 On the CPU, :class:`_CpuBlockedSWA` calls the CPU flash kernel's forward and
 backward ops directly: the chunks stay a view in the backward too, their
-gradients are summed back onto the keys by ``L / B`` shifted adds (autograd's
-unfold backward was a tenth of the step), the additive mask is cached per shape,
-and large batch x head stacks are split into calls of at most
+gradients are summed back onto the keys by ``ceil(L / B)`` shifted adds
+(autograd's unfold backward was a tenth of the step), the additive mask is
+cached per shape, and large batch x head stacks are split into calls of at most
 ``CPU_CALL_BYTES`` of chunks. Elsewhere (CUDA without FlexAttention) the same
 layout goes through public ``scaled_dot_product_attention`` with a 4-D boolean
 mask (a 3-D one falls back to the math kernel) and autograd's backward.
 
-Every query row sees at least its own key (right-padding keys are not masked:
-causality alone hides them from real queries, and padded query rows may look at
-them), so no row is fully masked and neither forward nor backward produces NaN.
+Every query row sees at least its own key, so no row is fully masked and neither
+forward nor backward produces NaN.
 """
 
 from __future__ import annotations
@@ -178,55 +178,51 @@ reused."""
 
 
 def _chunk_layout(s: int, window: int, block: int) -> tuple[int, int, int]:
-    """``(nblk, ahead, chunk)``: query blocks, keys before a block, keys per chunk.
+    """``(nblk, chunk, rows)`` for ``s`` keys: query blocks after the first ``W`` queries,
+    keys per chunk (``W + B``) and padded key rows (``W + nblk*B``).
 
-    Chunk ``i`` holds key positions ``[i*B - ahead, i*B + B)`` with
-    ``ahead = m*B``, ``m = ceil((W-1)/B)``: whole key blocks, so chunk ``i`` is
-    rows ``[i*B, i*B + chunk)`` of the keys left-padded by ``ahead`` zero rows.
+    Chunk ``i`` holds key positions ``[i*B, i*B + W + B)``, rows of the keys
+    right-padded to ``W + nblk*B``; its queries sit at ``W + i*B .. W + i*B + B - 1``.
     """
-    nblk = math.ceil(s / block)
-    ahead = math.ceil((window - 1) / block) * block
-    return nblk, ahead, ahead + block
+    nblk = math.ceil((s - window) / block)
+    return nblk, window + block, window + nblk * block
 
 
 def _band_mask(
     nblk: int, block: int, window: int, sinks: int, device: torch.device
 ) -> torch.Tensor:
-    """Boolean mask ``[nblk, B, S + chunk]`` (True = may attend), see :func:`_chunk_layout`.
+    """Boolean mask (True = may attend), see :func:`_chunk_layout`: ``[1, B, chunk]``
+    without sinks (the same band for every block), ``[nblk, B, S + chunk]`` with them.
 
-    Column ``S + c`` of block ``i`` is key position ``j = i*B - ahead + c``
-    (negative = left padding); columns ``0..S-1`` are the sink keys ``0..S-1``.
+    Column ``S + c`` of block ``i`` is key ``i*B + c``, seen by row ``r``
+    (query ``W + i*B + r``) iff ``r < c <= r + W``; columns ``0..S-1`` are the
+    sink keys ``0..S-1``, seen iff older than the window (``j <= i*B + r``).
     """
-    _, ahead, L = _chunk_layout(nblk * block, window, block)
-    i = torch.arange(block, device=device).view(block, 1)  # query offset in block
-    c = torch.arange(L, device=device).view(1, L)  # key offset in chunk
-    # p = iB + r, j = iB - ahead + c:  j <= p <=> c <= r + ahead;  j > p - W <=> c > r + ahead - W
-    band = (c <= i + ahead) & (c > i + ahead - window)  # [B, L]
-    blk = torch.arange(nblk, device=device).view(nblk, 1, 1)
-    key_pos = blk * block - ahead + c.view(1, 1, L)  # [nblk, 1, L]
-    mask = band.unsqueeze(0) & (key_pos >= 0)  # [nblk, B, L]
+    L = window + block
+    r = torch.arange(block, device=device).view(1, block, 1)  # query offset in block
+    c = torch.arange(L, device=device).view(1, 1, L)  # key offset in chunk
+    mask = (c > r) & (c <= r + window)  # [1, B, L]
     if sinks > 0:
-        q_pos = blk * block + i.view(1, block, 1)  # [nblk, B, 1]
-        sink_pos = torch.arange(sinks, device=device).view(1, 1, sinks)
-        # sink j is visible iff j <= p - W (older than the window, hence not future)
-        sink_mask = sink_pos <= q_pos - window  # [nblk, B, S]
-        mask = torch.cat([sink_mask, mask], dim=-1)  # [nblk, B, S + L]
+        blk = torch.arange(nblk, device=device).view(nblk, 1, 1)
+        sink = torch.arange(sinks, device=device).view(1, 1, sinks)
+        mask = torch.cat([sink <= blk * block + r, mask.expand(nblk, -1, -1)], dim=-1)  # [nblk, B, S + L]
     return mask
 
 
 BAND_BIAS_CACHE_BYTES = 64 << 20
-"""Additive band masks up to this size are kept (per shape, a few of them); larger
-ones (long sequences with wide windows and many query heads per KV head reach a
-GiB) are rebuilt on every call, as SDPA would convert a boolean mask anyway."""
+"""Additive band masks up to this size are kept (per shape, a few of them). Without
+sinks a mask is one ``[rep*B, W + B]`` tile; with sinks it has a tile per
+block, and larger ones are rebuilt on every call, as SDPA would convert a boolean
+mask anyway."""
 
 
 def _band_bias(
     nblk: int, block: int, window: int, sinks: int, rep: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Additive form of :func:`_band_mask` for the CPU kernel, ``[1, nblk, rep*B, S + chunk]``
+    """Additive form of :func:`_band_mask` for the CPU kernel, ``[1, nblk or 1, rep*B, S + chunk]``
     (0 visible, -inf hidden; rows repeated for the ``rep`` query heads of a KV group)."""
-    _, _, L = _chunk_layout(nblk * block, window, block)
-    nbytes = nblk * rep * block * (sinks + L) * torch.empty((), dtype=dtype).element_size()
+    nblk = nblk if sinks else 1  # the mask depends on the block only through the sinks
+    nbytes = nblk * rep * block * (sinks + window + block) * torch.empty((), dtype=dtype).element_size()
     if nbytes <= BAND_BIAS_CACHE_BYTES:
         return _cached_band_bias(nblk, block, window, sinks, rep, dtype, device)
     return _build_band_bias(nblk, block, window, sinks, rep, dtype, device)
@@ -235,7 +231,7 @@ def _band_bias(
 def _build_band_bias(nblk, block, window, sinks, rep, dtype, device) -> torch.Tensor:
     mask = _band_mask(nblk, block, window, sinks, device)
     if rep > 1:
-        mask = mask.repeat(1, rep, 1)  # [nblk, rep*B, S + L]
+        mask = mask.repeat(1, rep, 1)  # [nblk or 1, rep*B, S + L]
     bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
     return bias.unsqueeze(0)
 
@@ -244,28 +240,28 @@ _cached_band_bias = functools.lru_cache(maxsize=8)(_build_band_bias)
 
 
 def _query_blocks(x: torch.Tensor, rep: int, nblk: int, block: int) -> torch.Tensor:
-    """``[b, hq, s, d]`` -> ``[b*hkv, nblk, rep*B, d]`` (zero-padded to ``nblk*B``); the
+    """``[b, hq, m, d]`` -> ``[b*hkv, nblk, rep*B, d]`` (zero-padded to ``nblk*B``); the
     ``rep`` query heads of a KV group are folded into the rows so K/V are never repeated."""
-    b, hq, s, d = x.shape
-    s_pad = nblk * block
-    xp = F.pad(x, (0, 0, 0, s_pad - s)) if s_pad != s else x  # [b, hq, s_pad, d]
+    b, hq, m, d = x.shape
+    m_pad = nblk * block
+    xp = F.pad(x, (0, 0, 0, m_pad - m)) if m_pad != m else x  # [b, hq, m_pad, d]
     if rep == 1:
         return xp.reshape(b * hq, nblk, block, d)
     xb = xp.reshape(b, hq // rep, rep, nblk, block, d)  # [b, hkv, rep, nblk, B, d]
     return xb.permute(0, 1, 3, 2, 4, 5).reshape(b * hq // rep, nblk, rep * block, d)
 
 
-def _from_query_blocks(x: torch.Tensor, b: int, hq: int, rep: int, s: int) -> torch.Tensor:
-    """Inverse of :func:`_query_blocks`: ``[b*hkv, nblk, rep*B, d]`` -> ``[b, hq, s, d]``."""
+def _from_query_blocks(x: torch.Tensor, b: int, hq: int, rep: int, m: int) -> torch.Tensor:
+    """Inverse of :func:`_query_blocks`: ``[b*hkv, nblk, rep*B, d]`` -> ``[b, hq, m, d]``."""
     _, nblk, rows, d = x.shape
     block = rows // rep
-    s_pad = nblk * block
+    m_pad = nblk * block
     if rep == 1:
-        out = x.reshape(b, hq, s_pad, d)
+        out = x.reshape(b, hq, m_pad, d)
     else:
         out = x.reshape(b, hq // rep, nblk, rep, block, d)  # [b, hkv, nblk, rep, B, d]
-        out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, hq, s_pad, d)
-    return out[:, :, :s] if s_pad != s else out
+        out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, hq, m_pad, d)
+    return out[:, :, :m] if m_pad != m else out
 
 
 def _cpu_flash_ops_available() -> bool:
@@ -275,14 +271,26 @@ def _cpu_flash_ops_available() -> bool:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_flash_takes_gqa() -> bool:
+    """Whether this torch's CPU flash op reads fewer K/V heads than query heads itself."""
+    q, kv = torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)
+    try:
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, True)
+    except RuntimeError:
+        return False
+    return True
+
+
 class _CpuBlockedSWA(torch.autograd.Function):
-    """The blocked SWA on the CPU flash kernel, with its own backward.
+    """The SWA on the CPU flash kernel, with its own backward: causal FA for the
+    first ``W`` queries, the blocked band for the rest (:func:`_chunk_layout`).
 
     The K/V chunks are an overlapping strided *view* of the padded keys in the
     forward and in the backward (the CPU flash kernel reads any row stride), and
-    the backward sums the chunk gradients onto the keys with ``chunk / B`` shifted
-    adds, instead of autograd's generic unfold backward. The backward reuses the
-    forward's output and log-sum-exp, like SDPA's own.
+    the backward sums the chunk gradients onto the keys with shifted adds,
+    instead of autograd's generic unfold backward. The backward reuses the
+    forward's outputs and log-sum-exps, like SDPA's own.
     """
 
     @staticmethod
@@ -290,49 +298,69 @@ class _CpuBlockedSWA(torch.autograd.Function):
         b, hq, s, d = q.shape
         hkv = k.shape[1]
         rep = hq // hkv
-        nblk, ahead, L = _chunk_layout(s, window, block)
-        qb = _query_blocks(q, rep, nblk, block)  # [b*hkv, nblk, rep*B, d]
-        kc, vc = (_cpu_chunks(x, nblk, block, ahead, sinks) for x in (k, v))  # [b*hkv, nblk, S + L, d]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        # The first W queries: causal FA over the first W keys.
+        qh = q[:, :, :window]
+        kh, vh = (_heads_for_flash(x[:, :, :window], rep) for x in (k, v))
+        out_head, lse_head = flash(qh, kh, vh, 0.0, True, scale=scale)
+        # The others: the blocked band.
+        nblk, _, _ = _chunk_layout(s, window, block)
+        qb = _query_blocks(q[:, :, window:], rep, nblk, block)  # [b*hkv, nblk, rep*B, d]
+        kc, vc = (_cpu_chunks(x, nblk, block, window, sinks) for x in (k, v))  # [b*hkv, nblk, S + L, d]
         bias = _band_bias(nblk, block, window, sinks, rep, q.dtype, q.device)
         rows = _rows_per_call(kc)
         parts = [
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qb[r : r + rows], kc[r : r + rows], vc[r : r + rows], 0.0, False, attn_mask=bias, scale=scale
-            )
+            flash(qb[r : r + rows], kc[r : r + rows], vc[r : r + rows], 0.0, False, attn_mask=bias, scale=scale)
             for r in range(0, qb.size(0), rows)
         ]
         out = _cat([o for o, _ in parts])  # [b*hkv, nblk, rep*B, d]
         lse = _cat([lse for _, lse in parts])
-        ctx.save_for_backward(qb, kc, vc, out, lse, bias)
-        ctx.meta = (b, hq, rep, s, block, ahead, sinks, scale)
-        return _from_query_blocks(out, b, hq, rep, s)
+        ctx.save_for_backward(qh, kh, vh, out_head, lse_head, qb, kc, vc, out, lse, bias)
+        ctx.meta = (b, hq, rep, s, window, block, sinks, scale)
+        result = q.new_empty(b, hq, s, d)
+        result[:, :, :window] = out_head
+        result[:, :, window:] = _from_query_blocks(out, b, hq, rep, s - window)
+        return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        qb, kc, vc, out, lse, bias = ctx.saved_tensors
-        b, hq, rep, s, block, ahead, sinks, scale = ctx.meta
+        qh, kh, vh, out_head, lse_head, qb, kc, vc, out, lse, bias = ctx.saved_tensors
+        b, hq, rep, s, window, block, sinks, scale = ctx.meta
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        hkv = hq // rep
+        d = qb.size(-1)
+        gq_head, gk_head, gv_head = flash_backward(
+            grad[:, :, :window], qh, kh, vh, out_head, lse_head, 0.0, True, scale=scale
+        )
         nblk = qb.size(1)
-        gb = _query_blocks(grad, rep, nblk, block).contiguous()  # [b*hkv, nblk, rep*B, d]
+        gb = _query_blocks(grad[:, :, window:], rep, nblk, block).contiguous()  # [b*hkv, nblk, rep*B, d]
         rows = _rows_per_call(kc)
         dq, dk, dv = [], [], []
         for r in range(0, qb.size(0), rows):
             part = slice(r, r + rows)
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gq, gk, gv = flash_backward(
                 gb[part], qb[part], kc[part], vc[part], out[part], lse[part], 0.0, False,
                 attn_mask=bias, scale=scale,
             )
             dq.append(gq)
-            dk.append(_fold_chunks(gk, s, block, ahead, sinks))
-            dv.append(_fold_chunks(gv, s, block, ahead, sinks))
-        hkv = hq // rep
-        d = qb.size(-1)
-        return (
-            _from_query_blocks(_cat(dq), b, hq, rep, s),
-            _cat(dk).view(b, hkv, s, d),
-            _cat(dv).view(b, hkv, s, d),
-            None, None, None, None,
-        )
+            dk.append(_fold_chunks(gk, s, window, block, sinks))
+            dv.append(_fold_chunks(gv, s, window, block, sinks))
+        grad_q = grad.new_empty(b, hq, s, d)
+        grad_q[:, :, :window] = gq_head
+        grad_q[:, :, window:] = _from_query_blocks(_cat(dq), b, hq, rep, s - window)
+        grad_k, grad_v = (_cat(g).view(b, hkv, s, d) for g in (dk, dv))
+        for full, head in ((grad_k, gk_head), (grad_v, gv_head)):
+            if head.size(1) != hkv:  # K/V were repeated per query head for the flash op
+                head = head.view(b, hkv, rep, window, d).sum(2)
+            full[:, :, :window] += head
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _heads_for_flash(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """K/V ``[b, hkv, m, d]`` as the CPU flash op takes them beside ``hkv * rep`` query
+    heads: unchanged where it handles GQA itself, else repeated per query head."""
+    return x if rep == 1 or _cpu_flash_takes_gqa() else _expand_kv(x, rep)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -345,35 +373,35 @@ def _rows_per_call(chunks: torch.Tensor) -> int:
     return max(1, CPU_CALL_BYTES // per_row)
 
 
-def _cpu_chunks(x: torch.Tensor, nblk: int, block: int, ahead: int, sinks: int) -> torch.Tensor:
-    """``[b, hkv, s, d]`` -> chunks ``[b*hkv, nblk, S + ahead + B, d]``.
+def _cpu_chunks(x: torch.Tensor, nblk: int, block: int, window: int, sinks: int) -> torch.Tensor:
+    """Keys ``[b, hkv, s, d]`` -> chunks ``[b*hkv, nblk, S + W + B, d]`` (:func:`_chunk_layout`).
 
-    Without sinks an overlapping strided view of the keys padded by ``ahead``
-    zero rows in front (and to ``nblk*B`` behind): one copy of ``x``, not of
-    every chunk. Sinks are prepended to each chunk (a copy).
+    Without sinks an overlapping strided view of the keys right-padded with zero
+    rows: one copy of ``x``, not of every chunk. Sinks are prepended to each
+    chunk (a copy).
     """
     b, h, s, d = x.shape
-    P = ahead + nblk * block
+    _, L, P = _chunk_layout(s, window, block)
     xp = x.new_zeros(b * h, P, d)
-    xp[:, ahead : ahead + s] = x.reshape(b * h, s, d)
-    L = ahead + block
-    chunks = xp.as_strided((b * h, nblk, L, d), (P * d, block * d, d, 1))
+    xp[:, :s] = x.reshape(b * h, s, d)
+    chunks = xp.as_strided((b * h, nblk, L, d), (P * d, block * d, d, 1))  # chunk i from key i*B
     if sinks:
         head = x.reshape(b * h, 1, s, d)[:, :, :sinks].expand(-1, nblk, -1, -1)  # [b*h, nblk, S, d]
         chunks = torch.cat([head, chunks], dim=2)
     return chunks
 
 
-def _fold_chunks(grad: torch.Tensor, s: int, block: int, ahead: int, sinks: int) -> torch.Tensor:
-    """Sum chunk gradients ``[rows, nblk, S + ahead + B, d]`` onto the keys: ``[rows, s, d]``."""
+def _fold_chunks(grad: torch.Tensor, s: int, window: int, block: int, sinks: int) -> torch.Tensor:
+    """Sum chunk gradients ``[rows, nblk, S + W + B, d]`` onto the keys: ``[rows, s, d]``."""
     rows, nblk, _, d = grad.shape
-    m = ahead // block
-    window_part = grad[:, :, sinks:].view(rows, nblk, m + 1, block, d)
-    # Chunk i, key block t sits at padded key block i + t.
-    padded = grad.new_zeros(rows, nblk + m, block, d)
-    for t in range(m + 1):
-        padded[:, t : t + nblk] += window_part[:, :, t]
-    keys = padded.view(rows, (nblk + m) * block, d)[:, ahead : ahead + s]
+    _, L, P = _chunk_layout(s, window, block)
+    keys = grad.new_zeros(rows, P, d)
+    # Columns [t*B, t*B + w) of chunk i are keys (i + t)*B + [0, w): one shifted add per t.
+    for start in range(0, L, block):
+        w = min(block, L - start)
+        target = keys.as_strided((rows, nblk, w, d), (P * d, block * d, d, 1), start * d)
+        target += grad[:, :, sinks + start : sinks + start + w]
+    keys = keys[:, :s]
     if sinks:
         keys[:, :sinks] += grad[:, :, :sinks].sum(dim=1)
     return keys
@@ -382,28 +410,29 @@ def _fold_chunks(grad: torch.Tensor, s: int, block: int, ahead: int, sinks: int)
 def _sdpa_blocked_swa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, sinks: int, block: int
 ) -> torch.Tensor:
-    """The blocked SWA through public ``scaled_dot_product_attention`` (any device; autograd
-    differentiates it). Same layout and mask as :class:`_CpuBlockedSWA`."""
-    b, hq, s, d = q.shape
-    hkv = k.shape[1]
+    """The blocked SWA of the queries after the first ``W`` through public
+    ``scaled_dot_product_attention`` (any device; autograd differentiates it).
+    Same layout and mask as :class:`_CpuBlockedSWA`."""
+    b, hq, m, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
     rep = hq // hkv
-    nblk, ahead, L = _chunk_layout(s, window, block)
+    nblk, L, P = _chunk_layout(s, window, block)
     qb = _query_blocks(q, rep, nblk, block)  # [b*hkv, nblk, rep*B, d]
 
-    def chunks(x):  # [b, hkv, s, d] -> overlapping view [b*hkv, nblk, L, d]
-        xp = F.pad(x, (0, 0, ahead, nblk * block - s))  # [b, hkv, ahead + nblk*B, d]
+    def chunks(x):  # [b, hkv, s, d] -> overlapping view [b*hkv, nblk, S + L, d]
+        xp = F.pad(x, (0, 0, 0, P - s))  # [b, hkv, P, d]
         view = xp.unfold(2, L, block).transpose(-1, -2).reshape(b * hkv, nblk, L, d)
         if sinks:
             head = x[:, :, :sinks].reshape(b * hkv, 1, sinks, d).expand(-1, nblk, -1, -1)
-            view = torch.cat([head, view], dim=2)  # [b*hkv, nblk, S + L, d]
+            view = torch.cat([head, view], dim=2)
         return view
 
-    mask = _band_mask(nblk, block, window, sinks, q.device)  # [nblk, B, S + L]
+    mask = _band_mask(nblk, block, window, sinks, q.device)  # [nblk or 1, B, S + L]
     if rep > 1:
-        mask = mask.repeat(1, rep, 1)  # [nblk, rep*B, S + L]
+        mask = mask.repeat(1, rep, 1)  # [nblk or 1, rep*B, S + L]
     # A 4-D mask is required for the fused kernels (a 3-D one falls back to math).
     out = F.scaled_dot_product_attention(qb, chunks(k), chunks(v), attn_mask=mask.unsqueeze(0), scale=scale)
-    return _from_query_blocks(out, b, hq, rep, s)
+    return _from_query_blocks(out, b, hq, rep, m)
 
 
 def sliding_window_attention(
@@ -449,10 +478,13 @@ def sliding_window_attention(
     block = default_block_size(window, s) if block_size is None else int(block_size)
     if block < 1:
         raise ValueError(f"block_size must be >= 1, got {block}")
-    block = min(block, s)
+    block = min(block, s - window)
     if q.device.type == "cpu" and _cpu_flash_ops_available():
         return _CpuBlockedSWA.apply(q, k, v, window, scale, sinks, block)
-    return _sdpa_blocked_swa(q, k, v, window=window, scale=scale, sinks=sinks, block=block)
+    # The first W queries see every key before them (no sink is older than the window).
+    head = full_causal_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window], scale=scale)
+    rest = _sdpa_blocked_swa(q[:, :, window:], k, v, window=window, scale=scale, sinks=sinks, block=block)
+    return torch.cat([head, rest], dim=2)
 
 
 def sliding_window_mask(

@@ -81,7 +81,7 @@ def _check_against_ref(fn, s, window, sinks, rep, dtype, device, fwd_tol, grad_t
 
 
 # (s, W, S, B): s not divisible by B, W = 1, W = s - 1, W >= s, sinks 0/1/4,
-# sinks longer than the window, B larger than W, default B.
+# sinks longer than the window, B larger than W, default B, sinks over several blocks.
 SWA_CASES = [
     (37, 5, 0, 8),
     (37, 5, 1, 8),
@@ -96,6 +96,8 @@ SWA_CASES = [
     (33, 100, 4, 8),  # W > s
     (45, 3, 10, 16),  # B > W, sinks > W
     (29, 6, 4, 29),  # one block
+    (70, 6, 13, 4),  # sinks older than the window from the third block on
+    (9, 8, 2, 16),  # one query after the first W
 ]
 
 
@@ -237,14 +239,23 @@ def test_swa_uses_fused_sdpa_kernel_on_cpu():
 
 @pytest.mark.parametrize("rep", [1, 2])
 @pytest.mark.parametrize("s,window,sinks,block", [(37, 5, 0, 8), (37, 5, 4, 8), (50, 1, 1, 7), (45, 3, 10, 16)])
-def test_public_sdpa_path_matches_reference(s, window, sinks, block, rep):
+def test_public_sdpa_path_matches_reference(monkeypatch, s, window, sinks, block, rep):
     """The path CUDA takes without FlexAttention (public SDPA, autograd's backward), run on the CPU."""
-    from megatron_consa.backends.torch_attention import _sdpa_blocked_swa
+    from megatron_consa.backends import torch_attention
+
+    monkeypatch.setattr(torch_attention, "_cpu_flash_ops_available", lambda: False)
+    taken = []
+    monkeypatch.setattr(torch_attention, "_CpuBlockedSWA", None)  # must not be reached
+    sdpa_blocked = torch_attention._sdpa_blocked_swa
+    monkeypatch.setattr(
+        torch_attention, "_sdpa_blocked_swa", lambda *a, **kw: taken.append(1) or sdpa_blocked(*a, **kw)
+    )
 
     def fn(q, k, v, scale):
-        return _sdpa_blocked_swa(q, k, v, window=window, scale=scale, sinks=min(sinks, s - window), block=block)
+        return sliding_window_attention(q, k, v, window=window, scale=scale, sink_tokens=sinks, block_size=block)
 
     _check_against_ref(fn, s, window, sinks, rep, torch.float64, "cpu", 1e-10, 1e-10)
+    assert taken
 
 
 @pytest.mark.parametrize("sinks", [0, 3])
@@ -259,6 +270,19 @@ def test_cpu_kernel_split_into_several_calls_matches_reference(monkeypatch, sink
 
     _check_against_ref(fn, 41, 6, sinks, 2, torch.float32, "cpu", 1e-6, 1e-6)
     _check_against_ref(fn, 41, 6, sinks, 1, torch.float64, "cpu", 1e-10, 1e-10)
+
+
+def test_cpu_kernel_where_flash_op_lacks_gqa(monkeypatch):
+    """Torch versions whose CPU flash op needs as many K/V heads as query heads: the first
+    W queries run on repeated K/V, their gradients summed back per KV head."""
+    from megatron_consa.backends import torch_attention
+
+    monkeypatch.setattr(torch_attention, "_cpu_flash_takes_gqa", lambda: False)
+
+    def fn(q, k, v, scale):
+        return sliding_window_attention(q, k, v, window=6, scale=scale, sink_tokens=2, block_size=4)
+
+    _check_against_ref(fn, 41, 6, 2, 3, torch.float64, "cpu", 1e-10, 1e-10)
 
 
 def test_bf16_gradients_follow_fp32():

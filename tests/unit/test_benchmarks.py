@@ -1,0 +1,60 @@
+"""The attention benchmark runs end to end at tiny sizes (its figures are not asserted:
+timings belong to benchmarks/, not to tests) and reports what it measured."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_cpu.py"
+
+
+@pytest.fixture(scope="module")
+def attention_cpu():
+    spec = importlib.util.spec_from_file_location("attention_cpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_work_ratio(attention_cpu):
+    # Score entries counted directly from the window mask.
+    for n, w in [(64, 16), (64, 8), (100, 7), (16, 16)]:
+        mask = torch.ones(n, n).tril()
+        band = mask.triu(-(w - 1))
+        assert attention_cpu.swa_work_ratio(n, w) == pytest.approx(band.sum().item() / mask.sum().item())
+
+
+def test_grid_mode(attention_cpu, tmp_path):
+    out = tmp_path / "grid.json"
+    rows = attention_cpu.main([
+        "--grid", "--grid-seq-lens", "128,256", "--grid-windows", "16,32,64,128", "--grid-gqa", "1,2",
+        "--grid-dtypes", "fp32", "--heads", "4", "--head-dim", "16", "--reps", "1", "--warmup", "0",
+        "--threads", str(torch.get_num_threads()), "--json", str(out),
+    ])
+    # Every W <= n/4 once per (n, GQA ratio): 128 -> 16, 32; 256 -> 16, 32, 64.
+    got = sorted((r["seq_len"], r["window"], r["heads"] // r["kv_heads"]) for r in rows)
+    want = sorted((n, w, g) for g in (1, 2) for n, ws in ((128, (16, 32)), (256, (16, 32, 64))) for w in ws)
+    assert got == want
+    for r in rows:
+        assert r["fwd_ratio"] == pytest.approx(r["swa_fwd_ms"] / r["fa_fwd_ms"])
+        assert r["fwd_bwd_ratio"] == pytest.approx(r["swa_fwd_bwd_ms"] / r["fa_fwd_bwd_ms"])
+        assert r["pass"] == (max(r["fwd_ratio"], r["fwd_bwd_ratio"]) <= 0.30)
+    # FA is timed once per (n, ratio, dtype) and shared by its windows.
+    fa = {(r["seq_len"], r["kv_heads"]): r["fa_fwd_ms"] for r in rows}
+    assert all(r["fa_fwd_ms"] == fa[(r["seq_len"], r["kv_heads"])] for r in rows)
+    assert json.loads(out.read_text())["grid"] == rows
+
+
+def test_single_mode_checks_against_dense(attention_cpu, tmp_path):
+    out = tmp_path / "one.json"
+    rows = attention_cpu.main([
+        "--seq-len", "200", "--window", "24", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+        "--sinks", "2", "--reps", "1", "--warmup", "0", "--threads", str(torch.get_num_threads()),
+        "--json", str(out),
+    ])
+    assert [r["method"].split(":")[0] for r in rows] == ["FA (SDPA causal)", "dense-mask SWA (SDPA [n,n] mask)", "ours"]
+    config = json.loads(out.read_text())["config"]
+    assert config["max_abs_err_ours_vs_dense"] < 1e-5
