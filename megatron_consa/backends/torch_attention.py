@@ -27,10 +27,11 @@ its block's *chunk* is the ``L = W + B`` keys ``i*B .. i*B + W + B - 1`` (one
 more than it needs, so that ``L`` stays a multiple of the vector width; right-padded
 keys are seen by padded queries only). Chunk column ``c`` is visible to row ``r``
 iff ``r < c <= r + W``: the same band for every block, so the mask is one
-``[B, L]`` tile broadcast over the blocks, and no key is left padding. The chunks are an overlapping strided *view* of the keys. With ``S``
-attention sinks the sink keys are prepended to every chunk and the mask, now
-``[nblk, B, S + L]``, also shows sink ``j`` to row ``r`` of block ``i`` iff
-``j <= i*B + r`` (older than the window). All blocks go through one batched
+``[B, L]`` tile broadcast over the blocks, and no key is left padding. The
+chunks are an overlapping strided *view* of the keys. With ``S`` attention sinks
+the sink keys are prepended to every chunk and the mask, now ``[nblk, B, S + L]``,
+also shows sink ``j`` to row ``r`` of block ``i`` iff ``j <= i*B + r`` (older
+than the window). All blocks go through one batched
 flash-attention call with the blocks as the "head" dimension
 (``[b*hkv, nblk, rep*B, d]``; GQA query heads are folded into the rows so K/V
 are never repeated), so time and memory are ``O(s * (B + W + S))`` in the
