@@ -245,7 +245,6 @@ def test_public_sdpa_path_matches_reference(monkeypatch, s, window, sinks, block
 
     monkeypatch.setattr(torch_attention, "_cpu_flash_ops_available", lambda: False)
     taken = []
-    monkeypatch.setattr(torch_attention, "_CpuBlockedSWA", None)  # must not be reached
     sdpa_blocked = torch_attention._sdpa_blocked_swa
     monkeypatch.setattr(
         torch_attention, "_sdpa_blocked_swa", lambda *a, **kw: taken.append(1) or sdpa_blocked(*a, **kw)
