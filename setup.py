@@ -18,6 +18,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_consa", "megatron_consa.*"]),
+    # The banded CPU SWA kernel is compiled from this source on first use (ninja + a C++ compiler).
+    package_data={"megatron_consa.backends": ["csrc/*.cpp"]},
     install_requires=[
         "megatron-core>=0.19,<0.20",
         "torch>=2.6",
@@ -30,6 +32,7 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "ninja",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "filelock"],

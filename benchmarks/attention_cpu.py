@@ -48,8 +48,10 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_consa.files import write_json_atomic  # noqa: E402
+from megatron_consa.backends import cpu_extension  # noqa: E402
 from megatron_consa.backends.torch_attention import (  # noqa: E402
     default_block_size,
+    default_cpu_q_tile,
     full_causal_attention,
     sliding_window_attention,
     sliding_window_mask,
@@ -91,6 +93,18 @@ def parse_args(argv=None):
 
 def _ints(text):
     return [int(t) for t in text.split(",")]
+
+
+def cpu_kernel() -> str:
+    """Which CPU SWA kernel ``sliding_window_attention`` runs here (see megatron_consa.backends.cpu_extension)."""
+    return "banded" if cpu_extension.extension() is not None else "flash-op"
+
+
+def swa_tile(window: int, n: int, rep: int, dtype: torch.dtype) -> int:
+    """The default tile of that kernel: query positions per tile (banded) or query block B (flash-op)."""
+    if cpu_kernel() == "banded":
+        return default_cpu_q_tile(window, rep, dtype)
+    return default_block_size(window, n)
 
 
 def swa_work_ratio(n: int, window: int) -> float:
@@ -145,13 +159,13 @@ def run_grid(args):
     ]
     groups = [g for g in groups if g[3]]
     print(
-        f"CPU attention grid: b={args.batch} hq={args.heads} d={d} S={args.sinks} threads={args.threads} "
+        f"CPU attention grid: kernel={cpu_kernel()} b={args.batch} hq={args.heads} d={d} S={args.sinks} threads={args.threads} "
         f"reps={args.reps} torch={torch.__version__} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
         f"{sum(len(g[3]) for g in groups)} configurations; pass = SWA/FA <= "
         f"{args.grid_limit:.2f}, forward and forward+backward"
     )
     print()
-    print("| n | W | hq/hkv | dtype | B | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
+    print("| n | W | hq/hkv | dtype | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
           "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     rows = []
@@ -176,7 +190,7 @@ def run_grid(args):
         for W in windows:
             row = {
                 "seq_len": n, "window": W, "heads": hq, "kv_heads": hkv, "dtype": dt,
-                "block_size": args.block_size or default_block_size(W, n), "ideal": swa_work_ratio(n, W),
+                "block_size": args.block_size or swa_tile(W, n, ratio, dtype), "ideal": swa_work_ratio(n, W),
                 "fa_fwd_ms": 1e3 * med["fa"]["fwd"], "swa_fwd_ms": 1e3 * med[W]["fwd"],
                 "fwd_ratio": med[W]["fwd"] / med["fa"]["fwd"],
                 "fa_fwd_bwd_ms": 1e3 * med["fa"]["fwd_bwd"], "swa_fwd_bwd_ms": 1e3 * med[W]["fwd_bwd"],
@@ -201,7 +215,7 @@ def run_grid(args):
         config = {
             "batch": args.batch, "heads": args.heads, "head_dim": d, "sinks": args.sinks,
             "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "limit": args.grid_limit,
+            "cpu": platform.processor() or platform.machine(), "limit": args.grid_limit, "kernel": cpu_kernel(),
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         }
         write_json_atomic(args.json, {"config": config, "grid": rows})
@@ -219,7 +233,7 @@ def main(argv=None):
     hkv = args.kv_heads or hq
     scale = d ** -0.5
     W, S = args.window, args.sinks
-    block = args.block_size or default_block_size(W, n)
+    block = args.block_size or swa_tile(W, n, hq // hkv, dtype)
 
     q = torch.randn(b, hq, n, d, dtype=dtype, requires_grad=True)
     k = torch.randn(b, hkv, n, d, dtype=dtype, requires_grad=True)
@@ -245,7 +259,7 @@ def main(argv=None):
     methods = {"FA (SDPA causal)": fa}
     if not args.skip_dense:
         methods["dense-mask SWA (SDPA [n,n] mask)"] = dense_swa
-    methods[f"ours: blocked SWA (B={block})"] = ours
+    methods[f"ours: {cpu_kernel()} SWA (tile {block})"] = ours
     if args.baseline:
         import importlib.util
 
@@ -281,7 +295,7 @@ def main(argv=None):
 
     config = {
         "batch": b, "heads": hq, "kv_heads": hkv, "seq_len": n, "head_dim": d,
-        "window": W, "sinks": S, "block_size": block, "dtype": args.dtype,
+        "window": W, "sinks": S, "block_size": block, "kernel": cpu_kernel(), "dtype": args.dtype,
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
@@ -289,7 +303,7 @@ def main(argv=None):
         "max_abs_err_ours_vs_dense": max_err,
     }
     print(
-        f"CPU attention benchmark: b={b} hq={hq} hkv={hkv} n={n} d={d} W={W} S={S} "
+        f"CPU attention benchmark: kernel={cpu_kernel()} b={b} hq={hq} hkv={hkv} n={n} d={d} W={W} S={S} "
         f"{args.dtype} threads={args.threads} reps={args.reps} torch={torch.__version__} "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )

@@ -16,9 +16,21 @@ Conventions
   ``{j : j <= p and (j > p - W or j < S)}``; no key is counted twice.
 * The softmax scale is always passed explicitly.
 
-O(n*W) blocking
----------------
-``sliding_window_attention`` never forms an ``[s, s]`` score matrix. The first
+O(n*W) kernels
+--------------
+``sliding_window_attention`` never forms an ``[s, s]`` score matrix.
+
+On the CPU it runs the banded C++ kernel of :mod:`.cpu_extension` (compiled on
+first use; fp32, fp64, bf16): tiles of ``T`` query rows (the ``rep`` GQA heads
+of a KV head share one tile) read only their window ``max(0, m0-W+1) .. m1-1``
+and the sinks below it, in key tiles of at most :data:`CPU_KV_TILE`, with an
+online softmax; the tiles entirely inside the visible set skip the masking;
+the backward recomputes the probabilities from the forward's log-sum-exp and
+accumulates dK/dV in fp32 in place, so nothing key-sized is materialised per
+query block. The default ``T`` is :func:`default_cpu_q_tile`.
+
+Where it does not build (no compiler, or a torch without MKL), and for fp16,
+the layout below runs on PyTorch's own CPU flash-attention ops instead. The first
 ``W`` queries see every key before them, so they are plain causal FA over the
 first ``W`` keys. The other queries (positions ``W .. s-1``) are split into
 ``nblk = ceil((s - W) / B)`` blocks of ``B`` (the tail block zero-padded). Query
@@ -37,7 +49,7 @@ flash-attention call with the blocks as the "head" dimension
 are never repeated), so time and memory are ``O(s * (B + W + S))`` in the
 forward and in the backward. The default ``B`` is :func:`default_block_size`.
 
-On the CPU, :class:`_CpuBlockedSWA` calls the CPU flash kernel's forward and
+On that fallback, :class:`_CpuBlockedSWA` calls the CPU flash kernel's forward and
 backward ops directly: the chunks stay a view in the backward too, their
 gradients are summed back onto the keys by ``ceil(L / B)`` shifted adds
 (autograd's unfold backward was a tenth of the step), the additive mask is
@@ -58,6 +70,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from megatron_consa.backends import cpu_extension
 
 __all__ = [
     "full_causal_attention",
@@ -358,6 +372,55 @@ class _CpuBlockedSWA(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
+CPU_KV_TILE = 512
+"""Keys per tile of the banded CPU kernel (the CPU flash op's own ``kvSplitSize``)."""
+
+
+def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Query positions per tile of the banded CPU kernel (:mod:`.cpu_extension`).
+
+    A tile of ``T`` positions reads ``W + T - 1`` keys for ``W`` useful per row,
+    so a small ``T`` wastes less; its ``rep * T`` rows (the GQA heads of a KV
+    head share the tile) make bigger matrix products the larger it is. Measured
+    on 2 cores (n=4096, d=64, forward and forward+backward; differences of a few
+    percent): fp32 best at ``T = W / 8`` within 32..128 and at most 128 rows;
+    bf16 (AMX products, cheap next to the softmax) at 64..128 and at most 256
+    rows. Hence ``clamp(W / 8)`` to a power of two, halved (down to 16) while the
+    rows exceed the cap.
+    """
+    low, rows = (64, 256) if dtype in (torch.bfloat16, torch.float16) else (32, 128)
+    tile = low
+    while tile < 128 and tile * 8 < window:
+        tile *= 2
+    while tile > 16 and tile * rep > rows:
+        tile //= 2
+    return tile
+
+
+class _CpuBandedSWA(torch.autograd.Function):
+    """The SWA on the banded C++ CPU kernel (:mod:`.cpu_extension`): each query tile
+    reads only its window (and sinks), the backward recomputes the probabilities
+    from the forward's log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float, sinks: int, q_tile: int):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        out, lse = cpu_extension.extension().forward(q, k, v, window, sinks, scale, q_tile, CPU_KV_TILE)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (window, scale, sinks, q_tile)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        window, scale, sinks, q_tile = ctx.meta
+        grads = cpu_extension.extension().backward(
+            grad, q, k, v, out, lse, window, sinks, scale, q_tile, CPU_KV_TILE
+        )
+        return (*grads, None, None, None, None)
+
+
 def _heads_for_flash(x: torch.Tensor, rep: int) -> torch.Tensor:
     """K/V ``[b, hkv, m, d]`` as the CPU flash op takes them beside ``hkv * rep`` query
     heads: unchanged where it handles GQA itself, else repeated per query head."""
@@ -454,11 +517,14 @@ def sliding_window_attention(
         window: ``W >= 1``; query ``p`` sees keys ``max(0, p-W+1) .. p``.
         scale: softmax scale (e.g. ``1 / sqrt(d)``).
         sink_tokens: ``S >= 0`` leading tokens every query may also attend to.
-        block_size: query block size ``B``; default :func:`default_block_size`.
+        block_size: query rows per tile of the banded CPU kernel (default
+            :func:`default_cpu_q_tile`), or the query block ``B`` of the chunked
+            layout elsewhere (default :func:`default_block_size`).
 
     Returns:
-        ``[b, hq, s, d]`` in the dtype of ``q``. On the CPU the backward is
-        :class:`_CpuBlockedSWA`'s (first order only).
+        ``[b, hq, s, d]`` in the dtype of ``q``. On the CPU the backward is the
+        kernel's own (:class:`_CpuBandedSWA`, or :class:`_CpuBlockedSWA` on the
+        fallback; first order only).
     """
     _check_qkv(q, k, v)
     window = int(window)
@@ -480,6 +546,9 @@ def sliding_window_attention(
     if block < 1:
         raise ValueError(f"block_size must be >= 1, got {block}")
     block = min(block, s - window)
+    if q.device.type == "cpu" and cpu_extension.supports(q.dtype) and cpu_extension.extension() is not None:
+        q_tile = default_cpu_q_tile(window, q.shape[1] // k.shape[1], q.dtype) if block_size is None else int(block_size)
+        return _CpuBandedSWA.apply(q, k, v, window, scale, sinks, q_tile)
     if q.device.type == "cpu" and _cpu_flash_ops_available():
         return _CpuBlockedSWA.apply(q, k, v, window, scale, sinks, block)
     # The first W queries see every key before them (no sink is older than the window).

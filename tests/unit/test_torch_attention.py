@@ -24,6 +24,19 @@ from megatron_consa.backends.torch_attention import (
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# The CPU has two SWA kernels: the banded C++ one (shipped default) and, where that
+# does not build, the chunked layout on PyTorch's CPU flash ops.
+CPU_KERNELS = ["banded", "flash_op"]
+
+
+def _use_cpu_kernel(monkeypatch, kernel):
+    from megatron_consa.backends import cpu_extension
+
+    if kernel == "flash_op":
+        monkeypatch.setattr(cpu_extension, "extension", lambda: None)
+    else:
+        assert cpu_extension.extension() is not None, "the banded CPU kernel must build where make test runs"
+
 
 @functools.lru_cache(maxsize=None)
 def _ref_mask(s: int, window: int, sinks: int) -> torch.Tensor:
@@ -101,10 +114,13 @@ SWA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,cpu_kernel", [("cpu", k) for k in CPU_KERNELS] + [(d, None) for d in DEVICES[1:]])
 @pytest.mark.parametrize("rep", [1, 2])
 @pytest.mark.parametrize("s,window,sinks,block", SWA_CASES)
-def test_swa_matches_reference_fp64(s, window, sinks, block, rep, device):
+def test_swa_matches_reference_fp64(monkeypatch, s, window, sinks, block, rep, device, cpu_kernel):
+    if cpu_kernel:
+        _use_cpu_kernel(monkeypatch, cpu_kernel)
+
     def fn(q, k, v, scale):
         return sliding_window_attention(
             q, k, v, window=window, scale=scale, sink_tokens=sinks, block_size=block
@@ -113,13 +129,15 @@ def test_swa_matches_reference_fp64(s, window, sinks, block, rep, device):
     _check_against_ref(fn, s, window, sinks, rep, torch.float64, device, 1e-10, 1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,cpu_kernel", [("cpu", k) for k in CPU_KERNELS] + [(d, None) for d in DEVICES[1:]])
 @pytest.mark.parametrize("rep", [1, 2])
 @pytest.mark.parametrize(
     "s,window,sinks,block",
     [(37, 5, 0, 8), (37, 5, 4, 8), (50, 1, 1, 7), (40, 39, 4, 16), (96, 24, 1, None)],
 )
-def test_swa_matches_reference_fp32(s, window, sinks, block, rep, device):
+def test_swa_matches_reference_fp32(monkeypatch, s, window, sinks, block, rep, device, cpu_kernel):
+    if cpu_kernel:
+        _use_cpu_kernel(monkeypatch, cpu_kernel)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -154,9 +172,11 @@ def test_library_mask_and_dense_reference():
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,cpu_kernel", [("cpu", k) for k in CPU_KERNELS] + [(d, None) for d in DEVICES[1:]])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
-def test_half_precision_forward(dtype, tol, device):
+def test_half_precision_forward(monkeypatch, dtype, tol, device, cpu_kernel):
+    if cpu_kernel:
+        _use_cpu_kernel(monkeypatch, cpu_kernel)
     s, window, sinks, d = 200, 48, 4, 32
     q, k, v = _make_qkv(2, 2, 2, s, d, torch.float32, device)
     scale = d ** -0.5
@@ -184,7 +204,9 @@ def _saved_numel(fn, *args):
     return total
 
 
-def test_swa_saved_memory_is_linear():
+@pytest.mark.parametrize("cpu_kernel", CPU_KERNELS)
+def test_swa_saved_memory_is_linear(monkeypatch, cpu_kernel):
+    _use_cpu_kernel(monkeypatch, cpu_kernel)
     window, d, h = 64, 16, 2
 
     def swa_saved(n):
@@ -224,10 +246,13 @@ def test_default_block_size_and_validation():
         full_causal_attention(q, q[:, :1].repeat(1, 3, 1, 1), q[:, :1].repeat(1, 3, 1, 1), scale=0.5)
 
 
-def test_swa_uses_fused_sdpa_kernel_on_cpu():
-    """Regression guard: a 3-D mask makes SDPA fall back to the O(B*L)-memory math
-    kernel; the library must pass a 4-D mask so the fused CPU flash kernel runs."""
+def test_swa_uses_fused_sdpa_kernel_on_cpu(monkeypatch):
+    """Regression guard for the flash-op fallback: a 3-D mask makes SDPA fall back to the
+    O(B*L)-memory math kernel; the library must pass a 4-D mask so the fused CPU flash
+    kernel runs. (The default path, the banded kernel: test_cpu_extension.)"""
     from torch.profiler import profile
+
+    _use_cpu_kernel(monkeypatch, "flash_op")
 
     q, k, v = _make_qkv(1, 2, 2, 300, 16, torch.float32, "cpu")
     with profile() as prof:
@@ -242,6 +267,8 @@ def test_swa_uses_fused_sdpa_kernel_on_cpu():
 def test_public_sdpa_path_matches_reference(monkeypatch, s, window, sinks, block, rep):
     """The path CUDA takes without FlexAttention (public SDPA, autograd's backward), run on the CPU."""
     from megatron_consa.backends import torch_attention
+
+    _use_cpu_kernel(monkeypatch, "flash_op")
 
     monkeypatch.setattr(torch_attention, "_cpu_flash_ops_available", lambda: False)
     taken = []
@@ -262,6 +289,8 @@ def test_cpu_kernel_split_into_several_calls_matches_reference(monkeypatch, sink
     """Batch x KV heads split across flash calls (one row each) gives the same values and gradients."""
     from megatron_consa.backends import torch_attention
 
+    _use_cpu_kernel(monkeypatch, "flash_op")
+
     monkeypatch.setattr(torch_attention, "CPU_CALL_BYTES", 1)
 
     def fn(q, k, v, scale):
@@ -276,6 +305,8 @@ def test_cpu_kernel_where_flash_op_lacks_gqa(monkeypatch):
     W queries run on repeated K/V, their gradients summed back per KV head."""
     from megatron_consa.backends import torch_attention
 
+    _use_cpu_kernel(monkeypatch, "flash_op")
+
     monkeypatch.setattr(torch_attention, "_cpu_flash_takes_gqa", lambda: False)
 
     def fn(q, k, v, scale):
@@ -284,7 +315,9 @@ def test_cpu_kernel_where_flash_op_lacks_gqa(monkeypatch):
     _check_against_ref(fn, 41, 6, 2, 3, torch.float64, "cpu", 1e-10, 1e-10)
 
 
-def test_bf16_gradients_follow_fp32():
+@pytest.mark.parametrize("cpu_kernel", CPU_KERNELS)
+def test_bf16_gradients_follow_fp32(monkeypatch, cpu_kernel):
+    _use_cpu_kernel(monkeypatch, cpu_kernel)
     s, window, sinks, d = 300, 64, 2, 32
     q, k, v = _make_qkv(1, 2, 4, s, d, torch.float32, "cpu")
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
@@ -300,10 +333,11 @@ def test_bf16_gradients_follow_fp32():
 def test_large_band_masks_are_not_cached(monkeypatch):
     from megatron_consa.backends import torch_attention
 
+    _use_cpu_kernel(monkeypatch, "flash_op")
     torch_attention._cached_band_bias.cache_clear()
     monkeypatch.setattr(torch_attention, "BAND_BIAS_CACHE_BYTES", 0)
-    test_swa_matches_reference_fp64(37, 5, 4, 8, 2, "cpu")
+    test_swa_matches_reference_fp64(monkeypatch, 37, 5, 4, 8, 2, "cpu", "flash_op")
     assert torch_attention._cached_band_bias.cache_info().currsize == 0
     monkeypatch.setattr(torch_attention, "BAND_BIAS_CACHE_BYTES", 1 << 30)
-    test_swa_matches_reference_fp64(37, 5, 4, 8, 2, "cpu")
+    test_swa_matches_reference_fp64(monkeypatch, 37, 5, 4, 8, 2, "cpu", "flash_op")
     assert torch_attention._cached_band_bias.cache_info().currsize == 1

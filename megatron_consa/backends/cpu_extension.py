@@ -1,0 +1,108 @@
+"""The banded CPU sliding-window kernel (``csrc/swa_cpu.cpp``), compiled on first use.
+
+PyTorch's CPU flash-attention op has no window, so :mod:`.torch_attention` can
+only feed it overlapping key chunks under an additive band mask; the C++
+kernel here reads each query tile's window directly (no chunks, no mask on the
+tiles inside the window, dK/dV accumulated in place) and is what
+:func:`~megatron_consa.backends.torch_attention.sliding_window_attention` uses
+on the CPU when it builds.
+
+It is compiled with ``torch.utils.cpp_extension.load`` (ninja and a C++
+compiler; about a minute, once per machine and torch version: torch caches
+the build under ``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``, and a file lock lets concurrent processes wait
+for one build). The vector code is compiled for the CPU capability torch
+itself dispatches to (``torch.backends.cpu.get_cpu_capability()``), and the
+matrix products go to the MKL that torch's x86 builds carry.
+
+``CONSA_CPU_SWA_KERNEL=0`` turns it off (the flash-op path runs instead);
+``CONSA_CPU_SWA_KERNEL=1`` makes a failed build an error instead of a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ENV_VAR = "CONSA_CPU_SWA_KERNEL"
+SOURCE = Path(__file__).with_name("csrc") / "swa_cpu.cpp"
+
+# ATen's vector headers pick their implementation from CPU_CAPABILITY_* macros, as
+# torch's own kernels are compiled once per capability.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The C++ kernel could not be built or loaded here."""
+
+
+def _mode() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("1", "on", "true", "yes", "required"):
+        return "required"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(f"{ENV_VAR}={value!r}: use 0 (off), 1 (required) or auto")
+
+
+def capability() -> str:
+    """The vector flavour to compile for: AVX512, AVX2 or DEFAULT (torch's own dispatch)."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if cap.startswith("AVX512"):
+        return "AVX512"
+    return "AVX2" if cap.startswith("AVX2") else "DEFAULT"
+
+
+@functools.lru_cache(maxsize=1)
+def _build():
+    from torch.utils.cpp_extension import load
+
+    cap = capability()
+    # -fopenmp: at::parallel_for is inline and runs serially in code compiled without it.
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + _CAPABILITY_FLAGS.get(cap, [])
+    return load(
+        name=f"consa_swa_cpu_{cap.lower()}",
+        sources=[str(SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _load_or_none() -> Optional[object]:
+    try:
+        return _build()
+    except Exception as exc:  # noqa: BLE001 - any build/link failure means "not here"
+        if _mode() == "required":
+            raise ExtensionUnavailable(f"the CPU SWA kernel did not build ({ENV_VAR}=1): {exc}") from exc
+        warnings.warn(
+            f"megatron_consa: the C++ CPU sliding-window kernel did not build ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); using the slower flash-op path. "
+            f"Set {ENV_VAR}=0 to skip the build, or {ENV_VAR}=1 to make this an error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def extension() -> Optional[object]:
+    """The compiled module (``forward``, ``backward``), or None where it is off or did not build."""
+    if _mode() == "off":
+        return None
+    return _load_or_none()
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.float64, torch.bfloat16)

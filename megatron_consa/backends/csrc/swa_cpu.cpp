@@ -1,0 +1,636 @@
+// Banded (sliding-window) flash attention for the CPU: forward and backward.
+//
+// The CPU flash kernel of PyTorch (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)
+// has no window: its only ways to skip work are `is_causal` and an additive mask
+// that it still multiplies through. This kernel follows the same tiled, online-softmax
+// scheme, but each query tile only visits the keys its rows can see:
+//
+//   query p sees key j  iff  j <= p  and  (j > p - W  or  j < S)
+//
+// (window W >= 1, S attention sinks; megatron_consa.backends.torch_attention's convention).
+// A query tile [m0, m1) reads the sink keys [0, min(S, k0)) and the window keys
+// [k0, m1) with k0 = max(0, m0 - W + 1); tiles entirely inside the visible set skip
+// the masking. The backward recomputes the probabilities from the forward's
+// log-sum-exp and accumulates dK/dV per task in fp32, so no key-sized gradient is
+// ever materialised per query block.
+//
+// Layout: q [b, hq, s, d], k, v [b, hkv, s, d] (any strides, last dim contiguous),
+// hq = hkv * rep, query head h reads KV head h / rep. Results are contiguous.
+// Matrix products go to MKL (sgemm_ / dgemm_ / cblas_gemm_bf16bf16f32), which
+// torch's CPU build exports; everything else is ATen's vectorised helpers.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc);
+}
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int kCblasColMajor = 102;
+constexpr int kCblasNoTrans = 111;
+constexpr int kCblasTrans = 112;
+
+// Column-major C[m, n] = alpha * op(A) * op(B) + beta * C (BLAS semantics), with
+// operands of scalar_t and C in the accumulation type.
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  sgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  dgemm_(ta ? "T" : "N", tb ? "T" : "N", &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a,
+                 int64_t lda, const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  cblas_gemm_bf16bf16f32(kCblasColMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
+                         m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                         reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+}
+
+// Store a vector of the accumulation type as scalar_t (bf16: rounded, half the bytes).
+template <typename scalar_t, typename acc_t>
+inline void store_as(scalar_t* dst, const Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    x.store(dst);
+  } else {
+    at::vec::convert_from_float<scalar_t>(x, x).store(dst, Vectorized<acc_t>::size());
+  }
+}
+
+template <typename T>
+inline void fill(T* data, T value, int64_t n) {
+  std::fill(data, data + n, value);
+}
+
+// Per-thread scratch that outlives the call: buffers above glibc's mmap threshold
+// would otherwise be mapped and page-faulted afresh on every call, which on a VM
+// cost a tenth of a small call. Grow-only; `slot` names the buffer (unique across
+// element types, which may coincide).
+template <typename T>
+T* scratch(int slot, int64_t n) {
+  thread_local std::vector<T> buffers[16];
+  std::vector<T>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Row-major scores[qB, kB] (row stride ldp) = scale * Q[m0:m1] K[n0:n1]^T.
+template <typename scalar_t, typename acc_t>
+inline void scores(const scalar_t* q, int64_t q_ld, const scalar_t* k, int64_t k_ld, int64_t qB, int64_t kB,
+                   int64_t ldp, int64_t d, acc_t scale, acc_t* out) {
+  gemm(true, false, kB, qB, d, scale, k, k_ld, q, q_ld, acc_t(0), out, ldp);
+}
+
+// Score rows are padded to whole vectors (16 floats on AVX-512), so the softmax loops
+// have no scalar tail: a window of W + qT - 1 keys is rarely a multiple of 16.
+constexpr int64_t kRowAlign = 16;
+inline int64_t padded(int64_t n) { return (n + kRowAlign - 1) / kRowAlign * kRowAlign; }
+
+// Hide (set to -inf) the entries of a [qB, kB] tile (queries m0.., keys n0..) outside
+// the visible set; returns without touching it when the whole tile is visible.
+// A tile's rows: the `rep` query heads of one KV head at the positions [m0, m0 + qB),
+// head-major (row i is head i / qB at position m0 + i % qB), so the heads that share
+// K/V share one matrix product.
+struct RowTile {
+  int64_t m0, qB, rep;
+  int64_t rows() const { return rep * qB; }
+};
+
+// Hide (set to -inf) the entries of a [rows, kB] tile (keys n0..) outside the visible
+// set; returns without touching it when the whole tile is visible.
+template <typename acc_t>
+inline void mask_tile(acc_t* tile, int64_t ldp, const RowTile& rt, int64_t n0, int64_t kB, int64_t W, int64_t S) {
+  const int64_t n1 = n0 + kB, m1 = rt.m0 + rt.qB;
+  const bool causal_ok = n1 - 1 <= rt.m0;             // every key <= every query
+  const bool window_ok = n0 >= m1 - W || n1 <= S;     // every key in every row's window, or a sink
+  if (causal_ok && window_ok) return;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rt.qB; ++r) {
+    const int64_t p = rt.m0 + r;
+    const int64_t after = std::max<int64_t>(p + 1, n0);  // keys after the query: [after, n1)
+    // keys older than the window that are not sinks: [lo, hi)
+    const int64_t lo = std::max<int64_t>(n0, S), hi = std::min<int64_t>(n1, p - W + 1);
+    for (int64_t hr = 0; hr < rt.rep; ++hr) {
+      acc_t* row = tile + (hr * rt.qB + r) * ldp;
+      if (after < n1) fill(row + (after - n0), neg_inf, n1 - after);
+      if (lo < hi) fill(row + (lo - n0), neg_inf, hi - lo);
+    }
+  }
+}
+
+// The key ranges a query tile [m0, m1) reads: the sinks below its window, then its window.
+struct KeyRanges {
+  int64_t sink_end;   // sinks [0, sink_end)
+  int64_t win_begin;  // window [win_begin, win_end)
+  int64_t win_end;
+};
+
+// `align`: the window range starts at a multiple of it (the packed bf16 path reads keys
+// in blocks of 64); the keys added below the window are masked like any other.
+inline KeyRanges key_ranges(int64_t m0, int64_t m1, int64_t W, int64_t S, int64_t align = 1) {
+  const int64_t k0 = std::max<int64_t>(0, m0 - W + 1) / align * align;
+  return {std::min<int64_t>(S, k0), k0, m1};
+}
+
+// Key tiles of at most kT keys, as equal as the vector width allows (a window of
+// W + qT - 1 keys in tiles of kT would leave a thin, slow last tile).
+// With `align` > 1 (a multiple of kRowAlign dividing kT) every tile starts at a multiple of it.
+template <typename F>
+inline void for_each_tile(int64_t begin, int64_t end, int64_t kT, int64_t align, F&& f) {
+  if (begin >= end) return;
+  const int64_t n = end - begin, tiles = (n + kT - 1) / kT;
+  const int64_t unit = std::max(kRowAlign, align);
+  const int64_t step = std::min(kT, ((n + tiles - 1) / tiles + unit - 1) / unit * unit);
+  for (int64_t n0 = begin; n0 < end; n0 += step) f(n0, std::min(n0 + step, end));
+}
+
+template <typename F>
+inline void for_each_key_tile(const KeyRanges& kr, int64_t kT, int64_t align, F&& f) {
+  for_each_tile(0, kr.sink_end, kT, align, f);
+  for_each_tile(kr.win_begin, kr.win_end, kT, align, f);
+}
+
+// Rows [m0, m0 + qB) of the `rep` heads h0.. of x (strides sh, sm) as one [rep*qB, D] block:
+// a pointer into x when they already are one (rep == 1), else packed into `buf`.
+template <typename scalar_t>
+inline const scalar_t* tile_rows(const scalar_t* x, int64_t sh, int64_t sm, const RowTile& rt, int64_t D,
+                                 scalar_t* buf, int64_t* ld) {
+  if (rt.rep == 1) {
+    *ld = sm;
+    return x;
+  }
+  for (int64_t hr = 0; hr < rt.rep; ++hr) {
+    for (int64_t r = 0; r < rt.qB; ++r) {
+      const scalar_t* src = x + hr * sh + r * sm;
+      std::copy(src, src + D, buf + (hr * rt.qB + r) * D);
+    }
+  }
+  *ld = D;
+  return buf;
+}
+
+// The packed bf16 forward (AMX and other oneDNN-brgemm machines, like PyTorch's own CPU
+// flash kernel for bf16): K^T and V are packed once per call into the VNNI layout in
+// blocks of kPackBlock keys, and each tile's products are oneDNN brgemm calls on them.
+constexpr int64_t kPackBlock = 64;
+
+struct PackedKV {
+  at::Tensor k_t;  // [B*Hkv, nblocks, D * 64]: K^T of each 64-key block, VNNI
+  at::Tensor v;    // [B*Hkv, D / 64, nblocks * 64 * 64]: V by 64-wide column chunk, VNNI over all keys
+  int64_t nblocks;
+};
+
+inline bool can_pack_bf16(int64_t D) {
+  return D % kPackBlock == 0 && at::native::cpublas::could_pack(at::kBFloat16);
+}
+
+// A tensor of `numel` elements kept by the calling thread between calls (grow-only),
+// for the packed K/V: see scratch().
+at::Tensor workspace(int slot, int64_t numel, const at::TensorOptions& options) {
+  thread_local at::Tensor kept[2];
+  at::Tensor& w = kept[slot];
+  if (!w.defined() || w.numel() < numel || w.scalar_type() != options.dtype().toScalarType()) {
+    w = at::empty({numel}, options);
+  }
+  return w.narrow(0, 0, numel);
+}
+
+PackedKV pack_kv(const at::Tensor& k, const at::Tensor& v) {
+  using bf16 = at::BFloat16;
+  const int64_t B = k.size(0), Hkv = k.size(1), N = k.size(2), D = k.size(3);
+  constexpr int64_t P = kPackBlock, T = 32;  // pack block, transpose block
+  const int64_t nb = (N + P - 1) / P, dchunks = D / P;
+  PackedKV packed{workspace(0, B * Hkv * nb * D * P, k.options()).view({B * Hkv, nb, D * P}),
+                  workspace(1, B * Hkv * dchunks * nb * P * P, k.options()).view({B * Hkv, dchunks, nb * P * P}), nb};
+  const bf16* kd = k.const_data_ptr<bf16>();
+  const bf16* vd = v.const_data_ptr<bf16>();
+  bf16* kt = packed.k_t.data_ptr<bf16>();
+  bf16* vp = packed.v.data_ptr<bf16>();
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksn = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
+  at::parallel_for(0, B * Hkv * nb, 1, [&](int64_t begin, int64_t end) {
+    bf16* tmp = scratch<bf16>(15, std::max(D, P) * P);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task % nb, bg = task / nb, b = bg / Hkv, g = bg % Hkv;
+      const int64_t j0 = blk * P, keys = std::min(P, N - j0);
+      // K^T block [D, 64] (keys past the end: zero), in 32 x 32 transposes
+      const bf16* ks = kd + b * ksb + g * ksh + j0 * ksn;
+      if (keys < P) fill(tmp, bf16(0), D * P);
+      for (int64_t c = 0; c < keys; c += T) {
+        for (int64_t dd = 0; dd < D; dd += T) {
+          at::vec::transpose_mxn<bf16>(ks + c * ksn + dd, ksn, tmp + dd * P + c, P,
+                                       static_cast<int>(std::min(T, keys - c)), static_cast<int>(T));
+        }
+      }
+      at::native::cpublas::pack(D, P, P, P, at::kBFloat16, at::kBFloat16, tmp, kt + (bg * nb + blk) * D * P);
+      // V block [64 keys, 64 columns] per column chunk
+      const bf16* vs = vd + b * vsb + g * vsh + j0 * vsn;
+      for (int64_t dc = 0; dc < dchunks; ++dc) {
+        for (int64_t c = 0; c < P; ++c) {
+          if (c < keys) {
+            std::copy(vs + c * vsn + dc * P, vs + c * vsn + dc * P + P, tmp + c * P);
+          } else {
+            fill(tmp + c * P, bf16(0), P);
+          }
+        }
+        at::native::cpublas::pack(P, P, P, P, at::kBFloat16, at::kBFloat16, tmp,
+                                  vp + (bg * dchunks + dc) * nb * P * P + blk * P * P);
+      }
+    }
+  });
+  return packed;
+}
+
+template <typename scalar_t, bool Packed = false>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                    at::Tensor& lse, int64_t W, int64_t S, double scale_d, int64_t qT, int64_t kT) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!Packed || std::is_same_v<scalar_t, at::BFloat16>, "the packed path is bf16's");
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t rep = Hq / Hkv;
+  const int64_t nqt = (N + qT - 1) / qT;
+  const int64_t align = Packed ? kPackBlock : 1;
+  if (Packed) kT = std::max(kPackBlock, kT / kPackBlock * kPackBlock);
+  const int64_t max_rows = rep * qT, ldmax = padded(kT);
+  PackedKV packed;
+  if constexpr (Packed) packed = pack_kv(k, v);
+  const scalar_t* qd = q.const_data_ptr<scalar_t>();
+  const scalar_t* kd = k.const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.const_data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  acc_t* ld = lse.data_ptr<acc_t>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsm = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksn = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
+
+  at::parallel_for(0, B * Hkv * nqt, 1, [&](int64_t begin, int64_t end) {
+    acc_t* qk = scratch<acc_t>(0, max_rows * ldmax);
+    acc_t* dst = scratch<acc_t>(1, max_rows * D);
+    acc_t* row_max = scratch<acc_t>(2, max_rows);
+    acc_t* row_sum = scratch<acc_t>(3, max_rows);
+    scalar_t* qk_reduced = scratch<scalar_t>(4, reduced ? max_rows * ldmax : 0);
+    scalar_t* q_pack = scratch<scalar_t>(5, rep > 1 ? max_rows * D : 0);
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task % nqt, g = (task / nqt) % Hkv, b = task / (nqt * Hkv);
+      const int64_t m0 = t * qT, m1 = std::min(N, m0 + qT);
+      const RowTile rt{m0, m1 - m0, rep};
+      const int64_t R = rt.rows();
+      int64_t q_ld = 0;
+      const scalar_t* qp = tile_rows(qd + b * qsb + g * rep * qsh + m0 * qsm, qsh, qsm, rt, D, q_pack, &q_ld);
+      const scalar_t* kp = kd + b * ksb + g * ksh;
+      const scalar_t* vp = vd + b * vsb + g * vsh;
+      fill(row_max, neg_inf, R);
+      fill(row_sum, acc_t(0), R);
+      fill(dst, acc_t(0), R * D);
+      for_each_key_tile(key_ranges(m0, m1, W, S, align), kT, align, [&](int64_t n0, int64_t n1) {
+        const int64_t kB = n1 - n0;
+        const int64_t ldp = Packed ? (kB + kPackBlock - 1) / kPackBlock * kPackBlock : padded(kB);
+        if constexpr (Packed) {  // unscaled scores, 64 keys per call
+          const at::BFloat16* kt = packed.k_t.const_data_ptr<at::BFloat16>() + ((b * Hkv + g) * packed.nblocks + n0 / kPackBlock) * D * kPackBlock;
+          for (int64_t c = 0; c < kB; c += kPackBlock) {
+            at::native::cpublas::brgemm(R, kPackBlock, D, q_ld, kPackBlock, ldp, false, qp, kt + (c / kPackBlock) * D * kPackBlock, qk + c);
+          }
+        } else {
+          scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, qk);
+        }
+        mask_tile(qk, ldp, rt, n0, kB, W, S);
+        for (int64_t r = 0; r < R; ++r) {
+          acc_t* row = qk + r * ldp;
+          fill(row + kB, neg_inf, ldp - kB);  // the padding columns: whole vectors below
+          // Row max (plain max: a NaN score gives a NaN row either way). The packed path's
+          // scores are unscaled: scale > 0, so it scales the max and folds into the exp.
+          Vec vmax(neg_inf);
+          for (int64_t c = 0; c < ldp; c += Vec::size()) vmax = at::vec::clamp_min(Vec::loadu(row + c), vmax);
+          const acc_t tile_max = at::vec::vec_reduce_all<acc_t>(
+              [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax) * (Packed ? scale : acc_t(1));
+          const acc_t new_max = std::max(row_max[r], tile_max);
+          if (new_max == neg_inf) {  // nothing of this row visible yet
+            if constexpr (reduced) {
+              fill(qk_reduced + r * ldp, scalar_t(0), ldp);
+            } else {
+              fill(row, acc_t(0), ldp);
+            }
+          } else {
+            const Vec shift(-new_max), vscale(Packed ? scale : acc_t(1));
+            Vec vsum(acc_t(0)), vsum2(acc_t(0));
+            scalar_t* out_row = reduced ? qk_reduced + r * ldp : reinterpret_cast<scalar_t*>(row);
+            int64_t c = 0;
+            if constexpr (reduced) {  // two vectors per bf16 store
+              for (; c + 2 * Vec::size() <= ldp; c += 2 * Vec::size()) {
+                const Vec e0 = at::vec::fmadd(Vec::loadu(row + c), vscale, shift).exp_u20();
+                const Vec e1 = at::vec::fmadd(Vec::loadu(row + c + Vec::size()), vscale, shift).exp_u20();
+                at::vec::convert_from_float<scalar_t>(e0, e1).store(out_row + c);
+                vsum += e0;
+                vsum2 += e1;
+              }
+            }
+            for (; c < ldp; c += Vec::size()) {
+              const Vec e = (Packed ? at::vec::fmadd(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) + shift).exp_u20();
+              store_as<scalar_t>(out_row + c, e);
+              vsum += e;
+            }
+            vsum += vsum2;
+            const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, vsum);
+            const acc_t factor = row_max[r] == neg_inf ? acc_t(0) : std::exp(row_max[r] - new_max);
+            row_sum[r] = row_sum[r] * factor + sum;
+            if (factor != acc_t(1)) {
+              acc_t* drow = dst + r * D;
+              at::vec::map<acc_t>([factor](Vec x) { return x * Vec(factor); }, drow, drow, D);
+            }
+            row_max[r] = new_max;
+          }
+        }
+        // dst[R, d] += P V
+        if constexpr (Packed) {  // 64 columns of V per call, over the tile's keys (P is 0 past kB)
+          const at::BFloat16* vpk = packed.v.const_data_ptr<at::BFloat16>();
+          for (int64_t dc = 0; dc < D / kPackBlock; ++dc) {
+            const at::BFloat16* vb = vpk + ((b * Hkv + g) * (D / kPackBlock) + dc) * packed.nblocks * kPackBlock * kPackBlock + n0 * kPackBlock;
+            at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, true, qk_reduced, vb, dst + dc * kPackBlock);
+          }
+        } else if constexpr (reduced) {
+          gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk_reduced, ldp, acc_t(1), dst, D);
+        } else {
+          gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk, ldp, acc_t(1), dst, D);
+        }
+      });
+      for (int64_t hr = 0; hr < rep; ++hr) {
+        const int64_t row0 = (b * Hq + g * rep + hr) * N + m0;  // contiguous [b, hq, s] row
+        for (int64_t r = 0; r < rt.qB; ++r) {
+          const int64_t i = hr * rt.qB + r;
+          const acc_t inv = acc_t(1) / row_sum[i];
+          at::vec::map<scalar_t>([inv](Vec x) { return x * Vec(inv); }, od + (row0 + r) * D, dst + i * D, D);
+          ld[row0 + r] = row_max[i] + std::log(row_sum[i]);
+        }
+      }
+    }
+  });
+  if constexpr (Packed) at::native::cpublas::brgemm_release();
+}
+
+// One backward task: the `rep` query heads of KV head g of batch b, queries [q0, q1).
+struct Task {
+  int64_t b, g, q0, q1;
+  KeyRanges keys;    // keys any of its queries reads
+  int64_t offset;    // first row in the side dK/dV buffer (segments after the first)
+};
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
+                     at::Tensor& grad_v, int64_t W, int64_t S, double scale_d, int64_t qT, int64_t kT) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t rep = Hq / Hkv;
+  const int64_t max_rows = rep * qT, ldmax = padded(kT);
+
+  // Segments of the queries per (b, g): enough tasks for the threads, each at least
+  // a few windows long so that the dK/dV rows shared between segments stay few. The
+  // first segment of each (b, g) accumulates into dK/dV themselves (its keys start at
+  // 0), the others into side buffers summed onto them afterwards.
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = std::max<int64_t>(1, (4 * threads + B * Hkv - 1) / (B * Hkv));
+  const int64_t min_len = std::max<int64_t>(qT, 2 * W);
+  int64_t seg_len = std::max<int64_t>(min_len, (N + want - 1) / want);
+  seg_len = (seg_len + qT - 1) / qT * qT;
+  const int64_t per_head = (N + seg_len - 1) / seg_len;
+  std::vector<Task> tasks;
+  int64_t side_rows = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < Hkv; ++g) {
+      for (int64_t q0 = 0; q0 < N; q0 += seg_len) {
+        const int64_t q1 = std::min(N, q0 + seg_len);
+        const KeyRanges kr = key_ranges(q0, q1, W, S);
+        tasks.push_back({b, g, q0, q1, kr, side_rows});
+        if (q0 > 0) side_rows += kr.sink_end + (kr.win_end - kr.win_begin);
+      }
+    }
+  }
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  // fp32/fp64: dK/dV accumulate in grad_k/grad_v; bf16: in fp32 copies.
+  at::Tensor acc_k = reduced ? at::zeros({B, Hkv, N, D}, q.options().dtype(acc_type)) : grad_k.zero_();
+  at::Tensor acc_v = reduced ? at::zeros({B, Hkv, N, D}, q.options().dtype(acc_type)) : grad_v.zero_();
+  at::Tensor side = at::zeros({2, side_rows, D}, q.options().dtype(acc_type));
+  acc_t* akd = acc_k.data_ptr<acc_t>();
+  acc_t* avd = acc_v.data_ptr<acc_t>();
+  acc_t* dk_side = side.data_ptr<acc_t>();
+  acc_t* dv_side = dk_side + side_rows * D;
+
+  const scalar_t* god = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* qd = q.const_data_ptr<scalar_t>();
+  const scalar_t* kd = k.const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.const_data_ptr<scalar_t>();
+  const scalar_t* od = out.const_data_ptr<scalar_t>();
+  const acc_t* ld = lse.const_data_ptr<acc_t>();
+  scalar_t* gqd = grad_q.data_ptr<scalar_t>();
+  const int64_t qsb = q.stride(0), qsh = q.stride(1), qsm = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksn = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    acc_t* attn = scratch<acc_t>(6, max_rows * ldmax);
+    acc_t* grad_attn = scratch<acc_t>(7, max_rows * ldmax);
+    acc_t* dsum = scratch<acc_t>(8, max_rows);
+    acc_t* norm = scratch<acc_t>(9, max_rows);
+    acc_t* dq = scratch<acc_t>(10, max_rows * D);
+    scalar_t* attn_reduced = scratch<scalar_t>(11, reduced ? max_rows * ldmax : 0);
+    scalar_t* grad_attn_reduced = scratch<scalar_t>(12, reduced ? max_rows * ldmax : 0);
+    scalar_t* q_pack = scratch<scalar_t>(13, rep > 1 ? max_rows * D : 0);
+    scalar_t* go_pack = scratch<scalar_t>(14, rep > 1 ? max_rows * D : 0);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const Task& task = tasks[ti];
+      const scalar_t* kp = kd + task.b * ksb + task.g * ksh;
+      const scalar_t* vp = vd + task.b * vsb + task.g * vsh;
+      const bool first = task.q0 == 0;
+      acc_t* dk_task = first ? akd + (task.b * Hkv + task.g) * N * D : dk_side + task.offset * D;
+      acc_t* dv_task = first ? avd + (task.b * Hkv + task.g) * N * D : dv_side + task.offset * D;
+      // row of key j in dk_task: the keys themselves for the first segment, else sinks then window
+      auto local_row = [&](int64_t j) {
+        if (first) return j;
+        return j < task.keys.sink_end ? j : task.keys.sink_end + (j - task.keys.win_begin);
+      };
+      for (int64_t m0 = task.q0; m0 < task.q1; m0 += qT) {
+        const int64_t m1 = std::min(task.q1, m0 + qT);
+        const RowTile rt{m0, m1 - m0, rep};
+        const int64_t R = rt.rows();
+        const int64_t h0 = task.g * rep;
+        const int64_t row0 = (task.b * Hq + h0) * N + m0;  // contiguous [b, hq, s] row of (h0, m0)
+        int64_t q_ld = 0, go_ld = 0;
+        const scalar_t* qp = tile_rows(qd + task.b * qsb + h0 * qsh + m0 * qsm, qsh, qsm, rt, D, q_pack, &q_ld);
+        const scalar_t* gop = tile_rows(god + row0 * D, N * D, D, rt, D, go_pack, &go_ld);
+        for (int64_t hr = 0; hr < rep; ++hr) {
+          for (int64_t r = 0; r < rt.qB; ++r) {
+            const int64_t i = hr * rt.qB + r, row = row0 + hr * N + r;
+            norm[i] = ld[row];
+            dsum[i] = at::vec::map2_reduce_all<scalar_t>([](Vec x, Vec y) { return x * y; },
+                                                         [](Vec x, Vec y) { return x + y; },
+                                                         god + row * D, od + row * D, D);
+          }
+        }
+        fill(dq, acc_t(0), R * D);
+        for_each_key_tile(key_ranges(m0, m1, W, S), kT, 1, [&](int64_t n0, int64_t n1) {
+          const int64_t kB = n1 - n0, ldp = padded(kB);
+          acc_t* dk_rows = dk_task + local_row(n0) * D;
+          acc_t* dv_rows = dv_task + local_row(n0) * D;
+          // P = exp(scale * Q K^T - lse), hidden entries 0
+          scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
+          mask_tile(attn, ldp, rt, n0, kB, W, S);
+          for (int64_t r = 0; r < R; ++r) {
+            const Vec shift(norm[r]);
+            acc_t* row = attn + r * ldp;
+            scalar_t* row_reduced = attn_reduced + r * ldp;
+            for (int64_t c = 0; c < ldp; c += Vec::size()) {
+              const Vec e = (Vec::loadu(row + c) - shift).exp();
+              e.store(row + c);
+              if constexpr (reduced) store_as<scalar_t>(row_reduced + c, e);
+            }
+          }
+          const scalar_t* P = reduced ? attn_reduced : reinterpret_cast<const scalar_t*>(attn);
+          // dV[kB, d] += P^T dO
+          gemm(false, true, D, kB, R, acc_t(1), gop, go_ld, P, ldp, acc_t(1), dv_rows, D);
+          // dP = dO V^T, dS = P * (dP - rowsum(dO * O)) (the padding columns are never read)
+          scores(gop, go_ld, vp + n0 * vsn, vsn, R, kB, ldp, D, acc_t(1), grad_attn);
+          for (int64_t r = 0; r < R; ++r) {
+            const Vec ds(dsum[r]);
+            acc_t* dp = grad_attn + r * ldp;
+            scalar_t* ds_row = reduced ? grad_attn_reduced + r * ldp : reinterpret_cast<scalar_t*>(dp);
+            const acc_t* p = attn + r * ldp;
+            for (int64_t c = 0; c < ldp; c += Vec::size()) {
+              store_as<scalar_t>(ds_row + c, Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds));
+            }
+          }
+          const scalar_t* dS = reduced ? grad_attn_reduced : reinterpret_cast<const scalar_t*>(grad_attn);
+          // dQ[R, d] += scale * dS K ;  dK[kB, d] += scale * dS^T Q
+          gemm(false, false, D, R, kB, scale, kp + n0 * ksn, ksn, dS, ldp, acc_t(1), dq, D);
+          gemm(false, true, D, kB, R, scale, qp, q_ld, dS, ldp, acc_t(1), dk_rows, D);
+        });
+        for (int64_t hr = 0; hr < rep; ++hr) {
+          scalar_t* gqp = gqd + (row0 + hr * N) * D;
+          const acc_t* src = dq + hr * rt.qB * D;
+          if constexpr (reduced) {
+            at::vec::convert<acc_t, scalar_t>(src, gqp, rt.qB * D);
+          } else {
+            std::copy(src, src + rt.qB * D, gqp);
+          }
+        }
+      }
+    }
+  });
+
+  // Sum the later segments' dK/dV rows onto the keys, one (b, g) per work item.
+  if (per_head > 1) {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bg = begin; bg < end; ++bg) {
+        acc_t* kdst = akd + bg * N * D;
+        acc_t* vdst = avd + bg * N * D;
+        for (int64_t si = 1; si < per_head; ++si) {
+          const Task& task = tasks[bg * per_head + si];
+          auto add = [&](int64_t j0, int64_t j1, int64_t local0) {
+            const int64_t n = (j1 - j0) * D;
+            const acc_t* ks = dk_side + (task.offset + local0) * D;
+            const acc_t* vs = dv_side + (task.offset + local0) * D;
+            at::vec::map2<acc_t>([](Vec x, Vec y) { return x + y; }, kdst + j0 * D, kdst + j0 * D, ks, n);
+            at::vec::map2<acc_t>([](Vec x, Vec y) { return x + y; }, vdst + j0 * D, vdst + j0 * D, vs, n);
+          };
+          add(0, task.keys.sink_end, 0);
+          add(task.keys.win_begin, task.keys.win_end, task.keys.sink_end);
+        }
+      }
+    });
+  }
+  if (reduced) {
+    grad_k.copy_(acc_k);
+    grad_v.copy_(acc_v);
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t W, int64_t S,
+                  int64_t qT, int64_t kT) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "swa_cpu: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "swa_cpu: expected [b, h, s, d] tensors");
+  TORCH_CHECK(k.sizes() == v.sizes(), "swa_cpu: k and v must have the same shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+              "swa_cpu: q and k disagree on batch/seq/head_dim");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "swa_cpu: query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "swa_cpu: dtypes differ");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "swa_cpu: the last dim must be contiguous");
+  TORCH_CHECK(W >= 1 && S >= 0 && qT >= 1 && kT >= 1, "swa_cpu: window, tiles >= 1 and sinks >= 0");
+}
+
+std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                                    int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile, bool allow_pack) {
+  check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
+  AT_DISPATCH_SWITCH(q.scalar_type(), "swa_forward",
+    AT_DISPATCH_CASE(at::kFloat, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
+    AT_DISPATCH_CASE(at::kDouble, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      if (allow_pack && can_pack_bf16(q.size(3))) {
+        forward_kernel<scalar_t, true>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
+      } else {
+        forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
+      }
+    }));
+  return {out, lse};
+}
+
+std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     int64_t window, int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile) {
+  check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "swa_cpu: grad_out/out must match q");
+  const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());
+  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  AT_DISPATCH_SWITCH(q.scalar_type(), "swa_backward",
+    AT_DISPATCH_CASE(at::kFloat, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
+    AT_DISPATCH_CASE(at::kDouble, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); }));
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &swa_forward, "Banded SWA forward: (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"),
+        py::arg("allow_pack") = true);
+  m.def("packs_bf16", &can_pack_bf16, "Whether the bf16 forward uses packed oneDNN brgemm here, for this head dim");
+  m.def("backward", &swa_backward, "Banded SWA backward: (grad_q, grad_k, grad_v)");
+}

@@ -1,0 +1,227 @@
+"""The banded C++ CPU sliding-window kernel (megatron_consa/backends/csrc/swa_cpu.cpp).
+
+Called directly, with tiles small enough that every tiling case occurs at test
+sizes: several query tiles, several key tiles per window, key tiles of the sink
+range, tiles wholly inside the visible set and tiles that need the mask, the
+backward's query segments (their dK/dV rows summed back), GQA rows folded into
+one tile, strided inputs. The reference is written here, row by row, from the
+convention (query p sees key j iff j <= p and (j > p - W or j < S)), in fp64.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_consa.backends import cpu_extension
+from megatron_consa.backends.torch_attention import (
+    CPU_KV_TILE,
+    default_cpu_q_tile,
+    sliding_window_attention,
+)
+
+
+def _visible(s, window, sinks):
+    mask = torch.zeros(s, s, dtype=torch.bool)
+    for p in range(s):
+        mask[p, max(0, p - window + 1): p + 1] = True
+        mask[p, : min(sinks, p + 1)] = True
+    return mask
+
+
+def _reference(q, k, v, window, sinks, scale):
+    """fp64 (out, lse) and a function giving (dq, dk, dv) for a grad_out."""
+    rep = q.shape[1] // k.shape[1]
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    scores = q64 @ k64.repeat_interleave(rep, 1).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~_visible(q.shape[2], window, sinks), float("-inf"))
+    out = torch.softmax(scores, -1) @ v64.repeat_interleave(rep, 1)
+    lse = torch.logsumexp(scores, -1)
+
+    def grads(grad_out):
+        return torch.autograd.grad(out, (q64, k64, v64), grad_out.double(), retain_graph=True)
+
+    return out.detach(), lse.detach(), grads
+
+
+def _ext():
+    ext = cpu_extension.extension()
+    assert ext is not None, "the banded CPU kernel must build wherever make test runs"
+    return ext
+
+
+def _qkv(b, hq, hkv, s, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, s, d, generator=g, dtype=torch.float64).to(dtype) for h in (hq, hkv, hkv)]
+
+
+def test_builds_for_this_cpu():
+    """The shipped CPU path: the kernel builds (make test installs ninja; the machine has
+    a compiler and torch's MKL), compiled for the capability torch dispatches to."""
+    assert cpu_extension.capability() in ("AVX512", "AVX2", "DEFAULT")
+    ext = _ext()
+    assert ext.__name__ == f"consa_swa_cpu_{cpu_extension.capability().lower()}"
+
+
+# (b, hq, hkv, s, d, W, S, q_tile, kv_tile)
+CASES = [
+    (1, 2, 1, 37, 8, 5, 0, 4, 16),     # several key tiles per window at kv_tile 16
+    (2, 4, 2, 50, 16, 7, 3, 8, 16),    # sinks, GQA 2, q tile larger than W
+    (1, 3, 1, 90, 8, 1, 0, 7, 16),     # W = 1, GQA 3, tiles not dividing s
+    (1, 2, 1, 100, 8, 10, 20, 16, 32),  # more sinks than the window, sink range in several tiles
+    (1, 2, 2, 64, 8, 64, 2, 16, 16),   # W = s: causal
+    (1, 1, 1, 200, 8, 24, 4, 8, 16),   # one KV head: the backward splits it into query segments
+    (1, 8, 1, 160, 16, 33, 0, 16, 48),  # GQA 8: 128 rows per tile
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,s,d,window,sinks,q_tile,kv_tile", CASES)
+def test_forward_lse_backward_match_reference_fp64(b, hq, hkv, s, d, window, sinks, q_tile, kv_tile):
+    ext = _ext()
+    scale = 0.7 / math.sqrt(d)
+    q, k, v = _qkv(b, hq, hkv, s, d, torch.float64)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, window, sinks, scale)
+    out, lse = ext.forward(q, k, v, window, sinks, scale, q_tile, kv_tile)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
+    grads = ext.backward(grad_out, q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile)
+    for name, g, r in zip("qkv", grads, ref_grads(grad_out)):
+        torch.testing.assert_close(g, r, atol=1e-11, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+def test_backward_segments_do_not_depend_on_threads():
+    """dK/dV summed from query segments: the segment count follows the thread count,
+    the gradients must not (up to fp64 rounding)."""
+    ext = _ext()
+    q, k, v = _qkv(1, 2, 1, 300, 8, torch.float64)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out, lse = ext.forward(q, k, v, 20, 3, 0.3, 16, 32)
+            results.append(ext.backward(go, q, k, v, out, lse, 20, 3, 0.3, 16, 32))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_strided_inputs_megatron_layout():
+    """megatron-core hands attention [s, b, h, d] tensors; permuted views work as they are."""
+    ext = _ext()
+    s, d, W, S = 70, 16, 9, 2
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(s, 2, 4, d, generator=g, dtype=torch.float64).permute(1, 2, 0, 3)
+    k, v = (torch.randn(s, 2, 2, d, generator=g, dtype=torch.float64).permute(1, 2, 0, 3) for _ in range(2))
+    ref_out, _, _ = _reference(q, k, v, W, S, 0.25)
+    out, _ = ext.forward(q, k, v, W, S, 0.25, 16, 32)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+
+
+def test_fp32_within_rounding():
+    ext = _ext()
+    q, k, v = (t.float() for t in _qkv(1, 4, 2, 300, 32, torch.float64))
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, 64, 4, 0.2)
+    out, lse = ext.forward(q, k, v, 64, 4, 0.2, 32, CPU_KV_TILE)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=0)
+    for g, r in zip(ext.backward(go, q, k, v, out, lse, 64, 4, 0.2, 32, CPU_KV_TILE), ref_grads(go)):
+        torch.testing.assert_close(g.double(), r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=0)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-brgemm", "mkl"])
+@pytest.mark.parametrize("s,window,sinks,q_tile", [(300, 64, 0, 64), (517, 33, 70, 32), (1000, 128, 3, 128)])
+def test_bf16_within_bf16_rounding(packed, s, window, sinks, q_tile):
+    """bf16 forward on both of its paths (oneDNN brgemm on packed K/V where the machine
+    packs bf16, MKL otherwise), and the backward: against the fp64 reference, within the
+    error PyTorch's own bf16 CPU flash attention makes on the same inputs (causal case)."""
+    ext = _ext()
+    d = 64
+    if packed and not ext.packs_bf16(d):
+        pytest.skip("this CPU has no oneDNN bf16 brgemm (no AMX / AVX512-BF16): the MKL path runs")
+    q, k, v = (t.bfloat16() for t in _qkv(1, 4, 2, s, d, torch.float64))
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, window, sinks, 0.125)
+    out, lse = ext.forward(q, k, v, window, sinks, 0.125, q_tile, CPU_KV_TILE, allow_pack=packed)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    # torch's own bf16 kernel on these inputs, causal (its only band): its error sets the bar
+    torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
+    causal_ref, _, _ = _reference(q, k, v, s, 0, 0.125)
+    bar = 1.5 * (torch_out.double() - causal_ref).abs().max().item()
+    assert (out.double() - ref_out).abs().max().item() <= bar
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)  # fp32 scores of bf16 inputs
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    for name, g, r in zip("qkv", ext.backward(go, q, k, v, out, lse, window, sinks, 0.125, q_tile, CPU_KV_TILE),
+                          ref_grads(go)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), r, atol=3e-2 * max(1.0, r.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+def test_bad_input_is_refused():
+    ext = _ext()
+    q = torch.randn(1, 3, 8, 4)
+    kv = torch.randn(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="multiple of KV heads"):
+        ext.forward(q, kv, kv, 2, 0, 0.5, 4, 16)
+    with pytest.raises(RuntimeError, match="window, tiles >= 1"):
+        ext.forward(q, q, q, 0, 0, 0.5, 4, 16)
+    with pytest.raises(RuntimeError, match="last dim must be contiguous"):
+        ext.forward(q.transpose(-1, -2), q.transpose(-1, -2), q.transpose(-1, -2), 2, 0, 0.5, 4, 16)
+
+
+def test_library_runs_the_banded_kernel_by_default():
+    """sliding_window_attention on the CPU goes through the kernel, forward and backward,
+    and never through SDPA's math fallback or the flash-op chunks."""
+    from torch.profiler import profile
+
+    q, k, v = (torch.randn(1, h, 300, 16, requires_grad=True) for h in (4, 2, 2))
+    with profile() as prof:
+        sliding_window_attention(q, k, v, window=40, scale=0.25, sink_tokens=2).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"_CpuBandedSWA", "_CpuBandedSWABackward"} <= names, names
+    assert not any("scaled_dot_product" in n for n in names), names
+
+
+def test_default_q_tile():
+    assert [default_cpu_q_tile(w) for w in (32, 256, 512, 1024, 2048)] == [32, 32, 64, 128, 128]
+    assert default_cpu_q_tile(1024, rep=4) == 32  # at most 128 rows
+    assert default_cpu_q_tile(512, rep=8) == 16
+    assert default_cpu_q_tile(256, dtype=torch.bfloat16) == 64
+    assert default_cpu_q_tile(512, rep=4, dtype=torch.bfloat16) == 64  # at most 256 rows
+
+
+def test_mode_variable(monkeypatch):
+    monkeypatch.setenv(cpu_extension.ENV_VAR, "0")
+    assert cpu_extension.extension() is None
+    monkeypatch.setenv(cpu_extension.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match=cpu_extension.ENV_VAR):
+        cpu_extension.extension()
+
+
+def test_failed_build_falls_back_with_a_warning(monkeypatch):
+    """No compiler (or a torch without MKL): a warning naming the variable, then the
+    flash-op path; with the variable at 1 the failure is an error."""
+    def broken():
+        raise OSError("no c++ compiler")
+
+    monkeypatch.setattr(cpu_extension, "_build", broken)
+    cpu_extension._load_or_none.cache_clear()
+    try:
+        monkeypatch.setenv(cpu_extension.ENV_VAR, "auto")
+        with pytest.warns(RuntimeWarning, match=cpu_extension.ENV_VAR):
+            assert cpu_extension.extension() is None
+        q, k, v = (torch.randn(1, 2, 50, 8, dtype=torch.float64) for _ in range(3))
+        out = sliding_window_attention(q, k, v, window=6, scale=0.3)  # the flash-op path
+        torch.testing.assert_close(out, _reference(q, k, v, 6, 0, 0.3)[0], atol=1e-12, rtol=0)
+        cpu_extension._load_or_none.cache_clear()
+        monkeypatch.setenv(cpu_extension.ENV_VAR, "1")
+        with pytest.raises(cpu_extension.ExtensionUnavailable, match="no c\\+\\+ compiler"):
+            cpu_extension.extension()
+    finally:
+        cpu_extension._load_or_none.cache_clear()
