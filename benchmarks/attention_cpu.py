@@ -24,16 +24,24 @@ JSON:
 The query heads stay at --heads (KV heads = heads / ratio), so FA's work is
 the same across ratios. A configuration passes at SWA/FA <= --grid-limit
 (0.30), forward and forward+backward.
+
+Report mode renders grid JSON files (one per dtype, say) as the markdown of
+docs/benchmarks/attention_cpu_grid.md: pass counts by W / n, a ratio matrix per
+(dtype, GQA ratio), every row:
+
+    python benchmarks/attention_cpu.py --report grid_fp32.json grid_bf16.json > grid.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 # OpenMP threads spin at barriers by default. On a machine shared with other jobs a
 # spinning thread holds the core its partner needs: the blocked SWA (many short
@@ -88,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--grid-gqa", type=_ints, default=[1, 2, 4, 8], help="query heads per KV head")
     p.add_argument("--grid-dtypes", type=lambda t: t.split(","), default=["fp32", "bf16"])
     p.add_argument("--grid-limit", type=float, default=0.30, help="pass mark for SWA / FA")
+    p.add_argument("--report", nargs="+", metavar="JSON", default=None,
+                   help="render these grid JSON files as markdown on stdout instead of measuring")
     return p.parse_args(argv)
 
 
@@ -222,8 +232,77 @@ def run_grid(args):
     return rows
 
 
+def window_class(n: int, window: int) -> str:
+    """The grid's columns of the pass table: W <= n/16, W = n/8, W = n/4."""
+    if window * 16 <= n:
+        return "W <= n/16"
+    return "W = n/8" if window * 8 <= n else "W = n/4"
+
+
+def render_report(paths) -> str:
+    """Markdown for grid JSON files: pass table, ratio matrices, every row."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for f in files for r in f["grid"]]
+    limit = files[0]["config"]["limit"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    classes = ["W <= n/16", "W = n/8", "W = n/4"]
+    out = []
+    for f, p in zip(files, paths):
+        c = f["config"]
+        out.append(
+            f"`{Path(p).name}`: kernel={c.get('kernel', '?')} b={c['batch']} hq={c['heads']} d={c['head_dim']} "
+            f"S={c['sinks']} threads={c['threads']} reps={c['reps']} (median) torch={c['torch']} "
+            f"OMP_WAIT_POLICY={c['omp_wait_policy']}"
+        )
+    out += ["", f"Passing (SWA/FA <= {limit:.2f}x forward and forward+backward):", "",
+            "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+    for dt in dtypes:
+        cells = []
+        for cls in classes:
+            sel = [r for r in rows if r["dtype"] == dt and window_class(r["seq_len"], r["window"]) == cls]
+            cells.append(f"{sum(r['pass'] for r in sel)} / {len(sel)}")
+        out.append(f"| {dt} | " + " | ".join(cells) + " |")
+    out += ["", "## Ratio matrices"]
+    for dt in dtypes:
+        for ratio in sorted({r["heads"] // r["kv_heads"] for r in rows if r["dtype"] == dt}):
+            sel = {(r["seq_len"], r["window"]): r for r in rows
+                   if r["dtype"] == dt and r["heads"] // r["kv_heads"] == ratio}
+            ns = sorted({n for n, _ in sel})
+            ws = sorted({w for _, w in sel})
+            out += ["", f"{dt}, hq/hkv = {ratio} (fwd / fwd+bwd vs FA; ideal in brackets; **bold** = above "
+                        f"{limit:.2f}x)", "", "| n \\ W | " + " | ".join(map(str, ws)) + " |",
+                    "|---:|" + "---:|" * len(ws)]
+            for n in ns:
+                cells = []
+                for w in ws:
+                    r = sel.get((n, w))
+                    if r is None:
+                        cells.append("")
+                        continue
+                    text = f"{r['fwd_ratio']:.2f} / {r['fwd_bwd_ratio']:.2f}"
+                    cells.append((text if r["pass"] else f"**{text}**") + f" ({r['ideal']:.2f})")
+                out.append(f"| {n} | " + " | ".join(cells) + " |")
+    for dt in dtypes:
+        out += ["", f"## Every row, {dt}", "",
+                "| n | W | hq/hkv | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
+                "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in (r for r in rows if r["dtype"] == dt):
+            out.append(
+                f"| {r['seq_len']} | {r['window']} | {r['heads'] // r['kv_heads']} | {r['block_size']} "
+                f"| {r['ideal']:.3f} | {r['fa_fwd_ms']:.1f} | {r['swa_fwd_ms']:.1f} | {r['fwd_ratio']:.3f}x "
+                f"| {r['fa_fwd_bwd_ms']:.1f} | {r['swa_fwd_bwd_ms']:.1f} | {r['fwd_bwd_ratio']:.3f}x "
+                f"| {'yes' if r['pass'] else 'NO'} |"
+            )
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        text = render_report(args.report)
+        print(text, end="")
+        return text
     if args.grid:
         return run_grid(args)
     torch.set_num_threads(args.threads)

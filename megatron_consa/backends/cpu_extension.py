@@ -15,6 +15,7 @@ for one build). The vector code is compiled for the CPU capability torch
 itself dispatches to (``torch.backends.cpu.get_cpu_capability()``), and the
 matrix products go to the MKL that torch's x86 builds carry.
 
+``make install`` builds it (``python -m megatron_consa.backends.cpu_extension``).
 ``CONSA_CPU_SWA_KERNEL=0`` turns it off (the flash-op path runs instead);
 ``CONSA_CPU_SWA_KERNEL=1`` makes a failed build an error instead of a warning.
 """
@@ -64,6 +65,13 @@ def capability() -> str:
     return "AVX2" if cap.startswith("AVX2") else "DEFAULT"
 
 
+def module_name() -> str:
+    """The compiled module's name, which is also its cache folder: per CPU capability and
+    torch version (a module built against other torch headers must not be loaded)."""
+    version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    return f"consa_swa_cpu_{capability().lower()}_torch{version}"
+
+
 @functools.lru_cache(maxsize=1)
 def _build():
     from torch.utils.cpp_extension import load
@@ -72,7 +80,7 @@ def _build():
     # -fopenmp: at::parallel_for is inline and runs serially in code compiled without it.
     flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + _CAPABILITY_FLAGS.get(cap, [])
     return load(
-        name=f"consa_swa_cpu_{cap.lower()}",
+        name=module_name(),
         sources=[str(SOURCE)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
@@ -106,3 +114,8 @@ def extension() -> Optional[object]:
 
 def supports(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64, torch.bfloat16)
+
+
+if __name__ == "__main__":  # `python -m megatron_consa.backends.cpu_extension`: build now (make install does)
+    module = extension()
+    print(f"CPU SWA kernel: {module.__file__}" if module is not None else "CPU SWA kernel: not built (see warning)")

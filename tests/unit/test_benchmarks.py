@@ -58,3 +58,25 @@ def test_single_mode_checks_against_dense(attention_cpu, tmp_path):
     assert [r["method"].split(":")[0] for r in rows] == ["FA (SDPA causal)", "dense-mask SWA (SDPA [n,n] mask)", "ours"]
     config = json.loads(out.read_text())["config"]
     assert config["max_abs_err_ours_vs_dense"] < 1e-5
+
+
+def test_report_renders_the_grid(attention_cpu, tmp_path, capsys):
+    out = tmp_path / "grid.json"
+    rows = attention_cpu.main([
+        "--grid", "--grid-seq-lens", "128,256", "--grid-windows", "16,32,64", "--grid-gqa", "1",
+        "--grid-dtypes", "fp32", "--heads", "2", "--head-dim", "16", "--reps", "1", "--warmup", "0",
+        "--threads", "1", "--json", str(out),
+    ])
+    capsys.readouterr()
+    text = attention_cpu.main(["--report", str(out)])
+    assert capsys.readouterr().out == text
+    # 128: W=16 (n/8), 32 (n/4); 256: W=16 (n/16), 32 (n/8), 64 (n/4)
+    by_class = {c: [r for r in rows if attention_cpu.window_class(r["seq_len"], r["window"]) == c]
+                for c in ("W <= n/16", "W = n/8", "W = n/4")}
+    assert [len(v) for v in by_class.values()] == [1, 2, 2]
+    counts = " | ".join(f"{sum(r['pass'] for r in v)} / {len(v)}" for v in by_class.values())
+    assert f"| fp32 | {counts} |" in text
+    for r in rows:  # every row, and its matrix cell
+        assert f"| {r['seq_len']} | {r['window']} | 1 | {r['block_size']} | {r['ideal']:.3f} |" in text
+        cell = f"{r['fwd_ratio']:.2f} / {r['fwd_bwd_ratio']:.2f}"
+        assert (cell if r["pass"] else f"**{cell}**") in text

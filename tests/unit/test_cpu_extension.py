@@ -60,7 +60,7 @@ def test_builds_for_this_cpu():
     a compiler and torch's MKL), compiled for the capability torch dispatches to."""
     assert cpu_extension.capability() in ("AVX512", "AVX2", "DEFAULT")
     ext = _ext()
-    assert ext.__name__ == f"consa_swa_cpu_{cpu_extension.capability().lower()}"
+    assert ext.__name__ == cpu_extension.module_name() and cpu_extension.capability().lower() in ext.__name__
 
 
 # (b, hq, hkv, s, d, W, S, q_tile, kv_tile)
