@@ -18,6 +18,6 @@ COPY megatron_consa ./megatron_consa
 COPY tools ./tools
 COPY examples ./examples
 RUN pip install --no-cache-dir --no-deps -e . && \
-    pip install --no-cache-dir sentencepiece safetensors "transformers>=4.51" tqdm tensorboard matplotlib && \
+    pip install --no-cache-dir sentencepiece safetensors "transformers>=4.51" tqdm tensorboard matplotlib ninja && \
     python -c "import megatron_consa, transformer_engine; print('megatron-consa ready, TE', transformer_engine.__version__)"
 ENV PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
