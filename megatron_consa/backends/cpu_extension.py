@@ -8,14 +8,14 @@ tiles inside the window, dK/dV accumulated in place) and is what
 on the CPU when it builds.
 
 It is compiled with ``torch.utils.cpp_extension.load`` (ninja and a C++
-compiler; about a minute, once per machine and torch version: torch caches
+compiler; about 40 s, once per machine and torch version: torch caches
 the build under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``, and a file lock lets concurrent processes wait
 for one build). The vector code is compiled for the CPU capability torch
 itself dispatches to (``torch.backends.cpu.get_cpu_capability()``), and the
 matrix products go to the MKL that torch's x86 builds carry.
 
-``make install`` builds it (``python -m megatron_consa.backends.cpu_extension``).
+``make install`` builds it (``python tools/build_cpu_kernel.py``).
 ``CONSA_CPU_SWA_KERNEL=0`` turns it off (the flash-op path runs instead);
 ``CONSA_CPU_SWA_KERNEL=1`` makes a failed build an error instead of a warning.
 """
@@ -115,7 +115,3 @@ def extension() -> Optional[object]:
 def supports(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64, torch.bfloat16)
 
-
-if __name__ == "__main__":  # `python -m megatron_consa.backends.cpu_extension`: build now (make install does)
-    module = extension()
-    print(f"CPU SWA kernel: {module.__file__}" if module is not None else "CPU SWA kernel: not built (see warning)")

@@ -403,22 +403,20 @@ class _CpuBandedSWA(torch.autograd.Function):
     from the forward's log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float, sinks: int, q_tile: int):
+    def forward(ctx, q, k, v, window: int, scale: float, sinks: int, q_tile: int, kernel):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        out, lse = cpu_extension.extension().forward(q, k, v, window, sinks, scale, q_tile, CPU_KV_TILE)
+        out, lse = kernel.forward(q, k, v, window, sinks, scale, q_tile, CPU_KV_TILE)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (window, scale, sinks, q_tile)
+        ctx.meta = (window, scale, sinks, q_tile, kernel)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        window, scale, sinks, q_tile = ctx.meta
-        grads = cpu_extension.extension().backward(
-            grad, q, k, v, out, lse, window, sinks, scale, q_tile, CPU_KV_TILE
-        )
-        return (*grads, None, None, None, None)
+        window, scale, sinks, q_tile, kernel = ctx.meta
+        grads = kernel.backward(grad, q, k, v, out, lse, window, sinks, scale, q_tile, CPU_KV_TILE)
+        return (*grads, None, None, None, None, None)
 
 
 def _heads_for_flash(x: torch.Tensor, rep: int) -> torch.Tensor:
@@ -546,9 +544,10 @@ def sliding_window_attention(
     if block < 1:
         raise ValueError(f"block_size must be >= 1, got {block}")
     block = min(block, s - window)
-    if q.device.type == "cpu" and cpu_extension.supports(q.dtype) and cpu_extension.extension() is not None:
+    kernel = cpu_extension.extension() if q.device.type == "cpu" and cpu_extension.supports(q.dtype) else None
+    if kernel is not None:
         q_tile = default_cpu_q_tile(window, q.shape[1] // k.shape[1], q.dtype) if block_size is None else int(block_size)
-        return _CpuBandedSWA.apply(q, k, v, window, scale, sinks, q_tile)
+        return _CpuBandedSWA.apply(q, k, v, window, scale, sinks, q_tile, kernel)
     if q.device.type == "cpu" and _cpu_flash_ops_available():
         return _CpuBlockedSWA.apply(q, k, v, window, scale, sinks, block)
     # The first W queries see every key before them (no sink is older than the window).

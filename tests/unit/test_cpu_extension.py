@@ -4,11 +4,13 @@ Called directly, with tiles small enough that every tiling case occurs at test
 sizes: several query tiles, several key tiles per window, key tiles of the sink
 range, tiles wholly inside the visible set and tiles that need the mask, the
 backward's query segments (their dK/dV rows summed back), GQA rows folded into
-one tile, strided inputs. The reference is written here, row by row, from the
-convention (query p sees key j iff j <= p and (j > p - W or j < S)), in fp64.
+one tile, strided inputs. The reference is tests/attention_reference.py (fp64,
+the visible set built row by row from the convention).
 """
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,23 +22,16 @@ from megatron_consa.backends.torch_attention import (
     sliding_window_attention,
 )
 
-
-def _visible(s, window, sinks):
-    mask = torch.zeros(s, s, dtype=torch.bool)
-    for p in range(s):
-        mask[p, max(0, p - window + 1): p + 1] = True
-        mask[p, : min(sinks, p + 1)] = True
-    return mask
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_reference import masked_scores, reference_attention, visible_mask  # noqa: E402
 
 
 def _reference(q, k, v, window, sinks, scale):
     """fp64 (out, lse) and a function giving (dq, dk, dv) for a grad_out."""
-    rep = q.shape[1] // k.shape[1]
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    scores = q64 @ k64.repeat_interleave(rep, 1).transpose(-1, -2) * scale
-    scores = scores.masked_fill(~_visible(q.shape[2], window, sinks), float("-inf"))
-    out = torch.softmax(scores, -1) @ v64.repeat_interleave(rep, 1)
-    lse = torch.logsumexp(scores, -1)
+    mask = visible_mask(q.shape[2], window, sinks)
+    out = reference_attention(q64, k64, v64, mask, scale)
+    lse = torch.logsumexp(masked_scores(q64, k64, mask, scale), -1)
 
     def grads(grad_out):
         return torch.autograd.grad(out, (q64, k64, v64), grad_out.double(), retain_graph=True)
@@ -225,3 +220,20 @@ def test_failed_build_falls_back_with_a_warning(monkeypatch):
             cpu_extension.extension()
     finally:
         cpu_extension._load_or_none.cache_clear()
+
+
+def test_build_tool(monkeypatch, capsys):
+    """tools/build_cpu_kernel.py (what make install runs): prints the module; where the kernel
+    is off or did not build it says so, and fails only with --require."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "build_cpu_kernel.py"
+    spec = importlib.util.spec_from_file_location("build_cpu_kernel", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([]) == 0
+    assert capsys.readouterr().out.strip() == f"CPU SWA kernel: {_ext().__file__}"
+    monkeypatch.setenv(cpu_extension.ENV_VAR, "0")
+    assert tool.main([]) == 0
+    assert "not built" in capsys.readouterr().out
+    assert tool.main(["--require"]) == 1

@@ -1,15 +1,8 @@
-"""Tests for megatron_consa.backends.torch_attention (pure-torch FA / SWA kernels).
+"""Tests for megatron_consa.backends.torch_attention (pure-torch FA / SWA kernels),
+against the independent fp64 reference of tests/attention_reference.py."""
 
-The reference below is written independently of the library: the visible set is
-built row by row straight from the convention
-
-    query p sees key j  <=>  j <= p and (j > p - W or j < S)
-
-and attention is an explicit fp64 matmul / softmax / matmul with K/V heads
-repeated for GQA (query head h reads KV head h // rep).
-"""
-
-import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +14,10 @@ from megatron_consa.backends.torch_attention import (
     sliding_window_attention,
     sliding_window_mask,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_reference import reference_attention as _ref_attention  # noqa: E402
+from attention_reference import visible_mask as _ref_mask  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -36,27 +33,6 @@ def _use_cpu_kernel(monkeypatch, kernel):
         monkeypatch.setattr(cpu_extension, "extension", lambda: None)
     else:
         assert cpu_extension.extension() is not None, "the banded CPU kernel must build where make test runs"
-
-
-@functools.lru_cache(maxsize=None)
-def _ref_mask(s: int, window: int, sinks: int) -> torch.Tensor:
-    """[s, s] bool, built row by row from the convention (True = may attend)."""
-    mask = torch.zeros(s, s, dtype=torch.bool)
-    for p in range(s):
-        mask[p, max(0, p - window + 1): p + 1] = True  # the window, incl. itself
-        mask[p, : min(sinks, p + 1)] = True  # sinks that are not in the future
-    return mask
-
-
-def _ref_attention(q, k, v, mask, scale):
-    """Explicit fp64 attention; returns fp64 [b, hq, s, d]."""
-    rep = q.shape[1] // k.shape[1]
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    k64 = torch.repeat_interleave(k64, rep, dim=1)  # [b, hq, s, d]
-    v64 = torch.repeat_interleave(v64, rep, dim=1)  # [b, hq, s, d]
-    scores = (q64 @ k64.transpose(-1, -2)) * scale  # [b, hq, s, s]
-    scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v64
 
 
 def _make_qkv(b, hkv, rep, s, d, dtype, device, seed=0):

@@ -113,8 +113,6 @@ inline void scores(const scalar_t* q, int64_t q_ld, const scalar_t* k, int64_t k
 constexpr int64_t kRowAlign = 16;
 inline int64_t padded(int64_t n) { return (n + kRowAlign - 1) / kRowAlign * kRowAlign; }
 
-// Hide (set to -inf) the entries of a [qB, kB] tile (queries m0.., keys n0..) outside
-// the visible set; returns without touching it when the whole tile is visible.
 // A tile's rows: the `rep` query heads of one KV head at the positions [m0, m0 + qB),
 // head-major (row i is head i / qB at position m0 + i % qB), so the heads that share
 // K/V share one matrix product.
