@@ -158,6 +158,21 @@ def test_bf16_within_bf16_rounding(packed, s, window, sinks, q_tile):
                                    msg=lambda m: f"d{name}: {m}")
 
 
+
+def test_bf16_megatron_layout_equals_contiguous():
+    """Both bf16 forward paths read [s, b, h, d] views (strided K/V rows: the packed path
+    transposes them as 32-bit words) exactly as they read contiguous copies."""
+    ext = _ext()
+    s, d, W = 200, 64, 50
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(s, 2, 4, d, generator=g).bfloat16().permute(1, 2, 0, 3)
+    k, v = (torch.randn(s, 2, 2, d, generator=g).bfloat16().permute(1, 2, 0, 3) for _ in range(2))
+    for packed in (True, False):
+        out, lse = ext.forward(q, k, v, W, 1, 0.125, 64, CPU_KV_TILE, allow_pack=packed)
+        ref_out, ref_lse = ext.forward(q.contiguous(), k.contiguous(), v.contiguous(), W, 1, 0.125, 64, CPU_KV_TILE,
+                                       allow_pack=packed)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
 def test_bad_input_is_refused():
     ext = _ext()
     q = torch.randn(1, 3, 8, 4)

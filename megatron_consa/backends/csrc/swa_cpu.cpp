@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec_half.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -89,13 +90,24 @@ inline void fill(T* data, T value, int64_t n) {
   std::fill(data, data + n, value);
 }
 
+// Zero n elements with whole-vector stores (a short, branch-light loop: the rows'
+// spans differ, and memset's size dispatch mispredicts on them).
+template <typename T>
+inline void zero(T* data, int64_t n) {
+  using V = Vectorized<T>;
+  const V z(T(0));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) z.store(data + i);
+  if (i < n) z.store(data + i, n - i);
+}
+
 // Per-thread scratch that outlives the call: buffers above glibc's mmap threshold
 // would otherwise be mapped and page-faulted afresh on every call, which on a VM
 // cost a tenth of a small call. Grow-only; `slot` names the buffer (unique across
 // element types, which may coincide).
 template <typename T>
 T* scratch(int slot, int64_t n) {
-  thread_local std::vector<T> buffers[16];
+  thread_local std::vector<T> buffers[20];
   std::vector<T>& buffer = buffers[slot];
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();
@@ -121,26 +133,36 @@ struct RowTile {
   int64_t rows() const { return rep * qB; }
 };
 
-// Hide (set to -inf) the entries of a [rows, kB] tile (keys n0..) outside the visible
-// set; returns without touching it when the whole tile is visible.
+// The columns of one score row (query p; keys n0..n1 of a tile) that the softmax
+// visits: the whole vectors [c0, c1) around the keys p sees, with the hidden entries
+// among them set to -inf. A row sees at most W keys (and the sinks) of a tile up to
+// W + qT - 1 keys wide, so the columns outside [c0, c1), hidden, are not visited: the
+// caller writes their probabilities as zeros. c0 == c1 when the row sees nothing here.
+struct Span {
+  int64_t c0, c1;
+  bool empty() const { return c0 == c1; }
+};
+
 template <typename acc_t>
-inline void mask_tile(acc_t* tile, int64_t ldp, const RowTile& rt, int64_t n0, int64_t kB, int64_t W, int64_t S) {
-  const int64_t n1 = n0 + kB, m1 = rt.m0 + rt.qB;
-  const bool causal_ok = n1 - 1 <= rt.m0;             // every key <= every query
-  const bool window_ok = n0 >= m1 - W || n1 <= S;     // every key in every row's window, or a sink
-  if (causal_ok && window_ok) return;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t r = 0; r < rt.qB; ++r) {
-    const int64_t p = rt.m0 + r;
-    const int64_t after = std::max<int64_t>(p + 1, n0);  // keys after the query: [after, n1)
-    // keys older than the window that are not sinks: [lo, hi)
-    const int64_t lo = std::max<int64_t>(n0, S), hi = std::min<int64_t>(n1, p - W + 1);
-    for (int64_t hr = 0; hr < rt.rep; ++hr) {
-      acc_t* row = tile + (hr * rt.qB + r) * ldp;
-      if (after < n1) fill(row + (after - n0), neg_inf, n1 - after);
-      if (lo < hi) fill(row + (lo - n0), neg_inf, hi - lo);
-    }
+inline Span visible_span(acc_t* row, int64_t p, int64_t n0, int64_t n1, int64_t W, int64_t S) {
+  const int64_t hi = std::min(n1, p + 1) - n0;       // keys after the query are hidden
+  const int64_t win = std::max(n0, p - W + 1) - n0;  // the window's first key
+  const int64_t lo = n0 < S ? 0 : win;               // sinks in the tile: from its first key
+  if (hi <= lo) return {0, 0};
+  const Span span{lo / kRowAlign * kRowAlign, padded(hi)};
+  using Vec = Vectorized<acc_t>;
+  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), first{static_cast<acc_t>(lo)}, end{static_cast<acc_t>(hi)};
+  auto hide_edges = [&](int64_t c) {  // one vector: keep the lanes of columns [lo, hi), branch-free
+    const Vec column = Vec::arange(acc_t(c), acc_t(1));
+    Vec::blendv(neg_inf, Vec::loadu(row + c), (column >= first) & (column < end)).store(row + c);
+  };
+  for (int64_t c = span.c0; c < span.c0 + kRowAlign; c += Vec::size()) hide_edges(c);
+  for (int64_t c = std::max(span.c0 + kRowAlign, span.c1 - kRowAlign); c < span.c1; c += Vec::size()) hide_edges(c);
+  const int64_t gap = std::max<int64_t>(0, S - n0);  // keys older than the window, not sinks
+  if (n0 < S && gap < std::min(win, hi)) {
+    fill(row + gap, -std::numeric_limits<acc_t>::infinity(), std::min(win, hi) - gap);
   }
+  return span;
 }
 
 // The key ranges a query tile [m0, m1) reads: the sinks below its window, then its window.
@@ -195,76 +217,72 @@ inline const scalar_t* tile_rows(const scalar_t* x, int64_t sh, int64_t sm, cons
 }
 
 // The packed bf16 forward (AMX and other oneDNN-brgemm machines, like PyTorch's own CPU
-// flash kernel for bf16): K^T and V are packed once per call into the VNNI layout in
-// blocks of kPackBlock keys, and each tile's products are oneDNN brgemm calls on them.
+// flash kernel for bf16): K^T and V are packed into the VNNI layout in blocks of
+// kPackBlock keys, and each tile's products are oneDNN brgemm calls on them. Each thread
+// packs the blocks its own tiles read, just before it reads them, into its own scratch:
+// no pass over all of K and V before the tiles, and no second parallel region.
 constexpr int64_t kPackBlock = 64;
-
-struct PackedKV {
-  at::Tensor k_t;  // [B*Hkv, nblocks, D * 64]: K^T of each 64-key block, VNNI
-  at::Tensor v;    // [B*Hkv, D / 64, nblocks * 64 * 64]: V by 64-wide column chunk, VNNI over all keys
-  int64_t nblocks;
-};
 
 inline bool can_pack_bf16(int64_t D) {
   return D % kPackBlock == 0 && at::native::cpublas::could_pack(at::kBFloat16);
 }
 
-// A tensor of `numel` elements kept by the calling thread between calls (grow-only),
-// for the packed K/V: see scratch().
-at::Tensor workspace(int slot, int64_t numel, const at::TensorOptions& options) {
-  thread_local at::Tensor kept[2];
-  at::Tensor& w = kept[slot];
-  if (!w.defined() || w.numel() < numel || w.scalar_type() != options.dtype().toScalarType()) {
-    w = at::empty({numel}, options);
-  }
-  return w.narrow(0, 0, numel);
-}
-
-PackedKV pack_kv(const at::Tensor& k, const at::Tensor& v) {
+// One thread's packed key blocks of one (b, KV head): the sink blocks [0, sink_blocks),
+// then the window blocks [base, hi), stored one after the other in the thread's scratch.
+// The sinks are packed at once, the window blocks as the thread's tiles reach them
+// (pack_until), while they are in cache from the tile before.
+class PackedHead {
+ public:
   using bf16 = at::BFloat16;
-  const int64_t B = k.size(0), Hkv = k.size(1), N = k.size(2), D = k.size(3);
-  constexpr int64_t P = kPackBlock, T = 32;  // pack block, transpose block
-  const int64_t nb = (N + P - 1) / P, dchunks = D / P;
-  PackedKV packed{workspace(0, B * Hkv * nb * D * P, k.options()).view({B * Hkv, nb, D * P}),
-                  workspace(1, B * Hkv * dchunks * nb * P * P, k.options()).view({B * Hkv, dchunks, nb * P * P}), nb};
-  const bf16* kd = k.const_data_ptr<bf16>();
-  const bf16* vd = v.const_data_ptr<bf16>();
-  bf16* kt = packed.k_t.data_ptr<bf16>();
-  bf16* vp = packed.v.data_ptr<bf16>();
-  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksn = k.stride(2);
-  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
-  at::parallel_for(0, B * Hkv * nb, 1, [&](int64_t begin, int64_t end) {
-    bf16* tmp = scratch<bf16>(15, std::max(D, P) * P);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task % nb, bg = task / nb, b = bg / Hkv, g = bg % Hkv;
-      const int64_t j0 = blk * P, keys = std::min(P, N - j0);
-      // K^T block [D, 64] (keys past the end: zero), in 32 x 32 transposes
-      const bf16* ks = kd + b * ksb + g * ksh + j0 * ksn;
-      if (keys < P) fill(tmp, bf16(0), D * P);
-      for (int64_t c = 0; c < keys; c += T) {
-        for (int64_t dd = 0; dd < D; dd += T) {
-          at::vec::transpose_mxn<bf16>(ks + c * ksn + dd, ksn, tmp + dd * P + c, P,
-                                       static_cast<int>(std::min(T, keys - c)), static_cast<int>(T));
-        }
-      }
-      at::native::cpublas::pack(D, P, P, P, at::kBFloat16, at::kBFloat16, tmp, kt + (bg * nb + blk) * D * P);
-      // V block [64 keys, 64 columns] per column chunk
-      const bf16* vs = vd + b * vsb + g * vsh + j0 * vsn;
-      for (int64_t dc = 0; dc < dchunks; ++dc) {
-        for (int64_t c = 0; c < P; ++c) {
-          if (c < keys) {
-            std::copy(vs + c * vsn + dc * P, vs + c * vsn + dc * P + P, tmp + c * P);
-          } else {
-            fill(tmp + c * P, bf16(0), P);
-          }
-        }
-        at::native::cpublas::pack(P, P, P, P, at::kBFloat16, at::kBFloat16, tmp,
-                                  vp + (bg * dchunks + dc) * nb * P * P + blk * P * P);
-      }
+  static constexpr int64_t P = kPackBlock;
+
+  PackedHead() = default;
+  // K/V rows `ks`, `vs` (row strides ksn, vsn; N keys, head dim D); window blocks [lo, hi).
+  PackedHead(const bf16* ks, int64_t ksn, const bf16* vs, int64_t vsn, int64_t N, int64_t D, int64_t S,
+             int64_t lo, int64_t hi)
+      : ks_(ks), vs_(vs), ksn_(ksn), vsn_(vsn), N_(N), D_(D) {
+    sink_blocks_ = std::min((S + P - 1) / P, hi);
+    base_ = packed_until_ = std::max(lo, sink_blocks_);
+    blocks_ = sink_blocks_ + std::max<int64_t>(0, hi - base_);
+    kt_ = scratch<bf16>(17, blocks_ * D * P);
+    v_ = scratch<bf16>(18, D / P * blocks_ * P * P);
+    for (int64_t block = 0; block < sink_blocks_; ++block) pack(block);
+  }
+
+  void pack_until(int64_t block_end) {
+    for (; packed_until_ < block_end; ++packed_until_) pack(packed_until_);
+  }
+
+  // K^T of a block: [D, 64] in VNNI, [D/2, 64, 2]
+  const bf16* k_t(int64_t block) const { return kt_ + local(block) * D_ * P; }
+  // V from a block on, 64 columns from column 64 * dc: VNNI [keys/2, 64, 2] over consecutive blocks
+  const bf16* v(int64_t dc, int64_t block) const { return v_ + (dc * blocks_ + local(block)) * P * P; }
+
+ private:
+  int64_t local(int64_t block) const { return block < sink_blocks_ ? block : sink_blocks_ + (block - base_); }
+
+  void pack(int64_t block) {  // keys past N are zero
+    const int64_t j0 = block * P, keys = std::min(P, N_ - j0), i = local(block);
+    // K^T in VNNI: elements 2c, 2c+1 of key n are 32-bit word (c, n), so the block is the
+    // transpose of its keys' [keys, D/2] words (bit moves only)
+    float* kt_block = reinterpret_cast<float*>(kt_ + i * D_ * P);
+    if (keys < P) zero(kt_block, D_ / 2 * P);
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(ks_ + j0 * ksn_), ksn_ / 2, kt_block, P,
+                                  static_cast<int>(keys), static_cast<int>(D_ / 2));
+    for (int64_t dc = 0; dc < D_ / P; ++dc) {  // V block [64 keys, 64 columns], VNNI [32, 64, 2]
+      bf16* v_block = v_ + (dc * blocks_ + i) * P * P;
+      if (keys < P) zero(v_block, P * P);
+      at::vec::pack_vnni2(vs_ + j0 * vsn_ + dc * P, v_block, vsn_, keys, P);
     }
-  });
-  return packed;
-}
+  }
+
+  const bf16* ks_ = nullptr;
+  const bf16* vs_ = nullptr;
+  int64_t ksn_ = 0, vsn_ = 0, N_ = 0, D_ = 0;
+  int64_t sink_blocks_ = 0, base_ = 0, blocks_ = 0, packed_until_ = 0;
+  bf16* kt_ = nullptr;
+  bf16* v_ = nullptr;
+};
 
 template <typename scalar_t, bool Packed = false>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
@@ -280,8 +298,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t align = Packed ? kPackBlock : 1;
   if (Packed) kT = std::max(kPackBlock, kT / kPackBlock * kPackBlock);
   const int64_t max_rows = rep * qT, ldmax = padded(kT);
-  PackedKV packed;
-  if constexpr (Packed) packed = pack_kv(k, v);
+  TORCH_CHECK(!Packed || k.stride(2) % 2 == 0, "swa_cpu: the packed bf16 path needs an even key row stride");
   const scalar_t* qd = q.const_data_ptr<scalar_t>();
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
   const scalar_t* vd = v.const_data_ptr<scalar_t>();
@@ -299,9 +316,32 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     scalar_t* qk_reduced = scratch<scalar_t>(4, reduced ? max_rows * ldmax : 0);
     scalar_t* q_pack = scratch<scalar_t>(5, rep > 1 ? max_rows * D : 0);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    // row groups of the softmax: G rows' lane vectors, reduced per row by one transpose
+    constexpr int64_t G = Vec::size();
+    alignas(64) acc_t lanes[G * G], lanes_t[G * G], group_max[G], group_sum[G];
+    Span spans[G];
+    auto reduce_rows = [&](auto op, acc_t* result) {  // result[i] = op over the lanes of row i
+      at::vec::transpose_mxn<acc_t>(lanes, G, lanes_t, G, G, G);
+      Vec acc = Vec::loadu(lanes_t);
+      for (int64_t j = 1; j < G; ++j) acc = op(acc, Vec::loadu(lanes_t + j * G));
+      acc.store(result);
+    };
+    PackedHead packed{};
+    int64_t packed_bg = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % nqt, g = (task / nqt) % Hkv, b = task / (nqt * Hkv);
       const int64_t m0 = t * qT, m1 = std::min(N, m0 + qT);
+      if constexpr (Packed) {
+        if (b * Hkv + g != packed_bg) {  // this thread's tiles of (b, g): t .. t_last
+          packed_bg = b * Hkv + g;
+          const int64_t t_last = std::min(end - 1, (packed_bg + 1) * nqt - 1) - packed_bg * nqt;
+          const int64_t lo = key_ranges(m0, m1, W, S, kPackBlock).win_begin / kPackBlock;
+          const int64_t hi = (std::min(N, (t_last + 1) * qT) + kPackBlock - 1) / kPackBlock;
+          packed = PackedHead(kd + b * ksb + g * ksh, ksn, vd + b * vsb + g * vsh, vsn, N, D, S, lo, hi);
+        }
+        const int64_t blocks_end = (m1 + kPackBlock - 1) / kPackBlock;
+        packed.pack_until(blocks_end);
+      }
       const RowTile rt{m0, m1 - m0, rep};
       const int64_t R = rt.rows();
       int64_t q_ld = 0;
@@ -315,54 +355,82 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t kB = n1 - n0;
         const int64_t ldp = Packed ? (kB + kPackBlock - 1) / kPackBlock * kPackBlock : padded(kB);
         if constexpr (Packed) {  // unscaled scores, 64 keys per call
-          const at::BFloat16* kt = packed.k_t.const_data_ptr<at::BFloat16>() + ((b * Hkv + g) * packed.nblocks + n0 / kPackBlock) * D * kPackBlock;
+          const at::BFloat16* kt = packed.k_t(n0 / kPackBlock);
           for (int64_t c = 0; c < kB; c += kPackBlock) {
             at::native::cpublas::brgemm(R, kPackBlock, D, q_ld, kPackBlock, ldp, false, qp, kt + (c / kPackBlock) * D * kPackBlock, qk + c);
           }
         } else {
           scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, qk);
         }
-        mask_tile(qk, ldp, rt, n0, kB, W, S);
-        for (int64_t r = 0; r < R; ++r) {
-          acc_t* row = qk + r * ldp;
-          fill(row + kB, neg_inf, ldp - kB);  // the padding columns: whole vectors below
-          // Row max (plain max: a NaN score gives a NaN row either way). The packed path's
-          // scores are unscaled: scale > 0, so it scales the max and folds into the exp.
-          Vec vmax(neg_inf);
-          for (int64_t c = 0; c < ldp; c += Vec::size()) vmax = at::vec::clamp_min(Vec::loadu(row + c), vmax);
-          const acc_t tile_max = at::vec::vec_reduce_all<acc_t>(
-              [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax) * (Packed ? scale : acc_t(1));
-          const acc_t new_max = std::max(row_max[r], tile_max);
-          if (new_max == neg_inf) {  // nothing of this row visible yet
-            if constexpr (reduced) {
-              fill(qk_reduced + r * ldp, scalar_t(0), ldp);
-            } else {
-              fill(row, acc_t(0), ldp);
+        // The softmax, a group of G rows at a time: each pass's per-row loops are short (a
+        // window of 32 keys is 2-3 vectors), so the row max and sum are reduced for the whole
+        // group at once (one transpose) instead of one horizontal reduction per row.
+        for (int64_t g0 = 0; g0 < R; g0 += G) {
+          const int64_t rows = std::min(G, R - g0);
+          // pass 1: each row's span (its hidden probabilities zeroed) and lane-wise max
+          for (int64_t i = 0; i < G; ++i) {
+            Vec vmax(neg_inf);
+            if (i < rows) {
+              const int64_t r = g0 + i;
+              acc_t* row = qk + r * ldp;
+              scalar_t* out_row = reduced ? qk_reduced + r * ldp : reinterpret_cast<scalar_t*>(row);
+              const Span span = spans[i] = visible_span(row, rt.m0 + r % rt.qB, n0, n1, W, S);
+              // P V reads every column: hidden ones are 0 (a separate bf16 row: zeroed whole)
+              if constexpr (reduced) {
+                zero(out_row, ldp);
+              } else {
+                zero(out_row, span.c0);
+                zero(out_row + span.c1, ldp - span.c1);
+              }
+              // plain max: a NaN score gives a NaN row either way
+              for (int64_t c = span.c0; c < span.c1; c += Vec::size()) vmax = at::vec::clamp_min(Vec::loadu(row + c), vmax);
             }
-          } else {
-            const Vec shift(-new_max), vscale(Packed ? scale : acc_t(1));
+            vmax.store(lanes + i * G);
+          }
+          reduce_rows([](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, group_max);
+          // pass 2: probabilities against the new row max, and lane-wise sums. The packed
+          // path's scores are unscaled: scale > 0, so it scales the max and folds into the exp.
+          for (int64_t i = 0; i < G; ++i) {
             Vec vsum(acc_t(0)), vsum2(acc_t(0));
-            scalar_t* out_row = reduced ? qk_reduced + r * ldp : reinterpret_cast<scalar_t*>(row);
-            int64_t c = 0;
-            if constexpr (reduced) {  // two vectors per bf16 store
-              for (; c + 2 * Vec::size() <= ldp; c += 2 * Vec::size()) {
-                const Vec e0 = at::vec::fmadd(Vec::loadu(row + c), vscale, shift).exp_u20();
-                const Vec e1 = at::vec::fmadd(Vec::loadu(row + c + Vec::size()), vscale, shift).exp_u20();
-                at::vec::convert_from_float<scalar_t>(e0, e1).store(out_row + c);
-                vsum += e0;
-                vsum2 += e1;
+            if (i < rows && !spans[i].empty()) {
+              const int64_t r = g0 + i;
+              const Span span = spans[i];
+              acc_t* row = qk + r * ldp;
+              scalar_t* out_row = reduced ? qk_reduced + r * ldp : reinterpret_cast<scalar_t*>(row);
+              const acc_t new_max = group_max[i] = std::max(row_max[r], group_max[i] * (Packed ? scale : acc_t(1)));
+              if (new_max == neg_inf) {  // nothing of this row visible yet
+                zero(out_row + span.c0, span.c1 - span.c0);
+              } else {
+                const Vec shift(-new_max), vscale(Packed ? scale : acc_t(1));
+                int64_t c = span.c0;
+                if constexpr (reduced) {  // two vectors per bf16 store
+                  for (; c + 2 * Vec::size() <= span.c1; c += 2 * Vec::size()) {
+                    const Vec e0 = at::vec::fmadd(Vec::loadu(row + c), vscale, shift).exp_u20();
+                    const Vec e1 = at::vec::fmadd(Vec::loadu(row + c + Vec::size()), vscale, shift).exp_u20();
+                    at::vec::convert_from_float<scalar_t>(e0, e1).store(out_row + c);
+                    vsum += e0;
+                    vsum2 += e1;
+                  }
+                }
+                for (; c < span.c1; c += Vec::size()) {
+                  const Vec e = (Packed ? at::vec::fmadd(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) + shift).exp_u20();
+                  store_as<scalar_t>(out_row + c, e);
+                  vsum += e;
+                }
               }
             }
-            for (; c < ldp; c += Vec::size()) {
-              const Vec e = (Packed ? at::vec::fmadd(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) + shift).exp_u20();
-              store_as<scalar_t>(out_row + c, e);
-              vsum += e;
-            }
-            vsum += vsum2;
-            const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, vsum);
-            const acc_t factor = row_max[r] == neg_inf ? acc_t(0) : std::exp(row_max[r] - new_max);
-            row_sum[r] = row_sum[r] * factor + sum;
-            if (factor != acc_t(1)) {
+            (vsum + vsum2).store(lanes + i * G);
+          }
+          reduce_rows([](const Vec& x, const Vec& y) { return x + y; }, group_sum);
+          // pass 3: the online softmax's running max and sum, what was summed so far rescaled
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = g0 + i;
+            const acc_t new_max = group_max[i];
+            if (spans[i].empty() || new_max == neg_inf) continue;
+            const bool rescale = row_max[r] != neg_inf && new_max != row_max[r];  // nothing yet in the first tile
+            const acc_t factor = rescale ? std::exp(row_max[r] - new_max) : acc_t(1);
+            row_sum[r] = row_sum[r] * factor + group_sum[i];
+            if (rescale) {
               acc_t* drow = dst + r * D;
               at::vec::map<acc_t>([factor](Vec x) { return x * Vec(factor); }, drow, drow, D);
             }
@@ -371,9 +439,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         // dst[R, d] += P V
         if constexpr (Packed) {  // 64 columns of V per call, over the tile's keys (P is 0 past kB)
-          const at::BFloat16* vpk = packed.v.const_data_ptr<at::BFloat16>();
           for (int64_t dc = 0; dc < D / kPackBlock; ++dc) {
-            const at::BFloat16* vb = vpk + ((b * Hkv + g) * (D / kPackBlock) + dc) * packed.nblocks * kPackBlock * kPackBlock + n0 * kPackBlock;
+            const at::BFloat16* vb = packed.v(dc, n0 / kPackBlock);
             at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, true, qk_reduced, vb, dst + dc * kPackBlock);
           }
         } else if constexpr (reduced) {
@@ -392,8 +459,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
       }
     }
+    if constexpr (Packed) at::native::cpublas::brgemm_release();  // this thread's AMX state
   });
-  if constexpr (Packed) at::native::cpublas::brgemm_release();
 }
 
 // One backward task: the `rep` query heads of KV head g of batch b, queries [q0, q1).
@@ -468,6 +535,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     scalar_t* grad_attn_reduced = scratch<scalar_t>(12, reduced ? max_rows * ldmax : 0);
     scalar_t* q_pack = scratch<scalar_t>(13, rep > 1 ? max_rows * D : 0);
     scalar_t* go_pack = scratch<scalar_t>(14, rep > 1 ? max_rows * D : 0);
+    Span* spans = scratch<Span>(16, max_rows);
     for (int64_t ti = begin; ti < end; ++ti) {
       const Task& task = tasks[ti];
       const scalar_t* kp = kd + task.b * ksb + task.g * ksh;
@@ -505,12 +573,18 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           acc_t* dv_rows = dv_task + local_row(n0) * D;
           // P = exp(scale * Q K^T - lse), hidden entries 0
           scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
-          mask_tile(attn, ldp, rt, n0, kB, W, S);
           for (int64_t r = 0; r < R; ++r) {
             const Vec shift(norm[r]);
             acc_t* row = attn + r * ldp;
             scalar_t* row_reduced = attn_reduced + r * ldp;
-            for (int64_t c = 0; c < ldp; c += Vec::size()) {
+            const Span span = spans[r] = visible_span(row, m0 + r % rt.qB, n0, n1, W, S);
+            zero(row, span.c0);
+            zero(row + span.c1, ldp - span.c1);
+            if constexpr (reduced) {
+              zero(row_reduced, span.c0);
+              zero(row_reduced + span.c1, ldp - span.c1);
+            }
+            for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
               const Vec e = (Vec::loadu(row + c) - shift).exp();
               e.store(row + c);
               if constexpr (reduced) store_as<scalar_t>(row_reduced + c, e);
@@ -519,14 +593,17 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const scalar_t* P = reduced ? attn_reduced : reinterpret_cast<const scalar_t*>(attn);
           // dV[kB, d] += P^T dO
           gemm(false, true, D, kB, R, acc_t(1), gop, go_ld, P, ldp, acc_t(1), dv_rows, D);
-          // dP = dO V^T, dS = P * (dP - rowsum(dO * O)) (the padding columns are never read)
+          // dP = dO V^T, dS = P * (dP - rowsum(dO * O)): 0 outside the span, as P
           scores(gop, go_ld, vp + n0 * vsn, vsn, R, kB, ldp, D, acc_t(1), grad_attn);
           for (int64_t r = 0; r < R; ++r) {
             const Vec ds(dsum[r]);
             acc_t* dp = grad_attn + r * ldp;
             scalar_t* ds_row = reduced ? grad_attn_reduced + r * ldp : reinterpret_cast<scalar_t*>(dp);
             const acc_t* p = attn + r * ldp;
-            for (int64_t c = 0; c < ldp; c += Vec::size()) {
+            const Span span = spans[r];
+            zero(ds_row, span.c0);
+            zero(ds_row + span.c1, ldp - span.c1);
+            for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
               store_as<scalar_t>(ds_row + c, Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds));
             }
           }
