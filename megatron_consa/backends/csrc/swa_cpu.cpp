@@ -104,13 +104,18 @@ inline void zero(T* data, int64_t n) {
 // Per-thread scratch that outlives the call: buffers above glibc's mmap threshold
 // would otherwise be mapped and page-faulted afresh on every call, which on a VM
 // cost a tenth of a small call. Grow-only; `slot` names the buffer (unique across
-// element types, which may coincide).
+// element types, which may coincide). Cache-line aligned: AMX tile loads of a packed
+// block that straddle lines read twice the lines (the bf16 forward ran 10% slower).
 template <typename T>
 T* scratch(int slot, int64_t n) {
-  thread_local std::vector<T> buffers[20];
-  std::vector<T>& buffer = buffers[slot];
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
+  constexpr int64_t kLine = 64;
+  static_assert(kLine % alignof(T) == 0, "scratch elements must align within a cache line");
+  thread_local std::vector<unsigned char> buffers[20];
+  std::vector<unsigned char>& buffer = buffers[slot];
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T)) + kLine;
+  if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((address + kLine - 1) / kLine * kLine);
 }
 
 // Row-major scores[qB, kB] (row stride ldp) = scale * Q[m0:m1] K[n0:n1]^T.
