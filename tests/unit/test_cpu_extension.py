@@ -173,6 +173,19 @@ def test_bf16_megatron_layout_equals_contiguous():
                                        allow_pack=packed)
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
+
+def test_bf16_odd_key_row_stride_takes_the_mkl_path():
+    """The packed path reads key rows as 32-bit words; keys with an odd row stride (a
+    slice of a wider tensor) run the MKL path instead, with its exact result."""
+    ext = _ext()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 150, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 1, 150, 65, generator=g).bfloat16()[..., :64] for _ in range(2))
+    assert k.stride(2) % 2 == 1
+    out, lse = ext.forward(q, k, v, 40, 0, 0.125, 64, CPU_KV_TILE, allow_pack=True)
+    ref_out, ref_lse = ext.forward(q, k, v, 40, 0, 0.125, 64, CPU_KV_TILE, allow_pack=False)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
 def test_bad_input_is_refused():
     ext = _ext()
     q = torch.randn(1, 3, 8, 4)

@@ -303,7 +303,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t align = Packed ? kPackBlock : 1;
   if (Packed) kT = std::max(kPackBlock, kT / kPackBlock * kPackBlock);
   const int64_t max_rows = rep * qT, ldmax = padded(kT);
-  TORCH_CHECK(!Packed || k.stride(2) % 2 == 0, "swa_cpu: the packed bf16 path needs an even key row stride");
+  TORCH_INTERNAL_ASSERT(!Packed || k.stride(2) % 2 == 0, "swa_cpu: the packed path reads key rows as 32-bit words");
   const scalar_t* qd = q.const_data_ptr<scalar_t>();
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
   const scalar_t* vd = v.const_data_ptr<scalar_t>();
@@ -680,7 +680,8 @@ std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, co
     AT_DISPATCH_CASE(at::kFloat, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kDouble, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      if (allow_pack && can_pack_bf16(q.size(3))) {
+      // the packed path reads key rows as 32-bit words: an odd row stride takes MKL's
+      if (allow_pack && can_pack_bf16(q.size(3)) && k.stride(2) % 2 == 0) {
         forward_kernel<scalar_t, true>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
       } else {
         forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
