@@ -159,6 +159,26 @@ def test_bf16_within_bf16_rounding(packed, s, window, sinks, q_tile):
 
 
 
+def test_bf16_packed_key_tiles_at_every_alignment():
+    """The packed bf16 forward starts key tiles at multiples of 32 keys, inside its packed
+    blocks of 64 (a tile may start in a block's second half): windows, sinks and lengths
+    around those boundaries, both tile heights, GQA, against the fp64 reference."""
+    ext = _ext()
+    d = 64
+    if not ext.packs_bf16(d):
+        pytest.skip("this CPU has no oneDNN bf16 brgemm (no AMX / AVX512-BF16): the MKL path runs")
+    for s, window, sinks, q_tile, hkv in [
+        (301, 32, 0, 64, 4), (301, 33, 40, 64, 1), (301, 96, 64, 32, 4), (301, 1, 70, 32, 1),
+        (130, 64, 1, 32, 1), (130, 200, 0, 64, 4), (517, 96, 5, 128, 1), (517, 32, 33, 32, 4),
+    ]:
+        q, k, v = (t.bfloat16() for t in _qkv(1, 4, hkv, s, d, torch.float64))
+        ref_out, ref_lse, _ = _reference(q, k, v, window, sinks, 0.125)
+        out, lse = ext.forward(q, k, v, window, sinks, 0.125, q_tile, CPU_KV_TILE, allow_pack=True)
+        case = f"s={s} W={window} S={sinks} T={q_tile} hkv={hkv}"
+        assert (out.double() - ref_out).abs().max().item() <= 0.04, case
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0, msg=lambda m: f"{case}: {m}")
+
+
 def test_bf16_megatron_layout_equals_contiguous():
     """Both bf16 forward paths read [s, b, h, d] views (strided K/V rows: the packed path
     transposes them as 32-bit words) exactly as they read contiguous copies."""

@@ -157,8 +157,9 @@ inline Span visible_span(acc_t* row, int64_t p, int64_t n0, int64_t n1, int64_t 
   const Span span{lo / kRowAlign * kRowAlign, padded(hi)};
   using Vec = Vectorized<acc_t>;
   const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), first{static_cast<acc_t>(lo)}, end{static_cast<acc_t>(hi)};
+  const Vec lane = Vec::arange(acc_t(0), acc_t(1));  // a constant: built once, not per vector
   auto hide_edges = [&](int64_t c) {  // one vector: keep the lanes of columns [lo, hi), branch-free
-    const Vec column = Vec::arange(acc_t(c), acc_t(1));
+    const Vec column = lane + Vec(static_cast<acc_t>(c));
     Vec::blendv(neg_inf, Vec::loadu(row + c), (column >= first) & (column < end)).store(row + c);
   };
   for (int64_t c = span.c0; c < span.c0 + kRowAlign; c += Vec::size()) hide_edges(c);
@@ -226,7 +227,12 @@ inline const scalar_t* tile_rows(const scalar_t* x, int64_t sh, int64_t sm, cons
 // kPackBlock keys, and each tile's products are oneDNN brgemm calls on them. Each thread
 // packs the blocks its own tiles read, just before it reads them, into its own scratch:
 // no pass over all of K and V before the tiles, and no second parallel region.
+// Key tiles start at multiples of kKeyStep (AMX's bf16 reduction step, the 32 keys of one
+// tile row): a window of W = 32 then reads 96 keys for 64 queries, not 128. A tile that
+// starts mid-block takes that block's second half in a Q K^T call of its own (32 columns
+// of the block's K^T); V's VNNI rows run on across blocks, so P V starts at any even key.
 constexpr int64_t kPackBlock = 64;
+constexpr int64_t kKeyStep = 32;
 
 inline bool can_pack_bf16(int64_t D) {
   return D % kPackBlock == 0 && at::native::cpublas::could_pack(at::kBFloat16);
@@ -258,16 +264,20 @@ class PackedHead {
     for (; packed_until_ < block_end; ++packed_until_) pack(packed_until_);
   }
 
-  // K^T of a block: [D, 64] in VNNI, [D/2, 64, 2]
-  const bf16* k_t(int64_t block) const { return kt_ + local(block) * D_ * P; }
-  // V from a block on, 64 columns from column 64 * dc: VNNI [keys/2, 64, 2] over consecutive blocks
-  const bf16* v(int64_t dc, int64_t block) const { return v_ + (dc * blocks_ + local(block)) * P * P; }
+  // K^T of a block from its column `key` % 64 on: [D, 64] in VNNI, [D/2, 64, 2] (row stride 64)
+  const bf16* k_t(int64_t key) const { return kt_ + local(key) / P * D_ * P + key % P * 2; }
+  // V from `key` (even) on, 64 columns from column 64 * dc: VNNI [keys/2, 64, 2] over consecutive blocks
+  const bf16* v(int64_t dc, int64_t key) const { return v_ + dc * blocks_ * P * P + local(key) * P; }
 
  private:
-  int64_t local(int64_t block) const { return block < sink_blocks_ ? block : sink_blocks_ + (block - base_); }
+  // a key's place among the packed ones (the tiles of one call never straddle the gap)
+  int64_t local(int64_t key) const {
+    const int64_t block = key / P, offset = key % P;
+    return (block < sink_blocks_ ? block : sink_blocks_ + (block - base_)) * P + offset;
+  }
 
   void pack(int64_t block) {  // keys past N are zero
-    const int64_t j0 = block * P, keys = std::min(P, N_ - j0), i = local(block);
+    const int64_t j0 = block * P, keys = std::min(P, N_ - j0), i = local(j0) / P;
     // K^T in VNNI: elements 2c, 2c+1 of key n are 32-bit word (c, n), so the block is the
     // transpose of its keys' [keys, D/2] words (bit moves only)
     float* kt_block = reinterpret_cast<float*>(kt_ + i * D_ * P);
@@ -300,7 +310,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t rep = Hq / Hkv;
   const int64_t nqt = (N + qT - 1) / qT;
-  const int64_t align = Packed ? kPackBlock : 1;
+  const int64_t align = Packed ? kKeyStep : 1;
   if (Packed) kT = std::max(kPackBlock, kT / kPackBlock * kPackBlock);
   const int64_t max_rows = rep * qT, ldmax = padded(kT);
   TORCH_INTERNAL_ASSERT(!Packed || k.stride(2) % 2 == 0, "swa_cpu: the packed path reads key rows as 32-bit words");
@@ -355,14 +365,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const scalar_t* vp = vd + b * vsb + g * vsh;
       fill(row_max, neg_inf, R);
       fill(row_sum, acc_t(0), R);
-      fill(dst, acc_t(0), R * D);
+      // the first key tile's P V overwrites dst (a row that sees none of it gets P = 0);
+      // the fallback bf16 gemm is not relied on to skip reading C at beta = 0
+      bool overwrite = !reduced || Packed;
+      if (!overwrite) fill(dst, acc_t(0), R * D);
       for_each_key_tile(key_ranges(m0, m1, W, S, align), kT, align, [&](int64_t n0, int64_t n1) {
         const int64_t kB = n1 - n0;
-        const int64_t ldp = Packed ? (kB + kPackBlock - 1) / kPackBlock * kPackBlock : padded(kB);
-        if constexpr (Packed) {  // unscaled scores, 64 keys per call
-          const at::BFloat16* kt = packed.k_t(n0 / kPackBlock);
-          for (int64_t c = 0; c < kB; c += kPackBlock) {
-            at::native::cpublas::brgemm(R, kPackBlock, D, q_ld, kPackBlock, ldp, false, qp, kt + (c / kPackBlock) * D * kPackBlock, qk + c);
+        const int64_t ldp = Packed ? (kB + kKeyStep - 1) / kKeyStep * kKeyStep : padded(kB);
+        if constexpr (Packed) {  // unscaled scores, a block (or its second half) per call
+          for (int64_t c = 0; c < ldp;) {
+            const int64_t cols = std::min(kPackBlock - (n0 + c) % kPackBlock, ldp - c);
+            at::native::cpublas::brgemm(R, cols, D, q_ld, kPackBlock, ldp, false, qp, packed.k_t(n0 + c), qk + c);
+            c += cols;
           }
         } else {
           scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, qk);
@@ -445,14 +459,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         // dst[R, d] += P V
         if constexpr (Packed) {  // 64 columns of V per call, over the tile's keys (P is 0 past kB)
           for (int64_t dc = 0; dc < D / kPackBlock; ++dc) {
-            const at::BFloat16* vb = packed.v(dc, n0 / kPackBlock);
-            at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, true, qk_reduced, vb, dst + dc * kPackBlock);
+            const at::BFloat16* vb = packed.v(dc, n0);
+            at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, !overwrite, qk_reduced, vb, dst + dc * kPackBlock);
           }
         } else if constexpr (reduced) {
           gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk_reduced, ldp, acc_t(1), dst, D);
         } else {
-          gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk, ldp, acc_t(1), dst, D);
+          gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk, ldp, overwrite ? acc_t(0) : acc_t(1), dst, D);
         }
+        overwrite = false;
       });
       for (int64_t hr = 0; hr < rep; ++hr) {
         const int64_t row0 = (b * Hq + g * rep + hr) * N + m0;  // contiguous [b, hq, s] row
