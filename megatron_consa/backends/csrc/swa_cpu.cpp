@@ -475,8 +475,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const int64_t i = hr * rt.qB + r;
           const acc_t inv = acc_t(1) / row_sum[i];
           at::vec::map<scalar_t>([inv](Vec x) { return x * Vec(inv); }, od + (row0 + r) * D, dst + i * D, D);
-          ld[row0 + r] = row_max[i] + std::log(row_sum[i]);
         }
+        at::vec::map2<acc_t>([](Vec m, Vec sum) { return m + sum.log(); }, ld + row0, row_max + hr * rt.qB,
+                             row_sum + hr * rt.qB, rt.qB);
       }
     }
     if constexpr (Packed) at::native::cpublas::brgemm_release();  // this thread's AMX state
