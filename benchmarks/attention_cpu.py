@@ -8,7 +8,9 @@ Runs, side by side in one process:
 For each: median forward time (under ``torch.no_grad``) and median
 forward+backward time over ``--reps`` repetitions after warm-up, and the ratio
 to FA. Repetitions are interleaved across methods (a, b, c, a, b, c, ...) so
-that background load on a shared machine hits all of them alike.
+that background load on a shared machine hits all of them alike, and each timed
+call follows an untimed forward+backward of its own method, so each is timed warm
+rather than after whichever method ran before it.
 
     python benchmarks/attention_cpu.py [--seq-len 4096 --window 256 --heads 8
         --head-dim 64 --reps 5 --threads 2 --json out.json]

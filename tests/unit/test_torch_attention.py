@@ -43,13 +43,12 @@ def _make_qkv(b, hkv, rep, s, d, dtype, device, seed=0):
     return [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (q, k, v)]
 
 
-def _check_against_ref(fn, s, window, sinks, rep, dtype, device, fwd_tol, grad_tol, d=16):
+def _check_against_ref(fn, s, window, sinks, rep, dtype, device, fwd_tol, grad_tol, d=16, b=2, hkv=2):
     """Forward within ``fwd_tol`` and gradients within ``grad_tol`` (absolute).
 
     For fp32 the gradient tolerance is relative to the largest reference entry
     when that exceeds 1: dK/dV of a sink key sum ~100 O(1) terms (|g| up to ~10),
     so fp32 rounding alone reaches ~1e-6 there."""
-    b, hkv = 2, 2
     scale = 0.7 / d ** 0.5
     q, k, v = _make_qkv(b, hkv, rep, s, d, dtype, device)
     out = fn(q, k, v, scale)
@@ -135,6 +134,34 @@ def test_full_causal_matches_reference(s, dtype, tol, rep, device):
         return full_causal_attention(q, k, v, scale=scale)
 
     _check_against_ref(fn, s, s, 0, rep, dtype, device, tol, tol)
+
+
+@pytest.mark.parametrize("threads,hkv,repeated", [(1, 1, False), (2, 1, True), (2, 3, True), (2, 2, False)])
+def test_full_causal_repeats_kv_where_kv_heads_split_threads_unevenly(monkeypatch, threads, hkv, repeated):
+    """With a backward to follow, the CPU path hands SDPA K/V repeated per query head
+    where the (batch, KV head) pairs split the threads less evenly than the query heads
+    (torch's native-GQA CPU backward divides its work by KV head), else native GQA;
+    values and gradients as the reference either way."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((k.shape[1], kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def fn(q, k, v, scale):
+            return full_causal_attention(q, k, v, scale=scale)
+
+        _check_against_ref(fn, 23, 23, 0, 2, torch.float64, "cpu", 1e-10, 1e-10, b=1, hkv=hkv)
+        with torch.no_grad():  # no backward: native GQA
+            full_causal_attention(*_make_qkv(1, hkv, 2, 23, 16, torch.float64, "cpu"), scale=0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [(2 * hkv, False) if repeated else (hkv, True), (hkv, True)]
 
 
 def test_library_mask_and_dense_reference():
