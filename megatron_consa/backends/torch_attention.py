@@ -153,8 +153,8 @@ def _sdpa(q, k, v, *, scale: float, is_causal: bool = False, attn_mask: Optional
     (batch, KV head) pairs share the threads as evenly as the (batch, query head) pairs
     do: torch's CPU flash backward with native GQA divides its work by KV head
     (measured on 2 threads, n=4096, d=32, backward: 8 query heads over 1 KV head 445 ms
-    native, 159 ms on repeated K/V; 6 over 3: 160 ms and 124 ms; 8 over 2 or 4: native
-    5-8% faster). A mixed layer's FA slice is often a single KV head.
+    native, 159 ms on repeated K/V; 6 over 3: 160 ms and 124 ms; 8 or 4 over 2: native
+    6-8% faster). A mixed layer's FA slice is often a single KV head.
     """
     rep = q.shape[1] // k.shape[1]
     if rep == 1:
