@@ -159,23 +159,22 @@ def _sdpa(q, k, v, *, scale: float, is_causal: bool = False, attn_mask: Optional
     rep = q.shape[1] // k.shape[1]
     if rep == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    if (
+    cpu_backward_uneven = (
         q.device.type == "cpu"
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and _thread_balance(k.shape[0] * k.shape[1]) < _thread_balance(q.shape[0] * q.shape[1])
-    ):
-        return F.scaled_dot_product_attention(
-            q, _expand_kv(k, rep), _expand_kv(v, rep), attn_mask=attn_mask, is_causal=is_causal, scale=scale
-        )
-    try:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=True
-        )
-    except (TypeError, RuntimeError):  # older torch / backend without GQA support
-        return F.scaled_dot_product_attention(
-            q, _expand_kv(k, rep), _expand_kv(v, rep), attn_mask=attn_mask, is_causal=is_causal, scale=scale
-        )
+    )
+    if not cpu_backward_uneven:
+        try:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=True
+            )
+        except (TypeError, RuntimeError):  # older torch / backend without GQA support
+            pass
+    return F.scaled_dot_product_attention(
+        q, _expand_kv(k, rep), _expand_kv(v, rep), attn_mask=attn_mask, is_causal=is_causal, scale=scale
+    )
 
 
 def default_block_size(window: int, seq_len: int) -> int:

@@ -110,7 +110,7 @@ template <typename T>
 T* scratch(int slot, int64_t n) {
   constexpr int64_t kLine = 64;
   static_assert(kLine % alignof(T) == 0, "scratch elements must align within a cache line");
-  thread_local std::vector<unsigned char> buffers[20];
+  thread_local std::vector<unsigned char> buffers[18];
   std::vector<unsigned char>& buffer = buffers[slot];
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T)) + kLine;
   if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
@@ -255,8 +255,8 @@ class PackedHead {
     sink_blocks_ = std::min((S + P - 1) / P, hi);
     base_ = packed_until_ = std::max(lo, sink_blocks_);
     blocks_ = sink_blocks_ + std::max<int64_t>(0, hi - base_);
-    kt_ = scratch<bf16>(17, blocks_ * D * P);
-    v_ = scratch<bf16>(18, D / P * blocks_ * P * P);
+    kt_ = scratch<bf16>(16, blocks_ * D * P);
+    v_ = scratch<bf16>(17, D / P * blocks_ * P * P);
     for (int64_t block = 0; block < sink_blocks_; ++block) pack(block);
   }
 
@@ -556,7 +556,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     scalar_t* grad_attn_reduced = scratch<scalar_t>(12, reduced ? max_rows * ldmax : 0);
     scalar_t* q_pack = scratch<scalar_t>(13, rep > 1 ? max_rows * D : 0);
     scalar_t* go_pack = scratch<scalar_t>(14, rep > 1 ? max_rows * D : 0);
-    Span* spans = scratch<Span>(16, max_rows);
+    Span* spans = scratch<Span>(15, max_rows);
     for (int64_t ti = begin; ti < end; ++ti) {
       const Task& task = tasks[ti];
       const scalar_t* kp = kd + task.b * ksb + task.g * ksh;
