@@ -76,7 +76,9 @@ class ConsaSelfAttention(SelfAttention):
     def _grouped_parameters(self):
         for module, name, dim in GROUPED_TENSORS:
             param = getattr(getattr(self, module), name, None)
-            if isinstance(param, Tensor):
+            # Transformer Engine's linears without a bias hold an empty plain tensor
+            # there (megatron's local ones None): nothing to move, and not in the state.
+            if isinstance(param, Tensor) and param.numel() > 0:
                 yield module, name, dim, param
 
     @property
