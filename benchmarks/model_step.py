@@ -16,7 +16,13 @@ and times a forward+backward step of each (median over --reps, interleaved so
 that background load hits all alike), with peak memory on a GPU. Ratios are
 against stock FA (or, with --skip-stock, against consa all FA).
 
+With --transformer-engine (a GPU with Transformer Engine) every model is built
+from the TE layer spec instead: stock is megatron-core's
+`get_gpt_layer_with_transformer_engine_spec` (TEDotProductAttention; its SWA is
+TE's own `window_size`), ConSA is its TE spec with the TE attention backend.
+
     python benchmarks/model_step.py --device cuda --dtype bf16 --seq-len 8192 --window 1024
+    python benchmarks/model_step.py --device cuda --dtype bf16 --seq-len 8192 --window 1024 --transformer-engine
     python benchmarks/model_step.py --device cpu --seq-len 2048 --window 128 --hidden 256 --layers 2
 """
 
@@ -55,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-stock", action="store_true", help="leave out the stock models (their dense attention is O(n^2) memory); ratios are then vs consa all FA")
+    p.add_argument("--transformer-engine", action="store_true",
+                   help="build every model from the Transformer Engine layer spec (stock: megatron-core's; "
+                        "ConSA: its TE spec and TE attention backend); needs CUDA and transformer_engine")
     p.add_argument("--json", type=str, default=None)
     return p.parse_args(argv)
 
@@ -71,13 +80,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import megatron_consa  # noqa: F401
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_consa.allocation import make_preset
     from megatron_consa.config import ConsaConfig
     from megatron_consa.controller import ConsaController, find_gates
+    from megatron_consa.backends.select import transformer_engine_available
     from megatron_consa.model import ArchitectureConfig, build_gpt_model, build_transformer_config
     from megatron_consa.self_attention import to_stored_order
     from megatron_consa.training.config import ParallelConfig
@@ -85,6 +98,10 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    te = args.transformer_engine
+    if te and (args.device != "cuda" or not transformer_engine_available()):
+        print("error: --transformer-engine needs --device cuda and an importable transformer_engine", file=sys.stderr)
         return 2
     initialize_distributed(ParallelConfig(), seed=0)
     dev = torch.device(args.device)
@@ -102,15 +119,18 @@ def main(argv=None) -> int:
         fields = {f: getattr(base, f) for f in TransformerConfig.__dataclass_fields__ if hasattr(base, f)}
         fields.update(window_size=window)
         cfg = TransformerConfig(**{k: v for k, v in fields.items() if k in TransformerConfig.__dataclass_fields__})
+        spec = (get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True) if te
+                else get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"))
         return GPTModel(
-            config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+            config=cfg, transformer_layer_spec=spec,
             vocab_size=arch.vocab_size, max_sequence_length=args.seq_len, position_embedding_type="rope",
             rotary_base=10000,
         ), cfg
 
     def consa(**kw):
-        cfg = build_transformer_config(arch, ConsaConfig(window=args.window, backend="torch", **kw), **common)
-        return build_gpt_model(cfg, arch, use_transformer_engine=False), cfg
+        backend = "te" if te else "torch"
+        cfg = build_transformer_config(arch, ConsaConfig(window=args.window, backend=backend, **kw), **common)
+        return build_gpt_model(cfg, arch, use_transformer_engine=te), cfg
 
     ref, ref_cfg = stock(None)
     quarter = make_preset(
@@ -174,9 +194,10 @@ def main(argv=None) -> int:
     base_name = "consa all FA" if args.skip_stock else "stock FA"
     base = statistics.median(times[base_name])
     rows = []
-    print(f"\nfwd+bwd step, {args.device} {args.dtype}, b={args.batch} n={args.seq_len} W={args.window} "
+    print(f"\nfwd+bwd step, {args.device} {args.dtype}, {'TE' if te else 'local'} spec, b={args.batch} n={args.seq_len} W={args.window} "
           f"layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads}x{args.head_dim} "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}\n")
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+          + (f" {torch.cuda.get_device_name()} torch {torch.__version__}" if dev.type == "cuda" else "") + "\n")
     print(f"| model | step (ms) | vs {base_name} |" + (" peak mem (GiB) |" if peak else ""))
     print("|---|---:|---:|" + ("---:|" if peak else ""))
     for name in prepared:

@@ -131,6 +131,11 @@ class ConsaCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         if config.apply_query_key_layer_scaling:
             raise ConsaConfigError("apply_query_key_layer_scaling=True is not supported; set it to False")
+        if getattr(config, "fp8", None):
+            raise ConsaConfigError(
+                f"fp8={config.fp8!r}: ConSA's attention and KV-group reordering do not handle FP8 yet; "
+                "train in bf16 (fp8=None)"
+            )
 
         self.hc = HardConcrete.from_config(consa)
         self.backend = make_attention_backend(
@@ -227,6 +232,12 @@ class ConsaCoreAttention(MegatronModule):
                 "ConsaController.begin_iteration(gates) before the forward pass"
             )
         return sample_z(log_alpha, noise, self.hc)
+
+    def train(self, mode: bool = True) -> "ConsaCoreAttention":
+        super().train(mode)
+        if hasattr(self.backend, "train"):  # the TE backend's attention instances are not submodules
+            self.backend.train(mode)
+        return self
 
     # ---- forward ----------------------------------------------------------
     def forward(

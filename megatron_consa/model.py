@@ -116,7 +116,7 @@ def build_gpt_model(
     if use_transformer_engine is None:
         from megatron_consa.backends.select import resolve_backend_name
 
-        use_transformer_engine = resolve_backend_name(config.consa.backend) == "te"
+        use_transformer_engine = resolve_backend_name(config.consa.backend, sink_tokens=config.consa.sink_tokens) == "te"
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

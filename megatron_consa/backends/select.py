@@ -11,7 +11,10 @@ key/value [sk, b, hkv, d], output [sq, b, hq, d]):
 Engine); its SWA costs O(n*W). `TEAttentionBackend` wraps Transformer
 Engine's `DotProductAttention`: one causal instance and one windowed instance
 (`window_size=(W-1, 0)`), created per head count on first use, because a
-mixed layer in fixed mode calls each type on a subset of the heads.
+mixed layer in fixed mode calls each type on a subset of the heads. TE reads
+q, k and v in whole tensors, so a subset of heads (a view) is copied first; TE's
+fused kernels take bf16/fp16 only (in fp32 it falls back to an unfused O(n^2)
+attention with a dense window mask), so fp32 calls go to the torch backend.
 """
 
 from __future__ import annotations
@@ -54,10 +57,11 @@ def te_dot_product_attention_class():
     return DotProductAttention
 
 
-def resolve_backend_name(name: str) -> str:
-    """`auto` -> `te` when Transformer Engine can run here, else `torch`."""
+def resolve_backend_name(name: str, *, sink_tokens: int = 0) -> str:
+    """`auto` -> `te` when Transformer Engine can run here (and no sink tokens are
+    asked for: TE's window has none), else `torch`."""
     if name == "auto":
-        return "te" if transformer_engine_available() else "torch"
+        return "te" if not sink_tokens and transformer_engine_available() else "torch"
     if name == "te" and not transformer_engine_available():
         raise ConsaConfigError(
             "ConsaConfig.backend='te' needs CUDA and an importable transformer_engine; "
@@ -116,9 +120,16 @@ class TorchAttentionBackend:
 
 
 class TEAttentionBackend:
-    """Transformer Engine `DotProductAttention`: one causal and one windowed instance."""
+    """Transformer Engine `DotProductAttention`: one causal and one windowed instance.
+
+    Half-precision calls run on TE; others (fp32) on `TorchAttentionBackend`, whose
+    SWA stays O(n*W) where TE's would be its unfused O(n^2) path. The owner's
+    train/eval mode reaches the TE instances through `train()` (they are not
+    submodules: that would add their `_extra_state` to checkpoints).
+    """
 
     name = "te"
+    TE_DTYPES = (torch.bfloat16, torch.float16)
 
     def __init__(
         self, *, window: int, sink_tokens: int, softmax_scale: float, kv_channels: int, layer_number: int
@@ -132,7 +143,15 @@ class TEAttentionBackend:
         self.scale = softmax_scale
         self.kv_channels = kv_channels
         self.layer_number = layer_number
+        self.training = True
         self._instances: dict[tuple[int, int, bool], Callable] = {}
+        self._torch = TorchAttentionBackend(window=window, sink_tokens=0, softmax_scale=softmax_scale)
+
+    def train(self, mode: bool = True) -> "TEAttentionBackend":
+        self.training = mode
+        for attn in self._instances.values():
+            attn.train(mode)
+        return self
 
     def _instance(self, num_heads: int, num_groups: int, windowed: bool):
         key = (num_heads, num_groups, windowed)
@@ -151,10 +170,18 @@ class TEAttentionBackend:
                 layer_number=self.layer_number,
                 attention_type="self",
             )
+            self._instances[key].train(self.training)
         return self._instances[key]
 
     def _call(self, q: Tensor, k: Tensor, v: Tensor, windowed: bool) -> Tensor:
+        if q.dtype not in self.TE_DTYPES:
+            return self._torch.sliding(q, k, v) if windowed else self._torch.full(q, k, v)
         attn = self._instance(q.size(2), k.size(2), windowed)
+        # TE's layout detection (get_qkv_layout) takes separate q, k, v at storage offset 0
+        # and copies strided views itself; a contiguous view at an offset (a head slice when
+        # s * b == 1) it refuses. Copy any view here: the same copy, and no such case.
+        q, k, v = (x if x.is_contiguous() and x.storage_offset() == 0 else x.clone(memory_format=torch.contiguous_format)
+                   for x in (q, k, v))
         out = attn(q, k, v, qkv_format="sbhd", attn_mask_type="causal")  # [sq, b, hq * d]
         return out.view(q.size(0), q.size(1), q.size(2), q.size(3))
 
@@ -169,7 +196,7 @@ def make_attention_backend(
     name: str, *, window: int, sink_tokens: int, softmax_scale: float, kv_channels: int, layer_number: int
 ):
     """Build the backend `name` (`auto`, `torch` or `te`)."""
-    resolved = resolve_backend_name(name)
+    resolved = resolve_backend_name(name, sink_tokens=sink_tokens)
     if resolved == "te":
         return TEAttentionBackend(
             window=window,

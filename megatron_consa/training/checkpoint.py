@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_consa.model import unwrap_model
 from megatron_consa.training.parallel import device
@@ -251,6 +253,7 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         # (or never trained) and keep their initial value (init_log_alpha).
         for key in [k for k in state if k.startswith("model")]:
             state[key] = {k: v for k, v in state[key].items() if not k.endswith("log_alpha")}
+    _drop_extra_states_not_in(state, path)
     loaded = dist_checkpointing.load(state, str(path))
     _load_chunks(trainer.chunks, loaded, path, gates_in_checkpoint=checkpoint_has_gates)
     if load_optimizer:
@@ -296,9 +299,28 @@ def load_model_weights(chunks, directory: str | os.PathLike) -> dict:
     """
     path = _resolve(directory)
     state = {k: v for k, v in model_state_for_save(chunks, controller_state={}, iteration=0).items() if k.startswith("model")}
+    _drop_extra_states_not_in(state, path)
     loaded = dist_checkpointing.load(state, str(path))
     _load_chunks(chunks, loaded, path)
     return read_checkpoint_meta(path) or {}
+
+
+def _drop_extra_states_not_in(state: dict, path: Path) -> None:
+    """Leave out of `state` (in place) the modules' `_extra_state` objects the checkpoint lacks.
+
+    Transformer Engine's modules keep one (FP8 metadata; empty without FP8) where
+    megatron-core's local modules have none, e.g. the TE layer spec's QK norms
+    (TENorm) against the local spec's: a checkpoint written with the local spec
+    (an import, finalize, a machine without TE) then has no such entry, and
+    dist_checkpointing.load would refuse the TE-spec model. Those modules keep
+    their fresh state, as `_load_chunks` allows; their weights still must match.
+    """
+    saved = {key.split("/shard_")[0] for key in load_sharded_metadata(str(path))}
+    for name in [k for k in state if k.startswith("model")]:
+        state[name] = {
+            k: v for k, v in state[name].items()
+            if not (k.endswith("_extra_state") and isinstance(v, ShardedObject) and v.key not in saved)
+        }
 
 
 def _strip_extra(sd: dict) -> dict:

@@ -1,4 +1,9 @@
-"""GPU paths: CUDA torch backend in bf16, Transformer Engine backend, a 1-rank NCCL learning run.
+"""GPU paths: CUDA torch backend in bf16, Transformer Engine backend and layer spec, 1-rank NCCL runs.
+
+The TE layer spec: ConSA all-FA equals megatron-core's stock TE-spec GPTModel
+(logits and gradients, same weights), reordered mixed layers with the TE backend
+equal the torch backend in the same spec, and a learning run through the whole
+TE spec follows the torch backend's.
 
 Every test here skips with a reason where CUDA (or Transformer Engine) is absent;
 CI never has a GPU. Run them with `make test-gpu` on a GPU machine.
@@ -99,7 +104,7 @@ class TestCudaAttention:
         torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=1e-4)
 
 
-def _run(backend: str, bf16: bool, iters: int = 6):
+def _run(backend: str, bf16: bool, iters: int = 6, transformer_impl: str = "local"):
     from scenarios_gpu import ARCH, DATA, consa_config
 
     from megatron_consa.training.config import ParallelConfig, TrainingConfig
@@ -114,7 +119,7 @@ def _run(backend: str, bf16: bool, iters: int = 6):
     initialize_distributed(parallel, seed=training.seed)
     trainer = ConsaTrainer(
         arch=ARCH, consa=consa_config(backend), parallel=parallel, training=training, data=DATA,
-        transformer_impl="local",
+        transformer_impl=transformer_impl,
     )
     return trainer.train()
 
@@ -137,6 +142,112 @@ class TestSingleRankNccl:
         for a, b in zip(te_run, torch_run):
             assert abs(a.loss - b.loss) < 2e-2 * b.loss
             assert abs(a.s_hat - b.s_hat) < 1e-2
+
+    @needs_te
+    def test_te_layer_spec_run_matches_torch_backend_in_the_same_spec(self):
+        """Learning mode through the whole TE spec (TE linears, norms and attention) vs the
+        same spec with the torch attention backend: the same initialisation, the same data."""
+        torch_run = _run("torch", bf16=True, transformer_impl="transformer_engine")
+        te_run = _run("te", bf16=True, transformer_impl="transformer_engine")
+        for a, b in zip(te_run, torch_run):
+            assert math.isfinite(a.loss) and abs(a.loss - b.loss) < 2e-2 * b.loss
+            assert abs(a.s_hat - b.s_hat) < 1e-2
+        assert te_run[-1].loss < te_run[0].loss
+
+
+def _te_spec_models(rows, backends, *, stock: bool):
+    """bf16 GPTModels from the Transformer Engine layer spec, all with the same weights:
+    megatron-core's stock TE-spec model (if `stock`) and one ConSA TE-spec model per backend
+    with the fixed allocation `rows` (stored by type: reordered KV groups)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+    from megatron_consa.self_attention import to_canonical_order, to_stored_order
+    from scenarios_gpu import ARCH
+
+    common = dict(params_dtype=torch.bfloat16, bf16=True)
+    models = {}
+    for backend in backends:
+        cfg = build_transformer_config(ARCH, ConsaConfig(window=64, allocation=rows, backend=backend), **common)
+        model_parallel_cuda_manual_seed(3)
+        models[backend] = (build_gpt_model(cfg, ARCH, use_transformer_engine=True), cfg)
+    if stock:
+        base = build_transformer_config(ARCH, ConsaConfig(), **common)
+        fields = {f: getattr(base, f) for f in TransformerConfig.__dataclass_fields__ if hasattr(base, f)}
+        cfg = TransformerConfig(**fields)
+        model_parallel_cuda_manual_seed(3)
+        models["stock"] = (GPTModel(
+            config=cfg, transformer_layer_spec=get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True),
+            vocab_size=ARCH.vocab_size, max_sequence_length=ARCH.max_position_embeddings,
+            position_embedding_type="rope", rotary_base=int(ARCH.rope_theta),
+            share_embeddings_and_output_weights=ARCH.tie_word_embeddings,
+        ), cfg)
+    first = next(iter(models.values()))[0]
+    canonical = to_canonical_order(first, {k: v for k, v in first.state_dict().items() if "_extra_state" not in k})
+    out = {}
+    for name, (model, cfg) in models.items():
+        state = to_stored_order(model, canonical)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert [k for k in missing if "_extra_state" not in k] == [] and unexpected == [], (name, missing, unexpected)
+        out[name] = Float16Module(cfg, model.cuda())
+    return out
+
+
+def _logits_and_grads(model, tokens):
+    from megatron_consa.self_attention import to_canonical_order
+
+    model.zero_grad(set_to_none=True)
+    pos = torch.arange(tokens.size(1), device="cuda").unsqueeze(0).expand_as(tokens)
+    logits = model(tokens, pos, attention_mask=None)
+    logits.float().square().mean().backward()
+    inner = model.module
+    grads = to_canonical_order(inner, {n: p.grad.float() for n, p in inner.named_parameters() if p.grad is not None})
+    return logits.float().detach(), grads
+
+
+@needs_te
+@pytest.mark.usefixtures("single_rank_mcore")
+class TestTransformerEngineSpec:
+    """ConSA's TE layer spec (TE linears and norms, TE attention backend) on the GPU."""
+
+    def test_all_fa_equals_megatron_cores_stock_te_spec_model(self):
+        from scenarios_gpu import ARCH
+
+        models = _te_spec_models([[1] * ARCH.num_kv_heads] * ARCH.num_layers, ["te"], stock=True)
+        tokens = torch.randint(0, ARCH.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        ours, ours_grads = _logits_and_grads(models["te"], tokens)
+        stock, stock_grads = _logits_and_grads(models["stock"], tokens)
+        # The same TE kernels on the same weights (bit for bit unless TE picks another
+        # attention backend for one of the two calls; bf16 rounding otherwise).
+        torch.testing.assert_close(ours, stock, rtol=1e-2, atol=1e-2)
+        assert sorted(ours_grads) == sorted(stock_grads)
+        for name, g in stock_grads.items():
+            scale = g.abs().max().clamp_min(1e-6)
+            assert ((ours_grads[name] - g).abs().max() / scale).item() < 2e-2, name
+
+    def test_mixed_reordered_layers_te_backend_match_torch_backend(self):
+        from scenarios_gpu import ARCH
+
+        rows = [[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 1]][: ARCH.num_layers]
+        models = _te_spec_models(rows, ["te", "torch"], stock=False)
+        inner = models["te"].module
+        orders = [m.self_attention.kv_group_order for m in inner.decoder.layers]
+        assert orders[0] == (0, 2, 1, 3)  # the interleaved row is stored by type
+        tokens = torch.randint(0, ARCH.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        te_logits, te_grads = _logits_and_grads(models["te"], tokens)
+        torch_logits, torch_grads = _logits_and_grads(models["torch"], tokens)
+        torch.testing.assert_close(te_logits, torch_logits, rtol=2e-2, atol=2e-2)
+        for name, g in torch_grads.items():
+            scale = g.abs().max().clamp_min(1e-6)
+            assert ((te_grads[name] - g).abs().max() / scale).item() < 5e-2, name
+        # the window matters at this length: an all-FA model differs by more than the tolerance
+        all_fa = _te_spec_models([[1] * ARCH.num_kv_heads] * ARCH.num_layers, ["te"], stock=False)["te"]
+        assert (_logits_and_grads(all_fa, tokens)[0] - te_logits).abs().max() > 1e-1
 
 
 @pytest.mark.parametrize("sinks", [0, 4])

@@ -125,14 +125,24 @@ class StandInDotProductAttention:
     """
 
     made: list[dict] = []
+    instances: list = []
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        self.training = True
         StandInDotProductAttention.made.append(kwargs)
+        StandInDotProductAttention.instances.append(self)
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
 
     def __call__(self, q, k, v, *, qkv_format, attn_mask_type):
         assert qkv_format == "sbhd" and attn_mask_type == "causal"
         assert q.size(2) == self.kwargs["num_attention_heads"] and k.size(2) == self.kwargs["num_gqa_groups"]
+        assert q.dtype in (torch.bfloat16, torch.float16)  # TE's fused kernels' dtypes
+        # whole tensors, as TE's layout detection takes separate q, k, v
+        assert all(x.is_contiguous() and x.storage_offset() == 0 for x in (q, k, v))
         left, right = self.kwargs["window_size"] or (-1, 0)
         s, b, h, d = q.shape
         i = torch.arange(s).view(s, 1)
@@ -146,48 +156,112 @@ class StandInDotProductAttention:
         kh = k.repeat_interleave(rep, dim=2).permute(1, 2, 0, 3)  # [b, h, s, d]
         vh = v.repeat_interleave(rep, dim=2).permute(1, 2, 0, 3)
         scores = (q.permute(1, 2, 0, 3) @ kh.transpose(-1, -2)) * self.kwargs["softmax_scale"]
-        out = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vh  # [b, h, s, d]
+        out = scores.float().masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype) @ vh  # [b, h, s, d]
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
 @pytest.fixture
 def te_stand_in(monkeypatch):
     StandInDotProductAttention.made = []
+    StandInDotProductAttention.instances = []
     monkeypatch.setattr(select, "transformer_engine_available", lambda: True)
     monkeypatch.setattr(select, "te_dot_product_attention_class", lambda: StandInDotProductAttention)
     return StandInDotProductAttention
 
 
+HEADS, GROUPS, D, S, B = 8, 4, 16, 29, 2
+ROW = [1, 0, 0, 1]
+
+
+def _te_attention(window: int, *, backend: str = "te", sinks: int = 0) -> ConsaCoreAttention:
+    config = ConsaTransformerConfig(
+        num_layers=1, hidden_size=HEADS * D, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D,
+        use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
+        consa=ConsaConfig(window=window, backend=backend, allocation=[ROW], sink_tokens=sinks),
+    )
+    return ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
+
+
+def _qkv(seed: int, dtype):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(S, B, h, D, generator=g, dtype=torch.float64).to(dtype) for h in (HEADS, GROUPS, GROUPS))
+
+
+def _reference(q, k, v, window: int) -> torch.Tensor:
+    """fp64, per head: FA heads causal, SWA heads see W keys (the convention)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    rep = HEADS // GROUPS
+    ref_swa = _reference_window(S, window, 0)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    ref = torch.empty(S, B, HEADS, D, dtype=torch.float64)
+    for h in range(HEADS):
+        mask = causal if ROW[h // rep] else ref_swa
+        qh, kh, vh = (t[:, :, idx].transpose(0, 1) for t, idx in ((q, h), (k, h // rep), (v, h // rep)))
+        scores = (qh @ kh.transpose(1, 2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+        ref[:, :, h] = (scores.softmax(-1) @ vh).transpose(0, 1)
+    return ref.reshape(S, B, HEADS * D)
+
+
 @pytest.mark.usefixtures("single_rank_mcore")
 @pytest.mark.parametrize("window", [1, 6, 13])
 def test_te_backend_hands_te_window_w_minus_one(te_stand_in, window):
-    heads, groups, d, s, b = 8, 4, 16, 29, 2
-    row = [1, 0, 0, 1]
-    config = ConsaTransformerConfig(
-        num_layers=1, hidden_size=heads * d, num_attention_heads=heads, num_query_groups=groups, kv_channels=d,
-        use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
-        consa=ConsaConfig(window=window, backend="te", allocation=[row]),
-    )
-    attn = ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal).eval()
+    attn = _te_attention(window).eval()
     assert attn.backend.name == "te"
-    g = torch.Generator().manual_seed(window)
-    q = torch.randn(s, b, heads, d, generator=g, dtype=torch.float64)
-    k = torch.randn(s, b, groups, d, generator=g, dtype=torch.float64)
-    v = torch.randn(s, b, groups, d, generator=g, dtype=torch.float64)
-    out = attn(q, k, v, None)
+    q, k, v = _qkv(window, torch.bfloat16)
+    out = attn(q, k, v, None)  # a mixed layer: each type a view of q, k, v (the stand-in asserts whole tensors)
 
     windowed = [kw for kw in te_stand_in.made if kw["window_size"] is not None]
     assert [kw["window_size"] for kw in windowed] == [(window - 1, 0)]
     assert all(kw["attn_mask_type"] == "causal" and kw["qkv_format"] == "sbhd" for kw in te_stand_in.made)
+    # And the output is the convention's, within bf16 rounding, which an off-by-one exceeds by far.
+    assert out.dtype == torch.bfloat16
+    err = (out.double() - _reference(q, k, v, window)).abs().max().item()
+    off_by_one = (out.double() - _reference(q, k, v, window + 1)).abs().max().item()
+    assert err < 3e-2 and off_by_one > 10 * err, (err, off_by_one)
 
-    # And the output is the convention's: FA heads causal, SWA heads see W keys.
-    rep = heads // groups
-    ref_swa = _reference_window(s, window, 0)
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    ref = torch.empty(s, b, heads, d, dtype=torch.float64)
-    for h in range(heads):
-        mask = causal if row[h // rep] else ref_swa
-        qh, kh, vh = (t[:, :, idx].transpose(0, 1) for t, idx in ((q, h), (k, h // rep), (v, h // rep)))
-        scores = (qh @ kh.transpose(1, 2) / math.sqrt(d)).masked_fill(~mask, float("-inf"))
-        ref[:, :, h] = (scores.softmax(-1) @ vh).transpose(0, 1)
-    torch.testing.assert_close(out, ref.reshape(s, b, heads * d), rtol=0, atol=1e-12)
+
+@pytest.mark.usefixtures("single_rank_mcore")
+def test_te_backend_runs_fp32_on_the_torch_kernels(te_stand_in):
+    """TE's fused kernels are bf16/fp16: in fp32 TE would run its unfused O(n^2) attention
+    with a dense window mask. The TE backend hands fp32 calls to the torch kernels."""
+    attn = _te_attention(6).eval()
+    q, k, v = _qkv(0, torch.float32)
+    out = attn(q, k, v, None)
+    assert te_stand_in.made == []
+    torch.testing.assert_close(out.double(), _reference(q, k, v, 6), rtol=0, atol=1e-5)
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+def test_te_backend_instances_follow_train_and_eval(te_stand_in):
+    layer = torch.nn.ModuleDict({"attn": _te_attention(6)})  # eval() reaches it as a submodule
+    layer.eval()
+    layer["attn"](*_qkv(0, torch.bfloat16), None)
+    assert len(te_stand_in.instances) == 2 and not any(a.training for a in te_stand_in.instances)
+    layer.train()
+    assert all(a.training for a in te_stand_in.instances)
+    layer.eval()
+    assert not any(a.training for a in te_stand_in.instances)
+
+
+def test_auto_backend_takes_torch_for_sink_tokens(monkeypatch):
+    monkeypatch.setattr(select, "transformer_engine_available", lambda: True)
+    assert select.resolve_backend_name("auto") == "te"
+    assert select.resolve_backend_name("auto", sink_tokens=4) == "torch"
+    assert select.resolve_backend_name("torch") == "torch"
+    from megatron_consa.config import ConsaConfigError
+
+    with pytest.raises(ConsaConfigError, match="sink_tokens=4"):
+        select.make_attention_backend("te", window=8, sink_tokens=4, softmax_scale=1.0, kv_channels=16, layer_number=1)
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+def test_fp8_is_refused_with_the_field_named():
+    from megatron_consa.config import ConsaConfigError
+
+    config = ConsaTransformerConfig(
+        num_layers=1, hidden_size=HEADS * D, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D,
+        use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0, consa=ConsaConfig(window=6, allocation=[ROW]),
+    )
+    config.fp8 = "hybrid"  # set after construction: megatron's own checks need TE for fp8
+    with pytest.raises(ConsaConfigError, match="fp8='hybrid'"):
+        ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)

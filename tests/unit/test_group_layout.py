@@ -210,44 +210,6 @@ class TestReorderedModel:
         assert sorted(calls) == sorted(expected)
 
 
-    def test_a_linear_without_bias_holding_an_empty_tensor_is_reordered_and_checkpointed(self):
-        """Transformer Engine's linears built without a bias keep an empty plain tensor in
-        `bias` (megatron's local ones register None). A reordered layer moves the weight
-        alone, and its sharded state dict (checkpoints) names no bias."""
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
-        from megatron_consa.specs import get_consa_layer_local_spec
-
-        class EmptyBiasColumnParallelLinear(ColumnParallelLinear):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                del self._parameters["bias"]
-                self.bias = torch.Tensor()  # as transformer_engine.pytorch.LayerNormLinear(bias=False)
-                self.skip_bias_add = True  # returned to SelfAttention, which drops it
-
-        arch = dataclasses.replace(ARCH, qkv_bias=False)
-
-        def build(permute):
-            spec = get_consa_layer_local_spec(qk_layernorm=True)
-            spec.submodules.self_attention.submodules.linear_qkv = EmptyBiasColumnParallelLinear
-            config = build_transformer_config(
-                arch, ConsaConfig(window=WINDOW, allocation=ALLOCATION, permute_kv_groups=permute, backend="torch"))
-            model_parallel_cuda_manual_seed(7)
-            return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=arch.vocab_size,
-                            max_sequence_length=arch.max_position_embeddings, position_embedding_type="rope",
-                            rotary_base=int(arch.rope_theta), share_embeddings_and_output_weights=False)
-
-        reordered, megatron_order = build(True), build(False)
-        assert any(m.kv_group_order not in (None, tuple(range(4)))
-                   for m in reordered.modules() if isinstance(m, ConsaSelfAttention))
-        assert all(m.self_attention.linear_qkv.bias.numel() == 0 for m in reordered.decoder.layers)
-        sharded = reordered.sharded_state_dict()
-        assert isinstance(sharded["decoder.layers.0.self_attention.linear_qkv.weight"], ShardedTensorFactory)
-        assert not any(k.endswith("linear_qkv.bias") for k in sharded)
-        _assert_same(_logits_and_grads(reordered), _logits_and_grads(megatron_order), "empty-bias reordered vs megatron's order")
-
-
 # ----------------------------------------------------------------- export
 
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 10 item 5, in one command on the lent GPU machine.
+#
+# Here first:  python .ci/device/prepare.py [--build-python PY]   (fills .ci/device/wheels, ~39 MiB;
+#              with a Python that has the GPU machine's CUDA torch, also TE's torch extension)
+# Then:        the device tool's run(command="bash .ci/device/run.sh", carry=[".ci/device/wheels"],
+#                                    timeout_s=600)
+#
+# Stages (each logged to $OUT/<stage>.log, one line each in $OUT/summary.txt, each
+# bounded so that the ones after it still run within DEADLINE seconds):
+#   env      GPU, torch, CUDA, nvcc, ninja
+#   install  the staged wheels into $SITE (megatron-core, Transformer Engine's core
+#            library cut to sm_90 and its Python package, pydantic, einops, wheel)
+#   build    transformer-engine-torch: the prebuilt wheel if it was built for this torch,
+#            else from source (a C++ extension; ninja, MAX_JOBS cores: 7 min on 2 cores)
+#   te       import transformer_engine.pytorch
+#   tests    pytest tests/gpu (TE backend vs torch backend, TE layer spec, NCCL runs)
+#   bench-te model step, TE spec: megatron-core's stock TE-spec GPTModel vs ConSA + TE backend
+#   bench    model step, torch backend (local spec): stock, all-FA, 75% SWA, learning
+# STAGES="env install build te tests" runs a subset; a warm machine keeps $SITE and
+# the built extension between commands (the install and build stages then skip).
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/consa_device_out}
+SITE=${SITE:-/tmp/consa_site}
+BUILD=${BUILD:-/tmp/consa_te_build}
+WHEELS=.ci/device/wheels
+PY=${PYTHON:-python3}
+DEADLINE=${DEADLINE:-580}
+LIMIT_SCALE=${LIMIT_SCALE:-1}  # stage limits x this (a trial build on a 2-core machine: 10)
+STAGES=${STAGES:-env install build te tests bench-te bench}
+BENCH_ARGS=${BENCH_ARGS:---device cuda --dtype bf16 --seq-len 8192 --window 1024 --layers 4 --hidden 2048 --heads 16 --kv-heads 8 --head-dim 128 --reps 10}
+mkdir -p "$OUT"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
+
+log() { echo "[+${SECONDS}s] $*" | tee -a "$OUT/summary.txt"; }
+
+# stage NAME LIMIT CMD...: run CMD with at most LIMIT seconds (less if the deadline is nearer)
+stage() {
+  local name=$1 limit=$2 rc
+  shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  limit=$((limit * LIMIT_SCALE))
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 15)); then log "$name: skipped, ${left}s left"; return 1; fi
+  ((limit > left)) && limit=$left
+  log "$name: start (limit ${limit}s)"
+  timeout --kill-after=5 "$limit" bash -c '"$@"' "$name" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  log "$name: rc=$rc$( ((rc == 124)) && echo ' (timed out)')"
+  tail -n 25 "$OUT/$name.log"
+  return $rc
+}
+
+env_info() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  command -v nvcc && nvcc --version | tail -2
+  command -v ninja && ninja --version
+  "$PY" -m pip --version
+  nproc
+}
+
+install() {
+  if [ -f "$SITE/.installed" ]; then echo "already installed in $SITE"; return 0; fi
+  rm -rf "$SITE"
+  local wheels
+  wheels=$(ls "$WHEELS"/*.whl | grep -v /transformer_engine_torch-)
+  "$PY" -m pip install --no-deps --target "$SITE" $wheels && touch "$SITE/.installed"
+}
+
+# A wheel into $SITE by extraction: its extension goes into transformer_engine/wheel_lib,
+# a folder `pip install --target` will not add to (it skips a top-level folder that exists).
+extract_wheel() {
+  "$PY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$1" "$SITE"
+  echo "extracted $1 into $SITE"
+}
+
+build_te_torch() {
+  if ls "$SITE"/transformer_engine/wheel_lib/transformer_engine_torch*.so >/dev/null 2>&1; then
+    echo "already built"; return 0
+  fi
+  # prepare.py --build-python may have built it here against the same torch
+  local torch_version prebuilt
+  torch_version=$("$PY" -c "import torch; print(torch.__version__)")
+  prebuilt=$(ls "$WHEELS"/transformer_engine_torch-*.whl 2>/dev/null | head -1)
+  if [ -n "$prebuilt" ] && [ "$(cat "$WHEELS/transformer_engine_torch.torch-version" 2>/dev/null)" = "$torch_version" ]; then
+    echo "prebuilt for torch $torch_version: $prebuilt"
+    extract_wheel "$prebuilt"
+    # built on another machine: loadable here (glibc, libstdc++)? else build it
+    if "$PY" -c "import torch, transformer_engine.pytorch"; then
+      return 0
+    fi
+    echo "the prebuilt extension does not load here: building it"
+    rm -f "$SITE"/transformer_engine/wheel_lib/transformer_engine_torch*.so
+  fi
+  echo "building for torch $torch_version${prebuilt:+ (the prebuilt wheel is for torch $(cat "$WHEELS/transformer_engine_torch.torch-version" 2>/dev/null))}"
+  # The toolkit's headers first (TE finds it through CUDA_HOME, else next to nvcc, which
+  # may be a wrapper script in /usr/local/bin), then what CUDA torch's pip packages
+  # carry and a bare toolkit lacks: cuBLAS, cuDNN, NCCL (nvidia/*/include).
+  if [ -z "${CUDA_HOME:-}" ]; then
+    local c
+    for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+      if [ -f "$c/include/cuda_runtime.h" ]; then export CUDA_HOME=$c; break; fi
+    done
+  fi
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  local inc
+  inc=$("$PY" -c "import glob, os, torch; r = os.path.dirname(os.path.dirname(torch.__file__)); print(':'.join(sorted(glob.glob(os.path.join(r, 'nvidia', '*', 'include')))))")
+  export CPATH="${inc}${CPATH:+:$CPATH}"
+  export NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch NVTE_WITH_NCCL_EP=0 NVTE_CUDA_ARCHS=90
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  rm -rf "$BUILD" && mkdir -p "$BUILD"
+  "$PY" -m pip wheel --no-deps --no-build-isolation -v -w "$BUILD" "$WHEELS"/transformer_engine_torch-*.tar.gz \
+    && extract_wheel "$(ls "$BUILD"/transformer_engine_torch-*.whl)" \
+    && echo "$torch_version" >"$BUILD/transformer_engine_torch.torch-version"
+}
+
+te_import() {
+  "$PY" - <<'EOF'
+import torch
+import transformer_engine
+import transformer_engine.pytorch as te
+from megatron_consa.backends.select import transformer_engine_available
+print("transformer_engine", transformer_engine.__version__, "from", transformer_engine.__file__)
+attn = te.DotProductAttention(num_attention_heads=4, kv_channels=64, num_gqa_groups=2, attn_mask_type="causal",
+                              qkv_format="sbhd", window_size=(31, 0)).cuda()
+q = torch.randn(256, 2, 4, 64, device="cuda", dtype=torch.bfloat16)
+k, v = (torch.randn(256, 2, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+print("DotProductAttention out", tuple(attn(q, k, v).shape))
+assert transformer_engine_available(), "megatron_consa does not see Transformer Engine"
+EOF
+}
+
+bench() { "$PY" benchmarks/model_step.py $BENCH_ARGS --json "$OUT/$1.json" "${@:2}"; }
+
+export OUT SITE BUILD WHEELS PY BENCH_ARGS
+export -f env_info install extract_wheel build_te_torch te_import bench
+
+log "device checks at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), stages: $STAGES"
+stage env 30 env_info
+stage install 120 install || { log "install failed: nothing else can run"; exit 1; }
+stage build 300 build_te_torch
+stage te 60 te_import
+stage tests 200 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
+stage bench-te 120 bench model_step_te --transformer-engine
+stage bench 120 bench model_step_torch
+log "done"
