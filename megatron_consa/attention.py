@@ -131,11 +131,12 @@ class ConsaCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         if config.apply_query_key_layer_scaling:
             raise ConsaConfigError("apply_query_key_layer_scaling=True is not supported; set it to False")
-        if getattr(config, "fp8", None):
-            raise ConsaConfigError(
-                f"fp8={config.fp8!r}: ConSA's attention and KV-group reordering do not handle FP8 yet; "
-                "train in bf16 (fp8=None)"
-            )
+        for low_precision in ("fp8", "fp4"):
+            if getattr(config, low_precision, None):
+                raise ConsaConfigError(
+                    f"{low_precision}={getattr(config, low_precision)!r}: ConSA's attention and KV-group "
+                    f"reordering do not handle {low_precision.upper()} yet; train in bf16 ({low_precision}=None)"
+                )
 
         self.hc = HardConcrete.from_config(consa)
         self.backend = make_attention_backend(
@@ -235,8 +236,7 @@ class ConsaCoreAttention(MegatronModule):
 
     def train(self, mode: bool = True) -> "ConsaCoreAttention":
         super().train(mode)
-        if hasattr(self.backend, "train"):  # the TE backend's attention instances are not submodules
-            self.backend.train(mode)
+        self.backend.train(mode)  # the TE backend's attention instances are not submodules
         return self
 
     # ---- forward ----------------------------------------------------------

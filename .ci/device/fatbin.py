@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 MAGIC = 0xBA55ED50
 _HEADER = struct.Struct("<IHHQ")
+_ENTRY_MIN = 32  # an entry header holds at least the fields up to its arch (bytes 28..32)
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,10 @@ def fat_binaries(data: bytes | bytearray) -> list[tuple[int, int, list[Entry]]]:
             pos = start + 4
             continue
         entries, at, end = [], start + header_size, start + header_size + size
-        while at < end:
+        while at + _ENTRY_MIN <= end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, at)
+            if entry_header < _ENTRY_MIN or at + entry_header + payload > end:
+                break  # not an entry: the magic matched by chance
             arch = struct.unpack_from("<I", data, at + 28)[0]
             entries.append(Entry(at, entry_header + payload, kind, arch))
             at += entry_header + payload

@@ -47,6 +47,7 @@ from fatbin import arch_sizes, strip_fatbins  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE_LIBRARY = "transformer_engine/wheel_lib/libtransformer_engine.so"
+STAGED_SUFFIXES = (".whl", ".tar.gz", ".torch-version")
 
 
 def makefile_value(name: str) -> str:
@@ -135,11 +136,14 @@ def tree_bytes() -> int:
 
 
 def _built_for(out: Path, python: Optional[str]) -> list[Path]:
-    """The staged extension wheel and its torch-version file, if built for `python`'s torch."""
+    """The staged extension wheel and its torch-version file, to keep: built for `python`'s
+    torch, or, without `python`, whatever was built (run.sh checks the version there)."""
     version_file = out / "transformer_engine_torch.torch-version"
     wheels = list(out.glob("transformer_engine_torch-*.whl"))
-    if not python or not wheels or not version_file.is_file():
+    if not wheels or not version_file.is_file():
         return []
+    if not python:
+        return [wheels[0], version_file]
     torch_version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], check=True,
                                    capture_output=True, text=True).stdout.strip()
     return [wheels[0], version_file] if version_file.read_text().strip() == torch_version else []
@@ -149,8 +153,8 @@ def build_extension(out: Path, python: str) -> None:
     """transformer-engine-torch built by `run.sh`'s install and build stages with `python`,
     staged in `out` with the torch version it was built against."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHON=python, OUT=f"{tmp}/out", SITE=f"{tmp}/site", BUILD=f"{tmp}/build",
-                   STAGES="install build", DEADLINE="100000", LIMIT_SCALE="20")
+        env = dict(os.environ, PYTHON=python, WHEELS=str(out.resolve()), OUT=f"{tmp}/out", SITE=f"{tmp}/site",
+                   BUILD=f"{tmp}/build", STAGES="install build", DEADLINE="100000", LIMIT_SCALE="20")
         done = subprocess.run(["bash", str(ROOT / ".ci/device/run.sh")], env=env)
         wheels = list(Path(tmp, "build").glob("transformer_engine_torch-*.whl"))
         if done.returncode or not wheels:
@@ -161,7 +165,9 @@ def build_extension(out: Path, python: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / ".ci/device/wheels"), help="folder to fill (emptied first)")
+    p.add_argument("--out", default=str(ROOT / ".ci/device/wheels"),
+                   help="folder to fill (its wheels and sdists are replaced; an extension wheel built "
+                        "before is kept)")
     p.add_argument("--te-version", default="2.20.2")
     p.add_argument("--cuda-major", default="13", help="the GPU machine's torch CUDA major (GPU.md: 13)")
     p.add_argument("--arch", default="90", help="comma-separated sm archs to keep (H100/H200: 90)")
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     built = _built_for(out, args.build_python)
     for old in out.iterdir():
-        if old not in built:
+        if old not in built and old.is_file() and old.name.endswith(STAGED_SUFFIXES):
             old.unlink()
     te = args.te_version
     core = f"transformer-engine-cu{args.cuda_major}=={te}"
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
     if args.build_python and not built:
         build_extension(out, args.build_python)
     elif built:
-        print(f"keeping {built[0].name}, built for the torch of {args.build_python}")
+        print(f"keeping {built[0].name}, built for torch {built[1].read_text().strip()}")
     total = 0
     for f in sorted(out.iterdir()):
         total += f.stat().st_size

@@ -6,8 +6,10 @@
 # Then:        the device tool's run(command="bash .ci/device/run.sh", carry=[".ci/device/wheels"],
 #                                    timeout_s=600)
 #
-# Stages (each logged to $OUT/<stage>.log, one line each in $OUT/summary.txt, each
-# bounded so that the ones after it still run within DEADLINE seconds):
+# Stages (each logged to $OUT/<stage>.log, its start and end in $OUT/summary.txt; each
+# has a limit, cut to the time left, so the whole run ends by DEADLINE seconds; the
+# limits sum to more, so a slow build or test stage leaves the benchmarks less time;
+# the exit status is 1 if any stage failed):
 #   env      GPU, torch, CUDA, nvcc, ninja
 #   install  the staged wheels into $SITE (megatron-core, Transformer Engine's core
 #            library cut to sm_90 and its Python package, pydantic, einops, wheel)
@@ -24,10 +26,10 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/consa_device_out}
 SITE=${SITE:-/tmp/consa_site}
 BUILD=${BUILD:-/tmp/consa_te_build}
-WHEELS=.ci/device/wheels
+WHEELS=${WHEELS:-.ci/device/wheels}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-580}
-LIMIT_SCALE=${LIMIT_SCALE:-1}  # stage limits x this (a trial build on a 2-core machine: 10)
+LIMIT_SCALE=${LIMIT_SCALE:-1}  # stage limits x this (prepare.py's build on a 2-core machine: 20)
 STAGES=${STAGES:-env install build te tests bench-te bench}
 BENCH_ARGS=${BENCH_ARGS:---device cuda --dtype bf16 --seq-len 8192 --window 1024 --layers 4 --hidden 2048 --heads 16 --kv-heads 8 --head-dim 128 --reps 10}
 mkdir -p "$OUT"
@@ -48,7 +50,7 @@ stage() {
   log "$name: start (limit ${limit}s)"
   timeout --kill-after=5 "$limit" bash -c '"$@"' "$name" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
-  log "$name: rc=$rc$( ((rc == 124)) && echo ' (timed out)')"
+  log "$name: rc=$rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)')"
   tail -n 25 "$OUT/$name.log"
   return $rc
 }
@@ -62,7 +64,7 @@ env_info() {
   nproc
 }
 
-install() {
+install_wheels() {
   if [ -f "$SITE/.installed" ]; then echo "already installed in $SITE"; return 0; fi
   rm -rf "$SITE"
   local wheels
@@ -136,14 +138,16 @@ EOF
 bench() { "$PY" benchmarks/model_step.py $BENCH_ARGS --json "$OUT/$1.json" "${@:2}"; }
 
 export OUT SITE BUILD WHEELS PY BENCH_ARGS
-export -f env_info install extract_wheel build_te_torch te_import bench
+export -f env_info install_wheels extract_wheel build_te_torch te_import bench
 
 log "device checks at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), stages: $STAGES"
 stage env 30 env_info
-stage install 120 install || { log "install failed: nothing else can run"; exit 1; }
-stage build 300 build_te_torch
-stage te 60 te_import
-stage tests 200 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
-stage bench-te 120 bench model_step_te --transformer-engine
-stage bench 120 bench model_step_torch
-log "done"
+stage install 120 install_wheels || { log "install failed: nothing else can run"; exit 1; }
+failed=0
+stage build 300 build_te_torch || failed=1
+stage te 60 te_import || failed=1
+stage tests 200 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider || failed=1
+stage bench-te 120 bench model_step_te --transformer-engine || failed=1
+stage bench 120 bench model_step_torch || failed=1
+log "done$( ((failed)) && echo ', with failures (see above)')"
+exit $failed

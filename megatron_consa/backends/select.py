@@ -95,6 +95,10 @@ class TorchAttentionBackend:
         self.scale = softmax_scale
         self.use_flex = use_flex
 
+    def train(self, mode: bool = True) -> "TorchAttentionBackend":
+        """Nothing depends on the mode here (the TE backend's instances do)."""
+        return self
+
     def full(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = full_causal_attention(_to_bhsd(q), _to_bhsd(k), _to_bhsd(v), scale=self.scale)
         return _to_sbhd(out)

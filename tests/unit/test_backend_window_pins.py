@@ -5,7 +5,10 @@ or Transformer Engine (`window_size=(W-1, 0)`). Neither runs here, but both are
 decided by plain code that does: the mask function can be evaluated on CPU
 tensors, `create_block_mask` runs on the CPU, and the TE backend's attention
 class can be replaced by a stand-in that implements TE's documented window
-semantics. An off-by-one in either path fails these tests.
+semantics. An off-by-one in either path fails these tests. The stand-in also
+checks what else the TE backend must get right without TE: half-precision inputs
+as whole tensors (fp32 goes to the torch kernels), the train/eval mode, and the
+refusals (sinks, FP8/FP4).
 
 The reference window is built row by row from the convention (query p sees key
 j iff j <= p and (j > p - W or j < S)), independently of the library.
@@ -170,7 +173,7 @@ def te_stand_in(monkeypatch):
 
 
 HEADS, GROUPS, D, S, B = 8, 4, 16, 29, 2
-ROW = [1, 0, 0, 1]
+ROW = [1, 1, 0, 0]  # one run per type: each kernel gets a view of q, k, v (three runs would gather copies)
 
 
 def _te_attention(window: int, *, backend: str = "te", sinks: int = 0) -> ConsaCoreAttention:
@@ -182,24 +185,25 @@ def _te_attention(window: int, *, backend: str = "te", sinks: int = 0) -> ConsaC
     return ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
 
 
-def _qkv(seed: int, dtype):
+def _qkv(seed: int, dtype, s: int = S, b: int = B):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(S, B, h, D, generator=g, dtype=torch.float64).to(dtype) for h in (HEADS, GROUPS, GROUPS))
+    return tuple(torch.randn(s, b, h, D, generator=g, dtype=torch.float64).to(dtype) for h in (HEADS, GROUPS, GROUPS))
 
 
 def _reference(q, k, v, window: int) -> torch.Tensor:
     """fp64, per head: FA heads causal, SWA heads see W keys (the convention)."""
     q, k, v = (t.double() for t in (q, k, v))
+    s, b = q.shape[:2]
     rep = HEADS // GROUPS
-    ref_swa = _reference_window(S, window, 0)
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    ref = torch.empty(S, B, HEADS, D, dtype=torch.float64)
+    ref_swa = _reference_window(s, window, 0)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    ref = torch.empty(s, b, HEADS, D, dtype=torch.float64)
     for h in range(HEADS):
         mask = causal if ROW[h // rep] else ref_swa
         qh, kh, vh = (t[:, :, idx].transpose(0, 1) for t, idx in ((q, h), (k, h // rep), (v, h // rep)))
         scores = (qh @ kh.transpose(1, 2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
         ref[:, :, h] = (scores.softmax(-1) @ vh).transpose(0, 1)
-    return ref.reshape(S, B, HEADS * D)
+    return ref.reshape(s, b, HEADS * D)
 
 
 @pytest.mark.usefixtures("single_rank_mcore")
@@ -208,7 +212,7 @@ def test_te_backend_hands_te_window_w_minus_one(te_stand_in, window):
     attn = _te_attention(window).eval()
     assert attn.backend.name == "te"
     q, k, v = _qkv(window, torch.bfloat16)
-    out = attn(q, k, v, None)  # a mixed layer: each type a view of q, k, v (the stand-in asserts whole tensors)
+    out = attn(q, k, v, None)
 
     windowed = [kw for kw in te_stand_in.made if kw["window_size"] is not None]
     assert [kw["window_size"] for kw in windowed] == [(window - 1, 0)]
@@ -218,6 +222,30 @@ def test_te_backend_hands_te_window_w_minus_one(te_stand_in, window):
     err = (out.double() - _reference(q, k, v, window)).abs().max().item()
     off_by_one = (out.double() - _reference(q, k, v, window + 1)).abs().max().item()
     assert err < 3e-2 and off_by_one > 10 * err, (err, off_by_one)
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+@pytest.mark.parametrize("s,b", [(S, B), (1, 1)])
+def test_te_backend_hands_te_whole_tensors_for_head_views(te_stand_in, s, b):
+    """A mixed layer hands each kernel a view of its heads. TE takes separate q, k, v at
+    storage offset 0 only (it copies strided views, and refuses a contiguous one at an
+    offset: the SWA heads' slice when s * b == 1), so the backend copies views first;
+    the stand-in asserts whole tensors."""
+    attn = _te_attention(6).eval()
+    q, k, v = _qkv(1, torch.bfloat16, s, b)
+    seen = []
+    for name in ("full", "sliding"):  # the layer really hands views to the backend
+        real = getattr(attn.backend, name)
+
+        def spy(q_, k_, v_, real=real):
+            seen.append(all(x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+                            for x, y in ((q_, q), (k_, k), (v_, v))))
+            return real(q_, k_, v_)
+
+        setattr(attn.backend, name, spy)
+    out = attn(q, k, v, None)
+    assert seen == [True, True] and len(te_stand_in.instances) == 2
+    assert (out.double() - _reference(q, k, v, 6)).abs().max().item() < 3e-2
 
 
 @pytest.mark.usefixtures("single_rank_mcore")
@@ -255,13 +283,14 @@ def test_auto_backend_takes_torch_for_sink_tokens(monkeypatch):
 
 
 @pytest.mark.usefixtures("single_rank_mcore")
-def test_fp8_is_refused_with_the_field_named():
+@pytest.mark.parametrize("field,value", [("fp8", "hybrid"), ("fp4", "e2m1")])
+def test_fp8_and_fp4_are_refused_with_the_field_named(field, value):
     from megatron_consa.config import ConsaConfigError
 
     config = ConsaTransformerConfig(
         num_layers=1, hidden_size=HEADS * D, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D,
         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0, consa=ConsaConfig(window=6, allocation=[ROW]),
     )
-    config.fp8 = "hybrid"  # set after construction: megatron's own checks need TE for fp8
-    with pytest.raises(ConsaConfigError, match="fp8='hybrid'"):
+    setattr(config, field, value)  # set after construction: megatron's own checks need TE for these
+    with pytest.raises(ConsaConfigError, match=f"{field}='{value}'"):
         ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
