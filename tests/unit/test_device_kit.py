@@ -107,3 +107,12 @@ def test_strip_wheel_rewrites_the_library_and_its_record(tmp_path):
     assert new_rows[0] == [prepare.CORE_LIBRARY, _record_hash(library), str(len(library))]
     assert new_rows[1:] == rows[1:]
     assert [p.name for p in tmp_path.iterdir()] == [wheel.name]  # no temp file left behind
+
+
+def test_a_chance_magic_with_zeros_after_it_is_not_a_fat_binary():
+    """A header-shaped match followed by zeros (entry size 0) or a truncated entry is skipped."""
+    zeros = struct.pack("<IHHQ", fatbin.MAGIC, 1, 16, 64) + bytes(64)
+    truncated = struct.pack("<IHHQ", fatbin.MAGIC, 1, 16, 40) + _entry(90, b"\x90" * 24)[:40]
+    data = bytearray(zeros + truncated + _fat_binary(_entry(90, b"\x90" * 8)) + b"\x33" * 4)
+    found = fatbin.fat_binaries(data)
+    assert [(size, [e.arch for e in entries]) for _, size, entries in found] == [(ENTRY_HEADER + 8, [90])]
