@@ -315,16 +315,13 @@ def _drop_extra_states_not_in(state: dict, path: Path) -> None:
     dist_checkpointing.load would refuse the TE-spec model. Those modules keep
     their fresh state, as `_load_chunks` allows; their weights still must match.
     """
-    def candidate(k, v):
-        return k.endswith("_extra_state") and isinstance(v, ShardedObject)
-
-    models = [k for k in state if k.startswith("model")]
-    if not any(candidate(k, v) for m in models for k, v in state[m].items()):
-        return
     # every checkpoint here is written in megatron-core's default torch_dist format
     saved = {key.split("/shard_")[0] for key in load_sharded_metadata(str(path))}
-    for m in models:
-        state[m] = {k: v for k, v in state[m].items() if not (candidate(k, v) and v.key not in saved)}
+    for name in [k for k in state if k.startswith("model")]:
+        state[name] = {
+            k: v for k, v in state[name].items()
+            if not (k.endswith("_extra_state") and isinstance(v, ShardedObject) and v.key not in saved)
+        }
 
 
 def _strip_extra(sd: dict) -> dict:

@@ -15,6 +15,7 @@ The TE spec itself runs in tests/gpu (against megatron-core's stock TE-spec mode
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,19 +28,17 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, model_parallel_cuda_manual_seed
 
 from megatron_consa.config import ConsaConfig
-from megatron_consa.model import ArchitectureConfig, build_transformer_config
-from megatron_consa.self_attention import ConsaSelfAttention, to_canonical_order
+from megatron_consa.model import build_transformer_config
+from megatron_consa.self_attention import ConsaSelfAttention
 from megatron_consa.specs import get_consa_layer_local_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_group_layout import ALLOCATION, SEQ, WINDOW, _assert_same, _logits_and_grads, _tokens  # noqa: E402
+from test_group_layout import ARCH as REORDERED_ARCH  # noqa: E402
 
-ARCH = ArchitectureConfig(
-    vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=4, num_attention_heads=8, num_kv_heads=4,
-    head_dim=8, qk_norm=True, rope_theta=10000.0, max_position_embeddings=64,
-)
-ALLOCATION = [[1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 1]]  # rows 0, 1 reordered
-WINDOW, SEQ = 3, 20
+ARCH = dataclasses.replace(REORDERED_ARCH, qkv_bias=False)  # as TE's bias-less linears
 
 
 class RMSNormWithExtraState(torch.nn.RMSNorm):
@@ -68,26 +67,6 @@ def _model(*, permute: bool = True, seed: int = 7, linear_qkv=None, qk_norm=None
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=ARCH.vocab_size,
                     max_sequence_length=ARCH.max_position_embeddings, position_embedding_type="rope",
                     rotary_base=int(ARCH.rope_theta), share_embeddings_and_output_weights=False)
-
-
-def _tokens():
-    return torch.randint(0, ARCH.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(3))
-
-
-def _logits_and_grads(model):
-    model.zero_grad(set_to_none=True)
-    toks = _tokens()
-    logits = model(toks, torch.arange(SEQ).unsqueeze(0).expand_as(toks), attention_mask=None)
-    (logits.float().square().mean() + logits.float().mean()).backward()
-    return logits.detach(), to_canonical_order(model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-
-
-def _assert_same(got, want, what):
-    (logits, grads), (ref_logits, ref_grads) = got, want
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6, msg=f"{what}: logits")
-    assert sorted(grads) == sorted(ref_grads)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-6, msg=f"{what}: gradient of {name}")
 
 
 @pytest.mark.usefixtures("single_rank_mcore")
