@@ -79,13 +79,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import megatron_consa  # noqa: F401
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
     from megatron.core.transformer.module import Float16Module
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_consa.allocation import make_preset
     from megatron_consa.config import ConsaConfig
@@ -114,18 +108,9 @@ def main(argv=None) -> int:
     )
     common = dict(params_dtype=dtype, bf16=bf16)
 
-    def stock(window):
-        base = build_transformer_config(arch, ConsaConfig(), **common)
-        fields = {f: getattr(base, f) for f in TransformerConfig.__dataclass_fields__ if hasattr(base, f)}
-        fields.update(window_size=window)
-        cfg = TransformerConfig(**{k: v for k, v in fields.items() if k in TransformerConfig.__dataclass_fields__})
-        spec = (get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True) if te
-                else get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"))
-        return GPTModel(
-            config=cfg, transformer_layer_spec=spec,
-            vocab_size=arch.vocab_size, max_sequence_length=args.seq_len, position_embedding_type="rope",
-            rotary_base=10000,
-        ), cfg
+    def stock(window):  # megatron-core's own layer spec and attention (its SWA: window_size)
+        cfg = build_transformer_config(arch, ConsaConfig(), window_size=window, **common)
+        return build_gpt_model(cfg, arch, use_transformer_engine=te, stock_attention=True), cfg
 
     def consa(**kw):
         backend = "te" if te else "torch"

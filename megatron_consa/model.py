@@ -26,7 +26,7 @@ from megatron_consa.architecture import SUPPORTED_HF_MODEL_TYPES, ArchitectureCo
 from megatron_consa.attention import ConsaCoreAttention
 from megatron_consa.compat import apply_cpu_shims, distributed_backend, has_cuda
 from megatron_consa.config import ConsaConfig, ConsaConfigError
-from megatron_consa.specs import get_consa_layer_spec
+from megatron_consa.specs import get_consa_layer_spec, get_stock_layer_spec
 
 logger = logging.getLogger(__name__)
 
@@ -105,28 +105,33 @@ def build_gpt_model(
 
     Works as is in a plain Python process: see `ensure_model_parallel`.
 
-    `stock_attention=True` builds megatron-core's own local layer spec instead
-    (its DotProductAttention, full causal attention, no ConSA): the baseline
-    benchmarks compare against, with the same parameter names.
+    `stock_attention=True` builds megatron-core's own layer spec instead
+    (`get_stock_layer_spec`: its TEDotProductAttention or DotProductAttention,
+    full causal attention, or megatron-core's own SWA when `config.window_size`
+    is set; no ConSA): the baseline benchmarks and tests compare against, with
+    the same parameter names.
 
-    `use_transformer_engine=None` follows the ConSA backend: the TE layer spec
-    when the attention backend resolves to `te`, the local spec otherwise.
+    `use_transformer_engine=None` follows the ConSA backend (`config.consa.backend`;
+    for the stock model, `auto`): the TE layer spec when it resolves to `te`, the
+    local spec otherwise. `True` needs Transformer Engine on a CUDA machine.
     """
+    from megatron_consa.backends.select import resolve_backend_name, transformer_engine_available
+
     ensure_model_parallel(config)
     if use_transformer_engine is None:
-        from megatron_consa.backends.select import resolve_backend_name
-
-        use_transformer_engine = resolve_backend_name(config.consa.backend, sink_tokens=config.consa.sink_tokens) == "te"
+        consa = ConsaConfig() if stock_attention else config.consa
+        use_transformer_engine = resolve_backend_name(consa.backend, sink_tokens=consa.sink_tokens) == "te"
+    elif use_transformer_engine and not transformer_engine_available():
+        raise ConsaConfigError(
+            "use_transformer_engine=True needs CUDA and an importable transformer_engine: install Transformer "
+            "Engine on a GPU machine, or build with use_transformer_engine=False (the local layer spec)"
+        )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if stock_attention:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-    else:
-        spec = get_consa_layer_spec(use_transformer_engine=use_transformer_engine, qk_layernorm=arch.qk_norm)
+    spec_of = get_stock_layer_spec if stock_attention else get_consa_layer_spec
+    spec = spec_of(use_transformer_engine=use_transformer_engine, qk_layernorm=arch.qk_norm)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

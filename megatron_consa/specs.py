@@ -45,9 +45,7 @@ def get_consa_layer_with_transformer_engine_spec(*, qk_layernorm: bool = False) 
     Needs Transformer Engine (a GPU machine). The TE linear layers fuse the
     input norm into the QKV projection; only the core attention changes.
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-    return _with_consa_core_attention(get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm))
+    return _with_consa_core_attention(get_stock_layer_spec(use_transformer_engine=True, qk_layernorm=qk_layernorm))
 
 
 def get_consa_layer_spec(*, use_transformer_engine: bool, qk_layernorm: bool = False) -> ModuleSpec:
@@ -55,3 +53,16 @@ def get_consa_layer_spec(*, use_transformer_engine: bool, qk_layernorm: bool = F
     if use_transformer_engine:
         return get_consa_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     return get_consa_layer_local_spec(qk_layernorm=qk_layernorm)
+
+
+def get_stock_layer_spec(*, use_transformer_engine: bool, qk_layernorm: bool = False) -> ModuleSpec:
+    """megatron-core's own GPT layer spec, TE or local, without ConSA: the baseline.
+
+    Its attention is megatron-core's (TEDotProductAttention or DotProductAttention):
+    full causal, or sliding-window through `TransformerConfig.window_size`.
+    """
+    if use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")

@@ -45,6 +45,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_consa.allocation import Allocation
+from megatron_consa.backends.select import transformer_engine_available
 from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.controller import ConsaController, SettleReport, clamp_log_alpha_, judge_settling
 from megatron_consa.gates import HardConcrete, deterministic_z
@@ -70,6 +71,17 @@ logger = logging.getLogger(__name__)
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine", "stock")
 
 
+def check_transformer_impl(transformer_impl: str) -> None:
+    """Raise `ConsaConfigError`, naming the field, for a layer spec this machine cannot build."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ConsaConfigError(f"transformer_impl={transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
+    if transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise ConsaConfigError(
+            "transformer_impl='transformer_engine' (--transformer-impl) needs CUDA and an importable "
+            "transformer_engine: install Transformer Engine on the GPU machines, or use 'local' or 'auto'"
+        )
+
+
 def build_model_chunks(
     arch: ArchitectureConfig,
     consa: ConsaConfig,
@@ -86,8 +98,7 @@ def build_model_chunks(
     `stock` (megatron-core's own local spec and attention, no ConSA: a benchmark
     baseline; it needs an all-FA fixed allocation).
     """
-    if transformer_impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"transformer_impl={transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
+    check_transformer_impl(transformer_impl)
     stock = transformer_impl == "stock"
     if stock and (consa.learning or any(0 in row for row in consa.allocation)):
         raise ConsaConfigError("transformer_impl='stock' is megatron-core's full attention: use an all-FA fixed allocation")

@@ -94,8 +94,12 @@ def _check_save_dir(save: str) -> None:
 def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
     """Every check that needs no process group; returns the run with its configs completed."""
     from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
-    from megatron_consa.training.loop import check_learning_run
+    from megatron_consa.training.loop import check_learning_run, check_transformer_impl
 
+    try:
+        check_transformer_impl(run.transformer_impl)
+    except ConsaConfigError as err:
+        raise ArgumentError(str(err)) from err
     tok = run.tokenizer
     vocab_hint = tok.vocab_size or (run.arch.vocab_size or None)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_consa.allocation import Allocation
+from megatron_consa.backends.select import transformer_engine_available
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -216,6 +217,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     assert "--hf-config" in _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)
     assert "--reset-attention-mask" in _bad(BASE + ["--reset-attention-mask"], capsys)
+    if not transformer_engine_available():
+        err = _bad(BASE + ["--transformer-impl", "transformer_engine"], capsys)
+        assert "--transformer-impl" in err and "transformer_engine" in err
     err = _bad(_with(BASE, "--consa-target-warmup-iters", "9"), capsys)
     assert "--consa-target-warmup-iters" in err and "--train-iters" in err
     assert sorted(p.name for p in keep.iterdir()) == ["precious.txt"]  # nothing written or overwritten

@@ -159,11 +159,8 @@ def _te_spec_models(rows, backends, *, stock: bool):
     """bf16 GPTModels from the Transformer Engine layer spec, all with the same weights:
     megatron-core's stock TE-spec model (if `stock`) and one ConSA TE-spec model per backend
     with the fixed allocation `rows` (stored by type: reordered KV groups)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_consa.config import ConsaConfig
     from megatron_consa.model import build_gpt_model, build_transformer_config
@@ -176,17 +173,10 @@ def _te_spec_models(rows, backends, *, stock: bool):
         cfg = build_transformer_config(ARCH, ConsaConfig(window=64, allocation=rows, backend=backend), **common)
         model_parallel_cuda_manual_seed(3)
         models[backend] = (build_gpt_model(cfg, ARCH, use_transformer_engine=True), cfg)
-    if stock:
-        base = build_transformer_config(ARCH, ConsaConfig(), **common)
-        fields = {f: getattr(base, f) for f in TransformerConfig.__dataclass_fields__ if hasattr(base, f)}
-        cfg = TransformerConfig(**fields)
+    if stock:  # megatron-core's own TE layer spec and TEDotProductAttention
+        cfg = build_transformer_config(ARCH, ConsaConfig(), **common)
         model_parallel_cuda_manual_seed(3)
-        models["stock"] = (GPTModel(
-            config=cfg, transformer_layer_spec=get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True),
-            vocab_size=ARCH.vocab_size, max_sequence_length=ARCH.max_position_embeddings,
-            position_embedding_type="rope", rotary_base=int(ARCH.rope_theta),
-            share_embeddings_and_output_weights=ARCH.tie_word_embeddings,
-        ), cfg)
+        models["stock"] = (build_gpt_model(cfg, ARCH, use_transformer_engine=True, stock_attention=True), cfg)
     first = next(iter(models.values()))[0]
     canonical = to_canonical_order(first, {k: v for k, v in first.state_dict().items() if "_extra_state" not in k})
     out = {}

@@ -80,3 +80,29 @@ def test_report_renders_the_grid(attention_cpu, tmp_path, capsys):
         assert f"| {r['seq_len']} | {r['window']} | 1 | {r['block_size']} | {r['ideal']:.3f} |" in text
         cell = f"{r['fwd_ratio']:.2f} / {r['fwd_bwd_ratio']:.2f}"
         assert (cell if r["pass"] else f"**{cell}**") in text
+
+
+MODEL_STEP = BENCH.parent / "model_step.py"
+TINY_STEP = ["--device", "cpu", "--seq-len", "64", "--window", "16", "--hidden", "64", "--heads", "4",
+             "--kv-heads", "4", "--head-dim", "16", "--layers", "2", "--reps", "1", "--threads", "1"]
+
+
+def test_model_step_runs_every_model(tmp_path):
+    """The model step builds the stock models (megatron-core's own spec) and every ConSA model, and
+    refuses --transformer-engine where TE cannot run (its figures are not asserted)."""
+    import subprocess
+    import sys
+
+    from megatron_consa.backends.select import transformer_engine_available
+
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(MODEL_STEP), *TINY_STEP, "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows][:3] == ["stock FA", "stock SWA (window_size)", "consa all FA"]
+    assert len(rows) == 7 and all(r["ms"] > 0 for r in rows) and rows[0]["ratio"] == 1.0
+    if not transformer_engine_available():
+        proc = subprocess.run([sys.executable, str(MODEL_STEP), *TINY_STEP, "--transformer-engine"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "--transformer-engine needs" in proc.stderr, proc.stderr[-3000:]

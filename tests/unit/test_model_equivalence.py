@@ -169,6 +169,36 @@ class TestAgainstReferences:
         # the window really matters at this length: SWA differs from FA
         assert _rel(hf, _hf_logits(full, tokens)) > 1e-3
 
+    @pytest.mark.parametrize("window_size", [None, (WINDOW - 1, 0)])
+    def test_library_stock_builder_is_megatron_core_own_model(self, hf_pair, tokens, window_size):
+        """`build_gpt_model(stock_attention=True)` (the benchmarks' and GPU tests' baseline) is
+        megatron-core's local-spec model with its own attention: no ConSA module, and the
+        logits of this file's stock model, full and windowed."""
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        from megatron_consa.attention import ConsaCoreAttention
+
+        full, _, arch = hf_pair
+        cfg = build_transformer_config(arch, ConsaConfig(), window_size=window_size)
+        built = _load(build_gpt_model(cfg, arch, stock_attention=True), full)
+        kinds = {type(layer.self_attention.core_attention) for layer in built.decoder.layers}
+        assert kinds == {DotProductAttention} and not any(isinstance(m, ConsaCoreAttention) for m in built.modules())
+        assert _rel(_logits(built, tokens), _logits(_load(_stock_model(arch, window_size=window_size), full), tokens)) < 1e-6
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+@pytest.mark.parametrize("stock", [False, True])
+def test_transformer_engine_spec_without_transformer_engine_is_a_config_error(hf_pair, stock):
+    from megatron_consa.backends.select import transformer_engine_available
+    from megatron_consa.config import ConsaConfigError
+
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine is installed here: the TE spec builds")
+    arch = hf_pair[2]
+    with pytest.raises(ConsaConfigError, match="use_transformer_engine=True needs CUDA"):
+        build_gpt_model(build_transformer_config(arch, ConsaConfig()), arch, use_transformer_engine=True,
+                        stock_attention=stock)
+
 
 def _hf_family(kind: str):
     common = dict(
