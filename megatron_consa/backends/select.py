@@ -15,11 +15,24 @@ mixed layer in fixed mode calls each type on a subset of the heads. TE reads
 q, k and v in whole tensors, so a subset of heads (a view) is copied first; TE's
 fused kernels take bf16/fp16 only (in fp32 it falls back to an unfused O(n^2)
 attention with a dense window mask), so fp32 calls go to the torch backend.
+
+TE remembers one backend selection, for the last call's parameters, and selects
+again (host work: a long series of checks and a cuDNN support query) whenever a
+call's parameters differ. A ConSA layer alternates configurations (learning mode
+calls the causal and the windowed instance in every layer; a mixed fixed layer
+calls each type on its own head count), so that one-entry cache would miss on
+every call (TE issue #1349). `TESelectionMemo` keeps each configuration's last
+selection and puts it back before the call, so TE's own comparison finds its
+parameters unchanged and skips selecting; TE still compares everything it
+compares, and a call that differs selects again.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -55,6 +68,75 @@ def te_dot_product_attention_class():
     from transformer_engine.pytorch import DotProductAttention
 
     return DotProductAttention
+
+
+# Where Transformer Engine keeps its one-entry backend-selection cache (a module-level
+# dict): in the dot_product_attention package in recent TE (2.20 read), in the
+# attention module in older ones. Elsewhere the memo steps aside.
+_TE_SELECTION_CACHE_MODULES = (
+    "transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention",
+    "transformer_engine.pytorch.attention",
+)
+# The environment TE's selection reads, as its own per-policy cache keys it.
+TE_SELECTION_ENV_VARS = (
+    "NVTE_FLASH_ATTN",
+    "NVTE_FLASH_ATTN_V2",
+    "NVTE_FLASH_ATTN_V3",
+    "NVTE_FLASH_ATTN_V4",
+    "NVTE_FUSED_ATTN",
+    "NVTE_UNFUSED_ATTN",
+)
+_TE_SELECTION_KEYS = ("attention_params", "backend_selection_requires_update")
+
+
+@lru_cache(maxsize=1)
+def te_backend_selection_cache() -> dict | None:
+    """Transformer Engine's module-level backend-selection cache (`_attention_backends`),
+    or None where this TE keeps none where we look (then calls go to TE unchanged)."""
+    for name in _TE_SELECTION_CACHE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # absent, or a TE without its CUDA libraries
+            continue
+        cache = getattr(module, "_attention_backends", None)
+        if isinstance(cache, dict) and all(key in cache for key in _TE_SELECTION_KEYS):
+            return cache
+    return None
+
+
+class TESelectionMemo:
+    """TE's backend selection, kept per call configuration and restored before each call.
+
+    `call(key, fn)` runs `fn` (one TE attention call) after putting back what TE's
+    cache held right after the last call with the same `key`, when the selection
+    environment (`TE_SELECTION_ENV_VARS`) is unchanged since. TE then compares the
+    call's parameters with the restored ones: equal, it reuses that selection; not,
+    it selects again, as without the memo. A cache marked stale
+    (`backend_selection_requires_update`, TE's own way to force a new selection)
+    drops every kept entry. At most `max_entries` keys are kept (oldest dropped).
+    """
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = max_entries
+        self._kept: dict[tuple, tuple[tuple, dict]] = {}
+
+    def call(self, key: tuple, fn: Callable[[], Tensor]) -> Tensor:
+        cache = te_backend_selection_cache()
+        if cache is None:
+            return fn()
+        environment = tuple(os.environ.get(name) for name in TE_SELECTION_ENV_VARS)
+        if cache.get("backend_selection_requires_update"):
+            self._kept.clear()
+        else:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] == environment:
+                cache.update(kept[1])
+        out = fn()
+        self._kept.pop(key, None)
+        self._kept[key] = (environment, dict(cache))
+        while len(self._kept) > self.max_entries:
+            self._kept.pop(next(iter(self._kept)))
+        return out
 
 
 def resolve_backend_name(name: str, *, sink_tokens: int = 0) -> str:
@@ -129,7 +211,9 @@ class TEAttentionBackend:
     Half-precision calls run on TE; others (fp32) on `TorchAttentionBackend`, whose
     SWA stays O(n*W) where TE's would be its unfused O(n^2) path. The owner's
     train/eval mode reaches the TE instances through `train()` (they are not
-    submodules: that would add their `_extra_state` to checkpoints).
+    submodules: that would add their `_extra_state` to checkpoints). Each call goes
+    through a `TESelectionMemo` keyed by type, shapes, dtype and mode, so the
+    alternating causal and windowed calls do not make TE select its backend again.
     """
 
     name = "te"
@@ -149,6 +233,7 @@ class TEAttentionBackend:
         self.layer_number = layer_number
         self.training = True
         self._instances: dict[tuple[int, int, bool], Callable] = {}
+        self._selections = TESelectionMemo()
         self._torch = TorchAttentionBackend(window=window, sink_tokens=0, softmax_scale=softmax_scale)
 
     def train(self, mode: bool = True) -> "TEAttentionBackend":
@@ -186,7 +271,10 @@ class TEAttentionBackend:
         # s * b == 1) it refuses. Copy any view here: the same copy, and no such case.
         q, k, v = (x if x.is_contiguous() and x.storage_offset() == 0 else x.clone(memory_format=torch.contiguous_format)
                    for x in (q, k, v))
-        out = attn(q, k, v, qkv_format="sbhd", attn_mask_type="causal")  # [sq, b, hq * d]
+        key = (windowed, tuple(q.shape), tuple(k.shape), q.dtype, self.training)
+        out = self._selections.call(
+            key, lambda: attn(q, k, v, qkv_format="sbhd", attn_mask_type="causal")
+        )  # [sq, b, hq * d]
         return out.view(q.size(0), q.size(1), q.size(2), q.size(3))
 
     def full(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -104,6 +104,47 @@ class TestCudaAttention:
         torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=1e-4)
 
 
+    @needs_te
+    def test_te_backend_selects_once_per_configuration(self, monkeypatch):
+        """Learning mode alternates TE's causal and windowed calls in every layer; TE's
+        one-entry cache alone selects its backend on every call. With the memo, later
+        steps select nothing, and the step computes what it computes without it."""
+        import transformer_engine.pytorch.attention.dot_product_attention.utils as dpa_utils
+
+        from megatron_consa.backends import select
+        from megatron_consa.controller import ConsaController, find_gates
+
+        assert select.te_backend_selection_cache() is not None  # this TE keeps it where we look
+        real = dpa_utils.get_attention_backend
+        calls = []
+        monkeypatch.setattr(dpa_utils, "get_attention_backend", lambda params: calls.append(1) or real(params))
+
+        def steps(n):
+            attn = _attn("te", window=64)
+            with torch.no_grad():
+                attn.log_alpha.copy_(torch.tensor([-0.5, 0.0, 0.4, 1.0]))
+            ConsaController(attn.consa, total_cost=2 * G).begin_iteration(find_gates([attn]))
+            outs, counts = [], []
+            for _ in range(n):
+                q, k, v = (t.requires_grad_() for t in _qkv())
+                out = attn.train()(q, k, v, None)
+                out.float().square().mean().backward()
+                outs.append((out.detach().float(), q.grad.float()))
+                counts.append(len(calls))
+            return outs, counts
+
+        memo, counts = steps(3)
+        assert counts[0] >= 1 and counts[1] == counts[2] == counts[0], counts
+        calls.clear()
+        monkeypatch.setattr(select, "te_backend_selection_cache", lambda: None)
+        alone, counts = steps(3)
+        assert counts[2] > counts[0], counts  # without the memo TE selects again
+        for (o1, g1), (o2, g2) in zip(memo, alone):
+            torch.testing.assert_close(o1, o2, rtol=0, atol=0)  # same kernel, deterministic forward
+            # TE's backward may accumulate dQ in any order (NVTE_ALLOW_NONDETERMINISTIC_ALGO=1)
+            torch.testing.assert_close(g1, g2, rtol=1e-2, atol=1e-3)
+
+
 def _run(backend: str, bf16: bool, iters: int = 6, transformer_impl: str = "local"):
     from scenarios_gpu import ARCH, DATA, consa_config
 

@@ -7,8 +7,10 @@ tensors, `create_block_mask` runs on the CPU, and the TE backend's attention
 class can be replaced by a stand-in that implements TE's documented window
 semantics. An off-by-one in either path fails these tests. The stand-in also
 checks what else the TE backend must get right without TE: half-precision inputs
-as whole tensors (fp32 goes to the torch kernels), the train/eval mode, and the
-refusals (sinks, FP8/FP4).
+as whole tensors (fp32 goes to the torch kernels), the train/eval mode, the
+refusals (sinks, FP8/FP4), and that alternating causal and windowed calls reuse
+TE's backend selection (the stand-in keeps TE's one-entry selection cache as
+TE 2.20's `DotProductAttention.forward` does).
 
 The reference window is built row by row from the convention (query p sees key
 j iff j <= p and (j > p - W or j < S)), independently of the library.
@@ -16,7 +18,9 @@ j iff j <= p and (j > p - W or j < S)), independently of the library.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -124,11 +128,35 @@ class StandInDotProductAttention:
 
     With `window_size=(left, right)` query i sees keys i - left .. i + right
     (seqlen_q == seqlen_k; -1 = unbounded); `None` means the mask type's default,
-    (-1, 0) for causal. Records every construction.
+    (-1, 0) for causal. Records every construction. Keeps TE's one-entry
+    backend-selection cache the way TE's `forward` does (`_attention_backends`:
+    parameters that differ from the cached ones mark it stale, a stale cache selects
+    again) and counts selections.
     """
 
     made: list[dict] = []
     instances: list = []
+    selection_cache: dict = {}
+    selections: int = 0
+
+    @classmethod
+    def reset(cls):
+        cls.made, cls.instances, cls.selections = [], [], 0
+        cls.selection_cache = {"attention_params": None, "use_fused_attention": None,
+                               "backend_selection_requires_update": False}
+
+    def _select(self, q, k):
+        cache = StandInDotProductAttention.selection_cache
+        params = (self.kwargs["num_attention_heads"], self.kwargs["num_gqa_groups"], self.kwargs["window_size"],
+                  tuple(q.shape), tuple(k.shape), q.dtype, self.training, os.environ.get("NVTE_FUSED_ATTN"))
+        if cache["attention_params"] is None or params != cache["attention_params"]:
+            cache["attention_params"] = params
+            cache["backend_selection_requires_update"] = True
+        if cache["backend_selection_requires_update"]:
+            StandInDotProductAttention.selections += 1
+            cache["use_fused_attention"] = True
+            cache["backend_selection_requires_update"] = False
+        assert cache["use_fused_attention"]
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -146,6 +174,7 @@ class StandInDotProductAttention:
         assert q.dtype in (torch.bfloat16, torch.float16)  # TE's fused kernels' dtypes
         # whole tensors, as TE's layout detection takes separate q, k, v
         assert all(x.is_contiguous() and x.storage_offset() == 0 for x in (q, k, v))
+        self._select(q, k)
         left, right = self.kwargs["window_size"] or (-1, 0)
         s, b, h, d = q.shape
         i = torch.arange(s).view(s, 1)
@@ -165,10 +194,11 @@ class StandInDotProductAttention:
 
 @pytest.fixture
 def te_stand_in(monkeypatch):
-    StandInDotProductAttention.made = []
-    StandInDotProductAttention.instances = []
+    StandInDotProductAttention.reset()
     monkeypatch.setattr(select, "transformer_engine_available", lambda: True)
     monkeypatch.setattr(select, "te_dot_product_attention_class", lambda: StandInDotProductAttention)
+    monkeypatch.setattr(select, "te_backend_selection_cache", lambda: StandInDotProductAttention.selection_cache)
+    monkeypatch.delenv("NVTE_FUSED_ATTN", raising=False)
     return StandInDotProductAttention
 
 
@@ -269,6 +299,97 @@ def test_te_backend_instances_follow_train_and_eval(te_stand_in):
     assert all(a.training for a in te_stand_in.instances)
     layer.eval()
     assert not any(a.training for a in te_stand_in.instances)
+
+
+def _learning_te_attention(window: int) -> ConsaCoreAttention:
+    """Learning mode with every gate interior: both branches run on every head."""
+    from megatron_consa.controller import ConsaController, find_gates
+
+    config = ConsaTransformerConfig(
+        num_layers=1, hidden_size=HEADS * D, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D,
+        use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
+        consa=ConsaConfig(window=window, backend="te"),
+    )
+    attn = ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
+    with torch.no_grad():
+        attn.log_alpha.copy_(torch.tensor([-0.5, 0.0, 0.4, 1.0]))
+    ConsaController(attn.consa, total_cost=GROUPS).begin_iteration(find_gates([attn]))
+    return attn
+
+
+def _forwards(attn, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [attn(*qkv, None) for qkv in inputs]
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+@pytest.mark.parametrize("mode", ["fixed_mixed", "learning"])
+def test_te_backend_selects_once_per_configuration(te_stand_in, monkeypatch, mode):
+    """The layer alternates a causal and a windowed TE call, so TE's one-entry cache
+    alone selects on every call (6 in 3 forwards); the memo selects once per
+    configuration, with the same outputs."""
+    make = (lambda: _te_attention(6).eval()) if mode == "fixed_mixed" else (lambda: _learning_te_attention(6))
+    inputs = [_qkv(seed, torch.bfloat16) for seed in range(3)]
+
+    monkeypatch.setattr(select, "te_backend_selection_cache", lambda: None)  # TE on its own
+    alone = _forwards(make(), inputs)
+    assert te_stand_in.selections == 6
+
+    monkeypatch.setattr(select, "te_backend_selection_cache", lambda: te_stand_in.selection_cache)
+    te_stand_in.reset()
+    memo = _forwards(make(), inputs)
+    assert te_stand_in.selections == 2
+    for a, b in zip(alone, memo):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+def test_te_selection_memo_selects_again_where_te_would(te_stand_in, monkeypatch):
+    """A new shape, a new mode, a changed selection environment and a cache TE marks
+    stale each select again; returning to a kept shape does not."""
+    attn = _te_attention(6).eval()
+    short, long = _qkv(0, torch.bfloat16), _qkv(1, torch.bfloat16, s=S + 8)
+    counts = []
+
+    def step(qkv):
+        with torch.no_grad():
+            attn(*qkv, None)
+        counts.append(te_stand_in.selections)
+
+    step(short)                      # 2: causal and windowed
+    step(long)                       # 4: a new shape
+    step(short)                      # 4: kept
+    attn.train()
+    step(short)                      # 6: training mode is a TE parameter
+    attn.eval()
+    step(short)                      # 6
+    monkeypatch.setenv("NVTE_FUSED_ATTN", "1")
+    step(short)                      # 8: the environment TE's selection reads changed
+    te_stand_in.selection_cache["backend_selection_requires_update"] = True
+    step(short)                      # 10: TE's cache marked stale drops what was kept
+    step(short)                      # 10
+    assert counts == [2, 4, 4, 6, 6, 8, 10, 10]
+
+
+def test_te_selection_memo_bounds_what_it_keeps_and_passes_through_without_a_cache(monkeypatch):
+    cache = {"attention_params": None, "backend_selection_requires_update": False}
+    monkeypatch.setattr(select, "te_backend_selection_cache", lambda: cache)
+    memo = select.TESelectionMemo(max_entries=3)
+    for i in range(5):
+        def call(i=i):
+            cache["attention_params"] = i
+            return torch.tensor(float(i))
+        assert memo.call(("key", i), call).item() == i
+    assert sorted(key[1] for key in memo._kept) == [2, 3, 4]
+    monkeypatch.setattr(select, "te_backend_selection_cache", lambda: None)
+    assert memo.call(("key", 9), lambda: torch.tensor(9.0)).item() == 9 and ("key", 9) not in memo._kept
+
+
+def test_te_backend_selection_cache_is_none_without_transformer_engine():
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here: tests/gpu checks its cache")
+    select.te_backend_selection_cache.cache_clear()
+    assert select.te_backend_selection_cache() is None
 
 
 def test_auto_backend_takes_torch_for_sink_tokens(monkeypatch):
