@@ -206,11 +206,13 @@ HEADS, GROUPS, D, S, B = 8, 4, 16, 29, 2
 ROW = [1, 1, 0, 0]  # one run per type: each kernel gets a view of q, k, v (three runs would gather copies)
 
 
-def _te_attention(window: int, *, backend: str = "te", sinks: int = 0) -> ConsaCoreAttention:
+def _te_attention(window: int, *, backend: str = "te", sinks: int = 0, allocation=(ROW,)) -> ConsaCoreAttention:
+    """One core attention; `allocation=None` is learning mode."""
     config = ConsaTransformerConfig(
         num_layers=1, hidden_size=HEADS * D, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D,
         use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
-        consa=ConsaConfig(window=window, backend=backend, allocation=[ROW], sink_tokens=sinks),
+        consa=ConsaConfig(window=window, backend=backend, allocation=None if allocation is None else list(allocation),
+                          sink_tokens=sinks),
     )
     return ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
 
@@ -305,12 +307,7 @@ def _learning_te_attention(window: int) -> ConsaCoreAttention:
     """Learning mode with every gate interior: both branches run on every head."""
     from megatron_consa.controller import ConsaController, find_gates
 
-    config = ConsaTransformerConfig(
-        num_layers=1, hidden_size=HEADS * D, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=D,
-        use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
-        consa=ConsaConfig(window=window, backend="te"),
-    )
-    attn = ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
+    attn = _te_attention(window, allocation=None)
     with torch.no_grad():
         attn.log_alpha.copy_(torch.tensor([-0.5, 0.0, 0.4, 1.0]))
     ConsaController(attn.consa, total_cost=GROUPS).begin_iteration(find_gates([attn]))
