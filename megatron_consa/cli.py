@@ -43,10 +43,36 @@ def setup_logging(verbose: bool = False, *, level: Optional[int] = None,
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A handler on whatever `sys.stderr` is when a record is emitted (a redirected or
+    captured stream included), not the one at import."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+user_errors = logging.getLogger("megatron_consa.user_error")
+"""Where the entry points report an input the user must fix: the bare message, one line
+on stderr, whatever the root logger's format (it does not propagate)."""
+user_errors.addHandler(_CurrentStderrHandler())
+user_errors.setLevel(logging.ERROR)
+user_errors.propagate = False
+
+
+def report_user_error(message: str) -> None:
+    """`error: <message>` on stderr, through the `megatron_consa.user_error` logger."""
+    user_errors.error("error: %s", message)
+
+
 def run_tool(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run `main(argv)`; a user error becomes `error: <message>` on stderr and exit status 2."""
     try:
         return main(argv)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_user_error(str(err))
         return USER_ERROR_EXIT

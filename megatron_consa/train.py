@@ -34,7 +34,7 @@ def flag_names(message: str) -> str:
 
 
 def main(argv=None) -> int:
-    from megatron_consa.cli import USER_ERROR_EXIT, setup_logging
+    from megatron_consa.cli import USER_ERROR_EXIT, report_user_error, setup_logging
     from megatron_consa.training.arguments import parse_run_config
 
     rank = int(os.environ.get("RANK", "0"))
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         prepared = prepare_run(run, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, FileNotFoundError) as err:
         if rank == 0:
-            print(f"error: {flag_names(str(err))}", file=sys.stderr)
+            report_user_error(flag_names(str(err)))
         return USER_ERROR_EXIT
     if "MASTER_ADDR" not in os.environ:  # plain `python -m megatron_consa.train`: a one-rank world
         import socket
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     try:
         run_training(prepared)
     except ValueError as err:
-        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        report_user_error(f"(rank {rank}) {err}")
         return USER_ERROR_EXIT
     finally:
         if torch.distributed.is_initialized():
