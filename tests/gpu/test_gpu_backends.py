@@ -103,7 +103,6 @@ class TestCudaAttention:
         torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=1e-4)
 
-
     @needs_te
     def test_te_backend_selects_once_per_configuration(self, monkeypatch):
         """Learning mode alternates TE's causal and windowed calls in every layer; TE's
