@@ -83,7 +83,6 @@ def trainer_runs(iterations: int, pretrain_iters: int) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import dataclasses
     import logging
 
     import torch
@@ -162,14 +161,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import warnings
 
+    from megatron_consa.files import write_json_atomic, write_text_atomic
+
     warnings.filterwarnings("ignore")
     start = time.time()
     toy = [] if args.skip_toy else toy_grid(args.toy_iters)
     text = [markdown(toy, f"Toy grid ({args.toy_iters} iterations per run, {len(toy) // 2} cases)") if toy else ""]
     print(text[0], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     if toy:
-        (args.out / "controller_toy.json").write_text(json.dumps(toy, indent=1))
+        write_json_atomic(args.out / "controller_toy.json", toy)
     trainer = [] if args.skip_trainer else trainer_runs(args.trainer_iters, args.pretrain_iters)
     if trainer:
         text.append(markdown(trainer, f"Quickstart model in ConsaTrainer ({args.trainer_iters} iterations)"))
@@ -182,9 +182,8 @@ def main(argv=None) -> int:
     report = "\n\n".join(text) if not trainer else "\n\n".join(text[:2]) + "\n" + "\n".join(text[2:])
     print(report)
     print(f"\n({time.time() - start:.0f} s)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "controller.md").write_text(report + "\n")
-    (args.out / "controller.json").write_text(json.dumps({"toy": toy, "trainer": trainer}, indent=1))
+    write_text_atomic(args.out / "controller.md", report + "\n")
+    write_json_atomic(args.out / "controller.json", {"toy": toy, "trainer": trainer})
     return 0
 
 

@@ -22,7 +22,6 @@ reported apart).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -155,14 +154,15 @@ def main(argv=None) -> int:
         for name, r in rows.items():
             results.append({"context": context, "model": name, **r, "vs_all_fa": r["decode_tokens_per_s"] / base,
                             "vs_stock": r["decode_tokens_per_s"] / stock})
-    print(f"| context | model | KV cache (MiB) | = formula | prefill (s) | decode tokens/s | vs consa all FA | vs stock |")
+    print("| context | model | KV cache (MiB) | = formula | prefill (s) | decode tokens/s | vs consa all FA | vs stock |")
     print("|---:|---|---:|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['context']} | {r['model']} | {r['kv_bytes'] / 2**20:.1f} | yes | {r['prefill_s']:.1f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['vs_all_fa']:.2f}x | {r['vs_stock']:.2f}x |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+        from megatron_consa.files import write_json_atomic
+
+        write_json_atomic(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The attention benchmark runs end to end at tiny sizes (its figures are not asserted:
-timings belong to benchmarks/, not to tests) and reports what it measured."""
+"""The benchmarks run end to end at tiny sizes (their figures are not asserted:
+timings belong to benchmarks/, not to tests) and report what they measured."""
 
 import importlib.util
 import json
@@ -106,3 +106,60 @@ def test_model_step_runs_every_model(tmp_path):
         proc = subprocess.run([sys.executable, str(MODEL_STEP), *TINY_STEP, "--transformer-engine"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "--transformer-engine needs" in proc.stderr, proc.stderr[-3000:]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_throughput_runs_every_model_through_the_entry_point(tmp_path):
+    """Each model trains through `python -m megatron_consa.train` and its tokens/s is read from the
+    training log (a change of the log line would break the README's table unseen otherwise)."""
+    bench = _load("train_throughput")
+    out = tmp_path / "tt.json"
+    rates = bench.main(["--seq-length", "64", "--window", "16", "--iters", "6", "--log-interval", "2",
+                        "--rounds", "1", "--out", str(out)])
+    assert list(rates) == list(bench.CASES) and all(r > 0 for r in rates.values())
+    saved = json.loads(out.read_text())
+    assert saved["tokens_per_s"] == rates
+    assert all(len(r) == 1 and r[0] == rates[name] for name, r in saved["tokens_per_s_per_round"].items())
+    assert saved["vs_all_fa"] == pytest.approx({name: r / rates["consa all-FA"] for name, r in rates.items()})
+    with pytest.raises(ValueError, match="logged 1 interval"):
+        bench.tokens_per_s("12:00:00 iter      0/6 | loss 6.9 | lr 0.001 | 823 tok/s | elapsed 0:00:00 | ETA 0\n")
+
+
+def test_decode_benchmark_checks_the_cache_against_the_formula(tmp_path):
+    """The decode benchmark runs all three models; it exits non-zero unless every cache holds what
+    `evaluation/kv_memory.py` says, so a passing run has checked it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "decode.py"), "--contexts", "48", "--new-tokens", "3",
+                           "--window", "16", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "4",
+                           "--head-dim", "16", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["stock", "consa all FA", "consa 75% SWA"]
+    assert all(r["kv_bytes"] == r["formula_bytes"] and r["cached_tokens"] == 50 for r in rows.values())
+    # one FA KV head of four per layer keeps all 50 tokens, the three SWA heads the window of 16
+    assert rows["consa 75% SWA"]["kv_bytes"] * 200 == rows["consa all FA"]["kv_bytes"] * (50 + 3 * 16)
+
+
+def test_controller_benchmark_toy_grid(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "controller"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "controller.py"), "--skip-trainer", "--toy-iters", "20",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    toy = json.loads((out / "controller.json").read_text())["toy"]
+    assert toy == json.loads((out / "controller_toy.json").read_text())
+    assert {r["controller"] for r in toy} == {"old", "new"} and len(toy) == 120  # 60 representable cases, each twice
+    report = (out / "controller.md").read_text()
+    assert "| old | 60 |" in report and "| new | 60 |" in report
