@@ -89,14 +89,15 @@ def main(argv=None) -> dict[str, float]:
         for name, extra in CASES.items():
             per_round[name].append(run(extra, args))
     rates = {name: statistics.median(r) for name, r in per_round.items()}
-    # ratios pair each run with the baseline of its own round, then take the median over rounds
-    ratios = {base: {name: statistics.median(a / b for a, b in zip(r, per_round[base])) for name, r in per_round.items()}
+    # each run against the baseline run of its own round; a model's ratio is the median over rounds
+    paired = {base: {name: [a / b for a, b in zip(r, per_round[base])] for name, r in per_round.items()}
               for base in (STOCK, ALL_FA)}
+    ratios = {base: {name: statistics.median(r) for name, r in by_name.items()} for base, by_name in paired.items()}
     print(f"| model (seq {args.seq_length}, W={args.window}, {args.nproc} rank(s), median of {args.rounds}) "
           "| tokens/s | vs stock | vs consa all-FA | vs all-FA per round |")
     print("|---|---:|---:|---:|---|")
     for name, r in rates.items():
-        rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(per_round[name], per_round[ALL_FA]))
+        rounds = ", ".join(f"{x:.2f}" for x in paired[ALL_FA][name])
         print(f"| {name} | {r:.0f} | {ratios[STOCK][name]:.2f}x | {ratios[ALL_FA][name]:.2f}x | {rounds} |")
     from megatron_consa.files import write_json_atomic
 
@@ -108,4 +109,3 @@ def main(argv=None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -3,6 +3,8 @@ timings belong to benchmarks/, not to tests) and report what they measured."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +13,17 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_cpu.py"
 
 
-@pytest.fixture(scope="module")
-def attention_cpu():
-    spec = importlib.util.spec_from_file_location("attention_cpu", BENCH)
+def _load(name: str):
+    """A benchmark script of benchmarks/, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def attention_cpu():
+    return _load("attention_cpu")
 
 
 def test_work_ratio(attention_cpu):
@@ -90,9 +97,6 @@ TINY_STEP = ["--device", "cpu", "--seq-len", "64", "--window", "16", "--hidden",
 def test_model_step_runs_every_model(tmp_path):
     """The model step builds the stock models (megatron-core's own spec) and every ConSA model, and
     refuses --transformer-engine where TE cannot run (its figures are not asserted)."""
-    import subprocess
-    import sys
-
     from megatron_consa.backends.select import transformer_engine_available
 
     out = tmp_path / "step.json"
@@ -106,13 +110,6 @@ def test_model_step_runs_every_model(tmp_path):
         proc = subprocess.run([sys.executable, str(MODEL_STEP), *TINY_STEP, "--transformer-engine"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "--transformer-engine needs" in proc.stderr, proc.stderr[-3000:]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_train_throughput_runs_every_model_through_the_entry_point(tmp_path):
@@ -134,9 +131,6 @@ def test_train_throughput_runs_every_model_through_the_entry_point(tmp_path):
 def test_decode_benchmark_checks_the_cache_against_the_formula(tmp_path):
     """The decode benchmark runs all three models; it exits non-zero unless every cache holds what
     `evaluation/kv_memory.py` says, so a passing run has checked it."""
-    import subprocess
-    import sys
-
     out = tmp_path / "decode.json"
     proc = subprocess.run([sys.executable, str(BENCH.parent / "decode.py"), "--contexts", "48", "--new-tokens", "3",
                            "--window", "16", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "4",
@@ -151,9 +145,6 @@ def test_decode_benchmark_checks_the_cache_against_the_formula(tmp_path):
 
 
 def test_controller_benchmark_toy_grid(tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "controller"
     proc = subprocess.run([sys.executable, str(BENCH.parent / "controller.py"), "--skip-trainer", "--toy-iters", "20",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
