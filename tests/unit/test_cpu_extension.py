@@ -117,17 +117,52 @@ def test_strided_inputs_megatron_layout():
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
 
 
-def test_fp32_within_rounding():
+def _skip_unless_brgemm_fp32(ext, brgemm):
+    if brgemm and not ext.brgemm_fp32():
+        pytest.skip("the fp32 brgemm path is compiled for AVX-512 only: this CPU runs MKL's")
+
+
+@pytest.mark.parametrize("brgemm", [True, False], ids=["brgemm", "mkl"])
+@pytest.mark.parametrize("b,hq,hkv,s,d,window,sinks,q_tile,kv_tile",
+                         CASES + [(1, 4, 2, 300, 32, 64, 4, 32, CPU_KV_TILE), (1, 8, 2, 700, 64, 300, 5, 16, 512)])
+def test_fp32_within_rounding(brgemm, b, hq, hkv, s, d, window, sinks, q_tile, kv_tile):
+    """fp32 on both of its paths (oneDNN brgemm on a transposed K / V where the kernel is
+    built for AVX-512, MKL's sgemm otherwise): every tiling case, against the fp64 reference."""
     ext = _ext()
-    q, k, v = (t.float() for t in _qkv(1, 4, 2, 300, 32, torch.float64))
+    _skip_unless_brgemm_fp32(ext, brgemm)
+    scale = 0.7 / math.sqrt(d)
+    q, k, v = (t.float() for t in _qkv(b, hq, hkv, s, d, torch.float64))
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, 64, 4, 0.2)
-    out, lse = ext.forward(q, k, v, 64, 4, 0.2, 32, CPU_KV_TILE)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, window, sinks, scale)
+    out, lse = ext.forward(q, k, v, window, sinks, scale, q_tile, kv_tile, allow_pack=brgemm)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=0)
-    for g, r in zip(ext.backward(go, q, k, v, out, lse, 64, 4, 0.2, 32, CPU_KV_TILE), ref_grads(go)):
-        torch.testing.assert_close(g.double(), r, atol=1e-5 * max(1.0, r.abs().max().item()), rtol=0)
+    grads = ext.backward(go, q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile, allow_brgemm=brgemm)
+    for name, g, r in zip("qkv", grads, ref_grads(go)):
+        torch.testing.assert_close(g.double(), r, atol=2e-6 * max(1.0, r.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("brgemm", [True, False], ids=["brgemm", "mkl"])
+def test_fp32_megatron_layout_equals_contiguous(brgemm):
+    """Both fp32 paths read [s, b, h, d] views (strided rows of Q, K, V, whose K^T / V^T
+    the brgemm path builds from them) exactly as they read contiguous copies."""
+    ext = _ext()
+    _skip_unless_brgemm_fp32(ext, brgemm)
+    s, d, W, S = 300, 64, 50, 3
+    g = torch.Generator().manual_seed(0)
+    q, go = (torch.randn(s, 2, 4, d, generator=g).permute(1, 2, 0, 3) for _ in range(2))
+    k, v = (torch.randn(s, 2, 2, d, generator=g).permute(1, 2, 0, 3) for _ in range(2))
+    args = (W, S, 0.125, 32, CPU_KV_TILE)
+    out, lse = ext.forward(q, k, v, *args, allow_pack=brgemm)
+    ref_out, ref_lse = ext.forward(q.contiguous(), k.contiguous(), v.contiguous(), *args, allow_pack=brgemm)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    grads = ext.backward(go, q, k, v, out, lse, *args, allow_brgemm=brgemm)
+    ref_grads = ext.backward(go.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, *args,
+                             allow_brgemm=brgemm)
+    for g_, r in zip(grads, ref_grads):
+        assert torch.equal(g_, r)
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed-brgemm", "mkl"])

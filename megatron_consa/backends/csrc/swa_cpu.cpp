@@ -17,7 +17,9 @@
 // Layout: q [b, hq, s, d], k, v [b, hkv, s, d] (any strides, last dim contiguous),
 // hq = hkv * rep, query head h reads KV head h / rep. Results are contiguous.
 // Matrix products go to MKL (sgemm_ / dgemm_ / cblas_gemm_bf16bf16f32), which
-// torch's CPU build exports; everything else is ATen's vectorised helpers.
+// torch's CPU build exports, except the forward's on oneDNN-brgemm machines: bf16 on
+// VNNI-packed blocks (AMX), fp32 on AVX-512 (see TransposedHead). Everything else is
+// ATen's vectorised helpers.
 
 #include <torch/extension.h>
 
@@ -110,7 +112,7 @@ template <typename T>
 T* scratch(int slot, int64_t n) {
   constexpr int64_t kLine = 64;
   static_assert(kLine % alignof(T) == 0, "scratch elements must align within a cache line");
-  thread_local std::vector<unsigned char> buffers[18];
+  thread_local std::vector<unsigned char> buffers[22];
   std::vector<unsigned char>& buffer = buffers[slot];
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T)) + kLine;
   if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
@@ -299,13 +301,65 @@ class PackedHead {
   bf16* v_ = nullptr;
 };
 
-template <typename scalar_t, bool Packed = false>
+// The fp32 forward on AVX-512 machines: oneDNN brgemm ukernels (torch's cpublas::brgemm)
+// instead of MKL's sgemm, which packs both operands on every call (a tile's products are
+// small: 32 rows, a window of keys, d = 64) and on AMD takes its generic path. brgemm is
+// row-major without a transpose, so each thread keeps K^T of the (b, KV head) its tiles
+// read, built key by key as they reach it (each key transposed once), like PackedHead.
+// On a Zen 4 core, brgemm did a tile's products at 1.3-1.4x MKL's speed.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kBrgemmFp32 = true;
+#else
+constexpr bool kBrgemmFp32 = false;  // AVX2: MKL sgemm (measured on Zen 2; brgemm was not)
+#endif
+
+inline bool can_brgemm_fp32() { return kBrgemmFp32; }
+
+// One thread's K^T (or V^T) of one (b, KV head), in scratch `slot`: [D, ld], column j =
+// key j. ld is padded(N) plus a line, so that the rows of a long sequence are not a power of
+// two apart (they would share cache sets). The sinks below the first tile's window are
+// transposed at once, the keys from `lo` on as the tiles reach them (transpose_until).
+class TransposedHead {
+ public:
+  TransposedHead() = default;
+  TransposedHead(int slot, const float* ks, int64_t ksn, int64_t N, int64_t D, int64_t S, int64_t lo)
+      : ks_(ks), ksn_(ksn), D_(D), ld_(padded(N) + kRowAlign), done_(lo) {
+    kt_ = scratch<float>(slot, D * ld_);
+    transpose(0, std::min(S, lo));
+  }
+
+  void transpose_until(int64_t key_end) {
+    if (key_end > done_) transpose(done_, key_end);
+    done_ = std::max(done_, key_end);
+  }
+
+  const float* k_t(int64_t key) const { return kt_ + key; }
+  int64_t ld() const { return ld_; }
+
+ private:
+  void transpose(int64_t j0, int64_t j1) {  // keys [j0, j1): [keys, D] rows to [D, keys] columns
+    if (j1 > j0) at::vec::transpose_mxn<float>(ks_ + j0 * ksn_, ksn_, kt_ + j0, ld_, static_cast<int>(j1 - j0), static_cast<int>(D_));
+  }
+
+  const float* ks_ = nullptr;
+  int64_t ksn_ = 0, D_ = 0, ld_ = 0, done_ = 0;
+  float* kt_ = nullptr;
+};
+
+// How a forward tile does its products: MKL (any dtype), oneDNN brgemm on VNNI-packed
+// bf16 blocks (PackedHead), or oneDNN brgemm in fp32 on a transposed K (TransposedHead).
+enum class Products { kBlas, kPackedBf16, kBrgemmFp32 };
+
+template <typename scalar_t, Products products = Products::kBlas>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse, int64_t W, int64_t S, double scale_d, int64_t qT, int64_t kT) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+  constexpr bool Packed = products == Products::kPackedBf16, Brgemm = products == Products::kBrgemmFp32;
+  constexpr bool unscaled = Packed || Brgemm;  // brgemm has no alpha: the softmax applies the scale
   static_assert(!Packed || std::is_same_v<scalar_t, at::BFloat16>, "the packed path is bf16's");
+  static_assert(!Brgemm || std::is_same_v<scalar_t, float>, "the transposed-K brgemm path is fp32's");
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t rep = Hq / Hkv;
@@ -342,6 +396,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       acc.store(result);
     };
     PackedHead packed{};
+    TransposedHead transposed{};
     int64_t packed_bg = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % nqt, g = (task / nqt) % Hkv, b = task / (nqt * Hkv);
@@ -356,6 +411,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         const int64_t blocks_end = (m1 + kPackBlock - 1) / kPackBlock;
         packed.pack_until(blocks_end);
+      }
+      if constexpr (Brgemm) {
+        if (b * Hkv + g != packed_bg) {
+          packed_bg = b * Hkv + g;
+          transposed = TransposedHead(16, kd + b * ksb + g * ksh, ksn, N, D, S, key_ranges(m0, m1, W, S).win_begin);
+        }
+        transposed.transpose_until(m1);
       }
       const RowTile rt{m0, m1 - m0, rep};
       const int64_t R = rt.rows();
@@ -378,6 +440,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             at::native::cpublas::brgemm(R, cols, D, q_ld, kPackBlock, ldp, false, qp, packed.k_t(n0 + c), qk + c);
             c += cols;
           }
+        } else if constexpr (Brgemm) {
+          at::native::cpublas::brgemm(R, kB, D, q_ld, transposed.ld(), ldp, false, qp, transposed.k_t(n0), qk);
         } else {
           scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, qk);
         }
@@ -407,8 +471,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             vmax.store(lanes + i * G);
           }
           reduce_rows([](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, group_max);
-          // pass 2: probabilities against the new row max, and lane-wise sums. The packed
-          // path's scores are unscaled: scale > 0, so it scales the max and folds into the exp.
+          // pass 2: probabilities against the new row max, and lane-wise sums. The brgemm
+          // paths' scores are unscaled: scale > 0, so they scale the max and fold it into the exp.
           for (int64_t i = 0; i < G; ++i) {
             Vec vsum(acc_t(0)), vsum2(acc_t(0));
             if (i < rows && !spans[i].empty()) {
@@ -416,11 +480,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               const Span span = spans[i];
               acc_t* row = qk + r * ldp;
               scalar_t* out_row = reduced ? qk_reduced + r * ldp : reinterpret_cast<scalar_t*>(row);
-              const acc_t new_max = group_max[i] = std::max(row_max[r], group_max[i] * (Packed ? scale : acc_t(1)));
+              const acc_t new_max = group_max[i] = std::max(row_max[r], group_max[i] * (unscaled ? scale : acc_t(1)));
               if (new_max == neg_inf) {  // nothing of this row visible yet
                 zero(out_row + span.c0, span.c1 - span.c0);
               } else {
-                const Vec shift(-new_max), vscale(Packed ? scale : acc_t(1));
+                const Vec shift(-new_max), vscale(unscaled ? scale : acc_t(1));
                 int64_t c = span.c0;
                 if constexpr (reduced) {  // two vectors per bf16 store
                   for (; c + 2 * Vec::size() <= span.c1; c += 2 * Vec::size()) {
@@ -432,7 +496,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                   }
                 }
                 for (; c < span.c1; c += Vec::size()) {
-                  const Vec e = (Packed ? at::vec::fmadd(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) + shift).exp_u20();
+                  const Vec e = (unscaled ? at::vec::fmadd(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) + shift).exp_u20();
                   store_as<scalar_t>(out_row + c, e);
                   vsum += e;
                 }
@@ -462,6 +526,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             const at::BFloat16* vb = packed.v(dc, n0);
             at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, !overwrite, qk_reduced, vb, dst + dc * kPackBlock);
           }
+        } else if constexpr (Brgemm) {
+          at::native::cpublas::brgemm(R, D, kB, ldp, vsn, D, !overwrite, qk, vp + n0 * vsn, dst);
         } else if constexpr (reduced) {
           gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk_reduced, ldp, acc_t(1), dst, D);
         } else {
@@ -491,17 +557,26 @@ struct Task {
   int64_t offset;    // first row in the side dK/dV buffer (segments after the first)
 };
 
-template <typename scalar_t>
+// Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd): the backward's
+// P^T and dS^T for brgemm, which takes no transposed operand.
+inline void transpose_into(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  at::vec::transpose_mxn<float>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
+}
+
+// The backward's products: MKL (any dtype), or oneDNN brgemm in fp32 on AVX-512, on K^T and
+// V^T kept per task (TransposedHead) and P^T, dS^T transposed per tile.
+template <typename scalar_t, bool Brgemm = false>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
                      at::Tensor& grad_v, int64_t W, int64_t S, double scale_d, int64_t qT, int64_t kT) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!Brgemm || std::is_same_v<scalar_t, float>, "the brgemm backward is fp32's");
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t rep = Hq / Hkv;
-  const int64_t max_rows = rep * qT, ldmax = padded(kT);
+  const int64_t max_rows = rep * qT, ldmax = padded(kT), ldt = padded(max_rows);
 
   // Segments of the queries per (b, g): enough tasks for the threads, each at least
   // a few windows long so that the dK/dV rows shared between segments stay few. The
@@ -557,10 +632,18 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     scalar_t* q_pack = scratch<scalar_t>(13, rep > 1 ? max_rows * D : 0);
     scalar_t* go_pack = scratch<scalar_t>(14, rep > 1 ? max_rows * D : 0);
     Span* spans = scratch<Span>(15, max_rows);
+    acc_t* attn_t = scratch<acc_t>(20, Brgemm ? ldmax * ldt : 0);       // P^T [kB, R]
+    acc_t* grad_attn_t = scratch<acc_t>(21, Brgemm ? ldmax * ldt : 0);  // dS^T [kB, R]
+    TransposedHead k_t{}, v_t{};
     for (int64_t ti = begin; ti < end; ++ti) {
       const Task& task = tasks[ti];
       const scalar_t* kp = kd + task.b * ksb + task.g * ksh;
       const scalar_t* vp = vd + task.b * vsb + task.g * vsh;
+      if constexpr (Brgemm) {
+        const int64_t lo = key_ranges(task.q0, std::min(task.q1, task.q0 + qT), W, S).win_begin;
+        k_t = TransposedHead(18, kp, ksn, N, D, S, lo);
+        v_t = TransposedHead(19, vp, vsn, N, D, S, lo);
+      }
       const bool first = task.q0 == 0;
       acc_t* dk_task = first ? akd + (task.b * Hkv + task.g) * N * D : dk_side + task.offset * D;
       acc_t* dv_task = first ? avd + (task.b * Hkv + task.g) * N * D : dv_side + task.offset * D;
@@ -588,12 +671,21 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           }
         }
         fill(dq, acc_t(0), R * D);
+        if constexpr (Brgemm) {
+          k_t.transpose_until(m1);
+          v_t.transpose_until(m1);
+        }
         for_each_key_tile(key_ranges(m0, m1, W, S), kT, 1, [&](int64_t n0, int64_t n1) {
           const int64_t kB = n1 - n0, ldp = padded(kB);
           acc_t* dk_rows = dk_task + local_row(n0) * D;
           acc_t* dv_rows = dv_task + local_row(n0) * D;
-          // P = exp(scale * Q K^T - lse), hidden entries 0
-          scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
+          // P = exp(scale * Q K^T - lse), hidden entries 0 (brgemm: Q K^T unscaled, scaled in the exp)
+          if constexpr (Brgemm) {
+            at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.k_t(n0), attn);
+          } else {
+            scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
+          }
+          const Vec vscale(Brgemm ? scale : acc_t(1));
           for (int64_t r = 0; r < R; ++r) {
             const Vec shift(norm[r]);
             acc_t* row = attn + r * ldp;
@@ -606,16 +698,23 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
               zero(row_reduced + span.c1, ldp - span.c1);
             }
             for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
-              const Vec e = (Vec::loadu(row + c) - shift).exp();
+              const Vec e = (Brgemm ? at::vec::fmsub(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) - shift).exp();
               e.store(row + c);
               if constexpr (reduced) store_as<scalar_t>(row_reduced + c, e);
             }
           }
           const scalar_t* P = reduced ? attn_reduced : reinterpret_cast<const scalar_t*>(attn);
-          // dV[kB, d] += P^T dO
-          gemm(false, true, D, kB, R, acc_t(1), gop, go_ld, P, ldp, acc_t(1), dv_rows, D);
-          // dP = dO V^T, dS = P * (dP - rowsum(dO * O)): 0 outside the span, as P
-          scores(gop, go_ld, vp + n0 * vsn, vsn, R, kB, ldp, D, acc_t(1), grad_attn);
+          // dV[kB, d] += P^T dO ;  dP = dO V^T
+          if constexpr (Brgemm) {
+            transpose_into(attn, ldp, R, kB, attn_t, ldt);
+            at::native::cpublas::brgemm(kB, D, R, ldt, go_ld, D, true, attn_t, gop, dv_rows);
+            at::native::cpublas::brgemm(R, kB, D, go_ld, v_t.ld(), ldp, false, gop, v_t.k_t(n0), grad_attn);
+          } else {
+            gemm(false, true, D, kB, R, acc_t(1), gop, go_ld, P, ldp, acc_t(1), dv_rows, D);
+            scores(gop, go_ld, vp + n0 * vsn, vsn, R, kB, ldp, D, acc_t(1), grad_attn);
+          }
+          // dS = P * (dP - rowsum(dO * O)): 0 outside the span, as P (brgemm: times the scale,
+          // which the BLAS path's dQ and dK products apply)
           for (int64_t r = 0; r < R; ++r) {
             const Vec ds(dsum[r]);
             acc_t* dp = grad_attn + r * ldp;
@@ -625,13 +724,20 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             zero(ds_row, span.c0);
             zero(ds_row + span.c1, ldp - span.c1);
             for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
-              store_as<scalar_t>(ds_row + c, Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds));
+              const Vec grad = Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds);
+              store_as<scalar_t>(ds_row + c, Brgemm ? grad * vscale : grad);
             }
           }
           const scalar_t* dS = reduced ? grad_attn_reduced : reinterpret_cast<const scalar_t*>(grad_attn);
           // dQ[R, d] += scale * dS K ;  dK[kB, d] += scale * dS^T Q
-          gemm(false, false, D, R, kB, scale, kp + n0 * ksn, ksn, dS, ldp, acc_t(1), dq, D);
-          gemm(false, true, D, kB, R, scale, qp, q_ld, dS, ldp, acc_t(1), dk_rows, D);
+          if constexpr (Brgemm) {
+            at::native::cpublas::brgemm(R, D, kB, ldp, ksn, D, true, dS, kp + n0 * ksn, dq);
+            transpose_into(grad_attn, ldp, R, kB, grad_attn_t, ldt);
+            at::native::cpublas::brgemm(kB, D, R, ldt, q_ld, D, true, grad_attn_t, qp, dk_rows);
+          } else {
+            gemm(false, false, D, R, kB, scale, kp + n0 * ksn, ksn, dS, ldp, acc_t(1), dq, D);
+            gemm(false, true, D, kB, R, scale, qp, q_ld, dS, ldp, acc_t(1), dk_rows, D);
+          }
         });
         for (int64_t hr = 0; hr < rep; ++hr) {
           scalar_t* gqp = gqd + (row0 + hr * N) * D;
@@ -693,12 +799,18 @@ std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, co
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
   AT_DISPATCH_SWITCH(q.scalar_type(), "swa_forward",
-    AT_DISPATCH_CASE(at::kFloat, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      if (allow_pack && can_brgemm_fp32()) {
+        forward_kernel<scalar_t, Products::kBrgemmFp32>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
+      } else {
+        forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
+      }
+    })
     AT_DISPATCH_CASE(at::kDouble, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
       // the packed path reads key rows as 32-bit words: an odd row stride takes MKL's
       if (allow_pack && can_pack_bf16(q.size(3)) && k.stride(2) % 2 == 0) {
-        forward_kernel<scalar_t, true>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
+        forward_kernel<scalar_t, Products::kPackedBf16>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
       } else {
         forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
       }
@@ -708,7 +820,8 @@ std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, co
 
 std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                     int64_t window, int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile) {
+                                     int64_t window, int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile,
+                                     bool allow_brgemm) {
   check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "swa_cpu: grad_out/out must match q");
   const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
@@ -716,7 +829,13 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
   at::Tensor grad_k = at::empty(k.sizes(), k.options());
   at::Tensor grad_v = at::empty(v.sizes(), v.options());
   AT_DISPATCH_SWITCH(q.scalar_type(), "swa_backward",
-    AT_DISPATCH_CASE(at::kFloat, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      if (allow_brgemm && can_brgemm_fp32()) {
+        backward_kernel<scalar_t, true>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
+      } else {
+        backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
+      }
+    })
     AT_DISPATCH_CASE(at::kDouble, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); }));
   return {grad_q, grad_k, grad_v};
@@ -729,5 +848,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"),
         py::arg("allow_pack") = true);
   m.def("packs_bf16", &can_pack_bf16, "Whether the bf16 forward uses packed oneDNN brgemm here, for this head dim");
-  m.def("backward", &swa_backward, "Banded SWA backward: (grad_q, grad_k, grad_v)");
+  m.def("brgemm_fp32", &can_brgemm_fp32, "Whether the fp32 forward uses oneDNN brgemm on a transposed K here");
+  m.def("backward", &swa_backward, "Banded SWA backward: (grad_q, grad_k, grad_v)", py::arg("grad_out"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("window"), py::arg("sinks"),
+        py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"), py::arg("allow_brgemm") = true);
 }
