@@ -94,6 +94,25 @@ TINY_STEP = ["--device", "cpu", "--seq-len", "64", "--window", "16", "--hidden",
              "--kv-heads", "4", "--head-dim", "16", "--layers", "2", "--reps", "1", "--threads", "1"]
 
 
+def test_cpu_kernel_products_compares_brgemm_with_mkl(tmp_path):
+    from megatron_consa.backends import cpu_extension
+
+    bench = _load("cpu_kernel_products")
+    argv = ["--shapes", "256:32:1,200:64:2", "--heads", "4", "--head-dim", "16", "--reps", "2",
+            "--threads", str(torch.get_num_threads()), "--json", str(tmp_path / "products.json")]
+    if not cpu_extension.extension().brgemm_fp32():  # AVX2 build: MKL only, said so
+        with pytest.raises(SystemExit, match="nothing to compare"):
+            bench.main(argv)
+        return
+    rows = bench.main(argv)
+    assert [(r["seq_len"], r["window"], r["kv_heads"]) for r in rows] == [(256, 32, 4), (200, 64, 2)]
+    for r in rows:
+        assert r["max_rel_diff"] < 1e-5
+        assert r["fwd_ratio"] == pytest.approx(r["fwd_brgemm_ms"] / r["fwd_mkl_ms"])
+        assert r["bwd_ratio"] == pytest.approx(r["bwd_brgemm_ms"] / r["bwd_mkl_ms"])
+    assert json.loads((tmp_path / "products.json").read_text())["rows"] == rows
+
+
 def test_model_step_runs_every_model(tmp_path):
     """The model step builds the stock models (megatron-core's own spec) and every ConSA model, and
     refuses --transformer-engine where TE cannot run (its figures are not asserted)."""
