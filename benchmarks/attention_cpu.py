@@ -112,10 +112,10 @@ def cpu_kernel() -> str:
     return "banded" if cpu_extension.extension() is not None else "flash-op"
 
 
-def swa_tile(window: int, n: int, rep: int, dtype: torch.dtype) -> int:
+def swa_tile(window: int, n: int, rep: int, dtype: torch.dtype, head_dim: int) -> int:
     """The default tile of that kernel: query positions per tile (banded) or query block B (flash-op)."""
     if cpu_kernel() == "banded":
-        return default_cpu_q_tile(window, rep, dtype)
+        return default_cpu_q_tile(window, rep, cpu_extension.compute_dtype(dtype, head_dim))
     return default_block_size(window, n)
 
 
@@ -210,7 +210,7 @@ def run_grid(args):
         for W in windows:
             row = {
                 "seq_len": n, "window": W, "heads": hq, "kv_heads": hkv, "dtype": dt,
-                "block_size": args.block_size or swa_tile(W, n, ratio, dtype), "ideal": swa_work_ratio(n, W),
+                "block_size": args.block_size or swa_tile(W, n, ratio, dtype, d), "ideal": swa_work_ratio(n, W),
                 "fa_fwd_ms": 1e3 * med["fa"]["fwd"], "swa_fwd_ms": 1e3 * med[W]["fwd"],
                 "fwd_ratio": med[W]["fwd"] / med["fa"]["fwd"],
                 "fa_fwd_bwd_ms": 1e3 * med["fa"]["fwd_bwd"], "swa_fwd_bwd_ms": 1e3 * med[W]["fwd_bwd"],
@@ -322,7 +322,7 @@ def main(argv=None):
     hkv = args.kv_heads or hq
     scale = d ** -0.5
     W, S = args.window, args.sinks
-    block = args.block_size or swa_tile(W, n, hq // hkv, dtype)
+    block = args.block_size or swa_tile(W, n, hq // hkv, dtype, d)
 
     q = torch.randn(b, hq, n, d, dtype=dtype, requires_grad=True)
     k = torch.randn(b, hkv, n, d, dtype=dtype, requires_grad=True)

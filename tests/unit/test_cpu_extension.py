@@ -165,19 +165,24 @@ def test_fp32_megatron_layout_equals_contiguous(brgemm):
         assert torch.equal(g_, r)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed-brgemm", "mkl"])
+@pytest.mark.parametrize("path", ["packed-brgemm", "fp32-brgemm", "mkl"])
 @pytest.mark.parametrize("s,window,sinks,q_tile", [(300, 64, 0, 64), (517, 33, 70, 32), (1000, 128, 3, 128)])
-def test_bf16_within_bf16_rounding(packed, s, window, sinks, q_tile):
-    """bf16 forward on both of its paths (oneDNN brgemm on packed K/V where the machine
-    packs bf16, MKL otherwise), and the backward: against the fp64 reference, within the
-    error PyTorch's own bf16 CPU flash attention makes on the same inputs (causal case)."""
+def test_bf16_within_bf16_rounding(path, s, window, sinks, q_tile):
+    """bf16 on each of its paths (the forward on oneDNN brgemm on packed K/V where the
+    machine packs bf16; forward and backward on the fp32 brgemm kernel where it is built
+    for AVX-512 but oneDNN packs no bf16; MKL's bf16 GEMM otherwise): against the fp64
+    reference, within the error PyTorch's own bf16 CPU flash attention makes on the same
+    inputs (causal case)."""
     ext = _ext()
     d = 64
-    if packed and not ext.packs_bf16(d):
+    if path == "packed-brgemm" and not ext.packs_bf16(d):
         pytest.skip("this CPU has no oneDNN bf16 brgemm (no AMX / AVX512-BF16): the MKL path runs")
+    if path == "fp32-brgemm" and not ext.bf16_as_fp32(d):
+        pytest.skip("bf16 runs on the fp32 brgemm kernel only in an AVX-512 build where oneDNN packs no bf16")
+    fast = path != "mkl"
     q, k, v = (t.bfloat16() for t in _qkv(1, 4, 2, s, d, torch.float64))
     ref_out, ref_lse, ref_grads = _reference(q, k, v, window, sinks, 0.125)
-    out, lse = ext.forward(q, k, v, window, sinks, 0.125, q_tile, CPU_KV_TILE, allow_pack=packed)
+    out, lse = ext.forward(q, k, v, window, sinks, 0.125, q_tile, CPU_KV_TILE, allow_pack=fast)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     # torch's own bf16 kernel on these inputs, causal (its only band): its error sets the bar
     torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
@@ -186,8 +191,8 @@ def test_bf16_within_bf16_rounding(packed, s, window, sinks, q_tile):
     assert (out.double() - ref_out).abs().max().item() <= bar
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)  # fp32 scores of bf16 inputs
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
-    for name, g, r in zip("qkv", ext.backward(go, q, k, v, out, lse, window, sinks, 0.125, q_tile, CPU_KV_TILE),
-                          ref_grads(go)):
+    grads = ext.backward(go, q, k, v, out, lse, window, sinks, 0.125, q_tile, CPU_KV_TILE, allow_brgemm=fast)
+    for name, g, r in zip("qkv", grads, ref_grads(go)):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.double(), r, atol=3e-2 * max(1.0, r.abs().max().item()), rtol=0,
                                    msg=lambda m: f"d{name}: {m}")
@@ -215,8 +220,9 @@ def test_bf16_packed_key_tiles_at_every_alignment():
 
 
 def test_bf16_megatron_layout_equals_contiguous():
-    """Both bf16 forward paths read [s, b, h, d] views (strided K/V rows: the packed path
-    transposes them as 32-bit words) exactly as they read contiguous copies."""
+    """The bf16 forward paths read [s, b, h, d] views (strided K/V rows: the packed path
+    transposes them as 32-bit words, the fp32 one converts them) exactly as they read
+    contiguous copies."""
     ext = _ext()
     s, d, W = 200, 64, 50
     g = torch.Generator().manual_seed(0)
@@ -229,10 +235,29 @@ def test_bf16_megatron_layout_equals_contiguous():
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+def test_bf16_as_fp32_equals_the_fp32_kernel():
+    """Where bf16 runs on the fp32 brgemm kernel, its results are that kernel's on the
+    converted inputs, rounded to bf16 (the log-sum-exp stays fp32), forward and backward."""
+    ext = _ext()
+    d = 64
+    if not ext.bf16_as_fp32(d):
+        pytest.skip("bf16 runs on the fp32 brgemm kernel only in an AVX-512 build where oneDNN packs no bf16")
+    q, k, v, go = (t.bfloat16() for t in _qkv(1, 4, 2, 300, d, torch.float64) + [torch.randn(1, 4, 300, d)])
+    out, lse = ext.forward(q, k, v, 50, 2, 0.125, 32, CPU_KV_TILE)
+    out32, lse32 = ext.forward(q.float(), k.float(), v.float(), 50, 2, 0.125, 32, CPU_KV_TILE)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
+    grads = ext.backward(go, q, k, v, out, lse, 50, 2, 0.125, 32, CPU_KV_TILE)
+    grads32 = ext.backward(go.float(), q.float(), k.float(), v.float(), out.float(), lse, 50, 2, 0.125, 32, CPU_KV_TILE)
+    for g, r in zip(grads, grads32):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, r.bfloat16())
+
+
 def test_bf16_odd_key_row_stride_takes_the_mkl_path():
     """The packed path reads key rows as 32-bit words; keys with an odd row stride (a
     slice of a wider tensor) run the MKL path instead, with its exact result."""
     ext = _ext()
+    if not ext.packs_bf16(64):
+        pytest.skip("this CPU has no oneDNN bf16 brgemm (no AMX / AVX512-BF16): no packed path to leave")
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 150, 64, generator=g).bfloat16()
     k, v = (torch.randn(1, 1, 150, 65, generator=g).bfloat16()[..., :64] for _ in range(2))
@@ -240,6 +265,7 @@ def test_bf16_odd_key_row_stride_takes_the_mkl_path():
     out, lse = ext.forward(q, k, v, 40, 0, 0.125, 64, CPU_KV_TILE, allow_pack=True)
     ref_out, ref_lse = ext.forward(q, k, v, 40, 0, 0.125, 64, CPU_KV_TILE, allow_pack=False)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
 
 def test_bad_input_is_refused():
     ext = _ext()

@@ -112,7 +112,7 @@ template <typename T>
 T* scratch(int slot, int64_t n) {
   constexpr int64_t kLine = 64;
   static_assert(kLine % alignof(T) == 0, "scratch elements must align within a cache line");
-  thread_local std::vector<unsigned char> buffers[22];
+  thread_local std::vector<unsigned char> buffers[27];
   std::vector<unsigned char>& buffer = buffers[slot];
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T)) + kLine;
   if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
@@ -314,6 +314,21 @@ constexpr bool kBrgemmFp32 = false;  // AVX2: MKL sgemm (measured on Zen 2; brge
 #endif
 
 inline bool can_brgemm_fp32() { return kBrgemmFp32; }
+
+// bf16 where oneDNN packs no bf16 but the fp32 brgemm path runs (AVX-512 without AMX, such as
+// AMD Zen 4): MKL's bf16 GEMM there was slower than our fp32 products on every grid shape
+// (docs/benchmarks/attention_cpu_grid_zen4.md), so bf16 inputs run the fp32 kernel, converted
+// once (O(n d) against the kernel's O(n W d)); results are rounded to bf16 as the bf16 path's.
+inline bool bf16_as_fp32(int64_t D) { return can_brgemm_fp32() && !can_pack_bf16(D); }
+
+// x converted to fp32 in the calling thread's scratch `slot` (22..26, which the kernels'
+// workers leave alone), contiguous: fresh tensors of that size are page-faulted on every
+// call, which at n=1024 cost as much as the kernel. Valid until the thread's next call.
+at::Tensor as_fp32_scratch(const at::Tensor& x, int slot) {
+  at::Tensor y = at::from_blob(scratch<float>(slot, x.numel()), x.sizes(), x.options().dtype(at::kFloat));
+  y.copy_(x);
+  return y;
+}
 
 // One thread's K^T (or V^T) of one (b, KV head), in scratch `slot`: [D, ld], column j =
 // key j. ld is padded(N) plus a line, so that the rows of a long sequence are not a power of
@@ -795,6 +810,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
                                     int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile, bool allow_pack) {
   check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
+  if (q.scalar_type() == at::kBFloat16 && allow_pack && bf16_as_fp32(q.size(3))) {
+    std::vector<at::Tensor> res = swa_forward(as_fp32_scratch(q, 22), as_fp32_scratch(k, 23), as_fp32_scratch(v, 24),
+                                              window, sinks, scale, q_tile, kv_tile, true);
+    return {res[0].to(at::kBFloat16), res[1]};
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
@@ -824,6 +844,14 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
                                      bool allow_brgemm) {
   check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "swa_cpu: grad_out/out must match q");
+  if (q.scalar_type() == at::kBFloat16 && allow_brgemm && bf16_as_fp32(q.size(3))) {  // as the forward
+    std::vector<at::Tensor> res = swa_backward(as_fp32_scratch(grad_out, 25), as_fp32_scratch(q, 22),
+                                               as_fp32_scratch(k, 23), as_fp32_scratch(v, 24),
+                                               as_fp32_scratch(out, 26), lse, window, sinks, scale, q_tile,
+                                               kv_tile, true);
+    for (at::Tensor& grad : res) grad = grad.to(at::kBFloat16);
+    return res;
+  }
   const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), k.options());
@@ -848,7 +876,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"),
         py::arg("allow_pack") = true);
   m.def("packs_bf16", &can_pack_bf16, "Whether the bf16 forward uses packed oneDNN brgemm here, for this head dim");
-  m.def("brgemm_fp32", &can_brgemm_fp32, "Whether the fp32 forward uses oneDNN brgemm on a transposed K here");
+  m.def("brgemm_fp32", &can_brgemm_fp32, "Whether the fp32 forward and backward use oneDNN brgemm here");
+  m.def("bf16_as_fp32", &bf16_as_fp32, "Whether bf16 calls run the fp32 brgemm kernel here, for this head dim");
   m.def("backward", &swa_backward, "Banded SWA backward: (grad_q, grad_k, grad_v)", py::arg("grad_out"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("window"), py::arg("sinks"),
         py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"), py::arg("allow_brgemm") = true);
