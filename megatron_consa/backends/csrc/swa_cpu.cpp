@@ -17,9 +17,10 @@
 // Layout: q [b, hq, s, d], k, v [b, hkv, s, d] (any strides, last dim contiguous),
 // hq = hkv * rep, query head h reads KV head h / rep. Results are contiguous.
 // Matrix products go to MKL (sgemm_ / dgemm_ / cblas_gemm_bf16bf16f32), which
-// torch's CPU build exports, except the forward's on oneDNN-brgemm machines: bf16 on
-// VNNI-packed blocks (AMX), fp32 on AVX-512 (see TransposedHead). Everything else is
-// ATen's vectorised helpers.
+// torch's CPU build exports, except where oneDNN brgemm serves better: the bf16 forward
+// on VNNI-packed blocks (AMX; PackedHead), and fp32 forward and backward in AVX-512
+// builds (TransposedHead), which bf16 also takes where oneDNN packs no bf16. Everything
+// else is ATen's vectorised helpers.
 
 #include <torch/extension.h>
 
@@ -316,9 +317,9 @@ constexpr bool kBrgemmFp32 = false;  // AVX2: MKL sgemm (measured on Zen 2; brge
 inline bool can_brgemm_fp32() { return kBrgemmFp32; }
 
 // bf16 where oneDNN packs no bf16 but the fp32 brgemm path runs (AVX-512 without AMX, such as
-// AMD Zen 4): MKL's bf16 GEMM there was slower than our fp32 products on every grid shape
-// (docs/benchmarks/attention_cpu_grid_zen4.md), so bf16 inputs run the fp32 kernel, converted
-// once (O(n d) against the kernel's O(n W d)); results are rounded to bf16 as the bf16 path's.
+// AMD Zen 4): MKL's bf16 GEMM there was slower than our fp32 products on nearly every grid
+// shape (docs/benchmarks/attention_cpu_grid_zen4.md), so bf16 inputs run the fp32 kernel,
+// converted once (O(n d) against the kernel's O(n W d)); results are rounded to bf16.
 inline bool bf16_as_fp32(int64_t D) { return can_brgemm_fp32() && !can_pack_bf16(D); }
 
 // x converted to fp32 in the calling thread's scratch `slot` (22..26, which the kernels'
