@@ -116,7 +116,6 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64, torch.bfloat16)
 
 
-
 def compute_dtype(dtype: torch.dtype, head_dim: int) -> torch.dtype:
     """The dtype the kernel computes a ``dtype`` call in: fp32 for bf16 where it runs bf16 on
     its fp32 brgemm products (an AVX-512 build on a CPU whose oneDNN packs no bf16, such as

@@ -568,8 +568,11 @@ def sliding_window_attention(
     block = min(block, s - window)
     kernel = cpu_extension.extension() if q.device.type == "cpu" and cpu_extension.supports(q.dtype) else None
     if kernel is not None:
-        tile_dtype = cpu_extension.compute_dtype(q.dtype, q.shape[-1])
-        q_tile = default_cpu_q_tile(window, q.shape[1] // k.shape[1], tile_dtype) if block_size is None else int(block_size)
+        if block_size is None:
+            rep = q.shape[1] // k.shape[1]
+            q_tile = default_cpu_q_tile(window, rep, cpu_extension.compute_dtype(q.dtype, q.shape[-1]))
+        else:
+            q_tile = int(block_size)
         return _CpuBandedSWA.apply(q, k, v, window, scale, sinks, q_tile, kernel)
     if q.device.type == "cpu" and _cpu_flash_ops_available():
         return _CpuBlockedSWA.apply(q, k, v, window, scale, sinks, block)

@@ -117,6 +117,10 @@ def test_strided_inputs_megatron_layout():
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
 
 
+NO_PACKED_BF16 = "oneDNN packs no bf16 on this CPU (seen only with AMX; not on Zen 4 with AVX512-BF16): no packed path"
+NO_BF16_AS_FP32 = "bf16 runs on the fp32 brgemm kernel only in an AVX-512 build where oneDNN packs no bf16"
+
+
 def _skip_unless_brgemm_fp32(ext, brgemm):
     if brgemm and not ext.brgemm_fp32():
         pytest.skip("the fp32 brgemm path is compiled for AVX-512 only: this CPU runs MKL's")
@@ -176,9 +180,9 @@ def test_bf16_within_bf16_rounding(path, s, window, sinks, q_tile):
     ext = _ext()
     d = 64
     if path == "packed-brgemm" and not ext.packs_bf16(d):
-        pytest.skip("oneDNN packs no bf16 on this CPU (seen only with AMX; not on Zen 4 with AVX512-BF16): no packed path")
+        pytest.skip(NO_PACKED_BF16)
     if path == "fp32-brgemm" and not ext.bf16_as_fp32(d):
-        pytest.skip("bf16 runs on the fp32 brgemm kernel only in an AVX-512 build where oneDNN packs no bf16")
+        pytest.skip(NO_BF16_AS_FP32)
     fast = path != "mkl"
     q, k, v = (t.bfloat16() for t in _qkv(1, 4, 2, s, d, torch.float64))
     ref_out, ref_lse, ref_grads = _reference(q, k, v, window, sinks, 0.125)
@@ -206,7 +210,7 @@ def test_bf16_packed_key_tiles_at_every_alignment():
     ext = _ext()
     d = 64
     if not ext.packs_bf16(d):
-        pytest.skip("oneDNN packs no bf16 on this CPU (seen only with AMX; not on Zen 4 with AVX512-BF16): no packed path")
+        pytest.skip(NO_PACKED_BF16)
     for s, window, sinks, q_tile, hkv in [
         (301, 32, 0, 64, 4), (301, 33, 40, 64, 1), (301, 96, 64, 32, 4), (301, 1, 70, 32, 1),
         (130, 64, 1, 32, 1), (130, 200, 0, 64, 4), (517, 96, 5, 128, 1), (517, 32, 33, 32, 4),
@@ -241,7 +245,7 @@ def test_bf16_as_fp32_equals_the_fp32_kernel():
     ext = _ext()
     d = 64
     if not ext.bf16_as_fp32(d):
-        pytest.skip("bf16 runs on the fp32 brgemm kernel only in an AVX-512 build where oneDNN packs no bf16")
+        pytest.skip(NO_BF16_AS_FP32)
     q, k, v, go = (t.bfloat16() for t in _qkv(1, 4, 2, 300, d, torch.float64) + [torch.randn(1, 4, 300, d)])
     out, lse = ext.forward(q, k, v, 50, 2, 0.125, 32, CPU_KV_TILE)
     out32, lse32 = ext.forward(q.float(), k.float(), v.float(), 50, 2, 0.125, 32, CPU_KV_TILE)
@@ -257,7 +261,7 @@ def test_bf16_odd_key_row_stride_takes_the_mkl_path():
     slice of a wider tensor) run the MKL path instead, with its exact result."""
     ext = _ext()
     if not ext.packs_bf16(64):
-        pytest.skip("oneDNN packs no bf16 on this CPU (seen only with AMX; not on Zen 4 with AVX512-BF16): no packed path")
+        pytest.skip(NO_PACKED_BF16)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 150, 64, generator=g).bfloat16()
     k, v = (torch.randn(1, 1, 150, 65, generator=g).bfloat16()[..., :64] for _ in range(2))

@@ -302,11 +302,12 @@ class PackedHead {
   bf16* v_ = nullptr;
 };
 
-// The fp32 forward on AVX-512 machines: oneDNN brgemm ukernels (torch's cpublas::brgemm)
-// instead of MKL's sgemm, which packs both operands on every call (a tile's products are
-// small: 32 rows, a window of keys, d = 64) and on AMD takes its generic path. brgemm is
-// row-major without a transpose, so each thread keeps K^T of the (b, KV head) its tiles
-// read, built key by key as they reach it (each key transposed once), like PackedHead.
+// fp32 forward and backward on AVX-512 machines: oneDNN brgemm ukernels (torch's
+// cpublas::brgemm) instead of MKL's sgemm, which packs both operands on every call (a tile's
+// products are small: 32 rows, a window of keys, d = 64) and on AMD takes its generic path.
+// brgemm is row-major without a transpose, so each thread keeps K^T (and in the backward
+// V^T) of the (b, KV head) its tiles read, built key by key as they reach it (each key
+// transposed once), like PackedHead.
 // On a Zen 4 core, brgemm did a tile's products at 1.3-1.4x MKL's speed.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kBrgemmFp32 = true;
@@ -329,6 +330,12 @@ at::Tensor as_fp32_scratch(const at::Tensor& x, int slot) {
   at::Tensor y = at::from_blob(scratch<float>(slot, x.numel()), x.sizes(), x.options().dtype(at::kFloat));
   y.copy_(x);
   return y;
+}
+
+// Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
+// which takes no transposed operand: K^T and V^T (TransposedHead), the backward's P^T and dS^T.
+inline void transpose_into(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  at::vec::transpose_mxn<float>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
 }
 
 // One thread's K^T (or V^T) of one (b, KV head), in scratch `slot`: [D, ld], column j =
@@ -354,7 +361,7 @@ class TransposedHead {
 
  private:
   void transpose(int64_t j0, int64_t j1) {  // keys [j0, j1): [keys, D] rows to [D, keys] columns
-    if (j1 > j0) at::vec::transpose_mxn<float>(ks_ + j0 * ksn_, ksn_, kt_ + j0, ld_, static_cast<int>(j1 - j0), static_cast<int>(D_));
+    if (j1 > j0) transpose_into(ks_ + j0 * ksn_, ksn_, j1 - j0, D_, kt_ + j0, ld_);
   }
 
   const float* ks_ = nullptr;
@@ -413,14 +420,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     };
     PackedHead packed{};
     TransposedHead transposed{};
-    int64_t packed_bg = -1;
+    int64_t head_bg = -1;  // the (b, g) whose K/V the thread keeps packed or transposed
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % nqt, g = (task / nqt) % Hkv, b = task / (nqt * Hkv);
       const int64_t m0 = t * qT, m1 = std::min(N, m0 + qT);
+      const bool new_head = b * Hkv + g != head_bg;
+      head_bg = b * Hkv + g;
       if constexpr (Packed) {
-        if (b * Hkv + g != packed_bg) {  // this thread's tiles of (b, g): t .. t_last
-          packed_bg = b * Hkv + g;
-          const int64_t t_last = std::min(end - 1, (packed_bg + 1) * nqt - 1) - packed_bg * nqt;
+        if (new_head) {  // this thread's tiles of (b, g): t .. t_last
+          const int64_t t_last = std::min(end - 1, (head_bg + 1) * nqt - 1) - head_bg * nqt;
           const int64_t lo = key_ranges(m0, m1, W, S, kPackBlock).win_begin / kPackBlock;
           const int64_t hi = (std::min(N, (t_last + 1) * qT) + kPackBlock - 1) / kPackBlock;
           packed = PackedHead(kd + b * ksb + g * ksh, ksn, vd + b * vsb + g * vsh, vsn, N, D, S, lo, hi);
@@ -429,8 +437,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         packed.pack_until(blocks_end);
       }
       if constexpr (Brgemm) {
-        if (b * Hkv + g != packed_bg) {
-          packed_bg = b * Hkv + g;
+        if (new_head) {
           transposed = TransposedHead(16, kd + b * ksb + g * ksh, ksn, N, D, S, key_ranges(m0, m1, W, S).win_begin);
         }
         transposed.transpose_until(m1);
@@ -572,12 +579,6 @@ struct Task {
   KeyRanges keys;    // keys any of its queries reads
   int64_t offset;    // first row in the side dK/dV buffer (segments after the first)
 };
-
-// Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd): the backward's
-// P^T and dS^T for brgemm, which takes no transposed operand.
-inline void transpose_into(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
-  at::vec::transpose_mxn<float>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
-}
 
 // The backward's products: MKL (any dtype), or oneDNN brgemm in fp32 on AVX-512, on K^T and
 // V^T kept per task (TransposedHead) and P^T, dS^T transposed per tile.
