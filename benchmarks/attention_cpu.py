@@ -6,8 +6,10 @@ Runs, side by side in one process:
   (c) ours        ``megatron_consa.backends.torch_attention.sliding_window_attention``
 
 For each: median forward time (under ``torch.no_grad``) and median
-forward+backward time over ``--reps`` repetitions after warm-up, and the ratio
-to FA. Repetitions are interleaved across methods (a, b, c, a, b, c, ...) so
+forward+backward time over ``--reps`` repetitions after warm-up (more, up to
+``--max-reps``, until FA's forward+backward calls add up to ``--min-time``
+seconds: a few-millisecond case gets tens of samples), and the ratio to FA.
+Repetitions are interleaved across methods (a, b, c, a, b, c, ...) so
 that background load on a shared machine hits all of them alike, and each timed
 call follows an untimed forward+backward of its own method, so each is timed warm
 rather than after whichever method ran before it.
@@ -81,7 +83,13 @@ def parse_args(argv=None):
     p.add_argument("--sinks", type=int, default=0, help="attention sink tokens for SWA")
     p.add_argument("--block-size", type=int, default=None, help="SWA query block (default: library's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="repetitions at least (medians are reported)")
+    p.add_argument(
+        "--min-time", type=float, default=1.0,
+        help="seconds: repeat beyond --reps until the slowest method's forward+backward calls add up to this "
+        "(at most --max-reps), so a millisecond-scale case gets as many samples as its median needs",
+    )
+    p.add_argument("--max-reps", type=int, default=50, help="the cap for --min-time")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-dense", action="store_true", help="skip the O(n^2) dense-mask SWA")
@@ -126,7 +134,7 @@ def swa_work_ratio(n: int, window: int) -> float:
     return (n * w - w * (w - 1) / 2) / (n * (n + 1) / 2)
 
 
-def time_interleaved(methods, inputs, grad_out, *, reps, warmup):
+def time_interleaved(methods, inputs, grad_out, *, reps, warmup, min_time=0.0, max_reps=None):
     """Forward (no grad) and forward+backward seconds per repetition for each method,
     the methods interleaved in every repetition: ``{name: {"fwd": [...], "fwd_bwd": [...]}}``.
 
@@ -135,7 +143,12 @@ def time_interleaved(methods, inputs, grad_out, *, reps, warmup):
     method instead, a call starts with its code, its kernels' state and its inputs
     evicted: at n=1024 that added 0.3-0.5 ms to a 0.8 ms kernel, and to whichever
     method came first after FA's forward+backward (measured: warming the inputs alone
-    recovered 3% of it, one tiny call of the same kernel all of it)."""
+    recovered 3% of it, one tiny call of the same kernel all of it).
+
+    There are at least ``reps`` repetitions, and more (up to ``max_reps``) until the
+    slowest method's timed forward+backward calls add up to ``min_time`` seconds: a
+    median of 3 calls of a few milliseconds moved by 30-60% between runs on a 2-core VM
+    (n=1024, bf16), one of 20 by a few percent."""
 
     def run_fwd(fn):
         with torch.no_grad():
@@ -155,7 +168,12 @@ def time_interleaved(methods, inputs, grad_out, *, reps, warmup):
             run_fwd(fn)
             run_fwd_bwd(fn)
     times = {name: {"fwd": [], "fwd_bwd": []} for name in methods}
-    for _ in range(reps):
+    max_reps = max(reps, max_reps or reps)
+    done = 0
+    while done < reps or (
+        done < max_reps and max(sum(t["fwd_bwd"]) for t in times.values()) < min_time
+    ):
+        done += 1
         for name, fn in methods.items():
             run_fwd_bwd(fn)
             times[name]["fwd"].append(run_fwd(fn))
@@ -179,15 +197,16 @@ def run_grid(args):
     ]
     groups = [g for g in groups if g[3]]
     print(
-        f"CPU attention grid: kernel={cpu_kernel()} b={args.batch} hq={args.heads} d={d} S={args.sinks} threads={args.threads} "
-        f"reps={args.reps} torch={torch.__version__} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"CPU attention grid: kernel={cpu_kernel()} b={args.batch} hq={args.heads} d={d} S={args.sinks} "
+        f"threads={args.threads} reps={args.reps}..{args.max_reps} (min time {args.min_time:g} s) "
+        f"torch={torch.__version__} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
         f"{sum(len(g[3]) for g in groups)} configurations; pass = SWA/FA <= "
         f"{args.grid_limit:.2f}, forward and forward+backward"
     )
     print()
     print("| n | W | hq/hkv | dtype | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
-          "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     rows = []
     for dt, ratio, n, windows in groups:
         torch.manual_seed(0)
@@ -205,7 +224,8 @@ def run_grid(args):
 
         methods = {"fa": lambda: full_causal_attention(q, k, v, scale=d ** -0.5)}
         methods.update({W: ours(W) for W in windows})
-        times = time_interleaved(methods, (q, k, v), grad_out, reps=args.reps, warmup=args.warmup)
+        times = time_interleaved(methods, (q, k, v), grad_out, reps=args.reps, warmup=args.warmup,
+                                 min_time=args.min_time, max_reps=args.max_reps)
         med = {m: {key: statistics.median(ts) for key, ts in t.items()} for m, t in times.items()}
         for W in windows:
             row = {
@@ -215,13 +235,15 @@ def run_grid(args):
                 "fwd_ratio": med[W]["fwd"] / med["fa"]["fwd"],
                 "fa_fwd_bwd_ms": 1e3 * med["fa"]["fwd_bwd"], "swa_fwd_bwd_ms": 1e3 * med[W]["fwd_bwd"],
                 "fwd_bwd_ratio": med[W]["fwd_bwd"] / med["fa"]["fwd_bwd"],
+                "reps": len(times["fa"]["fwd"]),
             }
             row["pass"] = max(row["fwd_ratio"], row["fwd_bwd_ratio"]) <= args.grid_limit
             rows.append(row)
             print(
                 f"| {n} | {W} | {ratio} | {dt} | {row['block_size']} | {row['ideal']:.3f} | {row['fa_fwd_ms']:.1f} "
                 f"| {row['swa_fwd_ms']:.1f} | {row['fwd_ratio']:.3f}x | {row['fa_fwd_bwd_ms']:.1f} "
-                f"| {row['swa_fwd_bwd_ms']:.1f} | {row['fwd_bwd_ratio']:.3f}x | {'yes' if row['pass'] else 'NO'} |",
+                f"| {row['swa_fwd_bwd_ms']:.1f} | {row['fwd_bwd_ratio']:.3f}x | {'yes' if row['pass'] else 'NO'} "
+                f"| {row['reps']} |",
                 flush=True,
             )
     worst = max(rows, key=lambda r: max(r["fwd_ratio"], r["fwd_bwd_ratio"])) if rows else None
@@ -234,8 +256,9 @@ def run_grid(args):
     if args.json:
         config = {
             "batch": args.batch, "heads": args.heads, "head_dim": d, "sinks": args.sinks,
-            "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "limit": args.grid_limit, "kernel": cpu_kernel(),
+            "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "min_time": args.min_time,
+            "max_reps": args.max_reps, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "limit": args.grid_limit, "kernel": cpu_kernel(),
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         }
         write_json_atomic(args.json, {"config": config, "grid": rows})
@@ -249,10 +272,18 @@ def window_class(n: int, window: int) -> str:
     return "W = n/8" if window * 8 <= n else "W = n/4"
 
 
+def _reps_text(config) -> str:
+    """How a grid file's medians were taken (files from before --min-time have a fixed count)."""
+    if not config.get("min_time"):
+        return f"reps={config['reps']} (median)"
+    return (f"reps={config['reps']}..{config['max_reps']} (median; more until FA's forward+backward calls "
+            f"add up to {config['min_time']:g} s)")
+
+
 def render_report(paths) -> str:
     """Markdown for grid JSON files: pass table, ratio matrices, every row."""
     files = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for f in files for r in f["grid"]]
+    rows = [{"reps": f["config"]["reps"], **r} for f in files for r in f["grid"]]  # older files: reps per file
     limit = files[0]["config"]["limit"]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     classes = ["W <= n/16", "W = n/8", "W = n/4"]
@@ -261,7 +292,7 @@ def render_report(paths) -> str:
         c = f["config"]
         out.append(
             f"`{Path(p).name}`: kernel={c.get('kernel', '?')} b={c['batch']} hq={c['heads']} d={c['head_dim']} "
-            f"S={c['sinks']} threads={c['threads']} reps={c['reps']} (median) torch={c['torch']} "
+            f"S={c['sinks']} threads={c['threads']} {_reps_text(c)} torch={c['torch']} "
             f"OMP_WAIT_POLICY={c['omp_wait_policy']}"
         )
     out += ["", f"Passing (SWA/FA <= {limit:.2f}x forward and forward+backward):", "",
@@ -295,14 +326,14 @@ def render_report(paths) -> str:
     for dt in dtypes:
         out += ["", f"## Every row, {dt}", "",
                 "| n | W | hq/hkv | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
-                "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
         for r in (r for r in rows if r["dtype"] == dt):
             out.append(
                 f"| {r['seq_len']} | {r['window']} | {r['heads'] // r['kv_heads']} | {r['block_size']} "
                 f"| {r['ideal']:.3f} | {r['fa_fwd_ms']:.1f} | {r['swa_fwd_ms']:.1f} | {r['fwd_ratio']:.3f}x "
                 f"| {r['fa_fwd_bwd_ms']:.1f} | {r['swa_fwd_bwd_ms']:.1f} | {r['fwd_bwd_ratio']:.3f}x "
-                f"| {'yes' if r['pass'] else 'NO'} |"
+                f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} |"
             )
     return "\n".join(out) + "\n"
 
@@ -365,7 +396,8 @@ def main(argv=None):
         max_err = (ours().float() - ref).abs().max().item() if ref is not None else None
         del ref
 
-    times = time_interleaved(methods, (q, k, v), grad_out, reps=args.reps, warmup=args.warmup)
+    times = time_interleaved(methods, (q, k, v), grad_out, reps=args.reps, warmup=args.warmup,
+                             min_time=args.min_time, max_reps=args.max_reps)
     med = {name: {key: statistics.median(ts) for key, ts in t.items()} for name, t in times.items()}
     fa_name = next(iter(methods))
     rows = []
@@ -385,15 +417,15 @@ def main(argv=None):
     config = {
         "batch": b, "heads": hq, "kv_heads": hkv, "seq_len": n, "head_dim": d,
         "window": W, "sinks": S, "block_size": block, "kernel": cpu_kernel(), "dtype": args.dtype,
-        "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads, "reps": len(times[fa_name]["fwd"]), "warmup": args.warmup,
+        "min_time": args.min_time, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "ideal_swa_ratio": swa_work_ratio(n, W),
         "max_abs_err_ours_vs_dense": max_err,
     }
     print(
         f"CPU attention benchmark: kernel={cpu_kernel()} b={b} hq={hq} hkv={hkv} n={n} d={d} W={W} S={S} "
-        f"{args.dtype} threads={args.threads} reps={args.reps} torch={torch.__version__} "
+        f"{args.dtype} threads={args.threads} reps={config['reps']} torch={torch.__version__} "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
     print(f"ideal SWA/FA work ratio (score entries) = {config['ideal_swa_ratio']:.3f}; "

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,36 @@ def test_work_ratio(attention_cpu):
         assert attention_cpu.swa_work_ratio(n, w) == pytest.approx(band.sum().item() / mask.sum().item())
 
 
+def test_time_interleaved_repeats_until_min_time(attention_cpu):
+    class Call:
+        """A method whose forward+backward takes ``seconds``; counts its calls."""
+
+        def __init__(self, seconds):
+            self.seconds, self.calls = seconds, 0
+
+        def __call__(self):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return x.sum()
+
+    x = torch.zeros(1, requires_grad=True)
+    grad = torch.ones(())
+    slow, fast = Call(0.01), Call(0.0)
+    times = attention_cpu.time_interleaved({"slow": slow, "fast": fast}, (x,), grad, reps=2, warmup=1,
+                                           min_time=0.1, max_reps=50)
+    # The slow method's timed forward+backward calls reach 0.1 s after about 10 repetitions,
+    # every method repeated alike; 3 calls a repetition plus 2 of warm-up.
+    got = len(times["slow"]["fwd_bwd"])
+    assert 8 <= got <= 11 and sum(times["slow"]["fwd_bwd"]) >= 0.1
+    assert all(len(t[key]) == got for t in times.values() for key in ("fwd", "fwd_bwd"))
+    assert slow.calls == fast.calls == 3 * got + 2
+    # --reps is the floor and --max-reps the cap.
+    assert len(attention_cpu.time_interleaved({"slow": slow}, (x,), grad, reps=4, warmup=0)["slow"]["fwd"]) == 4
+    capped = attention_cpu.time_interleaved({"slow": slow}, (x,), grad, reps=2, warmup=0, min_time=10.0,
+                                            max_reps=5)
+    assert len(capped["slow"]["fwd"]) == 5
+
+
 def test_grid_mode(attention_cpu, tmp_path):
     out = tmp_path / "grid.json"
     rows = attention_cpu.main([
@@ -49,6 +80,7 @@ def test_grid_mode(attention_cpu, tmp_path):
         assert r["fwd_ratio"] == pytest.approx(r["swa_fwd_ms"] / r["fa_fwd_ms"])
         assert r["fwd_bwd_ratio"] == pytest.approx(r["swa_fwd_bwd_ms"] / r["fa_fwd_bwd_ms"])
         assert r["pass"] == (max(r["fwd_ratio"], r["fwd_bwd_ratio"]) <= 0.30)
+        assert 1 <= r["reps"] <= 50  # --reps 1, more up to --max-reps (50) for --min-time (1 s)
     # FA is timed once per (n, ratio, dtype) and shared by its windows.
     fa = {(r["seq_len"], r["kv_heads"]): r["fa_fwd_ms"] for r in rows}
     assert all(r["fa_fwd_ms"] == fa[(r["seq_len"], r["kv_heads"])] for r in rows)
@@ -85,6 +117,7 @@ def test_report_renders_the_grid(attention_cpu, tmp_path, capsys):
     assert f"| fp32 | {counts} |" in text
     for r in rows:  # every row, and its matrix cell
         assert f"| {r['seq_len']} | {r['window']} | 1 | {r['block_size']} | {r['ideal']:.3f} |" in text
+        assert f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} |" in text
         cell = f"{r['fwd_ratio']:.2f} / {r['fwd_bwd_ratio']:.2f}"
         assert (cell if r["pass"] else f"**{cell}**") in text
 
