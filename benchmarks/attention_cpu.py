@@ -62,8 +62,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_consa.files import write_json_atomic  # noqa: E402
 from megatron_consa.backends import cpu_extension  # noqa: E402
 from megatron_consa.backends.torch_attention import (  # noqa: E402
+    cpu_q_tile,
     default_block_size,
-    default_cpu_q_tile,
     full_causal_attention,
     sliding_window_attention,
     sliding_window_mask,
@@ -123,7 +123,7 @@ def cpu_kernel() -> str:
 def swa_tile(window: int, n: int, rep: int, dtype: torch.dtype, head_dim: int) -> int:
     """The default tile of that kernel: query positions per tile (banded) or query block B (flash-op)."""
     if cpu_kernel() == "banded":
-        return default_cpu_q_tile(window, rep, cpu_extension.compute_dtype(dtype, head_dim))
+        return cpu_q_tile(window, rep, dtype, head_dim)
     return default_block_size(window, n)
 
 

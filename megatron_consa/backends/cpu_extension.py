@@ -116,10 +116,16 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64, torch.bfloat16)
 
 
+def brgemm_fp32() -> bool:
+    """Whether the kernel here runs its fp32 products on oneDNN brgemm (AVX-512 builds)."""
+    ext = extension()
+    return ext is not None and ext.brgemm_fp32()
+
+
 def compute_dtype(dtype: torch.dtype, head_dim: int) -> torch.dtype:
     """The dtype the kernel computes a ``dtype`` call in: fp32 for bf16 where it runs bf16 on
     its fp32 brgemm products (an AVX-512 build on a CPU whose oneDNN packs no bf16, such as
-    AMD Zen 4), else ``dtype``. The tile heuristic follows it (:func:`.default_cpu_q_tile`)."""
+    AMD Zen 4), else ``dtype``. The tile heuristic follows it (:func:`.cpu_q_tile`)."""
     ext = extension()
     if dtype == torch.bfloat16 and ext is not None and ext.bf16_as_fp32(head_dim):
         return torch.float32

@@ -27,7 +27,7 @@ and the sinks below it, in key tiles of at most :data:`CPU_KV_TILE`, with an
 online softmax; the tiles entirely inside the visible set skip the masking;
 the backward recomputes the probabilities from the forward's log-sum-exp and
 accumulates dK/dV in fp32 in place, so nothing key-sized is materialised per
-query block. The default ``T`` is :func:`default_cpu_q_tile`.
+query block. The default ``T`` is :func:`cpu_q_tile`.
 
 Where it does not build (no compiler, or a torch without MKL), and for fp16,
 the layout below runs on PyTorch's own CPU flash-attention ops instead. The first
@@ -398,25 +398,43 @@ CPU_KV_TILE = 512
 """Keys per tile of the banded CPU kernel (the CPU flash op's own ``kvSplitSize``)."""
 
 
-def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.float32) -> int:
+def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.float32, brgemm: bool = False) -> int:
     """Query positions per tile of the banded CPU kernel (:mod:`.cpu_extension`).
 
     A tile of ``T`` positions reads ``W + T - 1`` keys for ``W`` useful per row,
     so a small ``T`` wastes less; its ``rep * T`` rows (the GQA heads of a KV
     head share the tile) make bigger matrix products the larger it is. Measured
-    on 2 cores (n=4096, d=64, forward and forward+backward; differences of a few
-    percent): fp32 best at ``T = W / 8`` within 32..128 and at most 128 rows;
-    bf16 (AMX products, cheap next to the softmax) at 64..128 and at most 256
-    rows. Hence ``clamp(W / 8)`` to a power of two, halved (down to 16) while the
-    rows exceed the cap.
+    on 2 cores (d=64, forward and backward; differences of a few percent):
+
+    - fp32 on MKL's sgemm (AVX2 builds; n=4096): best at ``T = W / 8`` within
+      32..128 and at most 128 rows;
+    - fp32 on oneDNN brgemm (``brgemm``: AVX-512 builds, bf16 too where it runs
+      on them; Zen 4, n 1024..16384, 40 interleaved repetitions): 16 was 3-10%
+      faster than 32 at W 64..256, 32 within 5% of the best from W = 512 on, 64
+      and 128 up to 10% slower: 16 up to W = 256, then 32, at most 128 rows;
+    - bf16 (AMX products, cheap next to the softmax) at 64..128 and at most 256
+      rows.
+
+    Hence ``clamp(W / 8)`` to a power of two (or the brgemm rule), halved (down
+    to 16) while the rows exceed the cap.
     """
-    low, rows = (64, 256) if dtype in (torch.bfloat16, torch.float16) else (32, 128)
-    tile = low
-    while tile < 128 and tile * 8 < window:
-        tile *= 2
+    if brgemm and dtype == torch.float32:
+        tile, rows = (16 if window <= 256 else 32), 128
+    else:
+        low, rows = (64, 256) if dtype in (torch.bfloat16, torch.float16) else (32, 128)
+        tile = low
+        while tile < 128 and tile * 8 < window:
+            tile *= 2
     while tile > 16 and tile * rep > rows:
         tile //= 2
     return tile
+
+
+def cpu_q_tile(window: int, rep: int, dtype: torch.dtype, head_dim: int) -> int:
+    """:func:`default_cpu_q_tile` for a ``dtype`` call of this machine's kernel build: in the
+    dtype it computes in (:func:`.cpu_extension.compute_dtype`), on the products it uses."""
+    compute = cpu_extension.compute_dtype(dtype, head_dim)
+    return default_cpu_q_tile(window, rep, compute, brgemm=compute == torch.float32 and cpu_extension.brgemm_fp32())
 
 
 class _CpuBandedSWA(torch.autograd.Function):
@@ -538,7 +556,7 @@ def sliding_window_attention(
         scale: softmax scale (e.g. ``1 / sqrt(d)``).
         sink_tokens: ``S >= 0`` leading tokens every query may also attend to.
         block_size: query rows per tile of the banded CPU kernel (default
-            :func:`default_cpu_q_tile`), or the query block ``B`` of the chunked
+            :func:`cpu_q_tile`), or the query block ``B`` of the chunked
             layout elsewhere (default :func:`default_block_size`).
 
     Returns:
@@ -568,11 +586,8 @@ def sliding_window_attention(
     block = min(block, s - window)
     kernel = cpu_extension.extension() if q.device.type == "cpu" and cpu_extension.supports(q.dtype) else None
     if kernel is not None:
-        if block_size is None:
-            rep = q.shape[1] // k.shape[1]
-            q_tile = default_cpu_q_tile(window, rep, cpu_extension.compute_dtype(q.dtype, q.shape[-1]))
-        else:
-            q_tile = int(block_size)
+        q_tile = cpu_q_tile(window, q.shape[1] // k.shape[1], q.dtype, q.shape[-1]) if block_size is None \
+            else int(block_size)
         return _CpuBandedSWA.apply(q, k, v, window, scale, sinks, q_tile, kernel)
     if q.device.type == "cpu" and _cpu_flash_ops_available():
         return _CpuBlockedSWA.apply(q, k, v, window, scale, sinks, block)

@@ -18,6 +18,7 @@ import torch
 from megatron_consa.backends import cpu_extension
 from megatron_consa.backends.torch_attention import (
     CPU_KV_TILE,
+    cpu_q_tile,
     default_cpu_q_tile,
     sliding_window_attention,
 )
@@ -241,7 +242,8 @@ def test_bf16_megatron_layout_equals_contiguous():
 
 def test_bf16_as_fp32_equals_the_fp32_kernel():
     """Where bf16 runs on the fp32 brgemm kernel, its results are that kernel's on the
-    converted inputs, rounded to bf16 (the log-sum-exp stays fp32), forward and backward."""
+    converted inputs, rounded to bf16 (the log-sum-exp stays fp32), forward and backward,
+    and outlive the scratch the route computes in."""
     ext = _ext()
     d = 64
     if not ext.bf16_as_fp32(d):
@@ -254,6 +256,13 @@ def test_bf16_as_fp32_equals_the_fp32_kernel():
     grads32 = ext.backward(go.float(), q.float(), k.float(), v.float(), out.float(), lse, 50, 2, 0.125, 32, CPU_KV_TILE)
     for g, r in zip(grads, grads32):
         assert g.dtype == torch.bfloat16 and torch.equal(g, r.bfloat16())
+    # The route computes in the calling thread's scratch; what it returns is its own: a
+    # second call (other inputs, same shapes) leaves the first call's results as they were.
+    kept = [t.clone() for t in (out, lse, *grads)]
+    out2, _ = ext.forward(q * 2, k, v, 50, 2, 0.125, 32, CPU_KV_TILE)
+    grads2 = ext.backward(go * 2, q, k, v, out2, lse, 50, 2, 0.125, 32, CPU_KV_TILE)
+    assert not torch.equal(out2, out) and not torch.equal(grads2[0], grads[0])
+    assert all(torch.equal(t, c) for t, c in zip((out, lse, *grads), kept))
 
 
 def test_bf16_odd_key_row_stride_takes_the_mkl_path():
@@ -302,6 +311,20 @@ def test_default_q_tile():
     assert default_cpu_q_tile(512, rep=8) == 16
     assert default_cpu_q_tile(256, dtype=torch.bfloat16) == 64
     assert default_cpu_q_tile(512, rep=4, dtype=torch.bfloat16) == 64  # at most 256 rows
+    # fp32 on brgemm: 16 up to W = 256, then 32, at most 128 rows
+    assert [default_cpu_q_tile(w, brgemm=True) for w in (32, 256, 512, 2048)] == [16, 16, 32, 32]
+    assert default_cpu_q_tile(1024, rep=8, brgemm=True) == 16
+    assert default_cpu_q_tile(256, dtype=torch.bfloat16, brgemm=True) == 64  # bf16 on its own products
+
+
+def test_q_tile_follows_the_build():
+    """The tile a call gets is the heuristic's for the dtype and products this build runs."""
+    ext = _ext()
+    brgemm = ext.brgemm_fp32()
+    assert cpu_q_tile(128, 1, torch.float32, 64) == default_cpu_q_tile(128, brgemm=brgemm)
+    as_fp32 = ext.bf16_as_fp32(64)
+    want = default_cpu_q_tile(128, 1, torch.float32 if as_fp32 else torch.bfloat16, brgemm=brgemm and as_fp32)
+    assert cpu_q_tile(128, 1, torch.bfloat16, 64) == want
 
 
 def test_mode_variable(monkeypatch):
