@@ -406,8 +406,8 @@ def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.flo
     head share the tile) make bigger matrix products the larger it is. Measured
     on 2 cores (d=64, forward and backward; differences of a few percent):
 
-    - fp32 on MKL's sgemm (AVX2 builds; n=4096): best at ``T = W / 8`` within
-      32..128 and at most 128 rows;
+    - fp32 on MKL's sgemm (AVX2 builds; measured on Intel at n=4096 before the
+      brgemm products): best at ``T = W / 8`` within 32..128 and at most 128 rows;
     - fp32 on oneDNN brgemm (``brgemm``: AVX-512 builds, bf16 too where it runs
       on them; Zen 4, n 1024..16384, 40 interleaved repetitions): 16 was 3-10%
       faster than 32 at W 64..256, 32 within 5% of the best from W = 512 on, 64
