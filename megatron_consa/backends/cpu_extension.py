@@ -72,20 +72,19 @@ def module_name() -> str:
     return f"consa_swa_cpu_{capability().lower()}_torch{version}"
 
 
-@functools.lru_cache(maxsize=1)
-def _build():
+def build(name: str, source: Path):
+    """Compile ``source`` (this module's kernel, or another version of it: a benchmark's
+    baseline) as the extension module ``name``, for this machine's capability."""
     from torch.utils.cpp_extension import load
 
-    cap = capability()
     # -fopenmp: at::parallel_for is inline and runs serially in code compiled without it.
-    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + _CAPABILITY_FLAGS.get(cap, [])
-    return load(
-        name=module_name(),
-        sources=[str(SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + _CAPABILITY_FLAGS.get(capability(), [])
+    return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _build():
+    return build(module_name(), SOURCE)
 
 
 @functools.lru_cache(maxsize=1)

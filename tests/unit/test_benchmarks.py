@@ -146,6 +146,33 @@ def test_cpu_kernel_products_compares_brgemm_with_mkl(tmp_path):
     assert json.loads((tmp_path / "products.json").read_text())["rows"] == rows
 
 
+def test_cpu_kernel_products_against_a_baseline_source(tmp_path, monkeypatch):
+    """--baseline times this checkout's kernel against another version of its source, in the
+    library's tile and the chosen dtype: a git revision resolves to that revision's kernel,
+    and the source is compiled under a module name of its own (the build itself is the
+    library's, stubbed here with this checkout's module: the test times the same kernel twice)."""
+    from megatron_consa.backends import cpu_extension
+
+    bench = _load("cpu_kernel_products")
+    assert bench.baseline_source("HEAD").read_text().startswith("// Banded (sliding-window) flash attention")
+    with pytest.raises(SystemExit, match="neither a file nor a git revision"):
+        bench.baseline_source("no-such-revision")
+    built = []
+    monkeypatch.setattr(cpu_extension, "build", lambda name, source: built.append((name, source)) or cpu_extension.extension())
+    argv = ["--shapes", "256:32:1,200:64:2", "--heads", "4", "--head-dim", "64", "--reps", "2", "--dtype", "bf16",
+            "--threads", str(torch.get_num_threads()), "--baseline", str(cpu_extension.SOURCE),
+            "--json", str(tmp_path / "versions.json")]
+    rows = bench.main(argv)
+    [(name, source)] = built
+    assert source == cpu_extension.SOURCE and name.startswith(cpu_extension.module_name() + "_baseline_")
+    for r, (n, w, ratio) in zip(rows, [(256, 32, 1), (200, 64, 2)]):
+        assert (r["seq_len"], r["window"], r["kv_heads"]) == (n, w, 4 // ratio)
+        assert r["tile"] == bench.cpu_q_tile(w, ratio, torch.bfloat16, 64)
+        assert r["max_rel_diff"] == 0.0  # the same kernel twice
+        assert r["fwd_ratio"] == pytest.approx(r["fwd_this_ms"] / r["fwd_baseline_ms"])
+    assert json.loads((tmp_path / "versions.json").read_text())["config"]["dtype"] == "bf16"
+
+
 def test_model_step_runs_every_model(tmp_path):
     """The model step builds the stock models (megatron-core's own spec) and every ConSA model, and
     refuses --transformer-engine where TE cannot run (its figures are not asserted)."""

@@ -240,24 +240,42 @@ def test_bf16_megatron_layout_equals_contiguous():
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
-def test_bf16_as_fp32_equals_the_fp32_kernel():
-    """Where bf16 runs on the fp32 brgemm kernel, its results are that kernel's on the
-    converted inputs, rounded to bf16 (the log-sum-exp stays fp32), forward and backward,
-    and outlive the scratch the route computes in."""
+@pytest.mark.parametrize("b,hq,hkv,s,d,window,sinks,q_tile,kv_tile",
+                         CASES + [(1, 4, 2, 300, 64, 50, 2, 32, CPU_KV_TILE), (1, 8, 2, 700, 64, 300, 5, 16, 512)])
+def test_bf16_as_fp32_equals_the_fp32_kernel(b, hq, hkv, s, d, window, sinks, q_tile, kv_tile):
+    """Where bf16 runs on the fp32 brgemm products (converting its tiles' rows and K/V as it
+    reaches them), its results are the fp32 kernel's on the converted inputs, rounded to bf16
+    (the log-sum-exp stays fp32), forward and backward, at every tiling case (the backward's
+    query segments among them) and on megatron's [s, b, h, d] views."""
+    ext = _ext()
+    if not ext.bf16_as_fp32(d):
+        pytest.skip(NO_BF16_AS_FP32)
+    scale = 0.7 / math.sqrt(d)
+    args = (window, sinks, scale, q_tile, kv_tile)
+    q, k, v = (t.bfloat16() for t in _qkv(b, hq, hkv, s, d, torch.float64))
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    out32, lse32 = ext.forward(q.float(), k.float(), v.float(), *args)
+    # megatron's layout: [s, b, h, d] tensors permuted to [b, h, s, d] views
+    views = [t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for t in (q, k, v, go)]
+    for q_, k_, v_, go_ in ((q, k, v, go), views):
+        out, lse = ext.forward(q_, k_, v_, *args)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
+        grads = ext.backward(go_, q_, k_, v_, out, lse, *args)
+        grads32 = ext.backward(go.float(), q.float(), k.float(), v.float(), out.float(), lse, *args)
+        for name, g, r in zip("qkv", grads, grads32):
+            assert g.dtype == torch.bfloat16 and torch.equal(g, r.bfloat16()), f"d{name}"
+
+
+def test_bf16_as_fp32_results_are_the_callers():
+    """The bf16-on-fp32 route computes in per-thread scratch; what it returns is its own: a
+    second call (other inputs, same shapes) leaves the first call's results as they were."""
     ext = _ext()
     d = 64
     if not ext.bf16_as_fp32(d):
         pytest.skip(NO_BF16_AS_FP32)
     q, k, v, go = (t.bfloat16() for t in _qkv(1, 4, 2, 300, d, torch.float64) + [torch.randn(1, 4, 300, d)])
     out, lse = ext.forward(q, k, v, 50, 2, 0.125, 32, CPU_KV_TILE)
-    out32, lse32 = ext.forward(q.float(), k.float(), v.float(), 50, 2, 0.125, 32, CPU_KV_TILE)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
     grads = ext.backward(go, q, k, v, out, lse, 50, 2, 0.125, 32, CPU_KV_TILE)
-    grads32 = ext.backward(go.float(), q.float(), k.float(), v.float(), out.float(), lse, 50, 2, 0.125, 32, CPU_KV_TILE)
-    for g, r in zip(grads, grads32):
-        assert g.dtype == torch.bfloat16 and torch.equal(g, r.bfloat16())
-    # The route computes in the calling thread's scratch; what it returns is its own: a
-    # second call (other inputs, same shapes) leaves the first call's results as they were.
     kept = [t.clone() for t in (out, lse, *grads)]
     out2, _ = ext.forward(q * 2, k, v, 50, 2, 0.125, 32, CPU_KV_TILE)
     grads2 = ext.backward(go * 2, q, k, v, out2, lse, 50, 2, 0.125, 32, CPU_KV_TILE)

@@ -19,8 +19,8 @@
 // Matrix products go to MKL (sgemm_ / dgemm_ / cblas_gemm_bf16bf16f32), which
 // torch's CPU build exports, except where oneDNN brgemm serves better: the bf16 forward
 // on VNNI-packed blocks (AMX; PackedHead), and fp32 forward and backward in AVX-512
-// builds (TransposedHead), which bf16 also takes where oneDNN packs no bf16. Everything
-// else is ATen's vectorised helpers.
+// builds (HeadCopy), which bf16 also takes, converted as it goes, where oneDNN packs no
+// bf16. Everything else is ATen's vectorised helpers.
 
 #include <torch/extension.h>
 
@@ -113,7 +113,7 @@ template <typename T>
 T* scratch(int slot, int64_t n) {
   constexpr int64_t kLine = 64;
   static_assert(kLine % alignof(T) == 0, "scratch elements must align within a cache line");
-  thread_local std::vector<unsigned char> buffers[27];
+  thread_local std::vector<unsigned char> buffers[25];
   std::vector<unsigned char>& buffer = buffers[slot];
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T)) + kLine;
   if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
@@ -206,19 +206,21 @@ inline void for_each_key_tile(const KeyRanges& kr, int64_t kT, int64_t align, F&
   for_each_tile(kr.win_begin, kr.win_end, kT, align, f);
 }
 
-// Rows [m0, m0 + qB) of the `rep` heads h0.. of x (strides sh, sm) as one [rep*qB, D] block:
-// a pointer into x when they already are one (rep == 1), else packed into `buf`.
-template <typename scalar_t>
-inline const scalar_t* tile_rows(const scalar_t* x, int64_t sh, int64_t sm, const RowTile& rt, int64_t D,
-                                 scalar_t* buf, int64_t* ld) {
-  if (rt.rep == 1) {
-    *ld = sm;
-    return x;
+// Rows [m0, m0 + qB) of the `rep` heads h0.. of x (strides sh, sm) as one [rep*qB, D] block of
+// out_t: a pointer into x when they already are one (rep == 1, no conversion), else copied (bf16
+// converted to fp32 for the fp32 products) into `buf`.
+template <typename out_t, typename scalar_t>
+inline const out_t* tile_rows(const scalar_t* x, int64_t sh, int64_t sm, const RowTile& rt, int64_t D,
+                              out_t* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<out_t, scalar_t>) {
+    if (rt.rep == 1) {
+      *ld = sm;
+      return x;
+    }
   }
   for (int64_t hr = 0; hr < rt.rep; ++hr) {
     for (int64_t r = 0; r < rt.qB; ++r) {
-      const scalar_t* src = x + hr * sh + r * sm;
-      std::copy(src, src + D, buf + (hr * rt.qB + r) * D);
+      at::vec::convert<scalar_t, out_t>(x + hr * sh + r * sm, buf + (hr * rt.qB + r) * D, D);
     }
   }
   *ld = D;
@@ -319,58 +321,87 @@ inline bool can_brgemm_fp32() { return kBrgemmFp32; }
 
 // bf16 where oneDNN packs no bf16 but the fp32 brgemm path runs (AVX-512 without AMX, such as
 // AMD Zen 4): MKL's bf16 GEMM there was slower than our fp32 products on nearly every grid
-// shape (docs/benchmarks/attention_cpu_grid_zen4.md), so bf16 inputs run the fp32 kernel,
-// converted once (O(n d) against the kernel's O(n W d)); results are rounded to bf16.
+// shape (docs/benchmarks/attention_cpu_grid_zen4.md), so bf16 inputs run the fp32 products:
+// each thread converts the query rows of its tile and the K/V of its (b, KV head) as its
+// tiles reach them (HeadCopy), into its own scratch, and rounds the results as it stores
+// them. Converting whole tensors first cost a sixth of a small call (n=1024).
 inline bool bf16_as_fp32(int64_t D) { return can_brgemm_fp32() && !can_pack_bf16(D); }
 
-// x converted to fp32 in the calling thread's scratch `slot` (22..26, which the kernels'
-// workers leave alone), contiguous: fresh tensors of that size are page-faulted on every
-// call, which at n=1024 cost as much as the kernel. Valid until the thread's next call.
-at::Tensor as_fp32_scratch(const at::Tensor& x, int slot) {
-  at::Tensor y = at::from_blob(scratch<float>(slot, x.numel()), x.sizes(), x.options().dtype(at::kFloat));
-  y.copy_(x);
-  return y;
-}
-
 // Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
-// which takes no transposed operand: K^T and V^T (TransposedHead), the backward's P^T and dS^T.
+// which takes no transposed operand: K^T and V^T (HeadCopy), the backward's P^T and dS^T.
 inline void transpose_into(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
   at::vec::transpose_mxn<float>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
 }
 
-// One thread's K^T (or V^T) of one (b, KV head), in scratch `slot`: [D, ld], column j =
-// key j. ld is padded(N) plus a line, so that the rows of a long sequence are not a power of
-// two apart (they would share cache sets). The sinks below the first tile's window are
-// transposed at once, the keys from `lo` on as the tiles reach them (transpose_until).
-class TransposedHead {
+// One (b, KV head)'s K or V in fp32 for the brgemm products, in one thread's scratch `slot`:
+// transposed ([D, ld], column j = key j: K^T, and in the backward V^T, since brgemm takes no
+// transposed operand) or as rows ([keys, ld]: V in the forward, K in the backward's dQ). Rows
+// of an fp32 source are read where they are; everything else is copied (bf16 converted) as the
+// tiles reach the keys: the sinks below the first tile's window at once, the keys from `lo` on
+// as copy_until asks, each key once. The transposed ld is padded(N) plus a line, so that the
+// rows of a long sequence are not a power of two apart (they would share cache sets).
+enum class Layout { kTransposed, kRows };
+
+template <typename scalar_t>
+class HeadCopy {
  public:
-  TransposedHead() = default;
-  TransposedHead(int slot, const float* ks, int64_t ksn, int64_t N, int64_t D, int64_t S, int64_t lo)
-      : ks_(ks), ksn_(ksn), D_(D), ld_(padded(N) + kRowAlign), done_(lo) {
-    kt_ = scratch<float>(slot, D * ld_);
-    transpose(0, std::min(S, lo));
+  HeadCopy() = default;
+  HeadCopy(int slot, Layout layout, const scalar_t* xs, int64_t xsn, int64_t N, int64_t D, int64_t S, int64_t lo)
+      : xs_(xs), xsn_(xsn), D_(D), transposed_(layout == Layout::kTransposed), done_(lo) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (!transposed_) {  // in place
+        data_ = xs;
+        ld_ = xsn;
+        done_ = N;
+        return;
+      }
+    }
+    ld_ = transposed_ ? padded(N) + kRowAlign : D;
+    copy_ = scratch<float>(slot, transposed_ ? D * ld_ : N * D);
+    data_ = copy_;
+    copy(0, std::min(S, lo));
   }
 
-  void transpose_until(int64_t key_end) {
-    if (key_end > done_) transpose(done_, key_end);
+  void copy_until(int64_t key_end) {
+    if (key_end > done_) copy(done_, key_end);
     done_ = std::max(done_, key_end);
   }
 
-  const float* k_t(int64_t key) const { return kt_ + key; }
+  // from key `key` on: a column of K^T, or a row
+  const float* at(int64_t key) const { return data_ + (transposed_ ? key : key * ld_); }
   int64_t ld() const { return ld_; }
 
  private:
-  void transpose(int64_t j0, int64_t j1) {  // keys [j0, j1): [keys, D] rows to [D, keys] columns
-    if (j1 > j0) transpose_into(ks_ + j0 * ksn_, ksn_, j1 - j0, D_, kt_ + j0, ld_);
+  static constexpr int64_t kChunk = 64;  // bf16 keys converted at a time before their transpose
+  static constexpr int kStagingSlot = 22;
+
+  void copy(int64_t j0, int64_t j1) {  // keys [j0, j1)
+    if (j1 <= j0) return;
+    if (!transposed_) {
+      for (int64_t j = j0; j < j1; ++j) at::vec::convert<scalar_t, float>(xs_ + j * xsn_, copy_ + j * D_, D_);
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      transpose_into(xs_ + j0 * xsn_, xsn_, j1 - j0, D_, copy_ + j0, ld_);
+    } else {  // converted in chunks of rows, each transposed while in cache
+      float* rows = scratch<float>(kStagingSlot, kChunk * D_);
+      for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+        const int64_t c1 = std::min(j1, c0 + kChunk);
+        for (int64_t j = c0; j < c1; ++j) at::vec::convert<scalar_t, float>(xs_ + j * xsn_, rows + (j - c0) * D_, D_);
+        transpose_into(rows, D_, c1 - c0, D_, copy_ + c0, ld_);
+      }
+    }
   }
 
-  const float* ks_ = nullptr;
-  int64_t ksn_ = 0, D_ = 0, ld_ = 0, done_ = 0;
-  float* kt_ = nullptr;
+  const scalar_t* xs_ = nullptr;
+  int64_t xsn_ = 0, D_ = 0;
+  bool transposed_ = true;
+  int64_t ld_ = 0, done_ = 0;
+  float* copy_ = nullptr;
+  const float* data_ = nullptr;
 };
 
 // How a forward tile does its products: MKL (any dtype), oneDNN brgemm on VNNI-packed
-// bf16 blocks (PackedHead), or oneDNN brgemm in fp32 on a transposed K (TransposedHead).
+// bf16 blocks (PackedHead), or oneDNN brgemm in fp32 on a transposed K (HeadCopy; bf16
+// inputs converted as the tiles reach them).
 enum class Products { kBlas, kPackedBf16, kBrgemmFp32 };
 
 template <typename scalar_t, Products products = Products::kBlas>
@@ -382,7 +413,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   constexpr bool Packed = products == Products::kPackedBf16, Brgemm = products == Products::kBrgemmFp32;
   constexpr bool unscaled = Packed || Brgemm;  // brgemm has no alpha: the softmax applies the scale
   static_assert(!Packed || std::is_same_v<scalar_t, at::BFloat16>, "the packed path is bf16's");
-  static_assert(!Brgemm || std::is_same_v<scalar_t, float>, "the transposed-K brgemm path is fp32's");
+  static_assert(!Brgemm || std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>,
+                "the fp32 brgemm path takes fp32 or bf16 (converted)");
+  // what the products read (the brgemm path: fp32, bf16 converted) and the probabilities' type
+  // (bf16 for bf16 products, else the accumulation type)
+  using prod_t = std::conditional_t<Brgemm, float, scalar_t>;
+  using p_t = std::conditional_t<reduced && !Brgemm, scalar_t, acc_t>;
+  constexpr bool converted = Brgemm && reduced, reduced_p = !std::is_same_v<p_t, acc_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t rep = Hq / Hkv;
@@ -405,8 +442,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     acc_t* dst = scratch<acc_t>(1, max_rows * D);
     acc_t* row_max = scratch<acc_t>(2, max_rows);
     acc_t* row_sum = scratch<acc_t>(3, max_rows);
-    scalar_t* qk_reduced = scratch<scalar_t>(4, reduced ? max_rows * ldmax : 0);
-    scalar_t* q_pack = scratch<scalar_t>(5, rep > 1 ? max_rows * D : 0);
+    p_t* qk_reduced = scratch<p_t>(4, reduced_p ? max_rows * ldmax : 0);
+    prod_t* q_pack = scratch<prod_t>(5, rep > 1 || converted ? max_rows * D : 0);
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     // row groups of the softmax: G rows' lane vectors, reduced per row by one transpose
     constexpr int64_t G = Vec::size();
@@ -419,8 +456,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       acc.store(result);
     };
     PackedHead packed{};
-    TransposedHead transposed{};
-    int64_t head_bg = -1;  // the (b, g) whose K/V the thread keeps packed or transposed
+    HeadCopy<scalar_t> k_t{}, v_rows{};
+    int64_t head_bg = -1;  // the (b, g) whose K/V the thread keeps packed or copied
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % nqt, g = (task / nqt) % Hkv, b = task / (nqt * Hkv);
       const int64_t m0 = t * qT, m1 = std::min(N, m0 + qT);
@@ -438,21 +475,24 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       }
       if constexpr (Brgemm) {
         if (new_head) {
-          transposed = TransposedHead(16, kd + b * ksb + g * ksh, ksn, N, D, S, key_ranges(m0, m1, W, S).win_begin);
+          const int64_t lo = key_ranges(m0, m1, W, S).win_begin;
+          k_t = HeadCopy<scalar_t>(16, Layout::kTransposed, kd + b * ksb + g * ksh, ksn, N, D, S, lo);
+          v_rows = HeadCopy<scalar_t>(17, Layout::kRows, vd + b * vsb + g * vsh, vsn, N, D, S, lo);
         }
-        transposed.transpose_until(m1);
+        k_t.copy_until(m1);
+        v_rows.copy_until(m1);
       }
       const RowTile rt{m0, m1 - m0, rep};
       const int64_t R = rt.rows();
       int64_t q_ld = 0;
-      const scalar_t* qp = tile_rows(qd + b * qsb + g * rep * qsh + m0 * qsm, qsh, qsm, rt, D, q_pack, &q_ld);
+      const prod_t* qp = tile_rows(qd + b * qsb + g * rep * qsh + m0 * qsm, qsh, qsm, rt, D, q_pack, &q_ld);
       const scalar_t* kp = kd + b * ksb + g * ksh;
       const scalar_t* vp = vd + b * vsb + g * vsh;
       fill(row_max, neg_inf, R);
       fill(row_sum, acc_t(0), R);
       // the first key tile's P V overwrites dst (a row that sees none of it gets P = 0);
       // the fallback bf16 gemm is not relied on to skip reading C at beta = 0
-      bool overwrite = !reduced || Packed;
+      bool overwrite = !reduced_p || Packed;
       if (!overwrite) fill(dst, acc_t(0), R * D);
       for_each_key_tile(key_ranges(m0, m1, W, S, align), kT, align, [&](int64_t n0, int64_t n1) {
         const int64_t kB = n1 - n0;
@@ -464,7 +504,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             c += cols;
           }
         } else if constexpr (Brgemm) {
-          at::native::cpublas::brgemm(R, kB, D, q_ld, transposed.ld(), ldp, false, qp, transposed.k_t(n0), qk);
+          at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.at(n0), qk);
         } else {
           scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, qk);
         }
@@ -479,10 +519,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             if (i < rows) {
               const int64_t r = g0 + i;
               acc_t* row = qk + r * ldp;
-              scalar_t* out_row = reduced ? qk_reduced + r * ldp : reinterpret_cast<scalar_t*>(row);
+              p_t* out_row = reduced_p ? qk_reduced + r * ldp : reinterpret_cast<p_t*>(row);
               const Span span = spans[i] = visible_span(row, rt.m0 + r % rt.qB, n0, n1, W, S);
               // P V reads every column: hidden ones are 0 (a separate bf16 row: zeroed whole)
-              if constexpr (reduced) {
+              if constexpr (reduced_p) {
                 zero(out_row, ldp);
               } else {
                 zero(out_row, span.c0);
@@ -502,25 +542,25 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               const int64_t r = g0 + i;
               const Span span = spans[i];
               acc_t* row = qk + r * ldp;
-              scalar_t* out_row = reduced ? qk_reduced + r * ldp : reinterpret_cast<scalar_t*>(row);
+              p_t* out_row = reduced_p ? qk_reduced + r * ldp : reinterpret_cast<p_t*>(row);
               const acc_t new_max = group_max[i] = std::max(row_max[r], group_max[i] * (unscaled ? scale : acc_t(1)));
               if (new_max == neg_inf) {  // nothing of this row visible yet
                 zero(out_row + span.c0, span.c1 - span.c0);
               } else {
                 const Vec shift(-new_max), vscale(unscaled ? scale : acc_t(1));
                 int64_t c = span.c0;
-                if constexpr (reduced) {  // two vectors per bf16 store
+                if constexpr (reduced_p) {  // two vectors per bf16 store
                   for (; c + 2 * Vec::size() <= span.c1; c += 2 * Vec::size()) {
                     const Vec e0 = at::vec::fmadd(Vec::loadu(row + c), vscale, shift).exp_u20();
                     const Vec e1 = at::vec::fmadd(Vec::loadu(row + c + Vec::size()), vscale, shift).exp_u20();
-                    at::vec::convert_from_float<scalar_t>(e0, e1).store(out_row + c);
+                    at::vec::convert_from_float<p_t>(e0, e1).store(out_row + c);
                     vsum += e0;
                     vsum2 += e1;
                   }
                 }
                 for (; c < span.c1; c += Vec::size()) {
                   const Vec e = (unscaled ? at::vec::fmadd(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) + shift).exp_u20();
-                  store_as<scalar_t>(out_row + c, e);
+                  store_as<p_t>(out_row + c, e);
                   vsum += e;
                 }
               }
@@ -550,8 +590,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, !overwrite, qk_reduced, vb, dst + dc * kPackBlock);
           }
         } else if constexpr (Brgemm) {
-          at::native::cpublas::brgemm(R, D, kB, ldp, vsn, D, !overwrite, qk, vp + n0 * vsn, dst);
-        } else if constexpr (reduced) {
+          at::native::cpublas::brgemm(R, D, kB, ldp, v_rows.ld(), D, !overwrite, qk, v_rows.at(n0), dst);
+        } else if constexpr (reduced_p) {
           gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk_reduced, ldp, acc_t(1), dst, D);
         } else {
           gemm(false, false, D, R, kB, acc_t(1), vp + n0 * vsn, vsn, qk, ldp, overwrite ? acc_t(0) : acc_t(1), dst, D);
@@ -581,7 +621,8 @@ struct Task {
 };
 
 // The backward's products: MKL (any dtype), or oneDNN brgemm in fp32 on AVX-512, on K^T and
-// V^T kept per task (TransposedHead) and P^T, dS^T transposed per tile.
+// V^T kept per task (HeadCopy; bf16 inputs converted, K's rows too) and P^T, dS^T transposed
+// per tile.
 template <typename scalar_t, bool Brgemm = false>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
@@ -589,7 +630,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
-  static_assert(!Brgemm || std::is_same_v<scalar_t, float>, "the brgemm backward is fp32's");
+  static_assert(!Brgemm || std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>,
+                "the brgemm backward takes fp32 or bf16 (converted)");
+  using prod_t = std::conditional_t<Brgemm, float, scalar_t>;  // as in the forward
+  using p_t = std::conditional_t<reduced && !Brgemm, scalar_t, acc_t>;
+  constexpr bool converted = Brgemm && reduced, reduced_p = !std::is_same_v<p_t, acc_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t rep = Hq / Hkv;
@@ -644,22 +689,26 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     acc_t* dsum = scratch<acc_t>(8, max_rows);
     acc_t* norm = scratch<acc_t>(9, max_rows);
     acc_t* dq = scratch<acc_t>(10, max_rows * D);
-    scalar_t* attn_reduced = scratch<scalar_t>(11, reduced ? max_rows * ldmax : 0);
-    scalar_t* grad_attn_reduced = scratch<scalar_t>(12, reduced ? max_rows * ldmax : 0);
-    scalar_t* q_pack = scratch<scalar_t>(13, rep > 1 ? max_rows * D : 0);
-    scalar_t* go_pack = scratch<scalar_t>(14, rep > 1 ? max_rows * D : 0);
+    p_t* attn_reduced = scratch<p_t>(11, reduced_p ? max_rows * ldmax : 0);
+    p_t* grad_attn_reduced = scratch<p_t>(12, reduced_p ? max_rows * ldmax : 0);
+    prod_t* q_pack = scratch<prod_t>(13, rep > 1 || converted ? max_rows * D : 0);
+    prod_t* go_pack = scratch<prod_t>(14, rep > 1 || converted ? max_rows * D : 0);
+    acc_t* out_row = scratch<acc_t>(24, converted ? D : 0);  // a row of O, converted
     Span* spans = scratch<Span>(15, max_rows);
     acc_t* attn_t = scratch<acc_t>(20, Brgemm ? ldmax * ldt : 0);       // P^T [kB, R]
     acc_t* grad_attn_t = scratch<acc_t>(21, Brgemm ? ldmax * ldt : 0);  // dS^T [kB, R]
-    TransposedHead k_t{}, v_t{};
+    HeadCopy<scalar_t> k_t{}, v_t{}, k_rows{};
+    auto mul = [](Vec x, Vec y) { return x * y; };
+    auto add = [](Vec x, Vec y) { return x + y; };
     for (int64_t ti = begin; ti < end; ++ti) {
       const Task& task = tasks[ti];
       const scalar_t* kp = kd + task.b * ksb + task.g * ksh;
       const scalar_t* vp = vd + task.b * vsb + task.g * vsh;
       if constexpr (Brgemm) {
         const int64_t lo = key_ranges(task.q0, std::min(task.q1, task.q0 + qT), W, S).win_begin;
-        k_t = TransposedHead(18, kp, ksn, N, D, S, lo);
-        v_t = TransposedHead(19, vp, vsn, N, D, S, lo);
+        k_t = HeadCopy<scalar_t>(18, Layout::kTransposed, kp, ksn, N, D, S, lo);
+        v_t = HeadCopy<scalar_t>(19, Layout::kTransposed, vp, vsn, N, D, S, lo);
+        k_rows = HeadCopy<scalar_t>(23, Layout::kRows, kp, ksn, N, D, S, lo);
       }
       const bool first = task.q0 == 0;
       acc_t* dk_task = first ? akd + (task.b * Hkv + task.g) * N * D : dk_side + task.offset * D;
@@ -676,21 +725,25 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         const int64_t h0 = task.g * rep;
         const int64_t row0 = (task.b * Hq + h0) * N + m0;  // contiguous [b, hq, s] row of (h0, m0)
         int64_t q_ld = 0, go_ld = 0;
-        const scalar_t* qp = tile_rows(qd + task.b * qsb + h0 * qsh + m0 * qsm, qsh, qsm, rt, D, q_pack, &q_ld);
-        const scalar_t* gop = tile_rows(god + row0 * D, N * D, D, rt, D, go_pack, &go_ld);
+        const prod_t* qp = tile_rows(qd + task.b * qsb + h0 * qsh + m0 * qsm, qsh, qsm, rt, D, q_pack, &q_ld);
+        const prod_t* gop = tile_rows(god + row0 * D, N * D, D, rt, D, go_pack, &go_ld);
         for (int64_t hr = 0; hr < rep; ++hr) {
           for (int64_t r = 0; r < rt.qB; ++r) {
             const int64_t i = hr * rt.qB + r, row = row0 + hr * N + r;
             norm[i] = ld[row];
-            dsum[i] = at::vec::map2_reduce_all<scalar_t>([](Vec x, Vec y) { return x * y; },
-                                                         [](Vec x, Vec y) { return x + y; },
-                                                         god + row * D, od + row * D, D);
+            if constexpr (converted) {  // from the converted rows, as the fp32 kernel sums them
+              at::vec::convert<scalar_t, acc_t>(od + row * D, out_row, D);
+              dsum[i] = at::vec::map2_reduce_all<acc_t>(mul, add, gop + i * go_ld, out_row, D);
+            } else {
+              dsum[i] = at::vec::map2_reduce_all<scalar_t>(mul, add, god + row * D, od + row * D, D);
+            }
           }
         }
         fill(dq, acc_t(0), R * D);
         if constexpr (Brgemm) {
-          k_t.transpose_until(m1);
-          v_t.transpose_until(m1);
+          k_t.copy_until(m1);
+          v_t.copy_until(m1);
+          k_rows.copy_until(m1);
         }
         for_each_key_tile(key_ranges(m0, m1, W, S), kT, 1, [&](int64_t n0, int64_t n1) {
           const int64_t kB = n1 - n0, ldp = padded(kB);
@@ -698,7 +751,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           acc_t* dv_rows = dv_task + local_row(n0) * D;
           // P = exp(scale * Q K^T - lse), hidden entries 0 (brgemm: Q K^T unscaled, scaled in the exp)
           if constexpr (Brgemm) {
-            at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.k_t(n0), attn);
+            at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.at(n0), attn);
           } else {
             scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
           }
@@ -706,26 +759,26 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           for (int64_t r = 0; r < R; ++r) {
             const Vec shift(norm[r]);
             acc_t* row = attn + r * ldp;
-            scalar_t* row_reduced = attn_reduced + r * ldp;
+            p_t* row_reduced = attn_reduced + r * ldp;
             const Span span = spans[r] = visible_span(row, m0 + r % rt.qB, n0, n1, W, S);
             zero(row, span.c0);
             zero(row + span.c1, ldp - span.c1);
-            if constexpr (reduced) {
+            if constexpr (reduced_p) {
               zero(row_reduced, span.c0);
               zero(row_reduced + span.c1, ldp - span.c1);
             }
             for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
               const Vec e = (Brgemm ? at::vec::fmsub(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) - shift).exp();
               e.store(row + c);
-              if constexpr (reduced) store_as<scalar_t>(row_reduced + c, e);
+              if constexpr (reduced_p) store_as<p_t>(row_reduced + c, e);
             }
           }
-          const scalar_t* P = reduced ? attn_reduced : reinterpret_cast<const scalar_t*>(attn);
+          const p_t* P = reduced_p ? attn_reduced : reinterpret_cast<const p_t*>(attn);
           // dV[kB, d] += P^T dO ;  dP = dO V^T
           if constexpr (Brgemm) {
             transpose_into(attn, ldp, R, kB, attn_t, ldt);
             at::native::cpublas::brgemm(kB, D, R, ldt, go_ld, D, true, attn_t, gop, dv_rows);
-            at::native::cpublas::brgemm(R, kB, D, go_ld, v_t.ld(), ldp, false, gop, v_t.k_t(n0), grad_attn);
+            at::native::cpublas::brgemm(R, kB, D, go_ld, v_t.ld(), ldp, false, gop, v_t.at(n0), grad_attn);
           } else {
             gemm(false, true, D, kB, R, acc_t(1), gop, go_ld, P, ldp, acc_t(1), dv_rows, D);
             scores(gop, go_ld, vp + n0 * vsn, vsn, R, kB, ldp, D, acc_t(1), grad_attn);
@@ -735,20 +788,20 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           for (int64_t r = 0; r < R; ++r) {
             const Vec ds(dsum[r]);
             acc_t* dp = grad_attn + r * ldp;
-            scalar_t* ds_row = reduced ? grad_attn_reduced + r * ldp : reinterpret_cast<scalar_t*>(dp);
+            p_t* ds_row = reduced_p ? grad_attn_reduced + r * ldp : reinterpret_cast<p_t*>(dp);
             const acc_t* p = attn + r * ldp;
             const Span span = spans[r];
             zero(ds_row, span.c0);
             zero(ds_row + span.c1, ldp - span.c1);
             for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
               const Vec grad = Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds);
-              store_as<scalar_t>(ds_row + c, Brgemm ? grad * vscale : grad);
+              store_as<p_t>(ds_row + c, Brgemm ? grad * vscale : grad);
             }
           }
-          const scalar_t* dS = reduced ? grad_attn_reduced : reinterpret_cast<const scalar_t*>(grad_attn);
+          const p_t* dS = reduced_p ? grad_attn_reduced : reinterpret_cast<const p_t*>(grad_attn);
           // dQ[R, d] += scale * dS K ;  dK[kB, d] += scale * dS^T Q
           if constexpr (Brgemm) {
-            at::native::cpublas::brgemm(R, D, kB, ldp, ksn, D, true, dS, kp + n0 * ksn, dq);
+            at::native::cpublas::brgemm(R, D, kB, ldp, k_rows.ld(), D, true, dS, k_rows.at(n0), dq);
             transpose_into(grad_attn, ldp, R, kB, grad_attn_t, ldt);
             at::native::cpublas::brgemm(kB, D, R, ldt, q_ld, D, true, grad_attn_t, qp, dk_rows);
           } else {
@@ -812,11 +865,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
                                     int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile, bool allow_pack) {
   check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
-  if (q.scalar_type() == at::kBFloat16 && allow_pack && bf16_as_fp32(q.size(3))) {
-    std::vector<at::Tensor> res = swa_forward(as_fp32_scratch(q, 22), as_fp32_scratch(k, 23), as_fp32_scratch(v, 24),
-                                              window, sinks, scale, q_tile, kv_tile, true);
-    return {res[0].to(at::kBFloat16), res[1]};
-  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
@@ -831,7 +879,9 @@ std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, co
     AT_DISPATCH_CASE(at::kDouble, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
       // the packed path reads key rows as 32-bit words: an odd row stride takes MKL's
-      if (allow_pack && can_pack_bf16(q.size(3)) && k.stride(2) % 2 == 0) {
+      if (allow_pack && bf16_as_fp32(q.size(3))) {
+        forward_kernel<scalar_t, Products::kBrgemmFp32>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
+      } else if (allow_pack && can_pack_bf16(q.size(3)) && k.stride(2) % 2 == 0) {
         forward_kernel<scalar_t, Products::kPackedBf16>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
       } else {
         forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
@@ -846,14 +896,6 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
                                      bool allow_brgemm) {
   check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "swa_cpu: grad_out/out must match q");
-  if (q.scalar_type() == at::kBFloat16 && allow_brgemm && bf16_as_fp32(q.size(3))) {  // as the forward
-    std::vector<at::Tensor> res = swa_backward(as_fp32_scratch(grad_out, 25), as_fp32_scratch(q, 22),
-                                               as_fp32_scratch(k, 23), as_fp32_scratch(v, 24),
-                                               as_fp32_scratch(out, 26), lse, window, sinks, scale, q_tile,
-                                               kv_tile, true);
-    for (at::Tensor& grad : res) grad = grad.to(at::kBFloat16);
-    return res;
-  }
   const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(k.sizes(), k.options());
@@ -867,7 +909,13 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
       }
     })
     AT_DISPATCH_CASE(at::kDouble, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); }));
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      if (allow_brgemm && bf16_as_fp32(q.size(3))) {  // as the forward
+        backward_kernel<scalar_t, true>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
+      } else {
+        backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
+      }
+    }));
   return {grad_q, grad_k, grad_v};
 }
 
