@@ -697,7 +697,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     Span* spans = scratch<Span>(15, max_rows);
     acc_t* attn_t = scratch<acc_t>(20, Brgemm ? ldmax * ldt : 0);       // P^T [kB, R]
     acc_t* grad_attn_t = scratch<acc_t>(21, Brgemm ? ldmax * ldt : 0);  // dS^T [kB, R]
-    HeadCopy<scalar_t> k_t{}, v_t{}, k_rows{};
+    HeadCopy<scalar_t> v_t{}, k_rows{};
+    HeadCopy<float> k_t{};  // transposed from k_rows (an fp32 K, converted once)
     auto mul = [](Vec x, Vec y) { return x * y; };
     auto add = [](Vec x, Vec y) { return x + y; };
     for (int64_t ti = begin; ti < end; ++ti) {
@@ -706,9 +707,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       const scalar_t* vp = vd + task.b * vsb + task.g * vsh;
       if constexpr (Brgemm) {
         const int64_t lo = key_ranges(task.q0, std::min(task.q1, task.q0 + qT), W, S).win_begin;
-        k_t = HeadCopy<scalar_t>(18, Layout::kTransposed, kp, ksn, N, D, S, lo);
-        v_t = HeadCopy<scalar_t>(19, Layout::kTransposed, vp, vsn, N, D, S, lo);
         k_rows = HeadCopy<scalar_t>(23, Layout::kRows, kp, ksn, N, D, S, lo);
+        k_t = HeadCopy<float>(18, Layout::kTransposed, k_rows.at(0), k_rows.ld(), N, D, S, lo);
+        v_t = HeadCopy<scalar_t>(19, Layout::kTransposed, vp, vsn, N, D, S, lo);
       }
       const bool first = task.q0 == 0;
       acc_t* dk_task = first ? akd + (task.b * Hkv + task.g) * N * D : dk_side + task.offset * D;
@@ -741,9 +742,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         }
         fill(dq, acc_t(0), R * D);
         if constexpr (Brgemm) {
+          k_rows.copy_until(m1);  // before k_t, which reads it
           k_t.copy_until(m1);
           v_t.copy_until(m1);
-          k_rows.copy_until(m1);
         }
         for_each_key_tile(key_ranges(m0, m1, W, S), kT, 1, [&](int64_t n0, int64_t n1) {
           const int64_t kB = n1 - n0, ldp = padded(kB);
