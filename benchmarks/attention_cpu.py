@@ -29,9 +29,17 @@ The query heads stay at --heads (KV heads = heads / ratio), so FA's work is
 the same across ratios. A configuration passes at SWA/FA <= --grid-limit
 (0.30), forward and forward+backward.
 
+Each row also gives the rate (GFLOP/s) at which FA and ours did their exact work
+(score entries seen, times 4 * d flops forward and 14 * d forward+backward), and a
+floor: the ratio ours would take doing its exact work at the rate of a 2048^3
+matrix product in the dtype it computes in, measured once per dtype at the start.
+A cell whose floor is above the pass mark is out of reach of any exact kernel on
+that machine (W = n/4: exact work 0.44x of FA's, so 0.30x asks for 1.46x FA's rate).
+
 Report mode renders grid JSON files (one per dtype, say) as the markdown of
-docs/benchmarks/attention_cpu_grid.md: pass counts by W / n, a ratio matrix per
-(dtype, GQA ratio), every row:
+docs/benchmarks/attention_cpu_grid.md: pass counts by W / n (and, for files with the
+matrix-product rate, the cells out of reach), a ratio matrix per (dtype, GQA ratio),
+every row:
 
     python benchmarks/attention_cpu.py --report grid_fp32.json grid_bf16.json > grid.md
 """
@@ -127,11 +135,61 @@ def swa_tile(window: int, n: int, rep: int, dtype: torch.dtype, head_dim: int) -
     return default_block_size(window, n)
 
 
+def score_entries(n: int, window: int | None = None) -> float:
+    """The score entries a query sequence of n sees: n(n+1)/2 causal (window None), or
+    n*W - W(W-1)/2 in a window of W (no sinks)."""
+    w = n if window is None else min(window, n)
+    return n * w - w * (w - 1) / 2
+
+
 def swa_work_ratio(n: int, window: int) -> float:
     """Score entries of exact SWA over those of causal FA: (n*W - W(W-1)/2) / (n(n+1)/2).
-    About 2W/n for W << n; 0.44 at W = n/4, so no exact kernel reaches 0.30x there."""
-    w = min(window, n)
-    return (n * w - w * (w - 1) / 2) / (n * (n + 1) / 2)
+    About 2W/n for W << n; 0.44 at W = n/4, where a kernel has to do its work 1.46x as fast
+    as FA does FA's to reach 0.30x (see :func:`floor_ratio`)."""
+    return score_entries(n, window) / score_entries(n)
+
+
+# Floating-point operations per visible score entry per head and head dimension: the
+# forward's two products (Q K^T, P V), the backward's five (the scores again from the
+# log-sum-exp, dO V^T, P^T dO, dS K, dS^T Q). The softmax's elementwise work is not counted.
+FLOPS_PER_ENTRY = {"fwd": 4, "fwd_bwd": 14}
+
+
+def gflops(ms: float, entries: float, *, batch: int, heads: int, head_dim: int, part: str) -> float:
+    """The rate (GFLOP/s) at which a call of ``ms`` milliseconds did the exact work of
+    ``entries`` score entries per (batch, query head): ``part`` "fwd" or "fwd_bwd"."""
+    return FLOPS_PER_ENTRY[part] * batch * heads * head_dim * entries / (ms * 1e-3) / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
+    """The rate (GFLOP/s) of a ``size``-cubed matrix product (``torch.mm``) in ``dtype`` on
+    torch's threads, best of ``reps`` warm calls: about the most that a kernel whose work is
+    matrix products in that dtype can reach on this machine."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def grid_rates(row) -> dict:
+    """FA's and ours' rates of exact work (GFLOP/s) in a grid row: ``{fa,swa}_{fwd,fwd_bwd}``."""
+    n, shape = row["seq_len"], dict(batch=row.get("batch", 1), heads=row["heads"], head_dim=row["head_dim"])
+    entries = {"fa": score_entries(n), "swa": score_entries(n, row["window"])}
+    return {f"{m}_{part}": gflops(row[f"{m}_{part}_ms"], entries[m], part=part, **shape)
+            for m in ("fa", "swa") for part in ("fwd", "fwd_bwd")}
+
+
+def floor_ratio(row, part: str, matmul: float) -> float:
+    """The lowest SWA/FA ratio ours could reach in a grid row (``part`` "fwd" or "fwd_bwd"):
+    its exact work done at the matrix-product rate ``matmul`` (GFLOP/s, :func:`matmul_gflops`)
+    against FA as timed, ``ideal * FA's rate / matmul``. Where it is above the pass mark,
+    the cell is out of reach of any exact kernel on that machine, not only of ours."""
+    return row["ideal"] * grid_rates(row)[f"fa_{part}"] / matmul
 
 
 def time_interleaved(methods, inputs, grad_out, *, reps, warmup, min_time=0.0, max_reps=None):
@@ -206,12 +264,19 @@ def run_grid(args):
     )
     print()
     print("| n | W | hq/hkv | dtype | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
-          "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+          "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps | GFLOP/s FA / SWA fwd | fwd+bwd | floor |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     rows = []
+    # per dtype: the dtype ours computes it in, and the rate of a matrix product in that one
+    matmul_dtype, matmul = {}, {}
     for dt, ratio, n, windows in groups:
         torch.manual_seed(0)
         dtype = DTYPES[dt]
+        if dt not in matmul:
+            compute = cpu_extension.compute_dtype(dtype, d)
+            matmul_dtype[dt], matmul[dt] = str(compute).replace("torch.", ""), matmul_gflops(compute)
+            print(f"| {dt}: a 2048^3 matrix product in {matmul_dtype[dt]} runs at {matmul[dt]:.0f} GFLOP/s |",
+                  flush=True)
         hq, hkv, S = args.heads, args.heads // ratio, args.sinks
         q = torch.randn(args.batch, hq, n, d, dtype=dtype, requires_grad=True)
         k = torch.randn(args.batch, hkv, n, d, dtype=dtype, requires_grad=True)
@@ -230,7 +295,8 @@ def run_grid(args):
         med = {m: {key: statistics.median(ts) for key, ts in t.items()} for m, t in times.items()}
         for W in windows:
             row = {
-                "seq_len": n, "window": W, "heads": hq, "kv_heads": hkv, "dtype": dt,
+                "seq_len": n, "window": W, "batch": args.batch, "heads": hq, "kv_heads": hkv, "head_dim": d,
+                "dtype": dt,
                 "block_size": args.block_size or swa_tile(W, n, ratio, dtype, d), "ideal": swa_work_ratio(n, W),
                 "fa_fwd_ms": 1e3 * med["fa"]["fwd"], "swa_fwd_ms": 1e3 * med[W]["fwd"],
                 "fwd_ratio": med[W]["fwd"] / med["fa"]["fwd"],
@@ -244,7 +310,7 @@ def run_grid(args):
                 f"| {n} | {W} | {ratio} | {dt} | {row['block_size']} | {row['ideal']:.3f} | {row['fa_fwd_ms']:.1f} "
                 f"| {row['swa_fwd_ms']:.1f} | {row['fwd_ratio']:.3f}x | {row['fa_fwd_bwd_ms']:.1f} "
                 f"| {row['swa_fwd_bwd_ms']:.1f} | {row['fwd_bwd_ratio']:.3f}x | {'yes' if row['pass'] else 'NO'} "
-                f"| {row['reps']} |",
+                f"| {row['reps']} | {_rates_and_floor(row, matmul[dt])}",
                 flush=True,
             )
     worst = max(rows, key=lambda r: max(r["fwd_ratio"], r["fwd_bwd_ratio"])) if rows else None
@@ -261,9 +327,26 @@ def run_grid(args):
             "max_reps": args.max_reps, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "limit": args.grid_limit, "kernel": cpu_kernel(),
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+            "matmul_gflops": matmul, "matmul_dtype": matmul_dtype,
         }
         write_json_atomic(args.json, {"config": config, "grid": rows})
     return rows
+
+
+def _rates_and_floor(row, matmul) -> str:
+    """The trailing cells of a grid row: FA's and ours' rates, forward and forward+backward,
+    then the floor ratios (blank without the matrix-product rate: files from before it)."""
+    rates = grid_rates(row)
+    cells = [f"{rates['fa_fwd']:.0f} / {rates['swa_fwd']:.0f}", f"{rates['fa_fwd_bwd']:.0f} / {rates['swa_fwd_bwd']:.0f}"]
+    floors = "" if not matmul else f"{floor_ratio(row, 'fwd', matmul):.2f} / {floor_ratio(row, 'fwd_bwd', matmul):.2f}"
+    return " | ".join(cells + [floors]) + " |"
+
+
+def out_of_reach(row, limit: float) -> bool:
+    """Whether a grid row's floor (:func:`floor_ratio`, at its file's matrix-product rate) is
+    above the pass mark, forward or forward+backward; False where that rate was not measured."""
+    matmul = row.get("matmul_gflops")
+    return bool(matmul) and max(floor_ratio(row, part, matmul) for part in ("fwd", "fwd_bwd")) > limit
 
 
 def window_class(n: int, window: int) -> str:
@@ -284,7 +367,10 @@ def _reps_text(config) -> str:
 def render_report(paths) -> str:
     """Markdown for grid JSON files: pass table, ratio matrices, every row."""
     files = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [{"reps": f["config"]["reps"], **r} for f in files for r in f["grid"]]  # older files: reps per file
+    # what older files keep per file (reps, the shape), and the file's matrix-product rate per dtype
+    rows = [{"reps": f["config"]["reps"], "batch": f["config"]["batch"], "head_dim": f["config"]["head_dim"], **r,
+             "matmul_gflops": f["config"].get("matmul_gflops", {}).get(r["dtype"])}
+            for f in files for r in f["grid"]]
     limit = files[0]["config"]["limit"]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     classes = ["W <= n/16", "W = n/8", "W = n/4"]
@@ -295,6 +381,8 @@ def render_report(paths) -> str:
             f"`{Path(p).name}`: kernel={c.get('kernel', '?')} b={c['batch']} hq={c['heads']} d={c['head_dim']} "
             f"S={c['sinks']} threads={c['threads']} {_reps_text(c)} torch={c['torch']} "
             f"OMP_WAIT_POLICY={c['omp_wait_policy']}"
+            + "".join(f"; {dt}: a 2048^3 {c['matmul_dtype'][dt]} matrix product at {rate:.0f} GFLOP/s"
+                      for dt, rate in c.get("matmul_gflops", {}).items())
         )
     out += ["", f"Passing (SWA/FA <= {limit:.2f}x forward and forward+backward):", "",
             "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
@@ -304,6 +392,16 @@ def render_report(paths) -> str:
             sel = [r for r in rows if r["dtype"] == dt and window_class(r["seq_len"], r["window"]) == cls]
             cells.append(f"{sum(r['pass'] for r in sel)} / {len(sel)}")
         out.append(f"| {dt} | " + " | ".join(cells) + " |")
+    if any(r["matmul_gflops"] for r in rows):
+        out += ["", f"Out of reach (the floor above {limit:.2f}x: the cell's exact work done at the rate of a "
+                    "2048^3 matrix product, against FA as timed, `ideal * FA's GFLOP/s / the product's`):", "",
+                "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+        for dt in dtypes:
+            cells = []
+            for cls in classes:
+                sel = [r for r in rows if r["dtype"] == dt and window_class(r["seq_len"], r["window"]) == cls]
+                cells.append(f"{sum(out_of_reach(r, limit) for r in sel)} / {len(sel)}")
+            out.append(f"| {dt} | " + " | ".join(cells) + " |")
     out += ["", "## Ratio matrices"]
     for dt in dtypes:
         for ratio in sorted({r["heads"] // r["kv_heads"] for r in rows if r["dtype"] == dt}):
@@ -327,14 +425,15 @@ def render_report(paths) -> str:
     for dt in dtypes:
         out += ["", f"## Every row, {dt}", "",
                 "| n | W | hq/hkv | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
-                "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+                "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps | GFLOP/s FA / SWA fwd | fwd+bwd "
+                "| floor fwd / fwd+bwd |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["dtype"] == dt):
             out.append(
                 f"| {r['seq_len']} | {r['window']} | {r['heads'] // r['kv_heads']} | {r['block_size']} "
                 f"| {r['ideal']:.3f} | {r['fa_fwd_ms']:.1f} | {r['swa_fwd_ms']:.1f} | {r['fwd_ratio']:.3f}x "
                 f"| {r['fa_fwd_bwd_ms']:.1f} | {r['swa_fwd_bwd_ms']:.1f} | {r['fwd_bwd_ratio']:.3f}x "
-                f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} |"
+                f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} | {_rates_and_floor(r, r['matmul_gflops'])}"
             )
     return "\n".join(out) + "\n"
 

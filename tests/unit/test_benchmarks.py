@@ -84,7 +84,33 @@ def test_grid_mode(attention_cpu, tmp_path):
     # FA is timed once per (n, ratio, dtype) and shared by its windows.
     fa = {(r["seq_len"], r["kv_heads"]): r["fa_fwd_ms"] for r in rows}
     assert all(r["fa_fwd_ms"] == fa[(r["seq_len"], r["kv_heads"])] for r in rows)
-    assert json.loads(out.read_text())["grid"] == rows
+    saved = json.loads(out.read_text())
+    assert saved["grid"] == rows
+    # The rates of exact work: entries counted from the masks, 4 * d flops each forward and
+    # 14 * d forward+backward, per query head; the floor at the measured matrix-product rate.
+    matmul = saved["config"]["matmul_gflops"]["fp32"]
+    assert matmul > 0 and saved["config"]["matmul_dtype"] == {"fp32": "float32"}
+    for r in rows:
+        n, w = r["seq_len"], r["window"]
+        causal = torch.ones(n, n).tril()
+        entries = {"fa": causal.sum().item(), "swa": causal.triu(-(w - 1)).sum().item()}
+        rates = attention_cpu.grid_rates(r)
+        for m in ("fa", "swa"):
+            for part, flops in (("fwd", 4), ("fwd_bwd", 14)):
+                want = flops * 4 * 16 * entries[m] / (r[f"{m}_{part}_ms"] / 1e3) / 1e9
+                assert rates[f"{m}_{part}"] == pytest.approx(want)
+        for part in ("fwd", "fwd_bwd"):
+            # ours at the matmul rate: its exact work's seconds over FA's
+            floor = FLOPS[part] * 4 * 16 * entries["swa"] / (matmul * 1e9) / (r[f"fa_{part}_ms"] / 1e3)
+            assert attention_cpu.floor_ratio(r, part, matmul) == pytest.approx(floor)
+
+
+FLOPS = {"fwd": 4, "fwd_bwd": 14}
+
+
+def test_matmul_rate_is_a_rate(attention_cpu):
+    # 2 * 64^3 flops in the time of the best call: between 10 MFLOP/s and 100 TFLOP/s here
+    assert 1e-2 < attention_cpu.matmul_gflops(torch.float32, size=64, reps=3) < 1e5
 
 
 def test_single_mode_checks_against_dense(attention_cpu, tmp_path):
@@ -115,11 +141,30 @@ def test_report_renders_the_grid(attention_cpu, tmp_path, capsys):
     assert [len(v) for v in by_class.values()] == [1, 2, 2]
     counts = " | ".join(f"{sum(r['pass'] for r in v)} / {len(v)}" for v in by_class.values())
     assert f"| fp32 | {counts} |" in text
+    matmul = json.loads(out.read_text())["config"]["matmul_gflops"]["fp32"]
     for r in rows:  # every row, and its matrix cell
         assert f"| {r['seq_len']} | {r['window']} | 1 | {r['block_size']} | {r['ideal']:.3f} |" in text
-        assert f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} |" in text
+        rates = attention_cpu.grid_rates(r)
+        floors = " / ".join(f"{attention_cpu.floor_ratio(r, part, matmul):.2f}" for part in ("fwd", "fwd_bwd"))
+        assert (f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} | {rates['fa_fwd']:.0f} / {rates['swa_fwd']:.0f} "
+                f"| {rates['fa_fwd_bwd']:.0f} / {rates['swa_fwd_bwd']:.0f} | {floors} |") in text
         cell = f"{r['fwd_ratio']:.2f} / {r['fwd_bwd_ratio']:.2f}"
         assert (cell if r["pass"] else f"**{cell}**") in text
+    # The cells out of reach: their floor above the pass mark, counted per column like the passes.
+    reach = " | ".join(f"{sum(attention_cpu.out_of_reach({**r, 'matmul_gflops': matmul}, 0.30) for r in v)} / {len(v)}"
+                       for v in by_class.values())
+    assert "Out of reach" in text and f"| fp32 | {reach} |" in text
+    # A file from before the matrix-product rate (and the shape in its rows): rates, no floor.
+    old = json.loads(out.read_text())
+    del old["config"]["matmul_gflops"], old["config"]["matmul_dtype"]
+    for r in old["grid"]:
+        del r["batch"], r["head_dim"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    text = attention_cpu.main(["--report", str(tmp_path / "old.json")])
+    assert "Out of reach" not in text and "2048^3" not in text
+    for r in rows:
+        rates = attention_cpu.grid_rates(r)
+        assert f"| {rates['fa_fwd_bwd']:.0f} / {rates['swa_fwd_bwd']:.0f} |  |" in text
 
 
 MODEL_STEP = BENCH.parent / "model_step.py"
