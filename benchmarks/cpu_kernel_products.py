@@ -97,19 +97,21 @@ def baseline_source(spec: str) -> Path:
 
 
 def _variants(args, ext):
-    """The two columns: name -> (extension, run its fast products) and the tile rule."""
+    """The two columns: name -> (extension, run its fast products), and the tile rule: the
+    forward's and the backward's query tile of a shape."""
     if args.baseline is None:
         if not ext.brgemm_fp32():
             raise SystemExit(
                 f"cpu_kernel_products: the kernel is built for {cpu_extension.capability()}, where fp32 runs on MKL "
                 "only; there is nothing to compare (brgemm is the AVX-512 build's)"
             )
-        return {"brgemm": (ext, True), "mkl": (ext, False)}, lambda W, ratio, d: default_cpu_q_tile(W, ratio)
+        return {"brgemm": (ext, True), "mkl": (ext, False)}, lambda W, ratio, d: (default_cpu_q_tile(W, ratio),) * 2
     source = baseline_source(args.baseline)
     digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
     base = cpu_extension.build(f"{cpu_extension.module_name()}_baseline_{digest}", source)
     dtype = DTYPES[args.dtype]
-    return {"this": (ext, True), "baseline": (base, True)}, lambda W, ratio, d: cpu_q_tile(W, ratio, dtype, d)
+    return {"this": (ext, True), "baseline": (base, True)}, \
+        lambda W, ratio, d: (cpu_q_tile(W, ratio, dtype, d), cpu_q_tile(W, ratio, dtype, d, backward=True))
 
 
 def main(argv=None):
@@ -124,7 +126,7 @@ def main(argv=None):
     print(f"banded kernel, {args.dtype}, {a} vs {b}, b=1 hq={hq} d={d} threads={args.threads} min of {args.reps}; "
           f"torch={torch.__version__} cpu={platform.processor() or platform.machine()}")
     print()
-    print(f"| n | W | hq/hkv | tile | fwd {a} (ms) | fwd {b} (ms) | fwd {a} / {b} "
+    print(f"| n | W | hq/hkv | tile fwd / bwd | fwd {a} (ms) | fwd {b} (ms) | fwd {a} / {b} "
           f"| bwd {a} (ms) | bwd {b} (ms) | bwd {a} / {b} | max rel diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
@@ -134,12 +136,12 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         q, go = (torch.randn(1, hq, n, d, generator=g).to(dtype) for _ in range(2))
         k, v = (torch.randn(1, hq // ratio, n, d, generator=g).to(dtype) for _ in range(2))
-        tile, scale = tile_of(W, ratio, d), d ** -0.5
-        fixed = (W, 0, scale, tile, CPU_KV_TILE)
+        (tile, bwd_tile), scale = tile_of(W, ratio, d), d ** -0.5
+        fixed, fixed_bwd = (W, 0, scale, tile, CPU_KV_TILE), (W, 0, scale, bwd_tile, CPU_KV_TILE)
         out, lse = ext_a.forward(q, k, v, *fixed, allow_pack=fast_a)
         ref_out, ref_lse = ext_b.forward(q, k, v, *fixed, allow_pack=fast_b)
-        grads = ext_a.backward(go, q, k, v, out, lse, *fixed, allow_brgemm=fast_a)
-        ref_grads = ext_b.backward(go, q, k, v, out, lse, *fixed, allow_brgemm=fast_b)
+        grads = ext_a.backward(go, q, k, v, out, lse, *fixed_bwd, allow_brgemm=fast_a)
+        ref_grads = ext_b.backward(go, q, k, v, out, lse, *fixed_bwd, allow_brgemm=fast_b)
         # largest difference relative to the tensor's largest value (gradients grow with n)
         diff = max((x.float() - y.float()).abs().max().item() / max(1.0, y.float().abs().max().item())
                    for x, y in zip((out, *grads), (ref_out, *ref_grads)))
@@ -149,13 +151,14 @@ def main(argv=None):
             for name, (e, fast) in variants.items():
                 times[f"fwd_{name}"].append(_best_ms(lambda: e.forward(q, k, v, *fixed, allow_pack=fast), reps))
                 times[f"bwd_{name}"].append(_best_ms(
-                    lambda: e.backward(go, q, k, v, out, lse, *fixed, allow_brgemm=fast), reps))
+                    lambda: e.backward(go, q, k, v, out, lse, *fixed_bwd, allow_brgemm=fast), reps))
         best = {key: min(ts) for key, ts in times.items()}
-        row = {"seq_len": n, "window": W, "heads": hq, "kv_heads": hq // ratio, "tile": tile, "max_rel_diff": diff,
+        row = {"seq_len": n, "window": W, "heads": hq, "kv_heads": hq // ratio, "tile": tile, "bwd_tile": bwd_tile,
+               "max_rel_diff": diff,
                **{f"{key}_ms": ms for key, ms in best.items()},
                "fwd_ratio": best[f"fwd_{a}"] / best[f"fwd_{b}"], "bwd_ratio": best[f"bwd_{a}"] / best[f"bwd_{b}"]}
         rows.append(row)
-        print(f"| {n} | {W} | {ratio} | {tile} | {best[f'fwd_{a}']:.2f} | {best[f'fwd_{b}']:.2f} "
+        print(f"| {n} | {W} | {ratio} | {tile} / {bwd_tile} | {best[f'fwd_{a}']:.2f} | {best[f'fwd_{b}']:.2f} "
               f"| {row['fwd_ratio']:.3f}x | {best[f'bwd_{a}']:.2f} | {best[f'bwd_{b}']:.2f} "
               f"| {row['bwd_ratio']:.3f}x | {diff:.1e} |", flush=True)
         if diff > TOLERANCE[args.dtype]:

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -398,7 +398,8 @@ CPU_KV_TILE = 512
 """Keys per tile of the banded CPU kernel (the CPU flash op's own ``kvSplitSize``)."""
 
 
-def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.float32, brgemm: bool = False) -> int:
+def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.float32, brgemm: bool = False,
+                       bf16_dot: bool = False) -> int:
     """Query positions per tile of the banded CPU kernel (:mod:`.cpu_extension`).
 
     A tile of ``T`` positions reads ``W + T - 1`` keys for ``W`` useful per row,
@@ -413,13 +414,18 @@ def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.flo
       faster than 32 at W 64..256, 32 within 5% of the best from W = 512 on, 64
       and 128 up to 10% slower: 16 up to W = 256, then 32, at most 128 rows;
     - bf16 (AMX products, cheap next to the softmax) at 64..128 and at most 256
-      rows.
+      rows;
+    - bf16 forward on AVX512-BF16 dot products without AMX (``bf16_dot``; Zen 4,
+      n 1024..8192, W 64..2048): 32 was the fastest or within 2% of it, 16 and 64
+      up to 5% and 13% slower, 128 up to 45%: 32, at most 256 rows.
 
-    Hence ``clamp(W / 8)`` to a power of two (or the brgemm rule), halved (down
-    to 16) while the rows exceed the cap.
+    Hence ``clamp(W / 8)`` to a power of two (or the brgemm and bf16_dot rules),
+    halved (down to 16) while the rows exceed the cap.
     """
     if brgemm and dtype == torch.float32:
         tile, rows = (16 if window <= 256 else 32), 128
+    elif bf16_dot and dtype == torch.bfloat16:
+        tile, rows = 32, 256
     else:
         low, rows = (64, 256) if dtype in (torch.bfloat16, torch.float16) else (32, 128)
         tile = low
@@ -430,11 +436,13 @@ def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.flo
     return tile
 
 
-def cpu_q_tile(window: int, rep: int, dtype: torch.dtype, head_dim: int) -> int:
-    """:func:`default_cpu_q_tile` for a ``dtype`` call of this machine's kernel build: in the
-    dtype it computes in (:func:`.cpu_extension.compute_dtype`), on the products it uses."""
-    compute = cpu_extension.compute_dtype(dtype, head_dim)
-    return default_cpu_q_tile(window, rep, compute, brgemm=compute == torch.float32 and cpu_extension.brgemm_fp32())
+def cpu_q_tile(window: int, rep: int, dtype: torch.dtype, head_dim: int, backward: bool = False) -> int:
+    """:func:`default_cpu_q_tile` for a ``dtype`` call's forward (or ``backward``) on this
+    machine's kernel build: in the dtype it computes in (:func:`.cpu_extension.compute_dtype`),
+    on the products it uses."""
+    compute = cpu_extension.compute_dtype(dtype, head_dim, backward)
+    return default_cpu_q_tile(window, rep, compute, brgemm=compute == torch.float32 and cpu_extension.brgemm_fp32(),
+                              bf16_dot=not backward and cpu_extension.bf16_dot_products(head_dim))
 
 
 class _CpuBandedSWA(torch.autograd.Function):
@@ -443,11 +451,13 @@ class _CpuBandedSWA(torch.autograd.Function):
     from the forward's log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float, sinks: int, q_tile: int, kernel):
+    def forward(ctx, q, k, v, window: int, scale: float, sinks: int, q_tiles: Tuple[int, int], kernel):
+        """``q_tiles``: the forward's and the backward's query tile (they may compute in
+        different dtypes: :func:`cpu_q_tile`)."""
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        out, lse = kernel.forward(q, k, v, window, sinks, scale, q_tile, CPU_KV_TILE)
+        out, lse = kernel.forward(q, k, v, window, sinks, scale, q_tiles[0], CPU_KV_TILE)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (window, scale, sinks, q_tile, kernel)
+        ctx.meta = (window, scale, sinks, q_tiles[1], kernel)
         return out
 
     @staticmethod
@@ -586,9 +596,10 @@ def sliding_window_attention(
     block = min(block, s - window)
     kernel = cpu_extension.extension() if q.device.type == "cpu" and cpu_extension.supports(q.dtype) else None
     if kernel is not None:
-        q_tile = cpu_q_tile(window, q.shape[1] // k.shape[1], q.dtype, q.shape[-1]) if block_size is None \
-            else int(block_size)
-        return _CpuBandedSWA.apply(q, k, v, window, scale, sinks, q_tile, kernel)
+        rep, d = q.shape[1] // k.shape[1], q.shape[-1]
+        q_tiles = (int(block_size),) * 2 if block_size is not None else \
+            (cpu_q_tile(window, rep, q.dtype, d), cpu_q_tile(window, rep, q.dtype, d, backward=True))
+        return _CpuBandedSWA.apply(q, k, v, window, scale, sinks, q_tiles, kernel)
     if q.device.type == "cpu" and _cpu_flash_ops_available():
         return _CpuBlockedSWA.apply(q, k, v, window, scale, sinks, block)
     # The first W queries see every key before them (no sink is older than the window).

@@ -89,7 +89,7 @@ def test_grid_mode(attention_cpu, tmp_path):
     # The rates of exact work: entries counted from the masks, 4 * d flops each forward and
     # 14 * d forward+backward, per query head; the floor at the measured matrix-product rate.
     matmul = saved["config"]["matmul_gflops"]["fp32"]
-    assert matmul > 0 and saved["config"]["matmul_dtype"] == {"fp32": "float32"}
+    assert matmul > 0 and saved["config"]["matmul_dtype"] == {"fp32": "fp32"}
     for r in rows:
         n, w = r["seq_len"], r["window"]
         causal = torch.ones(n, n).tril()
@@ -106,6 +106,21 @@ def test_grid_mode(attention_cpu, tmp_path):
 
 
 FLOPS = {"fwd": 4, "fwd_bwd": 14}
+
+
+@pytest.mark.parametrize("bf16_rate,floor_dtype", [(300.0, "bf16"), (20.0, "fp32")])
+def test_grid_floors_at_the_faster_product(attention_cpu, monkeypatch, tmp_path, bf16_rate, floor_dtype):
+    """A reduced dtype's floor takes the faster matrix product of its own and fp32's (a kernel
+    may convert): bf16 dot products where the CPU has them, else fp32."""
+    rates = {torch.float32: 100.0, torch.bfloat16: bf16_rate}
+    monkeypatch.setattr(attention_cpu, "matmul_gflops", lambda dtype: rates[dtype])
+    out = tmp_path / "grid.json"
+    attention_cpu.main(["--grid", "--grid-seq-lens", "128", "--grid-windows", "32", "--grid-gqa", "1",
+                        "--grid-dtypes", "fp32,bf16", "--heads", "2", "--head-dim", "16", "--reps", "1",
+                        "--warmup", "0", "--min-time", "0", "--threads", "1", "--json", str(out)])
+    config = json.loads(out.read_text())["config"]
+    assert config["matmul_dtype"] == {"fp32": "fp32", "bf16": floor_dtype}
+    assert config["matmul_gflops"] == {"fp32": 100.0, "bf16": max(100.0, bf16_rate)}
 
 
 def test_matmul_rate_is_a_rate(attention_cpu):
@@ -213,6 +228,7 @@ def test_cpu_kernel_products_against_a_baseline_source(tmp_path, monkeypatch):
     for r, (n, w, ratio) in zip(rows, [(256, 32, 1), (200, 64, 2)]):
         assert (r["seq_len"], r["window"], r["kv_heads"]) == (n, w, 4 // ratio)
         assert r["tile"] == bench.cpu_q_tile(w, ratio, torch.bfloat16, 64)
+        assert r["bwd_tile"] == bench.cpu_q_tile(w, ratio, torch.bfloat16, 64, backward=True)
         assert r["max_rel_diff"] == 0.0  # the same kernel twice
         assert r["fwd_ratio"] == pytest.approx(r["fwd_this_ms"] / r["fwd_baseline_ms"])
     assert json.loads((tmp_path / "versions.json").read_text())["config"]["dtype"] == "bf16"

@@ -118,8 +118,8 @@ def test_strided_inputs_megatron_layout():
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
 
 
-NO_PACKED_BF16 = "oneDNN packs no bf16 on this CPU (seen only with AMX; not on Zen 4 with AVX512-BF16): no packed path"
-NO_BF16_AS_FP32 = "bf16 runs on the fp32 brgemm kernel only in an AVX-512 build where oneDNN packs no bf16"
+NO_PACKED_BF16 = "no bf16 dot products on this CPU (AMX or AVX512-BF16) in this build: no packed path"
+NO_BF16_AS_FP32 = "bf16 runs on the fp32 brgemm kernel only in an AVX-512 build, where it has no bf16 products"
 
 
 def _skip_unless_brgemm_fp32(ext, brgemm):
@@ -174,15 +174,16 @@ def test_fp32_megatron_layout_equals_contiguous(brgemm):
 @pytest.mark.parametrize("s,window,sinks,q_tile", [(300, 64, 0, 64), (517, 33, 70, 32), (1000, 128, 3, 128)])
 def test_bf16_within_bf16_rounding(path, s, window, sinks, q_tile):
     """bf16 on each of its paths (the forward on oneDNN brgemm on packed K/V where the
-    machine packs bf16; forward and backward on the fp32 brgemm kernel where it is built
-    for AVX-512 but oneDNN packs no bf16; MKL's bf16 GEMM otherwise): against the fp64
-    reference, within the error PyTorch's own bf16 CPU flash attention makes on the same
-    inputs (causal case)."""
+    machine has bf16 dot products, its backward on MKL's bf16 GEMM with AMX and on the fp32
+    brgemm kernel without; forward and backward on the fp32 brgemm kernel where it is built
+    for AVX-512 and has no bf16 products, or the head dim is not a multiple of 64, as here;
+    MKL's bf16 GEMM otherwise): against the fp64 reference, within the error PyTorch's own
+    bf16 CPU flash attention makes on the same inputs (causal case)."""
     ext = _ext()
-    d = 64
+    d = 48 if path == "fp32-brgemm" else 64
     if path == "packed-brgemm" and not ext.packs_bf16(d):
         pytest.skip(NO_PACKED_BF16)
-    if path == "fp32-brgemm" and not ext.bf16_as_fp32(d):
+    if path == "fp32-brgemm" and not ext.bf16_as_fp32(d, backward=False):
         pytest.skip(NO_BF16_AS_FP32)
     fast = path != "mkl"
     q, k, v = (t.bfloat16() for t in _qkv(1, 4, 2, s, d, torch.float64))
@@ -245,10 +246,12 @@ def test_bf16_megatron_layout_equals_contiguous():
 def test_bf16_as_fp32_equals_the_fp32_kernel(b, hq, hkv, s, d, window, sinks, q_tile, kv_tile):
     """Where bf16 runs on the fp32 brgemm products (converting its tiles' rows and K/V as it
     reaches them), its results are the fp32 kernel's on the converted inputs, rounded to bf16
-    (the log-sum-exp stays fp32), forward and backward, at every tiling case (the backward's
-    query segments among them) and on megatron's [s, b, h, d] views."""
+    (the log-sum-exp stays fp32), forward and backward (each where it takes that route: at
+    d = 64 a machine with bf16 dot products packs the forward), at every tiling case (the
+    backward's query segments among them) and on megatron's [s, b, h, d] views."""
     ext = _ext()
-    if not ext.bf16_as_fp32(d):
+    fwd32, bwd32 = ext.bf16_as_fp32(d, backward=False), ext.bf16_as_fp32(d, backward=True)
+    if not (fwd32 or bwd32):
         pytest.skip(NO_BF16_AS_FP32)
     scale = 0.7 / math.sqrt(d)
     args = (window, sinks, scale, q_tile, kv_tile)
@@ -259,19 +262,22 @@ def test_bf16_as_fp32_equals_the_fp32_kernel(b, hq, hkv, s, d, window, sinks, q_
     views = [t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for t in (q, k, v, go)]
     for q_, k_, v_, go_ in ((q, k, v, go), views):
         out, lse = ext.forward(q_, k_, v_, *args)
-        assert out.dtype == torch.bfloat16 and torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
-        grads = ext.backward(go_, q_, k_, v_, out, lse, *args)
-        grads32 = ext.backward(go.float(), q.float(), k.float(), v.float(), out.float(), lse, *args)
-        for name, g, r in zip("qkv", grads, grads32):
-            assert g.dtype == torch.bfloat16 and torch.equal(g, r.bfloat16()), f"d{name}"
+        assert out.dtype == torch.bfloat16
+        if fwd32:
+            assert torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
+        if bwd32:  # on this forward's out and lse, whichever route gave them
+            grads = ext.backward(go_, q_, k_, v_, out, lse, *args)
+            grads32 = ext.backward(go.float(), q.float(), k.float(), v.float(), out.float(), lse, *args)
+            for name, g, r in zip("qkv", grads, grads32):
+                assert g.dtype == torch.bfloat16 and torch.equal(g, r.bfloat16()), f"d{name}"
 
 
 def test_bf16_as_fp32_results_are_the_callers():
     """The bf16-on-fp32 route computes in per-thread scratch; what it returns is its own: a
     second call (other inputs, same shapes) leaves the first call's results as they were."""
     ext = _ext()
-    d = 64
-    if not ext.bf16_as_fp32(d):
+    d = 48  # not a multiple of 64: forward and backward on the fp32 products wherever they run
+    if not ext.bf16_as_fp32(d, backward=False):
         pytest.skip(NO_BF16_AS_FP32)
     q, k, v, go = (t.bfloat16() for t in _qkv(1, 4, 2, 300, d, torch.float64) + [torch.randn(1, 4, 300, d)])
     out, lse = ext.forward(q, k, v, 50, 2, 0.125, 32, CPU_KV_TILE)
@@ -333,6 +339,10 @@ def test_default_q_tile():
     assert [default_cpu_q_tile(w, brgemm=True) for w in (32, 256, 512, 2048)] == [16, 16, 32, 32]
     assert default_cpu_q_tile(1024, rep=8, brgemm=True) == 16
     assert default_cpu_q_tile(256, dtype=torch.bfloat16, brgemm=True) == 64  # bf16 on its own products
+    # the bf16 forward on AVX512-BF16 dot products: 32, at most 256 rows
+    assert [default_cpu_q_tile(w, dtype=torch.bfloat16, bf16_dot=True) for w in (32, 256, 2048)] == [32, 32, 32]
+    assert default_cpu_q_tile(1024, rep=16, dtype=torch.bfloat16, bf16_dot=True) == 16
+    assert default_cpu_q_tile(256, bf16_dot=True) == 32  # fp32 is not bf16's products
 
 
 def test_q_tile_follows_the_build():
@@ -340,9 +350,41 @@ def test_q_tile_follows_the_build():
     ext = _ext()
     brgemm = ext.brgemm_fp32()
     assert cpu_q_tile(128, 1, torch.float32, 64) == default_cpu_q_tile(128, brgemm=brgemm)
-    as_fp32 = ext.bf16_as_fp32(64)
-    want = default_cpu_q_tile(128, 1, torch.float32 if as_fp32 else torch.bfloat16, brgemm=brgemm and as_fp32)
-    assert cpu_q_tile(128, 1, torch.bfloat16, 64) == want
+    for backward in (False, True):  # bf16's forward and backward may compute in different dtypes
+        as_fp32 = ext.bf16_as_fp32(64, backward=backward)
+        dot = not backward and ext.packs_bf16(64) and not ext.amx_bf16()
+        want = default_cpu_q_tile(128, 1, torch.float32 if as_fp32 else torch.bfloat16, brgemm=brgemm and as_fp32,
+                                  bf16_dot=dot)
+        assert cpu_q_tile(128, 1, torch.bfloat16, 64, backward=backward) == want
+
+
+def test_forward_and_backward_take_their_own_tiles(monkeypatch):
+    """sliding_window_attention hands the kernel cpu_q_tile's forward tile for the forward and
+    its backward tile for the backward (bf16 may compute the two in different dtypes: on Zen 4
+    the forward on bf16 dot products, the backward in fp32), or block_size to both."""
+    ext = _ext()
+    tiles = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def forward(self, *args, **kwargs):
+            tiles.append(("fwd", args[6]))
+            return ext.forward(*args, **kwargs)
+
+        def backward(self, *args, **kwargs):
+            tiles.append(("bwd", args[9]))
+            return ext.backward(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_extension, "extension", lambda: Recording())
+    q, k, v = (torch.randn(1, h, 400, 64, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    want = [("fwd", cpu_q_tile(100, 2, torch.bfloat16, 64)), ("bwd", cpu_q_tile(100, 2, torch.bfloat16, 64, backward=True))]
+    sliding_window_attention(q, k, v, window=100, scale=0.125).sum().backward()
+    assert tiles == want
+    tiles.clear()
+    sliding_window_attention(q, k, v, window=100, scale=0.125, block_size=24).sum().backward()
+    assert tiles == [("fwd", 24), ("bwd", 24)]
 
 
 def test_mode_variable(monkeypatch):

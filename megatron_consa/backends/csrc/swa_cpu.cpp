@@ -18,9 +18,9 @@
 // hq = hkv * rep, query head h reads KV head h / rep. Results are contiguous.
 // Matrix products go to MKL (sgemm_ / dgemm_ / cblas_gemm_bf16bf16f32), which
 // torch's CPU build exports, except where oneDNN brgemm serves better: the bf16 forward
-// on VNNI-packed blocks (AMX; PackedHead), and fp32 forward and backward in AVX-512
-// builds (HeadCopy), which bf16 also takes, converted as it goes, where oneDNN packs no
-// bf16. Everything else is ATen's vectorised helpers.
+// on VNNI-packed blocks (AMX or AVX512-BF16; PackedHead), and fp32 forward and backward in
+// AVX-512 builds (HeadCopy), which bf16 also takes, converted as it goes, where it has no
+// bf16 products of its own (bf16_as_fp32). Everything else is ATen's vectorised helpers.
 
 #include <torch/extension.h>
 
@@ -227,8 +227,8 @@ inline const out_t* tile_rows(const scalar_t* x, int64_t sh, int64_t sm, const R
   return buf;
 }
 
-// The packed bf16 forward (AMX and other oneDNN-brgemm machines, like PyTorch's own CPU
-// flash kernel for bf16): K^T and V are packed into the VNNI layout in blocks of
+// The packed bf16 forward (machines with bf16 dot products: AMX, like PyTorch's own CPU
+// flash kernel for bf16, and AVX512-BF16): K^T and V are packed into the VNNI layout in blocks of
 // kPackBlock keys, and each tile's products are oneDNN brgemm calls on them. Each thread
 // packs the blocks its own tiles read, just before it reads them, into its own scratch:
 // no pass over all of K and V before the tiles, and no second parallel region.
@@ -239,9 +239,22 @@ inline const out_t* tile_rows(const scalar_t* x, int64_t sh, int64_t sm, const R
 constexpr int64_t kPackBlock = 64;
 constexpr int64_t kKeyStep = 32;
 
-inline bool can_pack_bf16(int64_t D) {
-  return D % kPackBlock == 0 && at::native::cpublas::could_pack(at::kBFloat16);
+// Whether oneDNN's brgemm runs bf16 products on bf16 dot-product instructions here: AMX, or
+// AVX512-BF16 (AMD Zen 4, Intel Cooper Lake). torch's could_pack(bf16) asks for AMX only, as
+// its own packing routine does; ours is PackedHead's, and brgemm takes the VNNI blocks on
+// AVX512-BF16 as well (on a Zen 4 core, about 2x the fp32 products' rate at a tile's shapes).
+inline bool amx_bf16() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+inline bool bf16_products() {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+  return amx_bf16() || avx512_bf16;
+#else
+  return false;  // PackedHead's VNNI packing is compiled for AVX-512 only
+#endif
 }
+
+inline bool can_pack_bf16(int64_t D) { return D % kPackBlock == 0 && bf16_products(); }
 
 // One thread's packed key blocks of one (b, KV head): the sink blocks [0, sink_blocks),
 // then the window blocks [base, hi), stored one after the other in the thread's scratch.
@@ -319,13 +332,18 @@ constexpr bool kBrgemmFp32 = false;  // AVX2: MKL sgemm (measured on Zen 2; brge
 
 inline bool can_brgemm_fp32() { return kBrgemmFp32; }
 
-// bf16 where oneDNN packs no bf16 but the fp32 brgemm path runs (AVX-512 without AMX, such as
-// AMD Zen 4): MKL's bf16 GEMM there was slower than our fp32 products on nearly every grid
-// shape (docs/benchmarks/attention_cpu_grid_zen4.md), so bf16 inputs run the fp32 products:
-// each thread converts the query rows of its tile and the K/V of its (b, KV head) as its
-// tiles reach them (HeadCopy), into its own scratch, and rounds the results as it stores
-// them. Converting whole tensors first cost a sixth of a small call (n=1024).
-inline bool bf16_as_fp32(int64_t D) { return can_brgemm_fp32() && !can_pack_bf16(D); }
+// bf16 on the fp32 brgemm products, where the fp32 brgemm path runs and bf16 takes no faster
+// one: the forward where it does not pack (AVX-512 without bf16 dot products, or a head dim
+// not a multiple of 64), the backward everywhere but on AMX (whose backward runs MKL's bf16
+// GEMM). Without AMX, MKL's bf16 GEMM was slower than our fp32 products on nearly every grid
+// shape (AMD Zen 4: docs/benchmarks/attention_cpu_grid_zen4.md). Each thread converts the
+// query rows of its tile and the K/V of its (b, KV head) as its tiles reach them (HeadCopy),
+// into its own scratch, and rounds the results as it stores them. Converting whole tensors
+// first cost a sixth of a small call (n=1024).
+inline bool bf16_as_fp32(int64_t D, bool backward) {
+  if (!can_brgemm_fp32()) return false;
+  return backward ? !(D % kPackBlock == 0 && amx_bf16()) : !can_pack_bf16(D);
+}
 
 // Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
 // which takes no transposed operand: K^T and V^T (HeadCopy), the backward's P^T and dS^T.
@@ -880,7 +898,7 @@ std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, co
     AT_DISPATCH_CASE(at::kDouble, [&] { forward_kernel<scalar_t>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
       // the packed path reads key rows as 32-bit words: an odd row stride takes MKL's
-      if (allow_pack && bf16_as_fp32(q.size(3))) {
+      if (allow_pack && bf16_as_fp32(q.size(3), false)) {
         forward_kernel<scalar_t, Products::kBrgemmFp32>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
       } else if (allow_pack && can_pack_bf16(q.size(3)) && k.stride(2) % 2 == 0) {
         forward_kernel<scalar_t, Products::kPackedBf16>(q, k, v, out, lse, window, sinks, scale, q_tile, kv_tile);
@@ -911,7 +929,7 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
     })
     AT_DISPATCH_CASE(at::kDouble, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      if (allow_brgemm && bf16_as_fp32(q.size(3))) {  // as the forward
+      if (allow_brgemm && bf16_as_fp32(q.size(3), true)) {
         backward_kernel<scalar_t, true>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
       } else {
         backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
@@ -927,8 +945,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"),
         py::arg("allow_pack") = true);
   m.def("packs_bf16", &can_pack_bf16, "Whether the bf16 forward uses packed oneDNN brgemm here, for this head dim");
+  m.def("amx_bf16", &amx_bf16, "Whether bf16 products run on AMX here (else AVX512-BF16 where packs_bf16)");
   m.def("brgemm_fp32", &can_brgemm_fp32, "Whether the fp32 forward and backward use oneDNN brgemm here");
-  m.def("bf16_as_fp32", &bf16_as_fp32, "Whether bf16 calls run the fp32 brgemm kernel here, for this head dim");
+  m.def("bf16_as_fp32", &bf16_as_fp32, "Whether bf16 forward (backward=False) or backward calls run the fp32 brgemm "
+        "kernel here, for this head dim", py::arg("head_dim"), py::arg("backward"));
   m.def("backward", &swa_backward, "Banded SWA backward: (grad_q, grad_k, grad_v)", py::arg("grad_out"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("window"), py::arg("sinks"),
         py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"), py::arg("allow_brgemm") = true);
