@@ -129,11 +129,18 @@ def cpu_kernel() -> str:
     return "banded" if cpu_extension.extension() is not None else "flash-op"
 
 
-def swa_tile(window: int, n: int, rep: int, dtype: torch.dtype, head_dim: int) -> int:
-    """The default tile of that kernel: query positions per tile (banded) or query block B (flash-op)."""
+def swa_tile(window: int, n: int, rep: int, dtype: torch.dtype, head_dim: int, backward: bool = False) -> int:
+    """The default tile of that kernel: query positions per tile of its forward (or
+    ``backward``: banded) or query block B (flash-op)."""
     if cpu_kernel() == "banded":
-        return cpu_q_tile(window, rep, dtype, head_dim)
+        return cpu_q_tile(window, rep, dtype, head_dim, backward)
     return default_block_size(window, n)
+
+
+def _tiles(row) -> str:
+    """A grid row's tile cell: the forward's, and the backward's where a file has it apart."""
+    bwd = row.get("bwd_block_size")
+    return f"{row['block_size']}" if bwd is None else f"{row['block_size']} / {bwd}"
 
 
 def score_entries(n: int, window: int | None = None) -> float:
@@ -264,7 +271,7 @@ def run_grid(args):
         f"{args.grid_limit:.2f}, forward and forward+backward"
     )
     print()
-    print("| n | W | hq/hkv | dtype | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
+    print("| n | W | hq/hkv | dtype | tile fwd / bwd | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
           "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps | GFLOP/s FA / SWA fwd | fwd+bwd | floor |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     rows = []
@@ -300,7 +307,9 @@ def run_grid(args):
             row = {
                 "seq_len": n, "window": W, "batch": args.batch, "heads": hq, "kv_heads": hkv, "head_dim": d,
                 "dtype": dt,
-                "block_size": args.block_size or swa_tile(W, n, ratio, dtype, d), "ideal": swa_work_ratio(n, W),
+                "block_size": args.block_size or swa_tile(W, n, ratio, dtype, d),
+                "bwd_block_size": args.block_size or swa_tile(W, n, ratio, dtype, d, backward=True),
+                "ideal": swa_work_ratio(n, W),
                 "fa_fwd_ms": 1e3 * med["fa"]["fwd"], "swa_fwd_ms": 1e3 * med[W]["fwd"],
                 "fwd_ratio": med[W]["fwd"] / med["fa"]["fwd"],
                 "fa_fwd_bwd_ms": 1e3 * med["fa"]["fwd_bwd"], "swa_fwd_bwd_ms": 1e3 * med[W]["fwd_bwd"],
@@ -310,7 +319,7 @@ def run_grid(args):
             row["pass"] = max(row["fwd_ratio"], row["fwd_bwd_ratio"]) <= args.grid_limit
             rows.append(row)
             print(
-                f"| {n} | {W} | {ratio} | {dt} | {row['block_size']} | {row['ideal']:.3f} | {row['fa_fwd_ms']:.1f} "
+                f"| {n} | {W} | {ratio} | {dt} | {_tiles(row)} | {row['ideal']:.3f} | {row['fa_fwd_ms']:.1f} "
                 f"| {row['swa_fwd_ms']:.1f} | {row['fwd_ratio']:.3f}x | {row['fa_fwd_bwd_ms']:.1f} "
                 f"| {row['swa_fwd_bwd_ms']:.1f} | {row['fwd_bwd_ratio']:.3f}x | {'yes' if row['pass'] else 'NO'} "
                 f"| {row['reps']} | {_rates_and_floor(row, matmul[dt])}",
@@ -427,13 +436,13 @@ def render_report(paths) -> str:
                 out.append(f"| {n} | " + " | ".join(cells) + " |")
     for dt in dtypes:
         out += ["", f"## Every row, {dt}", "",
-                "| n | W | hq/hkv | tile | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
+                "| n | W | hq/hkv | tile fwd / bwd | ideal | FA fwd (ms) | SWA fwd (ms) | fwd / FA | FA fwd+bwd (ms) "
                 "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps | GFLOP/s FA / SWA fwd | fwd+bwd "
                 "| floor fwd / fwd+bwd |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in (r for r in rows if r["dtype"] == dt):
             out.append(
-                f"| {r['seq_len']} | {r['window']} | {r['heads'] // r['kv_heads']} | {r['block_size']} "
+                f"| {r['seq_len']} | {r['window']} | {r['heads'] // r['kv_heads']} | {_tiles(r)} "
                 f"| {r['ideal']:.3f} | {r['fa_fwd_ms']:.1f} | {r['swa_fwd_ms']:.1f} | {r['fwd_ratio']:.3f}x "
                 f"| {r['fa_fwd_bwd_ms']:.1f} | {r['swa_fwd_bwd_ms']:.1f} | {r['fwd_bwd_ratio']:.3f}x "
                 f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} | {_rates_and_floor(r, r['matmul_gflops'])}"

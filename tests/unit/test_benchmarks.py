@@ -158,7 +158,11 @@ def test_report_renders_the_grid(attention_cpu, tmp_path, capsys):
     assert f"| fp32 | {counts} |" in text
     matmul = json.loads(out.read_text())["config"]["matmul_gflops"]["fp32"]
     for r in rows:  # every row, and its matrix cell
-        assert f"| {r['seq_len']} | {r['window']} | 1 | {r['block_size']} | {r['ideal']:.3f} |" in text
+        assert r["block_size"] == attention_cpu.swa_tile(r["window"], r["seq_len"], 1, torch.float32, 16)
+        assert r["bwd_block_size"] == attention_cpu.swa_tile(r["window"], r["seq_len"], 1, torch.float32, 16,
+                                                             backward=True)
+        assert (f"| {r['seq_len']} | {r['window']} | 1 | {r['block_size']} / {r['bwd_block_size']} "
+                f"| {r['ideal']:.3f} |") in text
         rates = attention_cpu.grid_rates(r)
         floors = " / ".join(f"{attention_cpu.floor_ratio(r, part, matmul):.2f}" for part in ("fwd", "fwd_bwd"))
         assert (f"| {'yes' if r['pass'] else 'NO'} | {r['reps']} | {rates['fa_fwd']:.0f} / {rates['swa_fwd']:.0f} "
@@ -173,13 +177,14 @@ def test_report_renders_the_grid(attention_cpu, tmp_path, capsys):
     old = json.loads(out.read_text())
     del old["config"]["matmul_gflops"], old["config"]["matmul_dtype"]
     for r in old["grid"]:
-        del r["batch"], r["head_dim"]
+        del r["batch"], r["head_dim"], r["bwd_block_size"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     text = attention_cpu.main(["--report", str(tmp_path / "old.json")])
     assert "Out of reach" not in text and "2048^3" not in text
     for r in rows:
         rates = attention_cpu.grid_rates(r)
         assert f"| {rates['fa_fwd_bwd']:.0f} / {rates['swa_fwd_bwd']:.0f} |  |" in text
+        assert f"| {r['seq_len']} | {r['window']} | 1 | {r['block_size']} | {r['ideal']:.3f} |" in text
 
 
 MODEL_STEP = BENCH.parent / "model_step.py"
