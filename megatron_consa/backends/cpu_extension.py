@@ -123,17 +123,19 @@ def brgemm_fp32() -> bool:
 
 def compute_dtype(dtype: torch.dtype, head_dim: int, backward: bool = False) -> torch.dtype:
     """The dtype the kernel computes a ``dtype`` call's forward (or ``backward``) in: fp32 for
-    bf16 where it runs bf16 on its fp32 brgemm products (an AVX-512 build: the forward where
-    the CPU has no bf16 dot products, the backward unless it has AMX; so on AMD Zen 4, with
-    AVX512-BF16, the forward computes in bf16 and the backward in fp32), else ``dtype``. The
-    tile heuristic follows it (:func:`.cpu_q_tile`)."""
+    bf16 where it runs bf16 on its fp32 brgemm products (an AVX-512 build where the CPU has no
+    bf16 dot products, or the head dim is not a multiple of 64), else ``dtype``. The tile
+    heuristic follows it (:func:`.cpu_q_tile`)."""
     ext = extension()
     if dtype == torch.bfloat16 and ext is not None and ext.bf16_as_fp32(head_dim, backward):
         return torch.float32
     return dtype
 
 
-def bf16_dot_products(head_dim: int) -> bool:
-    """Whether the bf16 forward runs on AVX512-BF16 dot products without AMX here (AMD Zen 4)."""
+def bf16_dot_products(head_dim: int, backward: bool = False) -> bool:
+    """Whether the bf16 forward (or ``backward``) runs on AVX512-BF16 dot products without AMX
+    here (AMD Zen 4)."""
     ext = extension()
-    return ext is not None and ext.packs_bf16(head_dim) and not ext.amx_bf16()
+    if ext is None:
+        return False
+    return ext.packs_bf16_backward(head_dim) if backward else ext.packs_bf16(head_dim) and not ext.amx_bf16()

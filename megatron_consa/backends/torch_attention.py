@@ -415,9 +415,10 @@ def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.flo
       and 128 up to 10% slower: 16 up to W = 256, then 32, at most 128 rows;
     - bf16 (AMX products, cheap next to the softmax) at 64..128 and at most 256
       rows;
-    - bf16 forward on AVX512-BF16 dot products without AMX (``bf16_dot``; Zen 4,
-      n 1024..8192, W 64..2048): 32 was the fastest or within 2% of it, 16 and 64
-      up to 5% and 13% slower, 128 up to 45%: 32, at most 256 rows.
+    - bf16 on AVX512-BF16 dot products without AMX (``bf16_dot``; Zen 4, n
+      1024..8192, W 64..2048): 32 was the fastest or within 2% of it, forward and
+      backward; forward 16 and 64 up to 5% and 13% slower, 128 up to 45%; backward 16
+      up to 11%, 64 up to 17%: 32, at most 256 rows.
 
     Hence ``clamp(W / 8)`` to a power of two (or the brgemm and bf16_dot rules),
     halved (down to 16) while the rows exceed the cap.
@@ -442,7 +443,7 @@ def cpu_q_tile(window: int, rep: int, dtype: torch.dtype, head_dim: int, backwar
     on the products it uses."""
     compute = cpu_extension.compute_dtype(dtype, head_dim, backward)
     return default_cpu_q_tile(window, rep, compute, brgemm=compute == torch.float32 and cpu_extension.brgemm_fp32(),
-                              bf16_dot=not backward and cpu_extension.bf16_dot_products(head_dim))
+                              bf16_dot=cpu_extension.bf16_dot_products(head_dim, backward))
 
 
 class _CpuBandedSWA(torch.autograd.Function):

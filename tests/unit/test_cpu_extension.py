@@ -174,8 +174,8 @@ def test_fp32_megatron_layout_equals_contiguous(brgemm):
 @pytest.mark.parametrize("s,window,sinks,q_tile", [(300, 64, 0, 64), (517, 33, 70, 32), (1000, 128, 3, 128)])
 def test_bf16_within_bf16_rounding(path, s, window, sinks, q_tile):
     """bf16 on each of its paths (the forward on oneDNN brgemm on packed K/V where the
-    machine has bf16 dot products, its backward on MKL's bf16 GEMM with AMX and on the fp32
-    brgemm kernel without; forward and backward on the fp32 brgemm kernel where it is built
+    machine has bf16 dot products, its backward on MKL's bf16 GEMM with AMX and on packed
+    blocks too with AVX512-BF16; forward and backward on the fp32 brgemm kernel where it is built
     for AVX-512 and has no bf16 products, or the head dim is not a multiple of 64, as here;
     MKL's bf16 GEMM otherwise): against the fp64 reference, within the error PyTorch's own
     bf16 CPU flash attention makes on the same inputs (causal case)."""
@@ -206,39 +206,54 @@ def test_bf16_within_bf16_rounding(path, s, window, sinks, q_tile):
 
 
 def test_bf16_packed_key_tiles_at_every_alignment():
-    """The packed bf16 forward starts key tiles at multiples of 32 keys, inside its packed
-    blocks of 64 (a tile may start in a block's second half): windows, sinks and lengths
-    around those boundaries, both tile heights, GQA, against the fp64 reference."""
+    """The packed bf16 forward (and, where it packs, the backward) starts key tiles at
+    multiples of 32 keys, inside its packed blocks of 64 (a tile may start in a block's second
+    half): windows, sinks and lengths around those boundaries, tile heights (odd rows in the
+    last tile: the backward's row pairs), GQA, one KV head (the backward's query segments,
+    whose dK/dV rows start at the aligned keys), against the fp64 reference."""
     ext = _ext()
     d = 64
     if not ext.packs_bf16(d):
         pytest.skip(NO_PACKED_BF16)
+    backward = ext.packs_bf16_backward(d)
     for s, window, sinks, q_tile, hkv in [
         (301, 32, 0, 64, 4), (301, 33, 40, 64, 1), (301, 96, 64, 32, 4), (301, 1, 70, 32, 1),
         (130, 64, 1, 32, 1), (130, 200, 0, 64, 4), (517, 96, 5, 128, 1), (517, 32, 33, 32, 4),
+        (517, 40, 0, 16, 1), (99, 17, 3, 7, 2),
     ]:
         q, k, v = (t.bfloat16() for t in _qkv(1, 4, hkv, s, d, torch.float64))
-        ref_out, ref_lse, _ = _reference(q, k, v, window, sinks, 0.125)
+        ref_out, ref_lse, ref_grads = _reference(q, k, v, window, sinks, 0.125)
         out, lse = ext.forward(q, k, v, window, sinks, 0.125, q_tile, CPU_KV_TILE, allow_pack=True)
         case = f"s={s} W={window} S={sinks} T={q_tile} hkv={hkv}"
         assert (out.double() - ref_out).abs().max().item() <= 0.04, case
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0, msg=lambda m: f"{case}: {m}")
+        if backward:
+            go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+            grads = ext.backward(go, q, k, v, out, lse, window, sinks, 0.125, q_tile, CPU_KV_TILE)
+            for name, g, r in zip("qkv", grads, ref_grads(go)):
+                torch.testing.assert_close(g.double(), r, atol=3e-2 * max(1.0, r.abs().max().item()), rtol=0,
+                                           msg=lambda m: f"{case} d{name}: {m}")
 
 
 def test_bf16_megatron_layout_equals_contiguous():
-    """The bf16 forward paths read [s, b, h, d] views (strided K/V rows: the packed path
+    """The bf16 paths read [s, b, h, d] views (strided K/V rows: the packed path
     transposes them as 32-bit words, the fp32 one converts them) exactly as they read
-    contiguous copies."""
+    contiguous copies, forward and backward."""
     ext = _ext()
     s, d, W = 200, 64, 50
     g = torch.Generator().manual_seed(0)
     q = torch.randn(s, 2, 4, d, generator=g).bfloat16().permute(1, 2, 0, 3)
     k, v = (torch.randn(s, 2, 2, d, generator=g).bfloat16().permute(1, 2, 0, 3) for _ in range(2))
+    go = torch.randn(s, 2, 4, d, generator=g).bfloat16().permute(1, 2, 0, 3)
     for packed in (True, False):
         out, lse = ext.forward(q, k, v, W, 1, 0.125, 64, CPU_KV_TILE, allow_pack=packed)
         ref_out, ref_lse = ext.forward(q.contiguous(), k.contiguous(), v.contiguous(), W, 1, 0.125, 64, CPU_KV_TILE,
                                        allow_pack=packed)
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+        grads = ext.backward(go, q, k, v, out, lse, W, 1, 0.125, 64, CPU_KV_TILE, allow_brgemm=packed)
+        ref_grads = ext.backward(go.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, W, 1,
+                                 0.125, 64, CPU_KV_TILE, allow_brgemm=packed)
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
 
 
 @pytest.mark.parametrize("b,hq,hkv,s,d,window,sinks,q_tile,kv_tile",
@@ -302,6 +317,11 @@ def test_bf16_odd_key_row_stride_takes_the_mkl_path():
     out, lse = ext.forward(q, k, v, 40, 0, 0.125, 64, CPU_KV_TILE, allow_pack=True)
     ref_out, ref_lse = ext.forward(q, k, v, 40, 0, 0.125, 64, CPU_KV_TILE, allow_pack=False)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    # the backward too
+    go = torch.randn(q.shape, generator=g).bfloat16()
+    grads = ext.backward(go, q, k, v, out, lse, 40, 0, 0.125, 64, CPU_KV_TILE)
+    want = ext.backward(go, q, k, v, out, lse, 40, 0, 0.125, 64, CPU_KV_TILE, allow_brgemm=False)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want))
 
 
 def test_bad_input_is_refused():
@@ -339,7 +359,7 @@ def test_default_q_tile():
     assert [default_cpu_q_tile(w, brgemm=True) for w in (32, 256, 512, 2048)] == [16, 16, 32, 32]
     assert default_cpu_q_tile(1024, rep=8, brgemm=True) == 16
     assert default_cpu_q_tile(256, dtype=torch.bfloat16, brgemm=True) == 64  # bf16 on its own products
-    # the bf16 forward on AVX512-BF16 dot products: 32, at most 256 rows
+    # bf16 on AVX512-BF16 dot products: 32, at most 256 rows
     assert [default_cpu_q_tile(w, dtype=torch.bfloat16, bf16_dot=True) for w in (32, 256, 2048)] == [32, 32, 32]
     assert default_cpu_q_tile(1024, rep=16, dtype=torch.bfloat16, bf16_dot=True) == 16
     assert default_cpu_q_tile(256, bf16_dot=True) == 32  # fp32 is not bf16's products
@@ -352,7 +372,7 @@ def test_q_tile_follows_the_build():
     assert cpu_q_tile(128, 1, torch.float32, 64) == default_cpu_q_tile(128, brgemm=brgemm)
     for backward in (False, True):  # bf16's forward and backward may compute in different dtypes
         as_fp32 = ext.bf16_as_fp32(64, backward=backward)
-        dot = not backward and ext.packs_bf16(64) and not ext.amx_bf16()
+        dot = ext.packs_bf16_backward(64) if backward else ext.packs_bf16(64) and not ext.amx_bf16()
         want = default_cpu_q_tile(128, 1, torch.float32 if as_fp32 else torch.bfloat16, brgemm=brgemm and as_fp32,
                                   bf16_dot=dot)
         assert cpu_q_tile(128, 1, torch.bfloat16, 64, backward=backward) == want

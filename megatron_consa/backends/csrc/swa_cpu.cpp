@@ -113,7 +113,7 @@ template <typename T>
 T* scratch(int slot, int64_t n) {
   constexpr int64_t kLine = 64;
   static_assert(kLine % alignof(T) == 0, "scratch elements must align within a cache line");
-  thread_local std::vector<unsigned char> buffers[25];
+  thread_local std::vector<unsigned char> buffers[31];
   std::vector<unsigned char>& buffer = buffers[slot];
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T)) + kLine;
   if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
@@ -256,6 +256,11 @@ inline bool bf16_products() {
 
 inline bool can_pack_bf16(int64_t D) { return D % kPackBlock == 0 && bf16_products(); }
 
+// The backward on packed bf16 blocks where the bf16 dot products are AVX512-BF16's (Zen 4: the
+// fp32-products backward there took about twice its time). With AMX the backward keeps MKL's bf16
+// GEMM, on which it was measured (this path was not, there).
+inline bool packs_bf16_backward(int64_t D) { return can_pack_bf16(D) && !amx_bf16(); }
+
 // One thread's packed key blocks of one (b, KV head): the sink blocks [0, sink_blocks),
 // then the window blocks [base, hi), stored one after the other in the thread's scratch.
 // The sinks are packed at once, the window blocks as the thread's tiles reach them
@@ -267,14 +272,16 @@ class PackedHead {
 
   PackedHead() = default;
   // K/V rows `ks`, `vs` (row strides ksn, vsn; N keys, head dim D); window blocks [lo, hi).
+  // The backward packs K both ways (K^T for the scores, its rows for dQ: vs = ks) and V's
+  // transpose only (for dP; vs = nullptr), in scratch slots of their own.
   PackedHead(const bf16* ks, int64_t ksn, const bf16* vs, int64_t vsn, int64_t N, int64_t D, int64_t S,
-             int64_t lo, int64_t hi)
+             int64_t lo, int64_t hi, int kt_slot = 16, int v_slot = 17)
       : ks_(ks), vs_(vs), ksn_(ksn), vsn_(vsn), N_(N), D_(D) {
     sink_blocks_ = std::min((S + P - 1) / P, hi);
     base_ = packed_until_ = std::max(lo, sink_blocks_);
     blocks_ = sink_blocks_ + std::max<int64_t>(0, hi - base_);
-    kt_ = scratch<bf16>(16, blocks_ * D * P);
-    v_ = scratch<bf16>(17, D / P * blocks_ * P * P);
+    kt_ = scratch<bf16>(kt_slot, blocks_ * D * P);
+    v_ = vs ? scratch<bf16>(v_slot, D / P * blocks_ * P * P) : nullptr;
     for (int64_t block = 0; block < sink_blocks_; ++block) pack(block);
   }
 
@@ -302,7 +309,7 @@ class PackedHead {
     if (keys < P) zero(kt_block, D_ / 2 * P);
     at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(ks_ + j0 * ksn_), ksn_ / 2, kt_block, P,
                                   static_cast<int>(keys), static_cast<int>(D_ / 2));
-    for (int64_t dc = 0; dc < D_ / P; ++dc) {  // V block [64 keys, 64 columns], VNNI [32, 64, 2]
+    for (int64_t dc = 0; vs_ && dc < D_ / P; ++dc) {  // V block [64 keys, 64 columns], VNNI [32, 64, 2]
       bf16* v_block = v_ + (dc * blocks_ + i) * P * P;
       if (keys < P) zero(v_block, P * P);
       at::vec::pack_vnni2(vs_ + j0 * vsn_ + dc * P, v_block, vsn_, keys, P);
@@ -333,22 +340,34 @@ constexpr bool kBrgemmFp32 = false;  // AVX2: MKL sgemm (measured on Zen 2; brge
 inline bool can_brgemm_fp32() { return kBrgemmFp32; }
 
 // bf16 on the fp32 brgemm products, where the fp32 brgemm path runs and bf16 takes no faster
-// one: the forward where it does not pack (AVX-512 without bf16 dot products, or a head dim
-// not a multiple of 64), the backward everywhere but on AMX (whose backward runs MKL's bf16
-// GEMM). Without AMX, MKL's bf16 GEMM was slower than our fp32 products on nearly every grid
-// shape (AMD Zen 4: docs/benchmarks/attention_cpu_grid_zen4.md). Each thread converts the
+// one: where it does not pack (AVX-512 without bf16 dot products, or a head dim not a
+// multiple of 64; the backward also not where AMX runs it on MKL's bf16 GEMM). Without AMX,
+// MKL's bf16 GEMM was slower than our fp32 products on nearly every grid shape (AMD Zen 4,
+// before the packed paths ran there: docs/benchmarks/attention_cpu_grid_zen4.md). Each thread converts the
 // query rows of its tile and the K/V of its (b, KV head) as its tiles reach them (HeadCopy),
 // into its own scratch, and rounds the results as it stores them. Converting whole tensors
 // first cost a sixth of a small call (n=1024).
 inline bool bf16_as_fp32(int64_t D, bool backward) {
   if (!can_brgemm_fp32()) return false;
-  return backward ? !(D % kPackBlock == 0 && amx_bf16()) : !can_pack_bf16(D);
+  return backward ? !(D % kPackBlock == 0 && amx_bf16()) && !packs_bf16_backward(D) : !can_pack_bf16(D);
 }
 
 // Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
 // which takes no transposed operand: K^T and V^T (HeadCopy), the backward's P^T and dS^T.
 inline void transpose_into(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
   at::vec::transpose_mxn<float>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
+}
+
+// The same for bf16, in ATen's blocks of at most 32 x 32 (the packed backward's P^T and dS^T).
+inline void transpose_bf16(const at::BFloat16* src, int64_t lds, int64_t rows, int64_t cols, at::BFloat16* dst,
+                           int64_t ldd) {
+  for (int64_t i = 0; i < rows; i += 32) {
+    for (int64_t j = 0; j < cols; j += 32) {
+      at::vec::transpose_mxn<at::BFloat16>(src + i * lds + j, lds, dst + j * ldd + i, ldd,
+                                           static_cast<int>(std::min<int64_t>(32, rows - i)),
+                                           static_cast<int>(std::min<int64_t>(32, cols - j)));
+    }
+  }
 }
 
 // One (b, KV head)'s K or V in fp32 for the brgemm products, in one thread's scratch `slot`:
@@ -638,16 +657,22 @@ struct Task {
   int64_t offset;    // first row in the side dK/dV buffer (segments after the first)
 };
 
-// The backward's products: MKL (any dtype), or oneDNN brgemm in fp32 on AVX-512, on K^T and
+// The backward's products: MKL (any dtype); oneDNN brgemm in fp32 on AVX-512, on K^T and
 // V^T kept per task (HeadCopy; bf16 inputs converted, K's rows too) and P^T, dS^T transposed
-// per tile.
-template <typename scalar_t, bool Brgemm = false>
+// per tile; or oneDNN brgemm on bf16 dot products (kPackedBf16): K^T, K's rows and V^T packed
+// in VNNI blocks per task as the tiles reach them (PackedHead, as the forward), the tile's
+// Q and dO rows packed in VNNI pairs for dK and dV, P and dS rounded to bf16 for their
+// products (as the MKL bf16 path and torch's own bf16 backward do).
+template <typename scalar_t, Products products = Products::kBlas>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
                      at::Tensor& grad_v, int64_t W, int64_t S, double scale_d, int64_t qT, int64_t kT) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
+  constexpr bool Packed = products == Products::kPackedBf16, Brgemm = products == Products::kBrgemmFp32;
+  constexpr bool unscaled = Packed || Brgemm;  // brgemm has no alpha: the scale goes into the exp and dS
+  static_assert(!Packed || std::is_same_v<scalar_t, at::BFloat16>, "the packed path is bf16's");
   static_assert(!Brgemm || std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>,
                 "the brgemm backward takes fp32 or bf16 (converted)");
   using prod_t = std::conditional_t<Brgemm, float, scalar_t>;  // as in the forward
@@ -656,7 +681,11 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t rep = Hq / Hkv;
+  const int64_t align = Packed ? kKeyStep : 1;  // as the forward: key tiles from multiples of 32
+  if (Packed) kT = std::max(kPackBlock, kT / kPackBlock * kPackBlock);
   const int64_t max_rows = rep * qT, ldmax = padded(kT), ldt = padded(max_rows);
+  TORCH_INTERNAL_ASSERT(!Packed || (k.stride(2) % 2 == 0 && v.stride(2) % 2 == 0),
+                        "swa_cpu: the packed path reads key rows as 32-bit words");
 
   // Segments of the queries per (b, g): enough tasks for the threads, each at least
   // a few windows long so that the dK/dV rows shared between segments stay few. The
@@ -674,7 +703,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     for (int64_t g = 0; g < Hkv; ++g) {
       for (int64_t q0 = 0; q0 < N; q0 += seg_len) {
         const int64_t q1 = std::min(N, q0 + seg_len);
-        const KeyRanges kr = key_ranges(q0, q1, W, S);
+        const KeyRanges kr = key_ranges(q0, q1, W, S, align);  // the keys its tiles read
         tasks.push_back({b, g, q0, q1, kr, side_rows});
         if (q0 > 0) side_rows += kr.sink_end + (kr.win_end - kr.win_begin);
       }
@@ -717,6 +746,14 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     acc_t* grad_attn_t = scratch<acc_t>(21, Brgemm ? ldmax * ldt : 0);  // dS^T [kB, R]
     HeadCopy<scalar_t> v_t{}, k_rows{};
     HeadCopy<float> k_t{};  // transposed from k_rows (an fp32 K, converted once)
+    // the packed path: P^T and dS^T in bf16 [kB, R + 1], the tile's Q and dO rows in VNNI
+    // pairs [(R + 1) / 2, D, 2] (an odd last row paired with zeros), K and V^T per task
+    using bf16 = at::BFloat16;
+    bf16* p_t_rows = scratch<bf16>(25, Packed ? ldmax * ldt : 0);
+    bf16* ds_t_rows = scratch<bf16>(26, Packed ? ldmax * ldt : 0);
+    bf16* q_vnni = scratch<bf16>(27, Packed ? (max_rows + 1) * D : 0);
+    bf16* go_vnni = scratch<bf16>(28, Packed ? (max_rows + 1) * D : 0);
+    PackedHead k_packed{}, v_t_packed{};
     auto mul = [](Vec x, Vec y) { return x * y; };
     auto add = [](Vec x, Vec y) { return x + y; };
     for (int64_t ti = begin; ti < end; ++ti) {
@@ -728,6 +765,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         k_rows = HeadCopy<scalar_t>(23, Layout::kRows, kp, ksn, N, D, S, lo);
         k_t = HeadCopy<float>(18, Layout::kTransposed, k_rows.at(0), k_rows.ld(), N, D, S, lo);
         v_t = HeadCopy<scalar_t>(19, Layout::kTransposed, vp, vsn, N, D, S, lo);
+      }
+      if constexpr (Packed) {  // the task's blocks, packed as its tiles reach them
+        const int64_t lo = key_ranges(task.q0, std::min(task.q1, task.q0 + qT), W, S, kPackBlock).win_begin / kPackBlock;
+        const int64_t hi = (task.q1 + kPackBlock - 1) / kPackBlock;
+        k_packed = PackedHead(kp, ksn, kp, ksn, N, D, S, lo, hi);
+        v_t_packed = PackedHead(vp, vsn, nullptr, 0, N, D, S, lo, hi, 29, 30);
       }
       const bool first = task.q0 == 0;
       acc_t* dk_task = first ? akd + (task.b * Hkv + task.g) * N * D : dk_side + task.offset * D;
@@ -764,17 +807,45 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           k_t.copy_until(m1);
           v_t.copy_until(m1);
         }
-        for_each_key_tile(key_ranges(m0, m1, W, S), kT, 1, [&](int64_t n0, int64_t n1) {
-          const int64_t kB = n1 - n0, ldp = padded(kB);
+        const int64_t R2 = (R + 1) / 2 * 2;  // the packed path's reduction over rows: pairs
+        if constexpr (Packed) {
+          const int64_t blocks_end = (m1 + kPackBlock - 1) / kPackBlock;
+          k_packed.pack_until(blocks_end);
+          v_t_packed.pack_until(blocks_end);
+          at::vec::pack_vnni2(qp, q_vnni, q_ld, R, D);
+          at::vec::pack_vnni2(gop, go_vnni, go_ld, R, D);
+        }
+        // A^T of a bf16 [R, kB] tile for brgemm's A [kB, R2] (column R zero when R is odd)
+        auto transposed = [&](const bf16* src, int64_t ldp, int64_t kB, bf16* dst) {
+          transpose_bf16(src, ldp, R, kB, dst, ldt);
+          if (R2 > R) {
+            for (int64_t j = 0; j < kB; ++j) dst[j * ldt + R] = bf16(0.0f);
+          }
+          return dst;
+        };
+        // C[R, ldp] = A[R, D] B^T over packed blocks (B^T: K^T or V^T), a block (or its second half) per call
+        // (generic: instantiated only where the packed path calls it, with bf16 A and fp32 C)
+        auto packed_scores = [&](const auto* a, int64_t lda, const PackedHead& b, int64_t n0, int64_t ldp, auto* c) {
+          for (int64_t col = 0; col < ldp;) {
+            const int64_t cols = std::min(kPackBlock - (n0 + col) % kPackBlock, ldp - col);
+            at::native::cpublas::brgemm(R, cols, D, lda, kPackBlock, ldp, false, a, b.k_t(n0 + col), c + col);
+            col += cols;
+          }
+        };
+        for_each_key_tile(key_ranges(m0, m1, W, S, align), kT, align, [&](int64_t n0, int64_t n1) {
+          const int64_t kB = n1 - n0;
+          const int64_t ldp = Packed ? (kB + kKeyStep - 1) / kKeyStep * kKeyStep : padded(kB);
           acc_t* dk_rows = dk_task + local_row(n0) * D;
           acc_t* dv_rows = dv_task + local_row(n0) * D;
           // P = exp(scale * Q K^T - lse), hidden entries 0 (brgemm: Q K^T unscaled, scaled in the exp)
-          if constexpr (Brgemm) {
+          if constexpr (Packed) {
+            packed_scores(qp, q_ld, k_packed, n0, ldp, attn);
+          } else if constexpr (Brgemm) {
             at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.at(n0), attn);
           } else {
             scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
           }
-          const Vec vscale(Brgemm ? scale : acc_t(1));
+          const Vec vscale(unscaled ? scale : acc_t(1));
           for (int64_t r = 0; r < R; ++r) {
             const Vec shift(norm[r]);
             acc_t* row = attn + r * ldp;
@@ -787,14 +858,18 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
               zero(row_reduced + span.c1, ldp - span.c1);
             }
             for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
-              const Vec e = (Brgemm ? at::vec::fmsub(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) - shift).exp();
+              const Vec e = (unscaled ? at::vec::fmsub(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) - shift).exp();
               e.store(row + c);
               if constexpr (reduced_p) store_as<p_t>(row_reduced + c, e);
             }
           }
           const p_t* P = reduced_p ? attn_reduced : reinterpret_cast<const p_t*>(attn);
           // dV[kB, d] += P^T dO ;  dP = dO V^T
-          if constexpr (Brgemm) {
+          if constexpr (Packed) {
+            at::native::cpublas::brgemm(kB, D, R2, ldt, D, D, true, transposed(attn_reduced, ldp, kB, p_t_rows), go_vnni,
+                                        dv_rows);
+            packed_scores(gop, go_ld, v_t_packed, n0, ldp, grad_attn);
+          } else if constexpr (Brgemm) {
             transpose_into(attn, ldp, R, kB, attn_t, ldt);
             at::native::cpublas::brgemm(kB, D, R, ldt, go_ld, D, true, attn_t, gop, dv_rows);
             at::native::cpublas::brgemm(R, kB, D, go_ld, v_t.ld(), ldp, false, gop, v_t.at(n0), grad_attn);
@@ -814,12 +889,18 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             zero(ds_row + span.c1, ldp - span.c1);
             for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
               const Vec grad = Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds);
-              store_as<p_t>(ds_row + c, Brgemm ? grad * vscale : grad);
+              store_as<p_t>(ds_row + c, unscaled ? grad * vscale : grad);
             }
           }
           const p_t* dS = reduced_p ? grad_attn_reduced : reinterpret_cast<const p_t*>(grad_attn);
           // dQ[R, d] += scale * dS K ;  dK[kB, d] += scale * dS^T Q
-          if constexpr (Brgemm) {
+          if constexpr (Packed) {  // dQ: 64 columns of K's VNNI rows per call, over the tile's keys (dS is 0 past kB)
+            for (int64_t dc = 0; dc < D / kPackBlock; ++dc) {
+              at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, true, dS, k_packed.v(dc, n0),
+                                          dq + dc * kPackBlock);
+            }
+            at::native::cpublas::brgemm(kB, D, R2, ldt, D, D, true, transposed(dS, ldp, kB, ds_t_rows), q_vnni, dk_rows);
+          } else if constexpr (Brgemm) {
             at::native::cpublas::brgemm(R, D, kB, ldp, k_rows.ld(), D, true, dS, k_rows.at(n0), dq);
             transpose_into(grad_attn, ldp, R, kB, grad_attn_t, ldt);
             at::native::cpublas::brgemm(kB, D, R, ldt, q_ld, D, true, grad_attn_t, qp, dk_rows);
@@ -839,6 +920,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         }
       }
     }
+    if constexpr (Packed) at::native::cpublas::brgemm_release();  // this thread's AMX state
   });
 
   // Sum the later segments' dK/dV rows onto the keys, one (b, g) per work item.
@@ -922,15 +1004,21 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
   AT_DISPATCH_SWITCH(q.scalar_type(), "swa_backward",
     AT_DISPATCH_CASE(at::kFloat, [&] {
       if (allow_brgemm && can_brgemm_fp32()) {
-        backward_kernel<scalar_t, true>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
+        backward_kernel<scalar_t, Products::kBrgemmFp32>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale,
+                                                         q_tile, kv_tile);
       } else {
         backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
       }
     })
     AT_DISPATCH_CASE(at::kDouble, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      if (allow_brgemm && bf16_as_fp32(q.size(3), true)) {
-        backward_kernel<scalar_t, true>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
+      // the packed path reads key rows as 32-bit words: an odd row stride takes the next one
+      if (allow_brgemm && packs_bf16_backward(q.size(3)) && k.stride(2) % 2 == 0 && v.stride(2) % 2 == 0) {
+        backward_kernel<scalar_t, Products::kPackedBf16>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale,
+                                                         q_tile, kv_tile);
+      } else if (allow_brgemm && bf16_as_fp32(q.size(3), true)) {
+        backward_kernel<scalar_t, Products::kBrgemmFp32>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale,
+                                                         q_tile, kv_tile);
       } else {
         backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile);
       }
@@ -945,6 +1033,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"),
         py::arg("allow_pack") = true);
   m.def("packs_bf16", &can_pack_bf16, "Whether the bf16 forward uses packed oneDNN brgemm here, for this head dim");
+  m.def("packs_bf16_backward", &packs_bf16_backward, "Whether the bf16 backward uses packed oneDNN brgemm here, "
+        "for this head dim");
   m.def("amx_bf16", &amx_bf16, "Whether bf16 products run on AMX here (else AVX512-BF16 where packs_bf16)");
   m.def("brgemm_fp32", &can_brgemm_fp32, "Whether the fp32 forward and backward use oneDNN brgemm here");
   m.def("bf16_as_fp32", &bf16_as_fp32, "Whether bf16 forward (backward=False) or backward calls run the fp32 brgemm "
