@@ -418,7 +418,7 @@ def default_cpu_q_tile(window: int, rep: int = 1, dtype: torch.dtype = torch.flo
     - bf16 on AVX512-BF16 dot products without AMX (``bf16_dot``; Zen 4, n
       1024..8192, W 64..2048): 32 was the fastest or within 2% of it, forward and
       backward; forward 16 and 64 up to 5% and 13% slower, 128 up to 45%; backward 16
-      up to 11%, 64 up to 17%: 32, at most 256 rows.
+      up to 12% slower, 64 up to 17% (or 1% faster): 32, at most 256 rows.
 
     Hence ``clamp(W / 8)`` to a power of two (or the brgemm and bf16_dot rules),
     halved (down to 16) while the rows exceed the cap.
