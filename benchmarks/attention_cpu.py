@@ -396,24 +396,23 @@ def render_report(paths) -> str:
             + "".join(f"; {dt}: floors at a 2048^3 {c['matmul_dtype'][dt]} matrix product's {rate:.0f} GFLOP/s"
                       for dt, rate in c.get("matmul_gflops", {}).items())
         )
-    out += ["", f"Passing (SWA/FA <= {limit:.2f}x forward and forward+backward):", "",
-            "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
-    for dt in dtypes:
-        cells = []
-        for cls in classes:
-            sel = [r for r in rows if r["dtype"] == dt and window_class(r["seq_len"], r["window"]) == cls]
-            cells.append(f"{sum(r['pass'] for r in sel)} / {len(sel)}")
-        out.append(f"| {dt} | " + " | ".join(cells) + " |")
-    if any(r["matmul_gflops"] for r in rows):
-        out += ["", f"Out of reach (the floor above {limit:.2f}x: the cell's exact work done at the rate of a "
-                    "2048^3 matrix product, against FA as timed, `ideal * FA's GFLOP/s / the product's`):", "",
-                "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+
+    def counts(title, count):
+        """A table of ``count(row)`` summed per dtype and window class, over the class's rows."""
+        table = ["", title, "", "| | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
         for dt in dtypes:
             cells = []
             for cls in classes:
                 sel = [r for r in rows if r["dtype"] == dt and window_class(r["seq_len"], r["window"]) == cls]
-                cells.append(f"{sum(out_of_reach(r, limit) for r in sel)} / {len(sel)}")
-            out.append(f"| {dt} | " + " | ".join(cells) + " |")
+                cells.append(f"{sum(count(r) for r in sel)} / {len(sel)}")
+            table.append(f"| {dt} | " + " | ".join(cells) + " |")
+        return table
+
+    out += counts(f"Passing (SWA/FA <= {limit:.2f}x forward and forward+backward):", lambda r: r["pass"])
+    if any(r["matmul_gflops"] for r in rows):
+        out += counts(f"Out of reach (the floor above {limit:.2f}x: the cell's exact work done at the rate of a "
+                      "2048^3 matrix product, against FA as timed, `ideal * FA's GFLOP/s / the product's`):",
+                      lambda r: out_of_reach(r, limit))
     out += ["", "## Ratio matrices"]
     for dt in dtypes:
         for ratio in sorted({r["heads"] // r["kv_heads"] for r in rows if r["dtype"] == dt}):
