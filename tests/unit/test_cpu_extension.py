@@ -235,6 +235,25 @@ def test_bf16_packed_key_tiles_at_every_alignment():
                                            msg=lambda m: f"{case} d{name}: {m}")
 
 
+def test_bf16_packed_head_dim_128():
+    """The packed paths at d = 128 (two 64-column blocks of K/V rows for P V and dQ; dK and dV
+    in one product over the whole head dim), forward and backward, against the fp64 reference."""
+    ext = _ext()
+    d = 128
+    if not ext.packs_bf16(d):
+        pytest.skip(NO_PACKED_BF16)
+    q, k, v = (t.bfloat16() for t in _qkv(1, 4, 2, 300, d, torch.float64))
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, 70, 2, 0.09)
+    out, lse = ext.forward(q, k, v, 70, 2, 0.09, 32, CPU_KV_TILE)
+    assert (out.double() - ref_out).abs().max().item() <= 0.04
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    grads = ext.backward(go, q, k, v, out, lse, 70, 2, 0.09, 32, CPU_KV_TILE)
+    for name, g, r in zip("qkv", grads, ref_grads(go)):
+        torch.testing.assert_close(g.double(), r, atol=3e-2 * max(1.0, r.abs().max().item()), rtol=0,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
 def test_bf16_megatron_layout_equals_contiguous():
     """The bf16 paths read [s, b, h, d] views (strided K/V rows: the packed path
     transposes them as 32-bit words, the fp32 one converts them) exactly as they read

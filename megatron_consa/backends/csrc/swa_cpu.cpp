@@ -1012,7 +1012,8 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
     })
     AT_DISPATCH_CASE(at::kDouble, [&] { backward_kernel<scalar_t>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale, q_tile, kv_tile); })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      // the packed path reads key rows as 32-bit words: an odd row stride takes the next one
+      // the packed path reads key rows as 32-bit words: an odd row stride takes the paths below
+      // (MKL's on a machine that packs, as in the forward)
       if (allow_brgemm && packs_bf16_backward(q.size(3)) && k.stride(2) % 2 == 0 && v.stride(2) % 2 == 0) {
         backward_kernel<scalar_t, Products::kPackedBf16>(go, q, k, v, o, l, grad_q, grad_k, grad_v, window, sinks, scale,
                                                          q_tile, kv_tile);
