@@ -324,6 +324,18 @@ class PackedHead {
   bf16* v_ = nullptr;
 };
 
+// Row-major C[R, ldp] = A[R, D] B^T (unscaled) over the packed blocks of `b` from key n0 (n0 a
+// multiple of kKeyStep; B^T: K^T in both passes, V^T for the backward's dP), a block or its
+// second half per call.
+inline void packed_scores(int64_t R, int64_t D, const at::BFloat16* a, int64_t lda, const PackedHead& b, int64_t n0,
+                          int64_t ldp, float* c) {
+  for (int64_t col = 0; col < ldp;) {
+    const int64_t cols = std::min(kPackBlock - (n0 + col) % kPackBlock, ldp - col);
+    at::native::cpublas::brgemm(R, cols, D, lda, kPackBlock, ldp, false, a, b.k_t(n0 + col), c + col);
+    col += cols;
+  }
+}
+
 // fp32 forward and backward on AVX-512 machines: oneDNN brgemm ukernels (torch's
 // cpublas::brgemm) instead of MKL's sgemm, which packs both operands on every call (a tile's
 // products are small: 32 rows, a window of keys, d = 64) and on AMD takes its generic path.
@@ -341,16 +353,15 @@ inline bool can_brgemm_fp32() { return kBrgemmFp32; }
 
 // bf16 on the fp32 brgemm products, where the fp32 brgemm path runs and bf16 takes no faster
 // one: where it does not pack (AVX-512 without bf16 dot products, or a head dim not a
-// multiple of 64; the backward also not where AMX runs it on MKL's bf16 GEMM). Without AMX,
+// multiple of 64). The passes are asked apart, as their products are chosen apart, but the
+// answer is the same: the backward's faster routes (packed on AVX512-BF16, MKL's bf16 GEMM
+// with AMX) take exactly the head dims the forward packs. Without AMX,
 // MKL's bf16 GEMM was slower than our fp32 products on nearly every grid shape (AMD Zen 4,
 // before the packed paths ran there: docs/benchmarks/attention_cpu_grid_zen4.md). Each thread converts the
 // query rows of its tile and the K/V of its (b, KV head) as its tiles reach them (HeadCopy),
 // into its own scratch, and rounds the results as it stores them. Converting whole tensors
 // first cost a sixth of a small call (n=1024).
-inline bool bf16_as_fp32(int64_t D, bool backward) {
-  if (!can_brgemm_fp32()) return false;
-  return backward ? !(D % kPackBlock == 0 && amx_bf16()) && !packs_bf16_backward(D) : !can_pack_bf16(D);
-}
+inline bool bf16_as_fp32(int64_t D, bool /*backward*/) { return can_brgemm_fp32() && !can_pack_bf16(D); }
 
 // Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
 // which takes no transposed operand: K^T and V^T (HeadCopy), the backward's P^T and dS^T.
@@ -534,12 +545,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for_each_key_tile(key_ranges(m0, m1, W, S, align), kT, align, [&](int64_t n0, int64_t n1) {
         const int64_t kB = n1 - n0;
         const int64_t ldp = Packed ? (kB + kKeyStep - 1) / kKeyStep * kKeyStep : padded(kB);
-        if constexpr (Packed) {  // unscaled scores, a block (or its second half) per call
-          for (int64_t c = 0; c < ldp;) {
-            const int64_t cols = std::min(kPackBlock - (n0 + c) % kPackBlock, ldp - c);
-            at::native::cpublas::brgemm(R, cols, D, q_ld, kPackBlock, ldp, false, qp, packed.k_t(n0 + c), qk + c);
-            c += cols;
-          }
+        if constexpr (Packed) {
+          packed_scores(R, D, qp, q_ld, packed, n0, ldp, qk);
         } else if constexpr (Brgemm) {
           at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.at(n0), qk);
         } else {
@@ -823,15 +830,6 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           }
           return dst;
         };
-        // C[R, ldp] = A[R, D] B^T over packed blocks (B^T: K^T or V^T), a block (or its second half) per call
-        // (generic: instantiated only where the packed path calls it, with bf16 A and fp32 C)
-        auto packed_scores = [&](const auto* a, int64_t lda, const PackedHead& b, int64_t n0, int64_t ldp, auto* c) {
-          for (int64_t col = 0; col < ldp;) {
-            const int64_t cols = std::min(kPackBlock - (n0 + col) % kPackBlock, ldp - col);
-            at::native::cpublas::brgemm(R, cols, D, lda, kPackBlock, ldp, false, a, b.k_t(n0 + col), c + col);
-            col += cols;
-          }
-        };
         for_each_key_tile(key_ranges(m0, m1, W, S, align), kT, align, [&](int64_t n0, int64_t n1) {
           const int64_t kB = n1 - n0;
           const int64_t ldp = Packed ? (kB + kKeyStep - 1) / kKeyStep * kKeyStep : padded(kB);
@@ -839,7 +837,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           acc_t* dv_rows = dv_task + local_row(n0) * D;
           // P = exp(scale * Q K^T - lse), hidden entries 0 (brgemm: Q K^T unscaled, scaled in the exp)
           if constexpr (Packed) {
-            packed_scores(qp, q_ld, k_packed, n0, ldp, attn);
+            packed_scores(R, D, qp, q_ld, k_packed, n0, ldp, attn);
           } else if constexpr (Brgemm) {
             at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.at(n0), attn);
           } else {
@@ -868,7 +866,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           if constexpr (Packed) {
             at::native::cpublas::brgemm(kB, D, R2, ldt, D, D, true, transposed(attn_reduced, ldp, kB, p_t_rows), go_vnni,
                                         dv_rows);
-            packed_scores(gop, go_ld, v_t_packed, n0, ldp, grad_attn);
+            packed_scores(R, D, gop, go_ld, v_t_packed, n0, ldp, grad_attn);
           } else if constexpr (Brgemm) {
             transpose_into(attn, ldp, R, kB, attn_t, ldt);
             at::native::cpublas::brgemm(kB, D, R, ldt, go_ld, D, true, attn_t, gop, dv_rows);
