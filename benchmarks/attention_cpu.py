@@ -31,9 +31,11 @@ the same across ratios. A configuration passes at SWA/FA <= --grid-limit
 
 Each row also gives the rate (GFLOP/s) at which FA and ours did their exact work
 (score entries seen, times 4 * d flops forward and 14 * d forward+backward), and a
-floor: the ratio ours would take doing its exact work at the rate of the faster
-2048^3 matrix product of the dtype and of fp32 (a kernel may convert; measured once
-per dtype at the start).
+floor: the ratio ours would take doing its exact work at the rate of the fastest
+matrix product measured once per dtype at the start, in the dtype or in fp32 (a kernel
+may convert): a 2048^3 torch.mm, and oneDNN brgemm on all threads at a tile's shapes
+on cache-resident operands (where the banded kernel built), which on AMD outruns
+torch.mm's generic MKL path.
 A cell whose floor is above the pass mark is out of reach of any exact kernel on
 that machine (W = n/4: exact work 0.44x of FA's, so 0.30x asks for 1.46x FA's rate).
 
@@ -171,8 +173,7 @@ def gflops(ms: float, entries: float, *, batch: int, heads: int, head_dim: int, 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
     """The rate (GFLOP/s) of a ``size``-cubed matrix product (``torch.mm``) in ``dtype`` on
-    torch's threads, best of ``reps`` warm calls: about the most that a kernel whose work is
-    matrix products in that dtype can reach on this machine."""
+    torch's threads, best of ``reps`` warm calls."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     torch.mm(a, b)
@@ -182,6 +183,34 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * size ** 3 / best / 1e9
+
+
+# The tile products measured for the ceiling, [M, K] x [K, N] as (M, N, K): a 32-row tile's
+# scores against 512 keys at d = 64, and its P V over those keys.
+TILE_PRODUCTS = ((32, 512, 64), (32, 64, 512))
+
+
+def tile_gflops(dtype: torch.dtype, shape, seconds: float = 0.5) -> float:
+    """The rate (GFLOP/s, every thread at once) of oneDNN brgemm at a tile's ``shape`` (M, N, K)
+    in ``dtype`` on cache-resident operands, as the banded kernel runs its products; 0 where that
+    kernel did not build, or bf16 has no dot products here."""
+    ext = cpu_extension.extension()
+    return 0.0 if ext is None else ext.tile_product_gflops(dtype, *shape, seconds)
+
+
+def product_rates(dt: str) -> dict:
+    """Candidate ceilings for ``dt``'s floors, ``{source: GFLOP/s}``: a 2048^3 ``torch.mm``
+    (:func:`matmul_gflops`) and the tile products (:func:`tile_gflops`), each in ``dt`` and in
+    fp32 (into which a kernel may convert). On AMD, torch.mm's large fp32 product takes MKL's
+    generic path: on Zen 4 the tile products ran about 1.2x its rate."""
+    rates = {}
+    for name in dict.fromkeys([dt, "fp32"]):
+        rates[f"a 2048^3 torch.mm in {name}"] = matmul_gflops(DTYPES[name])
+        for m, n, k in TILE_PRODUCTS:
+            rate = tile_gflops(DTYPES[name], (m, n, k))
+            if rate > 0:
+                rates[f"brgemm {m}x{k} by {k}x{n} in {name}"] = rate
+    return rates
 
 
 def grid_rates(row) -> dict:
@@ -194,8 +223,8 @@ def grid_rates(row) -> dict:
 
 def floor_ratio(row, part: str, matmul: float) -> float:
     """The lowest SWA/FA ratio ours could reach in a grid row (``part`` "fwd" or "fwd_bwd"):
-    its exact work done at the matrix-product rate ``matmul`` (GFLOP/s, :func:`matmul_gflops`)
-    against FA as timed, ``ideal * FA's rate / matmul``. Where it is above the pass mark,
+    its exact work done at the matrix-product rate ``matmul`` (GFLOP/s, the fastest of
+    :func:`product_rates`) against FA as timed, ``ideal * FA's rate / matmul``. Where it is above the pass mark,
     the cell is out of reach of any exact kernel on that machine, not only of ours."""
     return row["ideal"] * grid_rates(row)[f"fa_{part}"] / matmul
 
@@ -275,18 +304,17 @@ def run_grid(args):
           "| SWA fwd+bwd (ms) | fwd+bwd / FA | pass | reps | GFLOP/s FA / SWA fwd | fwd+bwd | floor |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     rows = []
-    # per dtype: the faster matrix product of the dtype and of fp32 (into which a kernel may
-    # convert), and which one it was
-    matmul_dtype, matmul = {}, {}
+    # per dtype: the fastest matrix product measured (product_rates), and which one it was
+    products, matmul_source, matmul = {}, {}, {}
     for dt, ratio, n, windows in groups:
         torch.manual_seed(0)
         dtype = DTYPES[dt]
         if dt not in matmul:
-            rates = {name: matmul_gflops(DTYPES[name]) for name in dict.fromkeys([dt, "fp32"])}
-            matmul_dtype[dt] = max(rates, key=rates.get)
-            matmul[dt] = rates[matmul_dtype[dt]]
-            print(f"| {dt}: 2048^3 matrix products at " + ", ".join(f"{r:.0f} GFLOP/s in {name}" for name, r in
-                                                                 rates.items()) + " |", flush=True)
+            products[dt] = product_rates(dt)
+            matmul_source[dt] = max(products[dt], key=products[dt].get)
+            matmul[dt] = products[dt][matmul_source[dt]]
+            print(f"| {dt}: matrix products at " + ", ".join(f"{r:.0f} GFLOP/s ({source})" for source, r in
+                                                          products[dt].items()) + " |", flush=True)
         hq, hkv, S = args.heads, args.heads // ratio, args.sinks
         q = torch.randn(args.batch, hq, n, d, dtype=dtype, requires_grad=True)
         k = torch.randn(args.batch, hkv, n, d, dtype=dtype, requires_grad=True)
@@ -339,7 +367,7 @@ def run_grid(args):
             "max_reps": args.max_reps, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "limit": args.grid_limit, "kernel": cpu_kernel(),
             "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-            "matmul_gflops": matmul, "matmul_dtype": matmul_dtype,
+            "matmul_gflops": matmul, "matmul_source": matmul_source, "product_rates": products,
         }
         write_json_atomic(args.json, {"config": config, "grid": rows})
     return rows
@@ -376,6 +404,14 @@ def _reps_text(config) -> str:
             f"add up to {config['min_time']:g} s)")
 
 
+def _product_source(config, dt: str) -> str:
+    """The product a grid file's ``dt`` floors were taken at (files from before the tile
+    products name only the dtype of a 2048^3 torch.mm)."""
+    if "matmul_source" in config:
+        return config["matmul_source"][dt]
+    return f"a 2048^3 torch.mm in {config['matmul_dtype'][dt]}"
+
+
 def render_report(paths) -> str:
     """Markdown for grid JSON files: pass table, ratio matrices, every row."""
     files = [json.loads(Path(p).read_text()) for p in paths]
@@ -393,7 +429,7 @@ def render_report(paths) -> str:
             f"`{Path(p).name}`: kernel={c.get('kernel', '?')} b={c['batch']} hq={c['heads']} d={c['head_dim']} "
             f"S={c['sinks']} threads={c['threads']} {_reps_text(c)} torch={c['torch']} "
             f"OMP_WAIT_POLICY={c['omp_wait_policy']}"
-            + "".join(f"; {dt}: floors at a 2048^3 {c['matmul_dtype'][dt]} matrix product's {rate:.0f} GFLOP/s"
+            + "".join(f"; {dt}: floors at {_product_source(c, dt)}'s {rate:.0f} GFLOP/s"
                       for dt, rate in c.get("matmul_gflops", {}).items())
         )
 
@@ -410,9 +446,9 @@ def render_report(paths) -> str:
 
     out += counts(f"Passing (SWA/FA <= {limit:.2f}x forward and forward+backward):", lambda r: r["pass"])
     if any(r["matmul_gflops"] for r in rows):
-        out += counts(f"Out of reach (the floor above {limit:.2f}x: the cell's exact work done at the rate of a "
-                      "2048^3 matrix product, against FA as timed, `ideal * FA's GFLOP/s / the product's`):",
-                      lambda r: out_of_reach(r, limit))
+        out += counts(f"Out of reach (the floor above {limit:.2f}x: the cell's exact work done at the rate of the "
+                      "fastest matrix product measured, against FA as timed, `ideal * FA's GFLOP/s / the "
+                      "product's`):", lambda r: out_of_reach(r, limit))
     out += ["", "## Ratio matrices"]
     for dt in dtypes:
         for ratio in sorted({r["heads"] // r["kv_heads"] for r in rows if r["dtype"] == dt}):

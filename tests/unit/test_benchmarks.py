@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_consa.backends import cpu_extension
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_cpu.py"
 
 
@@ -88,8 +90,14 @@ def test_grid_mode(attention_cpu, tmp_path):
     assert saved["grid"] == rows
     # The rates of exact work: entries counted from the masks, 4 * d flops each forward and
     # 14 * d forward+backward, per query head; the floor at the measured matrix-product rate.
-    matmul = saved["config"]["matmul_gflops"]["fp32"]
-    assert matmul > 0 and saved["config"]["matmul_dtype"] == {"fp32": "fp32"}
+    config = saved["config"]
+    matmul, products = config["matmul_gflops"]["fp32"], config["product_rates"]["fp32"]
+    # the floor's product: the fastest of torch.mm and, where the kernel built, the tile products
+    want = {"a 2048^3 torch.mm in fp32"}
+    if cpu_extension.extension() is not None:
+        want |= {f"brgemm {m}x{k} by {k}x{n} in fp32" for m, n, k in attention_cpu.TILE_PRODUCTS}
+    assert set(products) == want and all(rate > 0 for rate in products.values())
+    assert config["matmul_source"] == {"fp32": max(products, key=products.get)} and matmul == max(products.values())
     for r in rows:
         n, w = r["seq_len"], r["window"]
         causal = torch.ones(n, n).tril()
@@ -108,24 +116,58 @@ def test_grid_mode(attention_cpu, tmp_path):
 FLOPS = {"fwd": 4, "fwd_bwd": 14}
 
 
-@pytest.mark.parametrize("bf16_rate,floor_dtype", [(300.0, "bf16"), (20.0, "fp32")])
-def test_grid_floors_at_the_faster_product(attention_cpu, monkeypatch, tmp_path, bf16_rate, floor_dtype):
-    """A reduced dtype's floor takes the faster matrix product of its own and fp32's (a kernel
-    may convert): bf16 dot products where the CPU has them, else fp32."""
-    rates = {torch.float32: 100.0, torch.bfloat16: bf16_rate}
-    monkeypatch.setattr(attention_cpu, "matmul_gflops", lambda dtype: rates[dtype])
+@pytest.mark.parametrize("bf16_mm,fp32_tile,bf16_tile,source", [
+    (300.0, 0.0, 0.0, "a 2048^3 torch.mm in bf16"),
+    (20.0, 0.0, 0.0, "a 2048^3 torch.mm in fp32"),
+    (300.0, 120.0, 0.0, "a 2048^3 torch.mm in bf16"),
+    (20.0, 120.0, 0.0, "brgemm 32x512 by 512x64 in fp32"),
+    (300.0, 120.0, 350.0, "brgemm 32x512 by 512x64 in bf16"),
+])
+def test_grid_floors_at_the_fastest_product(attention_cpu, monkeypatch, tmp_path, bf16_mm, fp32_tile, bf16_tile,
+                                            source):
+    """A dtype's floor takes the fastest product measured: torch.mm's and the tile products, in
+    the dtype and in fp32 (a kernel may convert); a tile product that is not there (0) is left
+    out."""
+    mm = {torch.float32: 100.0, torch.bfloat16: bf16_mm}
+    tile = {torch.float32: fp32_tile, torch.bfloat16: bf16_tile}
+    monkeypatch.setattr(attention_cpu, "matmul_gflops", lambda dtype: mm[dtype])
+    # the P V tile (K = 512) at the given rate, the scores tile a little slower
+    monkeypatch.setattr(attention_cpu, "tile_gflops",
+                        lambda dtype, shape: tile[dtype] * (1.0 if shape[2] == 512 else 0.9))
     out = tmp_path / "grid.json"
     attention_cpu.main(["--grid", "--grid-seq-lens", "128", "--grid-windows", "32", "--grid-gqa", "1",
                         "--grid-dtypes", "fp32,bf16", "--heads", "2", "--head-dim", "16", "--reps", "1",
                         "--warmup", "0", "--min-time", "0", "--threads", "1", "--json", str(out)])
     config = json.loads(out.read_text())["config"]
-    assert config["matmul_dtype"] == {"fp32": "fp32", "bf16": floor_dtype}
-    assert config["matmul_gflops"] == {"fp32": 100.0, "bf16": max(100.0, bf16_rate)}
+    assert config["matmul_source"]["bf16"] == source
+    assert config["matmul_gflops"] == {"fp32": max(100.0, fp32_tile), "bf16": max(100.0, bf16_mm, fp32_tile, bf16_tile)}
+    bf16 = config["product_rates"]["bf16"]
+    assert bf16["a 2048^3 torch.mm in bf16"] == bf16_mm and bf16["a 2048^3 torch.mm in fp32"] == 100.0
+    assert ("brgemm 32x64 by 64x512 in fp32" in bf16) == (fp32_tile > 0)
+    assert ("brgemm 32x64 by 64x512 in bf16" in bf16) == (bf16_tile > 0)
+    text = attention_cpu.main(["--report", str(out)])
+    assert f"bf16: floors at {source}'s {config['matmul_gflops']['bf16']:.0f} GFLOP/s" in text
 
 
 def test_matmul_rate_is_a_rate(attention_cpu):
     # 2 * 64^3 flops in the time of the best call: between 10 MFLOP/s and 100 TFLOP/s here
     assert 1e-2 < attention_cpu.matmul_gflops(torch.float32, size=64, reps=3) < 1e5
+
+
+def test_tile_product_rate(attention_cpu):
+    """The kernel's own brgemm at a tile's shape, on every thread: a rate in fp32; in bf16 where
+    bf16 dot products run (0 elsewhere); a bad dtype or size is refused, naming the field."""
+    ext = cpu_extension.extension()
+    if ext is None:
+        assert attention_cpu.tile_gflops(torch.float32, (32, 64, 64)) == 0.0
+        pytest.skip("the CPU SWA kernel did not build here")
+    assert 1e-2 < attention_cpu.tile_gflops(torch.float32, (32, 64, 64), seconds=0.05) < 1e5
+    bf16 = attention_cpu.tile_gflops(torch.bfloat16, (32, 64, 64), seconds=0.05)
+    assert (bf16 > 0) == ext.packs_bf16(64)
+    with pytest.raises(RuntimeError, match="dtype fp32 or bf16"):
+        ext.tile_product_gflops(torch.float64, 32, 64, 64, 0.05)
+    with pytest.raises(RuntimeError, match="sizes >= 1"):
+        ext.tile_product_gflops(torch.float32, 0, 64, 64, 0.05)
 
 
 def test_single_mode_checks_against_dense(attention_cpu, tmp_path):
@@ -173,8 +215,14 @@ def test_report_renders_the_grid(attention_cpu, tmp_path, capsys):
     reach = " | ".join(f"{sum(attention_cpu.out_of_reach({**r, 'matmul_gflops': matmul}, 0.30) for r in v)} / {len(v)}"
                        for v in by_class.values())
     assert "Out of reach" in text and f"| fp32 | {reach} |" in text
-    # A file from before the matrix-product rate (and the shape in its rows): rates, no floor.
+    # A file from before the tile products: floors at the torch.mm of its matrix_dtype.
     old = json.loads(out.read_text())
+    del old["config"]["matmul_source"], old["config"]["product_rates"]
+    old["config"]["matmul_dtype"] = {"fp32": "fp32"}
+    (tmp_path / "mm.json").write_text(json.dumps(old))
+    assert f"fp32: floors at a 2048^3 torch.mm in fp32's {matmul:.0f} GFLOP/s" in attention_cpu.main(
+        ["--report", str(tmp_path / "mm.json")])
+    # A file from before the matrix-product rate (and the shape in its rows): rates, no floor.
     del old["config"]["matmul_gflops"], old["config"]["matmul_dtype"]
     for r in old["grid"]:
         del r["batch"], r["head_dim"], r["bwd_block_size"]
@@ -193,8 +241,6 @@ TINY_STEP = ["--device", "cpu", "--seq-len", "64", "--window", "16", "--hidden",
 
 
 def test_cpu_kernel_products_compares_brgemm_with_mkl(tmp_path):
-    from megatron_consa.backends import cpu_extension
-
     bench = _load("cpu_kernel_products")
     argv = ["--shapes", "256:32:1,200:64:2", "--heads", "4", "--head-dim", "16", "--reps", "2",
             "--threads", str(torch.get_num_threads()), "--json", str(tmp_path / "products.json")]
@@ -216,8 +262,6 @@ def test_cpu_kernel_products_against_a_baseline_source(tmp_path, monkeypatch):
     library's tile and the chosen dtype: a git revision resolves to that revision's kernel,
     and the source is compiled under a module name of its own (the build itself is the
     library's, stubbed here with this checkout's module: the test times the same kernel twice)."""
-    from megatron_consa.backends import cpu_extension
-
     bench = _load("cpu_kernel_products")
     assert bench.baseline_source("HEAD").read_text().startswith("// Banded (sliding-window) flash attention")
     with pytest.raises(SystemExit, match="neither a file nor a git revision"):

@@ -32,6 +32,8 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -1025,6 +1027,47 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
   return {grad_q, grad_k, grad_v};
 }
 
+// The rate (GFLOP/s, all of torch's threads at once) of oneDNN brgemm's C[M, N] = A[M, K] B[K, N]
+// on cache-resident operands, as the kernel's tiles run it: fp32 (rows of B and C a line more
+// than N apart, as the kernel pads them), or bf16 on VNNI-packed B where bf16 dot products run
+// (else 0). For a benchmark's ceiling: on AMD, torch.mm's large products take MKL's generic
+// path and run below what these tile products reach.
+double tile_product_gflops(at::ScalarType dtype, int64_t M, int64_t N, int64_t K, double seconds) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "tile_product_gflops: dtype fp32 or bf16, not ", dtype);
+  TORCH_CHECK(M >= 1 && N >= 1 && K >= 1 && seconds > 0, "tile_product_gflops: sizes >= 1 and seconds > 0");
+  const bool bf16 = dtype == at::kBFloat16;
+  if (bf16 && (!bf16_products() || K % 2 != 0)) return 0.0;
+  const int64_t threads = at::get_num_threads();
+  std::atomic<int64_t> calls{0};
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t ld = bf16 ? N : padded(N) + kRowAlign;
+      std::vector<float> a(M * K, 0.5f), b(K * ld, 0.25f), c(M * ld);
+      std::vector<at::BFloat16> a16(bf16 ? M * K : 0, at::BFloat16(0.5f)), b16(bf16 ? K * N : 0, at::BFloat16(0.25f));
+      auto call = [&] {
+        if (bf16) {  // B in VNNI pairs [K / 2, N, 2]: any layout of equal values
+          at::native::cpublas::brgemm(M, N, K, K, N, N, false, a16.data(), b16.data(), c.data(), true);
+        } else {
+          at::native::cpublas::brgemm(M, N, K, K, ld, ld, false, a.data(), b.data(), c.data());
+        }
+      };
+      call();  // the kernel's generation, outside the count
+      int64_t done = 0;
+      const auto until = clock::now() + std::chrono::duration<double>(seconds);
+      while (clock::now() < until) {
+        for (int i = 0; i < 16; ++i) call();
+        done += 16;
+      }
+      calls += done;
+      if (bf16) at::native::cpublas::brgemm_release();
+    }
+  });
+  const double elapsed = std::chrono::duration<double>(clock::now() - start).count();
+  return 2.0 * M * N * K * static_cast<double>(calls.load()) / elapsed / 1e9;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1038,6 +1081,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("brgemm_fp32", &can_brgemm_fp32, "Whether the fp32 forward and backward use oneDNN brgemm here");
   m.def("bf16_as_fp32", &bf16_as_fp32, "Whether bf16 forward (backward=False) or backward calls run the fp32 brgemm "
         "kernel here, for this head dim", py::arg("head_dim"), py::arg("backward"));
+  m.def("tile_product_gflops", &tile_product_gflops, "GFLOP/s of oneDNN brgemm at a tile's shape [M, K] x [K, N] "
+        "on all threads (fp32, or bf16 VNNI where bf16 dot products run, else 0)", py::arg("dtype"), py::arg("m"),
+        py::arg("n"), py::arg("k"), py::arg("seconds"));
   m.def("backward", &swa_backward, "Banded SWA backward: (grad_q, grad_k, grad_v)", py::arg("grad_out"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("window"), py::arg("sinks"),
         py::arg("scale"), py::arg("q_tile"), py::arg("kv_tile"), py::arg("allow_brgemm") = true);
