@@ -90,6 +90,31 @@ inline void store_as(scalar_t* dst, const Vectorized<acc_t>& x) {
   }
 }
 
+// exp(x) for the softmax's shifted scores (x <= 0 up to rounding). In fp32 on AVX-512: 2^n p(r)
+// with n = round(x log2 e), r = x - n ln 2 and ATen's exp_u20 polynomial on r, the power of two
+// applied by vscalefps (which also takes care of underflow), in 10 instructions where exp_u20's
+// integer exponent arithmetic and range masks take 18: the softmax was an eighth of the fp32
+// forward at a 2048 window. A NaN stays NaN (exp_u20 returns its upper clamp's value for it).
+// Elsewhere exp_u20 (fp64: the precise exp).
+template <typename acc_t>
+inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // NaN as the second operand: kept
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), v);
+    __m512 y = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.166676521f));
+    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.499991506f));
+    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.999999701f));
+    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+  }
+#endif
+  return x.exp_u20();
+}
+
 template <typename T>
 inline void fill(T* data, T value, int64_t n) {
   std::fill(data, data + n, value);
@@ -115,7 +140,7 @@ template <typename T>
 T* scratch(int slot, int64_t n) {
   constexpr int64_t kLine = 64;
   static_assert(kLine % alignof(T) == 0, "scratch elements must align within a cache line");
-  thread_local std::vector<unsigned char> buffers[31];
+  thread_local std::vector<unsigned char> buffers[35];
   std::vector<unsigned char>& buffer = buffers[slot];
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T)) + kLine;
   if (static_cast<int64_t>(buffer.size()) < bytes) buffer.resize(bytes);
@@ -341,9 +366,8 @@ inline void packed_scores(int64_t R, int64_t D, const at::BFloat16* a, int64_t l
 // fp32 forward and backward on AVX-512 machines: oneDNN brgemm ukernels (torch's
 // cpublas::brgemm) instead of MKL's sgemm, which packs both operands on every call (a tile's
 // products are small: 32 rows, a window of keys, d = 64) and on AMD takes its generic path.
-// brgemm is row-major without a transpose, so each thread keeps K^T (and in the backward
-// V^T) of the (b, KV head) its tiles read, built key by key as they reach it (each key
-// transposed once), like PackedHead.
+// brgemm is row-major without a transpose, so each thread keeps K^T of the (b, KV head) its
+// tiles read, built key by key as they reach it (each key transposed once), like PackedHead.
 // On a Zen 4 core, brgemm did a tile's products at 1.3-1.4x MKL's speed.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kBrgemmFp32 = true;
@@ -366,7 +390,7 @@ inline bool can_brgemm_fp32() { return kBrgemmFp32; }
 inline bool bf16_as_fp32(int64_t D, bool /*backward*/) { return can_brgemm_fp32() && !can_pack_bf16(D); }
 
 // Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
-// which takes no transposed operand: K^T and V^T (HeadCopy), the backward's P^T and dS^T.
+// which takes no transposed operand: K^T (HeadCopy), the backward's Q^T, dO^T and dQ^T.
 inline void transpose_into(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
   at::vec::transpose_mxn<float>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
 }
@@ -384,8 +408,8 @@ inline void transpose_bf16(const at::BFloat16* src, int64_t lds, int64_t rows, i
 }
 
 // One (b, KV head)'s K or V in fp32 for the brgemm products, in one thread's scratch `slot`:
-// transposed ([D, ld], column j = key j: K^T, and in the backward V^T, since brgemm takes no
-// transposed operand) or as rows ([keys, ld]: V in the forward, K in the backward's dQ). Rows
+// transposed ([D, ld], column j = key j: K^T, since brgemm takes no transposed operand) or as
+// rows ([keys, ld]: V in the forward, K and V in the backward). Rows
 // of an fp32 source are read where they are; everything else is copied (bf16 converted) as the
 // tiles reach the keys: the sinks below the first tile's window at once, the keys from `lo` on
 // as copy_until asks, each key once. The transposed ld is padded(N) plus a line, so that the
@@ -597,15 +621,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 int64_t c = span.c0;
                 if constexpr (reduced_p) {  // two vectors per bf16 store
                   for (; c + 2 * Vec::size() <= span.c1; c += 2 * Vec::size()) {
-                    const Vec e0 = at::vec::fmadd(Vec::loadu(row + c), vscale, shift).exp_u20();
-                    const Vec e1 = at::vec::fmadd(Vec::loadu(row + c + Vec::size()), vscale, shift).exp_u20();
+                    const Vec e0 = softmax_exp(at::vec::fmadd(Vec::loadu(row + c), vscale, shift));
+                    const Vec e1 = softmax_exp(at::vec::fmadd(Vec::loadu(row + c + Vec::size()), vscale, shift));
                     at::vec::convert_from_float<p_t>(e0, e1).store(out_row + c);
                     vsum += e0;
                     vsum2 += e1;
                   }
                 }
                 for (; c < span.c1; c += Vec::size()) {
-                  const Vec e = (unscaled ? at::vec::fmadd(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) + shift).exp_u20();
+                  const Vec x = Vec::loadu(row + c);
+                  const Vec e = softmax_exp(unscaled ? at::vec::fmadd(x, vscale, shift) : x + shift);
                   store_as<p_t>(out_row + c, e);
                   vsum += e;
                 }
@@ -666,12 +691,18 @@ struct Task {
   int64_t offset;    // first row in the side dK/dV buffer (segments after the first)
 };
 
-// The backward's products: MKL (any dtype); oneDNN brgemm in fp32 on AVX-512, on K^T and
-// V^T kept per task (HeadCopy; bf16 inputs converted, K's rows too) and P^T, dS^T transposed
-// per tile; or oneDNN brgemm on bf16 dot products (kPackedBf16): K^T, K's rows and V^T packed
-// in VNNI blocks per task as the tiles reach them (PackedHead, as the forward), the tile's
-// Q and dO rows packed in VNNI pairs for dK and dV, P and dS rounded to bf16 for their
-// products (as the MKL bf16 path and torch's own bf16 backward do).
+// The backward's products: MKL (any dtype); oneDNN brgemm in fp32 on AVX-512 (kBrgemmFp32), in
+// the keys-by-queries frame (below); or oneDNN brgemm on bf16 dot products (kPackedBf16): K^T,
+// K's rows and V^T packed in VNNI blocks per task as the tiles reach them (PackedHead, as the
+// forward), the tile's Q and dO rows packed in VNNI pairs for dK and dV, P and dS rounded to
+// bf16 for their products (as the MKL bf16 path and torch's own bf16 backward do).
+//
+// The fp32 brgemm path works on S^T, P^T, dP^T and dS^T, [keys, rows], since brgemm takes no
+// transposed operand and dV = P^T dO, dK = dS^T Q read them so: S^T = K Q^T and dP^T = V dO^T
+// from K's and V's rows, dQ^T = K^T dS^T on the K^T kept per task (HeadCopy; bf16 inputs
+// converted), Q^T, dO^T and dQ^T transposed once per query tile instead of P and dS per key
+// tile (which took 5-7% of the backward). The softmax's values run along a key's row, one
+// vector per 16 query rows, masked by the rows' positions where a key is not seen by all.
 template <typename scalar_t, Products products = Products::kBlas>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
@@ -742,8 +773,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     acc_t* attn = scratch<acc_t>(6, max_rows * ldmax);
     acc_t* grad_attn = scratch<acc_t>(7, max_rows * ldmax);
-    acc_t* dsum = scratch<acc_t>(8, max_rows);
-    acc_t* norm = scratch<acc_t>(9, max_rows);
+    acc_t* dsum = scratch<acc_t>(8, ldt);  // padded: the brgemm path reads them as whole vectors
+    acc_t* norm = scratch<acc_t>(9, ldt);
     acc_t* dq = scratch<acc_t>(10, max_rows * D);
     p_t* attn_reduced = scratch<p_t>(11, reduced_p ? max_rows * ldmax : 0);
     p_t* grad_attn_reduced = scratch<p_t>(12, reduced_p ? max_rows * ldmax : 0);
@@ -751,9 +782,15 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     prod_t* go_pack = scratch<prod_t>(14, rep > 1 || converted ? max_rows * D : 0);
     acc_t* out_row = scratch<acc_t>(24, converted ? D : 0);  // a row of O, converted
     Span* spans = scratch<Span>(15, max_rows);
-    acc_t* attn_t = scratch<acc_t>(20, Brgemm ? ldmax * ldt : 0);       // P^T [kB, R]
-    acc_t* grad_attn_t = scratch<acc_t>(21, Brgemm ? ldmax * ldt : 0);  // dS^T [kB, R]
-    HeadCopy<scalar_t> v_t{}, k_rows{};
+    // the brgemm path's keys-by-queries frame: P^T and dP^T, then dS^T, [kB, ldt]; Q^T, dO^T,
+    // dQ^T [D, ldt]; the query rows' positions (padding: -1, seen by no key)
+    acc_t* attn_t = scratch<acc_t>(20, Brgemm ? ldmax * ldt : 0);
+    acc_t* grad_attn_t = scratch<acc_t>(21, Brgemm ? ldmax * ldt : 0);
+    acc_t* q_t = scratch<acc_t>(31, Brgemm ? D * ldt : 0);
+    acc_t* go_t = scratch<acc_t>(32, Brgemm ? D * ldt : 0);
+    acc_t* dq_t = scratch<acc_t>(33, Brgemm ? D * ldt : 0);
+    acc_t* positions = scratch<acc_t>(34, Brgemm ? ldt : 0);
+    HeadCopy<scalar_t> v_rows{}, k_rows{};
     HeadCopy<float> k_t{};  // transposed from k_rows (an fp32 K, converted once)
     // the packed path: P^T and dS^T in bf16 [kB, R + 1], the tile's Q and dO rows in VNNI
     // pairs [(R + 1) / 2, D, 2] (an odd last row paired with zeros), K and V^T per task
@@ -773,7 +810,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         const int64_t lo = key_ranges(task.q0, std::min(task.q1, task.q0 + qT), W, S).win_begin;
         k_rows = HeadCopy<scalar_t>(23, Layout::kRows, kp, ksn, N, D, S, lo);
         k_t = HeadCopy<float>(18, Layout::kTransposed, k_rows.at(0), k_rows.ld(), N, D, S, lo);
-        v_t = HeadCopy<scalar_t>(19, Layout::kTransposed, vp, vsn, N, D, S, lo);
+        v_rows = HeadCopy<scalar_t>(19, Layout::kRows, vp, vsn, N, D, S, lo);
       }
       if constexpr (Packed) {  // the task's blocks, packed as its tiles reach them
         const int64_t lo = key_ranges(task.q0, std::min(task.q1, task.q0 + qT), W, S, kPackBlock).win_begin / kPackBlock;
@@ -814,7 +851,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
         if constexpr (Brgemm) {
           k_rows.copy_until(m1);  // before k_t, which reads it
           k_t.copy_until(m1);
-          v_t.copy_until(m1);
+          v_rows.copy_until(m1);
+          transpose_into(qp, q_ld, R, D, q_t, ldt);
+          transpose_into(gop, go_ld, R, D, go_t, ldt);
+          fill(dq_t, acc_t(0), D * ldt);
+          for (int64_t i = 0; i < ldt; ++i) positions[i] = i < R ? static_cast<acc_t>(m0 + i % rt.qB) : acc_t(-1);
+          fill(norm + R, acc_t(0), ldt - R);
+          fill(dsum + R, acc_t(0), ldt - R);
         }
         const int64_t R2 = (R + 1) / 2 * 2;  // the packed path's reduction over rows: pairs
         if constexpr (Packed) {
@@ -837,78 +880,103 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const int64_t ldp = Packed ? (kB + kKeyStep - 1) / kKeyStep * kKeyStep : padded(kB);
           acc_t* dk_rows = dk_task + local_row(n0) * D;
           acc_t* dv_rows = dv_task + local_row(n0) * D;
-          // P = exp(scale * Q K^T - lse), hidden entries 0 (brgemm: Q K^T unscaled, scaled in the exp)
-          if constexpr (Packed) {
-            packed_scores(R, D, qp, q_ld, k_packed, n0, ldp, attn);
-          } else if constexpr (Brgemm) {
-            at::native::cpublas::brgemm(R, kB, D, q_ld, k_t.ld(), ldp, false, qp, k_t.at(n0), attn);
-          } else {
-            scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
-          }
-          const Vec vscale(unscaled ? scale : acc_t(1));
-          for (int64_t r = 0; r < R; ++r) {
-            const Vec shift(norm[r]);
-            acc_t* row = attn + r * ldp;
-            p_t* row_reduced = attn_reduced + r * ldp;
-            const Span span = spans[r] = visible_span(row, m0 + r % rt.qB, n0, n1, W, S);
-            zero(row, span.c0);
-            zero(row + span.c1, ldp - span.c1);
-            if constexpr (reduced_p) {
-              zero(row_reduced, span.c0);
-              zero(row_reduced + span.c1, ldp - span.c1);
+          if constexpr (Brgemm) {
+            using at::native::cpublas::brgemm;
+            // S^T = K Q^T and dP^T = V dO^T [kB, R] (unscaled)
+            brgemm(kB, R, D, k_rows.ld(), ldt, ldt, false, k_rows.at(n0), q_t, attn_t);
+            brgemm(kB, R, D, v_rows.ld(), ldt, ldt, false, v_rows.at(n0), go_t, grad_attn_t);
+            // P^T = exp(scale S^T - lse), dS^T = scale P^T (dP^T - rowsum(dO * O)), both 0 where
+            // a row does not see the key: key j is seen by positions [j, j + W) (from j on, a sink)
+            const Vec vscale(scale), zero_v(acc_t(0));
+            for (int64_t j = n0; j < n1; ++j) {
+              acc_t* p_row = attn_t + (j - n0) * ldt;
+              acc_t* ds_row = grad_attn_t + (j - n0) * ldt;
+              const bool sink = j < S, all = j <= m0 && (sink || j + W >= m1);
+              const Vec from(static_cast<acc_t>(j)), to(static_cast<acc_t>(sink ? N : j + W - 1));
+              for (int64_t c = 0; c < R; c += Vec::size()) {
+                Vec pv = softmax_exp(at::vec::fmsub(Vec::loadu(p_row + c), vscale, Vec::loadu(norm + c)));
+                Vec ds = pv * (Vec::loadu(ds_row + c) - Vec::loadu(dsum + c)) * vscale;
+                if (!all) {
+                  const Vec pos = Vec::loadu(positions + c);
+                  const Vec seen = (pos >= from) & (pos <= to);
+                  pv = Vec::blendv(zero_v, pv, seen);
+                  ds = Vec::blendv(zero_v, ds, seen);
+                }
+                pv.store(p_row + c);
+                ds.store(ds_row + c);
+              }
             }
-            for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
-              const Vec e = (unscaled ? at::vec::fmsub(Vec::loadu(row + c), vscale, shift) : Vec::loadu(row + c) - shift).exp();
-              e.store(row + c);
-              if constexpr (reduced_p) store_as<p_t>(row_reduced + c, e);
+            // dV += P^T dO ;  dK += dS^T Q ;  dQ^T += K^T dS^T
+            brgemm(kB, D, R, ldt, go_ld, D, true, attn_t, gop, dv_rows);
+            brgemm(kB, D, R, ldt, q_ld, D, true, grad_attn_t, qp, dk_rows);
+            brgemm(D, R, kB, k_t.ld(), ldt, ldt, true, k_t.at(n0), grad_attn_t, dq_t);
+          } else {  // the row frame: P, dP, dS [R, kB]
+            // P = exp(scale * Q K^T - lse), hidden entries 0
+            if constexpr (Packed) {
+              packed_scores(R, D, qp, q_ld, k_packed, n0, ldp, attn);
+            } else {
+              scores(qp, q_ld, kp + n0 * ksn, ksn, R, kB, ldp, D, scale, attn);
             }
-          }
-          const p_t* P = reduced_p ? attn_reduced : reinterpret_cast<const p_t*>(attn);
-          // dV[kB, d] += P^T dO ;  dP = dO V^T
-          if constexpr (Packed) {
-            at::native::cpublas::brgemm(kB, D, R2, ldt, D, D, true, transposed(attn_reduced, ldp, kB, p_t_rows), go_vnni,
-                                        dv_rows);
-            packed_scores(R, D, gop, go_ld, v_t_packed, n0, ldp, grad_attn);
-          } else if constexpr (Brgemm) {
-            transpose_into(attn, ldp, R, kB, attn_t, ldt);
-            at::native::cpublas::brgemm(kB, D, R, ldt, go_ld, D, true, attn_t, gop, dv_rows);
-            at::native::cpublas::brgemm(R, kB, D, go_ld, v_t.ld(), ldp, false, gop, v_t.at(n0), grad_attn);
-          } else {
-            gemm(false, true, D, kB, R, acc_t(1), gop, go_ld, P, ldp, acc_t(1), dv_rows, D);
-            scores(gop, go_ld, vp + n0 * vsn, vsn, R, kB, ldp, D, acc_t(1), grad_attn);
-          }
-          // dS = P * (dP - rowsum(dO * O)): 0 outside the span, as P (brgemm: times the scale,
-          // which the BLAS path's dQ and dK products apply)
-          for (int64_t r = 0; r < R; ++r) {
-            const Vec ds(dsum[r]);
-            acc_t* dp = grad_attn + r * ldp;
-            p_t* ds_row = reduced_p ? grad_attn_reduced + r * ldp : reinterpret_cast<p_t*>(dp);
-            const acc_t* p = attn + r * ldp;
-            const Span span = spans[r];
-            zero(ds_row, span.c0);
-            zero(ds_row + span.c1, ldp - span.c1);
-            for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
-              const Vec grad = Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds);
-              store_as<p_t>(ds_row + c, unscaled ? grad * vscale : grad);
+            const Vec vscale(unscaled ? scale : acc_t(1));
+            for (int64_t r = 0; r < R; ++r) {
+              const Vec shift(norm[r]);
+              acc_t* row = attn + r * ldp;
+              p_t* row_reduced = attn_reduced + r * ldp;
+              const Span span = spans[r] = visible_span(row, m0 + r % rt.qB, n0, n1, W, S);
+              zero(row, span.c0);
+              zero(row + span.c1, ldp - span.c1);
+              if constexpr (reduced_p) {
+                zero(row_reduced, span.c0);
+                zero(row_reduced + span.c1, ldp - span.c1);
+              }
+              for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
+                const Vec x = Vec::loadu(row + c);
+                const Vec e = softmax_exp(unscaled ? at::vec::fmsub(x, vscale, shift) : x - shift);
+                e.store(row + c);
+                if constexpr (reduced_p) store_as<p_t>(row_reduced + c, e);
+              }
             }
-          }
-          const p_t* dS = reduced_p ? grad_attn_reduced : reinterpret_cast<const p_t*>(grad_attn);
-          // dQ[R, d] += scale * dS K ;  dK[kB, d] += scale * dS^T Q
-          if constexpr (Packed) {  // dQ: 64 columns of K's VNNI rows per call, over the tile's keys (dS is 0 past kB)
-            for (int64_t dc = 0; dc < D / kPackBlock; ++dc) {
-              at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, true, dS, k_packed.v(dc, n0),
-                                          dq + dc * kPackBlock);
+            const p_t* P = reduced_p ? attn_reduced : reinterpret_cast<const p_t*>(attn);
+            // dV[kB, d] += P^T dO ;  dP = dO V^T
+            if constexpr (Packed) {
+              at::native::cpublas::brgemm(kB, D, R2, ldt, D, D, true, transposed(attn_reduced, ldp, kB, p_t_rows),
+                                          go_vnni, dv_rows);
+              packed_scores(R, D, gop, go_ld, v_t_packed, n0, ldp, grad_attn);
+            } else {
+              gemm(false, true, D, kB, R, acc_t(1), gop, go_ld, P, ldp, acc_t(1), dv_rows, D);
+              scores(gop, go_ld, vp + n0 * vsn, vsn, R, kB, ldp, D, acc_t(1), grad_attn);
             }
-            at::native::cpublas::brgemm(kB, D, R2, ldt, D, D, true, transposed(dS, ldp, kB, ds_t_rows), q_vnni, dk_rows);
-          } else if constexpr (Brgemm) {
-            at::native::cpublas::brgemm(R, D, kB, ldp, k_rows.ld(), D, true, dS, k_rows.at(n0), dq);
-            transpose_into(grad_attn, ldp, R, kB, grad_attn_t, ldt);
-            at::native::cpublas::brgemm(kB, D, R, ldt, q_ld, D, true, grad_attn_t, qp, dk_rows);
-          } else {
-            gemm(false, false, D, R, kB, scale, kp + n0 * ksn, ksn, dS, ldp, acc_t(1), dq, D);
-            gemm(false, true, D, kB, R, scale, qp, q_ld, dS, ldp, acc_t(1), dk_rows, D);
+            // dS = P * (dP - rowsum(dO * O)): 0 outside the span, as P (brgemm: times the scale,
+            // which the BLAS path's dQ and dK products apply)
+            for (int64_t r = 0; r < R; ++r) {
+              const Vec ds(dsum[r]);
+              acc_t* dp = grad_attn + r * ldp;
+              p_t* ds_row = reduced_p ? grad_attn_reduced + r * ldp : reinterpret_cast<p_t*>(dp);
+              const acc_t* p = attn + r * ldp;
+              const Span span = spans[r];
+              zero(ds_row, span.c0);
+              zero(ds_row + span.c1, ldp - span.c1);
+              for (int64_t c = span.c0; c < span.c1; c += Vec::size()) {
+                const Vec grad = Vec::loadu(p + c) * (Vec::loadu(dp + c) - ds);
+                store_as<p_t>(ds_row + c, unscaled ? grad * vscale : grad);
+              }
+            }
+            const p_t* dS = reduced_p ? grad_attn_reduced : reinterpret_cast<const p_t*>(grad_attn);
+            // dQ[R, d] += scale * dS K ;  dK[kB, d] += scale * dS^T Q
+            if constexpr (Packed) {  // dQ: 64 columns of K's VNNI rows per call, over the tile's keys (dS is 0 past kB)
+              for (int64_t dc = 0; dc < D / kPackBlock; ++dc) {
+                at::native::cpublas::brgemm(R, kPackBlock, ldp, ldp, kPackBlock, D, true, dS, k_packed.v(dc, n0),
+                                            dq + dc * kPackBlock);
+              }
+              at::native::cpublas::brgemm(kB, D, R2, ldt, D, D, true, transposed(dS, ldp, kB, ds_t_rows), q_vnni,
+                                          dk_rows);
+            } else {
+              gemm(false, false, D, R, kB, scale, kp + n0 * ksn, ksn, dS, ldp, acc_t(1), dq, D);
+              gemm(false, true, D, kB, R, scale, qp, q_ld, dS, ldp, acc_t(1), dk_rows, D);
+            }
           }
         });
+        if constexpr (Brgemm) transpose_into(dq_t, ldt, D, R, dq, D);
         for (int64_t hr = 0; hr < rep; ++hr) {
           scalar_t* gqp = gqd + (row0 + hr * N) * D;
           const acc_t* src = dq + hr * rt.qB * D;
