@@ -170,6 +170,29 @@ def test_fp32_megatron_layout_equals_contiguous(brgemm):
         assert torch.equal(g_, r)
 
 
+@pytest.mark.parametrize("dtype,fast", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-brgemm", "fp32-mkl", "bf16"])
+def test_nan_reaches_exactly_the_rows_that_see_it(dtype, fast):
+    """A NaN in a query row makes that row's output and lse NaN; a NaN in key j those of the
+    rows that see key j (positions j .. j + W - 1, every GQA head), and no others: the
+    softmax's exp keeps a NaN (ATen's exp_u20 would turn it into a large finite number) and
+    the window's masking drops the hidden ones. Several query and key tiles (16 and 32)."""
+    ext = _ext()
+    if dtype == torch.float32:
+        _skip_unless_brgemm_fp32(ext, fast)
+    s, d, W = 200, 64, 24
+    q, k, v = _qkv(1, 2, 1, s, d, dtype)
+    q[0, 1, 50] = float("nan")
+    k[0, 0, 120] = float("nan")
+    out, lse = ext.forward(q, k, v, W, 0, 0.125, 16, 32, allow_pack=fast)
+    want = torch.zeros(2, s, dtype=torch.bool)
+    want[1, 50] = True
+    want[:, 120:120 + W] = True
+    assert torch.equal(out[0].isnan().any(-1), want)
+    assert torch.equal(out[0].isnan().all(-1), want)
+    assert torch.equal(lse[0].isnan(), want)
+
+
 @pytest.mark.parametrize("path", ["packed-brgemm", "fp32-brgemm", "mkl"])
 @pytest.mark.parametrize("s,window,sinks,q_tile", [(300, 64, 0, 64), (517, 33, 70, 32), (1000, 128, 3, 128)])
 def test_bf16_within_bf16_rounding(path, s, window, sinks, q_tile):

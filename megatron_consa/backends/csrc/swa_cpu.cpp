@@ -92,27 +92,34 @@ inline void store_as(scalar_t* dst, const Vectorized<acc_t>& x) {
 
 // exp(x) for the softmax's shifted scores (x <= 0 up to rounding). In fp32 on AVX-512: 2^n p(r)
 // with n = round(x log2 e), r = x - n ln 2 and ATen's exp_u20 polynomial on r, the power of two
-// applied by vscalefps (which also takes care of underflow), in 10 instructions where exp_u20's
-// integer exponent arithmetic and range masks take 18: the softmax was an eighth of the fp32
-// forward at a 2048 window. A NaN stays NaN (exp_u20 returns its upper clamp's value for it).
-// Elsewhere exp_u20 (fp64: the precise exp).
+// applied by vscalefps, in 10 instructions where exp_u20's integer exponent arithmetic and range
+// masks take 18 (the softmax was an eighth of the fp32 forward at a 2048 window). As exp_u20,
+// 0 below ln(FLT_MIN) (a hidden score's -inf gives exactly 0); unlike it, a NaN stays NaN
+// (exp_u20 gives its upper clamp's exp for it). Elsewhere exp_u20 (fp64: the precise exp).
 template <typename acc_t>
 inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // NaN as the second operand: kept
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365448f), _CMP_NLT_UQ);  // NaN too
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), v);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), x);
     __m512 y = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
     y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.166676521f));
     y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.499991506f));
     y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.999999701f));
     y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
+    return _mm512_maskz_scalef_ps(keep, y, n);
   }
 #endif
   return x.exp_u20();
+}
+
+// max(a, b), NaN where either is: a NaN score makes its row's running max, and so the row,
+// NaN (std::max(a, NaN) is a: a row seeing nothing but NaN would look empty).
+template <typename T>
+inline T max_or_nan(T a, T b) {
+  return (b > a || b != b) ? b : a;
 }
 
 template <typename T>
@@ -598,7 +605,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                 zero(out_row, span.c0);
                 zero(out_row + span.c1, ldp - span.c1);
               }
-              // plain max: a NaN score gives a NaN row either way
+              // plain max (it may drop a NaN lane: the NaN reaches the row through its exp,
+              // or through max_or_nan where the max itself came out NaN)
               for (int64_t c = span.c0; c < span.c1; c += Vec::size()) vmax = at::vec::clamp_min(Vec::loadu(row + c), vmax);
             }
             vmax.store(lanes + i * G);
@@ -613,7 +621,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               const Span span = spans[i];
               acc_t* row = qk + r * ldp;
               p_t* out_row = reduced_p ? qk_reduced + r * ldp : reinterpret_cast<p_t*>(row);
-              const acc_t new_max = group_max[i] = std::max(row_max[r], group_max[i] * (unscaled ? scale : acc_t(1)));
+              const acc_t new_max = group_max[i] =
+                  max_or_nan(row_max[r], group_max[i] * (unscaled ? scale : acc_t(1)));
               if (new_max == neg_inf) {  // nothing of this row visible yet
                 zero(out_row + span.c0, span.c1 - span.c0);
               } else {
@@ -771,8 +780,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    acc_t* attn = scratch<acc_t>(6, max_rows * ldmax);
-    acc_t* grad_attn = scratch<acc_t>(7, max_rows * ldmax);
+    // the row frame's P, dP then dS [R, ldp] (the brgemm path's frame is below)
+    acc_t* attn = scratch<acc_t>(6, Brgemm ? 0 : max_rows * ldmax);
+    acc_t* grad_attn = scratch<acc_t>(7, Brgemm ? 0 : max_rows * ldmax);
     acc_t* dsum = scratch<acc_t>(8, ldt);  // padded: the brgemm path reads them as whole vectors
     acc_t* norm = scratch<acc_t>(9, ldt);
     acc_t* dq = scratch<acc_t>(10, max_rows * D);
