@@ -185,9 +185,10 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
     return 2 * size ** 3 / best / 1e9
 
 
-# The tile products measured for the ceiling, [M, K] x [K, N] as (M, N, K): a 32-row tile's
-# scores against 512 keys at d = 64, and its P V over those keys.
-TILE_PRODUCTS = ((32, 512, 64), (32, 64, 512))
+def tile_products(head_dim: int):
+    """The tile products measured for the ceiling, [M, K] x [K, N] as (M, N, K): a 32-row
+    tile's scores against 512 keys, and its P V over those keys."""
+    return (32, 512, head_dim), (32, head_dim, 512)
 
 
 def tile_gflops(dtype: torch.dtype, shape, seconds: float = 0.5) -> float:
@@ -198,15 +199,15 @@ def tile_gflops(dtype: torch.dtype, shape, seconds: float = 0.5) -> float:
     return 0.0 if ext is None else ext.tile_product_gflops(dtype, *shape, seconds)
 
 
-def product_rates(dt: str) -> dict:
+def product_rates(dt: str, head_dim: int) -> dict:
     """Candidate ceilings for ``dt``'s floors, ``{source: GFLOP/s}``: a 2048^3 ``torch.mm``
-    (:func:`matmul_gflops`) and the tile products (:func:`tile_gflops`), each in ``dt`` and in
-    fp32 (into which a kernel may convert). On AMD, torch.mm's large fp32 product takes MKL's
+    (:func:`matmul_gflops`) and the tile products at ``head_dim`` (:func:`tile_gflops`), each
+    in ``dt`` and in fp32 (into which a kernel may convert). On AMD, torch.mm's large fp32 product takes MKL's
     generic path: on Zen 4 the tile products ran about 1.2x its rate."""
     rates = {}
     for name in dict.fromkeys([dt, "fp32"]):
         rates[f"a 2048^3 torch.mm in {name}"] = matmul_gflops(DTYPES[name])
-        for m, n, k in TILE_PRODUCTS:
+        for m, n, k in tile_products(head_dim):
             rate = tile_gflops(DTYPES[name], (m, n, k))
             if rate > 0:
                 rates[f"brgemm {m}x{k} by {k}x{n} in {name}"] = rate
@@ -310,7 +311,7 @@ def run_grid(args):
         torch.manual_seed(0)
         dtype = DTYPES[dt]
         if dt not in matmul:
-            products[dt] = product_rates(dt)
+            products[dt] = product_rates(dt, d)
             matmul_source[dt] = max(products[dt], key=products[dt].get)
             matmul[dt] = products[dt][matmul_source[dt]]
             print(f"| {dt}: matrix products at " + ", ".join(f"{r:.0f} GFLOP/s ({source})" for source, r in
