@@ -95,7 +95,8 @@ inline void store_as(scalar_t* dst, const Vectorized<acc_t>& x) {
 // applied by vscalefps, in 10 instructions where exp_u20's integer exponent arithmetic and range
 // masks take 18 (the softmax was an eighth of the fp32 forward at a 2048 window). As exp_u20,
 // 0 below ln(FLT_MIN) (a hidden score's -inf gives exactly 0); unlike it, a NaN stays NaN
-// (exp_u20 gives its upper clamp's exp for it). Elsewhere exp_u20 (fp64: the precise exp).
+// (exp_u20 gives its upper clamp's exp for it). Elsewhere exp_u20 (fp64: the precise exp), a
+// NaN put back.
 template <typename acc_t>
 inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -112,7 +113,7 @@ inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
     return _mm512_maskz_scalef_ps(keep, y, n);
   }
 #endif
-  return x.exp_u20();
+  return Vectorized<acc_t>::blendv(x.exp_u20(), x, x.isnan());
 }
 
 // max(a, b), NaN where either is: a NaN score makes its row's running max, and so the row,
