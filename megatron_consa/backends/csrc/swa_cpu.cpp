@@ -721,7 +721,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   using Vec = Vectorized<acc_t>;
   constexpr bool reduced = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool Packed = products == Products::kPackedBf16, Brgemm = products == Products::kBrgemmFp32;
-  constexpr bool unscaled = Packed || Brgemm;  // brgemm has no alpha: the scale goes into the exp and dS
+  // brgemm has no alpha: its scores are unscaled, the scale goes into the exp and dS (the
+  // brgemm frame applies it itself; `unscaled` is the row frame's, where the packed path runs)
+  constexpr bool unscaled = Packed;
   static_assert(!Packed || std::is_same_v<scalar_t, at::BFloat16>, "the packed path is bf16's");
   static_assert(!Brgemm || std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>,
                 "the brgemm backward takes fp32 or bf16 (converted)");
@@ -792,7 +794,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
     prod_t* q_pack = scratch<prod_t>(13, rep > 1 || converted ? max_rows * D : 0);
     prod_t* go_pack = scratch<prod_t>(14, rep > 1 || converted ? max_rows * D : 0);
     acc_t* out_row = scratch<acc_t>(24, converted ? D : 0);  // a row of O, converted
-    Span* spans = scratch<Span>(15, max_rows);
+    Span* spans = scratch<Span>(15, Brgemm ? 0 : max_rows);
     // the brgemm path's keys-by-queries frame: P^T and dP^T, then dS^T, [kB, ldt]; Q^T, dO^T,
     // dQ^T [D, ldt]; the query rows' positions (padding: -1, seen by no key)
     acc_t* attn_t = scratch<acc_t>(20, Brgemm ? ldmax * ldt : 0);
@@ -858,7 +860,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
             }
           }
         }
-        fill(dq, acc_t(0), R * D);
+        if constexpr (!Brgemm) fill(dq, acc_t(0), R * D);  // the brgemm frame writes it from dQ^T
         if constexpr (Brgemm) {
           k_rows.copy_until(m1);  // before k_t, which reads it
           k_t.copy_until(m1);
