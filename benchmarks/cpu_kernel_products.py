@@ -15,7 +15,7 @@ from the forward's output and log-sum-exp), and checks that they agree.
 With ``--baseline REV`` (a git revision of this repository, or a path to a
 ``swa_cpu.cpp``) it compiles that source as a module of its own, with the flags
 of this build, and times it against this checkout's kernel instead, both on
-their default products and the tile the library picks (``cpu_q_tile``):
+their default products and the tiles the library picks (``cpu_q_tile``, ``cpu_kv_tile``):
 
     python benchmarks/cpu_kernel_products.py --baseline 7e22247 --dtype bf16
 
@@ -42,7 +42,12 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_consa.backends import cpu_extension  # noqa: E402
-from megatron_consa.backends.torch_attention import CPU_KV_TILE, cpu_q_tile, default_cpu_q_tile  # noqa: E402
+from megatron_consa.backends.torch_attention import (  # noqa: E402
+    CPU_KV_TILE,
+    cpu_kv_tile,
+    cpu_q_tile,
+    default_cpu_q_tile,
+)
 from megatron_consa.files import write_json_atomic  # noqa: E402
 
 DEFAULT_SHAPES = "1024:64:1,1024:128:1,1024:128:4,4096:256:1,4096:256:8,16384:32:1,16384:2048:1"
@@ -137,7 +142,9 @@ def main(argv=None):
         q, go = (torch.randn(1, hq, n, d, generator=g).to(dtype) for _ in range(2))
         k, v = (torch.randn(1, hq // ratio, n, d, generator=g).to(dtype) for _ in range(2))
         (tile, bwd_tile), scale = tile_of(W, ratio, d), d ** -0.5
-        fixed, fixed_bwd = (W, 0, scale, tile, CPU_KV_TILE), (W, 0, scale, bwd_tile, CPU_KV_TILE)
+        # the key tile the library uses (the same for both columns, as the query tile)
+        kv_tile = (CPU_KV_TILE,) * 2 if args.baseline is None else (cpu_kv_tile(dtype, d), cpu_kv_tile(dtype, d, True))
+        fixed, fixed_bwd = (W, 0, scale, tile, kv_tile[0]), (W, 0, scale, bwd_tile, kv_tile[1])
         out, lse = ext_a.forward(q, k, v, *fixed, allow_pack=fast_a)
         ref_out, ref_lse = ext_b.forward(q, k, v, *fixed, allow_pack=fast_b)
         grads = ext_a.backward(go, q, k, v, out, lse, *fixed_bwd, allow_brgemm=fast_a)

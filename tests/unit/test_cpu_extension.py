@@ -18,6 +18,8 @@ import torch
 from megatron_consa.backends import cpu_extension
 from megatron_consa.backends.torch_attention import (
     CPU_KV_TILE,
+    CPU_KV_TILE_FP32_BRGEMM_FORWARD,
+    cpu_kv_tile,
     cpu_q_tile,
     default_cpu_q_tile,
     sliding_window_attention,
@@ -129,7 +131,9 @@ def _skip_unless_brgemm_fp32(ext, brgemm):
 
 @pytest.mark.parametrize("brgemm", [True, False], ids=["brgemm", "mkl"])
 @pytest.mark.parametrize("b,hq,hkv,s,d,window,sinks,q_tile,kv_tile",
-                         CASES + [(1, 4, 2, 300, 32, 64, 4, 32, CPU_KV_TILE), (1, 8, 2, 700, 64, 300, 5, 16, 512)])
+                         CASES + [(1, 4, 2, 300, 32, 64, 4, 32, CPU_KV_TILE), (1, 8, 2, 700, 64, 300, 5, 16, 512),
+                                  # the fp32 brgemm forward's key tile: a window over two of them
+                                  (1, 2, 1, 1400, 64, 1100, 3, 32, CPU_KV_TILE_FP32_BRGEMM_FORWARD)])
 def test_fp32_within_rounding(brgemm, b, hq, hkv, s, d, window, sinks, q_tile, kv_tile):
     """fp32 on both of its paths (oneDNN brgemm on a transposed K / V where the kernel is
     built for AVX-512, MKL's sgemm otherwise): every tiling case, against the fp64 reference."""
@@ -420,10 +424,24 @@ def test_q_tile_follows_the_build():
         assert cpu_q_tile(128, 1, torch.bfloat16, 64, backward=backward) == want
 
 
-def test_forward_and_backward_take_their_own_tiles(monkeypatch):
-    """sliding_window_attention hands the kernel cpu_q_tile's forward tile for the forward and
-    its backward tile for the backward (bf16 may compute the two in different dtypes: on Zen 4
-    the forward on bf16 dot products, the backward in fp32), or block_size to both."""
+def test_kv_tile_follows_the_build():
+    """1024 keys per tile for the fp32 forward on brgemm (bf16 too where it computes in fp32),
+    512 for everything else."""
+    ext = _ext()
+    wide = CPU_KV_TILE_FP32_BRGEMM_FORWARD
+    assert cpu_kv_tile(torch.float32, 64) == (wide if ext.brgemm_fp32() else CPU_KV_TILE)
+    assert cpu_kv_tile(torch.float32, 64, backward=True) == CPU_KV_TILE
+    assert cpu_kv_tile(torch.float64, 64) == CPU_KV_TILE
+    assert cpu_kv_tile(torch.bfloat16, 64) == (wide if ext.bf16_as_fp32(64, backward=False) else CPU_KV_TILE)
+    assert cpu_kv_tile(torch.bfloat16, 64, backward=True) == CPU_KV_TILE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_and_backward_take_their_own_tiles(monkeypatch, dtype):
+    """sliding_window_attention hands the kernel cpu_q_tile's and cpu_kv_tile's forward tiles for
+    the forward and their backward tiles for the backward (bf16 may compute the two in different
+    dtypes: on Zen 4 the forward on bf16 dot products, the backward in fp32), or block_size as
+    the query tile of both."""
     ext = _ext()
     tiles = []
 
@@ -432,21 +450,23 @@ def test_forward_and_backward_take_their_own_tiles(monkeypatch):
             return getattr(ext, name)
 
         def forward(self, *args, **kwargs):
-            tiles.append(("fwd", args[6]))
+            tiles.append(("fwd", args[6], args[7]))
             return ext.forward(*args, **kwargs)
 
         def backward(self, *args, **kwargs):
-            tiles.append(("bwd", args[9]))
+            tiles.append(("bwd", args[9], args[10]))
             return ext.backward(*args, **kwargs)
 
     monkeypatch.setattr(cpu_extension, "extension", lambda: Recording())
-    q, k, v = (torch.randn(1, h, 400, 64, dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
-    want = [("fwd", cpu_q_tile(100, 2, torch.bfloat16, 64)), ("bwd", cpu_q_tile(100, 2, torch.bfloat16, 64, backward=True))]
+    q, k, v = (torch.randn(1, h, 400, 64, dtype=dtype, requires_grad=True) for h in (4, 2, 2))
+    kv_tiles = cpu_kv_tile(dtype, 64), cpu_kv_tile(dtype, 64, backward=True)
+    want = [("fwd", cpu_q_tile(100, 2, dtype, 64), kv_tiles[0]),
+            ("bwd", cpu_q_tile(100, 2, dtype, 64, backward=True), kv_tiles[1])]
     sliding_window_attention(q, k, v, window=100, scale=0.125).sum().backward()
     assert tiles == want
     tiles.clear()
     sliding_window_attention(q, k, v, window=100, scale=0.125, block_size=24).sum().backward()
-    assert tiles == [("fwd", 24), ("bwd", 24)]
+    assert tiles == [("fwd", 24, kv_tiles[0]), ("bwd", 24, kv_tiles[1])]
 
 
 def test_mode_variable(monkeypatch):
