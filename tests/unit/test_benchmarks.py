@@ -283,6 +283,32 @@ def test_cpu_kernel_products_against_a_baseline_source(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "versions.json").read_text())["config"]["dtype"] == "bf16"
 
 
+def test_cpu_kernel_products_stops_on_differing_results_unless_told(tmp_path, monkeypatch):
+    """A baseline whose results differ stops the run, naming the shape; --no-check times it
+    anyway (a source changed for a timing experiment) and records that it did not check."""
+    bench = _load("cpu_kernel_products")
+    ext = cpu_extension.extension()
+
+    class Doubled:  # the forward's output off by a factor of two
+        def forward(self, *args, **kwargs):
+            out, lse = ext.forward(*args, **kwargs)
+            return out * 2, lse
+
+        def backward(self, *args, **kwargs):
+            return ext.backward(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_extension, "build", lambda name, source: Doubled())
+    argv = ["--shapes", "256:32:1", "--heads", "4", "--head-dim", "16", "--reps", "2",
+            "--threads", str(torch.get_num_threads()), "--baseline", str(cpu_extension.SOURCE),
+            "--json", str(tmp_path / "timed.json")]
+    with pytest.raises(SystemExit, match="differ by .* at n=256 W=32 ratio=1"):
+        bench.main(argv)
+    assert not (tmp_path / "timed.json").exists()
+    [row] = bench.main(argv + ["--no-check"])
+    assert row["max_rel_diff"] > 0.1
+    assert json.loads((tmp_path / "timed.json").read_text())["config"]["checked"] is False
+
+
 def test_model_step_runs_every_model(tmp_path):
     """The model step builds the stock models (megatron-core's own spec) and every ConSA model, and
     refuses --transformer-engine where TE cannot run (its figures are not asserted)."""
