@@ -133,7 +133,10 @@ def _skip_unless_brgemm_fp32(ext, brgemm):
 @pytest.mark.parametrize("b,hq,hkv,s,d,window,sinks,q_tile,kv_tile",
                          CASES + [(1, 4, 2, 300, 32, 64, 4, 32, CPU_KV_TILE), (1, 8, 2, 700, 64, 300, 5, 16, 512),
                                   # the fp32 brgemm forward's key tile: a window over two of them
-                                  (1, 2, 1, 1400, 64, 1100, 3, 32, CPU_KV_TILE_FP32_BRGEMM_FORWARD)])
+                                  (1, 2, 1, 1400, 64, 1100, 3, 32, CPU_KV_TILE_FP32_BRGEMM_FORWARD),
+                                  # K^T, Q^T, dO^T, dQ^T in whole 16 x 16 blocks and both remainders
+                                  # (d = 24, 3 x 12 = 36 rows per tile)
+                                  (1, 3, 1, 130, 24, 40, 2, 12, 32)])
 def test_fp32_within_rounding(brgemm, b, hq, hkv, s, d, window, sinks, q_tile, kv_tile):
     """fp32 on both of its paths (oneDNN brgemm on a transposed K / V where the kernel is
     built for AVX-512, MKL's sgemm otherwise): every tiling case, against the fp64 reference."""
