@@ -118,8 +118,8 @@ inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
 
 // 2^t for the forward's softmax, given t = log2(e) x: the same exp in base 2, where the scale,
 // log2(e) and the row max fold into the one fma that forms t (the caller's), and the range
-// reduction f = t - n is a subtraction (exact) instead of a multiply and an fma: 2 of the 10
-// instructions fewer on the FMA pipes. p(f) is exp_u20's polynomial with its coefficients
+// reduction f = t - n is a subtraction (exact) instead of a multiply and an fma: 9
+// instructions for softmax_exp's 10, 2 fewer on the FMA pipes. p(f) is exp_u20's polynomial with its coefficients
 // times ln(2)^k. 0 below 2^-126 (FLT_MIN), a NaN stays NaN. Elsewhere softmax_exp(t ln 2).
 template <typename acc_t>
 inline Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& t) {
