@@ -407,10 +407,10 @@ def cpu_kv_tile(dtype: torch.dtype, head_dim: int, backward: bool = False) -> in
 
     :data:`CPU_KV_TILE`, except the fp32 forward on oneDNN brgemm (AVX-512 builds, bf16
     too where it computes in fp32): 1024. Measured on Zen 4 (2 cores, d=64, minimum of 4 x
-    interleaved runs): 1.6-3.6% faster at W 512..2048 (one tile of ``W + T - 1`` keys
-    instead of two or three, so fewer rescales of the running output and shorter brgemm
-    calls avoided), within 1% at W 64..256. The backward and the bf16 dot-product forward
-    gained nothing consistent (-7% to +5%) and keep 512.
+    interleaved runs): 1.6-3.6% faster at W 512..2048 (one key tile of ``W + T - 1`` keys
+    instead of two or three: fewer brgemm calls, and fewer rescales of the running
+    output), within 1% at W 64..256. The backward and the bf16 dot-product forward gained
+    nothing consistent (-7% to +5%) and keep 512.
     """
     compute = cpu_extension.compute_dtype(dtype, head_dim, backward)
     if not backward and compute == torch.float32 and cpu_extension.brgemm_fp32():

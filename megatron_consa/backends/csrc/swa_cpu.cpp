@@ -119,8 +119,9 @@ inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
 // 2^t for the forward's softmax, given t = log2(e) x: the same exp in base 2, where the scale,
 // log2(e) and the row max fold into the one fma that forms t (the caller's), and the range
 // reduction f = t - n is a subtraction (exact) instead of a multiply and an fma: 9
-// instructions for softmax_exp's 10, 2 fewer on the FMA pipes. p(f) is exp_u20's polynomial with its coefficients
-// times ln(2)^k. 0 below 2^-126 (FLT_MIN), a NaN stays NaN. Elsewhere softmax_exp(t ln 2).
+// instructions for softmax_exp's 10, 2 fewer on the FMA pipes. p(f) is exp_u20's polynomial
+// with its coefficients times ln(2)^k. 0 below 2^-126 (FLT_MIN), a NaN stays NaN. Elsewhere
+// softmax_exp(t ln 2).
 template <typename acc_t>
 inline Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& t) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -420,8 +421,6 @@ inline bool can_brgemm_fp32() { return kBrgemmFp32; }
 // first cost a sixth of a small call (n=1024).
 inline bool bf16_as_fp32(int64_t D, bool /*backward*/) { return can_brgemm_fp32() && !can_pack_bf16(D); }
 
-// Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
-// which takes no transposed operand: K^T (HeadCopy), the backward's Q^T, dO^T and dQ^T.
 #if defined(CPU_CAPABILITY_AVX512)
 // A whole 16 x 16 block, in registers: ATen's transpose_mxn_16x16 runs the same 64 shuffles
 // through a VectorizedN the compiler keeps on the stack, and was about 4% of the fp32
@@ -452,6 +451,8 @@ inline void transpose_16x16(const float* src, int64_t lds, float* dst, int64_t l
 }
 #endif
 
+// Rows x cols of `src` (row stride lds) as cols x rows at dst (row stride ldd), for brgemm,
+// which takes no transposed operand: K^T (HeadCopy), the backward's Q^T, dO^T and dQ^T.
 inline void transpose_into(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
