@@ -97,6 +97,21 @@ inline void store_as(scalar_t* dst, const Vectorized<acc_t>& x) {
 // 0 below ln(FLT_MIN) (a hidden score's -inf gives exactly 0); unlike it, a NaN stays NaN
 // (exp_u20 gives its upper clamp's exp for it). Elsewhere exp_u20 (fp64: the precise exp), a
 // NaN put back.
+#if defined(CPU_CAPABILITY_AVX512)
+// c[0] + c[1] x + ... + c[5] x^5, by Horner's rule (five fmas)
+inline __m512 polynomial5(__m512 x, const float (&c)[6]) {
+  __m512 y = _mm512_fmadd_ps(x, _mm512_set1_ps(c[5]), _mm512_set1_ps(c[4]));
+  for (int k = 3; k >= 0; --k) y = _mm512_fmadd_ps(x, y, _mm512_set1_ps(c[k]));
+  return y;
+}
+
+// exp_u20's polynomial for e^r, |r| <= ln(2) / 2, and the same for 2^f (coefficients times
+// ln(2)^k), |f| <= 1/2
+constexpr float kExpPoly[6] = {1.0f, 0.999999701f, 0.499991506f, 0.166676521f, 0.0418978221f, 0.00828929059f};
+constexpr float kExp2Poly[6] = {1.0f, 0.6931469440460205f, 0.24022242426872253f, 0.055507391691207886f,
+                                0.009671487845480442f, 0.0013263088185340166f};
+#endif
+
 template <typename acc_t>
 inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -105,12 +120,7 @@ inline Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), x);
-    __m512 y = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.166676521f));
-    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.499991506f));
-    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(0.999999701f));
-    y = _mm512_fmadd_ps(r, y, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(keep, y, n);
+    return _mm512_maskz_scalef_ps(keep, polynomial5(r, kExpPoly), n);
   }
 #endif
   return Vectorized<acc_t>::blendv(x.exp_u20(), x, x.isnan());
@@ -129,12 +139,7 @@ inline Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& t) {
     const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // NaN too
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
-    __m512 y = _mm512_fmadd_ps(f, _mm512_set1_ps(0.0013263088185340166f), _mm512_set1_ps(0.009671487845480442f));
-    y = _mm512_fmadd_ps(f, y, _mm512_set1_ps(0.055507391691207886f));
-    y = _mm512_fmadd_ps(f, y, _mm512_set1_ps(0.24022242426872253f));
-    y = _mm512_fmadd_ps(f, y, _mm512_set1_ps(0.6931469440460205f));
-    y = _mm512_fmadd_ps(f, y, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(keep, y, n);
+    return _mm512_maskz_scalef_ps(keep, polynomial5(f, kExp2Poly), n);
   }
 #endif
   return softmax_exp(t * Vectorized<acc_t>(static_cast<acc_t>(0.693147180559945309)));
