@@ -88,6 +88,32 @@ def test_forward_lse_backward_match_reference_fp64(b, hq, hkv, s, d, window, sin
         torch.testing.assert_close(g, r, atol=1e-11, rtol=0, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_forward_does_not_depend_on_threads(dtype):
+    """The forward's threads take runs of query tiles of about equal work (a lone KV head's
+    first tiles read fewer keys): every tile once, whatever the split, more threads than
+    tiles included; the results are the same bit for bit."""
+    ext = _ext()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for s in (300, 40):  # 19 and 3 tiles of 16 for one KV head (GQA 4)
+            q, k, v = (t.to(dtype) for t in _qkv(1, 4, 1, s, 64, torch.float64))
+            runs = []
+            for n in (1, 2, 3, 7):
+                torch.set_num_threads(n)
+                runs.append(ext.forward(q, k, v, 50, 2, 0.125, 16, 64))
+            results.append(runs)
+    finally:
+        torch.set_num_threads(threads)
+    for runs in results:
+        for out, lse in runs[1:]:
+            assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
+    ref_out, ref_lse, _ = _reference(q, k, v, 50, 2, 0.125)  # the last (s = 40) against fp64
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(results[-1][0][0].double(), ref_out, atol=tol, rtol=0)
+
+
 def test_backward_segments_do_not_depend_on_threads():
     """dK/dV summed from query segments: the segment count follows the thread count,
     the gradients must not (up to fp64 rounding)."""
