@@ -243,6 +243,7 @@ struct KeyRanges {
   int64_t sink_end;   // sinks [0, sink_end)
   int64_t win_begin;  // window [win_begin, win_end)
   int64_t win_end;
+  int64_t keys() const { return sink_end + (win_end - win_begin); }
 };
 
 // `align`: the window range starts at a multiple of it (the packed bf16 path reads keys
@@ -610,12 +611,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
 
   // The threads take runs of tasks of about equal work: a tile's work is the keys it reads,
-  // fewer for the first W positions, so equal counts left the thread with a lone KV head's
-  // first half (GQA 8 in the grid) about 12% less work than the other.
+  // fewer for the first W positions, so equal counts gave the thread with a lone KV head's
+  // second half (GQA 8 in the grid, W = n/4) a third more work than the other.
   const std::vector<int64_t> bounds = balanced_runs(B * Hkv * nqt, at::get_num_threads(), [&](int64_t task) {
     const int64_t m0 = task % nqt * qT;
-    const KeyRanges kr = key_ranges(m0, std::min(N, m0 + qT), W, S, align);
-    return kr.sink_end + (kr.win_end - kr.win_begin);
+    return key_ranges(m0, std::min(N, m0 + qT), W, S, align).keys();
   });
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t run_begin, int64_t run_end) {
     const int64_t begin = bounds[run_begin], end = bounds[run_end];
@@ -860,8 +860,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   // cut at about equal work (the first W positions read fewer keys), in whole query tiles
   const int64_t nqt = (N + qT - 1) / qT;
   const std::vector<int64_t> cuts = balanced_runs(nqt, (N + seg_len - 1) / seg_len, [&](int64_t t) {
-    const KeyRanges kr = key_ranges(t * qT, std::min(N, (t + 1) * qT), W, S, align);
-    return kr.sink_end + (kr.win_end - kr.win_begin);
+    return key_ranges(t * qT, std::min(N, (t + 1) * qT), W, S, align).keys();
   });
   std::vector<std::pair<int64_t, int64_t>> segments;  // [q0, q1), the same for every (b, g)
   for (size_t j = 0; j + 1 < cuts.size(); ++j) {
@@ -875,7 +874,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
       for (const auto& [q0, q1] : segments) {
         const KeyRanges kr = key_ranges(q0, q1, W, S, align);  // the keys its tiles read
         tasks.push_back({b, g, q0, q1, kr, side_rows});
-        if (q0 > 0) side_rows += kr.sink_end + (kr.win_end - kr.win_begin);
+        if (q0 > 0) side_rows += kr.keys();
       }
     }
   }
