@@ -764,10 +764,13 @@ def make_preset(
     sink_tokens: int = 0,
     calibration_scores: Any = None,
 ) -> Allocation:
-    """A rule-based allocation meeting ``target_sparsity`` exactly (see :func:`list_presets`).
+    """A rule-based allocation of exactly ``K`` FA units for ``target_sparsity`` (see :func:`list_presets`).
 
     Budget presets take the first ``K = fa_unit_budget(num_units, target_sparsity)``
-    units of their priority order and need a target. ``all_fa`` / ``all_swa``
+    units of their priority order and need a target. ``K`` meets the target exactly where
+    ``(1 - t) x units`` is whole; elsewhere it is the nearest budget (rounded half up, as
+    every preset rounds it, so presets compared at one target hold equal budgets). The
+    file records the target asked for; ``achieved_sparsity`` is what ``K`` gives. ``all_fa`` / ``all_swa``
     accept ``None`` or a target whose ``K`` they meet (``all_swa`` also 1.0,
     recorded as null). ``source`` is the preset name.
     """

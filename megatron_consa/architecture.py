@@ -53,10 +53,13 @@ class ArchitectureConfig:
     """Share the input embedding with the output layer."""
     max_position_embeddings: int = 4096
     """Longest sequence the model is built for."""
-    model_type: str = "qwen3"
-    """The Hugging Face model type this came from (for export)."""
+    model_type: str = ""
+    """The Hugging Face model type this came from (for export); empty: the family these
+    features are (QK norm: qwen3; a QKV bias: qwen2; else llama)."""
 
     def __post_init__(self) -> None:
+        if not self.model_type:
+            self.model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_kv_heads:
@@ -156,10 +159,15 @@ def hf_rope_scaling_factor(hf_config: Any) -> Optional[float]:
 def _reject_unsupported_hf_features(hf_config: Any, model_type: str) -> None:
     """Fail, naming the field, on HF settings the megatron-core model here would silently drop."""
     hf_rope_scaling_factor(hf_config)
-    if model_type in ("llama", "mistral") and getattr(hf_config, "attention_bias", False):
+    if model_type in ("llama", "mistral", "qwen3") and getattr(hf_config, "attention_bias", False):
         raise ConsaConfigError(
             f"{model_type} with attention_bias=True also has an o_proj bias, which is not supported; "
             "use a checkpoint with attention_bias=False"
+        )
+    if getattr(hf_config, "mlp_bias", False):
+        raise ConsaConfigError(
+            f"{model_type} with mlp_bias=True has biases on the MLP projections, which are not supported; "
+            "use a checkpoint with mlp_bias=False"
         )
 
 

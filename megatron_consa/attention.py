@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -53,6 +54,32 @@ from megatron_consa.gates import HardConcrete, deterministic_z, sample_z
 from megatron_consa.group_layout import kv_group_order, rank_groups, type_runs
 
 logger = logging.getLogger(__name__)
+
+
+_checked_mask: Optional[tuple] = None  # (weakref to the last mask found plain causal, its version)
+
+
+def _check_causal_mask(mask: Tensor, seq: int, layer_index: int) -> None:
+    """Refuse an `attention_mask` ([b or 1, 1, s, s], True = hidden, megatron's convention)
+    that hides anything other than the future: the kernels apply causality (and the window)
+    themselves and would silently drop a padding or document mask. The last mask checked
+    is remembered, so a model's layers compare it once per micro-batch."""
+    global _checked_mask
+    if _checked_mask is not None and _checked_mask[0]() is mask and _checked_mask[1] == mask._version:
+        return
+    if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq, seq):
+        raise ConsaConfigError(
+            f"layer {layer_index}: attention_mask of shape {tuple(mask.shape)} and dtype {mask.dtype}: ConSA "
+            f"attention takes None or megatron's causal mask ([b, 1, {seq}, {seq}], bool, True = hidden)"
+        )
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).triu_(1)
+    if not torch.equal(mask, causal.expand_as(mask)):
+        raise ConsaConfigError(
+            f"layer {layer_index}: attention_mask hides more (or less) than the future: ConSA attention "
+            "applies the causal and window masks itself and cannot apply padding or document masks; pass "
+            "attention_mask=None with unpadded sequences (megatron's --reset-attention-mask is not supported)"
+        )
+    _checked_mask = (weakref.ref(mask), mask._version)
 
 
 class _KeepInGraph(torch.autograd.Function):
@@ -157,11 +184,9 @@ class ConsaCoreAttention(MegatronModule):
             self.log_alpha.tensor_model_parallel = False
             self.log_alpha.consa_gate = True
             self.gate_unit_cost = self.num_kv_heads if consa.granularity == "layer" else 1
-            self.register_buffer(
-                "gate_unit_ids",
-                torch.arange(num_units, dtype=torch.int64) + self.layer_index * num_units,
-                persistent=False,
-            )
+            # The global unit ids, on the host (not a buffer: `.to(device)` leaves them here),
+            # where the controller draws every gate's noise in one call.
+            self.gate_unit_ids = torch.arange(num_units, dtype=torch.int64) + self.layer_index * num_units
             self._gate_noise: Optional[Tensor] = None
             self._gate_noise_host: Optional[Tensor] = None
             self._noise_count = 0  # which set_gate_noise call the noise came from
@@ -197,17 +222,22 @@ class ConsaCoreAttention(MegatronModule):
         self.local_groups = rank_groups(order, self.tp_size, self.tp_rank)
 
     # ---- gates ------------------------------------------------------------
-    def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None) -> None:
-        """The controller's uniform noise for this iteration ([units], float32), and
-        optionally a host copy of `log_alpha` for the same iteration (then the forward
-        plans its branches without a device sync)."""
+    def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None,
+                       u_device: Optional[Tensor] = None) -> None:
+        """The controller's uniform noise for this iteration ([units], float32, on the host),
+        optionally the same noise already on `log_alpha`'s device (`u_device`: the controller
+        copies every gate's noise in one transfer; else it is copied here), and optionally a
+        host copy of `log_alpha` for the same iteration (then the forward plans its branches
+        without a device sync)."""
         self._noise_count += 1
         self._plan = None
         if u is None:
             self._gate_noise = self._gate_noise_host = None
             return
         self._gate_noise_host = u.detach().to(device="cpu", dtype=torch.float32)
-        self._gate_noise = u.to(device=self.log_alpha.device, dtype=torch.float32)
+        if u_device is None:
+            u_device = u
+        self._gate_noise = u_device.to(device=self.log_alpha.device, dtype=torch.float32)
         if log_alpha_host is not None:
             z = sample_z(log_alpha_host.to(device="cpu", dtype=torch.float32), self._gate_noise_host, self.hc)
             self._plan = (self._plan_key(training=True), self._local(z))
@@ -257,8 +287,16 @@ class ConsaCoreAttention(MegatronModule):
         mask_type = attn_mask_type or self.attn_mask_type
         if mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise NotImplementedError(f"attn_mask_type={mask_type}: ConSA attention is causal")
-        # The causal structure is built into both kernels; an explicit causal
-        # attention_mask from the data pipeline carries no extra information.
+        if key.size(0) != query.size(0):
+            raise NotImplementedError(
+                f"layer {self.layer_index}: {query.size(0)} queries against {key.size(0)} keys (a KV cache?): "
+                "ConsaCoreAttention runs whole sequences; generate through megatron_consa.inference "
+                "(HybridCache), not megatron-core's inference context"
+            )
+        # The causal structure is built into both kernels: an attention_mask may only
+        # repeat it (what megatron's data pipeline makes); padding or document masks are refused.
+        if attention_mask is not None:
+            _check_causal_mask(attention_mask, query.size(0), self.layer_index)
 
         if self.log_alpha is None:
             out = self._fixed(query, key, value)

@@ -46,13 +46,15 @@ class GateProvider(Protocol):
     """What the controller needs from a module that owns gates."""
 
     log_alpha: torch.nn.Parameter  # [units of this module], float32
-    gate_unit_ids: Tensor  # [units], global unit index (layer-major)
+    gate_unit_ids: Tensor  # [units], global unit index (layer-major), on the host
     gate_unit_cost: int  # KV-head cost of one unit
 
-    def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None) -> None:
+    def set_gate_noise(self, u: Optional[Tensor], log_alpha_host: Optional[Tensor] = None,
+                       u_device: Optional[Tensor] = None) -> None:
         """This iteration's noise (float32, on the host); `log_alpha_host` is a host copy
         of `log_alpha` taken for the same iteration (lets the owner plan its forward
-        without a device sync), or None."""
+        without a device sync), or None; `u_device` the same noise on `log_alpha`'s
+        device (a view of one copy made for all gates), or None."""
 
 
 def find_gates(modules: Iterable[torch.nn.Module]) -> list[GateProvider]:
@@ -113,14 +115,20 @@ class ConsaController:
 
     def begin_iteration(self, gates: Iterable[GateProvider]) -> None:
         """Hand every gate its noise for the current iteration, with a host copy of its
-        log_alpha: one device-to-host transfer for all gates, instead of one per layer
-        in the forward."""
+        log_alpha: one device-to-host transfer of every log_alpha and one host-to-device
+        transfer of every gate's noise (drawn on the host in one call), instead of one of
+        each per layer."""
         gates = list(gates)
         if not gates:
             return
+        sizes = [g.log_alpha.numel() for g in gates]
         host = torch.cat([g.log_alpha.detach().float().reshape(-1) for g in gates]).cpu()
-        for g, log_alpha in zip(gates, host.split([g.log_alpha.numel() for g in gates])):
-            g.set_gate_noise(self.noise(g.gate_unit_ids), log_alpha_host=log_alpha)
+        noise = self.noise(torch.cat([torch.as_tensor(g.gate_unit_ids).reshape(-1).cpu() for g in gates]))
+        devices = {g.log_alpha.device for g in gates}
+        # the noise where the gates are, in one copy (gates on several devices: each its own)
+        on_device = noise.to(next(iter(devices))) if len(devices) == 1 else noise
+        for g, log_alpha, u, u_device in zip(gates, host.split(sizes), noise.split(sizes), on_device.split(sizes)):
+            g.set_gate_noise(u, log_alpha_host=log_alpha, u_device=u_device)
 
     # ---- constraint --------------------------------------------------------
     def local_fa_cost(self, gates: Iterable[GateProvider]) -> Tensor:

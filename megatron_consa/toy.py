@@ -46,8 +46,9 @@ class ToyGates(torch.nn.Module):
         self.register_buffer("importance", torch.logspace(-2, 0, units)[perm] * importance_scale)
         self.u: Optional[torch.Tensor] = None
 
-    def set_gate_noise(self, u: Optional[torch.Tensor], log_alpha_host: Optional[torch.Tensor] = None) -> None:
-        self.u = u
+    def set_gate_noise(self, u: Optional[torch.Tensor], log_alpha_host: Optional[torch.Tensor] = None,
+                       u_device: Optional[torch.Tensor] = None) -> None:
+        self.u = u if u_device is None else u_device
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, z) for the current noise."""

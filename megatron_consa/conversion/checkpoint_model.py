@@ -31,14 +31,14 @@ class CheckpointInfo:
     """Its consa_run.json."""
     arch: ArchitectureConfig
     allocation: Optional[Allocation]
-    """The allocation asked for, else the checkpoint's own allocation.json, else None (all FA)."""
+    """The allocation asked for, else the checkpoint's own (`checkpoint_allocation`), else None (all FA)."""
     dtype: torch.dtype
     """The dtype its weights were trained or converted in."""
 
 
 def read_checkpoint_info(load: str | Path, allocation: Optional[str | Path] = None) -> CheckpointInfo:
     """Read `load` (`FileNotFoundError` when it is not a megatron-consa checkpoint); `allocation`
-    overrides the checkpoint's own allocation.json (checked against the architecture)."""
+    overrides the checkpoint's own (checked against the architecture)."""
     from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
 
     path = resolve_load_dir(load)
@@ -46,11 +46,25 @@ def read_checkpoint_info(load: str | Path, allocation: Optional[str | Path] = No
     if meta is None:
         raise FileNotFoundError(f"{path} is not a megatron-consa checkpoint (no consa_run.json)")
     arch = ArchitectureConfig(**meta["architecture"])
-    allocation_path = allocation or (path / ALLOCATION_FILE if meta.get("allocation") else None)
-    alloc = Allocation.load(allocation_path) if allocation_path else None
+    alloc = Allocation.load(allocation) if allocation else checkpoint_allocation(path, meta)
     if alloc is not None:
         alloc.check_compatible(arch.num_layers, arch.num_kv_heads)
     return CheckpointInfo(path=path, meta=meta, arch=arch, allocation=alloc, dtype=_checkpoint_dtype(meta))
+
+
+def checkpoint_allocation(path: Path, meta: dict) -> Optional[Allocation]:
+    """The allocation a checkpoint runs, from its consa_run.json `meta`: an import's
+    allocation.json (a sliding-window source), else the fixed allocation it was saved with
+    (finalize's checkpoint, a fixed phase); None for all FA or a learn phase's gates."""
+    if meta.get("allocation"):
+        return Allocation.load(path / ALLOCATION_FILE)
+    consa = meta.get("consa") or {}
+    fa = consa.get("allocation")
+    if fa is None:
+        return None
+    return Allocation(granularity=consa.get("granularity", "kv_head"), num_layers=len(fa), num_kv_heads=len(fa[0]),
+                      window=consa["window"], sink_tokens=consa.get("sink_tokens", 0), target_sparsity=None,
+                      fa=[list(r) for r in fa], source="checkpoint").validate()
 
 
 def _checkpoint_dtype(meta: dict) -> torch.dtype:
@@ -97,4 +111,4 @@ def one_rank_model(info: CheckpointInfo, consa: ConsaConfig, *, dtype: Optional[
         yield load_model(info, consa, dtype=dtype)
 
 
-__all__ = ["CheckpointInfo", "fixed_consa_config", "load_model", "one_rank_model", "read_checkpoint_info"]
+__all__ = ["CheckpointInfo", "checkpoint_allocation", "fixed_consa_config", "load_model", "one_rank_model", "read_checkpoint_info"]

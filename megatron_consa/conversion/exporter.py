@@ -48,6 +48,7 @@ def export_to_hf(request: ExportRequest) -> Path:
     load, save, arch, allocation = info.path, Path(request.save), info.arch, info.allocation
     window_fields = hf_window_fields(allocation, arch)
     hf_config = load_hf_config(load) if (load / HF_CONFIG_FILE).is_file() else hf_config_from_arch(arch)
+    _check_config_describes(hf_config, arch, load)
     occupied = save.exists() and (not save.is_dir() or any(save.iterdir()))
     if occupied and not request.overwrite:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
@@ -68,6 +69,19 @@ def export_to_hf(request: ExportRequest) -> Path:
     )
     logger.info("wrote %s (%d tensors, %s)", save, len(hf_state), kind)
     return save
+
+
+def _check_config_describes(hf_config: Any, arch: ArchitectureConfig, load: Path) -> None:
+    """The config.json exported must build the model the weights are (a Qwen3 config on a
+    model without QK norm would load with q_norm / k_norm at their initial values)."""
+    described = ArchitectureConfig.from_hf(hf_config, allow_sliding_window=True)
+    for name in ("qk_norm", "qkv_bias", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim"):
+        if getattr(described, name) != getattr(arch, name):
+            raise ValueError(
+                f"{load / HF_CONFIG_FILE} describes a {hf_config.model_type} model with {name}="
+                f"{getattr(described, name)}, but the checkpoint's model has {name}={getattr(arch, name)}: "
+                f"remove that config.json (the export then writes one from the checkpoint's architecture)"
+            )
 
 
 def _merged_hf_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:

@@ -111,7 +111,7 @@ def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bo
         names = [h.format(i=i) for h in entry.hf]
         missing = [n for n in names if n not in hf_state]
         if missing:
-            raise KeyError(f"Hugging Face checkpoint lacks {missing} (needed for {entry.mcore.format(i=i)})")
+            raise ValueError(f"Hugging Face checkpoint lacks {missing} (needed for {entry.mcore.format(i=i)})")
         tensors = [hf_state[n] for n in names]
         if entry.kind == "qkv":
             value = fuse_qkv(*tensors, arch)
@@ -123,7 +123,7 @@ def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bo
         used.update(names)
     leftover = sorted(set(hf_state) - used - {"lm_head.weight"} - {k for k in hf_state if k.endswith("rotary_emb.inv_freq")})
     if leftover:
-        raise KeyError(
+        raise ValueError(
             f"Hugging Face checkpoint has tensors this architecture does not use: {leftover[:8]}"
             f"{' ...' if len(leftover) > 8 else ''}; the model would silently drop them"
         )

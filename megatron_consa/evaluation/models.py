@@ -67,20 +67,13 @@ class CheckpointModels:
         """The window the checkpoint was trained (or imported) with."""
         self.sink_tokens: int = int(saved.get("sink_tokens", 0))
         self.dtype = dtype
-        self._saved_fa = saved.get("allocation")
         self._world: Optional[contextlib.ExitStack] = None
 
     # ---------------------------------------------------------------- what the checkpoint says
 
     def own_allocation(self) -> Optional[Allocation]:
         """The allocation the checkpoint runs: an import's `allocation.json`, or a fixed phase's; else None."""
-        if self.info.allocation is not None:  # an imported sliding-window model
-            return self.info.allocation
-        if self._saved_fa is None:
-            return None
-        return Allocation(granularity="kv_head", num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,
-                          window=self.window, sink_tokens=self.sink_tokens, target_sparsity=None,
-                          fa=[list(r) for r in self._saved_fa], source="checkpoint").validate()
+        return self.info.allocation
 
     def tokenizer(self):
         """The tokenizer saved beside the weights (sentencepiece or Hugging Face), or None."""

@@ -13,8 +13,9 @@ Mistral model classes. The allocation is the config's `consa` field (an export o
 a head-wise allocation, or one with sinks), else its stock sliding-window fields
 (`conversion.windows.allocation_from_hf`): the same attention also runs stock
 layer-wise configs. With `HybridCache` the SWA heads keep only the window and
-the sinks; with transformers' own caches (or none) it attends over full K/V with
-the window mask, same result.
+the sinks; with transformers' dynamic cache (or none) it attends over full K/V with
+the window mask, same result. Caches that hand over a fixed-size buffer (transformers'
+static and sliding-window caches) are refused.
 
 Sequences of a batch must have the same length (no padding): a padded
 `attention_mask` is refused, since the masks are built from positions.
@@ -95,10 +96,25 @@ def consa_attention(
     if isinstance(key, CachedKV):
         kv = key
     else:
+        _check_keys_are_the_prefix(key.size(2), query.size(2), kwargs.get("position_ids"))
         kv = CachedKV.from_full(key, value, row, query.size(2))
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
     out = hybrid_attention(query, kv, row, window=window, sink_tokens=sinks, scale=scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_keys_are_the_prefix(num_keys: int, num_queries: int, position_ids: Optional[Tensor]) -> None:
+    """Full keys (no cache, or a dynamic cache) are positions 0..n-1 and the queries the last of
+    them; a static or sliding-window cache of transformers hands over a fixed-size buffer instead."""
+    if position_ids is None:
+        return
+    first, last = int(position_ids.min()), int(position_ids.max())
+    if num_keys != last + 1 or first != num_keys - num_queries:
+        raise NotImplementedError(
+            f"the consa attention got {num_keys} keys for queries at positions {first}..{last}: a transformers "
+            "cache whose keys are not the positions 0..n-1 (a static or sliding-window cache); generate with "
+            "past_key_values=HybridCache.for_model(model), or transformers' default dynamic cache"
+        )
 
 
 def consa_attention_mask(

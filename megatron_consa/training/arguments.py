@@ -220,6 +220,11 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads") if getattr(a, f) is None]
     if missing:
         raise ArgumentError("the model needs --hf-config or " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if a.qk_layernorm and a.add_qkv_bias:
+        raise ArgumentError(
+            "--qk-layernorm with --add-qkv-bias: no Hugging Face family has both (Qwen3's attention_bias adds an "
+            "o_proj bias as well), so the checkpoints could not describe themselves or be exported; drop one"
+        )
     heads = a.num_attention_heads
     return ArchitectureConfig(
         vocab_size=a.vocab_size or 0,

@@ -45,8 +45,8 @@ class PreparedRun:
     allocation: Optional[Allocation]
 
 
-def _resolve_allocation(run: RunConfig, load_meta: dict) -> Optional[Allocation]:
-    """The fixed phase's allocation: a file, a preset, or the one the loaded checkpoint was trained with."""
+def _resolve_allocation(run: RunConfig, load_dir: Optional[Path], load_meta: dict) -> Optional[Allocation]:
+    """The fixed phase's allocation: a file, a preset, or the loaded checkpoint's own."""
     if run.phase != "fixed":
         return None
     arch, consa = run.arch, run.consa
@@ -67,16 +67,15 @@ def _resolve_allocation(run: RunConfig, load_meta: dict) -> Optional[Allocation]
         except ValueError as err:
             hint = " (--consa-calibration-scores FILE)" if src == "heuristic" and scores is None else ""
             raise ArgumentError(f"--consa-allocation {src}: {err}{hint}") from err
-    saved = (load_meta.get("consa") or {}).get("allocation")
+    from megatron_consa.conversion.checkpoint_model import checkpoint_allocation
+
+    saved = checkpoint_allocation(load_dir, load_meta) if load_dir is not None else None
     if saved is None:
         raise ArgumentError(
             "--consa-phase fixed needs an allocation: --consa-allocation FILE|PRESET, or --load a checkpoint "
-            "written by tools/finalize_allocation.py (or an earlier fixed phase)"
+            "written by tools/finalize_allocation.py (or an earlier fixed phase, or an imported sliding-window model)"
         )
-    c = load_meta["consa"]
-    return Allocation(granularity=c["granularity"], num_layers=len(saved), num_kv_heads=len(saved[0]),
-                      window=c["window"], sink_tokens=c.get("sink_tokens", 0), target_sparsity=None, fa=saved,
-                      source="checkpoint").validate()
+    return saved
 
 
 def _check_save_dir(save: str) -> None:
@@ -150,7 +149,9 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                 f"resumed as a {run.phase} phase; add --finetune to start the new phase from its weights "
                 "(or finalize it first: tools/finalize_allocation.py)"
             )
-    allocation = _resolve_allocation(run, load_meta)
+    if resume and run.phase == "learn":
+        _check_same_learning_setup(run, load_meta)
+    allocation = _resolve_allocation(run, load_dir, load_meta)
     consa = run.consa
     if allocation is not None:
         consa = dataclasses.replace(consa, allocation=allocation.fa, granularity=allocation.granularity,
@@ -165,6 +166,28 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         _check_save_dir(run.checkpoint.save)
     return PreparedRun(run=run, tokenizer=tokenizer, load_dir=load_dir, load_meta=load_meta, resume=resume,
                        allocation=allocation)
+
+
+# What a resumed learn phase must keep: its gates, multipliers and noise stream were built on these.
+_LEARNING_SETUP = {
+    "target_sparsity": "--consa-target-sparsity", "noise_seed": "--consa-noise-seed",
+    "granularity": "--consa-granularity", "window": "--consa-window", "sink_tokens": "--consa-sink-tokens",
+    "target_warmup_iters": "--consa-target-warmup-iters",
+}
+
+
+def _check_same_learning_setup(run: RunConfig, load_meta: dict) -> None:
+    """Refuse to resume a learn phase under a changed target, noise seed, gate granularity,
+    window or target ramp: the saved multipliers were integrated against the old target, and
+    the run would no longer be the one the checkpoint continues (nor an exact resume)."""
+    saved = load_meta.get("consa") or {}
+    for name, flag in _LEARNING_SETUP.items():
+        if name in saved and saved[name] != getattr(run.consa, name):
+            raise ArgumentError(
+                f"--load {run.checkpoint.load}: the learn phase was run with {flag} {saved[name]}, this run asks "
+                f"for {getattr(run.consa, name)}: resume with {flag} {saved[name]}, or start a new learn phase "
+                "from its weights with --finetune"
+            )
 
 
 def _eval_samples(run: RunConfig) -> int:

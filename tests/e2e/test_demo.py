@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from megatron_consa.allocation import Allocation
+from megatron_consa.conversion.checkpoint_model import read_checkpoint_info
 from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +44,10 @@ def test_make_demo_at_its_shipped_settings(tmp_path):
     fixed = read_checkpoint_meta(resolve_load_dir(out / "fixed"))
     assert fixed["consa"]["allocation"] == alloc.fa and fixed["parallel"]["pipeline_model_parallel_size"] == 2
     assert read_checkpoint_meta(resolve_load_dir(out / "learn"))["parallel"]["tensor_model_parallel_size"] == 2
+    # what export, generation and evaluation read from each checkpoint without --allocation
+    for phase in ("finalized/checkpoint", "fixed"):
+        assert read_checkpoint_info(out / phase).allocation.fa == alloc.fa, phase
+    assert read_checkpoint_info(out / "learn").allocation is None
 
     # Each phase learned; the printed summary points at the outputs.
     learn = _losses(log, "=== learn the allocation")

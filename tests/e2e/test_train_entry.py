@@ -217,9 +217,21 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     assert "--hf-config" in _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)
     assert "--reset-attention-mask" in _bad(BASE + ["--reset-attention-mask"], capsys)
+    assert "--add-qkv-bias" in _bad(BASE + ["--add-qkv-bias"], capsys)  # with --qk-layernorm: no HF family
     if not transformer_engine_available():
         err = _bad(BASE + ["--transformer-impl", "transformer_engine"], capsys)
         assert "--transformer-impl" in err and "transformer_engine" in err
     err = _bad(_with(BASE, "--consa-target-warmup-iters", "9"), capsys)
     assert "--consa-target-warmup-iters" in err and "--train-iters" in err
+    # a resumable learn checkpoint (its metadata) resumed under another target or noise seed
+    from megatron_consa.config import ConsaConfig
+
+    learned = tmp_path / "learned"
+    learned.mkdir()
+    saved_consa = {**ConsaConfig().to_dict(), "target_sparsity": 0.5, "target_warmup_iters": 1}
+    (learned / "consa_run.json").write_text(json.dumps({"resumable": True, "consa": saved_consa, "architecture": {}}))
+    err = _bad(BASE + ["--load", str(learned), "--consa-target-sparsity", "0.25"], capsys)
+    assert "--consa-target-sparsity 0.5" in err and "--finetune" in err
+    err = _bad(BASE + ["--load", str(learned), "--consa-target-sparsity", "0.5", "--consa-noise-seed", "7"], capsys)
+    assert "--consa-noise-seed" in err
     assert sorted(p.name for p in keep.iterdir()) == ["precious.txt"]  # nothing written or overwritten

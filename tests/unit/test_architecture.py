@@ -30,6 +30,8 @@ def test_qwen3_fields():
                                                         "original_max_position_embeddings": 32}, **SMALL),
          "rope_scaling"),
         (lambda: transformers.LlamaConfig(attention_bias=True, **SMALL), "attention_bias"),
+        (lambda: transformers.Qwen3Config(attention_bias=True, **SMALL), "o_proj bias"),
+        (lambda: transformers.LlamaConfig(mlp_bias=True, **SMALL), "mlp_bias"),
         (lambda: transformers.MistralConfig(sliding_window=16, **SMALL), "sliding_window"),
         (lambda: transformers.Qwen3Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **SMALL),
          r"sliding_window=8 on layers \[1"),
@@ -51,7 +53,7 @@ def test_key_map_round_trip_and_leftover_tensors():
     arch = ArchitectureConfig.from_hf(cfg)
     back = mcore_to_hf(hf_to_mcore(hf, arch), arch)
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
-    with pytest.raises(KeyError, match="does not use"):
+    with pytest.raises(ValueError, match="does not use"):
         hf_to_mcore({**hf, "model.layers.0.mlp.extra.weight": torch.zeros(1)}, arch)
 
 
@@ -66,3 +68,30 @@ def test_sliding_layers_follow_transformers():
     assert hf_sliding_layers(mistral) == (16, [True] * n)
     arch = ArchitectureConfig.from_hf(top, allow_sliding_window=True)
     assert arch.num_layers == n
+
+
+@pytest.mark.parametrize("qk_norm,qkv_bias,family", [(True, False, "qwen3"), (False, True, "qwen2"), (False, False, "llama")])
+def test_shape_built_models_export_as_their_family(qk_norm, qkv_bias, family, single_rank_mcore):
+    """A model described by shapes (training's flags) names the Hugging Face family its
+    features are, so the config.json written beside it loads its weights strictly and
+    computes its logits (a Qwen3 config on a model without QK norm would not)."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.conversion.hf_files import hf_config_from_arch
+    from megatron_consa.model import build_gpt_model, build_transformer_config
+
+    arch = ArchitectureConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_attention_heads=4,
+                              num_kv_heads=2, qk_norm=qk_norm, qkv_bias=qkv_bias)
+    assert arch.model_type == family
+    torch.manual_seed(0)
+    ours = build_gpt_model(build_transformer_config(arch, ConsaConfig(allocation=[[1, 1]] * 2, backend="torch")), arch).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                p.normal_()  # norms and biases away from their initial values: a dropped one shows
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config_from_arch(arch)).eval()
+    state = {k: v for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
+    hf.load_state_dict(mcore_to_hf(state, arch), strict=True)
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens, torch.arange(12)[None], attention_mask=None),
+                                   rtol=1e-5, atol=1e-5)

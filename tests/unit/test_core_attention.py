@@ -150,6 +150,30 @@ class TestCoreAttention:
         assert reads  # read back (the CPU shims may route one read through two calls)
         torch.testing.assert_close(out.double(), _reference(q, k, v, [1, 0, 0, 1], 4, 0), rtol=1e-6, atol=1e-6)
 
+    def test_begin_iteration_draws_and_moves_every_gates_noise_once(self, monkeypatch):
+        """The noise of all layers is drawn in one call and handed out as views of one
+        tensor (on a GPU: one host-to-device copy, not one per layer); the unit ids stay on
+        the host when the layers move (no device-to-host read per layer)."""
+        import megatron_consa.controller as controller_module
+
+        layers = [_attn(i, window=4).train() for i in range(L)]
+        assert all(a.gate_unit_ids.device.type == "cpu" for a in layers)
+        moved = _attn(0, window=4).to("meta")
+        assert moved.log_alpha.device.type == "meta" and moved.gate_unit_ids.device.type == "cpu"
+        draws = []
+        real = controller_module.counter_uniform
+        monkeypatch.setattr(controller_module, "counter_uniform",
+                            lambda *args, **kwargs: draws.append(args[2]) or real(*args, **kwargs))
+        ctl = ConsaController(layers[0].consa, total_cost=L * G)
+        ctl.begin_iteration(find_gates(layers))
+        assert len(draws) == 1 and draws[0].tolist() == list(range(L * G))
+        storages = {a._gate_noise.untyped_storage().data_ptr() for a in layers}
+        assert len(storages) == 1
+        for a in layers:
+            expect = real(a.consa.noise_seed, ctl.iteration, a.gate_unit_ids, a.hc.eps)
+            torch.testing.assert_close(a._gate_noise, expect, rtol=0, atol=0)
+            torch.testing.assert_close(a._gate_noise_host, expect, rtol=0, atol=0)
+
     @pytest.mark.parametrize("row", [[1, 0, 0, 1], [1, 1, 0, 0]])  # heads gathered by type / two views
     def test_saturated_mixed_gates_run_each_branch_on_its_heads_with_gates_in_graph(self, row):
         attn = _attn(0, window=5).train()
@@ -167,6 +191,25 @@ class TestCoreAttention:
         out.square().sum().backward()
         assert attn.log_alpha.grad is not None and torch.all(attn.log_alpha.grad == 0)
         assert q.grad is not None and torch.isfinite(q.grad).all()
+
+    def test_attention_mask_causal_is_accepted_padding_is_refused(self):
+        """The kernels apply causality themselves: megatron's causal mask changes nothing,
+        a padding mask (which they would silently drop) is refused, as is a KV-cache call."""
+        from megatron.core.transformer.enums import AttnMaskType
+
+        attn = _attn(0, window=4, allocation=FA_ROWS).eval()
+        q, k, v = _qkv(7)
+        causal = torch.ones(S, S, dtype=torch.bool).triu(1)[None, None].expand(B, 1, S, S)
+        torch.testing.assert_close(attn(q, k, v, causal), attn(q, k, v, None), rtol=0, atol=0)
+        padded = causal.clone()
+        padded[0, :, :, :3] = True  # the first sequence's first three keys are padding
+        for mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            with pytest.raises(ConsaConfigError, match="attention_mask hides more"):
+                attn(q, k, v, padded, attn_mask_type=mask_type)
+        with pytest.raises(ConsaConfigError, match="attention_mask of shape"):
+            attn(q, k, v, causal.float())
+        with pytest.raises(NotImplementedError, match="KV cache"):
+            attn(q[-1:], k, v, None)
 
     def test_training_without_noise_is_a_clear_error(self):
         attn = _attn(0, window=4).train()

@@ -298,3 +298,30 @@ def test_cli_missing_checkpoint_and_nothing_to_measure(tmp_path, capsys):
     assert "--load" in capsys.readouterr().err
     assert run_tool(EVALUATE.main, ["--load", str(DEMO)]) == 2
     assert "--kv-context-length is needed" in capsys.readouterr().err
+
+
+def test_a_fixed_checkpoints_own_allocation_is_read_from_its_metadata(tmp_path):
+    """finalize's checkpoint and fixed-phase saves keep their allocation in consa_run.json only:
+    export, generation and evaluation read it from there (window, sinks and granularity too)."""
+    import dataclasses
+    import json
+
+    from megatron_consa.architecture import ArchitectureConfig
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.conversion.checkpoint_model import read_checkpoint_info
+
+    arch = ArchitectureConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                              num_attention_heads=4, num_kv_heads=2)
+    for consa, fa in ((ConsaConfig(window=8, sink_tokens=2, allocation=[[1, 0], [0, 0]]), [[1, 0], [0, 0]]),
+                      (ConsaConfig(window=16, granularity="layer", allocation=[[0, 0], [1, 1]]), [[0, 0], [1, 1]]),
+                      (ConsaConfig(window=8), None)):  # a learn phase: gates, no allocation
+        ckpt = tmp_path / f"ckpt{consa.window}{consa.granularity}{fa is None}"
+        ckpt.mkdir()
+        (ckpt / "consa_run.json").write_text(json.dumps({"iteration": 0, "consa": consa.to_dict(),
+                                                         "architecture": dataclasses.asdict(arch)}))
+        own = read_checkpoint_info(ckpt).allocation
+        if fa is None:
+            assert own is None
+        else:
+            assert (own.fa, own.window, own.sink_tokens, own.granularity) == (
+                fa, consa.window, consa.sink_tokens, consa.granularity)

@@ -266,6 +266,8 @@ def test_hf_cache_and_attention_refuse_what_they_cannot_run():
     padded[0, :3] = 0
     with pytest.raises(NotImplementedError, match="padded batches"):
         _hf_generate(model, prompt, SamplingConfig(), attention_mask=padded)
+    with pytest.raises(NotImplementedError, match="static or sliding-window cache"):  # a zero-filled buffer
+        _hf_generate(model, prompt, SamplingConfig(), cache_implementation="static")
     stock = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, head_dim=16), attn_implementation="sdpa")
