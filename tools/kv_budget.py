@@ -47,7 +47,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--target-sparsity", type=float, help="the preset's target")
     p.add_argument("--calibration-scores", metavar="FILE",
                    help="with --preset heuristic: the unit-scores file tools/calibrate_heuristic.py wrote")
-    p.add_argument("--granularity", default="kv_head", choices=("layer", "kv_head"))
+    p.add_argument("--granularity", choices=("layer", "kv_head"),
+                   help="units of --preset and of the --budget answer (default: the --allocation file's, else kv_head)")
     p.add_argument("--budget", help="KV-cache memory you have, e.g. 24GiB: prints the target sparsity that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -69,6 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.allocation:
         allocation = Allocation.load(args.allocation)
         allocation.check_compatible(arch.num_layers, arch.num_kv_heads)
+    if args.granularity is None:
+        args.granularity = allocation.granularity if allocation is not None else "kv_head"
     elif args.preset:
         if args.window is None:
             raise UserInputError("--preset needs --window (the sliding window W)")

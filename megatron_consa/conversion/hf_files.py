@@ -90,9 +90,12 @@ def hf_config_from_arch(arch: ArchitectureConfig) -> Any:
 def staged_directory(save: str | Path) -> Iterator[Path]:
     """A fresh temporary sibling of `save` to write an output into.
 
-    On success it is renamed to `save` (replacing what was there: callers check
-    `--overwrite` first); on any failure it is removed, so nothing half-written
-    is ever left at `save` or beside it.
+    On success it is renamed to `save`, replacing what was there (callers check
+    `--overwrite` first): the old output is first renamed to a hidden sibling and
+    removed only once the new one is in place, so a kill at any point leaves the old
+    output or the new one (or the old one beside it, under `.<name>.old-*`), never
+    neither. On any failure the temporary directory is removed, so nothing
+    half-written is ever left at `save` or beside it.
     """
     save = Path(save)
     save.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +103,19 @@ def staged_directory(save: str | Path) -> Iterator[Path]:
     try:
         plain_mode(tmp)  # mkdtemp's 0700 would make the output private
         yield tmp
+        old = None
         if save.exists():
-            shutil.rmtree(save) if save.is_dir() else save.unlink()
-        tmp.rename(save)
+            old = Path(tempfile.mkdtemp(prefix=f".{save.name}.old-", dir=save.parent))
+            save.rename(old / save.name)
+        try:
+            tmp.rename(save)
+        except BaseException:
+            if old is not None:  # put the old output back
+                (old / save.name).rename(save)
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,9 @@ Megatron-LM's names for `--tokenizer-type`:
 * `NullTokenizer`: no text at all, for `--mock-data`: ids 0..vocab_size-1, EOD = vocab_size - 1.
 
 Each exposes `vocab_size`, `eod` and `encode(text) -> list[int]`, the attributes
-megatron-core's GPTDataset reads (`tokenizer.eod`, `tokenizer.vocab_size`).
+megatron-core's GPTDataset reads (`tokenizer.eod`, `tokenizer.vocab_size`), and
+`eos`: the end-of-sequence id where the tokenizer has one (else None; `eod` then
+falls back to the last id), where generation stops.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class SentencePieceTokenizer(_Tokenizer):
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = int(self._sp.get_piece_size())
         eos = int(self._sp.eos_id())
+        self.eos: Optional[int] = eos if eos >= 0 else None
         self.eod = eos if eos >= 0 else self.vocab_size - 1
 
     def encode(self, text: str) -> list[int]:
@@ -67,6 +70,7 @@ class HuggingFaceTokenizer(_Tokenizer):
         self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.vocab_size = int(len(self._tok))
         eos = self._tok.eos_token_id
+        self.eos: Optional[int] = int(eos) if eos is not None else None
         self.eod = int(eos) if eos is not None else self.vocab_size - 1
 
     def encode(self, text: str) -> list[int]:
@@ -86,6 +90,7 @@ class NullTokenizer(_Tokenizer):
         if vocab_size < 2:
             raise TokenizerError(f"--vocab-size {vocab_size}: the null tokenizer needs at least 2 ids")
         self.vocab_size = int(vocab_size)
+        self.eos: Optional[int] = None
         self.eod = self.vocab_size - 1
 
     def encode(self, text: str) -> list[int]:

@@ -226,16 +226,20 @@ class HybridCache(Cache):
 
 @torch.no_grad()
 def generate_hf(
-    model: Any, prompt: Tensor, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig()
+    model: Any, prompt: Tensor, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+    eos_token_id: Optional[int] = None,
 ) -> tuple[Tensor, HybridCache]:
     """transformers' `generate` with a `HybridCache`: ``([b, n + new] tokens, the cache)``.
 
     Sampling is transformers' own (temperature, top-k, top-p), seeded by
     `torch.manual_seed(sampling.seed)`; it draws other numbers than
-    `megatron_consa.inference.generate` does for the same seed.
+    `megatron_consa.inference.generate` does for the same seed. It stops at
+    `eos_token_id` (None: the model's generation config's).
     """
     cache = HybridCache.for_model(model, max_length=prompt.size(1) + max_new_tokens)
     kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
+    if eos_token_id is not None:
+        kwargs["eos_token_id"] = eos_token_id
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         torch.manual_seed(sampling.seed)

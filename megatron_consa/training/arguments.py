@@ -213,8 +213,12 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
             raise ArgumentError(f"--hf-config {a.hf_config}: model_type {model_type!r} is not known: {err}") from err
         if hf is None:
             raise ArgumentError(f"--hf-config {a.hf_config}: config.json has no model_type")
+        # An imported sliding-window model's checkpoint keeps its source's config.json, windows
+        # included, and their allocation.json beside it (what a fixed phase --load-ing it runs).
+        source = Path(a.hf_config)
+        windows_beside = ((source if source.is_dir() else source.parent) / "allocation.json").is_file()
         try:
-            return ArchitectureConfig.from_hf(hf)
+            return ArchitectureConfig.from_hf(hf, allow_sliding_window=windows_beside)
         except (ValueError, NotImplementedError) as err:
             raise ArgumentError(f"--hf-config {a.hf_config}: {err}") from err
     missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads") if getattr(a, f) is None]

@@ -126,6 +126,33 @@ def test_atomic_outputs_get_the_mode_a_plain_write_gives(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == stat.S_IMODE(os.stat(tmp_path / "made").st_mode)
 
 
+def test_staged_directory_replaces_an_output_or_keeps_it(tmp_path, monkeypatch):
+    """An output written over an old one: the new one in place and nothing beside it; a
+    failure while moving it in puts the old one back."""
+    from pathlib import Path
+
+    from megatron_consa.conversion.hf_files import staged_directory
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f").write_text("old")
+    with staged_directory(out) as d:
+        (d / "f").write_text("new")
+    assert (out / "f").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    real = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".out.tmp-"):
+            raise OSError("disk full")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with staged_directory(out) as d:
+            (d / "f").write_text("newer")
+    assert (out / "f").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_load_bad_json_names_path(tmp_path):
     p = tmp_path / "broken.json"
     p.write_text("{not json")

@@ -71,6 +71,20 @@ def test_sharded_index_and_sliding_source_are_imported(converted):
         assert (out[kind][1] / "config.json").exists()
 
 
+def test_an_imported_sliding_window_checkpoint_is_its_own_hf_config(converted):
+    """`--hf-config <imported checkpoint>`: its source's config.json has windows, and their
+    allocation.json lies beside it; the source directory alone (no allocation.json) is refused."""
+    import argparse
+
+    from megatron_consa.training.arguments import ArgumentError, _arch_from_args
+
+    hf_dir, ckpt = converted[1]["qwen3_hybrid"]
+    arch = _arch_from_args(argparse.Namespace(hf_config=str(ckpt)))
+    assert arch == ArchitectureConfig.from_hf(transformers.AutoConfig.from_pretrained(hf_dir), allow_sliding_window=True)
+    with pytest.raises(ArgumentError, match="sliding_window"):
+        _arch_from_args(argparse.Namespace(hf_config=str(hf_dir)))
+
+
 @pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 def test_imported_logits_equal_transformers(converted, layouts, kind, layout, single_rank_mcore):

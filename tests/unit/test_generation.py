@@ -285,14 +285,14 @@ def _tool(name: str):
     return module
 
 
-def _save_word_tokenizer(directory: Path) -> None:
+def _save_word_tokenizer(directory: Path, eos: str | None = None) -> None:
     """A word-level tokenizer over the tiny vocabulary: 'w0' .. 'w95', split on spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(directory)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=eos).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +322,23 @@ def test_generate_cli_prints_the_same_text_from_the_checkpoint_and_its_export(ge
         texts.append(out[0])
         assert out[1].startswith(f"KV cache after {PROMPT_LEN + NEW - 1} tokens")
     assert texts[0] == texts[1] and len(texts[0].split()) == NEW, texts
+
+
+def test_generate_cli_stops_at_the_tokenizers_eos_on_both_back_ends(generation_dirs, tmp_path, capsys):
+    """With a tokenizer whose EOS is a token greedy decoding emits after the first, both back
+    ends print the same tokens up to it and stop there."""
+    ckpt, export, allocation = generation_dirs
+    tool = _tool("generate")
+    prompt = " ".join(f"w{i}" for i in _prompt(1)[0].tolist())
+    load = ["--load", str(ckpt), "--allocation", str(allocation)]
+    assert run_tool(tool.main, [*load, "--prompt", prompt, "--max-new-tokens", str(NEW)]) == 0
+    words = capsys.readouterr().out.split()
+    stop = next(i for i in range(1, len(words)) if words[i] not in words[:i])  # its first appearance
+    _save_word_tokenizer(tmp_path / "tok", eos=words[stop])
+    for source in (load, ["--hf-path", str(export)]):
+        argv = [*source, "--prompt", prompt, "--max-new-tokens", str(NEW), "--tokenizer", str(tmp_path / "tok")]
+        assert run_tool(tool.main, argv) == 0
+        assert capsys.readouterr().out.split() == words[:stop + 1], source
 
 
 def _exit_status(tool, argv) -> int:

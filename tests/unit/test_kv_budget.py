@@ -83,9 +83,16 @@ def test_cli_reports_formula_values(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["all_fa_bytes"] == _formula(L * G, 0, 8192, 0, 0, 3, D, 4)
     assert report["allocation_bytes"] == _formula(14 * G, 14 * G, 8192, 512, 0, 3, D, 4)
-    fit_units = report["fitting_fa_units"]
-    assert report["fitting_bytes"] == _formula(fit_units, L * G - fit_units, 8192, 512, 0, 3, D, 4) <= 2**30
-    assert report["fitting_target_sparsity"] == pytest.approx(1 - fit_units / (L * G))
+    fit_units = report["fitting_fa_units"]  # in the allocation file's units: layers
+    assert report["granularity"] == "layer"
+    assert report["fitting_bytes"] == _formula(fit_units * G, (L - fit_units) * G, 8192, 512, 0, 3, D, 4) <= 2**30
+    assert report["fitting_target_sparsity"] == pytest.approx(1 - fit_units / L)
+    rc = tool.main(["--hf-config", str(tmp_path), "--context-length", "8192", "--batch-size", "3", "--dtype", "fp32",
+                    "--allocation", str(tmp_path / "allocation.json"), "--budget", "1GiB", "--json",
+                    "--granularity", "kv_head"])
+    heads = json.loads(capsys.readouterr().out)["fitting_fa_units"]  # asked for KV heads: a finer answer
+    assert heads >= fit_units * G
+    assert _formula(heads, L * G - heads, 8192, 512, 0, 3, D, 4) <= 2**30 < _formula(heads + 1, L * G - heads - 1, 8192, 512, 0, 3, D, 4)
 
 
 def test_cli_errors_name_the_fix(tmp_path, capsys):
