@@ -20,6 +20,8 @@ import warnings
 
 
 _FLAG_PREFIX = {"ConsaConfig": "--consa-", "TrainingConfig": "--", "ParallelConfig": "--"}
+_FLAG_OF = {"ParallelConfig.virtual_pipeline_model_parallel_size": "--num-layers-per-virtual-pipeline-stage"}
+"""Fields whose flag is not the field's name."""
 
 
 def flag_names(message: str) -> str:
@@ -28,7 +30,8 @@ def flag_names(message: str) -> str:
 
     def repl(m: "re.Match") -> str:
         cls, field = m.group(1), m.group(2)
-        return f"{_FLAG_PREFIX[cls]}{field.replace('_', '-')} ({cls}.{field})"
+        flag = _FLAG_OF.get(f"{cls}.{field}", f"{_FLAG_PREFIX[cls]}{field.replace('_', '-')}")
+        return f"{flag} ({cls}.{field})"
 
     return re.sub(r"\b(ConsaConfig|TrainingConfig|ParallelConfig)\.([a-z_]+)", repl, message)
 

@@ -23,12 +23,14 @@ matrix products go to the MKL that torch's x86 builds carry.
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ENV_VAR = "CONSA_CPU_SWA_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "swa_cpu.cpp"
@@ -94,12 +96,12 @@ def _load_or_none() -> Optional[object]:
     except Exception as exc:  # noqa: BLE001 - any build/link failure means "not here"
         if _mode() == "required":
             raise ExtensionUnavailable(f"the CPU SWA kernel did not build ({ENV_VAR}=1): {exc}") from exc
-        warnings.warn(
-            f"megatron_consa: the C++ CPU sliding-window kernel did not build ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); using the slower flash-op path. "
-            f"Set {ENV_VAR}=0 to skip the build, or {ENV_VAR}=1 to make this an error.",
-            RuntimeWarning,
-            stacklevel=3,
+        # logged, not warnings.warn: the entry points filter warnings, and a run on the slower
+        # path must say so
+        logger.warning(
+            "the C++ CPU sliding-window kernel did not build (%s: %s); using the slower flash-op path. "
+            "Set %s=0 to skip the build, or %s=1 to make this an error.",
+            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", ENV_VAR, ENV_VAR,
         )
         return None
 

@@ -152,4 +152,4 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *
     except RuntimeError as err:
         raise TokenizerError(f"--train-sentencepiece {vocab_size}: sentencepiece refused ({err}); "
                              "a larger vocabulary usually fixes it") from err
-    return prefix.with_suffix(".model")
+    return prefix.with_name(prefix.name + ".model")  # sentencepiece appends it (a dotted prefix keeps its dots)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -73,7 +73,6 @@ class RunConfig:
     eval_iters: int = 10
     hf_config: Optional[str] = None
     transformer_impl: str = "auto"
-    extra: dict = field(default_factory=dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-attention-heads", type=int, help="query heads")
     g.add_argument("--num-query-groups", type=int, help="KV heads (GQA groups); default: num-attention-heads")
     g.add_argument("--kv-channels", type=int, help="per-head width; default hidden-size / heads")
-    g.add_argument("--rotary-base", type=float, default=1_000_000.0, help="RoPE theta")
+    # defaults given in the help, not to argparse: a flag given next to --hf-config is refused
+    g.add_argument("--rotary-base", type=float, default=argparse.SUPPRESS, help="RoPE theta (default 1e6)")
     g.add_argument("--use-rope-scaling", action="store_true",
                    help="Llama 3.x RoPE scaling (low/high frequency factors 1 and 4, original context 8192)")
-    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="the RoPE scaling factor (--use-rope-scaling)")
-    g.add_argument("--norm-epsilon", type=float, default=1e-6, help="RMSNorm epsilon")
+    g.add_argument("--rope-scaling-factor", type=float, default=argparse.SUPPRESS,
+                   help="the RoPE scaling factor of --use-rope-scaling (default 8)")
+    g.add_argument("--norm-epsilon", type=float, default=argparse.SUPPRESS, help="RMSNorm epsilon (default 1e-6)")
     g.add_argument("--qk-layernorm", action="store_true", help="per-head RMSNorm on q and k (Qwen3)")
     g.add_argument("--add-qkv-bias", action="store_true", help="bias on the QKV projection (Qwen2)")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear LR warm-up")
     g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (not on gates)")
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
+                   help="on resume, follow this run's --train-iters, --lr-warmup-iters and --lr-decay-style from the "
+                        "saved iteration on (e.g. to extend a run); without it a resume must keep the checkpoint's")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip of the weights")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -151,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true", help="megatron-core's mock dataset (no files)")
     g.add_argument("--data-cache-path", help="where megatron-core caches sample indices")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
-                   help="SentencePieceTokenizer / HuggingFaceTokenizer (with --tokenizer-model), NullTokenizer")
+                   help="SentencePieceTokenizer / HuggingFaceTokenizer (with --tokenizer-model), NullTokenizer; "
+                        "default: from --tokenizer-model (a directory: Hugging Face, a file: sentencepiece)")
     g.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     g.add_argument("--vocab-size", type=int, help="vocabulary of the NullTokenizer / model when no tokenizer")
 
@@ -201,8 +206,20 @@ def _load_hf_config(path: str) -> dict:
         raise ArgumentError(f"--hf-config {f}: not JSON ({err.msg})") from err
 
 
+# The model's shape flags: --hf-config describes all of it, so none of them may come with it.
+_SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                "rotary_base", "use_rope_scaling", "rope_scaling_factor", "norm_epsilon", "qk_layernorm", "add_qkv_bias",
+                "untie_embeddings_and_output_weights", "max_position_embeddings")
+
+
 def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     if a.hf_config:
+        given = ["--" + name.replace("_", "-") for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)]
+        if given:
+            raise ArgumentError(
+                f"--hf-config {a.hf_config} describes the whole model; {', '.join(given)} would be ignored: "
+                "drop them, or describe the model by its shape flags without --hf-config"
+            )
         from transformers import AutoConfig
 
         raw = _load_hf_config(a.hf_config)
@@ -224,6 +241,10 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads") if getattr(a, f) is None]
     if missing:
         raise ArgumentError("the model needs --hf-config or " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "max_position_embeddings"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= 1")
     if a.qk_layernorm and a.add_qkv_bias:
         raise ArgumentError(
             "--qk-layernorm with --add-qkv-bias: no Hugging Face family has both (Qwen3's attention_bias adds an "
@@ -238,9 +259,9 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
         num_attention_heads=heads,
         num_kv_heads=a.num_query_groups or heads,
         head_dim=a.kv_channels,
-        rope_theta=a.rotary_base,
-        rope_scaling_factor=a.rope_scaling_factor if a.use_rope_scaling else None,
-        rms_norm_eps=a.norm_epsilon,
+        rope_theta=getattr(a, "rotary_base", 1_000_000.0),
+        rope_scaling_factor=getattr(a, "rope_scaling_factor", 8.0) if a.use_rope_scaling else None,
+        rms_norm_eps=getattr(a, "norm_epsilon", 1e-6),
         qk_norm=a.qk_layernorm,
         qkv_bias=a.add_qkv_bias,
         tie_word_embeddings=not a.untie_embeddings_and_output_weights,
@@ -260,6 +281,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--bf16 and --fp16: choose one")
     arch = _arch_from_args(a)
     vpp = None
+    for flag, value in (("--num-layers-per-virtual-pipeline-stage", a.num_layers_per_virtual_pipeline_stage),
+                        ("--eval-iters", a.eval_iters)):
+        if value is not None and value < 1:
+            raise ArgumentError(f"{flag} {value}: must be >= 1")
     if a.num_layers_per_virtual_pipeline_stage:
         per_stage = arch.num_layers // max(1, a.pipeline_model_parallel_size)
         if per_stage % a.num_layers_per_virtual_pipeline_stage:
@@ -268,6 +293,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                 f"{per_stage} layers of each pipeline stage"
             )
         vpp = per_stage // a.num_layers_per_virtual_pipeline_stage
+        if vpp == 1:  # one chunk per stage: the plain pipeline (megatron would pick the interleaved schedule)
+            vpp = None
     parallel = ParallelConfig(
         tensor_model_parallel_size=a.tensor_model_parallel_size,
         pipeline_model_parallel_size=a.pipeline_model_parallel_size,
@@ -297,6 +324,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         seed=a.seed,
         log_interval=a.log_interval,
         tensorboard_dir=a.tensorboard_dir,
+        override_opt_param_scheduler=a.override_opt_param_scheduler,
     )
     if a.train_iters < 1:
         raise ArgumentError(f"--train-iters {a.train_iters}: must be >= 1")
@@ -323,7 +351,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--data-path is missing: give dataset prefixes (tools/preprocess_data.py) or --mock-data")
     data = DataConfig(data_path=list(a.data_path), split=a.split, mock=a.mock_data, cache_path=a.data_cache_path,
                       seed=a.seed)
-    tok_type = a.tokenizer_type or ("NullTokenizer" if a.tokenizer_model is None else "SentencePieceTokenizer")
+    tok_type = a.tokenizer_type or (  # a directory is a Hugging Face tokenizer, a file a sentencepiece model
+        "NullTokenizer" if a.tokenizer_model is None
+        else "HuggingFaceTokenizer" if Path(a.tokenizer_model).is_dir() else "SentencePieceTokenizer"
+    )
     tokenizer = TokenizerConfig(tokenizer_type=tok_type, tokenizer_model=a.tokenizer_model, vocab_size=a.vocab_size)
     for flag, value in (("--save-interval", a.save_interval), ("--eval-interval", a.eval_interval)):
         if value is not None and value < 1:
@@ -342,10 +373,6 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
 def parse_run_config(argv=None) -> RunConfig:
     args = build_parser().parse_args(argv)
     return run_config_from_args(args)
-
-
-def with_vocab_size(arch: ArchitectureConfig, vocab_size: int) -> ArchitectureConfig:
-    return dataclasses.replace(arch, vocab_size=vocab_size)
 
 
 __all__ = [

@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -372,9 +372,12 @@ def resolve_load_dir(load: str | os.PathLike) -> Path:
         if not text.isdigit():
             raise FileNotFoundError(f"--load {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
         target = iteration_dir(path, int(text))
-        if not (target / CONSA_META_FILE).is_file():
-            raise FileNotFoundError(f"--load {path}: {TRACKER_FILE} names {target.name}, which is not a complete checkpoint")
-        return target
+        try:
+            return _resolve(target)  # or its `.old`, where a save over it was interrupted
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"--load {path}: {TRACKER_FILE} names {target.name}, which is not a complete checkpoint"
+            ) from None
     try:
         return _resolve(path)
     except FileNotFoundError as err:

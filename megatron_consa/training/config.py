@@ -39,8 +39,10 @@ class ParallelConfig:
         """Check the layout against the model and the world; returns the DP size."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         vpp = self.virtual_pipeline_model_parallel_size or 1
-        if tp < 1 or pp < 1 or vpp < 1:
-            _fail("ParallelConfig", "tensor/pipeline sizes", (tp, pp, vpp), "sizes must be >= 1")
+        for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                            ("virtual_pipeline_model_parallel_size", vpp)):
+            if value < 1:
+                _fail("ParallelConfig", name, value, "must be >= 1")
         if world_size % (tp * pp):
             _fail(
                 "ParallelConfig",
@@ -131,6 +133,10 @@ class TrainingConfig:
     """Iterations between the all-ranks-hold-the-same-gates check (0 disables)."""
     tensorboard_dir: Optional[str] = None
     """Write scalars (loss, s_hat, target, lambdas, lr) here when set."""
+    override_opt_param_scheduler: bool = False
+    """On resume, schedule the learning rate with this run's train_iters, warm-up and decay
+    style from the saved iteration on (megatron's `override_opt_param_scheduler`), instead
+    of requiring the checkpoint's."""
 
     def validate(self, *, dp_size: int) -> int:
         """Check batch sizes; returns micro-batches per step per DP rank."""

@@ -208,6 +208,10 @@ def build_optimizer(
         end_wd=training.weight_decay,
         wd_incr_steps=max(1, training.train_iters),
         wd_incr_style="constant",
+        # a resume has the checkpoint's schedule, or this run's with --override-opt-param-scheduler
+        # (run.prepare_run refuses a resume that changes it without the flag)
+        override_opt_param_scheduler=training.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not training.override_opt_param_scheduler,
     )
     return optimizer, scheduler
 
@@ -294,7 +298,9 @@ class ConsaTrainer:
         self.last_gate_grads: dict[int, torch.Tensor] = {}
         self._forward_backward = get_forward_backward_func()
         self._start_time = time.time()
-        self._last_log = (self._start_time, 0)  # (time, iteration) of the previous log line
+        # (time, iterations done) at the previous log line; set at this process's first step
+        # (a resume starts at the saved iteration, not 0)
+        self._last_log: Optional[tuple[float, int]] = None
         self._writer = None
         # megatron's convention: the last rank writes TensorBoard (it holds the loss)
         if training.tensorboard_dir and torch.distributed.get_rank() == world - 1:
@@ -334,6 +340,8 @@ class ConsaTrainer:
 
     def train_step(self) -> StepRecord:
         k = self.iteration
+        if self._last_log is None:
+            self._last_log = (time.time(), k)
         self.controller.iteration = k
         for chunk in self.chunks:
             chunk.train()

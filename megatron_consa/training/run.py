@@ -124,7 +124,15 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
     dp = parallel.validate(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, world_size=world_size)
     if not training.global_batch_size:
         training = dataclasses.replace(training, global_batch_size=training.micro_batch_size * dp)
-    training.validate(dp_size=dp)
+    micro_batches = training.validate(dp_size=dp)
+    pp = run.parallel.pipeline_model_parallel_size
+    if run.parallel.virtual_pipeline_model_parallel_size and micro_batches % pp:
+        raise ArgumentError(
+            f"--global-batch-size {training.global_batch_size}: the interleaved pipeline "
+            f"(--num-layers-per-virtual-pipeline-stage) runs micro-batches in groups of --pipeline-model-parallel-size "
+            f"{pp}, and global / (micro-batch x DP) = {micro_batches} is not a multiple of it; use a global batch of "
+            f"{training.micro_batch_size * dp * pp * max(1, -(-micro_batches // pp))}"
+        )
 
     load_dir, load_meta, resume = None, {}, False
     if run.checkpoint.load:
@@ -149,9 +157,13 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                 f"resumed as a {run.phase} phase; add --finetune to start the new phase from its weights "
                 "(or finalize it first: tools/finalize_allocation.py)"
             )
-    if resume and run.phase == "learn":
-        _check_same_learning_setup(run, load_meta)
+    if resume:
+        _check_same_optimizer(run, training, load_meta)
+        if run.phase == "learn":
+            _check_same_learning_setup(run, load_meta)
     allocation = _resolve_allocation(run, load_dir, load_meta)
+    if resume and run.phase == "fixed":
+        _check_same_allocation(run, load_dir, load_meta, allocation)
     consa = run.consa
     if allocation is not None:
         consa = dataclasses.replace(consa, allocation=allocation.fa, granularity=allocation.granularity,
@@ -188,6 +200,55 @@ def _check_same_learning_setup(run: RunConfig, load_meta: dict) -> None:
                 f"for {getattr(run.consa, name)}: resume with {flag} {saved[name]}, or start a new learn phase "
                 "from its weights with --finetune"
             )
+
+
+# Resumed optimizer state: its parameter groups are keyed by these (a change cannot be loaded) ...
+_OPTIMIZER_GROUPS = {"lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weight-decay"}
+# ... and the learning-rate schedule follows these (the checkpoint's, unless overridden).
+_SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_style": "--lr-decay-style"}
+
+
+def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
+    """A resume continues the saved optimizer and schedule: refuse flags that change them
+    (megatron-core would keep the checkpoint's schedule silently, or fail to match the
+    optimizer's parameter groups), naming the flag and the fix."""
+    saved = load_meta.get("training") or {}
+    changed = [(flag, saved[name], getattr(training, name)) for name, flag in _OPTIMIZER_GROUPS.items()
+               if name in saved and saved[name] != getattr(training, name)]
+    gate_lr = (load_meta.get("consa") or {}).get("gate_lr")
+    if gate_lr is not None and gate_lr != run.consa.gate_lr:
+        changed.append(("--consa-gate-lr", gate_lr, run.consa.gate_lr))
+    if changed:
+        flag, was, now = changed[0]
+        raise ArgumentError(
+            f"--load {run.checkpoint.load}: the run was saved with {flag} {was}, this run asks for {now}: a resume "
+            f"continues the saved optimizer; resume with {flag} {was}, or start from its weights with --finetune "
+            "(a new optimizer and schedule)"
+        )
+    if training.override_opt_param_scheduler:
+        return
+    for name, flag in _SCHEDULE.items():
+        if name in saved and saved[name] != getattr(training, name):
+            raise ArgumentError(
+                f"--load {run.checkpoint.load}: the run was saved with {flag} {saved[name]}, this run asks for "
+                f"{getattr(training, name)}: resume with {flag} {saved[name]}, or add --override-opt-param-scheduler "
+                "to follow the new schedule from the saved iteration on"
+            )
+
+
+def _check_same_allocation(run: RunConfig, load_dir: Path, load_meta: dict, allocation: Optional[Allocation]) -> None:
+    """A resumed fixed phase keeps the allocation (and window, sinks) it was trained with."""
+    from megatron_consa.conversion.checkpoint_model import checkpoint_allocation
+
+    saved = checkpoint_allocation(load_dir, load_meta)
+    if saved is None or allocation is None:
+        return
+    if (saved.fa, saved.window, saved.sink_tokens) != (allocation.fa, allocation.window, allocation.sink_tokens):
+        raise ArgumentError(
+            f"--load {run.checkpoint.load}: the fixed phase was trained with another allocation (or window, sinks) "
+            f"than --consa-allocation {run.allocation_source} gives: resume without --consa-allocation (the "
+            "checkpoint's is used), or start a new fixed phase from its weights with --finetune"
+        )
 
 
 def _eval_samples(run: RunConfig) -> int:
@@ -249,7 +310,9 @@ def run_training(prepared: PreparedRun):
                         prepared.load_dir, at)
     save = run.checkpoint.save
     interval = run.checkpoint.save_interval
-    eval_batch = 0
+    # validation batch j is the same at every layout and on resume: the evaluations before
+    # the loaded iteration used the first ones
+    eval_batch = (trainer.iteration // run.eval_interval) * run.eval_iters if run.eval_interval else 0
 
     def evaluate(k: int) -> None:
         nonlocal eval_batch
@@ -268,6 +331,7 @@ def run_training(prepared: PreparedRun):
             if trainer._writer is not None:
                 _tensorboard_heatmap(trainer, log_alpha)
 
+    start = trainer.iteration
     while trainer.iteration < training.train_iters:
         trainer.train_step()
         k = trainer.iteration
@@ -275,7 +339,11 @@ def run_training(prepared: PreparedRun):
             evaluate(k)
         if save and interval and k % interval == 0 and k < training.train_iters:
             checkpoint()
-    if save:
+    unchanged = prepared.resume and not prepared.load_dir.name.endswith(".old")  # (an .old is saved back in place)
+    if save and trainer.iteration == start and unchanged and _latest_in(save) == prepared.load_dir:
+        if dist_rank() == 0:  # a finished run launched again (a requeue): its last checkpoint is this one
+            logger.info("nothing to train: iteration %d reached; %s stays as it is", start, prepared.load_dir)
+    elif save:
         checkpoint()
     if run.consa.learning:
         report, fa = trainer.settle_report(), trainer.fa_per_layer()  # fa_per_layer: a collective
@@ -285,6 +353,16 @@ def run_training(prepared: PreparedRun):
     trainer.close()
     torch.distributed.barrier()
     return trainer
+
+
+def _latest_in(save: str) -> Optional[Path]:
+    """The checkpoint --load would take from `save`, or None."""
+    from megatron_consa.training.checkpoint import resolve_load_dir
+
+    try:
+        return resolve_load_dir(save)
+    except FileNotFoundError:
+        return None
 
 
 def _tensorboard_heatmap(trainer, la) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,12 +63,13 @@ def corpus(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("corpus")
     write_demo_corpus(d / "corpus.jsonl", text_documents=60, recall=120, key_words=8, repeats=4)
+    # a dotted prefix (sentencepiece appends .model: the tool must not replace a suffix)
     proc = subprocess.run([PY, "tools/preprocess_data.py", "--input", str(d / "corpus.jsonl"), "--output-prefix",
-                           str(d / "c"), "--train-sentencepiece", "512", "--workers", "2"],
+                           str(d / "c.en"), "--train-sentencepiece", "512", "--workers", "2"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     _ok(proc)
-    assert (d / "c_text_document.bin").stat().st_size > 0 and (d / "c.model").exists()
-    return {"data": str(d / "c_text_document"), "tok": str(d / "c.model"), "dir": d}
+    assert (d / "c.en_text_document.bin").stat().st_size > 0 and (d / "c.en.model").exists()
+    return {"data": str(d / "c.en_text_document"), "tok": str(d / "c.en.model"), "dir": d}
 
 
 def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_path):
@@ -118,11 +120,15 @@ def _final_state(save: Path) -> dict:
 RESUME_RUN = MODEL + ["--mock-data", "--vocab-size", "128", "--split", "90,10,0", "--consa-phase", "learn",
                       "--consa-target-sparsity", "0.5", "--consa-window", "8", "--consa-target-warmup-iters", "6",
                       "--consa-init-log-alpha", "0.5", "--train-iters", "16", "--lr", "3e-3", "--log-interval", "1",
-                      "--save-interval", "4"]
+                      "--save-interval", "4", "--eval-interval", "4", "--eval-iters", "2"]
+
+
+def _validation(log: str) -> dict[int, str]:
+    return {int(k): loss for k, loss in re.findall(r"validation \| iter (\d+) \| loss ([0-9.]+)", log)}
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    _ok(_train(RESUME_RUN + ["--save", str(tmp_path / "whole")]))
+    whole_log = _ok(_train(RESUME_RUN + ["--save", str(tmp_path / "whole")]))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -134,7 +140,9 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     proc.wait()
     last = int(tracker.read_text())
     assert 8 <= last < 16, f"the run was not killed mid-way (latest checkpoint {last})"
-    _ok(_train(RESUME_RUN + ["--save", str(killed), "--load", str(killed)]))
+    resumed_log = _ok(_train(RESUME_RUN + ["--save", str(killed), "--load", str(killed)]))
+    validated = _validation(resumed_log)  # the evaluations after the resume read the batches the whole run read
+    assert sorted(validated) == list(range(last + 4, 17, 4)) and validated == {k: _validation(whole_log)[k] for k in validated}
     whole, resumed = _final_state(tmp_path / "whole"), _final_state(killed)
     assert len(resumed["records"]) == 16
     assert resumed["records"] == whole["records"]  # loss, s_hat, lambdas, lr of every iteration, bit for bit
@@ -159,6 +167,15 @@ def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
     resumed = _ok(_train(RESUME_RUN + ["--save", str(save), "--load", str(save)]))
     assert "resumed from" in resumed and "iter_0000004" in resumed
     assert len(_final_state(save)["records"]) == 16
+    # launched again once finished (a requeue): nothing trained, the last checkpoint is left as it is
+    final = save / "iter_0000016"
+    stamp = (final / "consa_run.json").stat().st_mtime_ns
+    again = _ok(_train(RESUME_RUN + ["--save", str(save), "--load", str(save)]))
+    assert "nothing to train" in again and (final / "consa_run.json").stat().st_mtime_ns == stamp
+    from megatron_consa.training.checkpoint import resolve_load_dir
+
+    final.rename(save / "iter_0000016.old")  # killed between a save's two renames
+    assert resolve_load_dir(save) == save / "iter_0000016.old"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -215,7 +232,12 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "1")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    assert "--hf-config" in _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)
+    unshaped = BASE[BASE.index("--seq-length"):]  # no shape flags: --hf-config describes the model
+    assert "model_type='gpt2'" in _bad(unshaped + ["--hf-config", str(tmp_path / "hf")], capsys)
+    err = _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)  # shape flags it would ignore
+    assert "--num-layers, --hidden-size" in err and "would be ignored" in err
+    for flag in ("--num-layers", "--eval-iters", "--num-layers-per-virtual-pipeline-stage"):
+        assert f"{flag} 0: must be >= 1" in _bad(BASE + [flag, "0"], capsys)
     assert "--reset-attention-mask" in _bad(BASE + ["--reset-attention-mask"], capsys)
     assert "--add-qkv-bias" in _bad(BASE + ["--add-qkv-bias"], capsys)  # with --qk-layernorm: no HF family
     if not transformer_engine_available():
@@ -229,9 +251,25 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     learned = tmp_path / "learned"
     learned.mkdir()
     saved_consa = {**ConsaConfig().to_dict(), "target_sparsity": 0.5, "target_warmup_iters": 1}
-    (learned / "consa_run.json").write_text(json.dumps({"resumable": True, "consa": saved_consa, "architecture": {}}))
+    saved_training = {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.0, "train_iters": 5, "lr_warmup_iters": 0,
+                      "lr_decay_style": "cosine"}
+    (learned / "consa_run.json").write_text(json.dumps({"resumable": True, "consa": saved_consa, "architecture": {},
+                                                        "training": saved_training}))
     err = _bad(BASE + ["--load", str(learned), "--consa-target-sparsity", "0.25"], capsys)
     assert "--consa-target-sparsity 0.5" in err and "--finetune" in err
     err = _bad(BASE + ["--load", str(learned), "--consa-target-sparsity", "0.5", "--consa-noise-seed", "7"], capsys)
     assert "--consa-noise-seed" in err
+    same = BASE + ["--load", str(learned), "--consa-target-sparsity", "0.5"]
+    err = _bad(same + ["--lr", "1e-3", "--min-lr", "1e-4"], capsys)  # the optimizer's groups are keyed by lr
+    assert "--lr 0.0003" in err and "--finetune" in err
+    err = _bad(_with(same, "--train-iters", "9"), capsys)  # megatron would keep the saved schedule silently
+    assert "--train-iters 5" in err and "--override-opt-param-scheduler" in err
+    fixed = tmp_path / "fixed"  # a resumable fixed phase resumed with another allocation
+    fixed.mkdir()
+    fixed_consa = {**ConsaConfig().to_dict(), "allocation": [[1, 0], [0, 1], [0, 0], [0, 0]]}
+    (fixed / "consa_run.json").write_text(json.dumps({"resumable": True, "consa": fixed_consa, "architecture": {},
+                                                      "training": saved_training}))
+    err = _bad(BASE + ["--load", str(fixed), "--consa-phase", "fixed", "--consa-allocation", "all_fa",
+                       "--consa-target-sparsity", "0.5"], capsys)
+    assert "another allocation" in err and "--finetune" in err
     assert sorted(p.name for p in keep.iterdir()) == ["precious.txt"]  # nothing written or overwritten

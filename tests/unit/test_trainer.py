@@ -65,6 +65,41 @@ class TestTrainer:
         assert len(groups) == 1 and len(groups[0]["params"]) == len(gate_ids)
         assert groups[0]["max_lr"] == 0.123 and groups[0]["wd_mult"] == 0.0
 
+    def test_resume_keeps_the_saved_schedule_unless_overridden(self, tmp_path):
+        """megatron's scheduler on resume: the checkpoint's decay length, or (override) this run's."""
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+
+        consa = ConsaConfig(window=4, init_log_alpha=0.0, target_warmup_iters=0)
+        schedule = dict(train_iters=4, min_lr=1e-3, lr_decay_style="cosine")
+        first = _trainer(consa, **schedule)
+        first.train(2)
+        save_checkpoint(first, tmp_path / "ckpt")
+        kept = _trainer(consa, **{**schedule, "train_iters": 8})
+        load_checkpoint(kept, tmp_path / "ckpt")
+        assert kept.scheduler.lr_decay_steps == 4 and kept.scheduler.num_steps == first.scheduler.num_steps
+        extended = _trainer(consa, **{**schedule, "train_iters": 8}, override_opt_param_scheduler=True)
+        load_checkpoint(extended, tmp_path / "ckpt")
+        assert extended.scheduler.lr_decay_steps == 8 and extended.scheduler.num_steps == first.scheduler.num_steps
+        assert extended.scheduler.get_lr(extended.optimizer.param_groups[0]) > first.scheduler.get_lr(first.optimizer.param_groups[0])
+
+    def test_throughput_after_a_resume_counts_only_this_processes_steps(self, caplog):
+        """The first log line after a resume at iteration 1000 reports the time of one step,
+        not that time spread over 1001 iterations."""
+        import logging
+        import re
+
+        def first_tokens_per_s(start: int) -> float:
+            trainer = _trainer(ConsaConfig(window=4, allocation=[[1, 0], [0, 0]]), train_iters=start + 2,
+                               log_interval=1)
+            trainer.iteration = start
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="megatron_consa.training.loop"):
+                trainer.train_step()
+            return float(re.search(r"\| (\d+) tok/s", caplog.text).group(1))
+
+        fresh, resumed = first_tokens_per_s(0), first_tokens_per_s(1000)
+        assert resumed < 20 * fresh, (fresh, resumed)
+
     def test_bad_layout_fails_before_building(self):
         with pytest.raises(ConsaConfigError, match="global_batch_size"):
             _trainer(ConsaConfig(window=4), global_batch_size=3)
