@@ -11,7 +11,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from megatron_consa.files import plain_mode
 
@@ -149,15 +149,17 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {hf_dir}{hint}")
 
 
-def read_safetensors(hf_dir: str | Path) -> dict:
-    """Every tensor of the checkpoint's safetensors file(s), by HF name."""
-    from safetensors.torch import load_file
+def read_safetensors(hf_dir: str | Path, keep: Optional[Callable[[str], bool]] = None) -> dict:
+    """Every tensor of the checkpoint's safetensors file(s), by HF name (only the names
+    `keep` accepts, when given: the others are not read)."""
+    from safetensors import safe_open
     from tqdm import tqdm
 
     state: dict = {}
     files = safetensors_files(hf_dir)
     for f in tqdm(files, desc="reading safetensors", unit="file", disable=None):  # None: off when stderr is not a terminal
-        part = load_file(str(f))
+        with safe_open(str(f), framework="pt") as handle:
+            part = {name: handle.get_tensor(name) for name in handle.keys() if keep is None or keep(name)}
         clash = sorted(set(part) & set(state))
         if clash:
             raise ValueError(f"{f.name} repeats tensors already read from another shard: {clash[:5]}")

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -171,6 +172,24 @@ def _write_side_files(request: ImportRequest, prepared: _Prepared, out: Path) ->
     )
 
 
+def _stage_tensors(arch: ArchitectureConfig, layout: RankLayout) -> Callable[[str], bool]:
+    """Which HF tensors a pipeline stage's model holds: its layers, the embedding on the first
+    stage, the final norm and output layer (the embedding when tied) on the last."""
+    per_stage = arch.num_layers // layout.pp_size
+    first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
+    layers = range(layout.pp_rank * per_stage, (layout.pp_rank + 1) * per_stage)
+
+    def keep(name: str) -> bool:
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        if match:
+            return int(match.group(1)) in layers
+        if name == "model.embed_tokens.weight":
+            return first or (last and arch.tie_word_embeddings)
+        return last  # model.norm, lm_head
+
+    return keep
+
+
 def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepared: _Prepared, out: str) -> None:
     """One rank: build its stage, load its shard, save (all ranks together)."""
     import torch.distributed as dist
@@ -195,8 +214,11 @@ def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepar
             tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp,
         )
-        full = hf_to_mcore(read_safetensors(request.hf_path), arch)
+        # only this pipeline stage's tensors (prepare_import checked the whole set): a rank holds
+        # its stage, not the whole model
+        full = hf_to_mcore(read_safetensors(request.hf_path, keep=_stage_tensors(arch, layout)), arch, partial=True)
         local = {k: v.to(prepared.dtype) for k, v in shard_state_dict(full, arch, layout).items()}
+        del full
         result = model.load_state_dict(local, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(("_extra_state", "log_alpha"))]
         if missing or result.unexpected_keys:

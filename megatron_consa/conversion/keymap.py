@@ -101,8 +101,13 @@ def split_qkv(qkv: Tensor, arch: ArchitectureConfig) -> tuple[Tensor, Tensor, Te
     return q.reshape(ng * rep * d, *rest), k.reshape(ng * d, *rest), v.reshape(ng * d, *rest)
 
 
-def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bool = False) -> dict[str, Tensor]:
-    """A full (unsharded) megatron-core GPTModel state dict from an HF state dict."""
+def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bool = False,
+                partial: bool = False) -> dict[str, Tensor]:
+    """A full (unsharded) megatron-core GPTModel state dict from an HF state dict.
+
+    `partial`: `hf_state` holds only some entries (one pipeline stage's, checked whole
+    before): convert those, without the missing- and leftover-tensor checks.
+    """
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     tables = [(e, None) for e in global_entries(arch)]
@@ -110,6 +115,8 @@ def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bo
     for entry, i in tables:
         names = [h.format(i=i) for h in entry.hf]
         missing = [n for n in names if n not in hf_state]
+        if missing and partial:
+            continue
         if missing:
             raise ValueError(f"Hugging Face checkpoint lacks {missing} (needed for {entry.mcore.format(i=i)})")
         tensors = [hf_state[n] for n in names]
@@ -119,10 +126,10 @@ def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bo
             value = torch.cat(tensors, dim=0)
         else:
             value = tensors[0]
-        out[entry.mcore.format(i=i)] = value.clone()
+        out[entry.mcore.format(i=i)] = value  # no copy: the callers only read (a clone doubled an import's peak)
         used.update(names)
     leftover = sorted(set(hf_state) - used - {"lm_head.weight"} - {k for k in hf_state if k.endswith("rotary_emb.inv_freq")})
-    if leftover:
+    if leftover and not partial:
         raise ValueError(
             f"Hugging Face checkpoint has tensors this architecture does not use: {leftover[:8]}"
             f"{' ...' if len(leftover) > 8 else ''}; the model would silently drop them"

@@ -389,3 +389,25 @@ def test_imported_checkpoint_starts_a_learning_run(converted, single_rank_mcore)
     assert torch.equal(got["decoder.layers.3.mlp.linear_fc2.weight"], hf["model.layers.3.mlp.down_proj.weight"])
     record = trainer.train_step()
     assert torch.isfinite(torch.tensor(record.loss))
+
+
+def test_each_import_rank_reads_only_its_pipeline_stage(converted):
+    """A rank of a PP import reads its stage's tensors only (the embedding again on the
+    last stage when tied); the stages together read every tensor once (twice: a tied one)."""
+    from megatron_consa.conversion.hf_files import read_safetensors
+    from megatron_consa.conversion.importer import _stage_tensors
+    from megatron_consa.conversion.sharding import RankLayout
+
+    for kind in ("qwen3", "llama_tied"):
+        hf_dir = converted[1][kind][0]
+        arch = ArchitectureConfig.from_hf(transformers.AutoConfig.from_pretrained(hf_dir))
+        everything = read_safetensors(hf_dir)
+        stages = [read_safetensors(hf_dir, keep=_stage_tensors(arch, RankLayout(0, 1, p, 2))) for p in range(2)]
+        per_stage = arch.num_layers // 2
+        for p, stage in enumerate(stages):
+            layers = {int(k.split(".")[2]) for k in stage if k.startswith("model.layers.")}
+            assert layers == set(range(p * per_stage, (p + 1) * per_stage)), (kind, p)
+            assert all(torch.equal(t, everything[k]) for k, t in stage.items())
+        assert set(stages[0]) | set(stages[1]) == set(everything)
+        shared = set(stages[0]) & set(stages[1])
+        assert shared == ({"model.embed_tokens.weight"} if arch.tie_word_embeddings else set()), kind
