@@ -743,6 +743,7 @@ def _fixed_preset_target(base: str, target_sparsity: float | None, n: int) -> fl
         return 0.0 if base == "all_fa" else None
     if base == "all_swa" and target_sparsity == 1.0:
         return None
+    _check_target(target_sparsity, f"preset '{base}'")
     if fa_unit_budget(n, target_sparsity) != want_k:
         implied = "0 (every KV head FA)" if base == "all_fa" else "1 (every KV head SWA)"
         raise AllocationError(

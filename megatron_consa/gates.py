@@ -11,7 +11,9 @@ z = 1 means full attention (FA), z = 0 sliding-window attention (SWA).
     expected sparsity s_hat = 1 - sum_i cost_i P(z_i > 0) / sum_i cost_i
     evaluation      z = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)
     finalize        the K = round((1 - t) * total_cost / unit_cost) units with
-                    the largest log_alpha are FA (ties: lower unit index wins)
+                    the largest log_alpha are FA (ties: lower unit index wins):
+                    `fa_budget` and `rank_units` here, applied by
+                    `megatron_consa.allocation.finalize_topk`
 
 The uniform noise comes from `counter_uniform`, a counter-based generator keyed
 by (seed, iteration, global unit index): the same unit draws the same u on every
@@ -83,7 +85,7 @@ def fa_budget(target_sparsity: float, total_cost: int, unit_cost: int) -> int:
     is deterministic and documented (Python's round() would round half to even).
     """
     if not 0.0 <= target_sparsity <= 1.0:
-        raise ValueError(f"target_sparsity={target_sparsity} must lie in [0, 1]")
+        raise ValueError(f"target_sparsity={target_sparsity} must lie in [0, 1] (the SWA share of the KV-head cost)")
     num_units = total_cost // unit_cost
     # +1e-9: (1 - 0.9) * 5 is 0.4999... in floating point and must round to 1, not 0
     k = math.floor((1.0 - target_sparsity) * total_cost / unit_cost + 0.5 + 1e-9)
@@ -94,20 +96,6 @@ def rank_units(scores) -> list[int]:
     """Unit indices by descending score, ties to the lower index (deterministic)."""
     values = [float(v) for v in (scores.detach().flatten().tolist() if isinstance(scores, Tensor) else scores)]
     return sorted(range(len(values)), key=lambda i: (-values[i], i))
-
-
-def topk_units(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask over a flat score vector: the k largest are True (ties: lower index)."""
-    flat = scores.detach().flatten()
-    order = rank_units(flat)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask.view(scores.shape)
-
-
-def finalize(log_alpha: Tensor, *, target_sparsity: float, unit_cost: int, total_cost: int) -> Tensor:
-    """Binarize: the fa_budget(...) units with the largest log_alpha are FA (True)."""
-    return topk_units(log_alpha, fa_budget(target_sparsity, total_cost, unit_cost))
 
 
 # ---------------------------------------------------------------------------

@@ -40,7 +40,8 @@ __all__ = ["kv_group_order", "rank_groups", "type_runs", "fa_per_rank", "take_gr
 
 def _rank_sizes(num_groups: int, tp_size: int) -> int:
     if tp_size < 1 or num_groups % tp_size:
-        raise ValueError(f"{num_groups} KV groups do not split evenly over {tp_size} tensor-parallel ranks")
+        raise ValueError(f"{num_groups} KV groups do not split evenly over {tp_size} tensor-parallel ranks: choose a "
+                         "tensor-model-parallel size that divides num_query_groups")
     return num_groups // tp_size
 
 

@@ -12,12 +12,15 @@ compiler; about 40 s, once per machine and torch version: torch caches
 the build under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``, and a file lock lets concurrent processes wait
 for one build). The vector code is compiled for the CPU capability torch
-itself dispatches to (``torch.backends.cpu.get_cpu_capability()``), and the
-matrix products go to the MKL that torch's x86 builds carry.
+itself dispatches to (``torch.backends.cpu.get_cpu_capability()``). The matrix
+products run on oneDNN brgemm ukernels (torch's ``cpublas::brgemm``) in an
+AVX-512 build: fp32, and bf16 on VNNI-packed blocks where the CPU has bf16 dot
+products (AMX or AVX512-BF16); elsewhere (AVX2 builds) on the MKL that torch's
+x86 builds carry (``brgemm_fp32``, ``bf16_dot_products`` say which, here).
 
 ``make install`` builds it (``python tools/build_cpu_kernel.py``).
 ``CONSA_CPU_SWA_KERNEL=0`` turns it off (the flash-op path runs instead);
-``CONSA_CPU_SWA_KERNEL=1`` makes a failed build an error instead of a warning.
+``CONSA_CPU_SWA_KERNEL=1`` makes a failed build an error instead of a logged warning.
 """
 
 from __future__ import annotations

@@ -164,7 +164,8 @@ def _to_sbhd(x: Tensor) -> Tensor:
 
 class TorchAttentionBackend:
     """Pure-torch kernels: SDPA for causal FA; SWA via compiled FlexAttention on CUDA
-    (block-sparse), via the blocked O(n*W) SDPA kernel elsewhere.
+    (block-sparse), on a CPU via the banded C++ kernel (`cpu_extension`; the blocked
+    O(n*W) flash-op path where it does not build).
 
     `use_flex=False` forces the blocked kernel on CUDA too.
     """

@@ -13,10 +13,8 @@ from megatron_consa.gates import (
     deterministic_z,
     expected_sparsity,
     fa_budget,
-    finalize,
     prob_nonzero,
     sample_z,
-    topk_units,
 )
 
 HC = HardConcrete()
@@ -65,12 +63,16 @@ def test_deterministic_z_saturates():
     assert mid == pytest.approx(0.5 * 1.2 - 0.1)
 
 
-@pytest.mark.parametrize("units,unit_cost", [(28, 8), (224, 1), (7, 2)])
+@pytest.mark.parametrize("layers,heads,granularity", [(28, 8, "layer"), (28, 8, "kv_head"), (7, 2, "layer")])
 @pytest.mark.parametrize("target", [0.0, 0.25, 0.5, 0.75, 0.875, 0.99])
-def test_finalize_meets_budget_exactly(units, unit_cost, target):
-    total = units * unit_cost
+def test_finalize_meets_budget_exactly(layers, heads, granularity, target):
+    from megatron_consa.allocation import finalize_topk
+
+    units = layers if granularity == "layer" else layers * heads
     la = torch.randn(units, generator=torch.Generator().manual_seed(units))
-    mask = finalize(la, target_sparsity=target, unit_cost=unit_cost, total_cost=total)
+    fa = torch.tensor(finalize_topk(la if granularity == "layer" else la.view(layers, heads), target_sparsity=target,
+                                    granularity=granularity, num_kv_heads=heads), dtype=torch.bool)
+    mask = fa[:, 0] if granularity == "layer" else fa.flatten()
     k = math.floor((1 - target) * units + 0.5)
     assert int(mask.sum()) == k
     # the kept units are the k largest
@@ -79,8 +81,10 @@ def test_finalize_meets_budget_exactly(units, unit_cost, target):
 
 
 def test_topk_ties_go_to_lower_index():
-    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0])
-    assert topk_units(scores, 2).tolist() == [False, True, True, False, False]
+    from megatron_consa.allocation import finalize_topk
+
+    scores = [[1.0, 2.0, 2.0, 2.0, 0.0]]
+    assert finalize_topk(scores, target_sparsity=0.6, granularity="kv_head", num_kv_heads=5) == [[0, 1, 1, 0, 0]]
 
 
 def test_fa_budget_rounds_half_up():
