@@ -58,8 +58,13 @@ class ArchitectureConfig:
     features are (QK norm: qwen3; a QKV bias: qwen2; else llama)."""
 
     def __post_init__(self) -> None:
-        if not self.model_type:
-            self.model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+        family = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+        # Empty: the family these features are. A qwen3 record without QK norm (or with QK norm
+        # under another name), or a qwen2 one without its bias, names no real model: shape-built
+        # checkpoints before 2026-12-06 recorded qwen3 whatever their features; read as theirs.
+        if (not self.model_type or (self.model_type == "qwen3") != self.qk_norm
+                or (self.model_type == "qwen2" and not self.qkv_bias)):
+            self.model_type = family
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_kv_heads:

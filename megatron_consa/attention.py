@@ -65,7 +65,8 @@ def _check_causal_mask(mask: Tensor, seq: int, layer_index: int) -> None:
     themselves and would silently drop a padding or document mask. The last mask checked
     is remembered, so a model's layers compare it once per micro-batch."""
     global _checked_mask
-    if _checked_mask is not None and _checked_mask[0]() is mask and _checked_mask[1] == mask._version:
+    tracked = not mask.is_inference()  # inference tensors have no version counter: checked every time
+    if tracked and _checked_mask is not None and _checked_mask[0]() is mask and _checked_mask[1] == mask._version:
         return
     if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq, seq):
         raise ConsaConfigError(
@@ -79,7 +80,8 @@ def _check_causal_mask(mask: Tensor, seq: int, layer_index: int) -> None:
             "applies the causal and window masks itself and cannot apply padding or document masks; pass "
             "attention_mask=None with unpadded sequences (megatron's --reset-attention-mask is not supported)"
         )
-    _checked_mask = (weakref.ref(mask), mask._version)
+    if tracked:
+        _checked_mask = (weakref.ref(mask), mask._version)
 
 
 class _KeepInGraph(torch.autograd.Function):

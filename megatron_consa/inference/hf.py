@@ -14,8 +14,9 @@ a head-wise allocation, or one with sinks), else its stock sliding-window fields
 (`conversion.windows.allocation_from_hf`): the same attention also runs stock
 layer-wise configs. With `HybridCache` the SWA heads keep only the window and
 the sinks; with transformers' dynamic cache (or none) it attends over full K/V with
-the window mask, same result. Caches that hand over a fixed-size buffer (transformers'
-static and sliding-window caches) are refused.
+the window mask, same result (a stock layer-wise config's sliding layers get their
+window's keys from that cache: the same). Caches that hand over a fixed-size buffer
+with unfilled slots (transformers' static caches) are refused.
 
 Sequences of a batch must have the same length (no padding): a padded
 `attention_mask` is refused, since the masks are built from positions.
@@ -24,6 +25,7 @@ Sequences of a batch must have the same length (no padding): a padded
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Optional, Union
 
 import torch
@@ -96,25 +98,47 @@ def consa_attention(
     if isinstance(key, CachedKV):
         kv = key
     else:
-        _check_keys_are_the_prefix(key.size(2), query.size(2), kwargs.get("position_ids"))
+        _check_keys(key.size(2), query.size(2), kwargs.get("position_ids"), row, window, sinks)
         kv = CachedKV.from_full(key, value, row, query.size(2))
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
     out = hybrid_attention(query, kv, row, window=window, sink_tokens=sinks, scale=scale)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _check_keys_are_the_prefix(num_keys: int, num_queries: int, position_ids: Optional[Tensor]) -> None:
-    """Full keys (no cache, or a dynamic cache) are positions 0..n-1 and the queries the last of
-    them; a static or sliding-window cache of transformers hands over a fixed-size buffer instead."""
+_positions_seen: Optional[tuple] = None  # (weakref to the last position_ids read, (first, last))
+
+
+def _query_positions(position_ids: Tensor) -> tuple[int, int]:
+    """(first, last) of `position_ids`, read from the device once per forward (the layers of
+    a model share the tensor), not once per layer."""
+    global _positions_seen
+    if _positions_seen is not None and _positions_seen[0]() is position_ids:
+        return _positions_seen[1]
+    span = (int(position_ids.min()), int(position_ids.max()))
+    _positions_seen = (weakref.ref(position_ids), span)
+    return span
+
+
+def _check_keys(num_keys: int, num_queries: int, position_ids: Optional[Tensor], row: tuple[int, ...],
+                window: int, sinks: int) -> None:
+    """Full keys are positions 0..n-1 with the queries the last of them (no cache, or a
+    dynamic cache), or, for a layer whose heads all slide (no sinks), the latest positions
+    covering every query's window (transformers' sliding-window cache layers). A cache that
+    hands over a fixed-size buffer with unfilled slots (transformers' static caches) is refused."""
     if position_ids is None:
         return
-    first, last = int(position_ids.min()), int(position_ids.max())
-    if num_keys != last + 1 or first != num_keys - num_queries:
-        raise NotImplementedError(
-            f"the consa attention got {num_keys} keys for queries at positions {first}..{last}: a transformers "
-            "cache whose keys are not the positions 0..n-1 (a static or sliding-window cache); generate with "
-            "past_key_values=HybridCache.for_model(model), or transformers' default dynamic cache"
-        )
+    first, last = _query_positions(position_ids)
+    contiguous = last - first + 1 == num_queries
+    if num_keys == last + 1 and contiguous:
+        return
+    if num_keys < last + 1 and contiguous and not any(row) and sinks == 0 and num_keys >= num_queries + window - 1:
+        return  # the window's keys, in order: relative positions are all the masks use
+    raise NotImplementedError(
+        f"the consa attention got {num_keys} keys for queries at positions {first}..{last}: a transformers cache "
+        "whose keys are neither the positions 0..n-1 nor a whole window of a sliding layer (a static cache, or a "
+        "sliding cache under FA heads or sinks); generate with past_key_values=HybridCache.for_model(model), or "
+        "transformers' default dynamic cache"
+    )
 
 
 def consa_attention_mask(
@@ -233,13 +257,15 @@ def generate_hf(
 
     Sampling is transformers' own (temperature, top-k, top-p), seeded by
     `torch.manual_seed(sampling.seed)`; it draws other numbers than
-    `megatron_consa.inference.generate` does for the same seed. It stops at
-    `eos_token_id` (None: the model's generation config's).
+    `megatron_consa.inference.generate` does for the same seed. It stops at the
+    generation config's EOS ids and at `eos_token_id`.
     """
     cache = HybridCache.for_model(model, max_length=prompt.size(1) + max_new_tokens)
     kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
-    if eos_token_id is not None:
-        kwargs["eos_token_id"] = eos_token_id
+    if eos_token_id is not None:  # besides the generation config's own (a chat model may list several)
+        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        own = [] if own is None else [own] if isinstance(own, int) else list(own)
+        kwargs["eos_token_id"] = own + [eos_token_id] if eos_token_id not in own else own
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         torch.manual_seed(sampling.seed)

@@ -179,10 +179,12 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
 def _swap_into_place(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; an existing `final` survives as `<final>.old` until then."""
     old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)  # a leftover of an interrupted earlier save
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)  # a leftover beside a complete `final` (only whole saves are renamed to it)
         final.rename(old)
+    # without `final`, an `.old` is the checkpoint of an interrupted save (perhaps the one this run
+    # resumed from): it goes only once the new one is in place
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)

@@ -216,7 +216,7 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
     changed = [(flag, saved[name], getattr(training, name)) for name, flag in _OPTIMIZER_GROUPS.items()
                if name in saved and saved[name] != getattr(training, name)]
     gate_lr = (load_meta.get("consa") or {}).get("gate_lr")
-    if gate_lr is not None and gate_lr != run.consa.gate_lr:
+    if run.phase == "learn" and gate_lr is not None and gate_lr != run.consa.gate_lr:  # (a fixed phase has no gates)
         changed.append(("--consa-gate-lr", gate_lr, run.consa.gate_lr))
     if changed:
         flag, was, now = changed[0]
@@ -267,12 +267,19 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
     """
 
     def write(directory: Path) -> dict:
-        from megatron_consa.conversion.hf_files import hf_config_from_arch
+        from megatron_consa.conversion.hf_files import hf_config_from_arch, load_hf_config
+        from megatron_consa.conversion.windows import allocation_from_hf, hf_window_fields, set_window_fields
 
         tokenizer.save_to(directory)
         if run.hf_config:
             source = Path(run.hf_config)
-            shutil.copy2(source / "config.json" if source.is_dir() else source, directory / "config.json")
+            source = source / "config.json" if source.is_dir() else source
+            config = load_hf_config(source)
+            if allocation_from_hf(config, run.arch) is None:
+                shutil.copy2(source, directory / "config.json")
+            else:  # an imported sliding-window model's: the run's windows are its own (consa_run.json)
+                set_window_fields(config, hf_window_fields(None, run.arch))
+                config.save_pretrained(str(directory))
         else:
             hf_config_from_arch(run.arch).save_pretrained(str(directory))
         return {"tokenizer": type(tokenizer).__name__}

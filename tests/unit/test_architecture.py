@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,6 +84,8 @@ def test_shape_built_models_export_as_their_family(qk_norm, qkv_bias, family, si
     arch = ArchitectureConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_attention_heads=4,
                               num_kv_heads=2, qk_norm=qk_norm, qkv_bias=qkv_bias)
     assert arch.model_type == family
+    old_record = dataclasses.asdict(arch) | {"model_type": "qwen3"}  # what shape-built checkpoints used to record
+    assert ArchitectureConfig(**old_record).model_type == family
     torch.manual_seed(0)
     ours = build_gpt_model(build_transformer_config(arch, ConsaConfig(allocation=[[1, 1]] * 2, backend="torch")), arch).eval()
     with torch.no_grad():

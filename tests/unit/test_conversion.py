@@ -83,6 +83,20 @@ def test_an_imported_sliding_window_checkpoint_is_its_own_hf_config(converted):
     assert arch == ArchitectureConfig.from_hf(transformers.AutoConfig.from_pretrained(hf_dir), allow_sliding_window=True)
     with pytest.raises(ArgumentError, match="sliding_window"):
         _arch_from_args(argparse.Namespace(hf_config=str(hf_dir)))
+    # a checkpoint a run from it saves describes itself too: its config.json without the windows
+    # (the run's own are in its consa_run.json), the family's other fields kept
+    from types import SimpleNamespace
+
+    from megatron_consa.conversion.windows import allocation_from_hf
+    from megatron_consa.training.run import _checkpoint_extras
+
+    saved = ckpt.parent / "trained-from-hybrid"
+    saved.mkdir()
+    _checkpoint_extras(SimpleNamespace(hf_config=str(ckpt), arch=arch), SimpleNamespace(save_to=lambda d: None))(saved)
+    assert _arch_from_args(argparse.Namespace(hf_config=str(saved))) == arch
+    written = transformers.AutoConfig.from_pretrained(saved)
+    assert allocation_from_hf(written, arch) is None
+    assert written.rope_parameters == transformers.AutoConfig.from_pretrained(hf_dir).rope_parameters
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

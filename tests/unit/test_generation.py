@@ -248,6 +248,21 @@ def test_hf_generate_with_hybrid_cache_equals_recomputing_the_prefix(family, sin
     assert not torch.equal(_hf_generate(all_fa, prompt, SamplingConfig()), hybrid)  # the window changes the tokens
 
 
+def test_hf_stock_layer_wise_config_generates_alike_with_every_cache():
+    """A layer-wise allocation exports as stock fields; transformers' default cache then keeps
+    only the window's keys for the sliding layers: the consa attention reads them as such."""
+    from megatron_consa.inference.hf import HybridCache
+
+    layer_wise = [[0, 0], [1, 1], [0, 0], [1, 1]]
+    model = _hf_model("qwen3", _allocation(0, fa=layer_wise))
+    assert model.config.layer_types[0] == "sliding_attention"  # the stock fields, no consa field
+    prompt = _prompt()
+    reference = _hf_generate(model, prompt, SamplingConfig(), use_cache=False)
+    assert torch.equal(_hf_generate(model, prompt, SamplingConfig()), reference)  # DynamicCache, sliding layers
+    assert torch.equal(_hf_generate(model, prompt, SamplingConfig(), past_key_values=HybridCache.for_model(model)),
+                       reference)
+
+
 def test_hf_beam_search_reorders_the_hybrid_cache():
     from megatron_consa.inference.hf import HybridCache
 
@@ -266,7 +281,7 @@ def test_hf_cache_and_attention_refuse_what_they_cannot_run():
     padded[0, :3] = 0
     with pytest.raises(NotImplementedError, match="padded batches"):
         _hf_generate(model, prompt, SamplingConfig(), attention_mask=padded)
-    with pytest.raises(NotImplementedError, match="static or sliding-window cache"):  # a zero-filled buffer
+    with pytest.raises(NotImplementedError, match="a static cache"):  # a zero-filled buffer
         _hf_generate(model, prompt, SamplingConfig(), cache_implementation="static")
     stock = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

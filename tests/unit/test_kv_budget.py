@@ -95,6 +95,21 @@ def test_cli_reports_formula_values(tmp_path, capsys):
     assert _formula(heads, L * G - heads, 8192, 512, 0, 3, D, 4) <= 2**30 < _formula(heads + 1, L * G - heads - 1, 8192, 512, 0, 3, D, 4)
 
 
+def test_cli_preset_reports_its_bytes(tmp_path, capsys):
+    """The README's command: a preset at a target, without --granularity (KV heads)."""
+    config = {"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 1024, "intermediate_size": 3072,
+              "num_hidden_layers": L, "num_attention_heads": 16, "num_key_value_heads": G, "head_dim": D}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rc = _tool("kv_budget").main(["--hf-config", str(tmp_path), "--context-length", "8192", "--batch-size", "2",
+                                  "--dtype", "bf16", "--window", "512", "--preset", "uniform_heads",
+                                  "--target-sparsity", "0.75", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    fa = L * G // 4
+    assert report["sparsity"] == 0.75
+    assert report["allocation_bytes"] == _formula(fa, L * G - fa, 8192, 512, 0, 2, D, 2)
+
+
 def test_cli_errors_name_the_fix(tmp_path, capsys):
     tool = _tool("kv_budget")
     from megatron_consa.cli import run_tool

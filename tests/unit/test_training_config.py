@@ -53,3 +53,33 @@ def test_kv_heads_fewer_than_tp_ranks_is_refused():
 def test_bad_training_settings_name_the_field(kw, field):
     with pytest.raises(ConsaConfigError, match=field):
         TrainingConfig(**kw).validate(dp_size=1)
+
+
+def test_a_save_over_an_interrupted_one_keeps_the_old_until_the_new_is_in_place(tmp_path, monkeypatch):
+    """`iter_N.old` without `iter_N` (a save killed between its renames, perhaps the checkpoint
+    this run resumed from) survives a failure of the next save's rename."""
+    from pathlib import Path
+
+    from megatron_consa.training.checkpoint import _swap_into_place
+
+    final, old, tmp = tmp_path / "iter_0000008", tmp_path / "iter_0000008.old", tmp_path / "iter_0000008.tmp-8"
+    old.mkdir()
+    (old / "consa_run.json").write_text("{}")
+    tmp.mkdir()
+    real = Path.rename
+
+    def failing(self, target):
+        if self == tmp:
+            raise OSError("disk full")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        _swap_into_place(tmp, final)
+    assert (old / "consa_run.json").exists()
+    monkeypatch.setattr(Path, "rename", real)
+    _swap_into_place(tmp, final)
+    assert final.exists() and not old.exists()
+    (tmp_path / "next").mkdir()
+    _swap_into_place(tmp_path / "next", final)  # over a complete one: replaced, nothing left beside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000008"]
