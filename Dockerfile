@@ -6,7 +6,8 @@
 #       torchrun --nproc-per-node 8 -m megatron_consa.train --help
 #
 # The NGC release pins torch; megatron-core is installed without dependencies so
-# pip does not replace that torch.
+# pip does not replace that torch. The versions follow setup.py (transformers 5.23+ for
+# the hybrid KV cache's transformers classes: the build imports them to check).
 ARG BASE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE}
 
@@ -18,6 +19,6 @@ COPY megatron_consa ./megatron_consa
 COPY tools ./tools
 COPY examples ./examples
 RUN pip install --no-cache-dir --no-deps -e . && \
-    pip install --no-cache-dir sentencepiece safetensors "transformers>=4.51" tqdm tensorboard matplotlib ninja && \
-    python -c "import megatron_consa, transformer_engine; print('megatron-consa ready, TE', transformer_engine.__version__)"
+    pip install --no-cache-dir sentencepiece safetensors "transformers>=5.23" tqdm tensorboard matplotlib ninja && \
+    python -c "import megatron_consa, megatron_consa.inference.hf, transformer_engine; print('megatron-consa ready, TE', transformer_engine.__version__)"
 ENV PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1

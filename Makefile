@@ -36,11 +36,13 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24" wheel setuptools
 	# Torch first: with no torch present, megatron-core's `torch>=2.6` resolves
-	# to a multi-GB CUDA build. On a machine without CUDA take the CPU build.
+	# to a multi-GB CUDA build. On a machine without CUDA take the CPU build (+cpu: from
+	# the configured indexes, else PyTorch's CPU index; PyPI's plain wheel is the CUDA one).
 	@if command -v nvidia-smi >/dev/null 2>&1 || $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 	  echo "CUDA present: keeping/installing a CUDA torch"; $(PIP) install --quiet "torch>=2.6"; \
 	else \
-	  $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"; \
+	  $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)+cpu" 2>/dev/null || \
+	  $(PIP) install --quiet --extra-index-url https://download.pytorch.org/whl/cpu "torch==$(TORCH_CPU_VERSION)+cpu"; \
 	fi
 	# megatron-core 0.19 declares Requires-Python>=3.12 but runs on 3.11:
 	# install its needs, then the wheel without the Python check.

@@ -16,7 +16,10 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    # megatron-core 0.19 declares Python 3.12+ but runs on 3.11 (tested): on 3.11 install it
+    # first with `pip install --no-deps --ignore-requires-python megatron-core==0.19.2`, as
+    # the Makefile does
+    python_requires=">=3.11",
     packages=find_packages(include=["megatron_consa", "megatron_consa.*"]),
     # The banded CPU SWA kernel is compiled from this source on first use (ninja + a C++ compiler).
     package_data={"megatron_consa.backends": ["csrc/*.cpp"]},
@@ -37,7 +40,7 @@ setup(
         "ninja",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "filelock"],
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "filelock"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     classifiers=[

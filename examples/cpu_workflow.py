@@ -58,8 +58,21 @@ def parse_args(argv=None):
     p.add_argument("--fixed-iters", type=int, default=100)
     p.add_argument("--target", type=float, default=0.75, help="SWA share of KV heads")
     p.add_argument("--window", type=int, default=8, help="SWA window (the recall key repeats further apart)")
-    p.add_argument("--nproc", type=int, default=2, help="ranks per phase (torchrun --nproc-per-node)")
+    p.add_argument("--nproc", type=_even_ranks, default=2,
+                   help="ranks per phase (torchrun --nproc-per-node): even, as learn runs TP=2 and the fixed phase "
+                        "PP=2; the global batch is 4 sequences per data-parallel rank")
     return p.parse_args(argv)
+
+
+MARKER = ".cpu_workflow_run"
+"""The file that marks --out as this workflow's: a later run replaces such a directory only."""
+
+
+def _even_ranks(text: str) -> int:
+    n = int(text)
+    if n < 2 or n % 2:
+        raise argparse.ArgumentTypeError(f"{n}: the workflow's layouts (TP=2, PP=2) need an even number of ranks >= 2")
+    return n
 
 
 class Workflow:
@@ -136,7 +149,8 @@ def pretrain(flow: Workflow, args) -> Path:
     model = ["--num-layers", str(args.num_layers), "--hidden-size", "128", "--ffn-hidden-size", "256",
              "--num-attention-heads", "8", "--num-query-groups", "4", "--kv-channels", "16", "--qk-layernorm",
              "--rotary-base", "10000"]
-    flow.train(f"dense pretraining (all FA), DP={flow.nproc}", model + data_flags(out, out / "data" / "corpus.model") + [
+    flow.train(f"dense pretraining (all FA), DP={flow.nproc}", model + data_flags(
+            out, out / "data" / "corpus.model", global_batch_size=4 * flow.nproc) + [
         "--consa-phase", "fixed", "--consa-allocation", "all_fa", "--consa-window", str(args.window),
         "--train-iters", str(args.pretrain_iters), "--lr", "3e-3", "--min-lr", "3e-3", "--lr-decay-style",
         "constant", "--lr-warmup-iters", "10", "--seed", str(args.seed), "--log-interval", "50", "--eval-interval",
@@ -156,9 +170,9 @@ def learn_finalize_fixed(flow: Workflow, args, start: Path) -> dict:
             sys.executable, "tools/preprocess_data.py", "--input", str(write_corpus(out)), "--output-prefix",
             str(out / "data" / "corpus"), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
             str(start / "tokenizer.model"), "--workers", "2"])
-    # TP=2 and PP=2 leave one data-parallel rank: one micro-batch of 4 sequences per iteration.
+    # TP=2 and PP=2 leave nproc / 2 data-parallel ranks: one micro-batch of 4 sequences each per iteration.
     common = ["--hf-config", str(start), "--consa-window", str(args.window)] + data_flags(
-        out, start / "tokenizer.model", global_batch_size=4)
+        out, start / "tokenizer.model", global_batch_size=4 * (flow.nproc // 2))
     flow.train(f"learn the allocation (target sparsity {args.target}), TP=2", common + [
         "--tensor-model-parallel-size", "2", "--load", str(start), "--consa-phase", "learn",
         "--consa-granularity", "kv_head", "--consa-target-sparsity", str(args.target),
@@ -234,9 +248,14 @@ def main(argv=None) -> int:
     if args.make_start:
         return make_start(args)
     out = args.out
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        # never delete a directory this workflow did not write (runs before the marker: their corpus)
+        if not (out / MARKER).is_file() and not (out / "corpus.jsonl").is_file():
+            raise SystemExit(f"error: --out {out}: exists, is not empty and is not a run of this workflow "
+                             f"(no {MARKER}); choose another directory")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by examples/cpu_workflow.py; a next run with this --out replaces it\n")
     flow = Workflow(out, args.nproc)
     start = pretrain(flow, args) if args.pretrain else args.start.resolve()
     results = learn_finalize_fixed(flow, args, start)

@@ -9,6 +9,9 @@
 #      `import megatron_consa` before `from_pretrained`), and generate from the export.
 #
 # Usage: HF=/models/Qwen3-0.6B DATA=/data/corpus_text_document OUT=/ckpt/consa bash examples/qwen3_0.6b_tp2pp2_8gpu.sh
+#
+# Run it again after a failure (or a lost node) and it goes on where it stopped: the import
+# is skipped when done, each phase resumes from its own latest checkpoint, finalize runs once.
 set -euo pipefail
 : "${HF:?set HF to a local Qwen3-0.6B directory}" "${DATA:?set DATA to a preprocessed dataset prefix}"
 OUT=${OUT:-runs/qwen3-0.6b}
@@ -25,22 +28,29 @@ COMMON=(
   --use-distributed-optimizer --sequence-parallel --bf16
   --seq-length 8192 --micro-batch-size 1 --global-batch-size 64
   --consa-window 1024 --consa-granularity kv_head
-  --log-interval 10 --eval-interval 200 --eval-iters 10 --tensorboard-dir "$OUT/tensorboard"
+  --log-interval 10 --eval-interval 200 --eval-iters 10
 )
 
+# A phase starts from the previous phase's weights, or resumes its own run.
+start_or_resume() {  # <this phase's --save> <the checkpoint it starts from>
+  if [[ -f "$1/latest_checkpointed_iteration.txt" ]]; then echo --load "$1"; else echo --load "$2" --finetune; fi
+}
+
 torchrun --nproc-per-node "$NPROC" -m megatron_consa.train "${COMMON[@]}" \
-    --load "$OUT/imported" --finetune --consa-phase learn --consa-target-sparsity 0.75 \
+    $(start_or_resume "$OUT/learn" "$OUT/imported") --consa-phase learn --consa-target-sparsity 0.75 \
     --train-iters 1500 --lr 1e-5 --min-lr 1e-6 --lr-warmup-iters 50 \
-    --save "$OUT/learn" --save-interval 250
+    --save "$OUT/learn" --save-interval 250 --tensorboard-dir "$OUT/tensorboard/learn"
 
-python tools/finalize_allocation.py --load "$OUT/learn" --save "$OUT/finalized"
+if [[ ! -f "$OUT/finalized/allocation.json" ]]; then
+  python tools/finalize_allocation.py --load "$OUT/learn" --save "$OUT/finalized"
+fi
 
 torchrun --nproc-per-node "$NPROC" -m megatron_consa.train "${COMMON[@]}" \
-    --load "$OUT/finalized/checkpoint" --consa-phase fixed \
+    $(start_or_resume "$OUT/fixed" "$OUT/finalized/checkpoint") --consa-phase fixed \
     --train-iters 5000 --lr 1e-5 --min-lr 1e-6 --lr-warmup-iters 100 \
-    --save "$OUT/fixed" --save-interval 500
+    --save "$OUT/fixed" --save-interval 500 --tensorboard-dir "$OUT/tensorboard/fixed"
 
-python tools/convert_megatron_to_hf.py --load "$OUT/fixed" --save "$OUT/hf-hybrid" \
-    --allocation "$OUT/finalized/allocation.json"
+# the fixed checkpoint carries its allocation: the export writes it into config.json
+python tools/convert_megatron_to_hf.py --load "$OUT/fixed" --save "$OUT/hf-hybrid" --overwrite
 
 python tools/generate.py --hf-path "$OUT/hf-hybrid" --prompt "The capital of France is" --max-new-tokens 32 --kv-report

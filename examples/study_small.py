@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--learn-iters", type=int, default=320, help="joint learning phase (controller defaults)")
     p.add_argument("--continue-iters", type=int, default=100, help="continued training, the same for every variant")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="ranks per run (data parallel; 4 sequences each per iteration)")
     return p.parse_args(argv)
 
 
@@ -80,7 +80,8 @@ def run_seed(args, seed: int) -> None:
                                 "--output-prefix", str(out / "data" / "corpus"), "--tokenizer-type",
                                 "SentencePieceTokenizer", "--tokenizer-model", str(start / "tokenizer.model"),
                                 "--workers", "2"])
-    common = ["--hf-config", str(start), "--consa-window", str(args.window)] + data_flags(out, start / "tokenizer.model")
+    common = ["--hf-config", str(start), "--consa-window", str(args.window)] + data_flags(
+        out, start / "tokenizer.model", global_batch_size=4 * args.nproc)  # 4 sequences per data-parallel rank
     target = ["--consa-target-sparsity", str(args.target)]
     lr = ["--lr", "1e-3", "--min-lr", "1e-4"]
     if "learn" in args.parts:

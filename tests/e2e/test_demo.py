@@ -68,3 +68,23 @@ def test_make_demo_at_its_shipped_settings(tmp_path):
     hybrid = recall["ConSA hybrid after continued training"]
     assert all_fa > 0.5 and all_swa < 0.2, recall  # the task needs attention beyond the window
     assert hybrid >= all_fa - 0.05, recall
+
+
+def test_the_workflow_never_deletes_an_output_it_did_not_write(tmp_path):
+    """`--out` is replaced only when it is a run of this workflow (its marker, or its corpus)."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("cpu_workflow", ROOT / "examples" / "cpu_workflow.py")
+    workflow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(workflow)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a run of this workflow"):
+        workflow.main(["--out", str(precious)])
+    assert (precious / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):  # argparse: the layouts need an even number of ranks
+        workflow.main(["--out", str(tmp_path / "new"), "--nproc", "3"])
+    assert not (tmp_path / "new").exists()
