@@ -154,7 +154,7 @@ def build_extension(out: Path, python: str) -> None:
     staged in `out` with the torch version it was built against."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHON=python, WHEELS=str(out.resolve()), OUT=f"{tmp}/out", SITE=f"{tmp}/site",
-                   BUILD=f"{tmp}/build", STAGES="install build", DEADLINE="100000", LIMIT_SCALE="20")
+                   SITE_TE=f"{tmp}/site_te", BUILD=f"{tmp}/build", STAGES="install build", DEADLINE="100000", LIMIT_SCALE="20")
         done = subprocess.run(["bash", str(ROOT / ".ci/device/run.sh")], env=env)
         wheels = list(Path(tmp, "build").glob("transformer_engine_torch-*.whl"))
         if done.returncode or not wheels:

@@ -10,31 +10,50 @@
 # has a limit, cut to the time left, so the whole run ends by DEADLINE seconds; the
 # limits sum to more, so a slow build or test stage leaves the benchmarks less time;
 # the exit status is 1 if any stage failed):
-#   env      GPU, torch, CUDA, nvcc, ninja
-#   install  the staged wheels into $SITE (megatron-core, Transformer Engine's core
-#            library cut to sm_90 and its Python package, pydantic, einops, wheel)
+#   env      GPU, torch, CUDA, cuDNN, nvcc, ninja, numpy, glibc, site-packages
+#   install  the staged wheels: megatron-core, pydantic, einops, wheel into $SITE;
+#            Transformer Engine (its core library cut to sm_90, its Python package) into
+#            $SITE_TE, which goes on PYTHONPATH only once TE imports: a broken TE (a
+#            missing extension, cuDNN not found) raises errors megatron-core's TE guard
+#            does not catch, and would take the torch-backend tests and benchmark down too
 #   build    transformer-engine-torch: the prebuilt wheel if it was built for this torch,
-#            else from source (a C++ extension; ninja, MAX_JOBS cores: 7 min on 2 cores)
-#   te       import transformer_engine.pytorch
-#   tests    pytest tests/gpu (TE backend vs torch backend, TE layer spec, NCCL runs)
+#            else from source (a C++ extension; ninja, MAX_JOBS cores: 7 min on 2 cores);
+#            the wheel built here is copied to $OUT: put it and its .torch-version into
+#            .ci/device/wheels and the next run skips the build (prepare.py keeps them)
+#   te       import transformer_engine.pytorch, one windowed DotProductAttention call
 #   bench-te model step, TE spec: megatron-core's stock TE-spec GPTModel vs ConSA + TE backend
+#            (NVTE_DEBUG logs the attention backend TE picked: FusedAttention, not the unfused
+#            path with a dense window mask); only when te passed
+#   tests    pytest tests/gpu, test names as they run (TE backend vs torch backend, TE layer
+#            spec, NCCL runs); with TE, CONSA_REQUIRE_TE=1 turns a TE skip into a failure
 #   bench    model step, torch backend (local spec): stock, all-FA, 75% SWA, learning
-# STAGES="env install build te tests" runs a subset; a warm machine keeps $SITE and
-# the built extension between commands (the install and build stages then skip).
+# The benchmarks come before the tests and the test stage is capped, so the figures the
+# README needs are taken first. STAGES="env install build te tests" runs a subset; a warm
+# machine keeps $SITE, $SITE_TE and the built extension between commands (the install and
+# build stages then skip). Set DEADLINE to the run's limit_s less about 20 s.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/consa_device_out}
 SITE=${SITE:-/tmp/consa_site}
+SITE_TE=${SITE_TE:-/tmp/consa_site_te}
 BUILD=${BUILD:-/tmp/consa_te_build}
 WHEELS=${WHEELS:-.ci/device/wheels}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-580}
 LIMIT_SCALE=${LIMIT_SCALE:-1}  # stage limits x this (prepare.py's build on a 2-core machine: 20)
-STAGES=${STAGES:-env install build te tests bench-te bench}
+STAGES=${STAGES:-env install build te bench-te tests bench}
 BENCH_ARGS=${BENCH_ARGS:---device cuda --dtype bf16 --seq-len 8192 --window 1024 --layers 4 --hidden 2048 --heads 16 --kv-heads 8 --head-dim 128 --reps 10}
 mkdir -p "$OUT"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
+# TE loads cuDNN, cuBLAS and NCCL by name: where CUDA torch's pip packages keep them, and the toolkit
+NVIDIA_LIBS=$("$PY" -c "import glob, os, torch; r = os.path.dirname(os.path.dirname(torch.__file__)); print(':'.join(sorted(glob.glob(os.path.join(r, 'nvidia', '*', 'lib')))))" 2>/dev/null)
+export LD_LIBRARY_PATH="${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -z "${CUDA_HOME:-}" ]; then
+  for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent/bin/nvcc)")")")"; do
+    if [ -f "$c/include/cuda_runtime.h" ]; then export CUDA_HOME=$c; break; fi
+  done
+fi
 
 log() { echo "[+${SECONDS}s] $*" | tee -a "$OUT/summary.txt"; }
 
@@ -61,26 +80,34 @@ env_info() {
   command -v nvcc && nvcc --version | tail -2
   command -v ninja && ninja --version
   "$PY" -m pip --version
+  "$PY" -c "import numpy, platform, sysconfig, torch; print('numpy', numpy.__version__, 'glibc', platform.libc_ver()); print('cudnn', torch.backends.cudnn.version()); print('purelib', sysconfig.get_path('purelib'), 'torch at', torch.__file__)"
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   nproc
 }
 
 install_wheels() {
-  if [ -f "$SITE/.installed" ]; then echo "already installed in $SITE"; return 0; fi
-  rm -rf "$SITE"
-  local wheels
-  wheels=$(ls "$WHEELS"/*.whl | grep -v /transformer_engine_torch-)
-  "$PY" -m pip install --no-deps --target "$SITE" $wheels && touch "$SITE/.installed"
+  if [ -f "$SITE/.installed" ] && [ -f "$SITE_TE/.installed" ]; then echo "already installed in $SITE, $SITE_TE"; return 0; fi
+  rm -rf "$SITE" "$SITE_TE"
+  local wheels te_wheels
+  wheels=$(ls "$WHEELS"/*.whl | grep -v /transformer_engine)
+  te_wheels=$(ls "$WHEELS"/transformer_engine*.whl | grep -v /transformer_engine_torch-)
+  "$PY" -m pip install --no-deps --target "$SITE" $wheels && touch "$SITE/.installed" \
+    && "$PY" -m pip install --no-deps --target "$SITE_TE" $te_wheels && touch "$SITE_TE/.installed"
 }
 
-# A wheel into $SITE by extraction: its extension goes into transformer_engine/wheel_lib,
+# CMD with Transformer Engine importable
+with_te() { PYTHONPATH="$SITE_TE:$PYTHONPATH" "$@"; }
+
+# A wheel into $SITE_TE by extraction: its extension goes into transformer_engine/wheel_lib,
 # a folder `pip install --target` will not add to (it skips a top-level folder that exists).
 extract_wheel() {
-  "$PY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$1" "$SITE"
-  echo "extracted $1 into $SITE"
+  "$PY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$1" "$SITE_TE"
+  echo "extracted $1 into $SITE_TE"
 }
 
 build_te_torch() {
-  if ls "$SITE"/transformer_engine/wheel_lib/transformer_engine_torch*.so >/dev/null 2>&1; then
+  if ls "$SITE_TE"/transformer_engine/wheel_lib/transformer_engine_torch*.so >/dev/null 2>&1; then
     echo "already built"; return 0
   fi
   # prepare.py --build-python may have built it here against the same torch
@@ -91,32 +118,29 @@ build_te_torch() {
     echo "prebuilt for torch $torch_version: $prebuilt"
     extract_wheel "$prebuilt"
     # built on another machine: loadable here (glibc, libstdc++)? else build it
-    if "$PY" -c "import torch, transformer_engine.pytorch"; then
+    if with_te "$PY" -c "import torch, transformer_engine.pytorch"; then
       return 0
     fi
     echo "the prebuilt extension does not load here: building it"
-    rm -f "$SITE"/transformer_engine/wheel_lib/transformer_engine_torch*.so
+    rm -f "$SITE_TE"/transformer_engine/wheel_lib/transformer_engine_torch*.so
   fi
   echo "building for torch $torch_version${prebuilt:+ (the prebuilt wheel is for torch $(cat "$WHEELS/transformer_engine_torch.torch-version" 2>/dev/null))}"
-  # The toolkit's headers first (TE finds it through CUDA_HOME, else next to nvcc, which
-  # may be a wrapper script in /usr/local/bin), then what CUDA torch's pip packages
-  # carry and a bare toolkit lacks: cuBLAS, cuDNN, NCCL (nvidia/*/include).
-  if [ -z "${CUDA_HOME:-}" ]; then
-    local c
-    for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
-      if [ -f "$c/include/cuda_runtime.h" ]; then export CUDA_HOME=$c; break; fi
-    done
-  fi
+  # The toolkit's headers first (TE finds it through CUDA_HOME, set above, else next to
+  # nvcc, which may be a wrapper script in /usr/local/bin), then what CUDA torch's pip
+  # packages carry and a bare toolkit lacks: cuBLAS, cuDNN, NCCL (nvidia/*/include).
   echo "CUDA_HOME=${CUDA_HOME:-unset}"
   local inc
   inc=$("$PY" -c "import glob, os, torch; r = os.path.dirname(os.path.dirname(torch.__file__)); print(':'.join(sorted(glob.glob(os.path.join(r, 'nvidia', '*', 'include')))))")
   export CPATH="${inc}${CPATH:+:$CPATH}"
-  export NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch NVTE_WITH_NCCL_EP=0 NVTE_CUDA_ARCHS=90
+  # NVTE_NO_LOCAL_VERSION: no +sha suffix, which TE's check against the core library's version would refuse
+  export NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch NVTE_WITH_NCCL_EP=0 NVTE_CUDA_ARCHS=90 NVTE_NO_LOCAL_VERSION=1
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   rm -rf "$BUILD" && mkdir -p "$BUILD"
   "$PY" -m pip wheel --no-deps --no-build-isolation -v -w "$BUILD" "$WHEELS"/transformer_engine_torch-*.tar.gz \
     && extract_wheel "$(ls "$BUILD"/transformer_engine_torch-*.whl)" \
-    && echo "$torch_version" >"$BUILD/transformer_engine_torch.torch-version"
+    && echo "$torch_version" >"$BUILD/transformer_engine_torch.torch-version" \
+    && cp "$BUILD"/transformer_engine_torch-*.whl "$BUILD/transformer_engine_torch.torch-version" "$OUT/" \
+    && echo "copied the built wheel to $OUT: stage it in .ci/device/wheels to skip this build next time"
 }
 
 te_import() {
@@ -136,18 +160,25 @@ EOF
 }
 
 bench() { "$PY" benchmarks/model_step.py $BENCH_ARGS --json "$OUT/$1.json" "${@:2}"; }
+# the TE spec's step, with TE logging which attention backend it runs (FusedAttention expected)
+bench_te() { NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=1 bench model_step_te --transformer-engine; }
 
-export OUT SITE BUILD WHEELS PY BENCH_ARGS
-export -f env_info install_wheels extract_wheel build_te_torch te_import bench
+export OUT SITE SITE_TE BUILD WHEELS PY BENCH_ARGS
+export -f env_info install_wheels with_te extract_wheel build_te_torch te_import bench bench_te
 
 log "device checks at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), stages: $STAGES"
 stage env 30 env_info
 stage install 120 install_wheels || { log "install failed: nothing else can run"; exit 1; }
 failed=0
 stage build 300 build_te_torch || failed=1
-stage te 60 te_import || failed=1
-stage tests 200 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider || failed=1
-stage bench-te 120 bench model_step_te --transformer-engine || failed=1
+if stage te 60 with_te te_import; then
+  export PYTHONPATH="$SITE_TE:$PYTHONPATH" CONSA_REQUIRE_TE=1  # TE imports: every later stage has it
+  stage bench-te 120 bench_te || failed=1
+else
+  failed=1
+  log "bench-te: skipped, Transformer Engine does not import (te.log); the tests and bench run without it"
+fi
+stage tests 150 "$PY" -m pytest tests/gpu -v -rA --durations=0 -p no:cacheprovider || failed=1
 stage bench 120 bench model_step_torch || failed=1
 log "done$( ((failed)) && echo ', with failures (see above)')"
 exit $failed

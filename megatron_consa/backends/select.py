@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 from functools import lru_cache
 from typing import Callable
@@ -47,14 +48,24 @@ from megatron_consa.backends.torch_attention import (
 from megatron_consa.compat import has_cuda
 from megatron_consa.config import ConsaConfigError
 
+logger = logging.getLogger(__name__)
+
 
 def transformer_engine_available() -> bool:
-    """True when CUDA is present and Transformer Engine imports."""
+    """True when CUDA is present and Transformer Engine imports (when it is installed but
+    does not import, the reason is logged once)."""
     if not has_cuda() or importlib.util.find_spec("transformer_engine") is None:
         return False
+    return _transformer_engine_imports()
+
+
+@lru_cache(maxsize=1)
+def _transformer_engine_imports() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # a wheel without its CUDA libraries raises OSError, not ImportError
+    except Exception as err:  # a wheel without its CUDA libraries raises OSError, a missing extension FileNotFoundError
+        logger.warning("Transformer Engine is installed but does not import (%s: %s): the TE backend is off",
+                       type(err).__name__, err)
         return False
     return True
 

@@ -12,6 +12,7 @@ CI never has a GPU. Run them with `make test-gpu` on a GPU machine.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ import megatron_consa  # noqa: F401
 from megatron_consa.backends.select import transformer_engine_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# CONSA_REQUIRE_TE=1 (the device kit, once TE imported there): a missing TE fails instead of skipping
+_te_required = os.environ.get("CONSA_REQUIRE_TE") == "1"
+if _te_required and torch.cuda.is_available() and not transformer_engine_available():
+    raise RuntimeError("CONSA_REQUIRE_TE=1 but Transformer Engine does not import here (the warning above says why)")
 needs_te = pytest.mark.skipif(
     not transformer_engine_available(), reason="needs Transformer Engine (pip install megatron-consa[gpu])"
 )

@@ -412,3 +412,22 @@ def test_fp8_and_fp4_are_refused_with_the_field_named(field, value):
     setattr(config, field, value)  # set after construction: megatron's own checks need TE for these
     with pytest.raises(ConsaConfigError, match=f"{field}='{value}'"):
         ConsaCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
+
+
+def test_an_installed_te_that_does_not_import_says_why(monkeypatch, caplog):
+    """TE present but broken (a missing extension, cuDNN not found): the TE backend is off, and
+    the reason is logged instead of swallowed (the GPU tests would otherwise just skip)."""
+    import sys
+
+    monkeypatch.setattr(select, "has_cuda", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)  # importing it raises ImportError
+    select._transformer_engine_imports.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=select.__name__):
+            assert select.transformer_engine_available() is False
+        assert "does not import" in caplog.text and "halted" in caplog.text
+    finally:
+        select._transformer_engine_imports.cache_clear()

@@ -116,3 +116,51 @@ def test_a_chance_magic_with_zeros_after_it_is_not_a_fat_binary():
     data = bytearray(zeros + truncated + _fat_binary(_entry(90, b"\x90" * 8)) + b"\x33" * 4)
     found = fatbin.fat_binaries(data)
     assert [(size, [e.arch for e in entries]) for _, size, entries in found] == [(ENTRY_HEADER + 8, [90])]
+
+
+def _wheel(directory: Path, dist: str, files: dict[str, str]) -> Path:
+    """A minimal pure-Python wheel (what `pip install --target` needs)."""
+    info = f"{dist}-0.0.1.dist-info"
+    content = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n",
+               f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    content[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in content) + f"{info}/RECORD,,\n"
+    path = directory / f"{dist}-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in content.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_run_sh_keeps_a_broken_transformer_engine_away_from_the_torch_stages(tmp_path):
+    """The kit's stage logic on this CPU machine, with stand-in wheels: TE installs apart and
+    does not import (as with a missing extension); the te stage fails, bench-te is skipped with
+    the reason, and the GPU tests (skipping: no GPU) and the torch-backend benchmark still run,
+    writing their JSON. The exit status says a stage failed."""
+    import json
+    import os
+    import subprocess
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "kit_probe_common", {"kit_probe_common/__init__.py": ""})
+    _wheel(wheels, "transformer_engine", {
+        "transformer_engine/__init__.py": "",
+        "transformer_engine/pytorch/__init__.py": "raise FileNotFoundError('libtransformer_engine_torch.so')\n",
+    })
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(wheels), "OUT": str(out),
+           "SITE": str(tmp_path / "site"), "SITE_TE": str(tmp_path / "site_te"), "BUILD": str(tmp_path / "build"),
+           "BENCH_ARGS": "--device cpu --seq-len 64 --window 16 --layers 1 --hidden 64 --heads 4 --kv-heads 2 "
+                         "--head-dim 16 --reps 1 --skip-stock"}
+    done = subprocess.run(["bash", str(root / ".ci" / "device" / "run.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert done.returncode == 1, summary
+    assert (tmp_path / "site" / "kit_probe_common").is_dir() and not (tmp_path / "site" / "transformer_engine").exists()
+    assert (tmp_path / "site_te" / "transformer_engine").is_dir()
+    assert "te: rc=1" in summary and "bench-te: skipped, Transformer Engine does not import" in summary, summary
+    assert "tests: rc=0" in summary and "bench: rc=0" in summary, summary
+    assert "FileNotFoundError" in (out / "te.log").read_text()
+    names = [row["model"] for row in json.loads((out / "model_step_torch.json").read_text())["rows"]]
+    assert "consa learning" in names
