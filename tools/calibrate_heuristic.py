@@ -29,6 +29,7 @@ from megatron_consa.evaluation.flags import (
     checkpoint_tokenizer,
     sequence_source,
     tqdm_progress,
+    with_training_split,
 )
 
 MODES = ("attention", "ablation")
@@ -81,6 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_consa.gates import rank_units
 
     models = CheckpointModels(args.load)
+    source = with_training_split(source, models.meta)
     window = models.window if args.window is None else args.window
     sinks = models.sink_tokens if args.sink_tokens is None else args.sink_tokens
     tokenizer = checkpoint_tokenizer(models, args.tokenizer_model)

@@ -33,6 +33,7 @@ from megatron_consa.evaluation.flags import (
     checkpoint_tokenizer,
     sequence_source,
     tqdm_progress,
+    with_training_split,
 )
 from megatron_consa.evaluation.kv_memory import DTYPE_BYTES
 from megatron_consa.evaluation.retrieval import TASKS
@@ -122,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_consa.unit_scores import UnitScores
 
     models = CheckpointModels(args.load)
+    source = with_training_split(source, models.meta)
     specs = args.allocation or [CHECKPOINT_SPEC if models.own_allocation() is not None else "all_fa"]
     try:
         scores = UnitScores.load(args.calibration_scores) if args.calibration_scores else None

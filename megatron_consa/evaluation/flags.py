@@ -9,11 +9,15 @@ naming the flag).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Optional
 
 from megatron_consa.cli import UserInputError
-from megatron_consa.evaluation.sequences import SPLITS, SequenceSource
+from megatron_consa.evaluation.sequences import DEFAULT_DATA_SEED, DEFAULT_SPLIT, SPLITS, SequenceSource
+
+logger = logging.getLogger(__name__)
 
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +36,9 @@ def add_sequence_arguments(p: argparse.ArgumentParser, *, what: str, seq_length:
     g.add_argument("--json-key", default="text", help="the JSONL field holding the text (default: text)")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
                    help="indexed dataset prefixes (tools/preprocess_data.py), Megatron-LM's --data-path (blends too)")
-    g.add_argument("--split", default="969,30,1", help="Megatron-LM's --split of --data-path (default: 969,30,1)")
+    g.add_argument("--split", default=None,
+                   help="Megatron-LM's --split of --data-path (default: the checkpoint's training run's, so the "
+                        "valid split holds no training document; else 969,30,1)")
     g.add_argument("--data-split", choices=SPLITS, default="valid",
                    help="which split of --data-path to draw sequences from (default: valid)")
     g.add_argument("--stdlib-text", action="store_true",
@@ -41,7 +47,9 @@ def add_sequence_arguments(p: argparse.ArgumentParser, *, what: str, seq_length:
                    help=f"tokens per sequence (default: {seq_length})")
     g.add_argument("--num-sequences", type=int, default=num_sequences,
                    help=f"sequences to score (default: {num_sequences}; fewer when a text file runs out)")
-    g.add_argument("--data-seed", type=int, default=1234, help="megatron-core's shuffling seed for --data-path (default: 1234)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="megatron-core's shuffling seed for --data-path (default: the checkpoint's training run's, "
+                        "else 1234)")
 
 
 def sequence_source(args: argparse.Namespace) -> Optional[SequenceSource]:
@@ -60,6 +68,20 @@ def sequence_source(args: argparse.Namespace) -> Optional[SequenceSource]:
     return SequenceSource(seq_length=args.seq_length, num_sequences=args.num_sequences, text=args.text,
                           json_key=args.json_key, data_path=tuple(args.data_path or ()), split=args.split,
                           data_split=args.data_split, stdlib=args.stdlib_text, seed=args.data_seed)
+
+
+def with_training_split(source: Optional[SequenceSource], meta: dict) -> Optional[SequenceSource]:
+    """`source` with its unset `--split` / `--data-seed` taken from the run that trained the
+    checkpoint (its consa_run.json `data`): the default valid split is then the one that run
+    held out. Logged; the defaults 969,30,1 / 1234 where the checkpoint does not say."""
+    if source is None or not source.data_path or (source.split is not None and source.seed is not None):
+        return source
+    saved = meta.get("data") or {}
+    split = source.split or saved.get("split") or DEFAULT_SPLIT
+    seed = source.seed if source.seed is not None else saved.get("seed", DEFAULT_DATA_SEED)
+    if source.split is None:
+        logger.info("--split %s (%s)", split, "the checkpoint's training run's" if saved.get("split") else "default")
+    return dataclasses.replace(source, split=split, seed=seed)
 
 
 def checkpoint_tokenizer(models, tokenizer_model: Optional[str]):

@@ -25,6 +25,12 @@ from megatron_consa.data.indexed import DataError, iter_jsonl_texts
 SPLITS = ("train", "valid", "test")
 
 
+DEFAULT_SPLIT = "969,30,1"
+"""Megatron-LM's default --split, where neither the flags nor the checkpoint give one."""
+DEFAULT_DATA_SEED = 1234
+"""Megatron-LM's default --seed."""
+
+
 @dataclass(frozen=True)
 class SequenceSource:
     """Where evaluation or calibration sequences come from: exactly one of `text`, `data_path`, `stdlib`."""
@@ -39,14 +45,14 @@ class SequenceSource:
     """The JSONL field holding the text."""
     data_path: tuple[str, ...] = ()
     """Indexed-dataset prefixes (Megatron-LM's --data-path, blends with weights too)."""
-    split: str = "969,30,1"
-    """Megatron-LM's --split of the blend."""
+    split: Optional[str] = None
+    """Megatron-LM's --split of the blend (None: `DEFAULT_SPLIT`)."""
     data_split: str = "valid"
     """Which split of `data_path` to draw from: train, valid or test."""
     stdlib: bool = False
     """The Python standard library's sources: real text every machine has (offline demos)."""
-    seed: int = 1234
-    """megatron-core's shuffling seed for `data_path`."""
+    seed: Optional[int] = None
+    """megatron-core's shuffling seed for `data_path` (None: `DEFAULT_DATA_SEED`)."""
 
     def __post_init__(self) -> None:
         given = [name for name, on in (("text", self.text), ("data_path", self.data_path), ("stdlib", self.stdlib))
@@ -61,9 +67,10 @@ class SequenceSource:
 def load_sequences(source: SequenceSource, tokenizer) -> torch.Tensor:
     """The [N, seq_length + 1] tokens `source` names, tokenized with `tokenizer`."""
     if source.data_path:
-        return indexed_split_sequences(list(source.data_path), tokenizer, split=source.split,
+        return indexed_split_sequences(list(source.data_path), tokenizer, split=source.split or DEFAULT_SPLIT,
                                        which=source.data_split, seq_length=source.seq_length,
-                                       num_sequences=source.num_sequences, seed=source.seed)
+                                       num_sequences=source.num_sequences,
+                                       seed=DEFAULT_DATA_SEED if source.seed is None else source.seed)
     if source.stdlib:
         from megatron_consa.data.demo_corpus import stdlib_documents
 
@@ -124,5 +131,5 @@ def indexed_split_sequences(data_path: list[str], tokenizer, *, split: str, whic
     return torch.stack([source.sample(i) for i in range(num_sequences)])
 
 
-__all__ = ["SPLITS", "SequenceSource", "indexed_split_sequences", "load_sequences", "pack_documents",
+__all__ = ["DEFAULT_DATA_SEED", "DEFAULT_SPLIT", "SPLITS", "SequenceSource", "indexed_split_sequences", "load_sequences", "pack_documents",
            "text_file_documents"]

@@ -282,7 +282,10 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
                 config.save_pretrained(str(directory))
         else:
             hf_config_from_arch(run.arch).save_pretrained(str(directory))
-        return {"tokenizer": type(tokenizer).__name__}
+        # the data the run read: evaluation draws its validation split from the same blend by default
+        data = {"data_path": list(run.data.data_path), "split": run.data.split, "seed": run.data.seed,
+                "mock": run.data.mock}
+        return {"tokenizer": type(tokenizer).__name__, "data": data}
 
     return write
 

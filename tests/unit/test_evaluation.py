@@ -325,3 +325,21 @@ def test_a_fixed_checkpoints_own_allocation_is_read_from_its_metadata(tmp_path):
         else:
             assert (own.fa, own.window, own.sink_tokens, own.granularity) == (
                 fa, consa.window, consa.sink_tokens, consa.granularity)
+
+
+def test_the_evaluation_split_defaults_to_the_training_runs():
+    """--data-path without --split / --data-seed: the run's own (its valid split holds no training
+    document); flags given win; a checkpoint that does not say (an import) gets Megatron's defaults."""
+    from megatron_consa.evaluation.flags import with_training_split
+    from megatron_consa.evaluation.sequences import DEFAULT_DATA_SEED, DEFAULT_SPLIT, SequenceSource
+
+    unset = SequenceSource(seq_length=32, num_sequences=4, data_path=("corpus_text_document",))
+    trained = {"data": {"data_path": ["corpus_text_document"], "split": "989,10,1", "seed": 7}}
+    got = with_training_split(unset, trained)
+    assert (got.split, got.seed) == ("989,10,1", 7)
+    given = SequenceSource(seq_length=32, num_sequences=4, data_path=("x",), split="90,5,5", seed=3)
+    assert with_training_split(given, trained) == given
+    imported = with_training_split(unset, {"conversion": {}})
+    assert (imported.split, imported.seed) == (DEFAULT_SPLIT, DEFAULT_DATA_SEED)
+    text = SequenceSource(seq_length=32, num_sequences=4, text="a.txt")
+    assert with_training_split(text, trained) == text  # no --data-path: nothing to split
