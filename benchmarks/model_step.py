@@ -13,7 +13,9 @@ One process builds, with the same weights:
                 KV-group reordering) and once stored by type (each kernel reads a view)
   consa learn   ConSA learning mode (gates interior: both branches computed)
 and times a forward+backward step of each (median over --reps, interleaved so
-that background load hits all alike), with peak memory on a GPU. Ratios are
+that background load hits all alike), with memory on a GPU: the peak, with every
+model's weights resident (all are built first), and the step's own (the peak above
+what was allocated before it: activations, gradients). Ratios are
 against stock FA (or, with --skip-stock, against consa all FA).
 
 With --transformer-engine (a GPU with Transformer Engine) every model is built
@@ -160,14 +162,16 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     times = {name: [] for name in prepared}
-    peak = {}
+    peak, above = {}, {}
     for name, model in prepared.items():  # warm-up and peak memory
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()  # every model's weights (all are on the GPU at once)
         step(model)
         sync()
         if dev.type == "cuda":
             peak[name] = torch.cuda.max_memory_allocated() / 2**30
+            above[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30  # this step's own
     for _ in range(args.reps):
         for name, model in prepared.items():
             sync()
@@ -183,13 +187,14 @@ def main(argv=None) -> int:
           f"layers={args.layers} hidden={args.hidden} heads={args.heads}/{args.kv_heads}x{args.head_dim} "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
           + (f" {torch.cuda.get_device_name()} torch {torch.__version__}" if dev.type == "cuda" else "") + "\n")
-    print(f"| model | step (ms) | vs {base_name} |" + (" peak mem (GiB) |" if peak else ""))
-    print("|---|---:|---:|" + ("---:|" if peak else ""))
+    print(f"| model | step (ms) | vs {base_name} |" + (" peak mem (GiB) | step mem (GiB) |" if peak else ""))
+    print("|---|---:|---:|" + ("---:|---:|" if peak else ""))
     for name in prepared:
         med = statistics.median(times[name])
-        row = {"model": name, "ms": med * 1e3, "ratio": med / base, "peak_gib": peak.get(name)}
+        row = {"model": name, "ms": med * 1e3, "ratio": med / base, "peak_gib": peak.get(name),
+               "step_gib": above.get(name)}
         rows.append(row)
-        mem = f" {peak[name]:.2f} |" if peak else ""
+        mem = f" {peak[name]:.2f} | {above[name]:.2f} |" if peak else ""
         print(f"| {name} | {med * 1e3:.1f} | {med / base:.3f}x |{mem}")
     if args.json:
         from megatron_consa.files import write_json_atomic
