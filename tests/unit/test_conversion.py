@@ -92,7 +92,9 @@ def test_an_imported_sliding_window_checkpoint_is_its_own_hf_config(converted):
 
     saved = ckpt.parent / "trained-from-hybrid"
     saved.mkdir()
-    _checkpoint_extras(SimpleNamespace(hf_config=str(ckpt), arch=arch), SimpleNamespace(save_to=lambda d: None))(saved)
+    run = SimpleNamespace(hf_config=str(ckpt), arch=arch,
+                          data=SimpleNamespace(data_path=["d"], split="969,30,1", seed=1234, mock=False))
+    _checkpoint_extras(run, SimpleNamespace(save_to=lambda d: None))(saved)
     assert _arch_from_args(argparse.Namespace(hf_config=str(saved))) == arch
     written = transformers.AutoConfig.from_pretrained(saved)
     assert allocation_from_hf(written, arch) is None
