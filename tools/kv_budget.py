@@ -67,12 +67,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bytes_per_element=dtype_bytes(args.dtype),
     )
     allocation = None
-    if args.granularity is None:  # the allocation file's units, else KV heads
-        args.granularity = Allocation.load(args.allocation).granularity if args.allocation else "kv_head"
     if args.allocation:
         allocation = Allocation.load(args.allocation)
         allocation.check_compatible(arch.num_layers, arch.num_kv_heads)
-    elif args.preset:
+    if args.granularity is None:  # the allocation file's units, else KV heads
+        args.granularity = allocation.granularity if allocation is not None else "kv_head"
+    if allocation is None and args.preset:
         if args.window is None:
             raise UserInputError("--preset needs --window (the sliding window W)")
         if args.preset == "heuristic" and not args.calibration_scores:
