@@ -46,7 +46,9 @@ def test_time_interleaved_repeats_until_min_time(attention_cpu):
 
         def __call__(self):
             self.calls += 1
-            time.sleep(self.seconds)
+            until = time.perf_counter() + self.seconds  # spin: a sleep overshoots by milliseconds under load
+            while time.perf_counter() < until:
+                pass
             return x.sum()
 
     x = torch.zeros(1, requires_grad=True)
