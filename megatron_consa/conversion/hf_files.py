@@ -149,19 +149,60 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {hf_dir}{hint}")
 
 
-def read_safetensors(hf_dir: str | Path, keep: Optional[Callable[[str], bool]] = None) -> dict:
-    """Every tensor of the checkpoint's safetensors file(s), by HF name (only the names
-    `keep` accepts, when given: the others are not read)."""
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def _safetensors_entries(hf_dir: str | Path, desc: str) -> Iterator[tuple[Path, Any, str]]:
+    """(file, open handle, tensor name) for every tensor of the checkpoint; refuses a name
+    that two shards both hold."""
     from safetensors import safe_open
     from tqdm import tqdm
 
-    state: dict = {}
-    files = safetensors_files(hf_dir)
-    for f in tqdm(files, desc="reading safetensors", unit="file", disable=None):  # None: off when stderr is not a terminal
+    seen: dict[str, str] = {}
+    for f in tqdm(safetensors_files(hf_dir), desc=desc, unit="file", disable=None):  # None: off when stderr is not a terminal
         with safe_open(str(f), framework="pt") as handle:
-            part = {name: handle.get_tensor(name) for name in handle.keys() if keep is None or keep(name)}
-        clash = sorted(set(part) & set(state))
-        if clash:
-            raise ValueError(f"{f.name} repeats tensors already read from another shard: {clash[:5]}")
-        state.update(part)
+            names = list(handle.keys())
+            clash = sorted(n for n in names if n in seen)
+            if clash:
+                raise ValueError(f"{f.name} repeats tensors already read from {seen[clash[0]]}: {clash[:5]}")
+            seen.update((n, f.name) for n in names)
+            for name in names:
+                yield f, handle, name
+
+
+def safetensors_meta(hf_dir: str | Path) -> dict:
+    """Every tensor of the checkpoint as a meta tensor (its shape and dtype; no data is read)."""
+    import torch
+
+    state: dict = {}
+    for f, handle, name in _safetensors_entries(hf_dir, "reading safetensors headers"):
+        part = handle.get_slice(name)
+        dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
+        if dtype is None:
+            raise ValueError(f"{f.name}: tensor {name!r} has dtype {part.get_dtype()}, which this reader does not know")
+        state[name] = torch.empty(part.get_shape(), dtype=getattr(torch, dtype), device="meta")
+    return state
+
+
+Part = Callable[[str, tuple], Optional[tuple]]
+"""(name, shape) -> the index of the tensor to read: None to skip it, `()` for all of it."""
+
+
+def read_safetensors(hf_dir: str | Path, part: Optional[Part] = None) -> dict:
+    """Every tensor of the checkpoint's safetensors file(s), by HF name; with `part`, only
+    the part of each tensor it names (safetensors reads a slice without the rest)."""
+    state: dict = {}
+    for _, handle, name in _safetensors_entries(hf_dir, "reading safetensors"):
+        if part is None:
+            state[name] = handle.get_tensor(name)
+            continue
+        sliced = handle.get_slice(name)
+        index = part(name, tuple(sliced.get_shape()))
+        if index is None:
+            continue
+        state[name] = sliced[index] if index else handle.get_tensor(name)
     return state

@@ -9,8 +9,9 @@ run), the tokenizer files, and `allocation.json` when the source already used
 sliding windows (the equivalent fixed allocation; train with it to keep the
 model as it was).
 
-Each of the TP x PP ranks builds its stage of the model at the requested layout,
-loads its shard (`conversion.sharding`) and saves; one rank runs in this process,
+The checks before writing read the safetensors headers only. Each of the TP x PP
+ranks builds its stage of the model at the requested layout, reads its shard of the
+weights and nothing else (`read_rank_state`, `conversion.sharding`) and saves; one rank runs in this process,
 more are spawned (gloo on a CPU). Everything is written into a temporary sibling
 directory and renamed into place at the end: a failure leaves nothing behind.
 """
@@ -19,20 +20,21 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from megatron_consa.allocation import Allocation
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfig
-from megatron_consa.conversion.hf_files import copy_tokenizer_files, load_hf_config, read_safetensors, staged_directory
+from megatron_consa.conversion.hf_files import (
+    copy_tokenizer_files, load_hf_config, read_safetensors, safetensors_meta, staged_directory,
+)
 from megatron_consa.conversion.keymap import check_hf_shapes, hf_to_mcore
-from megatron_consa.conversion.sharding import RankLayout, check_layout, shard_state_dict
+from megatron_consa.conversion.sharding import RankLayout, check_layout, hf_tensor_part, rank_architecture, stage_state_dict
 from megatron_consa.conversion.windows import allocation_from_hf
 from megatron_consa.conversion.world import conversion_world, free_port
 
@@ -104,7 +106,7 @@ def prepare_import(request: ImportRequest) -> _Prepared:
     arch = ArchitectureConfig.from_hf(hf_config, allow_sliding_window=True)
     check_layout(arch, request.tensor_model_parallel_size, request.pipeline_model_parallel_size)
     allocation = allocation_from_hf(hf_config, arch)
-    hf_state = read_safetensors(hf_path)
+    hf_state = safetensors_meta(hf_path)  # shapes and dtypes only: the ranks read their parts
     check_hf_shapes(hf_state, arch)
     hf_to_mcore(hf_state, arch)  # refuses tensors the model would drop
     if request.dtype is None:
@@ -172,22 +174,13 @@ def _write_side_files(request: ImportRequest, prepared: _Prepared, out: Path) ->
     )
 
 
-def _stage_tensors(arch: ArchitectureConfig, layout: RankLayout) -> Callable[[str], bool]:
-    """Which HF tensors a pipeline stage's model holds: its layers, the embedding on the first
-    stage, the final norm and output layer (the embedding when tied) on the last."""
-    per_stage = arch.num_layers // layout.pp_size
-    first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
-    layers = range(layout.pp_rank * per_stage, (layout.pp_rank + 1) * per_stage)
-
-    def keep(name: str) -> bool:
-        match = re.match(r"model\.layers\.(\d+)\.", name)
-        if match:
-            return int(match.group(1)) in layers
-        if name == "model.embed_tokens.weight":
-            return first or (last and arch.tie_word_embeddings)
-        return last  # model.norm, lm_head
-
-    return keep
+def read_rank_state(hf_path: str | Path, arch: ArchitectureConfig, layout: RankLayout) -> dict:
+    """One rank's megatron-core state dict, read from the HF checkpoint: only its pipeline
+    stage's tensors, and of those only its tensor-parallel slices (`sharding.hf_tensor_part`),
+    so a rank's memory is its shard, not its stage or the model. `prepare_import` checked
+    the whole set of tensors before."""
+    part = read_safetensors(hf_path, part=lambda name, shape: hf_tensor_part(name, shape, arch, layout))
+    return stage_state_dict(hf_to_mcore(part, rank_architecture(arch, layout), partial=True), arch, layout)
 
 
 def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepared: _Prepared, out: str) -> None:
@@ -214,11 +207,7 @@ def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepar
             tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp,
         )
-        # only this pipeline stage's tensors (prepare_import checked the whole set): a rank holds
-        # its stage, not the whole model
-        full = hf_to_mcore(read_safetensors(request.hf_path, keep=_stage_tensors(arch, layout)), arch, partial=True)
-        local = {k: v.to(prepared.dtype) for k, v in shard_state_dict(full, arch, layout).items()}
-        del full
+        local = {k: v.to(prepared.dtype) for k, v in read_rank_state(request.hf_path, arch, layout).items()}
         result = model.load_state_dict(local, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(("_extra_state", "log_alpha"))]
         if missing or result.unexpected_keys:

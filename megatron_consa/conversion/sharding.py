@@ -1,12 +1,21 @@
-"""Split a full megatron-core GPTModel state dict into one rank's TP x PP shard (pure).
+"""Which part of each Hugging Face tensor one rank of a TP x PP layout holds (pure).
+
+An import rank reads only its part of the checkpoint: `hf_tensor_part` says, per
+HF tensor, whether the rank's pipeline stage holds it and which slice its tensor-
+parallel rank holds, in the HF tensor's own layout. Read those slices (safetensors
+reads a slice without the rest), fuse them with `keymap.hf_to_mcore` at the rank's
+local head counts (`rank_architecture`), and `stage_state_dict` renumbers the
+stage's layers: the result is the rank's megatron-core state dict.
 
 Tensor parallelism follows megatron-core's layers:
 
-* column-parallel (split rows, dim 0): `linear_qkv` (weight and bias; the fused
-  layout is grouped per KV head, so contiguous chunks are whole groups),
-  `word_embeddings` and `output_layer` (vocab-parallel);
-* `linear_fc1` (gated MLP, [gate; up]): each rank holds [gate_r; up_r];
-* row-parallel (split columns, dim 1): `linear_proj`, `linear_fc2`;
+* column-parallel (split rows): `linear_qkv` (weight and bias; the fused layout is
+  grouped per KV head, so a rank's chunk is whole groups: HF rows of q, k and v of
+  those groups, each contiguous), `word_embeddings` and `output_layer`
+  (vocab-parallel, rows of `embed_tokens` / `lm_head`);
+* `linear_fc1` (gated MLP, [gate; up]): each rank holds [gate_r; up_r] (rows of
+  `gate_proj` and `up_proj`);
+* row-parallel (split columns): `linear_proj` (`o_proj`), `linear_fc2` (`down_proj`);
 * everything else (norms, QK-norm) is replicated.
 
 Pipeline parallelism: megatron-core's uniform split; stage p owns global layers
@@ -17,20 +26,25 @@ embeddings the last stage's `output_layer.weight` is the embedding's shard.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Optional
 
-import torch
 from torch import Tensor
 
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfigError
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
-ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
-GATED = ("mlp.linear_fc1.weight",)
-VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+HF_ROWS = (  # split along dim 0
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight",
+)
+HF_COLUMNS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # split along dim 1
+HF_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")  # split along dim 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,14 @@ class RankLayout:
     tp_size: int
     pp_rank: int
     pp_size: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
 
 def check_layout(arch: ArchitectureConfig, tp_size: int, pp_size: int) -> None:
@@ -56,45 +78,70 @@ def check_layout(arch: ArchitectureConfig, tp_size: int, pp_size: int) -> None:
             raise ConsaConfigError(f"{name}={value} is not divisible by {flag}={by}: choose a size that divides it")
 
 
-def _tp_chunk(t: Tensor, dim: int, layout: RankLayout) -> Tensor:
-    return torch.chunk(t, layout.tp_size, dim=dim)[layout.tp_rank]
-
-
-def shard_tensor(key: str, t: Tensor, layout: RankLayout) -> Tensor:
-    """This rank's TP slice of one full tensor (`key` without the layer prefix or with it)."""
-    name = _LAYER.sub(r"\2", key)
-    if name in COLUMN_PARALLEL or key in VOCAB_PARALLEL:
-        return _tp_chunk(t, 0, layout).clone()
-    if name in ROW_PARALLEL:
-        return _tp_chunk(t, 1, layout).clone()
-    if name in GATED:
-        gate, up = torch.chunk(t, 2, dim=0)
-        return torch.cat([_tp_chunk(gate, 0, layout), _tp_chunk(up, 0, layout)], dim=0)
-    return t.clone()
-
-
-def shard_state_dict(full: dict[str, Tensor], arch: ArchitectureConfig, layout: RankLayout) -> dict[str, Tensor]:
-    """One rank's state dict (local layer numbering) from the full TP1PP1 state dict."""
-    check_layout(arch, layout.tp_size, layout.pp_size)
+def stage_layers(arch: ArchitectureConfig, layout: RankLayout) -> range:
+    """The global layer numbers of the rank's pipeline stage."""
     per_stage = arch.num_layers // layout.pp_size
-    first = layout.pp_rank * per_stage
-    is_first, is_last = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
+    return range(layout.pp_rank * per_stage, (layout.pp_rank + 1) * per_stage)
+
+
+def hf_tensor_part(name: str, shape: tuple[int, ...], arch: ArchitectureConfig,
+                   layout: RankLayout) -> Optional[tuple[slice, ...]]:
+    """The index of HF tensor `name` (of `shape`) that the rank reads: None when its stage
+    does not hold the tensor, `()` for all of it (a replicated tensor), else its TP slice."""
+    m = _HF_LAYER.match(name)
+    if m:
+        if int(m.group(1)) not in stage_layers(arch, layout):
+            return None
+        local = m.group(2)
+    elif name == "model.embed_tokens.weight":  # again on the last stage when tied: its output layer
+        if not (layout.is_first_stage or (layout.is_last_stage and arch.tie_word_embeddings)):
+            return None
+        local = name
+    elif name in ("model.norm.weight", "lm_head.weight"):
+        if not layout.is_last_stage:
+            return None
+        local = name
+    else:
+        return None  # not a model weight (rotary inv_freq); keymap.hf_to_mcore refuses unknown names
+    if local in HF_ROWS or local in HF_VOCAB:
+        dim = 0
+    elif local in HF_COLUMNS:
+        dim = 1
+    else:
+        return ()
+    size = shape[dim] // layout.tp_size
+    part = slice(layout.tp_rank * size, (layout.tp_rank + 1) * size)
+    return (slice(None),) * dim + (part,)
+
+
+def rank_architecture(arch: ArchitectureConfig, layout: RankLayout) -> ArchitectureConfig:
+    """`arch` at one TP rank's head counts: what `keymap.hf_to_mcore` fuses a rank's q, k, v
+    slices with (its groups, each [q heads, k, v], are the rank's chunk of the fused tensor)."""
+    return dataclasses.replace(
+        arch, num_attention_heads=arch.num_attention_heads // layout.tp_size,
+        num_kv_heads=arch.num_kv_heads // layout.tp_size,
+    )
+
+
+def stage_state_dict(converted: dict[str, Tensor], arch: ArchitectureConfig, layout: RankLayout) -> dict[str, Tensor]:
+    """The rank's state dict, local layer numbering, from its converted tensors (global
+    numbering; the embedding also present on a tied last stage, as its output layer)."""
+    layers = stage_layers(arch, layout)
     out: dict[str, Tensor] = {}
-    for key, t in full.items():
-        m = _LAYER.match(key)
+    for key, t in converted.items():
+        m = _MCORE_LAYER.match(key)
         if m:
             layer = int(m.group(1))
-            if not first <= layer < first + per_stage:
-                continue
-            out[f"decoder.layers.{layer - first}.{m.group(2)}"] = shard_tensor(key, t, layout)
+            if layer not in layers:
+                raise KeyError(f"{key}: layer {layer} is not on pipeline stage {layout.pp_rank} ({layers})")
+            out[f"decoder.layers.{layer - layers.start}.{m.group(2)}"] = t
         elif key.startswith("embedding."):
-            if is_first:
-                out[key] = shard_tensor(key, t, layout)
+            if layout.is_first_stage:
+                out[key] = t
         elif key.startswith(("decoder.final_layernorm", "output_layer")):
-            if is_last:
-                out[key] = shard_tensor(key, t, layout)
+            out[key] = t
         else:
             raise KeyError(f"{key}: not a GPTModel key this converter knows how to shard")
-    if is_last and arch.tie_word_embeddings and not is_first:
-        out["output_layer.weight"] = shard_tensor("output_layer.weight", full["embedding.word_embeddings.weight"], layout)
+    if layout.is_last_stage and arch.tie_word_embeddings and not layout.is_first_stage:
+        out["output_layer.weight"] = converted["embedding.word_embeddings.weight"]
     return out

@@ -407,23 +407,132 @@ def test_imported_checkpoint_starts_a_learning_run(converted, single_rank_mcore)
     assert torch.isfinite(torch.tensor(record.loss))
 
 
-def test_each_import_rank_reads_only_its_pipeline_stage(converted):
-    """A rank of a PP import reads its stage's tensors only (the embedding again on the
-    last stage when tied); the stages together read every tensor once (twice: a tied one)."""
-    from megatron_consa.conversion.hf_files import read_safetensors
-    from megatron_consa.conversion.importer import _stage_tensors
-    from megatron_consa.conversion.sharding import RankLayout
+def _reference_shard(full: dict, arch, layout) -> dict:
+    """The rank's state dict as megatron-core shards the fused model: chunks of the fused
+    tensors (QKV and fc1 by rows, [gate_r; up_r] for fc1, proj and fc2 by columns), the
+    stage's layers renumbered, a tied embedding as the last stage's output layer."""
+    import re
 
-    for kind in ("qwen3", "llama_tied"):
-        hf_dir = converted[1][kind][0]
+    tp, r = layout.tp_size, layout.tp_rank
+    per = arch.num_layers // layout.pp_size
+    first = layout.pp_rank * per
+
+    def chunk(key, t):
+        name = re.sub(r"^decoder\.layers\.\d+\.", "", key)
+        if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                    "embedding.word_embeddings.weight", "output_layer.weight"):
+            return t.chunk(tp, 0)[r]
+        if name in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
+            return t.chunk(tp, 1)[r]
+        if name == "mlp.linear_fc1.weight":
+            gate, up = t.chunk(2, 0)
+            return torch.cat([gate.chunk(tp, 0)[r], up.chunk(tp, 0)[r]])
+        return t
+
+    out = {}
+    for key, t in full.items():
+        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
+        if m and first <= int(m.group(1)) < first + per:
+            out[f"decoder.layers.{int(m.group(1)) - first}.{m.group(2)}"] = chunk(key, t)
+        elif key.startswith("embedding.") and layout.pp_rank == 0:
+            out[key] = chunk(key, t)
+        elif key.startswith(("decoder.final_layernorm", "output_layer")) and layout.pp_rank == layout.pp_size - 1:
+            out[key] = chunk(key, t)
+    if arch.tie_word_embeddings and layout.pp_size > 1 and layout.pp_rank == layout.pp_size - 1:
+        out["output_layer.weight"] = chunk("output_layer.weight", full["embedding.word_embeddings.weight"])
+    return out
+
+
+def test_each_import_rank_reads_only_its_shard(converted, tmp_path):
+    """A rank of a TP x PP import reads its pipeline stage's tensors only, and of each split
+    tensor only its tensor-parallel slice (a replicated one whole): what it reads, fused,
+    equals megatron-core's chunk of the whole fused model. TP1-4 x PP1-2, over a QK-norm
+    model, a QKV-bias one from a sharded index, a tied one, and one with 4 KV groups (TP4)."""
+    from megatron_consa.conversion.hf_files import read_safetensors
+    from megatron_consa.conversion.importer import read_rank_state
+    from megatron_consa.conversion.keymap import hf_to_mcore
+    from megatron_consa.conversion.sharding import RankLayout, hf_tensor_part
+
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "g4")
+    cases = [(converted[1][k][0], tp, pp) for k in ("qwen3", "qwen2_bias", "llama_tied") for tp in (1, 2) for pp in (1, 2)]
+    cases += [(tmp_path / "g4", 4, 2)]
+    for hf_dir, tp, pp in cases:
         arch = ArchitectureConfig.from_hf(transformers.AutoConfig.from_pretrained(hf_dir))
         everything = read_safetensors(hf_dir)
-        stages = [read_safetensors(hf_dir, keep=_stage_tensors(arch, RankLayout(0, 1, p, 2))) for p in range(2)]
-        per_stage = arch.num_layers // 2
-        for p, stage in enumerate(stages):
-            layers = {int(k.split(".")[2]) for k in stage if k.startswith("model.layers.")}
-            assert layers == set(range(p * per_stage, (p + 1) * per_stage)), (kind, p)
-            assert all(torch.equal(t, everything[k]) for k, t in stage.items())
-        assert set(stages[0]) | set(stages[1]) == set(everything)
-        shared = set(stages[0]) & set(stages[1])
-        assert shared == ({"model.embed_tokens.weight"} if arch.tie_word_embeddings else set()), kind
+        full = hf_to_mcore(everything, arch)
+        seen: dict = {}
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                layout = RankLayout(tp_rank, tp, pp_rank, pp)
+                read = read_safetensors(hf_dir, part=lambda n, s: hf_tensor_part(n, s, arch, layout))
+                per = arch.num_layers // pp
+                layers = {int(k.split(".")[2]) for k in read if k.startswith("model.layers.")}
+                assert layers == set(range(pp_rank * per, (pp_rank + 1) * per)), (hf_dir.name, tp, pp, layout)
+                for name, t in read.items():
+                    whole = everything[name]
+                    split = t.shape != whole.shape
+                    assert t.numel() == whole.numel() // (tp if split else 1), (name, layout)
+                    assert split == (tp > 1 and not name.endswith(("norm.weight",))), (name, layout)
+                    seen.setdefault(name, []).append(t)
+                expected = _reference_shard(full, arch, layout)
+                got = read_rank_state(hf_dir, arch, layout)
+                assert sorted(got) == sorted(expected), (hf_dir.name, layout)
+                assert all(torch.equal(got[k], expected[k]) for k in got), (hf_dir.name, layout)
+        # together the ranks read every tensor: the split ones once (the tied embedding once
+        # more, on the last stage), the replicated ones once per TP rank
+        assert set(seen) == set(everything), hf_dir.name
+        tied_twice = arch.tie_word_embeddings and pp > 1
+        for name, parts in seen.items():
+            copies = 2 if tied_twice and name == "model.embed_tokens.weight" else 1
+            replicated = parts[0].shape == everything[name].shape
+            assert sum(t.numel() for t in parts) == everything[name].numel() * copies * (tp if replicated else 1), name
+
+
+def test_import_checks_the_whole_checkpoint_from_its_headers(converted, monkeypatch, tmp_path):
+    """The checks before an import (shapes, names, dtype) read the safetensors headers, not
+    the tensors: a process that read them all would hold the whole model at once."""
+    import types
+
+    import safetensors
+
+    from megatron_consa.conversion.importer import ImportRequest, prepare_import
+
+    real = safetensors.safe_open
+
+    class HeadersOnly:
+        def __init__(self, *args, **kwargs):
+            self._handle = real(*args, **kwargs)
+
+        def __enter__(self):
+            self._open = self._handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._handle.__exit__(*exc)
+
+        def keys(self):
+            return self._open.keys()
+
+        def get_slice(self, name):
+            part = self._open.get_slice(name)
+            return types.SimpleNamespace(get_shape=part.get_shape, get_dtype=part.get_dtype)
+
+        def get_tensor(self, name):
+            raise AssertionError(f"prepare_import read tensor {name}")
+
+    monkeypatch.setattr(safetensors, "safe_open", HeadersOnly)
+    for kind in ("qwen3", "qwen2_bias"):  # one file; a sharded index
+        prepared = prepare_import(ImportRequest(hf_path=str(converted[1][kind][0]), save=str(tmp_path / kind)))
+        assert prepared.dtype == torch.float32 and prepared.arch.num_layers == 4
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(converted[1]["qwen3"][0], bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.layers.2.mlp.up_proj.weight"] = weights["model.layers.2.mlp.up_proj.weight"][:-1]
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="model.layers.2.mlp.up_proj.weight"):
+        prepare_import(ImportRequest(hf_path=str(bad), save=str(tmp_path / "out")))
