@@ -35,13 +35,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--save", required=True, help="output Hugging Face directory")
     p.add_argument("--allocation", help="allocation.json (layer-wise or head-wise) to export the hybrid model with")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    p.add_argument(
+        "--max-shard-size", default="50GB", type=lambda v: int(v) if v.isdigit() else v,
+        help="largest safetensors file, as in save_pretrained (e.g. 5GB, 500MB, or bytes; default: 50GB, "
+        "the Hugging Face Hub's per-file limit); a larger model is split into files with an index",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    export_to_hf(ExportRequest(load=args.load, save=args.save, allocation=args.allocation, overwrite=args.overwrite))
+    export_to_hf(ExportRequest(load=args.load, save=args.save, allocation=args.allocation, overwrite=args.overwrite,
+                              max_shard_size=args.max_shard_size))
     return 0
 
 

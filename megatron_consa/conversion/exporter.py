@@ -7,12 +7,15 @@ allocation goes into config.json (`conversion.windows`): a layer-wise one that
 stock attention runs as the stock sliding-window fields; any other (head-wise,
 sinks, a per-layer mix Llama/Mistral configs cannot express) for the `consa`
 attention that `import megatron_consa` registers with transformers. Without an
-allocation the export is all-FA. Written into a temporary sibling directory and
-renamed into place.
+allocation the export is all-FA. The weights go into safetensors files of at most
+`max_shard_size` each with their index, as `save_pretrained` writes them, one file's
+tensors copied at a time (the peak is the model and one file). Written into a
+temporary sibling directory and renamed into place.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 from megatron_consa.architecture import CONSA_HF_CONFIG_KEY, ArchitectureConfig
 from megatron_consa.conversion.checkpoint_model import CheckpointInfo, fixed_consa_config, one_rank_model, read_checkpoint_info
 from megatron_consa.conversion.hf_files import (
-    SAFETENSORS_FILE, copy_tokenizer_files, hf_config_from_arch, load_hf_config, staged_directory,
+    SAFETENSORS_INDEX, copy_tokenizer_files, hf_config_from_arch, load_hf_config, staged_directory,
 )
 from megatron_consa.conversion.importer import ALLOCATION_FILE, DTYPES, HF_CONFIG_FILE, OutputExistsError
 from megatron_consa.conversion.keymap import mcore_to_hf
@@ -41,9 +44,13 @@ class ExportRequest:
     allocation: Optional[str] = None
     """allocation.json to export with (default: the checkpoint's own, if any; else all-FA)."""
     overwrite: bool = False
+    max_shard_size: int | str = "50GB"
+    """Largest safetensors file (bytes, or "5GB", "500MB"...), as in `save_pretrained`; the
+    default is transformers' and the Hugging Face Hub's per-file limit."""
 
 
 def export_to_hf(request: ExportRequest) -> Path:
+    _check_shard_size(request.max_shard_size)
     info = read_checkpoint_info(request.load, request.allocation)
     load, save, arch, allocation = info.path, Path(request.save), info.arch, info.allocation
     window_fields = hf_window_fields(allocation, arch)
@@ -54,9 +61,7 @@ def export_to_hf(request: ExportRequest) -> Path:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
     hf_state = _merged_hf_state(info)
     with staged_directory(save) as tmp:
-        from safetensors.torch import save_file
-
-        save_file(hf_state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        files = write_safetensors(hf_state, tmp, request.max_shard_size)
         set_window_fields(hf_config, window_fields)
         hf_config.dtype = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
         hf_config.save_pretrained(tmp)
@@ -67,7 +72,7 @@ def export_to_hf(request: ExportRequest) -> Path:
         "hybrid, consa attention" if CONSA_HF_CONFIG_KEY in window_fields
         else "hybrid, stock fields" if window_fields.get("sliding_window") else "all FA"
     )
-    logger.info("wrote %s (%d tensors, %s)", save, len(hf_state), kind)
+    logger.info("wrote %s (%d tensors in %d file(s), %s)", save, len(hf_state), files, kind)
     return save
 
 
@@ -85,13 +90,45 @@ def _check_config_describes(hf_config: Any, arch: ArchitectureConfig, load: Path
 
 
 def _merged_hf_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
-    """The whole model as HF tensors, loaded through a one-rank model (TP/PP shards merged)."""
+    """The whole model as HF tensors (views of a one-rank model's weights: TP/PP shards merged)."""
     with one_rank_model(info, fixed_consa_config(info.arch, None)) as model:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        state = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     hf = mcore_to_hf(state, info.arch)
     if info.arch.tie_word_embeddings:
         hf.pop("lm_head.weight")  # the same tensor as the embedding; transformers re-ties it
-    return {k: v.contiguous() for k, v in hf.items()}
+    return hf
+
+
+def _check_shard_size(max_shard_size: int | str) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    try:
+        split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)
+        if isinstance(max_shard_size, int) and max_shard_size < 1:
+            raise ValueError("it must be positive")
+    except ValueError as err:
+        raise ValueError(f"--max-shard-size {max_shard_size!r}: {err} (e.g. 5GB, 500MB, or a byte count)") from None
+
+
+def write_safetensors(hf_state: dict[str, torch.Tensor], out: Path, max_shard_size: int | str) -> int:
+    """Write `hf_state` as `save_pretrained` lays it out: `model.safetensors`, or files
+    `model-0000i-of-0000n.safetensors` of at most `max_shard_size` each (a larger tensor
+    alone in its file) with `model.safetensors.index.json`. One file's tensors are made
+    contiguous copies at a time (the entries may be views sharing storage). Returns the
+    number of files."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    sizes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in hf_state.items()}
+    split = split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        tensors = {n: hf_state[n].cpu().clone(memory_format=torch.contiguous_format) for n in names}
+        save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        del tensors
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return len(split.filename_to_tensors)
 
 
 __all__ = ["DTYPES", "ExportRequest", "export_to_hf"]

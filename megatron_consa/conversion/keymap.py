@@ -138,7 +138,9 @@ def hf_to_mcore(hf_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bo
 
 
 def mcore_to_hf(mcore_state: dict[str, Tensor], arch: ArchitectureConfig, *, te: bool = False) -> dict[str, Tensor]:
-    """Inverse of hf_to_mcore (megatron-only keys such as gates are ignored)."""
+    """Inverse of hf_to_mcore (megatron-only keys such as gates are ignored). The tensors
+    are views of `mcore_state`'s (q, k, v of the fused QKV share its storage): copy what
+    is kept or written."""
     out: dict[str, Tensor] = {}
     tables = [(e, None) for e in global_entries(arch)]
     tables += [(e, i) for i in range(arch.num_layers) for e in layer_entries(arch, te=te)]
@@ -152,7 +154,7 @@ def mcore_to_hf(mcore_state: dict[str, Tensor], arch: ArchitectureConfig, *, te:
         else:
             parts = (value,)
         for n, p in zip(names, parts):
-            out[n] = p.clone()
+            out[n] = p
     if arch.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

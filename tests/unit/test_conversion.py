@@ -177,6 +177,34 @@ def test_tp2_conversion_through_the_cli_round_trips(converted):
     assert_weights_equal(read_weights(back), read_weights(hf_dir))
 
 
+def test_export_splits_into_files_with_an_index(converted, capsys):
+    """--max-shard-size splits the export as save_pretrained does (model-0000i-of-0000n
+    files of at most that size, a larger tensor alone, and the index); transformers loads
+    it to the source's logits, and the weights are the source's bit for bit. A size
+    save_pretrained would not take is refused, nothing written."""
+    root, out = converted
+    hf_dir, ckpt = out["qwen3"]
+    back = root / "back-qwen3-split"
+    limit = 40_000
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back), "--max-shard-size", str(limit)]) == 0
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    files = sorted(back.glob("model-*.safetensors"))
+    assert len(files) > 2 and not (back / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    weights = read_weights(back)
+    assert sorted(index["weight_map"]) == sorted(weights)
+    for f in files:
+        part = load_file(str(f))
+        assert all(index["weight_map"][n] == f.name for n in part)
+        size = sum(t.numel() * t.element_size() for t in part.values())
+        assert size <= limit or len(part) == 1, (f.name, size)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in weights.values())
+    assert_weights_equal(weights, read_weights(hf_dir))
+    assert rel_err(hf_logits(back), hf_logits(hf_dir)) < TOL
+    bad = root / "back-qwen3-bad-size"
+    _assert_refused(capsys, EXPORT, ["--load", str(ckpt), "--save", str(bad), "--max-shard-size", "5XB"], "--max-shard-size", bad)
+
+
 def _with_allocation(ckpt: Path, allocation: Allocation, copy: Path) -> Path:
     """A copy of a checkpoint whose allocation.json is `allocation` (our fixed-mode reference)."""
     import shutil
