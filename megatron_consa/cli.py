@@ -35,12 +35,20 @@ def setup_logging(verbose: bool = False, *, level: Optional[int] = None,
     logging.basicConfig(level=level if level is not None else logging.DEBUG if verbose else logging.INFO,
                         format=fmt, datefmt=datefmt)
     if not verbose:
-        for noisy in NOISY_LOGGERS:
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        import warnings
+        quiet_libraries()
 
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+
+def quiet_libraries() -> None:
+    """The noisy libraries' loggers at ERROR, and their warnings off (megatron-core's "Apex is
+    not installed", its deprecation notices): what a tool's process shows is ours. Also
+    called by the processes a tool spawns (import ranks), which inherit none of this."""
+    import warnings
+
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module=r"(megatron|torch|transformers|huggingface_hub|safetensors)(\.|$)")
 
 
 class _CurrentStderrHandler(logging.StreamHandler):

@@ -185,6 +185,11 @@ def read_rank_state(hf_path: str | Path, arch: ArchitectureConfig, layout: RankL
 
 def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepared: _Prepared, out: str) -> None:
     """One rank: build its stage, load its shard, save (all ranks together)."""
+    if world > 1:  # a spawned process: quiet like the tool's own, before megatron-core's imports warn
+        from megatron_consa.cli import quiet_libraries
+
+        quiet_libraries()
+        torch.set_num_threads(1)
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -192,8 +197,6 @@ def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepar
     from megatron_consa.model import build_gpt_model, build_transformer_config
     from megatron_consa.training.checkpoint import model_state_for_save
 
-    if world > 1:
-        torch.set_num_threads(1)
     tp, pp = request.tensor_model_parallel_size, request.pipeline_model_parallel_size
     with conversion_world(rank=rank, world_size=world, port=port, tp=tp, pp=pp):
         arch = prepared.arch

@@ -8,10 +8,6 @@ import socket
 from typing import Iterator
 
 import torch.distributed as dist
-from megatron.core import parallel_state
-
-from megatron_consa.training.config import ParallelConfig
-from megatron_consa.training.parallel import initialize_distributed
 
 CONVERSION_SEED = 1234
 """Seed of the throw-away random initialisation the loaded weights replace."""
@@ -31,6 +27,11 @@ def conversion_world(*, rank: int, world_size: int, port: int, tp: int = 1, pp: 
     test process) and leaves megatron-core's state initialised in it; otherwise
     starts a world and destroys it on exit.
     """
+    from megatron.core import parallel_state  # here, not at import: the tools' --help stays quiet
+
+    from megatron_consa.training.config import ParallelConfig
+    from megatron_consa.training.parallel import initialize_distributed
+
     started = not dist.is_initialized()
     if started:
         os.environ.update(

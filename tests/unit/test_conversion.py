@@ -205,6 +205,26 @@ def test_export_splits_into_files_with_an_index(converted, capsys):
     _assert_refused(capsys, EXPORT, ["--load", str(ckpt), "--save", str(bad), "--max-shard-size", "5XB"], "--max-shard-size", bad)
 
 
+def test_conversion_tools_show_only_their_own_lines(converted, tmp_path):
+    """Run as a user runs them (a fresh process; the TP2 import spawns its ranks), the
+    conversion tools print their own log lines and no library warnings (megatron-core's
+    "Apex is not installed", deprecation notices), and --help prints nothing on stderr."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for tool in ("convert_hf_to_megatron.py", "convert_megatron_to_hf.py", "convert_gguf_to_hf.py"):
+        done = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and done.stderr == "", (tool, done.stderr)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf-path", str(converted[1]["qwen3"][0]),
+         "--save", str(tmp_path / "tp2"), "--tensor-model-parallel-size", "2"],
+        capture_output=True, text=True, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("INFO megatron_consa.") for line in lines), done.stderr
+
+
 def _with_allocation(ckpt: Path, allocation: Allocation, copy: Path) -> Path:
     """A copy of a checkpoint whose allocation.json is `allocation` (our fixed-mode reference)."""
     import shutil
