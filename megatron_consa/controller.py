@@ -148,10 +148,20 @@ class ConsaController:
         of the other pipeline stages, so each stage backpropagates exactly its
         own share of the constraint gradient.
         """
+        return self._sparsity(list(gates))[0]
+
+    def _sparsity(self, gates: list) -> tuple[Tensor, float]:
+        """(s_hat to backpropagate, its value from the float64 global cost).
+
+        The value is what the multipliers step on and the history records: computed from the
+        reduced total alone, it is the same bits on every pipeline stage. Rebuilt from each
+        stage's own float32 share (`local + (global - local)`), it can differ in the last bit
+        between stages, and so would their multipliers.
+        """
         local = self.local_fa_cost(gates)
-        global_cost = self.cost_all_reduce(local.detach().clone())
-        fa_cost = local + (global_cost.to(local.device) - local.detach())
-        return 1.0 - fa_cost / self.total_cost
+        global_cost = self.cost_all_reduce(local.detach().double())
+        fa_cost = local + (global_cost.to(local) - local.detach())
+        return 1.0 - fa_cost / self.total_cost, 1.0 - float(global_cost) / self.total_cost
 
     @property
     def quadratic_weight(self) -> float:
@@ -170,8 +180,8 @@ class ConsaController:
 
     def constraint_loss(self, gates: Iterable[GateProvider]) -> tuple[Tensor, float]:
         """(penalty tensor to backpropagate, s_hat as a float) for this iteration."""
-        s_hat = self.expected_sparsity(list(gates))
-        return self.penalty(s_hat), float(s_hat.detach())
+        s_hat, value = self._sparsity(list(gates))
+        return self.penalty(s_hat), value
 
     def dual_step(self, s_hat: float, *, applied: bool = True) -> dict:
         """Record s_hat, ascend the multipliers on it, and advance the iteration.

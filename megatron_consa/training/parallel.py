@@ -58,7 +58,9 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int) -> None:
 
 
 def pipeline_cost_all_reduce() -> Callable[[Tensor], Tensor]:
-    """Sum a scalar over the pipeline-parallel group (the controller's global FA cost)."""
+    """Sum a scalar over the pipeline-parallel group (the controller's global FA cost), in
+    float64, returned in the input's dtype (the controller passes float64: the same bits on
+    every stage)."""
     group = parallel_state.get_pipeline_model_parallel_group()
     size = parallel_state.get_pipeline_model_parallel_world_size()
 

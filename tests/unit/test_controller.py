@@ -104,6 +104,32 @@ def test_split_gates_give_the_global_gradient():
     torch.testing.assert_close(torch.cat([a.log_alpha.grad, b.log_alpha.grad]), whole.log_alpha.grad)
 
 
+def test_pipeline_stages_record_the_same_s_hat_bits():
+    """Four pipeline stages of very different FA cost, with the real reduction's semantics
+    (a float64 sum returned in the input's dtype): every stage records the same s_hat, bit
+    for bit, the float64 total's, so their multipliers never drift apart. Rebuilt from each
+    stage's float32 share it differed in the last bit at some of these splits."""
+    cfg = ConsaConfig(granularity="kv_head", target_sparsity=0.5, target_warmup_iters=0)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        stages = [ToyGates(1, 8, cfg, first_unit=8 * i) for i in range(4)]
+        with torch.no_grad():
+            for i, g in enumerate(stages):  # stage costs from all-SWA-ish to all-FA-ish
+                g.log_alpha.copy_(torch.randn(8, generator=gen) * 4 + (i - 1.5) * 3)
+        costs = [ConsaController(cfg, total_cost=32).local_fa_cost([g]).detach() for g in stages]
+
+        def reduce(x):
+            return sum(c.double() for c in costs).to(x.dtype)
+
+        values = []
+        for g in stages:
+            ctl = ConsaController(cfg, total_cost=32, cost_all_reduce=reduce)
+            values.append(ctl.constraint_loss([g])[1])
+            ctl.dual_step(values[-1])
+        truth = 1.0 - float(sum(c.double() for c in costs)) / 32
+        assert values == [truth] * 4, (trial, values)
+
+
 def test_judge_settling_reads_the_tail_not_one_sample():
     def history(values):
         return [[k, v] for k, v in enumerate(values)]
