@@ -40,7 +40,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import get_standard_config_overrides
 from megatron.core.optimizer import optimizer as mcore_optimizer_module
 from megatron.core.optimizer.optimizer_config import ParamKey
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+from megatron.core.optimizer_param_scheduler import (
+    OptimizerParamScheduler, ParamGroupOverride, get_canonical_lr_for_logging,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
@@ -454,19 +456,18 @@ class ConsaTrainer:
 
     # ---- logging -----------------------------------------------------------
     def _learning_rates(self) -> tuple[float, Optional[float]]:
-        """(model lr, gate lr): the gate group is the one holding the gates' log_alpha."""
-        gate_ids = {id(g.log_alpha) for g in self.gates}
-        lr, gate_lr = None, None
-        for group in self.optimizer.param_groups:
-            if group.get("is_decoupled_lr", False):
-                continue
-            if gate_ids and any(id(p) in gate_ids for p in group["params"]):
-                gate_lr = float(group["lr"])
-            elif lr is None and group["params"]:
-                lr = float(group["lr"])
-        if lr is None:  # gates-only: every model weight is frozen; report the schedule's lr
-            lr = float(self.scheduler.get_lr(self.optimizer.param_groups[0]))
-        return lr, gate_lr
+        """(model lr, gate lr) of this step, as the scheduler set them. The model's is megatron-
+        core's canonical one (a default group's; in gates-only mode, with no such group, the
+        schedule's at the model's max/min lr); the gates' is the schedule at their override
+        (max = min = the gate lr). Computed, not read from the group holding the gates: with
+        the distributed optimizer a rank's groups hold shards of the gates, or none."""
+        lr = get_canonical_lr_for_logging(self.optimizer.param_groups)
+        if lr is None:
+            lr = self.scheduler.get_lr({})
+        gate_lr = None
+        if self.gates:
+            gate_lr = self.scheduler.get_lr({"max_lr": self.consa.gate_lr, "min_lr": self.consa.gate_lr})
+        return float(lr), None if gate_lr is None else float(gate_lr)
 
     def _log(self, r: StepRecord) -> None:
         if self._writer is not None:

@@ -225,6 +225,7 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
             f"continues the saved optimizer; resume with {flag} {was}, or start from its weights with --finetune "
             "(a new optimizer and schedule)"
         )
+    _check_same_optimizer_layout(run, load_meta)
     if training.override_opt_param_scheduler:
         return
     for name, flag in _SCHEDULE.items():
@@ -233,6 +234,35 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
                 f"--load {run.checkpoint.load}: the run was saved with {flag} {saved[name]}, this run asks for "
                 f"{getattr(training, name)}: resume with {flag} {saved[name]}, or add --override-opt-param-scheduler "
                 "to follow the new schedule from the saved iteration on"
+            )
+
+
+def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
+    """The distributed optimizer's saved state (`dp_reshardable`) reshards over data-parallel
+    ranks only, and neither optimizer loads the other's state: refuse, naming the flag,
+    what would fail deep in dist_checkpointing with a shape mismatch."""
+    saved = load_meta.get("parallel") or {}
+    if "use_distributed_optimizer" not in saved:
+        return
+    was, now = saved["use_distributed_optimizer"], run.parallel.use_distributed_optimizer
+    if was != now:
+        raise ArgumentError(
+            f"--load {run.checkpoint.load}: the run was saved {'with' if was else 'without'} "
+            f"--use-distributed-optimizer, this run {'uses' if now else 'does not use'} it: the optimizer state of "
+            f"one cannot be loaded into the other; resume {'with' if was else 'without'} --use-distributed-optimizer, "
+            "or start from its weights with --finetune"
+        )
+    if not was:
+        return  # the standard optimizer's state reshards over TP and PP
+    vpp_flag = "--num-layers-per-virtual-pipeline-stage (virtual stages per pipeline stage)"
+    for name, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
+                       ("pipeline_model_parallel_size", "--pipeline-model-parallel-size"),
+                       ("virtual_pipeline_model_parallel_size", vpp_flag)):
+        if name in saved and saved[name] != getattr(run.parallel, name):
+            raise ArgumentError(
+                f"--load {run.checkpoint.load}: the run was saved at {flag} {saved[name]} with the distributed "
+                f"optimizer, whose state reshards over data-parallel ranks only; this run asks for "
+                f"{getattr(run.parallel, name)}: resume at {saved[name]}, or start from its weights with --finetune"
             )
 
 

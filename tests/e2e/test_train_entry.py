@@ -266,6 +266,18 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "--lr 0.0003" in err and "--finetune" in err
     err = _bad(_with(same, "--train-iters", "9"), capsys)  # megatron would keep the saved schedule silently
     assert "--train-iters 5" in err and "--override-opt-param-scheduler" in err
+    # the distributed optimizer's state reshards over DP only, and is not the standard one's
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    saved_parallel = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+                      "virtual_pipeline_model_parallel_size": None, "use_distributed_optimizer": True}
+    (sharded / "consa_run.json").write_text(json.dumps({"resumable": True, "consa": saved_consa, "architecture": {},
+                                                        "training": saved_training, "parallel": saved_parallel}))
+    resumed = _with(BASE + ["--load", str(sharded), "--consa-target-sparsity", "0.5"], "--train-iters", "5")
+    err = _bad(resumed, capsys)
+    assert "saved with --use-distributed-optimizer, this run does not use it" in err and "--finetune" in err
+    err = _bad(resumed + ["--use-distributed-optimizer"], capsys)
+    assert "--tensor-model-parallel-size 2" in err and "data-parallel ranks only" in err
     fixed = tmp_path / "fixed"  # a resumable fixed phase resumed with another allocation
     fixed.mkdir()
     fixed_consa = {**ConsaConfig().to_dict(), "allocation": [[1, 0], [0, 1], [0, 0], [0, 0]]}

@@ -3,6 +3,8 @@ the controller's wiring (dual steps, bounds, clipping) and settling in the real 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -64,6 +66,34 @@ class TestTrainer:
         groups = [g for g in trainer.optimizer.param_groups if any(id(p) in gate_ids for p in g["params"])]
         assert len(groups) == 1 and len(groups[0]["params"]) == len(gate_ids)
         assert groups[0]["max_lr"] == 0.123 and groups[0]["wd_mult"] == 0.0
+
+    def test_logged_learning_rates_are_the_ones_the_groups_get(self):
+        """Over a warm-up and a decay, each step logs the lr of the model's groups and of the
+        gates' group as the optimizer holds them; the same with the distributed optimizer
+        (whose groups hold shards of the gates), and in gates-only mode the model's schedule,
+        not the gates' lr."""
+        consa = ConsaConfig(window=4, gate_lr=0.05, init_log_alpha=0.0, target_warmup_iters=0)
+        schedule = dict(train_iters=5, lr=1e-2, min_lr=1e-3, lr_warmup_iters=2, lr_decay_style="cosine")
+        trainer = _trainer(consa, **schedule)
+        gate_ids = {id(g.log_alpha) for g in trainer.gates}
+        seen = []
+
+        def groups(_record):
+            by_kind = {}
+            for g in trainer.optimizer.param_groups:
+                if g["params"]:
+                    by_kind.setdefault("gate" if any(id(p) in gate_ids for p in g["params"]) else "model", set()).add(g["lr"])
+            seen.append(by_kind)
+
+        plain = trainer.train(on_step=groups)
+        assert [len(k["model"]) for k in seen] == [1] * 5 and [len(k["gate"]) for k in seen] == [1] * 5
+        assert [r.lr for r in plain] == [k["model"].pop() for k in seen]
+        assert [r.gate_lr for r in plain] == [k["gate"].pop() for k in seen]
+        assert len({r.lr for r in plain}) == 5 and len({r.gate_lr for r in plain}) == 2  # warm-up, decay; the gates warm up
+        distopt = _trainer(consa, ParallelConfig(use_distributed_optimizer=True), **schedule).train()
+        assert [(r.lr, r.gate_lr) for r in distopt] == [(r.lr, r.gate_lr) for r in plain]
+        gates_only = _trainer(dataclasses.replace(consa, gates_only=True), **schedule).train()
+        assert [(r.lr, r.gate_lr) for r in gates_only] == [(r.lr, r.gate_lr) for r in plain]
 
     def test_resume_keeps_the_saved_schedule_unless_overridden(self, tmp_path):
         """megatron's scheduler on resume: the checkpoint's decay length, or (override) this run's."""
