@@ -487,8 +487,9 @@ class Allocation:
 
         and says so (a warning, and ``metadata["undecided_units"]``) when the last FA
         unit's log_alpha lies within ``margin`` of the first SWA unit's: the choice
-        among the units near that boundary is made by unit index, not learned (units
-        the LM loss is indifferent to often share one log_alpha). The budget holds.
+        among the units near that boundary is made by differences below the margin
+        (exact ties by unit index), not a learned preference (units the LM loss is
+        indifferent to often share one log_alpha). The budget holds.
         ``metadata["boundary_margin"]`` records the gap in every case.
         """
         _check_granularity(granularity, "finalize")
@@ -520,7 +521,7 @@ class Allocation:
             if boundary < margin:
                 # Every unit whose log_alpha lies within `margin` of the boundary pair
                 # could have gone either way: name them, so the user sees which part
-                # of the allocation is a choice by unit index rather than a learned one.
+                # of the allocation is not a learned choice.
                 lo, hi = scores[order[k]], scores[order[k - 1]]
                 undecided = [u for u in order if lo - margin <= scores[u] <= hi + margin]
                 names = [
@@ -530,8 +531,8 @@ class Allocation:
                 logger.warning(
                     "finalize: too close to call: the last FA unit (log_alpha %.4f) and the first SWA unit "
                     "(%.4f) differ by less than margin=%s; %d units [layer, head] within the margin of the "
-                    "boundary (%s) were ranked by unit index, not by learning. The budget holds; train longer "
-                    "if the choice among them matters",
+                    "boundary (%s) were ranked by differences below the margin (exact ties by unit index), not "
+                    "by a learned preference. The budget holds; train longer if the choice among them matters",
                     hi, lo, margin, len(undecided), names,
                 )
         fa = _take_units(order, k, granularity, num_layers, num_kv_heads)

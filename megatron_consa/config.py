@@ -170,8 +170,9 @@ class ConsaConfig:
     finalize_margin: float = 0.1
     """Finalize says so (a warning and `undecided_units` in the allocation's
     metadata) when the K-th (last FA) and (K+1)-th (first SWA) units' log_alpha
-    differ by less than this: the choice between them is made by unit index,
-    not learned. 0 disables the check."""
+    differ by less than this: the choice between them is not a learned
+    preference (differences below the margin; exact ties by unit index).
+    0 disables the check."""
 
     noise_seed: int = 1234
     """Seed of the counter-based gate noise, keyed by (seed, iteration, unit)."""

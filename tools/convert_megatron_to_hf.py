@@ -15,8 +15,10 @@ transformers; stock transformers without the package refuses to load it:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("hf/qwen3-hybrid")   # runs the consa attention
 
-Without --allocation the checkpoint's own allocation.json is used if it has one,
-else the export is all full attention. See megatron_consa.conversion.exporter.
+Without --allocation the checkpoint's own allocation is used: an import's
+allocation.json, or the fixed allocation of a finalized checkpoint or a fixed
+phase; without one the export is all full attention. Past --max-shard-size the
+weights are split into files with an index, as save_pretrained does. See megatron_consa.conversion.exporter.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@
     python tools/generate.py --hf-path hf/qwen3-hybrid --prompt "Once upon a time" --temperature 0.8 --top-p 0.95
 
 --load: our checkpoint (any TP/PP layout, merged into one in-process rank), in
-fixed mode with its allocation.json (or --allocation; all FA without one); the
+fixed mode with its own allocation (an import's allocation.json, or the fixed
+allocation of a finalized checkpoint or a fixed phase), or --allocation; all FA
+without either; the
 generator is megatron_consa.inference.generate. --hf-path: an export
 (tools/convert_megatron_to_hf.py; any Qwen3/Qwen2/Llama/Mistral directory),
 loaded with the consa attention and run by transformers' generate with

@@ -212,8 +212,22 @@ _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "untie_embeddings_and_output_weights", "max_position_embeddings")
 
 
+def _hf_config_path(path: str) -> str:
+    """`--hf-config`: a config.json, a directory holding one, or (as `--load` reads it) a
+    `--save` directory or finalize's output, whose checkpoint holds one."""
+    if not Path(path).is_dir() or (Path(path) / "config.json").is_file():
+        return path
+    from megatron_consa.training.checkpoint import resolve_load_dir
+
+    try:
+        return str(resolve_load_dir(path))
+    except FileNotFoundError:
+        return path  # _load_hf_config names what is missing
+
+
 def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     if a.hf_config:
+        a.hf_config = _hf_config_path(a.hf_config)  # what the run's later steps read too
         given = ["--" + name.replace("_", "-") for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)]
         if given:
             raise ArgumentError(

@@ -37,6 +37,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_consa.model import unwrap_model
+from megatron_consa.training.finalize import CHECKPOINT_DIR as FINALIZED_CHECKPOINT_DIR
 from megatron_consa.training.parallel import device
 from megatron_consa.compat import cpu_shims_active, fix_param_steps_after_load, prepare_distrib_optimizer_for_load
 
@@ -364,7 +365,8 @@ def save_run_checkpoint(trainer, save: str | os.PathLike, **save_kwargs) -> Path
 
 
 def resolve_load_dir(load: str | os.PathLike) -> Path:
-    """The checkpoint directory `--load` means: the latest in a `--save` directory, or the directory itself."""
+    """The checkpoint directory `--load` means: the latest in a `--save` directory, the
+    directory itself, or the checkpoint in finalize's output directory."""
     path = Path(load)
     if not path.exists():
         raise FileNotFoundError(f"--load {path}: no such directory")
@@ -383,8 +385,11 @@ def resolve_load_dir(load: str | os.PathLike) -> Path:
     try:
         return _resolve(path)
     except FileNotFoundError as err:
+        if (path / FINALIZED_CHECKPOINT_DIR / CONSA_META_FILE).exists():  # finalize's output directory
+            return path / FINALIZED_CHECKPOINT_DIR
         raise FileNotFoundError(
-            f"--load {path}: neither a checkpoint (no {CONSA_META_FILE}) nor a --save directory (no {TRACKER_FILE})"
+            f"--load {path}: neither a checkpoint (no {CONSA_META_FILE}), a --save directory (no {TRACKER_FILE}) "
+            f"nor finalize's output (no {FINALIZED_CHECKPOINT_DIR}/)"
         ) from err
 
 

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 ALLOCATION_FILE = "allocation.json"
 HEATMAP_FILE = "allocation_heatmap.png"
 CHECKPOINT_DIR = "checkpoint"
+"""The fixed checkpoint inside finalize's output directory (`--load` of that directory finds it)."""
 
 
 class FinalizeError(ValueError):

@@ -45,7 +45,7 @@ def test_make_demo_at_its_shipped_settings(tmp_path):
     assert fixed["consa"]["allocation"] == alloc.fa and fixed["parallel"]["pipeline_model_parallel_size"] == 2
     assert read_checkpoint_meta(resolve_load_dir(out / "learn"))["parallel"]["tensor_model_parallel_size"] == 2
     # what export, generation and evaluation read from each checkpoint without --allocation
-    for phase in ("finalized/checkpoint", "fixed"):
+    for phase in ("finalized/checkpoint", "finalized", "fixed"):  # finalize's output directory too
         assert read_checkpoint_info(out / phase).allocation.fa == alloc.fa, phase
     assert read_checkpoint_info(out / "learn").allocation is None
 

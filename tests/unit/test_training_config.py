@@ -83,3 +83,27 @@ def test_a_save_over_an_interrupted_one_keeps_the_old_until_the_new_is_in_place(
     (tmp_path / "next").mkdir()
     _swap_into_place(tmp_path / "next", final)  # over a complete one: replaced, nothing left beside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000008"]
+
+
+def test_hf_config_reads_a_save_directory_and_finalize_output_as_load_does(tmp_path):
+    """`--hf-config <save>` takes the config.json of the latest checkpoint there, and
+    `--hf-config <finalize output>` its checkpoint's (the run's later steps read that path too)."""
+    import transformers
+
+    from megatron_consa.training.arguments import parse_run_config
+    from megatron_consa.training.checkpoint import TRACKER_FILE, iteration_dir
+    from megatron_consa.training.finalize import CHECKPOINT_DIR
+
+    save, finalized = tmp_path / "save", tmp_path / "finalized"
+    for checkpoint in (iteration_dir(save, 7), iteration_dir(save, 3), finalized / CHECKPOINT_DIR):
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "consa_run.json").write_text("{}")
+        layers = 4 if checkpoint.name == "iter_0000003" else 2  # not the latest: not read
+        transformers.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8).save_pretrained(checkpoint)
+    (save / TRACKER_FILE).write_text("7")
+    rest = ["--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "2",
+            "--mock-data", "--consa-target-warmup-iters", "0"]
+    for given, expected in ((save, iteration_dir(save, 7)), (finalized, finalized / CHECKPOINT_DIR)):
+        run = parse_run_config(["--hf-config", str(given)] + rest)
+        assert run.hf_config == str(expected) and run.arch.num_layers == 2 and run.arch.num_kv_heads == 2
