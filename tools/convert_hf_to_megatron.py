@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Qwen3 / Qwen2 / Llama / Mistral checkpoint to a megatron-consa checkpoint.
+r"""Convert a Hugging Face Qwen3 / Qwen2 / Llama / Mistral checkpoint to a megatron-consa checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf-path Qwen3-0.6B/ --save ckpt/qwen3-0.6b \
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a megatron-consa checkpoint (any TP/PP layout) to a Hugging Face directory.
+r"""Export a megatron-consa checkpoint (any TP/PP layout) to a Hugging Face directory.
 
     python tools/convert_megatron_to_hf.py --load ckpt/qwen3-0.6b --save hf/qwen3-hybrid \
         --allocation allocation.json

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""KV-cache bytes of a model at a context length, and the target sparsity that fits a budget.
+r"""KV-cache bytes of a model at a context length, and the target sparsity that fits a budget.
 
     python tools/kv_budget.py --hf-config Qwen3-0.6B/ --context-length 32768 --batch-size 8 \
         --dtype bf16 --window 4096 --preset uniform_heads --target-sparsity 0.75 --budget 24GiB

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""JSONL -> megatron-core indexed dataset (.bin/.idx) for `--data-path`.
+r"""JSONL -> megatron-core indexed dataset (.bin/.idx) for `--data-path`.
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --workers 2
@@ -7,8 +7,11 @@
         --train-sentencepiece 4096            # trains data/corpus.model on the input first
 
 One JSON object per line; the text is in --json-keys (default `text`). Each
-document is followed by the tokenizer's end-of-document token. Writes
-<output-prefix>_text_document.bin/.idx (Megatron-LM's naming) atomically.
+document is followed by the tokenizer's end-of-document token (its EOS; a
+tokenizer without one is refused). Writes <output-prefix>_<key>_document.bin/.idx
+(Megatron-LM's naming: `_text_document` for the default key) atomically.
+--tokenizer-model alone is a Hugging Face tokenizer when it is a directory, a
+sentencepiece model when it is a file (as in training).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from megatron_consa.cli import UserInputError, run_tool, setup_logging
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL file(s)")
-    p.add_argument("--output-prefix", required=True, help="output prefix; writes <prefix>_text_document.bin/.idx")
+    p.add_argument("--output-prefix", required=True, help="output prefix; writes <prefix>_<json key>_document.bin/.idx (_text_document by default)")
     p.add_argument("--json-keys", default="text", help="the JSON field holding the text")
     p.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
-                   default="SentencePieceTokenizer")
+                   help="default: HuggingFaceTokenizer for a --tokenizer-model directory, else SentencePieceTokenizer")
     p.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     p.add_argument("--train-sentencepiece", type=int, metavar="VOCAB",
                    help="train a sentencepiece model of this vocabulary on the input (written to <prefix>.model)")
@@ -38,14 +41,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm import tqdm
 
     from megatron_consa.data.indexed import iter_jsonl_texts, write_indexed_dataset
-    from megatron_consa.data.tokenizer import build_tokenizer, train_sentencepiece
+    from megatron_consa.data.tokenizer import build_tokenizer, tokenizer_type_of, train_sentencepiece
 
     if args.workers < 1:
         raise UserInputError(f"--workers {args.workers}: must be >= 1")
     model = args.tokenizer_model
     if args.train_sentencepiece:
-        if args.tokenizer_type != "SentencePieceTokenizer":
+        if args.tokenizer_type not in (None, "SentencePieceTokenizer"):
             raise UserInputError("--train-sentencepiece makes a SentencePieceTokenizer; drop --tokenizer-type")
+        if model:
+            raise UserInputError("--train-sentencepiece trains the tokenizer: drop --tokenizer-model, or drop "
+                                 "--train-sentencepiece to use that model")
         if args.train_sentencepiece < 64:
             raise UserInputError(f"--train-sentencepiece {args.train_sentencepiece}: use a vocabulary of 64 or more")
         model = str(train_sentencepiece(iter_jsonl_texts(args.input, args.json_keys), args.output_prefix,
@@ -53,9 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"trained {model}")
     if not model:
         raise UserInputError("--tokenizer-model is missing (or pass --train-sentencepiece VOCAB)")
-    factory = functools.partial(build_tokenizer, args.tokenizer_type, model)
-    factory()  # fail early on a bad tokenizer
-    prefix = f"{args.output_prefix}_text_document"
+    factory = functools.partial(build_tokenizer, args.tokenizer_type or tokenizer_type_of(model), model)
+    factory().eod  # noqa: B018  fail early on a bad tokenizer, or one without an EOS to end documents
+    prefix = f"{args.output_prefix}_{args.json_keys}_document"
     with tqdm(desc="documents", unit="doc") as bar:
         stats = write_indexed_dataset(iter_jsonl_texts(args.input, args.json_keys), prefix, tokenizer_factory=factory,
                                       workers=args.workers, progress=bar.update)

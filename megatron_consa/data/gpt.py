@@ -4,8 +4,20 @@
 sample sources for the trainer: blends of indexed datasets with weights,
 Megatron's `--split`, its index caching, or megatron-core's mock dataset.
 A source maps a global sample index to seq_length + 1 tokens
-(`SampleSource.sample`), so the data position of a run is its iteration and
-resuming it is exact by construction.
+(`SampleSource.sample`), so the data position of a run is its iteration: a
+resume with the same data, split, seed, batch and length reads on exactly where
+the run stopped (`training.run` refuses a resume that changes them). A resume
+that extends `--train-iters` asks megatron-core for more samples; where that
+needs more epochs of a dataset, megatron-core shuffles the documents of all its
+epochs anew, so the samples after the resume point come from a new order (as in
+Megatron-LM).
+
+Checked before megatron-core builds anything (it would loop forever on a split
+asked for samples that holds no document, and assert on a bad split string): the
+split string, and that every split the run reads holds documents of every prefix.
+An unweighted blend of several prefixes is weighted by their token counts, so
+megatron-core draws every epoch it needs from each (with no weights it builds
+one epoch of the concatenation, which a longer run would replay in the same order).
 """
 
 from __future__ import annotations
@@ -32,7 +44,10 @@ class DataConfig:
     mock: bool = False
     """megatron-core's mock GPT dataset instead of files (`--mock-data`)."""
     cache_path: Optional[str] = None
-    """Where megatron-core caches its sample indices (default: beside the data)."""
+    """Where megatron-core caches its sample indices (default: `cache/` beside the first
+    prefix). The indices go into a subdirectory named by the datasets' fingerprint
+    (each .bin/.idx's size and time), so a dataset re-written under the same prefix
+    never reads the indices of the old one."""
     seed: int = 1234
     """Shuffling seed of the dataset indices."""
 
@@ -40,15 +55,23 @@ class DataConfig:
 class GPTSampleSource:
     """A megatron-core GPT dataset seen as a `SampleSource` (index -> seq_length + 1 tokens)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, vocab_size: int):
         self.dataset = dataset
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def sample(self, index: int) -> torch.Tensor:
         item = self.dataset[index % len(self.dataset)]
-        return torch.cat([item["tokens"], item["labels"][-1:]]).long()
+        tokens = torch.cat([item["tokens"], item["labels"][-1:]]).long()
+        top = int(tokens.max())
+        if top >= self.vocab_size:  # on a GPU the embedding would fail with a device-side assert
+            raise DataError(
+                f"sample {index} holds token id {top}, beyond the tokenizer's {self.vocab_size} ids: the data was "
+                "tokenized with another tokenizer; give --data-path and --tokenizer-model that belong together"
+            )
+        return tokens
 
 
 def _parse_blend(paths: list[str]) -> tuple[list[str], Optional[list[float]]]:
@@ -67,10 +90,78 @@ def _parse_blend(paths: list[str]) -> tuple[list[str], Optional[list[float]]]:
     return list(paths[1::2]), weights
 
 
+def split_vector(split: str) -> list[float]:
+    """Megatron-LM's `--split` ("969,30,1", "95,5", "1") as normalised train/valid/test
+    shares; a clear error for anything else (megatron-core would assert, or read "-1" as 1)."""
+    parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or any(not v >= 0 for v in values) or sum(values) <= 0:
+        raise DataError(f"--split {split!r}: give up to three non-negative train,valid,test weights with a positive "
+                        "sum, e.g. 969,30,1")
+    values += [0.0] * (3 - len(values))
+    return [v / sum(values) for v in values]
+
+
+def documents_per_split(num_documents: int, split: str) -> list[int]:
+    """How many documents of a dataset of `num_documents` each split holds, by megatron-core's
+    rule (`BlendedMegatronDatasetBuilder`: bounds at round(cumulative share x documents))."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split,
+    )
+
+    split_vector(split)  # megatron-core's parser asserts (or misreads) what this refuses
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [0 if ends is None else int(round(ends[1] * float(num_documents))) - int(round(ends[0] * float(num_documents)))
+            for ends in matrix]
+
+
+def _index_counts(prefix: str) -> tuple[int, int]:
+    """(documents, tokens) of an indexed dataset, from its .idx alone."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    index = IndexedDataset(prefix, mmap=True)
+    return len(index.document_indices) - 1, int(index.sequence_lengths.sum())
+
+
+def _cache_dir(config: DataConfig, prefixes: list[str]) -> str:
+    """`cache_path` (default `cache/` beside the first prefix) / the datasets' fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            stat = os.stat(prefix + suffix)
+            digest.update(f"{os.path.abspath(prefix + suffix)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return os.path.join(_cache_root(config, prefixes), f"GPTDataset_indices-{digest.hexdigest()[:16]}")
+
+
+def _cache_root(config: DataConfig, prefixes: list[str]) -> str:
+    return config.cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")
+
+
+def _check_cache_writable(config: DataConfig, prefixes: list[str]) -> None:
+    import tempfile
+
+    root = _cache_root(config, prefixes)
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        where = f"--data-cache-path {root}" if config.cache_path else f"the index cache beside the data, {root},"
+        raise DataError(f"{where} is not writable ({err.strerror or err}): pass --data-cache-path a directory you "
+                        "can write") from None
+
+
 def check_data_paths(config: DataConfig) -> None:
-    """Every prefix has a non-empty .bin and an .idx (clear error otherwise), before any work."""
+    """The split string is one, every prefix has a non-empty .bin and an .idx, and the index
+    cache is writable (clear errors otherwise), before any work."""
     if config.mock:
         return
+    split_vector(config.split)
     prefixes, _ = _parse_blend(config.data_path)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
@@ -79,6 +170,7 @@ def check_data_paths(config: DataConfig) -> None:
                 raise DataError(f"--data-path {prefix}: {path} does not exist (make it with tools/preprocess_data.py)")
             if path.stat().st_size == 0:
                 raise DataError(f"--data-path {prefix}: {path} is empty (re-run tools/preprocess_data.py)")
+    _check_cache_writable(config, prefixes)
 
 
 def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_samples: int,
@@ -97,8 +189,26 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
         cls = MockGPTDataset
     else:
         check_data_paths(config)
-        ds_config = GPTDatasetConfig(blend=_parse_blend(config.data_path), split=config.split, **common)
+        prefixes, weights = _parse_blend(config.data_path)
+        counts = {prefix: _index_counts(prefix) for prefix in prefixes}
+        wanted = (train_samples, valid_samples, test_samples)
+        for prefix, (documents, _) in counts.items():
+            held = documents_per_split(documents, config.split)
+            for name, n, docs in zip(("train", "valid", "test"), wanted, held):
+                if n > 0 and docs == 0:
+                    raise DataError(
+                        f"--split {config.split}: the {name} split of --data-path {prefix} ({documents} documents) "
+                        f"holds no document, and the run reads {n} {name} samples: give the {name} split a larger "
+                        "share, or the dataset more documents"
+                    )
+        if weights is None and len(prefixes) > 1:
+            weights = [float(counts[prefix][1]) for prefix in prefixes]
+        common["path_to_cache"] = _cache_dir(config, prefixes)
+        ds_config = GPTDatasetConfig(blend=(prefixes, weights), split=config.split, **common)
+        # a split the run does not read is not built (the others keep their bounds): asked for
+        # 0 samples, an empty one would make megatron-core loop forever
+        ds_config.split_matrix = [None if n == 0 else ends for n, ends in zip(wanted, ds_config.split_matrix)]
         cls = GPTDataset
     sizes = [train_samples, valid_samples, test_samples]
     datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, ds_config).build()
-    return tuple(None if d is None else GPTSampleSource(d) for d in datasets)
+    return tuple(None if d is None else GPTSampleSource(d, int(tokenizer.vocab_size)) for d in datasets)

@@ -3,8 +3,10 @@
 `write_indexed_dataset` encodes documents (one JSON object per line, text in
 `json_key`) with worker processes and writes them with megatron-core's
 `IndexedDatasetBuilder`, each document followed by the tokenizer's EOD token.
-It writes `<prefix>.bin/.idx.tmp` first and renames both into place at the end,
-so an interrupted run leaves no half-written dataset under the final name.
+It writes `<prefix>.tmp.bin/.idx` first, syncs them, and at the end removes an
+old `.idx` before renaming the new `.bin` and then the new `.idx` into place: a
+run killed at any point leaves the old dataset, the new one, or a prefix without
+its `.idx` (refused by name), never a new `.bin` read through an old `.idx`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,13 @@ def iter_jsonl_texts(paths: Iterable[str | os.PathLike], json_key: str = "text")
         path = Path(path)
         if not path.is_file():
             raise DataError(f"--input {path}: no such file")
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{n}: not UTF-8 ({err.reason} at byte {err.start}); "
+                                    "JSONL input is read as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -103,6 +110,11 @@ def write_indexed_dataset(
             if os.path.exists(path):
                 os.remove(path)
         raise
+    for path in (get_bin_path(tmp_prefix), get_idx_path(tmp_prefix)):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(get_idx_path(prefix)):
+        os.remove(get_idx_path(prefix))  # the pair is never an old .idx over a new .bin
     os.replace(get_bin_path(tmp_prefix), get_bin_path(prefix))
     os.replace(get_idx_path(tmp_prefix), get_idx_path(prefix))
     return {"documents": docs, "tokens": tokens}

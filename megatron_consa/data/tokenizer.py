@@ -10,8 +10,11 @@ Megatron-LM's names for `--tokenizer-type`:
 
 Each exposes `vocab_size`, `eod` and `encode(text) -> list[int]`, the attributes
 megatron-core's GPTDataset reads (`tokenizer.eod`, `tokenizer.vocab_size`), and
-`eos`: the end-of-sequence id where the tokenizer has one (else None; `eod` then
-falls back to the last id), where generation stops.
+`eos`: the end-of-sequence id where the tokenizer has one (else None), where
+generation stops, and `bos` likewise (what a checkpoint's config.json records). `eod` is the EOS (the null tokenizer's is its last id); a text
+tokenizer without an EOS has no token to end documents with, and asking for its
+`eod` (preprocessing, the datasets) is an error naming --tokenizer-model, not a
+fall-back to an ordinary token.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ class _Tokenizer:
         """What megatron-core hashes into its dataset cache keys (it reads this attribute)."""
         return {"class": type(self).__name__, "source": str(getattr(self, "source", "")), "vocab_size": self.vocab_size}
 
+    @property
+    def eod(self) -> int:
+        """The end-of-document id the datasets put between documents: the EOS."""
+        if self.eos is None:
+            raise TokenizerError(
+                f"--tokenizer-model {getattr(self, 'source', '')}: the tokenizer has no EOS token, which ends each "
+                "document in the datasets (any other id is ordinary text): use a tokenizer with one "
+                "(tools/preprocess_data.py --train-sentencepiece trains one with EOS id 1)"
+            )
+        return self.eos
+
 
 class SentencePieceTokenizer(_Tokenizer):
     def __init__(self, model_file: str | os.PathLike):
@@ -45,9 +59,9 @@ class SentencePieceTokenizer(_Tokenizer):
         self.model_file = self.source = path
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = int(self._sp.get_piece_size())
-        eos = int(self._sp.eos_id())
+        eos, bos = int(self._sp.eos_id()), int(self._sp.bos_id())
         self.eos: Optional[int] = eos if eos >= 0 else None
-        self.eod = eos if eos >= 0 else self.vocab_size - 1
+        self.bos: Optional[int] = bos if bos >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
@@ -71,7 +85,8 @@ class HuggingFaceTokenizer(_Tokenizer):
         self.vocab_size = int(len(self._tok))
         eos = self._tok.eos_token_id
         self.eos: Optional[int] = int(eos) if eos is not None else None
-        self.eod = int(eos) if eos is not None else self.vocab_size - 1
+        bos = self._tok.bos_token_id
+        self.bos: Optional[int] = int(bos) if bos is not None else None
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -91,7 +106,11 @@ class NullTokenizer(_Tokenizer):
             raise TokenizerError(f"--vocab-size {vocab_size}: the null tokenizer needs at least 2 ids")
         self.vocab_size = int(vocab_size)
         self.eos: Optional[int] = None
-        self.eod = self.vocab_size - 1
+        self.bos: Optional[int] = None
+
+    @property
+    def eod(self) -> int:
+        return self.vocab_size - 1
 
     def encode(self, text: str) -> list[int]:
         raise TokenizerError("--tokenizer-type NullTokenizer has no text encoding; use it with --mock-data only")
@@ -115,6 +134,12 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, 
     return HuggingFaceTokenizer(tokenizer_model)
 
 
+def tokenizer_type_of(model: str | os.PathLike) -> str:
+    """The `--tokenizer-type` a `--tokenizer-model` given alone means: a directory is a
+    Hugging Face tokenizer, a file a sentencepiece model."""
+    return "HuggingFaceTokenizer" if Path(model).is_dir() else "SentencePieceTokenizer"
+
+
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 """Any of these marks a Hugging Face tokenizer directory."""
 
@@ -136,8 +161,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *
                         model_type: str = "bpe") -> Path:
     """Train a sentencepiece model on `texts` (offline); returns the `.model` path.
 
-    Byte fallback is on (no unknown tokens on any input) and id 1 is the EOS
-    the datasets use as the end-of-document token.
+    Byte fallback is on (no unknown tokens on any input), the text is kept as it is
+    (no NFKC, newlines and runs of spaces kept: code decodes to itself), and id 1 is
+    the EOS the datasets use as the end-of-document token.
     """
     import sentencepiece
 
@@ -148,6 +174,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *
             sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True, character_coverage=0.9995, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
             max_sentence_length=1 << 16, num_threads=1, minloglevel=2, hard_vocab_limit=False,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
         )
     except RuntimeError as err:
         raise TokenizerError(f"--train-sentencepiece {vocab_size}: sentencepiece refused ({err}); "

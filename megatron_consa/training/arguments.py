@@ -20,7 +20,7 @@ from typing import Optional
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
-from megatron_consa.data.tokenizer import TOKENIZER_TYPES
+from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
 
 PHASES = ("learn", "fixed")
@@ -367,7 +367,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                       seed=a.seed)
     tok_type = a.tokenizer_type or (  # a directory is a Hugging Face tokenizer, a file a sentencepiece model
         "NullTokenizer" if a.tokenizer_model is None
-        else "HuggingFaceTokenizer" if Path(a.tokenizer_model).is_dir() else "SentencePieceTokenizer"
+        else tokenizer_type_of(a.tokenizer_model)
     )
     tokenizer = TokenizerConfig(tokenizer_type=tok_type, tokenizer_model=a.tokenizer_model, vocab_size=a.vocab_size)
     for flag, value in (("--save-interval", a.save_interval), ("--eval-interval", a.eval_interval)):

@@ -159,6 +159,7 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             )
     if resume:
         _check_same_optimizer(run, training, load_meta)
+        _check_same_data(run, training, load_meta)
         if run.phase == "learn":
             _check_same_learning_setup(run, load_meta)
     allocation = _resolve_allocation(run, load_dir, load_meta)
@@ -237,6 +238,30 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
             )
 
 
+def _check_same_data(run: RunConfig, training, load_meta: dict) -> None:
+    """A resume reads on from sample iteration x global batch: refuse another global batch
+    (it would skip or repeat samples); say so when the data, split, seed or sequence length
+    changed (a deliberate switch, but the samples after the resume come from a new order)."""
+    saved = load_meta.get("training") or {}
+    was = saved.get("global_batch_size")
+    if was is not None and was != training.global_batch_size:
+        raise ArgumentError(
+            f"--load {run.checkpoint.load}: the run was saved with --global-batch-size {was}, this run asks for "
+            f"{training.global_batch_size}: a resume reads on from sample iteration x global batch, so another batch "
+            f"would skip or repeat samples; resume with --global-batch-size {was}, or start from its weights with "
+            "--finetune"
+        )
+    data = load_meta.get("data") or {}
+    changed = [flag for flag, before, now in (
+        ("--data-path", data.get("data_path"), list(run.data.data_path)), ("--split", data.get("split"), run.data.split),
+        ("--seed", data.get("seed"), run.data.seed), ("--mock-data", data.get("mock"), run.data.mock),
+        ("--seq-length", saved.get("seq_length"), training.seq_length),
+    ) if before is not None and before != now]
+    if changed and dist_rank() == 0:
+        logger.warning("resuming with another %s than the run was saved with: the samples from here on come from a "
+                       "new order of the data, not from where the saved run stopped", ", ".join(changed))
+
+
 def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
     """The distributed optimizer's saved state (`dp_reshardable`) reshards over data-parallel
     ranks only, and neither optimizer loads the other's state: refuse, naming the flag,
@@ -310,8 +335,10 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
             else:  # an imported sliding-window model's: the run's windows are its own (consa_run.json)
                 set_window_fields(config, hf_window_fields(None, run.arch))
                 config.save_pretrained(str(directory))
-        else:
-            hf_config_from_arch(run.arch).save_pretrained(str(directory))
+        else:  # with the run's tokenizer's special ids, not the family's defaults (Llama's 1 and 2)
+            config = hf_config_from_arch(run.arch)
+            config.bos_token_id, config.eos_token_id = tokenizer.bos, tokenizer.eos
+            config.save_pretrained(str(directory))
         # the data the run read: evaluation draws its validation split from the same blend by default
         data = {"data_path": list(run.data.data_path), "split": run.data.split, "seed": run.data.seed,
                 "mock": run.data.mock}

@@ -105,7 +105,10 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     assert meta["data"] == {"data_path": [str(tmp_path / "hf_text_document")], "split": "90,10,0", "seed": 1234,
                             "mock": False}  # what evaluation's --data-path defaults its --split and seed to
     assert b"optimizer" not in (saved / ".metadata").read_bytes()  # dist_checkpointing's index of the shards
-    assert json.loads((saved / "config.json").read_text())["num_hidden_layers"] == 4
+    config = json.loads((saved / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    # the run's tokenizer's special ids (a plain HF generate stops at its EOS), not Llama's defaults
+    assert config["eos_token_id"] == reference.eos_token_id and config.get("bos_token_id") == reference.bos_token_id
 
 
 def _final_state(save: Path) -> dict:
@@ -266,6 +269,10 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "--lr 0.0003" in err and "--finetune" in err
     err = _bad(_with(same, "--train-iters", "9"), capsys)  # megatron would keep the saved schedule silently
     assert "--train-iters 5" in err and "--override-opt-param-scheduler" in err
+    (learned / "consa_run.json").write_text(json.dumps({  # its data position is iteration x global batch
+        "resumable": True, "consa": saved_consa, "architecture": {}, "training": {**saved_training, "global_batch_size": 8}}))
+    err = _bad(same, capsys)
+    assert "--global-batch-size 8" in err and "skip or repeat samples" in err and "--finetune" in err
     # the distributed optimizer's state reshards over DP only, and is not the standard one's
     sharded = tmp_path / "sharded"
     sharded.mkdir()

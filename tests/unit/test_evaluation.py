@@ -143,7 +143,7 @@ def test_indexed_split_rows_are_windows_of_its_text(tmp_path, docs, tokenizers, 
     assert rows.shape == (5, 33)
     for row in rows.tolist():
         assert _find(stream, row), "a row is not a contiguous window of the document + EOD"
-    with pytest.raises(ValueError, match="the test split is empty"):
+    with pytest.raises(ValueError, match="--split 0,1,0: the test split of --data-path .* holds no document"):
         indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="test", seq_length=32,
                                 num_sequences=1)
 

@@ -1,0 +1,224 @@
+"""megatron-core's GPT datasets as the trainer reads them (`megatron_consa.data.gpt`): the
+checks before megatron-core builds anything, and unweighted blends that last the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_consa.data.gpt import DataConfig, build_gpt_sources, documents_per_split, split_vector
+from megatron_consa.data.indexed import DataError, write_indexed_dataset
+
+
+class CharTokenizer:
+    """Characters as ids (a-z), EOD the last id: enough to write indexed datasets."""
+
+    vocab_size = 32
+    eod = 31
+    eos = 31
+    unique_identifiers = {"class": "CharTokenizer"}  # megatron-core keys its index cache by it
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - ord("a") for c in text]
+
+
+def _dataset(path, documents: int, seed: int = 0) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    texts = ["".join(chr(ord("a") + int(i)) for i in torch.randint(0, 26, (int(n),), generator=gen))
+             for n in torch.randint(20, 60, (documents,), generator=gen)]
+    write_indexed_dataset(texts, path, tokenizer_factory=CharTokenizer)
+    return str(path)
+
+
+def _sources(prefixes, split, train, valid=0, tmp_path=None):
+    config = DataConfig(data_path=list(prefixes), split=split, cache_path=str(tmp_path / "cache"))
+    return build_gpt_sources(config, CharTokenizer(), seq_length=16, train_samples=train, valid_samples=valid)
+
+
+@pytest.mark.parametrize("bad", ["abc", "0,0,0", "1,1,1,1", "-1,2,0", ""])
+def test_a_bad_split_is_refused_naming_the_flag(bad):
+    with pytest.raises(DataError, match="--split"):
+        split_vector(bad)
+
+
+def test_documents_per_split_is_megatron_cores_split(tmp_path):
+    """The count the checks use is the one megatron-core builds (documents in each split)."""
+    prefix = _dataset(tmp_path / "d", 37)
+    for split in ("969,30,1", "80,15,5", "1,1,1", "95,5"):
+        train, valid, test = _sources([prefix], split, train=50, valid=10, tmp_path=tmp_path)
+        counts = documents_per_split(37, split)
+        assert len(train.dataset.indices) == counts[0] and len(valid.dataset.indices) == counts[1], split
+        assert sum(counts) == 37
+
+
+@pytest.mark.timeout(120)
+def test_an_empty_split_the_run_reads_is_refused_and_one_it_does_not_read_is_skipped(tmp_path):
+    """With the default split a small dataset has an empty test split: unread, it is not built
+    (megatron-core, asked for samples of it, looped forever); an empty split the run reads is
+    refused naming --split and the prefix."""
+    prefix = _dataset(tmp_path / "d", 40)
+    assert documents_per_split(40, "969,30,1")[2] == 0
+    train, valid, _ = _sources([prefix], "969,30,1", train=64, valid=8, tmp_path=tmp_path)
+    assert len(train) >= 64 and len(valid) >= 8
+    small = _dataset(tmp_path / "small", 10)
+    with pytest.raises(DataError, match=r"--split 969,30,1: the valid split of --data-path .*small \(10 documents\)"):
+        _sources([small], "969,30,1", train=64, valid=8, tmp_path=tmp_path)
+
+
+def test_an_unweighted_blend_gives_fresh_epochs_not_a_replay(tmp_path):
+    """Two prefixes without weights, asked for three epochs' worth: megatron-core draws all of
+    them (weights by token count), instead of one epoch replayed in the same order."""
+    a, b = _dataset(tmp_path / "a", 30, seed=1), _dataset(tmp_path / "b", 60, seed=2)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    indexes = [IndexedDataset(p) for p in (a, b)]  # alive while read: their arrays are views of an mmap
+    one_epoch = sum(int(index.sequence_lengths.sum()) // 16 for index in indexes)  # samples of 16 + 1
+    train, _, _ = _sources([a, b], "100,0,0", train=3 * one_epoch, tmp_path=tmp_path)
+    assert len(train) >= 3 * one_epoch
+    replayed = sum(torch.equal(train.sample(i), train.sample(i + one_epoch)) for i in range(one_epoch))
+    assert replayed < one_epoch // 4
+
+
+def _sentencepiece(tmp_path, **kw):
+    import sentencepiece
+
+    from megatron_consa.data.demo_corpus import stdlib_documents
+
+    texts = list(stdlib_documents(max_documents=40))
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(tmp_path / "sp"), vocab_size=600, byte_fallback=True,
+        minloglevel=2, hard_vocab_limit=False, num_threads=1, **kw)
+    return tmp_path / "sp.model"
+
+
+def test_a_tokenizer_without_eos_has_no_end_of_document(tmp_path):
+    """The datasets end documents with the EOS; a tokenizer without one is refused where a
+    dataset is written (naming --tokenizer-model), not given an ordinary token as EOD."""
+    from megatron_consa.data.tokenizer import SentencePieceTokenizer, TokenizerError
+
+    model = _sentencepiece(tmp_path, eos_id=-1, bos_id=-1, unk_id=0)
+    tokenizer = SentencePieceTokenizer(model)
+    assert tokenizer.eos is None and tokenizer.encode("x = 1")  # it still encodes (generation needs no EOD)
+    with pytest.raises(TokenizerError, match="--tokenizer-model .*no EOS token"):
+        tokenizer.eod  # noqa: B018
+    with pytest.raises(TokenizerError, match="no EOS token"):
+        write_indexed_dataset(["x = 1"], tmp_path / "out", tokenizer_factory=lambda: tokenizer)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_trained_sentencepiece_model_keeps_code_as_it_is(tmp_path):
+    """Newlines, indentation and runs of spaces survive encode/decode (NFKC and whitespace
+    folding would turn code into one line)."""
+    from megatron_consa.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    from megatron_consa.data.demo_corpus import stdlib_documents
+
+    model = train_sentencepiece(stdlib_documents(max_documents=40), tmp_path / "tok", vocab_size=600)
+    tokenizer = SentencePieceTokenizer(model)
+    code = "def f(x):\n    return x  # two  spaces\n\n\nclass A:\tpass\n"
+    assert tokenizer.decode(tokenizer.encode(code)) == code
+    assert tokenizer.eos == 1 and tokenizer.eod == 1 and tokenizer.bos is None
+
+
+def test_data_from_another_tokenizer_is_refused_by_name(tmp_path):
+    """Ids beyond the tokenizer's vocabulary (data tokenized with a larger one) fail with an
+    error naming the flags, not an embedding index error (a device-side assert on a GPU)."""
+
+    class Smaller(CharTokenizer):
+        vocab_size = 16
+
+    prefix = _dataset(tmp_path / "d", 20)
+    config = DataConfig(data_path=[prefix], split="100,0,0", cache_path=str(tmp_path / "cache"))
+    train, _, _ = build_gpt_sources(config, CharTokenizer(), seq_length=16, train_samples=8, valid_samples=0)
+    assert int(train.sample(0).max()) < 32
+    train, _, _ = build_gpt_sources(config, Smaller(), seq_length=16, train_samples=8, valid_samples=0)
+    with pytest.raises(DataError, match="beyond the tokenizer's 16 ids.*--data-path and --tokenizer-model"):
+        train.sample(0)
+
+
+def test_input_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    from megatron_consa.data.indexed import iter_jsonl_texts
+
+    bad = tmp_path / "in.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"in\.jsonl:2: not UTF-8"):
+        list(iter_jsonl_texts([bad]))
+
+
+def test_a_rewrite_killed_between_its_renames_never_pairs_a_new_bin_with_an_old_idx(tmp_path, monkeypatch):
+    """Over an existing dataset, a kill after the .bin is in place leaves the prefix without
+    an .idx (refused by name), not the new .bin read through the old .idx."""
+    import os
+
+    from megatron_consa.data.gpt import check_data_paths
+
+    prefix = _dataset(tmp_path / "d", 10)
+    real, calls = os.replace, []
+
+    def killed_at_the_idx(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_idx)
+    with pytest.raises(KeyboardInterrupt):
+        _dataset(tmp_path / "d", 30, seed=5)
+    monkeypatch.setattr(os, "replace", real)
+    assert [str(c)[-4:] for c in calls] == [".bin", ".idx"]
+    with pytest.raises(DataError, match=r"d\.idx does not exist"):
+        check_data_paths(DataConfig(data_path=[prefix]))
+
+
+def test_a_dataset_rewritten_under_its_prefix_is_not_read_through_old_cached_indices(tmp_path):
+    """megatron-core keys its cached sample indices by the prefix, not the file: after the
+    prefix is preprocessed again, the run reads the new documents."""
+    prefix = _dataset(tmp_path / "d", 10, seed=1)
+    config = DataConfig(data_path=[prefix], split="100,0,0")
+    before, _, _ = build_gpt_sources(config, CharTokenizer(), seq_length=16, train_samples=8, valid_samples=0)
+    old = [before.sample(i) for i in range(8)]
+    _dataset(tmp_path / "d", 50, seed=2)
+    after, _, _ = build_gpt_sources(config, CharTokenizer(), seq_length=16, train_samples=8, valid_samples=0)
+    assert len(after.dataset.indices) == 50
+    assert not all(torch.equal(a, b) for a, b in zip(old, (after.sample(i) for i in range(8))))
+
+
+def test_an_unwritable_index_cache_is_refused_before_any_work(tmp_path):
+    from megatron_consa.data.gpt import check_data_paths
+
+    prefix = _dataset(tmp_path / "d", 10)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match=r"--data-cache-path .*a_file/cache is not writable"):
+        check_data_paths(DataConfig(data_path=[prefix], cache_path=str(tmp_path / "a_file" / "cache")))
+
+
+def test_preprocess_takes_a_tokenizer_directory_as_hugging_face_and_names_the_output_by_key(tmp_path, capsys):
+    """--tokenizer-model DIR alone is a Hugging Face tokenizer (as in training); the output is
+    <prefix>_<key>_document (Megatron-LM's naming); --train-sentencepiece with a model is refused."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "tests"))
+    from tokenizer_fixtures import hf_tokenizer_dir
+
+    from megatron_consa.cli import run_tool
+
+    spec = importlib.util.spec_from_file_location("preprocess_data", root / "tools" / "preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    docs = [f"def f{i}(x):\n    return x + {i}\n" for i in range(30)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    tok = hf_tokenizer_dir(docs, tmp_path / "tok")
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"), "--json-keys", "content"]
+    assert run_tool(tool.main, args + ["--tokenizer-model", str(tok)]) == 0
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    written = IndexedDataset(str(tmp_path / "out_content_document"))
+    reference = AutoTokenizer.from_pretrained(str(tok), local_files_only=True)
+    assert written[3].tolist() == reference.encode(docs[3], add_special_tokens=False) + [reference.eos_token_id]
+    assert run_tool(tool.main, args + ["--tokenizer-model", str(tok), "--train-sentencepiece", "300"]) == 2
+    assert "drop --tokenizer-model" in capsys.readouterr().err
