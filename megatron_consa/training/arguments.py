@@ -363,6 +363,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--consa-gates-only is for --consa-phase learn; a fixed allocation has no gates")
     if not a.mock_data and not a.data_path:
         raise ArgumentError("--data-path is missing: give dataset prefixes (tools/preprocess_data.py) or --mock-data")
+    if a.mock_data and a.data_path:
+        raise ArgumentError("--mock-data trains on megatron-core's mock dataset, not --data-path: drop one of them")
     data = DataConfig(data_path=list(a.data_path), split=a.split, mock=a.mock_data, cache_path=a.data_cache_path,
                       seed=a.seed)
     tok_type = a.tokenizer_type or (  # a directory is a Hugging Face tokenizer, a file a sentencepiece model

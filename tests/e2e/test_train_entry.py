@@ -221,6 +221,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     err = _bad(small_vocab, capsys)
     assert "--tokenizer-model" in err and "model's vocabulary is 64" in err
     assert "--consa-target-sparsity" in _bad(BASE + ["--consa-target-sparsity", "1.5"], capsys)
+    assert "drop one of them" in _bad(BASE + ["--data-path", corpus["data"]], capsys)  # --mock-data would ignore it
     err = _bad(BASE + ["--lr", "1e-5", "--min-lr", "1e-4"], capsys)  # megatron-core's scheduler would assert
     assert "--min-lr" in err and "lr=1e-05" in err
     other = Allocation(granularity="kv_head", num_layers=2, num_kv_heads=2, window=8, sink_tokens=0,
