@@ -72,7 +72,7 @@ study: install
 	$(PY) examples/study_real.py --out runs/study_real
 
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+	CONSA_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -q

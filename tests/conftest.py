@@ -117,10 +117,14 @@ def single_rank_mcore():
 
 @pytest.fixture(scope="session")
 def smollm2_hf_dir():
-    """SmolLM2-135M as a Hugging Face directory (tests/real_model.py: cached per clone); skips if not installed."""
+    """SmolLM2-135M as a Hugging Face directory (tests/real_model.py: cached per clone); skips if not
+    installed, except under `make test` (CONSA_REQUIRE_REAL_MODEL=1), which installs it: there a
+    missing model is a broken install, and the real-weights tests must not vanish with it."""
     from real_model import MISSING, materialize
 
     path = materialize()
     if path is None:
+        if os.environ.get("CONSA_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(MISSING)
         pytest.skip(MISSING)
     return path

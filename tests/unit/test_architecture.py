@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  a required dependency: a broken install fails here, never skips
 
 from megatron_consa.architecture import ArchitectureConfig, hf_sliding_layers  # noqa: E402
 from megatron_consa.config import ConsaConfigError  # noqa: E402

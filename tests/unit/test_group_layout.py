@@ -214,7 +214,6 @@ class TestReorderedModel:
 
 
 def test_hf_export_of_a_reordered_model_is_canonical_and_imports_back_to_the_same_function(tmp_path, single_rank_mcore):
-    pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
     from conversion_fixtures import hf_logits

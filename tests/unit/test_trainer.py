@@ -288,8 +288,8 @@ def test_real_trainer_settles_with_the_default_controller(granularity, target):
     allocation = trainer.finalize()
     assert allocation.achieved_sparsity == pytest.approx(target, abs=1e-12)
     assert min(b[0] for b in bounds) >= consa.log_alpha_min and max(b[1] for b in bounds) <= consa.log_alpha_max
-    first = next(k for k, (_, s) in enumerate(trainer.controller.s_hat_history) if abs(s - target) <= 0.01)
-    assert first < 1000
+    history = [s for _, s in trainer.controller.s_hat_history]
+    assert abs(history[len(history) // 2] - target) <= 0.01  # on target by half-way, not just at the end
 
 
 def test_interrupted_save_falls_back_to_the_previous_checkpoint(tmp_path):
