@@ -295,3 +295,35 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
                        "--consa-target-sparsity", "0.5"], capsys)
     assert "another allocation" in err and "--finetune" in err
     assert sorted(p.name for p in keep.iterdir()) == ["precious.txt"]  # nothing written or overwritten
+
+
+def test_finalize_refuses_what_it_must_and_writes_nothing(tmp_path, capsys):
+    """tools/finalize_allocation.py as shipped: a learn run that did not settle is refused
+    (exit 2, nothing written); --tolerance loosens the judgement; a non-empty --save needs
+    --overwrite; a fixed checkpoint has no gates to finalize."""
+    import importlib.util
+
+    from megatron_consa.cli import run_tool
+
+    spec = importlib.util.spec_from_file_location("finalize_allocation", ROOT / "tools" / "finalize_allocation.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    _ok(_train(MODEL + ["--mock-data", "--vocab-size", "128", "--consa-phase", "learn", "--consa-target-sparsity",
+                        "0.5", "--consa-target-warmup-iters", "1", "--train-iters", "6", "--save", str(tmp_path / "learn")]))
+
+    def refused(argv, message, nothing_at):
+        assert run_tool(tool.main, argv) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert nothing_at is None or not nothing_at.exists()
+
+    load = ["--load", str(tmp_path / "learn")]
+    refused(load + ["--save", str(tmp_path / "fin")], "did not settle", tmp_path / "fin")
+    assert run_tool(tool.main, load + ["--save", str(tmp_path / "fin"), "--tolerance", "1"]) == 0
+    allocation = Allocation.load(tmp_path / "fin" / "allocation.json")
+    assert allocation.achieved_sparsity == 0.5 and (tmp_path / "fin" / "checkpoint" / "consa_run.json").is_file()
+    before = (tmp_path / "fin" / "allocation.json").read_bytes()
+    refused(load + ["--save", str(tmp_path / "fin"), "--tolerance", "1"], "--overwrite", None)
+    assert (tmp_path / "fin" / "allocation.json").read_bytes() == before
+    refused(["--load", str(tmp_path / "fin"), "--save", str(tmp_path / "again")], "no gates to finalize",
+            tmp_path / "again")
