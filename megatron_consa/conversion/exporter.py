@@ -61,9 +61,10 @@ def export_to_hf(request: ExportRequest) -> Path:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
     hf_state = _merged_hf_state(info)
     with staged_directory(save) as tmp:
-        files = write_safetensors(hf_state, tmp, request.max_shard_size)
+        # in the checkpoint's dtype throughout: megatron-core keeps some weights (the norms) in fp32
+        files = write_safetensors(hf_state, tmp, request.max_shard_size, dtype=info.dtype)
         set_window_fields(hf_config, window_fields)
-        hf_config.dtype = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
+        hf_config.dtype = str(info.dtype).replace("torch.", "")
         hf_config.save_pretrained(tmp)
         copy_tokenizer_files(load, tmp)
         if allocation is not None:
@@ -110,19 +111,24 @@ def _check_shard_size(max_shard_size: int | str) -> None:
         raise ValueError(f"--max-shard-size {max_shard_size!r}: {err} (e.g. 5GB, 500MB, or a byte count)") from None
 
 
-def write_safetensors(hf_state: dict[str, torch.Tensor], out: Path, max_shard_size: int | str) -> int:
+def write_safetensors(hf_state: dict[str, torch.Tensor], out: Path, max_shard_size: int | str,
+                      dtype: Optional[torch.dtype] = None) -> int:
     """Write `hf_state` as `save_pretrained` lays it out: `model.safetensors`, or files
     `model-0000i-of-0000n.safetensors` of at most `max_shard_size` each (a larger tensor
     alone in its file) with `model.safetensors.index.json`. One file's tensors are made
-    contiguous copies at a time (the entries may be views sharing storage). Returns the
-    number of files."""
+    contiguous copies at a time (the entries may be views sharing storage), in `dtype`
+    when given. Returns the number of files."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    sizes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in hf_state.items()}
+    def written(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    sizes = {k: torch.empty(v.shape, dtype=written(v), device="meta") for k, v in hf_state.items()}
     split = split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        tensors = {n: hf_state[n].cpu().clone(memory_format=torch.contiguous_format) for n in names}
+        tensors = {n: hf_state[n].to(device="cpu", dtype=written(hf_state[n]), memory_format=torch.contiguous_format,
+                                     copy=True) for n in names}
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         del tensors
     if split.is_sharded:

@@ -584,3 +584,23 @@ def test_import_checks_the_whole_checkpoint_from_its_headers(converted, monkeypa
     save_file(weights, str(bad / "model.safetensors"))
     with pytest.raises(ValueError, match="model.layers.2.mlp.up_proj.weight"):
         prepare_import(ImportRequest(hf_path=str(bad), save=str(tmp_path / "out")))
+
+
+def test_a_bf16_source_imports_at_its_own_dtype_and_round_trips(converted, tmp_path):
+    """Hugging Face releases are mostly bf16: imported without --dtype the checkpoint is bf16 (not
+    upcast), and the export gives the source's bf16 tensors back bit for bit."""
+    from conversion_fixtures import hf_model
+
+    from megatron_consa.conversion.checkpoint_model import read_checkpoint_info
+
+    source = tmp_path / "hf-bf16"
+    hf_model("qwen3").to(torch.bfloat16).save_pretrained(source)
+    ckpt, back = tmp_path / "mcore-bf16", tmp_path / "back-bf16"
+    assert run_tool(IMPORT.main, ["--hf-path", str(source), "--save", str(ckpt), "--tensor-model-parallel-size", "2"]) == 0
+    assert read_checkpoint_info(ckpt).dtype == torch.bfloat16
+    assert json.loads((ckpt / "consa_run.json").read_text())["conversion"]["dtype"] == "bfloat16"
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back)]) == 0
+    weights = read_weights(back)
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert_weights_equal(weights, read_weights(source))
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
