@@ -61,7 +61,9 @@ def allocation_from_hf(hf_config: Any, arch: ArchitectureConfig) -> Optional[All
         num_kv_heads=arch.num_kv_heads,
         window=int(window),
         sink_tokens=0,
-        target_sparsity=swa_layers / arch.num_layers,
+        # every layer sliding (Mistral-7B-v0.1, an all-SWA export): a sparsity of 1 is no target an
+        # Allocation takes (the all_swa preset records none either)
+        target_sparsity=swa_layers / arch.num_layers if swa_layers < arch.num_layers else None,
         fa=fa,
         source=f"hf:{arch.model_type}",
         metadata={"imported_from": "layer_types" if arch.model_type != "mistral" else "sliding_window"},

@@ -125,6 +125,36 @@ def test_hybrid_import_really_slides(converted):
     assert rel_err(hf_logits(hf_dir), hf_logits(full)) > 1e-3  # the windows change the result at this length
 
 
+def test_a_source_where_every_layer_slides_imports_runs_and_exports(tmp_path, single_rank_mcore):
+    """Mistral-7B-v0.1's config (sliding_window on every layer) and Qwen with max_window_layers=0:
+    imported as an all-SWA allocation, our logits equal transformers' (which slide at this
+    length), and the export gives the stock field back."""
+    from scenarios import checkpoint_logits
+
+    from megatron_consa.conversion.windows import allocation_from_hf
+
+    model = hf_model("mistral")
+    config = transformers.MistralConfig(**{**model.config.to_dict(), "sliding_window": WINDOW})
+    sliding = transformers.MistralForCausalLM(config).eval()
+    sliding.load_state_dict(model.state_dict())
+    sliding.config._attn_implementation = "eager"
+    sliding.save_pretrained(tmp_path / "hf")
+    assert rel_err(hf_logits(tmp_path / "hf"), hf_logits(model)) > 1e-3  # the window matters at this length
+    ckpt, back = tmp_path / "mcore", tmp_path / "back"
+    assert run_tool(IMPORT.main, ["--hf-path", str(tmp_path / "hf"), "--save", str(ckpt), "--dtype", "fp32"]) == 0
+    allocation = Allocation.load(ckpt / "allocation.json")
+    assert allocation.num_fa_kv_heads == 0 and allocation.window == WINDOW and allocation.target_sparsity is None
+    assert rel_err(checkpoint_logits(str(ckpt), tokens()), hf_logits(tmp_path / "hf")) < TOL
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back)]) == 0
+    assert json.loads((back / "config.json").read_text())["sliding_window"] == WINDOW
+    assert rel_err(hf_logits(back), hf_logits(tmp_path / "hf")) < TOL
+    qwen = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=64, use_sliding_window=True, sliding_window=8,
+                                    max_window_layers=0)
+    every = allocation_from_hf(qwen, ArchitectureConfig.from_hf(qwen, allow_sliding_window=True))
+    assert every.num_fa_kv_heads == 0 and every.window == 8
+
+
 def test_llama3_rope_scaling_is_carried_over_or_refused(tmp_path, single_rank_mcore):
     """Llama 3.x's llama3 RoPE scaling reaches our model: logits equal transformers' at positions where the scaling
     matters (512 tokens; dropping it changes transformers' own logits by far more than the tolerance)."""
