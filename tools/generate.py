@@ -46,8 +46,9 @@ def _checked(convert, ok, requirement: str):
 
 _POSITIVE = _checked(int, lambda v: v >= 1, "an integer >= 1")
 _NON_NEGATIVE = _checked(int, lambda v: v >= 0, "an integer >= 0")
-_TEMPERATURE = _checked(float, lambda v: v >= 0, "a number >= 0")
+_TEMPERATURE = _checked(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 _PROBABILITY = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_SEED = _checked(int, lambda v: 0 <= v < 2**63, "an integer in 0 .. 2**63 - 1")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -64,7 +65,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0: greedy (default); > 0: sample")
     p.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_PROBABILITY, default=1.0, help="nucleus sampling mass (1: all)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed (0 .. 2**63 - 1)")
     p.add_argument("--prefill-chunk", type=_POSITIVE, help="with --load: prefill the prompt in chunks of this many tokens")
     p.add_argument("--kv-report", action="store_true", help="also print the KV-cache bytes held and allocated, and all FA's at the same length")
     return p.parse_args(argv)
@@ -86,6 +87,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_dir = Path(args.load or args.hf_path)
     if not model_dir.is_dir():
         raise UserInputError(f"--{'load' if args.load else 'hf-path'} {model_dir}: no such directory")
+    if args.hf_path:
+        from megatron_consa.conversion.hf_files import safetensors_files
+        from megatron_consa.training.checkpoint import CONSA_META_FILE, TRACKER_FILE
+
+        if (model_dir / CONSA_META_FILE).is_file() or (model_dir / TRACKER_FILE).is_file():
+            raise UserInputError(f"--hf-path {model_dir}: a megatron-consa checkpoint, not a Hugging Face export: "
+                                 "use --load (or export it with tools/convert_megatron_to_hf.py)")
+        safetensors_files(model_dir)  # no weights: a clear error, not transformers' traceback
     tokenizer = tokenizer_from_path(args.tokenizer) if args.tokenizer else None
     if args.tokenizer and tokenizer is None:
         raise UserInputError(f"--tokenizer {args.tokenizer}: no sentencepiece model or Hugging Face tokenizer there")
@@ -98,6 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = read_checkpoint_info(args.load, args.allocation)
         tokenizer = tokenizer or tokenizer_from_path(info.path)
         ids = _prompt_ids(args, tokenizer, info.arch.vocab_size)
+        _warn_past_positions(ids.size(1) + args.max_new_tokens, info.arch)
         with one_rank_model(info, fixed_consa_config(info.arch, info.allocation)) as model:
             result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                               prefill_chunk=args.prefill_chunk, eos_token_id=_eos(tokenizer))
@@ -113,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         arch = ArchitectureConfig.from_hf(load_hf_config(model_dir), allow_sliding_window=True)
         tokenizer = tokenizer or tokenizer_from_path(model_dir)
         ids = _prompt_ids(args, tokenizer, arch.vocab_size)
+        _warn_past_positions(ids.size(1) + args.max_new_tokens, arch)
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32)
         tokens, cache = generate_hf(model.eval(), ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                     eos_token_id=_eos(tokenizer))
@@ -122,6 +133,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.kv_report:
         _kv_report(cache, allocation, arch, tokens.size(1), dtype)
     return 0
+
+
+def _warn_past_positions(total: int, arch) -> None:
+    if total > arch.max_position_embeddings:
+        import logging
+
+        logging.getLogger("megatron_consa.generate").warning(
+            "the prompt and --max-new-tokens reach %d positions, past the model's max_position_embeddings (%d): "
+            "the tokens beyond it are at positions the model was not built for", total, arch.max_position_embeddings)
 
 
 def _eos(tokenizer):
@@ -137,7 +157,7 @@ def _prompt_ids(args: argparse.Namespace, tokenizer, vocab_size: int):
     if args.prompt is not None:
         if tokenizer is None:
             raise UserInputError("--prompt needs a tokenizer and the model directory has none: pass --tokenizer or --prompt-ids")
-        ids = tokenizer.encode(args.prompt)
+        ids = tokenizer.encode_prompt(args.prompt)  # with the BOS a Llama or Mistral tokenizer adds
         if not ids:
             raise UserInputError("--prompt encodes to no tokens: give some text")
     else:
@@ -149,7 +169,8 @@ def _prompt_ids(args: argparse.Namespace, tokenizer, vocab_size: int):
             raise UserInputError("--prompt-ids is empty: give at least one token id")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise UserInputError(f"--prompt-ids: token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})")
+        source = "--prompt-ids" if args.prompt is None else "--prompt (its tokenizer)"
+        raise UserInputError(f"{source}: token ids {bad[:5]} are outside the model's vocabulary (0..{vocab_size - 1})")
     return torch.tensor([ids], dtype=torch.long)
 
 

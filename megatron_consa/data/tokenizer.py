@@ -57,7 +57,10 @@ class SentencePieceTokenizer(_Tokenizer):
         if not path.is_file():
             raise TokenizerError(f"--tokenizer-model {path}: no sentencepiece model file there")
         self.model_file = self.source = path
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as err:
+            raise TokenizerError(f"--tokenizer-model {path}: not a sentencepiece model ({err})") from None
         self.vocab_size = int(self._sp.get_piece_size())
         eos, bos = int(self._sp.eos_id()), int(self._sp.bos_id())
         self.eos: Optional[int] = eos if eos >= 0 else None
@@ -65,6 +68,10 @@ class SentencePieceTokenizer(_Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A generation prompt: the text after the BOS, where the model has one."""
+        return ([] if self.bos is None else [self.bos]) + self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode(list(ids))
@@ -90,6 +97,11 @@ class HuggingFaceTokenizer(_Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A generation prompt as transformers encodes one: with the tokenizer's special tokens
+        (a Llama or Mistral BOS), unlike the documents of a dataset."""
+        return list(self._tok.encode(text, add_special_tokens=True))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))

@@ -146,7 +146,15 @@ def generate(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1 (or None: the whole prompt at once)")
+    was_training = model.training
     model.eval()
+    try:
+        return _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_id)
+    finally:
+        model.train(was_training)  # a generation mid-training (samples at an eval step) leaves it as it was
+
+
+def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_id) -> GenerationResult:
     n = prompt.size(1)
     cache = cache_for_model(model, max_length=n + max_new_tokens)
     generator = sampling.generator(prompt.device)

@@ -44,7 +44,9 @@ def next_token(logits: Tensor, config: SamplingConfig, generator: Optional[torch
     """The next token of each sequence (``[b]``) from the last position's logits ``[b, vocab]``."""
     if config.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / config.temperature
+    # from the row's max, in float64: a tiny temperature (1e-40) would overflow float32 to inf / nan
+    scores = logits.double()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_k and config.top_k < scores.size(-1):
         kth = torch.topk(scores, config.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

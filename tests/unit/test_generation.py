@@ -126,6 +126,11 @@ def test_sampling_config_refuses_bad_values():
     assert next_token(logits, SamplingConfig(), None).item() == 1
     picks = {next_token(logits, SamplingConfig(temperature=1.0, top_k=2, seed=s), SamplingConfig(seed=s, temperature=1.0).generator(torch.device("cpu"))).item() for s in range(30)}
     assert picks == {1, 3}  # top-k 2 keeps exactly the two best
+    # a temperature far below float32's range samples the argmax (in float32 it gave inf / nan)
+    wide = torch.tensor([[0.0, 5.0, 1.0, 4.9], [2.0, -1.0, 3.0, 2.9], [100.0, 90.0, 0.0, -float("inf")]])
+    for t in (1e-20, 1e-40, 1e-300):
+        sampled = next_token(wide, SamplingConfig(temperature=t), SamplingConfig(temperature=t).generator(torch.device("cpu")))
+        assert sampled.tolist() == [1, 2, 0], t
 
 
 # --------------------------------------------------------------------------- our megatron-core model
@@ -173,7 +178,10 @@ def test_megatron_generation_with_the_cache_equals_recomputing_the_prefix(single
     for sampling in (SamplingConfig(), SAMPLED):
         ref_tokens, ref_logits = _recompute(model, prompt, sampling)
         for chunk in (None, 5):
+            model.train(chunk is None)  # generating leaves the model in the mode it was in
             result = generate(model, prompt, max_new_tokens=NEW, sampling=sampling, prefill_chunk=chunk)
+            assert model.training == (chunk is None)
+            model.eval()
             assert torch.equal(result.tokens, ref_tokens), (sampling, chunk)
             torch.testing.assert_close(result.logits, ref_logits, rtol=1e-5, atol=1e-5)
         if sampling.greedy:
@@ -300,14 +308,19 @@ def _tool(name: str):
     return module
 
 
-def _save_word_tokenizer(directory: Path, eos: str | None = None) -> None:
-    """A word-level tokenizer over the tiny vocabulary: 'w0' .. 'w95', split on spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def _save_word_tokenizer(directory: Path, eos: str | None = None, bos: str | None = None) -> None:
+    """A word-level tokenizer over the tiny vocabulary: 'w0' .. 'w95', split on spaces (with
+    `bos`: one that puts it first, as Llama's does, when special tokens are added)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=eos).save_pretrained(directory)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=eos,
+                                         bos_token=bos).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +369,23 @@ def test_generate_cli_stops_at_the_tokenizers_eos_on_both_back_ends(generation_d
         assert capsys.readouterr().out.split() == words[:stop + 1], source
 
 
+def test_generate_cli_prompts_get_the_bos_a_tokenizer_adds(generation_dirs, tmp_path, capsys):
+    """A Llama-style tokenizer puts its BOS first: --prompt is encoded as transformers encodes
+    it (BOS included, unlike a dataset's documents), the same as --prompt-ids with the BOS."""
+    from megatron_consa.data.tokenizer import HuggingFaceTokenizer
+
+    ckpt, _, allocation = generation_dirs
+    _save_word_tokenizer(tmp_path / "tok", bos="w7")
+    tok = HuggingFaceTokenizer(tmp_path / "tok")
+    assert tok.bos == 7 and tok.encode("w3 w4") == [3, 4] and tok.encode_prompt("w3 w4") == [7, 3, 4]
+    tool = _tool("generate")
+    load = ["--load", str(ckpt), "--allocation", str(allocation), "--max-new-tokens", "4"]
+    assert run_tool(tool.main, [*load, "--prompt", "w3 w4", "--tokenizer", str(tmp_path / "tok")]) == 0
+    with_bos = capsys.readouterr().out.split()
+    assert run_tool(tool.main, [*load, "--prompt-ids", "7,3,4", "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert capsys.readouterr().out.split() == with_bos
+
+
 def _exit_status(tool, argv) -> int:
     try:
         return run_tool(tool.main, argv)
@@ -366,16 +396,22 @@ def _exit_status(tool, argv) -> int:
 def test_generate_cli_refuses_bad_input(generation_dirs, tmp_path, capsys):
     ckpt, export, _ = generation_dirs
     tool = _tool("generate")
+    readme = tmp_path / "README.md"
+    readme.write_text("not a tokenizer")
     cases = [
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
-        (["--load", str(ckpt), "--prompt-ids", "1,2", "--temperature", "-0.5"], "--temperature: must be a number >= 0"),
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--temperature", "-0.5"], "--temperature: must be a finite number >= 0"),
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--seed", str(2**64)], "--seed: must be an integer in 0 .. 2**63 - 1"),
         (["--load", str(ckpt)], "one of the arguments --prompt --prompt-ids is required"),
         (["--load", str(ckpt), "--prompt-ids", "1,x"], "--prompt-ids '1,x': write comma-separated integers"),
-        (["--load", str(ckpt), "--prompt-ids", f"1,{VOCAB}"], f"--prompt-ids: token ids [{VOCAB}] are outside the vocabulary"),
+        (["--load", str(ckpt), "--prompt-ids", f"1,{VOCAB}"], f"--prompt-ids: token ids [{VOCAB}] are outside the model's vocabulary"),
+        (["--hf-path", str(ckpt), "--prompt-ids", "1"], "a megatron-consa checkpoint, not a Hugging Face export: use --load"),
+        (["--hf-path", str(tmp_path), "--prompt-ids", "1"], "no model.safetensors"),
         (["--hf-path", str(export), "--prompt-ids", "1", "--allocation", "a.json"], "--allocation and --prefill-chunk go with --load"),
         (["--load", str(tmp_path / "missing"), "--prompt-ids", "1"], "no such directory"),
         (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(tmp_path)], f"--tokenizer {tmp_path}: no sentencepiece"),
+        (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(readme)], "not a sentencepiece model"),
     ]
     for argv, message in cases:
         assert _exit_status(tool, argv) == 2, argv
