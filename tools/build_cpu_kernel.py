@@ -23,7 +23,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     module = cpu_extension.extension()
     if module is None:
-        print(f"CPU SWA kernel: not built (see the warning above; {cpu_extension.ENV_VAR}=0 turns it off)")
+        if cpu_extension.mode() == "off":
+            print(f"CPU SWA kernel: off ({cpu_extension.ENV_VAR}=0 in the environment): not built")
+        else:
+            print(f"CPU SWA kernel: not built (see the warning above; {cpu_extension.ENV_VAR}=0 turns it off)")
         return 1 if args.require else 0
     print(f"CPU SWA kernel: {module.__file__}")
     return 0

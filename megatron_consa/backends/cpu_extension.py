@@ -51,7 +51,8 @@ class ExtensionUnavailable(RuntimeError):
     """The C++ kernel could not be built or loaded here."""
 
 
-def _mode() -> str:
+def mode() -> str:
+    """How `CONSA_CPU_SWA_KERNEL` asks for the kernel: "off", "required" or "auto"."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower()
     if value in ("0", "off", "false", "no"):
         return "off"
@@ -97,7 +98,7 @@ def _load_or_none() -> Optional[object]:
     try:
         return _build()
     except Exception as exc:  # noqa: BLE001 - any build/link failure means "not here"
-        if _mode() == "required":
+        if mode() == "required":
             raise ExtensionUnavailable(f"the CPU SWA kernel did not build ({ENV_VAR}=1): {exc}") from exc
         # logged, not warnings.warn: the entry points filter warnings, and a run on the slower
         # path must say so
@@ -111,7 +112,7 @@ def _load_or_none() -> Optional[object]:
 
 def extension() -> Optional[object]:
     """The compiled module (``forward``, ``backward``), or None where it is off or did not build."""
-    if _mode() == "off":
+    if mode() == "off":
         return None
     return _load_or_none()
 

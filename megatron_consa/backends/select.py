@@ -155,6 +155,8 @@ def resolve_backend_name(name: str, *, sink_tokens: int = 0) -> str:
     asked for: TE's window has none), else `torch`."""
     if name == "auto":
         return "te" if not sink_tokens and transformer_engine_available() else "torch"
+    if name not in ("torch", "te"):
+        raise ConsaConfigError(f"attention backend {name!r}: use 'auto', 'torch' or 'te'")
     if name == "te" and not transformer_engine_available():
         raise ConsaConfigError(
             "ConsaConfig.backend='te' needs CUDA and an importable transformer_engine; "

@@ -100,8 +100,14 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
         raise ValueError(f"q{tuple(q.shape)} and k{tuple(k.shape)} disagree on batch/seq/head_dim")
     hkv = k.shape[1]
-    if hkv < 1 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if hq < 1 or hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of KV heads ({hkv})")
+    if d < 1:
+        raise ValueError(f"head_dim must be >= 1, got q{tuple(q.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     return hq // hkv
 
 
@@ -597,12 +603,16 @@ def sliding_window_attention(
         fallback; first order only).
     """
     _check_qkv(q, k, v)
+    if int(window) != window or int(sink_tokens) != sink_tokens:
+        raise ValueError(f"window ({window}) and sink_tokens ({sink_tokens}) must be whole numbers")
     window = int(window)
     sink_tokens = int(sink_tokens)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+    if not (scale > 0 and math.isfinite(scale)):  # the kernel takes the row max before scaling
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     s = q.shape[2]
     if s == 0:
         return q.new_empty(q.shape)

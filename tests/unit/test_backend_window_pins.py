@@ -396,6 +396,9 @@ def test_auto_backend_takes_torch_for_sink_tokens(monkeypatch):
     assert select.resolve_backend_name("torch") == "torch"
     from megatron_consa.config import ConsaConfigError
 
+    with pytest.raises(ConsaConfigError, match="attention backend 'TE'"):  # not silently the torch backend
+        select.resolve_backend_name("TE")
+
     with pytest.raises(ConsaConfigError, match="sink_tokens=4"):
         select.make_attention_backend("te", window=8, sink_tokens=4, softmax_scale=1.0, kv_channels=16, layer_number=1)
 

@@ -409,6 +409,34 @@ def test_bad_input_is_refused():
         ext.forward(q, q, q, 0, 0, 0.5, 4, 16)
     with pytest.raises(RuntimeError, match="last dim must be contiguous"):
         ext.forward(q.transpose(-1, -2), q.transpose(-1, -2), q.transpose(-1, -2), 2, 0, 0.5, 4, 16)
+    for scale in (0.0, -0.5, float("inf"), float("nan")):  # its products take the row max before scaling
+        with pytest.raises(RuntimeError, match="scale must be a positive finite number"):
+            ext.forward(q, q, q, 2, 0, scale, 4, 16)
+    with pytest.raises(RuntimeError, match="dtypes differ: Float, BFloat16, BFloat16"):
+        ext.forward(q, q.bfloat16(), q.bfloat16(), 2, 0, 0.5, 4, 16)
+    with pytest.raises(RuntimeError, match="positive multiple of KV heads"):
+        ext.forward(q[:, :0], kv, kv, 2, 0, 0.5, 4, 16)
+    with pytest.raises(RuntimeError, match="head_dim must be >= 1"):
+        ext.forward(q[..., :0], q[..., :0], q[..., :0], 2, 0, 0.5, 4, 16)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"scale": 0.0}, "scale must be a positive finite number"),
+    ({"scale": -0.125}, "scale must be a positive finite number"),
+    ({"window": 3.7}, "must be whole numbers"),
+    ({"sink_tokens": 1.5}, "must be whole numbers"),
+    ({"k_dtype": torch.bfloat16}, "must share a dtype"),
+    ({"heads": 0}, "positive multiple of KV heads"),
+])
+def test_the_library_refuses_what_the_kernels_cannot_run(kwargs, message):
+    """At the library's boundary, whatever path the CPU would take (a zero scale gave NaN on the
+    fast paths and the right answer on MKL's; a window of 3.7 ran as 3)."""
+    heads, k_dtype = kwargs.pop("heads", 4), kwargs.pop("k_dtype", torch.float32)
+    q = torch.randn(1, heads, 64, 16)
+    k, v = torch.randn(1, 2, 64, 16, dtype=k_dtype), torch.randn(1, 2, 64, 16, dtype=k_dtype)
+    args = {"window": 8, "scale": 0.25, "sink_tokens": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sliding_window_attention(q, k, v, **args)
 
 
 def test_library_runs_the_banded_kernel_by_default():

@@ -1149,21 +1149,26 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t W, int64_t S,
-                  int64_t qT, int64_t kT) {
+                  int64_t qT, int64_t kT, double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "swa_cpu: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "swa_cpu: expected [b, h, s, d] tensors");
   TORCH_CHECK(k.sizes() == v.sizes(), "swa_cpu: k and v must have the same shape");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
               "swa_cpu: q and k disagree on batch/seq/head_dim");
-  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "swa_cpu: query heads must be a multiple of KV heads");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "swa_cpu: dtypes differ");
+  TORCH_CHECK(q.size(1) >= 1 && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "swa_cpu: query heads must be a positive multiple of KV heads");
+  TORCH_CHECK(q.size(3) >= 1, "swa_cpu: head_dim must be >= 1");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "swa_cpu: q, k, v dtypes differ: ",
+              q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  // the products run on unscaled scores: the row max is taken before scaling
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "swa_cpu: scale must be a positive finite number, got ", scale);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "swa_cpu: the last dim must be contiguous");
   TORCH_CHECK(W >= 1 && S >= 0 && qT >= 1 && kT >= 1, "swa_cpu: window, tiles >= 1 and sinks >= 0");
 }
 
 std::vector<at::Tensor> swa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
                                     int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile, bool allow_pack) {
-  check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
+  check_inputs(q, k, v, window, sinks, q_tile, kv_tile, scale);
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
@@ -1193,7 +1198,7 @@ std::vector<at::Tensor> swa_backward(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      int64_t window, int64_t sinks, double scale, int64_t q_tile, int64_t kv_tile,
                                      bool allow_brgemm) {
-  check_inputs(q, k, v, window, sinks, q_tile, kv_tile);
+  check_inputs(q, k, v, window, sinks, q_tile, kv_tile, scale);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "swa_cpu: grad_out/out must match q");
   const at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
