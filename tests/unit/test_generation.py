@@ -1,7 +1,7 @@
 """The hybrid KV cache and generation with it, against references that do not use it.
 
 * the cache's attention, chunk by chunk, equals dense masked attention over the whole
-  history (`dense_masked_attention` with the window mask) and its size is the
+  history (`tests/attention_reference.py`, written apart from the library) and its size is the
   kv_memory formula;
 * our megatron-core model generates with the cache the same tokens (greedy and
   sampled) as recomputing the whole prefix every step with the training kernels;
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conversion_fixtures import G, L, VOCAB  # noqa: E402
 
 from megatron_consa.allocation import Allocation  # noqa: E402
-from megatron_consa.backends.torch_attention import dense_masked_attention, sliding_window_mask  # noqa: E402
+from attention_reference import reference_attention, visible_mask  # noqa: E402  written apart from the library
 from megatron_consa.cli import run_tool  # noqa: E402
 from megatron_consa.evaluation.kv_memory import KvCacheShape, allocation_bytes  # noqa: E402
 from megatron_consa.inference.cache import HybridKVCache, LayerKVCache, hybrid_attention  # noqa: E402
@@ -72,9 +72,9 @@ def test_cache_attention_equals_dense_masked_reference(sinks, chunks):
     gen = torch.Generator().manual_seed(sum(chunks) + sinks)
     q = torch.randn(b, len(row) * rep, n, d, generator=gen)
     k, v = (torch.randn(b, len(row), n, d, generator=gen) for _ in range(2))
-    masks = {1: sliding_window_mask(n, n), 0: sliding_window_mask(n, W, sinks)}  # FA: causal
+    masks = {1: visible_mask(n, n, 0), 0: visible_mask(n, W, sinks)}  # FA: causal
     mask = torch.stack([masks[row[h // rep]] for h in range(q.size(1))])[None]
-    reference = dense_masked_attention(q, k, v, mask=mask, scale=0.3)
+    reference = reference_attention(q, k, v, mask, 0.3).to(q.dtype)
 
     cache = LayerKVCache(row, window=W, sink_tokens=sinks)
     pos, outs = 0, []

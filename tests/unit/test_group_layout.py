@@ -26,7 +26,6 @@ import megatron_consa  # noqa: F401  (makes megatron.core importable without tri
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_consa.backends.torch_attention import dense_masked_attention, sliding_window_mask
 from megatron_consa.config import ConsaConfig
 from megatron_consa.group_layout import fa_per_rank, inverse_order, kv_group_order, take_groups, type_runs
 from megatron_consa.model import ArchitectureConfig, build_gpt_model, build_transformer_config, consa_attention_modules
@@ -35,6 +34,8 @@ from megatron_consa.self_attention import ConsaSelfAttention, to_canonical_order
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
+
+from attention_reference import reference_attention, visible_mask  # noqa: E402  written apart from the library
 
 ARCH = ArchitectureConfig(
     vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=4, num_attention_heads=8, num_kv_heads=4,
@@ -123,11 +124,11 @@ def _dense_forward(attn):
     def forward(query, key, value, attention_mask, *args, **kwargs):
         sq, b, hq, d = query.shape
         rep = hq // key.size(2)
-        causal = sliding_window_mask(sq, sq)
-        window = sliding_window_mask(sq, attn.consa.window, attn.consa.sink_tokens)
+        causal = visible_mask(sq, sq, 0)  # written in the test from the convention, not the library's
+        window = visible_mask(sq, attn.consa.window, attn.consa.sink_tokens)
         mask = torch.stack([causal if attn.fa_row[g] else window for g in attn.local_groups for _ in range(rep)])
         bhsd = [x.permute(1, 2, 0, 3) for x in (query, key, value)]
-        out = dense_masked_attention(*bhsd, mask=mask.unsqueeze(0), scale=attn.softmax_scale)  # [b, hq, s, d]
+        out = reference_attention(*bhsd, mask.unsqueeze(0), attn.softmax_scale).to(query.dtype)  # [b, hq, s, d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)
 
     return forward
