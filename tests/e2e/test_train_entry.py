@@ -327,3 +327,10 @@ def test_finalize_refuses_what_it_must_and_writes_nothing(tmp_path, capsys):
     assert (tmp_path / "fin" / "allocation.json").read_bytes() == before
     refused(["--load", str(tmp_path / "fin"), "--save", str(tmp_path / "again")], "no gates to finalize",
             tmp_path / "again")
+    # --finetune: the resumable learn checkpoint's weights under a new optimizer (another --lr, which a
+    # resume refuses), from iteration 0
+    log = _ok(_train(MODEL + ["--mock-data", "--vocab-size", "128", "--consa-phase", "learn", "--consa-target-sparsity",
+                              "0.5", "--consa-target-warmup-iters", "1", "--train-iters", "2", "--lr", "1e-2",
+                              "--load", str(tmp_path / "learn"), "--finetune", "--save", str(tmp_path / "ft")]))
+    assert "started from the weights of" in log and "(iteration 6)" in log
+    assert (tmp_path / "ft" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

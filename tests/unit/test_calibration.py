@@ -212,6 +212,25 @@ def test_calibrate_cli_writes_what_the_library_computes(calibrated):
     assert allocation["fa"] == expected.fa and allocation["source"] == "heuristic"
 
 
+@pytest.mark.parametrize("granularity", ["kv_head", "layer"])
+def test_calibrate_cli_ablation_mode_writes_what_the_library_computes(granularity, tmp_path, single_rank_mcore):
+    """--mode ablation through the CLI, at both granularities: the scores of the library's
+    checkpoint_ablation on the same sequences (its ranking is checked on the far head above)."""
+    from megatron_consa.evaluation.sequences import SequenceSource, load_sequences
+
+    out = tmp_path / f"ablation-{granularity}.json"
+    argv = ["--load", str(DEMO), "--mode", "ablation", "--granularity", granularity, "--stdlib-text", "--seq-length",
+            "48", "--num-sequences", "2", "--batch-size", "2", "--output", str(out), "--no-progress"]
+    assert run_tool(_tool("calibrate_heuristic").main, argv) == 0
+    scores = UnitScores.load(out)
+    assert scores.kind == "ablation" and scores.granularity == granularity and scores.window == W
+    with CheckpointModels(DEMO) as models:
+        seqs = load_sequences(SequenceSource(seq_length=48, num_sequences=2, stdlib=True), models.tokenizer())
+        direct = checkpoint_ablation(models, seqs, granularity=granularity, window=W, batch_size=2)
+    assert torch.allclose(torch.tensor(scores.scores), torch.tensor(direct.scores), atol=1e-6)
+    assert len({round(v, 6) for row in scores.scores for v in row}) > 1  # not a constant table
+
+
 def test_every_tool_with_a_preset_takes_the_scores(calibrated, capsys, monkeypatch, tmp_path):
     scores, allocation, out = calibrated
     # evaluate
