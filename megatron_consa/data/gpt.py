@@ -90,9 +90,10 @@ def _parse_blend(paths: list[str]) -> tuple[list[str], Optional[list[float]]]:
     return list(paths[1::2]), weights
 
 
-def split_vector(split: str) -> list[float]:
-    """Megatron-LM's `--split` ("969,30,1", "95,5", "1") as normalised train/valid/test
-    shares; a clear error for anything else (megatron-core would assert, or read "-1" as 1)."""
+def check_split(split: str) -> None:
+    """Megatron-LM's `--split` ("969,30,1", "95,5", "1"): up to three non-negative train/valid/test
+    weights with a positive sum; a clear error for anything else (megatron-core would assert, or
+    read "-1" as 1)."""
     parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
     try:
         values = [float(p) for p in parts]
@@ -101,8 +102,6 @@ def split_vector(split: str) -> list[float]:
     if not 1 <= len(values) <= 3 or any(not v >= 0 for v in values) or sum(values) <= 0:
         raise DataError(f"--split {split!r}: give up to three non-negative train,valid,test weights with a positive "
                         "sum, e.g. 969,30,1")
-    values += [0.0] * (3 - len(values))
-    return [v / sum(values) for v in values]
 
 
 def documents_per_split(num_documents: int, split: str) -> list[int]:
@@ -112,7 +111,7 @@ def documents_per_split(num_documents: int, split: str) -> list[int]:
         convert_split_vector_to_split_matrix, parse_and_normalize_split,
     )
 
-    split_vector(split)  # megatron-core's parser asserts (or misreads) what this refuses
+    check_split(split)  # megatron-core's parser asserts (or misreads) what this refuses
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     return [0 if ends is None else int(round(ends[1] * float(num_documents))) - int(round(ends[0] * float(num_documents)))
             for ends in matrix]
@@ -161,7 +160,7 @@ def check_data_paths(config: DataConfig) -> None:
     cache is writable (clear errors otherwise), before any work."""
     if config.mock:
         return
-    split_vector(config.split)
+    check_split(config.split)
     prefixes, _ = _parse_blend(config.data_path)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):

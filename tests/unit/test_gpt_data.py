@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_consa.data.gpt import DataConfig, build_gpt_sources, documents_per_split, split_vector
+from megatron_consa.data.gpt import DataConfig, build_gpt_sources, check_split, documents_per_split
 from megatron_consa.data.indexed import DataError, write_indexed_dataset
 
 
@@ -38,7 +38,7 @@ def _sources(prefixes, split, train, valid=0, tmp_path=None):
 @pytest.mark.parametrize("bad", ["abc", "0,0,0", "1,1,1,1", "-1,2,0", ""])
 def test_a_bad_split_is_refused_naming_the_flag(bad):
     with pytest.raises(DataError, match="--split"):
-        split_vector(bad)
+        check_split(bad)
 
 
 def test_documents_per_split_is_megatron_cores_split(tmp_path):
