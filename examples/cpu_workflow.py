@@ -96,7 +96,7 @@ class Workflow:
 
     def train(self, title: str, args: list[str]) -> float:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.nproc),
-                    "--master-port", str(_free_port()), "-m", "megatron_consa.train"]
+                    "--standalone", "-m", "megatron_consa.train"]  # torchrun picks its own port: no race
         return self.run(title, torchrun + args)
 
     def elapsed(self) -> str:
@@ -272,14 +272,6 @@ def main(argv=None) -> int:
           f"\nrecall:      {out / 'recall.json'}"
           f"\nTensorBoard: {out / 'tensorboard'}\n(total {flow.elapsed()})")
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 ``single_rank_mcore`` (module scope): a one-process megatron-core world.
     Applies the CPU shims (``megatron_consa.compat.apply_cpu_shims()``, a no-op with
-    CUDA), initialises ``torch.distributed`` with world_size=1 on a free local TCP port
-    (gloo on CPU, nccl with CUDA), calls ``parallel_state.initialize_model_parallel(1, 1)``
+    CUDA), initialises ``torch.distributed`` with world_size=1 on an in-memory store
+    (gloo on CPU, nccl with CUDA; no TCP port), calls ``parallel_state.initialize_model_parallel(1, 1)``
     and ``model_parallel_cuda_manual_seed(seed)`` (seed 1234). Yields a namespace with
-    ``rank``, ``world_size``, ``backend``, ``port``, ``seed``, ``group`` (the WORLD group).
+    ``rank``, ``world_size``, ``backend``, ``seed``, ``group`` (the WORLD group).
     Teardown destroys model parallel state and the process group (only a process group
     this fixture created). Usage::
 
@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import types
 
 import pytest
@@ -67,12 +66,6 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_rank_mcore():
     from megatron_consa.compat import apply_cpu_shims, ensure_importable
@@ -86,17 +79,14 @@ def single_rank_mcore():
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     seed = 1234
-    port = None
     backend = dist.get_backend() if dist.is_initialized() else None
     owns_process_group = not dist.is_initialized()
     if owns_process_group:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
-        port = _free_port()
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
+        # an in-memory store: no TCP port to race the suite's other processes for
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 1)
@@ -106,7 +96,6 @@ def single_rank_mcore():
             rank=0,
             world_size=1,
             backend=backend,
-            port=port,
             seed=seed,
             group=dist.group.WORLD,
         )

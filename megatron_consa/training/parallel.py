@@ -43,7 +43,13 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int) -> None:
     if not dist.is_initialized():
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(distributed_backend(), timeout=PROCESS_GROUP_TIMEOUT)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # one process: an in-memory store, no TCP port to race other processes for (a port
+            # found free can be taken before the store binds it)
+            dist.init_process_group(distributed_backend(), store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=PROCESS_GROUP_TIMEOUT)
+        else:
+            dist.init_process_group(distributed_backend(), timeout=PROCESS_GROUP_TIMEOUT)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
