@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -78,11 +77,7 @@ def toy_grid(iterations: int) -> list[dict]:
 
 
 def trainer_runs(iterations: int, pretrain_iters: int) -> list[dict]:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # one rank: an in-memory store
     import logging
 
     import torch

@@ -53,13 +53,8 @@ def main(argv=None) -> int:
         if rank == 0:
             report_user_error(flag_names(str(err)))
         return USER_ERROR_EXIT
-    if "MASTER_ADDR" not in os.environ:  # plain `python -m megatron_consa.train`: a one-rank world
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if "WORLD_SIZE" not in os.environ:  # plain `python -m megatron_consa.train`: a one-rank world (in-memory store)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import torch
 
     from megatron_consa.training.run import run_training

@@ -105,9 +105,9 @@ def one_rank_model(info: CheckpointInfo, consa: ConsaConfig, *, dtype: Optional[
     Reuses a one-rank world that is already initialised (a test process);
     otherwise starts one and tears it down on exit.
     """
-    from megatron_consa.conversion.world import conversion_world, free_port
+    from megatron_consa.conversion.world import conversion_world
 
-    with conversion_world(rank=0, world_size=1, port=free_port()):
+    with conversion_world():
         yield load_model(info, consa, dtype=dtype)
 
 

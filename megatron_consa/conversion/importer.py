@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,7 @@ from megatron_consa.conversion.hf_files import (
 from megatron_consa.conversion.keymap import check_hf_shapes, hf_to_mcore
 from megatron_consa.conversion.sharding import RankLayout, check_layout, hf_tensor_part, rank_architecture, stage_state_dict
 from megatron_consa.conversion.windows import allocation_from_hf
-from megatron_consa.conversion.world import conversion_world, free_port
+from megatron_consa.conversion.world import conversion_world
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +142,14 @@ def import_hf_checkpoint(request: ImportRequest) -> Path:
         return save
     with staged_directory(save) as tmp:
         world = request.tensor_model_parallel_size * request.pipeline_model_parallel_size
-        args = (world, free_port(), request, prepared, str(tmp))
         if world == 1:
-            _rank_entry(0, *args)
+            _rank_entry(0, 1, None, request, prepared, str(tmp))
         else:
             import torch.multiprocessing as mp
 
-            mp.start_processes(_rank_entry, args=args, nprocs=world, join=True, start_method="spawn")
+            with tempfile.TemporaryDirectory(prefix="consa-import-") as meet:
+                args = (world, str(Path(meet) / "rendezvous"), request, prepared, str(tmp))
+                mp.start_processes(_rank_entry, args=args, nprocs=world, join=True, start_method="spawn")
         _write_side_files(request, prepared, tmp)
     logger.info("wrote %s (TP=%d, PP=%d)", save, request.tensor_model_parallel_size, request.pipeline_model_parallel_size)
     return save
@@ -183,7 +185,7 @@ def read_rank_state(hf_path: str | Path, arch: ArchitectureConfig, layout: RankL
     return stage_state_dict(hf_to_mcore(part, rank_architecture(arch, layout), partial=True), arch, layout)
 
 
-def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepared: _Prepared, out: str) -> None:
+def _rank_entry(rank: int, world: int, rendezvous: Optional[str], request: ImportRequest, prepared: _Prepared, out: str) -> None:
     """One rank: build its stage, load its shard, save (all ranks together)."""
     if world > 1:  # a spawned process: quiet like the tool's own, before megatron-core's imports warn
         from megatron_consa.cli import quiet_libraries
@@ -198,7 +200,7 @@ def _rank_entry(rank: int, world: int, port: int, request: ImportRequest, prepar
     from megatron_consa.training.checkpoint import model_state_for_save
 
     tp, pp = request.tensor_model_parallel_size, request.pipeline_model_parallel_size
-    with conversion_world(rank=rank, world_size=world, port=port, tp=tp, pp=pp):
+    with conversion_world(rank=rank, world_size=world, rendezvous=rendezvous, tp=tp, pp=pp):
         arch = prepared.arch
         config = build_transformer_config(
             arch, prepared.consa, params_dtype=prepared.dtype, pipeline_dtype=prepared.dtype,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch.distributed as dist
 
@@ -13,19 +13,17 @@ CONVERSION_SEED = 1234
 """Seed of the throw-away random initialisation the loaded weights replace."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def conversion_world(*, rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1) -> Iterator[None]:
+def conversion_world(
+    *, rank: int = 0, world_size: int = 1, rendezvous: Optional[Path] = None, tp: int = 1, pp: int = 1
+) -> Iterator[None]:
     """megatron-core's parallel state for one conversion rank; torn down afterwards.
 
     Reuses an already initialised torch.distributed world (one rank, e.g. a
     test process) and leaves megatron-core's state initialised in it; otherwise
-    starts a world and destroys it on exit.
+    starts a world and destroys it on exit. One rank needs nothing to meet on (an
+    in-memory store); several meet at `rendezvous`, a file path no rank has used
+    (torch's FileStore: no TCP port another process could take first).
     """
     from megatron.core import parallel_state  # here, not at import: the tools' --help stays quiet
 
@@ -34,10 +32,14 @@ def conversion_world(*, rank: int, world_size: int, port: int, tp: int = 1, pp: 
 
     started = not dist.is_initialized()
     if started:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-        )
-    initialize_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=CONVERSION_SEED)
+        if world_size > 1 and rendezvous is None:
+            raise ValueError(f"conversion_world: world_size={world_size} needs a rendezvous file")
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    initialize_distributed(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        seed=CONVERSION_SEED,
+        init_method=None if rendezvous is None else Path(rendezvous).resolve().as_uri(),
+    )
     try:
         yield
     finally:

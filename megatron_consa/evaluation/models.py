@@ -87,10 +87,10 @@ class CheckpointModels:
     # ---------------------------------------------------------------- models
 
     def __enter__(self) -> "CheckpointModels":
-        from megatron_consa.conversion.world import conversion_world, free_port
+        from megatron_consa.conversion.world import conversion_world
 
         self._world = contextlib.ExitStack()
-        self._world.enter_context(conversion_world(rank=0, world_size=1, port=free_port()))
+        self._world.enter_context(conversion_world())
         return self
 
     def __exit__(self, *exc) -> None:

@@ -105,13 +105,13 @@ def _write_fixed_checkpoint(src: Path, dst: Path, meta: dict, arch: Architecture
     from megatron.core import dist_checkpointing
 
     from megatron_consa.conversion.importer import HF_CONFIG_FILE
-    from megatron_consa.conversion.world import conversion_world, free_port
+    from megatron_consa.conversion.world import conversion_world
     from megatron_consa.model import build_gpt_model, build_transformer_config
     from megatron_consa.training.checkpoint import load_model_weights, model_state_for_save, write_checkpoint_meta
 
     training = meta.get("training") or {}
     dtype = torch.bfloat16 if training.get("bf16") else torch.float16 if training.get("fp16") else torch.float32
-    with conversion_world(rank=0, world_size=1, port=free_port()):
+    with conversion_world():
         fixed = dataclasses.replace(consa, backend="torch")
         model = build_gpt_model(build_transformer_config(arch, fixed, params_dtype=dtype), arch,
                                 use_transformer_engine=False)

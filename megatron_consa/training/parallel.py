@@ -32,22 +32,29 @@ def device() -> torch.device:
     return compute_device()
 
 
-def initialize_distributed(parallel: ParallelConfig, *, seed: int) -> None:
-    """Start torch.distributed (from torchrun's env) and megatron-core's parallel state.
+def initialize_distributed(parallel: ParallelConfig, *, seed: int, init_method: str | None = None) -> None:
+    """Start torch.distributed and megatron-core's parallel state.
 
     NCCL on GPUs, gloo on a CPU (with megatron_consa.compat's shims applied).
-    Safe to call again with another layout: the previous model-parallel state
-    is destroyed first, the process group kept.
+    The world comes from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT); `init_method` (e.g. ``file:///tmp/x/rendezvous``) replaces
+    MASTER_ADDR/MASTER_PORT for ranks a process spawns itself. Safe to call
+    again with another layout: the previous model-parallel state is destroyed
+    first, the process group kept.
     """
     apply_cpu_shims()
     if not dist.is_initialized():
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
             # one process: an in-memory store, no TCP port to race other processes for (a port
             # found free can be taken before the store binds it)
             dist.init_process_group(distributed_backend(), store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=PROCESS_GROUP_TIMEOUT)
+        elif init_method is not None:
+            dist.init_process_group(distributed_backend(), init_method=init_method, rank=int(os.environ["RANK"]),
+                                    world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
         else:
             dist.init_process_group(distributed_backend(), timeout=PROCESS_GROUP_TIMEOUT)
     if parallel_state.model_parallel_is_initialized():

@@ -2,7 +2,8 @@
 
 `launch("scenario_name", world_size, out_dir, **kwargs)` starts `world_size`
 processes with the spawn start method (not fork: megatron-core and gloo keep
-threads), on a free local port, each running
+threads), meeting at a file in `out_dir` (a FileStore: no TCP port to race other
+processes for), each running
 `tests/distributed/scenarios.py::<scenario_name>(out_dir=..., **kwargs)`.
 Whatever a rank's scenario returns comes back in a list indexed by rank. A
 rank that raises fails the launch with its traceback.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,30 +25,22 @@ import torch.multiprocessing as mp
 HERE = Path(__file__).resolve().parent
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, scenario: str, out_dir: str, kwargs: dict) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
+def _entry(rank: int, world_size: int, rendezvous: str, scenario: str, out_dir: str, kwargs: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))
     import megatron_consa  # noqa: F401  (megatron.core importable without triton)
+    from megatron_consa.training.parallel import PROCESS_GROUP_TIMEOUT, distributed_backend
+
+    import torch.distributed as dist
+
+    # the world scenarios' initialize_distributed calls find started
+    dist.init_process_group(distributed_backend(), init_method=Path(rendezvous).as_uri(), rank=rank,
+                            world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
 
     fn = getattr(importlib.import_module("scenarios"), scenario)
     result = fn(out_dir=out_dir, **kwargs)
     torch.save(result, Path(out_dir) / f"result-rank{rank}.pt")
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -58,10 +50,12 @@ def launch(scenario: str, world_size: int, out_dir: str | os.PathLike, **kwargs:
     """Run a scenario on `world_size` spawned ranks; returns each rank's result."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rendezvous = out / "rendezvous"
+    rendezvous.unlink(missing_ok=True)  # a file left by an earlier launch would hold its keys
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.start_processes(
         _entry,
-        args=(world_size, free_port(), scenario, str(out), kwargs),
+        args=(world_size, str(rendezvous.resolve()), scenario, str(out), kwargs),
         nprocs=world_size,
         join=True,
         start_method="spawn",

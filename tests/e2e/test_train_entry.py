@@ -28,16 +28,9 @@ MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
          "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--weight-decay", "0"]
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None):
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", _free_port(),
+    # --standalone: the rendezvous store binds a port of the OS's choosing, none to race for
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "megatron_consa.train", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
