@@ -21,6 +21,7 @@ Public API::
     CpuSequenceParallelNorm             # torch LN/RMSNorm accepting sequence_parallel
     prepare_distrib_optimizer_for_load(optimizer) -> int
     fix_param_steps_after_load(optimizer, step=None) -> int
+    patch_fp32_param_checkpointing(optimizer) -> int   # float32 gates in a bf16/fp16 model's checkpoint
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from megatron_consa.compat.cpu import (  # noqa: E402  (torch import after the l
     prepare_distrib_optimizer_for_load,
     seed_cpu_rng,
 )
+from megatron_consa.compat.optimizer import patch_fp32_param_checkpointing  # noqa: E402
 
 __all__ = [
     "MCORE_TESTED_VERSIONS",
@@ -92,6 +94,7 @@ __all__ = [
     "CpuEvent",
     "prepare_distrib_optimizer_for_load",
     "fix_param_steps_after_load",
+    "patch_fp32_param_checkpointing",
 ]
 
 

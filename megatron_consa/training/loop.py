@@ -48,6 +48,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_consa.allocation import Allocation
 from megatron_consa.backends.select import transformer_engine_available
+from megatron_consa.compat import patch_fp32_param_checkpointing
 from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.controller import ConsaController, SettleReport, clamp_log_alpha_, judge_settling
 from megatron_consa.gates import HardConcrete, deterministic_z
@@ -198,6 +199,7 @@ def build_optimizer(
         max_lr=consa.gate_lr, min_lr=consa.gate_lr, wd_mult=0.0
     )
     optimizer = get_megatron_optimizer(opt_config, chunks, config_overrides=overrides)
+    patch_fp32_param_checkpointing(optimizer)  # the float32 gates in a bf16/fp16 model (compat.optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -226,6 +226,7 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
             f"continues the saved optimizer; resume with {flag} {was}, or start from its weights with --finetune "
             "(a new optimizer and schedule)"
         )
+    _check_same_precision(run, training, saved)
     _check_same_optimizer_layout(run, load_meta)
     if training.override_opt_param_scheduler:
         return
@@ -260,6 +261,25 @@ def _check_same_data(run: RunConfig, training, load_meta: dict) -> None:
     if changed and dist_rank() == 0:
         logger.warning("resuming with another %s than the run was saved with: the samples from here on come from a "
                        "new order of the data, not from where the saved run stopped", ", ".join(changed))
+
+
+def _precision_flag(training: dict) -> str:
+    return "--bf16" if training.get("bf16") else "--fp16" if training.get("fp16") else "fp32 (neither --bf16 nor --fp16)"
+
+
+def _check_same_precision(run: RunConfig, training, saved: dict) -> None:
+    """fp32 training keeps plain Adam state; bf16/fp16 keep float32 main copies of the weights
+    too (and fp16 a loss scale): one cannot be loaded as the other (dist_checkpointing fails
+    on a missing `optimizer.state.fp32_param`)."""
+    if "bf16" not in saved:
+        return
+    was, now = _precision_flag(saved), _precision_flag(dataclasses.asdict(training))
+    if was != now:
+        raise ArgumentError(
+            f"--load {run.checkpoint.load}: the run was saved in {was}, this run asks for {now}: the optimizer state "
+            f"of one precision cannot be loaded into the other; resume in {was}, or start from its weights with "
+            "--finetune (a new optimizer in the new precision)"
+        )
 
 
 def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:

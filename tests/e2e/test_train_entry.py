@@ -267,6 +267,17 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
         "resumable": True, "consa": saved_consa, "architecture": {}, "training": {**saved_training, "global_batch_size": 8}}))
     err = _bad(same, capsys)
     assert "--global-batch-size 8" in err and "skip or repeat samples" in err and "--finetune" in err
+    # fp32 and bf16/fp16 optimizer states do not load into each other (dist_checkpointing: no fp32_param)
+    (learned / "consa_run.json").write_text(json.dumps({
+        "resumable": True, "consa": saved_consa, "architecture": {},
+        "training": {**saved_training, "bf16": False, "fp16": False}}))
+    err = _bad(same + ["--bf16"], capsys)
+    assert "saved in fp32" in err and "asks for --bf16" in err and "--finetune" in err
+    (learned / "consa_run.json").write_text(json.dumps({
+        "resumable": True, "consa": saved_consa, "architecture": {},
+        "training": {**saved_training, "bf16": True, "fp16": False}}))
+    err = _bad(same + ["--fp16"], capsys)
+    assert "saved in --bf16, this run asks for --fp16" in err
     # the distributed optimizer's state reshards over DP only, and is not the standard one's
     sharded = tmp_path / "sharded"
     sharded.mkdir()

@@ -38,6 +38,16 @@ def _weights(trainer):
     return {n: p.detach().clone() for n, p in unwrap_model(trainer.chunks[0]).named_parameters()}
 
 
+def _adam_tensors(trainer) -> list:
+    """Every parameter and moment the torch optimizers inside megatron-core's hold, in their order."""
+    out = []
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                out += [p.detach()] + [v for _, v in sorted(opt.optimizer.state[p].items()) if torch.is_tensor(v)]
+    return out
+
+
 @pytest.mark.usefixtures("single_rank_mcore")
 class TestTrainer:
     def test_gates_only_mode_trains_gates_and_freezes_weights(self):
@@ -252,6 +262,35 @@ class TestTrainer:
             for i in idx:
                 torch.testing.assert_close(seen["after"][i], seen["before"][i] * coef, rtol=1e-4, atol=1e-12)
         assert gate_norm > 0 and model_norm > 0
+
+    @pytest.mark.parametrize("precision,distributed", [("bf16", False), ("fp16", False), ("bf16", True)])
+    def test_mixed_precision_learning_saves_and_resumes_exactly(self, tmp_path, precision, distributed):
+        """The float32 gates in a bf16/fp16 model: megatron-core's mixed-precision optimizer
+        could not save them (compat.optimizer); a resume continues bit for bit (weights, main
+        params, every Adam moment, the loss scale), at the shipped initial loss scale."""
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        parallel = ParallelConfig(use_distributed_optimizer=distributed)
+        kw = {precision: True, "train_iters": 4}
+        first = _trainer(consa, parallel, **kw)
+        first.train(2)
+        save_checkpoint(first, tmp_path / "ckpt")
+        first.train(2)
+        resumed = _trainer(consa, parallel, **kw)
+        assert load_checkpoint(resumed, tmp_path / "ckpt") == 2
+        resumed.train(2)
+        assert [r.loss for r in resumed.history] == [r.loss for r in first.history]
+        assert [r.skipped for r in first.history] == [False] * 4
+        for name, value in _weights(first).items():
+            assert value.dtype == (torch.float32 if name.endswith("log_alpha") else getattr(torch, {
+                "bf16": "bfloat16", "fp16": "float16"}[precision])), name
+            assert torch.equal(value, _weights(resumed)[name]), name
+        assert resumed.optimizer.get_loss_scale().item() == first.optimizer.get_loss_scale().item()
+        states = [_adam_tensors(t) for t in (first, resumed)]  # in the inner optimizers' order
+        assert len(states[0]) >= 3 * len(first.gates) and len(states[0]) == len(states[1])
+        for a, b in zip(*states):
+            assert torch.equal(a, b)
 
     def test_no_dual_step_on_a_skipped_fp16_step(self):
         consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
