@@ -75,6 +75,15 @@ class RunConfig:
     transformer_impl: str = "auto"
 
 
+_LOSS_SCALE_FLAGS = (  # Megatron-LM's flags; TrainingConfig's defaults (None: dynamic scaling)
+    ("--loss-scale", float, None, "a static loss scale instead of the dynamic one"),
+    ("--initial-loss-scale", float, "2**16", "the dynamic loss scale's start"),
+    ("--min-loss-scale", float, 1.0, "the dynamic loss scale's floor"),
+    ("--loss-scale-window", int, 1000, "steps without overflow before the dynamic scale doubles"),
+    ("--hysteresis", int, 2, "overflows tolerated before the dynamic scale halves"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_consa.train",
@@ -138,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip of the weights")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (gates stay fp32)")
-    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling")
+    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (gates stay fp32)")
+    for flag, kind, default, text in _LOSS_SCALE_FLAGS:
+        g.add_argument(flag, type=kind, help=f"{text} (--fp16; default {default})")
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
@@ -293,6 +305,13 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         )
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16: choose one")
+    scaling = {flag[2:].replace("-", "_"): getattr(a, flag[2:].replace("-", "_")) for flag, *_ in _LOSS_SCALE_FLAGS}
+    scaling = {name: value for name, value in scaling.items() if value is not None}
+    if scaling and not a.fp16:
+        raise ArgumentError(
+            f"--{next(iter(scaling)).replace('_', '-')}: loss scaling is for --fp16 only (fp32 and bf16 need none); "
+            "add --fp16 or drop the flag"
+        )
     arch = _arch_from_args(a)
     vpp = None
     for flag, value in (("--num-layers-per-virtual-pipeline-stage", a.num_layers_per_virtual_pipeline_stage),
@@ -332,9 +351,11 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         weight_decay=a.weight_decay,
         adam_beta1=a.adam_beta1,
         adam_beta2=a.adam_beta2,
+        adam_eps=a.adam_eps,
         clip_grad=a.clip_grad,
         bf16=a.bf16,
         fp16=a.fp16,
+        **scaling,
         seed=a.seed,
         log_interval=a.log_interval,
         tensorboard_dir=a.tensorboard_dir,

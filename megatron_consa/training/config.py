@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -114,7 +115,7 @@ class TrainingConfig:
     """Adam second-moment decay (megatron-core's default). The gates share it; the
     controller defaults were tuned with it (0.95 settles one unit off at 0.875)."""
     adam_eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam epsilon (megatron-core's default)."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     bf16: bool = False
@@ -122,7 +123,16 @@ class TrainingConfig:
     fp16: bool = False
     """fp16 with dynamic loss scaling (gates stay float32)."""
     initial_loss_scale: float = 2.0**16
-    """Starting dynamic loss scale for fp16 (halved on overflow, megatron-core's scaler)."""
+    """Starting dynamic loss scale for fp16 (megatron-core's DynamicGradScaler; Megatron-LM
+    starts at 2**32, which only costs more skipped first steps)."""
+    loss_scale: Optional[float] = None
+    """A static fp16 loss scale instead of the dynamic one (None: dynamic)."""
+    min_loss_scale: float = 1.0
+    """The dynamic scale never goes below this."""
+    loss_scale_window: int = 1000
+    """Steps without an overflow before the dynamic scale doubles."""
+    hysteresis: int = 2
+    """Overflows tolerated before the dynamic scale halves."""
     seed: int = 1234
     """Seed of weight initialisation (the data and the gate noise have seeds of their own).
     Initial weights also depend on the pipeline layout; to compare layouts, start
@@ -162,6 +172,18 @@ class TrainingConfig:
                 _fail("TrainingConfig", name, getattr(self, name), "must be >= 0")
         if self.min_lr > self.lr:
             _fail("TrainingConfig", "min_lr", self.min_lr, f"the decay ends below the peak: use a value <= lr={self.lr}")
+        if not self.adam_eps > 0:
+            _fail("TrainingConfig", "adam_eps", self.adam_eps, "must be > 0")
+        for name in ("initial_loss_scale", "min_loss_scale", "loss_scale"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                _fail("TrainingConfig", name, value, "must be a finite number > 0")
+        if self.min_loss_scale > self.initial_loss_scale:
+            _fail("TrainingConfig", "min_loss_scale", self.min_loss_scale,
+                  f"must be <= initial_loss_scale={self.initial_loss_scale}")
+        for name in ("loss_scale_window", "hysteresis"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                _fail("TrainingConfig", name, getattr(self, name), "must be an integer >= 1")
         return self.global_batch_size // per_step
 
     def to_dict(self) -> dict:

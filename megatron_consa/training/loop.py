@@ -191,8 +191,11 @@ def build_optimizer(
         fp16=training.fp16,
         params_dtype=torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
-        loss_scale=None,
+        loss_scale=training.loss_scale,
         initial_loss_scale=training.initial_loss_scale,
+        min_loss_scale=training.min_loss_scale,
+        loss_scale_window=training.loss_scale_window,
+        hysteresis=training.hysteresis,
     )
     overrides = get_standard_config_overrides(opt_config)
     overrides[ParamKey(attr="consa_gate")] = ParamGroupOverride(
@@ -255,6 +258,8 @@ class StepRecord:
     grad_norm: Optional[float]
     """Global gradient norm of the model weights (the gates are clipped apart)."""
     skipped: bool
+    loss_scale: Optional[float] = None
+    """The fp16 loss scale after this step (None without loss scaling)."""
     dual_step: bool = False
     """Whether the multipliers moved this iteration (not on skipped steps, not during the warm-up)."""
     fa_per_layer: Optional[list[int]] = None
@@ -404,6 +409,7 @@ class ConsaTrainer:
             gate_lr=gate_lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=not update_ok,
+            loss_scale=float(self.optimizer.get_loss_scale()) if self.training.fp16 else None,
             dual_step=dual["dual_step"],
             fa_per_layer=fa_per_layer,
         )
@@ -473,7 +479,7 @@ class ConsaTrainer:
 
     def _log(self, r: StepRecord) -> None:
         if self._writer is not None:
-            for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm"):
+            for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm", "loss_scale"):
                 if getattr(r, key) is not None:
                     self._writer.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
             if r.fa_per_layer is not None:
@@ -492,11 +498,13 @@ class ConsaTrainer:
             if torch.distributed.get_rank() != 0:
                 return
             gate = "" if r.gate_lr is None else f" | gate lr {r.gate_lr:.3g}"
+            norm = "" if r.grad_norm is None else f" | grad norm {r.grad_norm:.3f}"
+            scale = "" if r.loss_scale is None else f" | loss scale {r.loss_scale:g}"
             fa = "" if r.fa_per_layer is None else " | FA/layer " + ",".join(map(str, r.fa_per_layer))
             logger.info(
-                "iter %6d/%d | loss %.4f | lr %.3g%s | %.0f tok/s | elapsed %s | ETA %s | s_hat %.4f | target %.4f | "
-                "lambda1 %+.4f | lambda2 %.4f%s%s",
-                r.iteration, self.training.train_iters, r.loss, r.lr, gate, tokens_per_s,
+                "iter %6d/%d | loss %.4f | lr %.3g%s%s%s | %.0f tok/s | elapsed %s | ETA %s | s_hat %.4f | "
+                "target %.4f | lambda1 %+.4f | lambda2 %.4f%s%s",
+                r.iteration, self.training.train_iters, r.loss, r.lr, gate, norm, scale, tokens_per_s,
                 _hms(now - self._start_time), _hms(eta), r.s_hat, r.target, r.lambda1, r.lambda2, fa,
                 " | skipped (loss scale)" if r.skipped else "",
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,27 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     assert resumed["controller"] == whole["controller"] and resumed["log_alpha"] == whole["log_alpha"]
 
 
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precision):
+    """A bf16 / fp16 learning run as users launch it (fp16 at the shipped loss scale): it
+    saves (the float32 gates once broke megatron-core's mixed-precision checkpoint), logs
+    its grad norm (and loss scale), and a run stopped after a checkpoint resumes to the
+    same records, bit for bit."""
+    run = _with(RESUME_RUN, "--train-iters", "8") + [precision, "--save-interval", "4"]
+    whole_log = _ok(_train(run + ["--save", str(tmp_path / "whole")]))
+    assert "| grad norm " in whole_log
+    assert ("| loss scale 65536 |" in whole_log) == (precision == "--fp16")
+    stopped = tmp_path / "stopped"  # the same run, stopped after its iteration-4 checkpoint
+    shutil.copytree(tmp_path / "whole", stopped)
+    shutil.rmtree(stopped / "iter_0000008")
+    (stopped / "latest_checkpointed_iteration.txt").write_text("4")
+    _ok(_train(run + ["--save", str(stopped), "--load", str(stopped)]))
+    whole, resumed = _final_state(tmp_path / "whole"), _final_state(stopped)
+    assert len(resumed["records"]) == 8 and not any(r["skipped"] for r in whole["records"])
+    assert resumed["records"] == whole["records"]
+    assert resumed["controller"] == whole["controller"] and resumed["log_alpha"] == whole["log_alpha"]
+
+
 def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
     save = tmp_path / "run"
     env = {**ENV, "MEGATRON_CONSA_KILL_DURING_SAVE": "8"}
@@ -217,6 +239,11 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "drop one of them" in _bad(BASE + ["--data-path", corpus["data"]], capsys)  # --mock-data would ignore it
     err = _bad(BASE + ["--lr", "1e-5", "--min-lr", "1e-4"], capsys)  # megatron-core's scheduler would assert
     assert "--min-lr" in err and "lr=1e-05" in err
+    err = _bad(BASE + ["--bf16", "--loss-scale", "1024"], capsys)  # it would do nothing
+    assert "--loss-scale" in err and "--fp16 only" in err
+    err = _bad(BASE + ["--fp16", "--initial-loss-scale", "8", "--min-loss-scale", "16"], capsys)
+    assert "--min-loss-scale (TrainingConfig.min_loss_scale)=16.0" in err and "initial_loss_scale=8.0" in err
+    assert "--hysteresis (TrainingConfig.hysteresis)=0" in _bad(BASE + ["--fp16", "--hysteresis", "0"], capsys)
     other = Allocation(granularity="kv_head", num_layers=2, num_kv_heads=2, window=8, sink_tokens=0,
                        target_sparsity=0.5, fa=[[1, 0], [0, 1]])
     other.save(tmp_path / "other.json")

@@ -292,6 +292,22 @@ class TestTrainer:
         for a, b in zip(*states):
             assert torch.equal(a, b)
 
+    def test_fp16_loss_scale_settings_reach_the_scaler(self):
+        """Megatron-LM's --loss-scale (static) and the dynamic scaler's window and hysteresis."""
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        static = _trainer(consa, fp16=True, loss_scale=1024.0, train_iters=2)
+        static.train(2)
+        assert [r.loss_scale for r in static.history] == [1024.0, 1024.0]
+        # every step overflows at 2**120 (fp16 ends at 65504): hysteresis 1 halves at once, down to the floor
+        falling = _trainer(consa, fp16=True, initial_loss_scale=2.0**120, min_loss_scale=2.0**118, hysteresis=1,
+                           train_iters=3)
+        falling.train(3)
+        assert [(r.skipped, r.loss_scale) for r in falling.history] == [(True, 2.0**119), (True, 2.0**118),
+                                                                         (True, 2.0**118)]
+        rising = _trainer(consa, fp16=True, initial_loss_scale=16.0, loss_scale_window=1, train_iters=2)
+        rising.train(2)  # each clean step doubles it (window 1)
+        assert [(r.skipped, r.loss_scale) for r in rising.history] == [(False, 32.0), (False, 64.0)]
+
     def test_no_dual_step_on_a_skipped_fp16_step(self):
         consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
         trainer = _trainer(consa, fp16=True, initial_loss_scale=2.0**120, train_iters=2)
