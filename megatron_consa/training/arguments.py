@@ -75,8 +75,8 @@ class RunConfig:
     transformer_impl: str = "auto"
 
 
-_LOSS_SCALE_FLAGS = (  # Megatron-LM's flags; TrainingConfig's defaults (None: dynamic scaling)
-    ("--loss-scale", float, None, "a static loss scale instead of the dynamic one"),
+_LOSS_SCALE_FLAGS = (  # Megatron-LM's flags, with TrainingConfig's defaults
+    ("--loss-scale", float, "dynamic", "a static loss scale instead of the dynamic one"),
     ("--initial-loss-scale", float, "2**16", "the dynamic loss scale's start"),
     ("--min-loss-scale", float, 1.0, "the dynamic loss scale's floor"),
     ("--loss-scale-window", int, 1000, "steps without overflow before the dynamic scale doubles"),
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (gates stay fp32)")
     g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (gates stay fp32)")
     for flag, kind, default, text in _LOSS_SCALE_FLAGS:
-        g.add_argument(flag, type=kind, help=f"{text} (--fp16; default {default})")
+        g.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} (--fp16; default: {default})")
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
@@ -305,8 +305,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         )
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16: choose one")
-    scaling = {flag[2:].replace("-", "_"): getattr(a, flag[2:].replace("-", "_")) for flag, *_ in _LOSS_SCALE_FLAGS}
-    scaling = {name: value for name, value in scaling.items() if value is not None}
+    scaling = {name: getattr(a, name) for name in (flag[2:].replace("-", "_") for flag, *_ in _LOSS_SCALE_FLAGS)
+               if hasattr(a, name)}  # the flags given (argparse.SUPPRESS): TrainingConfig's defaults otherwise
     if scaling and not a.fp16:
         raise ArgumentError(
             f"--{next(iter(scaling)).replace('_', '-')}: loss scaling is for --fp16 only (fp32 and bf16 need none); "

@@ -107,3 +107,19 @@ def test_hf_config_reads_a_save_directory_and_finalize_output_as_load_does(tmp_p
     for given, expected in ((save, iteration_dir(save, 7)), (finalized, finalized / CHECKPOINT_DIR)):
         run = parse_run_config(["--hf-config", str(given)] + rest)
         assert run.hf_config == str(expected) and run.arch.num_layers == 2 and run.arch.num_kv_heads == 2
+
+
+def test_optimizer_and_loss_scale_flags_reach_the_training_config():
+    """Megatron-LM's flags land in TrainingConfig; the loss-scale ones left out keep its defaults."""
+    from megatron_consa.training.arguments import parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "2", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "0"]
+    default = parse_run_config(base + ["--fp16"]).training
+    assert (default.loss_scale, default.initial_loss_scale, default.min_loss_scale, default.loss_scale_window,
+            default.hysteresis, default.adam_eps) == (None, 2.0**16, 1.0, 1000, 2, 1e-8)
+    given = parse_run_config(base + ["--fp16", "--loss-scale", "512", "--initial-loss-scale", "4096",
+                                     "--min-loss-scale", "2", "--loss-scale-window", "50", "--hysteresis", "3",
+                                     "--adam-eps", "1e-6"]).training
+    assert (given.loss_scale, given.initial_loss_scale, given.min_loss_scale, given.loss_scale_window,
+            given.hysteresis, given.adam_eps) == (512.0, 4096.0, 2.0, 50, 3, 1e-6)
