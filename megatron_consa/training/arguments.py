@@ -22,6 +22,7 @@ from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
+from megatron_consa.training.early_exit import ExitConfig
 
 PHASES = ("learn", "fixed")
 
@@ -73,6 +74,8 @@ class RunConfig:
     eval_iters: int = 10
     hf_config: Optional[str] = None
     transformer_impl: str = "auto"
+    exit: ExitConfig = dataclasses.field(default_factory=ExitConfig)
+    """When the run stops early, after saving (Megatron-LM's --exit-* flags)."""
 
 
 _LOSS_SCALE_FLAGS = (  # Megatron-LM's flags, with TrainingConfig's defaults
@@ -179,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-save-optim", action="store_true",
                    help="save the model weights (and gates, controller) only: a smaller checkpoint that starts a new "
                         "phase (--load it; no --finetune needed) but cannot be resumed")
+    g.add_argument("--exit-interval", type=int, metavar="N",
+                   help="save (with --save) and stop at an iteration that is a multiple of N; launch again to resume")
+    g.add_argument("--exit-duration-in-mins", type=float, metavar="M",
+                   help="save (with --save) and stop once the run has taken M minutes (a job's time limit)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (e.g. Slurm's --signal=TERM@120), save (with --save) after the current step and "
+                        "stop")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
 
@@ -398,12 +408,18 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             raise ArgumentError(f"{flag} {value}: must be >= 1")
     checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
                                   save_optim=not a.no_save_optim)
+    if a.exit_interval is not None and a.exit_interval < 1:
+        raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
+    if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:
+        raise ArgumentError(f"--exit-duration-in-mins {a.exit_duration_in_mins}: must be > 0")
+    exit_config = ExitConfig(interval=a.exit_interval, duration_in_mins=a.exit_duration_in_mins,
+                             signal_handler=a.exit_signal_handler)
     return RunConfig(
         arch=arch, consa=consa, parallel=parallel, training=training, data=data, tokenizer=tokenizer,
         checkpoint=checkpoint, phase=a.consa_phase, allocation_source=a.consa_allocation,
         calibration_scores=a.consa_calibration_scores,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters, hf_config=a.hf_config,
-        transformer_impl=a.transformer_impl,
+        transformer_impl=a.transformer_impl, exit=exit_config,
     )
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -373,9 +374,11 @@ def run_training(prepared: PreparedRun):
 
     from megatron_consa.data.gpt import build_gpt_sources
     from megatron_consa.training.checkpoint import load_checkpoint, save_run_checkpoint
+    from megatron_consa.training.early_exit import EarlyExit
     from megatron_consa.training.loop import ConsaTrainer
     from megatron_consa.training.parallel import initialize_distributed
 
+    start_time = time.monotonic()  # --exit-duration-in-mins counts from here
     run = prepared.run
     training = run.training
     initialize_distributed(run.parallel, seed=training.seed)
@@ -419,13 +422,27 @@ def run_training(prepared: PreparedRun):
                 _tensorboard_heatmap(trainer, log_alpha)
 
     start = trainer.iteration
-    while trainer.iteration < training.train_iters:
-        trainer.train_step()
-        k = trainer.iteration
-        if run.eval_interval and k % run.eval_interval == 0:
-            evaluate(k)
-        if save and interval and k % interval == 0 and k < training.train_iters:
-            checkpoint()
+    stop = None
+    with EarlyExit(run.exit, start_time=start_time) as early_exit:
+        while trainer.iteration < training.train_iters:
+            trainer.train_step()
+            k = trainer.iteration
+            if run.eval_interval and k % run.eval_interval == 0:
+                evaluate(k)
+            saved = save and interval and k % interval == 0 and k < training.train_iters
+            if saved:
+                checkpoint()
+            stop = early_exit.reason(k) if k < training.train_iters else None  # (a collective when it needs one)
+            if stop:
+                if save and not saved:
+                    checkpoint()
+                if dist_rank() == 0:
+                    logger.info("stopping after iteration %d of %d (%s): %s", k, training.train_iters, stop,
+                                f"saved to {save}; launch again with --load {save} to resume" if save
+                                else "nothing saved (no --save)")
+                trainer.close()
+                torch.distributed.barrier()
+                return trainer
     unchanged = prepared.resume and not prepared.load_dir.name.endswith(".old")  # (an .old is saved back in place)
     if save and trainer.iteration == start and unchanged and _latest_in(save) == prepared.load_dir:
         if dist_rank() == 0:  # a finished run launched again (a requeue): its last checkpoint is this one

@@ -29,11 +29,10 @@ MODEL = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
          "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--weight-decay", "0"]
 
 
-def _torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None):
+def _torchrun_cmd(args: list[str], nproc: int = 2) -> list[str]:
     # --standalone: the rendezvous store binds a port of the OS's choosing, none to race for
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "megatron_consa.train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "megatron_consa.train", *args]
 
 
 def _train(args: list[str], **kw):
@@ -146,22 +145,65 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     assert len(resumed["records"]) == 16
     assert resumed["records"] == whole["records"]  # loss, s_hat, lambdas, lr of every iteration, bit for bit
     assert resumed["controller"] == whole["controller"] and resumed["log_alpha"] == whole["log_alpha"]
+    # --exit-signal-handler: a SIGTERM (Slurm's warning before the time limit) saves after the step and exits 0
+    termed = tmp_path / "termed"
+    proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(termed),
+                             "--exit-signal-handler"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    tracker = termed / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not tracker.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    last = int(tracker.read_text())
+    assert 4 <= last < 16 and f"stopping after iteration {last} of 16 (--exit-signal-handler: SIGTERM received)" in log
+    _ok(_train(RESUME_RUN + ["--save", str(termed), "--load", str(termed)]))
+    assert _final_state(termed)["records"] == whole["records"]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Under torchrun (2 ranks, DP=2), a SIGTERM that reaches one worker only: the ranks agree
+    (one all-reduce per step), save one consistent checkpoint, exit 0; the resume finishes."""
+    run = _with(RESUME_RUN, "--global-batch-size", "4") + ["--save", str(tmp_path / "run")]
+    proc = subprocess.Popen(_torchrun_cmd(run + ["--exit-signal-handler"]), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    tracker = tmp_path / "run" / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not tracker.exists():
+        time.sleep(0.05)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]), signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    last = int(tracker.read_text())
+    assert 4 <= last < 16 and f"stopping after iteration {last} of 16 (--exit-signal-handler" in log
+    meta = json.loads((tmp_path / "run" / f"iter_{last:07d}" / "consa_run.json").read_text())
+    assert meta["iteration"] == last and meta["world_size"] == 2
+    log = _ok(subprocess.run(_torchrun_cmd(run + ["--load", str(tmp_path / "run")]), cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600))
+    assert f"resumed from {tmp_path / 'run' / f'iter_{last:07d}'} (iteration {last})" in log
+    assert int(tracker.read_text()) == 16
 
 
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
 def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precision):
     """A bf16 / fp16 learning run as users launch it (fp16 at the shipped loss scale): it
     saves (the float32 gates once broke megatron-core's mixed-precision checkpoint), logs
-    its grad norm (and loss scale), and a run stopped after a checkpoint resumes to the
+    its grad norm (and loss scale), and a run stopped by --exit-interval resumes to the
     same records, bit for bit."""
-    run = _with(RESUME_RUN, "--train-iters", "8") + [precision, "--save-interval", "4"]
+    run = _with(RESUME_RUN, "--train-iters", "8") + [precision, "--save-interval", "8"]
     whole_log = _ok(_train(run + ["--save", str(tmp_path / "whole")]))
     assert "| grad norm " in whole_log
     assert ("| loss scale 65536 |" in whole_log) == (precision == "--fp16")
-    stopped = tmp_path / "stopped"  # the same run, stopped after its iteration-4 checkpoint
-    shutil.copytree(tmp_path / "whole", stopped)
-    shutil.rmtree(stopped / "iter_0000008")
-    (stopped / "latest_checkpointed_iteration.txt").write_text("4")
+    stopped = tmp_path / "stopped"
+    log = _ok(_train(run + ["--save", str(stopped), "--exit-interval", "3"]))
+    assert f"stopping after iteration 3 of 8 (--exit-interval 3): saved to {stopped}" in log
+    assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    log = _ok(_train(run + ["--save", str(stopped), "--load", str(stopped), "--exit-interval", "3"]))
+    assert "stopping after iteration 6 of 8" in log
     _ok(_train(run + ["--save", str(stopped), "--load", str(stopped)]))
     whole, resumed = _final_state(tmp_path / "whole"), _final_state(stopped)
     assert len(resumed["records"]) == 8 and not any(r["skipped"] for r in whole["records"])
@@ -262,8 +304,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "model_type='gpt2'" in _bad(unshaped + ["--hf-config", str(tmp_path / "hf")], capsys)
     err = _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)  # shape flags it would ignore
     assert "--num-layers, --hidden-size" in err and "would be ignored" in err
-    for flag in ("--num-layers", "--eval-iters", "--num-layers-per-virtual-pipeline-stage"):
+    for flag in ("--num-layers", "--eval-iters", "--num-layers-per-virtual-pipeline-stage", "--exit-interval"):
         assert f"{flag} 0: must be >= 1" in _bad(BASE + [flag, "0"], capsys)
+    assert "--exit-duration-in-mins 0.0: must be > 0" in _bad(BASE + ["--exit-duration-in-mins", "0"], capsys)
     assert "--reset-attention-mask" in _bad(BASE + ["--reset-attention-mask"], capsys)
     assert "--add-qkv-bias" in _bad(BASE + ["--add-qkv-bias"], capsys)  # with --qk-layernorm: no HF family
     if not transformer_engine_available():

@@ -1,0 +1,115 @@
+"""The GPU example scripts (examples/*.sh, *.sbatch) call our entry points with flags they accept.
+
+CI has no GPU or Slurm, so the scripts run with `python`, `torchrun`, `srun` and
+`scontrol` replaced by stubs that record their arguments; each recorded call of
+`megatron_consa.train` or a `tools/*.py` is then parsed by that program's own
+argument parser (stopped right after parsing). A renamed or mistyped flag in an
+example fails here instead of on a user's cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STUB = f"""#!{sys.executable}
+import json, os, sys
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
+if os.path.basename(sys.argv[0]) == "scontrol":
+    print("node001")
+"""
+
+
+class _Parsed(Exception):
+    def __init__(self, namespace: argparse.Namespace) -> None:
+        self.namespace = namespace
+
+
+def _parse_with(main, argv: list[str], monkeypatch) -> argparse.Namespace:
+    """Run `main(argv)` until its parser has parsed `argv`; a rejected flag fails the test."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+        try:
+            main(argv)
+        except _Parsed as parsed:
+            return parsed.namespace
+        except SystemExit as exc:
+            pytest.fail(f"{argv}: the parser refused it (exit {exc.code})")
+    pytest.fail(f"{argv}: nothing was parsed")
+
+
+def _tool_main(script: str):
+    spec = importlib.util.spec_from_file_location(f"_example_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _run_with_stubs(script: str, tmp_path: Path, env: dict) -> list[list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "torchrun", "srun", "scontrol"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    record = tmp_path / "calls.jsonl"
+    proc = subprocess.run(["bash", str(ROOT / script)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record)})
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def _check_calls(calls: list[list[str]], monkeypatch) -> list[tuple[str, argparse.Namespace]]:
+    from megatron_consa.train import main as train_main
+
+    parsed = []
+    for call in calls:
+        if call[0] == "scontrol":
+            continue
+        if "megatron_consa.train" in call:  # torchrun [srun] ... -m megatron_consa.train <flags>
+            i = call.index("megatron_consa.train")
+            assert call[i - 1] == "-m" and "torchrun" in call, call
+            parsed.append(("train", _parse_with(train_main, call[i + 1:], monkeypatch)))
+        else:
+            assert call[0] == "python" and call[1].startswith("tools/"), call
+            parsed.append((call[1], _parse_with(_tool_main(call[1]), call[2:], monkeypatch)))
+    return parsed
+
+
+def test_single_node_example_calls_parse(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    calls = _check_calls(_run_with_stubs("examples/qwen3_0.6b_tp2pp2_8gpu.sh", tmp_path, {
+        "HF": "/models/Qwen3-0.6B", "DATA": "/data/corpus_text_document", "OUT": str(out)}), monkeypatch)
+    names = [name for name, _ in calls]
+    assert names == ["tools/convert_hf_to_megatron.py", "train", "tools/finalize_allocation.py", "train",
+                     "tools/convert_megatron_to_hf.py", "tools/generate.py"]
+    learn, fixed = calls[1][1], calls[3][1]
+    assert (learn.consa_phase, learn.finetune, learn.load) == ("learn", True, f"{out}/imported")
+    assert (fixed.consa_phase, fixed.load) == ("fixed", f"{out}/finalized/checkpoint")
+
+
+def test_slurm_example_calls_parse(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "imported").mkdir(parents=True)
+    (out / "imported" / "consa_run.json").write_text("{}")
+    calls = _check_calls(_run_with_stubs("examples/slurm_multinode.sbatch", tmp_path, {
+        "HF": "/models/Qwen3-0.6B", "DATA": "/data/corpus_text_document", "OUT": str(out),
+        "SLURM_JOB_NODELIST": "node[001-004]", "SLURM_NNODES": "4", "SLURM_JOB_ID": "77"}), monkeypatch)
+    assert [name for name, _ in calls] == ["train"]
+    learn = calls[0][1]
+    assert learn.exit_signal_handler and learn.bf16 and learn.load == f"{out}/imported" and learn.finetune
+    sbatch = (ROOT / "examples" / "slurm_multinode.sbatch").read_text()
+    assert "#SBATCH --signal=TERM@" in sbatch  # the warning --exit-signal-handler acts on
