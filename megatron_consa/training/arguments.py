@@ -87,6 +87,44 @@ _LOSS_SCALE_FLAGS = (  # Megatron-LM's flags, with TrainingConfig's defaults
 )
 
 
+_FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
+    ("--swiglu", "SwiGLU MLP (always)"),
+    ("--disable-bias-linear", "no bias in the linear layers (always; --add-qkv-bias adds Qwen2's QKV bias)"),
+    ("--group-query-attention", "GQA (always possible: --num-query-groups sets the groups)"),
+    ("--use-mcore-models", "megatron-core's GPTModel (always)"),
+    ("--use-rotary-position-embeddings", "RoPE (always)"),
+    ("--no-position-embedding", "no learned absolute positions (always)"),
+    ("--no-masked-softmax-fusion", "(the core attention is ConSA's: no fused masked softmax)"),
+    ("--no-bias-swiglu-fusion", "(no bias to fuse)"),
+    ("--no-bias-dropout-fusion", "(no bias or dropout to fuse)"),
+    ("--attention-softmax-in-fp32", "(the attention's softmax runs in fp32)"),
+    ("--no-gradient-accumulation-fusion", "(weight gradients are not accumulated by a fused kernel)"),
+    ("--no-rope-fusion", "(RoPE is not fused)"),
+)
+_FIXED_CHOICES = {
+    "--normalization": ("RMSNorm", "the norm layers"),
+    "--position-embedding-type": ("rope", "positions"),
+    "--ckpt-format": ("torch_dist", "checkpoints (megatron-core's dist_checkpointing)"),
+}
+
+
+def _check_megatron_compat(a: argparse.Namespace) -> None:
+    for flag, (choice, text) in _FIXED_CHOICES.items():
+        value = getattr(a, flag[2:].replace("-", "_"), None)
+        if value is not None and value != choice:
+            raise ArgumentError(
+                f"{flag} {value}: megatron-consa's models are Qwen/Llama/Mistral-style, {text}: {choice} only; "
+                f"drop the flag or pass {flag} {choice}"
+            )
+    for flag in ("--hidden-dropout", "--attention-dropout"):
+        value = getattr(a, flag[2:].replace("-", "_"), None)
+        if value is not None and value != 0:
+            raise ArgumentError(
+                f"{flag} {value}: these models train without dropout (ConSA's attention has none); pass 0 or drop "
+                "the flag (Megatron-LM's default would be 0.1)"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_consa.train",
@@ -133,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], help="activation recomputation")
     g.add_argument("--recompute-method", choices=["uniform", "block"], help="full recomputation method")
     g.add_argument("--recompute-num-layers", type=int, help="layers per recomputation unit")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="how long a collective may wait before torch.distributed gives up")
 
     g = p.add_argument_group("training")
     g.add_argument("--seq-length", type=int, required=True, help="tokens per sequence")
@@ -142,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the weights")
     g.add_argument("--min-lr", type=float, default=3e-5, help="final learning rate")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
-    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear LR warm-up")
+    g.add_argument("--lr-warmup-iters", type=int, default=argparse.SUPPRESS, help="linear LR warm-up (default: 0)")
+    g.add_argument("--lr-warmup-fraction", type=float, default=argparse.SUPPRESS,
+                   help="the warm-up as a fraction of the decay iterations (instead of --lr-warmup-iters)")
+    g.add_argument("--lr-decay-iters", type=int, default=argparse.SUPPRESS,
+                   help="iterations of the decay to --min-lr (default: --train-iters)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (not on gates)")
     g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
                    help="on resume, follow this run's --train-iters, --lr-warmup-iters and --lr-decay-style from the "
@@ -155,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (gates stay fp32)")
     for flag, kind, default, text in _LOSS_SCALE_FLAGS:
         g.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} (--fp16; default: {default})")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the random initialisation (a run that loads weights does not use it)")
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
@@ -191,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "stop")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
+
+    g = p.add_argument_group(
+        "Megatron-LM compatibility",
+        "flags of Megatron-LM Llama/Qwen scripts that name what these models always are; accepted when they agree, "
+        "refused with the reason otherwise",
+    )
+    for flag, text in _FIXED_SWITCHES:  # (argparse.SUPPRESS: no "(default: ...)" in --help)
+        g.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+    for flag, (choice, text) in _FIXED_CHOICES.items():
+        g.add_argument(flag, metavar=choice, default=argparse.SUPPRESS, help=f"{text} (only {choice})")
+    for flag in ("--hidden-dropout", "--attention-dropout"):
+        g.add_argument(flag, type=float, default=argparse.SUPPRESS,
+                       help="only 0 (these models train without dropout; Megatron-LM's default is 0.1)")
 
     g = p.add_argument_group("ConSA")
     d = ConsaConfig()
@@ -313,8 +372,21 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             f"{flag}: ConSA's hybrid attention is causal over the whole sequence and does not honour "
             "per-document masks or position resets; train without it (documents are separated by EOD tokens)"
         )
+    _check_megatron_compat(a)
+    for name in ("lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters"):  # (argparse.SUPPRESS: None if not given)
+        setattr(a, name, getattr(a, name, None))
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16: choose one")
+    if a.lr_warmup_iters is not None and a.lr_warmup_fraction is not None:
+        raise ArgumentError("--lr-warmup-iters and --lr-warmup-fraction: give one")
+    if a.lr_warmup_fraction is not None and not 0 <= a.lr_warmup_fraction <= 1:
+        raise ArgumentError(f"--lr-warmup-fraction {a.lr_warmup_fraction}: must be in [0, 1]")
+    for flag, value in (("--lr-decay-iters", a.lr_decay_iters), ("--lr-warmup-iters", a.lr_warmup_iters)):
+        if value is not None and value < (1 if flag == "--lr-decay-iters" else 0):
+            raise ArgumentError(f"{flag} {value}: must be >= {1 if flag == '--lr-decay-iters' else 0}")
+    warmup = a.lr_warmup_iters or 0
+    if a.lr_warmup_fraction is not None:  # Megatron-LM: a fraction of the decay iterations
+        warmup = round(a.lr_warmup_fraction * (a.lr_decay_iters or a.train_iters))
     scaling = {name: getattr(a, name) for name in (flag[2:].replace("-", "_") for flag, *_ in _LOSS_SCALE_FLAGS)
                if hasattr(a, name)}  # the flags given (argparse.SUPPRESS): TrainingConfig's defaults otherwise
     if scaling and not a.fp16:
@@ -348,6 +420,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         recompute_granularity=a.recompute_granularity,
         recompute_method=a.recompute_method,
         recompute_num_layers=a.recompute_num_layers,
+        distributed_timeout_minutes=a.distributed_timeout_minutes,
     )
     training = TrainingConfig(
         train_iters=a.train_iters,
@@ -356,7 +429,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         seq_length=a.seq_length,
         lr=a.lr,
         min_lr=a.min_lr,
-        lr_warmup_iters=a.lr_warmup_iters,
+        lr_warmup_iters=warmup,
+        lr_decay_iters=a.lr_decay_iters,
         lr_decay_style=a.lr_decay_style,
         weight_decay=a.weight_decay,
         adam_beta1=a.adam_beta1,
@@ -366,6 +440,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         bf16=a.bf16,
         fp16=a.fp16,
         **scaling,
+        init_method_std=a.init_method_std,
         seed=a.seed,
         log_interval=a.log_interval,
         tensorboard_dir=a.tensorboard_dir,

@@ -35,6 +35,9 @@ class ParallelConfig:
     """'uniform' or 'block' (full recomputation only)."""
     recompute_num_layers: Optional[int] = None
     """Layers per recomputation unit (full recomputation only)."""
+    distributed_timeout_minutes: float = 10.0
+    """How long a collective may wait before torch.distributed gives up (Megatron-LM's
+    default; a large checkpoint's load or save can need more)."""
 
     def validate(self, *, num_layers: int, num_kv_heads: int, world_size: int) -> int:
         """Check the layout against the model and the world; returns the DP size."""
@@ -44,6 +47,8 @@ class ParallelConfig:
                             ("virtual_pipeline_model_parallel_size", vpp)):
             if value < 1:
                 _fail("ParallelConfig", name, value, "must be >= 1")
+        if not self.distributed_timeout_minutes > 0:
+            _fail("ParallelConfig", "distributed_timeout_minutes", self.distributed_timeout_minutes, "must be > 0")
         if world_size % (tp * pp):
             _fail(
                 "ParallelConfig",
@@ -105,6 +110,9 @@ class TrainingConfig:
     """Learning rate at the end of the decay."""
     lr_warmup_iters: int = 0
     """Linear warm-up of every learning rate (gates included)."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations over which the learning rate decays to min_lr (None: train_iters); it
+    stays at min_lr after them."""
     lr_decay_style: str = "cosine"
     """'constant', 'linear' or 'cosine' (megatron-core's scheduler)."""
     weight_decay: float = 0.1
@@ -133,6 +141,9 @@ class TrainingConfig:
     """Steps without an overflow before the dynamic scale doubles."""
     hysteresis: int = 2
     """Overflows tolerated before the dynamic scale halves."""
+    init_method_std: float = 0.02
+    """Standard deviation of the random weight initialisation (megatron-core's; a run
+    that loads weights does not use it)."""
     seed: int = 1234
     """Seed of weight initialisation (the data and the gate noise have seeds of their own).
     Initial weights also depend on the pipeline layout; to compare layouts, start
@@ -172,6 +183,12 @@ class TrainingConfig:
                 _fail("TrainingConfig", name, getattr(self, name), "must be >= 0")
         if self.min_lr > self.lr:
             _fail("TrainingConfig", "min_lr", self.min_lr, f"the decay ends below the peak: use a value <= lr={self.lr}")
+        if self.lr_decay_iters is not None and (not isinstance(self.lr_decay_iters, int) or self.lr_decay_iters < 1):
+            _fail("TrainingConfig", "lr_decay_iters", self.lr_decay_iters, "must be an integer >= 1 (or None: train_iters)")
+        if self.lr_warmup_iters < 0:
+            _fail("TrainingConfig", "lr_warmup_iters", self.lr_warmup_iters, "must be >= 0")
+        if not self.init_method_std > 0:
+            _fail("TrainingConfig", "init_method_std", self.init_method_std, "must be > 0")
         if not self.adam_eps > 0:
             _fail("TrainingConfig", "adam_eps", self.adam_eps, "must be > 0")
         for name in ("initial_loss_scale", "min_loss_scale", "loss_scale"):

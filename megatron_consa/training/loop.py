@@ -114,6 +114,7 @@ def build_model_chunks(
         bf16=training.bf16,
         fp16=training.fp16,
         pipeline_dtype=dtype,
+        init_method_std=training.init_method_std,
         **parallel.megatron_fields(),
     )
     vpp = parallel.virtual_pipeline_model_parallel_size
@@ -209,7 +210,7 @@ def build_optimizer(
         max_lr=training.lr,
         min_lr=training.min_lr,
         lr_warmup_steps=training.lr_warmup_iters,
-        lr_decay_steps=max(1, training.train_iters, training.lr_warmup_iters + 1),
+        lr_decay_steps=max(1, training.lr_decay_iters or training.train_iters, training.lr_warmup_iters + 1),
         lr_decay_style=training.lr_decay_style,
         start_wd=training.weight_decay,
         end_wd=training.weight_decay,

@@ -19,9 +19,6 @@ from megatron_consa.training.config import ParallelConfig
 logger = logging.getLogger(__name__)
 
 
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
-"""How long a collective may wait before torch.distributed gives up."""
-
 PIPELINE_SEED_STRIDE = 100
 """Each pipeline stage seeds its weight initialisation with seed + stride * pp_rank
 (megatron-LM's convention), so stages do not draw the same weights."""
@@ -43,6 +40,7 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int, init_method: 
     first, the process group kept.
     """
     apply_cpu_shims()
+    timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -51,12 +49,12 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int, init_method: 
             # one process: an in-memory store, no TCP port to race other processes for (a port
             # found free can be taken before the store binds it)
             dist.init_process_group(distributed_backend(), store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=PROCESS_GROUP_TIMEOUT)
+                                    timeout=timeout)
         elif init_method is not None:
             dist.init_process_group(distributed_backend(), init_method=init_method, rank=int(os.environ["RANK"]),
-                                    world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+                                    world_size=world_size, timeout=timeout)
         else:
-            dist.init_process_group(distributed_backend(), timeout=PROCESS_GROUP_TIMEOUT)
+            dist.init_process_group(distributed_backend(), timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -207,7 +207,8 @@ def _check_same_learning_setup(run: RunConfig, load_meta: dict) -> None:
 # Resumed optimizer state: its parameter groups are keyed by these (a change cannot be loaded) ...
 _OPTIMIZER_GROUPS = {"lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weight-decay"}
 # ... and the learning-rate schedule follows these (the checkpoint's, unless overridden).
-_SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_style": "--lr-decay-style"}
+_SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_style": "--lr-decay-style",
+             "lr_decay_iters": "--lr-decay-iters"}
 
 
 def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
@@ -233,10 +234,11 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
         return
     for name, flag in _SCHEDULE.items():
         if name in saved and saved[name] != getattr(training, name):
+            was = f"with {flag} {saved[name]}" if saved[name] is not None else f"without {flag}"
+            now = getattr(training, name) if getattr(training, name) is not None else f"no {flag}"
             raise ArgumentError(
-                f"--load {run.checkpoint.load}: the run was saved with {flag} {saved[name]}, this run asks for "
-                f"{getattr(training, name)}: resume with {flag} {saved[name]}, or add --override-opt-param-scheduler "
-                "to follow the new schedule from the saved iteration on"
+                f"--load {run.checkpoint.load}: the run was saved {was}, this run asks for {now}: resume {was}, or "
+                "add --override-opt-param-scheduler to follow the new schedule from the saved iteration on"
             )
 
 

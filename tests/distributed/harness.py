@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,15 @@ def _entry(rank: int, world_size: int, rendezvous: str, scenario: str, out_dir: 
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))
     import megatron_consa  # noqa: F401  (megatron.core importable without triton)
-    from megatron_consa.training.parallel import PROCESS_GROUP_TIMEOUT, distributed_backend
+    from megatron_consa.training.config import ParallelConfig
+    from megatron_consa.training.parallel import distributed_backend
 
     import torch.distributed as dist
 
     # the world scenarios' initialize_distributed calls find started
     dist.init_process_group(distributed_backend(), init_method=Path(rendezvous).as_uri(), rank=rank,
-                            world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+                            world_size=world_size,
+                            timeout=timedelta(minutes=ParallelConfig().distributed_timeout_minutes))
 
     fn = getattr(importlib.import_module("scenarios"), scenario)
     result = fn(out_dir=out_dir, **kwargs)

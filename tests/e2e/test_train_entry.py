@@ -333,6 +333,10 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "--lr 0.0003" in err and "--finetune" in err
     err = _bad(_with(same, "--train-iters", "9"), capsys)  # megatron would keep the saved schedule silently
     assert "--train-iters 5" in err and "--override-opt-param-scheduler" in err
+    (learned / "consa_run.json").write_text(json.dumps({
+        "resumable": True, "consa": saved_consa, "architecture": {}, "training": {**saved_training, "lr_decay_iters": None}}))
+    err = _bad(same + ["--lr-decay-iters", "4"], capsys)
+    assert "saved without --lr-decay-iters, this run asks for 4: resume without --lr-decay-iters" in err
     (learned / "consa_run.json").write_text(json.dumps({  # its data position is iteration x global batch
         "resumable": True, "consa": saved_consa, "architecture": {}, "training": {**saved_training, "global_batch_size": 8}}))
     err = _bad(same, capsys)

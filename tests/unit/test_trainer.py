@@ -105,6 +105,18 @@ class TestTrainer:
         gates_only = _trainer(dataclasses.replace(consa, gates_only=True), **schedule).train()
         assert [(r.lr, r.gate_lr) for r in gates_only] == [(r.lr, r.gate_lr) for r in plain]
 
+    def test_lr_decay_iters_ends_the_decay_early_and_init_method_std_scales_the_weights(self):
+        """--lr-decay-iters: the lr follows a run of that length, then stays at min_lr;
+        --init-method-std: megatron-core's initialisation at that scale."""
+        consa = ConsaConfig(window=4, init_log_alpha=0.0, target_warmup_iters=0)
+        schedule = dict(lr=1e-2, min_lr=1e-3, lr_decay_style="linear")
+        short = [r.lr for r in _trainer(consa, train_iters=3, **schedule).train()]
+        early = [r.lr for r in _trainer(consa, train_iters=6, lr_decay_iters=3, **schedule).train()]
+        assert early[:3] == short and early[3:] == [1e-3] * 3 and short[0] > short[1] > short[2]
+        stds = [unwrap_model(_trainer(consa, init_method_std=std).chunks[0]).decoder.layers[0].mlp.linear_fc1.weight.std()
+                for std in (0.02, 0.5)]
+        assert 0.019 < stds[0] < 0.021 and 0.48 < stds[1] < 0.52
+
     def test_resume_keeps_the_saved_schedule_unless_overridden(self, tmp_path):
         """megatron's scheduler on resume: the checkpoint's decay length, or (override) this run's."""
         from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from megatron_consa.config import ConsaConfigError
@@ -123,3 +126,60 @@ def test_optimizer_and_loss_scale_flags_reach_the_training_config():
                                      "--adam-eps", "1e-6"]).training
     assert (given.loss_scale, given.initial_loss_scale, given.min_loss_scale, given.loss_scale_window,
             given.hysteresis, given.adam_eps) == (512.0, 4096.0, 2.0, 50, 3, 1e-6)
+
+
+LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretraining script
+    "--use-mcore-models", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32",
+    "--max-position-embeddings", "32", "--position-embedding-type", "rope", "--rotary-base", "500000",
+    "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--swiglu", "--untie-embeddings-and-output-weights",
+    "--disable-bias-linear", "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--init-method-std", "0.01",
+    "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--no-gradient-accumulation-fusion",
+    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-position-embedding",
+    "--use-rotary-position-embeddings", "--ckpt-format", "torch_dist", "--distributed-timeout-minutes", "30",
+    "--train-iters", "100", "--lr-decay-iters", "80", "--lr-warmup-fraction", "0.05", "--lr-decay-style", "cosine",
+    "--adam-beta2", "0.95", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
+]
+
+
+def test_a_megatron_lm_llama_script_parses_into_our_configs():
+    from megatron_consa.training.arguments import parse_run_config
+
+    run = parse_run_config(LLAMA_SCRIPT)
+    t = run.training
+    assert (t.lr_decay_iters, t.lr_warmup_iters, t.init_method_std, t.adam_beta2) == (80, 4, 0.01, 0.95)
+    assert run.parallel.distributed_timeout_minutes == 30.0
+    assert (run.arch.num_kv_heads, run.arch.rope_theta, run.arch.rms_norm_eps, run.arch.tie_word_embeddings) == (
+        2, 500000.0, 1e-5, False)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--normalization", "LayerNorm"], "--normalization LayerNorm: megatron-consa's models are Qwen/Llama/Mistral"),
+    (["--position-embedding-type", "learned_absolute"], "positions: rope only"),
+    (["--ckpt-format", "torch"], "--ckpt-format torch_dist"),
+    (["--hidden-dropout", "0.1"], "--hidden-dropout 0.1: these models train without dropout"),
+    (["--attention-dropout", "0.1"], "--attention-dropout 0.1"),
+    (["--lr-warmup-iters", "3"], "--lr-warmup-iters and --lr-warmup-fraction: give one"),
+    (["--lr-decay-iters", "0"], "--lr-decay-iters 0: must be >= 1"),
+])
+def test_megatron_lm_flags_that_disagree_are_refused_by_name(flags, message):
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        parse_run_config(LLAMA_SCRIPT + flags)
+
+
+def test_distributed_timeout_reaches_the_process_group():
+    """--distributed-timeout-minutes is the process group's timeout (a fresh process: the
+    test process's world is started already)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, megatron_consa; from megatron_consa.training.config import ParallelConfig;"
+            "from megatron_consa.training.parallel import initialize_distributed;"
+            "initialize_distributed(ParallelConfig(distributed_timeout_minutes=3.5), seed=0);"
+            "print(torch.distributed.group.WORLD._get_backend(torch.device('cpu')).options._timeout)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "0:03:30"
