@@ -2,7 +2,9 @@
 
 `build_gpt_sources` turns a typed `DataConfig` into train / valid / test
 sample sources for the trainer: blends of indexed datasets with weights,
-Megatron's `--split`, its index caching, or megatron-core's mock dataset.
+Megatron's `--split` of one blend or a blend per split (`--train-data-path`,
+`--valid-data-path`, `--test-data-path`), its index caching, or megatron-core's
+mock dataset.
 A source maps a global sample index to seq_length + 1 tokens
 (`SampleSource.sample`), so the data position of a run is its iteration: a
 resume with the same data, split, seed, batch and length reads on exactly where
@@ -50,6 +52,23 @@ class DataConfig:
     never reads the indices of the old one."""
     seed: int = 1234
     """Shuffling seed of the dataset indices."""
+    train_data_path: list[str] = field(default_factory=list)
+    """Megatron-LM's `--train-data-path`: the training blend, whole (with `valid_data_path` and
+    `test_data_path` instead of `data_path` and `split`, for data that comes split)."""
+    valid_data_path: list[str] = field(default_factory=list)
+    """Megatron-LM's `--valid-data-path`: the validation blend, whole."""
+    test_data_path: list[str] = field(default_factory=list)
+    """Megatron-LM's `--test-data-path`: the test blend, whole."""
+
+    @property
+    def per_split(self) -> bool:
+        """Whether each split has its own blend (`--train-data-path` ...) instead of `--split` of one."""
+        return bool(self.train_data_path or self.valid_data_path or self.test_data_path)
+
+    def split_paths(self) -> list[tuple[str, list[str]]]:
+        """(flag, paths) of each split's blend, train / valid / test (per-split data only)."""
+        return [("--train-data-path", self.train_data_path), ("--valid-data-path", self.valid_data_path),
+                ("--test-data-path", self.test_data_path)]
 
 
 class GPTSampleSource:
@@ -74,9 +93,9 @@ class GPTSampleSource:
         return tokens
 
 
-def _parse_blend(paths: list[str]) -> tuple[list[str], Optional[list[float]]]:
+def _parse_blend(paths: list[str], flag: str = "--data-path") -> tuple[list[str], Optional[list[float]]]:
     if not paths:
-        raise DataError("--data-path is empty: give one or more dataset prefixes (or --mock-data)")
+        raise DataError(f"{flag} is empty: give one or more dataset prefixes (or --mock-data)")
     if len(paths) == 1:
         return [paths[0]], None
     try:
@@ -84,10 +103,21 @@ def _parse_blend(paths: list[str]) -> tuple[list[str], Optional[list[float]]]:
     except ValueError:
         return list(paths), None  # unweighted list of prefixes
     if len(paths) % 2:
-        raise DataError(f"--data-path {' '.join(paths)}: weighted blends alternate WEIGHT PREFIX pairs")
+        raise DataError(f"{flag} {' '.join(paths)}: weighted blends alternate WEIGHT PREFIX pairs")
     if any(w <= 0 for w in weights):
-        raise DataError(f"--data-path weights {weights} must all be > 0")
+        raise DataError(f"{flag} weights {weights} must all be > 0")
     return list(paths[1::2]), weights
+
+
+def _blends(config: DataConfig) -> list[tuple[str, list[str], Optional[list[float]]]]:
+    """(flag, prefixes, weights) of every blend the config names: `--data-path`'s, or each
+    per-split one given."""
+    if config.per_split:
+        if config.data_path:
+            raise DataError("--data-path with --train-data-path / --valid-data-path / --test-data-path: give the "
+                            "whole data with --data-path and --split, or each split's own, not both")
+        return [(flag, *_parse_blend(paths, flag)) for flag, paths in config.split_paths() if paths]
+    return [("--data-path", *_parse_blend(config.data_path))]
 
 
 def check_split(split: str) -> None:
@@ -160,16 +190,22 @@ def check_data_paths(config: DataConfig) -> None:
     cache is writable (clear errors otherwise), before any work."""
     if config.mock:
         return
-    check_split(config.split)
-    prefixes, _ = _parse_blend(config.data_path)
-    for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            path = Path(prefix + suffix)
-            if not path.is_file():
-                raise DataError(f"--data-path {prefix}: {path} does not exist (make it with tools/preprocess_data.py)")
-            if path.stat().st_size == 0:
-                raise DataError(f"--data-path {prefix}: {path} is empty (re-run tools/preprocess_data.py)")
-    _check_cache_writable(config, prefixes)
+    blends = _blends(config)
+    if not config.per_split:
+        check_split(config.split)
+    for flag, prefixes, _ in blends:
+        for prefix in prefixes:
+            for suffix in (".bin", ".idx"):
+                path = Path(prefix + suffix)
+                if not path.is_file():
+                    raise DataError(f"{flag} {prefix}: {path} does not exist (make it with tools/preprocess_data.py)")
+                if path.stat().st_size == 0:
+                    raise DataError(f"{flag} {prefix}: {path} is empty (re-run tools/preprocess_data.py)")
+    _check_cache_writable(config, _all_prefixes(blends))
+
+
+def _all_prefixes(blends) -> list[str]:
+    return list(dict.fromkeys(prefix for _, prefixes, _ in blends for prefix in prefixes))
 
 
 def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_samples: int,
@@ -186,6 +222,27 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
     if config.mock:
         ds_config = GPTDatasetConfig(split="1,1,1", **common)
         cls = MockGPTDataset
+    elif config.per_split:
+        check_data_paths(config)
+        wanted = (train_samples, valid_samples, test_samples)
+        per_split = []
+        for (flag, paths), n, name in zip(config.split_paths(), wanted, ("train", "valid", "test")):
+            if n > 0 and not paths:  # (megatron-core would fall back to its mock dataset with no blend at all)
+                raise DataError(f"the run reads {n} {name} samples and per-split data has no {name} blend: give {flag}")
+            if n == 0:  # not read, not built
+                per_split.append(None)
+                continue
+            prefixes, weights = _parse_blend(paths, flag)
+            counts = {prefix: _index_counts(prefix) for prefix in prefixes}
+            for prefix, (documents, _) in counts.items():
+                if documents == 0:
+                    raise DataError(f"{flag} {prefix}: holds no document, and the run reads {n} samples of it")
+            if weights is None and len(prefixes) > 1:
+                weights = [float(counts[prefix][1]) for prefix in prefixes]
+            per_split.append((prefixes, weights))
+        common["path_to_cache"] = _cache_dir(config, _all_prefixes(_blends(config)))
+        ds_config = GPTDatasetConfig(blend_per_split=per_split, **common)
+        cls = GPTDataset
     else:
         check_data_paths(config)
         prefixes, weights = _parse_blend(config.data_path)

@@ -212,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help="dataset prefixes, optionally weighted: 0.3 A 0.7 B")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test split of the blend")
+    g.add_argument("--split", default=argparse.SUPPRESS, help="train,valid,test split of the blend (default: 969,30,1)")
+    for which in ("train", "valid", "test"):
+        g.add_argument(f"--{which}-data-path", nargs="+", default=[],
+                       help=f"the {which} split's own blend, whole (instead of --data-path and --split)")
     g.add_argument("--mock-data", action="store_true", help="megatron-core's mock dataset (no files)")
     g.add_argument("--data-cache-path", help="where megatron-core caches sample indices")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
@@ -467,12 +470,24 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--consa-allocation is for --consa-phase fixed; the learn phase learns one")
     if a.consa_phase == "fixed" and a.consa_gates_only:
         raise ArgumentError("--consa-gates-only is for --consa-phase learn; a fixed allocation has no gates")
-    if not a.mock_data and not a.data_path:
-        raise ArgumentError("--data-path is missing: give dataset prefixes (tools/preprocess_data.py) or --mock-data")
-    if a.mock_data and a.data_path:
-        raise ArgumentError("--mock-data trains on megatron-core's mock dataset, not --data-path: drop one of them")
-    data = DataConfig(data_path=list(a.data_path), split=a.split, mock=a.mock_data, cache_path=a.data_cache_path,
-                      seed=a.seed)
+    per_split = [f"--{w}-data-path" for w in ("train", "valid", "test") if getattr(a, f"{w}_data_path")]
+    if per_split and (a.data_path or hasattr(a, "split")):
+        raise ArgumentError(f"{per_split[0]} with --data-path or --split: give the whole data with --data-path and "
+                            "--split, or each split's own blend (--train-data-path, --valid-data-path, "
+                            "--test-data-path), not both")
+    if per_split and not a.train_data_path:
+        raise ArgumentError(f"{per_split[0]} without --train-data-path: the run trains on --train-data-path's blend")
+    if per_split and a.eval_interval and not a.valid_data_path:
+        raise ArgumentError("--eval-interval reads the validation blend: give --valid-data-path")
+    if not a.mock_data and not a.data_path and not per_split:
+        raise ArgumentError("--data-path is missing: give dataset prefixes (tools/preprocess_data.py), each split's "
+                            "(--train-data-path ...), or --mock-data")
+    if a.mock_data and (a.data_path or per_split):
+        raise ArgumentError(f"--mock-data trains on megatron-core's mock dataset, not {(per_split or ['--data-path'])[0]}: "
+                            "drop one of them")
+    data = DataConfig(data_path=list(a.data_path), split=getattr(a, "split", DataConfig.split), mock=a.mock_data,
+                      cache_path=a.data_cache_path, seed=a.seed, train_data_path=list(a.train_data_path),
+                      valid_data_path=list(a.valid_data_path), test_data_path=list(a.test_data_path))
     tok_type = a.tokenizer_type or (  # a directory is a Hugging Face tokenizer, a file a sentencepiece model
         "NullTokenizer" if a.tokenizer_model is None
         else tokenizer_type_of(a.tokenizer_model)

@@ -257,7 +257,10 @@ def _check_same_data(run: RunConfig, training, load_meta: dict) -> None:
         )
     data = load_meta.get("data") or {}
     changed = [flag for flag, before, now in (
-        ("--data-path", data.get("data_path"), list(run.data.data_path)), ("--split", data.get("split"), run.data.split),
+        ("--data-path", data.get("data_path"), list(run.data.data_path)),
+        ("--split", data.get("split"), None if run.data.per_split else run.data.split),
+        *((flag, data.get(flag[2:].replace("-", "_"), [] if data else None), list(paths))
+          for flag, paths in run.data.split_paths()),
         ("--seed", data.get("seed"), run.data.seed), ("--mock-data", data.get("mock"), run.data.mock),
         ("--seq-length", saved.get("seq_length"), training.seq_length),
     ) if before is not None and before != now]
@@ -363,8 +366,10 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
             config.bos_token_id, config.eos_token_id = tokenizer.bos, tokenizer.eos
             config.save_pretrained(str(directory))
         # the data the run read: evaluation draws its validation split from the same blend by default
-        data = {"data_path": list(run.data.data_path), "split": run.data.split, "seed": run.data.seed,
-                "mock": run.data.mock}
+        data = {"data_path": list(run.data.data_path), "split": None if run.data.per_split else run.data.split,
+                "seed": run.data.seed, "mock": run.data.mock}
+        if run.data.per_split:
+            data.update({flag[2:].replace("-", "_"): list(paths) for flag, paths in run.data.split_paths()})
         return {"tokenizer": type(tokenizer).__name__, "data": data}
 
     return write

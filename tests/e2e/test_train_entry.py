@@ -279,6 +279,11 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "--tokenizer-model" in err and "model's vocabulary is 64" in err
     assert "--consa-target-sparsity" in _bad(BASE + ["--consa-target-sparsity", "1.5"], capsys)
     assert "drop one of them" in _bad(BASE + ["--data-path", corpus["data"]], capsys)  # --mock-data would ignore it
+    assert "without --train-data-path" in _bad(no_mock + ["--valid-data-path", corpus["data"]], capsys)
+    err = _bad(no_mock + ["--train-data-path", corpus["data"], "--split", "9,1,0"], capsys)  # --split is of --data-path
+    assert "--train-data-path with --data-path or --split" in err and "not both" in err
+    err = _bad(no_mock + ["--train-data-path", corpus["data"], "--eval-interval", "2"], capsys)
+    assert "--eval-interval reads the validation blend: give --valid-data-path" in err
     err = _bad(BASE + ["--lr", "1e-5", "--min-lr", "1e-4"], capsys)  # megatron-core's scheduler would assert
     assert "--min-lr" in err and "lr=1e-05" in err
     err = _bad(BASE + ["--bf16", "--loss-scale", "1024"], capsys)  # it would do nothing

@@ -79,6 +79,41 @@ def test_an_unweighted_blend_gives_fresh_epochs_not_a_replay(tmp_path):
     assert replayed < one_epoch // 4
 
 
+def _letters_dataset(path, documents: int, first: int, last: int) -> str:
+    gen = torch.Generator().manual_seed(first)
+    texts = ["".join(chr(ord("a") + int(i)) for i in torch.randint(first, last + 1, (30,), generator=gen))
+             for _ in range(documents)]
+    write_indexed_dataset(texts, path, tokenizer_factory=CharTokenizer)
+    return str(path)
+
+
+def test_each_split_reads_its_own_blend_whole(tmp_path):
+    """--train-data-path / --valid-data-path / --test-data-path (megatron-core's blend_per_split):
+    each split's samples come from its own prefixes, every document of them (no --split
+    share); a split the run reads without a blend is refused (megatron-core would fall back
+    to its mock dataset), one it does not read is not built."""
+    train_a = _letters_dataset(tmp_path / "ta", 20, 0, 5)
+    train_b = _letters_dataset(tmp_path / "tb", 10, 6, 9)
+    valid = _letters_dataset(tmp_path / "va", 12, 10, 15)
+    test = _letters_dataset(tmp_path / "te", 8, 16, 25)
+    config = DataConfig(train_data_path=[train_a, train_b], valid_data_path=[valid], test_data_path=[test],
+                        cache_path=str(tmp_path / "cache"))
+    train_src, valid_src, test_src = build_gpt_sources(config, CharTokenizer(), seq_length=16, train_samples=40,
+                                                       valid_samples=10)
+    eod = {CharTokenizer.eod}
+    seen = set().union(*(set(train_src.sample(i).tolist()) for i in range(40))) - eod
+    assert seen <= set(range(10)) and seen & set(range(6)) and seen & set(range(6, 10))  # both train prefixes
+    assert set().union(*(set(valid_src.sample(i).tolist()) for i in range(10))) - eod <= set(range(10, 16))
+    assert len(valid_src.dataset.indices) == 12  # every validation document, not a share
+    assert test_src is None  # not read: not built
+    with pytest.raises(DataError, match="no valid blend: give --valid-data-path"):
+        build_gpt_sources(DataConfig(train_data_path=[train_a], cache_path=str(tmp_path / "cache")), CharTokenizer(),
+                          seq_length=16, train_samples=8, valid_samples=4)
+    with pytest.raises(DataError, match="--data-path with --train-data-path"):
+        build_gpt_sources(DataConfig(data_path=[train_a], train_data_path=[train_a]), CharTokenizer(),
+                          seq_length=16, train_samples=8, valid_samples=0)
+
+
 def _sentencepiece(tmp_path, **kw):
     import sentencepiece
 
