@@ -45,6 +45,12 @@ class CheckpointConfig:
     """Load the model weights only (start a new phase): iteration, optimizer and controller start fresh."""
     save_optim: bool = True
     """Save optimizer and LR-scheduler state (resumable); off: a weights-only checkpoint, about a third the size."""
+    load_optim: bool = True
+    """On resume, load the optimizer and LR-scheduler state; off (`--no-load-optim`): a new optimizer,
+    and this run's schedule from the saved iteration on (the iteration, data position, gates and
+    controller are loaded: precision, learning rates or the optimizer's sharding may change)."""
+    load_rng: bool = True
+    """On resume, restore every rank's RNG states (`--no-load-rng`: keep this run's seeds)."""
 
 
 @dataclass
@@ -238,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM (e.g. Slurm's --signal=TERM@120), save (with --save) after the current step and "
                         "stop")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="resume without the optimizer and schedule state: a new optimizer (another precision, lr or "
+                        "--use-distributed-optimizer layout) and this run's schedule, from the saved iteration and "
+                        "data position on; also continues a --no-save-optim checkpoint of the same phase")
+    g.add_argument("--no-load-rng", action="store_true", help="resume without restoring the ranks' RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
 
@@ -496,8 +507,12 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     for flag, value in (("--save-interval", a.save_interval), ("--eval-interval", a.eval_interval)):
         if value is not None and value < 1:
             raise ArgumentError(f"{flag} {value}: must be >= 1")
+    if a.finetune and (a.no_load_optim or a.no_load_rng):
+        raise ArgumentError(f"--finetune with {'--no-load-optim' if a.no_load_optim else '--no-load-rng'}: --finetune "
+                            "loads the weights only already; drop one")
     checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
-                                  save_optim=not a.no_save_optim)
+                                  save_optim=not a.no_save_optim, load_optim=not a.no_load_optim,
+                                  load_rng=not a.no_load_rng)
     if a.exit_interval is not None and a.exit_interval < 1:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:

@@ -214,12 +214,16 @@ def _resolve(directory: str | os.PathLike) -> Path:
     )
 
 
-def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool = False) -> int:
+def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool = False, load_optimizer: bool = True,
+                    load_rng: bool = True) -> int:
     """Load a checkpoint into `trainer`; returns the iteration it was saved at.
 
-    Full resume (default): model, optimizer, LR scheduler, controller and
-    iteration. `weights_only=True`: the model (gates included) and nothing else,
-    for starting a new phase from these weights; the trainer keeps its own
+    Full resume (default): model, optimizer, LR scheduler, controller, iteration
+    and RNG states. `load_optimizer=False` (`--no-load-optim`): all of it but the
+    optimizer and scheduler: the trainer's new optimizer, its schedule moved to
+    the saved iteration. `load_rng=False`: not the RNG states.
+    `weights_only=True`: the model (gates included) and nothing else, for
+    starting a new phase from these weights; the trainer keeps its own
     iteration, schedule and controller state.
 
     The standard optimizer's checkpoints load at any TP/PP/DP layout; the
@@ -244,7 +248,7 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
             f"{trainer.consa.granularity!r}: learn at the checkpoint's granularity (--consa-granularity "
             f"{saved_gran}), or start from weights without learned gates"
         )
-    load_optimizer = not weights_only
+    load_optimizer = load_optimizer and not weights_only and bool(meta.get("resumable", True))
     cpu = cpu_shims_active()
     if cpu and load_optimizer:
         # the torch-Adam fallback creates its state lazily; megatron expects it filled
@@ -269,12 +273,14 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         return int(loaded["iteration"])
     trainer.controller.load_state_dict(loaded["consa_controller"])
     trainer.iteration = int(loaded["iteration"])
+    if not load_optimizer:  # a new optimizer: this run's schedule, at the saved iteration
+        trainer.scheduler.step(increment=trainer.iteration)
     from megatron_consa.training.loop import StepRecord
 
     records = read_common_state(path).get("train_records") or []
     trainer.history = [StepRecord(**r) for r in records]
     rng = _rng_file(path, dist.get_rank())
-    if rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
+    if load_rng and rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
         _set_rng_state(torch.load(rng, weights_only=False))
     return trainer.iteration
 

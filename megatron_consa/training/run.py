@@ -151,15 +151,20 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                 )
         saved_learning = (load_meta.get("consa") or {}).get("allocation") is None
         same_phase = saved_learning == (run.phase == "learn")
-        resume = bool(load_meta.get("resumable")) and not run.checkpoint.finetune and same_phase
-        if load_meta.get("resumable") and not run.checkpoint.finetune and not same_phase:
+        # --no-load-optim continues a weights-only checkpoint of a training run too (not an import's or
+        # finalize's: their iteration is not this run's position)
+        of_a_run = bool(load_meta.get("iteration")) and not {"conversion", "finalized_from"} & set(load_meta)
+        continuable = bool(load_meta.get("resumable")) or (not run.checkpoint.load_optim and of_a_run)
+        resume = continuable and not run.checkpoint.finetune and same_phase
+        if continuable and not run.checkpoint.finetune and not same_phase:
             raise ArgumentError(
                 f"--load {run.checkpoint.load}: a {'learn' if saved_learning else 'fixed'}-phase checkpoint cannot be "
                 f"resumed as a {run.phase} phase; add --finetune to start the new phase from its weights "
                 "(or finalize it first: tools/finalize_allocation.py)"
             )
     if resume:
-        _check_same_optimizer(run, training, load_meta)
+        if run.checkpoint.load_optim:
+            _check_same_optimizer(run, training, load_meta)
         _check_same_data(run, training, load_meta)
         if run.phase == "learn":
             _check_same_learning_setup(run, load_meta)
@@ -211,6 +216,10 @@ _SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-ite
              "lr_decay_iters": "--lr-decay-iters"}
 
 
+_NEW_OPTIMIZER = ("--no-load-optim (a new optimizer from the saved iteration on), or start from its weights with "
+                  "--finetune (a new optimizer, schedule and data position)")
+
+
 def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
     """A resume continues the saved optimizer and schedule: refuse flags that change them
     (megatron-core would keep the checkpoint's schedule silently, or fail to match the
@@ -225,8 +234,8 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
         flag, was, now = changed[0]
         raise ArgumentError(
             f"--load {run.checkpoint.load}: the run was saved with {flag} {was}, this run asks for {now}: a resume "
-            f"continues the saved optimizer; resume with {flag} {was}, or start from its weights with --finetune "
-            "(a new optimizer and schedule)"
+            f"continues the saved optimizer; resume with {flag} {was}, continue with {flag} {now} and "
+            f"{_NEW_OPTIMIZER}"
         )
     _check_same_precision(run, training, saved)
     _check_same_optimizer_layout(run, load_meta)
@@ -283,8 +292,8 @@ def _check_same_precision(run: RunConfig, training, saved: dict) -> None:
     if was != now:
         raise ArgumentError(
             f"--load {run.checkpoint.load}: the run was saved in {was}, this run asks for {now}: the optimizer state "
-            f"of one precision cannot be loaded into the other; resume in {was}, or start from its weights with "
-            "--finetune (a new optimizer in the new precision)"
+            f"of one precision cannot be loaded into the other; resume in {was}, or continue in {now} with "
+            f"{_NEW_OPTIMIZER}"
         )
 
 
@@ -301,7 +310,7 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
             f"--load {run.checkpoint.load}: the run was saved {'with' if was else 'without'} "
             f"--use-distributed-optimizer, this run {'uses' if now else 'does not use'} it: the optimizer state of "
             f"one cannot be loaded into the other; resume {'with' if was else 'without'} --use-distributed-optimizer, "
-            "or start from its weights with --finetune"
+            f"or continue with {_NEW_OPTIMIZER}"
         )
     if not was:
         return  # the standard optimizer's state reshards over TP and PP
@@ -313,7 +322,7 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
             raise ArgumentError(
                 f"--load {run.checkpoint.load}: the run was saved at {flag} {saved[name]} with the distributed "
                 f"optimizer, whose state reshards over data-parallel ranks only; this run asks for "
-                f"{getattr(run.parallel, name)}: resume at {saved[name]}, or start from its weights with --finetune"
+                f"{getattr(run.parallel, name)}: resume at {saved[name]}, or continue with {_NEW_OPTIMIZER}"
             )
 
 
@@ -401,10 +410,13 @@ def run_training(prepared: PreparedRun):
     trainer = ConsaTrainer(arch=run.arch, consa=run.consa, parallel=run.parallel, training=training, data=train_src,
                            transformer_impl=run.transformer_impl)
     if prepared.load_dir is not None:
-        at = load_checkpoint(trainer, prepared.load_dir, weights_only=not prepared.resume)
+        at = load_checkpoint(trainer, prepared.load_dir, weights_only=not prepared.resume,
+                             load_optimizer=run.checkpoint.load_optim, load_rng=run.checkpoint.load_rng)
         if dist_rank() == 0:
-            logger.info("%s %s (iteration %d)", "resumed from" if prepared.resume else "started from the weights of",
-                        prepared.load_dir, at)
+            logger.info("%s %s (iteration %d%s)", "resumed from" if prepared.resume else "started from the weights of",
+                        prepared.load_dir, at,
+                        "; a new optimizer, this run's schedule" if prepared.resume and not run.checkpoint.load_optim
+                        else "")
     save = run.checkpoint.save
     interval = run.checkpoint.save_interval
     # validation batch j is the same at every layout and on resume: the evaluations before

@@ -304,6 +304,29 @@ class TestTrainer:
         for a, b in zip(*states):
             assert torch.equal(a, b)
 
+    def test_no_load_optim_continues_at_the_saved_iteration_with_a_new_optimizer(self, tmp_path):
+        """--no-load-optim: weights, gates, controller and iteration load; the optimizer is the
+        new run's (here bf16 after fp32) with no moments, its schedule at the saved iteration;
+        --no-load-rng leaves this process's RNG state alone."""
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        schedule = dict(train_iters=6, lr=1e-2, min_lr=1e-3, lr_decay_style="linear")
+        first = _trainer(consa, **schedule)
+        first.train(3)
+        save_checkpoint(first, tmp_path / "ckpt")
+        fresh_schedule = [r.lr for r in _trainer(consa, **schedule).train(4)]
+        resumed = _trainer(consa, bf16=True, **schedule)
+        torch.manual_seed(7)
+        rng = torch.get_rng_state()
+        assert load_checkpoint(resumed, tmp_path / "ckpt", load_optimizer=False, load_rng=False) == 3
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert resumed.iteration == 3 and resumed.controller.state_dict() == first.controller.state_dict()
+        for name, value in _weights(first).items():
+            assert torch.equal(value.to(_weights(resumed)[name].dtype), _weights(resumed)[name]), name
+        assert not any(opt.optimizer.state for opt in resumed.optimizer.chained_optimizers)  # no moments loaded
+        assert resumed.train_step().lr == fresh_schedule[3]  # the schedule's 4th step, not its first
+
     def test_fp16_loss_scale_settings_reach_the_scaler(self):
         """Megatron-LM's --loss-scale (static) and the dynamic scaler's window and hysteresis."""
         consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -183,3 +184,31 @@ def test_distributed_timeout_reaches_the_process_group():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0:03:30"
+
+
+def test_no_load_optim_continues_a_runs_weights_only_checkpoint_but_not_an_import_or_finalize(tmp_path):
+    """--no-load-optim resumes (iteration, data position) a --no-save-optim checkpoint of the same
+    phase; an import's or finalize's checkpoint, whose iteration is not a position of this run,
+    still starts from its weights; --finetune with it is refused."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5"]
+    consa = ConsaConfig(target_warmup_iters=5).to_dict()
+    metas = {"run": {"iteration": 8, "resumable": False, "consa": consa, "architecture": {}, "training": {}},
+             "finalized": {"iteration": 0, "resumable": False, "consa": consa, "finalized_from": "x"},
+             "imported": {"iteration": 0, "resumable": False, "consa": consa, "conversion": {"from": "huggingface"}}}
+    resumes = {}
+    for name, meta in metas.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "consa_run.json").write_text(json.dumps(meta))
+        for extra in ([], ["--no-load-optim"]):
+            resumes[name, bool(extra)] = prepare_run(parse_run_config(base + ["--load", str(tmp_path / name)] + extra),
+                                                     world_size=1).resume
+    assert resumes == {("run", False): False, ("run", True): True, ("finalized", False): False,
+                       ("finalized", True): False, ("imported", False): False, ("imported", True): False}
+    with pytest.raises(ArgumentError, match="--finetune with --no-load-optim"):
+        parse_run_config(base + ["--load", str(tmp_path / "run"), "--finetune", "--no-load-optim"])
