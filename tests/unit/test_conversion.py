@@ -88,12 +88,13 @@ def test_an_imported_sliding_window_checkpoint_is_its_own_hf_config(converted):
     from types import SimpleNamespace
 
     from megatron_consa.conversion.windows import allocation_from_hf
+    from megatron_consa.data.gpt import DataConfig
     from megatron_consa.training.run import _checkpoint_extras
 
     saved = ckpt.parent / "trained-from-hybrid"
     saved.mkdir()
     run = SimpleNamespace(hf_config=str(ckpt), arch=arch,
-                          data=SimpleNamespace(data_path=["d"], split="969,30,1", seed=1234, mock=False))
+                          data=DataConfig(data_path=["d"]))
     _checkpoint_extras(run, SimpleNamespace(save_to=lambda d: None))(saved)
     assert _arch_from_args(argparse.Namespace(hf_config=str(saved))) == arch
     written = transformers.AutoConfig.from_pretrained(saved)
