@@ -29,9 +29,9 @@ import pytest
 LONGEST_FIRST = (
     "e2e/test_study.py",
     "distributed/test_parallel_equivalence.py",
-    "e2e/test_demo.py",
-    "e2e/test_workflow.py",
     "e2e/test_train_entry.py",
+    "e2e/test_workflow.py",
+    "e2e/test_demo.py",
     "e2e/test_quickstart.py",
     "unit/test_real_weights.py",
 )

@@ -202,8 +202,6 @@ def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precisio
     log = _ok(_train(run + ["--save", str(stopped), "--exit-interval", "3"]))
     assert f"stopping after iteration 3 of 8 (--exit-interval 3): saved to {stopped}" in log
     assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    log = _ok(_train(run + ["--save", str(stopped), "--load", str(stopped), "--exit-interval", "3"]))
-    assert "stopping after iteration 6 of 8" in log
     _ok(_train(run + ["--save", str(stopped), "--load", str(stopped)]))
     whole, resumed = _final_state(tmp_path / "whole"), _final_state(stopped)
     assert len(resumed["records"]) == 8 and not any(r["skipped"] for r in whole["records"])
