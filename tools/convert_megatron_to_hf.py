@@ -17,7 +17,8 @@ transformers; stock transformers without the package refuses to load it:
 
 Without --allocation the checkpoint's own allocation is used: an import's
 allocation.json, or the fixed allocation of a finalized checkpoint or a fixed
-phase; without one the export is all full attention. Past --max-shard-size the
+phase; without one the export is all full attention (a learning run's checkpoint
+warns: finalize it first to export the hybrid model). Past --max-shard-size the
 weights are split into files with an index, as save_pretrained does. See megatron_consa.conversion.exporter.
 """
 

@@ -4,6 +4,7 @@ the controller's wiring (dual steps, bounds, clipping) and settling in the real 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -155,6 +156,25 @@ class TestTrainer:
     def test_bad_layout_fails_before_building(self):
         with pytest.raises(ConsaConfigError, match="global_batch_size"):
             _trainer(ConsaConfig(window=4), global_batch_size=3)
+
+    def test_exporting_a_learning_runs_checkpoint_warns_that_it_is_all_fa(self, tmp_path, caplog):
+        """Its gates are no allocation yet: the export is the dense model, said so with the fix."""
+        from megatron_consa.conversion.exporter import ExportRequest, export_to_hf
+        from megatron_consa.training.checkpoint import save_checkpoint
+
+        learn = _trainer(ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0))
+        learn.train(1)
+        save_checkpoint(learn, tmp_path / "learn")
+        fixed = _trainer(ConsaConfig(window=4, allocation=[[1, 0], [0, 1]]))
+        fixed.train(1)
+        save_checkpoint(fixed, tmp_path / "fixed")
+        with caplog.at_level("WARNING", logger="megatron_consa.conversion.exporter"):
+            export_to_hf(ExportRequest(load=str(tmp_path / "learn"), save=str(tmp_path / "hf_learn")))
+            assert "its gates are not an allocation yet" in caplog.text and "finalize_allocation" in caplog.text
+            caplog.clear()
+            export_to_hf(ExportRequest(load=str(tmp_path / "fixed"), save=str(tmp_path / "hf_fixed")))
+            assert "gates" not in caplog.text
+        assert json.loads((tmp_path / "hf_learn" / "config.json").read_text()).get("sliding_window") is None
 
     def test_checkpoint_weights_only_and_full_resume(self, tmp_path):
         from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
