@@ -22,6 +22,7 @@ different random numbers for the same --seed.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -105,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_consa.inference.generate import generate
 
         info = read_checkpoint_info(args.load, args.allocation)
+        info.warn_if_unfinalized(logging.getLogger("megatron_consa.generate"), "generation")
         tokenizer = tokenizer or tokenizer_from_path(info.path)
         ids = _prompt_ids(args, tokenizer, info.arch.vocab_size)
         _warn_past_positions(ids.size(1) + args.max_new_tokens, info.arch)
@@ -137,8 +139,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _warn_past_positions(total: int, arch) -> None:
     if total > arch.max_position_embeddings:
-        import logging
-
         logging.getLogger("megatron_consa.generate").warning(
             "the prompt and --max-new-tokens reach %d positions, past the model's max_position_embeddings (%d): "
             "the tokens beyond it are at positions the model was not built for", total, arch.max_position_embeddings)

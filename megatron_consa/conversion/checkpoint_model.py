@@ -35,6 +35,21 @@ class CheckpointInfo:
     dtype: torch.dtype
     """The dtype its weights were trained or converted in."""
 
+    @property
+    def unfinalized_gates(self) -> bool:
+        """A learning run's checkpoint (trained gates, no allocation yet) read without an
+        allocation: its model here is all FA, not the hybrid its gates lean towards."""
+        return (self.allocation is None and (self.meta.get("consa") or {}).get("allocation") is None
+                and bool(self.meta.get("iteration")) and "conversion" not in self.meta)
+
+    def warn_if_unfinalized(self, logger, what: str) -> None:
+        """Say so when `unfinalized_gates`: `what` (the export, generation) runs all FA."""
+        if self.unfinalized_gates:
+            logger.warning(
+                "%s is a learning run's checkpoint: its gates are not an allocation yet, so %s is all full "
+                "attention; for the hybrid model, finalize it first (tools/finalize_allocation.py) and use the "
+                "finalized checkpoint, or pass --allocation", self.path, what)
+
 
 def read_checkpoint_info(load: str | Path, allocation: Optional[str | Path] = None) -> CheckpointInfo:
     """Read `load` (`FileNotFoundError` when it is not a megatron-consa checkpoint); `allocation`

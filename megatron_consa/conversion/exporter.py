@@ -53,11 +53,7 @@ def export_to_hf(request: ExportRequest) -> Path:
     _check_shard_size(request.max_shard_size)
     info = read_checkpoint_info(request.load, request.allocation)
     load, save, arch, allocation = info.path, Path(request.save), info.arch, info.allocation
-    if allocation is None and _has_learned_gates(info.meta):
-        logger.warning(
-            "%s is a learning run's checkpoint: its gates are not an allocation yet, so the export is all full "
-            "attention; for the hybrid model, finalize it first (tools/finalize_allocation.py) and export the "
-            "finalized checkpoint, or pass --allocation", load)
+    info.warn_if_unfinalized(logger, "the export")
     window_fields = hf_window_fields(allocation, arch)
     hf_config = load_hf_config(load) if (load / HF_CONFIG_FILE).is_file() else hf_config_from_arch(arch)
     _check_config_describes(hf_config, arch, load)
@@ -80,12 +76,6 @@ def export_to_hf(request: ExportRequest) -> Path:
     )
     logger.info("wrote %s (%d tensors in %d file(s), %s)", save, len(hf_state), files, kind)
     return save
-
-
-def _has_learned_gates(meta: dict) -> bool:
-    """A learn phase's checkpoint after some training (not an import's untrained gates)."""
-    return (meta.get("consa") or {}).get("allocation") is None and bool(meta.get("iteration")) \
-        and "conversion" not in meta
 
 
 def _check_config_describes(hf_config: Any, arch: ArchitectureConfig, load: Path) -> None:

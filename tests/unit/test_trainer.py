@@ -158,7 +158,11 @@ class TestTrainer:
             _trainer(ConsaConfig(window=4), global_batch_size=3)
 
     def test_exporting_a_learning_runs_checkpoint_warns_that_it_is_all_fa(self, tmp_path, caplog):
-        """Its gates are no allocation yet: the export is the dense model, said so with the fix."""
+        """Its gates are no allocation yet: the export (and generation) is the dense model, said so
+        with the fix."""
+        import importlib.util
+        from pathlib import Path
+
         from megatron_consa.conversion.exporter import ExportRequest, export_to_hf
         from megatron_consa.training.checkpoint import save_checkpoint
 
@@ -174,6 +178,15 @@ class TestTrainer:
             caplog.clear()
             export_to_hf(ExportRequest(load=str(tmp_path / "fixed"), save=str(tmp_path / "hf_fixed")))
             assert "gates" not in caplog.text
+        tool = Path(__file__).resolve().parents[2] / "tools" / "generate.py"
+        spec = importlib.util.spec_from_file_location("_generate_tool", tool)
+        generate_tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(generate_tool)
+        with caplog.at_level("WARNING", logger="megatron_consa.generate"):
+            caplog.clear()
+            assert generate_tool.main(["--load", str(tmp_path / "learn"), "--prompt-ids", "1,2", "--max-new-tokens",
+                                       "2"]) == 0
+            assert "so generation is all full attention" in caplog.text
         assert json.loads((tmp_path / "hf_learn" / "config.json").read_text()).get("sliding_window") is None
 
     def test_checkpoint_weights_only_and_full_resume(self, tmp_path):
