@@ -395,9 +395,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--lr-warmup-iters and --lr-warmup-fraction: give one")
     if a.lr_warmup_fraction is not None and not 0 <= a.lr_warmup_fraction <= 1:
         raise ArgumentError(f"--lr-warmup-fraction {a.lr_warmup_fraction}: must be in [0, 1]")
-    for flag, value in (("--lr-decay-iters", a.lr_decay_iters), ("--lr-warmup-iters", a.lr_warmup_iters)):
-        if value is not None and value < (1 if flag == "--lr-decay-iters" else 0):
-            raise ArgumentError(f"{flag} {value}: must be >= {1 if flag == '--lr-decay-iters' else 0}")
+    if a.lr_decay_iters is not None and a.lr_decay_iters < 1:
+        raise ArgumentError(f"--lr-decay-iters {a.lr_decay_iters}: must be >= 1")
+    if a.lr_warmup_iters is not None and a.lr_warmup_iters < 0:
+        raise ArgumentError(f"--lr-warmup-iters {a.lr_warmup_iters}: must be >= 0")
     warmup = a.lr_warmup_iters or 0
     if a.lr_warmup_fraction is not None:  # Megatron-LM: a fraction of the decay iterations
         warmup = round(a.lr_warmup_fraction * (a.lr_decay_iters or a.train_iters))
