@@ -114,16 +114,15 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = Tru
         state["train_records"] = [dataclasses.asdict(r) for r in trainer.history]
     if not with_optimizer:
         return state
-    merged_model = {}
-    for key, v in state.items():
-        if key.startswith("model"):
-            merged_model.update(v)
+    # every chunk's entries, by chunk: an interleaved pipeline's chunks hold the same keys (their layers are
+    # offsets of one sharded tensor), so merged into one dict the last chunk's would hide the others'
+    models = {key: v for key, v in state.items() if key.startswith("model")}
     metadata = None
     if trainer.parallel.use_distributed_optimizer:
         # The format that works with every optimizer backend, CPU fallback included.
         # It reshards over data-parallel ranks only: keep TP/PP when resuming it.
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=is_loading, metadata=metadata)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata)
     state["opt_param_scheduler"] = trainer.scheduler.state_dict()
     return state
 

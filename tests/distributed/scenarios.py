@@ -103,6 +103,7 @@ BALANCE_TP_SIZES = (2, 4)  # TP1 in one process: tests/unit/test_group_layout.py
 PRECISION_RUNS = {
     "tp2pp2_bf16": ("tp2pp2", {"bf16": True}),
     "tp2pp2_fp16": ("tp2pp2", {"fp16": True, "initial_loss_scale": 1024.0}),
+    "pp2_vpp2_bf16": ("pp2_vpp2", {"bf16": True}),
 }
 
 
@@ -129,13 +130,15 @@ def _step_record(trainer: ConsaTrainer, record) -> dict:
 def layouts(
     *, out_dir: str, names: list[str], iters: int = 10, resume_from: str = "tp2pp2", resume_at: int = 5,
     resume_into: tuple[str, ...] = ("tp1pp1", "pp2"), granularity: str = "kv_head",
+    self_resumes: tuple[str, ...] = (),
 ) -> dict:
     """Train the same run at each layout from the same initial checkpoint.
 
     The first layout writes the initial weights; every later one loads them.
     The `resume_from` layout also saves a checkpoint at `resume_at`, which is
     then loaded (with optimizer and controller) at each `resume_into` layout
-    and trained to `iters`.
+    and trained to `iters`. Each of `self_resumes` (names of runs) saves one too,
+    resumed in its own layout and precision (`runs["self-resume:<name>"]`).
     """
     out = Path(out_dir)
     init_ckpt, mid_ckpt = out / "init", out / f"{resume_from}-iter{resume_at}"
@@ -152,6 +155,8 @@ def layouts(
         for k in range(iters):
             if name == resume_from and k == resume_at:
                 save_checkpoint(trainer, mid_ckpt)
+            if name in self_resumes and k == resume_at:
+                save_checkpoint(trainer, out / f"{name}-iter{resume_at}")
             history.append(_step_record(trainer, trainer.train_step()))
         runs[name] = history
         local_gates[name] = trainer.local_log_alpha()
@@ -159,6 +164,11 @@ def layouts(
         trainer = make_trainer(LAYOUTS[name], granularity)
         load_checkpoint(trainer, mid_ckpt)
         runs[f"resume:{name}"] = [_step_record(trainer, trainer.train_step()) for _ in range(iters - resume_at)]
+    for name in self_resumes:
+        layout, train_kw = PRECISION_RUNS.get(name, (name, {}))
+        trainer = make_trainer(LAYOUTS[layout], granularity, **train_kw)
+        load_checkpoint(trainer, out / f"{name}-iter{resume_at}")
+        runs[f"self-resume:{name}"] = [_step_record(trainer, trainer.train_step()) for _ in range(iters - resume_at)]
     rank = torch.distributed.get_rank()
     return {
         "runs": runs if rank == 0 else None,

@@ -4,7 +4,8 @@ A single launch trains the same 10 iterations (same initial checkpoint, same
 data, same gate noise) at TP1PP1, TP2, PP2, interleaved PP2, TP2xPP2, TP2+SP,
 TP2 with the distributed optimizer, PP2 with full recomputation and TP2 with
 selective recomputation (data parallelism fills the rest of the 4 ranks), then
-resumes a TP2xPP2 checkpoint taken at iteration 5 at TP1PP1 and at PP2.
+resumes a TP2xPP2 checkpoint taken at iteration 5 at TP1PP1 and at PP2, and
+interleaved-PP2 checkpoints (fp32, bf16) in their own layout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron_consa.training.data import micro_batches
 REFERENCE = "tp1pp1"
 COMPARED = [name for name in LAYOUTS if name != REFERENCE]
 ITERS, RESUME_AT = 10, 5
+SELF_RESUMES = ("pp2_vpp2", "pp2_vpp2_bf16")  # the interleaved pipeline's chunks once hid each other's optimizer state
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def launched(tmp_path_factory):
         resume_from="tp2pp2",
         resume_at=RESUME_AT,
         resume_into=("tp1pp1", "pp2"),
+        self_resumes=SELF_RESUMES,
     )
     return results
 
@@ -69,6 +72,19 @@ def test_layout_follows_the_tp1pp1_trajectory(launched, layout):
 def test_tp2pp2_checkpoint_resumes_the_same_trajectory(launched, into):
     runs = launched[0]["runs"]
     _assert_same_trajectory(runs[f"resume:{into}"], runs["tp2pp2"][RESUME_AT:], f"resume at {into}")
+
+
+@pytest.mark.parametrize("name", SELF_RESUMES)
+def test_interleaved_pipeline_checkpoint_resumes_bit_for_bit(launched, name):
+    """Saved mid-run with the optimizer and resumed in the same layout and precision: the rest
+    of the run is the one that was not interrupted, exactly."""
+    runs = launched[0]["runs"]
+    resumed, whole = runs[f"self-resume:{name}"], runs[name][RESUME_AT:]
+    assert len(resumed) == len(whole) == ITERS - RESUME_AT
+    for k, (r, w) in enumerate(zip(resumed, whole)):
+        for key in ("loss", "s_hat", "lambda1", "lambda2"):
+            assert r[key] == w[key], f"{name} iteration {RESUME_AT + k}: {key} {r[key]!r} != {w[key]!r}"
+        assert torch.equal(r["log_alpha"], w["log_alpha"]), f"{name} iteration {RESUME_AT + k}: log_alpha"
 
 
 def test_every_replica_holds_bit_identical_gates(launched):
