@@ -208,6 +208,14 @@ def _all_prefixes(blends) -> list[str]:
     return list(dict.fromkeys(prefix for _, prefixes, _ in blends for prefix in prefixes))
 
 
+def _blend_weights(prefixes: list[str], weights: Optional[list[float]], counts: dict) -> Optional[list[float]]:
+    """The given weights, or for several unweighted prefixes their token counts (see the module
+    docstring: megatron-core would otherwise replay one epoch of their concatenation)."""
+    if weights is None and len(prefixes) > 1:
+        return [float(counts[prefix][1]) for prefix in prefixes]
+    return weights
+
+
 def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_samples: int,
                       valid_samples: int, test_samples: int = 0):
     """(train, valid, test) sample sources (None where a split is empty)."""
@@ -219,12 +227,12 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         path_to_cache=config.cache_path, mmap_bin_files=True,
     )
+    wanted = (train_samples, valid_samples, test_samples)
     if config.mock:
         ds_config = GPTDatasetConfig(split="1,1,1", **common)
         cls = MockGPTDataset
     elif config.per_split:
         check_data_paths(config)
-        wanted = (train_samples, valid_samples, test_samples)
         per_split = []
         for (flag, paths), n, name in zip(config.split_paths(), wanted, ("train", "valid", "test")):
             if n > 0 and not paths:  # (megatron-core would fall back to its mock dataset with no blend at all)
@@ -237,9 +245,7 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
             for prefix, (documents, _) in counts.items():
                 if documents == 0:
                     raise DataError(f"{flag} {prefix}: holds no document, and the run reads {n} samples of it")
-            if weights is None and len(prefixes) > 1:
-                weights = [float(counts[prefix][1]) for prefix in prefixes]
-            per_split.append((prefixes, weights))
+            per_split.append((prefixes, _blend_weights(prefixes, weights, counts)))
         common["path_to_cache"] = _cache_dir(config, _all_prefixes(_blends(config)))
         ds_config = GPTDatasetConfig(blend_per_split=per_split, **common)
         cls = GPTDataset
@@ -247,7 +253,6 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
         check_data_paths(config)
         prefixes, weights = _parse_blend(config.data_path)
         counts = {prefix: _index_counts(prefix) for prefix in prefixes}
-        wanted = (train_samples, valid_samples, test_samples)
         for prefix, (documents, _) in counts.items():
             held = documents_per_split(documents, config.split)
             for name, n, docs in zip(("train", "valid", "test"), wanted, held):
@@ -257,14 +262,12 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
                         f"holds no document, and the run reads {n} {name} samples: give the {name} split a larger "
                         "share, or the dataset more documents"
                     )
-        if weights is None and len(prefixes) > 1:
-            weights = [float(counts[prefix][1]) for prefix in prefixes]
         common["path_to_cache"] = _cache_dir(config, prefixes)
-        ds_config = GPTDatasetConfig(blend=(prefixes, weights), split=config.split, **common)
+        ds_config = GPTDatasetConfig(blend=(prefixes, _blend_weights(prefixes, weights, counts)), split=config.split,
+                                     **common)
         # a split the run does not read is not built (the others keep their bounds): asked for
         # 0 samples, an empty one would make megatron-core loop forever
         ds_config.split_matrix = [None if n == 0 else ends for n, ends in zip(wanted, ds_config.split_matrix)]
         cls = GPTDataset
-    sizes = [train_samples, valid_samples, test_samples]
-    datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, ds_config).build()
+    datasets = BlendedMegatronDatasetBuilder(cls, list(wanted), lambda: True, ds_config).build()
     return tuple(None if d is None else GPTSampleSource(d, int(tokenizer.vocab_size)) for d in datasets)
