@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallelism (TP > 1)")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap the DP gradient reduction")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with the next forward "
+                        "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], help="activation recomputation")
     g.add_argument("--recompute-method", choices=["uniform", "block"], help="full recomputation method")
     g.add_argument("--recompute-num-layers", type=int, help="layers per recomputation unit")
@@ -432,6 +435,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         sequence_parallel=a.sequence_parallel,
         use_distributed_optimizer=a.use_distributed_optimizer,
         overlap_grad_reduce=a.overlap_grad_reduce,
+        overlap_param_gather=a.overlap_param_gather,
         recompute_granularity=a.recompute_granularity,
         recompute_method=a.recompute_method,
         recompute_num_layers=a.recompute_num_layers,

@@ -137,6 +137,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
     and controller only (no optimizer, scheduler or RNG): it starts a new phase,
     it cannot resume.
     """
+    trainer.finish_param_gather()  # --overlap-param-gather: save this step's weights
     final = Path(directory)
     tmp = final.with_name(f"{final.name}.tmp-{trainer.iteration}")
     rank = dist.get_rank()

@@ -29,6 +29,11 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (megatron-core's)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with backward."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward
+    (each bucket's all-gather finishes where a module first uses it; with an interleaved
+    pipeline the stages launch theirs together, Megatron-LM's aligned gather). Needs
+    `use_distributed_optimizer` and `overlap_grad_reduce`, as in Megatron-LM."""
     recompute_granularity: Optional[str] = None
     """None, 'full' or 'selective' activation recomputation."""
     recompute_method: Optional[str] = None
@@ -74,6 +79,10 @@ class ParallelConfig:
             _fail("ParallelConfig", "virtual_pipeline_model_parallel_size", vpp, "needs pipeline_model_parallel_size >= 2")
         if self.sequence_parallel and tp == 1:
             _fail("ParallelConfig", "sequence_parallel", True, "needs tensor_model_parallel_size > 1")
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            _fail("ParallelConfig", "overlap_param_gather", True,
+                  "needs use_distributed_optimizer and overlap_grad_reduce (--use-distributed-optimizer "
+                  "--overlap-grad-reduce): only the distributed optimizer gathers parameters")
         if self.recompute_granularity not in (None, "full", "selective"):
             _fail("ParallelConfig", "recompute_granularity", self.recompute_granularity, "use None, 'full' or 'selective'")
         return world_size // (tp * pp)

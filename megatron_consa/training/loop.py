@@ -138,6 +138,9 @@ def build_model_chunks(
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=parallel.overlap_grad_reduce,
+            overlap_param_gather=parallel.overlap_param_gather,
+            # the interleaved schedule launches every stage's gather at once (Megatron-LM's default)
+            align_param_gather=parallel.overlap_param_gather and vpp is not None,
             use_distributed_optimizer=parallel.use_distributed_optimizer,
         )
         chunks = [
@@ -192,6 +195,7 @@ def build_optimizer(
         fp16=training.fp16,
         params_dtype=torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,
         loss_scale=training.loss_scale,
         initial_loss_scale=training.initial_loss_scale,
         min_loss_scale=training.min_loss_scale,
@@ -300,6 +304,11 @@ class ConsaTrainer:
             self.config.no_sync_func = self.chunks[0].no_sync
         else:
             self.config.no_sync_func = [c.no_sync for c in self.chunks]
+        if self.chunks[0].ddp_config.align_param_gather:
+            self.config.param_sync_func = [c.start_param_sync for c in self.chunks]
+        # --overlap-param-gather: an optimizer step leaves its parameter all-gather to the
+        # next forward (see `finish_param_gather`)
+        self._param_gather_pending = False
         self.iteration = 0
         self.history: list[StepRecord] = []
         # When True, each step keeps the unscaled gate gradients of the whole
@@ -357,6 +366,8 @@ class ConsaTrainer:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if self.gates:
+            self.finish_param_gather()  # the gates' host copy below plans this step's branches
         self.controller.begin_iteration(self.gates)
 
         batches = self._batches(k)
@@ -381,6 +392,7 @@ class ConsaTrainer:
             }
         target = self.controller.target() if self.consa.learning else s_hat
         update_ok, grad_norm, _ = self.optimizer.step()
+        self._param_gather_pending = self.parallel.overlap_param_gather
         if self.gates:
             clamp_log_alpha_(self.gates, self.consa)
         if update_ok:
@@ -419,8 +431,27 @@ class ConsaTrainer:
         self._log(record)
         interval = self.training.allocation_check_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
+            if self.gates:
+                self.finish_param_gather()
             check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
         return record
+
+    def finish_param_gather(self) -> None:
+        """Complete the parameter all-gather the last optimizer step left pending, so what is
+        read here is this step's weights and gates (a collective: every rank calls it).
+
+        With `overlap_param_gather` the distributed optimizer updates its shard and each
+        bucket's all-gather finishes in the forward pre-hook of the first module using it;
+        whatever reads parameters outside a forward (the gates' host plan, the FA counts of
+        the log, the replica check, checkpoints, finalize) calls this first. A learning step
+        calls it before its forward (its gates plan the branches on the host), so the overlap
+        pays in the fixed phase. A no-op without the overlap."""
+        if not self._param_gather_pending:
+            return
+        with torch.no_grad():
+            for chunk in self.chunks:
+                chunk.start_param_sync(force_sync=True)
+        self._param_gather_pending = False
 
     @torch.no_grad()
     def evaluate(self, source: SampleSource, *, iterations: int, first_batch: int = 0) -> float:
@@ -523,6 +554,7 @@ class ConsaTrainer:
 
     def gather_log_alpha(self) -> torch.Tensor:
         """All layers' log_alpha on every rank ([L, units per layer], float32)."""
+        self.finish_param_gather()
         return self._gather_per_layer(self.local_log_alpha())
 
     def fa_per_layer(self) -> list[int]:

@@ -77,6 +77,15 @@ LAYOUTS = {
     ),
     "tp2_recompute_selective": ParallelConfig(tensor_model_parallel_size=2, recompute_granularity="selective"),
     "tp2_overlap_grad_reduce": ParallelConfig(tensor_model_parallel_size=2, overlap_grad_reduce=True),
+    # DP2 on 4 ranks: the distributed optimizer's all-gather left to the next forward
+    "tp2_overlap_param_gather": ParallelConfig(
+        tensor_model_parallel_size=2, use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True
+    ),
+    # the interleaved schedule's aligned gather (config.param_sync_func)
+    "pp2_vpp2_overlap_param_gather": ParallelConfig(
+        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, use_distributed_optimizer=True,
+        overlap_grad_reduce=True, overlap_param_gather=True,
+    ),
 }
 
 # A mixed allocation for fixed-mode runs, unbalanced on purpose: at TP2 layer 0 keeps
@@ -176,6 +185,7 @@ def layouts(
         "rank": rank,
         "mid_ckpt": str(mid_ckpt),
         "guard_error": _perturbed_replica_error(),
+        "deferred_gather": _deferred_gather_probe(),
     }
 
 
@@ -310,6 +320,26 @@ def group_balance(*, out_dir: str) -> dict:
         got = back.state_dict()
         result["round_trip"][tp] = sorted(k for k, v in expected.items() if not torch.equal(got[k], v))
     return result if torch.distributed.get_rank() == 0 else None
+
+
+def _deferred_gather_probe() -> tuple[bool, bool]:
+    """With the parameter all-gather overlapped, a step leaves the DP replicas apart (each
+    updated only its shard) until `finish_param_gather`: (apart after the step, equal after it)."""
+    from megatron_consa.training.parallel import AllocationMismatchError, check_gates_consistent
+
+    # no replica check, no log line (its FA counts gather the gates)
+    trainer = make_trainer(LAYOUTS["tp2_overlap_param_gather"], allocation_check_interval=0, log_interval=0)
+    trainer.train_step()
+    verdicts = []
+    for finish in (False, True):
+        if finish:
+            trainer.finish_param_gather()
+        try:
+            check_gates_consistent([g.log_alpha for g in trainer.gates], iteration=trainer.iteration)
+            verdicts.append(False)
+        except AllocationMismatchError:
+            verdicts.append(True)
+    return verdicts[0], not verdicts[1]
 
 
 def _perturbed_replica_error() -> str | None:

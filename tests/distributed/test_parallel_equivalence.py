@@ -2,10 +2,12 @@
 
 A single launch trains the same 10 iterations (same initial checkpoint, same
 data, same gate noise) at TP1PP1, TP2, PP2, interleaved PP2, TP2xPP2, TP2+SP,
-TP2 with the distributed optimizer, PP2 with full recomputation and TP2 with
+TP2 with the distributed optimizer (its parameter all-gather also overlapped with the
+forward, there and at interleaved PP2), PP2 with full recomputation and TP2 with
 selective recomputation (data parallelism fills the rest of the 4 ranks), then
 resumes a TP2xPP2 checkpoint taken at iteration 5 at TP1PP1 and at PP2, and
-interleaved-PP2 checkpoints (fp32, bf16) in their own layout.
+interleaved-PP2 checkpoints (fp32, bf16) and a TP2 one saved while an overlapped
+parameter all-gather was pending, each in its own layout.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from megatron_consa.training.data import micro_batches
 REFERENCE = "tp1pp1"
 COMPARED = [name for name in LAYOUTS if name != REFERENCE]
 ITERS, RESUME_AT = 10, 5
-SELF_RESUMES = ("pp2_vpp2", "pp2_vpp2_bf16")  # the interleaved pipeline's chunks once hid each other's optimizer state
+# the interleaved pipeline's chunks once hid each other's optimizer state; an overlapped
+# parameter all-gather is pending when the save comes
+SELF_RESUMES = ("pp2_vpp2", "pp2_vpp2_bf16", "tp2_overlap_param_gather")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +125,15 @@ def test_distributed_gate_gradient_equals_single_process_autograd(launched, sing
     torch.testing.assert_close(expected, got, rtol=1e-5, atol=1e-7)
 
 
+def test_overlapped_parameter_gather_is_deferred_and_finished(launched):
+    """--overlap-param-gather really leaves the all-gather to later (after a step the DP
+    replicas of the gates differ: each rank updated its shard), and `finish_param_gather`
+    completes it (the trajectories above read parameters only after it or in a forward)."""
+    for r in launched:
+        apart_after_step, equal_after_finish = r["deferred_gather"]
+        assert apart_after_step and equal_after_finish, (r["rank"], r["deferred_gather"])
+
+
 def test_consistency_guard_names_the_rank_that_differs(launched):
     # TP2 x DP2 on 4 ranks: rank 3 shares gates with rank 2 (TP) and with rank 1 (DP).
     errors = {r["rank"]: r["guard_error"] for r in launched}
@@ -145,7 +158,7 @@ def test_mixed_precision_follows_fp32_with_the_constraint_scaled_right(launched,
         torch.testing.assert_close(got[k]["gate_grad"], ref[k]["gate_grad"], rtol=0.1, atol=0.1 * scale)
 
 
-FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce", "tp2_distopt"]
+FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce", "tp2_distopt", "tp2_overlap_param_gather"]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ def test_a_good_layout_gives_the_data_parallel_size():
         (dict(virtual_pipeline_model_parallel_size=2), "virtual_pipeline_model_parallel_size"),
         (dict(sequence_parallel=True), "sequence_parallel"),
         (dict(recompute_granularity="some"), "recompute_granularity"),
+        (dict(overlap_param_gather=True, overlap_grad_reduce=True), "overlap_param_gather"),  # no distributed optimizer
+        (dict(overlap_param_gather=True, use_distributed_optimizer=True), "overlap_param_gather"),  # as Megatron-LM
     ],
 )
 def test_bad_layouts_name_the_field(kw, field):
@@ -139,7 +141,8 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-position-embedding",
     "--use-rotary-position-embeddings", "--ckpt-format", "torch_dist", "--distributed-timeout-minutes", "30",
     "--train-iters", "100", "--lr-decay-iters", "80", "--lr-warmup-fraction", "0.05", "--lr-decay-style", "cosine",
-    "--adam-beta2", "0.95", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
+    "--adam-beta2", "0.95", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+    "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
 
@@ -150,6 +153,8 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     t = run.training
     assert (t.lr_decay_iters, t.lr_warmup_iters, t.init_method_std, t.adam_beta2) == (80, 4, 0.01, 0.95)
     assert run.parallel.distributed_timeout_minutes == 30.0
+    p = run.parallel
+    assert (p.use_distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather) == (True, True, True)
     assert (run.arch.num_kv_heads, run.arch.rope_theta, run.arch.rms_norm_eps, run.arch.tie_word_embeddings) == (
         2, 500000.0, 1e-5, False)
 
