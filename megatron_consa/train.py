@@ -24,6 +24,10 @@ _FLAG_OF = {"ParallelConfig.virtual_pipeline_model_parallel_size": "--num-layers
 """Fields whose flag is not the field's name."""
 
 
+DIVERGED_EXIT = 3
+"""Exit status of a run stopped by a loss, gradient norm or s_hat that is not finite."""
+
+
 def flag_names(message: str) -> str:
     """Name the command-line flag beside a config field in an error (`ConsaConfig.window` -> `--consa-window`)."""
     import re
@@ -57,6 +61,7 @@ def main(argv=None) -> int:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import torch
 
+    from megatron_consa.training.loop import TrainingDivergedError
     from megatron_consa.training.run import run_training
 
     if not torch.cuda.is_available():
@@ -66,6 +71,10 @@ def main(argv=None) -> int:
     except ValueError as err:
         report_user_error(f"(rank {rank}) {err}")
         return USER_ERROR_EXIT
+    except TrainingDivergedError as err:  # every rank raises it at the same step
+        if rank == 0:
+            report_user_error(str(err))
+        return DIVERGED_EXIT
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
                    help="on resume, follow this run's --train-iters, --lr-warmup-iters and --lr-decay-style from the "
                         "saved iteration on (e.g. to extend a run); without it a resume must keep the checkpoint's")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false",
+                   help="train on when an applied step's loss, gradient norm or s_hat is not finite (by default the "
+                        "run stops there with exit status 3, before saving anything of that step)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip of the weights")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -456,6 +460,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         adam_beta2=a.adam_beta2,
         adam_eps=a.adam_eps,
         clip_grad=a.clip_grad,
+        check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad,
         bf16=a.bf16,
         fp16=a.fp16,
         **scaling,

@@ -157,6 +157,11 @@ class TrainingConfig:
     """Seed of weight initialisation (the data and the gate noise have seeds of their own).
     Initial weights also depend on the pipeline layout; to compare layouts, start
     them from one checkpoint."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop the run (`TrainingDivergedError`, on every rank) at the first applied step
+    whose loss, gradient norm or s_hat is not finite, before anything after it is saved
+    (Megatron-LM's default). fp16 overflows are not divergence: the loss scaler skips
+    those steps."""
     log_interval: int = 10
     """Iterations between log lines."""
     allocation_check_interval: int = 50

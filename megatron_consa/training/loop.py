@@ -28,6 +28,7 @@ budget, refusing a run that did not settle.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -72,6 +73,11 @@ logger = logging.getLogger(__name__)
 
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine", "stock")
+
+
+class TrainingDivergedError(RuntimeError):
+    """An applied step gave a loss, gradient norm or s_hat that is not finite (raised on every
+    rank alike: the values are the same everywhere)."""
 
 
 def check_transformer_impl(transformer_impl: str) -> None:
@@ -426,9 +432,11 @@ class ConsaTrainer:
             dual_step=dual["dual_step"],
             fa_per_layer=fa_per_layer,
         )
+        self._log(record)
+        if self.training.check_for_nan_in_loss_and_grad and not record.skipped:
+            _check_finite(record)
         self.iteration += 1
         self.history.append(record)
-        self._log(record)
         interval = self.training.allocation_check_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
             if self.gates:
@@ -626,6 +634,19 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
             f"TrainingConfig.train_iters={training.train_iters}: the target would still be ramping when the "
             "allocation phase ends, so it could never settle; train for longer than the warm-up (a few hundred "
             "iterations more) or shorten the warm-up"
+        )
+
+
+def _check_finite(r: StepRecord) -> None:
+    """Raise `TrainingDivergedError` when an applied step's loss, grad norm or s_hat is not finite."""
+    values = {"loss": r.loss, "grad norm": r.grad_norm, "s_hat": r.s_hat}
+    bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
+    if bad:
+        found = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise TrainingDivergedError(
+            f"iteration {r.iteration}: {found}: training diverged (nothing from this step on is saved). "
+            "Resume from the last checkpoint (--load <the --save directory>) with a lower --lr or --consa-gate-lr, "
+            "or pass --no-check-for-nan-in-loss-and-grad to train on regardless"
         )
 
 

@@ -238,6 +238,22 @@ def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
     assert resolve_load_dir(save) == save / "iter_0000016.old"
 
 
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_saves_nothing_of_it(tmp_path):
+    """--lr 1e30: the first step throws the weights to ~1e30 and the next gradient is NaN. The
+    run stops there on its own (Megatron-LM's --check-for-nan-in-loss-and-grad, on by default),
+    exit status 3, with the step's checkpoint not written; the last one stays marked latest."""
+    save = tmp_path / "run"
+    run = BASE + ["--lr", "1e30", "--min-lr", "0", "--save", str(save), "--save-interval", "1"]
+    proc = _train(run)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    found = re.search(r"error: iteration (\d+): [^\n]*nan[^\n]*: training diverged", proc.stderr)
+    assert found, proc.stderr[-3000:]
+    step = int(found.group(1))
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(step)  # the steps before it
+    assert not (save / f"iter_{step + 1:07d}").exists()
+    assert _ok(_train(_with(run, "--save", str(tmp_path / "on")) + ["--no-check-for-nan-in-loss-and-grad"]))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -153,6 +153,24 @@ class TestTrainer:
         fresh, resumed = first_tokens_per_s(0), first_tokens_per_s(1000)
         assert resumed < 20 * fresh, (fresh, resumed)
 
+    @pytest.mark.parametrize("check", [True, False])
+    def test_a_non_finite_step_stops_the_run_unless_asked_not_to(self, check):
+        """A NaN weight makes the loss NaN: with the check (the default) the step raises, naming the
+        iteration and the value, before it counts; without it the run trains on."""
+        from megatron_consa.training.loop import TrainingDivergedError
+
+        trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), check_for_nan_in_loss_and_grad=check)
+        assert trainer.train_step().loss == trainer.history[0].loss  # a finite first step
+        with torch.no_grad():
+            unwrap_model(trainer.chunks[0]).decoder.final_layernorm.weight[0] = float("nan")
+        if check:
+            with pytest.raises(TrainingDivergedError, match=r"iteration 1: loss nan, grad norm nan"):
+                trainer.train_step()
+            assert trainer.iteration == 1 and len(trainer.history) == 1
+        else:
+            record = trainer.train_step()
+            assert record.loss != record.loss and trainer.iteration == 2
+
     def test_bad_layout_fails_before_building(self):
         with pytest.raises(ConsaConfigError, match="global_batch_size"):
             _trainer(ConsaConfig(window=4), global_batch_size=3)
