@@ -59,6 +59,12 @@ class DataConfig:
     """Megatron-LM's `--valid-data-path`: the validation blend, whole."""
     test_data_path: list[str] = field(default_factory=list)
     """Megatron-LM's `--test-data-path`: the test blend, whole."""
+    eod_mask_loss: bool = False
+    """Megatron-LM's `--eod-mask-loss`: no loss where the input token is the EOD, i.e. the
+    first token of a document is not predicted from the end of the previous one."""
+    mmap_bin_files: bool = True
+    """Read the `.bin` files through mmap (Megatron-LM's `--no-mmap-bin-files` turns it off:
+    plain reads, for file systems where mmap is slow)."""
 
     @property
     def per_split(self) -> bool:
@@ -74,9 +80,11 @@ class DataConfig:
 class GPTSampleSource:
     """A megatron-core GPT dataset seen as a `SampleSource` (index -> seq_length + 1 tokens)."""
 
-    def __init__(self, dataset, vocab_size: int):
+    def __init__(self, dataset, vocab_size: int, eod_mask_id: Optional[int] = None):
         self.dataset = dataset
         self.vocab_size = vocab_size
+        self.eod_mask_id = eod_mask_id
+        """The token whose positions carry no loss (`DataConfig.eod_mask_loss`), or None."""
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -224,8 +232,9 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
 
     common = dict(
         random_seed=config.seed, sequence_length=seq_length, tokenizer=tokenizer, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        path_to_cache=config.cache_path, mmap_bin_files=True,
+        # (its own loss_mask is not read: the batches make theirs from `eod_mask_id`, the same rule)
+        reset_attention_mask=False, eod_mask_loss=config.eod_mask_loss, create_attention_mask=False,
+        path_to_cache=config.cache_path, mmap_bin_files=config.mmap_bin_files,
     )
     wanted = (train_samples, valid_samples, test_samples)
     if config.mock:
@@ -270,4 +279,5 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
         ds_config.split_matrix = [None if n == 0 else ends for n, ends in zip(wanted, ds_config.split_matrix)]
         cls = GPTDataset
     datasets = BlendedMegatronDatasetBuilder(cls, list(wanted), lambda: True, ds_config).build()
-    return tuple(None if d is None else GPTSampleSource(d, int(tokenizer.vocab_size)) for d in datasets)
+    eod_mask_id = int(tokenizer.eod) if config.eod_mask_loss else None
+    return tuple(None if d is None else GPTSampleSource(d, int(tokenizer.vocab_size), eod_mask_id) for d in datasets)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,8 @@ from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
 from megatron_consa.training.early_exit import ExitConfig
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("learn", "fixed")
 
@@ -106,7 +109,28 @@ _FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
     ("--attention-softmax-in-fp32", "(the attention's softmax runs in fp32)"),
     ("--no-gradient-accumulation-fusion", "(weight gradients are not accumulated by a fused kernel)"),
     ("--no-rope-fusion", "(RoPE is not fused)"),
+    ("--no-create-attention-mask-in-dataloader", "(no mask is built: the hybrid attention is causal by construction)"),
+    ("--log-throughput", "(tokens/s is always logged)"),
+    ("--accumulate-allreduce-grads-in-fp32", "(gradients are always accumulated and reduced in fp32)"),
+    ("--use-dist-ckpt", "(checkpoints are always megatron-core's dist_checkpointing)"),
 )
+_FIXED_NUMBERS = {  # flags whose one value here is a number: (value, what it says, why no other)
+    "--rotary-percent": (1.0, "RoPE on the whole head dimension", "Qwen/Llama/Mistral rotate all of it"),
+    "--context-parallel-size": (1, "no context parallelism",
+                                "ConSA's core attention keeps each sequence on one rank (megatron-core's local "
+                                "attention asserts it too); use --tensor-model-parallel-size and "
+                                "--sequence-parallel for long sequences"),
+}
+_REFUSED = {  # Megatron-LM flags that would change what these runs are: why not, and what instead
+    "--apply-layernorm-1p": "these models' norms keep plain weights (Qwen/Llama/Mistral); drop the flag",
+    "--use-legacy-models": "megatron-consa builds megatron-core's GPTModel; drop the flag",
+    "--rampup-batch-size": "a ramped batch size moves every later sample, and a resume reads samples by iteration x "
+                           "global batch; train at a fixed --global-batch-size",
+    "--vocab-file": "GPT-2 BPE files are not read here: give a Hugging Face tokenizer directory "
+                    "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
+    "--merge-file": "GPT-2 BPE files are not read here: give a Hugging Face tokenizer directory "
+                    "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
+}
 _FIXED_CHOICES = {
     "--normalization": ("RMSNorm", "the norm layers"),
     "--position-embedding-type": ("rope", "positions"),
@@ -122,6 +146,13 @@ def _check_megatron_compat(a: argparse.Namespace) -> None:
                 f"{flag} {value}: megatron-consa's models are Qwen/Llama/Mistral-style, {text}: {choice} only; "
                 f"drop the flag or pass {flag} {choice}"
             )
+    for flag, (only, text, why) in _FIXED_NUMBERS.items():
+        value = getattr(a, flag[2:].replace("-", "_"), None)
+        if value is not None and value != only:
+            raise ArgumentError(f"{flag} {value}: {text} only ({flag} {only:g}): {why}")
+    for flag, why in _REFUSED.items():
+        if hasattr(a, flag[2:].replace("-", "_")):
+            raise ArgumentError(f"{flag}: {why}")
     for flag in ("--hidden-dropout", "--attention-dropout"):
         value = getattr(a, flag[2:].replace("-", "_"), None)
         if value is not None and value != 0:
@@ -187,7 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, required=True, help="tokens per sequence")
     g.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch per DP rank")
     g.add_argument("--global-batch-size", type=int, help="sequences per step; default micro-batch x DP")
-    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps (of this run, resumed ones count)")
+    g.add_argument("--train-iters", type=int, help="optimizer steps (of this run, resumed ones count); or --train-samples")
+    g.add_argument("--train-samples", type=int, default=argparse.SUPPRESS,
+                   help="the run's length in sequences (Megatron-LM's sample-based schedule, with --lr-decay-samples "
+                        "and --lr-warmup-samples): iterations of --global-batch-size, which it needs")
+    g.add_argument("--lr-decay-samples", type=int, default=argparse.SUPPRESS,
+                   help="the decay to --min-lr in sequences (with --train-samples)")
+    g.add_argument("--lr-warmup-samples", type=int, default=argparse.SUPPRESS,
+                   help="the linear warm-up in sequences (with --train-samples)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the weights")
     g.add_argument("--min-lr", type=float, default=3e-5, help="final learning rate")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
@@ -231,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the {which} split's own blend, whole (instead of --data-path and --split)")
     g.add_argument("--mock-data", action="store_true", help="megatron-core's mock dataset (no files)")
     g.add_argument("--data-cache-path", help="where megatron-core caches sample indices")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss where the input token is the EOD (a document's first token is not predicted from "
+                        "the previous one's end)")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read the .bin files without mmap (for file systems where mmap is slow)")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
                    help="SentencePieceTokenizer / HuggingFaceTokenizer (with --tokenizer-model), NullTokenizer; "
                         "default: from --tokenizer-model (a directory: Hugging Face, a file: sentencepiece)")
@@ -271,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--hidden-dropout", "--attention-dropout"):
         g.add_argument(flag, type=float, default=argparse.SUPPRESS,
                        help="only 0 (these models train without dropout; Megatron-LM's default is 0.1)")
+    for flag, (only, text, _) in _FIXED_NUMBERS.items():
+        g.add_argument(flag, type=type(only), default=argparse.SUPPRESS, help=f"{text} (only {only:g})")
+    g.add_argument("--recompute-activations", action="store_true", default=argparse.SUPPRESS,
+                   help="selective activation recomputation (= --recompute-granularity selective)")
+    for flag, why in _REFUSED.items():
+        g.add_argument(flag, nargs="*", metavar="VALUE", default=argparse.SUPPRESS, help=f"refused: {why}")
 
     g = p.add_argument_group("ConSA")
     d = ConsaConfig()
@@ -385,6 +434,58 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     )
 
 
+def _recompute_granularity(a: argparse.Namespace) -> Optional[str]:
+    """--recompute-granularity, or Megatron-LM's --recompute-activations (selective)."""
+    if not hasattr(a, "recompute_activations"):
+        return a.recompute_granularity
+    if a.recompute_granularity not in (None, "selective"):
+        raise ArgumentError(f"--recompute-activations (selective) and --recompute-granularity {a.recompute_granularity}:"
+                            " give one")
+    return "selective"
+
+
+_SAMPLE_FLAGS = ("train_samples", "lr_decay_samples", "lr_warmup_samples")
+
+
+def _schedule_in_iterations(a: argparse.Namespace) -> None:
+    """Megatron-LM's sample-based schedule as iterations of --global-batch-size, in place.
+
+    Megatron-LM runs `train_samples // global_batch_size` iterations and steps its LR
+    schedule by samples; here it steps by iterations, so the decay and the warm-up end at
+    the nearest iteration (said in the log when that is not exact)."""
+    given = {name: getattr(a, name) for name in _SAMPLE_FLAGS if hasattr(a, name)}
+    if "train_samples" not in given:
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise ArgumentError(f"{flag}: a schedule in samples goes with --train-samples; with --train-iters give "
+                                "--lr-decay-iters / --lr-warmup-iters")
+        if a.train_iters is None:
+            raise ArgumentError("give the run's length: --train-iters (optimizer steps) or --train-samples (sequences)")
+        return
+    if a.train_iters is not None:
+        raise ArgumentError("--train-iters and --train-samples: give one")
+    for flag, value in (("--lr-decay-iters", a.lr_decay_iters), ("--lr-warmup-iters", a.lr_warmup_iters)):
+        if value is not None:
+            raise ArgumentError(f"{flag} with --train-samples: give the schedule in samples (--lr-decay-samples, "
+                                "--lr-warmup-samples), as Megatron-LM")
+    gbs = a.global_batch_size
+    if not gbs:
+        raise ArgumentError("--train-samples needs --global-batch-size (the sequences of one iteration)")
+    for name, value in given.items():
+        if value < 0 or (name != "lr_warmup_samples" and value < gbs):
+            raise ArgumentError(f"--{name.replace('_', '-')} {value}: must be at least one iteration's "
+                                f"--global-batch-size {gbs}" + (" (or 0)" if name == "lr_warmup_samples" else ""))
+    a.train_iters = given["train_samples"] // gbs
+    converted = [f"--train-samples {given['train_samples']}: {a.train_iters} iterations"]
+    for name, target in (("lr_decay_samples", "lr_decay_iters"), ("lr_warmup_samples", "lr_warmup_iters")):
+        if name in given:
+            iters = max(1 if name == "lr_decay_samples" else 0, round(given[name] / gbs))
+            setattr(a, target, iters)
+            exact = "" if iters * gbs == given[name] else f" (ends within an iteration of sample {given[name]})"
+            converted.append(f"--{name.replace('_', '-')} {given[name]}: {iters}{exact}")
+    logger.info("schedule in iterations of %d sequences: %s", gbs, "; ".join(converted))
+
+
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     """Typed configs from parsed flags; raises ArgumentError / ConsaConfigError naming the flag."""
     if a.reset_attention_mask or a.reset_position_ids:
@@ -396,6 +497,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     _check_megatron_compat(a)
     for name in ("lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters"):  # (argparse.SUPPRESS: None if not given)
         setattr(a, name, getattr(a, name, None))
+    _schedule_in_iterations(a)
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16: choose one")
     if a.lr_warmup_iters is not None and a.lr_warmup_fraction is not None:
@@ -440,7 +542,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         use_distributed_optimizer=a.use_distributed_optimizer,
         overlap_grad_reduce=a.overlap_grad_reduce,
         overlap_param_gather=a.overlap_param_gather,
-        recompute_granularity=a.recompute_granularity,
+        recompute_granularity=_recompute_granularity(a),
         recompute_method=a.recompute_method,
         recompute_num_layers=a.recompute_num_layers,
         distributed_timeout_minutes=a.distributed_timeout_minutes,
@@ -508,7 +610,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                             "drop one of them")
     data = DataConfig(data_path=list(a.data_path), split=getattr(a, "split", DataConfig.split), mock=a.mock_data,
                       cache_path=a.data_cache_path, seed=a.seed, train_data_path=list(a.train_data_path),
-                      valid_data_path=list(a.valid_data_path), test_data_path=list(a.test_data_path))
+                      valid_data_path=list(a.valid_data_path), test_data_path=list(a.test_data_path),
+                      eod_mask_loss=a.eod_mask_loss, mmap_bin_files=a.mmap_bin_files)
     tok_type = a.tokenizer_type or (  # a directory is a Hugging Face tokenizer, a file a sentencepiece model
         "NullTokenizer" if a.tokenizer_model is None
         else tokenizer_type_of(a.tokenizer_model)

@@ -15,14 +15,17 @@ one data-parallel rank so that every layout sees the same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 from torch import Tensor
 
 
 class SampleSource(Protocol):
-    """A deterministic map from a global sample index to a token sequence of seq_length + 1."""
+    """A deterministic map from a global sample index to a token sequence of seq_length + 1.
+
+    A source may also have `eod_mask_id` (an int, or None): the token whose input positions
+    carry no loss (`GPTSampleSource` under `--eod-mask-loss`)."""
 
     def sample(self, index: int) -> Tensor: ...
 
@@ -88,16 +91,20 @@ class PeriodicSequenceData:
         return head.repeat(reps)[: self.seq_length + 1]
 
 
-def batch_from_samples(samples: list[Tensor]) -> dict[str, Tensor]:
-    """[seq+1] samples -> shifted tokens/labels with a full loss mask."""
+def batch_from_samples(samples: list[Tensor], eod_mask_id: Optional[int] = None) -> dict[str, Tensor]:
+    """[seq+1] samples -> shifted tokens/labels with a full loss mask, or with no loss where
+    the input token is `eod_mask_id` (megatron-core's `eod_mask_loss`)."""
     data = torch.stack(samples)  # [b, s+1]
     tokens = data[:, :-1].contiguous()
     labels = data[:, 1:].contiguous()
     b, s = tokens.shape
+    loss_mask = torch.ones(b, s, dtype=torch.float32)
+    if eod_mask_id is not None:
+        loss_mask[tokens == eod_mask_id] = 0.0
     return {
         "tokens": tokens,
         "labels": labels,
-        "loss_mask": torch.ones(b, s, dtype=torch.float32),
+        "loss_mask": loss_mask,
         "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
     }
 
@@ -121,7 +128,8 @@ def micro_batches(
     out = []
     for m in range(n_micro):
         first = (m * dp_size + dp_rank) * micro_batch_size
-        out.append(batch_from_samples([source.sample(base + first + i) for i in range(micro_batch_size)]))
+        out.append(batch_from_samples([source.sample(base + first + i) for i in range(micro_batch_size)],
+                                      getattr(source, "eod_mask_id", None)))
     return out
 
 

@@ -79,6 +79,31 @@ def test_an_unweighted_blend_gives_fresh_epochs_not_a_replay(tmp_path):
     assert replayed < one_epoch // 4
 
 
+def test_eod_mask_loss_masks_what_megatron_core_masks_and_mmap_off_reads_the_same(tmp_path):
+    """--eod-mask-loss: the batches' loss mask is zero exactly where the input is the EOD, as
+    megatron-core's GPTDataset's own mask (the reference); --no-mmap-bin-files reads the same samples."""
+    from megatron_consa.training.data import micro_batches
+
+    prefix = _dataset(tmp_path / "d", 40, seed=3)
+    sources = {}
+    for eod_mask, mmap in ((False, True), (True, True), (True, False)):
+        config = DataConfig(data_path=[prefix], split="100,0,0", cache_path=str(tmp_path / "cache"),
+                            eod_mask_loss=eod_mask, mmap_bin_files=mmap)
+        sources[eod_mask, mmap] = build_gpt_sources(config, CharTokenizer(), seq_length=16, train_samples=40,
+                                                     valid_samples=0)[0]
+    masked, plain = sources[True, True], sources[False, True]
+    eods = 0
+    for k in range(40):
+        batch = micro_batches(masked, iteration=k, global_batch_size=1, micro_batch_size=1, dp_rank=0, dp_size=1)[0]
+        torch.testing.assert_close(batch["loss_mask"][0], masked.dataset[k]["loss_mask"].float(), rtol=0, atol=0)
+        assert torch.equal(batch["loss_mask"][0] == 0, batch["tokens"][0] == CharTokenizer.eod)
+        eods += int((batch["tokens"][0] == CharTokenizer.eod).sum())
+        unmasked = micro_batches(plain, iteration=k, global_batch_size=1, micro_batch_size=1, dp_rank=0, dp_size=1)[0]
+        assert bool((unmasked["loss_mask"] == 1).all()) and torch.equal(unmasked["tokens"], batch["tokens"])
+        assert torch.equal(sources[True, False].sample(k), masked.sample(k))
+    assert eods >= 10  # documents of 20-60 letters in samples of 16: the EOD is seen often
+
+
 def _letters_dataset(path, documents: int, first: int, last: int) -> str:
     gen = torch.Generator().manual_seed(first)
     texts = ["".join(chr(ord("a") + int(i)) for i in torch.randint(first, last + 1, (30,), generator=gen))

@@ -142,6 +142,9 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--use-rotary-position-embeddings", "--ckpt-format", "torch_dist", "--distributed-timeout-minutes", "30",
     "--train-iters", "100", "--lr-decay-iters", "80", "--lr-warmup-fraction", "0.05", "--lr-decay-style", "cosine",
     "--adam-beta2", "0.95", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+    "--rotary-percent", "1.0", "--context-parallel-size", "1", "--no-create-attention-mask-in-dataloader",
+    "--log-throughput", "--accumulate-allreduce-grads-in-fp32", "--use-dist-ckpt", "--recompute-activations",
+    "--eod-mask-loss", "--no-mmap-bin-files",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -155,8 +158,46 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     assert run.parallel.distributed_timeout_minutes == 30.0
     p = run.parallel
     assert (p.use_distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather) == (True, True, True)
+    assert p.recompute_granularity == "selective"
+    assert (run.data.eod_mask_loss, run.data.mmap_bin_files) == (True, False)
     assert (run.arch.num_kv_heads, run.arch.rope_theta, run.arch.rms_norm_eps, run.arch.tie_word_embeddings) == (
         2, 500000.0, 1e-5, False)
+
+
+def test_a_schedule_in_samples_runs_in_iterations_of_the_global_batch(caplog):
+    """Megatron-LM's --train-samples / --lr-decay-samples / --lr-warmup-samples: its iteration
+    count (samples // global batch) and the decay and warm-up at the nearest iteration."""
+    from megatron_consa.training.arguments import parse_run_config
+
+    base = [f for f in LLAMA_SCRIPT]
+    for flag in ("--train-iters", "--lr-decay-iters", "--lr-warmup-fraction"):
+        i = base.index(flag)
+        del base[i:i + 2]
+    base += ["--global-batch-size", "8"]
+    with caplog.at_level("INFO", logger="megatron_consa.training.arguments"):
+        t = parse_run_config(base + ["--train-samples", "805", "--lr-decay-samples", "640",
+                                     "--lr-warmup-samples", "30"]).training
+    assert (t.train_iters, t.lr_decay_iters, t.lr_warmup_iters, t.global_batch_size) == (100, 80, 4, 8)
+    assert "--lr-warmup-samples 30: 4 (ends within an iteration of sample 30)" in caplog.text
+    t = parse_run_config(base + ["--train-samples", "800", "--lr-warmup-fraction", "0.05"]).training
+    assert (t.train_iters, t.lr_decay_iters, t.lr_warmup_iters) == (100, None, 5)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "give the run's length: --train-iters (optimizer steps) or --train-samples"),
+    (["--train-samples", "80", "--train-iters", "10", "--global-batch-size", "8"], "--train-iters and --train-samples: give one"),
+    (["--train-iters", "10", "--lr-decay-samples", "40"], "--lr-decay-samples: a schedule in samples goes with --train-samples"),
+    (["--train-samples", "80"], "--train-samples needs --global-batch-size"),
+    (["--train-samples", "4", "--global-batch-size", "8"], "--train-samples 4: must be at least one iteration's --global-batch-size 8"),
+    (["--train-samples", "80", "--global-batch-size", "8", "--lr-decay-iters", "5"], "--lr-decay-iters with --train-samples"),
+])
+def test_a_schedule_in_samples_is_refused_where_it_cannot_mean_one_thing(flags, message):
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "0"]
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        parse_run_config(base + flags)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -167,6 +208,13 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     (["--attention-dropout", "0.1"], "--attention-dropout 0.1"),
     (["--lr-warmup-iters", "3"], "--lr-warmup-iters and --lr-warmup-fraction: give one"),
     (["--lr-decay-iters", "0"], "--lr-decay-iters 0: must be >= 1"),
+    (["--rotary-percent", "0.5"], "--rotary-percent 0.5: RoPE on the whole head dimension only (--rotary-percent 1)"),
+    (["--context-parallel-size", "2"], "--context-parallel-size 2: no context parallelism only"),
+    (["--apply-layernorm-1p"], "--apply-layernorm-1p: these models' norms keep plain weights"),
+    (["--use-legacy-models"], "--use-legacy-models: megatron-consa builds megatron-core's GPTModel"),
+    (["--rampup-batch-size", "16", "16", "1000"], "--rampup-batch-size: a ramped batch size moves every later sample"),
+    (["--vocab-file", "vocab.json", "--merge-file", "merges.txt"], "--vocab-file: GPT-2 BPE files are not read here"),
+    (["--recompute-granularity", "full"], "--recompute-activations (selective) and --recompute-granularity full"),
 ])
 def test_megatron_lm_flags_that_disagree_are_refused_by_name(flags, message):
     from megatron_consa.training.arguments import ArgumentError, parse_run_config
