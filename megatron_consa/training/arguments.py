@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only 0 (these models train without dropout; Megatron-LM's default is 0.1)")
     for flag, (only, text, _) in _FIXED_NUMBERS.items():
         g.add_argument(flag, type=type(only), default=argparse.SUPPRESS, help=f"{text} (only {only:g})")
+    g.add_argument("--use-checkpoint-args", action="store_true", default=argparse.SUPPRESS,
+                   help="the model as --load's checkpoint describes it (= --hf-config <the --load path>)")
     g.add_argument("--recompute-activations", action="store_true", default=argparse.SUPPRESS,
                    help="selective activation recomputation (= --recompute-granularity selective)")
     for flag, why in _REFUSED.items():
@@ -377,6 +379,12 @@ def _hf_config_path(path: str) -> str:
 
 
 def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
+    if hasattr(a, "use_checkpoint_args"):  # Megatron-LM's: the model as --load's checkpoint describes it
+        if not a.load:
+            raise ArgumentError("--use-checkpoint-args reads the model from --load's checkpoint: give --load")
+        if a.hf_config:
+            raise ArgumentError("--use-checkpoint-args and --hf-config: give one (both describe the model)")
+        a.hf_config = a.load
     if a.hf_config:
         a.hf_config = _hf_config_path(a.hf_config)  # what the run's later steps read too
         given = ["--" + name.replace("_", "-") for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 from megatron_consa.config import ConsaConfigError
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _validate(**kw):
@@ -181,6 +184,19 @@ def test_a_schedule_in_samples_runs_in_iterations_of_the_global_batch(caplog):
     assert "--lr-warmup-samples 30: 4 (ends within an iteration of sample 30)" in caplog.text
     t = parse_run_config(base + ["--train-samples", "800", "--lr-warmup-fraction", "0.05"]).training
     assert (t.train_iters, t.lr_decay_iters, t.lr_warmup_iters) == (100, None, 5)
+
+
+def test_use_checkpoint_args_takes_the_model_from_the_load_checkpoint():
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    ckpt = str(ROOT / "examples" / "checkpoints" / "demo_dense")
+    base = ["--seq-length", "32", "--train-iters", "4", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "1", "--load", ckpt, "--finetune"]
+    assert parse_run_config(base + ["--use-checkpoint-args"]).arch == parse_run_config(base + ["--hf-config", ckpt]).arch
+    with pytest.raises(ArgumentError, match="--use-checkpoint-args and --hf-config: give one"):
+        parse_run_config(base + ["--use-checkpoint-args", "--hf-config", ckpt])
+    with pytest.raises(ArgumentError, match="give --load"):
+        parse_run_config(base[:-3] + ["--use-checkpoint-args"])
 
 
 @pytest.mark.parametrize("flags,message", [
