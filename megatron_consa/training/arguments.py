@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
                    help="on resume, follow this run's --train-iters, --lr-warmup-iters and --lr-decay-style from the "
                         "saved iteration on (e.g. to extend a run); without it a resume must keep the checkpoint's")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Python's garbage collector off, collections at the same iterations on every rank instead "
+                        "(a collection at another moment on each rank makes the others wait)")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: collect every this many iterations (0: at the start and around evaluations)")
+    g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                   help="with --manual-gc: no collection around evaluations")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
                    action="store_false",
                    help="train on when an applied step's loss, gradient norm or s_hat is not finite (by default the "
@@ -571,6 +578,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         adam_eps=a.adam_eps,
         clip_grad=a.clip_grad,
         check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad,
+        manual_gc=a.manual_gc,
+        manual_gc_interval=a.manual_gc_interval,
+        manual_gc_eval=a.manual_gc_eval,
         bf16=a.bf16,
         fp16=a.fp16,
         **scaling,

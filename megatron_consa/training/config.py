@@ -157,6 +157,14 @@ class TrainingConfig:
     """Seed of weight initialisation (the data and the gate noise have seeds of their own).
     Initial weights also depend on the pipeline layout; to compare layouts, start
     them from one checkpoint."""
+    manual_gc: bool = False
+    """Python's automatic garbage collector off for the run, collections at the same
+    iterations on every rank instead (Megatron-LM's `--manual-gc`; see `training.manual_gc`)."""
+    manual_gc_interval: int = 0
+    """With `manual_gc`: collect every this many iterations (0: only at the start and around
+    evaluations)."""
+    manual_gc_eval: bool = True
+    """With `manual_gc`: collect before and after each evaluation."""
     check_for_nan_in_loss_and_grad: bool = True
     """Stop the run (`TrainingDivergedError`, on every rank) at the first applied step
     whose loss, gradient norm or s_hat is not finite, before anything after it is saved
@@ -201,6 +209,8 @@ class TrainingConfig:
             _fail("TrainingConfig", "lr_decay_iters", self.lr_decay_iters, "must be an integer >= 1 (or None: train_iters)")
         if self.lr_warmup_iters < 0:
             _fail("TrainingConfig", "lr_warmup_iters", self.lr_warmup_iters, "must be >= 0")
+        if not isinstance(self.manual_gc_interval, int) or self.manual_gc_interval < 0:
+            _fail("TrainingConfig", "manual_gc_interval", self.manual_gc_interval, "must be an integer >= 0")
         if not self.init_method_std > 0:
             _fail("TrainingConfig", "init_method_std", self.init_method_std, "must be > 0")
         if not self.adam_eps > 0:

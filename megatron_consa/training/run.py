@@ -391,6 +391,7 @@ def run_training(prepared: PreparedRun):
     from megatron_consa.data.gpt import build_gpt_sources
     from megatron_consa.training.checkpoint import load_checkpoint, save_run_checkpoint
     from megatron_consa.training.early_exit import EarlyExit
+    from megatron_consa.training.manual_gc import ManualGC
     from megatron_consa.training.loop import ConsaTrainer
     from megatron_consa.training.parallel import initialize_distributed
 
@@ -423,9 +424,13 @@ def run_training(prepared: PreparedRun):
     # the loaded iteration used the first ones
     eval_batch = (trainer.iteration // run.eval_interval) * run.eval_iters if run.eval_interval else 0
 
+    manual_gc = ManualGC(training.manual_gc, interval=training.manual_gc_interval, around_eval=training.manual_gc_eval)
+
     def evaluate(k: int) -> None:
         nonlocal eval_batch
+        manual_gc.before_eval()
         loss = trainer.evaluate(valid_src, iterations=run.eval_iters, first_batch=eval_batch)
+        manual_gc.after_eval()
         eval_batch += run.eval_iters
         if trainer._writer is not None:
             trainer._writer.add_scalar("consa/valid_loss", loss, k)
@@ -442,10 +447,11 @@ def run_training(prepared: PreparedRun):
 
     start = trainer.iteration
     stop = None
-    with EarlyExit(run.exit, start_time=start_time) as early_exit:
+    with EarlyExit(run.exit, start_time=start_time) as early_exit, manual_gc:
         while trainer.iteration < training.train_iters:
             trainer.train_step()
             k = trainer.iteration
+            manual_gc.after_step(k)
             if run.eval_interval and k % run.eval_interval == 0:
                 evaluate(k)
             saved = save and interval and k % interval == 0 and k < training.train_iters

@@ -1,5 +1,5 @@
-"""Early exits (Megatron-LM's --exit-interval, --exit-duration-in-mins, --exit-signal-handler)
-in one process; tests/e2e/test_train_entry.py stops and resumes real runs with them."""
+"""Early exits (Megatron-LM's --exit-interval, --exit-duration-in-mins, --exit-signal-handler) and manual
+garbage collection (--manual-gc) in one process; tests/e2e/test_train_entry.py stops and resumes real runs.
 
 from __future__ import annotations
 
@@ -54,3 +54,36 @@ def test_sigterm_is_caught_only_inside_and_stops_after_the_step():
 def test_bad_values_are_refused(config, field):
     with pytest.raises(ConsaConfigError, match=f"ExitConfig.{field}"):
         EarlyExit(config)
+
+
+def test_manual_gc_collects_at_the_same_iterations_and_restores_the_collector(monkeypatch):
+    """--manual-gc: the automatic collector is off inside the run; collections at its start, at
+    multiples of the interval and around evaluations; the collector is back on after it."""
+    import gc
+
+    from megatron_consa.training.arguments import parse_run_config
+    from megatron_consa.training.manual_gc import ManualGC
+
+    t = parse_run_config(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length",
+                          "32", "--train-iters", "9", "--mock-data", "--vocab-size", "64",
+                          "--consa-target-warmup-iters", "1", "--manual-gc", "--manual-gc-interval", "4"]).training
+    assert (t.manual_gc, t.manual_gc_interval, t.manual_gc_eval) == (True, 4, True)
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation) or 0)
+    assert gc.isenabled()
+    with ManualGC(t.manual_gc, interval=t.manual_gc_interval, around_eval=t.manual_gc_eval) as manual:
+        assert not gc.isenabled() and calls == [2]
+        for k in range(1, t.train_iters + 1):
+            manual.after_step(k)
+        assert calls == [2, 2, 2]  # iterations 4 and 8
+        manual.before_eval()
+        manual.after_eval()
+        assert calls == [2, 2, 2, 2, 0]
+    assert gc.isenabled()
+    calls.clear()
+    with ManualGC(False, interval=4) as manual:  # without --manual-gc: nothing at all
+        assert gc.isenabled()
+        for k in range(1, 9):
+            manual.after_step(k)
+        manual.before_eval()
+    assert calls == [] and gc.isenabled()
