@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     for which in ("train", "valid", "test"):
         g.add_argument(f"--{which}-data-path", nargs="+", default=[],
                        help=f"the {which} split's own blend, whole (instead of --data-path and --split)")
+    g.add_argument("--data-args-path", metavar="FILE",
+                   help="a file holding --data-path's arguments (for a blend too long for a command line)")
+    g.add_argument("--per-split-data-args-path", metavar="FILE",
+                   help='a JSON file {"train": ..., "valid": ..., "test": ...} holding each split\'s --*-data-path '
+                        "arguments (a list, or one string)")
     g.add_argument("--mock-data", action="store_true", help="megatron-core's mock dataset (no files)")
     g.add_argument("--data-cache-path", help="where megatron-core caches sample indices")
     g.add_argument("--eod-mask-loss", action="store_true",
@@ -449,6 +454,42 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     )
 
 
+def _read_data_args(a: argparse.Namespace) -> None:
+    """Megatron-LM's --data-args-path / --per-split-data-args-path: the blends from files, in place."""
+    if a.data_args_path and a.per_split_data_args_path:
+        raise ArgumentError("--data-args-path and --per-split-data-args-path: give one")
+    if a.data_args_path:
+        if a.data_path:
+            raise ArgumentError("--data-args-path and --data-path: give the blend one way")
+        try:
+            a.data_path = Path(a.data_args_path).read_text().split()
+        except OSError as err:
+            raise ArgumentError(f"--data-args-path {a.data_args_path}: cannot read it ({err.strerror})") from None
+        if not a.data_path:
+            raise ArgumentError(f"--data-args-path {a.data_args_path}: the file is empty; write --data-path's "
+                                "arguments into it (prefixes, optionally weighted: 0.3 A 0.7 B)")
+    elif a.per_split_data_args_path:
+        flag = f"--per-split-data-args-path {a.per_split_data_args_path}"
+        if a.data_path or a.train_data_path or a.valid_data_path or a.test_data_path:
+            raise ArgumentError(f"{flag} with --data-path or --*-data-path: give the blends one way")
+        try:
+            blends = json.loads(Path(a.per_split_data_args_path).read_text())
+        except OSError as err:
+            raise ArgumentError(f"{flag}: cannot read it ({err.strerror})") from None
+        except json.JSONDecodeError as err:
+            raise ArgumentError(f"{flag}: not JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(blends, dict) or not set(blends) <= {"train", "valid", "test"}:
+            raise ArgumentError(f'{flag}: must be a JSON object with keys among "train", "valid", "test"')
+        for split, value in blends.items():
+            if value is None:  # no blend for this split
+                continue
+            if isinstance(value, str):
+                value = value.split()
+            if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+                raise ArgumentError(f'{flag}: "{split}" must be a list of --{split}-data-path arguments or one string')
+            setattr(a, f"{split}_data_path", [str(v) for v in value])
+
+
 def _recompute_granularity(a: argparse.Namespace) -> Optional[str]:
     """--recompute-granularity, or Megatron-LM's --recompute-activations (selective)."""
     if not hasattr(a, "recompute_activations"):
@@ -611,6 +652,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--consa-allocation is for --consa-phase fixed; the learn phase learns one")
     if a.consa_phase == "fixed" and a.consa_gates_only:
         raise ArgumentError("--consa-gates-only is for --consa-phase learn; a fixed allocation has no gates")
+    _read_data_args(a)
     per_split = [f"--{w}-data-path" for w in ("train", "valid", "test") if getattr(a, f"{w}_data_path")]
     if per_split and (a.data_path or hasattr(a, "split")):
         raise ArgumentError(f"{per_split[0]} with --data-path or --split: give the whole data with --data-path and "

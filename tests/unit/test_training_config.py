@@ -186,6 +186,38 @@ def test_a_schedule_in_samples_runs_in_iterations_of_the_global_batch(caplog):
     assert (t.train_iters, t.lr_decay_iters, t.lr_warmup_iters) == (100, None, 5)
 
 
+def test_blends_from_files_as_megatron_lm_reads_them(tmp_path):
+    """--data-args-path: --data-path's arguments in a file; --per-split-data-args-path: each
+    split's in a JSON object (a list, or one string); bad files are refused by name."""
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "4", "--vocab-size", "64", "--tokenizer-type", "NullTokenizer",
+            "--consa-target-warmup-iters", "1"]
+    (tmp_path / "blend.txt").write_text("0.3 /data/a_text_document\n0.7 /data/b_text_document\n")
+    data = parse_run_config(base + ["--data-args-path", str(tmp_path / "blend.txt")]).data
+    assert data.data_path == ["0.3", "/data/a_text_document", "0.7", "/data/b_text_document"]
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["1", "/data/a", "2", "/data/b"], "valid": "/data/v",
+                                                      "test": None}))
+    data = parse_run_config(base + ["--per-split-data-args-path", str(tmp_path / "splits.json")]).data
+    assert (data.train_data_path, data.valid_data_path, data.test_data_path) == (["1", "/data/a", "2", "/data/b"],
+                                                                                 ["/data/v"], [])
+    (tmp_path / "bad.json").write_text('{"train": ["/data/a"],}')
+    (tmp_path / "keys.json").write_text('{"training": ["/data/a"]}')
+    (tmp_path / "empty.txt").write_text("\n")
+    for flags, message in (
+        (["--data-args-path", str(tmp_path / "missing.txt")], "--data-args-path " + str(tmp_path / "missing.txt")),
+        (["--data-args-path", str(tmp_path / "empty.txt")], "the file is empty"),
+        (["--data-args-path", str(tmp_path / "blend.txt"), "--data-path", "/data/c"], "give the blend one way"),
+        (["--per-split-data-args-path", str(tmp_path / "bad.json")], "not JSON"),
+        (["--per-split-data-args-path", str(tmp_path / "keys.json")], 'keys among "train", "valid", "test"'),
+        (["--per-split-data-args-path", str(tmp_path / "splits.json"), "--train-data-path", "/data/c"],
+         "give the blends one way"),
+    ):
+        with pytest.raises(ArgumentError, match=re.escape(message)):
+            parse_run_config(base + flags)
+
+
 def test_use_checkpoint_args_takes_the_model_from_the_load_checkpoint():
     from megatron_consa.training.arguments import ArgumentError, parse_run_config
 
