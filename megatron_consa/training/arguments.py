@@ -390,13 +390,45 @@ def _hf_config_path(path: str) -> str:
         return path  # _load_hf_config names what is missing
 
 
+_SHAPE_FIELD = {  # shape flag -> what the ArchitectureConfig holds for it
+    "num_layers": lambda m: m.num_layers, "hidden_size": lambda m: m.hidden_size,
+    "ffn_hidden_size": lambda m: m.intermediate_size, "num_attention_heads": lambda m: m.num_attention_heads,
+    "num_query_groups": lambda m: m.num_kv_heads,
+    "kv_channels": lambda m: m.head_dim or m.hidden_size // m.num_attention_heads,
+    "rotary_base": lambda m: m.rope_theta, "use_rope_scaling": lambda m: m.rope_scaling_factor is not None,
+    "rope_scaling_factor": lambda m: m.rope_scaling_factor, "norm_epsilon": lambda m: m.rms_norm_eps,
+    "qk_layernorm": lambda m: m.qk_norm, "add_qkv_bias": lambda m: m.qkv_bias,
+    "untie_embeddings_and_output_weights": lambda m: not m.tie_word_embeddings,
+    "max_position_embeddings": lambda m: m.max_position_embeddings,
+}
+
+
+def _arch_from_checkpoint_args(a: argparse.Namespace) -> ArchitectureConfig:
+    """Megatron-LM's --use-checkpoint-args: the model as --load's checkpoint describes it; a
+    shape flag given beside it must agree with the checkpoint (Megatron-LM would let the
+    checkpoint override it silently)."""
+    if not a.load:
+        raise ArgumentError("--use-checkpoint-args reads the model from --load's checkpoint: give --load")
+    if a.hf_config:
+        raise ArgumentError("--use-checkpoint-args and --hf-config: give one (both describe the model)")
+    given = {name: vars(a)[name] for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)}
+    for name in given:
+        setattr(a, name, False if isinstance(given[name], bool) else None)
+    a.hf_config = a.load
+    arch = _arch_from_args(a)
+    for name, value in given.items():
+        saved = _SHAPE_FIELD[name](arch)
+        if value != saved:
+            flag = "--" + name.replace("_", "-")
+            raise ArgumentError(
+                f"{flag}{'' if isinstance(value, bool) else f' {value}'}: --load's checkpoint ({a.hf_config}) has "
+                f"{saved}; drop the flag (--use-checkpoint-args takes the checkpoint's model) or load another "
+                "checkpoint"
+            )
+    return arch
+
+
 def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
-    if hasattr(a, "use_checkpoint_args"):  # Megatron-LM's: the model as --load's checkpoint describes it
-        if not a.load:
-            raise ArgumentError("--use-checkpoint-args reads the model from --load's checkpoint: give --load")
-        if a.hf_config:
-            raise ArgumentError("--use-checkpoint-args and --hf-config: give one (both describe the model)")
-        a.hf_config = a.load
     if a.hf_config:
         a.hf_config = _hf_config_path(a.hf_config)  # what the run's later steps read too
         given = ["--" + name.replace("_", "-") for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)]
@@ -524,6 +556,8 @@ def _schedule_in_iterations(a: argparse.Namespace) -> None:
         if value is not None:
             raise ArgumentError(f"{flag} with --train-samples: give the schedule in samples (--lr-decay-samples, "
                                 "--lr-warmup-samples), as Megatron-LM")
+    if "lr_warmup_samples" in given and a.lr_warmup_fraction is not None:
+        raise ArgumentError("--lr-warmup-samples and --lr-warmup-fraction: give one")
     gbs = a.global_batch_size
     if not gbs:
         raise ArgumentError("--train-samples needs --global-batch-size (the sequences of one iteration)")
@@ -574,7 +608,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             f"--{next(iter(scaling)).replace('_', '-')}: loss scaling is for --fp16 only (fp32 and bf16 need none); "
             "add --fp16 or drop the flag"
         )
-    arch = _arch_from_args(a)
+    arch = _arch_from_checkpoint_args(a) if hasattr(a, "use_checkpoint_args") else _arch_from_args(a)
     vpp = None
     for flag, value in (("--num-layers-per-virtual-pipeline-stage", a.num_layers_per_virtual_pipeline_stage),
                         ("--eval-iters", a.eval_iters)):

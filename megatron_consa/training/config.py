@@ -167,7 +167,8 @@ class TrainingConfig:
     """With `manual_gc`: collect before and after each evaluation."""
     check_for_nan_in_loss_and_grad: bool = True
     """Stop the run (`TrainingDivergedError`, on every rank) at the first applied step
-    whose loss, gradient norm or s_hat is not finite, before anything after it is saved
+    whose loss, gradient norm (the model's, or the gates' when they are clipped: `clip_grad`
+    > 0) or s_hat is not finite, before anything after it is saved
     (Megatron-LM's default). fp16 overflows are not divergence: the loss scaler skips
     those steps."""
     log_interval: int = 10

@@ -271,6 +271,9 @@ class StepRecord:
     skipped: bool
     loss_scale: Optional[float] = None
     """The fp16 loss scale after this step (None without loss scaling)."""
+    gate_grad_norm: Optional[float] = None
+    """Global gradient norm of the gates, the one their own clip uses (None where nothing
+    clips them: `clip_grad` 0, no gates, a skipped step)."""
     dual_step: bool = False
     """Whether the multipliers moved this iteration (not on skipped steps, not during the warm-up)."""
     fa_per_layer: Optional[list[int]] = None
@@ -300,7 +303,6 @@ class ConsaTrainer:
             arch, consa, parallel, training, transformer_impl=transformer_impl
         )
         self.optimizer, self.scheduler = build_optimizer(self.chunks, consa, parallel, training)
-        self.gates = [m for m in consa_attention_modules(self.chunks) if m.log_alpha is not None]
         self.controller = ConsaController(
             consa, total_cost=arch.num_layers * arch.num_kv_heads, cost_all_reduce=pipeline_cost_all_reduce()
         )
@@ -310,7 +312,9 @@ class ConsaTrainer:
             self.config.no_sync_func = self.chunks[0].no_sync
         else:
             self.config.no_sync_func = [c.no_sync for c in self.chunks]
-        if self.chunks[0].ddp_config.align_param_gather:
+        self.gates = [m for m in consa_attention_modules(self.chunks) if m.log_alpha is not None]
+        if self.chunks[0].ddp_config.align_param_gather and not self.gates:
+            # the interleaved schedule launches each chunk's gather (a learn step has gathered already)
             self.config.param_sync_func = [c.start_param_sync for c in self.chunks]
         # --overlap-param-gather: an optimizer step leaves its parameter all-gather to the
         # next forward (see `finish_param_gather`)
@@ -429,6 +433,7 @@ class ConsaTrainer:
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=not update_ok,
             loss_scale=float(self.optimizer.get_loss_scale()) if self.training.fp16 else None,
+            gate_grad_norm=self._gate_grad_norm(),
             dual_step=dual["dual_step"],
             fa_per_layer=fa_per_layer,
         )
@@ -443,6 +448,12 @@ class ConsaTrainer:
                 self.finish_param_gather()
             check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
         return record
+
+    def _gate_grad_norm(self) -> Optional[float]:
+        """The gates' gradient norm megatron-core computed for their clip in this step (the same
+        on every rank: reduced over the model-parallel ranks, of DP-reduced gradients)."""
+        norm = (getattr(self.optimizer, "grad_norms_by_group", None) or {}).get(GATE_GRAD_NORM_GROUP)
+        return None if norm is None else float(norm)
 
     def finish_param_gather(self) -> None:
         """Complete the parameter all-gather the last optimizer step left pending, so what is
@@ -519,7 +530,8 @@ class ConsaTrainer:
 
     def _log(self, r: StepRecord) -> None:
         if self._writer is not None:
-            for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm", "loss_scale"):
+            for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm", "gate_grad_norm",
+                        "loss_scale"):
                 if getattr(r, key) is not None:
                     self._writer.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
             if r.fa_per_layer is not None:
@@ -557,7 +569,8 @@ class ConsaTrainer:
 
     # ---- inspection --------------------------------------------------------
     def local_log_alpha(self) -> dict[int, torch.Tensor]:
-        """{global layer index: log_alpha} for the gates this rank holds."""
+        """{global layer index: log_alpha} for the gates this rank holds (not a collective: with
+        `overlap_param_gather`, call `finish_param_gather` on every rank first)."""
         return {g.layer_index: g.log_alpha.detach().float().cpu().clone() for g in self.gates}
 
     def gather_log_alpha(self) -> torch.Tensor:
@@ -638,15 +651,15 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
 
 
 def _check_finite(r: StepRecord) -> None:
-    """Raise `TrainingDivergedError` when an applied step's loss, grad norm or s_hat is not finite."""
-    values = {"loss": r.loss, "grad norm": r.grad_norm, "s_hat": r.s_hat}
+    """Raise `TrainingDivergedError` when an applied step's loss, grad norms or s_hat is not finite."""
+    values = {"loss": r.loss, "grad norm": r.grad_norm, "gate grad norm": r.gate_grad_norm, "s_hat": r.s_hat}
     bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
     if bad:
         found = ", ".join(f"{k} {v}" for k, v in bad.items())
         raise TrainingDivergedError(
             f"iteration {r.iteration}: {found}: training diverged (nothing from this step on is saved). "
-            "Resume from the last checkpoint (--load <the --save directory>) with a lower --lr or --consa-gate-lr, "
-            "or pass --no-check-for-nan-in-loss-and-grad to train on regardless"
+            "Resume from the last checkpoint (--load <the --save directory>; with --no-load-optim to lower --lr or "
+            "--consa-gate-lr there), or pass --no-check-for-nan-in-loss-and-grad to train on regardless"
         )
 
 

@@ -392,7 +392,7 @@ def run_training(prepared: PreparedRun):
     from megatron_consa.training.checkpoint import load_checkpoint, save_run_checkpoint
     from megatron_consa.training.early_exit import EarlyExit
     from megatron_consa.training.manual_gc import ManualGC
-    from megatron_consa.training.loop import ConsaTrainer
+    from megatron_consa.training.loop import ConsaTrainer, TrainingDivergedError
     from megatron_consa.training.parallel import initialize_distributed
 
     start_time = time.monotonic()  # --exit-duration-in-mins counts from here
@@ -449,7 +449,11 @@ def run_training(prepared: PreparedRun):
     stop = None
     with EarlyExit(run.exit, start_time=start_time) as early_exit, manual_gc:
         while trainer.iteration < training.train_iters:
-            trainer.train_step()
+            try:
+                trainer.train_step()
+            except TrainingDivergedError:
+                trainer.close()  # the TensorBoard scalars up to the diverging step
+                raise
             k = trainer.iteration
             manual_gc.after_step(k)
             if run.eval_interval and k % run.eval_interval == 0:

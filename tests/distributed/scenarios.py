@@ -191,11 +191,14 @@ def layouts(
 
 def fixed_layouts(*, out_dir: str, names: list[str], iters: int = 6,
                   layer_names: tuple[str, ...] = ("tp1pp1", "tp2pp2"),
-                  resume_from: str = "tp2", resume_at: int = 3, resume_into: str = "tp1pp1") -> dict:
+                  resume_from: str = "tp2", resume_at: int = 3, resume_into: str = "tp1pp1",
+                  self_resumes: tuple[str, ...] = ()) -> dict:
     """Fixed-mode continued training (FIXED_ALLOCATION) at each layout from the same weights
     (the `resume_from` run also saves at `resume_at`, with its optimizer, and the run is
-    resumed from there at `resume_into`), learning at layer granularity at `layer_names`,
-    and the KV-group balance checks (`group_balance`); rank 0 returns the loss curves."""
+    resumed from there at `resume_into`; each of `self_resumes` saves there too, with nothing
+    read between its last step and the save, and is resumed in its own layout), learning at
+    layer granularity at `layer_names`, and the KV-group balance checks (`group_balance`);
+    rank 0 returns the loss curves."""
     out = Path(out_dir)
     init_ckpt, mid_ckpt = out / "fixed-init", out / f"fixed-{resume_from}-iter{resume_at}"
     consa = dataclasses.replace(consa_config(), allocation=FIXED_ALLOCATION)
@@ -216,11 +219,18 @@ def fixed_layouts(*, out_dir: str, names: list[str], iters: int = 6,
         for k in range(iters):
             if name == resume_from and k == resume_at:
                 save_checkpoint(trainer, mid_ckpt)
+            if name in self_resumes and k == resume_at:
+                runs[f"fixed:pending-at-save:{name}"] = trainer._param_gather_pending
+                save_checkpoint(trainer, out / f"fixed-{name}-iter{resume_at}")
             losses.append(trainer.train_step().loss)
         runs[f"fixed:{name}"] = losses
     trainer = fixed_trainer(resume_into)
     load_checkpoint(trainer, mid_ckpt)
     runs[f"fixed:resume:{resume_into}"] = [trainer.train_step().loss for _ in range(iters - resume_at)]
+    for name in self_resumes:
+        trainer = fixed_trainer(name)
+        load_checkpoint(trainer, out / f"fixed-{name}-iter{resume_at}")
+        runs[f"fixed:self-resume:{name}"] = [trainer.train_step().loss for _ in range(iters - resume_at)]
     training = training_config(train_iters=iters)
     initialize_distributed(LAYOUTS["tp1pp1"], seed=training.seed)
     all_fa = dataclasses.replace(consa, allocation=[[1] * ARCH.num_kv_heads] * ARCH.num_layers)

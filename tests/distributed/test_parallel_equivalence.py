@@ -6,8 +6,8 @@ TP2 with the distributed optimizer (its parameter all-gather also overlapped wit
 forward, there and at interleaved PP2), PP2 with full recomputation and TP2 with
 selective recomputation (data parallelism fills the rest of the 4 ranks), then
 resumes a TP2xPP2 checkpoint taken at iteration 5 at TP1PP1 and at PP2, and
-interleaved-PP2 checkpoints (fp32, bf16) and a TP2 one saved while an overlapped
-parameter all-gather was pending, each in its own layout.
+interleaved-PP2 checkpoints (fp32, bf16) in their own layout. A second launch runs
+the fixed phase (where an overlapped parameter all-gather finishes in the forward).
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ from megatron_consa.training.data import micro_batches
 REFERENCE = "tp1pp1"
 COMPARED = [name for name in LAYOUTS if name != REFERENCE]
 ITERS, RESUME_AT = 10, 5
-# the interleaved pipeline's chunks once hid each other's optimizer state; an overlapped
-# parameter all-gather is pending when the save comes
-SELF_RESUMES = ("pp2_vpp2", "pp2_vpp2_bf16", "tp2_overlap_param_gather")
+SELF_RESUMES = ("pp2_vpp2", "pp2_vpp2_bf16")  # the interleaved pipeline's chunks once hid each other's optimizer state
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +156,17 @@ def test_mixed_precision_follows_fp32_with_the_constraint_scaled_right(launched,
         torch.testing.assert_close(got[k]["gate_grad"], ref[k]["gate_grad"], rtol=0.1, atol=0.1 * scale)
 
 
-FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce", "tp2_distopt", "tp2_overlap_param_gather"]
+# the fixed phase reads no gates: the overlapped all-gathers finish in the forward's hooks
+# (TP2xDP2), or are launched by the interleaved schedule (aligned, PP2xVPP2xDP2)
+FIXED_LAYOUTS = ["tp1pp1", "tp2", "pp2", "tp2pp2", "tp2_overlap_grad_reduce", "tp2_distopt", "tp2_overlap_param_gather",
+                 "pp2_vpp2_overlap_param_gather"]
+FIXED_SELF_RESUMES = ("tp2_overlap_param_gather",)  # saved with its all-gather pending
 
 
 @pytest.fixture(scope="module")
 def fixed_launched(tmp_path_factory):
-    return launch("fixed_layouts", 4, tmp_path_factory.mktemp("fixed"), names=FIXED_LAYOUTS, iters=6)[0]["runs"]
+    return launch("fixed_layouts", 4, tmp_path_factory.mktemp("fixed"), names=FIXED_LAYOUTS, iters=6,
+                  self_resumes=FIXED_SELF_RESUMES)[0]["runs"]
 
 
 @pytest.mark.parametrize("layout", FIXED_LAYOUTS[1:])
@@ -173,6 +176,15 @@ def test_fixed_allocation_training_follows_tp1pp1(fixed_launched, layout):
     assert len(got) == len(ref) and ref[-1] < ref[0]
     for k, (a, b) in enumerate(zip(got, ref)):
         assert _close(a, b), f"{layout} iteration {k}: loss {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("name", FIXED_SELF_RESUMES)
+def test_a_checkpoint_saved_with_the_parameter_gather_pending_resumes_bit_for_bit(fixed_launched, name):
+    """The save completes the overlapped all-gather the last step left (the replicas' weights
+    differ until then): the resumed run is the uninterrupted one, exactly."""
+    assert fixed_launched[f"fixed:pending-at-save:{name}"] is True
+    resumed, whole = fixed_launched[f"fixed:self-resume:{name}"], fixed_launched[f"fixed:{name}"][3:]
+    assert len(resumed) == len(whole) == 3 and resumed == whole, (resumed, whole)
 
 
 def test_fixed_allocation_changes_the_function(fixed_launched):

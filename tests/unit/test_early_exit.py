@@ -1,5 +1,5 @@
 """Early exits (Megatron-LM's --exit-interval, --exit-duration-in-mins, --exit-signal-handler) and manual
-garbage collection (--manual-gc) in one process; tests/e2e/test_train_entry.py stops and resumes real runs.
+garbage collection (--manual-gc) in one process; tests/e2e/test_train_entry.py stops and resumes real runs."""
 
 from __future__ import annotations
 

@@ -153,18 +153,24 @@ class TestTrainer:
         fresh, resumed = first_tokens_per_s(0), first_tokens_per_s(1000)
         assert resumed < 20 * fresh, (fresh, resumed)
 
-    @pytest.mark.parametrize("check", [True, False])
-    def test_a_non_finite_step_stops_the_run_unless_asked_not_to(self, check):
-        """A NaN weight makes the loss NaN: with the check (the default) the step raises, naming the
+    @pytest.mark.parametrize("check,broken", [(True, "weight"), (True, "multiplier"), (False, "weight")])
+    def test_a_non_finite_step_stops_the_run_unless_asked_not_to(self, check, broken):
+        """A NaN weight makes the loss NaN; a NaN multiplier only the gates' gradient (the model's
+        norm leaves the gates out). With the check (the default) the step raises, naming the
         iteration and the value, before it counts; without it the run trains on."""
         from megatron_consa.training.loop import TrainingDivergedError
 
         trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), check_for_nan_in_loss_and_grad=check)
-        assert trainer.train_step().loss == trainer.history[0].loss  # a finite first step
+        first = trainer.train_step()
+        assert first.gate_grad_norm is not None and first.gate_grad_norm > 0 and first.grad_norm > 0
         with torch.no_grad():
-            unwrap_model(trainer.chunks[0]).decoder.final_layernorm.weight[0] = float("nan")
+            if broken == "weight":
+                unwrap_model(trainer.chunks[0]).decoder.final_layernorm.weight[0] = float("nan")
+            else:
+                trainer.controller.lambda1 = float("nan")
+        message = "loss nan, grad norm nan" if broken == "weight" else r"gate grad norm nan: training diverged"
         if check:
-            with pytest.raises(TrainingDivergedError, match=r"iteration 1: loss nan, grad norm nan"):
+            with pytest.raises(TrainingDivergedError, match=rf"iteration 1: {message}"):
                 trainer.train_step()
             assert trainer.iteration == 1 and len(trainer.history) == 1
         else:

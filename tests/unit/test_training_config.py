@@ -227,6 +227,14 @@ def test_use_checkpoint_args_takes_the_model_from_the_load_checkpoint():
     assert parse_run_config(base + ["--use-checkpoint-args"]).arch == parse_run_config(base + ["--hf-config", ckpt]).arch
     with pytest.raises(ArgumentError, match="--use-checkpoint-args and --hf-config: give one"):
         parse_run_config(base + ["--use-checkpoint-args", "--hf-config", ckpt])
+    # a Megatron-LM script's shape flags beside it: accepted when they agree, named when they do not
+    arch = parse_run_config(base + ["--use-checkpoint-args"]).arch
+    agree = ["--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size), "--num-query-groups",
+             str(arch.num_kv_heads)] + (["--qk-layernorm"] if arch.qk_norm else [])
+    assert parse_run_config(base + ["--use-checkpoint-args"] + agree).arch == arch
+    with pytest.raises(ArgumentError, match=rf"--num-layers {arch.num_layers + 1}: --load's checkpoint .* has "
+                                            rf"{arch.num_layers}; drop the flag"):
+        parse_run_config(base + ["--use-checkpoint-args", "--num-layers", str(arch.num_layers + 1)])
     with pytest.raises(ArgumentError, match="give --load"):
         parse_run_config(base[:-3] + ["--use-checkpoint-args"])
 
@@ -238,6 +246,8 @@ def test_use_checkpoint_args_takes_the_model_from_the_load_checkpoint():
     (["--train-samples", "80"], "--train-samples needs --global-batch-size"),
     (["--train-samples", "4", "--global-batch-size", "8"], "--train-samples 4: must be at least one iteration's --global-batch-size 8"),
     (["--train-samples", "80", "--global-batch-size", "8", "--lr-decay-iters", "5"], "--lr-decay-iters with --train-samples"),
+    (["--train-samples", "80", "--global-batch-size", "8", "--lr-warmup-samples", "8", "--lr-warmup-fraction", "0.1"],
+     "--lr-warmup-samples and --lr-warmup-fraction: give one"),
 ])
 def test_a_schedule_in_samples_is_refused_where_it_cannot_mean_one_thing(flags, message):
     from megatron_consa.training.arguments import ArgumentError, parse_run_config
