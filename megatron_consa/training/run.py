@@ -376,7 +376,7 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
             config.save_pretrained(str(directory))
         # the data the run read: evaluation draws its validation split from the same blend by default
         data = {"data_path": list(run.data.data_path), "split": None if run.data.per_split else run.data.split,
-                "seed": run.data.seed, "mock": run.data.mock}
+                "seed": run.data.seed, "mock": run.data.mock, "eod_mask_loss": run.data.eod_mask_loss}
         if run.data.per_split:
             data.update({flag[2:].replace("-", "_"): list(paths) for flag, paths in run.data.split_paths()})
         return {"tokenizer": type(tokenizer).__name__, "data": data}
