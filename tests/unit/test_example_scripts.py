@@ -1,4 +1,5 @@
-"""The GPU example scripts (examples/*.sh, *.sbatch) call our entry points with flags they accept.
+"""The GPU example scripts (examples/*.sh, *.sbatch) and the small-model study
+(examples/study_small.py) call our entry points with flags they accept.
 
 CI has no GPU or Slurm, so the scripts run with `python`, `torchrun`, `srun` and
 `scontrol` replaced by stubs that record their arguments; each recorded call of
@@ -113,3 +114,42 @@ def test_slurm_example_calls_parse(tmp_path, monkeypatch):
     assert learn.exit_signal_handler and learn.bf16 and learn.load == f"{out}/imported" and learn.finetune
     sbatch = (ROOT / "examples" / "slurm_multinode.sbatch").read_text()
     assert "#SBATCH --signal=TERM@" in sbatch  # the warning --exit-signal-handler acts on
+
+
+def test_study_small_calls_parse(tmp_path, monkeypatch):
+    """examples/study_small.py (about 45 launches, half an hour on 2 cores: not run here) with its
+    launcher recording instead of running: every entry-point call parses into our configs, every
+    tool call is accepted by the tool's parser, and the report of an empty study is written."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import cpu_workflow
+
+    from megatron_consa.training.arguments import parse_run_config
+
+    calls: list[list[str]] = []
+
+    def record(self, title, cmd, keep_last=20):
+        calls.append(cmd)
+        if "tools/finalize_allocation.py" in cmd:  # what the later steps look for
+            save = Path(cmd[cmd.index("--save") + 1])
+            save.mkdir(parents=True)
+            (save / "allocation.json").write_text("{}")
+        return 0.0
+
+    monkeypatch.setattr(cpu_workflow.Workflow, "run", record)
+    spec = importlib.util.spec_from_file_location("_example_study_small", ROOT / "examples" / "study_small.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.main(["--out", str(tmp_path / "study"), "--seeds", "1"]) == 0
+    trains, tools = [], []
+    for cmd in calls:
+        if "megatron_consa.train" in cmd:
+            trains.append(parse_run_config(cmd[cmd.index("megatron_consa.train") + 1:]))
+        else:
+            assert cmd[1].startswith("tools/"), cmd
+            tools.append(cmd[1])
+            _parse_with(_tool_main(cmd[1]), cmd[2:], monkeypatch)
+    variants = study.variants(tmp_path, tmp_path)
+    assert len(trains) == 1 + len(variants)  # the learn phase, then every variant's continued training
+    assert [t.phase for t in trains] == ["learn"] + ["fixed"] * len(variants)
+    assert tools.count("tools/evaluate.py") == 2 * len(variants) and "tools/analyze_allocation.py" in tools
+    assert (tmp_path / "study" / "study_small.md").is_file()
