@@ -569,7 +569,8 @@ def _schedule_in_iterations(a: argparse.Namespace) -> None:
     converted = [f"--train-samples {given['train_samples']}: {a.train_iters} iterations"]
     for name, target in (("lr_decay_samples", "lr_decay_iters"), ("lr_warmup_samples", "lr_warmup_iters")):
         if name in given:
-            iters = max(1 if name == "lr_decay_samples" else 0, round(given[name] / gbs))
+            nearest = (2 * given[name] + gbs) // (2 * gbs)  # half up, in integers
+            iters = max(1 if name == "lr_decay_samples" else 0, nearest)
             setattr(a, target, iters)
             exact = "" if iters * gbs == given[name] else f" (ends within an iteration of sample {given[name]})"
             converted.append(f"--{name.replace('_', '-')} {given[name]}: {iters}{exact}")

@@ -184,6 +184,8 @@ def test_a_schedule_in_samples_runs_in_iterations_of_the_global_batch(caplog):
     assert "--lr-warmup-samples 30: 4 (ends within an iteration of sample 30)" in caplog.text
     t = parse_run_config(base + ["--train-samples", "800", "--lr-warmup-fraction", "0.05"]).training
     assert (t.train_iters, t.lr_decay_iters, t.lr_warmup_iters) == (100, None, 5)
+    t = parse_run_config(base + ["--train-samples", "800", "--lr-warmup-samples", "20"]).training
+    assert t.lr_warmup_iters == 3  # 2.5 iterations: half up
 
 
 def test_blends_from_files_as_megatron_lm_reads_them(tmp_path):
