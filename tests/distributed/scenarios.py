@@ -186,6 +186,7 @@ def layouts(
         "mid_ckpt": str(mid_ckpt),
         "guard_error": _perturbed_replica_error(),
         "deferred_gather": _deferred_gather_probe(),
+        "diverged": _diverged_probe(),
     }
 
 
@@ -350,6 +351,24 @@ def _deferred_gather_probe() -> tuple[bool, bool]:
         except AllocationMismatchError:
             verdicts.append(True)
     return verdicts[0], not verdicts[1]
+
+
+def _diverged_probe() -> str | None:
+    """TP2xPP2: a NaN weight on global rank 0 alone (first stage, one TP half). Every rank must
+    stop at the same step (no rank left waiting in a collective); returns this rank's error."""
+    from megatron_consa.model import unwrap_model
+    from megatron_consa.training.loop import TrainingDivergedError
+
+    trainer = make_trainer(LAYOUTS["tp2pp2"], log_interval=0)
+    trainer.train_step()
+    if torch.distributed.get_rank() == 0:
+        with torch.no_grad():
+            next(unwrap_model(trainer.chunks[0]).decoder.layers[0].parameters()).view(-1)[0] = float("nan")
+    try:
+        trainer.train_step()
+    except TrainingDivergedError as err:
+        return str(err)
+    return None
 
 
 def _perturbed_replica_error() -> str | None:

@@ -132,6 +132,13 @@ def test_overlapped_parameter_gather_is_deferred_and_finished(launched):
         assert apart_after_step and equal_after_finish, (r["rank"], r["deferred_gather"])
 
 
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(launched):
+    """The divergence check needs no collective of its own: the loss, the grad norms and s_hat
+    are the same on every rank, so all raise together (none is left waiting)."""
+    errors = {r["rank"]: r["diverged"] for r in launched}
+    assert all(e is not None and e.startswith("iteration 1: loss nan") for e in errors.values()), errors
+
+
 def test_consistency_guard_names_the_rank_that_differs(launched):
     # TP2 x DP2 on 4 ranks: rank 3 shares gates with rank 2 (TP) and with rank 1 (DP).
     errors = {r["rank"]: r["guard_error"] for r in launched}
