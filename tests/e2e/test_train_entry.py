@@ -95,8 +95,9 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     # --no-save-optim: weights only, marked not resumable, described by its own config.json
     meta = json.loads((saved / "consa_run.json").read_text())
     assert meta["resumable"] is False and not list(saved.glob("rng_rank*"))
+    # what evaluation's --data-path defaults its --split and seed to
     assert meta["data"] == {"data_path": [str(tmp_path / "hf_text_document")], "split": "90,10,0", "seed": 1234,
-                            "mock": False}  # what evaluation's --data-path defaults its --split and seed to
+                            "mock": False, "eod_mask_loss": False}
     assert b"optimizer" not in (saved / ".metadata").read_bytes()  # dist_checkpointing's index of the shards
     config = json.loads((saved / "config.json").read_text())
     assert config["num_hidden_layers"] == 4
