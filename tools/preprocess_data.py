@@ -7,8 +7,10 @@ r"""JSONL -> megatron-core indexed dataset (.bin/.idx) for `--data-path`.
         --train-sentencepiece 4096            # trains data/corpus.model on the input first
 
 One JSON object per line; the text is in --json-keys (default `text`). Each
-document is followed by the tokenizer's end-of-document token (its EOS; a
-tokenizer without one is refused). Writes <output-prefix>_<key>_document.bin/.idx
+document is tokenized as Megatron-LM's preprocessing does (a Hugging Face
+tokenizer with its special tokens: a Llama or Mistral BOS first) and followed by
+the tokenizer's end-of-document token (its EOS; a tokenizer without one is
+refused). Documents without text are skipped. Writes <output-prefix>_<key>_document.bin/.idx
 (Megatron-LM's naming: `_text_document` for the default key) atomically.
 --tokenizer-model alone is a Hugging Face tokenizer when it is a directory, a
 sentencepiece model when it is a file (as in training).

@@ -2,7 +2,9 @@
 
 `write_indexed_dataset` encodes documents (one JSON object per line, text in
 `json_key`) with worker processes and writes them with megatron-core's
-`IndexedDatasetBuilder`, each document followed by the tokenizer's EOD token.
+`IndexedDatasetBuilder`, each document as Megatron-LM's preprocessing tokenizes
+it (a Hugging Face tokenizer's special tokens included: a Llama or Mistral BOS
+first) and followed by the tokenizer's EOD token (`document_ids`).
 It writes `<prefix>.tmp.bin/.idx` first, syncs them, and at the end removes an
 old `.idx` before renaming the new `.bin` and then the new `.idx` into place: a
 run killed at any point leaves the old dataset, the new one, or a prefix without
@@ -56,8 +58,22 @@ def _init_worker(factory: Callable[[], object]) -> None:
     _WORKER_TOKENIZER = factory()
 
 
+def document_ids(tokenizer, text: str) -> list[int]:
+    """`text` as a dataset document, its EOD included: the tokenizer's `encode_document`
+    (`encode` for one without it) and the EOD, unless the tokenizer's own special tokens
+    already ended the document with it."""
+    ids = list(getattr(tokenizer, "encode_document", tokenizer.encode)(text))
+    eod = int(tokenizer.eod)
+    return ids if ids and ids[-1] == eod else ids + [eod]
+
+
+def _encode_with(tokenizer, text: str) -> list[int]:
+    """A document's ids, or none for a document without text (skipped)."""
+    return document_ids(tokenizer, text) if text.strip() else []
+
+
 def _encode(text: str) -> list[int]:
-    return _WORKER_TOKENIZER.encode(text)
+    return _encode_with(_WORKER_TOKENIZER, text)
 
 
 def write_indexed_dataset(
@@ -76,7 +92,7 @@ def write_indexed_dataset(
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     tokenizer = tokenizer_factory()
-    eod = int(tokenizer.eod)
+    int(tokenizer.eod)  # a tokenizer without an EOS to end documents fails here, before the workers start
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     prefix = str(output_prefix)
     tmp_prefix = prefix + ".tmp"
@@ -89,11 +105,10 @@ def write_indexed_dataset(
             encoded = pool.imap(_encode, texts, chunksize=16)
         else:
             pool = None
-            encoded = (tokenizer.encode(t) for t in texts)
+            encoded = (_encode_with(tokenizer, t) for t in texts)
         for ids in encoded:
             if not ids:
                 continue
-            ids = list(ids) + [eod]
             builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
             docs += 1
             tokens += len(ids)

@@ -8,7 +8,10 @@ Megatron-LM's names for `--tokenizer-type`:
   loaded with `transformers.AutoTokenizer` (never from a hub);
 * `NullTokenizer`: no text at all, for `--mock-data`: ids 0..vocab_size-1, EOD = vocab_size - 1.
 
-Each exposes `vocab_size`, `eod` and `encode(text) -> list[int]`, the attributes
+Each exposes `vocab_size`, `eod`, `encode(text) -> list[int]` (the text alone),
+`encode_document(text)` (a dataset document as Megatron-LM's preprocessing tokenizes it:
+a Hugging Face tokenizer's special tokens included, e.g. a Llama or Mistral BOS first;
+the EOD is appended after it), the attributes
 megatron-core's GPTDataset reads (`tokenizer.eod`, `tokenizer.vocab_size`), and
 `eos`: the end-of-sequence id where the tokenizer has one (else None), where
 generation stops, and `bos` likewise (what a checkpoint's config.json records). `eod` is the EOS (the null tokenizer's is its last id); a text
@@ -47,6 +50,10 @@ class _Tokenizer:
                 "(tools/preprocess_data.py --train-sentencepiece trains one with EOS id 1)"
             )
         return self.eos
+
+    def encode_document(self, text: str) -> list[int]:
+        """A dataset document (see the module docstring): the text alone, here."""
+        return self.encode(text)
 
 
 class SentencePieceTokenizer(_Tokenizer):
@@ -100,8 +107,14 @@ class HuggingFaceTokenizer(_Tokenizer):
 
     def encode_prompt(self, text: str) -> list[int]:
         """A generation prompt as transformers encodes one: with the tokenizer's special tokens
-        (a Llama or Mistral BOS), unlike the documents of a dataset."""
+        (a Llama or Mistral BOS)."""
         return list(self._tok.encode(text, add_special_tokens=True))
+
+    def encode_document(self, text: str) -> list[int]:
+        """A dataset document as Megatron-LM's HuggingFaceTokenizer tokenizes it for
+        preprocessing: with the tokenizer's special tokens (so a Llama or Mistral model keeps
+        seeing the BOS its pretraining put at every document's start)."""
+        return self.encode_prompt(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))

@@ -3,8 +3,8 @@
 Every source gives one int64 tensor ``[N, seq_length + 1]``: a row's first
 ``seq_length`` tokens are the model input, its last ``seq_length`` the labels.
 
-* `pack_documents`: documents are tokenized, each followed by the tokenizer's
-  EOD, concatenated, and cut at a stride of ``seq_length`` (row ``i`` is
+* `pack_documents`: documents are tokenized as the preprocessing tokenizes them
+  (`data.indexed.document_ids`: a Llama or Mistral BOS first, the EOD last), concatenated, and cut at a stride of ``seq_length`` (row ``i`` is
   tokens ``i*s .. i*s + s``), so every token after the first is a label exactly
   once, as in megatron-core's GPTDataset. The incomplete tail is dropped.
 * `indexed_split_sequences`: the samples megatron-core's GPTDataset draws from
@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from megatron_consa.data.indexed import DataError, iter_jsonl_texts
+from megatron_consa.data.indexed import DataError, document_ids, iter_jsonl_texts
 
 SPLITS = ("train", "valid", "test")
 
@@ -98,8 +98,7 @@ def pack_documents(documents: Iterable[str], tokenizer, *, seq_length: int, max_
     need = seq_length * max_sequences + 1
     stream: list[int] = []
     for doc in documents:
-        stream.extend(tokenizer.encode(doc))
-        stream.append(int(tokenizer.eod))
+        stream.extend(document_ids(tokenizer, doc))
         if len(stream) >= need:
             break
     rows = min(max_sequences, (len(stream) - 1) // seq_length)

@@ -252,6 +252,37 @@ def test_an_unwritable_index_cache_is_refused_before_any_work(tmp_path):
         check_data_paths(DataConfig(data_path=[prefix], cache_path=str(tmp_path / "a_file" / "cache")))
 
 
+@pytest.mark.parametrize("special", ["bos", "bos+eos"])
+def test_documents_keep_a_hugging_face_tokenizers_special_tokens_as_megatron_lm_writes_them(tmp_path, special):
+    """A tokenizer that adds a BOS (Llama, Mistral): each document is what Megatron-LM's
+    HuggingFaceTokenizer.tokenize gives (`tokenizer(text).input_ids`) followed by the EOD, in
+    the .bin and in evaluation's packing; one that also adds the EOS gets no second one."""
+    import sys
+    from pathlib import Path
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    from megatron_consa.data.tokenizer import HuggingFaceTokenizer
+    from megatron_consa.evaluation.sequences import pack_documents
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tokenizer_fixtures import hf_tokenizer_dir
+
+    docs = ["def f(x):\n    return x + 1\n", "import os\nprint(os.getcwd())\n", "x = [1, 2, 3]\n"] * 4
+    tok_dir = hf_tokenizer_dir(docs, tmp_path / "tok", special=special)
+    reference = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    bos, eos = reference.bos_token_id, reference.eos_token_id
+    expected = [reference(d).input_ids + ([] if special == "bos+eos" else [eos]) for d in docs]
+    assert all(e[0] == bos and e[-1] == eos and e.count(eos) == 1 for e in expected)
+    write_indexed_dataset(docs, tmp_path / "d", tokenizer_factory=lambda: HuggingFaceTokenizer(tok_dir))
+    written = IndexedDataset(str(tmp_path / "d"))
+    assert [written[i].tolist() for i in range(len(docs))] == expected
+    packed = pack_documents(docs, HuggingFaceTokenizer(tok_dir), seq_length=8, max_sequences=4)
+    stream = sum(expected, [])
+    assert packed[:, :-1].reshape(-1).tolist() == stream[:32]
+
+
 def test_preprocess_takes_a_tokenizer_directory_as_hugging_face_and_names_the_output_by_key(tmp_path, capsys):
     """--tokenizer-model DIR alone is a Hugging Face tokenizer (as in training); the output is
     <prefix>_<key>_document (Megatron-LM's naming); --train-sentencepiece with a model is refused."""
