@@ -28,12 +28,15 @@ from megatron_consa.cli import UserInputError, run_tool, setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_consa.data.tokenizer import TEXT_TOKENIZER_TYPES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL file(s)")
     p.add_argument("--output-prefix", required=True, help="output prefix; writes <prefix>_<json key>_document.bin/.idx (_text_document by default)")
     p.add_argument("--json-keys", default="text", help="the JSON field holding the text")
-    p.add_argument("--tokenizer-type", choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"],
-                   help="default: HuggingFaceTokenizer for a --tokenizer-model directory, else SentencePieceTokenizer")
+    p.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES,
+                   help="default: HuggingFaceTokenizer for a --tokenizer-model directory, else SentencePieceTokenizer "
+                        "(= Megatron-LM's GPTSentencePieceTokenizer; Llama2Tokenizer: a BOS before each document)")
     p.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     p.add_argument("--train-sentencepiece", type=int, metavar="VOCAB",
                    help="train a sentencepiece model of this vocabulary on the input (written to <prefix>.model)")
