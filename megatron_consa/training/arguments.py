@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --manual-gc: collect every this many iterations (0: at the start and around evaluations)")
     g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
                    help="with --manual-gc: no collection around evaluations")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="log the L2 norm of all parameters (each counted once) at every log line")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true", help="log the number of zero gradient entries")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
                    action="store_false",
                    help="train on when an applied step's loss, gradient norm or s_hat is not finite (by default the "
@@ -654,6 +657,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         adam_eps=a.adam_eps,
         clip_grad=a.clip_grad,
         check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad,
+        log_params_norm=a.log_params_norm,
+        log_num_zeros_in_grad=a.log_num_zeros_in_grad,
         manual_gc=a.manual_gc,
         manual_gc_interval=a.manual_gc_interval,
         manual_gc_eval=a.manual_gc_eval,

@@ -165,6 +165,11 @@ class TrainingConfig:
     evaluations)."""
     manual_gc_eval: bool = True
     """With `manual_gc`: collect before and after each evaluation."""
+    log_params_norm: bool = False
+    """Log the L2 norm of all parameters (weights and gates, each counted once) at every log
+    line (Megatron-LM's `--log-params-norm`; a collective over the model-parallel ranks)."""
+    log_num_zeros_in_grad: bool = False
+    """Log the number of zero gradient entries (megatron-core's count, `--log-num-zeros-in-grad`)."""
     check_for_nan_in_loss_and_grad: bool = True
     """Stop the run (`TrainingDivergedError`, on every rank) at the first applied step
     whose loss, gradient norm (the model's, or the gates' when they are clipped: `clip_grad`

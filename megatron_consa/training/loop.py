@@ -45,7 +45,8 @@ from megatron.core.optimizer_param_scheduler import (
     OptimizerParamScheduler, ParamGroupOverride, get_canonical_lr_for_logging,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import Float16Module, param_is_not_shared
 
 from megatron_consa.allocation import Allocation
 from megatron_consa.backends.select import transformer_engine_available
@@ -202,6 +203,7 @@ def build_optimizer(
         params_dtype=torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
+        log_num_zeros_in_grad=training.log_num_zeros_in_grad,
         loss_scale=training.loss_scale,
         initial_loss_scale=training.initial_loss_scale,
         min_loss_scale=training.min_loss_scale,
@@ -274,6 +276,10 @@ class StepRecord:
     gate_grad_norm: Optional[float] = None
     """Global gradient norm of the gates, the one their own clip uses (None where nothing
     clips them: `clip_grad` 0, no gates, a skipped step)."""
+    params_norm: Optional[float] = None
+    """L2 norm of all parameters after the step (at log iterations, with `log_params_norm`)."""
+    num_zeros_in_grad: Optional[int] = None
+    """Zero gradient entries of the step (with `log_num_zeros_in_grad`)."""
     dual_step: bool = False
     """Whether the multipliers moved this iteration (not on skipped steps, not during the warm-up)."""
     fa_per_layer: Optional[list[int]] = None
@@ -401,7 +407,7 @@ class ConsaTrainer:
                 g.layer_index: _grad_of(g.log_alpha).float().cpu() / scale for g in self.gates
             }
         target = self.controller.target() if self.consa.learning else s_hat
-        update_ok, grad_norm, _ = self.optimizer.step()
+        update_ok, grad_norm, num_zeros = self.optimizer.step()
         self._param_gather_pending = self.parallel.overlap_param_gather
         if self.gates:
             clamp_log_alpha_(self.gates, self.consa)
@@ -418,9 +424,9 @@ class ConsaTrainer:
         loss = last_stage_scalar_to_all(local_loss)
         lr, gate_lr = self._learning_rates()
         interval = self.training.log_interval
-        fa_per_layer = None
-        if self.consa.learning and interval and (k % interval == 0 or k == self.training.train_iters - 1):
-            fa_per_layer = self.fa_per_layer()  # a collective: every rank takes this branch
+        log_now = bool(interval) and (k % interval == 0 or k == self.training.train_iters - 1)
+        fa_per_layer = self.fa_per_layer() if self.consa.learning and log_now else None  # collectives: every
+        params_norm = self.params_norm() if self.training.log_params_norm and log_now else None  # rank takes them
         record = StepRecord(
             iteration=k,
             loss=loss,
@@ -434,6 +440,8 @@ class ConsaTrainer:
             skipped=not update_ok,
             loss_scale=float(self.optimizer.get_loss_scale()) if self.training.fp16 else None,
             gate_grad_norm=self._gate_grad_norm(),
+            params_norm=params_norm,
+            num_zeros_in_grad=None if num_zeros is None or not self.training.log_num_zeros_in_grad else int(num_zeros),
             dual_step=dual["dual_step"],
             fa_per_layer=fa_per_layer,
         )
@@ -448,6 +456,18 @@ class ConsaTrainer:
                 self.finish_param_gather()
             check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
         return record
+
+    def params_norm(self) -> float:
+        """L2 norm of every parameter, weights and gates, each counted once: not the tied output
+        layer's copy of the embedding, not a TP duplicate (a collective over all ranks)."""
+        self.finish_param_gather()
+        squares = torch.zeros(1, dtype=torch.float64, device=device())
+        for chunk in self.chunks:
+            for p in chunk.parameters():
+                if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                    squares += torch.linalg.vector_norm(p.detach(), dtype=torch.float32).double().to(squares.device) ** 2
+        torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+        return float(squares.sqrt())
 
     def _gate_grad_norm(self) -> Optional[float]:
         """The gates' gradient norm megatron-core computed for their clip in this step (the same
@@ -531,7 +551,7 @@ class ConsaTrainer:
     def _log(self, r: StepRecord) -> None:
         if self._writer is not None:
             for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm", "gate_grad_norm",
-                        "loss_scale"):
+                        "loss_scale", "params_norm", "num_zeros_in_grad"):
                 if getattr(r, key) is not None:
                     self._writer.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
             if r.fa_per_layer is not None:
@@ -552,6 +572,10 @@ class ConsaTrainer:
             gate = "" if r.gate_lr is None else f" | gate lr {r.gate_lr:.3g}"
             norm = "" if r.grad_norm is None else f" | grad norm {r.grad_norm:.3f}"
             scale = "" if r.loss_scale is None else f" | loss scale {r.loss_scale:g}"
+            if r.params_norm is not None:
+                norm += f" | params norm {r.params_norm:.3f}"
+            if r.num_zeros_in_grad is not None:
+                norm += f" | zeros in grad {r.num_zeros_in_grad}"
             fa = "" if r.fa_per_layer is None else " | FA/layer " + ",".join(map(str, r.fa_per_layer))
             logger.info(
                 "iter %6d/%d | loss %.4f | lr %.3g%s%s%s | %.0f tok/s | elapsed %s | ETA %s | s_hat %.4f | "

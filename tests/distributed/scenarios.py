@@ -59,6 +59,7 @@ def training_config(**kw) -> TrainingConfig:
         weight_decay=0.01,
         clip_grad=1.0,
         allocation_check_interval=1,  # bit-for-bit replica check after every iteration
+        log_params_norm=True,  # at the log iterations (the first, the last): each parameter once at any layout
     )
     base.update(kw)
     return TrainingConfig(**base)
@@ -133,6 +134,7 @@ def _step_record(trainer: ConsaTrainer, record) -> dict:
         "lambda2": record.lambda2,
         "log_alpha": trainer.gather_log_alpha(),
         "gate_grad": trainer.gather_gate_grads(),
+        "params_norm": record.params_norm,
     }
 
 

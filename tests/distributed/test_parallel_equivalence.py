@@ -56,6 +56,9 @@ def _assert_same_trajectory(run: list[dict], ref: list[dict], what: str) -> None
     for k, (r, e) in enumerate(zip(run, ref)):
         for key in ("loss", "s_hat", "lambda1", "lambda2"):
             assert _close(r[key], e[key]), f"{what} iteration {k}: {key} {r[key]!r} != {e[key]!r}"
+        assert (r["params_norm"] is None) == (e["params_norm"] is None), f"{what} iteration {k}: params norm logged"
+        if e["params_norm"] is not None:  # the tied output layer and TP duplicates counted once
+            assert _close(r["params_norm"], e["params_norm"]), f"{what} iteration {k}: params norm"
         diff = (r["log_alpha"] - e["log_alpha"]).abs().max().item()
         assert torch.allclose(r["log_alpha"], e["log_alpha"], rtol=1e-5, atol=1e-6), f"{what} iteration {k}: log_alpha differs by {diff:.3g}"
 

@@ -177,6 +177,22 @@ class TestTrainer:
             record = trainer.train_step()
             assert record.loss != record.loss and trainer.iteration == 2
 
+    def test_params_norm_and_zeros_in_grad_are_the_models_own(self, caplog):
+        """--log-params-norm: the L2 norm of every parameter (gates included, the tied output layer
+        once); --log-num-zeros-in-grad: the zero entries of the step's gradients; both logged."""
+        trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), log_interval=1, log_params_norm=True,
+                           log_num_zeros_in_grad=True)
+        with caplog.at_level("INFO", logger="megatron_consa.training.loop"):
+            record = trainer.train_step()
+        model = unwrap_model(trainer.chunks[0])
+        expected = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
+        assert record.params_norm == pytest.approx(float(expected), rel=1e-6)
+        zeros = sum(int((p.grad == 0).sum()) for p in model.parameters() if p.grad is not None)
+        assert record.num_zeros_in_grad == zeros and zeros > 0, zeros  # (embedding rows of tokens not in the batch)
+        assert f"params norm {record.params_norm:.3f}" in caplog.text and f"zeros in grad {zeros}" in caplog.text
+        off = _trainer(ConsaConfig(window=4, target_warmup_iters=0), log_interval=1).train_step()
+        assert off.params_norm is None and off.num_zeros_in_grad is None
+
     def test_bad_layout_fails_before_building(self):
         with pytest.raises(ConsaConfigError, match="global_batch_size"):
             _trainer(ConsaConfig(window=4), global_batch_size=3)
