@@ -28,7 +28,7 @@ from megatron_consa.cli import UserInputError, run_tool, setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_consa.data.tokenizer import TEXT_TOKENIZER_TYPES
+    from megatron_consa.data.tokenizer import SENTENCEPIECE_TYPES, TEXT_TOKENIZER_TYPES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL file(s)")
@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json-keys", default="text", help="the JSON field holding the text")
     p.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES,
                    help="default: HuggingFaceTokenizer for a --tokenizer-model directory, else SentencePieceTokenizer "
-                        "(= Megatron-LM's GPTSentencePieceTokenizer; Llama2Tokenizer: a BOS before each document)")
+                        "(= Megatron-LM's GPTSentencePieceTokenizer)")
     p.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     p.add_argument("--train-sentencepiece", type=int, metavar="VOCAB",
                    help="train a sentencepiece model of this vocabulary on the input (written to <prefix>.model)")
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserInputError(f"--workers {args.workers}: must be >= 1")
     model = args.tokenizer_model
     if args.train_sentencepiece:
-        if args.tokenizer_type not in (None, "SentencePieceTokenizer"):
+        if args.tokenizer_type not in (None, *SENTENCEPIECE_TYPES):
             raise UserInputError("--train-sentencepiece makes a SentencePieceTokenizer; drop --tokenizer-type")
         if model:
             raise UserInputError("--train-sentencepiece trains the tokenizer: drop --tokenizer-model, or drop "

@@ -9,9 +9,7 @@ Megatron-LM's names for `--tokenizer-type`:
 * `NullTokenizer`: no text at all, for `--mock-data`: ids 0..vocab_size-1, EOD = vocab_size - 1;
 * `GPTSentencePieceTokenizer`: Megatron-LM's name for what `SentencePieceTokenizer` is here (a
   sentencepiece model, EOD = its EOS, no extra special tokens: Megatron-LM's own
-  `SentencePieceTokenizer` appends <EOD> and others after the model's vocabulary);
-* `Llama2Tokenizer`: a sentencepiece model whose documents start with its BOS (Megatron-LM's
-  Llama-2 tokenizer).
+  `SentencePieceTokenizer` appends <EOD> and others after the model's vocabulary).
 
 Each exposes `vocab_size`, `eod`, `encode(text) -> list[int]` (the text alone),
 `encode_document(text)` (a dataset document as Megatron-LM's preprocessing tokenizes it:
@@ -32,9 +30,9 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer", "GPTSentencePieceTokenizer",
-                   "Llama2Tokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer", "GPTSentencePieceTokenizer")
 TEXT_TOKENIZER_TYPES = tuple(t for t in TOKENIZER_TYPES if t != "NullTokenizer")
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer")
 
 
 class TokenizerError(ValueError):
@@ -89,14 +87,6 @@ class SentencePieceTokenizer(_Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode(list(ids))
-
-
-class Llama2Tokenizer(SentencePieceTokenizer):
-    """A sentencepiece model whose dataset documents start with its BOS, as Megatron-LM's
-    Llama2Tokenizer tokenizes them."""
-
-    def encode_document(self, text: str) -> list[int]:
-        return self.encode_prompt(text)
 
     def save_to(self, directory: Path) -> None:
         shutil.copy2(self.model_file, Path(directory) / "tokenizer.model")
@@ -169,10 +159,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, 
         return NullTokenizer(vocab_size)
     if not tokenizer_model:
         raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model (a file or directory)")
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+    if tokenizer_type in SENTENCEPIECE_TYPES:
         return SentencePieceTokenizer(tokenizer_model)
-    if tokenizer_type == "Llama2Tokenizer":
-        return Llama2Tokenizer(tokenizer_model)
     return HuggingFaceTokenizer(tokenizer_model)
 
 

@@ -98,7 +98,8 @@ def pack_documents(documents: Iterable[str], tokenizer, *, seq_length: int, max_
     need = seq_length * max_sequences + 1
     stream: list[int] = []
     for doc in documents:
-        stream.extend(document_ids(tokenizer, doc))
+        if doc.strip():  # as the preprocessing, which skips documents without text
+            stream.extend(document_ids(tokenizer, doc))
         if len(stream) >= need:
             break
     rows = min(max_sequences, (len(stream) - 1) // seq_length)

@@ -290,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
                    help="read the .bin files without mmap (for file systems where mmap is slow)")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
-                   help="SentencePieceTokenizer / HuggingFaceTokenizer (with --tokenizer-model), NullTokenizer; "
-                        "default: from --tokenizer-model (a directory: Hugging Face, a file: sentencepiece)")
+                   help="SentencePieceTokenizer (= Megatron-LM's GPTSentencePieceTokenizer) / HuggingFaceTokenizer "
+                        "(with --tokenizer-model), NullTokenizer; default: from --tokenizer-model (a directory: "
+                        "Hugging Face, a file: sentencepiece)")
     g.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     g.add_argument("--vocab-size", type=int, help="vocabulary of the NullTokenizer / model when no tokenizer")
 
@@ -408,8 +409,8 @@ _SHAPE_FIELD = {  # shape flag -> what the ArchitectureConfig holds for it
 
 def _arch_from_checkpoint_args(a: argparse.Namespace) -> ArchitectureConfig:
     """Megatron-LM's --use-checkpoint-args: the model as --load's checkpoint describes it; a
-    shape flag given beside it must agree with the checkpoint (Megatron-LM would let the
-    checkpoint override it silently)."""
+    shape flag given beside it must agree with the checkpoint (Megatron-LM keeps some such
+    flags and lets the checkpoint override others, silently either way)."""
     if not a.load:
         raise ArgumentError("--use-checkpoint-args reads the model from --load's checkpoint: give --load")
     if a.hf_config:

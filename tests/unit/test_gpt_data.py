@@ -151,31 +151,36 @@ def _sentencepiece(tmp_path, **kw):
     return tmp_path / "sp.model"
 
 
-def test_megatron_lms_sentencepiece_tokenizer_names(tmp_path):
-    """GPTSentencePieceTokenizer is our SentencePieceTokenizer (EOD = EOS, no BOS); Llama2Tokenizer
-    starts each document with the BOS, as Megatron-LM's Llama-2 tokenizer; both reach training."""
-    from megatron_consa.data.tokenizer import build_tokenizer
+def test_gpt_sentencepiece_tokenizer_is_ours_and_every_text_tokenizer_saves_itself(tmp_path):
+    """Megatron-LM's GPTSentencePieceTokenizer is our SentencePieceTokenizer (EOD = EOS, no BOS
+    in documents); each text tokenizer type writes its files beside a checkpoint, whence the
+    tools rebuild it (a checkpoint save calls save_to)."""
+    from megatron_consa.data.tokenizer import TEXT_TOKENIZER_TYPES, build_tokenizer, tokenizer_from_path
     from megatron_consa.training.arguments import parse_run_config
 
     model = _sentencepiece(tmp_path, bos_id=2, eos_id=1, unk_id=0, pad_id=-1)
     text = "def f(x):\n    return x\n"
-    plain, gpt, llama = (build_tokenizer(t, str(model)) for t in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                                                  "Llama2Tokenizer"))
+    plain, gpt = (build_tokenizer(t, str(model)) for t in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"))
     ids = plain.encode(text)
-    assert plain.encode_document(text) == gpt.encode_document(text) == ids and 2 not in ids
-    assert llama.encode_document(text) == [2] + ids and llama.eod == plain.eod == 1
-    write_indexed_dataset([text], tmp_path / "llama", tokenizer_factory=lambda: build_tokenizer("Llama2Tokenizer",
-                                                                                               str(model)))
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    assert plain.encode_document(text) == gpt.encode_document(text) == ids and 2 not in ids and gpt.eod == 1
+    run = parse_run_config(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                            "--seq-length", "32", "--train-iters", "2", "--data-path", "/data/x_text_document",
+                            "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", str(model),
+                            "--consa-target-warmup-iters", "0"])
+    assert run.tokenizer.tokenizer_type == "GPTSentencePieceTokenizer"
+    import sys
+    from pathlib import Path
 
-    written = IndexedDataset(str(tmp_path / "llama"))  # alive while read: its arrays are views of an mmap
-    assert written[0].tolist() == [2] + ids + [1]
-    for name in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
-        run = parse_run_config(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-                                "--seq-length", "32", "--train-iters", "2", "--data-path", "/data/x_text_document",
-                                "--tokenizer-type", name, "--tokenizer-model", str(model),
-                                "--consa-target-warmup-iters", "0"])
-        assert run.tokenizer.tokenizer_type == name
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tokenizer_fixtures import hf_tokenizer_dir
+
+    sources = {"HuggingFaceTokenizer": str(hf_tokenizer_dir([text] * 8, tmp_path / "hf"))}
+    for name in TEXT_TOKENIZER_TYPES:
+        tokenizer = build_tokenizer(name, sources.get(name, str(model)))
+        saved = tmp_path / f"saved_{name}"
+        saved.mkdir()
+        tokenizer.save_to(saved)
+        assert tokenizer_from_path(saved).encode(text) == tokenizer.encode(text), name
 
 
 def test_a_tokenizer_without_eos_has_no_end_of_document(tmp_path):
