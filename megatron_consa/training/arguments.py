@@ -419,7 +419,10 @@ def _arch_from_checkpoint_args(a: argparse.Namespace) -> ArchitectureConfig:
     for name in given:
         setattr(a, name, False if isinstance(given[name], bool) else None)
     a.hf_config = a.load
-    arch = _arch_from_args(a)
+    try:
+        arch = _arch_from_args(a)
+    except ArgumentError as err:  # (its messages name --hf-config, which is --load here)
+        raise ArgumentError(str(err).replace("--hf-config", "--use-checkpoint-args: --load")) from None
     for name, value in given.items():
         saved = _SHAPE_FIELD[name](arch)
         if value != saved:

@@ -200,10 +200,11 @@ def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precisio
     assert "| grad norm " in whole_log
     assert ("| loss scale 65536 |" in whole_log) == (precision == "--fp16")
     stopped = tmp_path / "stopped"
-    log = _ok(_train(run + ["--save", str(stopped), "--exit-interval", "3"]))
+    gc = ["--manual-gc", "--manual-gc-interval", "2"]  # (collections at other moments: the same run)
+    log = _ok(_train(run + gc + ["--save", str(stopped), "--exit-interval", "3"]))
     assert f"stopping after iteration 3 of 8 (--exit-interval 3): saved to {stopped}" in log
     assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    _ok(_train(run + ["--save", str(stopped), "--load", str(stopped)]))
+    _ok(_train(run + gc + ["--save", str(stopped), "--load", str(stopped)]))
     whole, resumed = _final_state(tmp_path / "whole"), _final_state(stopped)
     assert len(resumed["records"]) == 8 and not any(r["skipped"] for r in whole["records"])
     assert resumed["records"] == whole["records"]

@@ -232,13 +232,18 @@ def test_use_checkpoint_args_takes_the_model_from_the_load_checkpoint():
     # a Megatron-LM script's shape flags beside it: accepted when they agree, named when they do not
     arch = parse_run_config(base + ["--use-checkpoint-args"]).arch
     agree = ["--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size), "--num-query-groups",
-             str(arch.num_kv_heads)] + (["--qk-layernorm"] if arch.qk_norm else [])
+             str(arch.num_kv_heads), "--ffn-hidden-size", str(arch.intermediate_size), "--kv-channels",
+             str(arch.head_dim or arch.hidden_size // arch.num_attention_heads), "--rotary-base",
+             f"{arch.rope_theta:g}", "--norm-epsilon", f"{arch.rms_norm_eps:g}", "--max-position-embeddings",
+             str(arch.max_position_embeddings)] + (["--qk-layernorm"] if arch.qk_norm else [])
     assert parse_run_config(base + ["--use-checkpoint-args"] + agree).arch == arch
     with pytest.raises(ArgumentError, match=rf"--num-layers {arch.num_layers + 1}: --load's checkpoint .* has "
                                             rf"{arch.num_layers}; drop the flag"):
         parse_run_config(base + ["--use-checkpoint-args", "--num-layers", str(arch.num_layers + 1)])
     with pytest.raises(ArgumentError, match="give --load"):
         parse_run_config(base[:-3] + ["--use-checkpoint-args"])
+    with pytest.raises(ArgumentError, match="--use-checkpoint-args: --load /nowhere: no config.json there"):
+        parse_run_config(base[:-3] + ["--load", "/nowhere", "--finetune", "--use-checkpoint-args"])
 
 
 @pytest.mark.parametrize("flags,message", [
