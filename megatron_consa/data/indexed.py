@@ -67,6 +67,17 @@ def document_ids(tokenizer, text: str) -> list[int]:
     return ids if ids and ids[-1] == eod else ids + [eod]
 
 
+def document_prefix(tokenizer) -> list[int]:
+    """The ids `document_ids` puts before a document's text (a Llama or Mistral BOS), or none:
+    what a prompt assembled from `encode` pieces starts with to look like the training data."""
+    text = list(tokenizer.encode("a"))
+    full = list(getattr(tokenizer, "encode_document", tokenizer.encode)("a"))
+    for k in range(len(full) - len(text) + 1):
+        if full[k:k + len(text)] == text:
+            return full[:k]
+    return []
+
+
 def _encode_with(tokenizer, text: str) -> list[int]:
     """A document's ids, or none for a document without text (skipped)."""
     return document_ids(tokenizer, text) if text.strip() else []

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_consa.data.indexed import document_prefix
+
 
 @dataclasses.dataclass
 class RecallResult:
@@ -26,11 +28,12 @@ class RecallResult:
 def recall_accuracy(logits_fn, tokenizer, documents: Sequence[str], *, window: int, seq_length: int) -> RecallResult:
     """`logits_fn(tokens [1, s]) -> logits [1, s, V]`; scores positions copied from > window tokens back."""
     correct = scored = 0
+    lead = document_prefix(tokenizer)  # as the training documents start (a Llama or Mistral BOS)
     for doc in documents:
-        ids = tokenizer.encode(doc)[: seq_length + 1]
+        ids = (lead + tokenizer.encode(doc))[: seq_length + 1]
         first = doc.split(" | ")[0]  # "recall: <key>"
         period = len(tokenizer.encode(first + " | ")) - len(tokenizer.encode("recall: ")) + 0
-        start = len(tokenizer.encode(first + " | ")) + 1  # inside the second copy, after its first token
+        start = len(lead) + len(tokenizer.encode(first + " | ")) + 1  # inside the second copy, after its first token
         if period <= window or start >= len(ids) - 1:
             continue
         tokens = torch.tensor(ids[:-1]).unsqueeze(0)

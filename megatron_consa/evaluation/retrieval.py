@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_consa.data.demo_corpus import RECALL_WORDS, stdlib_documents
+from megatron_consa.data.indexed import document_prefix
 from megatron_consa.evaluation.models import LogitsFn
 
 TASKS = ("passkey", "kv")
@@ -142,6 +143,7 @@ def passkey_samples(tokenizer, config: RetrievalConfig, *, haystack_documents: O
     enc = tokenizer.encode
     intro, prefix, suffix, question = (enc(t) for t in (PASSKEY_INTRO, PASSKEY_NEEDLE_PREFIX, PASSKEY_NEEDLE_SUFFIX,
                                                         PASSKEY_QUESTION))
+    intro = document_prefix(tokenizer) + intro  # a prompt starts as a training document does
     rng = random.Random(config.seed)
     draws = [(d, enc(" " + _value(rng, config.value_digits)))
              for d in config.distances for _ in range(config.samples_per_distance)]
@@ -177,7 +179,7 @@ def passkey_samples(tokenizer, config: RetrievalConfig, *, haystack_documents: O
 def kv_recall_samples(tokenizer, config: RetrievalConfig) -> list[RetrievalSample]:
     """Key-value recall prompts, `samples_per_distance` per distance (see the module docstring)."""
     enc = tokenizer.encode
-    intro, sep, question = enc(KV_INTRO), enc(KV_SEPARATOR), enc(KV_QUESTION)
+    intro, sep, question = document_prefix(tokenizer) + enc(KV_INTRO), enc(KV_SEPARATOR), enc(KV_QUESTION)
     rng = random.Random(config.seed)
 
     def pair(used: set) -> tuple[list[int], list[int]]:

@@ -62,7 +62,9 @@ def docs() -> list[str]:
 @pytest.fixture(scope="module")
 def tokenizers(docs, tmp_path_factory):
     hf_dir = hf_tokenizer_dir(docs * 4, tmp_path_factory.mktemp("hf_tok"))
-    return {"sentencepiece": SentencePieceTokenizer(DEMO / "tokenizer.model"), "hf": HuggingFaceTokenizer(hf_dir)}
+    bos_dir = hf_tokenizer_dir(docs * 4, tmp_path_factory.mktemp("hf_bos_tok"), special="bos")  # as Llama's
+    return {"sentencepiece": SentencePieceTokenizer(DEMO / "tokenizer.model"), "hf": HuggingFaceTokenizer(hf_dir),
+            "hf_bos": HuggingFaceTokenizer(bos_dir)}
 
 
 # ----------------------------------------------------------------------------- perplexity and KV bytes
@@ -179,7 +181,7 @@ def _find(seq: list[int], sub: list[int]) -> list[int]:
     return [i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub]
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf", "hf_bos"])
 def test_passkey_needle_sits_at_the_requested_distance(tokenizers, kind):
     tok = tokenizers[kind]
     config = RetrievalConfig(distances=(60, 150, 300), samples_per_distance=3, seed=5)
@@ -198,10 +200,11 @@ def test_passkey_needle_sits_at_the_requested_distance(tokenizers, kind):
         # the distance: last prompt position minus the last value token's position
         assert (len(prompt) - 1) - (end - 1) == s.requested_distance == s.distance
         assert _find(prompt, s.answer) == [start]  # no copy of the value nearer the question
+        assert (prompt[0] == tok.bos) == (kind == "hf_bos")  # a prompt starts as a training document
     assert len({tuple(s.answer) for s in samples}) > 1  # values vary
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf", "hf_bos"])
 def test_kv_recall_value_sits_at_the_requested_distance(tokenizers, kind):
     tok = tokenizers[kind]
     config = RetrievalConfig(distances=(80, 200), samples_per_distance=3, context_length=400, seed=1)
@@ -218,6 +221,37 @@ def test_kv_recall_value_sits_at_the_requested_distance(tokenizers, kind):
         pair = len(key) + len(s.answer) + len(tok.encode(";"))
         assert s.requested_distance <= (len(prompt) - 1) - (end - 1) == s.distance < s.requested_distance + 2 * pair
         assert len(prompt) <= 400
+        assert (prompt[0] == tok.bos) == (kind == "hf_bos")
+
+
+@pytest.mark.parametrize("kind", ["hf", "hf_bos"])
+def test_recall_scores_the_second_copy_of_the_key_with_the_documents_start(tokenizers, kind):
+    """recall_accuracy's input starts as a training document does (the BOS of a tokenizer that adds
+    one), and it scores exactly the positions after the second copy's first token: an oracle
+    right there and wrong everywhere else scores 1.0."""
+    from megatron_consa.data.demo_corpus import recall_documents
+    from megatron_consa.evaluation.recall import recall_accuracy
+
+    tok = tokenizers[kind]
+    docs = recall_documents(6, key_words=8, repeats=3, seed=4)
+    seen = []
+
+    def oracle(tokens: torch.Tensor) -> torch.Tensor:
+        row = tokens[0].tolist()
+        seen.append(row[0])
+        body = row[1:] if kind == "hf_bos" else row
+        doc = next(d for d in docs if tok.encode(d)[:len(body)] == body)
+        key = tok.encode(doc.split(" | ")[0] + " | ")
+        second = len(row) - len(body) + len(key)  # where the key's second copy starts
+        full = (row[:len(row) - len(body)] + tok.encode(doc))[1:len(row) + 1]
+        logits = torch.zeros(1, len(row), tok.vocab_size)
+        for p, nxt in enumerate(full):
+            logits[0, p, nxt if p >= second + 1 else (nxt + 1) % tok.vocab_size] = 1.0
+        return logits
+
+    result = recall_accuracy(oracle, tok, docs, window=4, seq_length=96)
+    assert result.scored_positions > 0 and result.accuracy == 1.0
+    assert set(seen) == ({tok.bos} if kind == "hf_bos" else set(seen) - {tok.bos})
 
 
 def test_too_short_distances_are_refused(tokenizers):
