@@ -58,11 +58,18 @@ def _init_worker(factory: Callable[[], object]) -> None:
     _WORKER_TOKENIZER = factory()
 
 
+def _encode_document(tokenizer):
+    """The tokenizer's `encode_document` (`encode` for one without it: megatron's, a test's)."""
+    return getattr(tokenizer, "encode_document", tokenizer.encode)
+
+
 def document_ids(tokenizer, text: str) -> list[int]:
-    """`text` as a dataset document, its EOD included: the tokenizer's `encode_document`
-    (`encode` for one without it) and the EOD, unless the tokenizer's own special tokens
-    already ended the document with it."""
-    ids = list(getattr(tokenizer, "encode_document", tokenizer.encode)(text))
+    """`text` as a dataset document, its EOD included: `encode_document` and the EOD, unless
+    the tokenizer's own special tokens already ended the document with it; none for a
+    document without text (the preprocessing skips it)."""
+    if not text.strip():
+        return []
+    ids = list(_encode_document(tokenizer)(text))
     eod = int(tokenizer.eod)
     return ids if ids and ids[-1] == eod else ids + [eod]
 
@@ -70,21 +77,15 @@ def document_ids(tokenizer, text: str) -> list[int]:
 def document_prefix(tokenizer) -> list[int]:
     """The ids `document_ids` puts before a document's text (a Llama or Mistral BOS), or none:
     what a prompt assembled from `encode` pieces starts with to look like the training data."""
-    text = list(tokenizer.encode("a"))
-    full = list(getattr(tokenizer, "encode_document", tokenizer.encode)("a"))
+    text, full = list(tokenizer.encode("a")), list(_encode_document(tokenizer)("a"))
     for k in range(len(full) - len(text) + 1):
         if full[k:k + len(text)] == text:
             return full[:k]
     return []
 
 
-def _encode_with(tokenizer, text: str) -> list[int]:
-    """A document's ids, or none for a document without text (skipped)."""
-    return document_ids(tokenizer, text) if text.strip() else []
-
-
 def _encode(text: str) -> list[int]:
-    return _encode_with(_WORKER_TOKENIZER, text)
+    return document_ids(_WORKER_TOKENIZER, text)
 
 
 def write_indexed_dataset(
@@ -116,7 +117,7 @@ def write_indexed_dataset(
             encoded = pool.imap(_encode, texts, chunksize=16)
         else:
             pool = None
-            encoded = (_encode_with(tokenizer, t) for t in texts)
+            encoded = (document_ids(tokenizer, t) for t in texts)
         for ids in encoded:
             if not ids:
                 continue

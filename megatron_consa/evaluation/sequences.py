@@ -4,7 +4,8 @@ Every source gives one int64 tensor ``[N, seq_length + 1]``: a row's first
 ``seq_length`` tokens are the model input, its last ``seq_length`` the labels.
 
 * `pack_documents`: documents are tokenized as the preprocessing tokenizes them
-  (`data.indexed.document_ids`: a Llama or Mistral BOS first, the EOD last), concatenated, and cut at a stride of ``seq_length`` (row ``i`` is
+  (`data.indexed.document_ids`: a Llama or Mistral BOS first, the EOD last),
+  concatenated, and cut at a stride of ``seq_length`` (row ``i`` is
   tokens ``i*s .. i*s + s``), so every token after the first is a label exactly
   once, as in megatron-core's GPTDataset. The incomplete tail is dropped.
 * `indexed_split_sequences`: the samples megatron-core's GPTDataset draws from
@@ -98,8 +99,7 @@ def pack_documents(documents: Iterable[str], tokenizer, *, seq_length: int, max_
     need = seq_length * max_sequences + 1
     stream: list[int] = []
     for doc in documents:
-        if doc.strip():  # as the preprocessing, which skips documents without text
-            stream.extend(document_ids(tokenizer, doc))
+        stream.extend(document_ids(tokenizer, doc))  # (none for a document without text, as the preprocessing)
         if len(stream) >= need:
             break
     rows = min(max_sequences, (len(stream) - 1) // seq_length)

@@ -375,10 +375,20 @@ def _load_hf_config(path: str) -> dict:
         raise ArgumentError(f"--hf-config {f}: not JSON ({err.msg})") from err
 
 
-# The model's shape flags: --hf-config describes all of it, so none of them may come with it.
-_SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-                "rotary_base", "use_rope_scaling", "rope_scaling_factor", "norm_epsilon", "qk_layernorm", "add_qkv_bias",
-                "untie_embeddings_and_output_weights", "max_position_embeddings")
+# The model's shape flags (-> what the ArchitectureConfig holds for each): --hf-config describes all of it,
+# so none of them may come with it.
+_SHAPE_FIELD = {
+    "num_layers": lambda m: m.num_layers, "hidden_size": lambda m: m.hidden_size,
+    "ffn_hidden_size": lambda m: m.intermediate_size, "num_attention_heads": lambda m: m.num_attention_heads,
+    "num_query_groups": lambda m: m.num_kv_heads,
+    "kv_channels": lambda m: m.head_dim or m.hidden_size // m.num_attention_heads,
+    "rotary_base": lambda m: m.rope_theta, "use_rope_scaling": lambda m: m.rope_scaling_factor is not None,
+    "rope_scaling_factor": lambda m: m.rope_scaling_factor, "norm_epsilon": lambda m: m.rms_norm_eps,
+    "qk_layernorm": lambda m: m.qk_norm, "add_qkv_bias": lambda m: m.qkv_bias,
+    "untie_embeddings_and_output_weights": lambda m: not m.tie_word_embeddings,
+    "max_position_embeddings": lambda m: m.max_position_embeddings,
+}
+_SHAPE_FLAGS = tuple(_SHAPE_FIELD)
 
 
 def _hf_config_path(path: str) -> str:
@@ -394,17 +404,6 @@ def _hf_config_path(path: str) -> str:
         return path  # _load_hf_config names what is missing
 
 
-_SHAPE_FIELD = {  # shape flag -> what the ArchitectureConfig holds for it
-    "num_layers": lambda m: m.num_layers, "hidden_size": lambda m: m.hidden_size,
-    "ffn_hidden_size": lambda m: m.intermediate_size, "num_attention_heads": lambda m: m.num_attention_heads,
-    "num_query_groups": lambda m: m.num_kv_heads,
-    "kv_channels": lambda m: m.head_dim or m.hidden_size // m.num_attention_heads,
-    "rotary_base": lambda m: m.rope_theta, "use_rope_scaling": lambda m: m.rope_scaling_factor is not None,
-    "rope_scaling_factor": lambda m: m.rope_scaling_factor, "norm_epsilon": lambda m: m.rms_norm_eps,
-    "qk_layernorm": lambda m: m.qk_norm, "add_qkv_bias": lambda m: m.qkv_bias,
-    "untie_embeddings_and_output_weights": lambda m: not m.tie_word_embeddings,
-    "max_position_embeddings": lambda m: m.max_position_embeddings,
-}
 
 
 def _arch_from_checkpoint_args(a: argparse.Namespace) -> ArchitectureConfig:

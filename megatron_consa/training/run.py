@@ -391,8 +391,8 @@ def run_training(prepared: PreparedRun):
     from megatron_consa.data.gpt import build_gpt_sources
     from megatron_consa.training.checkpoint import load_checkpoint, save_run_checkpoint
     from megatron_consa.training.early_exit import EarlyExit
-    from megatron_consa.training.manual_gc import ManualGC
     from megatron_consa.training.loop import ConsaTrainer, TrainingDivergedError
+    from megatron_consa.training.manual_gc import ManualGC
     from megatron_consa.training.parallel import initialize_distributed
 
     start_time = time.monotonic()  # --exit-duration-in-mins counts from here
