@@ -22,8 +22,9 @@ from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
-from megatron_consa.training.config import ParallelConfig, TrainingConfig
+from megatron_consa.training.config import ATTENTION_BACKENDS, ParallelConfig, TrainingConfig
 from megatron_consa.training.early_exit import ExitConfig
+from megatron_consa.training.profiling import ProfileConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class RunConfig:
     transformer_impl: str = "auto"
     exit: ExitConfig = dataclasses.field(default_factory=ExitConfig)
     """When the run stops early, after saving (Megatron-LM's --exit-* flags)."""
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+    """Which iterations are profiled, where (Megatron-LM's --profile flags)."""
 
 
 _LOSS_SCALE_FLAGS = (  # Megatron-LM's flags, with TrainingConfig's defaults
@@ -130,6 +133,9 @@ _REFUSED = {  # Megatron-LM flags that would change what these runs are: why not
                     "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
     "--merge-file": "GPT-2 BPE files are not read here: give a Hugging Face tokenizer directory "
                     "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
+}
+_IGNORED = {  # Megatron-LM flags with a value that only a setup these runs do not have reads
+    "--tiktoken-pattern": "read by Megatron-LM's TikTokenizer only, not one of these tokenizer types: ignored",
 }
 _FIXED_CHOICES = {
     "--normalization": ("RMSNorm", "the norm layers"),
@@ -229,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the weights")
     g.add_argument("--min-lr", type=float, default=3e-5, help="final learning rate")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--decoupled-lr", type=float,
+                   help="peak learning rate of the input embedding and the output layer (default: --lr)")
+    g.add_argument("--decoupled-min-lr", type=float,
+                   help="final learning rate of the input embedding and the output layer (with --decoupled-lr; "
+                        "default: --min-lr)")
     g.add_argument("--lr-warmup-iters", type=int, default=argparse.SUPPRESS, help="linear LR warm-up (default: 0)")
     g.add_argument("--lr-warmup-fraction", type=float, default=argparse.SUPPRESS,
                    help="the warm-up as a fraction of the decay iterations (instead of --lr-warmup-iters)")
@@ -252,12 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
                    action="store_false",
                    help="train on when an applied step's loss, gradient norm or s_hat is not finite (by default the "
                         "run stops there with exit status 3, before saving anything of that step)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="normalise the loss by the tokens with loss in the whole global batch (every token weighs the "
+                        "same, however --eod-mask-loss spreads them over micro-batches and ranks); default: the mean "
+                        "of each micro-batch's per-token mean")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip of the weights")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (gates stay fp32)")
     g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (gates stay fp32)")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: accumulate and reduce the weights' gradients in bf16, not fp32 (the gates' "
+                        "stay fp32)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="megatron-core's fused cross entropy (on CUDA; the CPU keeps the unfused one)")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="the Transformer Engine attention kernels the TE backend may use (flash, fused, unfused; "
+                        "auto: TE picks), or local: none (implies --consa-backend torch)")
+    g.add_argument("--empty-unused-memory-level", type=int, choices=[0, 1, 2], default=0,
+                   help="release the CUDA allocator's cached blocks: 1 after each forward-backward and evaluation "
+                        "batch, 2 also after each optimizer step")
     for flag, kind, default, text in _LOSS_SCALE_FLAGS:
         g.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{text} (--fp16; default: {default})")
     g.add_argument("--init-method-std", type=float, default=0.02,
@@ -265,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
+    g.add_argument("--profile", action="store_true",
+                   help="profile iterations --profile-step-start to --profile-step-end - 1 on --profile-ranks: CUDA's "
+                        "profiler for nsys (nsys profile --capture-range=cudaProfilerApi), or --use-pytorch-profiler")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="with --profile: torch.profiler, its traces into --tensorboard-dir")
+    g.add_argument("--profile-step-start", type=int, default=10, help="the first iteration profiled")
+    g.add_argument("--profile-step-end", type=int, default=12, help="the first iteration not profiled")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="the global ranks that profile")
     g.add_argument("--eval-interval", type=int, help="iterations between validation-loss evaluations")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--reset-attention-mask", action="store_true",
@@ -287,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eod-mask-loss", action="store_true",
                    help="no loss where the input token is the EOD (a document's first token is not predicted from "
                         "the previous one's end)")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="worker processes preparing the next iterations' batches during a step (0: read in the "
+                        "training process at each step's start; Megatron-LM's default is 2)")
     g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
                    help="read the .bin files without mmap (for file systems where mmap is slow)")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
@@ -336,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model as --load's checkpoint describes it (= --hf-config <the --load path>)")
     g.add_argument("--recompute-activations", action="store_true", default=argparse.SUPPRESS,
                    help="selective activation recomputation (= --recompute-granularity selective)")
+    for flag, why in _IGNORED.items():
+        g.add_argument(flag, metavar="VALUE", default=argparse.SUPPRESS, help=why)
     for flag, why in _REFUSED.items():
         g.add_argument(flag, nargs="*", metavar="VALUE", default=argparse.SUPPRESS, help=f"refused: {why}")
 
@@ -597,6 +636,16 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     _schedule_in_iterations(a)
     if a.bf16 and a.fp16:
         raise ArgumentError("--bf16 and --fp16: choose one")
+    if a.grad_reduce_in_bf16 and not a.bf16:
+        raise ArgumentError("--grad-reduce-in-bf16 is for bf16 training: add --bf16 or drop it")
+    if a.decoupled_min_lr is not None and a.decoupled_lr is None:
+        raise ArgumentError("--decoupled-min-lr goes with --decoupled-lr (the embedding's and output layer's peak): "
+                            "give both, or neither")
+    if a.attention_backend == "local":  # no TE attention kernel: the torch backend
+        if a.consa_backend == "te":
+            raise ArgumentError("--attention-backend local turns Transformer Engine's attention off: it cannot go "
+                                "with --consa-backend te; use --consa-backend torch (or auto)")
+        a.consa_backend = "torch"
     if a.lr_warmup_iters is not None and a.lr_warmup_fraction is not None:
         raise ArgumentError("--lr-warmup-iters and --lr-warmup-fraction: give one")
     if a.lr_warmup_fraction is not None and not 0 <= a.lr_warmup_fraction <= 1:
@@ -621,6 +670,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                         ("--eval-iters", a.eval_iters)):
         if value is not None and value < 1:
             raise ArgumentError(f"{flag} {value}: must be >= 1")
+    if a.num_workers < 0:
+        raise ArgumentError(f"--num-workers {a.num_workers}: must be >= 0 (0: no worker processes)")
     if a.num_layers_per_virtual_pipeline_stage:
         per_stage = arch.num_layers // max(1, a.pipeline_model_parallel_size)
         if per_stage % a.num_layers_per_virtual_pipeline_stage:
@@ -667,8 +718,16 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         manual_gc_eval=a.manual_gc_eval,
         bf16=a.bf16,
         fp16=a.fp16,
+        grad_reduce_in_bf16=a.grad_reduce_in_bf16,
+        calculate_per_token_loss=a.calculate_per_token_loss,
+        cross_entropy_loss_fusion=a.cross_entropy_loss_fusion,
+        attention_backend=a.attention_backend,
+        empty_unused_memory_level=a.empty_unused_memory_level,
+        decoupled_lr=a.decoupled_lr,
+        decoupled_min_lr=a.decoupled_min_lr,
         **scaling,
         init_method_std=a.init_method_std,
+        num_workers=a.num_workers,
         seed=a.seed,
         log_interval=a.log_interval,
         tensorboard_dir=a.tensorboard_dir,
@@ -733,6 +792,11 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:
         raise ArgumentError(f"--exit-duration-in-mins {a.exit_duration_in_mins}: must be > 0")
+    if a.use_pytorch_profiler and not a.profile:
+        raise ArgumentError("--use-pytorch-profiler chooses the profiler of --profile: add --profile")
+    profile = ProfileConfig(enabled=a.profile, step_start=a.profile_step_start, step_end=a.profile_step_end,
+                            ranks=tuple(a.profile_ranks), use_pytorch_profiler=a.use_pytorch_profiler,
+                            trace_dir=a.tensorboard_dir)
     exit_config = ExitConfig(interval=a.exit_interval, duration_in_mins=a.exit_duration_in_mins,
                              signal_handler=a.exit_signal_handler)
     return RunConfig(
@@ -740,7 +804,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         checkpoint=checkpoint, phase=a.consa_phase, allocation_source=a.consa_allocation,
         calibration_scores=a.consa_calibration_scores,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters, hf_config=a.hf_config,
-        transformer_impl=a.transformer_impl, exit=exit_config,
+        transformer_impl=a.transformer_impl, exit=exit_config, profile=profile,
     )
 
 

@@ -101,6 +101,10 @@ class ParallelConfig:
         return out
 
 
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+"""megatron-core's AttnBackend names (`TrainingConfig.attention_backend`)."""
+
+
 @dataclass
 class TrainingConfig:
     """Optimisation, batch and logging settings of a run."""
@@ -124,6 +128,12 @@ class TrainingConfig:
     stays at min_lr after them."""
     lr_decay_style: str = "cosine"
     """'constant', 'linear' or 'cosine' (megatron-core's scheduler)."""
+    decoupled_lr: Optional[float] = None
+    """Peak learning rate of the input embedding and the output layer (Megatron-LM's
+    `--decoupled-lr`; None: `lr`). Their schedule is the model's, at this peak."""
+    decoupled_min_lr: Optional[float] = None
+    """Final learning rate of the embedding and the output layer (with `decoupled_lr`;
+    None: `min_lr`)."""
     weight_decay: float = 0.1
     """Decoupled weight decay (never applied to gates, norms, biases)."""
     adam_beta1: float = 0.9
@@ -139,6 +149,26 @@ class TrainingConfig:
     """bf16 weights and activations (gates stay float32)."""
     fp16: bool = False
     """fp16 with dynamic loss scaling (gates stay float32)."""
+    grad_reduce_in_bf16: bool = False
+    """With bf16: accumulate and reduce the weights' gradients in bf16 (Megatron-LM's
+    `--grad-reduce-in-bf16`: half the gradient buffer and its traffic) instead of float32.
+    The gates, float32 parameters, keep float32 gradients either way."""
+    calculate_per_token_loss: bool = False
+    """Normalise the loss by the tokens with loss in the whole global batch (Megatron-LM's
+    `--calculate-per-token-loss`): every token weighs the same, however the loss mask
+    (`--eod-mask-loss`) spreads over micro-batches and data-parallel ranks. Off: the mean
+    of each micro-batch's per-token mean. The logged loss is the objective's."""
+    cross_entropy_loss_fusion: bool = False
+    """megatron-core's fused vocab-parallel cross entropy (`--cross-entropy-loss-fusion`;
+    on CUDA only, like the other fusions: the CPU keeps the unfused one)."""
+    attention_backend: str = "auto"
+    """Which Transformer Engine attention kernels the TE backend may pick: 'auto', 'flash',
+    'fused' or 'unfused' (Megatron-LM's `--attention-backend`: megatron-core sets TE's
+    NVTE_*_ATTN switches from it), or 'local', no TE kernel (the torch backend only)."""
+    empty_unused_memory_level: int = 0
+    """Release the CUDA caching allocator's unused blocks: 1 after each forward-backward and
+    each evaluation batch, 2 also after each optimizer step (Megatron-LM's
+    `--empty-unused-memory-level`; nothing to release on the CPU)."""
     initial_loss_scale: float = 2.0**16
     """Starting dynamic loss scale for fp16 (megatron-core's DynamicGradScaler; Megatron-LM
     starts at 2**32, which only costs more skipped first steps)."""
@@ -150,6 +180,10 @@ class TrainingConfig:
     """Steps without an overflow before the dynamic scale doubles."""
     hysteresis: int = 2
     """Overflows tolerated before the dynamic scale halves."""
+    num_workers: int = 0
+    """Worker processes that prepare the next iterations' micro-batches while this one trains
+    (Megatron-LM's `--num-workers`, whose default is 2); 0: each iteration's samples are read
+    when it starts, in the training process."""
     init_method_std: float = 0.02
     """Standard deviation of the random weight initialisation (megatron-core's; a run
     that loads weights does not use it)."""
@@ -215,6 +249,27 @@ class TrainingConfig:
             _fail("TrainingConfig", "lr_decay_iters", self.lr_decay_iters, "must be an integer >= 1 (or None: train_iters)")
         if self.lr_warmup_iters < 0:
             _fail("TrainingConfig", "lr_warmup_iters", self.lr_warmup_iters, "must be >= 0")
+        for name in ("decoupled_lr", "decoupled_min_lr"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                _fail("TrainingConfig", name, value, "must be a finite number >= 0 (or None)")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            _fail("TrainingConfig", "decoupled_min_lr", self.decoupled_min_lr,
+                  "goes with decoupled_lr (the embedding's and output layer's peak); set it too")
+        if self.decoupled_lr is not None:
+            final = self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
+            if final > self.decoupled_lr:
+                name = "min_lr" if self.decoupled_min_lr is None else "decoupled_min_lr"
+                _fail("TrainingConfig", name, final, f"the embedding's and output layer's decay must end at or below "
+                      f"their peak decoupled_lr={self.decoupled_lr}: set decoupled_min_lr <= decoupled_lr")
+        if self.grad_reduce_in_bf16 and not self.bf16:
+            _fail("TrainingConfig", "grad_reduce_in_bf16", True, "is for bf16 training: add bf16 or drop it")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            _fail("TrainingConfig", "attention_backend", self.attention_backend, f"use one of {ATTENTION_BACKENDS}")
+        if self.empty_unused_memory_level not in (0, 1, 2):
+            _fail("TrainingConfig", "empty_unused_memory_level", self.empty_unused_memory_level, "use 0, 1 or 2")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            _fail("TrainingConfig", "num_workers", self.num_workers, "must be an integer >= 0")
         if not isinstance(self.manual_gc_interval, int) or self.manual_gc_interval < 0:
             _fail("TrainingConfig", "manual_gc_interval", self.manual_gc_interval, "must be an integer >= 0")
         if not self.init_method_std > 0:

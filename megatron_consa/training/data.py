@@ -133,6 +133,70 @@ def micro_batches(
     return out
 
 
+class _IterationBatches(torch.utils.data.Dataset):
+    """Item k: (k, the micro-batches of iteration k for one data-parallel rank)."""
+
+    def __init__(self, source: SampleSource, **layout: int) -> None:
+        self.source, self.layout = source, layout
+
+    def __getitem__(self, iteration: int):
+        return iteration, micro_batches(self.source, iteration=iteration, **self.layout)
+
+
+class _From(torch.utils.data.Sampler):
+    """iteration, iteration + 1, ... (a run may step past its planned length: `ConsaTrainer.train(n)`)."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+
+    def __iter__(self):
+        k = self.first
+        while True:
+            yield k
+            k += 1
+
+
+class PrefetchedBatches:
+    """The micro-batches of one iteration after another, prepared ahead in `num_workers` worker
+    processes (Megatron-LM's `--num-workers`: a torch DataLoader, each worker preparing whole
+    iterations, two each in flight), or in this process when `num_workers` is 0.
+
+    `get(k)` returns `micro_batches(source, iteration=k, ...)`, the same tensors either way;
+    asked for another iteration than the next (a resume, a jump), it starts over from there.
+    Workers are forked: the source need not be picklable (a megatron-core GPTDataset on its
+    memory-mapped files is shared as it is). An error reading iteration k is raised by `get(k)`.
+    """
+
+    def __init__(self, source: SampleSource, *, num_workers: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int) -> None:
+        self.source, self.num_workers = source, num_workers
+        self.layout = dict(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                           dp_rank=dp_rank, dp_size=dp_size)
+        self._loader = None
+        self._next: Optional[int] = None
+
+    def get(self, iteration: int) -> list[dict[str, Tensor]]:
+        if not self.num_workers:
+            return micro_batches(self.source, iteration=iteration, **self.layout)
+        if self._loader is None or self._next != iteration:
+            self.close()
+            self._loader = iter(torch.utils.data.DataLoader(
+                _IterationBatches(self.source, **self.layout), batch_size=None, sampler=_From(iteration),
+                num_workers=self.num_workers, multiprocessing_context="fork",
+            ))
+        k, batches = next(self._loader)
+        if k != iteration:  # (the sampler hands the iterations in order)
+            raise RuntimeError(f"the data loader gave iteration {k} for iteration {iteration}")
+        self._next = iteration + 1
+        return batches
+
+    def close(self) -> None:
+        """Stop the worker processes (they stop with the trainer too)."""
+        if self._loader is not None:
+            self._loader._shutdown_workers()
+            self._loader = None
+
+
 def repeat_for_chunks(batches: list[dict[str, Tensor]], num_chunks: int) -> list[Iterator]:
     """One iterator per virtual-pipeline model chunk over the same micro-batches."""
     return [iter(batches) for _ in range(num_chunks)]

@@ -46,11 +46,12 @@ from megatron.core.optimizer_param_scheduler import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
 
 from megatron_consa.allocation import Allocation
-from megatron_consa.backends.select import transformer_engine_available
-from megatron_consa.compat import patch_fp32_param_checkpointing
+from megatron_consa.backends.select import resolve_backend_name, transformer_engine_available
+from megatron_consa.compat import has_cuda, patch_fp32_param_checkpointing
 from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.controller import ConsaController, SettleReport, clamp_log_alpha_, judge_settling
 from megatron_consa.gates import HardConcrete, deterministic_z
@@ -62,11 +63,11 @@ from megatron_consa.model import (
     consa_attention_modules,
 )
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
-from megatron_consa.training.data import SampleSource, micro_batches, repeat_for_chunks
+from megatron_consa.training.data import PrefetchedBatches, SampleSource, micro_batches, repeat_for_chunks
 from megatron_consa.training.parallel import (
     check_gates_consistent,
     device,
-    last_stage_scalar_to_all,
+    last_stage_sums_to_all,
     pipeline_cost_all_reduce,
 )
 
@@ -110,6 +111,12 @@ def build_model_chunks(
     """
     check_transformer_impl(transformer_impl)
     stock = transformer_impl == "stock"
+    if training.attention_backend == "local" and not stock and (
+            resolve_backend_name(consa.backend, sink_tokens=consa.sink_tokens) == "te"):
+        raise ConsaConfigError(
+            "TrainingConfig.attention_backend='local' turns Transformer Engine's attention kernels off, and "
+            f"ConsaConfig.backend={consa.backend!r} runs on them here: use backend='torch' (--consa-backend torch)"
+        )
     if stock and (consa.learning or any(0 in row for row in consa.allocation)):
         raise ConsaConfigError("transformer_impl='stock' is megatron-core's full attention: use an all-FA fixed allocation")
     use_te = None if transformer_impl in ("auto", "stock") else transformer_impl == "transformer_engine"
@@ -122,6 +129,10 @@ def build_model_chunks(
         fp16=training.fp16,
         pipeline_dtype=dtype,
         init_method_std=training.init_method_std,
+        calculate_per_token_loss=training.calculate_per_token_loss,
+        # a fusion, CUDA only like the others (build_transformer_config)
+        cross_entropy_loss_fusion=training.cross_entropy_loss_fusion and has_cuda(),
+        attention_backend=AttnBackend[training.attention_backend],
         **parallel.megatron_fields(),
     )
     vpp = parallel.virtual_pipeline_model_parallel_size
@@ -143,7 +154,7 @@ def build_model_chunks(
                 p.requires_grad_(name.endswith("log_alpha"))
     if wrap_ddp:
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
+            grad_reduce_in_fp32=not training.grad_reduce_in_bf16,  # (the float32 gates keep float32 grads)
             overlap_grad_reduce=parallel.overlap_grad_reduce,
             overlap_param_gather=parallel.overlap_param_gather,
             # the interleaved schedule launches every stage's gather at once (Megatron-LM's default)
@@ -198,6 +209,8 @@ def build_optimizer(
         adam_beta2=training.adam_beta2,
         adam_eps=training.adam_eps,
         clip_grad=training.clip_grad,
+        decoupled_lr=training.decoupled_lr,  # the embedding and output layer (get_standard_config_overrides)
+        decoupled_min_lr=training.decoupled_min_lr,
         bf16=training.bf16,
         fp16=training.fp16,
         params_dtype=torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32,
@@ -237,10 +250,33 @@ def build_optimizer(
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """(loss summed over the tokens with loss, their number, the report [sum, tokens]).
+
+    megatron-core's schedule divides the sum by the tokens (at least 1) and the
+    micro-batches, or, with `calculate_per_token_loss`, leaves it and scales the
+    gradients by the global batch's tokens once they are reduced."""
     losses = output_tensor.float()
     mask = loss_mask.to(losses.device).float()
-    loss = (losses * mask).sum() / mask.sum()
-    return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
+    loss = (losses * mask).sum()
+    tokens = mask.sum()
+    return loss, tokens.to(torch.int), {"lm loss": torch.stack([loss.detach(), tokens])}  # (a copy: the schedule
+    # divides `loss` in place)
+
+
+def reduced_loss(reports: list[torch.Tensor], *, per_token: bool) -> float:
+    """The LM loss of one global batch from the micro-batches' [sum, tokens] reports, on every rank
+    (a collective: the last pipeline stage holds the reports, summed over its DP replicas here).
+
+    `per_token`: the sum over the batch's tokens with loss divided by their number, the
+    objective of `calculate_per_token_loss`; otherwise the mean over micro-batches of each
+    one's per-token mean (a micro-batch without tokens with loss counts 0), the default's."""
+    sums = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and reports:
+        r = torch.stack([x.double() for x in reports])  # [micro-batches, 2]
+        sums = [float(r[:, 0].sum()), float(r[:, 1].sum())] if per_token else [
+            float((r[:, 0] / r[:, 1].clamp(min=1)).sum()), float(len(reports))]
+    total, count = last_stage_sums_to_all(sums, 2)
+    return total / max(count, 1.0)
 
 
 def forward_step(data_iterator, model):
@@ -332,6 +368,11 @@ class ConsaTrainer:
         self.capture_gate_grads = False
         self.last_gate_grads: dict[int, torch.Tensor] = {}
         self._forward_backward = get_forward_backward_func()
+        self._loader = PrefetchedBatches(
+            data, num_workers=training.num_workers, global_batch_size=training.global_batch_size,
+            micro_batch_size=training.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=self.dp_size,
+        )
         self._start_time = time.time()
         # (time, iterations done) at the previous log line; set at this process's first step
         # (a resume starts at the saved iteration, not 0)
@@ -345,14 +386,7 @@ class ConsaTrainer:
 
     # ---- one iteration -----------------------------------------------------
     def _batches(self, iteration: int):
-        return micro_batches(
-            self.data,
-            iteration=iteration,
-            global_batch_size=self.training.global_batch_size,
-            micro_batch_size=self.training.micro_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=self.dp_size,
-        )
+        return self._loader.get(iteration)
 
     def _add_constraint_gradient(self) -> float:
         """Backpropagate this stage's share of the constraint into the gate grads; returns s_hat."""
@@ -397,6 +431,7 @@ class ConsaTrainer:
             micro_batch_size=self.training.micro_batch_size,
             forward_only=False,
         )
+        self._release_memory(1)
         if self.consa.learning:
             s_hat = self._add_constraint_gradient()
         else:  # fixed allocation: report its exact SWA share
@@ -409,6 +444,7 @@ class ConsaTrainer:
         target = self.controller.target() if self.consa.learning else s_hat
         update_ok, grad_norm, num_zeros = self.optimizer.step()
         self._param_gather_pending = self.parallel.overlap_param_gather
+        self._release_memory(2)
         if self.gates:
             clamp_log_alpha_(self.gates, self.consa)
         if update_ok:
@@ -418,10 +454,7 @@ class ConsaTrainer:
         else:
             dual = {"lambda1": 0.0, "lambda2": 0.0, "dual_step": False}
 
-        local_loss = None
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
-            local_loss = float(torch.stack([x["lm loss"].float() for x in losses]).mean())
-        loss = last_stage_scalar_to_all(local_loss)
+        loss = reduced_loss([x["lm loss"] for x in losses], per_token=self.training.calculate_per_token_loss)
         lr, gate_lr = self._learning_rates()
         interval = self.training.log_interval
         log_now = bool(interval) and (k % interval == 0 or k == self.training.train_iters - 1)
@@ -468,6 +501,12 @@ class ConsaTrainer:
                     squares += torch.linalg.vector_norm(p.detach(), dtype=torch.float32).double().to(squares.device) ** 2
         torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
         return float(squares.sqrt())
+
+    def _release_memory(self, level: int) -> None:
+        """Megatron-LM's `--empty-unused-memory-level`: the CUDA allocator's cached blocks back
+        to the device at points of `level` and above (a no-op without CUDA)."""
+        if self.training.empty_unused_memory_level >= level:
+            empty_cuda_cache()
 
     def _gate_grad_norm(self) -> Optional[float]:
         """The gates' gradient norm megatron-core computed for their clip in this step (the same
@@ -516,10 +555,8 @@ class ConsaTrainer:
                 num_microbatches=self.num_microbatches, seq_length=self.training.seq_length,
                 micro_batch_size=self.training.micro_batch_size, forward_only=True,
             )
-            local = None
-            if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and out:
-                local = float(torch.stack([x["lm loss"].float() for x in out]).mean())
-            losses.append(last_stage_scalar_to_all(local))  # averaged over the DP replicas too
+            losses.append(reduced_loss([x["lm loss"] for x in out], per_token=self.training.calculate_per_token_loss))
+            self._release_memory(1)
         for chunk in self.chunks:
             chunk.train()
         return sum(losses) / max(1, len(losses))
@@ -586,7 +623,8 @@ class ConsaTrainer:
             )
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer, if any."""
+        """Stop the data-loader workers; flush and close the TensorBoard writer, if any."""
+        self._loader.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -685,6 +723,12 @@ def _check_finite(r: StepRecord) -> None:
             "Resume from the last checkpoint (--load <the --save directory>; with --no-load-optim to lower --lr or "
             "--consa-gate-lr there), or pass --no-check-for-nan-in-loss-and-grad to train on regardless"
         )
+
+
+def empty_cuda_cache() -> None:
+    """Return the CUDA caching allocator's unused blocks (nothing to do without CUDA)."""
+    if has_cuda():
+        torch.cuda.empty_cache()
 
 
 def _hms(seconds: float) -> str:

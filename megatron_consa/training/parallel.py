@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,16 +85,18 @@ def pipeline_cost_all_reduce() -> Callable[[Tensor], Tensor]:
     return reduce
 
 
-def last_stage_scalar_to_all(value: float | None) -> float:
-    """A scalar known on the last pipeline stage (averaged over DP there), on every rank."""
-    t = torch.tensor([0.0 if value is None else float(value)], dtype=torch.float64, device=device())
+def last_stage_sums_to_all(values: Optional[Sequence[float]], size: int) -> list[float]:
+    """`size` numbers known on the last pipeline stage (None elsewhere), summed over its DP
+    replicas, on every rank."""
+    t = torch.zeros(size, dtype=torch.float64, device=device())
+    if values is not None:
+        t += torch.tensor([float(v) for v in values], dtype=torch.float64, device=t.device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-        t /= parallel_state.get_data_parallel_world_size()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(t, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(t.item())
+    return t.tolist()
 
 
 class AllocationMismatchError(RuntimeError):

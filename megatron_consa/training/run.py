@@ -98,6 +98,7 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
 
     try:
         check_transformer_impl(run.transformer_impl)
+        run.profile.validate()
     except ConsaConfigError as err:
         raise ArgumentError(str(err)) from err
     tok = run.tokenizer
@@ -210,7 +211,8 @@ def _check_same_learning_setup(run: RunConfig, load_meta: dict) -> None:
 
 
 # Resumed optimizer state: its parameter groups are keyed by these (a change cannot be loaded) ...
-_OPTIMIZER_GROUPS = {"lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weight-decay"}
+_OPTIMIZER_GROUPS = {"lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weight-decay",
+                     "decoupled_lr": "--decoupled-lr", "decoupled_min_lr": "--decoupled-min-lr"}
 # ... and the learning-rate schedule follows these (the checkpoint's, unless overridden).
 _SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_style": "--lr-decay-style",
              "lr_decay_iters": "--lr-decay-iters"}
@@ -394,6 +396,7 @@ def run_training(prepared: PreparedRun):
     from megatron_consa.training.loop import ConsaTrainer, TrainingDivergedError
     from megatron_consa.training.manual_gc import ManualGC
     from megatron_consa.training.parallel import initialize_distributed
+    from megatron_consa.training.profiling import StepProfiler
 
     start_time = time.monotonic()  # --exit-duration-in-mins counts from here
     run = prepared.run
@@ -447,14 +450,17 @@ def run_training(prepared: PreparedRun):
 
     start = trainer.iteration
     stop = None
-    with EarlyExit(run.exit, start_time=start_time) as early_exit, manual_gc:
+    profiler = StepProfiler(run.profile, rank=dist_rank())
+    with EarlyExit(run.exit, start_time=start_time) as early_exit, manual_gc, profiler:
         while trainer.iteration < training.train_iters:
+            profiler.before_step(trainer.iteration)
             try:
                 trainer.train_step()
             except TrainingDivergedError:
                 trainer.close()  # the TensorBoard scalars up to the diverging step
                 raise
             k = trainer.iteration
+            profiler.after_step(k)
             manual_gc.after_step(k)
             if run.eval_interval and k % run.eval_interval == 0:
                 evaluate(k)

@@ -34,6 +34,20 @@ ARCH = ArchitectureConfig(
 DATA = SyntheticRecallData(vocab_size=128, seq_length=32, key_length=4, min_distance=12, seed=3)
 
 
+@dataclasses.dataclass
+class EodMaskedData:
+    """DATA under --eod-mask-loss (EOD = 0) with a varying share of EODs: sample i starts with
+    (i % 5) * 6, so micro-batches, and data-parallel ranks, hold different numbers of tokens
+    with loss."""
+
+    eod_mask_id: int = 0
+
+    def sample(self, index: int) -> torch.Tensor:
+        seq = DATA.sample(index)  # (its tokens are >= 1)
+        seq[: (index % 5) * 6] = 0
+        return seq
+
+
 def consa_config(granularity: str = "kv_head") -> ConsaConfig:
     # Fast-moving gates and multipliers so 10 iterations exercise the constraint.
     return ConsaConfig(
@@ -251,6 +265,17 @@ def fixed_layouts(*, out_dir: str, names: list[str], iters: int = 6,
             (r.loss, r.s_hat, r.lambda1) for r in (trainer.train_step() for _ in range(iters))
         ]
         runs[f"layer:{name}:log_alpha"] = trainer.gather_log_alpha()
+    # --calculate-per-token-loss at DP4 (2 micro-batches per rank) and DP1 (8): every token of the
+    # global batch weighs the same at both; (loss, grad norm) per step: Adam would hide a gradient
+    # off by a constant factor, the norm does not. One step of the default normalisation beside it.
+    for name, per_token, steps in (("tp1pp1", True, iters), ("tp2pp2", True, iters), ("tp2pp2", False, 1)):
+        training = training_config(train_iters=iters, calculate_per_token_loss=per_token)
+        initialize_distributed(LAYOUTS[name], seed=training.seed)
+        trainer = ConsaTrainer(arch=ARCH, consa=consa, parallel=LAYOUTS[name], training=training,
+                               data=EodMaskedData())
+        load_checkpoint(trainer, init_ckpt, weights_only=True)
+        runs[f"{'per-token' if per_token else 'mean'}:{name}"] = [
+            (r.loss, r.grad_norm) for r in (trainer.train_step() for _ in range(steps))]
     runs["balance"] = group_balance(out_dir=out_dir)
     return {"runs": runs if torch.distributed.get_rank() == 0 else None}
 

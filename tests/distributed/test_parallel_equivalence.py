@@ -213,6 +213,18 @@ def test_layer_granularity_follows_tp1pp1(fixed_launched):
     assert fixed_launched["layer:tp1pp1:log_alpha"].shape[1] == 1
 
 
+def test_per_token_loss_weighs_every_token_of_the_global_batch_alike(fixed_launched):
+    """--calculate-per-token-loss with EOD-masked data: DP4 (whose ranks hold different numbers of
+    tokens with loss) follows DP1 in loss and gradient norm; the default normalisation gives
+    another loss on the same batch."""
+    ref, got = fixed_launched["per-token:tp2pp2"], fixed_launched["per-token:tp1pp1"]
+    assert len(got) == len(ref) == 6 and ref[-1][0] < ref[0][0]
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert _close(a[0], b[0]) and _close(a[1], b[1]), f"per-token loss iteration {k}: {a} != {b}"
+    mean = fixed_launched["mean:tp2pp2"][0]
+    assert abs(mean[0] - ref[0][0]) / ref[0][0] > 1e-4, (mean, ref[0])  # 10x the tolerance above
+
+
 def test_fixed_allocation_resumes_at_another_tp_size(fixed_launched):
     """A TP2 checkpoint of a reordered fixed model (optimizer states included) resumes at TP1."""
     ref, got = fixed_launched["fixed:tp2"][3:], fixed_launched["fixed:resume:tp1pp1"]

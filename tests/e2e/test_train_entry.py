@@ -66,7 +66,9 @@ def corpus(tmp_path_factory):
 
 
 def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_path):
-    """--tokenizer-type HuggingFaceTokenizer: the .bin holds the tokenizer's own ids + EOD, and a run trains on it."""
+    """--tokenizer-type HuggingFaceTokenizer: the .bin holds the tokenizer's own ids + EOD, and a run trains on it,
+    with Megatron-LM's data and profiling flags: megatron-core's GPTDataset read in 2 forked data-loader workers,
+    the loss per token without EOD inputs, and iterations 1-2 profiled by torch.profiler."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoTokenizer
 
@@ -86,9 +88,15 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
         "--data-path", str(tmp_path / "hf_text_document"), "--split", "90,10,0", "--tokenizer-type",
         "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir), "--consa-phase", "fixed", "--consa-allocation",
         "all_fa", "--train-iters", "12", "--lr", "3e-3", "--log-interval", "4", "--save", str(tmp_path / "run"),
-        "--no-save-optim"]))
+        "--no-save-optim", "--num-workers", "2", "--eod-mask-loss", "--calculate-per-token-loss", "--profile",
+        "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "3", "--tensorboard-dir",
+        str(tmp_path / "tb")]))
     losses = _losses(log)
     assert len(losses) == 3 and losses[-1] < losses[0]
+    traces = list((tmp_path / "tb").glob("*.pt.trace.json"))
+    assert len(traces) == 1, traces
+    steps = set(re.findall(r'"ProfilerStep#(\d+)"', traces[0].read_text()))
+    assert steps == {"1", "2"}, steps  # (iteration 0 is the warm-up, not recorded)
     saved = tmp_path / "run" / "iter_0000012"
     assert AutoTokenizer.from_pretrained(str(saved), local_files_only=True).encode("x = 1") == \
         reference.encode("x = 1")  # the checkpoint carries its tokenizer
@@ -97,7 +105,7 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     assert meta["resumable"] is False and not list(saved.glob("rng_rank*"))
     # what evaluation's --data-path defaults its --split and seed to
     assert meta["data"] == {"data_path": [str(tmp_path / "hf_text_document")], "split": "90,10,0", "seed": 1234,
-                            "mock": False, "eod_mask_loss": False}
+                            "mock": False, "eod_mask_loss": True}
     assert b"optimizer" not in (saved / ".metadata").read_bytes()  # dist_checkpointing's index of the shards
     config = json.loads((saved / "config.json").read_text())
     assert config["num_hidden_layers"] == 4
@@ -200,7 +208,8 @@ def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precisio
     assert "| grad norm " in whole_log
     assert ("| loss scale 65536 |" in whole_log) == (precision == "--fp16")
     stopped = tmp_path / "stopped"
-    gc = ["--manual-gc", "--manual-gc-interval", "2"]  # (collections at other moments: the same run)
+    # (collections at other moments, batches read ahead in a worker process: the same run)
+    gc = ["--manual-gc", "--manual-gc-interval", "2", "--num-workers", "1"]
     log = _ok(_train(run + gc + ["--save", str(stopped), "--exit-interval", "3"]))
     assert f"stopping after iteration 3 of 8 (--exit-interval 3): saved to {stopped}" in log
     assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
@@ -307,6 +316,11 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     err = _bad(BASE + ["--fp16", "--initial-loss-scale", "8", "--min-loss-scale", "16"], capsys)
     assert "--min-loss-scale (TrainingConfig.min_loss_scale)=16.0" in err and "initial_loss_scale=8.0" in err
     assert "--hysteresis (TrainingConfig.hysteresis)=0" in _bad(BASE + ["--fp16", "--hysteresis", "0"], capsys)
+    assert "no CUDA: add --use-pytorch-profiler" in _bad(BASE + ["--profile"], capsys)  # nsys's profiler: CUDA only
+    assert "give --tensorboard-dir" in _bad(BASE + ["--profile", "--use-pytorch-profiler"], capsys)
+    err = _bad(BASE + ["--profile", "--use-pytorch-profiler", "--tensorboard-dir", str(tmp_path / "tb"),
+                       "--profile-step-start", "3", "--profile-step-end", "3"], capsys)
+    assert "0 <= step_start < step_end (--profile-step-start, --profile-step-end)" in err
     other = Allocation(granularity="kv_head", num_layers=2, num_kv_heads=2, window=8, sink_tokens=0,
                        target_sparsity=0.5, fa=[[1, 0], [0, 1]])
     other.save(tmp_path / "other.json")

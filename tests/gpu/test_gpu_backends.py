@@ -149,7 +149,7 @@ class TestCudaAttention:
             torch.testing.assert_close(g1, g2, rtol=1e-2, atol=1e-3)
 
 
-def _run(backend: str, bf16: bool, iters: int = 6, transformer_impl: str = "local"):
+def _run(backend: str, bf16: bool, iters: int = 6, transformer_impl: str = "local", **train_kw):
     from scenarios_gpu import ARCH, DATA, consa_config
 
     from megatron_consa.training.config import ParallelConfig, TrainingConfig
@@ -158,7 +158,7 @@ def _run(backend: str, bf16: bool, iters: int = 6, transformer_impl: str = "loca
 
     training = TrainingConfig(
         train_iters=iters, micro_batch_size=2, global_batch_size=4, seq_length=256, lr=1e-3, min_lr=1e-3,
-        lr_decay_style="constant", bf16=bf16, allocation_check_interval=1,
+        lr_decay_style="constant", bf16=bf16, allocation_check_interval=1, **train_kw,
     )
     parallel = ParallelConfig()
     initialize_distributed(parallel, seed=training.seed)
@@ -179,6 +179,13 @@ class TestSingleRankNccl:
             assert math.isfinite(a.loss) and abs(a.loss - b.loss) < 2e-2 * b.loss
             assert abs(a.s_hat - b.s_hat) < 1e-2
         assert fp32[-1].loss < fp32[0].loss
+
+    def test_fused_cross_entropy_run_follows_the_unfused_one(self):
+        """--cross-entropy-loss-fusion (on CUDA only): megatron-core's fused cross entropy is the same loss."""
+        plain = _run("torch", bf16=True)
+        fused = _run("torch", bf16=True, cross_entropy_loss_fusion=True)
+        for a, b in zip(fused, plain):
+            assert math.isfinite(a.loss) and abs(a.loss - b.loss) < 1e-2 * b.loss
 
     @needs_te
     def test_te_backend_run_matches_torch_backend(self):

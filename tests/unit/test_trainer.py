@@ -24,7 +24,7 @@ ARCH = ArchitectureConfig(
 DATA = PeriodicSequenceData(vocab_size=64, seq_length=32, period=12)
 
 
-def _trainer(consa: ConsaConfig, parallel: ParallelConfig | None = None, **train_kw) -> ConsaTrainer:
+def _trainer(consa: ConsaConfig, parallel: ParallelConfig | None = None, data=DATA, **train_kw) -> ConsaTrainer:
     parallel = parallel or ParallelConfig()
     settings = dict(
         train_iters=3, micro_batch_size=2, global_batch_size=4, seq_length=32, lr=1e-2, min_lr=1e-2,
@@ -32,7 +32,7 @@ def _trainer(consa: ConsaConfig, parallel: ParallelConfig | None = None, **train
     )
     training = TrainingConfig(**{**settings, **train_kw})
     initialize_distributed(parallel, seed=training.seed)
-    return ConsaTrainer(arch=ARCH, consa=consa, parallel=parallel, training=training, data=DATA)
+    return ConsaTrainer(arch=ARCH, consa=consa, parallel=parallel, training=training, data=data)
 
 
 def _weights(trainer):
@@ -423,6 +423,122 @@ class TestTrainer:
         assert record.skipped and not record.dual_step
         assert (trainer.controller.lambda1, trainer.controller.lambda2) == (0.0, 0.0)
         assert trainer.controller.s_hat_history == [[0, record.s_hat]]
+
+
+@dataclasses.dataclass
+class EodMaskedData:
+    """DATA under `--eod-mask-loss` (EOD = 0) with a varying share of EODs: sample i starts with
+    (i % 5) * 4 of them, so micro-batches have different numbers of tokens with loss."""
+
+    eod_mask_id: int = 0
+
+    def sample(self, index: int) -> torch.Tensor:
+        seq = DATA.sample(index).clamp(min=1)
+        seq[: (index % 5) * 4] = 0
+        return seq
+
+
+@pytest.mark.usefixtures("single_rank_mcore")
+class TestMegatronTrainingFlags:
+    """Megatron-LM's --calculate-per-token-loss, --decoupled-lr, --grad-reduce-in-bf16,
+    --empty-unused-memory-level and --attention-backend in the trainer."""
+
+    @pytest.mark.parametrize("per_token", [False, True])
+    def test_loss_and_gradients_are_the_normalisation_asked_for(self, per_token):
+        """Against autograd of the objective written out here, on 4 micro-batches with 16 to 32
+        tokens with loss: per token, the sum over the global batch's tokens over their number;
+        by default, the mean of the micro-batches' per-token means. The logged loss, the
+        validation loss and the reduced gradients are that objective's."""
+        from megatron_consa.training.data import micro_batches
+
+        data = EodMaskedData()
+        kw = dict(micro_batch_size=1, global_batch_size=4, clip_grad=0.0, calculate_per_token_loss=per_token)
+        consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
+        model = unwrap_model(_trainer(consa, data=data, **kw).chunks[0])  # the same initial weights (seed)
+        sums, counts = [], []
+        for b in micro_batches(data, iteration=0, global_batch_size=4, micro_batch_size=1, dp_rank=0, dp_size=1):
+            losses = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"]).float()
+            sums.append((losses * b["loss_mask"]).sum())
+            counts.append(b["loss_mask"].sum())
+        assert len(set(map(int, counts))) > 1, counts
+        per_token_objective = sum(sums) / sum(counts)
+        mean_objective = sum(s / c for s, c in zip(sums, counts)) / len(sums)
+        objective = per_token_objective if per_token else mean_objective
+        assert abs(float(per_token_objective) - float(mean_objective)) > 1e-3  # the two differ on this batch
+        params = list(model.parameters())
+        grads = torch.autograd.grad(objective, params)
+
+        trainer = _trainer(consa, data=data, **kw)
+        assert trainer.evaluate(data, iterations=1) == pytest.approx(float(objective), rel=1e-6)
+        record = trainer.train_step()
+        assert record.loss == pytest.approx(float(objective), rel=1e-6)
+        for (name, p), g in zip(unwrap_model(trainer.chunks[0]).named_parameters(), grads):
+            torch.testing.assert_close(p.main_grad, g, rtol=1e-4, atol=1e-7, msg=name)
+
+    def test_decoupled_lr_schedules_the_embedding_and_output_layer_apart(self):
+        consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
+        schedule = dict(train_iters=4, lr=1e-2, min_lr=1e-3, lr_decay_style="linear")
+        for decoupled in ({}, {"decoupled_lr": 5e-2, "decoupled_min_lr": 5e-3}):
+            trainer = _trainer(consa, **schedule, **decoupled)
+            model = unwrap_model(trainer.chunks[0])
+            special = {id(model.embedding.word_embeddings.weight), id(model.output_layer.weight)}
+            seen = []
+            trainer.train(on_step=lambda r: seen.append((r.lr, {
+                id(p) in special: g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]})))
+            for lr, by_kind in seen:
+                assert by_kind[False] == lr and by_kind[True] == pytest.approx(5 * lr if decoupled else lr, rel=1e-9)
+            assert len({lr for lr, _ in seen}) == 4  # (the schedule moved)
+
+    def test_grad_reduce_in_bf16_keeps_the_gates_float32(self):
+        consa = ConsaConfig(window=4, target_warmup_iters=0)
+        for reduce_in_bf16 in (False, True):
+            trainer = _trainer(consa, bf16=True, grad_reduce_in_bf16=reduce_in_bf16)
+            record = trainer.train_step()
+            assert record.loss == record.loss and not record.skipped
+            for name, p in unwrap_model(trainer.chunks[0]).named_parameters():
+                want = torch.bfloat16 if reduce_in_bf16 and not name.endswith("log_alpha") else torch.float32
+                assert p.main_grad.dtype == want, name
+
+    @pytest.mark.parametrize("level,per_step,per_eval_batch", [(0, 0, 0), (1, 1, 1), (2, 2, 1)])
+    def test_empty_unused_memory_level_releases_at_megatrons_points(self, monkeypatch, level, per_step,
+                                                                    per_eval_batch):
+        from megatron_consa.training import loop
+
+        calls = []
+        monkeypatch.setattr(loop, "empty_cuda_cache", lambda: calls.append(1))
+        trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), empty_unused_memory_level=level)
+        trainer.train(2)
+        assert len(calls) == 2 * per_step
+        trainer.evaluate(DATA, iterations=3)
+        assert len(calls) == 2 * per_step + 3 * per_eval_batch
+
+    def test_data_loader_workers_prepare_the_same_batches_ahead(self):
+        """--num-workers: the micro-batches come from forked worker processes, the same tensors
+        as read in the trainer, so the same run; asked out of order (a resume) it starts over."""
+        from megatron_consa.training.data import PrefetchedBatches, micro_batches
+
+        consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
+        inline = [r.loss for r in _trainer(consa, data=EodMaskedData(), train_iters=4).train()]
+        trainer = _trainer(consa, data=EodMaskedData(), train_iters=4, num_workers=2)
+        assert [r.loss for r in trainer.train()] == inline
+        assert isinstance(trainer._loader._loader, torch.utils.data.dataloader._MultiProcessingDataLoaderIter)
+        trainer.close()
+        layout = dict(global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1)
+        loader = PrefetchedBatches(EodMaskedData(), num_workers=1, **layout)
+        for k in (10, 11, 3, 4):
+            got, want = loader.get(k), micro_batches(EodMaskedData(), iteration=k, **layout)
+            assert all(torch.equal(g[key], w[key]) for g, w in zip(got, want) for key in w) and len(got) == 2
+        loader.close()
+
+    def test_attention_backend_sets_transformer_engines_switches(self, monkeypatch):
+        """megatron-core turns the choice into TE's NVTE_*_ATTN switches when the model is built
+        (the TE backend's DotProductAttention reads them; the torch backend has no use for them)."""
+        import os
+
+        monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("NVTE_")})
+        _trainer(ConsaConfig(window=4, allocation=[[1, 0], [0, 1]]), attention_backend="fused")
+        assert {k: os.environ.get(k) for k in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")} == {
+            "NVTE_FLASH_ATTN": "0", "NVTE_FUSED_ATTN": "1", "NVTE_UNFUSED_ATTN": "0"}
 
 
 SETTLE_ARCH = ArchitectureConfig(

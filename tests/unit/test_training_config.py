@@ -148,6 +148,10 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--rotary-percent", "1.0", "--context-parallel-size", "1", "--no-create-attention-mask-in-dataloader",
     "--log-throughput", "--accumulate-allreduce-grads-in-fp32", "--use-dist-ckpt", "--recompute-activations",
     "--eod-mask-loss", "--no-mmap-bin-files",
+    # NVIDIA's Llama 3 8B script (examples/llama/train_llama3_8b_h100_fp8.sh) without its fp8 flags
+    "--attention-backend", "fused", "--decoupled-lr", "5.0e-4", "--decoupled-min-lr", "4.5e-5", "--bf16",
+    "--grad-reduce-in-bf16", "--cross-entropy-loss-fusion", "--calculate-per-token-loss", "--manual-gc",
+    "--empty-unused-memory-level", "1", "--tiktoken-pattern", "v2",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -165,6 +169,12 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     assert (run.data.eod_mask_loss, run.data.mmap_bin_files) == (True, False)
     assert (run.arch.num_kv_heads, run.arch.rope_theta, run.arch.rms_norm_eps, run.arch.tie_word_embeddings) == (
         2, 500000.0, 1e-5, False)
+    assert (t.attention_backend, t.decoupled_lr, t.decoupled_min_lr, t.bf16, t.grad_reduce_in_bf16) == (
+        "fused", 5e-4, 4.5e-5, True, True)
+    assert (t.cross_entropy_loss_fusion, t.calculate_per_token_loss, t.manual_gc, t.empty_unused_memory_level) == (
+        True, True, True, 1)
+    local = parse_run_config(LLAMA_SCRIPT + ["--attention-backend", "local"])  # no TE attention: the torch backend
+    assert (local.training.attention_backend, local.consa.backend) == ("local", "torch")
 
 
 def test_a_schedule_in_samples_runs_in_iterations_of_the_global_batch(caplog):
@@ -263,6 +273,35 @@ def test_a_schedule_in_samples_is_refused_where_it_cannot_mean_one_thing(flags, 
             "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "0"]
     with pytest.raises(ArgumentError, match=re.escape(message)):
         parse_run_config(base + flags)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 is for bf16 training: add --bf16"),
+    (["--decoupled-min-lr", "1e-5"], "--decoupled-min-lr goes with --decoupled-lr"),
+    (["--attention-backend", "local", "--consa-backend", "te"], "--attention-backend local turns Transformer Engine's"),
+    (["--attention-backend", "flashy"], "argument --attention-backend: invalid choice: 'flashy'"),
+])
+def test_megatron_lm_kernel_and_optimizer_flags_that_cannot_hold_are_refused(flags, message, capsys):
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "2", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "0"]
+    with pytest.raises((ArgumentError, SystemExit)) as err:
+        parse_run_config(base + flags)
+    assert message in (str(err.value) if err.type is ArgumentError else capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(decoupled_lr=1e-4, decoupled_min_lr=1e-3), "decoupled_min_lr"),
+    (dict(decoupled_lr=1e-5, min_lr=3e-5), "min_lr"),  # the embedding's decay would end above its peak
+    (dict(decoupled_min_lr=1e-5), "decoupled_min_lr"),
+    (dict(grad_reduce_in_bf16=True), "grad_reduce_in_bf16"),
+    (dict(attention_backend="flashy"), "attention_backend"),
+    (dict(empty_unused_memory_level=3), "empty_unused_memory_level"),
+])
+def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
+    with pytest.raises(ConsaConfigError, match=field):
+        TrainingConfig(**kw).validate(dp_size=1)
 
 
 @pytest.mark.parametrize("flags,message", [
