@@ -133,6 +133,11 @@ _REFUSED = {  # Megatron-LM flags that would change what these runs are: why not
                     "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
     "--merge-file": "GPT-2 BPE files are not read here: give a Hugging Face tokenizer directory "
                     "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
+    **{flag: "fp8 training is not supported here (the KV-group reordering would copy into low-precision weights, "
+             "and Transformer Engine's fp8 sliding-window attention needs sm_100 or a newer cuDNN): train with --bf16 "
+             "and drop the --fp8-* flags"
+       for flag in ("--fp8-format", "--fp8-recipe", "--fp8-amax-history-len", "--fp8-amax-compute-algo",
+                    "--fp8-param-gather", "--fp8-margin")},
 }
 _IGNORED = {  # Megatron-LM flags with a value that only a setup these runs do not have reads
     "--tiktoken-pattern": "read by Megatron-LM's TikTokenizer only, not one of these tokenizer types: ignored",

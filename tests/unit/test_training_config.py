@@ -318,6 +318,8 @@ def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     (["--use-legacy-models"], "--use-legacy-models: megatron-consa builds megatron-core's GPTModel"),
     (["--rampup-batch-size", "16", "16", "1000"], "--rampup-batch-size: a ramped batch size moves every later sample"),
     (["--vocab-file", "vocab.json", "--merge-file", "merges.txt"], "--vocab-file: GPT-2 BPE files are not read here"),
+    (["--fp8-format", "hybrid", "--fp8-amax-history-len", "1024", "--fp8-param-gather"],
+     "--fp8-format: fp8 training is not supported here"),
     (["--recompute-granularity", "full"], "--recompute-activations (selective) and --recompute-granularity full"),
 ])
 def test_megatron_lm_flags_that_disagree_are_refused_by_name(flags, message):
