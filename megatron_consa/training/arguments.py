@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_consa.architecture import ArchitectureConfig
+from megatron_consa.compat import distributed_backend
 from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
@@ -116,6 +117,8 @@ _FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
     ("--log-throughput", "(tokens/s is always logged)"),
     ("--accumulate-allreduce-grads-in-fp32", "(gradients are always accumulated and reduced in fp32)"),
     ("--use-dist-ckpt", "(checkpoints are always megatron-core's dist_checkpointing)"),
+    ("--no-async-tensor-model-parallel-allreduce", "(deprecated in Megatron-LM, where it does nothing either)"),
+    ("--exit-on-missing-checkpoint", "(a --load that holds no checkpoint is always an error here)"),
 )
 _FIXED_NUMBERS = {  # flags whose one value here is a number: (value, what it says, why no other)
     "--rotary-percent": (1.0, "RoPE on the whole head dimension", "Qwen/Llama/Mistral rotate all of it"),
@@ -142,6 +145,13 @@ _REFUSED = {  # Megatron-LM flags that would change what these runs are: why not
 _IGNORED = {  # Megatron-LM flags with a value that only a setup these runs do not have reads
     "--tiktoken-pattern": "read by Megatron-LM's TikTokenizer only, not one of these tokenizer types: ignored",
 }
+_SETUP_CHOICES = {  # Megatron-LM set-up flags with one value here: (the value, what it is, why no other)
+    "--optimizer": ("adam", "megatron-core's Adam with decoupled weight decay",
+                    "the gates and the augmented Lagrangian were tuned with it"),
+    "--dataloader-type": ("single", "each iteration reads the next global batch of megatron-core's shuffled samples, "
+                          "as Megatron-LM's single sampler", "a resume reads on from iteration x global batch"),
+    "--rerun-mode": ("disabled", "no rerun state machine", "megatron-consa has none"),
+}
 _FIXED_CHOICES = {
     "--normalization": ("RMSNorm", "the norm layers"),
     "--position-embedding-type": ("rope", "positions"),
@@ -161,6 +171,18 @@ def _check_megatron_compat(a: argparse.Namespace) -> None:
         value = getattr(a, flag[2:].replace("-", "_"), None)
         if value is not None and value != only:
             raise ArgumentError(f"{flag} {value}: {text} only ({flag} {only:g}): {why}")
+    for flag, (only, text, why) in _SETUP_CHOICES.items():
+        value = getattr(a, flag[2:].replace("-", "_"), None)
+        if value is not None and value != only:
+            raise ArgumentError(f"{flag} {value}: {flag} {only} only ({text}): {why}; drop the flag or pass {only}")
+    backend = getattr(a, "distributed_backend", None)
+    if backend is not None and backend != distributed_backend():
+        raise ArgumentError(f"--distributed-backend {backend}: this machine runs {distributed_backend()} (NCCL with "
+                            f"CUDA, gloo without); drop the flag or pass {distributed_backend()}")
+    if hasattr(a, "use_flash_attn"):  # Megatron-LM's older switch for FlashAttention
+        if a.attention_backend not in ("auto", "flash"):
+            raise ArgumentError(f"--use-flash-attn and --attention-backend {a.attention_backend}: give one")
+        a.attention_backend = "flash"
     for flag, why in _REFUSED.items():
         if hasattr(a, flag[2:].replace("-", "_")):
             raise ArgumentError(f"{flag}: {why}")
@@ -374,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only 0 (these models train without dropout; Megatron-LM's default is 0.1)")
     for flag, (only, text, _) in _FIXED_NUMBERS.items():
         g.add_argument(flag, type=type(only), default=argparse.SUPPRESS, help=f"{text} (only {only:g})")
+    for flag, (only, text, _) in _SETUP_CHOICES.items():
+        g.add_argument(flag, metavar=only, default=argparse.SUPPRESS, help=f"{text} (only {only})")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=argparse.SUPPRESS,
+                   help="the process group's backend: NCCL with CUDA, gloo without (only that one)")
+    g.add_argument("--use-flash-attn", action="store_true", default=argparse.SUPPRESS,
+                   help="= --attention-backend flash")
     g.add_argument("--use-checkpoint-args", action="store_true", default=argparse.SUPPRESS,
                    help="the model as --load's checkpoint describes it (= --hf-config <the --load path>)")
     g.add_argument("--recompute-activations", action="store_true", default=argparse.SUPPRESS,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_consa.compat import distributed_backend
 from megatron_consa.config import ConsaConfigError
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
 
@@ -134,6 +135,7 @@ def test_optimizer_and_loss_scale_flags_reach_the_training_config():
             given.hysteresis, given.adam_eps) == (512.0, 4096.0, 2.0, 50, 3, 1e-6)
 
 
+OTHER_BACKEND = {"nccl": "gloo", "gloo": "nccl"}[distributed_backend()]
 LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretraining script
     "--use-mcore-models", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
     "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32",
@@ -152,6 +154,9 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--attention-backend", "fused", "--decoupled-lr", "5.0e-4", "--decoupled-min-lr", "4.5e-5", "--bf16",
     "--grad-reduce-in-bf16", "--cross-entropy-loss-fusion", "--calculate-per-token-loss", "--manual-gc",
     "--empty-unused-memory-level", "1", "--tiktoken-pattern", "v2",
+    # and those of AMD's Llama 3 script there (examples/llama/train_llama3.sh)
+    "--optimizer", "adam", "--dataloader-type", "single", "--no-async-tensor-model-parallel-allreduce",
+    "--exit-on-missing-checkpoint", "--distributed-backend", distributed_backend(), "--rerun-mode", "disabled",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -321,6 +326,11 @@ def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     (["--fp8-format", "hybrid", "--fp8-amax-history-len", "1024", "--fp8-param-gather"],
      "--fp8-format: fp8 training is not supported here"),
     (["--recompute-granularity", "full"], "--recompute-activations (selective) and --recompute-granularity full"),
+    (["--optimizer", "sgd"], "--optimizer sgd: --optimizer adam only (megatron-core's Adam"),
+    (["--dataloader-type", "cyclic"], "--dataloader-type cyclic: --dataloader-type single only"),
+    (["--distributed-backend", OTHER_BACKEND], f"--distributed-backend {OTHER_BACKEND}: this machine runs "
+                                               f"{distributed_backend()}"),
+    (["--use-flash-attn"], "--use-flash-attn and --attention-backend fused: give one"),
 ])
 def test_megatron_lm_flags_that_disagree_are_refused_by_name(flags, message):
     from megatron_consa.training.arguments import ArgumentError, parse_run_config
