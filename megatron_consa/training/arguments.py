@@ -56,6 +56,9 @@ class CheckpointConfig:
     controller are loaded: precision, learning rates or the optimizer's sharding may change)."""
     load_rng: bool = True
     """On resume, restore every rank's RNG states (`--no-load-rng`: keep this run's seeds)."""
+    save_rng: bool = True
+    """Save every rank's RNG states with the optimizer (`--no-save-rng`: a resume of it needs
+    `--no-load-rng`, as in Megatron-LM)."""
 
 
 @dataclass
@@ -379,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--use-distributed-optimizer layout) and this run's schedule, from the saved iteration and "
                         "data position on; also continues a --no-save-optim checkpoint of the same phase")
     g.add_argument("--no-load-rng", action="store_true", help="resume without restoring the ranks' RNG states")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="save checkpoints without the ranks' RNG states (their resume takes --no-load-rng)")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
 
@@ -820,7 +825,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                             "loads the weights only already; drop one")
     checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
                                   save_optim=not a.no_save_optim, load_optim=not a.no_load_optim,
-                                  load_rng=not a.no_load_rng)
+                                  load_rng=not a.no_load_rng, save_rng=not a.no_save_rng)
     if a.exit_interval is not None and a.exit_interval < 1:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:

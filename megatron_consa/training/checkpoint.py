@@ -128,14 +128,15 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = Tru
 
 
 def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[Callable[[Path], dict]] = None,
-                    with_optimizer: bool = True) -> Path:
+                    with_optimizer: bool = True, with_rng: bool = True) -> Path:
     """Save `trainer` (all ranks call this) into `directory` atomically.
 
     `extras(dir)` (rank 0, before the directory is complete) writes the files
     that describe the checkpoint beside the shards (its tokenizer, config.json)
     and returns entries for the metadata. `with_optimizer=False`: weights, gates
     and controller only (no optimizer, scheduler or RNG): it starts a new phase,
-    it cannot resume.
+    it cannot resume. `with_rng=False` (Megatron-LM's `--no-save-rng`): no RNG states; a
+    resume then keeps its own (`load_checkpoint(load_rng=False)`).
     """
     trainer.finish_param_gather()  # --overlap-param-gather: save this step's weights
     final = Path(directory)
@@ -147,7 +148,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
         tmp.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer), str(tmp))
-    if with_optimizer:
+    if with_optimizer and with_rng:
         torch.save(_rng_state(), _rng_file(tmp, rank))
     dist.barrier()
     if os.environ.get(FAULT_INJECTION_ENV) == str(trainer.iteration):
@@ -165,6 +166,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
                 "parallel": dataclasses.asdict(trainer.parallel),
                 "world_size": dist.get_world_size(),
                 "resumable": with_optimizer,
+                "rng": with_optimizer and with_rng,
             }
             if extras is not None:
                 meta.update(extras(tmp))

@@ -164,6 +164,9 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                 "(or finalize it first: tools/finalize_allocation.py)"
             )
     if resume:
+        if run.checkpoint.load_rng and load_meta.get("rng") is False and load_meta.get("resumable"):
+            raise ArgumentError(f"--load {run.checkpoint.load}: saved without its RNG states (--no-save-rng): resume "
+                                "with --no-load-rng (the ranks keep this run's seeds)")
         if run.checkpoint.load_optim:
             _check_same_optimizer(run, training, load_meta)
         _check_same_data(run, training, load_meta)
@@ -442,7 +445,7 @@ def run_training(prepared: PreparedRun):
 
     def checkpoint() -> None:
         save_run_checkpoint(trainer, save, extras=_checkpoint_extras(run, prepared.tokenizer),
-                            with_optimizer=run.checkpoint.save_optim)
+                            with_optimizer=run.checkpoint.save_optim, with_rng=run.checkpoint.save_rng)
         if run.consa.learning and training.tensorboard_dir:  # the same on every rank
             log_alpha = trainer.gather_log_alpha()  # a collective: every rank
             if trainer._writer is not None:

@@ -198,11 +198,12 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
-def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precision):
+def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precision, capsys, monkeypatch):
     """A bf16 / fp16 learning run as users launch it (fp16 at the shipped loss scale): it
     saves (the float32 gates once broke megatron-core's mixed-precision checkpoint), logs
     its grad norm (and loss scale), and a run stopped by --exit-interval resumes to the
-    same records, bit for bit."""
+    same records, bit for bit (saved with --no-save-rng, resumed with --no-load-rng, which
+    it needs: nothing in a step draws from the RNGs)."""
     run = _with(RESUME_RUN, "--train-iters", "8") + [precision, "--save-interval", "8"]
     whole_log = _ok(_train(run + ["--save", str(tmp_path / "whole")]))
     assert "| grad norm " in whole_log
@@ -210,10 +211,14 @@ def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precisio
     stopped = tmp_path / "stopped"
     # (collections at other moments, batches read ahead in a worker process: the same run)
     gc = ["--manual-gc", "--manual-gc-interval", "2", "--num-workers", "1"]
-    log = _ok(_train(run + gc + ["--save", str(stopped), "--exit-interval", "3"]))
+    log = _ok(_train(run + gc + ["--save", str(stopped), "--exit-interval", "3", "--no-save-rng"]))
     assert f"stopping after iteration 3 of 8 (--exit-interval 3): saved to {stopped}" in log
     assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    _ok(_train(run + gc + ["--save", str(stopped), "--load", str(stopped)]))
+    assert not list((stopped / "iter_0000003").glob("rng_rank*"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "saved without its RNG states (--no-save-rng): resume with --no-load-rng" in _bad(
+        run + gc + ["--save", str(stopped), "--load", str(stopped)], capsys)
+    _ok(_train(run + gc + ["--save", str(stopped), "--load", str(stopped), "--no-load-rng"]))
     whole, resumed = _final_state(tmp_path / "whole"), _final_state(stopped)
     assert len(resumed["records"]) == 8 and not any(r["skipped"] for r in whole["records"])
     assert resumed["records"] == whole["records"]
