@@ -26,6 +26,7 @@ COMMON=(
   --data-path "$DATA" --split 989,10,1
   --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --sequence-parallel --bf16
+  --num-workers 2 --manual-gc --manual-gc-interval 100
   --seq-length 8192 --micro-batch-size 1 --global-batch-size 64
   --consa-window 1024 --consa-granularity kv_head
   --log-interval 10 --eval-interval 200 --eval-iters 10
