@@ -134,13 +134,16 @@ def micro_batches(
 
 
 class _IterationBatches(torch.utils.data.Dataset):
-    """Item k: (k, the micro-batches of iteration k for one data-parallel rank)."""
+    """Item k: (k, the micro-batches of iteration k for one data-parallel rank, stacked: one
+    [micro-batches, b, s] tensor per key, so an item crosses from the worker as four shared-memory
+    tensors, not four per micro-batch: each holds a file descriptor while in flight)."""
 
     def __init__(self, source: SampleSource, **layout: int) -> None:
         self.source, self.layout = source, layout
 
     def __getitem__(self, iteration: int):
-        return iteration, micro_batches(self.source, iteration=iteration, **self.layout)
+        batches = micro_batches(self.source, iteration=iteration, **self.layout)
+        return iteration, {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
 
 
 class _From(torch.utils.data.Sampler):
@@ -184,11 +187,12 @@ class PrefetchedBatches:
                 _IterationBatches(self.source, **self.layout), batch_size=None, sampler=_From(iteration),
                 num_workers=self.num_workers, multiprocessing_context="fork",
             ))
-        k, batches = next(self._loader)
+        k, stacked = next(self._loader)
         if k != iteration:  # (the sampler hands the iterations in order)
             raise RuntimeError(f"the data loader gave iteration {k} for iteration {iteration}")
         self._next = iteration + 1
-        return batches
+        keys = list(stacked)
+        return [dict(zip(keys, parts)) for parts in zip(*(stacked[key].unbind(0) for key in keys))]
 
     def close(self) -> None:
         """Stop the worker processes (they stop with the trainer too)."""

@@ -111,12 +111,16 @@ def build_model_chunks(
     """
     check_transformer_impl(transformer_impl)
     stock = transformer_impl == "stock"
-    if training.attention_backend == "local" and not stock and (
-            resolve_backend_name(consa.backend, sink_tokens=consa.sink_tokens) == "te"):
+    on_te = not stock and resolve_backend_name(consa.backend, sink_tokens=consa.sink_tokens) == "te"
+    if training.attention_backend == "local" and on_te:
         raise ConsaConfigError(
             "TrainingConfig.attention_backend='local' turns Transformer Engine's attention kernels off, and "
             f"ConsaConfig.backend={consa.backend!r} runs on them here: use backend='torch' (--consa-backend torch)"
         )
+    if training.attention_backend in ("flash", "fused", "unfused") and not on_te and torch.distributed.get_rank() == 0:
+        logger.warning("attention_backend=%r (--attention-backend) picks Transformer Engine's attention kernels; this "
+                       "run's attention does not run on them (the torch backend, or megatron-core's local one): no "
+                       "effect", training.attention_backend)
     if stock and (consa.learning or any(0 in row for row in consa.allocation)):
         raise ConsaConfigError("transformer_impl='stock' is megatron-core's full attention: use an all-FA fixed allocation")
     use_te = None if transformer_impl in ("auto", "stock") else transformer_impl == "transformer_engine"
@@ -263,20 +267,22 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     # divides `loss` in place)
 
 
-def reduced_loss(reports: list[torch.Tensor], *, per_token: bool) -> float:
-    """The LM loss of one global batch from the micro-batches' [sum, tokens] reports, on every rank
-    (a collective: the last pipeline stage holds the reports, summed over its DP replicas here).
+def reduced_loss(reports: list[torch.Tensor], *, per_token: bool) -> tuple[float, float]:
+    """(total, count) of one global batch's LM loss from the micro-batches' [sum, tokens]
+    reports, on every rank (a collective: the last pipeline stage holds the reports, summed
+    over its DP replicas here); the loss is total / count, and pooled over batches
+    sum(totals) / sum(counts).
 
-    `per_token`: the sum over the batch's tokens with loss divided by their number, the
-    objective of `calculate_per_token_loss`; otherwise the mean over micro-batches of each
-    one's per-token mean (a micro-batch without tokens with loss counts 0), the default's."""
+    `per_token`: the loss summed over the tokens with loss, and their number: the objective of
+    `calculate_per_token_loss`; otherwise each micro-batch's per-token mean (one without tokens
+    with loss counts 0) summed, and the number of micro-batches: the default's."""
     sums = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and reports:
         r = torch.stack([x.double() for x in reports])  # [micro-batches, 2]
         sums = [float(r[:, 0].sum()), float(r[:, 1].sum())] if per_token else [
             float((r[:, 0] / r[:, 1].clamp(min=1)).sum()), float(len(reports))]
     total, count = last_stage_sums_to_all(sums, 2)
-    return total / max(count, 1.0)
+    return total, count
 
 
 def forward_step(data_iterator, model):
@@ -454,7 +460,8 @@ class ConsaTrainer:
         else:
             dual = {"lambda1": 0.0, "lambda2": 0.0, "dual_step": False}
 
-        loss = reduced_loss([x["lm loss"] for x in losses], per_token=self.training.calculate_per_token_loss)
+        total, count = reduced_loss([x["lm loss"] for x in losses], per_token=self.training.calculate_per_token_loss)
+        loss = total / max(count, 1.0)
         lr, gate_lr = self._learning_rates()
         interval = self.training.log_interval
         log_now = bool(interval) and (k % interval == 0 or k == self.training.train_iters - 1)
@@ -533,14 +540,16 @@ class ConsaTrainer:
 
     @torch.no_grad()
     def evaluate(self, source: SampleSource, *, iterations: int, first_batch: int = 0) -> float:
-        """Mean LM loss over `iterations` global batches of `source` (forward only, noise-free gates).
+        """LM loss over `iterations` global batches of `source` (forward only, noise-free gates), pooled
+        over them: with `calculate_per_token_loss` over all their tokens with loss, otherwise the
+        mean of the micro-batches' per-token means.
 
         Batch j is the same global batch on every layout (`micro_batches`), so the
         figure does not depend on TP/PP/DP. Every rank returns the same value.
         """
         for chunk in self.chunks:
             chunk.eval()
-        losses = []
+        total = count = 0.0
         for j in range(iterations):
             batches = micro_batches(
                 source, iteration=first_batch + j, global_batch_size=self.training.global_batch_size,
@@ -555,11 +564,13 @@ class ConsaTrainer:
                 num_microbatches=self.num_microbatches, seq_length=self.training.seq_length,
                 micro_batch_size=self.training.micro_batch_size, forward_only=True,
             )
-            losses.append(reduced_loss([x["lm loss"] for x in out], per_token=self.training.calculate_per_token_loss))
+            batch_total, batch_count = reduced_loss([x["lm loss"] for x in out],
+                                                    per_token=self.training.calculate_per_token_loss)
+            total, count = total + batch_total, count + batch_count  # pooled over the batches, as Megatron-LM
             self._release_memory(1)
         for chunk in self.chunks:
             chunk.train()
-        return sum(losses) / max(1, len(losses))
+        return total / max(count, 1.0)
 
     def train(self, iterations: Optional[int] = None, on_step: Optional[Callable[[StepRecord], Any]] = None):
         """Run `iterations` steps (default: up to train_iters)."""

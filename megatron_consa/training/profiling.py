@@ -66,10 +66,14 @@ class StepProfiler:
     """Around each training iteration: `before_step(k)` / `after_step(k)`, k the iterations done
     before it. A no-op on ranks not in `config.ranks` and when profiling is off."""
 
-    def __init__(self, config: ProfileConfig, *, rank: int) -> None:
+    def __init__(self, config: ProfileConfig, *, rank: int, world_size: int) -> None:
         config.validate()
         self.config = config
         self.active = config.enabled and rank in config.ranks
+        missing = [r for r in config.ranks if not 0 <= r < world_size]
+        if config.enabled and missing and rank == 0:
+            logger.warning("--profile-ranks %s: no such rank in a world of %d; they profile nothing",
+                           " ".join(map(str, missing)), world_size)
         self._torch: Optional[torch.profiler.profile] = None
         self._nvtx = None
         self._first: Optional[int] = None
@@ -78,13 +82,14 @@ class StepProfiler:
         if not self.active:
             return
         c = self.config
-        warmup = 1 if c.use_pytorch_profiler and c.step_start > 0 else 0
         if self._first is None:
             self._first = iteration
-            if iteration > c.step_start - warmup:
-                logger.warning("--profile-step-start %d: this run starts at iteration %d, after it (with its warm-up "
-                               "iteration); nothing is profiled", c.step_start, iteration)
+            if iteration > c.step_start:
+                logger.warning("--profile-step-start %d: this run starts at iteration %d, after it; nothing is "
+                               "profiled", c.step_start, iteration)
         if c.use_pytorch_profiler:
+            # one warm-up iteration before step_start, where the run has one (a resume may start at it)
+            warmup = 1 if c.step_start > 0 and self._first < c.step_start else 0
             if self._torch is None and iteration == c.step_start - warmup:
                 self._torch = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU]

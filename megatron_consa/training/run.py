@@ -229,7 +229,10 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
     """A resume continues the saved optimizer and schedule: refuse flags that change them
     (megatron-core would keep the checkpoint's schedule silently, or fail to match the
     optimizer's parameter groups), naming the flag and the fix."""
-    saved = load_meta.get("training") or {}
+    saved = dict(load_meta.get("training") or {})
+    if "lr" in saved:  # saved before --decoupled-lr existed: none
+        saved.setdefault("decoupled_lr", None)
+        saved.setdefault("decoupled_min_lr", None)
     changed = [(flag, saved[name], getattr(training, name)) for name, flag in _OPTIMIZER_GROUPS.items()
                if name in saved and saved[name] != getattr(training, name)]
     gate_lr = (load_meta.get("consa") or {}).get("gate_lr")
@@ -329,6 +332,14 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
                 f"optimizer, whose state reshards over data-parallel ranks only; this run asks for "
                 f"{getattr(run.parallel, name)}: resume at {saved[name]}, or continue with {_NEW_OPTIMIZER}"
             )
+    # its buckets are keyed by (parameter dtype, gradient dtype) too
+    was_bf16 = bool((load_meta.get("training") or {}).get("grad_reduce_in_bf16", False))
+    if was_bf16 != run.training.grad_reduce_in_bf16:
+        raise ArgumentError(
+            f"--load {run.checkpoint.load}: the run was saved {'with' if was_bf16 else 'without'} "
+            f"--grad-reduce-in-bf16 and the distributed optimizer, whose state is kept per gradient dtype; resume "
+            f"{'with' if was_bf16 else 'without'} it, or continue with {_NEW_OPTIMIZER}"
+        )
 
 
 def _check_same_allocation(run: RunConfig, load_dir: Path, load_meta: dict, allocation: Optional[Allocation]) -> None:
@@ -453,7 +464,7 @@ def run_training(prepared: PreparedRun):
 
     start = trainer.iteration
     stop = None
-    profiler = StepProfiler(run.profile, rank=dist_rank())
+    profiler = StepProfiler(run.profile, rank=dist_rank(), world_size=torch.distributed.get_world_size())
     with EarlyExit(run.exit, start_time=start_time) as early_exit, manual_gc, profiler:
         while trainer.iteration < training.train_iters:
             profiler.before_step(trainer.iteration)

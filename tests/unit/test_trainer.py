@@ -447,29 +447,37 @@ class TestMegatronTrainingFlags:
     def test_loss_and_gradients_are_the_normalisation_asked_for(self, per_token):
         """Against autograd of the objective written out here, on 4 micro-batches with 16 to 32
         tokens with loss: per token, the sum over the global batch's tokens over their number;
-        by default, the mean of the micro-batches' per-token means. The logged loss, the
-        validation loss and the reduced gradients are that objective's."""
+        by default, the mean of the micro-batches' per-token means. The logged loss and the
+        reduced gradients are that objective's; the validation loss pools two batches the same
+        way (all their tokens, or all their micro-batches)."""
         from megatron_consa.training.data import micro_batches
 
         data = EodMaskedData()
         kw = dict(micro_batch_size=1, global_batch_size=4, clip_grad=0.0, calculate_per_token_loss=per_token)
         consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
         model = unwrap_model(_trainer(consa, data=data, **kw).chunks[0])  # the same initial weights (seed)
-        sums, counts = [], []
-        for b in micro_batches(data, iteration=0, global_batch_size=4, micro_batch_size=1, dp_rank=0, dp_size=1):
-            losses = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"]).float()
-            sums.append((losses * b["loss_mask"]).sum())
-            counts.append(b["loss_mask"].sum())
-        assert len(set(map(int, counts))) > 1, counts
-        per_token_objective = sum(sums) / sum(counts)
-        mean_objective = sum(s / c for s, c in zip(sums, counts)) / len(sums)
-        objective = per_token_objective if per_token else mean_objective
-        assert abs(float(per_token_objective) - float(mean_objective)) > 1e-3  # the two differ on this batch
+
+        def objectives(iterations):  # (per token, mean of the micro-batches' means) over these batches
+            sums, counts = [], []
+            for k in iterations:
+                for b in micro_batches(data, iteration=k, global_batch_size=4, micro_batch_size=1, dp_rank=0,
+                                       dp_size=1):
+                    losses = model(b["tokens"], b["position_ids"], attention_mask=None, labels=b["labels"]).float()
+                    sums.append((losses * b["loss_mask"]).sum())
+                    counts.append(b["loss_mask"].sum())
+            assert len(set(map(int, counts))) > 1, counts
+            return sum(sums) / sum(counts), sum(s / c for s, c in zip(sums, counts)) / len(sums)
+
+        both = objectives([0])
+        objective = both[0] if per_token else both[1]
+        assert abs(float(both[0]) - float(both[1])) > 1e-3  # the two differ on this batch
         params = list(model.parameters())
         grads = torch.autograd.grad(objective, params)
+        with torch.no_grad():
+            pooled = objectives([0, 1])[0 if per_token else 1]
 
         trainer = _trainer(consa, data=data, **kw)
-        assert trainer.evaluate(data, iterations=1) == pytest.approx(float(objective), rel=1e-6)
+        assert trainer.evaluate(data, iterations=2) == pytest.approx(float(pooled), rel=1e-6)
         record = trainer.train_step()
         assert record.loss == pytest.approx(float(objective), rel=1e-6)
         for (name, p), g in zip(unwrap_model(trainer.chunks[0]).named_parameters(), grads):

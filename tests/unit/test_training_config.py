@@ -381,3 +381,34 @@ def test_no_load_optim_continues_a_runs_weights_only_checkpoint_but_not_an_impor
                        ("finalized", True): False, ("imported", False): False, ("imported", True): False}
     with pytest.raises(ArgumentError, match="--finetune with --no-load-optim"):
         parse_run_config(base + ["--load", str(tmp_path / "run"), "--finetune", "--no-load-optim"])
+
+
+@pytest.mark.parametrize("saved,flags,message", [
+    # saved before --decoupled-lr existed: its optimizer has no group of its own for the embedding
+    ({"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1}, ["--decoupled-lr", "1e-3"],
+     "saved with --decoupled-lr None, this run asks for 0.001"),
+    # the distributed optimizer keeps its state per (parameter dtype, gradient dtype)
+    ({"bf16": True, "grad_reduce_in_bf16": False}, ["--bf16", "--use-distributed-optimizer", "--grad-reduce-in-bf16"],
+     "saved without --grad-reduce-in-bf16 and the distributed optimizer"),
+    ({"bf16": True}, ["--bf16", "--use-distributed-optimizer", "--grad-reduce-in-bf16"],
+     "saved without --grad-reduce-in-bf16 and the distributed optimizer"),
+])
+def test_a_resume_that_would_not_fit_the_saved_optimizer_is_refused(tmp_path, saved, flags, message):
+    """What dist_checkpointing would fail on deep in the load (a KeyError on a parameter group or
+    bucket), refused before any work, naming the flag; --no-load-optim continues with a new optimizer."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5"]
+    meta = {"iteration": 8, "resumable": True, "consa": ConsaConfig(target_warmup_iters=5).to_dict(),
+            "architecture": {}, "training": saved,
+            "parallel": {"use_distributed_optimizer": "--use-distributed-optimizer" in flags}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "consa_run.json").write_text(json.dumps(meta))
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        prepare_run(parse_run_config(base + flags + ["--load", str(tmp_path / "run")]), world_size=1)
+    assert prepare_run(parse_run_config(base + flags + ["--load", str(tmp_path / "run"), "--no-load-optim"]),
+                       world_size=1).resume
