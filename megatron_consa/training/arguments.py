@@ -66,6 +66,8 @@ class TokenizerConfig:
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: Optional[str] = None
     vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    """A model sized by its tokenizer pads its vocabulary to a multiple of this times the TP size."""
 
 
 @dataclass
@@ -118,6 +120,7 @@ _FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
     ("--no-rope-fusion", "(RoPE is not fused)"),
     ("--no-create-attention-mask-in-dataloader", "(no mask is built: the hybrid attention is causal by construction)"),
     ("--log-throughput", "(tokens/s is always logged)"),
+    ("--log-loss-scale-to-tensorboard", "(TensorBoard always gets the fp16 loss scale)"),
     ("--accumulate-allreduce-grads-in-fp32", "(gradients are always accumulated and reduced in fp32)"),
     ("--use-dist-ckpt", "(checkpoints are always megatron-core's dist_checkpointing)"),
     ("--no-async-tensor-model-parallel-allreduce", "(deprecated in Megatron-LM, where it does nothing either)"),
@@ -321,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1, help="iterations between TensorBoard scalars")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="TensorBoard gets the validation perplexity beside the validation loss")
     g.add_argument("--profile", action="store_true",
                    help="profile iterations --profile-step-start to --profile-step-end - 1 on --profile-ranks: CUDA's "
                         "profiler for nsys (nsys profile --capture-range=cudaProfilerApi), or --use-pytorch-profiler")
@@ -362,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Hugging Face, a file: sentencepiece)")
     g.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     g.add_argument("--vocab-size", type=int, help="vocabulary of the NullTokenizer / model when no tokenizer")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="a model sized by its tokenizer (no --vocab-size, --hf-config) pads the vocabulary to a "
+                        "multiple of this times --tensor-model-parallel-size")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", help="checkpoint directory (iter_XXXXXXX/ + latest_checkpointed_iteration.txt)")
@@ -769,6 +778,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         seed=a.seed,
         log_interval=a.log_interval,
         tensorboard_dir=a.tensorboard_dir,
+        tensorboard_log_interval=a.tensorboard_log_interval,
+        log_validation_ppl_to_tensorboard=a.log_validation_ppl_to_tensorboard,
         override_opt_param_scheduler=a.override_opt_param_scheduler,
     )
     if a.train_iters < 1:
@@ -816,7 +827,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         "NullTokenizer" if a.tokenizer_model is None
         else tokenizer_type_of(a.tokenizer_model)
     )
-    tokenizer = TokenizerConfig(tokenizer_type=tok_type, tokenizer_model=a.tokenizer_model, vocab_size=a.vocab_size)
+    if a.make_vocab_size_divisible_by < 1:
+        raise ArgumentError(f"--make-vocab-size-divisible-by {a.make_vocab_size_divisible_by}: must be >= 1")
+    tokenizer = TokenizerConfig(tokenizer_type=tok_type, tokenizer_model=a.tokenizer_model, vocab_size=a.vocab_size,
+                                make_vocab_size_divisible_by=a.make_vocab_size_divisible_by)
     for flag, value in (("--save-interval", a.save_interval), ("--eval-interval", a.eval_interval)):
         if value is not None and value < 1:
             raise ArgumentError(f"{flag} {value}: must be >= 1")

@@ -216,6 +216,10 @@ class TrainingConfig:
     """Iterations between the all-ranks-hold-the-same-gates check (0 disables)."""
     tensorboard_dir: Optional[str] = None
     """Write scalars (loss, s_hat, target, lambdas, lr) here when set."""
+    tensorboard_log_interval: int = 1
+    """Iterations between TensorBoard scalars (Megatron-LM's `--tensorboard-log-interval`)."""
+    log_validation_ppl_to_tensorboard: bool = False
+    """TensorBoard gets the validation perplexity beside the validation loss."""
     override_opt_param_scheduler: bool = False
     """On resume, schedule the learning rate with this run's train_iters, warm-up and decay
     style from the saved iteration on (megatron's `override_opt_param_scheduler`), instead
@@ -264,6 +268,8 @@ class TrainingConfig:
                       f"their peak decoupled_lr={self.decoupled_lr}: set decoupled_min_lr <= decoupled_lr")
         if self.grad_reduce_in_bf16 and not self.bf16:
             _fail("TrainingConfig", "grad_reduce_in_bf16", True, "is for bf16 training: add bf16 or drop it")
+        if not isinstance(self.tensorboard_log_interval, int) or self.tensorboard_log_interval < 1:
+            _fail("TrainingConfig", "tensorboard_log_interval", self.tensorboard_log_interval, "must be an integer >= 1")
         if self.attention_backend not in ATTENTION_BACKENDS:
             _fail("TrainingConfig", "attention_backend", self.attention_backend, f"use one of {ATTENTION_BACKENDS}")
         if self.empty_unused_memory_level not in (0, 1, 2):

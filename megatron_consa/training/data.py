@@ -14,6 +14,7 @@ one data-parallel rank so that every layout sees the same samples.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol
 
@@ -146,6 +147,13 @@ class _IterationBatches(torch.utils.data.Dataset):
         return iteration, {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
 
 
+def _worker_ignores_sigterm(_worker_id: int) -> None:
+    """A SIGTERM meant for the job (Slurm's --signal reaches every process of a step) would kill the
+    worker, and the trainer with it, before `--exit-signal-handler` saves: the trainer handles it
+    and stops the workers itself (they also exit when their parent does)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _From(torch.utils.data.Sampler):
     """iteration, iteration + 1, ... (a run may step past its planned length: `ConsaTrainer.train(n)`)."""
 
@@ -185,7 +193,7 @@ class PrefetchedBatches:
             self.close()
             self._loader = iter(torch.utils.data.DataLoader(
                 _IterationBatches(self.source, **self.layout), batch_size=None, sampler=_From(iteration),
-                num_workers=self.num_workers, multiprocessing_context="fork",
+                num_workers=self.num_workers, multiprocessing_context="fork", worker_init_fn=_worker_ignores_sigterm,
             ))
         k, stacked = next(self._loader)
         if k != iteration:  # (the sampler hands the iterations in order)

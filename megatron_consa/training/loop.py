@@ -597,7 +597,7 @@ class ConsaTrainer:
         return float(lr), None if gate_lr is None else float(gate_lr)
 
     def _log(self, r: StepRecord) -> None:
-        if self._writer is not None:
+        if self._writer is not None and r.iteration % self.training.tensorboard_log_interval == 0:
             for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm", "gate_grad_norm",
                         "loss_scale", "params_norm", "num_zeros_in_grad"):
                 if getattr(r, key) is not None:

@@ -31,9 +31,6 @@ from megatron_consa.unit_scores import UnitScores
 
 logger = logging.getLogger(__name__)
 
-VOCAB_PAD_MULTIPLE = 128
-"""Megatron-LM's --make-vocab-size-divisible-by: the embedding rows are padded to a multiple of this times TP."""
-
 
 @dataclass
 class PreparedRun:
@@ -110,7 +107,7 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
     arch = run.arch
     tp = run.parallel.tensor_model_parallel_size
     if not arch.vocab_size:
-        multiple = VOCAB_PAD_MULTIPLE * tp
+        multiple = tok.make_vocab_size_divisible_by * tp
         arch = dataclasses.replace(arch, vocab_size=math.ceil(tokenizer.vocab_size / multiple) * multiple)
     elif tokenizer.vocab_size > arch.vocab_size:
         raise ArgumentError(
@@ -451,6 +448,8 @@ def run_training(prepared: PreparedRun):
         eval_batch += run.eval_iters
         if trainer._writer is not None:
             trainer._writer.add_scalar("consa/valid_loss", loss, k)
+            if training.log_validation_ppl_to_tensorboard:
+                trainer._writer.add_scalar("consa/valid_ppl", math.exp(min(loss, 50.0)), k)
         if dist_rank() == 0:
             logger.info("validation | iter %d | loss %.4f | ppl %.3f", k, loss, math.exp(min(loss, 50.0)))
 

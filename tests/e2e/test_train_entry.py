@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -46,7 +47,8 @@ def _ok(proc) -> str:
 
 
 def _losses(log: str) -> list[float]:
-    return [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if "| loss " in line and "iter " in line]
+    return [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines()
+            if "| loss " in line and "iter " in line and "validation |" not in line]  # the training steps
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +92,17 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
         "all_fa", "--train-iters", "12", "--lr", "3e-3", "--log-interval", "4", "--save", str(tmp_path / "run"),
         "--no-save-optim", "--num-workers", "2", "--eod-mask-loss", "--calculate-per-token-loss", "--profile",
         "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "3", "--tensorboard-dir",
-        str(tmp_path / "tb")]))
+        str(tmp_path / "tb"), "--tensorboard-log-interval", "4", "--eval-interval", "6", "--eval-iters", "1",
+        "--log-validation-ppl-to-tensorboard"]))
     losses = _losses(log)
     assert len(losses) == 3 and losses[-1] < losses[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [e.step for e in events.Scalars("consa/loss")] == [0, 4, 8]  # every --tensorboard-log-interval
+    valid = {e.step: e.value for e in events.Scalars("consa/valid_loss")}
+    ppl = {e.step: e.value for e in events.Scalars("consa/valid_ppl")}
+    assert list(valid) == list(ppl) == [6, 12] and all(abs(ppl[k] - math.exp(valid[k])) < 1e-3 * ppl[k] for k in ppl)
     traces = list((tmp_path / "tb").glob("*.pt.trace.json"))
     assert len(traces) == 1, traces
     steps = set(re.findall(r'"ProfilerStep#(\d+)"', traces[0].read_text()))
@@ -173,18 +183,24 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    """Under torchrun (2 ranks, DP=2), a SIGTERM that reaches one worker only: the ranks agree
-    (one all-reduce per step), save one consistent checkpoint, exit 0; the resume finishes."""
+    """Under torchrun (2 ranks, DP=2), a SIGTERM that reaches one worker only (and its data-loader
+    process, as Slurm's --signal reaches every process of a step): the ranks agree (one all-reduce
+    per step), save one consistent checkpoint, exit 0; the resume finishes."""
     run = _with(RESUME_RUN, "--global-batch-size", "4") + ["--save", str(tmp_path / "run")]
-    proc = subprocess.Popen(_torchrun_cmd(run + ["--exit-signal-handler"]), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(_torchrun_cmd(run + ["--exit-signal-handler", "--num-workers", "1"]), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tracker = tmp_path / "run" / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 300
     while time.time() < deadline and not tracker.exists():
         time.sleep(0.05)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2, workers
-    os.kill(int(workers[0]), signal.SIGTERM)
+    rank0 = Path(f"/proc/{workers[0]}/cmdline").read_bytes()
+    loaders = [pid for pid in Path(f"/proc/{workers[0]}/task/{workers[0]}/children").read_text().split()
+               if Path(f"/proc/{pid}/cmdline").read_bytes() == rank0]  # forked: the data loader's
+    assert len(loaders) == 1, loaders
+    for pid in [workers[0], *loaders]:
+        os.kill(int(pid), signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-3000:]
     last = int(tracker.read_text())

@@ -157,6 +157,7 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     # and those of AMD's Llama 3 script there (examples/llama/train_llama3.sh)
     "--optimizer", "adam", "--dataloader-type", "single", "--no-async-tensor-model-parallel-allreduce",
     "--exit-on-missing-checkpoint", "--distributed-backend", distributed_backend(), "--rerun-mode", "disabled",
+    "--tensorboard-log-interval", "5", "--log-validation-ppl-to-tensorboard", "--log-loss-scale-to-tensorboard",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -178,6 +179,7 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
         "fused", 5e-4, 4.5e-5, True, True)
     assert (t.cross_entropy_loss_fusion, t.calculate_per_token_loss, t.manual_gc, t.empty_unused_memory_level) == (
         True, True, True, 1)
+    assert (t.tensorboard_log_interval, t.log_validation_ppl_to_tensorboard) == (5, True)
     local = parse_run_config(LLAMA_SCRIPT + ["--attention-backend", "local"])  # no TE attention: the torch backend
     assert (local.training.attention_backend, local.consa.backend) == ("local", "torch")
 
@@ -412,3 +414,31 @@ def test_a_resume_that_would_not_fit_the_saved_optimizer_is_refused(tmp_path, sa
         prepare_run(parse_run_config(base + flags + ["--load", str(tmp_path / "run")]), world_size=1)
     assert prepare_run(parse_run_config(base + flags + ["--load", str(tmp_path / "run"), "--no-load-optim"]),
                        world_size=1).resume
+
+
+def test_a_model_sized_by_its_tokenizer_pads_the_vocabulary_as_megatron_lm(tmp_path):
+    """--make-vocab-size-divisible-by (default 128) times the TP size; --vocab-size is taken as it is."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tokenizer_fixtures import hf_tokenizer_dir
+
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    tok = hf_tokenizer_dir(["some text to train a tokenizer on, with words and more words"] * 20, tmp_path / "tok")
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--consa-target-warmup-iters", "5",
+            "--tokenizer-model", str(tok)]
+    sizes = {}
+    for name, extra, world in (("default", [], 1), ("64", ["--make-vocab-size-divisible-by", "64"], 1),
+                               ("64 at TP2", ["--make-vocab-size-divisible-by", "64",
+                                              "--tensor-model-parallel-size", "2"], 2)):
+        prepared = prepare_run(parse_run_config(base + extra), world_size=world)
+        sizes[name] = (prepared.tokenizer.vocab_size, prepared.run.arch.vocab_size)
+    n = sizes["default"][0]
+    assert -(-n // 64) * 64 != -(-n // 128) * 128, n  # (so the flag shows)
+    assert sizes == {"default": (n, -(-n // 128) * 128), "64": (n, -(-n // 64) * 64),
+                     "64 at TP2": (n, -(-n // 128) * 128)}
+    with pytest.raises(ArgumentError, match="--make-vocab-size-divisible-by 0: must be >= 1"):
+        parse_run_config(base + ["--make-vocab-size-divisible-by", "0"])
