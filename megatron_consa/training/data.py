@@ -205,7 +205,11 @@ class PrefetchedBatches:
     def close(self) -> None:
         """Stop the worker processes (they stop with the trainer too)."""
         if self._loader is not None:
+            workers = list(getattr(self._loader, "_workers", []))
             self._loader._shutdown_workers()
+            for worker in workers:  # one stuck in a read: SIGTERM, the DataLoader's last resort, is ignored
+                if worker.is_alive():
+                    worker.kill()
             self._loader = None
 
 

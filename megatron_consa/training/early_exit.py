@@ -72,8 +72,8 @@ class EarlyExit:
         if self.config.signal_handler:
             from megatron_consa.compat.signals import keep_checkpoint_writer_through_sigterm
 
-            keep_checkpoint_writer_through_sigterm()  # the save this signal asks for needs it
             self._previous_handler = signal.signal(EXIT_SIGNAL, self._on_signal)
+            keep_checkpoint_writer_through_sigterm()  # the save this signal asks for needs it
         return self
 
     def __exit__(self, *exc) -> None:

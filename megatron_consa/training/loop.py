@@ -540,9 +540,9 @@ class ConsaTrainer:
 
     @torch.no_grad()
     def evaluate(self, source: SampleSource, *, iterations: int, first_batch: int = 0) -> float:
-        """LM loss over `iterations` global batches of `source` (forward only, noise-free gates), pooled
-        over them: with `calculate_per_token_loss` over all their tokens with loss, otherwise the
-        mean of the micro-batches' per-token means.
+        """LM loss per token over all the tokens with loss of `iterations` global batches of `source`
+        (forward only, noise-free gates), as Megatron-LM's evaluation, whatever normalises the
+        training loss (`calculate_per_token_loss`): the perplexity's exponent.
 
         Batch j is the same global batch on every layout (`micro_batches`), so the
         figure does not depend on TP/PP/DP. Every rank returns the same value.
@@ -564,9 +564,8 @@ class ConsaTrainer:
                 num_microbatches=self.num_microbatches, seq_length=self.training.seq_length,
                 micro_batch_size=self.training.micro_batch_size, forward_only=True,
             )
-            batch_total, batch_count = reduced_loss([x["lm loss"] for x in out],
-                                                    per_token=self.training.calculate_per_token_loss)
-            total, count = total + batch_total, count + batch_count  # pooled over the batches, as Megatron-LM
+            batch_total, batch_count = reduced_loss([x["lm loss"] for x in out], per_token=True)
+            total, count = total + batch_total, count + batch_count
             self._release_memory(1)
         for chunk in self.chunks:
             chunk.train()

@@ -237,10 +237,11 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
         changed.append(("--consa-gate-lr", gate_lr, run.consa.gate_lr))
     if changed:
         flag, was, now = changed[0]
+        saved_with = f"with {flag} {was}" if was is not None else f"without {flag}"
+        asked = f"{flag} {now}" if now is not None else f"no {flag}"
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the run was saved with {flag} {was}, this run asks for {now}: a resume "
-            f"continues the saved optimizer; resume with {flag} {was}, continue with {flag} {now} and "
-            f"{_NEW_OPTIMIZER}"
+            f"--load {run.checkpoint.load}: the run was saved {saved_with}, this run asks for {asked}: a resume "
+            f"continues the saved optimizer; resume {saved_with}, continue with {asked} and {_NEW_OPTIMIZER}"
         )
     _check_same_precision(run, training, saved)
     _check_same_optimizer_layout(run, load_meta)

@@ -87,3 +87,41 @@ def test_manual_gc_collects_at_the_same_iterations_and_restores_the_collector(mo
             manual.after_step(k)
         manual.before_eval()
     assert calls == [] and gc.isenabled()
+
+
+def test_the_checkpoint_writer_queue_server_outlives_sigterm_but_not_its_parent(tmp_path):
+    """compat.signals: the server of megatron-core's write-results queue ignores the SIGTERM a run
+    saves on (megatron-core's own dies of it, and the save hangs), and still dies with the process
+    that started it, however that ends (here SIGKILL)."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "start_server.py"
+    script.write_text(
+        "import time\n"
+        "if __name__ == '__main__':\n"
+        "    import megatron_consa\n"
+        "    from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+        "    from megatron_consa.compat.signals import _MANAGERS, keep_checkpoint_writer_through_sigterm\n"
+        "    assert keep_checkpoint_writer_through_sigterm() and keep_checkpoint_writer_through_sigterm()\n"
+        "    filesystem_async._results_queue.put('written')\n"
+        "    assert filesystem_async.get_write_results_queue().get() == 'written'  # megatron-core's accessor: ours\n"
+        "    print(_MANAGERS[0]._process.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-W", "ignore", str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(parent.stdout.readline())
+        alive = lambda pid: os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+        os.kill(server, signal.SIGTERM)
+        time.sleep(0.5)
+        assert alive(server), "the server died of SIGTERM"
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while alive(server) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not alive(server), "the server outlived its parent"
+    finally:
+        parent.kill()

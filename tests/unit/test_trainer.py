@@ -448,8 +448,8 @@ class TestMegatronTrainingFlags:
         """Against autograd of the objective written out here, on 4 micro-batches with 16 to 32
         tokens with loss: per token, the sum over the global batch's tokens over their number;
         by default, the mean of the micro-batches' per-token means. The logged loss and the
-        reduced gradients are that objective's; the validation loss pools two batches the same
-        way (all their tokens, or all their micro-batches)."""
+        reduced gradients are that objective's; the validation loss is per token over all the
+        tokens of two batches in either mode, as Megatron-LM's."""
         from megatron_consa.training.data import micro_batches
 
         data = EodMaskedData()
@@ -474,7 +474,7 @@ class TestMegatronTrainingFlags:
         params = list(model.parameters())
         grads = torch.autograd.grad(objective, params)
         with torch.no_grad():
-            pooled = objectives([0, 1])[0 if per_token else 1]
+            pooled = objectives([0, 1])[0]
 
         trainer = _trainer(consa, data=data, **kw)
         assert trainer.evaluate(data, iterations=2) == pytest.approx(float(pooled), rel=1e-6)

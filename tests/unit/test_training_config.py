@@ -388,7 +388,7 @@ def test_no_load_optim_continues_a_runs_weights_only_checkpoint_but_not_an_impor
 @pytest.mark.parametrize("saved,flags,message", [
     # saved before --decoupled-lr existed: its optimizer has no group of its own for the embedding
     ({"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1}, ["--decoupled-lr", "1e-3"],
-     "saved with --decoupled-lr None, this run asks for 0.001"),
+     "saved without --decoupled-lr, this run asks for --decoupled-lr 0.001"),
     # the distributed optimizer keeps its state per (parameter dtype, gradient dtype)
     ({"bf16": True, "grad_reduce_in_bf16": False}, ["--bf16", "--use-distributed-optimizer", "--grad-reduce-in-bf16"],
      "saved without --grad-reduce-in-bf16 and the distributed optimizer"),
