@@ -14,6 +14,7 @@ one data-parallel rank so that every layout sees the same samples.
 
 from __future__ import annotations
 
+import itertools
 import signal
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol
@@ -154,19 +155,6 @@ def _worker_ignores_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class _From(torch.utils.data.Sampler):
-    """iteration, iteration + 1, ... (a run may step past its planned length: `ConsaTrainer.train(n)`)."""
-
-    def __init__(self, first: int) -> None:
-        self.first = first
-
-    def __iter__(self):
-        k = self.first
-        while True:
-            yield k
-            k += 1
-
-
 class PrefetchedBatches:
     """The micro-batches of one iteration after another, prepared ahead in `num_workers` worker
     processes (Megatron-LM's `--num-workers`: a torch DataLoader, each worker preparing whole
@@ -192,7 +180,8 @@ class PrefetchedBatches:
         if self._loader is None or self._next != iteration:
             self.close()
             self._loader = iter(torch.utils.data.DataLoader(
-                _IterationBatches(self.source, **self.layout), batch_size=None, sampler=_From(iteration),
+                _IterationBatches(self.source, **self.layout), batch_size=None,
+                sampler=itertools.count(iteration),  # (a run may step past its planned length: train(n))
                 num_workers=self.num_workers, multiprocessing_context="fork", worker_init_fn=_worker_ignores_sigterm,
             ))
         k, stacked = next(self._loader)
