@@ -59,6 +59,30 @@ class CheckpointConfig:
     save_rng: bool = True
     """Save every rank's RNG states with the optimizer (`--no-save-rng`: a resume of it needs
     `--no-load-rng`, as in Megatron-LM)."""
+    fully_parallel_save: bool = True
+    """Data-parallel replicas share the writing of the tensors they hold alike (Megatron-LM's default;
+    `--no-ckpt-fully-parallel-save`: replica 0 writes them)."""
+    fully_parallel_load: bool = False
+    """Data-parallel replicas share the reading, and exchange what they read (`--ckpt-fully-parallel-load`)."""
+    assume_constant_structure: bool = False
+    """Plan the save once and reuse the plan (`--ckpt-assume-constant-structure`)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (`--async-save`)."""
+    persistent_worker: bool = False
+    """One long-lived writer process per rank instead of a fork per save (`--use-persistent-ckpt-worker`;
+    CUDA only)."""
+    async_strategy: Optional[str] = None
+    """The background writer: "mcore" or "nvrx" (NVIDIA Resiliency Extension); None: nvrx where installed."""
+    save_retain_interval: Optional[int] = None
+    """Keep only the checkpoints at multiples of this, and the latest (`--save-retain-interval`)."""
+
+    def writer(self):
+        """The `CheckpointWriter` these settings ask for."""
+        from megatron_consa.training.checkpoint import CheckpointWriter
+
+        return CheckpointWriter(fully_parallel=self.fully_parallel_save,
+                                assume_constant_structure=self.assume_constant_structure, async_save=self.async_save,
+                                persistent_worker=self.persistent_worker, async_strategy=self.async_strategy)
 
 
 @dataclass
@@ -395,6 +419,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save checkpoints without the ranks' RNG states (their resume takes --no-load-rng)")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
+    g.add_argument("--save-retain-interval", type=int, metavar="N",
+                   help="keep the checkpoints at multiples of N (a multiple of --save-interval) and the latest; each "
+                        "other one is deleted once the next is in place")
+    g.add_argument("--ckpt-fully-parallel-save", dest="ckpt_fully_parallel_save", action="store_true", default=True,
+                   help="the data-parallel replicas share the writing of the tensors they hold alike (the default, "
+                        "as in Megatron-LM)")
+    g.add_argument("--no-ckpt-fully-parallel-save", dest="ckpt_fully_parallel_save", action="store_false",
+                   help="data-parallel replica 0 writes the replicated tensors alone")
+    g.add_argument("--ckpt-fully-parallel-load", action="store_true",
+                   help="the data-parallel replicas share the reading of a checkpoint and exchange what they read, "
+                        "instead of each reading all of it")
+    g.add_argument("--ckpt-assume-constant-structure", action="store_true",
+                   help="plan the first save and reuse its plan for the later ones (every save of a run holds the "
+                        "same tensors); the sharding is validated at the first save only")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process while training goes on; each is renamed into "
+                        "place and marked latest once every rank's writes are done (with --save)")
+    g.add_argument("--use-persistent-ckpt-worker", action="store_true",
+                   help="with --async-save, one long-lived writer process per rank instead of a fork per save "
+                        "(CUDA; on the CPU a save forks its writer)")
+    g.add_argument("--async-strategy", choices=["nvrx", "mcore"],
+                   help="with --async-save: NVIDIA Resiliency Extension's writer or megatron-core's own (default: "
+                        "nvrx where nvidia-resiliency-ext is installed, else mcore)")
 
     g = p.add_argument_group(
         "Megatron-LM compatibility",
@@ -837,9 +884,31 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.finetune and (a.no_load_optim or a.no_load_rng):
         raise ArgumentError(f"--finetune with {'--no-load-optim' if a.no_load_optim else '--no-load-rng'}: --finetune "
                             "loads the weights only already; drop one")
+    if a.save_retain_interval is not None:
+        if not (a.save and a.save_interval):
+            raise ArgumentError("--save-retain-interval needs --save and --save-interval")
+        if a.save_retain_interval < 1 or a.save_retain_interval % a.save_interval:
+            raise ArgumentError(f"--save-retain-interval {a.save_retain_interval}: must be a positive multiple of "
+                                f"--save-interval {a.save_interval}")
+    if a.async_save and not a.save:
+        raise ArgumentError("--async-save without --save: there is nothing to write; add --save DIR or drop it")
+    if (a.use_persistent_ckpt_worker or a.async_strategy) and not a.async_save:
+        flag = "--use-persistent-ckpt-worker" if a.use_persistent_ckpt_worker else "--async-strategy"
+        raise ArgumentError(f"{flag} without --async-save: it sets up the background writer; add --async-save")
+    if a.async_strategy == "nvrx":
+        import importlib.util
+
+        if importlib.util.find_spec("nvidia_resiliency_ext") is None:
+            raise ArgumentError("--async-strategy nvrx: nvidia-resiliency-ext is not installed; pip install "
+                                "nvidia-resiliency-ext, or pass --async-strategy mcore (megatron-core's writer)")
     checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
                                   save_optim=not a.no_save_optim, load_optim=not a.no_load_optim,
-                                  load_rng=not a.no_load_rng, save_rng=not a.no_save_rng)
+                                  load_rng=not a.no_load_rng, save_rng=not a.no_save_rng,
+                                  fully_parallel_save=a.ckpt_fully_parallel_save,
+                                  fully_parallel_load=a.ckpt_fully_parallel_load,
+                                  assume_constant_structure=a.ckpt_assume_constant_structure,
+                                  async_save=a.async_save, persistent_worker=a.use_persistent_ckpt_worker,
+                                  async_strategy=a.async_strategy, save_retain_interval=a.save_retain_interval)
     if a.exit_interval is not None and a.exit_interval < 1:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:

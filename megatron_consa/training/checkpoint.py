@@ -17,6 +17,12 @@ written (atomically) only after every shard of the new checkpoint is in place:
 a crash or kill during a save leaves the previous checkpoint loadable and
 marked latest. Each checkpoint also holds every rank's RNG states and, for a
 learning run, the gathered log_alpha of all layers (so finalize needs no model).
+
+How the shards are written is a `CheckpointWriter`'s: by default each data-parallel
+replica writes a share of the replicated tensors (megatron-core's fully parallel save,
+Megatron-LM's default), synchronously; with `async_save` a background process writes
+them while training goes on, and the renames and the marker above wait until every
+rank's writes are done.
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy, get_default_save_sharded_strategy, load_sharded_metadata,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper,
+)
 
 from megatron_consa.model import unwrap_model
 from megatron_consa.training.finalize import CHECKPOINT_DIR as FINALIZED_CHECKPOINT_DIR
@@ -127,8 +138,130 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = Tru
     return state
 
 
+def _replica_group():
+    """The group whose ranks hold the same shards (data-parallel with context-parallel), or None
+    where megatron-core's parallel state is not set up (one process writes everything then)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _nvrx_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia_resiliency_ext") is not None
+
+
+class CheckpointWriter:
+    """How a run's checkpoints are written (all ranks hold one, with the same settings).
+
+    - `fully_parallel` (Megatron-LM's `--ckpt-fully-parallel-save`, its default): every
+      data-parallel replica writes a share of the tensors the replicas hold alike, instead
+      of replica 0 writing them all (megatron-core's `FullyParallelSaveStrategyWrapper`).
+      The checkpoint is the same; its files are spread over the replicas' ranks.
+    - `assume_constant_structure` (`--ckpt-assume-constant-structure`): the save plan and
+      the fully parallel distribution are made at the first save and reused, since every
+      save of a run holds the same tensors.
+    - `async_save` (`--async-save`): a save takes the state at its iteration (on a GPU, a
+      copy to host memory; on the CPU, a forked process's copy-on-write view), and a
+      background process writes it while training goes on. The checkpoint is renamed into
+      place, and marked latest, by `poll()` or `wait()` once every rank's writes are done
+      (a collective: every rank calls them at the same points). A save before the
+      previous one finished waits for it.
+    - `persistent_worker` (`--use-persistent-ckpt-worker`, with `async_save`): one
+      long-lived writer process instead of a fork per save (CUDA only: megatron-core's
+      worker binds a GPU).
+    - `async_strategy`: megatron-core's `"mcore"` writer or NVIDIA Resiliency Extension's
+      `"nvrx"`; None: nvrx where it is installed, else mcore.
+    """
+
+    def __init__(self, *, fully_parallel: bool = True, assume_constant_structure: bool = False,
+                 async_save: bool = False, persistent_worker: bool = False, async_strategy: Optional[str] = None):
+        if persistent_worker and not async_save:
+            raise ValueError("CheckpointWriter(persistent_worker=True) needs async_save=True")
+        if async_strategy not in (None, "mcore", "nvrx"):
+            raise ValueError(f"CheckpointWriter(async_strategy={async_strategy!r}): 'mcore', 'nvrx' or None")
+        if async_strategy == "nvrx" and not _nvrx_installed():
+            raise ValueError("async_strategy='nvrx' needs nvidia-resiliency-ext (pip install nvidia-resiliency-ext), "
+                             "or use 'mcore' (megatron-core's own writer)")
+        if persistent_worker and not torch.cuda.is_available():
+            logger.warning("a persistent checkpoint worker needs CUDA (megatron-core's binds a GPU): on the CPU each "
+                           "save forks its writer")
+            persistent_worker = False
+        self.fully_parallel = fully_parallel
+        self.assume_constant_structure = assume_constant_structure
+        self.async_save = async_save
+        self.persistent_worker = persistent_worker
+        self.async_strategy = async_strategy or ("nvrx" if async_save and _nvrx_installed() else "mcore")
+        self._strategy = None
+        self._saves = 0
+        self._queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue(persistent=persistent_worker)
+
+    def _save_strategy(self):
+        if self._strategy is not None and self.assume_constant_structure:
+            return self._strategy
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        strategy.use_cached_ckpt_structure = self.assume_constant_structure
+        group = _replica_group()
+        if self.fully_parallel and group is not None:
+            strategy = FullyParallelSaveStrategyWrapper(strategy, group, self.assume_constant_structure)
+        self._strategy = strategy
+        return strategy
+
+    def write(self, state: dict, directory: Path, finalize: Callable[[], None]) -> None:
+        """Write `state` into `directory`, then call `finalize` on every rank (now, or from `poll`/`wait`).
+
+        Call `wait()` first: one save at a time keeps the renames and the marker in iteration order."""
+        # the sharding's validation (a collective over every shard's metadata) once per run when the
+        # structure is constant, as Megatron-LM does
+        validate = not (self.assume_constant_structure and self._saves)
+        self._saves += 1
+        if not self.async_save:
+            dist_checkpointing.save(state, str(directory), self._save_strategy(), validate_access_integrity=validate)
+            finalize()
+            return
+        request = dist_checkpointing.save(state, str(directory), self._save_strategy(),
+                                          validate_access_integrity=validate, async_sharded_save=True,
+                                          async_strategy=self.async_strategy)
+        request.add_finalize_fn(finalize)
+        self._queue.schedule_async_request(request)
+
+    @property
+    def pending(self) -> int:
+        """Saves scheduled and not yet finalized (the same on every rank)."""
+        return self._queue.get_num_unfinalized_calls() if self._queue is not None else 0
+
+    def poll(self) -> None:
+        """Finalize the saves every rank has finished writing; returns at once otherwise (a collective
+        while a save is pending)."""
+        if self.pending:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Finalize every pending save, waiting for its writes (a collective while one is pending)."""
+        if self.pending:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self, *, abort: bool = False) -> None:
+        """Finish (or, `abort`, drop: not marked latest) the pending saves and end the writer processes."""
+        if self._queue is None:
+            return
+        if abort:  # (megatron-core's queue aborts a persistent worker only; end the forked writers too)
+            for call in self._queue.async_calls:
+                call.async_caller.close(abort=True)
+            self._queue.async_calls.clear()
+        self._queue.close(abort=abort)
+
+
 def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[Callable[[Path], dict]] = None,
-                    with_optimizer: bool = True, with_rng: bool = True) -> Path:
+                    with_optimizer: bool = True, with_rng: bool = True, writer: Optional[CheckpointWriter] = None,
+                    on_complete: Optional[Callable[[], None]] = None) -> Path:
     """Save `trainer` (all ranks call this) into `directory` atomically.
 
     `extras(dir)` (rank 0, before the directory is complete) writes the files
@@ -137,45 +270,58 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
     and controller only (no optimizer, scheduler or RNG): it starts a new phase,
     it cannot resume. `with_rng=False` (Megatron-LM's `--no-save-rng`): no RNG states; a
     resume then keeps its own (`load_checkpoint(load_rng=False)`).
+    `writer`: how the shards are written (default: `CheckpointWriter()`, fully parallel,
+    synchronous). `on_complete()` runs on every rank once the checkpoint is in place. With an
+    asynchronous writer both happen later, in its `poll()` or `wait()`: `directory` is
+    returned before it is complete.
     """
+    writer = writer or CheckpointWriter()
+    writer.wait()  # (before this save's temporary directory: the previous save may be renaming its own)
     trainer.finish_param_gather()  # --overlap-param-gather: save this step's weights
     final = Path(directory)
-    tmp = final.with_name(f"{final.name}.tmp-{trainer.iteration}")
+    iteration = trainer.iteration
+    tmp = final.with_name(f"{final.name}.tmp-{iteration}")
     rank = dist.get_rank()
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer), str(tmp))
+    state = _sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer)
     if with_optimizer and with_rng:
         torch.save(_rng_state(), _rng_file(tmp, rank))
-    dist.barrier()
-    if os.environ.get(FAULT_INJECTION_ENV) == str(trainer.iteration):
-        import signal
+    meta = {
+        "iteration": iteration,
+        "consa": trainer.consa.to_dict(),
+        "architecture": trainer.arch.__dict__,
+        "training": trainer.training.to_dict(),
+        "parallel": dataclasses.asdict(trainer.parallel),
+        "world_size": dist.get_world_size(),
+        "resumable": with_optimizer,
+        "rng": with_optimizer and with_rng,
+    }
 
-        os.kill(os.getpid(), signal.SIGKILL)
-    error = ""
-    if rank == 0:
-        try:
-            meta = {
-                "iteration": trainer.iteration,
-                "consa": trainer.consa.to_dict(),
-                "architecture": trainer.arch.__dict__,
-                "training": trainer.training.to_dict(),
-                "parallel": dataclasses.asdict(trainer.parallel),
-                "world_size": dist.get_world_size(),
-                "resumable": with_optimizer,
-                "rng": with_optimizer and with_rng,
-            }
-            if extras is not None:
-                meta.update(extras(tmp))
-            write_checkpoint_meta(tmp, meta)
-            _swap_into_place(tmp, final)
-        except OSError as err:  # tell every rank, instead of leaving them in the barrier
-            error = f"could not move the checkpoint into {final}: {err}"
-    _raise_everywhere(error)
-    logger.info("saved checkpoint at iteration %d to %s", trainer.iteration, final)
+    def finalize() -> None:  # every rank, once every rank's shards are written
+        dist.barrier()
+        if os.environ.get(FAULT_INJECTION_ENV) == str(iteration):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        error = ""
+        if rank == 0:
+            try:
+                if extras is not None:
+                    meta.update(extras(tmp))
+                write_checkpoint_meta(tmp, meta)
+                _swap_into_place(tmp, final)
+            except OSError as err:  # tell every rank, instead of leaving them in the barrier
+                error = f"could not move the checkpoint into {final}: {err}"
+        _raise_everywhere(error)
+        logger.info("saved checkpoint at iteration %d to %s", iteration, final)
+        if on_complete is not None:
+            on_complete()
+
+    writer.write(state, tmp, finalize)
     return final
 
 
@@ -217,7 +363,7 @@ def _resolve(directory: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool = False, load_optimizer: bool = True,
-                    load_rng: bool = True) -> int:
+                    load_rng: bool = True, fully_parallel: bool = False) -> int:
     """Load a checkpoint into `trainer`; returns the iteration it was saved at.
 
     Full resume (default): model, optimizer, LR scheduler, controller, iteration
@@ -226,7 +372,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
     the saved iteration. `load_rng=False`: not the RNG states.
     `weights_only=True`: the model (gates included) and nothing else, for
     starting a new phase from these weights; the trainer keeps its own
-    iteration, schedule and controller state.
+    iteration, schedule and controller state. `fully_parallel` (Megatron-LM's
+    `--ckpt-fully-parallel-load`): each data-parallel replica reads a share of the
+    tensors the replicas hold alike and sends it to the others (megatron-core's
+    `FullyParallelLoadStrategyWrapper`), instead of every replica reading all of them.
 
     The standard optimizer's checkpoints load at any TP/PP/DP layout; the
     distributed optimizer's (dp_reshardable) at another DP size only.
@@ -263,7 +412,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         for key in [k for k in state if k.startswith("model")]:
             state[key] = {k: v for k, v in state[key].items() if not k.endswith("log_alpha")}
     _drop_extra_states_not_in(state, path)
-    loaded = dist_checkpointing.load(state, str(path))
+    strategy = None
+    if fully_parallel and _replica_group() is not None:
+        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), _replica_group())
+    loaded = dist_checkpointing.load(state, str(path), strategy)
     _load_chunks(trainer.chunks, loaded, path, gates_in_checkpoint=checkpoint_has_gates)
     if load_optimizer:
         with torch.no_grad():
@@ -357,19 +509,31 @@ FAULT_INJECTION_ENV = "MEGATRON_CONSA_KILL_DURING_SAVE"
 before they are renamed into place and marked latest (a crash in the middle of a save)."""
 
 
-def save_run_checkpoint(trainer, save: str | os.PathLike, **save_kwargs) -> Path:
+def save_run_checkpoint(trainer, save: str | os.PathLike, *, retain_interval: Optional[int] = None,
+                        **save_kwargs) -> Path:
     """Save into `<save>/iter_XXXXXXX` and only then mark it latest (all ranks call this).
 
-    `save_kwargs`: `extras` and `with_optimizer` of `save_checkpoint`.
+    `save_kwargs`: `extras`, `with_optimizer`, `with_rng` and `writer` of `save_checkpoint`
+    (with an asynchronous writer, the marker moves when the writer finalizes the save).
+    `retain_interval` (Megatron-LM's `--save-retain-interval`): once the new checkpoint is
+    marked latest, the one the marker named before is deleted unless its iteration is a
+    multiple of this; the latest checkpoint is always kept.
     """
-    path = save_checkpoint(trainer, iteration_dir(save, trainer.iteration), **save_kwargs)
-    if dist.get_rank() == 0:
-        tracker = Path(save) / TRACKER_FILE
-        tmp = tracker.with_name(tracker.name + ".tmp")
-        tmp.write_text(f"{trainer.iteration}\n")
-        os.replace(tmp, tracker)  # atomic: the marker names a complete checkpoint, old or new
-    dist.barrier()
-    return path
+    iteration = trainer.iteration
+
+    def mark_latest() -> None:
+        if dist.get_rank() == 0:
+            tracker = Path(save) / TRACKER_FILE
+            previous = tracker.read_text().strip() if tracker.is_file() else ""
+            tmp = tracker.with_name(tracker.name + ".tmp")
+            tmp.write_text(f"{iteration}\n")
+            os.replace(tmp, tracker)  # atomic: the marker names a complete checkpoint, old or new
+            if retain_interval and previous.isdigit() and int(previous) != iteration \
+                    and int(previous) % retain_interval:
+                shutil.rmtree(iteration_dir(save, int(previous)), ignore_errors=True)
+        dist.barrier()
+
+    return save_checkpoint(trainer, iteration_dir(save, iteration), on_complete=mark_latest, **save_kwargs)
 
 
 def resolve_load_dir(load: str | os.PathLike) -> Path:

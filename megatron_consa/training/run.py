@@ -427,7 +427,8 @@ def run_training(prepared: PreparedRun):
                            transformer_impl=run.transformer_impl)
     if prepared.load_dir is not None:
         at = load_checkpoint(trainer, prepared.load_dir, weights_only=not prepared.resume,
-                             load_optimizer=run.checkpoint.load_optim, load_rng=run.checkpoint.load_rng)
+                             load_optimizer=run.checkpoint.load_optim, load_rng=run.checkpoint.load_rng,
+                             fully_parallel=run.checkpoint.fully_parallel_load)
         if dist_rank() == 0:
             logger.info("%s %s (iteration %d%s)", "resumed from" if prepared.resume else "started from the weights of",
                         prepared.load_dir, at,
@@ -435,6 +436,7 @@ def run_training(prepared: PreparedRun):
                         else "")
     save = run.checkpoint.save
     interval = run.checkpoint.save_interval
+    writer = run.checkpoint.writer()
     # validation batch j is the same at every layout and on resume: the evaluations before
     # the loaded iteration used the first ones
     eval_batch = (trainer.iteration // run.eval_interval) * run.eval_iters if run.eval_interval else 0
@@ -456,48 +458,57 @@ def run_training(prepared: PreparedRun):
 
     def checkpoint() -> None:
         save_run_checkpoint(trainer, save, extras=_checkpoint_extras(run, prepared.tokenizer),
-                            with_optimizer=run.checkpoint.save_optim, with_rng=run.checkpoint.save_rng)
+                            with_optimizer=run.checkpoint.save_optim, with_rng=run.checkpoint.save_rng, writer=writer,
+                            retain_interval=run.checkpoint.save_retain_interval)
         if run.consa.learning and training.tensorboard_dir:  # the same on every rank
             log_alpha = trainer.gather_log_alpha()  # a collective: every rank
             if trainer._writer is not None:
                 _tensorboard_heatmap(trainer, log_alpha)
 
     start = trainer.iteration
-    stop = None
     profiler = StepProfiler(run.profile, rank=dist_rank(), world_size=torch.distributed.get_world_size())
-    with EarlyExit(run.exit, start_time=start_time) as early_exit, manual_gc, profiler:
-        while trainer.iteration < training.train_iters:
-            profiler.before_step(trainer.iteration)
-            try:
+    try:
+        with EarlyExit(run.exit, start_time=start_time) as early_exit, manual_gc, profiler:
+            while trainer.iteration < training.train_iters:
+                profiler.before_step(trainer.iteration)
                 trainer.train_step()
-            except TrainingDivergedError:
-                trainer.close()  # the TensorBoard scalars up to the diverging step
-                raise
-            k = trainer.iteration
-            profiler.after_step(k)
-            manual_gc.after_step(k)
-            if run.eval_interval and k % run.eval_interval == 0:
-                evaluate(k)
-            saved = save and interval and k % interval == 0 and k < training.train_iters
-            if saved:
-                checkpoint()
-            stop = early_exit.reason(k) if k < training.train_iters else None  # (a collective when it needs one)
-            if stop:
-                if save and not saved:
+                k = trainer.iteration
+                profiler.after_step(k)
+                manual_gc.after_step(k)
+                writer.poll()  # --async-save: the checkpoints every rank has written go into place
+                if run.eval_interval and k % run.eval_interval == 0:
+                    evaluate(k)
+                saved = save and interval and k % interval == 0 and k < training.train_iters
+                if saved:
                     checkpoint()
-                if dist_rank() == 0:
-                    logger.info("stopping after iteration %d of %d (%s): %s", k, training.train_iters, stop,
-                                f"saved to {save}; launch again with --load {save} to resume" if save
-                                else "nothing saved (no --save)")
-                trainer.close()
-                torch.distributed.barrier()
-                return trainer
+                stop = early_exit.reason(k) if k < training.train_iters else None  # (a collective when it needs one)
+                if stop:
+                    if save and not saved:
+                        checkpoint()
+                    writer.wait()
+                    if dist_rank() == 0:
+                        logger.info("stopping after iteration %d of %d (%s): %s", k, training.train_iters, stop,
+                                    f"saved to {save}; launch again with --load {save} to resume" if save
+                                    else "nothing saved (no --save)")
+                    trainer.close()
+                    writer.close()
+                    torch.distributed.barrier()
+                    return trainer
+        writer.wait()
+    except TrainingDivergedError:
+        writer.close()  # the checkpoints before the diverging step (every rank stops at it)
+        trainer.close()  # the TensorBoard scalars up to the diverging step
+        raise
+    except BaseException:
+        writer.close(abort=True)  # a save not written everywhere is not marked latest
+        raise
     unchanged = prepared.resume and not prepared.load_dir.name.endswith(".old")  # (an .old is saved back in place)
     if save and trainer.iteration == start and unchanged and _latest_in(save) == prepared.load_dir:
         if dist_rank() == 0:  # a finished run launched again (a requeue): its last checkpoint is this one
             logger.info("nothing to train: iteration %d reached; %s stays as it is", start, prepared.load_dir)
     elif save:
         checkpoint()
+    writer.close()  # (the final save written and in place)
     if run.consa.learning:
         report, fa = trainer.settle_report(), trainer.fa_per_layer()  # fa_per_layer: a collective
         if dist_rank() == 0:

@@ -13,7 +13,7 @@ import torch
 
 from megatron_consa.config import ConsaConfig
 from megatron_consa.model import ArchitectureConfig
-from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_consa.training.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
 from megatron_consa.training.data import SyntheticRecallData
 from megatron_consa.training.loop import ConsaTrainer
@@ -187,7 +187,8 @@ def layouts(
         local_gates[name] = trainer.local_log_alpha()
     for name in resume_into:
         trainer = make_trainer(LAYOUTS[name], granularity)
-        load_checkpoint(trainer, mid_ckpt)
+        # (the data-parallel replicas read shares of it and exchange them: --ckpt-fully-parallel-load)
+        load_checkpoint(trainer, mid_ckpt, fully_parallel=True)
         runs[f"resume:{name}"] = [_step_record(trainer, trainer.train_step()) for _ in range(iters - resume_at)]
     for name in self_resumes:
         layout, train_kw = PRECISION_RUNS.get(name, (name, {}))
@@ -200,10 +201,22 @@ def layouts(
         "local_gates": local_gates,
         "rank": rank,
         "mid_ckpt": str(mid_ckpt),
+        "shard_bytes": _shard_bytes(out, names[0], granularity),
         "guard_error": _perturbed_replica_error(),
         "deferred_gather": _deferred_gather_probe(),
         "diverged": _diverged_probe(),
     }
+
+
+def _shard_bytes(out: Path, layout: str, granularity: str) -> dict[str, list[int]]:
+    """Bytes each rank wrote of the initial checkpoint (saved at `layout`, the default writer: fully
+    parallel), and of the same state saved with replica 0 writing the replicated tensors alone."""
+    trainer = make_trainer(LAYOUTS[layout], granularity)
+    load_checkpoint(trainer, out / "init", weights_only=True)
+    save_checkpoint(trainer, out / "init-replica0", writer=CheckpointWriter(fully_parallel=False))
+    files = [f"__{r}_0.distcp" for r in range(torch.distributed.get_world_size())]  # (none: nothing to write)
+    return {name: [(out / name / f).stat().st_size if (out / name / f).exists() else 0 for f in files]
+            for name in ("init", "init-replica0")}
 
 
 def fixed_layouts(*, out_dir: str, names: list[str], iters: int = 6,
@@ -472,3 +485,4 @@ def conversion_layouts(out_dir: str, checkpoints: dict, layouts: dict, tokens: t
             dist.broadcast_object_list(box, src=dist.get_world_size() - 1)  # the last rank is a last stage
             results[(family, name)] = box[0]
     return results
+

@@ -5,7 +5,8 @@ data, same gate noise) at TP1PP1, TP2, PP2, interleaved PP2, TP2xPP2, TP2+SP,
 TP2 with the distributed optimizer (its parameter all-gather also overlapped with the
 forward, there and at interleaved PP2), PP2 with full recomputation and TP2 with
 selective recomputation (data parallelism fills the rest of the 4 ranks), then
-resumes a TP2xPP2 checkpoint taken at iteration 5 at TP1PP1 and at PP2, and
+resumes a TP2xPP2 checkpoint taken at iteration 5 at TP1PP1 and at PP2 (its data-parallel
+replicas reading shares of it: fully parallel load), and
 interleaved-PP2 checkpoints (fp32, bf16) in their own layout. A second launch runs
 the fixed phase (where an overlapped parameter all-gather finishes in the forward).
 """
@@ -77,6 +78,17 @@ def test_layout_follows_the_tp1pp1_trajectory(launched, layout):
 def test_tp2pp2_checkpoint_resumes_the_same_trajectory(launched, into):
     runs = launched[0]["runs"]
     _assert_same_trajectory(runs[f"resume:{into}"], runs["tp2pp2"][RESUME_AT:], f"resume at {into}")
+
+
+def test_data_parallel_replicas_share_the_checkpoint_writes(launched):
+    """Fully parallel save (the default): at DP4 (TP1PP1) each replica writes about a quarter of
+    the tensors they all hold; with replica 0 writing them alone, the other ranks write almost
+    nothing. (The resumes above read their checkpoint fully parallel: their trajectories.)"""
+    shares = launched[0]["shard_bytes"]
+    parallel, replica0 = shares["init"], shares["init-replica0"]
+    assert abs(sum(parallel) - sum(replica0)) < 0.05 * sum(replica0), shares  # the same tensors
+    assert min(parallel) > 0.15 * sum(parallel), shares
+    assert replica0[0] > 0.9 * sum(replica0), shares
 
 
 @pytest.mark.parametrize("name", SELF_RESUMES)

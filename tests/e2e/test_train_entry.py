@@ -21,6 +21,7 @@ from megatron_consa.backends.select import transformer_engine_available
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from checkpoint_contents import checkpoint_contents, differing_keys  # noqa: E402
 from tokenizer_fixtures import hf_tokenizer_dir  # noqa: E402
 PY = sys.executable
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -144,8 +145,15 @@ def _validation(log: str) -> dict[int, str]:
     return {int(k): loss for k, loss in re.findall(r"validation \| iter (\d+) \| loss ([0-9.]+)", log)}
 
 
-def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    whole_log = _ok(_train(RESUME_RUN + ["--save", str(tmp_path / "whole")]))
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory) -> tuple[Path, str]:
+    """RESUME_RUN uninterrupted, saving every 4 iterations (synchronously): its --save directory and log."""
+    save = tmp_path_factory.mktemp("whole") / "whole"
+    return save, _ok(_train(RESUME_RUN + ["--save", str(save)]))
+
+
+def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run):
+    whole_save, whole_log = whole_run
     killed = tmp_path / "killed"
     proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -160,7 +168,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     resumed_log = _ok(_train(RESUME_RUN + ["--save", str(killed), "--load", str(killed)]))
     validated = _validation(resumed_log)  # the evaluations after the resume read the batches the whole run read
     assert sorted(validated) == list(range(last + 4, 17, 4)) and validated == {k: _validation(whole_log)[k] for k in validated}
-    whole, resumed = _final_state(tmp_path / "whole"), _final_state(killed)
+    whole, resumed = _final_state(whole_save), _final_state(killed)
     assert len(resumed["records"]) == 16
     assert resumed["records"] == whole["records"]  # loss, s_hat, lambdas, lr of every iteration, bit for bit
     assert resumed["controller"] == whole["controller"] and resumed["log_alpha"] == whole["log_alpha"]
@@ -182,12 +190,50 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     assert _final_state(termed)["records"] == whole["records"]
 
 
+def test_async_save_writes_what_the_synchronous_save_writes(tmp_path, whole_run):
+    """--async-save (with --ckpt-assume-constant-structure: planned once): training goes on while
+    a background process writes each checkpoint, and each, once in place, holds bit for bit what
+    the synchronous run saved at that iteration (the state at the save, not a later one), with
+    the same metadata; the marker names the last. --save-retain-interval 8: the checkpoints at 4
+    and 12 are deleted once the next is in place. Killed while finalizing a save, the run leaves
+    the previous checkpoint latest."""
+    whole_save, _ = whole_run
+    save = tmp_path / "async"
+    log = _ok(_train(RESUME_RUN + ["--save", str(save), "--async-save", "--ckpt-assume-constant-structure",
+                                   "--save-retain-interval", "8"]))
+    # the save after iteration 4 is finalized after a later step at the earliest (0-based "iter 4" is the 5th)
+    assert log.index("saved checkpoint at iteration 4 ") > log.index("iter      4/16 |")
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "16"
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000008", "iter_0000016", "latest_checkpointed_iteration.txt"]
+    for it in (8, 16):
+        name = f"iter_{it:07d}"
+        assert json.loads((save / name / "consa_run.json").read_text()) == json.loads(
+            (whole_save / name / "consa_run.json").read_text())
+        ours, reference = checkpoint_contents(save / name), checkpoint_contents(whole_save / name)
+        assert len(reference) > 100 and not differing_keys(reference, ours), differing_keys(reference, ours)[:5]
+    killed = tmp_path / "killed"
+    env = {**ENV, "MEGATRON_CONSA_KILL_DURING_SAVE": "8"}
+    proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed), "--async-save"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        assert proc.wait(timeout=600) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert (killed / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not (killed / "iter_0000008").exists() and (killed / "iter_0000008.tmp-8").is_dir()
+
+
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Under torchrun (2 ranks, DP=2), a SIGTERM that reaches one worker only, and every process it
-    started (its data-loader process, megatron-core's checkpoint-writer queue server, as Slurm's
-    --signal reaches every process of a step): the ranks agree (one all-reduce per step), save one
-    consistent checkpoint, exit 0; the resume finishes."""
-    run = _with(RESUME_RUN, "--global-batch-size", "4") + ["--save", str(tmp_path / "run")]
+    started (its data-loader process, megatron-core's checkpoint-writer queue server, a background
+    checkpoint writer if one is at work, as Slurm's --signal reaches every process of a step): the
+    ranks agree (one all-reduce per step), save one consistent checkpoint (asynchronously, the
+    replicas sharing the writes), exit 0; the resume finishes."""
+    run = _with(RESUME_RUN, "--global-batch-size", "4") + ["--save", str(tmp_path / "run"), "--async-save"]
     proc = subprocess.Popen(_torchrun_cmd(run + ["--exit-signal-handler", "--num-workers", "1"]), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tracker = tmp_path / "run" / "latest_checkpointed_iteration.txt"
@@ -199,7 +245,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     started = Path(f"/proc/{workers[0]}/task/{workers[0]}/children").read_text().split()
     rank0 = Path(f"/proc/{workers[0]}/cmdline").read_bytes()
     commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in started]
-    assert commands.count(rank0) == 1 and any(b"spawn_main" in c for c in commands), commands  # (forked: the loader)
+    # (forked: the loader, and a checkpoint writer while one writes)
+    assert commands.count(rank0) >= 1 and any(b"spawn_main" in c for c in commands), commands
     for pid in [workers[0], *started]:
         os.kill(int(pid), signal.SIGTERM)
     log = proc.communicate(timeout=300)[0]

@@ -187,6 +187,33 @@ class TestSingleRankNccl:
         for a, b in zip(fused, plain):
             assert math.isfinite(a.loss) and abs(a.loss - b.loss) < 1e-2 * b.loss
 
+    def test_async_save_with_a_persistent_worker_writes_the_state_of_its_iteration(self, tmp_path):
+        """--async-save --use-persistent-ckpt-worker (CUDA only): the worker copies the GPU tensors
+        to the host before the trainer goes on; the checkpoint it writes while two more steps change
+        the weights equals a synchronous save of the same iteration."""
+        from checkpoint_contents import checkpoint_contents, differing_keys
+        from scenarios_gpu import ARCH, DATA, consa_config
+
+        from megatron_consa.training.checkpoint import CheckpointWriter, save_checkpoint
+        from megatron_consa.training.config import ParallelConfig, TrainingConfig
+        from megatron_consa.training.loop import ConsaTrainer
+
+        training = TrainingConfig(train_iters=6, micro_batch_size=2, global_batch_size=4, seq_length=256, lr=1e-3,
+                                  min_lr=1e-3, lr_decay_style="constant", bf16=True)
+        trainer = ConsaTrainer(arch=ARCH, consa=consa_config("torch"), parallel=ParallelConfig(), training=training,
+                               data=DATA)
+        for _ in range(2):
+            trainer.train_step()
+        save_checkpoint(trainer, tmp_path / "sync")
+        writer = CheckpointWriter(async_save=True, persistent_worker=True, async_strategy="mcore")
+        assert writer.persistent_worker
+        save_checkpoint(trainer, tmp_path / "async", writer=writer)
+        for _ in range(2):
+            trainer.train_step()
+        writer.close()
+        sync, written = checkpoint_contents(tmp_path / "sync"), checkpoint_contents(tmp_path / "async")
+        assert "/embedding.word_embeddings.weight" in sync and not differing_keys(sync, written)
+
     @needs_te
     def test_te_backend_run_matches_torch_backend(self):
         torch_run = _run("torch", bf16=True)

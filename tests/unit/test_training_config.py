@@ -158,6 +158,10 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--optimizer", "adam", "--dataloader-type", "single", "--no-async-tensor-model-parallel-allreduce",
     "--exit-on-missing-checkpoint", "--distributed-backend", distributed_backend(), "--rerun-mode", "disabled",
     "--tensorboard-log-interval", "5", "--log-validation-ppl-to-tensorboard", "--log-loss-scale-to-tensorboard",
+    # the checkpoint flags of NVIDIA's large-scale scripts (e.g. Megatron-LM's Nemotron and DeepSeek examples)
+    "--save", "/ckpt", "--save-interval", "250", "--save-retain-interval", "1000",
+    "--ckpt-fully-parallel-save", "--ckpt-fully-parallel-load", "--async-save",
+    "--use-persistent-ckpt-worker", "--ckpt-assume-constant-structure",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -182,6 +186,41 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     assert (t.tensorboard_log_interval, t.log_validation_ppl_to_tensorboard) == (5, True)
     local = parse_run_config(LLAMA_SCRIPT + ["--attention-backend", "local"])  # no TE attention: the torch backend
     assert (local.training.attention_backend, local.consa.backend) == ("local", "torch")
+    c = run.checkpoint
+    assert (c.fully_parallel_save, c.fully_parallel_load, c.async_save, c.persistent_worker,
+            c.assume_constant_structure, c.async_strategy, c.save_retain_interval) == (
+        True, True, True, True, True, None, 1000)
+
+
+def test_checkpoint_writing_flags_and_their_refusals():
+    """Fully parallel save is the default (as in Megatron-LM); the asynchronous writer's flags
+    need --async-save, which needs --save; nvrx must be installed to be asked for; the retain
+    interval is a multiple of the save interval (Megatron-LM asserts it)."""
+    import importlib.util
+
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "4", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "1"]
+    c = parse_run_config(base).checkpoint
+    assert (c.fully_parallel_save, c.fully_parallel_load, c.async_save, c.assume_constant_structure) == (
+        True, False, False, False)
+    assert parse_run_config(base + ["--no-ckpt-fully-parallel-save"]).checkpoint.fully_parallel_save is False
+    c = parse_run_config(base + ["--save", "/ckpt", "--async-save", "--async-strategy", "mcore"]).checkpoint
+    assert (c.async_save, c.persistent_worker, c.async_strategy) == (True, False, "mcore")
+    for flags, message in (
+        (["--async-save"], "--async-save without --save"),
+        (["--save", "/ckpt", "--use-persistent-ckpt-worker"], "--use-persistent-ckpt-worker without --async-save"),
+        (["--save", "/ckpt", "--async-strategy", "mcore"], "--async-strategy without --async-save"),
+        (["--save", "/ckpt", "--save-retain-interval", "10"], "--save-retain-interval needs --save and --save-interval"),
+        (["--save", "/ckpt", "--save-interval", "4", "--save-retain-interval", "10"],
+         "--save-retain-interval 10: must be a positive multiple of --save-interval 4"),
+    ):
+        with pytest.raises(ArgumentError, match=re.escape(message)):
+            parse_run_config(base + flags)
+    if importlib.util.find_spec("nvidia_resiliency_ext") is None:
+        with pytest.raises(ArgumentError, match="pip install nvidia-resiliency-ext, or pass --async-strategy mcore"):
+            parse_run_config(base + ["--save", "/ckpt", "--async-save", "--async-strategy", "nvrx"])
 
 
 def test_a_schedule_in_samples_runs_in_iterations_of_the_global_batch(caplog):
