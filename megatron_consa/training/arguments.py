@@ -71,8 +71,6 @@ class CheckpointConfig:
     persistent_worker: bool = False
     """One long-lived writer process per rank instead of a fork per save (`--use-persistent-ckpt-worker`;
     CUDA only)."""
-    async_strategy: Optional[str] = None
-    """The background writer: "mcore" or "nvrx" (NVIDIA Resiliency Extension); None: nvrx where installed."""
     save_retain_interval: Optional[int] = None
     """Keep only the checkpoints at multiples of this, and the latest (`--save-retain-interval`)."""
 
@@ -82,7 +80,7 @@ class CheckpointConfig:
 
         return CheckpointWriter(fully_parallel=self.fully_parallel_save,
                                 assume_constant_structure=self.assume_constant_structure, async_save=self.async_save,
-                                persistent_worker=self.persistent_worker, async_strategy=self.async_strategy)
+                                persistent_worker=self.persistent_worker)
 
 
 @dataclass
@@ -440,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --async-save, one long-lived writer process per rank instead of a fork per save "
                         "(CUDA; on the CPU a save forks its writer)")
     g.add_argument("--async-strategy", choices=["nvrx", "mcore"],
-                   help="with --async-save: NVIDIA Resiliency Extension's writer or megatron-core's own (default: "
-                        "nvrx where nvidia-resiliency-ext is installed, else mcore)")
+                   help="with --async-save, the background writer: megatron-core's own (mcore) only here; nvrx "
+                        "(NVIDIA Resiliency Extension's, Megatron-LM's default) is refused")
 
     g = p.add_argument_group(
         "Megatron-LM compatibility",
@@ -894,21 +892,19 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--async-save without --save: there is nothing to write; add --save DIR or drop it")
     if (a.use_persistent_ckpt_worker or a.async_strategy) and not a.async_save:
         flag = "--use-persistent-ckpt-worker" if a.use_persistent_ckpt_worker else "--async-strategy"
-        raise ArgumentError(f"{flag} without --async-save: it sets up the background writer; add --async-save")
-    if a.async_strategy == "nvrx":
-        import importlib.util
-
-        if importlib.util.find_spec("nvidia_resiliency_ext") is None:
-            raise ArgumentError("--async-strategy nvrx: nvidia-resiliency-ext is not installed; pip install "
-                                "nvidia-resiliency-ext, or pass --async-strategy mcore (megatron-core's writer)")
+        logger.warning("%s without --async-save: ignored (it sets up the background writer), as in Megatron-LM", flag)
+    elif a.async_strategy == "nvrx":
+        raise ArgumentError("--async-strategy nvrx: checkpoints are written in the background by megatron-core's own "
+                            "writer here; pass --async-strategy mcore or drop the flag")
     checkpoint = CheckpointConfig(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
                                   save_optim=not a.no_save_optim, load_optim=not a.no_load_optim,
                                   load_rng=not a.no_load_rng, save_rng=not a.no_save_rng,
                                   fully_parallel_save=a.ckpt_fully_parallel_save,
                                   fully_parallel_load=a.ckpt_fully_parallel_load,
                                   assume_constant_structure=a.ckpt_assume_constant_structure,
-                                  async_save=a.async_save, persistent_worker=a.use_persistent_ckpt_worker,
-                                  async_strategy=a.async_strategy, save_retain_interval=a.save_retain_interval)
+                                  async_save=a.async_save,
+                                  persistent_worker=a.async_save and a.use_persistent_ckpt_worker,
+                                  save_retain_interval=a.save_retain_interval)
     if a.exit_interval is not None and a.exit_interval < 1:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:

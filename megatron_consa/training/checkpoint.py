@@ -148,12 +148,6 @@ def _replica_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def _nvrx_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("nvidia_resiliency_ext") is not None
-
-
 class CheckpointWriter:
     """How a run's checkpoints are written (all ranks hold one, with the same settings).
 
@@ -166,26 +160,21 @@ class CheckpointWriter:
       save of a run holds the same tensors.
     - `async_save` (`--async-save`): a save takes the state at its iteration (on a GPU, a
       copy to host memory; on the CPU, a forked process's copy-on-write view), and a
-      background process writes it while training goes on. The checkpoint is renamed into
-      place, and marked latest, by `poll()` or `wait()` once every rank's writes are done
-      (a collective: every rank calls them at the same points). A save before the
-      previous one finished waits for it.
+      background process writes it with megatron-core's writer while training goes on.
+      The checkpoint is renamed into place, and marked latest, by `poll()` or `wait()`
+      once every rank's writes are done (a collective: every rank calls them at the same
+      points). A save before the previous one finished waits for it.
     - `persistent_worker` (`--use-persistent-ckpt-worker`, with `async_save`): one
-      long-lived writer process instead of a fork per save (CUDA only: megatron-core's
-      worker binds a GPU).
-    - `async_strategy`: megatron-core's `"mcore"` writer or NVIDIA Resiliency Extension's
-      `"nvrx"`; None: nvrx where it is installed, else mcore.
+      long-lived writer process per rank instead of a fork per save (CUDA only:
+      megatron-core's worker binds a GPU; elsewhere a warning, and a fork per save). It is
+      started here, ignoring SIGTERM, so that the signal `--exit-signal-handler` saves on
+      does not kill it.
     """
 
     def __init__(self, *, fully_parallel: bool = True, assume_constant_structure: bool = False,
-                 async_save: bool = False, persistent_worker: bool = False, async_strategy: Optional[str] = None):
+                 async_save: bool = False, persistent_worker: bool = False):
         if persistent_worker and not async_save:
             raise ValueError("CheckpointWriter(persistent_worker=True) needs async_save=True")
-        if async_strategy not in (None, "mcore", "nvrx"):
-            raise ValueError(f"CheckpointWriter(async_strategy={async_strategy!r}): 'mcore', 'nvrx' or None")
-        if async_strategy == "nvrx" and not _nvrx_installed():
-            raise ValueError("async_strategy='nvrx' needs nvidia-resiliency-ext (pip install nvidia-resiliency-ext), "
-                             "or use 'mcore' (megatron-core's own writer)")
         if persistent_worker and not torch.cuda.is_available():
             logger.warning("a persistent checkpoint worker needs CUDA (megatron-core's binds a GPU): on the CPU each "
                            "save forks its writer")
@@ -194,7 +183,6 @@ class CheckpointWriter:
         self.assume_constant_structure = assume_constant_structure
         self.async_save = async_save
         self.persistent_worker = persistent_worker
-        self.async_strategy = async_strategy or ("nvrx" if async_save and _nvrx_installed() else "mcore")
         self._strategy = None
         self._saves = 0
         self._queue = None
@@ -202,6 +190,15 @@ class CheckpointWriter:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self._queue = AsyncCallsQueue(persistent=persistent_worker)
+            if persistent_worker:
+                import signal
+
+                # (spawned: a Python handler is not inherited, an ignored signal is)
+                previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                try:
+                    AsyncCallsQueue.warmup_persistent_caller(dist.get_rank())
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
 
     def _save_strategy(self):
         if self._strategy is not None and self.assume_constant_structure:
@@ -228,7 +225,7 @@ class CheckpointWriter:
             return
         request = dist_checkpointing.save(state, str(directory), self._save_strategy(),
                                           validate_access_integrity=validate, async_sharded_save=True,
-                                          async_strategy=self.async_strategy)
+                                          async_strategy="mcore")
         request.add_finalize_fn(finalize)
         self._queue.schedule_async_request(request)
 
@@ -288,8 +285,7 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
         tmp.mkdir(parents=True)
     dist.barrier()
     state = _sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer)
-    if with_optimizer and with_rng:
-        torch.save(_rng_state(), _rng_file(tmp, rank))
+    rng = _rng_state() if with_optimizer and with_rng else None  # (written beside the shards, after them)
     meta = {
         "iteration": iteration,
         "consa": trainer.consa.to_dict(),
@@ -302,6 +298,8 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
     }
 
     def finalize() -> None:  # every rank, once every rank's shards are written
+        if rng is not None:
+            torch.save(rng, _rng_file(tmp, rank))
         dist.barrier()
         if os.environ.get(FAULT_INJECTION_ENV) == str(iteration):
             import signal
@@ -530,10 +528,26 @@ def save_run_checkpoint(trainer, save: str | os.PathLike, *, retain_interval: Op
             os.replace(tmp, tracker)  # atomic: the marker names a complete checkpoint, old or new
             if retain_interval and previous.isdigit() and int(previous) != iteration \
                     and int(previous) % retain_interval:
-                shutil.rmtree(iteration_dir(save, int(previous)), ignore_errors=True)
+                _delete_in_background(iteration_dir(save, int(previous)))
         dist.barrier()
 
     return save_checkpoint(trainer, iteration_dir(save, iteration), on_complete=mark_latest, **save_kwargs)
+
+
+def _delete_in_background(directory: Path) -> None:
+    """Remove a checkpoint no longer retained without holding up the ranks (a large one takes a while on a
+    parallel file system); renamed first, so that nothing reads it meanwhile. The process waits for the
+    removal before it exits."""
+    doomed = directory.with_name(f"{directory.name}.deleting")
+    try:
+        directory.rename(doomed)
+    except OSError as err:
+        logger.warning("could not remove %s (no longer retained): %s", directory, err)
+        return
+    import threading
+
+    threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True},
+                     name="consa-retain-delete").start()
 
 
 def resolve_load_dir(load: str | os.PathLike) -> Path:

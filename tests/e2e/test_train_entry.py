@@ -194,23 +194,28 @@ def test_async_save_writes_what_the_synchronous_save_writes(tmp_path, whole_run)
     """--async-save (with --ckpt-assume-constant-structure: planned once): training goes on while
     a background process writes each checkpoint, and each, once in place, holds bit for bit what
     the synchronous run saved at that iteration (the state at the save, not a later one), with
-    the same metadata; the marker names the last. --save-retain-interval 8: the checkpoints at 4
-    and 12 are deleted once the next is in place. Killed while finalizing a save, the run leaves
-    the previous checkpoint latest."""
+    the same metadata and RNG states; the marker names the last. Saved every 2 iterations with
+    --save-retain-interval 4: those at 2, 6, 10, 14 are deleted once the next is in place. Killed
+    while finalizing a save, the run leaves the previous checkpoint latest."""
+    import torch
+
     whole_save, _ = whole_run
     save = tmp_path / "async"
-    log = _ok(_train(RESUME_RUN + ["--save", str(save), "--async-save", "--ckpt-assume-constant-structure",
-                                   "--save-retain-interval", "8"]))
+    log = _ok(_train(_with(RESUME_RUN, "--save-interval", "2") + [
+        "--save", str(save), "--async-save", "--ckpt-assume-constant-structure", "--save-retain-interval", "4"]))
     # the save after iteration 4 is finalized after a later step at the earliest (0-based "iter 4" is the 5th)
     assert log.index("saved checkpoint at iteration 4 ") > log.index("iter      4/16 |")
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "16"
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000008", "iter_0000016", "latest_checkpointed_iteration.txt"]
-    for it in (8, 16):
+    assert sorted(p.name for p in save.iterdir()) == [
+        "iter_0000004", "iter_0000008", "iter_0000012", "iter_0000016", "latest_checkpointed_iteration.txt"]
+    for it in (4, 8, 12, 16):
         name = f"iter_{it:07d}"
         assert json.loads((save / name / "consa_run.json").read_text()) == json.loads(
             (whole_save / name / "consa_run.json").read_text())
         ours, reference = checkpoint_contents(save / name), checkpoint_contents(whole_save / name)
         assert len(reference) > 100 and not differing_keys(reference, ours), differing_keys(reference, ours)[:5]
+        rng = [torch.load(d / name / "rng_rank00000.pt", weights_only=False)["torch"] for d in (save, whole_save)]
+        assert torch.equal(*rng)
     killed = tmp_path / "killed"
     env = {**ENV, "MEGATRON_CONSA_KILL_DURING_SAVE": "8"}
     proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed), "--async-save"],

@@ -205,7 +205,7 @@ class TestSingleRankNccl:
         for _ in range(2):
             trainer.train_step()
         save_checkpoint(trainer, tmp_path / "sync")
-        writer = CheckpointWriter(async_save=True, persistent_worker=True, async_strategy="mcore")
+        writer = CheckpointWriter(async_save=True, persistent_worker=True)
         assert writer.persistent_worker
         save_checkpoint(trainer, tmp_path / "async", writer=writer)
         for _ in range(2):
