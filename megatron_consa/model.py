@@ -177,7 +177,9 @@ def ensure_model_parallel(config: TransformerConfig) -> None:
         logger.info("started a one-process %s world for megatron-core", distributed_backend())
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    parallel_state.initialize_model_parallel(1, 1)
+    from megatron_consa.training.parallel import initialize_model_parallel
+
+    initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     model_parallel_cuda_manual_seed(SINGLE_PROCESS_SEED)
 
 

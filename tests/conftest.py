@@ -3,7 +3,7 @@
 ``single_rank_mcore`` (module scope): a one-process megatron-core world.
     Applies the CPU shims (``megatron_consa.compat.apply_cpu_shims()``, a no-op with
     CUDA), initialises ``torch.distributed`` with world_size=1 on an in-memory store
-    (gloo on CPU, nccl with CUDA; no TCP port), calls ``parallel_state.initialize_model_parallel(1, 1)``
+    (gloo on CPU, nccl with CUDA; no TCP port), calls megatron-core's ``initialize_model_parallel(1, 1)``
     and ``model_parallel_cuda_manual_seed(seed)`` (seed 1234). Yields a namespace with
     ``rank``, ``world_size``, ``backend``, ``seed``, ``group`` (the WORLD group).
     Teardown destroys model parallel state and the process group (only a process group
@@ -78,6 +78,8 @@ def single_rank_mcore():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_consa.training.parallel import destroy_model_parallel, initialize_model_parallel
+
     seed = 1234
     backend = dist.get_backend() if dist.is_initialized() else None
     owns_process_group = not dist.is_initialized()
@@ -88,8 +90,8 @@ def single_rank_mcore():
         # an in-memory store: no TCP port to race the suite's other processes for
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1)
+        destroy_model_parallel()
+    initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     model_parallel_cuda_manual_seed(seed)
     try:
         yield types.SimpleNamespace(
@@ -100,7 +102,7 @@ def single_rank_mcore():
             group=dist.group.WORLD,
         )
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
         if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -25,10 +25,9 @@ def conversion_world(
     in-memory store); several meet at `rendezvous`, a file path no rank has used
     (torch's FileStore: no TCP port another process could take first).
     """
-    from megatron.core import parallel_state  # here, not at import: the tools' --help stays quiet
-
+    # here, not at import: the tools' --help stays quiet
     from megatron_consa.training.config import ParallelConfig
-    from megatron_consa.training.parallel import initialize_distributed
+    from megatron_consa.training.parallel import destroy_model_parallel, initialize_distributed
 
     started = not dist.is_initialized()
     if started:
@@ -44,5 +43,5 @@ def conversion_world(
         yield
     finally:
         if started:
-            parallel_state.destroy_model_parallel()
+            destroy_model_parallel()
             dist.destroy_process_group()

@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -191,14 +192,27 @@ class CheckpointWriter:
 
             self._queue = AsyncCallsQueue(persistent=persistent_worker)
             if persistent_worker:
-                import signal
+                self._start_persistent_worker()
 
-                # (spawned: a Python handler is not inherited, an ignored signal is)
-                previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                try:
-                    AsyncCallsQueue.warmup_persistent_caller(dist.get_rank())
-                finally:
-                    signal.signal(signal.SIGTERM, previous)
+    def _start_persistent_worker(self) -> None:
+        import atexit
+        import signal
+
+        from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+        # (spawned: a Python handler is not inherited, an ignored signal is)
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            type(self._queue).warmup_persistent_caller(dist.get_rank())
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        # The queue's caller owns the worker from now on, so that close() ends it even before a first save
+        # (megatron-core attaches it at the first save only).
+        caller = self._queue._get_async_caller()
+        caller.process = worker = PersistentAsyncCaller._persistent_process
+        # It ignores SIGTERM, which multiprocessing's exit handler sends daemon processes before joining them:
+        # end it first wherever this process exits without close() (an error, a run with nothing to save).
+        atexit.register(lambda: worker.kill() if worker.is_alive() else None)
 
     def _save_strategy(self):
         if self._strategy is not None and self.assume_constant_structure:
@@ -538,7 +552,9 @@ def _delete_in_background(directory: Path) -> None:
     """Remove a checkpoint no longer retained without holding up the ranks (a large one takes a while on a
     parallel file system); renamed first, so that nothing reads it meanwhile. The process waits for the
     removal before it exits."""
-    doomed = directory.with_name(f"{directory.name}.deleting")
+    if not directory.is_dir():  # (e.g. the marker named an `.old` a resume was saved back over)
+        return
+    doomed = directory.with_name(f"{directory.name}.deleting-{os.getpid()}-{time.time_ns()}")
     try:
         directory.rename(doomed)
     except OSError as err:

@@ -36,8 +36,10 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int, init_method: 
     The world comes from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT); `init_method` (e.g. ``file:///tmp/x/rendezvous``) replaces
     MASTER_ADDR/MASTER_PORT for ranks a process spawns itself. Safe to call
-    again with another layout: the previous model-parallel state is destroyed
-    first, the process group kept.
+    again with another layout (every rank at the same point): the previous
+    model-parallel state and its process groups are destroyed first, the world
+    kept. Models, optimizers and checkpoint writers of the previous layout hold
+    its groups: build them anew.
     """
     apply_cpu_shims()
     timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
@@ -57,13 +59,11 @@ def initialize_distributed(parallel: ParallelConfig, *, seed: int, init_method: 
             dist.init_process_group(distributed_backend(), timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         destroy_model_parallel()
-    before = _process_groups()
-    parallel_state.initialize_model_parallel(
+    initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
     )
-    _MODEL_PARALLEL_GROUPS[:] = [g for g in _process_groups() if g not in before]
     # Same weights on every data-parallel replica; TP ranks get their own RNG stream.
     stage_seed = seed + PIPELINE_SEED_STRIDE * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(stage_seed)
@@ -77,6 +77,14 @@ _MODEL_PARALLEL_GROUPS: list = []
 def _process_groups() -> list:
     # (torch keeps no public list; megatron-core's destroy_model_parallel reads the same map)
     return list(dist.distributed_c10d._world.pg_map)
+
+
+def initialize_model_parallel(**kwargs) -> None:
+    """megatron-core's `initialize_model_parallel(**kwargs)`, its process groups recorded for
+    `destroy_model_parallel`."""
+    before = set(_process_groups())
+    parallel_state.initialize_model_parallel(**kwargs)
+    _MODEL_PARALLEL_GROUPS[:] = [g for g in _process_groups() if g not in before]
 
 
 def destroy_model_parallel() -> None:

@@ -384,6 +384,7 @@ def test_distributed_timeout_reaches_the_process_group():
     test process's world is started already). Setting the layout up again destroys the
     previous one's process groups: their number, and the process's threads, stay the same
     (megatron-core's destroy_model_parallel alone left every gloo group's threads running)."""
+    import ast
     import subprocess
     import sys
 
@@ -391,9 +392,9 @@ def test_distributed_timeout_reaches_the_process_group():
             "from megatron_consa.training.parallel import initialize_distributed;"
             "initialize_distributed(ParallelConfig(distributed_timeout_minutes=3.5), seed=0);"
             "print(torch.distributed.group.WORLD._get_backend(torch.device('cpu')).options._timeout);"
-            "counts = [];\n"
+            "import gc; counts = [];\n"
             "for _ in range(4):\n"
-            "    initialize_distributed(ParallelConfig(), seed=0)\n"
+            "    initialize_distributed(ParallelConfig(), seed=0); gc.collect()\n"
             "    counts.append((len(torch.distributed.distributed_c10d._world.pg_map), len(os.listdir('/proc/self/task'))))\n"
             "print(counts)")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -401,7 +402,7 @@ def test_distributed_timeout_reaches_the_process_group():
     assert out.returncode == 0, out.stderr[-2000:]
     timeout, counts = out.stdout.strip().splitlines()[-2:]
     assert timeout == "0:03:30"
-    counts = eval(counts)
+    counts = ast.literal_eval(counts)
     assert len({groups for groups, _ in counts}) == 1, counts
     assert counts[-1][1] <= counts[0][1], counts
 
