@@ -217,10 +217,17 @@ def test_async_save_writes_what_the_synchronous_save_writes(tmp_path, whole_run)
         rng = [torch.load(d / name / "rng_rank00000.pt", weights_only=False)["torch"] for d in (save, whole_save)]
         assert torch.equal(*rng)
     killed = tmp_path / "killed"
+    _kill_during_the_save_at_8(RESUME_RUN + ["--save", str(killed), "--async-save"])
+    assert not (killed / "iter_0000008").exists() and (killed / "iter_0000008.tmp-8").is_dir()
+
+
+def _kill_during_the_save_at_8(args: list[str]) -> None:
+    """Run `args`, SIGKILLed (MEGATRON_CONSA_KILL_DURING_SAVE) once the shards of the save at iteration 8 are
+    written, before they are renamed into place: the checkpoint at 4 must stay the latest."""
     env = {**ENV, "MEGATRON_CONSA_KILL_DURING_SAVE": "8"}
-    proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed), "--async-save"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # Its own session: the checkpoint writer's helper processes outlive a SIGKILLed parent; end them too.
+    proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert proc.wait(timeout=600) == -signal.SIGKILL
     finally:
@@ -228,8 +235,8 @@ def test_async_save_writes_what_the_synchronous_save_writes(tmp_path, whole_run)
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert (killed / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert not (killed / "iter_0000008").exists() and (killed / "iter_0000008.tmp-8").is_dir()
+    save = Path(args[args.index("--save") + 1])
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
@@ -296,18 +303,7 @@ def test_mixed_precision_learning_saves_and_resumes_bit_exact(tmp_path, precisio
 
 def test_killed_during_a_save_resumes_the_previous_checkpoint(tmp_path):
     save = tmp_path / "run"
-    env = {**ENV, "MEGATRON_CONSA_KILL_DURING_SAVE": "8"}
-    # Its own session: the checkpoint writer's helper processes outlive a SIGKILLed parent; end them too.
-    proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(save)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert proc.wait(timeout=600) == -signal.SIGKILL
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    _kill_during_the_save_at_8(RESUME_RUN + ["--save", str(save)])
     assert not (save / "iter_0000008").exists()  # only its temporary directory
     resumed = _ok(_train(RESUME_RUN + ["--save", str(save), "--load", str(save)]))
     assert "resumed from" in resumed and "iter_0000004" in resumed
