@@ -23,7 +23,9 @@ from megatron_consa.compat import distributed_backend
 from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
-from megatron_consa.training.config import ATTENTION_BACKENDS, ParallelConfig, TrainingConfig
+from megatron_consa.training.config import (
+    ATTENTION_BACKENDS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, ParallelConfig, TrainingConfig,
+)
 from megatron_consa.training.early_exit import ExitConfig
 from megatron_consa.training.profiling import ProfileConfig
 
@@ -289,7 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the linear warm-up in sequences (with --train-samples)")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the weights")
     g.add_argument("--min-lr", type=float, default=3e-5, help="final learning rate")
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-decay-style", choices=list(LR_DECAY_STYLES), default="cosine",
+                   help="WSD: warm-up, then --lr until the last --lr-wsd-decay-iters of the decay, which anneal to "
+                        "--min-lr")
+    g.add_argument("--lr-wsd-decay-style", choices=list(LR_WSD_DECAY_STYLES), default="exponential",
+                   help="the anneal of --lr-decay-style WSD")
+    g.add_argument("--lr-wsd-decay-iters", type=int, help="the anneal's length (with --lr-decay-style WSD)")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=argparse.SUPPRESS,
+                   help="the anneal's length in sequences (with --train-samples)")
     g.add_argument("--decoupled-lr", type=float,
                    help="peak learning rate of the input embedding and the output layer (default: --lr)")
     g.add_argument("--decoupled-min-lr", type=float,
@@ -669,7 +678,7 @@ def _recompute_granularity(a: argparse.Namespace) -> Optional[str]:
     return "selective"
 
 
-_SAMPLE_FLAGS = ("train_samples", "lr_decay_samples", "lr_warmup_samples")
+_SAMPLE_FLAGS = ("train_samples", "lr_decay_samples", "lr_warmup_samples", "lr_wsd_decay_samples")
 
 
 def _schedule_in_iterations(a: argparse.Namespace) -> None:
@@ -689,10 +698,11 @@ def _schedule_in_iterations(a: argparse.Namespace) -> None:
         return
     if a.train_iters is not None:
         raise ArgumentError("--train-iters and --train-samples: give one")
-    for flag, value in (("--lr-decay-iters", a.lr_decay_iters), ("--lr-warmup-iters", a.lr_warmup_iters)):
+    for flag, value in (("--lr-decay-iters", a.lr_decay_iters), ("--lr-warmup-iters", a.lr_warmup_iters),
+                        ("--lr-wsd-decay-iters", a.lr_wsd_decay_iters)):
         if value is not None:
             raise ArgumentError(f"{flag} with --train-samples: give the schedule in samples (--lr-decay-samples, "
-                                "--lr-warmup-samples), as Megatron-LM")
+                                "--lr-warmup-samples, --lr-wsd-decay-samples), as Megatron-LM")
     if "lr_warmup_samples" in given and a.lr_warmup_fraction is not None:
         raise ArgumentError("--lr-warmup-samples and --lr-warmup-fraction: give one")
     gbs = a.global_batch_size
@@ -704,10 +714,11 @@ def _schedule_in_iterations(a: argparse.Namespace) -> None:
                                 f"--global-batch-size {gbs}" + (" (or 0)" if name == "lr_warmup_samples" else ""))
     a.train_iters = given["train_samples"] // gbs
     converted = [f"--train-samples {given['train_samples']}: {a.train_iters} iterations"]
-    for name, target in (("lr_decay_samples", "lr_decay_iters"), ("lr_warmup_samples", "lr_warmup_iters")):
+    for name, target in (("lr_decay_samples", "lr_decay_iters"), ("lr_warmup_samples", "lr_warmup_iters"),
+                         ("lr_wsd_decay_samples", "lr_wsd_decay_iters")):
         if name in given:
             nearest = (2 * given[name] + gbs) // (2 * gbs)  # half up, in integers
-            iters = max(1 if name == "lr_decay_samples" else 0, nearest)
+            iters = max(0 if name == "lr_warmup_samples" else 1, nearest)
             setattr(a, target, iters)
             exact = "" if iters * gbs == given[name] else f" (ends within an iteration of sample {given[name]})"
             converted.append(f"--{name.replace('_', '-')} {given[name]}: {iters}{exact}")
@@ -787,6 +798,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         recompute_num_layers=a.recompute_num_layers,
         distributed_timeout_minutes=a.distributed_timeout_minutes,
     )
+    if a.lr_decay_style == "WSD" and a.lr_wsd_decay_iters is None:
+        raise ArgumentError("--lr-decay-style WSD needs the anneal's length: --lr-wsd-decay-iters (or "
+                            "--lr-wsd-decay-samples with --train-samples)")
     training = TrainingConfig(
         train_iters=a.train_iters,
         micro_batch_size=a.micro_batch_size,
@@ -797,6 +811,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         lr_warmup_iters=warmup,
         lr_decay_iters=a.lr_decay_iters,
         lr_decay_style=a.lr_decay_style,
+        lr_wsd_decay_iters=a.lr_wsd_decay_iters,
+        lr_wsd_decay_style=a.lr_wsd_decay_style,
         weight_decay=a.weight_decay,
         adam_beta1=a.adam_beta1,
         adam_beta2=a.adam_beta2,

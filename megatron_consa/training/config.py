@@ -13,6 +13,10 @@ def _fail(cls: str, name: str, value, fix: str) -> None:
     raise ConsaConfigError(f"{cls}.{name}={value!r} is invalid: {fix}")
 
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+
+
 @dataclass
 class ParallelConfig:
     """How the model is split over ranks (world = tp * pp * dp)."""
@@ -127,7 +131,12 @@ class TrainingConfig:
     """Iterations over which the learning rate decays to min_lr (None: train_iters); it
     stays at min_lr after them."""
     lr_decay_style: str = "cosine"
-    """'constant', 'linear' or 'cosine' (megatron-core's scheduler)."""
+    """'constant', 'linear', 'cosine', 'inverse-square-root' or 'WSD' (megatron-core's scheduler)."""
+    lr_wsd_decay_iters: Optional[int] = None
+    """With lr_decay_style 'WSD' (warm-up, stable, decay): the last iterations of the decay, over which
+    the rate anneals from lr to min_lr; before them it stays at lr."""
+    lr_wsd_decay_style: str = "exponential"
+    """The WSD anneal: 'exponential', 'linear', 'cosine' or 'minus_sqrt' (megatron-core's)."""
     decoupled_lr: Optional[float] = None
     """Peak learning rate of the input embedding and the output layer (Megatron-LM's
     `--decoupled-lr`; None: `lr`). Their schedule is the model's, at this peak."""
@@ -242,8 +251,18 @@ class TrainingConfig:
             _fail("TrainingConfig", "bf16", True, "choose bf16 or fp16, not both")
         if self.train_iters < 0:
             _fail("TrainingConfig", "train_iters", self.train_iters, "must be >= 0")
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            _fail("TrainingConfig", "lr_decay_style", self.lr_decay_style, "use constant, linear or cosine")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            _fail("TrainingConfig", "lr_decay_style", self.lr_decay_style, f"use one of {', '.join(LR_DECAY_STYLES)}")
+        if self.lr_wsd_decay_style not in LR_WSD_DECAY_STYLES:
+            _fail("TrainingConfig", "lr_wsd_decay_style", self.lr_wsd_decay_style,
+                  f"use one of {', '.join(LR_WSD_DECAY_STYLES)}")
+        if self.lr_decay_style == "WSD":
+            decay = self.lr_decay_iters or self.train_iters
+            wsd = self.lr_wsd_decay_iters
+            if not isinstance(wsd, int) or not 1 <= wsd <= max(1, decay):
+                _fail("TrainingConfig", "lr_wsd_decay_iters", wsd,
+                      f"lr_decay_style 'WSD' anneals over the last lr_wsd_decay_iters of the decay's {decay} "
+                      "iterations: give an integer from 1 to that")
         for name in ("lr", "min_lr"):
             if getattr(self, name) < 0:
                 _fail("TrainingConfig", name, getattr(self, name), "must be >= 0")

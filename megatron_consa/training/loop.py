@@ -241,6 +241,8 @@ def build_optimizer(
         lr_warmup_steps=training.lr_warmup_iters,
         lr_decay_steps=max(1, training.lr_decay_iters or training.train_iters, training.lr_warmup_iters + 1),
         lr_decay_style=training.lr_decay_style,
+        wsd_decay_steps=training.lr_wsd_decay_iters,
+        lr_wsd_decay_style=training.lr_wsd_decay_style,
         start_wd=training.weight_decay,
         end_wd=training.weight_decay,
         wd_incr_steps=max(1, training.train_iters),

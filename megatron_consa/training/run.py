@@ -215,7 +215,8 @@ _OPTIMIZER_GROUPS = {"lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weig
                      "decoupled_lr": "--decoupled-lr", "decoupled_min_lr": "--decoupled-min-lr"}
 # ... and the learning-rate schedule follows these (the checkpoint's, unless overridden).
 _SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_style": "--lr-decay-style",
-             "lr_decay_iters": "--lr-decay-iters"}
+             "lr_decay_iters": "--lr-decay-iters", "lr_wsd_decay_iters": "--lr-wsd-decay-iters",
+             "lr_wsd_decay_style": "--lr-wsd-decay-style"}
 
 
 _NEW_OPTIMIZER = ("--no-load-optim (a new optimizer from the saved iteration on), or start from its weights with "

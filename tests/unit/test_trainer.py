@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -496,6 +497,29 @@ class TestMegatronTrainingFlags:
             for lr, by_kind in seen:
                 assert by_kind[False] == lr and by_kind[True] == pytest.approx(5 * lr if decoupled else lr, rel=1e-9)
             assert len({lr for lr, _ in seen}) == 4  # (the schedule moved)
+
+    @pytest.mark.parametrize("style", ["exponential", "linear", "cosine", "minus_sqrt"])
+    def test_wsd_schedule_holds_the_peak_then_anneals_over_its_last_iterations(self, style):
+        """--lr-decay-style WSD: the linear warm-up, the peak held, then the anneal to --min-lr over the last
+        --lr-wsd-decay-iters of the decay, in each --lr-wsd-decay-style (written out here)."""
+        consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
+        peak, low, warmup, decay, anneal = 1e-2, 1e-3, 2, 10, 4
+        trainer = _trainer(consa, train_iters=12, lr=peak, min_lr=low, lr_warmup_iters=warmup, lr_decay_iters=decay,
+                           lr_decay_style="WSD", lr_wsd_decay_iters=anneal, lr_wsd_decay_style=style)
+        seen = [r.lr for r in trainer.train()]
+        shape = {"exponential": lambda x: 2 * 0.5 ** x - 1, "linear": lambda x: 1 - x,
+                 "cosine": lambda x: 0.5 * (math.cos(math.pi * x) + 1), "minus_sqrt": lambda x: 1 - math.sqrt(x)}[style]
+
+        def expected(step: int) -> float:  # the rate of step `step` (1-based: the scheduler steps first)
+            if step < warmup:
+                return peak * step / warmup
+            if step <= decay - anneal:
+                return peak
+            return low + (peak - low) * shape(min(1.0, (step - (decay - anneal)) / anneal))
+
+        assert seen == pytest.approx([expected(k) for k in range(1, 13)], rel=1e-9, abs=1e-12)
+        assert seen[warmup - 1:decay - anneal] == pytest.approx([peak] * (decay - anneal + 1 - warmup))  # held
+        assert seen[-1] == pytest.approx(low)
 
     def test_grad_reduce_in_bf16_keeps_the_gates_float32(self):
         consa = ConsaConfig(window=4, target_warmup_iters=0)

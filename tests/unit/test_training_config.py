@@ -243,6 +243,29 @@ def test_a_schedule_in_samples_runs_in_iterations_of_the_global_batch(caplog):
     assert t.lr_warmup_iters == 3  # 2.5 iterations: half up
 
 
+def test_wsd_schedule_flags_in_iterations_and_in_samples():
+    """Megatron-LM's --lr-decay-style WSD with --lr-wsd-decay-iters / --lr-wsd-decay-samples (at the
+    nearest iteration) and --lr-wsd-decay-style; without the anneal's length it is refused by flag,
+    and an anneal longer than the decay by field."""
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "1", "--lr-decay-style", "WSD"]
+    t = parse_run_config(base + ["--train-iters", "100", "--lr-wsd-decay-iters", "20",
+                                 "--lr-wsd-decay-style", "minus_sqrt"]).training
+    assert (t.lr_decay_style, t.lr_wsd_decay_iters, t.lr_wsd_decay_style) == ("WSD", 20, "minus_sqrt")
+    t = parse_run_config(base + ["--global-batch-size", "8", "--train-samples", "800",
+                                 "--lr-wsd-decay-samples", "156"]).training
+    assert (t.train_iters, t.lr_wsd_decay_iters, t.lr_wsd_decay_style) == (100, 20, "exponential")
+    with pytest.raises(ArgumentError, match="--lr-decay-style WSD needs the anneal's length: --lr-wsd-decay-iters"):
+        parse_run_config(base + ["--train-iters", "100"])
+    with pytest.raises(ArgumentError, match="--lr-wsd-decay-iters with --train-samples"):
+        parse_run_config(base + ["--global-batch-size", "8", "--train-samples", "800", "--lr-wsd-decay-iters", "5"])
+    with pytest.raises(ConsaConfigError, match="lr_wsd_decay_iters=200 is invalid"):
+        too_long = ["--train-iters", "100", "--lr-wsd-decay-iters", "200", "--global-batch-size", "1"]
+        parse_run_config(base + too_long).training.validate(dp_size=1)
+
+
 def test_blends_from_files_as_megatron_lm_reads_them(tmp_path):
     """--data-args-path: --data-path's arguments in a file; --per-split-data-args-path: each
     split's in a JSON object (a list, or one string); bad files are refused by name."""
