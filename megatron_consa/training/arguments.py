@@ -24,7 +24,7 @@ from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
 from megatron_consa.training.config import (
-    ATTENTION_BACKENDS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, ParallelConfig, TrainingConfig,
+    ATTENTION_BACKENDS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, WEIGHT_DECAY_INCR_STYLES, ParallelConfig, TrainingConfig,
 )
 from megatron_consa.training.early_exit import ExitConfig
 from megatron_consa.training.profiling import ProfileConfig
@@ -309,7 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the warm-up as a fraction of the decay iterations (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-iters", type=int, default=argparse.SUPPRESS,
                    help="iterations of the decay to --min-lr (default: --train-iters)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (not on gates)")
+    g.add_argument("--weight-decay", type=float, default=0.1,
+                   help="decoupled weight decay (not on gates, norms or biases), throughout the run")
+    g.add_argument("--weight-decay-incr-style", choices=list(WEIGHT_DECAY_INCR_STYLES), default="constant",
+                   help="linear or cosine: the decay moves from --start-weight-decay to --end-weight-decay over "
+                        "--train-iters (instead of --weight-decay)")
+    g.add_argument("--start-weight-decay", type=float, help="the first step's weight decay (with "
+                   "--weight-decay-incr-style linear or cosine)")
+    g.add_argument("--end-weight-decay", type=float, help="the weight decay reached at the end of --train-iters (with "
+                   "--weight-decay-incr-style linear or cosine)")
     g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
                    help="on resume, follow this run's --train-iters, --lr-warmup-iters and --lr-decay-style from the "
                         "saved iteration on (e.g. to extend a run); without it a resume must keep the checkpoint's")
@@ -801,6 +809,14 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.lr_decay_style == "WSD" and a.lr_wsd_decay_iters is None:
         raise ArgumentError("--lr-decay-style WSD needs the anneal's length: --lr-wsd-decay-iters (or "
                             "--lr-wsd-decay-samples with --train-samples)")
+    ends = [flag for flag, value in (("--start-weight-decay", a.start_weight_decay),
+                                     ("--end-weight-decay", a.end_weight_decay)) if value is not None]
+    if a.weight_decay_incr_style == "constant" and ends:
+        raise ArgumentError(f"{ends[0]} goes with --weight-decay-incr-style linear or cosine (a decay that moves); "
+                            "for a constant decay give --weight-decay")
+    if a.weight_decay_incr_style != "constant" and len(ends) < 2:
+        raise ArgumentError(f"--weight-decay-incr-style {a.weight_decay_incr_style} moves the decay from "
+                            "--start-weight-decay to --end-weight-decay: give both")
     training = TrainingConfig(
         train_iters=a.train_iters,
         micro_batch_size=a.micro_batch_size,
@@ -814,6 +830,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         lr_wsd_decay_iters=a.lr_wsd_decay_iters,
         lr_wsd_decay_style=a.lr_wsd_decay_style,
         weight_decay=a.weight_decay,
+        weight_decay_incr_style=a.weight_decay_incr_style,
+        start_weight_decay=a.start_weight_decay,
+        end_weight_decay=a.end_weight_decay,
         adam_beta1=a.adam_beta1,
         adam_beta2=a.adam_beta2,
         adam_eps=a.adam_eps,

@@ -15,6 +15,7 @@ def _fail(cls: str, name: str, value, fix: str) -> None:
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+WEIGHT_DECAY_INCR_STYLES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -144,7 +145,17 @@ class TrainingConfig:
     """Final learning rate of the embedding and the output layer (with `decoupled_lr`;
     None: `min_lr`)."""
     weight_decay: float = 0.1
-    """Decoupled weight decay (never applied to gates, norms, biases)."""
+    """Decoupled weight decay (never applied to gates, norms, biases), with
+    `weight_decay_incr_style` 'constant'."""
+    weight_decay_incr_style: str = "constant"
+    """'constant' (`weight_decay` throughout), or 'linear' / 'cosine': the decay moves from
+    `start_weight_decay` to `end_weight_decay` over the train_iters (megatron-core's
+    scheduler; Megatron-LM's `--weight-decay-incr-style`)."""
+    start_weight_decay: Optional[float] = None
+    """The weight decay of the first step (with a 'linear' or 'cosine' weight_decay_incr_style)."""
+    end_weight_decay: Optional[float] = None
+    """The weight decay reached at the end of train_iters (with a 'linear' or 'cosine'
+    weight_decay_incr_style)."""
     adam_beta1: float = 0.9
     """Adam first-moment decay (megatron-core's default)."""
     adam_beta2: float = 0.999
@@ -263,6 +274,7 @@ class TrainingConfig:
                 _fail("TrainingConfig", "lr_wsd_decay_iters", wsd,
                       f"lr_decay_style 'WSD' anneals over the last lr_wsd_decay_iters of the decay's {decay} "
                       "iterations: give an integer from 1 to that")
+        self._validate_weight_decay()
         for name in ("lr", "min_lr"):
             if getattr(self, name) < 0:
                 _fail("TrainingConfig", name, getattr(self, name), "must be >= 0")
@@ -312,6 +324,31 @@ class TrainingConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 _fail("TrainingConfig", name, getattr(self, name), "must be an integer >= 1")
         return self.global_batch_size // per_step
+
+    def _validate_weight_decay(self) -> None:
+        if self.weight_decay_incr_style not in WEIGHT_DECAY_INCR_STYLES:
+            _fail("TrainingConfig", "weight_decay_incr_style", self.weight_decay_incr_style,
+                  f"use one of {', '.join(WEIGHT_DECAY_INCR_STYLES)}")
+        ends = ("start_weight_decay", "end_weight_decay")
+        if self.weight_decay_incr_style == "constant":
+            for name in ends:
+                if getattr(self, name) is not None:
+                    _fail("TrainingConfig", name, getattr(self, name),
+                          "goes with a 'linear' or 'cosine' weight_decay_incr_style; a constant decay is weight_decay")
+        else:
+            for name in ends:
+                value = getattr(self, name)
+                if value is None or not (value >= 0 and math.isfinite(value)):
+                    _fail("TrainingConfig", name, value, f"weight_decay_incr_style {self.weight_decay_incr_style!r} "
+                          "moves the decay from start_weight_decay to end_weight_decay: give both, finite and >= 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            _fail("TrainingConfig", "weight_decay", self.weight_decay, "must be a finite number >= 0")
+
+    def weight_decay_schedule(self) -> tuple[float, float, str]:
+        """(first step's, last step's, style): what megatron-core's scheduler is given."""
+        if self.weight_decay_incr_style == "constant":
+            return self.weight_decay, self.weight_decay, "constant"
+        return self.start_weight_decay, self.end_weight_decay, self.weight_decay_incr_style
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -204,11 +204,12 @@ def build_optimizer(
 ):
     """megatron-core's optimizer with the gates in their own group, and its LR scheduler."""
     exclude_gates_from_global_clip(chunks)
+    start_wd, end_wd, wd_incr_style = training.weight_decay_schedule()
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=training.lr,
         min_lr=training.min_lr,
-        weight_decay=training.weight_decay,
+        weight_decay=start_wd,
         adam_beta1=training.adam_beta1,
         adam_beta2=training.adam_beta2,
         adam_eps=training.adam_eps,
@@ -243,10 +244,10 @@ def build_optimizer(
         lr_decay_style=training.lr_decay_style,
         wsd_decay_steps=training.lr_wsd_decay_iters,
         lr_wsd_decay_style=training.lr_wsd_decay_style,
-        start_wd=training.weight_decay,
-        end_wd=training.weight_decay,
-        wd_incr_steps=max(1, training.train_iters),
-        wd_incr_style="constant",
+        start_wd=start_wd,
+        end_wd=end_wd,
+        wd_incr_steps=max(1, training.train_iters),  # (Megatron-LM's: train_iters x global batch, in samples)
+        wd_incr_style=wd_incr_style,
         # a resume has the checkpoint's schedule, or this run's with --override-opt-param-scheduler
         # (run.prepare_run refuses a resume that changes it without the flag)
         override_opt_param_scheduler=training.override_opt_param_scheduler,

@@ -216,7 +216,8 @@ _OPTIMIZER_GROUPS = {"lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weig
 # ... and the learning-rate schedule follows these (the checkpoint's, unless overridden).
 _SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_style": "--lr-decay-style",
              "lr_decay_iters": "--lr-decay-iters", "lr_wsd_decay_iters": "--lr-wsd-decay-iters",
-             "lr_wsd_decay_style": "--lr-wsd-decay-style"}
+             "lr_wsd_decay_style": "--lr-wsd-decay-style", "weight_decay_incr_style": "--weight-decay-incr-style",
+             "start_weight_decay": "--start-weight-decay", "end_weight_decay": "--end-weight-decay"}
 
 
 _NEW_OPTIMIZER = ("--no-load-optim (a new optimizer from the saved iteration on), or start from its weights with "
@@ -228,9 +229,12 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
     (megatron-core would keep the checkpoint's schedule silently, or fail to match the
     optimizer's parameter groups), naming the flag and the fix."""
     saved = dict(load_meta.get("training") or {})
-    if "lr" in saved:  # saved before --decoupled-lr existed: none
+    if "lr" in saved:  # saved before --decoupled-lr and --weight-decay-incr-style existed: none, a constant decay
         saved.setdefault("decoupled_lr", None)
         saved.setdefault("decoupled_min_lr", None)
+        saved.setdefault("weight_decay_incr_style", "constant")
+        saved.setdefault("start_weight_decay", None)
+        saved.setdefault("end_weight_decay", None)
     changed = [(flag, saved[name], getattr(training, name)) for name, flag in _OPTIMIZER_GROUPS.items()
                if name in saved and saved[name] != getattr(training, name)]
     gate_lr = (load_meta.get("consa") or {}).get("gate_lr")

@@ -442,6 +442,10 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
         "resumable": True, "consa": saved_consa, "architecture": {}, "training": {**saved_training, "lr_decay_iters": None}}))
     err = _bad(same + ["--lr-decay-iters", "4"], capsys)
     assert "saved without --lr-decay-iters, this run asks for 4: resume without --lr-decay-iters" in err
+    err = _bad(same + ["--weight-decay-incr-style", "cosine", "--start-weight-decay", "0", "--end-weight-decay", "0.1"],
+               capsys)  # (saved before the flag: a constant decay)
+    assert "saved with --weight-decay-incr-style constant, this run asks for cosine" in err
+    assert "--override-opt-param-scheduler" in err
     (learned / "consa_run.json").write_text(json.dumps({  # its data position is iteration x global batch
         "resumable": True, "consa": saved_consa, "architecture": {}, "training": {**saved_training, "global_batch_size": 8}}))
     err = _bad(same, capsys)

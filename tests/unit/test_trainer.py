@@ -521,6 +521,31 @@ class TestMegatronTrainingFlags:
         assert seen[warmup - 1:decay - anneal] == pytest.approx([peak] * (decay - anneal + 1 - warmup))  # held
         assert seen[-1] == pytest.approx(low)
 
+    @pytest.mark.parametrize("style", ["linear", "cosine"])
+    def test_weight_decay_moves_from_start_to_end_on_the_weights_only(self, style):
+        """--weight-decay-incr-style: each step's decay, on every weight megatron-core decays, is the
+        schedule written out here (start at the first step, end after train_iters); norms and the
+        gates keep none."""
+        consa = ConsaConfig(window=4, target_warmup_iters=0)
+        start, end, iters = 0.02, 0.3, 5
+        trainer = _trainer(consa, train_iters=iters, weight_decay=0.1, weight_decay_incr_style=style,
+                           start_weight_decay=start, end_weight_decay=end)
+        names = {id(p): n for n, p in unwrap_model(trainer.chunks[0]).named_parameters()}
+        ratio = {"linear": lambda x: x, "cosine": lambda x: 0.5 * (math.cos(math.pi * (1 - x)) + 1)}[style]
+
+        def decays() -> dict[str, float]:
+            return {names[id(p)]: g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+
+        applied = [decays()]  # step k applies the decay set after step k - 1
+        trainer.train(on_step=lambda r: applied.append(decays()))
+        for k, by_name in enumerate(applied):
+            want = start + (end - start) * ratio(k / iters)
+            for name, wd in by_name.items():
+                no_decay = name.endswith("log_alpha") or "layernorm" in name or name.endswith(".bias")
+                assert wd == (0.0 if no_decay else pytest.approx(want, rel=1e-12)), (k, name)
+        assert applied[-1]["decoder.layers.0.mlp.linear_fc1.weight"] == pytest.approx(end)
+        assert any(n.endswith("log_alpha") for n in applied[0]) and any("layernorm" in n for n in applied[0])
+
     def test_grad_reduce_in_bf16_keeps_the_gates_float32(self):
         consa = ConsaConfig(window=4, target_warmup_iters=0)
         for reduce_in_bf16 in (False, True):

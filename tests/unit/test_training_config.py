@@ -266,6 +266,30 @@ def test_wsd_schedule_flags_in_iterations_and_in_samples():
         parse_run_config(base + too_long).training.validate(dp_size=1)
 
 
+def test_weight_decay_increment_flags():
+    """Megatron-LM's --weight-decay-incr-style with --start-weight-decay / --end-weight-decay; the
+    ends without a moving style, or a moving style without both ends, are refused by flag."""
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "1", "--train-iters", "10"]
+    t = parse_run_config(base + ["--weight-decay", "0.05"]).training
+    assert t.weight_decay_schedule() == (0.05, 0.05, "constant")
+    t = parse_run_config(base + ["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.01",
+                                 "--end-weight-decay", "0.1"]).training
+    assert t.weight_decay_schedule() == (0.01, 0.1, "linear")
+    with pytest.raises(ArgumentError, match="--end-weight-decay goes with --weight-decay-incr-style linear or cosine"):
+        parse_run_config(base + ["--end-weight-decay", "0.1"])
+    with pytest.raises(ArgumentError, match="--weight-decay-incr-style cosine moves the decay from "
+                                            "--start-weight-decay to --end-weight-decay: give both"):
+        parse_run_config(base + ["--weight-decay-incr-style", "cosine", "--start-weight-decay", "0.1"])
+    with pytest.raises(ConsaConfigError, match="end_weight_decay=-0.1 is invalid"):
+        TrainingConfig(weight_decay_incr_style="linear", start_weight_decay=0.0,
+                       end_weight_decay=-0.1).validate(dp_size=1)
+    with pytest.raises(ConsaConfigError, match="start_weight_decay=0.0 is invalid: goes with"):
+        TrainingConfig(start_weight_decay=0.0).validate(dp_size=1)
+
+
 def test_blends_from_files_as_megatron_lm_reads_them(tmp_path):
     """--data-args-path: --data-path's arguments in a file; --per-split-data-args-path: each
     split's in a JSON object (a list, or one string); bad files are refused by name."""
