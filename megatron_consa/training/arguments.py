@@ -24,7 +24,8 @@ from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
 from megatron_consa.training.config import (
-    ATTENTION_BACKENDS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, WEIGHT_DECAY_INCR_STYLES, ParallelConfig, TrainingConfig,
+    ATTENTION_BACKENDS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, TIMING_LOG_OPTIONS, WEIGHT_DECAY_INCR_STYLES,
+    ParallelConfig, TrainingConfig,
 )
 from megatron_consa.training.early_exit import ExitConfig
 from megatron_consa.training.profiling import ProfileConfig
@@ -366,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-log-interval", type=int, default=1, help="iterations between TensorBoard scalars")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="TensorBoard gets the validation perplexity beside the validation loss")
+    g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
+                   help="megatron-core's timers at each log line: 0 none; 1 the step's parts (forward-backward, "
+                        "gradient all-reduces, optimizer parts, ConSA's constraint and dual step); 2 also each "
+                        "micro-batch's forward and backward, pipeline sends and receives, batch reading. Levels 1 "
+                        "and 2 synchronise the device at each timer")
+    g.add_argument("--timing-log-option", choices=list(TIMING_LOG_OPTIONS), default="minmax",
+                   help="the timers over ranks: max, minmax, or all (each rank's)")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="TensorBoard gets the time per iteration and each timer's, at every log line")
+    g.add_argument("--no-barrier-with-level-1-timing", dest="barrier_with_l1_time", action="store_false",
+                   help="level-1 timers start without waiting for every rank (the time then includes stragglers)")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="TensorBoard gets the last rank's memory (CUDA's allocator; the CPU: resident bytes)")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true",
+                   help="TensorBoard gets the number of ranks")
     g.add_argument("--profile", action="store_true",
                    help="profile iterations --profile-step-start to --profile-step-end - 1 on --profile-ranks: CUDA's "
                         "profiler for nsys (nsys profile --capture-range=cudaProfilerApi), or --use-pytorch-profiler")
@@ -817,6 +833,14 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.weight_decay_incr_style != "constant" and len(ends) < 2:
         raise ArgumentError(f"--weight-decay-incr-style {a.weight_decay_incr_style} moves the decay from "
                             "--start-weight-decay to --end-weight-decay: give both")
+    unwritten = [flag for flag, on in (
+        ("--log-validation-ppl-to-tensorboard", a.log_validation_ppl_to_tensorboard),
+        ("--log-timers-to-tensorboard", a.log_timers_to_tensorboard),
+        ("--log-memory-to-tensorboard", a.log_memory_to_tensorboard),
+        ("--log-world-size-to-tensorboard", a.log_world_size_to_tensorboard)) if on]
+    if unwritten and not a.tensorboard_dir:
+        logger.warning("%s without --tensorboard-dir: nothing is written (as in Megatron-LM); add --tensorboard-dir DIR",
+                       " and ".join(unwritten))
     training = TrainingConfig(
         train_iters=a.train_iters,
         micro_batch_size=a.micro_batch_size,
@@ -860,6 +884,12 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         tensorboard_dir=a.tensorboard_dir,
         tensorboard_log_interval=a.tensorboard_log_interval,
         log_validation_ppl_to_tensorboard=a.log_validation_ppl_to_tensorboard,
+        timing_log_level=a.timing_log_level,
+        timing_log_option=a.timing_log_option,
+        log_timers_to_tensorboard=a.log_timers_to_tensorboard,
+        barrier_with_l1_time=a.barrier_with_l1_time,
+        log_memory_to_tensorboard=a.log_memory_to_tensorboard,
+        log_world_size_to_tensorboard=a.log_world_size_to_tensorboard,
         override_opt_param_scheduler=a.override_opt_param_scheduler,
     )
     if a.train_iters < 1:

@@ -16,6 +16,7 @@ def _fail(cls: str, name: str, value, fix: str) -> None:
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 WEIGHT_DECAY_INCR_STYLES = ("constant", "linear", "cosine")
+TIMING_LOG_OPTIONS = ("max", "minmax", "all")
 
 
 @dataclass
@@ -240,6 +241,28 @@ class TrainingConfig:
     """Iterations between TensorBoard scalars (Megatron-LM's `--tensorboard-log-interval`)."""
     log_validation_ppl_to_tensorboard: bool = False
     """TensorBoard gets the validation perplexity beside the validation loss."""
+    timing_log_level: int = 0
+    """Which of megatron-core's timers run (Megatron-LM's `--timing-log-level`): 0 none (the log
+    line's time per iteration only); 1 each step's parts: forward-backward, the gradient
+    all-reduces, the optimizer's parts, ConSA's constraint gradient and dual step; 2 also
+    each micro-batch's forward and backward compute, pipeline sends and receives and batch
+    reading. Level 1 and 2 timers synchronise the device at each start and stop."""
+    timing_log_option: str = "minmax"
+    """How the timers are reported over ranks: 'max', 'minmax' or 'all' (each rank's)."""
+    log_timers_to_tensorboard: bool = False
+    """TensorBoard gets the time per iteration ('iteration-time', s) and each timer's
+    ('<name>-time': its mean per iteration since the previous log line, the max over ranks)
+    at every log line."""
+    barrier_with_l1_time: bool = True
+    """Level-1 timers wait for every rank at their start (Megatron-LM's default; the time
+    then excludes waiting for stragglers)."""
+    log_memory_to_tensorboard: bool = False
+    """TensorBoard gets the last rank's memory: with CUDA the allocator's reserved, allocated
+    and peak allocated bytes and allocations ('mem-reserved-bytes', 'mem-allocated-bytes',
+    'mem-max-allocated-bytes', 'mem-allocated-count', as Megatron-LM); on the CPU the
+    process's resident and peak resident bytes ('mem-rss-bytes', 'mem-max-rss-bytes')."""
+    log_world_size_to_tensorboard: bool = False
+    """TensorBoard gets the number of ranks ('world-size')."""
     override_opt_param_scheduler: bool = False
     """On resume, schedule the learning rate with this run's train_iters, warm-up and decay
     style from the saved iteration on (megatron's `override_opt_param_scheduler`), instead
@@ -301,6 +324,11 @@ class TrainingConfig:
             _fail("TrainingConfig", "grad_reduce_in_bf16", True, "is for bf16 training: add bf16 or drop it")
         if not isinstance(self.tensorboard_log_interval, int) or self.tensorboard_log_interval < 1:
             _fail("TrainingConfig", "tensorboard_log_interval", self.tensorboard_log_interval, "must be an integer >= 1")
+        if self.timing_log_level not in (0, 1, 2):
+            _fail("TrainingConfig", "timing_log_level", self.timing_log_level, "use 0, 1 or 2")
+        if self.timing_log_option not in TIMING_LOG_OPTIONS:
+            _fail("TrainingConfig", "timing_log_option", self.timing_log_option,
+                  f"use one of {', '.join(TIMING_LOG_OPTIONS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             _fail("TrainingConfig", "attention_backend", self.attention_backend, f"use one of {ATTENTION_BACKENDS}")
         if self.empty_unused_memory_level not in (0, 1, 2):

@@ -47,7 +47,9 @@ from megatron.core.optimizer_param_scheduler import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.enums import AttnBackend
+from megatron.core.timers import Timers
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
+from megatron.core.utils import get_model_config
 
 from megatron_consa.allocation import Allocation
 from megatron_consa.backends.select import resolve_backend_name, transformer_engine_available
@@ -63,6 +65,7 @@ from megatron_consa.model import (
     consa_attention_modules,
 )
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
+from megatron_consa.training.timing import build_timers, memory_scalars, report_timers
 from megatron_consa.training.data import PrefetchedBatches, SampleSource, micro_batches, repeat_for_chunks
 from megatron_consa.training.parallel import (
     check_gates_consistent,
@@ -200,9 +203,11 @@ def exclude_gates_from_global_clip(chunks: list[torch.nn.Module]) -> None:
 
 
 def build_optimizer(
-    chunks: list[torch.nn.Module], consa: ConsaConfig, parallel: ParallelConfig, training: TrainingConfig
+    chunks: list[torch.nn.Module], consa: ConsaConfig, parallel: ParallelConfig, training: TrainingConfig,
+    *, timers: Optional[Timers] = None,
 ):
-    """megatron-core's optimizer with the gates in their own group, and its LR scheduler."""
+    """megatron-core's optimizer with the gates in their own group, and its LR scheduler
+    (`timers`: megatron-core's, for the optimizer step's parts)."""
     exclude_gates_from_global_clip(chunks)
     start_wd, end_wd, wd_incr_style = training.weight_decay_schedule()
     opt_config = OptimizerConfig(
@@ -227,6 +232,8 @@ def build_optimizer(
         min_loss_scale=training.min_loss_scale,
         loss_scale_window=training.loss_scale_window,
         hysteresis=training.hysteresis,
+        timers=timers,
+        barrier_with_L1_time=training.barrier_with_l1_time,
     )
     overrides = get_standard_config_overrides(opt_config)
     overrides[ParamKey(attr="consa_gate")] = ParamGroupOverride(
@@ -290,11 +297,16 @@ def reduced_loss(reports: list[torch.Tensor], *, per_token: bool) -> tuple[float
 
 def forward_step(data_iterator, model):
     """megatron-core forward step: next micro-batch -> (per-token losses, loss function)."""
+    timers = get_model_config(model).timers
+    if timers is not None:
+        timers("batch-generator", log_level=2).start()
     batch = next(data_iterator)
     dev = device()
     tokens = batch["tokens"].to(dev)
     labels = batch["labels"].to(dev)
     pos = batch["position_ids"].to(dev)
+    if timers is not None:
+        timers("batch-generator").stop()
     output = model(tokens, pos, attention_mask=None, labels=labels)
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -353,7 +365,11 @@ class ConsaTrainer:
         self.chunks, self.config = build_model_chunks(
             arch, consa, parallel, training, transformer_impl=transformer_impl
         )
-        self.optimizer, self.scheduler = build_optimizer(self.chunks, consa, parallel, training)
+        # megatron-core's timers, in the schedules, the gradient reductions and the optimizer (Megatron-LM's)
+        self.timers = build_timers(training.timing_log_level, training.timing_log_option)
+        self.config.timers = self.timers
+        self.config.barrier_with_L1_time = training.barrier_with_l1_time
+        self.optimizer, self.scheduler = build_optimizer(self.chunks, consa, parallel, training, timers=self.timers)
         self.controller = ConsaController(
             consa, total_cost=arch.num_layers * arch.num_kv_heads, cost_all_reduce=pipeline_cost_all_reduce()
         )
@@ -441,8 +457,11 @@ class ConsaTrainer:
             forward_only=False,
         )
         self._release_memory(1)
+        barrier = self.training.barrier_with_l1_time
         if self.consa.learning:
+            self.timers("consa-constraint", log_level=1).start(barrier=barrier)
             s_hat = self._add_constraint_gradient()
+            self.timers("consa-constraint").stop()
         else:  # fixed allocation: report its exact SWA share
             s_hat = 1.0 - sum(map(sum, self.consa.allocation)) / (self.arch.num_layers * self.arch.num_kv_heads)
         if self.capture_gate_grads:
@@ -451,7 +470,9 @@ class ConsaTrainer:
                 g.layer_index: _grad_of(g.log_alpha).float().cpu() / scale for g in self.gates
             }
         target = self.controller.target() if self.consa.learning else s_hat
+        self.timers("optimizer", log_level=1).start(barrier=barrier)
         update_ok, grad_norm, num_zeros = self.optimizer.step()
+        self.timers("optimizer").stop()
         self._param_gather_pending = self.parallel.overlap_param_gather
         self._release_memory(2)
         if self.gates:
@@ -459,7 +480,9 @@ class ConsaTrainer:
         if update_ok:
             self.scheduler.step(increment=1)
         if self.consa.learning:
+            self.timers("consa-dual-step", log_level=1).start(barrier=barrier)
             dual = self.controller.dual_step(s_hat, applied=bool(update_ok))
+            self.timers("consa-dual-step").stop()
         else:
             dual = {"lambda1": 0.0, "lambda2": 0.0, "dual_step": False}
 
@@ -552,24 +575,28 @@ class ConsaTrainer:
         """
         for chunk in self.chunks:
             chunk.eval()
-        total = count = 0.0
-        for j in range(iterations):
-            batches = micro_batches(
-                source, iteration=first_batch + j, global_batch_size=self.training.global_batch_size,
-                micro_batch_size=self.training.micro_batch_size,
-                dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size,
-            )
-            data_iter = repeat_for_chunks(batches, len(self.chunks))
-            out = self._forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=data_iter if len(self.chunks) > 1 else data_iter[0],
-                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-                num_microbatches=self.num_microbatches, seq_length=self.training.seq_length,
-                micro_batch_size=self.training.micro_batch_size, forward_only=True,
-            )
-            batch_total, batch_count = reduced_loss([x["lm loss"] for x in out], per_token=True)
-            total, count = total + batch_total, count + batch_count
-            self._release_memory(1)
+        self.config.timers = None  # evaluation is not timed (as in Megatron-LM)
+        try:
+            total = count = 0.0
+            for j in range(iterations):
+                batches = micro_batches(
+                    source, iteration=first_batch + j, global_batch_size=self.training.global_batch_size,
+                    micro_batch_size=self.training.micro_batch_size,
+                    dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size,
+                )
+                data_iter = repeat_for_chunks(batches, len(self.chunks))
+                out = self._forward_backward(
+                    forward_step_func=forward_step,
+                    data_iterator=data_iter if len(self.chunks) > 1 else data_iter[0],
+                    model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                    num_microbatches=self.num_microbatches, seq_length=self.training.seq_length,
+                    micro_batch_size=self.training.micro_batch_size, forward_only=True,
+                )
+                batch_total, batch_count = reduced_loss([x["lm loss"] for x in out], per_token=True)
+                total, count = total + batch_total, count + batch_count
+                self._release_memory(1)
+        finally:
+            self.config.timers = self.timers
         for chunk in self.chunks:
             chunk.train()
         return total / max(count, 1.0)
@@ -607,6 +634,11 @@ class ConsaTrainer:
             if r.fa_per_layer is not None:
                 for layer, count in enumerate(r.fa_per_layer):
                     self._writer.add_scalar(f"consa_fa_heads/layer_{layer:03d}", count, r.iteration)
+            if self.training.log_memory_to_tensorboard:
+                for name, value in memory_scalars().items():
+                    self._writer.add_scalar(name, value, r.iteration)
+            if self.training.log_world_size_to_tensorboard:
+                self._writer.add_scalar("world-size", torch.distributed.get_world_size(), r.iteration)
         interval = self.training.log_interval
         if interval and (r.iteration % interval == 0 or r.skipped):
             now, done = time.time(), r.iteration + 1
@@ -615,8 +647,14 @@ class ConsaTrainer:
             self._last_log = (now, done)
             tokens_per_s = self.training.global_batch_size * self.training.seq_length / max(per_iter, 1e-9)
             eta = per_iter * max(0, self.training.train_iters - done)
+            timings = report_timers(  # (a collective: every rank)
+                self.timers, level=self.training.timing_log_level, iterations=done - prev_iter, writer=self._writer,
+                step=r.iteration, to_tensorboard=self.training.log_timers_to_tensorboard,
+            )
             if self._writer is not None:
                 self._writer.add_scalar("consa/tokens_per_s", tokens_per_s, r.iteration)
+                if self.training.log_timers_to_tensorboard:
+                    self._writer.add_scalar("iteration-time", per_iter, r.iteration)
             if torch.distributed.get_rank() != 0:
                 return
             gate = "" if r.gate_lr is None else f" | gate lr {r.gate_lr:.3g}"
@@ -634,6 +672,8 @@ class ConsaTrainer:
                 _hms(now - self._start_time), _hms(eta), r.s_hat, r.target, r.lambda1, r.lambda2, fa,
                 " | skipped (loss scale)" if r.skipped else "",
             )
+            if timings:
+                logger.info("%s", timings)
 
     def close(self) -> None:
         """Stop the data-loader workers; flush and close the TensorBoard writer, if any."""

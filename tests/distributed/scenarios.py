@@ -7,6 +7,7 @@ the single-process reference in the tests, so both sides train the same thing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -74,6 +75,10 @@ def training_config(**kw) -> TrainingConfig:
         clip_grad=1.0,
         allocation_check_interval=1,  # bit-for-bit replica check after every iteration
         log_params_norm=True,  # at the log iterations (the first, the last): each parameter once at any layout
+        # every megatron-core timer on (a barrier at each level-1 one), each rank's reported: the
+        # trajectories below show they change nothing, and `timer_reports` what they report
+        timing_log_level=2,
+        timing_log_option="all",
     )
     base.update(kw)
     return TrainingConfig(**base)
@@ -152,6 +157,25 @@ def _step_record(trainer: ConsaTrainer, record) -> dict:
     }
 
 
+class _captured_log:
+    """The INFO messages one logger emits inside the block (a list, filled as they come)."""
+
+    def __init__(self, name: str) -> None:
+        self.logger, self.messages = logging.getLogger(name), []
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = lambda record: self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+        return self.messages
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+
 def layouts(
     *, out_dir: str, names: list[str], iters: int = 10, resume_from: str = "tp2pp2", resume_at: int = 5,
     resume_into: tuple[str, ...] = ("tp1pp1", "pp2"), granularity: str = "kv_head",
@@ -165,25 +189,32 @@ def layouts(
     and trained to `iters`. Each of `self_resumes` (names of runs) saves one too,
     resumed in its own layout and precision (`runs["self-resume:<name>"]`).
     """
+    from megatron.core import parallel_state
+
     out = Path(out_dir)
     init_ckpt, mid_ckpt = out / "init", out / f"{resume_from}-iter{resume_at}"
     runs: dict[str, list[dict]] = {}
     local_gates: dict[str, dict] = {}
+    timer_reports: dict[str, list[str]] = {}  # (rank 0 logs them)
+    stages: dict[str, int] = {}
     for name in names:
         layout, train_kw = PRECISION_RUNS.get(name, (name, {}))
         trainer = make_trainer(LAYOUTS[layout], granularity, **train_kw)
+        stages[name] = parallel_state.get_pipeline_model_parallel_rank()
         if not init_ckpt.exists():
             save_checkpoint(trainer, init_ckpt)
         else:
             load_checkpoint(trainer, init_ckpt, weights_only=True)
         history = []
-        for k in range(iters):
-            if name == resume_from and k == resume_at:
-                save_checkpoint(trainer, mid_ckpt)
-            if name in self_resumes and k == resume_at:
-                save_checkpoint(trainer, out / f"{name}-iter{resume_at}")
-            history.append(_step_record(trainer, trainer.train_step()))
+        with _captured_log("megatron_consa.training.loop") as messages:
+            for k in range(iters):
+                if name == resume_from and k == resume_at:
+                    save_checkpoint(trainer, mid_ckpt)
+                if name in self_resumes and k == resume_at:
+                    save_checkpoint(trainer, out / f"{name}-iter{resume_at}")
+                history.append(_step_record(trainer, trainer.train_step()))
         runs[name] = history
+        timer_reports[name] = [m for m in messages if m.startswith("times across ranks (ms):")]
         local_gates[name] = trainer.local_log_alpha()
     for name in resume_into:
         trainer = make_trainer(LAYOUTS[name], granularity)
@@ -199,6 +230,8 @@ def layouts(
     return {
         "runs": runs if rank == 0 else None,
         "local_gates": local_gates,
+        "timer_reports": timer_reports,
+        "stages": stages,
         "rank": rank,
         "mid_ckpt": str(mid_ckpt),
         "shard_bytes": _shard_bytes(out, names[0], granularity),

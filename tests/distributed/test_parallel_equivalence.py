@@ -64,6 +64,38 @@ def _assert_same_trajectory(run: list[dict], ref: list[dict], what: str) -> None
         assert torch.allclose(r["log_alpha"], e["log_alpha"], rtol=1e-5, atol=1e-6), f"{what} iteration {k}: log_alpha differs by {diff:.3g}"
 
 
+def _times_by_rank(report: str) -> dict[str, dict[int, float]]:
+    """megatron-core's 'all' timer report: {timer: {rank: ms}}."""
+    out: dict[str, dict[int, float]] = {}
+    for line in report.splitlines()[1:]:
+        if line.startswith("     rank"):
+            rank, ms = line.split(":")
+            out[name][int(rank.split()[1])] = float(ms)
+        else:
+            name = line.strip().rstrip(":")
+            out[name] = {}
+    return out
+
+
+def test_timers_report_every_rank_in_a_pipeline(launched):
+    """--timing-log-level 2 --timing-log-option all at PP2 x DP2 (every layout above ran with them):
+    the step's timers on every rank, a pipeline receive of activations only on the ranks of the
+    second stage, and no timer longer than the whole forward-backward but the optimizer's."""
+    reports = launched[0]["timer_reports"]["pp2"]
+    assert len(reports) == 1  # the log line of iteration 0 (--log-interval 10)
+    second_stage = {r["rank"] for r in launched if r["stages"]["pp2"] == 1}
+    assert len(second_stage) == 2
+    for report in reports:
+        times = _times_by_rank(report)
+        for name in ("forward-backward", "forward-compute", "backward-compute", "batch-generator", "all-grads-sync",
+                     "optimizer", "consa-constraint", "consa-dual-step"):
+            assert set(times[name]) == {0, 1, 2, 3}, (name, report)
+        assert set(times["forward-recv"]) == second_stage, report
+        for name, by_rank in times.items():
+            if not name.startswith(("optimizer", "consa-dual", "consa-constraint")):
+                assert all(ms <= times["forward-backward"][r] * 1.001 + 0.01 for r, ms in by_rank.items()), name
+
+
 @pytest.mark.parametrize("layout", COMPARED)
 def test_layout_follows_the_tp1pp1_trajectory(launched, layout):
     runs = launched[0]["runs"]

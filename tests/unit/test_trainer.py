@@ -546,6 +546,53 @@ class TestMegatronTrainingFlags:
         assert applied[-1]["decoder.layers.0.mlp.linear_fc1.weight"] == pytest.approx(end)
         assert any(n.endswith("log_alpha") for n in applied[0]) and any("layernorm" in n for n in applied[0])
 
+    def test_timers_and_memory_reach_the_log_and_tensorboard(self, tmp_path, caplog):
+        """--timing-log-level 2 with --log-timers-to-tensorboard, --log-memory-to-tensorboard and
+        --log-world-size-to-tensorboard: megatron-core's timers (the schedule's, the optimizer's,
+        the gradient sync's) and ConSA's in the log line's text and in TensorBoard, per iteration and
+        nested as they run; an evaluation is not timed; level 0 times nothing."""
+        import logging
+
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        consa = ConsaConfig(window=4, target_warmup_iters=0)
+        trainer = _trainer(consa, train_iters=4, log_interval=2, tensorboard_dir=str(tmp_path / "tb"),
+                           timing_log_level=2, log_timers_to_tensorboard=True, log_memory_to_tensorboard=True,
+                           log_world_size_to_tensorboard=True)
+        with caplog.at_level(logging.INFO, logger="megatron_consa.training.loop"):
+            trainer.train_step()
+            before = trainer.timers("forward-backward").elapsed(reset=False)
+            trainer.evaluate(DATA, iterations=2)
+            assert trainer.timers("forward-backward").elapsed(reset=False) == before  # not timed
+            trainer.train()
+        trainer.close()
+        reports = [r.getMessage() for r in caplog.records if "time across ranks (ms)" in r.getMessage()]
+        assert len(reports) == 2  # at iterations 0 and 2
+        for name in ("forward-backward", "forward-compute", "backward-compute", "batch-generator", "all-grads-sync",
+                     "optimizer-inner-step", "optimizer", "consa-constraint", "consa-dual-step"):
+            assert f"\n    {name} ." in reports[-1], (name, reports[-1])
+        events = EventAccumulator(str(tmp_path / "tb")).Reload()
+
+        def scalars(tag: str) -> dict[int, float]:
+            return {e.step: e.value for e in events.Scalars(tag)}
+
+        iteration = scalars("iteration-time")
+        assert list(iteration) == [0, 2]
+        for step in (0, 2):  # each timer's mean per iteration (s) over the same iterations as iteration-time
+            whole = scalars("forward-backward-time")[step]
+            parts = scalars("forward-compute-time")[step] + scalars("backward-compute-time")[step]
+            assert 0 < parts <= whole * 1.001 and whole + scalars("optimizer-time")[step] <= iteration[step] * 1.001
+            assert scalars("optimizer-inner-step-time")[step] <= scalars("optimizer-time")[step] * 1.001
+        rss, peak = scalars("mem-rss-bytes"), scalars("mem-max-rss-bytes")
+        assert list(rss) == [0, 1, 2, 3] and all(1e7 < rss[k] <= peak[k] for k in rss), (rss, peak)
+        assert set(scalars("world-size").values()) == {1.0}
+
+        caplog.clear()
+        quiet = _trainer(consa, train_iters=2, log_interval=1)
+        with caplog.at_level(logging.INFO, logger="megatron_consa.training.loop"):
+            quiet.train()
+        assert not quiet.timers._timers and "across ranks" not in caplog.text and "iter" in caplog.text
+
     def test_grad_reduce_in_bf16_keeps_the_gates_float32(self):
         consa = ConsaConfig(window=4, target_warmup_iters=0)
         for reduce_in_bf16 in (False, True):

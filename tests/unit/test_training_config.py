@@ -290,6 +290,37 @@ def test_weight_decay_increment_flags():
         TrainingConfig(start_weight_decay=0.0).validate(dp_size=1)
 
 
+def test_timing_and_tensorboard_logging_flags(caplog):
+    """Megatron-LM's --timing-log-level / --timing-log-option / --log-timers-to-tensorboard /
+    --no-barrier-with-level-1-timing / --log-memory-to-tensorboard / --log-world-size-to-tensorboard
+    reach TrainingConfig; without --tensorboard-dir the TensorBoard ones warn that nothing is written."""
+    import logging
+
+    from megatron_consa.training.arguments import parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "1", "--train-iters", "10"]
+    t = parse_run_config(base).training
+    assert (t.timing_log_level, t.timing_log_option, t.log_timers_to_tensorboard, t.barrier_with_l1_time,
+            t.log_memory_to_tensorboard, t.log_world_size_to_tensorboard) == (0, "minmax", False, True, False, False)
+    flags = ["--timing-log-level", "2", "--timing-log-option", "all", "--log-timers-to-tensorboard",
+             "--no-barrier-with-level-1-timing", "--log-memory-to-tensorboard", "--log-world-size-to-tensorboard"]
+    with caplog.at_level(logging.WARNING):
+        t = parse_run_config(base + flags).training
+    assert (t.timing_log_level, t.timing_log_option, t.log_timers_to_tensorboard, t.barrier_with_l1_time,
+            t.log_memory_to_tensorboard, t.log_world_size_to_tensorboard) == (2, "all", True, False, True, True)
+    assert "--log-timers-to-tensorboard and --log-memory-to-tensorboard and --log-world-size-to-tensorboard " \
+           "without --tensorboard-dir: nothing is written" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        parse_run_config(base + flags + ["--tensorboard-dir", "/tmp/tb"])
+    assert "without --tensorboard-dir" not in caplog.text
+    with pytest.raises(SystemExit):
+        parse_run_config(base + ["--timing-log-level", "3"])
+    with pytest.raises(ConsaConfigError, match="timing_log_option='median' is invalid: use one of max, minmax, all"):
+        TrainingConfig(timing_log_option="median").validate(dp_size=1)
+
+
 def test_blends_from_files_as_megatron_lm_reads_them(tmp_path):
     """--data-args-path: --data-path's arguments in a file; --per-split-data-args-path: each
     split's in a JSON object (a list, or one string); bad files are refused by name."""
