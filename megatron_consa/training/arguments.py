@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.1,
                    help="decoupled weight decay (not on gates, norms or biases), throughout the run")
     g.add_argument("--weight-decay-incr-style", choices=list(WEIGHT_DECAY_INCR_STYLES), default="constant",
-                   help="linear or cosine: the decay moves from --start-weight-decay to --end-weight-decay over "
+                   help="linear or cosine: the decay rises from --start-weight-decay to --end-weight-decay over "
                         "--train-iters (instead of --weight-decay)")
     g.add_argument("--start-weight-decay", type=float, help="the first step's weight decay (with "
                    "--weight-decay-incr-style linear or cosine)")
@@ -833,6 +833,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.weight_decay_incr_style != "constant" and len(ends) < 2:
         raise ArgumentError(f"--weight-decay-incr-style {a.weight_decay_incr_style} moves the decay from "
                             "--start-weight-decay to --end-weight-decay: give both")
+    if ends and a.end_weight_decay < a.start_weight_decay:
+        raise ArgumentError(f"--end-weight-decay {a.end_weight_decay} < --start-weight-decay {a.start_weight_decay}: "
+                            "megatron-core's schedule only increases the decay; give an end >= the start")
     unwritten = [flag for flag, on in (
         ("--log-validation-ppl-to-tensorboard", a.log_validation_ppl_to_tensorboard),
         ("--log-timers-to-tensorboard", a.log_timers_to_tensorboard),

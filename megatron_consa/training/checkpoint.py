@@ -435,6 +435,8 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         if cpu:
             fix_param_steps_after_load(trainer.optimizer)
         trainer.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        # (megatron-core sets the groups' decay before it takes the saved decay schedule: again, with it)
+        trainer.scheduler.step(increment=0)
     if weights_only:
         return int(loaded["iteration"])
     trainer.controller.load_state_dict(loaded["consa_controller"])

@@ -369,6 +369,10 @@ class TrainingConfig:
                 if value is None or not (value >= 0 and math.isfinite(value)):
                     _fail("TrainingConfig", name, value, f"weight_decay_incr_style {self.weight_decay_incr_style!r} "
                           "moves the decay from start_weight_decay to end_weight_decay: give both, finite and >= 0")
+            if self.end_weight_decay < self.start_weight_decay:
+                _fail("TrainingConfig", "end_weight_decay", self.end_weight_decay,
+                      f"megatron-core's schedule only increases the decay: use a value >= start_weight_decay="
+                      f"{self.start_weight_decay}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             _fail("TrainingConfig", "weight_decay", self.weight_decay, "must be a finite number >= 0")
 

@@ -65,7 +65,7 @@ from megatron_consa.model import (
     consa_attention_modules,
 )
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
-from megatron_consa.training.timing import build_timers, memory_scalars, report_timers
+from megatron_consa.training.timing import TIMERS_TO_LOG, build_timers, memory_scalars, report_timers
 from megatron_consa.training.data import PrefetchedBatches, SampleSource, micro_batches, repeat_for_chunks
 from megatron_consa.training.parallel import (
     check_gates_consistent,
@@ -433,6 +433,16 @@ class ConsaTrainer:
         return s_hat
 
     def train_step(self) -> StepRecord:
+        """One iteration: forward-backward of the global batch, the constraint, the optimizer and
+        the dual step; logs, and returns what it did."""
+        try:
+            return self._train_step()
+        except BaseException:
+            for name in TIMERS_TO_LOG:  # none left started: a caller that goes on can time the next step
+                self.timers(name).reset()
+            raise
+
+    def _train_step(self) -> StepRecord:
         k = self.iteration
         if self._last_log is None:
             self._last_log = (time.time(), k)

@@ -235,8 +235,10 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
         saved.setdefault("weight_decay_incr_style", "constant")
         saved.setdefault("start_weight_decay", None)
         saved.setdefault("end_weight_decay", None)
+    styles = (training.weight_decay_incr_style, saved.get("weight_decay_incr_style", "constant"))
+    unused = {"weight_decay"} if "constant" not in styles else set()  # (a rising decay does not read it)
     changed = [(flag, saved[name], getattr(training, name)) for name, flag in _OPTIMIZER_GROUPS.items()
-               if name in saved and saved[name] != getattr(training, name)]
+               if name in saved and name not in unused and saved[name] != getattr(training, name)]
     gate_lr = (load_meta.get("consa") or {}).get("gate_lr")
     if run.phase == "learn" and gate_lr is not None and gate_lr != run.consa.gate_lr:  # (a fixed phase has no gates)
         changed.append(("--consa-gate-lr", gate_lr, run.consa.gate_lr))

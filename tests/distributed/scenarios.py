@@ -136,6 +136,10 @@ PRECISION_RUNS = {
 }
 
 
+# Runs whose timers differ from training_config's (every timer, a barrier at each level-1 one)
+TIMING = {"tp2_sp": {"timing_log_level": 0}, "tp2": {"barrier_with_l1_time": False}}
+
+
 def make_trainer(parallel: ParallelConfig, granularity: str = "kv_head", **train_kw) -> ConsaTrainer:
     training = training_config(**train_kw)
     initialize_distributed(parallel, seed=training.seed)
@@ -199,7 +203,7 @@ def layouts(
     stages: dict[str, int] = {}
     for name in names:
         layout, train_kw = PRECISION_RUNS.get(name, (name, {}))
-        trainer = make_trainer(LAYOUTS[layout], granularity, **train_kw)
+        trainer = make_trainer(LAYOUTS[layout], granularity, **{**TIMING.get(name, {}), **train_kw})
         stages[name] = parallel_state.get_pipeline_model_parallel_rank()
         if not init_ckpt.exists():
             save_checkpoint(trainer, init_ckpt)

@@ -541,10 +541,40 @@ class TestMegatronTrainingFlags:
         for k, by_name in enumerate(applied):
             want = start + (end - start) * ratio(k / iters)
             for name, wd in by_name.items():
-                no_decay = name.endswith("log_alpha") or "layernorm" in name or name.endswith(".bias")
+                no_decay = name.endswith(("log_alpha", ".bias")) or "layernorm" in name or "layer_norm" in name
                 assert wd == (0.0 if no_decay else pytest.approx(want, rel=1e-12)), (k, name)
         assert applied[-1]["decoder.layers.0.mlp.linear_fc1.weight"] == pytest.approx(end)
         assert any(n.endswith("log_alpha") for n in applied[0]) and any("layernorm" in n for n in applied[0])
+
+    def test_a_loaded_checkpoint_brings_its_weight_decay_schedule(self, tmp_path):
+        """load_checkpoint: the next step decays at the saved schedule's value, not at the loading
+        trainer's (megatron-core sets the groups' decay before it reads the saved schedule)."""
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+
+        consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
+        saved = _trainer(consa, train_iters=6, weight_decay_incr_style="linear", start_weight_decay=0.0,
+                         end_weight_decay=0.3)
+        saved.train(2)
+        save_checkpoint(saved, tmp_path / "ckpt")
+        loading = _trainer(consa, train_iters=6, weight_decay=0.05)
+        load_checkpoint(loading, tmp_path / "ckpt")
+        weight = id(unwrap_model(loading.chunks[0]).decoder.layers[0].mlp.linear_fc1.weight)
+        decay = [g["weight_decay"] for g in loading.optimizer.param_groups if weight in map(id, g["params"])]
+        assert decay == [pytest.approx(0.1)]  # 0.3 x 2 / 6
+
+    def test_a_step_that_raises_leaves_no_timer_started(self):
+        trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), timing_log_level=1)
+        trainer.train_step()
+        step = trainer.optimizer.step
+
+        def failing_step():
+            raise RuntimeError("optimizer failed")
+
+        trainer.optimizer.step = failing_step
+        with pytest.raises(RuntimeError, match="optimizer failed"):
+            trainer.train_step()  # (inside the "optimizer" timer)
+        trainer.optimizer.step = step
+        assert trainer.train_step().iteration == 1  # megatron-core: "timer has already been started" otherwise
 
     def test_timers_and_memory_reach_the_log_and_tensorboard(self, tmp_path, caplog):
         """--timing-log-level 2 with --log-timers-to-tensorboard, --log-memory-to-tensorboard and

@@ -286,6 +286,13 @@ def test_weight_decay_increment_flags():
     with pytest.raises(ConsaConfigError, match="end_weight_decay=-0.1 is invalid"):
         TrainingConfig(weight_decay_incr_style="linear", start_weight_decay=0.0,
                        end_weight_decay=-0.1).validate(dp_size=1)
+    with pytest.raises(ArgumentError, match="--end-weight-decay 0.01 < --start-weight-decay 0.1: megatron-core's "
+                                            "schedule only increases the decay"):
+        parse_run_config(base + ["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.1",
+                                 "--end-weight-decay", "0.01"])
+    with pytest.raises(ConsaConfigError, match="end_weight_decay=0.0 is invalid: megatron-core's schedule only"):
+        TrainingConfig(weight_decay_incr_style="cosine", start_weight_decay=0.1,
+                       end_weight_decay=0.0).validate(dp_size=1)
     with pytest.raises(ConsaConfigError, match="start_weight_decay=0.0 is invalid: goes with"):
         TrainingConfig(start_weight_decay=0.0).validate(dp_size=1)
 
