@@ -40,7 +40,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "filelock"],
+        # (the tests check what a run logs to Weights & Biases, offline)
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "filelock", "wandb>=0.19"],
+        "wandb": ["wandb>=0.19"],  # --wandb-project
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     classifiers=[

@@ -29,6 +29,7 @@ from megatron_consa.training.config import (
 )
 from megatron_consa.training.early_exit import ExitConfig
 from megatron_consa.training.profiling import ProfileConfig
+from megatron_consa.training.writers import WANDB_MISSING, wandb_installed
 
 logger = logging.getLogger(__name__)
 
@@ -382,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorBoard gets the last rank's memory (CUDA's allocator; the CPU: resident bytes)")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true",
                    help="TensorBoard gets the number of ranks")
+    g.add_argument("--wandb-project", help="also log every TensorBoard scalar and image to this Weights & Biases "
+                   "project (the last rank; needs the wandb package; WANDB_MODE=offline writes the run for a later "
+                   "`wandb sync`)")
+    g.add_argument("--wandb-exp-name", help="the W&B run's name (default: W&B picks one)")
+    g.add_argument("--wandb-save-dir", help="the W&B run's files (default: --save's wandb/)")
+    g.add_argument("--wandb-entity", help="the W&B team or user (default: the logged-in user's)")
     g.add_argument("--profile", action="store_true",
                    help="profile iterations --profile-step-start to --profile-step-end - 1 on --profile-ranks: CUDA's "
                         "profiler for nsys (nsys profile --capture-range=cudaProfilerApi), or --use-pytorch-profiler")
@@ -749,6 +756,24 @@ def _schedule_in_iterations(a: argparse.Namespace) -> None:
     logger.info("schedule in iterations of %d sequences: %s", gbs, "; ".join(converted))
 
 
+def _wandb_save_dir(a: argparse.Namespace) -> Optional[str]:
+    """--wandb-save-dir, or --save's wandb/ (Megatron-LM's default), for a run with --wandb-project."""
+    if not a.wandb_project:
+        given = [flag for flag, value in (("--wandb-exp-name", a.wandb_exp_name), ("--wandb-save-dir", a.wandb_save_dir),
+                                          ("--wandb-entity", a.wandb_entity)) if value]
+        if given:
+            logger.warning("%s without --wandb-project: ignored (nothing goes to W&B)", " and ".join(given))
+        return None
+    if not wandb_installed():
+        raise ArgumentError(f"--wandb-project {a.wandb_project}: {WANDB_MISSING}; or drop the flag")
+    if a.wandb_save_dir:
+        return a.wandb_save_dir
+    if not a.save:
+        raise ArgumentError(f"--wandb-project {a.wandb_project} needs a directory for the run's W&B files: give "
+                            "--wandb-save-dir DIR, or --save DIR (then DIR/wandb)")
+    return str(Path(a.save) / "wandb")
+
+
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     """Typed configs from parsed flags; raises ArgumentError / ConsaConfigError naming the flag."""
     if a.reset_attention_mask or a.reset_position_ids:
@@ -841,9 +866,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         ("--log-timers-to-tensorboard", a.log_timers_to_tensorboard),
         ("--log-memory-to-tensorboard", a.log_memory_to_tensorboard),
         ("--log-world-size-to-tensorboard", a.log_world_size_to_tensorboard)) if on]
-    if unwritten and not a.tensorboard_dir:
-        logger.warning("%s without --tensorboard-dir: nothing is written (as in Megatron-LM); add --tensorboard-dir DIR",
-                       " and ".join(unwritten))
+    if unwritten and not a.tensorboard_dir and not a.wandb_project:
+        logger.warning("%s without --tensorboard-dir or --wandb-project: nothing is written (as in Megatron-LM); add "
+                       "--tensorboard-dir DIR", " and ".join(unwritten))
+    wandb_save_dir = _wandb_save_dir(a)
     training = TrainingConfig(
         train_iters=a.train_iters,
         micro_batch_size=a.micro_batch_size,
@@ -893,6 +919,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         barrier_with_l1_time=a.barrier_with_l1_time,
         log_memory_to_tensorboard=a.log_memory_to_tensorboard,
         log_world_size_to_tensorboard=a.log_world_size_to_tensorboard,
+        wandb_project=a.wandb_project or None,
+        wandb_exp_name=a.wandb_exp_name or None,
+        wandb_save_dir=wandb_save_dir,
+        wandb_entity=a.wandb_entity or None,
         override_opt_param_scheduler=a.override_opt_param_scheduler,
     )
     if a.train_iters < 1:

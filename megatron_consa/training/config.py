@@ -263,6 +263,15 @@ class TrainingConfig:
     process's resident and peak resident bytes ('mem-rss-bytes', 'mem-max-rss-bytes')."""
     log_world_size_to_tensorboard: bool = False
     """TensorBoard gets the number of ranks ('world-size')."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project: the last rank also logs every TensorBoard scalar and image
+    there (Megatron-LM's `--wandb-project`; needs the `wandb` package)."""
+    wandb_exp_name: Optional[str] = None
+    """The W&B run's name (None: W&B picks one)."""
+    wandb_save_dir: Optional[str] = None
+    """Where W&B keeps the run's files (required with wandb_project)."""
+    wandb_entity: Optional[str] = None
+    """The W&B team or user (None: the logged-in user's default)."""
     override_opt_param_scheduler: bool = False
     """On resume, schedule the learning rate with this run's train_iters, warm-up and decay
     style from the saved iteration on (megatron's `override_opt_param_scheduler`), instead
@@ -324,6 +333,9 @@ class TrainingConfig:
             _fail("TrainingConfig", "grad_reduce_in_bf16", True, "is for bf16 training: add bf16 or drop it")
         if not isinstance(self.tensorboard_log_interval, int) or self.tensorboard_log_interval < 1:
             _fail("TrainingConfig", "tensorboard_log_interval", self.tensorboard_log_interval, "must be an integer >= 1")
+        if self.wandb_project and not self.wandb_save_dir:
+            _fail("TrainingConfig", "wandb_save_dir", self.wandb_save_dir,
+                  "wandb_project needs the directory for the run's W&B files (--wandb-save-dir, or --save: <save>/wandb)")
         if self.timing_log_level not in (0, 1, 2):
             _fail("TrainingConfig", "timing_log_level", self.timing_log_level, "use 0, 1 or 2")
         if self.timing_log_option not in TIMING_LOG_OPTIONS:
@@ -375,6 +387,13 @@ class TrainingConfig:
                       f"{self.start_weight_decay}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             _fail("TrainingConfig", "weight_decay", self.weight_decay, "must be a finite number >= 0")
+
+    def wandb_init(self) -> Optional[dict]:
+        """`wandb.init`'s project, name, dir and entity (None without a wandb_project)."""
+        if not self.wandb_project:
+            return None
+        return {"project": self.wandb_project, "name": self.wandb_exp_name, "dir": self.wandb_save_dir,
+                "entity": self.wandb_entity}
 
     def weight_decay_schedule(self) -> tuple[float, float, str]:
         """(first step's, last step's, style): what megatron-core's scheduler is given."""

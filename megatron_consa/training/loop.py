@@ -27,6 +27,7 @@ budget, refusing a run that did not settle.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -66,6 +67,7 @@ from megatron_consa.model import (
 )
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
 from megatron_consa.training.timing import TIMERS_TO_LOG, build_timers, memory_scalars, report_timers
+from megatron_consa.training.writers import MetricWriters
 from megatron_consa.training.data import PrefetchedBatches, SampleSource, micro_batches, repeat_for_chunks
 from megatron_consa.training.parallel import (
     check_gates_consistent,
@@ -402,12 +404,14 @@ class ConsaTrainer:
         # (time, iterations done) at the previous log line; set at this process's first step
         # (a resume starts at the saved iteration, not 0)
         self._last_log: Optional[tuple[float, int]] = None
-        self._writer = None
-        # megatron's convention: the last rank writes TensorBoard (it holds the loss)
-        if training.tensorboard_dir and torch.distributed.get_rank() == world - 1:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=training.tensorboard_dir)
+        # TensorBoard and W&B: megatron's convention, the last rank writes them (it holds the loss)
+        self.metrics: Optional[MetricWriters] = None
+        if torch.distributed.get_rank() == world - 1:
+            self.metrics = MetricWriters.open(
+                tensorboard_dir=training.tensorboard_dir, wandb=training.wandb_init(),
+                config={"architecture": dataclasses.asdict(arch), "consa": consa.to_dict(),
+                        "parallel": dataclasses.asdict(parallel), "training": training.to_dict()},
+            )
 
     # ---- one iteration -----------------------------------------------------
     def _batches(self, iteration: int):
@@ -636,19 +640,19 @@ class ConsaTrainer:
         return float(lr), None if gate_lr is None else float(gate_lr)
 
     def _log(self, r: StepRecord) -> None:
-        if self._writer is not None and r.iteration % self.training.tensorboard_log_interval == 0:
+        if self.metrics is not None and r.iteration % self.training.tensorboard_log_interval == 0:
             for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm", "gate_grad_norm",
                         "loss_scale", "params_norm", "num_zeros_in_grad"):
                 if getattr(r, key) is not None:
-                    self._writer.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
+                    self.metrics.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
             if r.fa_per_layer is not None:
                 for layer, count in enumerate(r.fa_per_layer):
-                    self._writer.add_scalar(f"consa_fa_heads/layer_{layer:03d}", count, r.iteration)
+                    self.metrics.add_scalar(f"consa_fa_heads/layer_{layer:03d}", count, r.iteration)
             if self.training.log_memory_to_tensorboard:
                 for name, value in memory_scalars().items():
-                    self._writer.add_scalar(name, value, r.iteration)
+                    self.metrics.add_scalar(name, value, r.iteration)
             if self.training.log_world_size_to_tensorboard:
-                self._writer.add_scalar("world-size", torch.distributed.get_world_size(), r.iteration)
+                self.metrics.add_scalar("world-size", torch.distributed.get_world_size(), r.iteration)
         interval = self.training.log_interval
         if interval and (r.iteration % interval == 0 or r.skipped):
             now, done = time.time(), r.iteration + 1
@@ -658,13 +662,13 @@ class ConsaTrainer:
             tokens_per_s = self.training.global_batch_size * self.training.seq_length / max(per_iter, 1e-9)
             eta = per_iter * max(0, self.training.train_iters - done)
             timings = report_timers(  # (a collective: every rank)
-                self.timers, level=self.training.timing_log_level, iterations=done - prev_iter, writer=self._writer,
-                step=r.iteration, to_tensorboard=self.training.log_timers_to_tensorboard,
+                self.timers, level=self.training.timing_log_level, iterations=done - prev_iter,
+                writers=self.metrics, training=self.training, step=r.iteration,
             )
-            if self._writer is not None:
-                self._writer.add_scalar("consa/tokens_per_s", tokens_per_s, r.iteration)
+            if self.metrics is not None:
+                self.metrics.add_scalar("consa/tokens_per_s", tokens_per_s, r.iteration)
                 if self.training.log_timers_to_tensorboard:
-                    self._writer.add_scalar("iteration-time", per_iter, r.iteration)
+                    self.metrics.add_scalar("iteration-time", per_iter, r.iteration)
             if torch.distributed.get_rank() != 0:
                 return
             gate = "" if r.gate_lr is None else f" | gate lr {r.gate_lr:.3g}"
@@ -686,11 +690,11 @@ class ConsaTrainer:
                 logger.info("%s", timings)
 
     def close(self) -> None:
-        """Stop the data-loader workers; flush and close the TensorBoard writer, if any."""
+        """Stop the data-loader workers; flush and close the TensorBoard writer and the W&B run, if any."""
         self._loader.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # ---- inspection --------------------------------------------------------
     def local_log_alpha(self) -> dict[int, torch.Tensor]:

@@ -456,10 +456,10 @@ def run_training(prepared: PreparedRun):
         loss = trainer.evaluate(valid_src, iterations=run.eval_iters, first_batch=eval_batch)
         manual_gc.after_eval()
         eval_batch += run.eval_iters
-        if trainer._writer is not None:
-            trainer._writer.add_scalar("consa/valid_loss", loss, k)
+        if trainer.metrics is not None:
+            trainer.metrics.add_scalar("consa/valid_loss", loss, k)
             if training.log_validation_ppl_to_tensorboard:
-                trainer._writer.add_scalar("consa/valid_ppl", math.exp(min(loss, 50.0)), k)
+                trainer.metrics.add_scalar("consa/valid_ppl", math.exp(min(loss, 50.0)), k)
         if dist_rank() == 0:
             logger.info("validation | iter %d | loss %.4f | ppl %.3f", k, loss, math.exp(min(loss, 50.0)))
 
@@ -467,10 +467,10 @@ def run_training(prepared: PreparedRun):
         save_run_checkpoint(trainer, save, extras=_checkpoint_extras(run, prepared.tokenizer),
                             with_optimizer=run.checkpoint.save_optim, with_rng=run.checkpoint.save_rng, writer=writer,
                             retain_interval=run.checkpoint.save_retain_interval)
-        if run.consa.learning and training.tensorboard_dir:  # the same on every rank
+        if run.consa.learning and (training.tensorboard_dir or training.wandb_project):  # the same on every rank
             log_alpha = trainer.gather_log_alpha()  # a collective: every rank
-            if trainer._writer is not None:
-                _tensorboard_heatmap(trainer, log_alpha)
+            if trainer.metrics is not None:
+                _heatmap_to_metrics(trainer, log_alpha)
 
     start = trainer.iteration
     profiler = StepProfiler(run.profile, rank=dist_rank(), world_size=torch.distributed.get_world_size())
@@ -536,7 +536,7 @@ def _latest_in(save: str) -> Optional[Path]:
         return None
 
 
-def _tensorboard_heatmap(trainer, la) -> None:
+def _heatmap_to_metrics(trainer, la) -> None:
     from megatron_consa.analysis.heatmap import heatmap_image
     from megatron_consa.gates import HardConcrete, deterministic_z
 
@@ -545,7 +545,7 @@ def _tensorboard_heatmap(trainer, la) -> None:
     if la.shape[1] == 1:
         la, z = la.expand(-1, G), z.expand(-1, G)
     image = heatmap_image((z > 0).int().tolist(), la.tolist(), title=f"log_alpha at iteration {trainer.iteration}")
-    trainer._writer.add_image("consa/allocation_heatmap", image, trainer.iteration, dataformats="HWC")
+    trainer.metrics.add_image("consa/allocation_heatmap", image, trainer.iteration)
 
 
 def dist_rank() -> int:

@@ -19,6 +19,8 @@ import torch
 from megatron.core.timers import Timers
 
 from megatron_consa.compat import has_cuda
+from megatron_consa.training.config import TrainingConfig
+from megatron_consa.training.writers import MetricWriters
 
 TIMERS_TO_LOG = (
     # Megatron-LM's training_log list, in its order (a timer that never ran is not reported)
@@ -58,18 +60,26 @@ def build_timers(level: int, option: str) -> Timers:
     return Timers(level, option)
 
 
-def report_timers(timers: Timers, *, level: int, iterations: int, writer, step: int,
-                  to_tensorboard: bool) -> Optional[str]:
+def report_timers(timers: Timers, *, level: int, iterations: int, writers: Optional[MetricWriters],
+                  training: TrainingConfig, step: int) -> Optional[str]:
     """The timers' mean per iteration over the last `iterations`, then reset them. Every rank
     calls it (it gathers over all ranks); returns the log text (ms) where a timer ran, None
-    at level 0. With `to_tensorboard`, `writer` (the last rank's; None elsewhere) gets each
-    timer's max over ranks as '<name>-time' (s)."""
+    at level 0. With `training.log_timers_to_tensorboard`, `writers` (the last rank's; None
+    elsewhere) get each timer's max over ranks as '<name>-time' (s), by megatron-core's
+    `Timers.write`: once for TensorBoard, once for W&B, each a gather on every rank."""
     if level == 0:
         return None
     names = list(TIMERS_TO_LOG)
     iterations = max(1, iterations)
-    if to_tensorboard:
-        timers.write(names, writer, step, normalizer=iterations, reset=False)
+    if training.log_timers_to_tensorboard:
+        if training.tensorboard_dir:
+            sink = writers.tensorboard if writers is not None else None
+            timers.write(names, sink, step, normalizer=iterations, reset=False)
+        if training.wandb_project:
+            import wandb  # (megatron-core's Timers.write logs to the module's current run)
+
+            sink = wandb if writers is not None and writers.wandb_run is not None else None
+            timers.write(names, sink, step, normalizer=iterations, reset=False)
     return timers.get_all_timers_string(names, normalizer=iterations, reset=True)
 
 

@@ -388,6 +388,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "--hysteresis (TrainingConfig.hysteresis)=0" in _bad(BASE + ["--fp16", "--hysteresis", "0"], capsys)
     assert "no CUDA: add --use-pytorch-profiler" in _bad(BASE + ["--profile"], capsys)  # nsys's profiler: CUDA only
     assert "give --tensorboard-dir" in _bad(BASE + ["--profile", "--use-pytorch-profiler"], capsys)
+    assert "--wandb-save-dir DIR, or --save DIR (then DIR/wandb)" in _bad(BASE + ["--wandb-project", "p"], capsys)
     err = _bad(BASE + ["--profile", "--use-pytorch-profiler", "--tensorboard-dir", str(tmp_path / "tb"),
                        "--profile-step-start", "3", "--profile-step-end", "3"], capsys)
     assert "0 <= step_start < step_end (--profile-step-start, --profile-step-end)" in err
@@ -495,8 +496,17 @@ def test_finalize_refuses_what_it_must_and_writes_nothing(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("finalize_allocation", ROOT / "tools" / "finalize_allocation.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    # (with W&B, offline: its files go under --save, beside the checkpoints, as in Megatron-LM)
     _ok(_train(MODEL + ["--mock-data", "--vocab-size", "128", "--consa-phase", "learn", "--consa-target-sparsity",
-                        "0.5", "--consa-target-warmup-iters", "1", "--train-iters", "6", "--save", str(tmp_path / "learn")]))
+                        "0.5", "--consa-target-warmup-iters", "1", "--train-iters", "6", "--save", str(tmp_path / "learn"),
+                        "--wandb-project", "consa-e2e", "--wandb-exp-name", "learn"],
+               env={**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}))
+    from wandb_records import config, history, run_file
+
+    logged = history(run_file(tmp_path / "learn" / "wandb"))
+    assert list(logged["consa/loss"]) == list(range(6)) and list(logged["consa/s_hat"]) == list(range(6))
+    assert logged["consa/allocation_heatmap"][6]["_type"] == "image-file"  # at the save
+    assert config(run_file(tmp_path / "learn" / "wandb"))["training"]["train_iters"] == 6
 
     def refused(argv, message, nothing_at):
         assert run_tool(tool.main, argv) == 2

@@ -562,6 +562,44 @@ class TestMegatronTrainingFlags:
         decay = [g["weight_decay"] for g in loading.optimizer.param_groups if weight in map(id, g["params"])]
         assert decay == [pytest.approx(0.1)]  # 0.3 x 2 / 6
 
+    def test_weights_and_biases_gets_what_tensorboard_gets(self, tmp_path, monkeypatch):
+        """--wandb-project: the W&B run (offline here) holds every TensorBoard scalar at the same
+        iterations with the same values (timers and memory included), images, and the run's
+        configuration."""
+        import sys
+        from pathlib import Path
+
+        import numpy as np
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from wandb_records import config, history, run_file
+
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), train_iters=4, log_interval=2,
+                           tensorboard_dir=str(tmp_path / "tb"), wandb_project="consa-tests", wandb_exp_name="unit",
+                           wandb_save_dir=str(tmp_path / "wb"), timing_log_level=1, log_timers_to_tensorboard=True,
+                           log_memory_to_tensorboard=True)
+        trainer.train()
+        trainer.metrics.add_image("consa/allocation_heatmap", np.full((6, 8, 3), 200, dtype=np.uint8), 4)
+        trainer.close()
+        events = EventAccumulator(str(tmp_path / "tb")).Reload()
+        board = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+        logged = history(run_file(tmp_path / "wb"))
+        assert {"consa/loss", "consa/s_hat", "consa/lambda1", "iteration-time", "forward-backward-time",
+                "optimizer-time", "mem-rss-bytes"} <= set(board)
+        assert set(logged) == set(board) | {"consa/allocation_heatmap"}
+        for tag, by_step in board.items():
+            assert list(logged[tag]) == list(by_step), tag
+            assert [float(v) for v in logged[tag].values()] == pytest.approx(list(by_step.values()), rel=1e-6), tag
+        image = logged["consa/allocation_heatmap"][4]
+        assert image["_type"] == "image-file" and (image["width"], image["height"]) == (8, 6)
+        assert (run_file(tmp_path / "wb").parent / "files" / image["path"]).is_file()
+        saved = config(run_file(tmp_path / "wb"))
+        assert saved["training"]["train_iters"] == 4 and saved["consa"]["window"] == 4
+        assert saved["architecture"]["num_layers"] == ARCH.num_layers
+
     def test_a_step_that_raises_leaves_no_timer_started(self):
         trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), timing_log_level=1)
         trainer.train_step()

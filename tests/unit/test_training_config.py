@@ -300,7 +300,8 @@ def test_weight_decay_increment_flags():
 def test_timing_and_tensorboard_logging_flags(caplog):
     """Megatron-LM's --timing-log-level / --timing-log-option / --log-timers-to-tensorboard /
     --no-barrier-with-level-1-timing / --log-memory-to-tensorboard / --log-world-size-to-tensorboard
-    reach TrainingConfig; without --tensorboard-dir the TensorBoard ones warn that nothing is written."""
+    and --wandb-* reach TrainingConfig; without --tensorboard-dir the TensorBoard ones warn that
+    nothing is written."""
     import logging
 
     from megatron_consa.training.arguments import parse_run_config
@@ -317,7 +318,7 @@ def test_timing_and_tensorboard_logging_flags(caplog):
     assert (t.timing_log_level, t.timing_log_option, t.log_timers_to_tensorboard, t.barrier_with_l1_time,
             t.log_memory_to_tensorboard, t.log_world_size_to_tensorboard) == (2, "all", True, False, True, True)
     assert "--log-timers-to-tensorboard and --log-memory-to-tensorboard and --log-world-size-to-tensorboard " \
-           "without --tensorboard-dir: nothing is written" in caplog.text
+           "without --tensorboard-dir or --wandb-project: nothing is written" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         parse_run_config(base + flags + ["--tensorboard-dir", "/tmp/tb"])
@@ -326,6 +327,18 @@ def test_timing_and_tensorboard_logging_flags(caplog):
         parse_run_config(base + ["--timing-log-level", "3"])
     with pytest.raises(ConsaConfigError, match="timing_log_option='median' is invalid: use one of max, minmax, all"):
         TrainingConfig(timing_log_option="median").validate(dp_size=1)
+    # W&B: its files under --save by default; its other flags alone warn
+    t = parse_run_config(base + ["--wandb-project", "p", "--save", "/runs/a"]).training
+    assert t.wandb_init() == {"project": "p", "name": None, "dir": "/runs/a/wandb", "entity": None}
+    t = parse_run_config(base + ["--wandb-project", "p", "--wandb-exp-name", "e", "--wandb-save-dir", "/wb",
+                                 "--wandb-entity", "team"]).training
+    assert t.wandb_init() == {"project": "p", "name": "e", "dir": "/wb", "entity": "team"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert parse_run_config(base + ["--wandb-exp-name", "e"]).training.wandb_init() is None
+    assert "--wandb-exp-name without --wandb-project: ignored" in caplog.text
+    with pytest.raises(ConsaConfigError, match="wandb_save_dir=None is invalid: wandb_project needs"):
+        TrainingConfig(wandb_project="p").validate(dp_size=1)
 
 
 def test_blends_from_files_as_megatron_lm_reads_them(tmp_path):
