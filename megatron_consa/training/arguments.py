@@ -77,6 +77,8 @@ class CheckpointConfig:
     CUDA only)."""
     save_retain_interval: Optional[int] = None
     """Keep only the checkpoints at multiples of this, and the latest (`--save-retain-interval`)."""
+    ckpt_step: Optional[int] = None
+    """Load this iteration of the `load` (`--save`) directory instead of its latest (`--ckpt-step`)."""
 
     def writer(self):
         """The `CheckpointWriter` these settings ask for."""
@@ -457,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save checkpoints without the ranks' RNG states (their resume takes --no-load-rng)")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
+    g.add_argument("--ckpt-step", type=int, metavar="N",
+                   help="load iteration N of the --load directory instead of its latest (e.g. to go back before a "
+                        "loss spike)")
     g.add_argument("--save-retain-interval", type=int, metavar="N",
                    help="keep the checkpoints at multiples of N (a multiple of --save-interval) and the latest; each "
                         "other one is deleted once the next is in place")
@@ -986,6 +991,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         if a.save_retain_interval < 1 or a.save_retain_interval % a.save_interval:
             raise ArgumentError(f"--save-retain-interval {a.save_retain_interval}: must be a positive multiple of "
                                 f"--save-interval {a.save_interval}")
+    if a.ckpt_step is not None and (not a.load or a.ckpt_step < 0):
+        raise ArgumentError(f"--ckpt-step {a.ckpt_step}: " + ("must be >= 0" if a.load else
+                            "picks an iteration of the --load directory: add --load DIR"))
     if a.async_save and not a.save:
         raise ArgumentError("--async-save without --save: there is nothing to write; add --save DIR or drop it")
     if (a.use_persistent_ckpt_worker or a.async_strategy) and not a.async_save:
@@ -1002,7 +1010,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                                   assume_constant_structure=a.ckpt_assume_constant_structure,
                                   async_save=a.async_save,
                                   persistent_worker=a.async_save and a.use_persistent_ckpt_worker,
-                                  save_retain_interval=a.save_retain_interval)
+                                  save_retain_interval=a.save_retain_interval, ckpt_step=a.ckpt_step)
     if a.exit_interval is not None and a.exit_interval < 1:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:

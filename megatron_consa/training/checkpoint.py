@@ -568,13 +568,25 @@ def _delete_in_background(directory: Path) -> None:
                      name="consa-retain-delete").start()
 
 
-def resolve_load_dir(load: str | os.PathLike) -> Path:
-    """The checkpoint directory `--load` means: the latest in a `--save` directory, the
-    directory itself, or the checkpoint in finalize's output directory."""
+def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> Path:
+    """The checkpoint directory `--load` means: the latest in a `--save` directory (or its
+    iteration `step`: Megatron-LM's `--ckpt-step`), the directory itself, or the checkpoint in
+    finalize's output directory."""
     path = Path(load)
     if not path.exists():
         raise FileNotFoundError(f"--load {path}: no such directory")
     tracker = path / TRACKER_FILE
+    if step is not None:
+        if not tracker.is_file():
+            raise FileNotFoundError(f"--ckpt-step {step}: --load {path} is not a --save directory (no {TRACKER_FILE});"
+                                    " give the directory that holds the iter_* checkpoints, or drop --ckpt-step")
+        try:
+            return _resolve(iteration_dir(path, step))
+        except FileNotFoundError:
+            held = sorted(int(d.name[5:]) for d in path.glob("iter_*") if d.name[5:].isdigit()
+                          and (d / CONSA_META_FILE).exists())
+            raise FileNotFoundError(f"--ckpt-step {step}: --load {path} has no complete checkpoint of iteration {step} "
+                                    f"(it holds {', '.join(map(str, held)) or 'none'})") from None
     if tracker.is_file():
         text = tracker.read_text().strip()
         if not text.isdigit():

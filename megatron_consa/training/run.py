@@ -136,7 +136,7 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
     load_dir, load_meta, resume = None, {}, False
     if run.checkpoint.load:
         try:
-            load_dir = resolve_load_dir(run.checkpoint.load)
+            load_dir = resolve_load_dir(run.checkpoint.load, step=run.checkpoint.ckpt_step)
         except FileNotFoundError as err:
             raise ArgumentError(str(err)) from err
         load_meta = read_checkpoint_meta(load_dir) or {}

@@ -152,7 +152,7 @@ def whole_run(tmp_path_factory) -> tuple[Path, str]:
     return save, _ok(_train(RESUME_RUN + ["--save", str(save)]))
 
 
-def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run):
+def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run, capsys):
     whole_save, whole_log = whole_run
     killed = tmp_path / "killed"
     proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed)], cwd=ROOT, env=ENV,
@@ -172,6 +172,14 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run):
     assert len(resumed["records"]) == 16
     assert resumed["records"] == whole["records"]  # loss, s_hat, lambdas, lr of every iteration, bit for bit
     assert resumed["controller"] == whole["controller"] and resumed["log_alpha"] == whole["log_alpha"]
+    # --ckpt-step: back to an earlier checkpoint of the directory, which then follows the same run
+    again = tmp_path / "again"
+    log = _ok(_train(RESUME_RUN + ["--load", str(killed), "--ckpt-step", "8", "--save", str(again)]))
+    assert f"resumed from {killed / 'iter_0000008'} (iteration 8)" in log
+    assert _final_state(again)["records"] == whole["records"]
+    err = _bad(RESUME_RUN + ["--load", str(killed), "--ckpt-step", "6"], capsys)
+    assert "--ckpt-step 6: --load" in err and "has no complete checkpoint of iteration 6 (it holds 4, 8, 12, 16)" in err
+    assert "add --load DIR" in _bad(RESUME_RUN + ["--ckpt-step", "8"], capsys)
     # --exit-signal-handler: a SIGTERM (Slurm's warning before the time limit) saves after the step and exits 0
     termed = tmp_path / "termed"
     proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(termed),

@@ -162,6 +162,9 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--save", "/ckpt", "--save-interval", "250", "--save-retain-interval", "1000",
     "--ckpt-fully-parallel-save", "--ckpt-fully-parallel-load", "--async-save",
     "--use-persistent-ckpt-worker", "--ckpt-assume-constant-structure",
+    # and their logging flags
+    "--timing-log-level", "1", "--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
+    "--log-world-size-to-tensorboard", "--wandb-project", "llama3", "--wandb-exp-name", "8b",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -184,6 +187,9 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     assert (t.cross_entropy_loss_fusion, t.calculate_per_token_loss, t.manual_gc, t.empty_unused_memory_level) == (
         True, True, True, 1)
     assert (t.tensorboard_log_interval, t.log_validation_ppl_to_tensorboard) == (5, True)
+    assert (t.timing_log_level, t.log_timers_to_tensorboard, t.log_memory_to_tensorboard,
+            t.log_world_size_to_tensorboard) == (1, True, True, True)
+    assert t.wandb_init() == {"project": "llama3", "name": "8b", "dir": "/ckpt/wandb", "entity": None}
     local = parse_run_config(LLAMA_SCRIPT + ["--attention-backend", "local"])  # no TE attention: the torch backend
     assert (local.training.attention_backend, local.consa.backend) == ("local", "torch")
     c = run.checkpoint
