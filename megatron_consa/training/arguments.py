@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="std of the random initialisation (a run that loads weights does not use it)")
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
     g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
+    g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, metavar="N",
+                   help="every N iterations, check that the data-parallel replicas hold bit-identical weights (a "
+                        "SHA-1 of each parameter): a mismatch stops every rank, naming the ranks")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
     g.add_argument("--tensorboard-log-interval", type=int, default=1, help="iterations between TensorBoard scalars")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
@@ -897,6 +900,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         clip_grad=a.clip_grad,
         check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad,
         log_params_norm=a.log_params_norm,
+        check_weight_hash_across_dp_replicas_interval=a.check_weight_hash_across_dp_replicas_interval,
         log_num_zeros_in_grad=a.log_num_zeros_in_grad,
         manual_gc=a.manual_gc,
         manual_gc_interval=a.manual_gc_interval,

@@ -233,6 +233,10 @@ class TrainingConfig:
     those steps."""
     log_interval: int = 10
     """Iterations between log lines."""
+    check_weight_hash_across_dp_replicas_interval: Optional[int] = None
+    """Every this many iterations, check that every data-parallel replica holds bit-identical
+    weights and gates (Megatron-LM's flag; a SHA-1 of each parameter on the CPU, so not every
+    iteration on a large model): a mismatch stops the run on every rank, naming the ranks."""
     allocation_check_interval: int = 50
     """Iterations between the all-ranks-hold-the-same-gates check (0 disables)."""
     tensorboard_dir: Optional[str] = None
@@ -336,6 +340,10 @@ class TrainingConfig:
         if self.wandb_project and not self.wandb_save_dir:
             _fail("TrainingConfig", "wandb_save_dir", self.wandb_save_dir,
                   "wandb_project needs the directory for the run's W&B files (--wandb-save-dir, or --save: <save>/wandb)")
+        interval = self.check_weight_hash_across_dp_replicas_interval
+        if interval is not None and (not isinstance(interval, int) or interval < 1):
+            _fail("TrainingConfig", "check_weight_hash_across_dp_replicas_interval", interval,
+                  "must be an integer >= 1 (or None: no check)")
         if self.timing_log_level not in (0, 1, 2):
             _fail("TrainingConfig", "timing_log_level", self.timing_log_level, "use 0, 1 or 2")
         if self.timing_log_option not in TIMING_LOG_OPTIONS:

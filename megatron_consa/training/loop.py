@@ -66,15 +66,16 @@ from megatron_consa.model import (
     consa_attention_modules,
 )
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
-from megatron_consa.training.timing import TIMERS_TO_LOG, build_timers, memory_scalars, report_timers
-from megatron_consa.training.writers import MetricWriters
 from megatron_consa.training.data import PrefetchedBatches, SampleSource, micro_batches, repeat_for_chunks
 from megatron_consa.training.parallel import (
     check_gates_consistent,
+    check_weights_consistent,
     device,
     last_stage_sums_to_all,
     pipeline_cost_all_reduce,
 )
+from megatron_consa.training.timing import TIMERS_TO_LOG, build_timers, memory_scalars, report_timers
+from megatron_consa.training.writers import MetricWriters
 
 logger = logging.getLogger(__name__)
 
@@ -535,6 +536,10 @@ class ConsaTrainer:
             if self.gates:
                 self.finish_param_gather()
             check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
+        interval = self.training.check_weight_hash_across_dp_replicas_interval
+        if interval and self.iteration % interval == 0:
+            self.finish_param_gather()  # (the distributed optimizer's shards back in every replica)
+            check_weights_consistent(self.chunks, iteration=k)
         return record
 
     def params_norm(self) -> float:

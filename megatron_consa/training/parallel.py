@@ -138,6 +138,30 @@ class AllocationMismatchError(RuntimeError):
     """Ranks that must hold identical gates do not."""
 
 
+class ReplicaMismatchError(RuntimeError):
+    """Data-parallel replicas that must hold identical weights do not."""
+
+
+def check_weights_consistent(chunks: Sequence[torch.nn.Module], *, iteration: int) -> None:
+    """Raise ReplicaMismatchError on every rank unless each rank's parameters (weights and
+    gates) are bit-identical to its data-parallel replica 0's (Megatron-LM's
+    `--check-weight-hash-across-dp-replicas-interval`): megatron-core's SHA-1 of each
+    parameter, compared over the data-parallel group (megatron-core logs the parameters that
+    differ). The verdict is gathered over the world, so every rank raises, naming the ranks."""
+    from megatron.core.utils import check_param_hashes_across_dp_replicas
+
+    same = check_param_hashes_across_dp_replicas(list(chunks), cross_check=False)
+    verdicts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, bool(same))
+    differing = [rank for rank, ok in enumerate(verdicts) if not ok]
+    if differing:
+        raise ReplicaMismatchError(
+            f"iteration {iteration}: ranks {differing} hold weights that differ from their data-parallel replica "
+            "0's (megatron-core's log names the parameters); replicas must stay bit-identical: check that every "
+            "rank runs the same code and settings, and the hardware of those ranks"
+        )
+
+
 def check_gates_consistent(gate_params: Sequence[Tensor], *, iteration: int) -> None:
     """Raise AllocationMismatchError on every rank unless all gate replicas are bit-identical.
 

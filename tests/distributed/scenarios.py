@@ -79,6 +79,7 @@ def training_config(**kw) -> TrainingConfig:
         # trajectories below show they change nothing, and `timer_reports` what they report
         timing_log_level=2,
         timing_log_option="all",
+        check_weight_hash_across_dp_replicas_interval=5,  # the replicas' weights, bit for bit
     )
     base.update(kw)
     return TrainingConfig(**base)
@@ -448,19 +449,34 @@ def _diverged_probe() -> str | None:
     return None
 
 
-def _perturbed_replica_error() -> str | None:
-    """Global rank 3 nudges one gate; the consistency guard must name it."""
-    from megatron_consa.training.parallel import AllocationMismatchError, check_gates_consistent
+def _perturbed_replica_error() -> tuple[str | None, str | None]:
+    """Global rank 3 nudges one gate, then rank 2 one weight; the consistency guards must name them."""
+    from megatron_consa.training.parallel import (
+        AllocationMismatchError,
+        ReplicaMismatchError,
+        check_gates_consistent,
+        check_weights_consistent,
+    )
 
     trainer = make_trainer(LAYOUTS["tp2"])
+    check_weights_consistent(trainer.chunks, iteration=0)  # (alike: no error)
+    gates = weights = None
     if torch.distributed.get_rank() == 3:
         with torch.no_grad():
             trainer.gates[0].log_alpha.add_(1e-6)
     try:
         check_gates_consistent([g.log_alpha for g in trainer.gates], iteration=7)
     except AllocationMismatchError as err:
-        return str(err)
-    return None
+        gates = str(err)
+    trainer = make_trainer(LAYOUTS["tp2"])
+    if torch.distributed.get_rank() == 2:
+        with torch.no_grad():
+            next(iter(trainer.chunks[0].parameters())).view(-1)[0] += 1e-3
+    try:
+        check_weights_consistent(trainer.chunks, iteration=8)
+    except ReplicaMismatchError as err:
+        weights = str(err)
+    return gates, weights
 
 
 

@@ -188,11 +188,21 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(launched):
 
 def test_consistency_guard_names_the_rank_that_differs(launched):
     # TP2 x DP2 on 4 ranks: rank 3 shares gates with rank 2 (TP) and with rank 1 (DP).
-    errors = {r["rank"]: r["guard_error"] for r in launched}
+    errors = {r["rank"]: r["guard_error"][0] for r in launched}
     assert all(e is not None for e in errors.values()), errors
     for rank, message in errors.items():  # every rank raises, with the same message
         assert "iteration 7" in message and "ranks [3]" in message, message
         assert "tensor-parallel group [2, 3]" in message and "data-parallel group [1, 3]" in message, message
+
+
+def test_weight_hash_check_names_the_replica_that_differs(launched):
+    """--check-weight-hash-across-dp-replicas-interval (every layout above checked its replicas at
+    iterations 5 and 10 and found them alike): rank 2's nudged weight differs from its data-parallel
+    replica 0 (rank 0), and every rank stops with the same message."""
+    errors = {r["rank"]: r["guard_error"][1] for r in launched}
+    assert all(e is not None for e in errors.values()), errors
+    for message in errors.values():
+        assert message.startswith("iteration 8: ranks [2] hold weights that differ"), message
 
 
 @pytest.mark.parametrize("run", list(PRECISION_RUNS))
