@@ -41,8 +41,8 @@ setup(
     ],
     extras_require={
         # (the tests check what a run logs to Weights & Biases, offline)
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "filelock", "wandb>=0.19"],
-        "wandb": ["wandb>=0.19"],  # --wandb-project
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "filelock", "wandb>=0.19.10"],
+        "wandb": ["wandb>=0.19.10"],  # --wandb-project (reinit="create_new")
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     classifiers=[

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 _FILE_HEADER, _BLOCK, _RECORD_HEADER = 7, 32768, 7
@@ -36,17 +37,22 @@ def records(path: Path):
         if left < _RECORD_HEADER:  # a block's tail too short for a header: zeros
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + _RECORD_HEADER])
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _RECORD_HEADER])
         body = data[pos + _RECORD_HEADER:pos + _RECORD_HEADER + length]
         pos += _RECORD_HEADER + length
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
             continue
-        parts = [body] if kind in (_FULL, _FIRST) else parts + [body]
+        assert kind in (_FULL, _FIRST, _MIDDLE, _LAST) and len(body) == length, (pos, kind, length)
+        assert crc == zlib.crc32(bytes([kind]) + body), f"chunk at {pos - length - _RECORD_HEADER}: bad CRC"
+        assert (kind in (_FULL, _FIRST)) == (not parts), f"chunk of type {kind} out of order at {pos}"
+        parts.append(body)
         if kind in (_FULL, _LAST):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(b"".join(parts))
+            parts = []
             yield record
+    assert not parts, "the file ends inside a record"
 
 
 def history(path: Path) -> dict[str, dict[int, object]]:

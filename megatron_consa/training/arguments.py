@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "project (the last rank; needs the wandb package; WANDB_MODE=offline writes the run for a later "
                    "`wandb sync`)")
     g.add_argument("--wandb-exp-name", help="the W&B run's name (default: W&B picks one)")
-    g.add_argument("--wandb-save-dir", help="the W&B run's files (default: --save's wandb/)")
+    g.add_argument("--wandb-save-dir", help="W&B writes the run's files under DIR/wandb/ (default DIR: --save's "
+                   "wandb/, as in Megatron-LM)")
     g.add_argument("--wandb-entity", help="the W&B team or user (default: the logged-in user's)")
     g.add_argument("--profile", action="store_true",
                    help="profile iterations --profile-step-start to --profile-step-end - 1 on --profile-ranks: CUDA's "

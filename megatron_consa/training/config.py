@@ -340,6 +340,11 @@ class TrainingConfig:
         if self.wandb_project and not self.wandb_save_dir:
             _fail("TrainingConfig", "wandb_save_dir", self.wandb_save_dir,
                   "wandb_project needs the directory for the run's W&B files (--wandb-save-dir, or --save: <save>/wandb)")
+        if self.wandb_project:
+            from megatron_consa.training.writers import WANDB_MISSING, wandb_installed
+
+            if not wandb_installed():  # (checked on every rank: the last one alone opens the run)
+                _fail("TrainingConfig", "wandb_project", self.wandb_project, WANDB_MISSING)
         interval = self.check_weight_hash_across_dp_replicas_interval
         if interval is not None and (not isinstance(interval, int) or interval < 1):
             _fail("TrainingConfig", "check_weight_hash_across_dp_replicas_interval", interval,

@@ -31,9 +31,10 @@ import dataclasses
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -48,7 +49,6 @@ from megatron.core.optimizer_param_scheduler import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.enums import AttnBackend
-from megatron.core.timers import Timers
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
 from megatron.core.utils import get_model_config
 
@@ -76,6 +76,9 @@ from megatron_consa.training.parallel import (
 )
 from megatron_consa.training.timing import TIMERS_TO_LOG, build_timers, memory_scalars, report_timers
 from megatron_consa.training.writers import MetricWriters
+
+if TYPE_CHECKING:
+    from megatron.core.timers import Timers
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +371,8 @@ class ConsaTrainer:
         self.chunks, self.config = build_model_chunks(
             arch, consa, parallel, training, transformer_impl=transformer_impl
         )
-        # megatron-core's timers, in the schedules, the gradient reductions and the optimizer (Megatron-LM's)
+        # megatron-core's timers, in the schedules, the gradient reductions and the optimizer (Megatron-LM's;
+        # None at timing level 0)
         self.timers = build_timers(training.timing_log_level, training.timing_log_option)
         self.config.timers = self.timers
         self.config.barrier_with_L1_time = training.barrier_with_l1_time
@@ -443,9 +447,20 @@ class ConsaTrainer:
         try:
             return self._train_step()
         except BaseException:
-            for name in TIMERS_TO_LOG:  # none left started: a caller that goes on can time the next step
-                self.timers(name).reset()
+            if self.timers is not None:  # none left started: a caller that goes on can time the next step
+                for name in TIMERS_TO_LOG:
+                    self.timers(name).reset()
             raise
+
+    @contextmanager
+    def _timed(self, name: str):
+        """One of ConSA's level-1 timers around a part of the step (nothing at timing level 0)."""
+        if self.timers is None:
+            yield
+            return
+        self.timers(name, log_level=1).start(barrier=self.training.barrier_with_l1_time)
+        yield
+        self.timers(name).stop()
 
     def _train_step(self) -> StepRecord:
         k = self.iteration
@@ -472,11 +487,9 @@ class ConsaTrainer:
             forward_only=False,
         )
         self._release_memory(1)
-        barrier = self.training.barrier_with_l1_time
         if self.consa.learning:
-            self.timers("consa-constraint", log_level=1).start(barrier=barrier)
-            s_hat = self._add_constraint_gradient()
-            self.timers("consa-constraint").stop()
+            with self._timed("consa-constraint"):
+                s_hat = self._add_constraint_gradient()
         else:  # fixed allocation: report its exact SWA share
             s_hat = 1.0 - sum(map(sum, self.consa.allocation)) / (self.arch.num_layers * self.arch.num_kv_heads)
         if self.capture_gate_grads:
@@ -485,9 +498,8 @@ class ConsaTrainer:
                 g.layer_index: _grad_of(g.log_alpha).float().cpu() / scale for g in self.gates
             }
         target = self.controller.target() if self.consa.learning else s_hat
-        self.timers("optimizer", log_level=1).start(barrier=barrier)
-        update_ok, grad_norm, num_zeros = self.optimizer.step()
-        self.timers("optimizer").stop()
+        with self._timed("optimizer"):
+            update_ok, grad_norm, num_zeros = self.optimizer.step()
         self._param_gather_pending = self.parallel.overlap_param_gather
         self._release_memory(2)
         if self.gates:
@@ -495,9 +507,8 @@ class ConsaTrainer:
         if update_ok:
             self.scheduler.step(increment=1)
         if self.consa.learning:
-            self.timers("consa-dual-step", log_level=1).start(barrier=barrier)
-            dual = self.controller.dual_step(s_hat, applied=bool(update_ok))
-            self.timers("consa-dual-step").stop()
+            with self._timed("consa-dual-step"):
+                dual = self.controller.dual_step(s_hat, applied=bool(update_ok))
         else:
             dual = {"lambda1": 0.0, "lambda2": 0.0, "dual_step": False}
 
@@ -667,8 +678,8 @@ class ConsaTrainer:
             tokens_per_s = self.training.global_batch_size * self.training.seq_length / max(per_iter, 1e-9)
             eta = per_iter * max(0, self.training.train_iters - done)
             timings = report_timers(  # (a collective: every rank)
-                self.timers, level=self.training.timing_log_level, iterations=done - prev_iter,
-                writers=self.metrics, training=self.training, step=r.iteration,
+                self.timers, iterations=done - prev_iter, writers=self.metrics,
+                to_writers=self.training.log_timers_to_tensorboard, step=r.iteration,
             )
             if self.metrics is not None:
                 self.metrics.add_scalar("consa/tokens_per_s", tokens_per_s, r.iteration)

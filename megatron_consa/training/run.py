@@ -11,6 +11,7 @@ resume from `--load`, validation loss every `--eval-interval`, a checkpoint ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -508,6 +509,8 @@ def run_training(prepared: PreparedRun):
         raise
     except BaseException:
         writer.close(abort=True)  # a save not written everywhere is not marked latest
+        with contextlib.suppress(Exception):  # (the error raised is the one to report)
+            trainer.close()  # data-loader workers, the TensorBoard and W&B runs
         raise
     unchanged = prepared.resume and not prepared.load_dir.name.endswith(".old")  # (an .old is saved back in place)
     if save and trainer.iteration == start and unchanged and _latest_in(save) == prepared.load_dir:

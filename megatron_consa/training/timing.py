@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from megatron.core.timers import Timers
 
 from megatron_consa.compat import has_cuda
-from megatron_consa.training.config import TrainingConfig
 from megatron_consa.training.writers import MetricWriters
+
+if TYPE_CHECKING:
+    from megatron.core.timers import Timers
 
 TIMERS_TO_LOG = (
     # Megatron-LM's training_log list, in its order (a timer that never ran is not reported)
@@ -55,31 +56,33 @@ TIMERS_TO_LOG = (
 )
 
 
-def build_timers(level: int, option: str) -> Timers:
-    """megatron-core's timers at `level` (0, 1, 2), reported over ranks by `option`."""
+def build_timers(level: int, option: str) -> Optional["Timers"]:
+    """megatron-core's timers at `level` (1, 2), reported over ranks by `option`; None at
+    level 0 (nothing timed: megatron-core skips its timers, and `megatron.core.timers`,
+    which imports wandb where installed, is not loaded)."""
+    if level == 0:
+        return None
+    from megatron.core.timers import Timers
+
     return Timers(level, option)
 
 
-def report_timers(timers: Timers, *, level: int, iterations: int, writers: Optional[MetricWriters],
-                  training: TrainingConfig, step: int) -> Optional[str]:
+def report_timers(timers: Optional["Timers"], *, iterations: int, writers: Optional[MetricWriters],
+                  to_writers: bool, step: int) -> Optional[str]:
     """The timers' mean per iteration over the last `iterations`, then reset them. Every rank
     calls it (it gathers over all ranks); returns the log text (ms) where a timer ran, None
-    at level 0. With `training.log_timers_to_tensorboard`, `writers` (the last rank's; None
-    elsewhere) get each timer's max over ranks as '<name>-time' (s), by megatron-core's
-    `Timers.write`: once for TensorBoard, once for W&B, each a gather on every rank."""
-    if level == 0:
+    without timers. With `to_writers`, `writers` (the last rank's; None elsewhere) get each
+    timer's max over ranks as '<name>-time' (s), TensorBoard and W&B alike."""
+    if timers is None:
         return None
     names = list(TIMERS_TO_LOG)
     iterations = max(1, iterations)
-    if training.log_timers_to_tensorboard:
-        if training.tensorboard_dir:
-            sink = writers.tensorboard if writers is not None else None
-            timers.write(names, sink, step, normalizer=iterations, reset=False)
-        if training.wandb_project:
-            import wandb  # (megatron-core's Timers.write logs to the module's current run)
-
-            sink = wandb if writers is not None and writers.wandb_run is not None else None
-            timers.write(names, sink, step, normalizer=iterations, reset=False)
+    if to_writers:
+        # (megatron-core's Timers.write has the same gather, but W&B only through the module's run)
+        min_max = timers._get_global_min_max_time(names, reset=False, barrier=False, normalizer=iterations)
+        if writers is not None:
+            for name, (_, slowest) in min_max.items():
+                writers.add_scalar(f"{name}-time", slowest, step)
     return timers.get_all_timers_string(names, normalizer=iterations, reset=True)
 
 

@@ -17,7 +17,8 @@ WANDB_MISSING = "Weights & Biases is not installed: pip install wandb (or megatr
 
 
 def wandb_installed() -> bool:
-    return importlib.util.find_spec("wandb") is not None
+    spec = importlib.util.find_spec("wandb")
+    return spec is not None and spec.origin is not None  # (not a bare wandb/ folder on the path)
 
 
 class MetricWriters:
@@ -44,7 +45,9 @@ class MetricWriters:
             import wandb as wandb_module
 
             os.makedirs(wandb["dir"], exist_ok=True)
-            wandb_run = wandb_module.init(**{k: v for k, v in wandb.items() if v is not None}, config=config)
+            # (a run of its own: another trainer in the process must not log into, or finish, this one)
+            wandb_run = wandb_module.init(**{k: v for k, v in wandb.items() if v is not None}, config=config,
+                                          reinit="create_new")
         if tensorboard is None and wandb_run is None:
             return None
         return cls(tensorboard, wandb_run)
