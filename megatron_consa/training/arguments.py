@@ -170,6 +170,23 @@ _REFUSED = {  # Megatron-LM flags that would change what these runs are: why not
                     "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
     "--merge-file": "GPT-2 BPE files are not read here: give a Hugging Face tokenizer directory "
                     "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) or a sentencepiece model",
+    **{flag: "give the stages' layers instead: --decoder-first-pipeline-num-layers / "
+             "--decoder-last-pipeline-num-layers (e.g. one layer fewer beside the embedding or the loss)"
+       for flag in ("--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split")},
+    "--num-experts": "megatron-consa's models are dense (Qwen/Llama/Mistral): mixture-of-experts layers are not "
+                     "supported; drop the flag",
+    "--tp-comm-overlap": "Transformer Engine's overlap of tensor-parallel communication (userbuffers) is not wired "
+                         "into ConSA's layers; drop the flag (--overlap-grad-reduce and --overlap-param-gather overlap "
+                         "the data-parallel communication)",
+    "--use-torch-fsdp2": "FSDP is not supported (megatron-core's DDP holds the gates' replicas); shard the optimizer "
+                         "state with --use-distributed-optimizer",
+    "--use-precision-aware-optimizer": "Transformer Engine's FusedAdam with low-precision optimizer state is not "
+                                       "wired in here; drop the flag (--use-distributed-optimizer shards the fp32 "
+                                       "state)",
+    "--overlap-param-gather-with-optimizer-step": "not supported here; --overlap-param-gather leaves the parameter "
+                                                  "all-gather to the next forward instead",
+    "--defer-embedding-wgrad-compute": "needs gradient-accumulation fusion (Transformer Engine / apex kernels), "
+                                       "which these runs do not use; drop the flag",
     **{flag: "fp8 training is not supported here (the KV-group reordering would copy into low-precision weights, "
              "and Transformer Engine's fp8 sliding-window attention needs sm_100 or a newer cuDNN): train with --bf16 "
              "and drop the --fp8-* flags"
@@ -269,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
                    help="layers per virtual stage (interleaved 1F1B)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                   help="layers on the first pipeline stage (default: an even share); the stages between the first "
+                        "and the last share the rest evenly")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
+                   help="layers on the last pipeline stage (default: an even share)")
     g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallelism (TP > 1)")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap the DP gradient reduction")
@@ -854,6 +876,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         recompute_granularity=_recompute_granularity(a),
         recompute_method=a.recompute_method,
         recompute_num_layers=a.recompute_num_layers,
+        decoder_first_pipeline_num_layers=a.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=a.decoder_last_pipeline_num_layers,
         distributed_timeout_minutes=a.distributed_timeout_minutes,
     )
     if a.lr_decay_style == "WSD" and a.lr_wsd_decay_iters is None:

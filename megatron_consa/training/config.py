@@ -46,6 +46,13 @@ class ParallelConfig:
     """'uniform' or 'block' (full recomputation only)."""
     recompute_num_layers: Optional[int] = None
     """Layers per recomputation unit (full recomputation only)."""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """Layers on the first pipeline stage (Megatron-LM's `--decoder-first-pipeline-num-layers`;
+    None: an even share), e.g. fewer beside the embedding; the stages between the first and
+    the last split the rest evenly."""
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    """Layers on the last pipeline stage (`--decoder-last-pipeline-num-layers`; None: an even
+    share), e.g. fewer beside the output layer and the loss."""
     distributed_timeout_minutes: float = 10.0
     """How long a collective may wait before torch.distributed gives up (Megatron-LM's
     default; a large checkpoint's load or save can need more)."""
@@ -74,7 +81,14 @@ class ParallelConfig:
                 tp,
                 f"must divide num_query_groups={num_kv_heads} (ConSA gates are per KV head)",
             )
-        if num_layers % (pp * vpp):
+        uneven = self.decoder_first_pipeline_num_layers is not None or self.decoder_last_pipeline_num_layers is not None
+        if uneven:
+            self.stage_layers(num_layers)  # (names what does not fit)
+            if self.virtual_pipeline_model_parallel_size is not None:
+                _fail("ParallelConfig", "virtual_pipeline_model_parallel_size", vpp,
+                      "goes with even pipeline stages here: drop decoder_first/last_pipeline_num_layers "
+                      "(--decoder-first/last-pipeline-num-layers) or the virtual pipeline")
+        elif num_layers % (pp * vpp):
             _fail(
                 "ParallelConfig",
                 "pipeline_model_parallel_size",
@@ -93,6 +107,28 @@ class ParallelConfig:
             _fail("ParallelConfig", "recompute_granularity", self.recompute_granularity, "use None, 'full' or 'selective'")
         return world_size // (tp * pp)
 
+    def stage_layers(self, num_layers: int) -> list[range]:
+        """The global layer numbers (0-based) of each pipeline stage: `decoder_first/last_
+        pipeline_num_layers` on the first / last stage, the other stages sharing the rest
+        evenly (megatron-core's split); even stages without them."""
+        pp = self.pipeline_model_parallel_size
+        ends = {0: self.decoder_first_pipeline_num_layers, pp - 1: self.decoder_last_pipeline_num_layers}
+        for rank, name in ((0, "decoder_first_pipeline_num_layers"), (pp - 1, "decoder_last_pipeline_num_layers")):
+            value = getattr(self, name)
+            if value is not None and (pp < 2 or not isinstance(value, int) or value < 1):
+                _fail("ParallelConfig", name, value, "needs pipeline_model_parallel_size >= 2 and an integer >= 1")
+        fixed = {rank: n for rank, n in ends.items() if n is not None}
+        others = [rank for rank in range(pp) if rank not in fixed]
+        rest = num_layers - sum(fixed.values())
+        if rest < 0 or bool(rest) != bool(others) or (others and rest % len(others)):
+            _fail("ParallelConfig", "decoder_first/last_pipeline_num_layers",
+                  (self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers),
+                  f"the other {len(others)} of {pp} stages must share the remaining {rest} of num_layers={num_layers} "
+                  "evenly, at least one each")
+        counts = [fixed.get(rank, rest // max(1, len(others))) for rank in range(pp)]
+        starts = [sum(counts[:rank]) for rank in range(pp)]
+        return [range(start, start + count) for start, count in zip(starts, counts)]
+
     def megatron_fields(self) -> dict:
         """The TransformerConfig fields this layout sets."""
         out = dict(
@@ -101,6 +137,8 @@ class ParallelConfig:
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
             sequence_parallel=self.sequence_parallel,
             recompute_granularity=self.recompute_granularity,
+            num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
+            num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
         )
         if self.recompute_granularity == "full":
             out.update(recompute_method=self.recompute_method or "uniform", recompute_num_layers=self.recompute_num_layers or 1)

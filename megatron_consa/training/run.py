@@ -315,7 +315,7 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
     """The distributed optimizer's saved state (`dp_reshardable`) reshards over data-parallel
     ranks only, and neither optimizer loads the other's state: refuse, naming the flag,
     what would fail deep in dist_checkpointing with a shape mismatch."""
-    saved = load_meta.get("parallel") or {}
+    saved = dict(load_meta.get("parallel") or {})
     if "use_distributed_optimizer" not in saved:
         return
     was, now = saved["use_distributed_optimizer"], run.parallel.use_distributed_optimizer
@@ -329,9 +329,13 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
     if not was:
         return  # the standard optimizer's state reshards over TP and PP
     vpp_flag = "--num-layers-per-virtual-pipeline-stage (virtual stages per pipeline stage)"
+    saved.setdefault("decoder_first_pipeline_num_layers", None)  # (saved before uneven stages: even ones)
+    saved.setdefault("decoder_last_pipeline_num_layers", None)
     for name, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
                        ("pipeline_model_parallel_size", "--pipeline-model-parallel-size"),
-                       ("virtual_pipeline_model_parallel_size", vpp_flag)):
+                       ("virtual_pipeline_model_parallel_size", vpp_flag),
+                       ("decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers"),
+                       ("decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers")):
         if name in saved and saved[name] != getattr(run.parallel, name):
             raise ArgumentError(
                 f"--load {run.checkpoint.load}: the run was saved at {flag} {saved[name]} with the distributed "

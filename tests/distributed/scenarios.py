@@ -90,6 +90,8 @@ LAYOUTS = {
     "tp2": ParallelConfig(tensor_model_parallel_size=2),
     "pp2": ParallelConfig(pipeline_model_parallel_size=2),
     "pp2_vpp2": ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+    # uneven stages: layer 0 on the first, layers 1-3 on the last (--decoder-first-pipeline-num-layers 1)
+    "pp2_uneven": ParallelConfig(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=1),
     "tp2pp2": ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
     "tp2_sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
     "tp2_distopt": ParallelConfig(tensor_model_parallel_size=2, use_distributed_optimizer=True),

@@ -42,7 +42,7 @@ def launched(tmp_path_factory):
         iters=ITERS,
         resume_from="tp2pp2",
         resume_at=RESUME_AT,
-        resume_into=("tp1pp1", "pp2"),
+        resume_into=("tp1pp1", "pp2", "pp2_uneven"),
         self_resumes=SELF_RESUMES,
     )
     return results
@@ -106,7 +106,7 @@ def test_layout_follows_the_tp1pp1_trajectory(launched, layout):
     assert abs(last["lambda1"]) > 0.1 and last["s_hat"] != first["s_hat"]
 
 
-@pytest.mark.parametrize("into", ["tp1pp1", "pp2"])
+@pytest.mark.parametrize("into", ["tp1pp1", "pp2", "pp2_uneven"])
 def test_tp2pp2_checkpoint_resumes_the_same_trajectory(launched, into):
     runs = launched[0]["runs"]
     _assert_same_trajectory(runs[f"resume:{into}"], runs["tp2pp2"][RESUME_AT:], f"resume at {into}")

@@ -347,6 +347,54 @@ def test_timing_and_tensorboard_logging_flags(caplog):
         TrainingConfig(wandb_project="p").validate(dp_size=1)
 
 
+@pytest.mark.parametrize("layers,pp,first,last", [
+    (8, 2, 3, None), (8, 2, None, 3), (8, 3, 2, 2), (10, 4, 1, 3), (9, 4, 3, None), (12, 4, None, None), (4, 2, 1, None),
+])
+def test_uneven_pipeline_stages_split_as_megatron_core_builds_them(layers, pp, first, last):
+    """--decoder-first/last-pipeline-num-layers: each stage's global layers, as megatron-core's own
+    offset and layer count give them (what the model builds)."""
+    import megatron_consa  # noqa: F401
+    import torch
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    parallel = ParallelConfig(pipeline_model_parallel_size=pp, decoder_first_pipeline_num_layers=first,
+                              decoder_last_pipeline_num_layers=last)
+    config = TransformerConfig(num_layers=layers, hidden_size=8, num_attention_heads=1, pipeline_dtype=torch.float32,
+                               **{k: v for k, v in parallel.megatron_fields().items()
+                                  if k.startswith(("pipeline", "num_layers_in"))})
+    built = []
+    for rank in range(pp):
+        start = get_transformer_layer_offset(config, pp_rank=rank)
+        built.append(range(start, start + get_num_layers_to_build(config, pp_rank=rank)))
+    assert parallel.stage_layers(layers) == built
+    parallel.validate(num_layers=layers, num_kv_heads=2, world_size=pp)
+
+
+def test_uneven_pipeline_stages_that_do_not_fit_are_refused():
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+
+    base = ["--num-layers", "8", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "4", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "1"]
+    p = parse_run_config(base + ["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "3"])
+    assert (p.parallel.decoder_first_pipeline_num_layers, p.parallel.stage_layers(8)) == (None, [range(5), range(5, 8)])
+    for kw, message in (
+        (dict(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=3), "remaining 5 of num_layers=8"),
+        (dict(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=4, decoder_last_pipeline_num_layers=3),
+         "the other 0 of 2 stages must share the remaining 1"),
+        (dict(decoder_first_pipeline_num_layers=2), "needs pipeline_model_parallel_size >= 2"),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+              decoder_first_pipeline_num_layers=2), "goes with even pipeline stages here"),
+    ):
+        with pytest.raises(ConsaConfigError, match=re.escape(message)):
+            ParallelConfig(**kw).validate(num_layers=8, num_kv_heads=2, world_size=kw.get("pipeline_model_parallel_size", 1))
+    with pytest.raises(ArgumentError, match="--account-for-embedding-in-pipeline-split: give the stages' layers"):
+        parse_run_config(base + ["--account-for-embedding-in-pipeline-split"])
+    with pytest.raises(ArgumentError, match="--num-experts: megatron-consa's models are dense"):
+        parse_run_config(base + ["--num-experts", "8"])
+
+
 def test_blends_from_files_as_megatron_lm_reads_them(tmp_path):
     """--data-args-path: --data-path's arguments in a file; --per-split-data-args-path: each
     split's in a JSON object (a list, or one string); bad files are refused by name."""
