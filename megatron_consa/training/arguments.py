@@ -593,15 +593,16 @@ _SHAPE_FIELD = {
 _SHAPE_FLAGS = tuple(_SHAPE_FIELD)
 
 
-def _hf_config_path(path: str) -> str:
+def _hf_config_path(path: str, step: Optional[int] = None) -> str:
     """`--hf-config`: a config.json, a directory holding one, or (as `--load` reads it) a
-    `--save` directory or finalize's output, whose checkpoint holds one."""
+    `--save` directory (its iteration `step` with --use-checkpoint-args --ckpt-step) or
+    finalize's output, whose checkpoint holds one."""
     if not Path(path).is_dir() or (Path(path) / "config.json").is_file():
         return path
     from megatron_consa.training.checkpoint import resolve_load_dir
 
     try:
-        return str(resolve_load_dir(path))
+        return str(resolve_load_dir(path, step=step))
     except FileNotFoundError:
         return path  # _load_hf_config names what is missing
 
@@ -638,7 +639,9 @@ def _arch_from_checkpoint_args(a: argparse.Namespace) -> ArchitectureConfig:
 
 def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     if a.hf_config:
-        a.hf_config = _hf_config_path(a.hf_config)  # what the run's later steps read too
+        # (what the run's later steps read too; --use-checkpoint-args: the checkpoint --ckpt-step picks)
+        step = a.ckpt_step if getattr(a, "use_checkpoint_args", False) else None
+        a.hf_config = _hf_config_path(a.hf_config, step)
         given = ["--" + name.replace("_", "-") for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)]
         if given:
             raise ArgumentError(
@@ -855,6 +858,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             raise ArgumentError(f"{flag} {value}: must be >= 1")
     if a.num_workers < 0:
         raise ArgumentError(f"--num-workers {a.num_workers}: must be >= 0 (0: no worker processes)")
+    uneven = a.decoder_first_pipeline_num_layers is not None or a.decoder_last_pipeline_num_layers is not None
+    if a.num_layers_per_virtual_pipeline_stage and uneven:
+        raise ArgumentError("--num-layers-per-virtual-pipeline-stage goes with even pipeline stages here: drop it or "
+                            "--decoder-first/last-pipeline-num-layers")
     if a.num_layers_per_virtual_pipeline_stage:
         per_stage = arch.num_layers // max(1, a.pipeline_model_parallel_size)
         if per_stage % a.num_layers_per_virtual_pipeline_stage:

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -518,6 +519,12 @@ def iteration_dir(save: str | os.PathLike, iteration: int) -> Path:
     return Path(save) / f"iter_{iteration:07d}"
 
 
+def saved_iterations(save: str | os.PathLike) -> list[int]:
+    """The iterations of the complete checkpoints in a `--save` directory (an `.old` one included)."""
+    names = (re.fullmatch(r"iter_(\d+)(\.old)?", d.name) for d in Path(save).iterdir())
+    return sorted({int(m.group(1)) for m in names if m and (Path(save) / m.group(0) / CONSA_META_FILE).exists()})
+
+
 FAULT_INJECTION_ENV = "MEGATRON_CONSA_KILL_DURING_SAVE"
 """Tests only: SIGKILL this process after the shards of the checkpoint at this iteration are written,
 before they are renamed into place and marked latest (a crash in the middle of a save)."""
@@ -542,7 +549,8 @@ def save_run_checkpoint(trainer, save: str | os.PathLike, *, retain_interval: Op
             tmp = tracker.with_name(tracker.name + ".tmp")
             tmp.write_text(f"{iteration}\n")
             os.replace(tmp, tracker)  # atomic: the marker names a complete checkpoint, old or new
-            if retain_interval and previous.isdigit() and int(previous) != iteration \
+            # (never one after this save: after --ckpt-step, the checkpoint the run went back from)
+            if retain_interval and previous.isdigit() and int(previous) < iteration \
                     and int(previous) % retain_interval:
                 _delete_in_background(iteration_dir(save, int(previous)))
         dist.barrier()
@@ -583,8 +591,7 @@ def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> 
         try:
             return _resolve(iteration_dir(path, step))
         except FileNotFoundError:
-            held = sorted(int(d.name[5:]) for d in path.glob("iter_*") if d.name[5:].isdigit()
-                          and (d / CONSA_META_FILE).exists())
+            held = saved_iterations(path)
             raise FileNotFoundError(f"--ckpt-step {step}: --load {path} has no complete checkpoint of iteration {step} "
                                     f"(it holds {', '.join(map(str, held)) or 'none'})") from None
     if tracker.is_file():

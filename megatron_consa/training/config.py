@@ -121,8 +121,8 @@ class ParallelConfig:
         others = [rank for rank in range(pp) if rank not in fixed]
         rest = num_layers - sum(fixed.values())
         if rest < 0 or bool(rest) != bool(others) or (others and rest % len(others)):
-            _fail("ParallelConfig", "decoder_first/last_pipeline_num_layers",
-                  (self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers),
+            name = "decoder_first_pipeline_num_layers" if 0 in fixed else "decoder_last_pipeline_num_layers"
+            _fail("ParallelConfig", name, getattr(self, name),
                   f"the other {len(others)} of {pp} stages must share the remaining {rest} of num_layers={num_layers} "
                   "evenly, at least one each")
         counts = [fixed.get(rank, rest // max(1, len(others))) for rank in range(pp)]

@@ -146,19 +146,34 @@ def check_weights_consistent(chunks: Sequence[torch.nn.Module], *, iteration: in
     """Raise ReplicaMismatchError on every rank unless each rank's parameters (weights and
     gates) are bit-identical to its data-parallel replica 0's (Megatron-LM's
     `--check-weight-hash-across-dp-replicas-interval`): megatron-core's SHA-1 of each
-    parameter, compared over the data-parallel group (megatron-core logs the parameters that
-    differ). The verdict is gathered over the world, so every rank raises, naming the ranks."""
+    parameter, compared over the data-parallel group. The verdict, with the parameters
+    megatron-core found differing, is gathered over the world: every rank raises, naming them."""
+    import re
+
     from megatron.core.utils import check_param_hashes_across_dp_replicas
 
-    same = check_param_hashes_across_dp_replicas(list(chunks), cross_check=False)
+    mcore_log = logging.getLogger("megatron.core.utils")  # (where megatron-core names them, at INFO)
+    found: list[str] = []
+    catch = logging.Handler(logging.INFO)
+    catch.emit = lambda record: found.extend(re.findall(r"Hash not matching for (\S+) in", record.getMessage()))
+    level = mcore_log.level
+    mcore_log.setLevel(logging.INFO)
+    mcore_log.addHandler(catch)
+    try:
+        same = check_param_hashes_across_dp_replicas(list(chunks), cross_check=False)
+    finally:
+        mcore_log.removeHandler(catch)
+        mcore_log.setLevel(level)
     verdicts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(verdicts, bool(same))
-    differing = [rank for rank, ok in enumerate(verdicts) if not ok]
+    dist.all_gather_object(verdicts, (bool(same), found))
+    differing = {rank: names for rank, (ok, names) in enumerate(verdicts) if not ok}
     if differing:
+        which = "; ".join(f"rank {rank}: {', '.join(names[:3]) or '?'}" + (f" and {len(names) - 3} more"
+                          if len(names) > 3 else "") for rank, names in differing.items())
         raise ReplicaMismatchError(
-            f"iteration {iteration}: ranks {differing} hold weights that differ from their data-parallel replica "
-            "0's (megatron-core's log names the parameters); replicas must stay bit-identical: check that every "
-            "rank runs the same code and settings, and the hardware of those ranks"
+            f"iteration {iteration}: ranks {sorted(differing)} hold weights that differ from their data-parallel "
+            f"replica 0's ({which}); replicas must stay bit-identical: check that every rank runs the same code "
+            "and settings, and the hardware of those ranks"
         )
 
 

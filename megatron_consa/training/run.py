@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from megatron_consa.config import ConsaConfigError
 from megatron_consa.data.gpt import check_data_paths
 from megatron_consa.data.tokenizer import build_tokenizer
 from megatron_consa.training.arguments import ArgumentError, RunConfig
+from megatron_consa.training.config import ParallelConfig
 from megatron_consa.unit_scores import UnitScores
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _check_save_dir(save: str) -> None:
 
 def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
     """Every check that needs no process group; returns the run with its configs completed."""
-    from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir
+    from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir, saved_iterations
     from megatron_consa.training.loop import check_learning_run, check_transformer_impl
 
     try:
@@ -140,6 +140,13 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             load_dir = resolve_load_dir(run.checkpoint.load, step=run.checkpoint.ckpt_step)
         except FileNotFoundError as err:
             raise ArgumentError(str(err)) from err
+        step, save = run.checkpoint.ckpt_step, run.checkpoint.save
+        if step is not None and save and Path(save).resolve() == Path(run.checkpoint.load).resolve():
+            later = [k for k in saved_iterations(save) if k > step]
+            if later and dist_rank() == 0:
+                logger.warning("--ckpt-step %d with --save the --load directory: its checkpoints at %s are the earlier "
+                               "run's; each stays until this run saves that iteration over it", step,
+                               ", ".join(map(str, later)))
         load_meta = read_checkpoint_meta(load_dir) or {}
         saved_arch = load_meta.get("architecture") or {}
         for name in ("num_layers", "num_kv_heads", "hidden_size", "num_attention_heads", "vocab_size"):
@@ -329,19 +336,30 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
     if not was:
         return  # the standard optimizer's state reshards over TP and PP
     vpp_flag = "--num-layers-per-virtual-pipeline-stage (virtual stages per pipeline stage)"
-    saved.setdefault("decoder_first_pipeline_num_layers", None)  # (saved before uneven stages: even ones)
-    saved.setdefault("decoder_last_pipeline_num_layers", None)
     for name, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
                        ("pipeline_model_parallel_size", "--pipeline-model-parallel-size"),
-                       ("virtual_pipeline_model_parallel_size", vpp_flag),
-                       ("decoder_first_pipeline_num_layers", "--decoder-first-pipeline-num-layers"),
-                       ("decoder_last_pipeline_num_layers", "--decoder-last-pipeline-num-layers")):
+                       ("virtual_pipeline_model_parallel_size", vpp_flag)):
         if name in saved and saved[name] != getattr(run.parallel, name):
             raise ArgumentError(
                 f"--load {run.checkpoint.load}: the run was saved at {flag} {saved[name]} with the distributed "
                 f"optimizer, whose state reshards over data-parallel ranks only; this run asks for "
                 f"{getattr(run.parallel, name)}: resume at {saved[name]}, or continue with {_NEW_OPTIMIZER}"
             )
+    # ... and the layers of each pipeline stage (saved before uneven stages: even ones)
+    was_split = ParallelConfig(
+        pipeline_model_parallel_size=run.parallel.pipeline_model_parallel_size,
+        decoder_first_pipeline_num_layers=saved.get("decoder_first_pipeline_num_layers"),
+        decoder_last_pipeline_num_layers=saved.get("decoder_last_pipeline_num_layers"),
+    ).stage_layers(run.arch.num_layers)
+    now_split = run.parallel.stage_layers(run.arch.num_layers)
+    if was_split != now_split:
+        was, now = [len(r) for r in was_split], [len(r) for r in now_split]
+        raise ArgumentError(
+            f"--load {run.checkpoint.load}: the run was saved with pipeline stages of {was} layers with the "
+            f"distributed optimizer, whose state reshards over data-parallel ranks only; this run's stages have "
+            f"{now}: resume with --decoder-first-pipeline-num-layers {was[0]} --decoder-last-pipeline-num-layers "
+            f"{was[-1]}, or continue with {_NEW_OPTIMIZER}"
+        )
     # its buckets are keyed by (parameter dtype, gradient dtype) too
     was_bf16 = bool((load_meta.get("training") or {}).get("grad_reduce_in_bf16", False))
     if was_bf16 != run.training.grad_reduce_in_bf16:
@@ -382,20 +400,27 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
     The config is the run's own `--hf-config` file when given (family extras kept).
     """
 
-    def write(directory: Path) -> dict:
-        from megatron_consa.conversion.hf_files import hf_config_from_arch, load_hf_config
-        from megatron_consa.conversion.windows import allocation_from_hf, hf_window_fields, set_window_fields
+    from megatron_consa.conversion.hf_files import hf_config_from_arch, load_hf_config
+    from megatron_consa.conversion.windows import allocation_from_hf, hf_window_fields, set_window_fields
 
+    # The run's --hf-config, read now: it may sit in a checkpoint of --load that a later save's
+    # --save-retain-interval deletes.
+    source_bytes = source_config = None
+    if run.hf_config:
+        source = Path(run.hf_config)
+        source = source / "config.json" if source.is_dir() else source
+        source_config = load_hf_config(source)
+        if allocation_from_hf(source_config, run.arch) is None:
+            source_bytes, source_config = source.read_bytes(), None
+        else:  # an imported sliding-window model's: the run's windows are its own (consa_run.json)
+            set_window_fields(source_config, hf_window_fields(None, run.arch))
+
+    def write(directory: Path) -> dict:
         tokenizer.save_to(directory)
-        if run.hf_config:
-            source = Path(run.hf_config)
-            source = source / "config.json" if source.is_dir() else source
-            config = load_hf_config(source)
-            if allocation_from_hf(config, run.arch) is None:
-                shutil.copy2(source, directory / "config.json")
-            else:  # an imported sliding-window model's: the run's windows are its own (consa_run.json)
-                set_window_fields(config, hf_window_fields(None, run.arch))
-                config.save_pretrained(str(directory))
+        if source_bytes is not None:
+            (directory / "config.json").write_bytes(source_bytes)
+        elif source_config is not None:
+            source_config.save_pretrained(str(directory))
         else:  # with the run's tokenizer's special ids, not the family's defaults (Llama's 1 and 2)
             config = hf_config_from_arch(run.arch)
             config.bos_token_id, config.eos_token_id = tokenizer.bos, tokenizer.eos
@@ -468,8 +493,10 @@ def run_training(prepared: PreparedRun):
         if dist_rank() == 0:
             logger.info("validation | iter %d | loss %.4f | ppl %.3f", k, loss, math.exp(min(loss, 50.0)))
 
+    extras = _checkpoint_extras(run, prepared.tokenizer)
+
     def checkpoint() -> None:
-        save_run_checkpoint(trainer, save, extras=_checkpoint_extras(run, prepared.tokenizer),
+        save_run_checkpoint(trainer, save, extras=extras,
                             with_optimizer=run.checkpoint.save_optim, with_rng=run.checkpoint.save_rng, writer=writer,
                             retain_interval=run.checkpoint.save_retain_interval)
         if run.consa.learning and (training.tensorboard_dir or training.wandb_project):  # the same on every rank
@@ -517,8 +544,12 @@ def run_training(prepared: PreparedRun):
             trainer.close()  # data-loader workers, the TensorBoard and W&B runs
         raise
     unchanged = prepared.resume and not prepared.load_dir.name.endswith(".old")  # (an .old is saved back in place)
-    if save and trainer.iteration == start and unchanged and _latest_in(save) == prepared.load_dir:
-        if dist_rank() == 0:  # a finished run launched again (a requeue): its last checkpoint is this one
+    # a finished run launched again (a requeue), or --ckpt-step back to a checkpoint at --train-iters: it is
+    # in --save already
+    in_save = save is not None and prepared.load_dir is not None and \
+        prepared.load_dir.resolve().parent == Path(save).resolve()
+    if save and trainer.iteration == start and unchanged and in_save:
+        if dist_rank() == 0:
             logger.info("nothing to train: iteration %d reached; %s stays as it is", start, prepared.load_dir)
     elif save:
         checkpoint()
@@ -531,16 +562,6 @@ def run_training(prepared: PreparedRun):
     trainer.close()
     torch.distributed.barrier()
     return trainer
-
-
-def _latest_in(save: str) -> Optional[Path]:
-    """The checkpoint --load would take from `save`, or None."""
-    from megatron_consa.training.checkpoint import resolve_load_dir
-
-    try:
-        return resolve_load_dir(save)
-    except FileNotFoundError:
-        return None
 
 
 def _heatmap_to_metrics(trainer, la) -> None:

@@ -203,6 +203,7 @@ def test_weight_hash_check_names_the_replica_that_differs(launched):
     assert all(e is not None for e in errors.values()), errors
     for message in errors.values():
         assert message.startswith("iteration 8: ranks [2] hold weights that differ"), message
+        assert "(rank 2: module.embedding.word_embeddings.weight)" in message, message  # the one nudged
 
 
 @pytest.mark.parametrize("run", list(PRECISION_RUNS))

@@ -177,6 +177,14 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run, capsys):
     log = _ok(_train(RESUME_RUN + ["--load", str(killed), "--ckpt-step", "8", "--save", str(again)]))
     assert f"resumed from {killed / 'iter_0000008'} (iteration 8)" in log
     assert _final_state(again)["records"] == whole["records"]
+    # ... and into the same directory, whose later checkpoints are the earlier run's until overwritten; the
+    # retention never deletes one after the iteration saved (16, the latest before, at the save of 12)
+    log = _ok(_train(RESUME_RUN + ["--load", str(killed), "--ckpt-step", "8", "--save", str(killed),
+                                   "--save-retain-interval", "12", "--exit-interval", "12"]))
+    assert "--ckpt-step 8 with --save the --load directory: its checkpoints at 12, 16 are the earlier run's" in log
+    assert (killed / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert sorted(p.name for p in killed.glob("iter_*")) == [f"iter_{k:07d}" for k in (4, 8, 12, 16)]
+    assert _final_state(killed)["records"] == whole["records"][:12]
     err = _bad(RESUME_RUN + ["--load", str(killed), "--ckpt-step", "6"], capsys)
     assert "--ckpt-step 6: --load" in err and "has no complete checkpoint of iteration 6 (it holds 4, 8, 12, 16)" in err
     assert "add --load DIR" in _bad(RESUME_RUN + ["--ckpt-step", "8"], capsys)
@@ -482,6 +490,15 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "saved with --use-distributed-optimizer, this run does not use it" in err and "--finetune" in err
     err = _bad(resumed + ["--use-distributed-optimizer"], capsys)
     assert "--tensor-model-parallel-size 2" in err and "data-parallel ranks only" in err
+    saved_parallel.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
+                          decoder_first_pipeline_num_layers=1)  # its stages: layers 0 | 1-3
+    (sharded / "consa_run.json").write_text(json.dumps({"resumable": True, "consa": saved_consa, "architecture": {},
+                                                        "training": saved_training, "parallel": saved_parallel}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _bad(resumed + ["--use-distributed-optimizer", "--pipeline-model-parallel-size", "2"], capsys)
+    assert "pipeline stages of [1, 3] layers" in err and "this run's stages have [2, 2]" in err, err
+    assert "--decoder-first-pipeline-num-layers 1 --decoder-last-pipeline-num-layers 3" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")
     fixed = tmp_path / "fixed"  # a resumable fixed phase resumed with another allocation
     fixed.mkdir()
     fixed_consa = {**ConsaConfig().to_dict(), "allocation": [[1, 0], [0, 1], [0, 0], [0, 0]]}

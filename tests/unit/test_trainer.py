@@ -570,6 +570,7 @@ class TestMegatronTrainingFlags:
         from pathlib import Path
 
         import numpy as np
+        import wandb
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -584,6 +585,7 @@ class TestMegatronTrainingFlags:
         trainer.train()
         trainer.metrics.add_image("consa/allocation_heatmap", np.full((6, 8, 3), 200, dtype=np.uint8), 4)
         trainer.close()
+        wandb.teardown()  # (run.finish returns before wandb's service has written everything; an exit waits)
         events = EventAccumulator(str(tmp_path / "tb")).Reload()
         board = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
         logged = history(run_file(tmp_path / "wb"))

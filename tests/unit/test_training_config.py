@@ -380,7 +380,8 @@ def test_uneven_pipeline_stages_that_do_not_fit_are_refused():
     p = parse_run_config(base + ["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "3"])
     assert (p.parallel.decoder_first_pipeline_num_layers, p.parallel.stage_layers(8)) == (None, [range(5), range(5, 8)])
     for kw, message in (
-        (dict(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=3), "remaining 5 of num_layers=8"),
+        (dict(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=3),
+         "decoder_first_pipeline_num_layers=3 is invalid: the other 2 of 3 stages must share the remaining 5 of"),
         (dict(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=4, decoder_last_pipeline_num_layers=3),
          "the other 0 of 2 stages must share the remaining 1"),
         (dict(decoder_first_pipeline_num_layers=2), "needs pipeline_model_parallel_size >= 2"),
@@ -389,6 +390,9 @@ def test_uneven_pipeline_stages_that_do_not_fit_are_refused():
     ):
         with pytest.raises(ConsaConfigError, match=re.escape(message)):
             ParallelConfig(**kw).validate(num_layers=8, num_kv_heads=2, world_size=kw.get("pipeline_model_parallel_size", 1))
+    with pytest.raises(ArgumentError, match="--num-layers-per-virtual-pipeline-stage goes with even pipeline stages"):
+        parse_run_config(base + ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2",
+                                 "--num-layers-per-virtual-pipeline-stage", "1"])
     with pytest.raises(ArgumentError, match="--account-for-embedding-in-pipeline-split: give the stages' layers"):
         parse_run_config(base + ["--account-for-embedding-in-pipeline-split"])
     with pytest.raises(ArgumentError, match="--num-experts: megatron-consa's models are dense"):

@@ -20,6 +20,7 @@ def test_a_run_over_many_blocks_reads_back_whole(tmp_path, monkeypatch):
     for step in range(400):
         run.log({"a": step * 0.5, "b/c": -step, "text": "y" * (step % 97)}, step=step)
     run.finish()
+    wandb.teardown()  # (finish returns before wandb's service has written everything)
     path = run_file(tmp_path)
     assert path.stat().st_size > 4 * 32768
     logged = history(path)
