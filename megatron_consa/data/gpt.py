@@ -62,6 +62,9 @@ class DataConfig:
     eod_mask_loss: bool = False
     """Megatron-LM's `--eod-mask-loss`: no loss where the input token is the EOD, i.e. the
     first token of a document is not predicted from the end of the previous one."""
+    num_dataset_builder_threads: int = 1
+    """Threads building the blend's datasets and their sample indices at start (Megatron-LM's
+    `--num-dataset-builder-threads`; megatron-core's builder): for blends of many prefixes."""
     mmap_bin_files: bool = True
     """Read the `.bin` files through mmap (Megatron-LM's `--no-mmap-bin-files` turns it off:
     plain reads, for file systems where mmap is slow)."""
@@ -235,6 +238,7 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
         # (its own loss_mask is not read: the batches make theirs from `eod_mask_id`, the same rule)
         reset_attention_mask=False, eod_mask_loss=config.eod_mask_loss, create_attention_mask=False,
         path_to_cache=config.cache_path, mmap_bin_files=config.mmap_bin_files,
+        num_dataset_builder_threads=config.num_dataset_builder_threads,
     )
     wanted = (train_samples, valid_samples, test_samples)
     if config.mock:

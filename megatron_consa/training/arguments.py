@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "training process at each step's start; Megatron-LM's default is 2)")
     g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
                    help="read the .bin files without mmap (for file systems where mmap is slow)")
+    g.add_argument("--num-dataset-builder-threads", type=int, default=1, metavar="N",
+                   help="threads building a blend's datasets and sample indices at the start")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
                    help="SentencePieceTokenizer (= Megatron-LM's GPTSentencePieceTokenizer) / HuggingFaceTokenizer "
                         "(with --tokenizer-model), NullTokenizer; default: from --tokenizer-model (a directory: "
@@ -1003,10 +1005,13 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.mock_data and (a.data_path or per_split):
         raise ArgumentError(f"--mock-data trains on megatron-core's mock dataset, not {(per_split or ['--data-path'])[0]}: "
                             "drop one of them")
+    if a.num_dataset_builder_threads < 1:
+        raise ArgumentError(f"--num-dataset-builder-threads {a.num_dataset_builder_threads}: must be >= 1")
     data = DataConfig(data_path=list(a.data_path), split=getattr(a, "split", DataConfig.split), mock=a.mock_data,
                       cache_path=a.data_cache_path, seed=a.seed, train_data_path=list(a.train_data_path),
                       valid_data_path=list(a.valid_data_path), test_data_path=list(a.test_data_path),
-                      eod_mask_loss=a.eod_mask_loss, mmap_bin_files=a.mmap_bin_files)
+                      eod_mask_loss=a.eod_mask_loss, mmap_bin_files=a.mmap_bin_files,
+                      num_dataset_builder_threads=a.num_dataset_builder_threads)
     tok_type = a.tokenizer_type or (  # a directory is a Hugging Face tokenizer, a file a sentencepiece model
         "NullTokenizer" if a.tokenizer_model is None
         else tokenizer_type_of(a.tokenizer_model)

@@ -165,6 +165,7 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     # and their logging flags
     "--timing-log-level", "1", "--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
     "--log-world-size-to-tensorboard", "--wandb-project", "llama3", "--wandb-exp-name", "8b",
+    "--num-dataset-builder-threads", "4",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -179,7 +180,7 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     p = run.parallel
     assert (p.use_distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather) == (True, True, True)
     assert p.recompute_granularity == "selective"
-    assert (run.data.eod_mask_loss, run.data.mmap_bin_files) == (True, False)
+    assert (run.data.eod_mask_loss, run.data.mmap_bin_files, run.data.num_dataset_builder_threads) == (True, False, 4)
     assert (run.arch.num_kv_heads, run.arch.rope_theta, run.arch.rms_norm_eps, run.arch.tie_word_embeddings) == (
         2, 500000.0, 1e-5, False)
     assert (t.attention_backend, t.decoupled_lr, t.decoupled_min_lr, t.bf16, t.grad_reduce_in_bf16) == (
