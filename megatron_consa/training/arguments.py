@@ -147,7 +147,7 @@ _FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
     ("--no-gradient-accumulation-fusion", "(weight gradients are not accumulated by a fused kernel)"),
     ("--no-rope-fusion", "(RoPE is not fused)"),
     ("--no-create-attention-mask-in-dataloader", "(no mask is built: the hybrid attention is causal by construction)"),
-    ("--log-throughput", "(tokens/s is always logged)"),
+    ("--log-throughput", "(tokens/s and TFLOP/s per GPU are always logged)"),
     ("--log-loss-scale-to-tensorboard", "(TensorBoard always gets the fp16 loss scale)"),
     ("--accumulate-allreduce-grads-in-fp32", "(gradients are always accumulated and reduced in fp32)"),
     ("--use-dist-ckpt", "(checkpoints are always megatron-core's dist_checkpointing)"),

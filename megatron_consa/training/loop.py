@@ -67,6 +67,7 @@ from megatron_consa.model import (
 )
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
 from megatron_consa.training.data import PrefetchedBatches, SampleSource, micro_batches, repeat_for_chunks
+from megatron_consa.training.flops import iteration_flops
 from megatron_consa.training.parallel import (
     check_gates_consistent,
     check_weights_consistent,
@@ -406,6 +407,11 @@ class ConsaTrainer:
             dp_size=self.dp_size,
         )
         self._start_time = time.time()
+        # what the log's TFLOP/s per GPU counts (Megatron-LM's formula, each SWA head at its own pairs)
+        self.flops_per_iteration = iteration_flops(
+            arch, seq_length=training.seq_length, global_batch_size=training.global_batch_size,
+            allocation=consa.allocation, window=consa.window, sink_tokens=consa.sink_tokens,
+        )
         # (time, iterations done) at the previous log line; set at this process's first step
         # (a resume starts at the saved iteration, not 0)
         self._last_log: Optional[tuple[float, int]] = None
@@ -676,6 +682,7 @@ class ConsaTrainer:
             per_iter = (now - prev_time) / max(1, done - prev_iter)
             self._last_log = (now, done)
             tokens_per_s = self.training.global_batch_size * self.training.seq_length / max(per_iter, 1e-9)
+            tflops_per_gpu = self.flops_per_iteration / max(per_iter, 1e-9) / torch.distributed.get_world_size() / 1e12
             eta = per_iter * max(0, self.training.train_iters - done)
             timings = report_timers(  # (a collective: every rank)
                 self.timers, iterations=done - prev_iter, writers=self.metrics,
@@ -683,6 +690,7 @@ class ConsaTrainer:
             )
             if self.metrics is not None:
                 self.metrics.add_scalar("consa/tokens_per_s", tokens_per_s, r.iteration)
+                self.metrics.add_scalar("throughput", tflops_per_gpu, r.iteration)  # (Megatron-LM's tag)
                 if self.training.log_timers_to_tensorboard:
                     self.metrics.add_scalar("iteration-time", per_iter, r.iteration)
             if torch.distributed.get_rank() != 0:
@@ -696,9 +704,9 @@ class ConsaTrainer:
                 norm += f" | zeros in grad {r.num_zeros_in_grad}"
             fa = "" if r.fa_per_layer is None else " | FA/layer " + ",".join(map(str, r.fa_per_layer))
             logger.info(
-                "iter %6d/%d | loss %.4f | lr %.3g%s%s%s | %.0f tok/s | elapsed %s | ETA %s | s_hat %.4f | "
-                "target %.4f | lambda1 %+.4f | lambda2 %.4f%s%s",
-                r.iteration, self.training.train_iters, r.loss, r.lr, gate, norm, scale, tokens_per_s,
+                "iter %6d/%d | loss %.4f | lr %.3g%s%s%s | %.0f tok/s | %.3g TFLOP/s/GPU | elapsed %s | ETA %s | "
+                "s_hat %.4f | target %.4f | lambda1 %+.4f | lambda2 %.4f%s%s",
+                r.iteration, self.training.train_iters, r.loss, r.lr, gate, norm, scale, tokens_per_s, tflops_per_gpu,
                 _hms(now - self._start_time), _hms(eta), r.s_hat, r.target, r.lambda1, r.lambda2, fa,
                 " | skipped (loss scale)" if r.skipped else "",
             )

@@ -653,6 +653,12 @@ class TestMegatronTrainingFlags:
             parts = scalars("forward-compute-time")[step] + scalars("backward-compute-time")[step]
             assert 0 < parts <= whole * 1.001 and whole + scalars("optimizer-time")[step] <= iteration[step] * 1.001
             assert scalars("optimizer-inner-step-time")[step] <= scalars("optimizer-time")[step] * 1.001
+        # Megatron-LM's "throughput" (TFLOP/s per GPU): the iteration's FLOPs at the logged token rate
+        tokens, throughput = scalars("consa/tokens_per_s"), scalars("throughput")
+        for step in (0, 2):
+            assert throughput[step] == pytest.approx(
+                tokens[step] * trainer.flops_per_iteration / (4 * 32) / 1e12, rel=1e-5)
+        assert trainer.flops_per_iteration > 6 * 4 * 32 * (ARCH.hidden_size * ARCH.vocab_size)
         rss, peak = scalars("mem-rss-bytes"), scalars("mem-max-rss-bytes")
         assert list(rss) == [0, 1, 2, 3] and all(1e7 < rss[k] <= peak[k] for k in rss), (rss, peak)
         assert set(scalars("world-size").values()) == {1.0}
