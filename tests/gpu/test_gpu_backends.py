@@ -214,6 +214,32 @@ class TestSingleRankNccl:
         sync, written = checkpoint_contents(tmp_path / "sync"), checkpoint_contents(tmp_path / "async")
         assert "/embedding.word_embeddings.weight" in sync and not differing_keys(sync, written)
 
+    def test_cuda_timers_and_memory_figures(self):
+        """--timing-log-level 2 and --log-memory-to-tensorboard's figures on CUDA: the timers synchronise
+        the device (the forward-backward time covers its compute parts), and the CUDA allocator's
+        figures come under Megatron-LM's names."""
+        from scenarios_gpu import ARCH, DATA, consa_config
+
+        from megatron_consa.training.config import ParallelConfig, TrainingConfig
+        from megatron_consa.training.loop import ConsaTrainer
+        from megatron_consa.training.timing import memory_scalars
+
+        training = TrainingConfig(train_iters=4, micro_batch_size=2, global_batch_size=4, seq_length=256, lr=1e-3,
+                                  min_lr=1e-3, lr_decay_style="constant", bf16=True, timing_log_level=2,
+                                  log_interval=100)
+        trainer = ConsaTrainer(arch=ARCH, consa=consa_config("torch"), parallel=ParallelConfig(), training=training,
+                               data=DATA)
+        trainer.train()  # (the log line of iteration 0 resets the timers: they hold iterations 1-3)
+        elapsed = {name: trainer.timers(name).elapsed(reset=False)
+                   for name in ("forward-backward", "forward-compute", "backward-compute", "optimizer")}
+        assert 0 < elapsed["forward-compute"] + elapsed["backward-compute"] <= elapsed["forward-backward"] * 1.01
+        assert elapsed["optimizer"] > 0
+        figures = memory_scalars()
+        assert set(figures) == {"mem-reserved-bytes", "mem-allocated-bytes", "mem-max-allocated-bytes",
+                                "mem-allocated-count"}
+        assert 0 < figures["mem-allocated-bytes"] <= figures["mem-max-allocated-bytes"]
+        assert figures["mem-allocated-bytes"] <= figures["mem-reserved-bytes"] and figures["mem-allocated-count"] > 0
+
     @needs_te
     def test_te_backend_run_matches_torch_backend(self):
         torch_run = _run("torch", bf16=True)
