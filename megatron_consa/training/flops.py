@@ -35,10 +35,11 @@ def attended_pairs(seq_length: int, window: Optional[int] = None, sink_tokens: i
 
 def iteration_flops(arch: ArchitectureConfig, *, seq_length: int, global_batch_size: int,
                     allocation: Optional[Sequence[Sequence[int]]] = None, window: Optional[int] = None,
-                    sink_tokens: int = 0) -> float:
+                    sink_tokens: int = 0, weight_gradients: bool = True) -> float:
     """Floating-point operations of one training iteration (forward and backward) over the
-    global batch; `allocation` (num_layers rows of per-KV-group 1 = FA / 0 = SWA, or one
-    entry per layer) with its `window` and `sink_tokens`, or None: every head FA."""
+    global batch; `allocation` (num_layers rows of per-KV-group 1 = FA / 0 = SWA) with its
+    `window` and `sink_tokens`, or None: every head FA. Without `weight_gradients` (frozen
+    weights: gates-only training) the projections' backward computes input gradients only."""
     h, s, d = arch.hidden_size, seq_length, arch.head_dim
     q, kv = arch.num_attention_heads * d, arch.num_kv_heads * d
     per_group = arch.num_attention_heads // arch.num_kv_heads
@@ -48,9 +49,9 @@ def iteration_flops(arch: ArchitectureConfig, *, seq_length: int, global_batch_s
     dense = arch.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * arch.intermediate_size) + h * arch.vocab_size
     pairs = 0  # (query head, key) pairs per sequence, over the layers
     for layer in range(arch.num_layers):
-        row = [1] * arch.num_kv_heads if allocation is None else list(allocation[layer])
-        if len(row) == 1:  # layer granularity
-            row = row * arch.num_kv_heads
+        row = [1] * arch.num_kv_heads if allocation is None else allocation[layer]
         pairs += per_group * sum(full if fa else sliding for fa in row)
-    # x2 operations per multiply-add, x3 for forward + backward; attention: scores and values products
-    return 6.0 * global_batch_size * (s * dense + 2 * pairs * d)
+    # x2 operations per multiply-add; x3 for forward + backward (x2 without weight gradients); attention's
+    # scores and values products: x3 either way (the backward needs the gradients of q, k, v)
+    passes = 3 if weight_gradients else 2
+    return 2.0 * global_batch_size * (passes * s * dense + 3 * 2 * pairs * d)

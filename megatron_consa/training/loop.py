@@ -411,6 +411,7 @@ class ConsaTrainer:
         self.flops_per_iteration = iteration_flops(
             arch, seq_length=training.seq_length, global_batch_size=training.global_batch_size,
             allocation=consa.allocation, window=consa.window, sink_tokens=consa.sink_tokens,
+            weight_gradients=not consa.gates_only,
         )
         # (time, iterations done) at the previous log line; set at this process's first step
         # (a resume starts at the saved iteration, not 0)
@@ -457,6 +458,18 @@ class ConsaTrainer:
                 for name in TIMERS_TO_LOG:
                     self.timers(name).reset()
             raise
+
+    @contextmanager
+    def untimed(self):
+        """Work between steps (an evaluation, a save) left out of the next log line's time per
+        iteration, tokens/s and TFLOP/s, as Megatron-LM stops its interval timer around it."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            if self._last_log is not None:
+                since, done = self._last_log
+                self._last_log = (since + time.time() - start, done)
 
     @contextmanager
     def _timed(self, name: str):

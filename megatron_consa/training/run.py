@@ -145,7 +145,8 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             later = [k for k in saved_iterations(save) if k > step]
             if later and dist_rank() == 0:
                 logger.warning("--ckpt-step %d with --save the --load directory: its checkpoints at %s are the earlier "
-                               "run's; each stays until this run saves that iteration over it", step,
+                               "run's; each stays until this run saves that iteration over it (retention does not "
+                               "remove them)", step,
                                ", ".join(map(str, later)))
         load_meta = read_checkpoint_meta(load_dir) or {}
         saved_arch = load_meta.get("architecture") or {}
@@ -516,10 +517,12 @@ def run_training(prepared: PreparedRun):
                 manual_gc.after_step(k)
                 writer.poll()  # --async-save: the checkpoints every rank has written go into place
                 if run.eval_interval and k % run.eval_interval == 0:
-                    evaluate(k)
+                    with trainer.untimed():  # (as Megatron-LM, its interval timer stopped)
+                        evaluate(k)
                 saved = save and interval and k % interval == 0 and k < training.train_iters
                 if saved:
-                    checkpoint()
+                    with trainer.untimed():
+                        checkpoint()
                 stop = early_exit.reason(k) if k < training.train_iters else None  # (a collective when it needs one)
                 if stop:
                     if save and not saved:

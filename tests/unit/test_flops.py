@@ -30,8 +30,8 @@ def megatron_lm_flops(arch: ArchitectureConfig, batch: int, seq: int) -> float:
     )
 
 
-@pytest.mark.parametrize("seq,window,sinks", [(64, 16, 0), (64, 16, 4), (64, 16, 60), (64, 64, 0), (64, 100, 3),
-                                              (50, 1, 0), (50, 7, 7), (33, 32, 1)])
+@pytest.mark.parametrize("seq,window,sinks", [(64, 16, 0), (64, 16, 4), (64, 16, 60), (64, 8, 20), (64, 64, 0),
+                                              (64, 100, 3), (50, 1, 0), (50, 7, 7), (33, 32, 1)])
 def test_attended_pairs_are_the_reference_masks(seq, window, sinks):
     assert attended_pairs(seq, window, sinks) == int(visible_mask(seq, window, sinks).sum())
     assert attended_pairs(seq) == int(visible_mask(seq, seq, 0).sum())  # causal
@@ -57,8 +57,14 @@ def test_a_hybrid_allocation_costs_each_groups_query_heads_at_its_pairs():
     per_group = ARCH.num_attention_heads // ARCH.num_kv_heads
     assert full - hybrid == pytest.approx(6 * batch * 2 * ARCH.head_dim * per_group * swa_groups * saved_pairs,
                                           rel=1e-12)
-    layer_rows = [[1], [0], [0], [1], [0], [1]]  # layer granularity: one entry per layer
-    by_layer = iteration_flops(ARCH, seq_length=seq, global_batch_size=batch, allocation=layer_rows, window=window,
-                               sink_tokens=sinks)
-    assert by_layer == iteration_flops(ARCH, seq_length=seq, global_batch_size=batch, window=window, sink_tokens=sinks,
-                                       allocation=[[v] * ARCH.num_kv_heads for (v,) in layer_rows])
+
+
+def test_frozen_weights_drop_the_weight_gradient_products_only():
+    """Gates-only training: the projections' backward computes input gradients only (2 of their 3
+    passes); attention's products keep their three (the backward needs dq, dk, dv)."""
+    batch, seq = 2, 1024
+    both = iteration_flops(ARCH, seq_length=seq, global_batch_size=batch)
+    frozen = iteration_flops(ARCH, seq_length=seq, global_batch_size=batch, weight_gradients=False)
+    h, q, kv = ARCH.hidden_size, ARCH.num_attention_heads * ARCH.head_dim, ARCH.num_kv_heads * ARCH.head_dim
+    projections = ARCH.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * ARCH.intermediate_size) + h * ARCH.vocab_size
+    assert both - frozen == pytest.approx(2 * batch * seq * projections, rel=1e-12)

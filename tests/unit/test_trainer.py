@@ -602,6 +602,29 @@ class TestMegatronTrainingFlags:
         assert saved["training"]["train_iters"] == 4 and saved["consa"]["window"] == 4
         assert saved["architecture"]["num_layers"] == ARCH.num_layers
 
+    def test_work_between_steps_is_left_out_of_the_time_per_iteration(self, monkeypatch, caplog):
+        """`untimed` (run.py wraps evaluations and saves in it): the next log line's time per
+        iteration, so its tokens/s and TFLOP/s, leave that work out, as Megatron-LM's interval timer."""
+        import logging
+        import types
+
+        from megatron_consa.training import loop
+
+        clock = [1000.0]
+        monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock[0]))  # (the loop's clock only)
+        trainer = _trainer(ConsaConfig(window=4, allocation=[[1, 0], [0, 1]]), train_iters=4, log_interval=2)
+        with caplog.at_level(logging.INFO, logger="megatron_consa.training.loop"):
+            for k in range(3):
+                trainer.train_step()
+                clock[0] += 2.0  # (each step "takes" 2 s)
+                if k == 0:
+                    with trainer.untimed():
+                        clock[0] += 30.0  # an evaluation
+        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter      2/4")][0]
+        assert " | 64 tok/s | " in line, line  # 4 x 32 tokens in 2 s, not in (4 + 30) / 2
+        tflops = trainer.flops_per_iteration / 2.0 / 1e12
+        assert f" | {tflops:.3g} TFLOP/s/GPU | " in line, line
+
     def test_a_step_that_raises_leaves_no_timer_started(self):
         trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), timing_log_level=1)
         trainer.train_step()
