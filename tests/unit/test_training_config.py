@@ -458,6 +458,31 @@ def test_use_checkpoint_args_takes_the_model_from_the_load_checkpoint():
         parse_run_config(base[:-3] + ["--load", "/nowhere", "--finetune", "--use-checkpoint-args"])
 
 
+def test_use_checkpoint_args_with_ckpt_step_reads_that_checkpoints_model(tmp_path):
+    """--use-checkpoint-args --ckpt-step N: the model of iteration N's checkpoint, not the latest's."""
+    import shutil
+
+    from megatron_consa.training.arguments import parse_run_config
+
+    demo = ROOT / "examples" / "checkpoints" / "demo_dense"
+    save = tmp_path / "save"
+    for iteration, layers in ((4, None), (8, 6)):  # (the latest describes another model)
+        ckpt = save / f"iter_{iteration:07d}"
+        ckpt.mkdir(parents=True)
+        for name in ("config.json", "consa_run.json"):
+            shutil.copy(demo / name, ckpt / name)
+        if layers:
+            config = json.loads((ckpt / "config.json").read_text())
+            config.update(num_hidden_layers=layers, layer_types=[config["layer_types"][0]] * layers)
+            (ckpt / "config.json").write_text(json.dumps(config))
+    (save / "latest_checkpointed_iteration.txt").write_text("8\n")
+    base = ["--seq-length", "32", "--train-iters", "4", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "1", "--load", str(save), "--finetune", "--use-checkpoint-args"]
+    expected = parse_run_config(base[:-4] + ["--hf-config", str(demo)]).arch
+    assert parse_run_config(base + ["--ckpt-step", "4"]).arch == expected
+    assert parse_run_config(base).arch.num_layers == 6
+
+
 @pytest.mark.parametrize("flags,message", [
     ([], "give the run's length: --train-iters (optimizer steps) or --train-samples"),
     (["--train-samples", "80", "--train-iters", "10", "--global-batch-size", "8"], "--train-iters and --train-samples: give one"),
