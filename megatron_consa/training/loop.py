@@ -418,12 +418,24 @@ class ConsaTrainer:
         self._last_log: Optional[tuple[float, int]] = None
         # TensorBoard and W&B: megatron's convention, the last rank writes them (it holds the loss)
         self.metrics: Optional[MetricWriters] = None
+        error: Optional[Exception] = None
         if torch.distributed.get_rank() == world - 1:
-            self.metrics = MetricWriters.open(
-                tensorboard_dir=training.tensorboard_dir, wandb=training.wandb_init(),
-                config={"architecture": dataclasses.asdict(arch), "consa": consa.to_dict(),
-                        "parallel": dataclasses.asdict(parallel), "training": training.to_dict()},
-            )
+            try:
+                self.metrics = MetricWriters.open(
+                    tensorboard_dir=training.tensorboard_dir, wandb=training.wandb_init(),
+                    config={"architecture": dataclasses.asdict(arch), "consa": consa.to_dict(),
+                            "parallel": dataclasses.asdict(parallel), "training": training.to_dict()},
+                )
+            except Exception as err:  # (e.g. W&B online without credentials)
+                error = err
+        if training.tensorboard_dir or training.wandb_project:  # every rank stops, not only the one that failed
+            failed = torch.tensor([float(error is not None)], device=device())
+            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+            if error is not None:
+                raise error
+            if failed.item():
+                raise RuntimeError(f"rank {world - 1} could not open the run's TensorBoard / W&B writers (its error "
+                                   "says why)")
 
     # ---- one iteration -----------------------------------------------------
     def _batches(self, iteration: int):

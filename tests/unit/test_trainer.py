@@ -625,6 +625,19 @@ class TestMegatronTrainingFlags:
         tflops = trainer.flops_per_iteration / 2.0 / 1e12
         assert f" | {tflops:.3g} TFLOP/s/GPU | " in line, line
 
+    def test_a_writer_that_cannot_open_stops_the_trainer_before_any_step(self, tmp_path, monkeypatch):
+        """W&B failing to start (online without credentials, say) raises at set-up, after every rank
+        has heard of it (the others would otherwise wait at the first collective)."""
+        import wandb
+
+        def no_credentials(**kwargs):
+            raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+        monkeypatch.setattr(wandb, "init", no_credentials)
+        with pytest.raises(wandb.errors.UsageError, match="api_key not configured"):
+            _trainer(ConsaConfig(window=4, target_warmup_iters=0), wandb_project="p",
+                     wandb_save_dir=str(tmp_path / "wb"))
+
     def test_a_step_that_raises_leaves_no_timer_started(self):
         trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), timing_log_level=1)
         trainer.train_step()
