@@ -39,7 +39,8 @@ def iteration_flops(arch: ArchitectureConfig, *, seq_length: int, global_batch_s
     """Floating-point operations of one training iteration (forward and backward) over the
     global batch; `allocation` (num_layers rows of per-KV-group 1 = FA / 0 = SWA) with its
     `window` and `sink_tokens`, or None: every head FA. Without `weight_gradients` (frozen
-    weights: gates-only training) the projections' backward computes input gradients only."""
+    weights: gates-only training) the projections' backward computes input gradients only
+    (nominally in every layer: autograd also skips the first layer's, 1-2% of a deep model)."""
     h, s, d = arch.hidden_size, seq_length, arch.head_dim
     q, kv = arch.num_attention_heads * d, arch.num_kv_heads * d
     per_group = arch.num_attention_heads // arch.num_kv_heads

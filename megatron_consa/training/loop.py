@@ -416,6 +416,7 @@ class ConsaTrainer:
         # (time, iterations done) at the previous log line; set at this process's first step
         # (a resume starts at the saved iteration, not 0)
         self._last_log: Optional[tuple[float, int]] = None
+        self._untimed_depth = 0
         # TensorBoard and W&B: megatron's convention, the last rank writes them (it holds the loss)
         self.metrics: Optional[MetricWriters] = None
         error: Optional[Exception] = None
@@ -431,11 +432,12 @@ class ConsaTrainer:
         if training.tensorboard_dir or training.wandb_project:  # every rank stops, not only the one that failed
             failed = torch.tensor([float(error is not None)], device=device())
             torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
-            if error is not None:
-                raise error
             if failed.item():
-                raise RuntimeError(f"rank {world - 1} could not open the run's TensorBoard / W&B writers (its error "
-                                   "says why)")
+                why = [f"{type(error).__name__}: {error}" if error is not None else None]
+                torch.distributed.broadcast_object_list(why, src=world - 1)
+                if error is not None:
+                    raise error
+                raise RuntimeError(f"rank {world - 1} could not open the run's TensorBoard / W&B writers: {why[0]}")
 
     # ---- one iteration -----------------------------------------------------
     def _batches(self, iteration: int):
@@ -474,12 +476,14 @@ class ConsaTrainer:
     @contextmanager
     def untimed(self):
         """Work between steps (an evaluation, a save) left out of the next log line's time per
-        iteration, tokens/s and TFLOP/s, as Megatron-LM stops its interval timer around it."""
-        start = time.time()
+        iteration, tokens/s, TFLOP/s and ETA, as Megatron-LM stops its interval timer around it
+        (nested, the outermost counts)."""
+        start, self._untimed_depth = time.time(), self._untimed_depth + 1
         try:
             yield
         finally:
-            if self._last_log is not None:
+            self._untimed_depth -= 1
+            if self._last_log is not None and self._untimed_depth == 0:
                 since, done = self._last_log
                 self._last_log = (since + time.time() - start, done)
 

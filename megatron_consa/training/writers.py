@@ -38,19 +38,28 @@ class MetricWriters:
 
             tensorboard = SummaryWriter(log_dir=tensorboard_dir)
         if wandb:
-            if not wandb_installed():
-                raise ConsaConfigError(f"TrainingConfig.wandb_project={wandb['project']!r}: {WANDB_MISSING}")
-            import os
-
-            import wandb as wandb_module
-
-            os.makedirs(wandb["dir"], exist_ok=True)
-            # (a run of its own: another trainer in the process must not log into, or finish, this one)
-            wandb_run = wandb_module.init(**{k: v for k, v in wandb.items() if v is not None}, config=config,
-                                          reinit="create_new")
+            try:
+                wandb_run = cls._open_wandb(wandb, config)
+            except BaseException:
+                if tensorboard is not None:
+                    tensorboard.close()
+                raise
         if tensorboard is None and wandb_run is None:
             return None
         return cls(tensorboard, wandb_run)
+
+    @staticmethod
+    def _open_wandb(wandb: dict, config: dict):
+        if not wandb_installed():
+            raise ConsaConfigError(f"TrainingConfig.wandb_project={wandb['project']!r}: {WANDB_MISSING}")
+        import os
+
+        import wandb as wandb_module
+
+        os.makedirs(wandb["dir"], exist_ok=True)
+        # (a run of its own: another trainer in the process must not log into, or finish, this one)
+        return wandb_module.init(**{k: v for k, v in wandb.items() if v is not None}, config=config,
+                                 reinit="create_new")
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         if self.tensorboard is not None:

@@ -619,7 +619,9 @@ class TestMegatronTrainingFlags:
                 clock[0] += 2.0  # (each step "takes" 2 s)
                 if k == 0:
                     with trainer.untimed():
-                        clock[0] += 30.0  # an evaluation
+                        clock[0] += 10.0  # an evaluation
+                        with trainer.untimed():  # (nested: counted once)
+                            clock[0] += 20.0  # a save
         line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter      2/4")][0]
         assert " | 64 tok/s | " in line, line  # 4 x 32 tokens in 2 s, not in (4 + 30) / 2
         tflops = trainer.flops_per_iteration / 2.0 / 1e12
@@ -629,14 +631,18 @@ class TestMegatronTrainingFlags:
         """W&B failing to start (online without credentials, say) raises at set-up, after every rank
         has heard of it (the others would otherwise wait at the first collective)."""
         import wandb
+        from torch.utils.tensorboard import SummaryWriter
 
         def no_credentials(**kwargs):
             raise wandb.errors.UsageError("api_key not configured (no-tty)")
 
+        closed = []
         monkeypatch.setattr(wandb, "init", no_credentials)
+        monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(self.log_dir))
         with pytest.raises(wandb.errors.UsageError, match="api_key not configured"):
             _trainer(ConsaConfig(window=4, target_warmup_iters=0), wandb_project="p",
-                     wandb_save_dir=str(tmp_path / "wb"))
+                     wandb_save_dir=str(tmp_path / "wb"), tensorboard_dir=str(tmp_path / "tb"))
+        assert closed == [str(tmp_path / "tb")]  # (the TensorBoard writer opened first is not left open)
 
     def test_a_step_that_raises_leaves_no_timer_started(self):
         trainer = _trainer(ConsaConfig(window=4, target_warmup_iters=0), timing_log_level=1)
