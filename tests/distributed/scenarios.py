@@ -203,6 +203,7 @@ def layouts(
     runs: dict[str, list[dict]] = {}
     local_gates: dict[str, dict] = {}
     timer_reports: dict[str, list[str]] = {}  # (rank 0 logs them)
+    log_lines: dict[str, tuple[list[str], float]] = {}  # (rank 0's log lines, the FLOPs of an iteration)
     stages: dict[str, int] = {}
     for name in names:
         layout, train_kw = PRECISION_RUNS.get(name, (name, {}))
@@ -222,6 +223,7 @@ def layouts(
                 history.append(_step_record(trainer, trainer.train_step()))
         runs[name] = history
         timer_reports[name] = [m for m in messages if m.startswith("times across ranks (ms):")]
+        log_lines[name] = ([m for m in messages if m.startswith("iter ")], trainer.flops_per_iteration)
         local_gates[name] = trainer.local_log_alpha()
     for name in resume_into:
         trainer = make_trainer(LAYOUTS[name], granularity)
@@ -238,6 +240,7 @@ def layouts(
         "runs": runs if rank == 0 else None,
         "local_gates": local_gates,
         "timer_reports": timer_reports,
+        "log_lines": log_lines,
         "stages": stages,
         "rank": rank,
         "mid_ckpt": str(mid_ckpt),

@@ -77,6 +77,19 @@ def _times_by_rank(report: str) -> dict[str, dict[int, float]]:
     return out
 
 
+def test_tflops_per_gpu_divide_the_iterations_flops_over_the_four_ranks(launched):
+    """The log line's TFLOP/s per GPU at every 4-rank layout: the iteration's FLOPs at the logged token
+    rate, over the world of 4 (to the printed precision)."""
+    import re
+
+    for name, (lines, flops) in launched[0]["log_lines"].items():
+        assert lines, name
+        for line in lines:
+            tokens, tflops = re.search(r"\| (\d+) tok/s \| ([0-9.e+-]+) TFLOP/s/GPU \|", line).groups()
+            expected = float(tokens) * flops / (8 * 32) / 4 / 1e12  # (global batch 8 x 32 tokens)
+            assert float(tflops) == pytest.approx(expected, rel=2e-2), (name, line)
+
+
 def test_timers_report_every_rank_in_a_pipeline(launched):
     """--timing-log-level 2 --timing-log-option all at PP2 x DP2 (every layout above ran with them):
     the step's timers on every rank, a pipeline receive of activations only on the ranks of the
