@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Optional
 
-from megatron_consa.config import ConsaConfigError
-
 WANDB_MISSING = "Weights & Biases is not installed: pip install wandb (or megatron-consa[wandb])"
 
 
@@ -50,9 +48,7 @@ class MetricWriters:
 
     @staticmethod
     def _open_wandb(wandb: dict, config: dict):
-        if not wandb_installed():
-            raise ConsaConfigError(f"TrainingConfig.wandb_project={wandb['project']!r}: {WANDB_MISSING}")
-        import os
+        import os  # (TrainingConfig.validate has checked that wandb is installed, on every rank)
 
         import wandb as wandb_module
 
