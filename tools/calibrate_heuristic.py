@@ -10,8 +10,9 @@
     python tools/calibrate_heuristic.py --mode ablation --granularity kv_head ... --output ablation.json
 
 The scores file is what `--allocation heuristic --calibration-scores scores.json`
-(tools/evaluate.py, tools/kv_budget.py) and `--consa-allocation heuristic
---consa-calibration-scores scores.json` (training) consume, and what
+(tools/evaluate.py), `--preset heuristic --calibration-scores scores.json`
+(tools/kv_budget.py) and `--consa-allocation heuristic --consa-calibration-scores
+scores.json` (training) consume, and what
 tools/analyze_allocation.py compares with a learned allocation. An ablation file
 works there too: the heuristic preset then takes the ablation's top units.
 """

@@ -24,8 +24,8 @@ from megatron_consa.config import GRANULARITIES, ConsaConfig, ConsaConfigError
 from megatron_consa.data.gpt import DataConfig
 from megatron_consa.data.tokenizer import TOKENIZER_TYPES, tokenizer_type_of
 from megatron_consa.training.config import (
-    ATTENTION_BACKENDS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, TIMING_LOG_OPTIONS, WEIGHT_DECAY_INCR_STYLES,
-    ParallelConfig, TrainingConfig,
+    ATTENTION_BACKENDS, DIST_CKPT_STRICTNESS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, TIMING_LOG_OPTIONS,
+    WEIGHT_DECAY_INCR_STYLES, ParallelConfig, TrainingConfig,
 )
 from megatron_consa.training.early_exit import ExitConfig
 from megatron_consa.training.profiling import ProfileConfig
@@ -79,6 +79,14 @@ class CheckpointConfig:
     """Keep only the checkpoints at multiples of this, and the latest (`--save-retain-interval`)."""
     ckpt_step: Optional[int] = None
     """Load this iteration of the `load` (`--save`) directory instead of its latest (`--ckpt-step`)."""
+    dist_ckpt_strictness: str = "assume_ok_unexpected"
+    """How a load treats tensors the run asks for that the checkpoint lacks, or the reverse
+    (`--dist-ckpt-strictness`: megatron-core's StrictHandling; see
+    `training.checkpoint.strictness_of`). Every model weight must load whatever the value."""
+    log_progress: bool = False
+    """Append the job's starts, saves (with the throughputs and the floating-point operations
+    and tokens so far) and deletions to `<save>/progress.txt` (`--log-progress`, Megatron-LM's
+    format: `training.progress`)."""
 
     def writer(self):
         """The `CheckpointWriter` these settings ask for."""
@@ -345,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--end-weight-decay", type=float, help="the weight decay reached at the end of --train-iters (with "
                    "--weight-decay-incr-style linear or cosine)")
     g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
-                   help="on resume, follow this run's --train-iters, --lr-warmup-iters and --lr-decay-style from the "
-                        "saved iteration on (e.g. to extend a run); without it a resume must keep the checkpoint's")
+                   help="on resume, follow this run's learning-rate and weight-decay schedule flags (--train-iters, "
+                        "--lr-warmup-iters, --lr-decay-style, --lr-decay-iters, the WSD anneal's, "
+                        "--weight-decay-incr-style, --start/--end-weight-decay) from the saved iteration on (e.g. to "
+                        "extend a run); without it a resume must keep the checkpoint's")
     g.add_argument("--manual-gc", action="store_true",
                    help="Python's garbage collector off, collections at the same iterations on every rank instead "
                         "(a collection at another moment on each rank makes the others wait)")
@@ -510,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-persistent-ckpt-worker", action="store_true",
                    help="with --async-save, one long-lived writer process per rank instead of a fork per save "
                         "(CUDA; on the CPU a save forks its writer)")
+    g.add_argument("--dist-ckpt-strictness", choices=list(DIST_CKPT_STRICTNESS), default="assume_ok_unexpected",
+                   help="a load's handling of tensors the run asks for that the checkpoint lacks (unexpected) or the "
+                        "checkpoint holds that the run does not read (missing), megatron-core's StrictHandling: "
+                        "assume_ok_unexpected fails at the first lacking tensor; raise_* name them before reading; "
+                        "log_* and return_* log them and read the rest; ignore_all says nothing. Every model weight "
+                        "must load whatever the value")
+    g.add_argument("--log-progress", action="store_true",
+                   help="append each job start, save (job and cumulative TFLOP/s per GPU, floating-point operations "
+                        "and tokens so far) and deletion to --save's progress.txt, in Megatron-LM's format")
     g.add_argument("--async-strategy", choices=["nvrx", "mcore"],
                    help="with --async-save, the background writer: megatron-core's own (mcore) only here; nvrx "
                         "(NVIDIA Resiliency Extension's, Megatron-LM's default) is refused")
@@ -1035,6 +1054,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.ckpt_step is not None and (not a.load or a.ckpt_step < 0):
         raise ArgumentError(f"--ckpt-step {a.ckpt_step}: " + ("must be >= 0" if a.load else
                             "picks an iteration of the --load directory: add --load DIR"))
+    if a.log_progress and not a.save:
+        raise ArgumentError("--log-progress writes --save's progress.txt: add --save DIR or drop it")
     if a.async_save and not a.save:
         raise ArgumentError("--async-save without --save: there is nothing to write; add --save DIR or drop it")
     if (a.use_persistent_ckpt_worker or a.async_strategy) and not a.async_save:
@@ -1051,7 +1072,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                                   assume_constant_structure=a.ckpt_assume_constant_structure,
                                   async_save=a.async_save,
                                   persistent_worker=a.async_save and a.use_persistent_ckpt_worker,
-                                  save_retain_interval=a.save_retain_interval, ckpt_step=a.ckpt_step)
+                                  save_retain_interval=a.save_retain_interval, ckpt_step=a.ckpt_step,
+                                  dist_ckpt_strictness=a.dist_ckpt_strictness, log_progress=a.log_progress)
     if a.exit_interval is not None and a.exit_interval < 1:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:

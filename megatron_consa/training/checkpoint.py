@@ -48,8 +48,10 @@ from megatron.core.dist_checkpointing.serialization import (
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper,
 )
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_consa.model import unwrap_model
+from megatron_consa.training.config import DIST_CKPT_STRICTNESS
 from megatron_consa.training.finalize import CHECKPOINT_DIR as FINALIZED_CHECKPOINT_DIR
 from megatron_consa.training.parallel import device
 from megatron_consa.compat import cpu_shims_active, fix_param_steps_after_load, prepare_distrib_optimizer_for_load
@@ -125,6 +127,7 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool = Tru
         state["consa_log_alpha"] = trainer.gather_log_alpha().tolist()  # a collective: every rank saves
     if not is_loading:
         state["train_records"] = [dataclasses.asdict(r) for r in trainer.history]
+        state["num_floating_point_operations_so_far"] = trainer.floating_point_operations_so_far
     if not with_optimizer:
         return state
     # every chunk's entries, by chunk: an interleaved pipeline's chunks hold the same keys (their layers are
@@ -376,7 +379,7 @@ def _resolve(directory: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool = False, load_optimizer: bool = True,
-                    load_rng: bool = True, fully_parallel: bool = False) -> int:
+                    load_rng: bool = True, fully_parallel: bool = False, strict: str = "assume_ok_unexpected") -> int:
     """Load a checkpoint into `trainer`; returns the iteration it was saved at.
 
     Full resume (default): model, optimizer, LR scheduler, controller, iteration
@@ -389,6 +392,9 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
     `--ckpt-fully-parallel-load`): each data-parallel replica reads a share of the
     tensors the replicas hold alike and sends it to the others (megatron-core's
     `FullyParallelLoadStrategyWrapper`), instead of every replica reading all of them.
+    `strict` (Megatron-LM's `--dist-ckpt-strictness`, one of `DIST_CKPT_STRICTNESS`): how
+    dist_checkpointing treats a mismatch between the tensors this run asks for and those
+    the checkpoint holds (`strictness_of`); every model weight must still load.
 
     The standard optimizer's checkpoints load at any TP/PP/DP layout; the
     distributed optimizer's (dp_reshardable) at another DP size only.
@@ -428,7 +434,11 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
     strategy = None
     if fully_parallel and _replica_group() is not None:
         strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), _replica_group())
-    loaded = dist_checkpointing.load(state, str(path), strategy)
+    handling = strictness_of(strict)
+    loaded = dist_checkpointing.load(state, str(path), strategy, strict=handling)
+    if StrictHandling.requires_returning_mismatch_keys(handling):
+        loaded, missing, unexpected = loaded
+        _report_mismatch(path, missing, unexpected)
     _load_chunks(trainer.chunks, loaded, path, gates_in_checkpoint=checkpoint_has_gates)
     if load_optimizer:
         with torch.no_grad():
@@ -446,12 +456,40 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         trainer.scheduler.step(increment=trainer.iteration)
     from megatron_consa.training.loop import StepRecord
 
-    records = read_common_state(path).get("train_records") or []
-    trainer.history = [StepRecord(**r) for r in records]
+    common = read_common_state(path)
+    trainer.history = [StepRecord(**r) for r in common.get("train_records") or []]
+    # (0 for a checkpoint saved before the count was kept, as in Megatron-LM)
+    trainer.floating_point_operations_so_far = float(common.get("num_floating_point_operations_so_far", 0.0))
     rng = _rng_file(path, dist.get_rank())
     if load_rng and rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
         _set_rng_state(torch.load(rng, weights_only=False))
     return trainer.iteration
+
+
+def strictness_of(name: str) -> StrictHandling:
+    """The StrictHandling `name` means; a ValueError naming the choices otherwise.
+
+    "Unexpected" keys are tensors the run asks for that the checkpoint lacks; "missing"
+    keys the checkpoint's tensors the run does not ask for (megatron-core's words).
+    assume_ok_unexpected (the default): the reading fails at a key the checkpoint lacks;
+    raise_unexpected / raise_all: such keys (and, raise_all, the checkpoint's unread
+    ones) are named before anything is read; log_* and return_* (whose keys go to the log
+    here too): the mismatches are reported and the rest is read; ignore_all: nothing is
+    reported.
+    """
+    try:
+        return StrictHandling(name)
+    except ValueError:
+        raise ValueError(f"--dist-ckpt-strictness {name!r}: one of {', '.join(DIST_CKPT_STRICTNESS)}") from None
+
+
+def _report_mismatch(path: Path, missing, unexpected) -> None:
+    if unexpected:
+        logger.warning("checkpoint %s lacks %d tensor(s) this run asks for (not loaded): %s", path, len(unexpected),
+                       sorted(unexpected)[:10])
+    if missing:
+        logger.warning("checkpoint %s holds %d tensor(s) this run does not read: %s", path, len(missing),
+                       sorted(missing)[:10])
 
 
 def _load_chunks(chunks, loaded: dict, path: Path, *, gates_in_checkpoint: bool = True) -> None:
@@ -531,16 +569,20 @@ before they are renamed into place and marked latest (a crash in the middle of a
 
 
 def save_run_checkpoint(trainer, save: str | os.PathLike, *, retain_interval: Optional[int] = None,
-                        **save_kwargs) -> Path:
+                        progress=None, **save_kwargs) -> Path:
     """Save into `<save>/iter_XXXXXXX` and only then mark it latest (all ranks call this).
 
     `save_kwargs`: `extras`, `with_optimizer`, `with_rng` and `writer` of `save_checkpoint`
     (with an asynchronous writer, the marker moves when the writer finalizes the save).
     `retain_interval` (Megatron-LM's `--save-retain-interval`): once the new checkpoint is
     marked latest, the one the marker named before is deleted unless its iteration is a
-    multiple of this; the latest checkpoint is always kept.
+    multiple of this; the latest checkpoint is always kept. `progress` (a
+    `training.progress.ProgressLog`): records the save and the deletion, as in Megatron-LM
+    (the caller writes the save's own line, with the throughputs).
     """
     iteration = trainer.iteration
+    writer = save_kwargs.get("writer")
+    asynchronous = writer is not None and writer.async_save
 
     def mark_latest() -> None:
         if dist.get_rank() == 0:
@@ -550,30 +592,34 @@ def save_run_checkpoint(trainer, save: str | os.PathLike, *, retain_interval: Op
             tmp.write_text(f"{iteration}\n")
             os.replace(tmp, tracker)  # atomic: the marker names a complete checkpoint, old or new
             # (never one after this save: after --ckpt-step, the checkpoint the run went back from)
+            if progress is not None and asynchronous:
+                progress.async_checkpoint_in_place(iteration)
             if retain_interval and previous.isdigit() and int(previous) < iteration \
                     and int(previous) % retain_interval:
-                _delete_in_background(iteration_dir(save, int(previous)))
+                if _delete_in_background(iteration_dir(save, int(previous))) and progress is not None:
+                    progress.checkpoint_deleted(int(previous))
         dist.barrier()
 
     return save_checkpoint(trainer, iteration_dir(save, iteration), on_complete=mark_latest, **save_kwargs)
 
 
-def _delete_in_background(directory: Path) -> None:
+def _delete_in_background(directory: Path) -> bool:
     """Remove a checkpoint no longer retained without holding up the ranks (a large one takes a while on a
     parallel file system); renamed first, so that nothing reads it meanwhile. The process waits for the
-    removal before it exits."""
+    removal before it exits. Returns whether it was there to remove."""
     if not directory.is_dir():  # (e.g. the marker named an `.old` a resume was saved back over)
-        return
+        return False
     doomed = directory.with_name(f"{directory.name}.deleting-{os.getpid()}-{time.time_ns()}")
     try:
         directory.rename(doomed)
     except OSError as err:
         logger.warning("could not remove %s (no longer retained): %s", directory, err)
-        return
+        return False
     import threading
 
     threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True},
                      name="consa-retain-delete").start()
+    return True
 
 
 def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> Path:

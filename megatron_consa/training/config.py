@@ -145,6 +145,12 @@ class ParallelConfig:
         return out
 
 
+DIST_CKPT_STRICTNESS = ("assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected", "raise_all",
+                        "return_unexpected", "return_all", "ignore_all")
+"""megatron-core's StrictHandling values: Megatron-LM's `--dist-ckpt-strictness` choices
+(`training.checkpoint.strictness_of` says what each does)."""
+
+
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 """megatron-core's AttnBackend names (`TrainingConfig.attention_backend`)."""
 

@@ -413,6 +413,9 @@ class ConsaTrainer:
             allocation=consa.allocation, window=consa.window, sink_tokens=consa.sink_tokens,
             weight_gradients=not consa.gates_only,
         )
+        # their sum over the trained iterations, kept in the checkpoints (Megatron-LM's
+        # num_floating_point_operations_so_far: the progress log's count, --log-progress)
+        self.floating_point_operations_so_far = 0.0
         # (time, iterations done) at the previous log line; set at this process's first step
         # (a resume starts at the saved iteration, not 0)
         self._last_log: Optional[tuple[float, int]] = None
@@ -576,6 +579,7 @@ class ConsaTrainer:
         if self.training.check_for_nan_in_loss_and_grad and not record.skipped:
             _check_finite(record)
         self.iteration += 1
+        self.floating_point_operations_so_far += self.flops_per_iteration
         self.history.append(record)
         interval = self.training.allocation_check_interval
         if interval and (self.iteration % interval == 0 or self.iteration == 1):

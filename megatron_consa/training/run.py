@@ -447,11 +447,19 @@ def run_training(prepared: PreparedRun):
     from megatron_consa.training.manual_gc import ManualGC
     from megatron_consa.training.parallel import initialize_distributed
     from megatron_consa.training.profiling import StepProfiler
+    from megatron_consa.training.progress import ProgressLog
 
     start_time = time.monotonic()  # --exit-duration-in-mins counts from here
+    job_start = time.time()  # the progress log's job throughput too
     run = prepared.run
     training = run.training
     initialize_distributed(run.parallel, seed=training.seed)
+    save = run.checkpoint.save
+    progress = None
+    if run.checkpoint.log_progress:
+        progress = ProgressLog(save, rank=dist_rank(), world_size=torch.distributed.get_world_size(),
+                               start_time=job_start)
+        progress.starting_job()
     samples = training.train_iters * training.global_batch_size
     train_src, valid_src, _ = build_gpt_sources(
         run.data, prepared.tokenizer, seq_length=training.seq_length, train_samples=samples,
@@ -466,13 +474,15 @@ def run_training(prepared: PreparedRun):
     if prepared.load_dir is not None:
         at = load_checkpoint(trainer, prepared.load_dir, weights_only=not prepared.resume,
                              load_optimizer=run.checkpoint.load_optim, load_rng=run.checkpoint.load_rng,
-                             fully_parallel=run.checkpoint.fully_parallel_load)
+                             fully_parallel=run.checkpoint.fully_parallel_load,
+                             strict=run.checkpoint.dist_ckpt_strictness)
         if dist_rank() == 0:
             logger.info("%s %s (iteration %d%s)", "resumed from" if prepared.resume else "started from the weights of",
                         prepared.load_dir, at,
                         "; a new optimizer, this run's schedule" if prepared.resume and not run.checkpoint.load_optim
                         else "")
-    save = run.checkpoint.save
+    if progress is not None:
+        progress.flops_at_start = trainer.floating_point_operations_so_far
     interval = run.checkpoint.save_interval
     writer = run.checkpoint.writer()
     # validation batch j is the same at every layout and on resume: the evaluations before
@@ -499,7 +509,12 @@ def run_training(prepared: PreparedRun):
     def checkpoint() -> None:
         save_run_checkpoint(trainer, save, extras=extras,
                             with_optimizer=run.checkpoint.save_optim, with_rng=run.checkpoint.save_rng, writer=writer,
-                            retain_interval=run.checkpoint.save_retain_interval)
+                            retain_interval=run.checkpoint.save_retain_interval, progress=progress)
+        if progress is not None:
+            progress.checkpoint_saved(
+                trainer.iteration, flops=trainer.floating_point_operations_so_far,
+                tokens=trainer.iteration * training.global_batch_size * training.seq_length,
+                asynchronous=writer.async_save)
         if run.consa.learning and (training.tensorboard_dir or training.wandb_project):  # the same on every rank
             log_alpha = trainer.gather_log_alpha()  # a collective: every rank
             if trainer.metrics is not None:

@@ -90,16 +90,70 @@ def _check_calls(calls: list[list[str]], monkeypatch) -> list[tuple[str, argpars
     return parsed
 
 
+def _qwen3_0_6b_config(directory: Path) -> Path:
+    """Qwen3-0.6B's config.json (its real shape; no weights): what --hf-config reads."""
+    from transformers import Qwen3Config
+
+    Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1000000.0, tie_word_embeddings=True).save_pretrained(str(directory))
+    return directory
+
+
+def _check_learn_run(namespace: argparse.Namespace):
+    """A learning run's flags pass every check that needs no file beyond --hf-config (the typed configs)."""
+    from megatron_consa.training.arguments import run_config_from_args
+
+    return run_config_from_args(namespace)
+
+
 def test_single_node_example_calls_parse(tmp_path, monkeypatch):
     out = tmp_path / "out"
+    hf = _qwen3_0_6b_config(tmp_path / "Qwen3-0.6B")
     calls = _check_calls(_run_with_stubs("examples/qwen3_0.6b_tp2pp2_8gpu.sh", tmp_path, {
-        "HF": "/models/Qwen3-0.6B", "DATA": "/data/corpus_text_document", "OUT": str(out)}), monkeypatch)
+        "HF": str(hf), "DATA": "/data/corpus_text_document", "OUT": str(out)}), monkeypatch)
     names = [name for name, _ in calls]
     assert names == ["tools/convert_hf_to_megatron.py", "train", "tools/finalize_allocation.py", "train",
                      "tools/convert_megatron_to_hf.py", "tools/generate.py"]
     learn, fixed = calls[1][1], calls[3][1]
     assert (learn.consa_phase, learn.finetune, learn.load) == ("learn", True, f"{out}/imported")
     assert (fixed.consa_phase, fixed.load) == ("fixed", f"{out}/finalized/checkpoint")
+    run = _check_learn_run(learn)
+    assert (run.arch.num_layers, run.consa.target_sparsity) == (28, 0.75)
+
+
+def test_readme_training_workflow_commands_parse(tmp_path, monkeypatch):
+    """The commands of the README's "Training: the workflow" block, as written: each tool's call is
+    accepted by its parser, and the learning run's flags pass every check into the typed configs (a
+    flag left out, e.g. --min-lr under a low --lr, fails here instead of on a user's first launch)."""
+    import re
+    import shlex
+
+    from megatron_consa.train import main as train_main
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Training: the workflow\n+```bash\n(.*?)```", readme, re.S)
+    assert block, "README: no bash block under 'Training: the workflow'"
+    commands = [shlex.split(c, comments=True) for c in block.group(1).replace("\\\n", " ").splitlines()]
+    commands = [c for c in commands if c and "..." not in c]  # (step 4 abbreviates step 2's flags)
+    _qwen3_0_6b_config(tmp_path / "Qwen3-0.6B")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    for cmd in commands:
+        if cmd[0] == "torchrun":
+            i = cmd.index("megatron_consa.train")
+            run = _check_learn_run(_parse_with(train_main, cmd[i + 1:], monkeypatch))
+            seen.append(("train", run.phase))
+            assert run.checkpoint.load == "ckpt/imported" and run.checkpoint.finetune
+            assert run.training.min_lr <= run.training.lr
+        else:
+            assert cmd[0] == "python" and cmd[1].startswith("tools/"), cmd
+            _parse_with(_tool_main(str(ROOT / cmd[1])), cmd[2:], monkeypatch)
+            seen.append((cmd[1], None))
+    assert seen == [("tools/convert_hf_to_megatron.py", None), ("tools/preprocess_data.py", None),
+                    ("train", "learn"), ("tools/finalize_allocation.py", None)]
+    # the learn phase loads what step 0 writes
+    assert commands[0][commands[0].index("--save") + 1] == "ckpt/imported"
 
 
 def test_slurm_example_calls_parse(tmp_path, monkeypatch):
@@ -107,11 +161,12 @@ def test_slurm_example_calls_parse(tmp_path, monkeypatch):
     (out / "imported").mkdir(parents=True)
     (out / "imported" / "consa_run.json").write_text("{}")
     calls = _check_calls(_run_with_stubs("examples/slurm_multinode.sbatch", tmp_path, {
-        "HF": "/models/Qwen3-0.6B", "DATA": "/data/corpus_text_document", "OUT": str(out),
+        "HF": str(_qwen3_0_6b_config(tmp_path / "Qwen3-0.6B")), "DATA": "/data/corpus_text_document", "OUT": str(out),
         "SLURM_JOB_NODELIST": "node[001-004]", "SLURM_NNODES": "4", "SLURM_JOB_ID": "77"}), monkeypatch)
     assert [name for name, _ in calls] == ["train"]
     learn = calls[0][1]
     assert learn.exit_signal_handler and learn.bf16 and learn.load == f"{out}/imported" and learn.finetune
+    assert _check_learn_run(learn).parallel.pipeline_model_parallel_size == learn.pipeline_model_parallel_size
     sbatch = (ROOT / "examples" / "slurm_multinode.sbatch").read_text()
     assert "#SBATCH --signal=TERM@" in sbatch  # the warning --exit-signal-handler acts on
 

@@ -25,7 +25,8 @@ ARCH = ArchitectureConfig(
 DATA = PeriodicSequenceData(vocab_size=64, seq_length=32, period=12)
 
 
-def _trainer(consa: ConsaConfig, parallel: ParallelConfig | None = None, data=DATA, **train_kw) -> ConsaTrainer:
+def _trainer(consa: ConsaConfig, parallel: ParallelConfig | None = None, data=DATA, arch=ARCH,
+             **train_kw) -> ConsaTrainer:
     parallel = parallel or ParallelConfig()
     settings = dict(
         train_iters=3, micro_batch_size=2, global_batch_size=4, seq_length=32, lr=1e-2, min_lr=1e-2,
@@ -33,7 +34,7 @@ def _trainer(consa: ConsaConfig, parallel: ParallelConfig | None = None, data=DA
     )
     training = TrainingConfig(**{**settings, **train_kw})
     initialize_distributed(parallel, seed=training.seed)
-    return ConsaTrainer(arch=ARCH, consa=consa, parallel=parallel, training=training, data=data)
+    return ConsaTrainer(arch=arch, consa=consa, parallel=parallel, training=training, data=data)
 
 
 def _weights(trainer):
@@ -255,6 +256,56 @@ class TestTrainer:
             load_checkpoint(_trainer(ConsaConfig(window=4, granularity="layer", target_sparsity=0.5,
                                              target_warmup_iters=0)), tmp_path / "ckpt", weights_only=True)
 
+
+    def test_dist_ckpt_strictness_names_or_reports_the_mismatched_tensors(self, tmp_path, caplog):
+        """--dist-ckpt-strictness reaches dist_checkpointing's load: an exact resume passes the strictest
+        check both ways; a fixed model leaves the learned gates unread (missing: raise_all names them);
+        a model with QK norms asks for tensors the checkpoint lacks (unexpected: raise_unexpected names
+        them before reading; log_unexpected reads the rest, and the model load then names them)."""
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+
+        learn = ConsaConfig(window=4, init_log_alpha=0.0, target_warmup_iters=0)
+        first = _trainer(learn)
+        first.train(1)
+        save_checkpoint(first, tmp_path / "ckpt")
+        for strict in ("raise_all", "return_all"):
+            resumed = _trainer(learn)
+            assert load_checkpoint(resumed, tmp_path / "ckpt", strict=strict) == 1
+            for name, value in _weights(first).items():
+                assert torch.equal(value, _weights(resumed)[name]), (strict, name)
+            assert _adam_tensors(resumed) and all(
+                torch.equal(a, b) for a, b in zip(_adam_tensors(first), _adam_tensors(resumed)))
+        fixed = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]], target_warmup_iters=0)
+        assert load_checkpoint(_trainer(fixed), tmp_path / "ckpt", weights_only=True, strict="raise_unexpected") == 1
+        with pytest.raises(CheckpointingException, match="log_alpha"):
+            load_checkpoint(_trainer(fixed), tmp_path / "ckpt", weights_only=True, strict="raise_all")
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            loaded = _trainer(fixed)
+            load_checkpoint(loaded, tmp_path / "ckpt", weights_only=True, strict="log_all")
+            assert "log_alpha" in caplog.text
+        assert torch.equal(_weights(first)["embedding.word_embeddings.weight"],
+                           _weights(loaded)["embedding.word_embeddings.weight"])
+
+        plain = dataclasses.replace(ARCH, qk_norm=False)
+        no_norms = _trainer(learn, arch=plain)
+        no_norms.train(1)
+        save_checkpoint(no_norms, tmp_path / "plain")
+        with pytest.raises(CheckpointingException, match="q_layernorm"):
+            load_checkpoint(_trainer(learn), tmp_path / "plain", strict="raise_unexpected")
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            with pytest.raises(RuntimeError, match="does not fit model chunk 0: missing.*q_layernorm"):
+                load_checkpoint(_trainer(learn), tmp_path / "plain", strict="log_unexpected")
+            assert "not found in the checkpoint" in caplog.text and "q_layernorm" in caplog.text
+            caplog.clear()
+            with pytest.raises(RuntimeError, match="does not fit model chunk 0: missing.*q_layernorm"):
+                load_checkpoint(_trainer(learn), tmp_path / "plain", strict="return_unexpected")
+            assert "lacks 6 tensor(s) this run asks for" in caplog.text and "q_layernorm" in caplog.text
+        with pytest.raises(ValueError, match="--dist-ckpt-strictness 'strict': one of assume_ok_unexpected"):
+            load_checkpoint(_trainer(learn), tmp_path / "ckpt", strict="strict")
 
     def test_an_import_starts_learning_at_either_granularity_with_its_own_initial_gates(self, tmp_path):
         """An import writes untrained gates (kv_head by default); learning from it at layer granularity, or with
