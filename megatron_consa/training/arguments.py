@@ -161,9 +161,14 @@ _FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
     ("--use-dist-ckpt", "(checkpoints are always megatron-core's dist_checkpointing)"),
     ("--no-async-tensor-model-parallel-allreduce", "(deprecated in Megatron-LM, where it does nothing either)"),
     ("--exit-on-missing-checkpoint", "(a --load that holds no checkpoint is always an error here)"),
+    ("--auto-detect-ckpt-format", "(every checkpoint here is megatron-core's torch_dist: --load's format is known)"),
+    ("--no-persist-layer-norm", "(the norms never use Transformer Engine's persistent LayerNorm kernel)"),
 )
 _FIXED_NUMBERS = {  # flags whose one value here is a number: (value, what it says, why no other)
     "--rotary-percent": (1.0, "RoPE on the whole head dimension", "Qwen/Llama/Mistral rotate all of it"),
+    "--num-distributed-optimizer-instances": (1, "one distributed-optimizer instance",
+                                              "--use-distributed-optimizer shards the optimizer state over the whole "
+                                              "data-parallel group (megatron-core's partial sharding is not wired in)"),
     "--context-parallel-size": (1, "no context parallelism",
                                 "ConSA's core attention keeps each sequence on one rank (megatron-core's local "
                                 "attention asserts it too); use --tensor-model-parallel-size and "
@@ -193,6 +198,15 @@ _REFUSED = {  # Megatron-LM flags that would change what these runs are: why not
                                        "state)",
     "--overlap-param-gather-with-optimizer-step": "not supported here; --overlap-param-gather leaves the parameter "
                                                   "all-gather to the next forward instead",
+    "--dist-ckpt-optim-fully-reshardable": "the distributed optimizer's checkpoints here are megatron-core's "
+                                           "dp_reshardable format (they load at another data-parallel size; the "
+                                           "KV-group reordering has no fully reshardable one): to change TP or PP, "
+                                           "resume with --no-load-optim, or train with the standard optimizer, whose "
+                                           "checkpoints load at any layout",
+    "--rotary-interleaved": "Qwen/Llama/Mistral rotate the two halves of each head (megatron-core's default), not "
+                            "interleaved pairs; drop the flag",
+    "--apply-query-key-layer-scaling": "ConSA's core attention scales the scores by 1/sqrt(head dim) with the softmax "
+                                       "in fp32, so there is nothing to rescale per layer; drop the flag",
     "--defer-embedding-wgrad-compute": "needs gradient-accumulation fusion (Transformer Engine / apex kernels), "
                                        "which these runs do not use; drop the flag",
     **{flag: "fp8 training is not supported here (the KV-group reordering would copy into low-precision weights, "
@@ -357,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--lr-warmup-iters, --lr-decay-style, --lr-decay-iters, the WSD anneal's, "
                         "--weight-decay-incr-style, --start/--end-weight-decay) from the saved iteration on (e.g. to "
                         "extend a run); without it a resume must keep the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, take the checkpoint's learning rates (--lr, --min-lr, the decoupled and gate "
+                        "rates), weight decay and schedule whatever this run's flags say (--train-iters stays this "
+                        "run's; the decay ends where the saved run's did); logged when they differ")
     g.add_argument("--manual-gc", action="store_true",
                    help="Python's garbage collector off, collections at the same iterations on every rank instead "
                         "(a collection at another moment on each rank makes the others wait)")
@@ -386,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay fp32)")
     g.add_argument("--cross-entropy-loss-fusion", action="store_true",
                    help="megatron-core's fused cross entropy (on CUDA; the CPU keeps the unfused one)")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="bit-exact reproducible runs: torch's deterministic algorithms, megatron-core's "
+                        "deterministic_mode, and NCCL_ALGO=Ring, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0, "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 unless the environment sets deterministic values already "
+                        "(others are refused)")
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="draw each weight whole on the CPU and give each tensor-parallel rank its part, instead of "
+                        "each GPU drawing its own (always so without CUDA)")
     g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                    help="the Transformer Engine attention kernels the TE backend may use (flash, fused, unfused; "
                         "auto: TE picks), or local: none (implies --consa-backend torch)")
@@ -986,6 +1013,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         wandb_save_dir=wandb_save_dir,
         wandb_entity=a.wandb_entity or None,
         override_opt_param_scheduler=a.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=a.use_checkpoint_opt_param_scheduler,
+        deterministic_mode=a.deterministic_mode,
+        use_cpu_initialization=a.use_cpu_initialization,
     )
     if a.train_iters < 1:
         raise ArgumentError(f"--train-iters {a.train_iters}: must be >= 1")

@@ -226,6 +226,15 @@ class TrainingConfig:
     cross_entropy_loss_fusion: bool = False
     """megatron-core's fused vocab-parallel cross entropy (`--cross-entropy-loss-fusion`;
     on CUDA only, like the other fusions: the CPU keeps the unfused one)."""
+    deterministic_mode: bool = False
+    """Bit-exact reproducible runs (Megatron-LM's `--deterministic-mode`): torch's
+    deterministic algorithms, megatron-core's `deterministic_mode`, and the environment's
+    NCCL_ALGO, NVTE_ALLOW_NONDETERMINISTIC_ALGO and CUBLAS_WORKSPACE_CONFIG set (or checked)
+    for it (`training.parallel.apply_deterministic_mode`). Not with cross_entropy_loss_fusion."""
+    use_cpu_initialization: bool = False
+    """Draw each weight whole on the CPU and give each tensor-parallel rank its part
+    (megatron-core's `use_cpu_initialization`, always so without CUDA), instead of each GPU
+    drawing its own part."""
     attention_backend: str = "auto"
     """Which Transformer Engine attention kernels the TE backend may pick: 'auto', 'flash',
     'fused' or 'unfused' (Megatron-LM's `--attention-backend`: megatron-core sets TE's
@@ -324,12 +333,24 @@ class TrainingConfig:
     """On resume, schedule the learning rate with this run's train_iters, warm-up and decay
     style from the saved iteration on (megatron's `override_opt_param_scheduler`), instead
     of requiring the checkpoint's."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, take the checkpoint's learning rates and schedule whatever this run's flags
+    say (Megatron-LM's `--use-checkpoint-opt_param-scheduler`; the entry point puts them in
+    this config); without it, and without `override_opt_param_scheduler`, a resume must ask
+    for the checkpoint's."""
 
     def validate(self, *, dp_size: int) -> int:
         """Check batch sizes; returns micro-batches per step per DP rank."""
         for name in ("micro_batch_size", "global_batch_size", "seq_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 _fail("TrainingConfig", name, getattr(self, name), "must be an integer >= 1")
+        if self.deterministic_mode and self.cross_entropy_loss_fusion:
+            _fail("TrainingConfig", "cross_entropy_loss_fusion", True,
+                  "is not bit-exact: drop it (--cross-entropy-loss-fusion) with deterministic_mode (--deterministic-mode)")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            _fail("TrainingConfig", "use_checkpoint_opt_param_scheduler", True,
+                  "contradicts override_opt_param_scheduler (this run's schedule): give one of "
+                  "--use-checkpoint-opt_param-scheduler and --override-opt-param-scheduler")
         per_step = self.micro_batch_size * dp_size
         if self.global_batch_size % per_step:
             _fail(

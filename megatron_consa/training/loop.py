@@ -147,6 +147,8 @@ def build_model_chunks(
         # a fusion, CUDA only like the others (build_transformer_config)
         cross_entropy_loss_fusion=training.cross_entropy_loss_fusion and has_cuda(),
         attention_backend=AttnBackend[training.attention_backend],
+        deterministic_mode=training.deterministic_mode,
+        **({"use_cpu_initialization": True} if training.use_cpu_initialization else {}),  # (the default: not CUDA)
         **parallel.megatron_fields(),
     )
     vpp = parallel.virtual_pipeline_model_parallel_size

@@ -24,6 +24,41 @@ PIPELINE_SEED_STRIDE = 100
 (megatron-LM's convention), so stages do not draw the same weights."""
 
 
+DETERMINISTIC_ENV = {"NCCL_ALGO": "Ring", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+"""What `apply_deterministic_mode` sets where the environment does not (Megatron-LM's values)."""
+_DETERMINISTIC_VALUES = {  # (every NCCL_ALGO token must be one of these: Megatron-LM's accepted set)
+    "NCCL_ALGO": {"Ring", "CollnetDirect", "CollnetChain", "^NVLS"},
+    "NVTE_ALLOW_NONDETERMINISTIC_ALGO": {"0"},
+    "CUBLAS_WORKSPACE_CONFIG": {":4096:8", ":16:8"},
+}
+
+
+def apply_deterministic_mode(env=os.environ) -> None:
+    """Make this process's training bit-exact reproducible (`TrainingConfig.deterministic_mode`),
+    as Megatron-LM's `--deterministic-mode`: torch's deterministic algorithms (an operation
+    without one then raises instead of running), and the NCCL, Transformer Engine and cuBLAS
+    settings of `DETERMINISTIC_ENV` where `env` does not set them. A value set that is not
+    deterministic (e.g. NCCL_ALGO=Tree) is an error naming it. Call it before the process group
+    and the first CUDA kernel: those libraries read the environment once."""
+    check_deterministic_env(env)
+    for name, value in DETERMINISTIC_ENV.items():
+        env.setdefault(name, value)
+    torch.use_deterministic_algorithms(True)
+
+
+def check_deterministic_env(env=os.environ) -> None:
+    """A ValueError naming the variable if `env` sets one of `DETERMINISTIC_ENV`'s to a value that is
+    not deterministic."""
+    for name, accepted in _DETERMINISTIC_VALUES.items():
+        value = env.get(name)
+        if value is None:
+            continue
+        tokens = [t.strip() for t in value.split(",") if t.strip()] if name == "NCCL_ALGO" else [value]
+        if not tokens or any(t not in accepted for t in tokens):
+            raise ValueError(f"--deterministic-mode: {name}={value!r} is not deterministic; unset it (the default is "
+                             f"{DETERMINISTIC_ENV[name]}) or set it to one of {', '.join(sorted(accepted))}")
+
+
 def device() -> torch.device:
     """The device this rank computes on (its GPU, or the CPU)."""
     return compute_device()

@@ -85,26 +85,30 @@ class ProgressLog:
         start: Optional[datetime] = None
         start_flops = latest = 0.0
         pending: Optional[float] = None
+        start_line = last_start_line = -1
         if not self.path.is_file():
             return None, 0.0
-        for line in self.path.read_text().splitlines():
+        for i, line in enumerate(self.path.read_text().splitlines()):
             fields = line.split("\t")
-            if len(fields) < 4:
-                continue
-            try:
-                size = int(fields[2].split(": ")[1])
+            try:  # (a line another program wrote, or cut short, is skipped: the log never stops a run)
+                size, event = int(fields[2].split(": ")[1]), fields[3]
+                when = datetime.strptime(fields[0], _TIME_FORMAT)
+                count = float(fields[7].split(": ")[1]) if event in ("Saved checkpoint",
+                                                                    "Saving async checkpoint") else None
             except (IndexError, ValueError):
                 continue
-            event = fields[3]
-            if event == "Saved checkpoint" and len(fields) > 7:
-                latest = float(fields[7].split(": ")[1])
-            elif event == "Saving async checkpoint" and len(fields) > 7:
-                pending = float(fields[7].split(": ")[1])
+            if event == "Saved checkpoint":
+                latest = count
+            elif event == "Saving async checkpoint":
+                pending = count
             elif event == "Saved async checkpoint" and pending is not None:
                 latest, pending = pending, None
             if size != self.world_size:
                 start = None
                 continue
-            if event == "Starting job" and start is None:
-                start, start_flops = datetime.strptime(fields[0], _TIME_FORMAT), latest
-        return start, start_flops
+            if event == "Starting job":
+                last_start_line = i
+                if start is None:
+                    start, start_flops, start_line = when, latest, i
+        # the first start is this job's own (e.g. --log-progress added on a resume): it began from the loaded count
+        return start, self.flops_at_start if start is not None and start_line == last_start_line else start_flops

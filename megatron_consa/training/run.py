@@ -93,11 +93,14 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
     """Every check that needs no process group; returns the run with its configs completed."""
     from megatron_consa.training.checkpoint import read_checkpoint_meta, resolve_load_dir, saved_iterations
     from megatron_consa.training.loop import check_learning_run, check_transformer_impl
+    from megatron_consa.training.parallel import check_deterministic_env
 
     try:
         check_transformer_impl(run.transformer_impl)
         run.profile.validate()
-    except ConsaConfigError as err:
+        if run.training.deterministic_mode:
+            check_deterministic_env()
+    except (ConsaConfigError, ValueError) as err:
         raise ArgumentError(str(err)) from err
     tok = run.tokenizer
     vocab_hint = tok.vocab_size or (run.arch.vocab_size or None)
@@ -174,6 +177,9 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             raise ArgumentError(f"--load {run.checkpoint.load}: saved without its RNG states (--no-save-rng): resume "
                                 "with --no-load-rng (the ranks keep this run's seeds)")
         if run.checkpoint.load_optim:
+            if training.use_checkpoint_opt_param_scheduler:
+                training, consa = _checkpoint_schedule(run, training, load_meta)
+                run = dataclasses.replace(run, consa=consa, training=training)
             _check_same_optimizer(run, training, load_meta)
         _check_same_data(run, training, load_meta)
         if run.phase == "learn":
@@ -229,6 +235,31 @@ _SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-ite
              "start_weight_decay": "--start-weight-decay", "end_weight_decay": "--end-weight-decay"}
 
 
+def _checkpoint_schedule(run: RunConfig, training, load_meta: dict):
+    """--use-checkpoint-opt_param-scheduler: the run's learning rates and schedule become the checkpoint's
+    (its peak and final rates, decoupled and gate rates, weight decay, warm-up, decay and WSD anneal),
+    whatever this run's flags say; --train-iters stays this run's (the decay still ends where the saved
+    run's did: its lr_decay_iters, or its train_iters). Returns (training, consa)."""
+    saved = load_meta.get("training") or {}
+    if "lr" not in saved:
+        raise ArgumentError(f"--use-checkpoint-opt_param-scheduler: --load {run.checkpoint.load} records no "
+                            "schedule (consa_run.json has no training settings); drop the flag")
+    names = [n for n in (*_OPTIMIZER_GROUPS, *_SCHEDULE) if n != "train_iters" and n in saved]
+    adopted = {n: saved[n] for n in names}
+    if adopted.get("lr_decay_iters") is None:
+        adopted["lr_decay_iters"] = saved.get("train_iters")
+    changed = {n: (getattr(training, n), v) for n, v in adopted.items() if getattr(training, n) != v}
+    consa = run.consa
+    gate_lr = (load_meta.get("consa") or {}).get("gate_lr")
+    if run.phase == "learn" and gate_lr is not None and gate_lr != consa.gate_lr:
+        changed["gate_lr"] = (consa.gate_lr, gate_lr)
+        consa = dataclasses.replace(consa, gate_lr=gate_lr)
+    if changed and dist_rank() == 0:
+        logger.info("--use-checkpoint-opt_param-scheduler: the checkpoint's schedule, not this run's flags: %s",
+                    ", ".join(f"{n} {now} (not {was})" for n, (was, now) in changed.items()))
+    return dataclasses.replace(training, **adopted), consa
+
+
 _NEW_OPTIMIZER = ("--no-load-optim (a new optimizer from the saved iteration on), or start from its weights with "
                   "--finetune (a new optimizer, schedule and data position)")
 
@@ -261,8 +292,8 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
         )
     _check_same_precision(run, training, saved)
     _check_same_optimizer_layout(run, load_meta)
-    if training.override_opt_param_scheduler:
-        return
+    if training.override_opt_param_scheduler or training.use_checkpoint_opt_param_scheduler:
+        return  # (this run's schedule; or the checkpoint's, taken by _checkpoint_schedule, and any --train-iters)
     for name, flag in _SCHEDULE.items():
         if name in saved and saved[name] != getattr(training, name):
             was = f"with {flag} {saved[name]}" if saved[name] is not None else f"without {flag}"
@@ -445,7 +476,7 @@ def run_training(prepared: PreparedRun):
     from megatron_consa.training.early_exit import EarlyExit
     from megatron_consa.training.loop import ConsaTrainer, TrainingDivergedError
     from megatron_consa.training.manual_gc import ManualGC
-    from megatron_consa.training.parallel import initialize_distributed
+    from megatron_consa.training.parallel import apply_deterministic_mode, initialize_distributed
     from megatron_consa.training.profiling import StepProfiler
     from megatron_consa.training.progress import ProgressLog
 
@@ -453,6 +484,8 @@ def run_training(prepared: PreparedRun):
     job_start = time.time()  # the progress log's job throughput too
     run = prepared.run
     training = run.training
+    if training.deterministic_mode:
+        apply_deterministic_mode()
     initialize_distributed(run.parallel, seed=training.seed)
     save = run.checkpoint.save
     progress = None

@@ -71,7 +71,8 @@ def corpus(tmp_path_factory):
 def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_path):
     """--tokenizer-type HuggingFaceTokenizer: the .bin holds the tokenizer's own ids + EOD, and a run trains on it,
     with Megatron-LM's data and profiling flags: megatron-core's GPTDataset read in 2 forked data-loader workers,
-    the loss per token without EOD inputs, and iterations 1-2 profiled by torch.profiler."""
+    the loss per token without EOD inputs, and iterations 1-2 profiled by torch.profiler; under
+    --deterministic-mode (torch's deterministic algorithms)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoTokenizer
 
@@ -94,7 +95,7 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
         "--no-save-optim", "--num-workers", "2", "--eod-mask-loss", "--calculate-per-token-loss", "--profile",
         "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "3", "--tensorboard-dir",
         str(tmp_path / "tb"), "--tensorboard-log-interval", "4", "--eval-interval", "6", "--eval-iters", "1",
-        "--log-validation-ppl-to-tensorboard"]))
+        "--log-validation-ppl-to-tensorboard", "--deterministic-mode"]))
     losses = _losses(log)
     assert len(losses) == 3 and losses[-1] < losses[0]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -114,6 +115,7 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     # --no-save-optim: weights only, marked not resumable, described by its own config.json
     meta = json.loads((saved / "consa_run.json").read_text())
     assert meta["resumable"] is False and not list(saved.glob("rng_rank*"))
+    assert meta["training"]["deterministic_mode"]  # (every operation of the run has a deterministic kernel)
     # what evaluation's --data-path defaults its --split and seed to
     assert meta["data"] == {"data_path": [str(tmp_path / "hf_text_document")], "split": "90,10,0", "seed": 1234,
                             "mock": False, "eod_mask_loss": True}
@@ -165,7 +167,8 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run, capsys):
     proc.wait()
     last = int(tracker.read_text())
     assert 8 <= last < 16, f"the run was not killed mid-way (latest checkpoint {last})"
-    resumed_log = _ok(_train(RESUME_RUN + ["--save", str(killed), "--load", str(killed)]))
+    resumed_log = _ok(_train(RESUME_RUN + ["--save", str(killed), "--load", str(killed), "--log-progress"]))
+    _check_progress_log(killed, resumed_from=last)
     validated = _validation(resumed_log)  # the evaluations after the resume read the batches the whole run read
     assert sorted(validated) == list(range(last + 4, 17, 4)) and validated == {k: _validation(whole_log)[k] for k in validated}
     whole, resumed = _final_state(whole_save), _final_state(killed)
@@ -206,6 +209,61 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run, capsys):
     assert _final_state(termed)["records"] == whole["records"]
 
 
+def _progress_events(save: Path) -> list[list[str]]:
+    """progress.txt's lines as [event, field, ...], each after Megatron-LM's date, job id and rank count."""
+    lines = [line.split("\t") for line in (save / "progress.txt").read_text().splitlines()]
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line[0]) and line[1].startswith("Job ID: ")
+        assert line[2] == "# GPUs: 1", line  # (these runs are one process)
+    return [line[3:] for line in lines]
+
+
+def _check_progress_log(save: Path, *, resumed_from: int) -> None:
+    """--log-progress on the resumed run: its start, then a line per save whose floating-point operations
+    count every iteration since the run began (the killed run's ones from the checkpoint), at the TFLOP/s
+    count's operations per iteration (`iteration_flops`, tested against a count of its own)."""
+    from megatron_consa.architecture import ArchitectureConfig
+    from megatron_consa.training.flops import iteration_flops
+
+    meta = json.loads((save / "iter_0000016" / "consa_run.json").read_text())
+    per_iteration = iteration_flops(ArchitectureConfig(**meta["architecture"]),
+                                    seq_length=meta["training"]["seq_length"],
+                                    global_batch_size=meta["training"]["global_batch_size"])
+    events = _progress_events(save)
+    assert events[0] == ["Starting job"] and len(events) == 1 + len(range(resumed_from + 4, 17, 4)), events
+    for event, k in zip(events[1:], range(resumed_from + 4, 17, 4)):
+        assert event[:2] == ["Saved checkpoint", f"Iteration: {k}"], event
+        job, cumulative = (float(re.fullmatch(rf"{name} throughput: ([0-9.]+) TFLOP/s/GPU", field).group(1))
+                           for name, field in (("Job", event[2]), ("Cumulative", event[3])))
+        assert job >= 0 and cumulative >= 0
+        assert event[4] == f"Floating-point operations: {k * per_iteration:.2e}"
+        tokens = k * meta["training"]["global_batch_size"] * meta["training"]["seq_length"]
+        assert event[5] == f"Tokens (in billions): {tokens / 1e9:.2f}"
+
+
+def test_use_checkpoint_schedule_extends_a_run_on_its_saved_schedule(tmp_path, whole_run, capsys):
+    """--use-checkpoint-opt_param-scheduler: back at iteration 8 of the whole run, with --train-iters 20 and
+    another --lr, --min-lr and warm-up, the run takes the checkpoint's rates and schedule: iterations 9-16
+    are the whole run's bit for bit (loss, lr, gates), and 17-20 stay at its final rate (its decay ended at
+    its own 16). Without the flag that resume is refused."""
+    whole_save, _ = whole_run
+    extended = tmp_path / "extended"
+    run = _with(_with(RESUME_RUN, "--train-iters", "20"), "--lr", "1e-2") + [
+        "--min-lr", "1e-3", "--lr-warmup-iters", "2", "--load", str(whole_save), "--ckpt-step", "8",
+        "--save", str(extended)]
+    assert "the run was saved with --lr 0.003, this run asks for --lr 0.01" in _bad(run, capsys)
+    assert "give one of --use-checkpoint-opt_param-scheduler and --override-opt-param-scheduler" in _bad(
+        run + ["--use-checkpoint-opt_param-scheduler", "--override-opt-param-scheduler"], capsys)
+    log = _ok(_train(run + ["--use-checkpoint-opt_param-scheduler"]))
+    assert "--use-checkpoint-opt_param-scheduler: the checkpoint's schedule, not this run's flags: lr 0.003 (not " \
+           "0.01), min_lr 3e-05 (not 0.001), lr_warmup_iters 0 (not 2), lr_decay_iters 16 (not None)" in log
+    whole, ours = _final_state(whole_save)["records"], _final_state(extended)["records"]
+    assert len(ours) == 20 and ours[:16] == whole
+    assert all(r["lr"] == pytest.approx(3e-5) for r in ours[16:])
+    meta = json.loads((extended / "iter_0000020" / "consa_run.json").read_text())["training"]
+    assert (meta["lr"], meta["min_lr"], meta["lr_decay_iters"], meta["train_iters"]) == (3e-3, 3e-5, 16, 20)
+
+
 def test_async_save_writes_what_the_synchronous_save_writes(tmp_path, whole_run):
     """--async-save (with --ckpt-assume-constant-structure: planned once): training goes on while
     a background process writes each checkpoint, and each, once in place, holds bit for bit what
@@ -218,12 +276,25 @@ def test_async_save_writes_what_the_synchronous_save_writes(tmp_path, whole_run)
     whole_save, _ = whole_run
     save = tmp_path / "async"
     log = _ok(_train(_with(RESUME_RUN, "--save-interval", "2") + [
-        "--save", str(save), "--async-save", "--ckpt-assume-constant-structure", "--save-retain-interval", "4"]))
+        "--save", str(save), "--async-save", "--ckpt-assume-constant-structure", "--save-retain-interval", "4",
+        "--log-progress"]))
+    # --log-progress: each save when scheduled and when in place, and each deletion once the next is in place
+    events = [e[:2] for e in _progress_events(save)]
+    assert events[0] == ["Starting job"] and all(len(e) == 2 for e in events[1:])
+    for k in range(2, 17, 2):
+        saving, saved = events.index(["Saving async checkpoint", f"Iteration: {k}"]), \
+            events.index(["Saved async checkpoint", f"Iteration: {k}"])
+        assert saving < saved
+        if k % 4:
+            assert events.index(["Deleted checkpoint", f"Iteration: {k}"]) > events.index(
+                ["Saved async checkpoint", f"Iteration: {k + 2}"])
+    assert len(events) == 1 + 8 * 2 + 4
     # the save after iteration 4 is finalized after a later step at the earliest (0-based "iter 4" is the 5th)
     assert log.index("saved checkpoint at iteration 4 ") > log.index("iter      4/16 |")
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "16"
     assert sorted(p.name for p in save.iterdir()) == [
-        "iter_0000004", "iter_0000008", "iter_0000012", "iter_0000016", "latest_checkpointed_iteration.txt"]
+        "iter_0000004", "iter_0000008", "iter_0000012", "iter_0000016", "latest_checkpointed_iteration.txt",
+        "progress.txt"]
     for it in (4, 8, 12, 16):
         name = f"iter_{it:07d}"
         assert json.loads((save / name / "consa_run.json").read_text()) == json.loads(

@@ -240,6 +240,41 @@ class TestSingleRankNccl:
         assert 0 < figures["mem-allocated-bytes"] <= figures["mem-max-allocated-bytes"]
         assert figures["mem-allocated-bytes"] <= figures["mem-reserved-bytes"] and figures["mem-allocated-count"] > 0
 
+    def test_deterministic_mode_repeats_a_run_bit_for_bit(self, monkeypatch):
+        """--deterministic-mode on CUDA: every operation of a learning run (the torch backend, bf16) has a
+        deterministic kernel (torch raises otherwise), two runs give the same losses bit for bit, and
+        the environment holds Megatron-LM's settings."""
+        import os
+
+        from megatron_consa.training.parallel import DETERMINISTIC_ENV, apply_deterministic_mode
+
+        for name in DETERMINISTIC_ENV:
+            monkeypatch.delenv(name, raising=False)
+        was = torch.are_deterministic_algorithms_enabled()
+        try:
+            apply_deterministic_mode()
+            assert {name: os.environ[name] for name in DETERMINISTIC_ENV} == DETERMINISTIC_ENV
+            first = _run("torch", bf16=True, deterministic_mode=True)
+            second = _run("torch", bf16=True, deterministic_mode=True)
+        finally:
+            torch.use_deterministic_algorithms(was)
+        assert [r.loss for r in first] == [r.loss for r in second]
+        assert [r.s_hat for r in first] == [r.s_hat for r in second]
+
+    def test_deterministic_and_cpu_initialization_reach_megatron_cores_config(self):
+        from scenarios_gpu import ARCH, DATA, consa_config
+
+        from megatron_consa.training.config import ParallelConfig, TrainingConfig
+        from megatron_consa.training.loop import ConsaTrainer
+
+        for flags, expected in (({}, (False, False)), (dict(deterministic_mode=True, use_cpu_initialization=True),
+                                                        (True, True))):
+            training = TrainingConfig(train_iters=1, micro_batch_size=2, global_batch_size=4, seq_length=256,
+                                      bf16=True, **flags)
+            trainer = ConsaTrainer(arch=ARCH, consa=consa_config("torch"), parallel=ParallelConfig(),
+                                   training=training, data=DATA)
+            assert (trainer.config.deterministic_mode, trainer.config.use_cpu_initialization) == expected
+
     @needs_te
     def test_te_backend_run_matches_torch_backend(self):
         torch_run = _run("torch", bf16=True)

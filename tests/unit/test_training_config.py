@@ -166,6 +166,9 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--timing-log-level", "1", "--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
     "--log-world-size-to-tensorboard", "--wandb-project", "llama3", "--wandb-exp-name", "8b",
     "--num-dataset-builder-threads", "4",
+    # and the flags of Megatron-LM's own GPT test configurations (tests/functional_tests)
+    "--dist-ckpt-strictness", "log_all", "--log-progress", "--auto-detect-ckpt-format", "--no-persist-layer-norm",
+    "--num-distributed-optimizer-instances", "1", "--use-cpu-initialization",
     "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "10",
 ]
 
@@ -196,6 +199,8 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     c = run.checkpoint
     assert (c.fully_parallel_save, c.fully_parallel_load, c.async_save, c.persistent_worker,
             c.assume_constant_structure, c.save_retain_interval) == (True, True, True, True, True, 1000)
+    assert (c.dist_ckpt_strictness, c.log_progress, t.use_cpu_initialization, t.deterministic_mode) == (
+        "log_all", True, True, False)
 
 
 def test_checkpoint_writing_flags_and_their_refusals(caplog):
@@ -525,6 +530,9 @@ def test_megatron_lm_kernel_and_optimizer_flags_that_cannot_hold_are_refused(fla
     (dict(grad_reduce_in_bf16=True), "grad_reduce_in_bf16"),
     (dict(attention_backend="flashy"), "attention_backend"),
     (dict(empty_unused_memory_level=3), "empty_unused_memory_level"),
+    (dict(deterministic_mode=True, cross_entropy_loss_fusion=True), "cross_entropy_loss_fusion.*--deterministic-mode"),
+    (dict(override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=True),
+     "use_checkpoint_opt_param_scheduler"),
 ])
 def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     with pytest.raises(ConsaConfigError, match=field):
@@ -553,12 +561,60 @@ def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     (["--distributed-backend", OTHER_BACKEND], f"--distributed-backend {OTHER_BACKEND}: this machine runs "
                                                f"{distributed_backend()}"),
     (["--use-flash-attn"], "--use-flash-attn and --attention-backend fused: give one"),
+    (["--num-distributed-optimizer-instances", "2"], "--num-distributed-optimizer-instances 2: one "
+                                                     "distributed-optimizer instance only"),
+    (["--dist-ckpt-optim-fully-reshardable"], "--dist-ckpt-optim-fully-reshardable: the distributed optimizer's "
+                                              "checkpoints here are megatron-core's dp_reshardable format"),
+    (["--rotary-interleaved"], "--rotary-interleaved: Qwen/Llama/Mistral rotate the two halves of each head"),
+    (["--apply-query-key-layer-scaling"], "--apply-query-key-layer-scaling: ConSA's core attention scales"),
 ])
 def test_megatron_lm_flags_that_disagree_are_refused_by_name(flags, message):
     from megatron_consa.training.arguments import ArgumentError, parse_run_config
 
     with pytest.raises(ArgumentError, match=re.escape(message)):
         parse_run_config(LLAMA_SCRIPT + flags)
+
+
+def test_dist_ckpt_strictness_choices_are_megatron_cores():
+    import megatron_consa  # noqa: F401  (megatron-core importable)
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_consa.training.config import DIST_CKPT_STRICTNESS
+
+    assert DIST_CKPT_STRICTNESS == tuple(h.value for h in StrictHandling)
+
+
+def test_deterministic_mode_sets_or_checks_the_environment_and_reaches_the_model(monkeypatch, capsys):
+    """--deterministic-mode: Megatron-LM's NCCL / Transformer Engine / cuBLAS settings where the environment
+    has none, a non-deterministic one refused by name before any work, torch's deterministic algorithms on,
+    megatron-core's deterministic_mode in the model's config; never with the fused cross entropy."""
+    import torch
+
+    from megatron_consa.train import main
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.parallel import DETERMINISTIC_ENV, apply_deterministic_mode, check_deterministic_env
+
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        apply_deterministic_mode(env)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert env == {**DETERMINISTIC_ENV, "CUBLAS_WORKSPACE_CONFIG": ":16:8"}  # (a deterministic value kept)
+    check_deterministic_env({"NCCL_ALGO": "Ring,CollnetDirect"})
+    for name, value in (("NCCL_ALGO", "Tree"), ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1"),
+                        ("CUBLAS_WORKSPACE_CONFIG", ":0:0")):
+        with pytest.raises(ValueError, match=re.escape(f"--deterministic-mode: {name}={value!r} is not deterministic")):
+            check_deterministic_env({name: value})
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "4", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "1"]
+    assert parse_run_config(base + ["--deterministic-mode"]).training.deterministic_mode
+    assert main(base + ["--deterministic-mode", "--cross-entropy-loss-fusion"]) == 2
+    assert "cross_entropy_loss_fusion" in capsys.readouterr().err
+    monkeypatch.setenv("NCCL_ALGO", "Tree")
+    assert main(base + ["--deterministic-mode"]) == 2
+    assert "--deterministic-mode: NCCL_ALGO='Tree' is not deterministic" in capsys.readouterr().err
 
 
 def test_distributed_timeout_reaches_the_process_group():
