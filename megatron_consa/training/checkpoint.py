@@ -435,6 +435,9 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
     if fully_parallel and _replica_group() is not None:
         strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), _replica_group())
     handling = strictness_of(strict)
+    # log_*: asked as return_* and reported here (the entry point keeps megatron-core's loggers at ERROR)
+    handling = {StrictHandling.LOG_UNEXPECTED: StrictHandling.RETURN_UNEXPECTED,
+                StrictHandling.LOG_ALL: StrictHandling.RETURN_ALL}.get(handling, handling)
     loaded = dist_checkpointing.load(state, str(path), strategy, strict=handling)
     if StrictHandling.requires_returning_mismatch_keys(handling):
         loaded, missing, unexpected = loaded
@@ -473,9 +476,9 @@ def strictness_of(name: str) -> StrictHandling:
     keys the checkpoint's tensors the run does not ask for (megatron-core's words).
     assume_ok_unexpected (the default): the reading fails at a key the checkpoint lacks;
     raise_unexpected / raise_all: such keys (and, raise_all, the checkpoint's unread
-    ones) are named before anything is read; log_* and return_* (whose keys go to the log
-    here too): the mismatches are reported and the rest is read; ignore_all: nothing is
-    reported.
+    ones) are named before anything is read; log_* and return_* (both reported by this
+    module's logger: megatron-core's own is quiet in the tools): the mismatches are logged
+    and the rest is read; ignore_all: nothing is reported.
     """
     try:
         return StrictHandling(name)
@@ -484,12 +487,16 @@ def strictness_of(name: str) -> StrictHandling:
 
 
 def _report_mismatch(path: Path, missing, unexpected) -> None:
+    def listed(keys) -> str:  # the model's first, then the optimizer's (a weights-only load reads none of those)
+        keys = sorted(keys, key=lambda k: (k.startswith("optimizer."), k))
+        return ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+
     if unexpected:
         logger.warning("checkpoint %s lacks %d tensor(s) this run asks for (not loaded): %s", path, len(unexpected),
-                       sorted(unexpected)[:10])
+                       listed(unexpected))
     if missing:
         logger.warning("checkpoint %s holds %d tensor(s) this run does not read: %s", path, len(missing),
-                       sorted(missing)[:10])
+                       listed(missing))
 
 
 def _load_chunks(chunks, loaded: dict, path: Path, *, gates_in_checkpoint: bool = True) -> None:
