@@ -95,7 +95,9 @@ def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
         save_heatmap(tmp / HEATMAP_FILE, allocation.fa, allocation.log_alpha,
                      title=f"learned allocation: sparsity {allocation.achieved_sparsity:.3f}, W={consa.window}")
         if request.with_checkpoint:
-            _write_fixed_checkpoint(path, tmp / CHECKPOINT_DIR, meta, arch, dataclasses.replace(consa, allocation=allocation.fa))
+            # (a gates-only learn phase's weights train on in the fixed phase: that one has no gates)
+            fixed = dataclasses.replace(consa, allocation=allocation.fa, gates_only=False)
+            _write_fixed_checkpoint(path, tmp / CHECKPOINT_DIR, meta, arch, fixed)
     logger.info("settling: %s", report.describe())
     return allocation
 

@@ -54,7 +54,11 @@ def _adam_tensors(trainer) -> list:
 
 @pytest.mark.usefixtures("single_rank_mcore")
 class TestTrainer:
-    def test_gates_only_mode_trains_gates_and_freezes_weights(self):
+    def test_gates_only_mode_trains_gates_and_freezes_weights(self, tmp_path):
+        """... and finalize makes its checkpoint a fixed-phase start (whose weights train: no gates-only)."""
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+        from megatron_consa.training.finalize import CHECKPOINT_DIR, FinalizeRequest, finalize_checkpoint
+
         trainer = _trainer(ConsaConfig(window=4, gates_only=True, init_log_alpha=0.0, target_warmup_iters=0))
         before = _weights(trainer)
         trainer.train()
@@ -64,6 +68,15 @@ class TestTrainer:
                 assert not torch.equal(value, after[name]), name
             else:
                 assert torch.equal(value, after[name]), name
+        save_checkpoint(trainer, tmp_path / "learn")
+        allocation = finalize_checkpoint(FinalizeRequest(load=str(tmp_path / "learn"), save=str(tmp_path / "final"),
+                                                         tolerance=1.0))
+        meta = json.loads((tmp_path / "final" / CHECKPOINT_DIR / "consa_run.json").read_text())
+        assert meta["consa"]["allocation"] == allocation.fa and meta["consa"]["gates_only"] is False
+        fixed = _trainer(ConsaConfig.from_dict(meta["consa"]))
+        load_checkpoint(fixed, tmp_path / "final" / CHECKPOINT_DIR, weights_only=True)
+        assert torch.equal(_weights(fixed)["embedding.word_embeddings.weight"],
+                           after["embedding.word_embeddings.weight"])
 
     def test_fixed_allocation_reports_its_exact_sparsity_and_has_no_gates(self):
         trainer = _trainer(ConsaConfig(window=4, allocation=[[1, 0], [0, 0]]))
