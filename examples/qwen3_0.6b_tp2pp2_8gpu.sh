@@ -32,13 +32,10 @@ COMMON=(
   --log-interval 10 --eval-interval 200 --eval-iters 10
 )
 
-# A phase starts from the previous phase's weights, or resumes its own run.
-start_or_resume() {  # <this phase's --save> <the checkpoint it starts from>
-  if [[ -f "$1/latest_checkpointed_iteration.txt" ]]; then echo --load "$1"; else echo --load "$2" --finetune; fi
-}
-
+# A phase starts from the previous phase's weights (--pretrained-checkpoint) while its own --save holds no
+# checkpoint, and resumes its own run once it does.
 torchrun --nproc-per-node "$NPROC" -m megatron_consa.train "${COMMON[@]}" \
-    $(start_or_resume "$OUT/learn" "$OUT/imported") --consa-phase learn --consa-target-sparsity 0.75 \
+    --load "$OUT/learn" --pretrained-checkpoint "$OUT/imported" --consa-phase learn --consa-target-sparsity 0.75 \
     --train-iters 1500 --lr 1e-5 --min-lr 1e-6 --lr-warmup-iters 50 \
     --save "$OUT/learn" --save-interval 250 --tensorboard-dir "$OUT/tensorboard/learn"
 
@@ -47,7 +44,7 @@ if [[ ! -f "$OUT/finalized/allocation.json" ]]; then
 fi
 
 torchrun --nproc-per-node "$NPROC" -m megatron_consa.train "${COMMON[@]}" \
-    $(start_or_resume "$OUT/fixed" "$OUT/finalized/checkpoint") --consa-phase fixed \
+    --load "$OUT/fixed" --pretrained-checkpoint "$OUT/finalized" --consa-phase fixed \
     --train-iters 5000 --lr 1e-5 --min-lr 1e-6 --lr-warmup-iters 100 \
     --save "$OUT/fixed" --save-interval 500 --tensorboard-dir "$OUT/tensorboard/fixed"
 

@@ -522,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true", help="resume without restoring the ranks' RNG states")
     g.add_argument("--no-save-rng", action="store_true",
                    help="save checkpoints without the ranks' RNG states (their resume takes --no-load-rng)")
+    g.add_argument("--pretrained-checkpoint", metavar="DIR",
+                   help="start from DIR's weights (as --load DIR --finetune) while --load holds no checkpoint yet; "
+                        "once it does, resume it: with --load and --save the same directory, one command line "
+                        "starts a phase and resumes it after a requeue")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
     g.add_argument("--ckpt-step", type=int, metavar="N",
@@ -856,6 +860,42 @@ def _wandb_save_dir(a: argparse.Namespace) -> Optional[str]:
     return str(Path(a.save) / "wandb")
 
 
+def _holds_checkpoint(load: str) -> bool:
+    """Whether `--load` holds a checkpoint to resume: a `--save` directory with its marker, a checkpoint,
+    or finalize's output (not: no such directory, an empty one, or one a job wrote logs into before its
+    first save)."""
+    from megatron_consa.training.checkpoint import CONSA_META_FILE, TRACKER_FILE
+    from megatron_consa.training.finalize import CHECKPOINT_DIR
+
+    path = Path(load)
+    return any((path / name).exists() for name in (TRACKER_FILE, CONSA_META_FILE, f"{CHECKPOINT_DIR}/{CONSA_META_FILE}"))
+
+
+def _pretrained_or_load(a: argparse.Namespace) -> None:
+    """Megatron-LM's --pretrained-checkpoint: while --load holds no checkpoint, the run starts from the
+    pretrained one's weights (--finetune); once it does, --load is resumed and the other is not read."""
+    pretrained = a.pretrained_checkpoint
+    if pretrained is None:
+        return
+    if a.finetune:
+        raise ArgumentError("--pretrained-checkpoint and --finetune: --pretrained-checkpoint starts from its weights "
+                            "already (while --load holds no checkpoint); drop --finetune")
+    if a.load and _holds_checkpoint(a.load):
+        logger.info("--load %s holds a checkpoint: resuming it (--pretrained-checkpoint %s is not read)", a.load,
+                    pretrained)
+        return
+    if not _holds_checkpoint(pretrained):
+        raise ArgumentError(f"--pretrained-checkpoint {pretrained}: no checkpoint there (no consa_run.json, "
+                            "latest_checkpointed_iteration.txt or finalize output); give the directory "
+                            "tools/convert_hf_to_megatron.py, finalize or a run saved")
+    if a.ckpt_step is not None:
+        raise ArgumentError(f"--ckpt-step {a.ckpt_step}: --load {a.load} holds no checkpoint yet (the run starts from "
+                            f"--pretrained-checkpoint {pretrained}); drop --ckpt-step")
+    logger.info("%s: starting from the weights of --pretrained-checkpoint %s",
+                f"--load {a.load} holds no checkpoint yet" if a.load else "no --load", pretrained)
+    a.load, a.finetune = pretrained, True
+
+
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     """Typed configs from parsed flags; raises ArgumentError / ConsaConfigError naming the flag."""
     if a.reset_attention_mask or a.reset_position_ids:
@@ -865,6 +905,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             "per-document masks or position resets; train without it (documents are separated by EOD tokens)"
         )
     _check_megatron_compat(a)
+    _pretrained_or_load(a)
     for name in ("lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters"):  # (argparse.SUPPRESS: None if not given)
         setattr(a, name, getattr(a, name, None))
     _schedule_in_iterations(a)

@@ -172,6 +172,16 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                 f"resumed as a {run.phase} phase; add --finetune to start the new phase from its weights "
                 "(or finalize it first: tools/finalize_allocation.py)"
             )
+    save = run.checkpoint.save
+    held = saved_iterations(save) if save and not resume and Path(save).is_dir() else []
+    if held:  # (a relaunched --finetune command line, say: it would restart and save over the run it began)
+        start = f"from --load {run.checkpoint.load}'s weights" if load_dir is not None else "from random weights"
+        raise ArgumentError(
+            f"--save {save} holds the checkpoints of an earlier run (iterations {', '.join(map(str, held))}); this run "
+            f"starts over {start} and would save over them. To continue that run: --load {save}; for one command "
+            f"line that starts a phase and resumes it when relaunched: --load {save} --pretrained-checkpoint "
+            f"<the start>; to start again: an empty --save"
+        )
     if resume:
         if run.checkpoint.load_rng and load_meta.get("rng") is False and load_meta.get("resumable"):
             raise ArgumentError(f"--load {run.checkpoint.load}: saved without its RNG states (--no-save-rng): resume "

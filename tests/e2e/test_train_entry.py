@@ -241,6 +241,32 @@ def _check_progress_log(save: Path, *, resumed_from: int) -> None:
         assert event[5] == f"Tokens (in billions): {tokens / 1e9:.2f}"
 
 
+def test_pretrained_checkpoint_starts_a_phase_and_the_same_command_resumes_it(tmp_path, whole_run, capsys):
+    """--load D --save D --pretrained-checkpoint P (Megatron-LM's): the first launch starts from P's weights (as
+    --load P --finetune), stopped by --exit-interval at 4; the same command launched again resumes D at 4, and
+    the two launches together equal one uninterrupted run from P's weights bit for bit. Relaunching a
+    --finetune command over a --save that holds checkpoints is refused, pointing at this."""
+    whole_save, _ = whole_run
+    run = _with(RESUME_RUN, "--train-iters", "8")
+    reference = tmp_path / "reference"
+    _ok(_train(run + ["--load", str(whole_save), "--finetune", "--save", str(reference)]))
+    phase = tmp_path / "phase"
+    command = run + ["--load", str(phase), "--save", str(phase), "--pretrained-checkpoint", str(whole_save),
+                     "--exit-interval", "4"]
+    log = _ok(_train(command))
+    assert f"--load {phase} holds no checkpoint yet: starting from the weights of --pretrained-checkpoint" in log
+    assert "stopping after iteration 4 of 8" in log
+    log = _ok(_train(command))
+    assert f"resumed from {phase / 'iter_0000004'} (iteration 4)" in log
+    assert _final_state(phase)["records"] == _final_state(reference)["records"]
+    err = _bad(run + ["--load", str(whole_save), "--finetune", "--save", str(phase)], capsys)
+    assert f"--save {phase} holds the checkpoints of an earlier run (iterations 4, 8)" in err
+    assert f"--load {phase} --pretrained-checkpoint" in err
+    assert "drop --finetune" in _bad(command + ["--finetune"], capsys)
+    assert "no checkpoint there" in _bad(_with(command, "--pretrained-checkpoint", str(tmp_path / "none")) + [
+        "--load", str(tmp_path / "empty")], capsys)
+
+
 def test_use_checkpoint_schedule_extends_a_run_on_its_saved_schedule(tmp_path, whole_run, capsys):
     """--use-checkpoint-opt_param-scheduler: back at iteration 8 of the whole run, with --train-iters 20 and
     another --lr, --min-lr and warm-up, the run takes the checkpoint's rates and schedule: iterations 9-16

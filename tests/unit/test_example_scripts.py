@@ -116,10 +116,21 @@ def test_single_node_example_calls_parse(tmp_path, monkeypatch):
     assert names == ["tools/convert_hf_to_megatron.py", "train", "tools/finalize_allocation.py", "train",
                      "tools/convert_megatron_to_hf.py", "tools/generate.py"]
     learn, fixed = calls[1][1], calls[3][1]
-    assert (learn.consa_phase, learn.finetune, learn.load) == ("learn", True, f"{out}/imported")
-    assert (fixed.consa_phase, fixed.load) == ("fixed", f"{out}/finalized/checkpoint")
+    assert (learn.consa_phase, learn.load, learn.save, learn.pretrained_checkpoint) == (
+        "learn", f"{out}/learn", f"{out}/learn", f"{out}/imported")
+    assert (fixed.consa_phase, fixed.load, fixed.save, fixed.pretrained_checkpoint) == (
+        "fixed", f"{out}/fixed", f"{out}/fixed", f"{out}/finalized")
+    # the first launch starts from the import's weights; a relaunch resumes --load
+    (out / "imported").mkdir(parents=True)
+    (out / "imported" / "consa_run.json").write_text("{}")
     run = _check_learn_run(learn)
     assert (run.arch.num_layers, run.consa.target_sparsity) == (28, 0.75)
+    assert (run.checkpoint.load, run.checkpoint.finetune) == (f"{out}/imported", True)
+    (out / "learn").mkdir()
+    (out / "learn" / "latest_checkpointed_iteration.txt").write_text("250\n")
+    learn.load, learn.finetune = f"{out}/learn", False  # (the namespace the first check changed)
+    run = _check_learn_run(learn)
+    assert (run.checkpoint.load, run.checkpoint.finetune) == (f"{out}/learn", False)
 
 
 def test_readme_training_workflow_commands_parse(tmp_path, monkeypatch):
@@ -137,6 +148,8 @@ def test_readme_training_workflow_commands_parse(tmp_path, monkeypatch):
     commands = [shlex.split(c, comments=True) for c in block.group(1).replace("\\\n", " ").splitlines()]
     commands = [c for c in commands if c and "..." not in c]  # (step 4 abbreviates step 2's flags)
     _qwen3_0_6b_config(tmp_path / "Qwen3-0.6B")
+    (tmp_path / "ckpt" / "imported").mkdir(parents=True)  # (what step 0 writes)
+    (tmp_path / "ckpt" / "imported" / "consa_run.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     seen = []
     for cmd in commands:
@@ -144,6 +157,7 @@ def test_readme_training_workflow_commands_parse(tmp_path, monkeypatch):
             i = cmd.index("megatron_consa.train")
             run = _check_learn_run(_parse_with(train_main, cmd[i + 1:], monkeypatch))
             seen.append(("train", run.phase))
+            # (ckpt/learn holds no checkpoint yet: the import's weights)
             assert run.checkpoint.load == "ckpt/imported" and run.checkpoint.finetune
             assert run.training.min_lr <= run.training.lr
         else:
@@ -165,8 +179,11 @@ def test_slurm_example_calls_parse(tmp_path, monkeypatch):
         "SLURM_JOB_NODELIST": "node[001-004]", "SLURM_NNODES": "4", "SLURM_JOB_ID": "77"}), monkeypatch)
     assert [name for name, _ in calls] == ["train"]
     learn = calls[0][1]
-    assert learn.exit_signal_handler and learn.bf16 and learn.load == f"{out}/imported" and learn.finetune
-    assert _check_learn_run(learn).parallel.pipeline_model_parallel_size == learn.pipeline_model_parallel_size
+    assert learn.exit_signal_handler and learn.bf16 and (learn.load, learn.pretrained_checkpoint) == (
+        f"{out}/learn", f"{out}/imported")
+    run = _check_learn_run(learn)
+    assert run.parallel.pipeline_model_parallel_size == learn.pipeline_model_parallel_size
+    assert (run.checkpoint.load, run.checkpoint.finetune) == (f"{out}/imported", True)
     sbatch = (ROOT / "examples" / "slurm_multinode.sbatch").read_text()
     assert "#SBATCH --signal=TERM@" in sbatch  # the warning --exit-signal-handler acts on
 
