@@ -130,6 +130,9 @@ class RunConfig:
     """When the run stops early, after saving (Megatron-LM's --exit-* flags)."""
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
     """Which iterations are profiled, where (Megatron-LM's --profile flags)."""
+    consa_flags: tuple[str, ...] = ()
+    """The ConsaConfig fields among window, sink_tokens, granularity and target_sparsity that the
+    run's flags set: a fixed phase's allocation from a file or a checkpoint must agree with them."""
 
 
 _LOSS_SCALE_FLAGS = (  # Megatron-LM's flags, with TrainingConfig's defaults
@@ -597,10 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = ConsaConfig()
     g.add_argument("--consa-phase", choices=PHASES, default="learn",
                    help="learn: gates + Lagrangian; fixed: continued training with a fixed allocation")
-    g.add_argument("--consa-granularity", choices=GRANULARITIES, default=d.granularity, help="gate per layer or KV head")
-    g.add_argument("--consa-target-sparsity", type=float, default=d.target_sparsity, help="SWA share of KV heads")
-    g.add_argument("--consa-window", type=int, default=d.window, help="sliding window W (HF sliding_window)")
-    g.add_argument("--consa-sink-tokens", type=int, default=d.sink_tokens, help="attention sinks of SWA heads")
+    # (absent when not given: a fixed phase's allocation file or checkpoint brings its own, and a flag given must agree)
+    g.add_argument("--consa-granularity", choices=GRANULARITIES, default=argparse.SUPPRESS,
+                   help=f"gate per layer or KV head (default: {d.granularity})")
+    g.add_argument("--consa-target-sparsity", type=float, default=argparse.SUPPRESS,
+                   help=f"SWA share of KV heads (default: {d.target_sparsity})")
+    g.add_argument("--consa-window", type=int, default=argparse.SUPPRESS,
+                   help=f"sliding window W (HF sliding_window) (default: {d.window})")
+    g.add_argument("--consa-sink-tokens", type=int, default=argparse.SUPPRESS,
+                   help=f"attention sinks of SWA heads (default: {d.sink_tokens})")
     g.add_argument("--consa-gates-only", action="store_true", help="freeze the weights, train the gates only")
     g.add_argument("--consa-allocation", help="fixed phase: an allocation.json, or a preset name (interleave:4, ...)")
     g.add_argument("--consa-calibration-scores", metavar="FILE",
@@ -860,6 +868,10 @@ def _wandb_save_dir(a: argparse.Namespace) -> Optional[str]:
     return str(Path(a.save) / "wandb")
 
 
+_ALLOCATION_FLAGS = ("window", "sink_tokens", "granularity", "target_sparsity")
+"""The ConsaConfig fields an allocation carries (their --consa-* flags are absent unless given: RunConfig.consa_flags)."""
+
+
 def _holds_checkpoint(load: str) -> bool:
     """Whether `--load` holds a checkpoint to resume: a `--save` directory with its marker, a checkpoint,
     or finalize's output (not: no such directory, an empty one, or one a job wrote logs into before its
@@ -1060,12 +1072,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     )
     if a.train_iters < 1:
         raise ArgumentError(f"--train-iters {a.train_iters}: must be >= 1")
+    given = {name: getattr(a, f"consa_{name}") for name in _ALLOCATION_FLAGS if hasattr(a, f"consa_{name}")}
     consa = ConsaConfig(
-        window=a.consa_window,
-        sink_tokens=a.consa_sink_tokens,
-        granularity=a.consa_granularity,
+        **given,
         backend=a.consa_backend,
-        target_sparsity=a.consa_target_sparsity,
         target_warmup_iters=a.consa_target_warmup_iters,
         lagrangian_rho=a.consa_lagrangian_rho,
         lagrangian_lr=a.consa_lagrangian_lr,
@@ -1161,7 +1171,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         checkpoint=checkpoint, phase=a.consa_phase, allocation_source=a.consa_allocation,
         calibration_scores=a.consa_calibration_scores,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters, hf_config=a.hf_config,
-        transformer_impl=a.transformer_impl, exit=exit_config, profile=profile,
+        transformer_impl=a.transformer_impl, exit=exit_config, profile=profile, consa_flags=tuple(given),
     )
 
 

@@ -77,6 +77,23 @@ def _resolve_allocation(run: RunConfig, load_dir: Optional[Path], load_meta: dic
     return saved
 
 
+def _check_flags_fit_allocation(run: RunConfig, allocation: Allocation) -> None:
+    """A fixed phase runs its allocation's (a file's, a checkpoint's) window, sinks and granularity: a --consa-*
+    flag given that says otherwise is refused (it would be ignored), as is a --consa-target-sparsity the
+    allocation does not have."""
+    carried = {"window": allocation.window, "sink_tokens": allocation.sink_tokens,
+               "granularity": allocation.granularity, "target_sparsity": allocation.achieved_sparsity}
+    source = f"--consa-allocation {run.allocation_source}" if run.allocation_source else f"--load {run.checkpoint.load}"
+    for name in run.consa_flags:
+        asked, has = getattr(run.consa, name), carried[name]
+        if asked != has and not (name == "target_sparsity" and abs(asked - has) < 1e-9):
+            raise ArgumentError(
+                f"--consa-{name.replace('_', '-')} {asked}: the fixed phase runs the allocation of {source}, whose "
+                f"{name.replace('_', ' ')} is {f'{has:g}' if isinstance(has, float) else has}; drop the flag (the "
+                "allocation's is used), or give --consa-allocation another allocation"
+            )
+
+
 def _check_save_dir(save: str) -> None:
     path = Path(save)
     if path.exists() and not path.is_dir():
@@ -197,6 +214,8 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
     allocation = _resolve_allocation(run, load_dir, load_meta)
     if resume and run.phase == "fixed":
         _check_same_allocation(run, load_dir, load_meta, allocation)
+    if allocation is not None and not (run.allocation_source and not Path(run.allocation_source).is_file()):
+        _check_flags_fit_allocation(run, allocation)  # (a preset is built from the flags: interleave:K has its own)
     consa = run.consa
     if allocation is not None:
         consa = dataclasses.replace(consa, allocation=allocation.fa, granularity=allocation.granularity,

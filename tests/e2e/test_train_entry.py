@@ -607,6 +607,39 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert sorted(p.name for p in keep.iterdir()) == ["precious.txt"]  # nothing written or overwritten
 
 
+def test_a_fixed_phase_refuses_allocation_flags_its_allocation_contradicts(tmp_path, capsys):
+    """The fixed phase runs its allocation's window, sinks and granularity (from a file or a checkpoint):
+    a --consa-* flag that says otherwise is refused, naming the allocation's value, instead of being
+    ignored; flags that agree are accepted."""
+    from megatron_consa.config import ConsaConfig
+
+    fa = [[1, 0], [0, 0], [0, 1], [0, 0]]  # 0.75 SWA
+    finalized = tmp_path / "finalized"
+    finalized.mkdir()
+    consa = {**ConsaConfig().to_dict(), "allocation": fa, "window": 8, "granularity": "kv_head"}
+    (finalized / "consa_run.json").write_text(json.dumps({"resumable": False, "consa": consa, "architecture": {}}))
+    run = BASE + ["--consa-phase", "fixed", "--load", str(finalized), "--finetune"]
+    for flags, message in ((["--consa-window", "16"], "--consa-window 16: the fixed phase runs the allocation of "
+                                                      f"--load {finalized}, whose window is 8; drop the flag"),
+                           (["--consa-granularity", "layer"], "whose granularity is kv_head"),
+                           (["--consa-sink-tokens", "4"], "whose sink tokens is 0"),
+                           (["--consa-target-sparsity", "0.5"], "whose target sparsity is 0.75")):
+        assert message in _bad(run + flags, capsys)
+    from megatron_consa.allocation import Allocation
+
+    path = tmp_path / "allocation.json"
+    Allocation(granularity="kv_head", num_layers=4, num_kv_heads=2, window=8, sink_tokens=0, target_sparsity=None,
+               fa=fa).save(path)
+    err = _bad(BASE + ["--consa-phase", "fixed", "--consa-allocation", str(path), "--consa-window", "16"], capsys)
+    assert f"--consa-allocation {path}, whose window is 8" in err
+    from megatron_consa.training.arguments import parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    agreeing = prepare_run(parse_run_config(run + ["--consa-window", "8", "--consa-target-sparsity", "0.75"]),
+                           world_size=1)
+    assert (agreeing.run.consa.window, agreeing.run.consa.allocation) == (8, fa)
+
+
 def test_finalize_refuses_what_it_must_and_writes_nothing(tmp_path, capsys):
     """tools/finalize_allocation.py as shipped: a learn run that did not settle is refused
     (exit 2, nothing written); --tolerance loosens the judgement; a non-empty --save needs
