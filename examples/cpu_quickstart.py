@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     undecided = allocation.metadata.get("undecided_units")
     if undecided:
         print(f"note: {len(undecided)} units near the FA/SWA boundary had (nearly) equal log_alpha and were "
-              f"ranked by index: {undecided}")
+              f"ranked by differences below the margin (exact ties by unit index): {undecided}")
     print(f"\nwrote {args.out / 'allocation.json'}; TensorBoard logs in {args.out / 'tensorboard'}")
     torch.distributed.destroy_process_group()
     return 0

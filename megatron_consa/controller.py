@@ -301,7 +301,7 @@ def judge_settling(
         return unsettled(
             f"s_hat did not settle: over iterations {first}..{last} it strayed up to {worst:.4f} from target "
             f"{target_sparsity} (at iteration {k}; tolerance {tolerance}). Train longer, or finalize anyway "
-            "with a larger tolerance",
+            "with a larger tolerance (tools/finalize_allocation.py --tolerance)",
             first, last, worst,
         )
     return SettleReport(target_sparsity, first, last, worst, tolerance)

@@ -15,8 +15,8 @@ HybridCache. Either way FA heads cache every token and SWA heads only the
 window plus the sinks.
 
 Prints the generated continuation (as token ids when there is no tokenizer).
-The tokenizer is the model directory's (--tokenizer to choose another). Sampling is greedy unless --temperature > 0; the two back ends draw
-different random numbers for the same --seed.
+The tokenizer is the model directory's (--tokenizer to choose another). Sampling is greedy unless --temperature > 0; for the same --seed
+the two back ends may sample different tokens (their sampling code is their own).
 """
 
 from __future__ import annotations

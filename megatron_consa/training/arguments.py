@@ -246,7 +246,7 @@ def _check_megatron_compat(a: argparse.Namespace) -> None:
     for flag, (only, text, why) in _FIXED_NUMBERS.items():
         value = getattr(a, flag[2:].replace("-", "_"), None)
         if value is not None and value != only:
-            raise ArgumentError(f"{flag} {value}: {text} only ({flag} {only:g}): {why}")
+            raise ArgumentError(f"{flag} {value}: only {flag} {only:g} here ({text}): {why}")
     for flag, (only, text, why) in _SETUP_CHOICES.items():
         value = getattr(a, flag[2:].replace("-", "_"), None)
         if value is not None and value != only:

@@ -547,8 +547,8 @@ def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     (["--attention-dropout", "0.1"], "--attention-dropout 0.1"),
     (["--lr-warmup-iters", "3"], "--lr-warmup-iters and --lr-warmup-fraction: give one"),
     (["--lr-decay-iters", "0"], "--lr-decay-iters 0: must be >= 1"),
-    (["--rotary-percent", "0.5"], "--rotary-percent 0.5: RoPE on the whole head dimension only (--rotary-percent 1)"),
-    (["--context-parallel-size", "2"], "--context-parallel-size 2: no context parallelism only"),
+    (["--rotary-percent", "0.5"], "--rotary-percent 0.5: only --rotary-percent 1 here (RoPE on the whole head dimension)"),
+    (["--context-parallel-size", "2"], "--context-parallel-size 2: only --context-parallel-size 1 here (no context parallelism)"),
     (["--apply-layernorm-1p"], "--apply-layernorm-1p: these models' norms keep plain weights"),
     (["--use-legacy-models"], "--use-legacy-models: megatron-consa builds megatron-core's GPTModel"),
     (["--rampup-batch-size", "16", "16", "1000"], "--rampup-batch-size: a ramped batch size moves every later sample"),
@@ -561,8 +561,8 @@ def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     (["--distributed-backend", OTHER_BACKEND], f"--distributed-backend {OTHER_BACKEND}: this machine runs "
                                                f"{distributed_backend()}"),
     (["--use-flash-attn"], "--use-flash-attn and --attention-backend fused: give one"),
-    (["--num-distributed-optimizer-instances", "2"], "--num-distributed-optimizer-instances 2: one "
-                                                     "distributed-optimizer instance only"),
+    (["--num-distributed-optimizer-instances", "2"], "--num-distributed-optimizer-instances 2: only "
+                                                     "--num-distributed-optimizer-instances 1 here (one"),
     (["--dist-ckpt-optim-fully-reshardable"], "--dist-ckpt-optim-fully-reshardable: the distributed optimizer's "
                                               "checkpoints here are megatron-core's dp_reshardable format"),
     (["--rotary-interleaved"], "--rotary-interleaved: Qwen/Llama/Mistral rotate the two halves of each head"),
