@@ -50,6 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.workers < 1:
         raise UserInputError(f"--workers {args.workers}: must be >= 1")
+    missing = [path for path in args.input if not Path(path).is_file()]
+    if missing:  # (before a tokenizer is trained, a worker started or a directory made)
+        raise UserInputError(f"--input {missing[0]}: no such file; give the JSONL file(s) to tokenize")
     model = args.tokenizer_model
     if args.train_sentencepiece:
         if args.tokenizer_type not in (None, *SENTENCEPIECE_TYPES):

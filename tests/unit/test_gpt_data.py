@@ -360,3 +360,8 @@ def test_preprocess_takes_a_tokenizer_directory_as_hugging_face_and_names_the_ou
     assert written[3].tolist() == reference.encode(docs[3], add_special_tokens=False) + [reference.eos_token_id]
     assert run_tool(tool.main, args + ["--tokenizer-model", str(tok), "--train-sentencepiece", "300"]) == 2
     assert "drop --tokenizer-model" in capsys.readouterr().err
+    # a missing input: refused before any work, nothing made
+    missing = ["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "new" / "out")]
+    assert run_tool(tool.main, missing + ["--train-sentencepiece", "300"]) == 2
+    assert f"--input {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
