@@ -483,8 +483,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "is empty" in _bad(no_mock + ["--data-path", str(empty)], capsys)
     small_vocab = _with(no_mock, "--vocab-size", "64") + [
         "--data-path", corpus["data"], "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["tok"]]
-    err = _bad(small_vocab, capsys)
+    err = _bad(small_vocab + ["--save", str(tmp_path / "never")], capsys)
     assert "--tokenizer-model" in err and "model's vocabulary is 64" in err
+    assert not (tmp_path / "never").exists()  # (a refused run makes no --save directory)
     assert "--consa-target-sparsity" in _bad(BASE + ["--consa-target-sparsity", "1.5"], capsys)
     assert "drop one of them" in _bad(BASE + ["--data-path", corpus["data"]], capsys)  # --mock-data would ignore it
     assert "without --train-data-path" in _bad(no_mock + ["--valid-data-path", corpus["data"]], capsys)
