@@ -663,9 +663,12 @@ def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> 
     except FileNotFoundError as err:
         if (path / FINALIZED_CHECKPOINT_DIR / CONSA_META_FILE).exists():  # finalize's output directory
             return path / FINALIZED_CHECKPOINT_DIR
+        hf = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
         raise FileNotFoundError(
             f"--load {path}: neither a checkpoint (no {CONSA_META_FILE}), a --save directory (no {TRACKER_FILE}) "
-            f"nor finalize's output (no {FINALIZED_CHECKPOINT_DIR}/)"
+            f"nor finalize's output (no {FINALIZED_CHECKPOINT_DIR}/)" + (
+                "; it is a Hugging Face model: import it with tools/convert_hf_to_megatron.py and --load the "
+                "result (the tools that read Hugging Face models take it as --hf-path)" if hf else "")
         ) from err
 
 

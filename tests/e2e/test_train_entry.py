@@ -524,6 +524,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "model_type='gpt2'" in _bad(unshaped + ["--hf-config", str(tmp_path / "hf")], capsys)
     err = _bad(BASE + ["--hf-config", str(tmp_path / "hf")], capsys)  # shape flags it would ignore
     assert "--num-layers, --hidden-size" in err and "would be ignored" in err
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")  # a Hugging Face model where a checkpoint goes
+    assert "it is a Hugging Face model: import it with tools/convert_hf_to_megatron.py" in _bad(
+        BASE + ["--load", str(tmp_path / "hf")], capsys)
     for flag in ("--num-layers", "--eval-iters", "--num-layers-per-virtual-pipeline-stage", "--exit-interval"):
         assert f"{flag} 0: must be >= 1" in _bad(BASE + [flag, "0"], capsys)
     assert "--exit-duration-in-mins 0.0: must be > 0" in _bad(BASE + ["--exit-duration-in-mins", "0"], capsys)
