@@ -8,8 +8,11 @@ clear line on stderr and exit status 2, instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
 
 logger = logging.getLogger("megatron_consa.cli")
 
@@ -23,6 +26,56 @@ class UserInputError(ValueError):
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 """ValueError covers UserInputError, ConsaConfigError and AllocationError."""
+
+
+def flag_error(flag: str, value: object, err: BaseException | str) -> UserInputError:
+    """`err` (a library message about the file or value `value`) as the error of `flag`:
+    `<flag> <value>: <message>`, the value not repeated when the message starts with it."""
+    message, value = str(err), str(value)
+    if message.startswith(f"{value}:") or message.startswith(f"{value} "):
+        return UserInputError(f"{flag} {message}")
+    return UserInputError(f"{flag} {value}: {message}")
+
+
+def in_flag_terms(message: str, fields: Mapping[str, str]) -> str:
+    """A library message with its parameter names (`target_sparsity`, `target_sparsity=0.5`)
+    written as the tool's flags (`--target-sparsity`, `--target-sparsity 0.5`); `fields`:
+    parameter name -> flag. "pass <name>=None" becomes "drop <flag>"."""
+    for name, flag in fields.items():
+        message = re.sub(rf"\bpass {name}=None\b", f"drop {flag}", message)
+        message = re.sub(rf"(?<![-\w']){name}=", f"{flag} ", message)
+        message = re.sub(rf"(?<![-\w']){name}\b(?!')", flag, message)
+    return message
+
+
+def check_output_file(flag: str, path: str | os.PathLike, *, example: Optional[str] = None) -> None:
+    """Refuse, before any work, an output file `path` that cannot be written: an existing
+    directory, a file where a parent directory must be, or a directory without write
+    permission (the atomic writers create missing parents). `example`: a file name to
+    suggest inside a directory given by mistake."""
+    p = Path(path)
+    if p.is_dir():
+        fix = f"give a file path, e.g. {p / example}" if example else "choose another path"
+        raise UserInputError(f"{flag} {path}: is a directory; {fix}")
+    ancestor = Path(os.path.abspath(p)).parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserInputError(f"{flag} {path}: {ancestor} is a file, not a directory; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path}: {ancestor} is not writable; choose another path")
+
+
+def check_distinct_outputs(*flags_and_paths: tuple[str, Optional[str | os.PathLike]]) -> None:
+    """Refuse two output flags naming the same file (the second write would replace the first)."""
+    seen: dict[Path, str] = {}
+    for flag, path in flags_and_paths:
+        if path is None:
+            continue
+        key = Path(os.path.abspath(path))
+        if key in seen:
+            raise UserInputError(f"{seen[key]} and {flag} both name {path}: give each its own file")
+        seen[key] = flag
 
 
 NOISY_LOGGERS = ("megatron", "torch", "py.warnings")

@@ -75,6 +75,10 @@ def read_json(path: str | os.PathLike, *, what: str, error: type[Exception] = Va
             return json.load(f)
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: a directory, not the {what}: name the file") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file, so not the {what}{hint}") from None
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from None
 

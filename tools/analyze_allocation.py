@@ -22,7 +22,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.cli import (
+    UserInputError,
+    check_distinct_outputs,
+    check_output_file,
+    flag_error,
+    run_tool,
+    setup_logging,
+)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -43,10 +50,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if not 0.0 < args.block_threshold <= 1.0:
         raise UserInputError(f"--block-threshold {args.block_threshold}: must lie in (0, 1]")
+    for flag, path, example in (("--heatmap", args.heatmap, "allocation.png"), ("--output", args.output, "analysis.json")):
+        if path:
+            check_output_file(flag, path, example=example)
+    check_distinct_outputs(("--heatmap", args.heatmap), ("--output", args.output))
     setup_logging()
-    from megatron_consa.analysis.report import analyze
+    from megatron_consa.allocation import Allocation
+    from megatron_consa.analysis.report import analyze, load_compared
     from megatron_consa.files import write_json_atomic
 
+    # each input checked on its own first (small files): the error names its flag
+    try:
+        allocation = Allocation.load(args.allocation)
+    except ValueError as err:
+        raise flag_error("--allocation", args.allocation, err) from err
+    for other in args.compare or ():
+        try:
+            load_compared(other, allocation)
+        except ValueError as err:
+            raise flag_error("--compare", other, f"{err} (compared with --allocation {args.allocation})") from err
     report = analyze(args.allocation, args.compare, block_threshold=args.block_threshold)
     print(report.allocation.summary() + "\n")
     print(report.tables())

@@ -23,7 +23,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.cli import (
+    UserInputError,
+    check_distinct_outputs,
+    check_output_file,
+    run_tool,
+    setup_logging,
+)
 from megatron_consa.evaluation.flags import (
     add_checkpoint_arguments,
     add_sequence_arguments,
@@ -71,6 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  ("--batch-size", args.batch_size, 1)):
         if value is not None and value < minimum:
             raise UserInputError(f"{flag} {value}: must be >= {minimum}")
+    # the outputs before the model loads: not a traceback after the calibration
+    check_output_file("--output", args.output, example="scores.json")
+    if args.save_allocation:
+        check_output_file("--save-allocation", args.save_allocation, example="allocation.json")
+        check_distinct_outputs(("--output", args.output), ("--save-allocation", args.save_allocation))
     setup_logging()
     import warnings
 

@@ -26,7 +26,7 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_consa.allocation import list_presets
-from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.cli import UserInputError, check_output_file, flag_error, in_flag_terms, run_tool, setup_logging
 from megatron_consa.evaluation.flags import (
     add_checkpoint_arguments,
     add_sequence_arguments,
@@ -100,6 +100,13 @@ def _check(args: argparse.Namespace) -> None:
     for d in args.distances or ():
         if d < 1:
             raise UserInputError(f"--distances {d}: distances are >= 1 token")
+    if args.output:  # before the models load: not a traceback after the evaluation
+        check_output_file("--output", args.output, example="eval.json")
+
+
+PRESET_FLAGS = {"target_sparsity": "--target-sparsity", "calibration_scores": "--calibration-scores",
+                "sink_tokens": "--sink-tokens"}
+"""The presets' parameters (named in the library's messages) -> this tool's flags."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,15 +134,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     specs = args.allocation or [CHECKPOINT_SPEC if models.own_allocation() is not None else "all_fa"]
     try:
         scores = UnitScores.load(args.calibration_scores) if args.calibration_scores else None
+        if scores is not None and "heuristic" in specs:
+            scores.check_compatible(models.arch.num_layers, models.arch.num_kv_heads)
     except ValueError as err:
-        raise UserInputError(f"--calibration-scores: {err}") from err
-    try:
-        allocations = resolve_allocations(specs, models, granularity=args.granularity,
-                                          target_sparsity=args.target_sparsity, window=args.window,
-                                          sink_tokens=args.sink_tokens, calibration_scores=scores)
-    except ValueError as err:
-        hint = " (--calibration-scores FILE)" if "heuristic" in specs and scores is None else ""
-        raise UserInputError(f"--allocation: {err}{hint}") from err
+        raise flag_error("--calibration-scores", args.calibration_scores, err) from err
+    allocations = []
+    for spec in specs:  # one at a time: the error names the --allocation it is about
+        try:
+            allocations += resolve_allocations([spec], models, granularity=args.granularity,
+                                               target_sparsity=args.target_sparsity, window=args.window,
+                                               sink_tokens=args.sink_tokens, calibration_scores=scores)
+        except ValueError as err:
+            hint = " (--calibration-scores FILE)" if spec == "heuristic" and scores is None else ""
+            raise flag_error("--allocation", spec, in_flag_terms(str(err), PRESET_FLAGS) + hint) from err
     needs_text = source is not None or args.retrieval
     tokenizer = checkpoint_tokenizer(models, args.tokenizer_model) if needs_text else None
     samples = []

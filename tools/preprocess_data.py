@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.cli import UserInputError, check_output_file, run_tool, setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -53,6 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing = [path for path in args.input if not Path(path).is_file()]
     if missing:  # (before a tokenizer is trained, a worker started or a directory made)
         raise UserInputError(f"--input {missing[0]}: no such file; give the JSONL file(s) to tokenize")
+    prefix = f"{args.output_prefix}_{args.json_keys}_document"
+    for suffix in (".bin", ".idx"):  # before any tokenizing: not a traceback at the end
+        check_output_file(f"--output-prefix {args.output_prefix}: the output", prefix + suffix)
     model = args.tokenizer_model
     if args.train_sentencepiece:
         if args.tokenizer_type not in (None, *SENTENCEPIECE_TYPES):
@@ -69,7 +72,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserInputError("--tokenizer-model is missing (or pass --train-sentencepiece VOCAB)")
     factory = functools.partial(build_tokenizer, args.tokenizer_type or tokenizer_type_of(model), model)
     factory().eod  # noqa: B018  fail early on a bad tokenizer, or one without an EOS to end documents
-    prefix = f"{args.output_prefix}_{args.json_keys}_document"
     with tqdm(desc="documents", unit="doc") as bar:
         stats = write_indexed_dataset(iter_jsonl_texts(args.input, args.json_keys), prefix, tokenizer_factory=factory,
                                       workers=args.workers, progress=bar.update)

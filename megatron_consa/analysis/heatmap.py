@@ -2,16 +2,19 @@
 
 `allocation_figure` draws the learned log_alpha (a diverging map) or the 0/1
 allocation, FA units marked; `save_heatmap` writes it as a PNG (temp file, then
-rename); `heatmap_image` returns an HWC uint8 array for TensorBoard.
+rename, nothing left behind on failure); `heatmap_image` returns an HWC uint8 array for TensorBoard.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from megatron_consa.files import plain_mode
 
 
 def allocation_figure(fa: Sequence[Sequence[int]], log_alpha: Optional[Sequence[Sequence[float]]] = None, *,
@@ -50,10 +53,20 @@ def save_heatmap(path: str | os.PathLike, fa, log_alpha=None, *, title: str = ""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = allocation_figure(fa, log_alpha, title=title)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        plain_mode(tmp)
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:  # (e.g. `path` is a directory): no temporary file left beside it
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

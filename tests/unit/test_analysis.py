@@ -134,8 +134,75 @@ def test_cli_bad_input_names_the_flag(tmp_path, capsys):
     _alloc(A).save(tmp_path / "a.json")
     _alloc([[1, 1]] * 3).save(tmp_path / "short.json")
     assert run_tool(tool.main, ["--allocation", str(tmp_path / "a.json"), "--compare", str(tmp_path / "short.json")]) == 2
-    assert "num_layers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --compare {tmp_path / 'short.json'}: ") and "num_layers" in err
+    assert f"--allocation {tmp_path / 'a.json'}" in err
+    assert run_tool(tool.main, ["--allocation", str(tmp_path)]) == 2  # a directory, not the file
+    assert capsys.readouterr().err.startswith(f"error: --allocation {tmp_path}: a directory")
     assert run_tool(tool.main, ["--allocation", str(tmp_path / "a.json"), "--block-threshold", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --block-threshold") and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    """--heatmap / --output naming a directory (or a path under a file, or each other) are refused
+    up front, exit 2 naming the flag, with nothing written: no stray temporary file either."""
+    tool = _tool("analyze_allocation")
+    _alloc(A).save(tmp_path / "a.json")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    cases = [
+        (["--heatmap", str(taken)], f"--heatmap {taken}: is a directory"),
+        (["--output", str(taken)], f"--output {taken}: is a directory"),
+        (["--output", str(tmp_path / "a.json" / "x.json")], "a.json is a file, not a directory"),
+        (["--heatmap", str(tmp_path / "same"), "--output", str(tmp_path / "same")], "--heatmap and --output both name"),
+    ]
+    for extra, message in cases:
+        assert run_tool(tool.main, ["--allocation", str(tmp_path / "a.json")] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_save_heatmap_leaves_nothing_behind_when_it_fails(tmp_path):
+    from megatron_consa.analysis.heatmap import save_heatmap
+
+    (tmp_path / "taken.png").mkdir()
+    with pytest.raises(OSError):
+        save_heatmap(tmp_path / "taken.png", A)
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.png"] and not any((tmp_path / "taken.png").iterdir())
+    save_heatmap(tmp_path / "ok.png", A)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png", "taken.png"]
+    assert (tmp_path / "ok.png").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_finalize_cli_checks_save_before_reading_the_checkpoint(tmp_path, capsys):
+    """--save is checked before --load is read and ranked (here --load does not even exist)."""
+    tool = _tool("finalize_allocation")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep").write_text("x")
+    cases = [
+        ([str(a_file)], f"--save {a_file}: a file, not a directory"),
+        ([str(a_file), "--overwrite"], f"--save {a_file}: a file, not a directory"),
+        ([str(occupied)], f"--save {occupied}: exists and is not empty; choose another directory or pass --overwrite"),
+    ]
+    for save, message in cases:
+        assert run_tool(tool.main, ["--load", str(tmp_path / "no-checkpoint"), "--save", *save]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert (occupied / "keep").read_text() == "x" and a_file.read_text() == "x"
+    assert run_tool(tool.main, ["--load", str(tmp_path / "no-checkpoint"), "--save", str(occupied), "--overwrite"]) == 2
+    assert "--load" in capsys.readouterr().err  # --overwrite: on to the checkpoint, which is missing

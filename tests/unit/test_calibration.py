@@ -282,3 +282,22 @@ def test_calibrate_cli_bad_input_is_one_error_line(capsys, tmp_path):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_calibrate_cli_outputs_are_checked_before_the_checkpoint_loads(capsys, tmp_path):
+    tool = _tool("calibrate_heuristic")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    missing = str(tmp_path / "no-checkpoint")
+    cases = [
+        (["--output", str(taken)], f"--output {taken}: is a directory"),
+        (["--output", str(tmp_path / "s.json"), "--save-allocation", str(taken), "--target-sparsity", "0.5"],
+         f"--save-allocation {taken}: is a directory"),
+        (["--output", str(tmp_path / "s.json"), "--save-allocation", str(tmp_path / "s.json"), "--target-sparsity", "0.5"],
+         "--output and --save-allocation both name"),
+    ]
+    for extra, message in cases:
+        assert run_tool(tool.main, ["--load", missing, "--stdlib-text"] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["taken"]

@@ -314,7 +314,7 @@ def test_cli_retrieval_buckets_and_the_checkpoints_own_allocation(tmp_path, sing
     (["--retrieval", "passkey"], "--retrieval needs --distances"),
     (["--retrieval", "passkey", "--distances", "2"], "--distances"),
     (["--allocation", "heuristic", "--target-sparsity", "0.5"], "--calibration-scores"),
-    (["--allocation", "interleave:2"], "target_sparsity is required"),
+    (["--allocation", "interleave:2"], "--allocation interleave:2: preset 'interleave:2': --target-sparsity is required"),
     (["--stdlib-text", "--text", "x.txt"], "--text and --stdlib-text"),
     (["--text", "missing.jsonl"], "--text missing.jsonl"),
     (["--retrieval", "passkey", "--distances", "64", "--haystack", "missing.txt"], "--haystack"),
@@ -332,6 +332,27 @@ def test_cli_missing_checkpoint_and_nothing_to_measure(tmp_path, capsys):
     assert "--load" in capsys.readouterr().err
     assert run_tool(EVALUATE.main, ["--load", str(DEMO)]) == 2
     assert "--kv-context-length is needed" in capsys.readouterr().err
+
+
+def test_cli_output_is_checked_before_the_checkpoint_loads(tmp_path, capsys):
+    """--output naming a directory: exit 2 naming the flag, before --load is read (not a traceback
+    after the evaluation)."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert run_tool(EVALUATE.main, ["--load", str(tmp_path / "nothing"), "--kv-context-length", "64",
+                                    "--output", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {taken}: is a directory") and len(err.strip().splitlines()) == 1
+    assert not any(taken.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_cli_allocation_errors_name_the_file(tmp_path, capsys, single_rank_mcore):
+    other = tmp_path / "other.json"
+    make_preset("all_fa", num_layers=3, num_kv_heads=4, granularity="layer", target_sparsity=None, window=8).save(other)
+    argv = ["--load", str(DEMO), "--kv-context-length", "64", "--allocation", "all_fa", "--allocation", str(other)]
+    assert run_tool(EVALUATE.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --allocation {other}: ") and "'num_layers' is 3" in err
 
 
 def test_a_fixed_checkpoints_own_allocation_is_read_from_its_metadata(tmp_path):

@@ -365,3 +365,10 @@ def test_preprocess_takes_a_tokenizer_directory_as_hugging_face_and_names_the_ou
     assert run_tool(tool.main, missing + ["--train-sentencepiece", "300"]) == 2
     assert f"--input {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    # an output that cannot be written is refused before any document is read (not a traceback at the end)
+    (tmp_path / "taken_content_document.idx").mkdir()
+    taken = args[:3] + [str(tmp_path / "taken")] + args[4:]
+    assert run_tool(tool.main, taken + ["--tokenizer-model", str(tok)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output-prefix {tmp_path / 'taken'}: ") and "is a directory" in err
+    assert not (tmp_path / "taken_content_document.bin").exists()
