@@ -28,7 +28,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_consa.cli import run_tool, setup_logging
+from megatron_consa.allocation import AllocationError
+from megatron_consa.cli import flag_error, run_tool, setup_logging
 from megatron_consa.conversion.exporter import ExportRequest, export_to_hf
 
 
@@ -49,8 +50,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    export_to_hf(ExportRequest(load=args.load, save=args.save, allocation=args.allocation, overwrite=args.overwrite,
-                              max_shard_size=args.max_shard_size))
+    try:
+        export_to_hf(ExportRequest(load=args.load, save=args.save, allocation=args.allocation,
+                                   overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+    except AllocationError as err:  # (with --allocation, the errors about an allocation are about that file)
+        if not args.allocation:
+            raise
+        raise flag_error("--allocation", args.allocation, err) from err
     return 0
 
 

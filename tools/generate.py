@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.cli import UserInputError, flag_error, run_tool, setup_logging
 
 
 def _checked(convert, ok, requirement: str):
@@ -89,23 +89,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not model_dir.is_dir():
         raise UserInputError(f"--{'load' if args.load else 'hf-path'} {model_dir}: no such directory")
     if args.hf_path:
-        from megatron_consa.conversion.hf_files import safetensors_files
+        from megatron_consa.architecture import ArchitectureConfig
+        from megatron_consa.conversion.hf_files import check_safetensors, load_hf_config
         from megatron_consa.training.checkpoint import CONSA_META_FILE, TRACKER_FILE
 
         if (model_dir / CONSA_META_FILE).is_file() or (model_dir / TRACKER_FILE).is_file():
             raise UserInputError(f"--hf-path {model_dir}: a megatron-consa checkpoint, not a Hugging Face export: "
                                  "use --load (or export it with tools/convert_megatron_to_hf.py)")
-        safetensors_files(model_dir)  # no weights: a clear error, not transformers' traceback
+        try:  # a bad config or missing / damaged weights: a clear error, not transformers' traceback
+            check_safetensors(model_dir)
+            hf_arch = ArchitectureConfig.from_hf(load_hf_config(model_dir), allow_sliding_window=True)
+        except (ValueError, FileNotFoundError, NotImplementedError) as err:
+            raise flag_error("--hf-path", model_dir, err) from err
     tokenizer = tokenizer_from_path(args.tokenizer) if args.tokenizer else None
     if args.tokenizer and tokenizer is None:
         raise UserInputError(f"--tokenizer {args.tokenizer}: no sentencepiece model or Hugging Face tokenizer there")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     if args.load:
+        from megatron_consa.allocation import AllocationError
         from megatron_consa.conversion.checkpoint_model import fixed_consa_config, one_rank_model, read_checkpoint_info
         from megatron_consa.inference.generate import generate
 
-        info = read_checkpoint_info(args.load, args.allocation)
+        try:
+            info = read_checkpoint_info(args.load, args.allocation)
+        except AllocationError as err:
+            if not args.allocation:
+                raise
+            raise flag_error("--allocation", args.allocation, err) from err
         info.warn_if_unfinalized(logging.getLogger("megatron_consa.generate"), "generation")
         tokenizer = tokenizer or tokenizer_from_path(info.path)
         ids = _prompt_ids(args, tokenizer, info.arch.vocab_size)
@@ -117,12 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         from transformers import AutoModelForCausalLM
 
-        from megatron_consa.architecture import ArchitectureConfig
-        from megatron_consa.conversion.hf_files import load_hf_config
         from megatron_consa.conversion.windows import CONSA_ATTENTION
         from megatron_consa.inference.hf import config_allocation, generate_hf
 
-        arch = ArchitectureConfig.from_hf(load_hf_config(model_dir), allow_sliding_window=True)
+        arch = hf_arch
         tokenizer = tokenizer or tokenizer_from_path(model_dir)
         ids = _prompt_ids(args, tokenizer, arch.vocab_size)
         _warn_past_positions(ids.size(1) + args.max_new_tokens, arch)

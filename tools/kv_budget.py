@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from megatron_consa.allocation import Allocation, allocation_from_spec, list_presets
 from megatron_consa.architecture import ArchitectureConfig
-from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.cli import UserInputError, flag_error, in_flag_terms, run_tool, setup_logging
 from megatron_consa.conversion.hf_files import load_hf_config
 from megatron_consa.evaluation.kv_memory import (
     DTYPE_BYTES,
@@ -33,9 +33,16 @@ from megatron_consa.evaluation.kv_memory import (
 from megatron_consa.unit_scores import UnitScores
 
 
+PRESET_FLAGS = {"target_sparsity": "--target-sparsity", "calibration_scores": "--calibration-scores",
+                "sink_tokens": "--sink-tokens"}
+"""The presets' parameters (named in the library's messages) -> this tool's flags."""
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-config", required=True, help="Hugging Face checkpoint directory or its config.json")
+    p.add_argument("--hf-config", required=True,
+                   help="Hugging Face checkpoint directory or its config.json; a megatron-consa checkpoint, training "
+                        "--save directory (its latest checkpoint) or finalize's output")
     p.add_argument("--context-length", type=int, required=True, help="tokens cached per sequence")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="KV-cache element type")
@@ -57,7 +64,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    arch = ArchitectureConfig.from_hf(load_hf_config(args.hf_config), allow_sliding_window=True)
+    try:
+        arch = ArchitectureConfig.from_hf(load_hf_config(args.hf_config), allow_sliding_window=True)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        raise flag_error("--hf-config", args.hf_config, err) from err
     shape = KvCacheShape(
         num_layers=arch.num_layers,
         num_kv_heads=arch.num_kv_heads,
@@ -68,8 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     allocation = None
     if args.allocation:
-        allocation = Allocation.load(args.allocation)
-        allocation.check_compatible(arch.num_layers, arch.num_kv_heads)
+        try:
+            allocation = Allocation.load(args.allocation)
+            allocation.check_compatible(arch.num_layers, arch.num_kv_heads)
+        except ValueError as err:
+            raise flag_error("--allocation", args.allocation, err) from err
     if args.granularity is None:  # the allocation file's units, else KV heads
         args.granularity = allocation.granularity if allocation is not None else "kv_head"
     if allocation is None and args.preset:
@@ -77,16 +90,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserInputError("--preset needs --window (the sliding window W)")
         if args.preset == "heuristic" and not args.calibration_scores:
             raise UserInputError("--preset heuristic needs --calibration-scores FILE (tools/calibrate_heuristic.py)")
-        allocation = allocation_from_spec(
-            args.preset,
-            num_layers=arch.num_layers,
-            num_kv_heads=arch.num_kv_heads,
-            granularity=args.granularity,
-            target_sparsity=args.target_sparsity,
-            window=args.window,
-            sink_tokens=args.sink_tokens or 0,
-            calibration_scores=UnitScores.load(args.calibration_scores) if args.calibration_scores else None,
-        )
+        try:
+            scores = UnitScores.load(args.calibration_scores) if args.calibration_scores else None
+            if scores is not None and args.preset == "heuristic":
+                scores.check_compatible(arch.num_layers, arch.num_kv_heads)
+        except ValueError as err:
+            raise flag_error("--calibration-scores", args.calibration_scores, err) from err
+        try:
+            allocation = allocation_from_spec(
+                args.preset,
+                num_layers=arch.num_layers,
+                num_kv_heads=arch.num_kv_heads,
+                granularity=args.granularity,
+                target_sparsity=args.target_sparsity,
+                window=args.window,
+                sink_tokens=args.sink_tokens or 0,
+                calibration_scores=scores,
+            )
+        except ValueError as err:
+            raise UserInputError(f"--preset: {in_flag_terms(str(err), PRESET_FLAGS)}") from err
     window = args.window if args.window is not None else (allocation.window if allocation else None)
     sinks = args.sink_tokens if args.sink_tokens is not None else (allocation.sink_tokens if allocation else 0)
     if allocation is not None and (window, sinks) != (allocation.window, allocation.sink_tokens):

@@ -6,7 +6,6 @@ Only safetensors are read (no pickle). Nothing here builds a model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import tempfile
@@ -34,22 +33,61 @@ TOKENIZER_FILES = (
 """Files copied verbatim between checkpoint directories (those present)."""
 
 
-def load_hf_config(path: str | Path) -> Any:
-    """A transformers config from a checkpoint directory or a config.json file."""
-    from transformers import AutoConfig
+HF_CONFIG = "config.json"
 
+
+def hf_config_file(path: str | Path, *, step: Optional[int] = None) -> Path:
+    """The config.json `path` names: the file itself, the one in a Hugging Face directory or a
+    megatron-consa checkpoint, or (as `--load` reads them, and training's `--hf-config`) the
+    one in the latest checkpoint of a training `--save` directory (its iteration `step`, if
+    given) or in finalize's output. The directory is resolved by
+    `training.checkpoint.resolve_load_dir`; a missing file is the caller's to report."""
     path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
+    if not path.is_dir() or (path / HF_CONFIG).is_file():
+        return path / HF_CONFIG if path.is_dir() else path
+    from megatron_consa.training.checkpoint import TRACKER_FILE, resolve_load_dir
+
+    try:
+        return resolve_load_dir(path, step=step) / HF_CONFIG
+    except FileNotFoundError as err:
+        if step is not None or (path / TRACKER_FILE).is_file():  # a --save directory without that checkpoint
+            raise FileNotFoundError(str(err).removeprefix("--load ")) from None
+        return path / HF_CONFIG  # (load_hf_config names what is missing)
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """A transformers config from a checkpoint directory or a config.json file (or a training
+    `--save` directory: see `hf_config_file`). A file transformers refuses (an unknown
+    model_type, a field of the wrong type, fields that contradict each other) raises
+    `UserInputError` naming the file and the problem."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    from megatron_consa.cli import UserInputError
+    from megatron_consa.files import read_json
+
+    file = hf_config_file(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist: pass a Hugging Face checkpoint directory or its config.json")
-    data = json.loads(file.read_text())
+        raise FileNotFoundError(f"{file} does not exist: pass a Hugging Face checkpoint directory or its config.json "
+                                "(or a megatron-consa checkpoint, or a training --save directory)")
+    data = read_json(file, what="Hugging Face config", error=UserInputError)
+    if not isinstance(data, dict):
+        raise UserInputError(f"{file}: expected a JSON object, got {type(data).__name__}; it is not a Hugging Face "
+                             "model config")
     model_type = data.pop("model_type", None)
     if model_type is None:
-        raise ValueError(f"{file} has no 'model_type' field; it is not a Hugging Face model config")
+        raise UserInputError(f"{file} has no 'model_type' field; it is not a Hugging Face model config")
+    if model_type not in CONFIG_MAPPING:
+        raise UserInputError(f"{file}: model_type={model_type!r} is not known to transformers")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except ValueError as err:
-        raise ValueError(f"{file}: model_type={model_type!r} is not known to transformers ({err})") from None
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
+        # transformers' validation (huggingface_hub's strict dataclasses) wraps the cause in a
+        # multi-line message; the cause alone says what is wrong
+        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
+        problem = " ".join(str(cause).split())
+        raise UserInputError(f"{file}: not a valid {model_type} config: {problem}; fix config.json (or re-save it "
+                             "with transformers' save_pretrained)") from err
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -130,7 +168,10 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
     hf_dir = Path(hf_dir)
     index = hf_dir / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        from megatron_consa.files import read_json
+
+        weight_map = read_json(index, what="sharded checkpoint index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map': the sharded checkpoint index is damaged")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
@@ -156,15 +197,35 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _open_safetensors(file: Path):
+    """`safe_open(file)`; a damaged file (truncated, not safetensors) raises `ValueError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err}); it may be truncated or damaged: "
+                         "copy or download it again") from None
+
+
+def check_safetensors(hf_dir: str | Path) -> list[Path]:
+    """The checkpoint's weight files (`safetensors_files`), each header read: a missing,
+    truncated or damaged file is refused with its name, before a model is built."""
+    files = safetensors_files(hf_dir)
+    for f in files:
+        with _open_safetensors(f):
+            pass
+    return files
+
+
 def _safetensors_entries(hf_dir: str | Path, desc: str) -> Iterator[tuple[Path, Any, str]]:
     """(file, open handle, tensor name) for every tensor of the checkpoint; refuses a name
     that two shards both hold."""
-    from safetensors import safe_open
     from tqdm import tqdm
 
     seen: dict[str, str] = {}
     for f in tqdm(safetensors_files(hf_dir), desc=desc, unit="file", disable=None):  # None: off when stderr is not a terminal
-        with safe_open(str(f), framework="pt") as handle:
+        with _open_safetensors(f) as handle:
             names = list(handle.keys())
             clash = sorted(n for n in names if n in seen)
             if clash:

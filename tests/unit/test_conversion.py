@@ -437,8 +437,49 @@ def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(tmp_path,
     other.save(tmp_path / "other.json")
     _assert_refused(
         capsys, EXPORT, ["--load", str(out["qwen3"][1]), "--save", str(save), "--allocation", str(tmp_path / "other.json")],
-        "allocation field 'num_layers' is 6 but the model/config has num_layers=4", save,
+        f"--allocation {tmp_path / 'other.json'}: allocation field 'num_layers' is 6 but the model/config has num_layers=4",
+        save,
     )
+
+
+def test_a_damaged_source_is_refused_naming_the_file(tmp_path, capsys):
+    """An invalid config.json (which transformers' validation refuses with huggingface_hub's strict
+    dataclass errors, not a ValueError) and a truncated model.safetensors: one error line naming
+    the file, exit 2, nothing written; what the converter and generate --hf-path both read."""
+    import shutil
+
+    from megatron_consa.cli import UserInputError
+    from megatron_consa.conversion.hf_files import load_hf_config, safetensors_meta
+
+    good = save_hf("qwen3", tmp_path / "good")
+    save = tmp_path / "out"
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(good, bad_config)
+    config = json.loads((good / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config["layer_types"] = ["full_attention"] * (layers + 1)
+    (bad_config / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError) as caught:  # a ValueError: training's `except ValueError` takes it too
+        load_hf_config(bad_config)
+    assert isinstance(caught.value, ValueError)
+    message = f"`num_hidden_layers` ({layers}) must be equal to the number of `layer_types` ({layers + 1})"
+    _assert_refused(capsys, IMPORT, ["--hf-path", str(bad_config), "--save", str(save)],
+                    f"{bad_config / 'config.json'}: not a valid qwen3 config: {message}", save)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="it may be truncated"):
+        safetensors_meta(truncated)
+    _assert_refused(capsys, IMPORT, ["--hf-path", str(truncated), "--save", str(save)],
+                    f"{weights}: not a readable safetensors file", save)
+    from conversion_fixtures import tool
+
+    generate = tool("generate")
+    for source, message in ((bad_config, message), (truncated, f"{weights}: not a readable safetensors file")):
+        assert run_tool(generate.main, ["--hf-path", str(source), "--prompt-ids", "1,2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --hf-path {source}: ") and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted):

@@ -398,7 +398,12 @@ def test_generate_cli_refuses_bad_input(generation_dirs, tmp_path, capsys):
     tool = _tool("generate")
     readme = tmp_path / "README.md"
     readme.write_text("not a tokenizer")
+    other = tmp_path / "other.json"  # an allocation of another model (one layer fewer)
+    Allocation(granularity="kv_head", num_layers=L - 1, num_kv_heads=G, window=W, sink_tokens=0, target_sparsity=None,
+               fa=MIXED[:-1]).validate().save(other)
     cases = [
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--allocation", str(other)],
+         f"--allocation {other}: allocation field 'num_layers' is {L - 1}"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--temperature", "-0.5"], "--temperature: must be a finite number >= 0"),

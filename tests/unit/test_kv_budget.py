@@ -119,3 +119,82 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     assert run_tool(tool.main, ["--hf-config", str(tmp_path), "--context-length", "10"]) == 2
     assert "model_type='gpt2' is not supported" in capsys.readouterr().err
+
+
+def _qwen3_config(**fields) -> dict:
+    return {"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 1024, "intermediate_size": 3072,
+            "num_hidden_layers": L, "num_attention_heads": 16, "num_key_value_heads": G, "head_dim": D, **fields}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_cli_invalid_config_is_one_error_line_naming_the_file(tmp_path, capsys):
+    """A config.json transformers' validation refuses (huggingface_hub's strict dataclasses, not a
+    ValueError) is a user error naming the file and the problem, not a traceback."""
+    from megatron_consa.cli import run_tool
+
+    tool = _tool("kv_budget")
+    (tmp_path / "config.json").write_text(json.dumps(_qwen3_config(layer_types=["full_attention"] * (L + 1))))
+    assert run_tool(tool.main, ["--hf-config", str(tmp_path), "--context-length", "10"]) == 2
+    err = _one_error_line(capsys)
+    assert f"--hf-config {tmp_path}" in err and str(tmp_path / "config.json") in err
+    assert f"`num_hidden_layers` ({L}) must be equal to the number of `layer_types` ({L + 1})" in err
+    (tmp_path / "config.json").write_text(json.dumps(_qwen3_config(hidden_size="wide")))
+    assert run_tool(tool.main, ["--hf-config", str(tmp_path / "config.json"), "--context-length", "10"]) == 2
+    assert "'hidden_size' expected int" in _one_error_line(capsys)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3", ')
+    assert run_tool(tool.main, ["--hf-config", str(tmp_path), "--context-length", "10"]) == 2
+    assert "config.json: not valid JSON" in _one_error_line(capsys)
+
+
+def test_cli_takes_a_training_save_directory_as_hf_config(tmp_path, capsys):
+    """As training's --hf-config does: a --save directory means its latest checkpoint's config.json,
+    finalize's output its checkpoint's."""
+    from megatron_consa.cli import run_tool
+    from megatron_consa.training.checkpoint import CONSA_META_FILE, FINALIZED_CHECKPOINT_DIR, TRACKER_FILE
+
+    save = tmp_path / "run"
+    for iteration, layers in ((5, 2), (10, 3)):  # the latest (10) is the one read
+        ckpt = save / f"iter_{iteration:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / CONSA_META_FILE).write_text("{}")
+        (ckpt / "config.json").write_text(json.dumps(_qwen3_config(num_hidden_layers=layers)))
+    (save / TRACKER_FILE).write_text("10")
+    tool = _tool("kv_budget")
+    assert run_tool(tool.main, ["--hf-config", str(save), "--context-length", "10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_layers"] == 3
+    finalized = tmp_path / "finalized"
+    finalized.mkdir()
+    (save / "iter_0000005").rename(finalized / FINALIZED_CHECKPOINT_DIR)
+    assert run_tool(tool.main, ["--hf-config", str(finalized), "--context-length", "10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_layers"] == 2
+    (save / TRACKER_FILE).write_text("20")  # names a checkpoint that is not there
+    assert run_tool(tool.main, ["--hf-config", str(save), "--context-length", "10"]) == 2
+    err = _one_error_line(capsys)
+    assert f"--hf-config {save}" in err and "iter_0000020, which is not a complete checkpoint" in err
+    assert "--load" not in err
+
+
+def test_cli_errors_name_the_flag_not_the_field(tmp_path, capsys):
+    from megatron_consa.cli import run_tool
+
+    tool = _tool("kv_budget")
+    (tmp_path / "config.json").write_text(json.dumps(_qwen3_config()))
+    base = ["--hf-config", str(tmp_path), "--context-length", "10"]
+    assert run_tool(tool.main, base + ["--preset", "uniform_heads", "--window", "8"]) == 2
+    err = _one_error_line(capsys)
+    assert "--target-sparsity is required" in err and "target_sparsity" not in err
+    assert run_tool(tool.main, base + ["--preset", "uniform_heads", "--window", "8", "--target-sparsity", "1.5"]) == 2
+    assert "--target-sparsity is 1.5" in _one_error_line(capsys)
+    other = tmp_path / "other.json"
+    make_preset("all_fa", num_layers=L - 1, num_kv_heads=G, granularity="layer", target_sparsity=None,
+                window=8).save(other)
+    assert run_tool(tool.main, base + ["--allocation", str(other)]) == 2
+    err = _one_error_line(capsys)
+    assert err.startswith(f"error: --allocation {other}: ") and f"'num_layers' is {L - 1}" in err
+    assert run_tool(tool.main, base + ["--allocation", str(tmp_path)]) == 2  # a directory, not the file
+    assert f"--allocation {tmp_path}: a directory" in _one_error_line(capsys)
