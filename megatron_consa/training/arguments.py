@@ -653,22 +653,6 @@ _SHAPE_FIELD = {
 _SHAPE_FLAGS = tuple(_SHAPE_FIELD)
 
 
-def _hf_config_path(path: str, step: Optional[int] = None) -> str:
-    """`--hf-config`: a config.json, a directory holding one, or (as `--load` reads it) a
-    `--save` directory (its iteration `step` with --use-checkpoint-args --ckpt-step) or
-    finalize's output, whose checkpoint holds one."""
-    if not Path(path).is_dir() or (Path(path) / "config.json").is_file():
-        return path
-    from megatron_consa.training.checkpoint import resolve_load_dir
-
-    try:
-        return str(resolve_load_dir(path, step=step))
-    except FileNotFoundError:
-        return path  # _load_hf_config names what is missing
-
-
-
-
 def _arch_from_checkpoint_args(a: argparse.Namespace) -> ArchitectureConfig:
     """Megatron-LM's --use-checkpoint-args: the model as --load's checkpoint describes it; a
     shape flag given beside it must agree with the checkpoint (Megatron-LM keeps some such
@@ -701,7 +685,12 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
     if a.hf_config:
         # (what the run's later steps read too; --use-checkpoint-args: the checkpoint --ckpt-step picks)
         step = a.ckpt_step if getattr(a, "use_checkpoint_args", False) else None
-        a.hf_config = _hf_config_path(a.hf_config, step)
+        from megatron_consa.conversion.hf_files import hf_config_file
+
+        try:  # a config.json, a directory holding one, or (as --load reads them) a --save directory or finalize's
+            a.hf_config = str(hf_config_file(a.hf_config, step=step))  # output, whose checkpoint holds one
+        except FileNotFoundError as err:
+            raise ArgumentError(f"--hf-config: {err}") from None
         given = ["--" + name.replace("_", "-") for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)]
         if given:
             raise ArgumentError(
@@ -712,10 +701,14 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
 
         raw = _load_hf_config(a.hf_config)
         model_type = raw.get("model_type")
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             hf = AutoConfig.for_model(**raw) if model_type else None
         except (ValueError, KeyError) as err:
             raise ArgumentError(f"--hf-config {a.hf_config}: model_type {model_type!r} is not known: {err}") from err
+        except (StrictDataclassError, TypeError) as err:  # (transformers' validation of the fields)
+            raise ArgumentError(f"--hf-config {a.hf_config}: transformers refuses it: {err}") from err
         if hf is None:
             raise ArgumentError(f"--hf-config {a.hf_config}: config.json has no model_type")
         # An imported sliding-window model's checkpoint keeps its source's config.json, windows

@@ -116,7 +116,30 @@ def test_hf_config_reads_a_save_directory_and_finalize_output_as_load_does(tmp_p
             "--mock-data", "--consa-target-warmup-iters", "0"]
     for given, expected in ((save, iteration_dir(save, 7)), (finalized, finalized / CHECKPOINT_DIR)):
         run = parse_run_config(["--hf-config", str(given)] + rest)
-        assert run.hf_config == str(expected) and run.arch.num_layers == 2 and run.arch.num_kv_heads == 2
+        assert run.hf_config == str(expected / "config.json") and run.arch.num_layers == 2 and run.arch.num_kv_heads == 2
+
+
+def test_an_hf_config_transformers_refuses_is_a_flag_error(tmp_path, capsys):
+    """A config.json whose fields contradict each other (transformers' strict validation, not a ValueError):
+    exit 2 naming --hf-config and the file, not a traceback; a --save directory without its latest checkpoint
+    is named too."""
+    import transformers
+
+    from megatron_consa.train import main
+
+    transformers.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["layer_types"] = ["full_attention"] * 3  # 2 layers
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    rest = ["--seq-length", "32", "--train-iters", "2", "--mock-data", "--consa-target-warmup-iters", "0"]
+    assert main(["--hf-config", str(tmp_path / "hf")] + rest) == 2
+    err = capsys.readouterr().err
+    assert f"--hf-config {tmp_path / 'hf' / 'config.json'}: transformers refuses it" in err and "Traceback" not in err
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("5")
+    assert main(["--hf-config", str(tmp_path / "save")] + rest) == 2
+    assert "iter_0000005" in capsys.readouterr().err
 
 
 def test_optimizer_and_loss_scale_flags_reach_the_training_config():
