@@ -79,6 +79,10 @@ class CheckpointConfig:
     """Keep only the checkpoints at multiples of this, and the latest (`--save-retain-interval`)."""
     ckpt_step: Optional[int] = None
     """Load this iteration of the `load` (`--save`) directory instead of its latest (`--ckpt-step`)."""
+    pretrained_checkpoint: Optional[str] = None
+    """`--pretrained-checkpoint`: the checkpoint a run starts from while `load` holds none."""
+    started_from_pretrained: bool = False
+    """Whether `load` is the pretrained checkpoint (`load` held none): a weights-only start (`finetune`)."""
     dist_ckpt_strictness: str = "assume_ok_unexpected"
     """How a load treats tensors the run asks for that the checkpoint lacks, or the reverse
     (`--dist-ckpt-strictness`: megatron-core's StrictHandling; see
@@ -87,6 +91,10 @@ class CheckpointConfig:
     """Append the job's starts, saves (with the throughputs and the floating-point operations
     and tokens so far) and deletions to `<save>/progress.txt` (`--log-progress`, Megatron-LM's
     format: `training.progress`)."""
+
+    def load_flag(self) -> str:
+        """The flag and path the checkpoint loaded came from, for messages."""
+        return f"--pretrained-checkpoint {self.load}" if self.started_from_pretrained else f"--load {self.load}"
 
     def writer(self):
         """The `CheckpointWriter` these settings ask for."""
@@ -876,19 +884,20 @@ def _holds_checkpoint(load: str) -> bool:
     return any((path / name).exists() for name in (TRACKER_FILE, CONSA_META_FILE, f"{CHECKPOINT_DIR}/{CONSA_META_FILE}"))
 
 
-def _pretrained_or_load(a: argparse.Namespace) -> None:
+def _pretrained_or_load(a: argparse.Namespace) -> bool:
     """Megatron-LM's --pretrained-checkpoint: while --load holds no checkpoint, the run starts from the
-    pretrained one's weights (--finetune); once it does, --load is resumed and the other is not read."""
+    pretrained one's weights (--finetune); once it does, --load is resumed and the other is not read.
+    Returns whether the run starts from it."""
     pretrained = a.pretrained_checkpoint
     if pretrained is None:
-        return
+        return False
     if a.finetune:
         raise ArgumentError("--pretrained-checkpoint and --finetune: --pretrained-checkpoint starts from its weights "
                             "already (while --load holds no checkpoint); drop --finetune")
     if a.load and _holds_checkpoint(a.load):
         logger.info("--load %s holds a checkpoint: resuming it (--pretrained-checkpoint %s is not read)", a.load,
                     pretrained)
-        return
+        return False
     if not _holds_checkpoint(pretrained):
         raise ArgumentError(f"--pretrained-checkpoint {pretrained}: no checkpoint there (no consa_run.json, "
                             "latest_checkpointed_iteration.txt or finalize output); give the directory "
@@ -899,6 +908,9 @@ def _pretrained_or_load(a: argparse.Namespace) -> None:
     logger.info("%s: starting from the weights of --pretrained-checkpoint %s",
                 f"--load {a.load} holds no checkpoint yet" if a.load else "no --load", pretrained)
     a.load, a.finetune = pretrained, True
+    # (a weights-only start reads no optimizer or RNG states: these flags are for the resumes of the same command)
+    a.no_load_optim = a.no_load_rng = False
+    return True
 
 
 def run_config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -910,7 +922,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
             "per-document masks or position resets; train without it (documents are separated by EOD tokens)"
         )
     _check_megatron_compat(a)
-    _pretrained_or_load(a)
+    from_pretrained = _pretrained_or_load(a)
     for name in ("lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters"):  # (argparse.SUPPRESS: None if not given)
         setattr(a, name, getattr(a, name, None))
     _schedule_in_iterations(a)
@@ -1147,7 +1159,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                                   async_save=a.async_save,
                                   persistent_worker=a.async_save and a.use_persistent_ckpt_worker,
                                   save_retain_interval=a.save_retain_interval, ckpt_step=a.ckpt_step,
-                                  dist_ckpt_strictness=a.dist_ckpt_strictness, log_progress=a.log_progress)
+                                  dist_ckpt_strictness=a.dist_ckpt_strictness, log_progress=a.log_progress,
+                                  pretrained_checkpoint=a.pretrained_checkpoint,
+                                  started_from_pretrained=from_pretrained)
     if a.exit_interval is not None and a.exit_interval < 1:
         raise ArgumentError(f"--exit-interval {a.exit_interval}: must be >= 1")
     if a.exit_duration_in_mins is not None and not a.exit_duration_in_mins > 0:

@@ -77,21 +77,48 @@ def _resolve_allocation(run: RunConfig, load_dir: Optional[Path], load_meta: dic
     return saved
 
 
+def _continue_instead(run: RunConfig, load_dir: Optional[Path], load_meta: dict) -> str:
+    """How to continue the run whose checkpoints --save holds, for a run that would start over there."""
+    save, ckpt = run.checkpoint.save, run.checkpoint
+    same_dir = load_dir is not None and Path(save).resolve() in (load_dir.resolve().parent, load_dir.resolve())
+    if ckpt.started_from_pretrained:
+        return f"with --pretrained-checkpoint, --load is the directory saved to: --load {save}"
+    if same_dir and ckpt.finetune:
+        return "drop --finetune (it starts over from those weights)"
+    if same_dir and not load_meta.get("resumable"):
+        return "add --no-load-optim to continue it (its checkpoints hold no optimizer state: --no-save-optim)"
+    if same_dir:  # (the other phase's checkpoints)
+        return f"a {run.phase} phase needs its own --save"
+    relaunch = f" --pretrained-checkpoint {ckpt.load}" if load_dir is not None else ""
+    return (f"to continue that run, --load {save}; for one command line that starts a phase and resumes it when "
+            f"relaunched, --load {save} --save {save}{relaunch or ' --pretrained-checkpoint <the start>'}")
+
+
 def _check_flags_fit_allocation(run: RunConfig, allocation: Allocation) -> None:
     """A fixed phase runs its allocation's (a file's, a checkpoint's) window, sinks and granularity: a --consa-*
-    flag given that says otherwise is refused (it would be ignored), as is a --consa-target-sparsity the
-    allocation does not have."""
-    carried = {"window": allocation.window, "sink_tokens": allocation.sink_tokens,
-               "granularity": allocation.granularity, "target_sparsity": allocation.achieved_sparsity}
-    source = f"--consa-allocation {run.allocation_source}" if run.allocation_source else f"--load {run.checkpoint.load}"
+    flag given that says otherwise is refused (it would be ignored), as is a --consa-target-sparsity that is
+    neither the allocation's sparsity nor the target it was made for."""
+    source = f"--consa-allocation {run.allocation_source}" if run.allocation_source else run.checkpoint.load_flag()
     for name in run.consa_flags:
-        asked, has = getattr(run.consa, name), carried[name]
-        if asked != has and not (name == "target_sparsity" and abs(asked - has) < 1e-9):
-            raise ArgumentError(
-                f"--consa-{name.replace('_', '-')} {asked}: the fixed phase runs the allocation of {source}, whose "
-                f"{name.replace('_', ' ')} is {f'{has:g}' if isinstance(has, float) else has}; drop the flag (the "
-                "allocation's is used), or give --consa-allocation another allocation"
-            )
+        asked = getattr(run.consa, name)
+        if name == "target_sparsity":
+            fits = [allocation.achieved_sparsity] + ([allocation.target_sparsity]
+                                                     if allocation.target_sparsity is not None else [])
+            if any(abs(asked - v) < 1e-9 for v in fits):
+                continue
+            has = f"sparsity is {allocation.achieved_sparsity:g}" + (
+                f" (made for a target of {allocation.target_sparsity:g})" if allocation.target_sparsity is not None
+                else "")
+        else:
+            value = getattr(allocation, name)
+            if asked == value:
+                continue
+            has = {"window": f"window is {value}", "sink_tokens": f"number of sink tokens is {value}",
+                   "granularity": f"granularity is {value}"}[name]
+        raise ArgumentError(
+            f"--consa-{name.replace('_', '-')} {asked}: the fixed phase runs the allocation of {source}, whose {has}; "
+            "drop the flag (the allocation's is used), or give --consa-allocation another allocation"
+        )
 
 
 def _check_save_dir(save: str) -> None:
@@ -179,7 +206,7 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         for name in ("num_layers", "num_kv_heads", "hidden_size", "num_attention_heads", "vocab_size"):
             if name in saved_arch and saved_arch[name] != getattr(arch, name):
                 raise ArgumentError(
-                    f"--load {run.checkpoint.load}: the checkpoint has {name}={saved_arch[name]} but this run's model "
+                    f"{run.checkpoint.load_flag()}: the checkpoint has {name}={saved_arch[name]} but this run's model "
                     f"has {getattr(arch, name)}: describe the same model (e.g. --hf-config of the checkpoint)"
                 )
         saved_learning = (load_meta.get("consa") or {}).get("allocation") is None
@@ -191,23 +218,25 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         resume = continuable and not run.checkpoint.finetune and same_phase
         if continuable and not run.checkpoint.finetune and not same_phase:
             raise ArgumentError(
-                f"--load {run.checkpoint.load}: a {'learn' if saved_learning else 'fixed'}-phase checkpoint cannot be "
-                f"resumed as a {run.phase} phase; add --finetune to start the new phase from its weights "
-                "(or finalize it first: tools/finalize_allocation.py)"
+                f"{run.checkpoint.load_flag()}: a {'learn' if saved_learning else 'fixed'}-phase checkpoint cannot be "
+                f"resumed as a {run.phase} phase; " + (
+                    f"the new phase needs its own --load and --save (--pretrained-checkpoint "
+                    f"{run.checkpoint.pretrained_checkpoint} is read while --load holds no checkpoint)"
+                    if run.checkpoint.pretrained_checkpoint else
+                    "add --finetune to start the new phase from its weights (or finalize it first: "
+                    "tools/finalize_allocation.py)")
             )
     save = run.checkpoint.save
     held = saved_iterations(save) if save and not resume and Path(save).is_dir() else []
     if held:  # (a relaunched --finetune command line, say: it would restart and save over the run it began)
-        start = f"from --load {run.checkpoint.load}'s weights" if load_dir is not None else "from random weights"
         raise ArgumentError(
             f"--save {save} holds the checkpoints of an earlier run (iterations {', '.join(map(str, held))}); this run "
-            f"starts over {start} and would save over them. To continue that run: --load {save}; for one command "
-            f"line that starts a phase and resumes it when relaunched: --load {save} --pretrained-checkpoint "
-            f"<the start>; to start again: an empty --save"
+            f"starts over from {f'{run.checkpoint.load_flag()} (its weights)' if load_dir else 'random weights'} and "
+            f"would save over them: {_continue_instead(run, load_dir, load_meta)}; to start again: an empty --save"
         )
     if resume:
         if run.checkpoint.load_rng and load_meta.get("rng") is False and load_meta.get("resumable"):
-            raise ArgumentError(f"--load {run.checkpoint.load}: saved without its RNG states (--no-save-rng): resume "
+            raise ArgumentError(f"{run.checkpoint.load_flag()}: saved without its RNG states (--no-save-rng): resume "
                                 "with --no-load-rng (the ranks keep this run's seeds)")
         if run.checkpoint.load_optim:
             if training.use_checkpoint_opt_param_scheduler:
@@ -254,7 +283,7 @@ def _check_same_learning_setup(run: RunConfig, load_meta: dict) -> None:
     for name, flag in _LEARNING_SETUP.items():
         if name in saved and saved[name] != getattr(run.consa, name):
             raise ArgumentError(
-                f"--load {run.checkpoint.load}: the learn phase was run with {flag} {saved[name]}, this run asks "
+                f"{run.checkpoint.load_flag()}: the learn phase was run with {flag} {saved[name]}, this run asks "
                 f"for {getattr(run.consa, name)}: resume with {flag} {saved[name]}, or start a new learn phase "
                 "from its weights with --finetune"
             )
@@ -277,7 +306,7 @@ def _checkpoint_schedule(run: RunConfig, training, load_meta: dict):
     run's did: its lr_decay_iters, or its train_iters). Returns (training, consa)."""
     saved = load_meta.get("training") or {}
     if "lr" not in saved:
-        raise ArgumentError(f"--use-checkpoint-opt_param-scheduler: --load {run.checkpoint.load} records no "
+        raise ArgumentError(f"--use-checkpoint-opt_param-scheduler: {run.checkpoint.load_flag()} records no "
                             "schedule (consa_run.json has no training settings); drop the flag")
     names = [n for n in (*_OPTIMIZER_GROUPS, *_SCHEDULE) if n != "train_iters" and n in saved]
     adopted = {n: saved[n] for n in names}
@@ -322,7 +351,7 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
         saved_with = f"with {flag} {was}" if was is not None else f"without {flag}"
         asked = f"{flag} {now}" if now is not None else f"no {flag}"
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the run was saved {saved_with}, this run asks for {asked}: a resume "
+            f"{run.checkpoint.load_flag()}: the run was saved {saved_with}, this run asks for {asked}: a resume "
             f"continues the saved optimizer; resume {saved_with}, continue with {asked} and {_NEW_OPTIMIZER}"
         )
     _check_same_precision(run, training, saved)
@@ -334,7 +363,7 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
             was = f"with {flag} {saved[name]}" if saved[name] is not None else f"without {flag}"
             now = getattr(training, name) if getattr(training, name) is not None else f"no {flag}"
             raise ArgumentError(
-                f"--load {run.checkpoint.load}: the run was saved {was}, this run asks for {now}: resume {was}, or "
+                f"{run.checkpoint.load_flag()}: the run was saved {was}, this run asks for {now}: resume {was}, or "
                 "add --override-opt-param-scheduler to follow the new schedule from the saved iteration on"
             )
 
@@ -347,7 +376,7 @@ def _check_same_data(run: RunConfig, training, load_meta: dict) -> None:
     was = saved.get("global_batch_size")
     if was is not None and was != training.global_batch_size:
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the run was saved with --global-batch-size {was}, this run asks for "
+            f"{run.checkpoint.load_flag()}: the run was saved with --global-batch-size {was}, this run asks for "
             f"{training.global_batch_size}: a resume reads on from sample iteration x global batch, so another batch "
             f"would skip or repeat samples; resume with --global-batch-size {was}, or start from its weights with "
             "--finetune"
@@ -379,7 +408,7 @@ def _check_same_precision(run: RunConfig, training, saved: dict) -> None:
     was, now = _precision_flag(saved), _precision_flag(dataclasses.asdict(training))
     if was != now:
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the run was saved in {was}, this run asks for {now}: the optimizer state "
+            f"{run.checkpoint.load_flag()}: the run was saved in {was}, this run asks for {now}: the optimizer state "
             f"of one precision cannot be loaded into the other; resume in {was}, or continue in {now} with "
             f"{_NEW_OPTIMIZER}"
         )
@@ -395,7 +424,7 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
     was, now = saved["use_distributed_optimizer"], run.parallel.use_distributed_optimizer
     if was != now:
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the run was saved {'with' if was else 'without'} "
+            f"{run.checkpoint.load_flag()}: the run was saved {'with' if was else 'without'} "
             f"--use-distributed-optimizer, this run {'uses' if now else 'does not use'} it: the optimizer state of "
             f"one cannot be loaded into the other; resume {'with' if was else 'without'} --use-distributed-optimizer, "
             f"or continue with {_NEW_OPTIMIZER}"
@@ -408,7 +437,7 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
                        ("virtual_pipeline_model_parallel_size", vpp_flag)):
         if name in saved and saved[name] != getattr(run.parallel, name):
             raise ArgumentError(
-                f"--load {run.checkpoint.load}: the run was saved at {flag} {saved[name]} with the distributed "
+                f"{run.checkpoint.load_flag()}: the run was saved at {flag} {saved[name]} with the distributed "
                 f"optimizer, whose state reshards over data-parallel ranks only; this run asks for "
                 f"{getattr(run.parallel, name)}: resume at {saved[name]}, or continue with {_NEW_OPTIMIZER}"
             )
@@ -422,7 +451,7 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
     if was_split != now_split:
         was, now = [len(r) for r in was_split], [len(r) for r in now_split]
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the run was saved with pipeline stages of {was} layers with the "
+            f"{run.checkpoint.load_flag()}: the run was saved with pipeline stages of {was} layers with the "
             f"distributed optimizer, whose state reshards over data-parallel ranks only; this run's stages have "
             f"{now}: resume with --decoder-first-pipeline-num-layers {was[0]} --decoder-last-pipeline-num-layers "
             f"{was[-1]}, or continue with {_NEW_OPTIMIZER}"
@@ -431,7 +460,7 @@ def _check_same_optimizer_layout(run: RunConfig, load_meta: dict) -> None:
     was_bf16 = bool((load_meta.get("training") or {}).get("grad_reduce_in_bf16", False))
     if was_bf16 != run.training.grad_reduce_in_bf16:
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the run was saved {'with' if was_bf16 else 'without'} "
+            f"{run.checkpoint.load_flag()}: the run was saved {'with' if was_bf16 else 'without'} "
             f"--grad-reduce-in-bf16 and the distributed optimizer, whose state is kept per gradient dtype; resume "
             f"{'with' if was_bf16 else 'without'} it, or continue with {_NEW_OPTIMIZER}"
         )
@@ -446,7 +475,7 @@ def _check_same_allocation(run: RunConfig, load_dir: Path, load_meta: dict, allo
         return
     if (saved.fa, saved.window, saved.sink_tokens) != (allocation.fa, allocation.window, allocation.sink_tokens):
         raise ArgumentError(
-            f"--load {run.checkpoint.load}: the fixed phase was trained with another allocation (or window, sinks) "
+            f"{run.checkpoint.load_flag()}: the fixed phase was trained with another allocation (or window, sinks) "
             f"than --consa-allocation {run.allocation_source} gives: resume without --consa-allocation (the "
             "checkpoint's is used), or start a new fixed phase from its weights with --finetune"
         )

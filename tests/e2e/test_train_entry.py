@@ -261,8 +261,17 @@ def test_pretrained_checkpoint_starts_a_phase_and_the_same_command_resumes_it(tm
     assert _final_state(phase)["records"] == _final_state(reference)["records"]
     err = _bad(run + ["--load", str(whole_save), "--finetune", "--save", str(phase)], capsys)
     assert f"--save {phase} holds the checkpoints of an earlier run (iterations 4, 8)" in err
-    assert f"--load {phase} --pretrained-checkpoint" in err
+    assert f"--load {phase} --save {phase} --pretrained-checkpoint {whole_save}" in err
+    assert "drop --finetune (it starts over" in _bad(run + ["--load", str(phase), "--finetune", "--save", str(phase)],
+                                                     capsys)
     assert "drop --finetune" in _bad(command + ["--finetune"], capsys)
+    from megatron_consa.training.arguments import parse_run_config
+
+    # --no-load-rng / --no-load-optim (for the resumes of a --no-save-rng / --no-save-optim run) do not stop the
+    # first launch, whose start reads weights only
+    fresh = _with(_with(command, "--load", str(tmp_path / "fresh")), "--save", str(tmp_path / "fresh"))
+    started = parse_run_config(fresh + ["--no-load-rng", "--no-load-optim"]).checkpoint
+    assert (started.load, started.finetune, started.started_from_pretrained) == (str(whole_save), True, True)
     assert "no checkpoint there" in _bad(_with(command, "--pretrained-checkpoint", str(tmp_path / "none")) + [
         "--load", str(tmp_path / "empty")], capsys)
 
@@ -626,19 +635,23 @@ def test_a_fixed_phase_refuses_allocation_flags_its_allocation_contradicts(tmp_p
     for flags, message in ((["--consa-window", "16"], "--consa-window 16: the fixed phase runs the allocation of "
                                                       f"--load {finalized}, whose window is 8; drop the flag"),
                            (["--consa-granularity", "layer"], "whose granularity is kv_head"),
-                           (["--consa-sink-tokens", "4"], "whose sink tokens is 0"),
-                           (["--consa-target-sparsity", "0.5"], "whose target sparsity is 0.75")):
+                           (["--consa-sink-tokens", "4"], "whose number of sink tokens is 0"),
+                           (["--consa-target-sparsity", "0.5"], "whose sparsity is 0.75;")):
         assert message in _bad(run + flags, capsys)
     from megatron_consa.allocation import Allocation
-
-    path = tmp_path / "allocation.json"
-    Allocation(granularity="kv_head", num_layers=4, num_kv_heads=2, window=8, sink_tokens=0, target_sparsity=None,
-               fa=fa).save(path)
-    err = _bad(BASE + ["--consa-phase", "fixed", "--consa-allocation", str(path), "--consa-window", "16"], capsys)
-    assert f"--consa-allocation {path}, whose window is 8" in err
     from megatron_consa.training.arguments import parse_run_config
     from megatron_consa.training.run import prepare_run
 
+    path = tmp_path / "allocation.json"
+    Allocation(granularity="kv_head", num_layers=4, num_kv_heads=2, window=8, sink_tokens=0, target_sparsity=0.7,
+               fa=fa).save(path)  # (a budget rounded to whole units: 0.75 for a target of 0.7)
+    from_file = BASE + ["--consa-phase", "fixed", "--consa-allocation", str(path)]
+    err = _bad(from_file + ["--consa-window", "16"], capsys)
+    assert f"--consa-allocation {path}, whose window is 8" in err
+    err = _bad(from_file + ["--consa-target-sparsity", "0.5"], capsys)
+    assert "whose sparsity is 0.75 (made for a target of 0.7)" in err
+    for target in ("0.7", "0.75"):  # the target it was made for, or the sparsity it has
+        assert prepare_run(parse_run_config(from_file + ["--consa-target-sparsity", target]), world_size=1)
     agreeing = prepare_run(parse_run_config(run + ["--consa-window", "8", "--consa-target-sparsity", "0.75"]),
                            world_size=1)
     assert (agreeing.run.consa.window, agreeing.run.consa.allocation) == (8, fa)
