@@ -26,7 +26,7 @@ import torch
 from megatron_consa.architecture import CONSA_HF_CONFIG_KEY, ArchitectureConfig
 from megatron_consa.conversion.checkpoint_model import CheckpointInfo, fixed_consa_config, one_rank_model, read_checkpoint_info
 from megatron_consa.conversion.hf_files import (
-    SAFETENSORS_INDEX, copy_tokenizer_files, hf_config_from_arch, load_hf_config, staged_directory,
+    SAFETENSORS_INDEX, copy_tokenizer_files, hf_config_from_arch, load_hf_config, save_safetensors, staged_directory,
 )
 from megatron_consa.conversion.importer import ALLOCATION_FILE, DTYPES, HF_CONFIG_FILE, OutputExistsError
 from megatron_consa.conversion.keymap import mcore_to_hf
@@ -120,7 +120,6 @@ def write_safetensors(hf_state: dict[str, torch.Tensor], out: Path, max_shard_si
     contiguous copies at a time (the entries may be views sharing storage), in `dtype`
     when given. Returns the number of files."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     def written(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -130,7 +129,7 @@ def write_safetensors(hf_state: dict[str, torch.Tensor], out: Path, max_shard_si
     for filename, names in split.filename_to_tensors.items():
         tensors = {n: hf_state[n].to(device="cpu", dtype=written(hf_state[n]), memory_format=torch.contiguous_format,
                                      copy=True) for n in names}
-        save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        save_safetensors(tensors, out / filename)
         del tensors
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

@@ -19,7 +19,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from megatron_consa.conversion.hf_files import SAFETENSORS_FILE, staged_directory
+from megatron_consa.conversion.hf_files import SAFETENSORS_FILE, save_safetensors, staged_directory
 from megatron_consa.conversion.importer import DTYPES, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ def gguf_to_hf(gguf_file: str | Path, save: str | Path, *, dtype: str = "fp32", 
         raise ModuleNotFoundError("reading a GGUF file needs the 'gguf' package: pip install gguf (make install does)")
     if save.exists() and (not save.is_dir() or any(save.iterdir())) and not overwrite:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = dict(pretrained_model_name_or_path=str(gguf_file.parent), gguf_file=gguf_file.name)
@@ -57,7 +56,7 @@ def gguf_to_hf(gguf_file: str | Path, save: str | Path, *, dtype: str = "fp32", 
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights written are plain tensors
     with staged_directory(save) as tmp:
-        save_file(state, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        save_safetensors(state, tmp / SAFETENSORS_FILE)
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -91,12 +91,13 @@ def load_hf_config(path: str | Path) -> Any:
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the tokenizer files of `src` that exist into `dst`; returns their names."""
+    """Copy the tokenizer files of `src` that exist into `dst` (their contents: the copies get the
+    umask's mode, as the output's other files); returns their names."""
     copied = []
     for name in TOKENIZER_FILES:
         f = Path(src) / name
         if f.is_file():
-            shutil.copy2(f, Path(dst) / name)
+            shutil.copyfile(f, Path(dst) / name)
             copied.append(name)
     if not copied:
         logger.warning("no tokenizer files in %s; the output has none", src)
@@ -161,6 +162,17 @@ def staged_directory(save: str | Path) -> Iterator[Path]:
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def save_safetensors(tensors: dict, path: str | Path) -> Path:
+    """`tensors` as a safetensors file at `path` (`save_pretrained`'s metadata), with the mode a plain write
+    gives under the umask, as every other file of an output: safetensors writes a private temporary
+    file (0600) and renames it into place."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    plain_mode(path)
+    return Path(path)
 
 
 def safetensors_files(hf_dir: str | Path) -> list[Path]:

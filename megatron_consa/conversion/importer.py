@@ -158,7 +158,7 @@ def import_hf_checkpoint(request: ImportRequest) -> Path:
 def _write_side_files(request: ImportRequest, prepared: _Prepared, out: Path) -> None:
     from megatron_consa.training.checkpoint import write_checkpoint_meta
 
-    shutil.copy2(Path(request.hf_path) / HF_CONFIG_FILE, out / HF_CONFIG_FILE)
+    shutil.copyfile(Path(request.hf_path) / HF_CONFIG_FILE, out / HF_CONFIG_FILE)  # the umask's mode, not the source's
     copy_tokenizer_files(request.hf_path, out)
     if prepared.allocation is not None:
         prepared.allocation.save(out / ALLOCATION_FILE)

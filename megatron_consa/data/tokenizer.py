@@ -89,7 +89,7 @@ class SentencePieceTokenizer(_Tokenizer):
         return self._sp.decode(list(ids))
 
     def save_to(self, directory: Path) -> None:
-        shutil.copy2(self.model_file, Path(directory) / "tokenizer.model")
+        shutil.copyfile(self.model_file, Path(directory) / "tokenizer.model")  # the umask's mode, not the source's
 
 
 class HuggingFaceTokenizer(_Tokenizer):

@@ -387,6 +387,51 @@ def test_head_wise_export_imports_back(converted, head_wise_exports, tmp_path):
     assert json.loads((ckpt / "consa_run.json").read_text())["allocation"] == "allocation.json"
 
 
+# ----------------------------------------------------------------- file modes
+
+def test_every_output_file_gets_the_mode_a_plain_write_gives(converted, tmp_path, monkeypatch):
+    """safetensors writes a private temporary file (0600) and renames it into place: the weight files of an
+    export (one file or shards) and of a GGUF conversion get the mode of every other file written, which
+    is the umask's (an unusual one here, 002), as a file written with open() gets; tokenizer files copied
+    from the source too (not the source's mode)."""
+    import os
+    import stat
+
+    from megatron_consa.conversion import gguf
+    from megatron_consa.files import _umask
+    from tokenizer_fixtures import hf_tokenizer_dir
+
+    _, out = converted
+    _umask.cache_clear()
+    old = os.umask(0o002)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        want = stat.S_IMODE(plain.stat().st_mode)
+        assert want == 0o664
+        exported = tmp_path / "split"
+        assert run_tool(EXPORT.main, ["--load", str(out["qwen3"][1]), "--save", str(exported), "--max-shard-size", "40000"]) == 0
+        one = tmp_path / "one"
+        assert run_tool(EXPORT.main, ["--load", str(out["llama_tied"][1]), "--save", str(one)]) == 0
+        # the GGUF conversion's writing, with transformers' GGUF reading stood in for by a tiny model
+        source = tmp_path / "model.gguf"
+        source.write_bytes(b"GGUF")
+        tok = hf_tokenizer_dir(["def f(x):\n    return x\n"] * 8, tmp_path / "tok")
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda **kw: hf_model("llama_tied"))
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                            lambda **kw: transformers.PreTrainedTokenizerFast.from_pretrained(str(tok)))
+        dequantized = gguf.gguf_to_hf(source, tmp_path / "gguf")
+    finally:
+        os.umask(old)
+        _umask.cache_clear()
+    for directory in (exported, one, dequantized):
+        weights = sorted(directory.glob("model*.safetensors"))
+        assert len(weights) > 2 if directory == exported else len(weights) == 1, directory
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in directory.iterdir()}
+        assert modes == dict.fromkeys(modes, want), (directory, modes)
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o775
+
+
 # ----------------------------------------------------------------- bad input
 
 
