@@ -2,7 +2,9 @@
 
 Loads the model weights into a one-rank TP1/PP1 model (megatron-core's
 dist_checkpointing merges the TP/PP shards on load), maps them back with the key
-map, and writes `model.safetensors`, `config.json` and the tokenizer. The
+map, and writes `model.safetensors`, `config.json` and the tokenizer: a sentencepiece
+model also as Hugging Face tokenizer files (`AutoTokenizer` loads it, not the
+`model_type`'s default), config.json with the tokenizer's BOS/EOS ids. The
 allocation goes into config.json (`conversion.windows`): a layer-wise one that
 stock attention runs as the stock sliding-window fields; any other (head-wise,
 sinks, a per-layer mix Llama/Mistral configs cannot express) for the `consa`
@@ -31,6 +33,7 @@ from megatron_consa.conversion.hf_files import (
 from megatron_consa.conversion.importer import ALLOCATION_FILE, DTYPES, HF_CONFIG_FILE, OutputExistsError
 from megatron_consa.conversion.keymap import mcore_to_hf
 from megatron_consa.conversion.windows import hf_window_fields, set_window_fields
+from megatron_consa.data.tokenizer import SentencePieceTokenizer, tokenizer_from_path
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,10 @@ def export_to_hf(request: ExportRequest) -> Path:
     occupied = save.exists() and (not save.is_dir() or any(save.iterdir()))
     if occupied and not request.overwrite:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
+    tokenizer = tokenizer_from_path(load)
+    _set_special_ids(hf_config, tokenizer, own_config=(load / HF_CONFIG_FILE).is_file())
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        tokenizer.hf_tokenizer  # noqa: B018  converted (or refused) before the weights are read
     hf_state = _merged_hf_state(info)
     with staged_directory(save) as tmp:
         # in the checkpoint's dtype throughout: megatron-core keeps some weights (the norms) in fp32
@@ -68,6 +75,8 @@ def export_to_hf(request: ExportRequest) -> Path:
         hf_config.dtype = str(info.dtype).replace("torch.", "")
         hf_config.save_pretrained(tmp)
         copy_tokenizer_files(load, tmp)
+        if isinstance(tokenizer, SentencePieceTokenizer):  # beside tokenizer.model: what AutoTokenizer loads
+            tokenizer.save_hf(tmp)
         if allocation is not None:
             allocation.save(tmp / ALLOCATION_FILE)
     kind = (
@@ -76,6 +85,19 @@ def export_to_hf(request: ExportRequest) -> Path:
     )
     logger.info("wrote %s (%d tensors in %d file(s), %s)", save, len(hf_state), files, kind)
     return save
+
+
+def _set_special_ids(hf_config: Any, tokenizer: Any, *, own_config: bool) -> None:
+    """config.json's bos/eos ids (where `generate` stops) are the checkpoint's tokenizer's: always for a
+    sentencepiece model or a config written from the architecture (a family's defaults, Llama's 1 and 2,
+    are not the tokenizer's), else only where the config has none (a Hugging Face source's own ids,
+    an EOS list included, are kept). A tokenizer without a BOS or EOS gives none."""
+    if tokenizer is None:
+        return
+    exact = isinstance(tokenizer, SentencePieceTokenizer) or not own_config
+    for field, value in (("bos_token_id", tokenizer.bos), ("eos_token_id", tokenizer.eos)):
+        if exact or getattr(hf_config, field, None) is None:
+            setattr(hf_config, field, value)
 
 
 def _check_config_describes(hf_config: Any, arch: ArchitectureConfig, load: Path) -> None:

@@ -21,10 +21,15 @@ generation stops, and `bos` likewise (what a checkpoint's config.json records). 
 tokenizer without an EOS has no token to end documents with, and asking for its
 `eod` (preprocessing, the datasets) is an error naming --tokenizer-model, not a
 fall-back to an ordinary token.
+
+A sentencepiece model also writes itself as Hugging Face tokenizer files
+(`SentencePieceTokenizer.save_hf`: what an export carries, so that
+`transformers.AutoTokenizer` loads the model's own tokenizer whatever its `model_type`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -90,6 +95,104 @@ class SentencePieceTokenizer(_Tokenizer):
 
     def save_to(self, directory: Path) -> None:
         shutil.copyfile(self.model_file, Path(directory) / "tokenizer.model")  # the umask's mode, not the source's
+
+    @functools.cached_property
+    def hf_tokenizer(self):
+        """The model as a transformers tokenizer that encodes and decodes as it does (`sentencepiece_as_hf`;
+        a `TokenizerError` where the conversion cannot)."""
+        return sentencepiece_as_hf(self.model_file)
+
+    def save_hf(self, directory: str | os.PathLike) -> list[str]:
+        """Write `hf_tokenizer` as Hugging Face tokenizer files (`tokenizer.json`, `tokenizer_config.json`)
+        into `directory`, whence `transformers.AutoTokenizer` loads it; returns their names."""
+        names = [Path(f).name for f in self.hf_tokenizer.save_pretrained(str(directory))]
+        config = Path(directory) / "tokenizer_config.json"
+        from megatron_consa.files import read_json, write_json_atomic
+
+        # the class every transformers version knows (this one's default name is transformers 5's alone)
+        fields = read_json(config, what="tokenizer config", error=TokenizerError)
+        write_json_atomic(config, {**fields, "tokenizer_class": "PreTrainedTokenizerFast"})
+        return names
+
+
+_SP_NORMAL, _SP_USER_DEFINED = 1, 4
+"""sentencepiece piece types: the pieces its encoder matches in text (the others are control, unknown,
+byte and unused pieces, which only ids or the byte fallback produce)."""
+_SP_UNIGRAM, _SP_BPE = 1, 2
+_SP_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+_NEVER_MATCHED = -1e6
+"""A unigram score no segmentation picks (a normal piece's is a log-probability, about -20 at worst)."""
+HF_PROBES = (
+    "def fibonacci(n):\n    if n < 2:\n        return n  # two  spaces\n\treturn fibonacci(n - 1)\r\n",
+    "  leading spaces, trailing  ", " x", "\n\nnewlines\n", "0123456789 3.14e-10 1,000", "x</s>y <unk> <s> <0x41>",
+    "héllo wörld — “quotes” ﬁ ＡＢＣ ① ½ 日本語 🤖", "▁literal▁", "",
+)
+"""Texts a converted tokenizer must encode and decode as sentencepiece does (`sentencepiece_as_hf`)."""
+
+
+def sentencepiece_as_hf(model_file: str | os.PathLike):
+    """The sentencepiece model at `model_file` as a `transformers.PreTrainedTokenizerFast` that encodes
+    (without special tokens) and decodes as `sentencepiece.SentencePieceProcessor` does.
+
+    The backend is transformers' own sentencepiece conversion
+    (`SpmConverter.build_tokenizer_from_spm_proto`, legacy prefixing: the model's normalizer, dummy
+    prefix and byte fallback; BPE merges ranked by piece score), with what sentencepiece never does
+    from text kept out: a special token's text (`</s>`) is encoded as text (`split_special_tokens`), and
+    a unigram model's control, unknown, byte and unused pieces never match text. Special tokens: the
+    model's unk / bos / eos / pad; with special tokens an encoding starts with the BOS where the model
+    has one (as `encode_prompt`). No `clean_up_tokenization_spaces` (it would change decoded text).
+    `HF_PROBES` are checked before it is returned: a model it does not reproduce is a `TokenizerError`.
+    (transformers' LlamaTokenizer, legacy=False, does not reproduce these models: it encodes leading
+    spaces otherwise and adds a `<s>` the model does not have.)
+
+    Two differences remain, outside ordinary text: with an NFKC model (sentencepiece's default
+    normalization; `train_sentencepiece` uses none) a combining mark after a character NFKC expands
+    ("ﬁ" + U+0301) is dropped by transformers' normalizer; and ids whose byte pieces do not form UTF-8
+    decode to more replacement characters than sentencepiece's.
+    """
+    import sentencepiece
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as err:  # it needs protobuf
+        raise TokenizerError(f"{model_file}: writing it as Hugging Face tokenizer files needs protobuf ({err}): "
+                             "pip install protobuf") from None
+    path = Path(model_file)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    pieces, model_type = proto.pieces, proto.trainer_spec.model_type
+    if model_type == _SP_BPE:
+        vocab = {p.piece: i for i, p in enumerate(pieces)}
+    elif model_type == _SP_UNIGRAM:
+        vocab = [(p.piece, p.score if p.type in (_SP_NORMAL, _SP_USER_DEFINED) else _NEVER_MATCHED) for p in pieces]
+    else:
+        raise TokenizerError(
+            f"{path}: a sentencepiece {_SP_MODEL_TYPES.get(model_type, model_type)!r} model has no Hugging Face "
+            "tokenizer here (bpe and unigram models have), and transformers would load another one in its place: "
+            "use a bpe or unigram model (--tokenizer-model; tools/preprocess_data.py --train-sentencepiece trains bpe)")
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    spec = proto.trainer_spec
+    special = {f"{name}_token": pieces[i].piece for name, i in
+               (("unk", spec.unk_id), ("bos", spec.bos_id), ("eos", spec.eos_id), ("pad", spec.pad_id)) if i >= 0}
+    if "bos_token" in special:
+        bos = special["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                        split_special_tokens=True, **special)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    for text in HF_PROBES:
+        want, got = sp.encode(text), tokenizer.encode(text, add_special_tokens=False)
+        if got != want or tokenizer.decode(want) != sp.decode(want):
+            raise TokenizerError(
+                f"{path}: transformers' conversion of this sentencepiece model does not reproduce it "
+                f"({text!r}: sentencepiece {want}, converted {got}, or a different decode), so transformers "
+                "would load a tokenizer that encodes otherwise: use a model tools/preprocess_data.py "
+                "--train-sentencepiece trains (--tokenizer-model)")
+    return tokenizer
 
 
 class HuggingFaceTokenizer(_Tokenizer):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 
 from conversion_fixtures import (  # noqa: E402
     EXPORT, FAMILIES, IMPORT, TOL, WINDOW, assert_weights_equal, hf_logits, hf_model, read_weights, rel_err, save_hf, tokens,
+    tool,
 )
 
 from megatron_consa.allocation import Allocation, make_preset  # noqa: E402
@@ -385,6 +386,78 @@ def test_head_wise_export_imports_back(converted, head_wise_exports, tmp_path):
     again = Allocation.load(ckpt / "allocation.json")
     assert (again.fa, again.window, again.sink_tokens) == (alloc.fa, alloc.window, alloc.sink_tokens)
     assert json.loads((ckpt / "consa_run.json").read_text())["allocation"] == "allocation.json"
+
+
+# ----------------------------------------------------------------- a sentencepiece checkpoint
+
+DEMO = ROOT / "examples" / "checkpoints" / "demo_dense"  # trained with a sentencepiece model (NFKC, EOS 1, no BOS)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_sentencepiece_checkpoint_exports_the_tokenizer_transformers_loads(tmp_path, capsys, bos):
+    """The demo checkpoint (only a tokenizer.model; config.json with null BOS/EOS ids) and a copy with a
+    sentencepiece model that has a BOS: AutoTokenizer on the export (a qwen3 config, whose default would be
+    Qwen2's byte-level tokenizer) encodes and decodes as sentencepiece itself on varied text, config.json and
+    the generation config transformers derives from it carry the model's BOS/EOS ids (none for a model
+    without), and tools/generate.py prints the same text from the checkpoint and from its export."""
+    import shutil
+
+    import sentencepiece
+
+    from megatron_consa.data.demo_corpus import stdlib_documents
+    from tokenizer_fixtures import assert_same_as_sentencepiece, varied_texts
+
+    ckpt = DEMO
+    if bos:  # the same checkpoint with a sentencepiece model that has a BOS (sentencepiece's defaults otherwise)
+        ckpt = tmp_path / "ckpt"
+        shutil.copytree(DEMO, ckpt)
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(stdlib_documents(max_documents=40)), model_prefix=str(tmp_path / "sp"),
+            vocab_size=512, byte_fallback=True, bos_id=2, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2, num_threads=1)
+        shutil.copy(tmp_path / "sp.model", ckpt / "tokenizer.model")  # the model's vocabulary size: any id it emits decodes
+    assert json.loads((ckpt / "config.json").read_text())["eos_token_id"] is None  # what the export must not keep
+    back = tmp_path / "hf"
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(back)]) == 0
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(back)
+    assert_same_as_sentencepiece(tokenizer, ckpt / "tokenizer.model", varied_texts())
+    want = (2 if bos else None, 1)
+    assert (sp.bos_id() if sp.bos_id() >= 0 else None, sp.eos_id()) == want
+    config = json.loads((back / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == want
+    generation = transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(back))
+    assert (generation.bos_token_id, generation.eos_token_id) == want  # where model.generate stops
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == want
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert {f.name: f.stat().st_mode for f in back.iterdir()} == dict.fromkeys(
+        ["allocation.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"],
+        plain.stat().st_mode)
+    texts = []
+    for source in (["--load", str(ckpt)], ["--hf-path", str(back)]):
+        argv = [*source, "--prompt", "def fibonacci(n):\n    return", "--max-new-tokens", "12"]
+        assert run_tool(tool("generate").main, argv) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip(), texts
+
+
+def test_a_sentencepiece_model_without_a_hugging_face_equivalent_is_refused(tmp_path, capsys):
+    """A checkpoint whose sentencepiece model transformers cannot reproduce (a word model) is not exported
+    with a tokenizer AutoTokenizer would replace: exit 2 naming the file, before the weights are read."""
+    import shutil
+
+    import sentencepiece
+
+    from megatron_consa.data.demo_corpus import stdlib_documents
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(DEMO, ckpt)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_documents(max_documents=20)), model_prefix=str(tmp_path / "word"),
+        model_type="word", vocab_size=300, bos_id=-1, eos_id=1, unk_id=0, minloglevel=2, num_threads=1)
+    shutil.copy(tmp_path / "word.model", ckpt / "tokenizer.model")
+    _assert_refused(capsys, EXPORT, ["--load", str(ckpt), "--save", str(tmp_path / "hf")],
+                    f"{ckpt / 'tokenizer.model'}: a sentencepiece 'word' model has no Hugging Face tokenizer", tmp_path / "hf")
 
 
 # ----------------------------------------------------------------- file modes

@@ -227,6 +227,59 @@ def test_a_trained_sentencepiece_model_keeps_code_as_it_is(tmp_path):
     assert tokenizer.eos == 1 and tokenizer.eod == 1 and tokenizer.bos is None
 
 
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "defaults_with_bos"])
+def test_a_sentencepiece_model_saves_itself_as_the_same_hugging_face_tokenizer(tmp_path, kind):
+    """`save_hf` writes files `AutoTokenizer` loads (whatever config.json's model_type: a qwen3 one
+    once gave Qwen2's byte-level tokenizer) as a tokenizer that encodes and decodes as the
+    sentencepiece model itself on varied text; its special tokens are the model's, a BOS first where
+    it has one (as encode_prompt). Our models (bpe, unigram: identity normalization) and
+    sentencepiece's defaults (unigram, NFKC, a BOS)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from megatron_consa.data.demo_corpus import stdlib_documents
+    from megatron_consa.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer, tokenizer_from_path
+    from megatron_consa.data.tokenizer import train_sentencepiece
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tokenizer_fixtures import assert_same_as_sentencepiece, varied_texts
+
+    if kind == "defaults_with_bos":
+        model = _sentencepiece(tmp_path, bos_id=2, eos_id=1, unk_id=0, pad_id=-1)
+    else:
+        model = train_sentencepiece(stdlib_documents(max_documents=40), tmp_path / "tok", vocab_size=600, model_type=kind)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert sorted(SentencePieceTokenizer(model).save_hf(out)) == ["tokenizer.json", "tokenizer_config.json"]
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    hf = AutoTokenizer.from_pretrained(str(out))
+    assert_same_as_sentencepiece(hf, model, varied_texts())
+    bos = sp.bos_id() if sp.bos_id() >= 0 else None
+    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (bos, sp.eos_id(), sp.unk_id()) == (
+        2 if kind == "defaults_with_bos" else None, 1, 0)
+    text = "def f(x):\n    return x"
+    assert hf.encode(text) == SentencePieceTokenizer(model).encode_prompt(text) == ([bos] if bos else []) + sp.encode(text)
+    # the tools read the directory as a Hugging Face tokenizer, with the same ids
+    again = tokenizer_from_path(out)
+    assert isinstance(again, HuggingFaceTokenizer) and again.encode(text) == sp.encode(text) and again.eos == 1
+
+
+def test_a_sentencepiece_model_transformers_cannot_reproduce_is_refused(tmp_path):
+    """A word model has no Hugging Face conversion: refused, naming the model and the fix, rather than
+    written as a tokenizer that encodes otherwise."""
+    from megatron_consa.data.tokenizer import SentencePieceTokenizer, TokenizerError
+
+    model = _sentencepiece(tmp_path, model_type="word", eos_id=1, bos_id=-1, unk_id=0)
+    with pytest.raises(TokenizerError, match=r"sp\.model: a sentencepiece 'word' model .*use a bpe or unigram model \(--tokenizer-model"):
+        SentencePieceTokenizer(model).save_hf(tmp_path)
+    assert not list(tmp_path.glob("tokenizer*"))
+
+
 def test_data_from_another_tokenizer_is_refused_by_name(tmp_path):
     """Ids beyond the tokenizer's vocabulary (data tokenized with a larger one) fail with an
     error naming the flags, not an embedding index error (a device-side assert on a GPU)."""
