@@ -30,6 +30,7 @@ setup(
         "packaging>=24.2",
         "psutil",
         "sentencepiece",
+        "protobuf",  # (a sentencepiece model's pieces, read to write its Hugging Face tokenizer on export)
         "safetensors",
         # the cache layers (CacheLayerMixin), masking_utils and rope_parameters of transformers 5;
         # the Hugging Face tests pass on 5.23.0 and 5.25.0

@@ -122,7 +122,7 @@ def _write_fixed_checkpoint(src: Path, dst: Path, meta: dict, arch: Architecture
         dist_checkpointing.save(model_state_for_save([model], controller_state={}, iteration=0), str(dst))
     copy_tokenizer_files(src, dst)
     if (src / HF_CONFIG_FILE).is_file():
-        shutil.copy2(src / HF_CONFIG_FILE, dst / HF_CONFIG_FILE)
+        shutil.copyfile(src / HF_CONFIG_FILE, dst / HF_CONFIG_FILE)  # (the mode the umask gives, as every output)
     write_checkpoint_meta(dst, {
         "iteration": 0, "consa": consa.to_dict(), "architecture": dataclasses.asdict(arch), "training": training,
         "finalized_from": str(src), "resumable": False, **({"tokenizer": meta["tokenizer"]} if "tokenizer" in meta else {}),
