@@ -451,6 +451,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         trainer.scheduler.load_state_dict(loaded["opt_param_scheduler"])
         # (megatron-core sets the groups' decay before it takes the saved decay schedule: again, with it)
         trainer.scheduler.step(increment=0)
+    common = read_common_state(path)
+    # the operations trained so far, a weights-only start included, as Megatron-LM counts them over a --finetune
+    # (0 for a checkpoint that kept no count: an import's, finalize's, or one saved before the count existed)
+    trainer.floating_point_operations_so_far = float(common.get("num_floating_point_operations_so_far", 0.0))
     if weights_only:
         return int(loaded["iteration"])
     trainer.controller.load_state_dict(loaded["consa_controller"])
@@ -459,10 +463,7 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         trainer.scheduler.step(increment=trainer.iteration)
     from megatron_consa.training.loop import StepRecord
 
-    common = read_common_state(path)
     trainer.history = [StepRecord(**r) for r in common.get("train_records") or []]
-    # (0 for a checkpoint saved before the count was kept, as in Megatron-LM)
-    trainer.floating_point_operations_so_far = float(common.get("num_floating_point_operations_so_far", 0.0))
     rng = _rng_file(path, dist.get_rank())
     if load_rng and rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
         _set_rng_state(torch.load(rng, weights_only=False))

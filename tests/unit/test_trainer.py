@@ -257,11 +257,14 @@ class TestTrainer:
         fresh = _trainer(consa)
         assert load_checkpoint(fresh, tmp_path / "ckpt", weights_only=True) == 2
         assert fresh.iteration == 0 and fresh.controller.lambda1 == 0.0
+        # the operations trained so far carry over (Megatron-LM's count over a --finetune)
+        assert fresh.floating_point_operations_so_far == 2 * first.flops_per_iteration > 0
         for name, value in _weights(first).items():
             assert torch.equal(value, _weights(fresh)[name]), name
         resumed = _trainer(consa)
         load_checkpoint(resumed, tmp_path / "ckpt")
         assert resumed.iteration == 2 and resumed.controller.lambda1 == first.controller.lambda1
+        assert resumed.floating_point_operations_so_far == first.floating_point_operations_so_far
         assert resumed.controller.s_hat_history == first.controller.s_hat_history
         with pytest.raises(ValueError, match="granularity"):
             load_checkpoint(_trainer(ConsaConfig(window=4, granularity="layer", target_sparsity=0.5,
