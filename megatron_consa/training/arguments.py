@@ -610,13 +610,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn: gates + Lagrangian; fixed: continued training with a fixed allocation")
     # (absent when not given: a fixed phase's allocation file or checkpoint brings its own, and a flag given must agree)
     g.add_argument("--consa-granularity", choices=GRANULARITIES, default=argparse.SUPPRESS,
-                   help=f"gate per layer or KV head (default: {d.granularity})")
+                   help=f"gate per layer or KV head (default: {d.granularity}; a fixed phase from an allocation file or "
+                        "checkpoint: the allocation's)")
     g.add_argument("--consa-target-sparsity", type=float, default=argparse.SUPPRESS,
-                   help=f"SWA share of KV heads (default: {d.target_sparsity})")
+                   help=f"SWA share of KV heads (default: {d.target_sparsity}; a fixed phase from an allocation file or "
+                        "checkpoint: the allocation's)")
     g.add_argument("--consa-window", type=int, default=argparse.SUPPRESS,
-                   help=f"sliding window W (HF sliding_window) (default: {d.window})")
+                   help=f"sliding window W (HF sliding_window) (default: {d.window}; a fixed phase from an allocation file "
+                        "or checkpoint: the allocation's)")
     g.add_argument("--consa-sink-tokens", type=int, default=argparse.SUPPRESS,
-                   help=f"attention sinks of SWA heads (default: {d.sink_tokens})")
+                   help=f"attention sinks of SWA heads (default: {d.sink_tokens}; a fixed phase from an allocation file or "
+                        "checkpoint: the allocation's)")
     g.add_argument("--consa-gates-only", action="store_true", help="freeze the weights, train the gates only")
     g.add_argument("--consa-allocation", help="fixed phase: an allocation.json, or a preset name (interleave:4, ...)")
     g.add_argument("--consa-calibration-scores", metavar="FILE",

@@ -246,6 +246,10 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         _check_same_data(run, training, load_meta)
         if run.phase == "learn":
             _check_same_learning_setup(run, load_meta)
+    if training.use_checkpoint_opt_param_scheduler and not (resume and run.checkpoint.load_optim):
+        logger.warning("--use-checkpoint-opt_param-scheduler has no effect here: this run %s, so it follows its own "
+                       "schedule flags", "does not load the optimizer state (--no-load-optim)" if resume else
+                       "starts a new schedule (no checkpoint of this run to resume)")
     allocation = _resolve_allocation(run, load_dir, load_meta)
     if resume and run.phase == "fixed":
         _check_same_allocation(run, load_dir, load_meta, allocation)

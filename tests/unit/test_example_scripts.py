@@ -136,7 +136,8 @@ def test_single_node_example_calls_parse(tmp_path, monkeypatch):
 def test_readme_training_workflow_commands_parse(tmp_path, monkeypatch):
     """The commands of the README's "Training: the workflow" block, as written: each tool's call is
     accepted by its parser, and the learning run's flags pass every check into the typed configs (a
-    flag left out, e.g. --min-lr under a low --lr, fails here instead of on a user's first launch)."""
+    flag left out, e.g. --min-lr under a low --lr, fails here instead of on a user's first launch). Step 4
+    abbreviates step 2's flags with "..." and is not parsed."""
     import re
     import shlex
 

@@ -27,7 +27,7 @@ def _fields(path) -> list[str]:
 def test_cumulative_throughput_counts_from_the_first_job_of_this_world_size(tmp_path, monkeypatch):
     """Jobs at 4 ranks, a resize to 8 (the count starts again there), a junk line; the job now running
     at 8 ranks started at t0 + 3 h from 3e18 operations and saves at 5e18, 600 s after its own start:
-    job throughput 2e18 / (600 s x 8) and cumulative (5e18 - 2e18) / ((3 h + 600 s) x 8) from the first
+    job throughput 2e18 / (600 s x 8) and cumulative (5e18 - 2e18) / ((1 h + 600 s) x 8) from the first
     8-rank job's start (t0 + 2 h, after the save of 2e18)."""
     t0 = datetime(2026, 1, 1, 0, 0, 0)
     log = tmp_path / PROGRESS_FILE

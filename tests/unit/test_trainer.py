@@ -832,6 +832,12 @@ class TestMegatronTrainingFlags:
             "NVTE_FLASH_ATTN": "0", "NVTE_FUSED_ATTN": "1", "NVTE_UNFUSED_ATTN": "0"}
 
 
+    def test_deterministic_mode_reaches_the_models_config(self):
+        """--deterministic-mode's field is megatron-core's deterministic_mode in the built model's config."""
+        for mode in (False, True):
+            trainer = _trainer(ConsaConfig(window=4, allocation=[[1, 0], [0, 1]]), deterministic_mode=mode)
+            assert unwrap_model(trainer.chunks[0]).config.deterministic_mode is mode
+
 SETTLE_ARCH = ArchitectureConfig(
     vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=4, num_attention_heads=4,
     num_kv_heads=2, head_dim=16, qk_norm=True, rope_theta=10000.0, max_position_embeddings=48,

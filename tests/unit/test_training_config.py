@@ -610,7 +610,8 @@ def test_dist_ckpt_strictness_choices_are_megatron_cores():
 def test_deterministic_mode_sets_or_checks_the_environment_and_reaches_the_model(monkeypatch, capsys):
     """--deterministic-mode: Megatron-LM's NCCL / Transformer Engine / cuBLAS settings where the environment
     has none, a non-deterministic one refused by name before any work, torch's deterministic algorithms on,
-    megatron-core's deterministic_mode in the model's config; never with the fused cross entropy."""
+    the flag in the typed training config (the model's config: test_trainer); never with the fused cross
+    entropy."""
     import torch
 
     from megatron_consa.train import main
@@ -694,6 +695,31 @@ def test_no_load_optim_continues_a_runs_weights_only_checkpoint_but_not_an_impor
                        ("finalized", True): False, ("imported", False): False, ("imported", True): False}
     with pytest.raises(ArgumentError, match="--finetune with --no-load-optim"):
         parse_run_config(base + ["--load", str(tmp_path / "run"), "--finetune", "--no-load-optim"])
+
+
+def test_use_checkpoint_schedule_warns_where_it_has_no_effect(tmp_path, caplog):
+    """--use-checkpoint-opt_param-scheduler matters only on a resume that loads the optimizer: a start
+    from a run's weights (--finetune) or a --no-load-optim continuation says it follows its own flags."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5", "--use-checkpoint-opt_param-scheduler"]
+    meta = {"iteration": 8, "resumable": True, "consa": ConsaConfig(target_warmup_iters=5).to_dict(),
+            "architecture": {}, "training": {"lr": 3e-4, "min_lr": 3e-5}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "consa_run.json").write_text(json.dumps(meta))
+    said = {}
+    for name, extra in {"finetune": ["--finetune"], "no-load-optim": ["--no-load-optim"], "none": []}.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="megatron_consa.training.run"):
+            prepare_run(parse_run_config(base + ["--load", str(tmp_path / "run")] + extra), world_size=1)
+        said[name] = caplog.text
+    assert "has no effect here: this run starts a new schedule" in said["finetune"]
+    assert "has no effect here: this run does not load the optimizer state (--no-load-optim)" in said["no-load-optim"]
+    assert "has no effect" not in said["none"]
 
 
 @pytest.mark.parametrize("saved,flags,message", [
