@@ -88,6 +88,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if allocation is None and args.preset:
         if args.window is None:
             raise UserInputError("--preset needs --window (the sliding window W)")
+        if args.preset in ("all_fa", "all_swa") and args.target_sparsity is not None:
+            raise UserInputError(f"--target-sparsity {args.target_sparsity} with --preset {args.preset}: that preset's "
+                                 f"sparsity is {0 if args.preset == 'all_fa' else 1} by definition; drop "
+                                 "--target-sparsity (or pick a preset that takes a target, e.g. uniform_heads)")
         if args.preset == "heuristic" and not args.calibration_scores:
             raise UserInputError("--preset heuristic needs --calibration-scores FILE (tools/calibrate_heuristic.py)")
         try:

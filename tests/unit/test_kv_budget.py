@@ -190,6 +190,11 @@ def test_cli_errors_name_the_flag_not_the_field(tmp_path, capsys):
     assert "--target-sparsity is required" in err and "target_sparsity" not in err
     assert run_tool(tool.main, base + ["--preset", "uniform_heads", "--window", "8", "--target-sparsity", "1.5"]) == 2
     assert "--target-sparsity is 1.5" in _one_error_line(capsys)
+    # a preset with a sparsity of its own refuses a target instead of silently ignoring it
+    assert run_tool(tool.main, base + ["--preset", "all_fa", "--window", "8", "--target-sparsity", "0.5"]) == 2
+    assert "--target-sparsity 0.5 with --preset all_fa: that preset's sparsity is 0" in _one_error_line(capsys)
+    assert run_tool(tool.main, base + ["--preset", "all_fa", "--window", "8"]) == 0
+    capsys.readouterr()
     other = tmp_path / "other.json"
     make_preset("all_fa", num_layers=L - 1, num_kv_heads=G, granularity="layer", target_sparsity=None,
                 window=8).save(other)
