@@ -609,18 +609,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--consa-phase", choices=PHASES, default="learn",
                    help="learn: gates + Lagrangian; fixed: continued training with a fixed allocation")
     # (absent when not given: a fixed phase's allocation file or checkpoint brings its own, and a flag given must agree)
-    g.add_argument("--consa-granularity", choices=GRANULARITIES, default=argparse.SUPPRESS,
-                   help=f"gate per layer or KV head (default: {d.granularity}; a fixed phase from an allocation file or "
-                        "checkpoint: the allocation's)")
-    g.add_argument("--consa-target-sparsity", type=float, default=argparse.SUPPRESS,
-                   help=f"SWA share of KV heads (default: {d.target_sparsity}; a fixed phase from an allocation file or "
-                        "checkpoint: the allocation's)")
-    g.add_argument("--consa-window", type=int, default=argparse.SUPPRESS,
-                   help=f"sliding window W (HF sliding_window) (default: {d.window}; a fixed phase from an allocation file "
-                        "or checkpoint: the allocation's)")
-    g.add_argument("--consa-sink-tokens", type=int, default=argparse.SUPPRESS,
-                   help=f"attention sinks of SWA heads (default: {d.sink_tokens}; a fixed phase from an allocation file or "
-                        "checkpoint: the allocation's)")
+    for flag, kw, what, default in (
+            ("--consa-granularity", {"choices": GRANULARITIES}, "gate per layer or KV head", d.granularity),
+            ("--consa-target-sparsity", {"type": float}, "SWA share of KV heads", d.target_sparsity),
+            ("--consa-window", {"type": int}, "sliding window W (HF sliding_window)", d.window),
+            ("--consa-sink-tokens", {"type": int}, "attention sinks of SWA heads", d.sink_tokens)):
+        g.add_argument(flag, **kw, default=argparse.SUPPRESS,
+                       help=f"{what} (default: {default}; a fixed phase from an allocation file or checkpoint: the "
+                            "allocation's)")
     g.add_argument("--consa-gates-only", action="store_true", help="freeze the weights, train the gates only")
     g.add_argument("--consa-allocation", help="fixed phase: an allocation.json, or a preset name (interleave:4, ...)")
     g.add_argument("--consa-calibration-scores", metavar="FILE",
