@@ -8,12 +8,13 @@ reports).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def _fsync_dir(directory: str) -> None:
@@ -44,19 +45,24 @@ def plain_mode(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` atomically, with the mode a plain write would give it; creates the parent
-    directory. Returns the path."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside `path` (its parent directory made) for the caller to write the result to: once
+    the block ends, the file is fsynced and renamed onto `path` with the mode a plain write would give it; if
+    the block raises, it is removed and `path` is left as it was."""
     path = Path(path)
     directory = str(path.parent.resolve())
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=directory)
+    os.close(fd)
     try:
         plain_mode(tmp)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -65,7 +71,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             pass
         raise
     _fsync_dir(directory)
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically (`atomic_output`). Returns the path."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike, *, what: str, error: type[Exception] = ValueError, hint: str = "") -> Any:
@@ -88,4 +100,4 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-__all__ = ["plain_mode", "read_json", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_output", "plain_mode", "read_json", "write_json_atomic", "write_text_atomic"]

@@ -8,13 +8,12 @@ rename, nothing left behind on failure); `heatmap_image` returns an HWC uint8 ar
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_consa.files import plain_mode
+from megatron_consa.files import atomic_output
 
 
 def allocation_figure(fa: Sequence[Sequence[int]], log_alpha: Optional[Sequence[Sequence[float]]] = None, *,
@@ -50,24 +49,13 @@ def allocation_figure(fa: Sequence[Sequence[int]], log_alpha: Optional[Sequence[
 def save_heatmap(path: str | os.PathLike, fa, log_alpha=None, *, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig = allocation_figure(fa, log_alpha, title=title)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
     try:
-        plain_mode(tmp)
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:  # (e.g. `path` is a directory): no temporary file left beside it
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        with atomic_output(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def heatmap_image(fa, log_alpha=None, *, title: str = "") -> np.ndarray:

@@ -20,6 +20,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from megatron_consa.files import write_text_atomic
+
 RECALL_WORDS = (
     "apple river stone cloud green metal paper light honey north tiger glass music ocean pilot candle "
     "forest silver bridge winter garden rocket yellow planet castle spring violet summer orange desert "
@@ -55,15 +57,9 @@ def recall_documents(n: int, *, key_words: int, repeats: int, seed: int) -> list
 
 def write_demo_corpus(path: str | os.PathLike, *, text_documents: int, recall: int, key_words: int,
                       repeats: int, seed: int = 0) -> dict:
-    """JSONL of stdlib chunks and recall documents, interleaved deterministically (temp file, then rename)."""
+    """JSONL of stdlib chunks and recall documents, interleaved deterministically (written atomically)."""
     docs = list(stdlib_documents(max_documents=text_documents))
     docs += recall_documents(recall, key_words=key_words, repeats=repeats, seed=seed)
     random.Random(seed + 1).shuffle(docs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return {"documents": len(docs), "recall": recall}

@@ -633,18 +633,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_hf_config(path: str) -> dict:
-    f = Path(path)
-    if f.is_dir():
-        f = f / "config.json"
-    if not f.is_file():
-        raise ArgumentError(f"--hf-config {path}: no config.json there")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as err:
-        raise ArgumentError(f"--hf-config {f}: not JSON ({err.msg})") from err
-
-
 # The model's shape flags (-> what the ArchitectureConfig holds for each): --hf-config describes all of it,
 # so none of them may come with it.
 _SHAPE_FIELD = {
@@ -705,24 +693,18 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
                 f"--hf-config {a.hf_config} describes the whole model; {', '.join(given)} would be ignored: "
                 "drop them, or describe the model by its shape flags without --hf-config"
             )
-        from transformers import AutoConfig
-
-        raw = _load_hf_config(a.hf_config)
-        model_type = raw.get("model_type")
-        from huggingface_hub.errors import StrictDataclassError
+        if not Path(a.hf_config).is_file():
+            raise ArgumentError(f"--hf-config {a.hf_config}: no config.json there")
+        from megatron_consa.cli import UserInputError
+        from megatron_consa.conversion.hf_files import load_hf_config
 
         try:
-            hf = AutoConfig.for_model(**raw) if model_type else None
-        except (ValueError, KeyError) as err:
-            raise ArgumentError(f"--hf-config {a.hf_config}: model_type {model_type!r} is not known: {err}") from err
-        except (StrictDataclassError, TypeError) as err:  # (transformers' validation of the fields)
-            raise ArgumentError(f"--hf-config {a.hf_config}: transformers refuses it: {err}") from err
-        if hf is None:
-            raise ArgumentError(f"--hf-config {a.hf_config}: config.json has no model_type")
+            hf = load_hf_config(a.hf_config)
+        except UserInputError as err:  # (it names the file and what is wrong in it)
+            raise ArgumentError(f"--hf-config {err}") from err
         # An imported sliding-window model's checkpoint keeps its source's config.json, windows
         # included, and their allocation.json beside it (what a fixed phase --load-ing it runs).
-        source = Path(a.hf_config)
-        windows_beside = ((source if source.is_dir() else source.parent) / "allocation.json").is_file()
+        windows_beside = (Path(a.hf_config).parent / "allocation.json").is_file()
         try:
             return ArchitectureConfig.from_hf(hf, allow_sliding_window=windows_beside)
         except (ValueError, NotImplementedError) as err:
@@ -874,14 +856,16 @@ _ALLOCATION_FLAGS = ("window", "sink_tokens", "granularity", "target_sparsity")
 
 
 def _holds_checkpoint(load: str) -> bool:
-    """Whether `--load` holds a checkpoint to resume: a `--save` directory with its marker, a checkpoint,
-    or finalize's output (not: no such directory, an empty one, or one a job wrote logs into before its
-    first save)."""
-    from megatron_consa.training.checkpoint import CONSA_META_FILE, TRACKER_FILE
+    """Whether `--load` holds a checkpoint to resume: a `--save` directory with its marker or a complete
+    checkpoint, a checkpoint, or finalize's output (not: no such directory, an empty one, or one a job
+    wrote logs into before its first save); what `training.checkpoint.resolve_load_dir` resolves."""
+    from megatron_consa.training.checkpoint import CONSA_META_FILE, TRACKER_FILE, saved_iterations
     from megatron_consa.training.finalize import CHECKPOINT_DIR
 
     path = Path(load)
-    return any((path / name).exists() for name in (TRACKER_FILE, CONSA_META_FILE, f"{CHECKPOINT_DIR}/{CONSA_META_FILE}"))
+    return path.is_dir() and (
+        any((path / name).exists() for name in (TRACKER_FILE, CONSA_META_FILE, f"{CHECKPOINT_DIR}/{CONSA_META_FILE}"))
+        or bool(saved_iterations(path)))
 
 
 def _pretrained_or_load(a: argparse.Namespace) -> bool:

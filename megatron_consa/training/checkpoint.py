@@ -451,10 +451,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         trainer.scheduler.load_state_dict(loaded["opt_param_scheduler"])
         # (megatron-core sets the groups' decay before it takes the saved decay schedule: again, with it)
         trainer.scheduler.step(increment=0)
-    common = read_common_state(path)
     # the operations trained so far, a weights-only start included, as Megatron-LM counts them over a --finetune
-    # (0 for a checkpoint that kept no count: an import's, finalize's, or one saved before the count existed)
-    trainer.floating_point_operations_so_far = float(common.get("num_floating_point_operations_so_far", 0.0))
+    # (0 for a checkpoint that kept no count: an import's, finalize's, or one saved before the count existed;
+    # dist_checkpointing's result holds the common state too)
+    trainer.floating_point_operations_so_far = float(loaded.get("num_floating_point_operations_so_far", 0.0))
     if weights_only:
         return int(loaded["iteration"])
     trainer.controller.load_state_dict(loaded["consa_controller"])
@@ -463,7 +463,7 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
         trainer.scheduler.step(increment=trainer.iteration)
     from megatron_consa.training.loop import StepRecord
 
-    trainer.history = [StepRecord(**r) for r in common.get("train_records") or []]
+    trainer.history = [StepRecord(**r) for r in loaded.get("train_records") or []]
     rng = _rng_file(path, dist.get_rank())
     if load_rng and rng.exists() and (meta.get("world_size") in (None, dist.get_world_size())):
         _set_rng_state(torch.load(rng, weights_only=False))
@@ -633,7 +633,8 @@ def _delete_in_background(directory: Path) -> bool:
 def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> Path:
     """The checkpoint directory `--load` means: the latest in a `--save` directory (or its
     iteration `step`: Megatron-LM's `--ckpt-step`), the directory itself, or the checkpoint in
-    finalize's output directory."""
+    finalize's output directory. A `--save` directory without its marker (stopped between a
+    save's rename and the marker's write) gives its latest complete checkpoint."""
     path = Path(load)
     if not path.exists():
         raise FileNotFoundError(f"--load {path}: no such directory")
@@ -664,6 +665,11 @@ def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> 
     except FileNotFoundError as err:
         if (path / FINALIZED_CHECKPOINT_DIR / CONSA_META_FILE).exists():  # finalize's output directory
             return path / FINALIZED_CHECKPOINT_DIR
+        held = saved_iterations(path) if path.is_dir() else []
+        if held:  # a --save directory whose first save was stopped after its rename, before its marker
+            logger.warning("--load %s: no %s, but complete checkpoints (iterations %s): loading the latest", path,
+                           TRACKER_FILE, ", ".join(map(str, held)))
+            return _resolve(iteration_dir(path, held[-1]))
         hf = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
         raise FileNotFoundError(
             f"--load {path}: neither a checkpoint (no {CONSA_META_FILE}), a --save directory (no {TRACKER_FILE}) "

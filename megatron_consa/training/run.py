@@ -83,12 +83,13 @@ def _continue_instead(run: RunConfig, load_dir: Optional[Path], load_meta: dict)
     same_dir = load_dir is not None and Path(save).resolve() in (load_dir.resolve().parent, load_dir.resolve())
     if ckpt.started_from_pretrained:
         return f"with --pretrained-checkpoint, --load is the directory saved to: --load {save}"
+    saved_phase = "learn" if (load_meta.get("consa") or {}).get("allocation") is None else "fixed"
+    if same_dir and saved_phase != run.phase:  # (it cannot be continued as this phase)
+        return f"they are a {saved_phase} phase's: a {run.phase} phase needs its own --save"
     if same_dir and ckpt.finetune:
         return "drop --finetune (it starts over from those weights)"
-    if same_dir and not load_meta.get("resumable"):
+    if same_dir:  # (same phase, not --finetune, yet not resumed: saved without its optimizer state)
         return "add --no-load-optim to continue it (its checkpoints hold no optimizer state: --no-save-optim)"
-    if same_dir:  # (the other phase's checkpoints)
-        return f"a {run.phase} phase needs its own --save"
     relaunch = f" --pretrained-checkpoint {ckpt.load}" if load_dir is not None else ""
     return (f"to continue that run, --load {save}; for one command line that starts a phase and resumes it when "
             f"relaunched, --load {save} --save {save}{relaunch or ' --pretrained-checkpoint <the start>'}")
@@ -507,8 +508,7 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
     # --save-retain-interval deletes.
     source_bytes = source_config = None
     if run.hf_config:
-        source = Path(run.hf_config)
-        source = source / "config.json" if source.is_dir() else source
+        source = Path(run.hf_config)  # (the config.json file: resolved by the arguments)
         source_config = load_hf_config(source)
         if allocation_from_hf(source_config, run.arch) is None:
             source_bytes, source_config = source.read_bytes(), None

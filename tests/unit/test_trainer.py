@@ -881,3 +881,23 @@ def test_interrupted_save_falls_back_to_the_previous_checkpoint(tmp_path):
     assert _resolve(final) == tmp_path / "ckpt.old"
     with pytest.raises(FileNotFoundError, match="not a megatron-consa checkpoint"):
         _resolve(tmp_path / "elsewhere")
+
+
+def test_a_save_directory_stopped_before_its_first_marker_resumes_its_latest_checkpoint(tmp_path):
+    """Killed between a first save's rename and its marker, --save holds complete checkpoints and no
+    latest_checkpointed_iteration.txt: --load of it takes the latest of them, and --pretrained-checkpoint
+    sees a checkpoint there (a relaunch resumes it rather than starting over into it and being refused)."""
+    from megatron_consa.training.arguments import _holds_checkpoint
+    from megatron_consa.training.checkpoint import CONSA_META_FILE, resolve_load_dir
+
+    save = tmp_path / "save"
+    save.mkdir()
+    assert not _holds_checkpoint(str(save)) and not _holds_checkpoint(str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        resolve_load_dir(save)
+    for it in (2, 4):
+        (save / f"iter_{it:07d}").mkdir()
+        (save / f"iter_{it:07d}" / CONSA_META_FILE).write_text("{}")
+    (save / "iter_0000006").mkdir()  # (a directory without its metadata is not a complete checkpoint)
+    assert resolve_load_dir(save) == save / "iter_0000004"
+    assert _holds_checkpoint(str(save))

@@ -135,7 +135,7 @@ def test_an_hf_config_transformers_refuses_is_a_flag_error(tmp_path, capsys):
     rest = ["--seq-length", "32", "--train-iters", "2", "--mock-data", "--consa-target-warmup-iters", "0"]
     assert main(["--hf-config", str(tmp_path / "hf")] + rest) == 2
     err = capsys.readouterr().err
-    assert f"--hf-config {tmp_path / 'hf' / 'config.json'}: transformers refuses it" in err and "Traceback" not in err
+    assert f"--hf-config {tmp_path / 'hf' / 'config.json'}: not a valid qwen3 config" in err and "Traceback" not in err
     (tmp_path / "save").mkdir()
     (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("5")
     assert main(["--hf-config", str(tmp_path / "save")] + rest) == 2
@@ -695,6 +695,29 @@ def test_no_load_optim_continues_a_runs_weights_only_checkpoint_but_not_an_impor
                        ("finalized", True): False, ("imported", False): False, ("imported", True): False}
     with pytest.raises(ArgumentError, match="--finetune with --no-load-optim"):
         parse_run_config(base + ["--load", str(tmp_path / "run"), "--finetune", "--no-load-optim"])
+
+
+def test_a_phase_refused_over_the_other_phases_save_is_told_to_use_its_own(tmp_path):
+    """A fixed phase --load D --save D over a learn phase's checkpoints: without --finetune it is told to add
+    it (a learn checkpoint does not resume as a fixed phase); with it, to use its own --save (not to drop
+    --finetune again, which would send it round in circles)."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    save = tmp_path / "learn"
+    (save / "iter_0000008").mkdir(parents=True)
+    (save / "latest_checkpointed_iteration.txt").write_text("8")
+    (save / "iter_0000008" / "consa_run.json").write_text(json.dumps(
+        {"iteration": 8, "resumable": True, "consa": ConsaConfig(target_warmup_iters=5).to_dict(),
+         "architecture": {}, "training": {}}))
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-phase", "fixed", "--consa-allocation", "all_fa", "--load", str(save), "--save", str(save)]
+    with pytest.raises(ArgumentError, match="cannot be resumed as a fixed phase; add --finetune"):
+        prepare_run(parse_run_config(base), world_size=1)
+    with pytest.raises(ArgumentError, match="they are a learn phase's: a fixed phase needs its own --save"):
+        prepare_run(parse_run_config(base + ["--finetune"]), world_size=1)
 
 
 def test_use_checkpoint_schedule_warns_where_it_has_no_effect(tmp_path, caplog):
