@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from megatron_consa.files import unwritable_reason
+
 logger = logging.getLogger("megatron_consa.cli")
 
 USER_ERROR_EXIT = 2
@@ -57,13 +59,9 @@ def check_output_file(flag: str, path: str | os.PathLike, *, example: Optional[s
     if p.is_dir():
         fix = f"give a file path, e.g. {p / example}" if example else "choose another path"
         raise UserInputError(f"{flag} {path}: is a directory; {fix}")
-    ancestor = Path(os.path.abspath(p)).parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserInputError(f"{flag} {path}: {ancestor} is a file, not a directory; choose another path")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserInputError(f"{flag} {path}: {ancestor} is not writable; choose another path")
+    problem = unwritable_reason(Path(os.path.abspath(p)).parent)
+    if problem:
+        raise UserInputError(f"{flag} {path}: {problem}; choose another path")
 
 
 def check_distinct_outputs(*flags_and_paths: tuple[str, Optional[str | os.PathLike]]) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 def _fsync_dir(directory: str) -> None:
@@ -43,6 +43,23 @@ def plain_mode(path: str | os.PathLike) -> None:
     """Give a file or directory made by `tempfile` (private: 0600 / 0700) the mode `open` or `mkdir` would have
     given it under the process umask, so the renamed result is as readable as any other output."""
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
+def unwritable_reason(directory: str | os.PathLike) -> Optional[str]:
+    """Why nothing could be written into `directory` (made with its missing parents first), or None: its
+    nearest existing ancestor, itself included, must be a directory this process can write in (tried with
+    a temporary file, so a read-only file system is caught too). Nothing is made."""
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror or err})"
+    return None
 
 
 @contextlib.contextmanager
@@ -100,4 +117,4 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-__all__ = ["atomic_output", "plain_mode", "read_json", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_output", "plain_mode", "read_json", "unwritable_reason", "write_json_atomic", "write_text_atomic"]

@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,19 +124,13 @@ def _check_flags_fit_allocation(run: RunConfig, allocation: Allocation) -> None:
 def _check_save_dir(save: str) -> None:
     """--save is a directory this process can write, or can be made in one (not made here: a run refused
     later leaves nothing behind; the first save makes it)."""
-    path = Path(save)
-    if path.exists() and not path.is_dir():
+    from megatron_consa.files import unwritable_reason
+
+    if Path(save).exists() and not Path(save).is_dir():
         raise ArgumentError(f"--save {save}: exists and is not a directory")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ArgumentError(f"--save {save}: {existing} is not a directory")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ArgumentError(f"--save {save}: not writable ({err.strerror or err}); choose a directory you can write") from err
+    problem = unwritable_reason(save)
+    if problem:
+        raise ArgumentError(f"--save {save}: {problem}; choose a directory you can write")
 
 
 def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:

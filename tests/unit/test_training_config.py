@@ -802,3 +802,27 @@ def test_a_model_sized_by_its_tokenizer_pads_the_vocabulary_as_megatron_lm(tmp_p
                      "64 at TP2": (n, -(-n // 128) * 128)}
     with pytest.raises(ArgumentError, match="--make-vocab-size-divisible-by 0: must be >= 1"):
         parse_run_config(base + ["--make-vocab-size-divisible-by", "0"])
+
+
+def test_save_directory_problems_are_named_before_any_work_and_nothing_is_made(tmp_path):
+    """--save is checked where it would be made: a file in its place or in its path, and a directory this
+    process cannot write in (a read-only mode; root writes anywhere, so that case is checked only as a
+    user), each refused naming --save; a good path is not created by the check."""
+    import os
+
+    from megatron_consa.training.arguments import ArgumentError
+    from megatron_consa.training.run import _check_save_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArgumentError, match=f"--save {tmp_path / 'file'}: exists and is not a directory"):
+        _check_save_dir(str(tmp_path / "file"))
+    with pytest.raises(ArgumentError, match=f"--save {tmp_path / 'file' / 'a'}: {tmp_path / 'file'} is a file, "
+                                            "not a directory; choose a directory you can write"):
+        _check_save_dir(str(tmp_path / "file" / "a"))
+    _check_save_dir(str(tmp_path / "new" / "run"))
+    assert not (tmp_path / "new").exists()
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:
+        with pytest.raises(ArgumentError, match=f"--save {locked / 'run'}: {locked} is not writable"):
+            _check_save_dir(str(locked / "run"))
