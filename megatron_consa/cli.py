@@ -50,6 +50,12 @@ def in_flag_terms(message: str, fields: Mapping[str, str]) -> str:
     return message
 
 
+PRESET_FLAGS = {"target_sparsity": "--target-sparsity", "calibration_scores": "--calibration-scores",
+                "sink_tokens": "--sink-tokens"}
+"""The parameters of `allocation.allocation_from_spec` (named in its messages) -> the flags of the tools
+that make a preset from them (`in_flag_terms`)."""
+
+
 def check_output_file(flag: str, path: str | os.PathLike, *, example: Optional[str] = None) -> None:
     """Refuse, before any work, an output file `path` that cannot be written: an existing
     directory, a file where a parent directory must be, or a directory without write

@@ -64,12 +64,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         allocation = Allocation.load(args.allocation)
     except ValueError as err:
         raise flag_error("--allocation", args.allocation, err) from err
+    compared = []
     for other in args.compare or ():
         try:
-            load_compared(other, allocation)
+            compared.append(load_compared(other, allocation))
         except ValueError as err:
             raise flag_error("--compare", other, f"{err} (compared with --allocation {args.allocation})") from err
-    report = analyze(args.allocation, args.compare, block_threshold=args.block_threshold)
+    report = analyze(args.allocation, args.compare, block_threshold=args.block_threshold, allocation=allocation,
+                     compared=compared)
     print(report.allocation.summary() + "\n")
     print(report.tables())
     if args.heatmap:

@@ -26,7 +26,15 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_consa.allocation import list_presets
-from megatron_consa.cli import UserInputError, check_output_file, flag_error, in_flag_terms, run_tool, setup_logging
+from megatron_consa.cli import (
+    PRESET_FLAGS,
+    UserInputError,
+    check_output_file,
+    flag_error,
+    in_flag_terms,
+    run_tool,
+    setup_logging,
+)
 from megatron_consa.evaluation.flags import (
     add_checkpoint_arguments,
     add_sequence_arguments,
@@ -104,9 +112,6 @@ def _check(args: argparse.Namespace) -> None:
         check_output_file("--output", args.output, example="eval.json")
 
 
-PRESET_FLAGS = {"target_sparsity": "--target-sparsity", "calibration_scores": "--calibration-scores",
-                "sink_tokens": "--sink-tokens"}
-"""The presets' parameters (named in the library's messages) -> this tool's flags."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

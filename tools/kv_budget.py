@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from megatron_consa.allocation import Allocation, allocation_from_spec, list_presets
 from megatron_consa.architecture import ArchitectureConfig
-from megatron_consa.cli import UserInputError, flag_error, in_flag_terms, run_tool, setup_logging
+from megatron_consa.cli import PRESET_FLAGS, UserInputError, flag_error, in_flag_terms, run_tool, setup_logging
 from megatron_consa.conversion.hf_files import load_hf_config
 from megatron_consa.evaluation.kv_memory import (
     DTYPE_BYTES,
@@ -33,9 +33,6 @@ from megatron_consa.evaluation.kv_memory import (
 from megatron_consa.unit_scores import UnitScores
 
 
-PRESET_FLAGS = {"target_sparsity": "--target-sparsity", "calibration_scores": "--calibration-scores",
-                "sink_tokens": "--sink-tokens"}
-"""The presets' parameters (named in the library's messages) -> this tool's flags."""
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -87,13 +87,16 @@ def load_compared(path: str | Path, like: Allocation) -> tuple[str, Allocation]:
 
 
 def analyze(path: str | Path, compare: Optional[list[str | Path]] = None, *,
-            block_threshold: float = DEFAULT_BLOCK_THRESHOLD) -> AnalysisReport:
-    """The report of the allocation at `path` and its overlap with each file in `compare`."""
-    allocation = Allocation.load(path)
+            block_threshold: float = DEFAULT_BLOCK_THRESHOLD, allocation: Optional[Allocation] = None,
+            compared: Optional[list[tuple[str, Allocation]]] = None) -> AnalysisReport:
+    """The report of the allocation at `path` and its overlap with each file in `compare`. `allocation`
+    and `compared` (each file's `load_compared`, in `compare`'s order): what a caller loaded already."""
+    allocation = allocation if allocation is not None else Allocation.load(path)
     report = AnalysisReport(name=str(path), allocation=allocation,
                             stats=allocation_stats(allocation.fa, block_threshold=block_threshold))
-    for other in compare or []:
-        kind, alloc = load_compared(other, allocation)
+    compare = list(compare or [])
+    compared = compared if compared is not None else [load_compared(other, allocation) for other in compare]
+    for other, (kind, alloc) in zip(compare, compared, strict=True):
         report.comparisons.append(Comparison(
             name=str(other), kind=kind, allocation=alloc,
             stats=allocation_stats(alloc.fa, block_threshold=block_threshold), overlap=overlap(allocation.fa, alloc.fa),
