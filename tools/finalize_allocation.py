@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_consa.cli import UserInputError, run_tool, setup_logging
+from megatron_consa.cli import run_tool, setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -27,7 +26,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-checkpoint", action="store_true", help="write allocation.json and the heatmap only")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     args = p.parse_args(argv)
-    _check_save(Path(args.save), args.overwrite)
     setup_logging()
     import warnings
 
@@ -44,14 +42,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"note: {len(undecided)} units at the FA/SWA boundary were too close to call: {undecided}")
     print(f"wrote {args.save}/allocation.json, allocation_heatmap.png" + ("" if args.no_checkpoint else ", checkpoint/"))
     return 0
-
-
-def _check_save(save: Path, overwrite: bool) -> None:
-    """--save before the checkpoint is read and ranked (finalize checks it again before writing)."""
-    if save.exists() and not save.is_dir():
-        raise UserInputError(f"--save {save}: a file, not a directory; give the output directory (it is made)")
-    if save.is_dir() and any(save.iterdir()) and not overwrite:
-        raise UserInputError(f"--save {save}: exists and is not empty; choose another directory or pass --overwrite")
 
 
 if __name__ == "__main__":

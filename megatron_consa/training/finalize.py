@@ -60,6 +60,11 @@ class FinalizeRequest:
 def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
     from megatron_consa.training.checkpoint import read_checkpoint_meta, read_common_state, resolve_load_dir
 
+    out = Path(request.save)  # (checked before the checkpoint is read and ranked)
+    if out.exists() and not out.is_dir():
+        raise FinalizeError(f"--save {out}: a file, not a directory; give the output directory (it is made)")
+    if out.is_dir() and any(out.iterdir()) and not request.overwrite:
+        raise FinalizeError(f"--save {out}: exists and is not empty; choose another directory or pass --overwrite")
     path = resolve_load_dir(request.load)
     meta = read_checkpoint_meta(path) or {}
     if not meta.get("consa"):
@@ -85,9 +90,6 @@ def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
                   "final_s_hat": history[-1][1] if history else None},
         settle=report, margin=consa.finalize_margin if request.margin is None else request.margin,
     )
-    out = Path(request.save)
-    if out.exists() and any(out.iterdir()) and not request.overwrite:
-        raise FinalizeError(f"--save {out}: exists and is not empty; choose another directory or pass --overwrite")
     with staged_directory(out) as tmp:
         allocation.save(tmp / ALLOCATION_FILE)
         from megatron_consa.analysis.heatmap import save_heatmap
