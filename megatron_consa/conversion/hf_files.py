@@ -36,22 +36,23 @@ TOKENIZER_FILES = (
 HF_CONFIG = "config.json"
 
 
-def hf_config_file(path: str | Path, *, step: Optional[int] = None) -> Path:
+def hf_config_file(path: str | Path, *, step: Optional[int] = None, flag: Optional[str] = None) -> Path:
     """The config.json `path` names: the file itself, the one in a Hugging Face directory or a
     megatron-consa checkpoint, or (as `--load` reads them, and training's `--hf-config`) the
     one in the latest checkpoint of a training `--save` directory (its iteration `step`, if
     given) or in finalize's output. The directory is resolved by
-    `training.checkpoint.resolve_load_dir`; a missing file is the caller's to report."""
+    `training.checkpoint.resolve_load_dir` (its messages name `path` after `flag`, or alone); a
+    missing file is the caller's to report."""
     path = Path(path)
     if not path.is_dir() or (path / HF_CONFIG).is_file():
         return path / HF_CONFIG if path.is_dir() else path
     from megatron_consa.training.checkpoint import TRACKER_FILE, resolve_load_dir
 
     try:
-        return resolve_load_dir(path, step=step) / HF_CONFIG
-    except FileNotFoundError as err:
+        return resolve_load_dir(path, step=step, flag=flag) / HF_CONFIG
+    except FileNotFoundError:
         if step is not None or (path / TRACKER_FILE).is_file():  # a --save directory without that checkpoint
-            raise FileNotFoundError(str(err).removeprefix("--load ")) from None
+            raise
         return path / HF_CONFIG  # (load_hf_config names what is missing)
 
 

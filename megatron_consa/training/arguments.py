@@ -684,9 +684,11 @@ def _arch_from_args(a: argparse.Namespace) -> ArchitectureConfig:
         from megatron_consa.conversion.hf_files import hf_config_file
 
         try:  # a config.json, a directory holding one, or (as --load reads them) a --save directory or finalize's
-            a.hf_config = str(hf_config_file(a.hf_config, step=step))  # output, whose checkpoint holds one
+            # output, whose checkpoint holds one
+            flag = "--load" if step is not None else "--hf-config"
+            a.hf_config = str(hf_config_file(a.hf_config, step=step, flag=flag))
         except FileNotFoundError as err:
-            raise ArgumentError(f"--hf-config: {err}") from None
+            raise ArgumentError(str(err)) from None
         given = ["--" + name.replace("_", "-") for name in _SHAPE_FLAGS if vars(a).get(name) not in (None, False)]
         if given:
             raise ArgumentError(

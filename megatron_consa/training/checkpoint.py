@@ -630,35 +630,37 @@ def _delete_in_background(directory: Path) -> bool:
     return True
 
 
-def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> Path:
+def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None, flag: Optional[str] = "--load") -> Path:
     """The checkpoint directory `--load` means: the latest in a `--save` directory (or its
     iteration `step`: Megatron-LM's `--ckpt-step`), the directory itself, or the checkpoint in
     finalize's output directory. A `--save` directory without its marker (stopped between a
-    save's rename and the marker's write) gives its latest complete checkpoint."""
+    save's rename and the marker's write) gives its latest complete checkpoint. Messages name the
+    directory after `flag` (the flag that gave it; None: the path alone, for a caller that adds its own)."""
     path = Path(load)
+    named = f"{flag} {path}" if flag else str(path)
     if not path.exists():
-        raise FileNotFoundError(f"--load {path}: no such directory")
+        raise FileNotFoundError(f"{named}: no such directory")
     tracker = path / TRACKER_FILE
     if step is not None:
         if not tracker.is_file():
-            raise FileNotFoundError(f"--ckpt-step {step}: --load {path} is not a --save directory (no {TRACKER_FILE});"
+            raise FileNotFoundError(f"--ckpt-step {step}: {named} is not a --save directory (no {TRACKER_FILE});"
                                     " give the directory that holds the iter_* checkpoints, or drop --ckpt-step")
         try:
             return _resolve(iteration_dir(path, step))
         except FileNotFoundError:
             held = saved_iterations(path)
-            raise FileNotFoundError(f"--ckpt-step {step}: --load {path} has no complete checkpoint of iteration {step} "
+            raise FileNotFoundError(f"--ckpt-step {step}: {named} has no complete checkpoint of iteration {step} "
                                     f"(it holds {', '.join(map(str, held)) or 'none'})") from None
     if tracker.is_file():
         text = tracker.read_text().strip()
         if not text.isdigit():
-            raise FileNotFoundError(f"--load {path}: {TRACKER_FILE} holds {text!r}, not an iteration number")
+            raise FileNotFoundError(f"{named}: {TRACKER_FILE} holds {text!r}, not an iteration number")
         target = iteration_dir(path, int(text))
         try:
             return _resolve(target)  # or its `.old`, where a save over it was interrupted
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"--load {path}: {TRACKER_FILE} names {target.name}, which is not a complete checkpoint"
+                f"{named}: {TRACKER_FILE} names {target.name}, which is not a complete checkpoint"
             ) from None
     try:
         return _resolve(path)
@@ -667,12 +669,12 @@ def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None) -> 
             return path / FINALIZED_CHECKPOINT_DIR
         held = saved_iterations(path) if path.is_dir() else []
         if held:  # a --save directory whose first save was stopped after its rename, before its marker
-            logger.warning("--load %s: no %s, but complete checkpoints (iterations %s): loading the latest", path,
+            logger.warning("%s: no %s, but complete checkpoints (iterations %s): loading the latest", named,
                            TRACKER_FILE, ", ".join(map(str, held)))
             return _resolve(iteration_dir(path, held[-1]))
         hf = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
         raise FileNotFoundError(
-            f"--load {path}: neither a checkpoint (no {CONSA_META_FILE}), a --save directory (no {TRACKER_FILE}) "
+            f"{named}: neither a checkpoint (no {CONSA_META_FILE}), a --save directory (no {TRACKER_FILE}) "
             f"nor finalize's output (no {FINALIZED_CHECKPOINT_DIR}/)" + (
                 "; it is a Hugging Face model: import it with tools/convert_hf_to_megatron.py and --load the "
                 "result (the tools that read Hugging Face models take it as --hf-path)" if hf else "")
