@@ -248,8 +248,9 @@ class TestSingleRankNccl:
 
         from megatron_consa.training.parallel import DETERMINISTIC_ENV, apply_deterministic_mode
 
-        for name in DETERMINISTIC_ENV:
-            monkeypatch.delenv(name, raising=False)
+        for name in DETERMINISTIC_ENV:  # (setenv first: teardown then restores the value, or the absence, it had)
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
         was = torch.are_deterministic_algorithms_enabled()
         try:
             apply_deterministic_mode()

@@ -697,8 +697,9 @@ class TestMegatronTrainingFlags:
         assert f" | {tflops:.3g} TFLOP/s/GPU | " in line, line
 
     def test_a_writer_that_cannot_open_stops_the_trainer_before_any_step(self, tmp_path, monkeypatch):
-        """W&B failing to start (online without credentials, say) raises at set-up, after every rank
-        has heard of it (the others would otherwise wait at the first collective)."""
+        """W&B failing to start (online without credentials, say) raises at set-up, before any step, and
+        the TensorBoard writer opened before it is closed (one rank here: the verdict's exchange between
+        ranks, so that none waits at the first collective, is not exercised)."""
         import wandb
         from torch.utils.tensorboard import SummaryWriter
 
