@@ -20,6 +20,6 @@ COPY tools ./tools
 COPY examples ./examples
 RUN pip install --no-cache-dir --no-deps -e . && \
     pip install --no-cache-dir sentencepiece safetensors "transformers>=5.23" tqdm tensorboard matplotlib ninja \
-        "wandb>=0.19.10" && \
+        "wandb>=0.19.10" nvidia-ml-py && \
     python -c "import megatron_consa, megatron_consa.inference.hf, transformer_engine; print('megatron-consa ready, TE', transformer_engine.__version__)"
 ENV PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1

@@ -44,7 +44,7 @@ setup(
         # (the tests check what a run logs to Weights & Biases, offline)
         "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "filelock", "wandb>=0.19.10"],
         "wandb": ["wandb>=0.19.10"],  # --wandb-project (reinit="create_new")
-        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "gpu": ["transformer-engine[pytorch]>=2.0", "nvidia-ml-py"],  # (NVML: --log-straggler's GPU figures)
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -14,7 +14,7 @@ package registries:
   toolkit headers are needed, no GPU);
 * megatron-core, and what `import transformer_engine.pytorch` and the build need
   that CUDA torch and transformers do not bring: pydantic, einops, onnxscript and
-  onnx (imported by TE's export module), wheel, with their dependencies but
+  onnx (imported by TE's export module), wheel, and nvidia-ml-py (`--log-straggler`), with their dependencies but
   numpy, sympy and mpmath (there already);
 
 into one folder for `run`'s `carry`, and fails if it is over the budget:
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     core = f"transformer-engine-cu{args.cuda_major}=={te}"
     pip_download(out, [core, f"transformer-engine=={te}", f"megatron-core=={makefile_value('MCORE_VERSION')}"],
                  python=args.python, deps=False)
-    pip_download(out, ["pydantic", "einops", "onnxscript", "wheel"], python=args.python, deps=True)
+    # (nvidia-ml-py: the straggler report reads the GPU through NVML, --log-straggler)
+    pip_download(out, ["pydantic", "einops", "onnxscript", "wheel", "nvidia-ml-py"], python=args.python, deps=True)
     for there in ("numpy-", "sympy-", "mpmath-"):  # CUDA torch brings sympy and mpmath, transformers numpy
         for f in out.glob(f"{there}*.whl"):
             f.unlink()

@@ -458,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorBoard gets the last rank's memory (CUDA's allocator; the CPU: resident bytes)")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true",
                    help="TensorBoard gets the number of ranks")
+    g.add_argument("--log-straggler", action="store_true",
+                   help="megatron-core's straggler detector (CUDA; needs nvidia-ml-py): at every log line the first "
+                        "rank logs the slowest and fastest ranks' time per iteration, estimated TFLOP/s and GPU power, "
+                        "temperature, utilisation and clock")
+    g.add_argument("--straggler-ctrlr-port", type=int, default=65535,
+                   help="the first rank's port: `curl <host>:<port>` turns the detector on or off at the next log line")
+    g.add_argument("--straggler-minmax-count", type=int, default=1,
+                   help="how many of the slowest and of the fastest ranks the report names")
+    g.add_argument("--disable-straggler-on-startup", action="store_true",
+                   help="the detector starts off (its port turns it on)")
     g.add_argument("--wandb-project", help="also log every TensorBoard scalar and image to this Weights & Biases "
                    "project (the last rank; needs the wandb package; WANDB_MODE=offline writes the run for a later "
                    "`wandb sync`)")
@@ -1052,6 +1062,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         barrier_with_l1_time=a.barrier_with_l1_time,
         log_memory_to_tensorboard=a.log_memory_to_tensorboard,
         log_world_size_to_tensorboard=a.log_world_size_to_tensorboard,
+        log_straggler=a.log_straggler,
+        straggler_ctrlr_port=a.straggler_ctrlr_port,
+        straggler_minmax_count=a.straggler_minmax_count,
+        disable_straggler_on_startup=a.disable_straggler_on_startup,
         wandb_project=a.wandb_project or None,
         wandb_exp_name=a.wandb_exp_name or None,
         wandb_save_dir=wandb_save_dir,

@@ -155,6 +155,15 @@ ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 """megatron-core's AttnBackend names (`TrainingConfig.attention_backend`)."""
 
 
+def _cuda_without_nvml() -> bool:
+    """A GPU, and no NVML bindings (the nvidia-ml-py package's pynvml) to read it through."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("pynvml") is None
+
+
 @dataclass
 class TrainingConfig:
     """Optimisation, batch and logging settings of a run."""
@@ -320,6 +329,19 @@ class TrainingConfig:
     process's resident and peak resident bytes ('mem-rss-bytes', 'mem-max-rss-bytes')."""
     log_world_size_to_tensorboard: bool = False
     """TensorBoard gets the number of ranks ('world-size')."""
+    log_straggler: bool = False
+    """Megatron-LM's straggler detector (`--log-straggler`, megatron-core's `StragglerDetector`;
+    CUDA only, no effect on the CPU): each rank times its forward passes and batch reading
+    with CUDA events, and at every log line the first rank logs the slowest and fastest
+    ranks' time per iteration, estimated TFLOP/s, and GPU power, temperature, utilisation
+    and clock (read through NVML: the nvidia-ml-py package)."""
+    straggler_ctrlr_port: int = 65535
+    """The first rank's port: a connection to it (`curl <host>:<port>`) turns the straggler
+    detector on or off at the next log line."""
+    straggler_minmax_count: int = 1
+    """How many of the slowest and of the fastest ranks the straggler report names."""
+    disable_straggler_on_startup: bool = False
+    """The straggler detector starts off (its port turns it on)."""
     wandb_project: Optional[str] = None
     """Weights & Biases project: the last rank also logs every TensorBoard scalar and image
     there (Megatron-LM's `--wandb-project`; needs the `wandb` package)."""
@@ -414,6 +436,13 @@ class TrainingConfig:
         if interval is not None and (not isinstance(interval, int) or interval < 1):
             _fail("TrainingConfig", "check_weight_hash_across_dp_replicas_interval", interval,
                   "must be an integer >= 1 (or None: no check)")
+        if not 1 <= self.straggler_ctrlr_port <= 65535:
+            _fail("TrainingConfig", "straggler_ctrlr_port", self.straggler_ctrlr_port, "must be a port, 1 to 65535")
+        if self.straggler_minmax_count < 1:
+            _fail("TrainingConfig", "straggler_minmax_count", self.straggler_minmax_count, "must be >= 1")
+        if self.log_straggler and _cuda_without_nvml():
+            _fail("TrainingConfig", "log_straggler", True, "the straggler report reads the GPUs' power, temperature "
+                  "and clock through NVML: pip install nvidia-ml-py (or megatron-consa[gpu])")
         if self.timing_log_level not in (0, 1, 2):
             _fail("TrainingConfig", "timing_log_level", self.timing_log_level, "use 0, 1 or 2")
         if self.timing_log_option not in TIMING_LOG_OPTIONS:

@@ -50,7 +50,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
-from megatron.core.utils import get_model_config
+from megatron.core.utils import StragglerDetector, get_model_config
 
 from megatron_consa.allocation import Allocation
 from megatron_consa.backends.select import resolve_backend_name, transformer_engine_available
@@ -304,19 +304,40 @@ def reduced_loss(reports: list[torch.Tensor], *, per_token: bool) -> tuple[float
     return total, count
 
 
+STRAGGLER_DETECTOR = StragglerDetector()
+"""megatron-core's straggler detector (a process-wide singleton, as in Megatron-LM): its timing
+calls do nothing until `configure_straggler_detector` turns it on."""
+
+
+def configure_straggler_detector(training: TrainingConfig) -> bool:
+    """`--log-straggler`: turn megatron-core's detector on (every rank, once per process; CUDA
+    only: on the CPU it stays off, with a warning). Returns whether it is configured."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not has_cuda():
+        if rank == 0:
+            logger.warning("--log-straggler times CUDA kernels with CUDA events: no GPU here, no straggler report")
+        return False
+    STRAGGLER_DETECTOR.configure(world, rank, mmcnt=training.straggler_minmax_count,
+                                 enabled=not training.disable_straggler_on_startup,
+                                 port=training.straggler_ctrlr_port)
+    return True
+
+
 def forward_step(data_iterator, model):
     """megatron-core forward step: next micro-batch -> (per-token losses, loss function)."""
     timers = get_model_config(model).timers
     if timers is not None:
         timers("batch-generator", log_level=2).start()
-    batch = next(data_iterator)
-    dev = device()
-    tokens = batch["tokens"].to(dev)
-    labels = batch["labels"].to(dev)
-    pos = batch["position_ids"].to(dev)
+    with STRAGGLER_DETECTOR(bdata=True):  # (as Megatron-LM's pretrain_gpt: nothing unless --log-straggler)
+        batch = next(data_iterator)
+        dev = device()
+        tokens = batch["tokens"].to(dev)
+        labels = batch["labels"].to(dev)
+        pos = batch["position_ids"].to(dev)
     if timers is not None:
         timers("batch-generator").stop()
-    output = model(tokens, pos, attention_mask=None, labels=labels)
+    with STRAGGLER_DETECTOR:
+        output = model(tokens, pos, attention_mask=None, labels=labels)
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -403,6 +424,7 @@ class ConsaTrainer:
         self.capture_gate_grads = False
         self.last_gate_grads: dict[int, torch.Tensor] = {}
         self._forward_backward = get_forward_backward_func()
+        self._straggler_report = training.log_straggler and configure_straggler_detector(training)
         self._loader = PrefetchedBatches(
             data, num_workers=training.num_workers, global_batch_size=training.global_batch_size,
             micro_batch_size=training.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
@@ -719,6 +741,8 @@ class ConsaTrainer:
             tokens_per_s = self.training.global_batch_size * self.training.seq_length / max(per_iter, 1e-9)
             tflops_per_gpu = self.flops_per_iteration / max(per_iter, 1e-9) / torch.distributed.get_world_size() / 1e12
             eta = per_iter * max(0, self.training.train_iters - done)
+            if self._straggler_report:  # (a collective: every rank; the first logs it)
+                STRAGGLER_DETECTOR.report(self.flops_per_iteration * (done - prev_iter), done - prev_iter)
             timings = report_timers(  # (a collective: every rank)
                 self.timers, iterations=done - prev_iter, writers=self.metrics,
                 to_writers=self.training.log_timers_to_tensorboard, step=r.iteration,

@@ -547,6 +547,8 @@ def run_training(prepared: PreparedRun):
     training = run.training
     if training.deterministic_mode:
         apply_deterministic_mode()
+    if training.log_straggler:  # its report is logged by megatron-core's utils logger (quieted with the others)
+        logging.getLogger("megatron.core.utils").setLevel(logging.INFO)
     initialize_distributed(run.parallel, seed=training.seed)
     save = run.checkpoint.save
     progress = None

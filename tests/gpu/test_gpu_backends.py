@@ -240,6 +240,24 @@ class TestSingleRankNccl:
         assert 0 < figures["mem-allocated-bytes"] <= figures["mem-max-allocated-bytes"]
         assert figures["mem-allocated-bytes"] <= figures["mem-reserved-bytes"] and figures["mem-allocated-count"] > 0
 
+    def test_straggler_detector_reports_at_every_log_line(self, caplog):
+        """--log-straggler on CUDA: megatron-core's detector times the forward passes with CUDA events and
+        each log line (iterations 0 and 2 of 4) brings its report, the one rank both slowest and fastest;
+        the trained losses are those of a run without it."""
+        import socket
+
+        pytest.importorskip("pynvml", reason="the straggler report reads NVML (pip install nvidia-ml-py)")
+        with socket.socket() as s:  # (a free port for the first rank's on/off controller)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        plain = _run("torch", bf16=True, iters=4, log_interval=2)
+        with caplog.at_level("INFO", logger="megatron.core.utils"):
+            timed = _run("torch", bf16=True, iters=4, log_interval=2, log_straggler=True, straggler_ctrlr_port=port)
+        reports = [r.getMessage() for r in caplog.records if "MnRtt/Rnk" in r.getMessage()]
+        assert len(reports) == 2, caplog.text
+        assert all("MxRtt/Rnk" in m and "MnPwr/Rnk" in m for m in reports)
+        assert [r.loss for r in timed] == [r.loss for r in plain]
+
     def test_deterministic_mode_repeats_a_run_bit_for_bit(self, monkeypatch):
         """--deterministic-mode on CUDA: every operation of a learning run (the torch backend, bf16) has a
         deterministic kernel (torch raises otherwise), two runs give the same losses bit for bit, and

@@ -833,6 +833,19 @@ class TestMegatronTrainingFlags:
             "NVTE_FLASH_ATTN": "0", "NVTE_FUSED_ATTN": "1", "NVTE_UNFUSED_ATTN": "0"}
 
 
+    def test_straggler_detector_stays_off_without_a_gpu(self, caplog):
+        """--log-straggler on the CPU (megatron-core's detector times CUDA events): a warning, the detector
+        off (its timing calls around the batch and the forward do nothing), and training as without it."""
+        from megatron_consa.training.loop import STRAGGLER_DETECTOR
+
+        consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
+        plain = _trainer(consa, train_iters=2).train()
+        with caplog.at_level("WARNING", logger="megatron_consa.training.loop"):
+            trainer = _trainer(consa, train_iters=2, log_straggler=True, log_interval=1)
+        assert "--log-straggler times CUDA kernels with CUDA events: no GPU here" in caplog.text
+        assert not trainer._straggler_report and not STRAGGLER_DETECTOR.enabled
+        assert [r.loss for r in trainer.train()] == [r.loss for r in plain]
+
     def test_deterministic_mode_reaches_the_models_config(self):
         """--deterministic-mode's field is megatron-core's deterministic_mode in the built model's config."""
         for mode in (False, True):

@@ -826,3 +826,25 @@ def test_save_directory_problems_are_named_before_any_work_and_nothing_is_made(t
     if os.geteuid() != 0:
         with pytest.raises(ArgumentError, match=f"--save {locked / 'run'}: {locked} is not writable"):
             _check_save_dir(str(locked / "run"))
+
+
+def test_straggler_flags_reach_the_training_config_and_bad_values_name_the_flag(capsys):
+    """Megatron-LM's straggler-detector flags land in TrainingConfig; a port or count out of range is
+    refused naming its flag, before any work."""
+    from megatron_consa.train import main
+    from megatron_consa.training.arguments import parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "4", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "1"]
+    t = parse_run_config(base).training
+    assert (t.log_straggler, t.straggler_ctrlr_port, t.straggler_minmax_count, t.disable_straggler_on_startup) == (
+        False, 65535, 1, False)
+    t = parse_run_config(base + ["--log-straggler", "--straggler-ctrlr-port", "6000", "--straggler-minmax-count",
+                                 "4", "--disable-straggler-on-startup"]).training
+    assert (t.log_straggler, t.straggler_ctrlr_port, t.straggler_minmax_count, t.disable_straggler_on_startup) == (
+        True, 6000, 4, True)
+    for flag, value, why in (("--straggler-ctrlr-port", "70000", "must be a port, 1 to 65535"),
+                             ("--straggler-minmax-count", "0", "must be >= 1")):
+        assert main(base + ["--log-straggler", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and why in err, err
