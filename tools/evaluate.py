@@ -112,8 +112,6 @@ def _check(args: argparse.Namespace) -> None:
         check_output_file("--output", args.output, example="eval.json")
 
 
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     _check(args)

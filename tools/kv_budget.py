@@ -33,8 +33,6 @@ from megatron_consa.evaluation.kv_memory import (
 from megatron_consa.unit_scores import UnitScores
 
 
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-config", required=True,

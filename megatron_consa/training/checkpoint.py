@@ -642,7 +642,7 @@ def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None, fla
         raise FileNotFoundError(f"{named}: no such directory")
     tracker = path / TRACKER_FILE
     if step is not None:
-        if not tracker.is_file():
+        if not tracker.is_file() and not saved_iterations(path):
             raise FileNotFoundError(f"--ckpt-step {step}: {named} is not a --save directory (no {TRACKER_FILE});"
                                     " give the directory that holds the iter_* checkpoints, or drop --ckpt-step")
         try:
@@ -669,8 +669,9 @@ def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None, fla
             return path / FINALIZED_CHECKPOINT_DIR
         held = saved_iterations(path) if path.is_dir() else []
         if held:  # a --save directory whose first save was stopped after its rename, before its marker
-            logger.warning("%s: no %s, but complete checkpoints (iterations %s): loading the latest", named,
-                           TRACKER_FILE, ", ".join(map(str, held)))
+            if int(os.environ.get("RANK", "0")) == 0:  # (every rank resolves it, before and after torch.distributed)
+                logger.warning("%s: no %s, but complete checkpoints (iterations %s): loading the latest", named,
+                               TRACKER_FILE, ", ".join(map(str, held)))
             return _resolve(iteration_dir(path, held[-1]))
         hf = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
         raise FileNotFoundError(

@@ -440,6 +440,9 @@ class TrainingConfig:
             _fail("TrainingConfig", "straggler_ctrlr_port", self.straggler_ctrlr_port, "must be a port, 1 to 65535")
         if self.straggler_minmax_count < 1:
             _fail("TrainingConfig", "straggler_minmax_count", self.straggler_minmax_count, "must be >= 1")
+        if self.log_straggler and not self.log_interval:
+            _fail("TrainingConfig", "log_straggler", True, "reports at the log lines: needs log_interval >= 1 "
+                  "(--log-interval)")
         if self.log_straggler and _cuda_without_nvml():
             _fail("TrainingConfig", "log_straggler", True, "the straggler report reads the GPUs' power, temperature "
                   "and clock through NVML: pip install nvidia-ml-py (or megatron-consa[gpu])")

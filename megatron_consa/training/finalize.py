@@ -58,6 +58,7 @@ class FinalizeRequest:
 
 
 def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
+    from megatron_consa.files import unwritable_reason
     from megatron_consa.training.checkpoint import read_checkpoint_meta, read_common_state, resolve_load_dir
 
     out = Path(request.save)  # (checked before the checkpoint is read and ranked)
@@ -65,6 +66,9 @@ def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
         raise FinalizeError(f"--save {out}: a file, not a directory; give the output directory (it is made)")
     if out.is_dir() and any(out.iterdir()) and not request.overwrite:
         raise FinalizeError(f"--save {out}: exists and is not empty; choose another directory or pass --overwrite")
+    problem = unwritable_reason(out.parent)  # (it is written beside, then renamed)
+    if problem:
+        raise FinalizeError(f"--save {out}: {problem}; choose another directory")
     path = resolve_load_dir(request.load)
     meta = read_checkpoint_meta(path) or {}
     if not meta.get("consa"):

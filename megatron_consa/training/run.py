@@ -494,14 +494,14 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
     The config is the run's own `--hf-config` file when given (family extras kept).
     """
 
-    from megatron_consa.conversion.hf_files import hf_config_from_arch, load_hf_config
+    from megatron_consa.conversion.hf_files import hf_config_file, hf_config_from_arch, load_hf_config
     from megatron_consa.conversion.windows import allocation_from_hf, hf_window_fields, set_window_fields
 
     # The run's --hf-config, read now: it may sit in a checkpoint of --load that a later save's
     # --save-retain-interval deletes.
     source_bytes = source_config = None
     if run.hf_config:
-        source = Path(run.hf_config)  # (the config.json file: resolved by the arguments)
+        source = hf_config_file(run.hf_config)  # (a file already when it came through the arguments)
         source_config = load_hf_config(source)
         if allocation_from_hf(source_config, run.arch) is None:
             source_bytes, source_config = source.read_bytes(), None

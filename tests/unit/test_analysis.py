@@ -198,6 +198,7 @@ def test_finalize_cli_checks_save_before_reading_the_checkpoint(tmp_path, capsys
         ([str(a_file)], f"--save {a_file}: a file, not a directory"),
         ([str(a_file), "--overwrite"], f"--save {a_file}: a file, not a directory"),
         ([str(occupied)], f"--save {occupied}: exists and is not empty; choose another directory or pass --overwrite"),
+        ([str(a_file / "sub")], f"--save {a_file / 'sub'}: {a_file} is a file, not a directory"),
     ]
     for save, message in cases:
         assert run_tool(tool.main, ["--load", str(tmp_path / "no-checkpoint"), "--save", *save]) == 2

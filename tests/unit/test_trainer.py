@@ -897,11 +897,12 @@ def test_interrupted_save_falls_back_to_the_previous_checkpoint(tmp_path):
         _resolve(tmp_path / "elsewhere")
 
 
-def test_a_save_directory_stopped_before_its_first_marker_resumes_its_latest_checkpoint(tmp_path):
+def test_a_save_directory_stopped_before_its_first_marker_resumes_its_latest_checkpoint(tmp_path, caplog):
     """Killed between a first save's rename and its marker, --save holds complete checkpoints and no
-    latest_checkpointed_iteration.txt: --load of it takes the latest of them, and --pretrained-checkpoint
-    sees a checkpoint there (a relaunch resumes it rather than starting over into it and being refused)."""
-    from megatron_consa.training.arguments import _holds_checkpoint
+    latest_checkpointed_iteration.txt: --load of it takes the latest of them (with a warning; --ckpt-step
+    any of them), and --pretrained-checkpoint sees a checkpoint there: the relaunched command loads --load,
+    not the pretrained checkpoint."""
+    from megatron_consa.training.arguments import _holds_checkpoint, parse_run_config
     from megatron_consa.training.checkpoint import CONSA_META_FILE, resolve_load_dir
 
     save = tmp_path / "save"
@@ -913,5 +914,15 @@ def test_a_save_directory_stopped_before_its_first_marker_resumes_its_latest_che
         (save / f"iter_{it:07d}").mkdir()
         (save / f"iter_{it:07d}" / CONSA_META_FILE).write_text("{}")
     (save / "iter_0000006").mkdir()  # (a directory without its metadata is not a complete checkpoint)
-    assert resolve_load_dir(save) == save / "iter_0000004"
+    with caplog.at_level("WARNING", logger="megatron_consa.training.checkpoint"):
+        assert resolve_load_dir(save) == save / "iter_0000004"
+    assert f"--load {save}: no latest_checkpointed_iteration.txt, but complete checkpoints (iterations 2, 4)" in caplog.text
+    assert resolve_load_dir(save, step=2) == save / "iter_0000002"
     assert _holds_checkpoint(str(save))
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / CONSA_META_FILE).write_text("{}")
+    relaunch = parse_run_config(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                                 "--seq-length", "32", "--train-iters", "4", "--mock-data", "--vocab-size", "64",
+                                 "--load", str(save), "--save", str(save),
+                                 "--pretrained-checkpoint", str(tmp_path / "pretrained")]).checkpoint
+    assert (relaunch.load, relaunch.finetune, relaunch.started_from_pretrained) == (str(save), False, False)

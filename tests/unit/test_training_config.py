@@ -829,8 +829,8 @@ def test_save_directory_problems_are_named_before_any_work_and_nothing_is_made(t
 
 
 def test_straggler_flags_reach_the_training_config_and_bad_values_name_the_flag(capsys):
-    """Megatron-LM's straggler-detector flags land in TrainingConfig; a port or count out of range is
-    refused naming its flag, before any work."""
+    """Megatron-LM's straggler-detector flags land in TrainingConfig; a port or count out of range, or no
+    log lines to report at, is refused naming the flag, before any work."""
     from megatron_consa.train import main
     from megatron_consa.training.arguments import parse_run_config
 
@@ -844,7 +844,8 @@ def test_straggler_flags_reach_the_training_config_and_bad_values_name_the_flag(
     assert (t.log_straggler, t.straggler_ctrlr_port, t.straggler_minmax_count, t.disable_straggler_on_startup) == (
         True, 6000, 4, True)
     for flag, value, why in (("--straggler-ctrlr-port", "70000", "must be a port, 1 to 65535"),
-                             ("--straggler-minmax-count", "0", "must be >= 1")):
+                             ("--straggler-minmax-count", "0", "must be >= 1"),
+                             ("--log-interval", "0", "reports at the log lines: needs")):
         assert main(base + ["--log-straggler", flag, value]) == 2
         err = capsys.readouterr().err
         assert flag in err and why in err, err
