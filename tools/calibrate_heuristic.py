@@ -36,6 +36,7 @@ from megatron_consa.evaluation.flags import (
     checkpoint_tokenizer,
     sequence_source,
     tqdm_progress,
+    warn_past_positions,
     with_training_split,
 )
 
@@ -99,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sinks = models.sink_tokens if args.sink_tokens is None else args.sink_tokens
     tokenizer = checkpoint_tokenizer(models, args.tokenizer_model)
     arch = models.arch
+    warn_past_positions(source.seq_length, arch.max_position_embeddings, f"--seq-length {source.seq_length}")
     if source.seq_length <= window + sinks:
         raise UserInputError(f"--seq-length {source.seq_length}: no position lies beyond window {window} + sinks "
                              f"{sinks}; use longer sequences")

@@ -41,6 +41,7 @@ from megatron_consa.evaluation.flags import (
     checkpoint_tokenizer,
     sequence_source,
     tqdm_progress,
+    warn_past_positions,
     with_training_split,
 )
 from megatron_consa.evaluation.kv_memory import DTYPE_BYTES
@@ -162,6 +163,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 samples += make_samples(task, tokenizer, config, haystack_documents=haystack)
         except ValueError as err:
             raise UserInputError(f"--distances / --context-length / --haystack: {err}") from err
+    limit = models.arch.max_position_embeddings
+    if source is not None:
+        warn_past_positions(source.seq_length, limit, f"--seq-length {source.seq_length}")
+    if samples:
+        warn_past_positions(max(len(s.tokens) for s in samples), limit, "the retrieval prompts (--distances, "
+                            "--context-length)")
     with models:
         request = EvaluationRequest(
             allocations=tuple(allocations), perplexity_sequences=load_sequences(source, tokenizer) if source else None,

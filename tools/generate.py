@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_consa.cli import UserInputError, flag_error, run_tool, setup_logging
+from megatron_consa.evaluation.flags import warn_past_positions
 
 
 def _checked(convert, ok, requirement: str):
@@ -120,7 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info.warn_if_unfinalized(logging.getLogger("megatron_consa.generate"), "generation")
         tokenizer = tokenizer or tokenizer_from_path(info.path)
         ids = _prompt_ids(args, tokenizer, info.arch.vocab_size)
-        _warn_past_positions(ids.size(1) + args.max_new_tokens, info.arch)
+        warn_past_positions(ids.size(1) + args.max_new_tokens, info.arch.max_position_embeddings,
+                            "the prompt and --max-new-tokens", logging.getLogger("megatron_consa.generate"))
         with one_rank_model(info, fixed_consa_config(info.arch, info.allocation)) as model:
             result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                               prefill_chunk=args.prefill_chunk, eos_token_id=_eos(tokenizer))
@@ -134,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         arch = hf_arch
         tokenizer = tokenizer or tokenizer_from_path(model_dir)
         ids = _prompt_ids(args, tokenizer, arch.vocab_size)
-        _warn_past_positions(ids.size(1) + args.max_new_tokens, arch)
+        warn_past_positions(ids.size(1) + args.max_new_tokens, arch.max_position_embeddings,
+                            "the prompt and --max-new-tokens", logging.getLogger("megatron_consa.generate"))
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32)
         tokens, cache = generate_hf(model.eval(), ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                     eos_token_id=_eos(tokenizer))
@@ -144,13 +147,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.kv_report:
         _kv_report(cache, allocation, arch, tokens.size(1), dtype)
     return 0
-
-
-def _warn_past_positions(total: int, arch) -> None:
-    if total > arch.max_position_embeddings:
-        logging.getLogger("megatron_consa.generate").warning(
-            "the prompt and --max-new-tokens reach %d positions, past the model's max_position_embeddings (%d): "
-            "the tokens beyond it are at positions the model was not built for", total, arch.max_position_embeddings)
 
 
 def _eos(tokenizer):

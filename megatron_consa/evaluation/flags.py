@@ -52,6 +52,15 @@ def add_sequence_arguments(p: argparse.ArgumentParser, *, what: str, seq_length:
                         "else 1234)")
 
 
+def warn_past_positions(positions: int, max_positions: int, what: str,
+                        log: logging.Logger = logger) -> None:
+    """Warn when `what` (the flags that set it) runs the model over more positions than its
+    max_position_embeddings: the tokens beyond it sit at positions the model was not built for."""
+    if positions > max_positions:
+        log.warning("%s: %d positions, past the model's max_position_embeddings (%d): the tokens beyond it are at "
+                    "positions the model was not built for", what, positions, max_positions)
+
+
 def sequence_source(args: argparse.Namespace) -> Optional[SequenceSource]:
     """The parsed data flags, or None when no source was named."""
     named = [flag for flag, value in (("--text", args.text), ("--data-path", args.data_path),

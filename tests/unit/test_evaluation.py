@@ -94,6 +94,21 @@ def _direct_nll(rows: list[list[int]], fa) -> tuple[float, float]:
     return sum(every) / len(every), sum(beyond) / len(beyond)
 
 
+def test_sequences_past_the_models_positions_are_warned_about(tmp_path, docs, single_rank_mcore, caplog):
+    """--seq-length above the checkpoint's max_position_embeddings (the demo's 128) evaluates with a
+    warning that names the flag and both figures (as generate's prompt and --max-new-tokens); within it, none."""
+    text = tmp_path / "held_out.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for seq, warned in ((160, True), (128, False)):
+        caplog.clear()
+        argv = ["--load", str(DEMO), "--allocation", "all_fa", "--text", str(text), "--seq-length", str(seq),
+                "--num-sequences", "1", "--no-progress"]
+        with caplog.at_level("WARNING", logger="megatron_consa.evaluation.flags"):
+            assert run_tool(EVALUATE.main, argv) == 0
+        said = f"--seq-length {seq}: {seq} positions, past the model's max_position_embeddings (128)"
+        assert (said in caplog.text) is warned, caplog.text
+
+
 def test_perplexity_and_kv_bytes_equal_direct_computations(tmp_path, docs, single_rank_mcore, capsys):
     text = tmp_path / "held_out.jsonl"
     text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
