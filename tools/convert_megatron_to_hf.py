@@ -41,7 +41,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
     p.add_argument(
         "--max-shard-size", default="50GB", type=lambda v: int(v) if v.isdigit() else v,
-        help="largest safetensors file, as in save_pretrained (e.g. 5GB, 500MB, or bytes; default: 50GB, "
+        help="largest safetensors file, as in save_pretrained (e.g. 5GB, 500MB, 4GiB, or bytes; default: 50GB, "
         "the Hugging Face Hub's per-file limit); a larger model is split into files with an index",
     )
     return p.parse_args(argv)

@@ -21,6 +21,7 @@ Prints a table; --output writes the JSON report (atomically).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -166,6 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     limit = models.arch.max_position_embeddings
     if source is not None:
         warn_past_positions(source.seq_length, limit, f"--seq-length {source.seq_length}")
+        _warn_nothing_beyond_the_window(allocations, source.seq_length)
     if samples:
         warn_past_positions(max(len(s.tokens) for s in samples), limit, "the retrieval prompts (--distances, "
                             "--context-length)")
@@ -181,6 +183,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_json_atomic(args.output, report.to_dict())
         print(f"wrote {args.output}")
     return 0
+
+
+def _warn_nothing_beyond_the_window(allocations, seq_length: int) -> None:
+    """Perplexity tells FA from SWA only at positions past the window: warn where --seq-length
+    leaves none (a checkpoint's default window longer than the sequences, say)."""
+    blind = [f"{a.name} (W={a.allocation.window}, sinks={a.allocation.sink_tokens})" for a in allocations
+             if a.allocation.achieved_sparsity > 0 and seq_length <= a.allocation.window + a.allocation.sink_tokens]
+    if blind:
+        logging.getLogger("megatron_consa.evaluate").warning(
+            "--seq-length %d: no position lies beyond the window of %s, so their perplexity equals all-FA's and the "
+            "beyond-W column is empty; pass a --seq-length longer than the window + sinks, or a smaller --window",
+            seq_length, ", ".join(blind))
 
 
 if __name__ == "__main__":

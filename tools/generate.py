@@ -63,7 +63,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 5,17,3")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
-    p.add_argument("--max-new-tokens", type=_POSITIVE, default=64, help="tokens to generate at most (default 64; both back ends stop at the tokenizer's EOS)")
+    p.add_argument("--max-new-tokens", type=_POSITIVE, default=64, help="tokens to generate at most (default 64; both back ends stop at the generation_config.json's EOS ids and the tokenizer's EOS)")
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0: greedy (default); > 0: sample")
     p.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_PROBABILITY, default=1.0, help="nucleus sampling mass (1: all)")
@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             "the prompt and --max-new-tokens", logging.getLogger("megatron_consa.generate"))
         with one_rank_model(info, fixed_consa_config(info.arch, info.allocation)) as model:
             result = generate(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                              prefill_chunk=args.prefill_chunk, eos_token_id=_eos(tokenizer))
+                              prefill_chunk=args.prefill_chunk, eos_token_id=_eos(tokenizer, info.path))
         tokens, cache, allocation, arch, dtype = result.tokens, result.cache, info.allocation, info.arch, info.dtype
     else:
         from transformers import AutoModelForCausalLM
@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             "the prompt and --max-new-tokens", logging.getLogger("megatron_consa.generate"))
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32)
         tokens, cache = generate_hf(model.eval(), ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                    eos_token_id=_eos(tokenizer))
+                                    eos_token_id=_eos(tokenizer, model_dir))
         allocation, dtype = config_allocation(model.config), torch.float32
     new = tokens[0, ids.size(1):].tolist()
     print(tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new)))
@@ -149,11 +149,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _eos(tokenizer):
-    """Where both back ends stop: the tokenizer's end-of-sequence id (None without a tokenizer,
-    or one without EOS: the --load path then runs to --max-new-tokens, the --hf-path one stops at
-    the export's generation config)."""
-    return getattr(tokenizer, "eos", None) if tokenizer is not None else None
+def _eos(tokenizer, model_dir) -> list[int]:
+    """Where both back ends stop: the model directory's generation_config.json EOS ids (as
+    transformers' generate; an import and finalize carry the source's, training checkpoints
+    their run's --hf-config directory's) and the tokenizer's end-of-sequence id. None of them:
+    generation runs to --max-new-tokens."""
+    from megatron_consa.conversion.hf_files import generation_eos_ids
+
+    ids = generation_eos_ids(model_dir)
+    eos = getattr(tokenizer, "eos", None) if tokenizer is not None else None
+    return ids + [eos] if eos is not None and eos not in ids else ids
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer, vocab_size: int):

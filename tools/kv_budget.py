@@ -53,7 +53,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="units of --preset and of the --budget answer (default: the --allocation file's, else kv_head)")
     p.add_argument("--budget", help="KV-cache memory you have, e.g. 24GiB: prints the target sparsity that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, least in (("--context-length", args.context_length, 0), ("--batch-size", args.batch_size, 1),
+                               ("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0)):
+        if value is not None and value < least:
+            p.error(f"{flag} {value}: must be >= {least}")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -53,7 +53,7 @@ class ExportRequest:
 
 
 def export_to_hf(request: ExportRequest) -> Path:
-    _check_shard_size(request.max_shard_size)
+    max_shard_size = shard_size_bytes(request.max_shard_size)
     info = read_checkpoint_info(request.load, request.allocation)
     load, save, arch, allocation = info.path, Path(request.save), info.arch, info.allocation
     info.warn_if_unfinalized(logger, "the export")
@@ -70,7 +70,7 @@ def export_to_hf(request: ExportRequest) -> Path:
     hf_state = _merged_hf_state(info)
     with staged_directory(save) as tmp:
         # in the checkpoint's dtype throughout: megatron-core keeps some weights (the norms) in fp32
-        files = write_safetensors(hf_state, tmp, request.max_shard_size, dtype=info.dtype)
+        files = write_safetensors(hf_state, tmp, max_shard_size, dtype=info.dtype)
         set_window_fields(hf_config, window_fields)
         hf_config.dtype = str(info.dtype).replace("torch.", "")
         hf_config.save_pretrained(tmp)
@@ -123,15 +123,19 @@ def _merged_hf_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     return hf
 
 
-def _check_shard_size(max_shard_size: int | str) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
+def shard_size_bytes(max_shard_size: int | str) -> int:
+    """`max_shard_size` in bytes: a count, or a size with a decimal (5GB, 500MB: save_pretrained's
+    units) or binary unit (5GiB, 500MiB)."""
+    from megatron_consa.evaluation.kv_memory import parse_bytes
 
     try:
-        split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)
-        if isinstance(max_shard_size, int) and max_shard_size < 1:
-            raise ValueError("it must be positive")
-    except ValueError as err:
-        raise ValueError(f"--max-shard-size {max_shard_size!r}: {err} (e.g. 5GB, 500MB, or a byte count)") from None
+        size = parse_bytes(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    except ValueError:
+        size = None
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"--max-shard-size {max_shard_size}: not a positive size; write e.g. 5GB, 500MiB, or a "
+                         "byte count")
+    return size
 
 
 def write_safetensors(hf_state: dict[str, torch.Tensor], out: Path, max_shard_size: int | str,

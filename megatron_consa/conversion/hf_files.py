@@ -34,6 +34,27 @@ TOKENIZER_FILES = (
 
 
 HF_CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_eos_ids(directory: str | Path) -> list[int]:
+    """The end-of-sequence ids of `directory`'s generation_config.json, where transformers'
+    `generate` stops (a chat model may list several: Llama 3 Instruct's end of turn beside its
+    end of text); [] without the file or the field."""
+    from megatron_consa.cli import UserInputError
+    from megatron_consa.files import read_json
+
+    file = Path(directory) / GENERATION_CONFIG
+    if not file.is_file():
+        return []
+    data = read_json(file, what="generation config", error=UserInputError)
+    eos = data.get("eos_token_id") if isinstance(data, dict) else None
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(data, dict) or not (
+            isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise UserInputError(f"{file}: expected a JSON object whose eos_token_id is an id or a list of ids; fix it "
+                             "or remove it")
+    return ids
 
 
 def hf_config_file(path: str | Path, *, step: Optional[int] = None, flag: Optional[str] = None) -> Path:

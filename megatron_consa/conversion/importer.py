@@ -18,6 +18,7 @@ directory and renamed into place at the end: a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -77,18 +78,51 @@ def check_output_dir(save: Path, marker: dict, overwrite: bool) -> bool:
     if not save.exists() or (save.is_dir() and not any(save.iterdir())):
         return False
     meta_file = save / "consa_run.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text()).get("conversion") == marker:
+    held = json.loads(meta_file.read_text()).get("conversion") if meta_file.is_file() else None
+    if held == marker:
         return True
     if not overwrite:
+        source_changed = isinstance(held, dict) and {k: v for k, v in held.items() if k != "source_files"} == {
+            k: v for k, v in marker.items() if k != "source_files"}
+        what = ("a conversion of this --hf-path as its files were before (they changed since)" if source_changed
+                else "a different checkpoint or other files")
         raise OutputExistsError(
-            f"{save} already exists and holds a different checkpoint or other files: choose another "
-            "--save directory, or pass --overwrite to replace it"
+            f"{save} already exists and holds {what}: choose another --save directory, or pass --overwrite "
+            "to replace it"
         )
     return False
 
 
 def _source_fingerprint(hf_path: Path) -> list:
-    return sorted([p.name, p.stat().st_size] for p in hf_path.iterdir() if p.suffix in (".safetensors", ".json"))
+    """What says a rerun's source is the one already converted: each config/tokenizer file's
+    content hash, and each weight file's size and modification time (as make judges a
+    target; hashing gigabytes would cost a fair share of the import). A source re-saved in
+    place (fine-tuned weights of the same shapes, an edited config.json) differs, so the
+    rerun is refused without --overwrite instead of keeping the old checkpoint."""
+    entries = []
+    for path in hf_path.iterdir():
+        if path.suffix == ".json":
+            entries.append([path.name, hashlib.sha256(path.read_bytes()).hexdigest()])
+        elif path.suffix == ".safetensors":
+            stat = path.stat()
+            entries.append([path.name, stat.st_size, stat.st_mtime_ns])
+    return sorted(entries)
+
+
+def _check_tied_head(hf_path: Path, hf_state: dict, arch: ArchitectureConfig) -> None:
+    """A tied model's files may hold `lm_head.weight` too: a copy of the embedding is fine
+    (the tie reproduces it); a different matrix is what transformers computes with (it
+    loads the head from the file), so tying would change the model: refused."""
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if not arch.tie_word_embeddings or head not in hf_state:
+        return
+    pair = read_safetensors(hf_path, part=lambda name, shape: () if name in (head, embedding) else None)
+    if not torch.equal(pair[head], pair[embedding]):
+        raise ValueError(
+            f"{hf_path / 'config.json'} sets tie_word_embeddings=true, but the weights hold an {head} that differs "
+            f"from {embedding} (transformers computes with the file's {head}): set \"tie_word_embeddings\": false "
+            "in config.json to import the model as transformers runs it"
+        )
 
 
 @dataclass
@@ -110,6 +144,7 @@ def prepare_import(request: ImportRequest) -> _Prepared:
     hf_state = safetensors_meta(hf_path)  # shapes and dtypes only: the ranks read their parts
     check_hf_shapes(hf_state, arch)
     hf_to_mcore(hf_state, arch)  # refuses tensors the model would drop
+    _check_tied_head(hf_path, hf_state, arch)
     if request.dtype is None:
         dtype = hf_state["model.embed_tokens.weight"].dtype
     elif request.dtype in DTYPES:

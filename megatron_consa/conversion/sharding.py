@@ -67,6 +67,9 @@ class RankLayout:
 
 def check_layout(arch: ArchitectureConfig, tp_size: int, pp_size: int) -> None:
     """Raise ConsaConfigError naming the field that does not divide by the layout."""
+    for flag, size in (("--tensor-model-parallel-size", tp_size), ("--pipeline-model-parallel-size", pp_size)):
+        if size < 1:
+            raise ConsaConfigError(f"{flag}={size}: must be >= 1 (1: no split)")
     for name, value, by, flag in (
         ("num_attention_heads", arch.num_attention_heads, tp_size, "--tensor-model-parallel-size"),
         ("num_key_value_heads", arch.num_kv_heads, tp_size, "--tensor-model-parallel-size"),
@@ -74,7 +77,7 @@ def check_layout(arch: ArchitectureConfig, tp_size: int, pp_size: int) -> None:
         ("intermediate_size", arch.intermediate_size, tp_size, "--tensor-model-parallel-size"),
         ("num_hidden_layers", arch.num_layers, pp_size, "--pipeline-model-parallel-size"),
     ):
-        if by < 1 or value % by:
+        if value % by:
             raise ConsaConfigError(f"{name}={value} is not divisible by {flag}={by}: choose a size that divides it")
 
 

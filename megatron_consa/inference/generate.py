@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -131,14 +131,15 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
     prefill_chunk: Optional[int] = None,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: Union[int, Sequence[int], None] = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt` (``[b, n]`` token ids) with the hybrid KV cache.
 
     The prompt is prefilled in chunks of `prefill_chunk` tokens (all at once when
     None); each new token is one forward of one token. Sampling draws from a
-    generator seeded with `sampling.seed`. A sequence that emits `eos_token_id`
-    continues with it; generation stops when every sequence has.
+    generator seeded with `sampling.seed`. A sequence that emits an `eos_token_id` (one id, or
+    several as in a generation config) continues with the first; generation stops when every
+    sequence has.
     """
     if prompt.dim() != 2 or prompt.size(1) < 1:
         raise ValueError(f"prompt must be [batch, tokens] with at least one token, got shape {tuple(prompt.shape)}")
@@ -160,6 +161,9 @@ def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_
     generator = sampling.generator(prompt.device)
     tokens, step_logits = prompt, []
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
+    eos = None if eos_token_id is None else torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=prompt.dtype,
+        device=prompt.device)
     with kv_cache_attached(model, cache):
         chunk = prefill_chunk or n
         for start in range(0, n, chunk):
@@ -167,9 +171,9 @@ def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_
         for _ in range(max_new_tokens):
             last = logits[:, -1].float()
             token = next_token(last, sampling, generator)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
+            if eos is not None and eos.numel():
+                token = torch.where(done, eos[0], token)
+                done |= torch.isin(token, eos)
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             step_logits.append(last)
             if len(step_logits) == max_new_tokens or bool(done.all()):

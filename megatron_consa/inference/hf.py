@@ -251,21 +251,22 @@ class HybridCache(Cache):
 @torch.no_grad()
 def generate_hf(
     model: Any, prompt: Tensor, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-    eos_token_id: Optional[int] = None,
+    eos_token_id: Union[int, list[int], None] = None,
 ) -> tuple[Tensor, HybridCache]:
     """transformers' `generate` with a `HybridCache`: ``([b, n + new] tokens, the cache)``.
 
     Sampling is transformers' own (temperature, top-k, top-p), seeded by
     `torch.manual_seed(sampling.seed)`; it draws other numbers than
     `megatron_consa.inference.generate` does for the same seed. It stops at the
-    generation config's EOS ids and at `eos_token_id`.
+    generation config's EOS ids and at `eos_token_id`'s (an id or a list).
     """
     cache = HybridCache.for_model(model, max_length=prompt.size(1) + max_new_tokens)
     kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
-    if eos_token_id is not None:  # besides the generation config's own (a chat model may list several)
+    extra = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if extra:  # besides the generation config's own (a chat model may list several)
         own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         own = [] if own is None else [own] if isinstance(own, int) else list(own)
-        kwargs["eos_token_id"] = own + [eos_token_id] if eos_token_id not in own else own
+        kwargs["eos_token_id"] = own + [i for i in extra if i not in own]
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         torch.manual_seed(sampling.seed)

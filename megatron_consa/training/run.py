@@ -491,18 +491,24 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
 
     With them, finalize, export (tools/convert_megatron_to_hf.py), generation and a
     later run (`--hf-config <checkpoint>`) need no flag to know the model and its text.
-    The config is the run's own `--hf-config` file when given (family extras kept).
+    The config is the run's own `--hf-config` file when given (family extras kept), and the
+    generation_config.json beside it goes along (the EOS ids generation stops at).
     """
 
-    from megatron_consa.conversion.hf_files import hf_config_file, hf_config_from_arch, load_hf_config
+    from megatron_consa.conversion.hf_files import (
+        GENERATION_CONFIG, generation_eos_ids, hf_config_file, hf_config_from_arch, load_hf_config,
+    )
     from megatron_consa.conversion.windows import allocation_from_hf, hf_window_fields, set_window_fields
 
     # The run's --hf-config, read now: it may sit in a checkpoint of --load that a later save's
     # --save-retain-interval deletes.
-    source_bytes = source_config = None
+    source_bytes = source_config = generation_bytes = None
     if run.hf_config:
         source = hf_config_file(run.hf_config)  # (a file already when it came through the arguments)
         source_config = load_hf_config(source)
+        if (source.parent / GENERATION_CONFIG).is_file():
+            generation_eos_ids(source.parent)  # a damaged one is refused now, not in every checkpoint
+            generation_bytes = (source.parent / GENERATION_CONFIG).read_bytes()
         if allocation_from_hf(source_config, run.arch) is None:
             source_bytes, source_config = source.read_bytes(), None
         else:  # an imported sliding-window model's: the run's windows are its own (consa_run.json)
@@ -518,6 +524,8 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
             config = hf_config_from_arch(run.arch)
             config.bos_token_id, config.eos_token_id = tokenizer.bos, tokenizer.eos
             config.save_pretrained(str(directory))
+        if generation_bytes is not None:
+            (directory / GENERATION_CONFIG).write_bytes(generation_bytes)
         # the data the run read: evaluation draws its validation split from the same blend by default
         data = {"data_path": list(run.data.data_path), "split": None if run.data.per_split else run.data.split,
                 "seed": run.data.seed, "mock": run.data.mock, "eod_mask_loss": run.data.eod_mask_loss}

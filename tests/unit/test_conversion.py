@@ -233,8 +233,14 @@ def test_export_splits_into_files_with_an_index(converted, capsys):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in weights.values())
     assert_weights_equal(weights, read_weights(hf_dir))
     assert rel_err(hf_logits(back), hf_logits(hf_dir)) < TOL
+    for size in ("40KB", "39.0625KiB"):  # save_pretrained's decimal units, and binary ones: the same 40000 bytes
+        again = root / f"back-qwen3-split-{size}"
+        assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(again), "--max-shard-size", size]) == 0
+        assert json.loads((again / "model.safetensors.index.json").read_text()) == index
     bad = root / "back-qwen3-bad-size"
-    _assert_refused(capsys, EXPORT, ["--load", str(ckpt), "--save", str(bad), "--max-shard-size", "5XB"], "--max-shard-size", bad)
+    for size in ("5XB", "0", "0.5B"):
+        _assert_refused(capsys, EXPORT, ["--load", str(ckpt), "--save", str(bad), "--max-shard-size", size],
+                        f"--max-shard-size {size}: not a positive size", bad)
 
 
 def test_conversion_tools_show_only_their_own_lines(converted, tmp_path):
@@ -550,6 +556,9 @@ def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(tmp_path,
         capsys, IMPORT, ["--hf-path", str(out["qwen3"][0]), "--save", str(save), "--tensor-model-parallel-size", "3"],
         "num_attention_heads=4 is not divisible by --tensor-model-parallel-size=3", save,
     )
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
+        _assert_refused(capsys, IMPORT, ["--hf-path", str(out["qwen3"][0]), "--save", str(save), flag, "0"],
+                        f"{flag}=0: must be >= 1", save)
     # an allocation made for another model
     other = make_preset("all_swa", num_layers=6, num_kv_heads=2, granularity="layer", target_sparsity=None, window=8)
     other.save(tmp_path / "other.json")
@@ -616,6 +625,73 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted
     (tmp_path / "hf" / "keep.txt").write_text("x")
     assert run_tool(EXPORT.main, ["--load", str(target), "--save", str(tmp_path / "hf")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and (tmp_path / "hf" / "keep.txt").exists()
+
+
+def test_a_rerun_over_a_changed_source_is_refused_not_skipped(tmp_path, capsys, converted):
+    """The same command after the source changed in place (an edited config.json; weights
+    re-saved with the same shapes, so the same sizes) is not "nothing to do": it is refused
+    without --overwrite, naming the change, and --overwrite converts the new source."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    source = tmp_path / "src"
+    shutil.copytree(converted[1]["qwen3"][0], source)
+    target = tmp_path / "ckpt"
+    argv = ["--hf-path", str(source), "--save", str(target)]
+    assert run_tool(IMPORT.main, argv) == 0
+    before = (target / "consa_run.json").read_text()
+    assert run_tool(IMPORT.main, argv) == 0  # unchanged source: a no-op
+    assert (target / "consa_run.json").read_text() == before
+
+    config = json.loads((source / "config.json").read_text())
+    config["rms_norm_eps"] = config["rms_norm_eps"] * 10
+    (source / "config.json").write_text(json.dumps(config))
+    assert run_tool(IMPORT.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "as its files were before (they changed since)" in err and "pass --overwrite" in err, err
+    assert (target / "consa_run.json").read_text() == before  # untouched
+
+    assert run_tool(IMPORT.main, argv + ["--overwrite"]) == 0
+    assert json.loads((target / "consa_run.json").read_text())["architecture"]["rms_norm_eps"] == config["rms_norm_eps"]
+    weights = source / "model.safetensors"
+    size = weights.stat().st_size
+    state = load_file(str(weights))
+    save_file({k: v + 1.0 if v.is_floating_point() else v for k, v in state.items()}, str(weights),
+              metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    assert run_tool(IMPORT.main, argv) == 2
+    assert "they changed since" in capsys.readouterr().err
+
+
+def test_a_tied_config_with_its_own_head_in_the_weights(tmp_path, capsys, single_rank_mcore):
+    """tie_word_embeddings=true with an lm_head.weight in the file: a copy of the embedding
+    imports tied; a different head (which transformers computes with) is refused naming the
+    field and the fix, and with the fix applied the import equals transformers' logits."""
+    from safetensors.torch import save_file
+    from scenarios import checkpoint_logits
+
+    source = save_hf("llama_tied", tmp_path / "src")
+    weights = source / "model.safetensors"
+    state = load_file(str(weights))
+    assert "lm_head.weight" not in state
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, str(weights),
+              metadata={"format": "pt"})
+    assert run_tool(IMPORT.main, ["--hf-path", str(source), "--save", str(tmp_path / "copy")]) == 0
+    assert rel_err(checkpoint_logits(str(tmp_path / "copy"), tokens()), hf_logits(source)) < TOL
+
+    head = torch.randn_like(state["model.embed_tokens.weight"], generator=torch.Generator().manual_seed(5))
+    save_file({**state, "lm_head.weight": head}, str(weights), metadata={"format": "pt"})
+    ref = hf_logits(source)
+    save = tmp_path / "ckpt"
+    _assert_refused(capsys, IMPORT, ["--hf-path", str(source), "--save", str(save)],
+                    'the weights hold an lm_head.weight that differs from model.embed_tokens.weight', save)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    assert rel_err(hf_logits(source), ref) == 0  # transformers computed with the file's head all along
+    assert run_tool(IMPORT.main, ["--hf-path", str(source), "--save", str(save)]) == 0
+    assert rel_err(checkpoint_logits(str(save), tokens()), ref) < TOL
 
 
 def test_imported_checkpoint_starts_a_learning_run(converted, single_rank_mcore):

@@ -109,6 +109,22 @@ def test_sequences_past_the_models_positions_are_warned_about(tmp_path, docs, si
         assert (said in caplog.text) is warned, caplog.text
 
 
+def test_sequences_within_the_window_are_warned_about(tmp_path, docs, single_rank_mcore, caplog):
+    """--seq-length no longer than an SWA allocation's window + sinks leaves no position where FA
+    and SWA differ: a warning names the allocations (not all_fa) and the fix; one position past it, none."""
+    text = tmp_path / "held_out.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for seq, warned in ((W, True), (W + 1, False)):
+        caplog.clear()
+        argv = ["--load", str(DEMO), "--allocation", "all_fa", "--allocation", "all_swa", "--text", str(text),
+                "--seq-length", str(seq), "--num-sequences", "1", "--no-progress"]
+        with caplog.at_level("WARNING", logger="megatron_consa.evaluate"):
+            assert run_tool(EVALUATE.main, argv) == 0
+        said = (f"--seq-length {seq}: no position lies beyond the window of all_swa (W={W}, sinks=0), so their "
+                "perplexity equals all-FA's")
+        assert (said in caplog.text) is warned and "all_fa (" not in caplog.text, caplog.text
+
+
 def test_perplexity_and_kv_bytes_equal_direct_computations(tmp_path, docs, single_rank_mcore, capsys):
     text = tmp_path / "held_out.jsonl"
     text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -369,6 +369,59 @@ def test_generate_cli_stops_at_the_tokenizers_eos_on_both_back_ends(generation_d
         assert capsys.readouterr().out.split() == words[:stop + 1], source
 
 
+def test_generate_cli_stops_at_every_eos_of_the_generation_config(generation_dirs, tmp_path, capsys):
+    """A chat model's generation_config.json lists several EOS ids (Llama 3 Instruct's end of turn
+    beside its end of text) and transformers stops at each: so do both back ends, from an import
+    (which carries the file) and its export; a training run from the import carries the file into
+    its checkpoints."""
+    import json
+    import shutil
+
+    from megatron_consa.conversion.hf_files import generation_eos_ids
+
+    ckpt, _, allocation = generation_dirs
+    tool = _tool("generate")
+    prompt = " ".join(f"w{i}" for i in _prompt(1)[0].tolist())
+    common = ["--prompt", prompt, "--max-new-tokens", str(NEW)]
+    assert run_tool(tool.main, ["--load", str(ckpt), "--allocation", str(allocation), *common]) == 0
+    words = capsys.readouterr().out.split()
+    stop = next(i for i in range(1, len(words)) if words[i] not in words[:i])
+    never = next(i for i in range(VOCAB) if f"w{i}" not in words)
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(ckpt.parent / "hf", hf_dir)
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [never, int(words[stop][1:])]}))
+    imported, export = tmp_path / "ckpt", tmp_path / "export"
+    assert run_tool(_tool("convert_hf_to_megatron").main, ["--hf-path", str(hf_dir), "--save", str(imported),
+                                                          "--dtype", "fp32"]) == 0
+    assert generation_eos_ids(imported) == [never, int(words[stop][1:])]
+    from types import SimpleNamespace
+
+    from megatron_consa.data.gpt import DataConfig
+    from megatron_consa.training.arguments import _arch_from_args
+    from megatron_consa.training.run import _checkpoint_extras
+
+    trained = tmp_path / "trained"  # what a run with --hf-config <the import> writes beside each checkpoint's shards
+    trained.mkdir()
+    run = SimpleNamespace(hf_config=str(imported), arch=_arch_from_args(SimpleNamespace(hf_config=str(imported))),
+                          data=DataConfig(data_path=["d"]))
+    _checkpoint_extras(run, SimpleNamespace(save_to=lambda d: None))(trained)
+    assert generation_eos_ids(trained) == generation_eos_ids(imported)
+    argv = ["--load", str(imported), "--save", str(export), "--allocation", str(allocation)]
+    assert run_tool(_tool("convert_megatron_to_hf").main, argv) == 0
+    for source in (["--load", str(imported), "--allocation", str(allocation)], ["--hf-path", str(export)],
+                   ["--hf-path", str(hf_dir)]):
+        assert run_tool(tool.main, [*source, *common]) == 0
+        assert capsys.readouterr().out.split() == words[:stop + 1], source
+
+    (hf_dir / "generation_config.json").write_text('{"eos_token_id": "w3"}')
+    assert run_tool(tool.main, ["--load", str(hf_dir.parent / "ckpt"), "--allocation", str(allocation), *common]) == 0
+    capsys.readouterr()  # the import's own copy is untouched
+    shutil.copyfile(hf_dir / "generation_config.json", imported / "generation_config.json")
+    assert run_tool(tool.main, ["--load", str(imported), "--allocation", str(allocation), *common]) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json: expected a JSON object whose eos_token_id is an id or a list of ids" in err
+
+
 def test_generate_cli_prompts_get_the_bos_a_tokenizer_adds(generation_dirs, tmp_path, capsys):
     """A Llama-style tokenizer puts its BOS first: --prompt is encoded as transformers encodes
     it (BOS included, unlike a dataset's documents), the same as --prompt-ids with the BOS."""

@@ -119,6 +119,14 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     assert run_tool(tool.main, ["--hf-config", str(tmp_path), "--context-length", "10"]) == 2
     assert "model_type='gpt2' is not supported" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps(_qwen3_config()))
+    for flag, value, least in (("--window", "0", 1), ("--window", "-50", 1), ("--sink-tokens", "-1", 0),
+                               ("--batch-size", "0", 1), ("--context-length", "-5", 0)):
+        argv = ["--hf-config", str(tmp_path), "--context-length", "10", "--budget", "1KiB", "--window", "8", flag, value]
+        with pytest.raises(SystemExit) as exit:
+            tool.main(argv)
+        assert exit.value.code == 2
+        assert f"error: {flag} {value}: must be >= {least}" in capsys.readouterr().err
 
 
 def _qwen3_config(**fields) -> dict:
