@@ -104,17 +104,28 @@ class GPTSampleSource:
         return tokens
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _parse_blend(paths: list[str], flag: str = "--data-path") -> tuple[list[str], Optional[list[float]]]:
     if not paths:
         raise DataError(f"{flag} is empty: give one or more dataset prefixes (or --mock-data)")
     if len(paths) == 1:
         return [paths[0]], None
-    try:
-        weights = [float(w) for w in paths[0::2]]
-    except ValueError:
+    if not _is_number(paths[0]):
         return list(paths), None  # unweighted list of prefixes
-    if len(paths) % 2:
-        raise DataError(f"{flag} {' '.join(paths)}: weighted blends alternate WEIGHT PREFIX pairs")
+    # weighted (the first entry is a weight): WEIGHT PREFIX pairs
+    unpaired = [w for w in paths[0::2] if not _is_number(w)]
+    if len(paths) % 2 or unpaired:
+        where = f" ({unpaired[0]!r} stands where a weight should)" if unpaired else ""
+        raise DataError(f"{flag} {' '.join(paths)}: a weighted blend alternates WEIGHT PREFIX pairs{where}; give a "
+                        "weight before every prefix, or none at all")
+    weights = [float(w) for w in paths[0::2]]
     if any(w <= 0 for w in weights):
         raise DataError(f"{flag} weights {weights} must all be > 0")
     return list(paths[1::2]), weights
@@ -156,6 +167,18 @@ def documents_per_split(num_documents: int, split: str) -> list[int]:
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     return [0 if ends is None else int(round(ends[1] * float(num_documents))) - int(round(ends[0] * float(num_documents)))
             for ends in matrix]
+
+
+def has_test_split(config: DataConfig) -> bool:
+    """Whether the data has a test split to evaluate: a --test-data-path blend, or a --split test
+    share (of mock data; of a blend, holding documents of every dataset: the default 969,30,1 gives a
+    small corpus none)."""
+    if config.per_split:
+        return bool(config.test_data_path)
+    if config.mock:  # (its dataset has every split; the run reads the ones --split gives a share)
+        return documents_per_split(1000, config.split)[2] > 0
+    prefixes, _ = _parse_blend(config.data_path)
+    return all(documents_per_split(_index_counts(prefix)[0], config.split)[2] > 0 for prefix in prefixes)
 
 
 def _index_counts(prefix: str) -> tuple[int, int]:

@@ -171,7 +171,6 @@ _FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
     ("--accumulate-allreduce-grads-in-fp32", "(gradients are always accumulated and reduced in fp32)"),
     ("--use-dist-ckpt", "(checkpoints are always megatron-core's dist_checkpointing)"),
     ("--no-async-tensor-model-parallel-allreduce", "(deprecated in Megatron-LM, where it does nothing either)"),
-    ("--exit-on-missing-checkpoint", "(a --load that holds no checkpoint is always an error here)"),
     ("--auto-detect-ckpt-format", "(every checkpoint here is megatron-core's torch_dist: --load's format is known)"),
     ("--no-persist-layer-norm", "(the norms never use Transformer Engine's persistent LayerNorm kernel)"),
 )
@@ -216,6 +215,9 @@ _REFUSED = {  # Megatron-LM flags that would change what these runs are: why not
                                            "checkpoints load at any layout",
     "--rotary-interleaved": "Qwen/Llama/Mistral rotate the two halves of each head (megatron-core's default), not "
                             "interleaved pairs; drop the flag",
+    "--rotary-seq-len-interpolation-factor": "megatron-core's linear position interpolation is not part of these "
+                                             "models' configs (a Hugging Face export could not carry it); the RoPE "
+                                             "scaling supported is Llama 3's (--use-rope-scaling); drop the flag",
     "--apply-query-key-layer-scaling": "ConSA's core attention scales the scores by 1/sqrt(head dim) with the softmax "
                                        "in fp32, so there is nothing to rescale per layer; drop the flag",
     "--defer-embedding-wgrad-compute": "needs gradient-accumulation fusion (Transformer Engine / apex kernels), "
@@ -364,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final learning rate of the input embedding and the output layer (with --decoupled-lr; "
                         "default: --min-lr)")
     g.add_argument("--lr-warmup-iters", type=int, default=argparse.SUPPRESS, help="linear LR warm-up (default: 0)")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the rate the warm-up starts from (default: 0)")
     g.add_argument("--lr-warmup-fraction", type=float, default=argparse.SUPPRESS,
                    help="the warm-up as a fraction of the decay iterations (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-iters", type=int, default=argparse.SUPPRESS,
@@ -458,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorBoard gets the last rank's memory (CUDA's allocator; the CPU: resident bytes)")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true",
                    help="TensorBoard gets the number of ranks")
+    g.add_argument("--log-batch-size-to-tensorboard", action="store_true",
+                   help="TensorBoard gets the global batch size")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="events TensorBoard's writer holds before writing them out (default 1000)")
     g.add_argument("--log-straggler", action="store_true",
                    help="megatron-core's straggler detector (CUDA; needs nvidia-ml-py): at every log line the first "
                         "rank logs the slowest and fastest ranks' time per iteration, estimated TFLOP/s and GPU power, "
@@ -484,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile-step-end", type=int, default=12, help="the first iteration not profiled")
     g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="the global ranks that profile")
     g.add_argument("--eval-interval", type=int, help="iterations between validation-loss evaluations")
-    g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="validation batches per evaluation (and the test split's, evaluated once after training)")
     g.add_argument("--reset-attention-mask", action="store_true",
                    help="not supported: hybrid attention does not honour document masks (refused)")
     g.add_argument("--reset-position-ids", action="store_true", help="not supported (refused)")
@@ -549,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "starts a phase and resumes it after a requeue")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only: new iteration count, optimizer and controller")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="a --load that holds no checkpoint is an error even where it is --save too (the first "
+                        "launch of a job script: otherwise it starts from random weights, as Megatron-LM's)")
     g.add_argument("--ckpt-step", type=int, metavar="N",
                    help="load iteration N of the --load directory instead of its latest (e.g. to go back before a "
                         "loss spike)")
@@ -657,6 +668,21 @@ _SHAPE_FIELD = {
     "max_position_embeddings": lambda m: m.max_position_embeddings,
 }
 _SHAPE_FLAGS = tuple(_SHAPE_FIELD)
+
+
+def architecture_mismatch(saved: ArchitectureConfig, ours: ArchitectureConfig) -> Optional[str]:
+    """Where `ours` describes another model than `saved` (a checkpoint's): '<flag>: the checkpoint
+    has X, this run's model Y' for the first field that differs, by the flag that sets it; None when
+    they agree. The vocabulary counts; max_position_embeddings does not (it shapes no weight: a
+    run may extend the context)."""
+    for name, field in _SHAPE_FIELD.items():
+        if name in ("max_position_embeddings", "use_rope_scaling"):  # (use_rope_scaling: as rope_scaling_factor)
+            continue
+        if field(saved) != field(ours):
+            return f"--{name.replace('_', '-')}: the checkpoint has {field(saved)}, this run's model {field(ours)}"
+    if saved.vocab_size != ours.vocab_size:
+        return f"--vocab-size: the checkpoint has {saved.vocab_size}, this run's model {ours.vocab_size}"
+    return None
 
 
 def _arch_from_checkpoint_args(a: argparse.Namespace) -> ArchitectureConfig:
@@ -789,13 +815,22 @@ def _read_data_args(a: argparse.Namespace) -> None:
 
 
 def _recompute_granularity(a: argparse.Namespace) -> Optional[str]:
-    """--recompute-granularity, or Megatron-LM's --recompute-activations (selective)."""
-    if not hasattr(a, "recompute_activations"):
-        return a.recompute_granularity
-    if a.recompute_granularity not in (None, "selective"):
-        raise ArgumentError(f"--recompute-activations (selective) and --recompute-granularity {a.recompute_granularity}:"
-                            " give one")
-    return "selective"
+    """--recompute-granularity, or Megatron-LM's --recompute-activations (selective). --recompute-method and
+    --recompute-num-layers say which layers full recomputation covers: without it they would do nothing
+    (Megatron-LM asserts the same for selective)."""
+    granularity = a.recompute_granularity
+    if hasattr(a, "recompute_activations"):
+        if granularity not in (None, "selective"):
+            raise ArgumentError(f"--recompute-activations (selective) and --recompute-granularity {granularity}: "
+                                "give one")
+        granularity = "selective"
+    if granularity != "full":
+        for flag, value in (("--recompute-method", a.recompute_method), ("--recompute-num-layers",
+                                                                          a.recompute_num_layers)):
+            if value is not None:
+                raise ArgumentError(f"{flag} {value} chooses the layers full recomputation covers: add "
+                                    "--recompute-granularity full, or drop the flag")
+    return granularity
 
 
 _SAMPLE_FLAGS = ("train_samples", "lr_decay_samples", "lr_warmup_samples", "lr_wsd_decay_samples")
@@ -880,12 +915,31 @@ def _holds_checkpoint(load: str) -> bool:
         or bool(saved_iterations(path)))
 
 
+def _first_launch_of_a_resumable_job(a: argparse.Namespace) -> None:
+    """`--load D --save D` (a job's launch script, the same at every requeue) while D holds no
+    checkpoint yet: the first launch starts from random weights, as Megatron-LM's (its later launches
+    resume D), unless --exit-on-missing-checkpoint. A --load elsewhere that holds none is still an
+    error (a mistyped path must not train from scratch)."""
+    if (not (a.load and a.save) or Path(a.load).resolve() != Path(a.save).resolve() or _holds_checkpoint(a.load)
+            or a.exit_on_missing_checkpoint):
+        return
+    for flag, given in (("--finetune", a.finetune), ("--ckpt-step", a.ckpt_step is not None),
+                        ("--use-checkpoint-args", hasattr(a, "use_checkpoint_args"))):
+        if given:
+            raise ArgumentError(f"{flag}: --load {a.load} holds no checkpoint yet; give one to read (or drop {flag} "
+                                "to start this job from random weights)")
+    logger.warning("--load %s holds no checkpoint yet: starting from random weights (as Megatron-LM); launches of "
+                   "this command after its first save resume it", a.load)
+    a.load = None
+
+
 def _pretrained_or_load(a: argparse.Namespace) -> bool:
     """Megatron-LM's --pretrained-checkpoint: while --load holds no checkpoint, the run starts from the
     pretrained one's weights (--finetune); once it does, --load is resumed and the other is not read.
     Returns whether the run starts from it."""
     pretrained = a.pretrained_checkpoint
     if pretrained is None:
+        _first_launch_of_a_resumable_job(a)
         return False
     if a.finetune:
         raise ArgumentError("--pretrained-checkpoint and --finetune: --pretrained-checkpoint starts from its weights "
@@ -1007,7 +1061,8 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         ("--log-validation-ppl-to-tensorboard", a.log_validation_ppl_to_tensorboard),
         ("--log-timers-to-tensorboard", a.log_timers_to_tensorboard),
         ("--log-memory-to-tensorboard", a.log_memory_to_tensorboard),
-        ("--log-world-size-to-tensorboard", a.log_world_size_to_tensorboard)) if on]
+        ("--log-world-size-to-tensorboard", a.log_world_size_to_tensorboard),
+        ("--log-batch-size-to-tensorboard", a.log_batch_size_to_tensorboard)) if on]
     if unwritten and not a.tensorboard_dir and not a.wandb_project:
         logger.warning("%s without --tensorboard-dir or --wandb-project: nothing is written (as in Megatron-LM); add "
                        "--tensorboard-dir DIR", " and ".join(unwritten))
@@ -1062,6 +1117,9 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         barrier_with_l1_time=a.barrier_with_l1_time,
         log_memory_to_tensorboard=a.log_memory_to_tensorboard,
         log_world_size_to_tensorboard=a.log_world_size_to_tensorboard,
+        log_batch_size_to_tensorboard=a.log_batch_size_to_tensorboard,
+        tensorboard_queue_size=a.tensorboard_queue_size,
+        lr_warmup_init=a.lr_warmup_init,
         log_straggler=a.log_straggler,
         straggler_ctrlr_port=a.straggler_ctrlr_port,
         straggler_minmax_count=a.straggler_minmax_count,

@@ -182,6 +182,8 @@ class TrainingConfig:
     """Learning rate at the end of the decay."""
     lr_warmup_iters: int = 0
     """Linear warm-up of every learning rate (gates included)."""
+    lr_warmup_init: float = 0.0
+    """The rate the warm-up starts from (Megatron-LM's `--lr-warmup-init`)."""
     lr_decay_iters: Optional[int] = None
     """Iterations over which the learning rate decays to min_lr (None: train_iters); it
     stays at min_lr after them."""
@@ -329,6 +331,11 @@ class TrainingConfig:
     process's resident and peak resident bytes ('mem-rss-bytes', 'mem-max-rss-bytes')."""
     log_world_size_to_tensorboard: bool = False
     """TensorBoard gets the number of ranks ('world-size')."""
+    log_batch_size_to_tensorboard: bool = False
+    """TensorBoard gets the global batch size ('batch-size')."""
+    tensorboard_queue_size: int = 1000
+    """Events TensorBoard's writer holds before it writes them out (its `max_queue`, Megatron-LM's
+    `--tensorboard-queue-size`)."""
     log_straggler: bool = False
     """Megatron-LM's straggler detector (`--log-straggler`, megatron-core's `StragglerDetector`;
     CUDA only, no effect on the CPU): each rank times its forward passes and batch reading
@@ -407,6 +414,17 @@ class TrainingConfig:
             _fail("TrainingConfig", "lr_decay_iters", self.lr_decay_iters, "must be an integer >= 1 (or None: train_iters)")
         if self.lr_warmup_iters < 0:
             _fail("TrainingConfig", "lr_warmup_iters", self.lr_warmup_iters, "must be >= 0")
+        if not 0 <= self.lr_warmup_init <= self.lr:
+            _fail("TrainingConfig", "lr_warmup_init", self.lr_warmup_init, f"the warm-up rises from it to lr={self.lr}: "
+                  "use a value in [0, lr]")
+        if self.tensorboard_queue_size < 1:
+            _fail("TrainingConfig", "tensorboard_queue_size", self.tensorboard_queue_size, "must be >= 1")
+        decay = self.lr_decay_iters or self.train_iters
+        if self.lr_decay_style != "constant" and 0 < decay <= self.lr_warmup_iters:
+            _fail("TrainingConfig", "lr_warmup_iters", self.lr_warmup_iters,
+                  f"the {self.lr_decay_style} decay ends at iteration {decay} (lr_decay_iters, else train_iters), "
+                  "which must come after the warm-up (megatron-core's schedule asserts it); use a shorter warm-up, a "
+                  "longer decay, or lr_decay_style 'constant'")
         for name in ("decoupled_lr", "decoupled_min_lr"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):

@@ -252,10 +252,11 @@ def build_optimizer(
     patch_fp32_param_checkpointing(optimizer)  # the float32 gates in a bf16/fp16 model (compat.optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=training.lr_warmup_init,
         max_lr=training.lr,
         min_lr=training.min_lr,
         lr_warmup_steps=training.lr_warmup_iters,
+        # (a constant schedule with a warm-up as long as the run: megatron-core asserts warm-up < decay)
         lr_decay_steps=max(1, training.lr_decay_iters or training.train_iters, training.lr_warmup_iters + 1),
         lr_decay_style=training.lr_decay_style,
         wsd_decay_steps=training.lr_wsd_decay_iters,
@@ -450,7 +451,8 @@ class ConsaTrainer:
         if torch.distributed.get_rank() == world - 1:
             try:
                 self.metrics = MetricWriters.open(
-                    tensorboard_dir=training.tensorboard_dir, wandb=training.wandb_init(),
+                    tensorboard_dir=training.tensorboard_dir, tensorboard_queue_size=training.tensorboard_queue_size,
+                    wandb=training.wandb_init(),
                     config={"architecture": dataclasses.asdict(arch), "consa": consa.to_dict(),
                             "parallel": dataclasses.asdict(parallel), "training": training.to_dict()},
                 )
@@ -732,6 +734,8 @@ class ConsaTrainer:
                     self.metrics.add_scalar(name, value, r.iteration)
             if self.training.log_world_size_to_tensorboard:
                 self.metrics.add_scalar("world-size", torch.distributed.get_world_size(), r.iteration)
+            if self.training.log_batch_size_to_tensorboard:
+                self.metrics.add_scalar("batch-size", self.training.global_batch_size, r.iteration)
         interval = self.training.log_interval
         if interval and (r.iteration % interval == 0 or r.skipped):
             now, done = time.time(), r.iteration + 1
@@ -851,6 +855,13 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
     if not consa.learning:
         return
     consa.check_target_representable(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads)
+    if training.seq_length <= consa.window + consa.sink_tokens:  # (a smoke test's short sequences, say: warned)
+        logger.warning(
+            "ConsaConfig.window=%d (with %d sink tokens) covers the whole TrainingConfig.seq_length=%d: no position "
+            "lies beyond the window, so a windowed unit computes what full attention does and the loss cannot tell "
+            "the gates which to keep (the allocation learned is arbitrary); choose a window shorter than the "
+            "sequences (a quarter of them, say), or longer sequences", consa.window, consa.sink_tokens,
+            training.seq_length)
     if training.train_iters == 0:
         return
     if consa.target_warmup_iters >= training.train_iters:
@@ -860,6 +871,23 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
             "allocation phase ends, so it could never settle; train for longer than the warm-up (a few hundred "
             "iterations more) or shorten the warm-up"
         )
+    # settle_report's tail: the last ceil(fraction x n) of the controller's records, one an iteration (0-based)
+    first_judged = training.train_iters - math.ceil(consa.settle_tail_fraction * training.train_iters)
+    if first_judged < consa.target_warmup_iters:
+        raise ConsaConfigError(
+            f"ConsaConfig.target_warmup_iters={consa.target_warmup_iters}: the run's judged tail (iterations "
+            f"{first_judged}..{training.train_iters - 1}, the last {consa.settle_tail_fraction:.0%} of "
+            f"TrainingConfig.train_iters={training.train_iters}) starts inside the target warm-up, so finalize could "
+            f"never accept the allocation; train for at least {_least_iters(consa)} iterations or shorten the warm-up"
+        )
+
+
+def _least_iters(consa: ConsaConfig) -> int:
+    """The shortest run whose judged tail starts after the target warm-up."""
+    n = consa.target_warmup_iters + 1
+    while n - math.ceil(consa.settle_tail_fraction * n) < consa.target_warmup_iters:
+        n += 1
+    return n
 
 
 def _check_finite(r: StepRecord) -> None:

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_consa.allocation import Allocation, allocation_from_spec
+from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfigError
 from megatron_consa.data.gpt import check_data_paths
 from megatron_consa.data.tokenizer import build_tokenizer
-from megatron_consa.training.arguments import ArgumentError, RunConfig
+from megatron_consa.training.arguments import ArgumentError, RunConfig, architecture_mismatch
 from megatron_consa.training.config import ParallelConfig
 from megatron_consa.unit_scores import UnitScores
 
@@ -125,12 +126,50 @@ def _check_save_dir(save: str) -> None:
     """--save is a directory this process can write, or can be made in one (not made here: a run refused
     later leaves nothing behind; the first save makes it)."""
     from megatron_consa.files import unwritable_reason
+    from megatron_consa.training.checkpoint import CONSA_META_FILE, FINALIZED_CHECKPOINT_DIR
 
     if Path(save).exists() and not Path(save).is_dir():
         raise ArgumentError(f"--save {save}: exists and is not a directory")
+    for inside, what in ((CONSA_META_FILE, "a checkpoint"), (Path(FINALIZED_CHECKPOINT_DIR) / CONSA_META_FILE,
+                                                             "finalize's output")):
+        if (Path(save) / inside).is_file():  # its iter_* would shadow it: a later --load of it would read them
+            raise ArgumentError(f"--save {save}: {what} (it holds {inside}), not a --save directory: save into a "
+                                "directory of its own")
     problem = unwritable_reason(save)
     if problem:
         raise ArgumentError(f"--save {save}: {problem}; choose a directory you can write")
+
+
+def _check_output_dirs(run: RunConfig) -> None:
+    """The other directories a run writes (TensorBoard's, the profiler's traces go there too; W&B's): writable,
+    checked before any work, not made (their writers make them)."""
+    from megatron_consa.files import unwritable_reason
+
+    for flag, directory in (("--tensorboard-dir", run.training.tensorboard_dir),
+                            ("--wandb-save-dir", run.training.wandb_save_dir)):
+        problem = directory and unwritable_reason(directory)
+        if problem:
+            raise ArgumentError(f"{flag} {directory}: {problem}; choose a directory you can write")
+
+
+def _check_describable(arch: ArchitectureConfig) -> None:
+    """Every checkpoint gets a Hugging Face config.json of the model (built from the shape flags
+    without --hf-config): a shape transformers refuses (a hidden size that is not a multiple of
+    the head count, for Llama and Qwen2) is refused now, not at the first save after the work."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from megatron_consa.conversion.hf_files import hf_config_from_arch
+
+    try:
+        hf_config_from_arch(arch)
+    except (StrictDataclassError, ValueError) as err:
+        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
+        problem = " ".join(str(cause).split()).rstrip(".")
+        raise ArgumentError(
+            f"--hidden-size {arch.hidden_size}, --num-attention-heads {arch.num_attention_heads}: the checkpoints' "
+            f"config.json ({arch.model_type}) cannot describe this model ({problem}); choose a hidden size that is a "
+            "multiple of the head count"
+        ) from err
 
 
 def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
@@ -162,6 +201,13 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             f"--tokenizer-model: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
             f"{arch.vocab_size} (--vocab-size / --hf-config): use the model's own tokenizer or a larger vocabulary"
         )
+    if not run.hf_config:
+        _check_describable(arch)
+    if run.training.seq_length > arch.max_position_embeddings and dist_rank() == 0:
+        logger.warning("--seq-length %d is past the model's max_position_embeddings (%d, which the checkpoints' "
+                       "config.json records): a longer context than the model says it serves; pass "
+                       "--max-position-embeddings %d to record it (Megatron-LM refuses this)",
+                       run.training.seq_length, arch.max_position_embeddings, run.training.seq_length)
     if not run.data.mock:
         try:
             check_data_paths(run.data)
@@ -196,12 +242,19 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                                "remove them)", step,
                                ", ".join(map(str, later)))
         load_meta = read_checkpoint_meta(load_dir) or {}
-        saved_arch = load_meta.get("architecture") or {}
-        for name in ("num_layers", "num_kv_heads", "hidden_size", "num_attention_heads", "vocab_size"):
-            if name in saved_arch and saved_arch[name] != getattr(arch, name):
+        if load_meta.get("architecture"):
+            fields = {f.name for f in dataclasses.fields(ArchitectureConfig)}
+            saved_arch = ArchitectureConfig(**{k: v for k, v in load_meta["architecture"].items() if k in fields})
+            if not run.arch.vocab_size and arch.vocab_size != saved_arch.vocab_size:
+                # the vocabulary was padded here from the tokenizer (to 128 x TP rows): the checkpoint's padding
+                # serves as well where it holds the tokenizer and splits over this TP size
+                if saved_arch.vocab_size >= tokenizer.vocab_size and saved_arch.vocab_size % tp == 0:
+                    arch = dataclasses.replace(arch, vocab_size=saved_arch.vocab_size)
+            mismatch = architecture_mismatch(saved_arch, arch)
+            if mismatch:
                 raise ArgumentError(
-                    f"{run.checkpoint.load_flag()}: the checkpoint has {name}={saved_arch[name]} but this run's model "
-                    f"has {getattr(arch, name)}: describe the same model (e.g. --hf-config of the checkpoint)"
+                    f"{run.checkpoint.load_flag()}: {mismatch}: describe the model the "
+                    "checkpoint holds (--use-checkpoint-args, or --hf-config of the checkpoint, takes it from there)"
                 )
         saved_learning = (load_meta.get("consa") or {}).get("allocation") is None
         same_phase = saved_learning == (run.phase == "learn")
@@ -261,6 +314,7 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         raise ArgumentError(str(err)) from err
     if run.checkpoint.save:
         _check_save_dir(run.checkpoint.save)
+    _check_output_dirs(run)
     return PreparedRun(run=run, tokenizer=tokenizer, load_dir=load_dir, load_meta=load_meta, resume=resume,
                        allocation=allocation)
 
@@ -291,7 +345,8 @@ def _check_same_learning_setup(run: RunConfig, load_meta: dict) -> None:
 _OPTIMIZER_GROUPS = {"lr": "--lr", "min_lr": "--min-lr", "weight_decay": "--weight-decay",
                      "decoupled_lr": "--decoupled-lr", "decoupled_min_lr": "--decoupled-min-lr"}
 # ... and the learning-rate schedule follows these (the checkpoint's, unless overridden).
-_SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_style": "--lr-decay-style",
+_SCHEDULE = {"train_iters": "--train-iters", "lr_warmup_iters": "--lr-warmup-iters", "lr_warmup_init": "--lr-warmup-init",
+             "lr_decay_style": "--lr-decay-style",
              "lr_decay_iters": "--lr-decay-iters", "lr_wsd_decay_iters": "--lr-wsd-decay-iters",
              "lr_wsd_decay_style": "--lr-wsd-decay-style", "weight_decay_incr_style": "--weight-decay-incr-style",
              "start_weight_decay": "--start-weight-decay", "end_weight_decay": "--end-weight-decay"}
@@ -344,10 +399,14 @@ def _check_same_optimizer(run: RunConfig, training, load_meta: dict) -> None:
     gate_lr = (load_meta.get("consa") or {}).get("gate_lr")
     if run.phase == "learn" and gate_lr is not None and gate_lr != run.consa.gate_lr:  # (a fixed phase has no gates)
         changed.append(("--consa-gate-lr", gate_lr, run.consa.gate_lr))
+    gates_only = (load_meta.get("consa") or {}).get("gates_only")
+    if run.phase == "learn" and gates_only is not None and gates_only != run.consa.gates_only:
+        changed.append(("--consa-gates-only", gates_only, run.consa.gates_only))  # (another set of parameter groups)
     if changed:
         flag, was, now = changed[0]
-        saved_with = f"with {flag} {was}" if was is not None else f"without {flag}"
-        asked = f"{flag} {now}" if now is not None else f"no {flag}"
+        saved_with = (f"with {flag}" if was is True else f"without {flag}" if was is None or was is False
+                      else f"with {flag} {was}")
+        asked = f"{flag}" if now is True else f"no {flag}" if now is None or now is False else f"{flag} {now}"
         raise ArgumentError(
             f"{run.checkpoint.load_flag()}: the run was saved {saved_with}, this run asks for {asked}: a resume "
             f"continues the saved optimizer; resume {saved_with}, continue with {asked} and {_NEW_OPTIMIZER}"
@@ -479,6 +538,14 @@ def _check_same_allocation(run: RunConfig, load_dir: Path, load_meta: dict, allo
         )
 
 
+def _evaluates_test(run: RunConfig) -> bool:
+    """The test split is evaluated once, after training (Megatron-LM's do_test), where the run
+    evaluates (--eval-interval) or names a test blend (--test-data-path), and it holds documents."""
+    from megatron_consa.data.gpt import has_test_split
+
+    return bool(run.eval_iters) and bool(run.eval_interval or run.data.test_data_path) and has_test_split(run.data)
+
+
 def _eval_samples(run: RunConfig) -> int:
     if not run.eval_interval:
         return 0
@@ -565,9 +632,10 @@ def run_training(prepared: PreparedRun):
                                start_time=job_start)
         progress.starting_job()
     samples = training.train_iters * training.global_batch_size
-    train_src, valid_src, _ = build_gpt_sources(
+    test_samples = run.eval_iters * training.global_batch_size if _evaluates_test(run) else 0
+    train_src, valid_src, test_src = build_gpt_sources(
         run.data, prepared.tokenizer, seq_length=training.seq_length, train_samples=samples,
-        valid_samples=_eval_samples(run),
+        valid_samples=_eval_samples(run), test_samples=test_samples,
     )
     if train_src is None:
         raise ArgumentError(f"--split {run.data.split}: the training split is empty")
@@ -595,18 +663,22 @@ def run_training(prepared: PreparedRun):
 
     manual_gc = ManualGC(training.manual_gc, interval=training.manual_gc_interval, around_eval=training.manual_gc_eval)
 
-    def evaluate(k: int) -> None:
+    def evaluate(k: int, split: str = "valid") -> None:
         nonlocal eval_batch
         manual_gc.before_eval()
-        loss = trainer.evaluate(valid_src, iterations=run.eval_iters, first_batch=eval_batch)
+        if split == "valid":
+            loss = trainer.evaluate(valid_src, iterations=run.eval_iters, first_batch=eval_batch)
+            eval_batch += run.eval_iters
+        else:  # the test split, once, at the end (its first --eval-iters batches)
+            loss = trainer.evaluate(test_src, iterations=run.eval_iters)
         manual_gc.after_eval()
-        eval_batch += run.eval_iters
         if trainer.metrics is not None:
-            trainer.metrics.add_scalar("consa/valid_loss", loss, k)
+            trainer.metrics.add_scalar(f"consa/{split}_loss", loss, k)
             if training.log_validation_ppl_to_tensorboard:
-                trainer.metrics.add_scalar("consa/valid_ppl", math.exp(min(loss, 50.0)), k)
+                trainer.metrics.add_scalar(f"consa/{split}_ppl", math.exp(min(loss, 50.0)), k)
         if dist_rank() == 0:
-            logger.info("validation | iter %d | loss %.4f | ppl %.3f", k, loss, math.exp(min(loss, 50.0)))
+            logger.info("%s | iter %d | loss %.4f | ppl %.3f", "validation" if split == "valid" else "test", k, loss,
+                        math.exp(min(loss, 50.0)))
 
     extras = _checkpoint_extras(run, prepared.tokenizer)
 
@@ -649,8 +721,11 @@ def run_training(prepared: PreparedRun):
                     writer.wait()
                     if dist_rank() == 0:
                         logger.info("stopping after iteration %d of %d (%s): %s", k, training.train_iters, stop,
-                                    f"saved to {save}; launch again with --load {save} to resume" if save
-                                    else "nothing saved (no --save)")
+                                    (f"saved to {save}; launch again with --load {save} to resume" if
+                                     run.checkpoint.save_optim else
+                                     f"saved to {save} without its optimizer state (--no-save-optim); launch again "
+                                     f"with --load {save} --no-load-optim to continue with a new optimizer")
+                                    if save else "nothing saved (no --save)")
                     trainer.close()
                     writer.close()
                     torch.distributed.barrier()
@@ -676,6 +751,12 @@ def run_training(prepared: PreparedRun):
     elif save:
         checkpoint()
     writer.close()  # (the final save written and in place)
+    if trainer.iteration > start:  # as Megatron-LM after training: the validation split, then the test split
+        k = trainer.iteration
+        if run.eval_interval and k % run.eval_interval:  # (at a multiple, the loop has just evaluated it)
+            evaluate(k)
+        if test_src is not None:
+            evaluate(k, "test")
     if run.consa.learning:
         report, fa = trainer.settle_report(), trainer.fa_per_layer()  # fa_per_layer: a collective
         if dist_rank() == 0:

@@ -27,14 +27,16 @@ class MetricWriters:
         self.wandb_run = wandb_run
 
     @classmethod
-    def open(cls, *, tensorboard_dir: Optional[str], wandb: Optional[dict], config: dict) -> Optional["MetricWriters"]:
+    def open(cls, *, tensorboard_dir: Optional[str], wandb: Optional[dict], config: dict,
+             tensorboard_queue_size: int = 1000) -> Optional["MetricWriters"]:
         """Open the sinks asked for (None when none is). `wandb`: `wandb.init`'s project, name,
-        dir and entity; `config`: what the W&B run records as its configuration."""
+        dir and entity; `config`: what the W&B run records as its configuration;
+        `tensorboard_queue_size`: the events TensorBoard's writer holds before writing them out."""
         tensorboard = wandb_run = None
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            tensorboard = SummaryWriter(log_dir=tensorboard_dir)
+            tensorboard = SummaryWriter(log_dir=tensorboard_dir, max_queue=tensorboard_queue_size)
         if wandb:
             try:
                 wandb_run = cls._open_wandb(wandb, config)

@@ -49,7 +49,7 @@ def _ok(proc) -> str:
 
 def _losses(log: str) -> list[float]:
     return [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines()
-            if "| loss " in line and "iter " in line and "validation |" not in line]  # the training steps
+            if "| loss " in line and "iter " in line and "validation |" not in line and "test |" not in line]  # training
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,12 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
         expected = reference.encode(docs[i], add_special_tokens=False) + [reference.eos_token_id]
         assert written[i].tolist() == expected
     log = _ok(_train(MODEL + [
-        "--data-path", str(tmp_path / "hf_text_document"), "--split", "90,10,0", "--tokenizer-type",
+        "--data-path", str(tmp_path / "hf_text_document"), "--split", "80,10,10", "--tokenizer-type",
         "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir), "--consa-phase", "fixed", "--consa-allocation",
         "all_fa", "--train-iters", "12", "--lr", "3e-3", "--log-interval", "4", "--save", str(tmp_path / "run"),
         "--no-save-optim", "--num-workers", "2", "--eod-mask-loss", "--calculate-per-token-loss", "--profile",
         "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "3", "--tensorboard-dir",
-        str(tmp_path / "tb"), "--tensorboard-log-interval", "4", "--eval-interval", "6", "--eval-iters", "1",
+        str(tmp_path / "tb"), "--tensorboard-log-interval", "4", "--eval-interval", "5", "--eval-iters", "1",
         "--log-validation-ppl-to-tensorboard", "--deterministic-mode"]))
     losses = _losses(log)
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -104,7 +104,11 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     assert [e.step for e in events.Scalars("consa/loss")] == [0, 4, 8]  # every --tensorboard-log-interval
     valid = {e.step: e.value for e in events.Scalars("consa/valid_loss")}
     ppl = {e.step: e.value for e in events.Scalars("consa/valid_ppl")}
-    assert list(valid) == list(ppl) == [6, 12] and all(abs(ppl[k] - math.exp(valid[k])) < 1e-3 * ppl[k] for k in ppl)
+    # every --eval-interval and, as Megatron-LM, once more after the last iteration; then the test split once
+    assert list(valid) == list(ppl) == [5, 10, 12] and all(abs(ppl[k] - math.exp(valid[k])) < 1e-3 * ppl[k] for k in ppl)
+    test = {e.step: e.value for e in events.Scalars("consa/test_loss")}
+    assert list(test) == [12] and f"test | iter 12 | loss {test[12]:.4f}" in log
+    assert [e.step for e in events.Scalars("consa/test_ppl")] == [12]
     traces = list((tmp_path / "tb").glob("*.pt.trace.json"))
     assert len(traces) == 1, traces
     steps = set(re.findall(r'"ProfilerStep#(\d+)"', traces[0].read_text()))
@@ -117,7 +121,7 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     assert meta["resumable"] is False and not list(saved.glob("rng_rank*"))
     assert meta["training"]["deterministic_mode"]  # (every operation of the run has a deterministic kernel)
     # what evaluation's --data-path defaults its --split and seed to
-    assert meta["data"] == {"data_path": [str(tmp_path / "hf_text_document")], "split": "90,10,0", "seed": 1234,
+    assert meta["data"] == {"data_path": [str(tmp_path / "hf_text_document")], "split": "80,10,10", "seed": 1234,
                             "mock": False, "eod_mask_loss": True}
     assert b"optimizer" not in (saved / ".metadata").read_bytes()  # dist_checkpointing's index of the shards
     config = json.loads((saved / "config.json").read_text())

@@ -3,6 +3,8 @@ checks before megatron-core builds anything, and unweighted blends that last the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -54,6 +56,24 @@ def test_a_blend_built_by_several_threads_reads_the_same_samples(tmp_path):
 def test_a_bad_split_is_refused_naming_the_flag(bad):
     with pytest.raises(DataError, match="--split"):
         check_split(bad)
+
+
+@pytest.mark.parametrize("paths,message", [
+    (["0.3", "a", "b"], "a weighted blend alternates WEIGHT PREFIX pairs ('b' stands where a weight should)"),
+    (["0.3", "a", "0.7"], "a weighted blend alternates WEIGHT PREFIX pairs; give a weight before every prefix"),
+    (["0.3", "a", "b", "c"], "('b' stands where a weight should)"),
+    (["0.3", "a", "0", "b"], "weights [0.3, 0.0] must all be > 0"),
+])
+def test_a_weighted_blend_that_does_not_pair_is_refused_naming_the_flag(paths, message):
+    """`--data-path 0.3 A B` (a weight without its pair) is named as such, not read as a prefix called 0.3;
+    a blend without weights stays a list of prefixes."""
+    from megatron_consa.data.gpt import _parse_blend
+
+    with pytest.raises(DataError, match=re.escape(f"--data-path {' '.join(paths)}" if "> 0" not in message else "")
+                       + ".*" + re.escape(message)):
+        _parse_blend(paths)
+    assert _parse_blend(["a", "b"]) == (["a", "b"], None)
+    assert _parse_blend(["1", "a", "3", "b"]) == (["a", "b"], [1.0, 3.0])
 
 
 def test_documents_per_split_is_megatron_cores_split(tmp_path):

@@ -122,6 +122,20 @@ class TestTrainer:
         gates_only = _trainer(dataclasses.replace(consa, gates_only=True), **schedule).train()
         assert [(r.lr, r.gate_lr) for r in gates_only] == [(r.lr, r.gate_lr) for r in plain]
 
+    def test_lr_warmup_init_is_where_the_warm_up_starts(self):
+        """--lr-warmup-init: the linear warm-up rises from it to --lr (step k of w: init + (lr - init) k / w), the
+        gates' from it to their own rate; the decay after it is unchanged."""
+        consa = ConsaConfig(window=4, gate_lr=0.05, init_log_alpha=0.0, target_warmup_iters=0)
+        schedule = dict(train_iters=6, lr=1e-2, min_lr=1e-3, lr_warmup_iters=4, lr_decay_style="linear")
+        plain = _trainer(consa, **schedule).train()
+        lifted = _trainer(consa, lr_warmup_init=2e-3, **schedule).train()
+        # (the scheduler steps before each step: the first step runs at warm-up step 1)
+        for k in range(1, 4):
+            assert lifted[k - 1].lr == pytest.approx(2e-3 + (1e-2 - 2e-3) * k / 4)
+            assert plain[k - 1].lr == pytest.approx(1e-2 * k / 4)
+            assert lifted[k - 1].gate_lr == pytest.approx(2e-3 + (0.05 - 2e-3) * k / 4)
+        assert [r.lr for r in lifted[3:]] == [r.lr for r in plain[3:]]
+
     def test_lr_decay_iters_ends_the_decay_early_and_init_method_std_scales_the_weights(self):
         """--lr-decay-iters: the lr follows a run of that length, then stays at min_lr;
         --init-method-std: megatron-core's initialisation at that scale."""
@@ -729,8 +743,9 @@ class TestMegatronTrainingFlags:
         assert trainer.train_step().iteration == 1  # megatron-core: "timer has already been started" otherwise
 
     def test_timers_and_memory_reach_the_log_and_tensorboard(self, tmp_path, caplog):
-        """--timing-log-level 2 with --log-timers-to-tensorboard, --log-memory-to-tensorboard and
-        --log-world-size-to-tensorboard: megatron-core's timers (the schedule's, the optimizer's,
+        """--timing-log-level 2 with --log-timers-to-tensorboard, --log-memory-to-tensorboard,
+        --log-world-size-to-tensorboard and --log-batch-size-to-tensorboard (and --tensorboard-queue-size
+        reaching the writer): megatron-core's timers (the schedule's, the optimizer's,
         the gradient sync's) and ConSA's in the log line's text and in TensorBoard, per iteration and
         nested as they run; an evaluation is not timed; level 0 times nothing."""
         import logging
@@ -740,13 +755,15 @@ class TestMegatronTrainingFlags:
         consa = ConsaConfig(window=4, target_warmup_iters=0)
         trainer = _trainer(consa, train_iters=4, log_interval=2, tensorboard_dir=str(tmp_path / "tb"),
                            timing_log_level=2, log_timers_to_tensorboard=True, log_memory_to_tensorboard=True,
-                           log_world_size_to_tensorboard=True)
+                           log_world_size_to_tensorboard=True, log_batch_size_to_tensorboard=True,
+                           tensorboard_queue_size=3)
         with caplog.at_level(logging.INFO, logger="megatron_consa.training.loop"):
             trainer.train_step()
             before = trainer.timers("forward-backward").elapsed(reset=False)
             trainer.evaluate(DATA, iterations=2)
             assert trainer.timers("forward-backward").elapsed(reset=False) == before  # not timed
             trainer.train()
+        assert trainer.metrics.tensorboard.max_queue == 3  # --tensorboard-queue-size
         trainer.close()
         reports = [r.getMessage() for r in caplog.records if "time across ranks (ms)" in r.getMessage()]
         assert len(reports) == 2  # at iterations 0 and 2
@@ -774,6 +791,7 @@ class TestMegatronTrainingFlags:
         rss, peak = scalars("mem-rss-bytes"), scalars("mem-max-rss-bytes")
         assert list(rss) == [0, 1, 2, 3] and all(1e7 < rss[k] <= peak[k] for k in rss), (rss, peak)
         assert set(scalars("world-size").values()) == {1.0}
+        assert scalars("batch-size") == {k: float(trainer.training.global_batch_size) for k in range(4)}
 
         caplog.clear()
         quiet = _trainer(consa, train_iters=2, log_interval=1)

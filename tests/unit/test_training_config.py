@@ -181,6 +181,8 @@ LLAMA_SCRIPT = [  # the model and schedule flags of a Megatron-LM Llama pretrain
     "--optimizer", "adam", "--dataloader-type", "single", "--no-async-tensor-model-parallel-allreduce",
     "--exit-on-missing-checkpoint", "--distributed-backend", distributed_backend(), "--rerun-mode", "disabled",
     "--tensorboard-log-interval", "5", "--log-validation-ppl-to-tensorboard", "--log-loss-scale-to-tensorboard",
+    # and a Qwen3 script's (Megatron-LM's examples/qwen3 style)
+    "--tensorboard-queue-size", "5", "--log-batch-size-to-tensorboard", "--lr-warmup-init", "1e-7",
     # the checkpoint flags of NVIDIA's large-scale scripts (e.g. Megatron-LM's Nemotron and DeepSeek examples)
     "--save", "/ckpt", "--save-interval", "250", "--save-retain-interval", "1000",
     "--ckpt-fully-parallel-save", "--ckpt-fully-parallel-load", "--async-save",
@@ -216,6 +218,7 @@ def test_a_megatron_lm_llama_script_parses_into_our_configs():
     assert (t.tensorboard_log_interval, t.log_validation_ppl_to_tensorboard) == (5, True)
     assert (t.timing_log_level, t.log_timers_to_tensorboard, t.log_memory_to_tensorboard,
             t.log_world_size_to_tensorboard) == (1, True, True, True)
+    assert (t.tensorboard_queue_size, t.log_batch_size_to_tensorboard, t.lr_warmup_init) == (5, True, 1e-7)
     assert t.wandb_init() == {"project": "llama3", "name": "8b", "dir": "/ckpt/wandb", "entity": None}
     local = parse_run_config(LLAMA_SCRIPT + ["--attention-backend", "local"])  # no TE attention: the torch backend
     assert (local.training.attention_backend, local.consa.backend) == ("local", "torch")
@@ -556,10 +559,101 @@ def test_megatron_lm_kernel_and_optimizer_flags_that_cannot_hold_are_refused(fla
     (dict(deterministic_mode=True, cross_entropy_loss_fusion=True), "cross_entropy_loss_fusion.*--deterministic-mode"),
     (dict(override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=True),
      "use_checkpoint_opt_param_scheduler"),
+    # megatron-core's schedule asserts warm-up < decay: the decay must end after the warm-up
+    (dict(train_iters=5, lr_warmup_iters=5, lr_decay_style="cosine"), "lr_warmup_iters=5 is invalid: the cosine decay "
+                                                                      "ends at iteration 5"),
+    (dict(train_iters=9, lr_warmup_iters=5, lr_decay_iters=3, lr_decay_style="linear"),
+     "lr_warmup_iters=5 is invalid: the linear decay ends at iteration 3"),
 ])
 def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     with pytest.raises(ConsaConfigError, match=field):
         TrainingConfig(**kw).validate(dp_size=1)
+
+
+@pytest.mark.parametrize("warmup", [5, 20, 100])
+def test_a_learn_run_too_short_for_its_judged_tail_is_refused_before_any_work(warmup):
+    """The run ends before its target warm-up, or its judged tail (the last 10% of the run, what finalize
+    judges) starts inside the warm-up: refused at the start, naming the shortest run finalize could
+    accept, which is exactly where the settling judge stops refusing for that reason."""
+    from megatron_consa.architecture import ArchitectureConfig
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.controller import judge_settling
+    from megatron_consa.training.loop import _least_iters, check_learning_run
+
+    arch = ArchitectureConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                              num_attention_heads=4, num_kv_heads=2)
+    consa = ConsaConfig(target_warmup_iters=warmup, target_sparsity=0.5)
+    least = _least_iters(consa)
+    for n in (warmup, least - 1, least):
+        records = [[k, 0.5] for k in range(n)]
+        in_warmup = "inside the target warm-up" in judge_settling(
+            records, target_sparsity=0.5, warmup_iters=warmup, tail_fraction=0.1, tolerance=0.01).reason
+        assert in_warmup is (n < least), n
+        training = TrainingConfig(train_iters=n, seq_length=1024)
+        if n < least:
+            with pytest.raises(ConsaConfigError, match=f"train for at least {least} iterations|is not shorter than"):
+                check_learning_run(consa, arch=arch, training=training, tp_size=1)
+        else:
+            check_learning_run(consa, arch=arch, training=training, tp_size=1)
+
+
+def test_a_learn_run_whose_window_covers_its_sequences_is_warned_about(caplog):
+    """With every position inside the window (and sinks), a windowed unit computes what full attention
+    does: the gates learn nothing from the loss. Warned before any work (a smoke test's short sequences
+    may mean it); one position past it, no warning."""
+    from megatron_consa.architecture import ArchitectureConfig
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.loop import check_learning_run
+
+    arch = ArchitectureConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                              num_attention_heads=4, num_kv_heads=2)
+    consa = ConsaConfig(window=48, sink_tokens=16, target_warmup_iters=5, target_sparsity=0.5)
+    said = "ConsaConfig.window=48 (with 16 sink tokens) covers the whole TrainingConfig.seq_length=64"
+    for seq, warned in ((64, True), (65, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="megatron_consa.training.loop"):
+            check_learning_run(consa, arch=arch, training=TrainingConfig(train_iters=100, seq_length=seq), tp_size=1)
+        assert (said in caplog.text) is warned, caplog.text
+
+
+def test_an_unwritable_tensorboard_dir_is_refused_before_any_work(tmp_path):
+    """--tensorboard-dir where a file stands (or under one): refused by prepare_run naming the flag, as --save
+    is, not a traceback from TensorBoard's writer after the model is built."""
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5"]
+    (tmp_path / "file").write_text("x")
+    for where in (tmp_path / "file", tmp_path / "file" / "tb"):
+        with pytest.raises(ArgumentError, match=re.escape(f"--tensorboard-dir {where}: {tmp_path / 'file'} is a file, "
+                                                          "not a directory")):
+            prepare_run(parse_run_config(base + ["--tensorboard-dir", str(where)]), world_size=1)
+    prepare_run(parse_run_config(base + ["--tensorboard-dir", str(tmp_path / "tb")]), world_size=1)
+    assert not (tmp_path / "tb").exists()
+
+
+def test_sequences_past_the_models_positions_are_warned_about(caplog):
+    """--seq-length beyond --max-position-embeddings (or --hf-config's): the checkpoints would record a
+    shorter context than the run trains; warned, naming the flag that records it."""
+    from megatron_consa.training.arguments import parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "64", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5", "--consa-window", "16"]
+    for positions, warned in (("32", True), ("64", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="megatron_consa.training.run"):
+            prepare_run(parse_run_config(base + ["--max-position-embeddings", positions]), world_size=1)
+        said = "--seq-length 64 is past the model's max_position_embeddings (32"
+        assert (said in caplog.text) is warned and ("--max-position-embeddings 64 to record it" in caplog.text) is warned
+
+
+def test_a_constant_schedule_may_warm_up_for_the_whole_run():
+    TrainingConfig(train_iters=5, lr_warmup_iters=5, lr_decay_style="constant").validate(dp_size=1)
+    TrainingConfig(train_iters=6, lr_warmup_iters=5, lr_decay_style="cosine").validate(dp_size=1)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -579,6 +673,8 @@ def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
     (["--fp8-format", "hybrid", "--fp8-amax-history-len", "1024", "--fp8-param-gather"],
      "--fp8-format: fp8 training is not supported here"),
     (["--recompute-granularity", "full"], "--recompute-activations (selective) and --recompute-granularity full"),
+    (["--recompute-method", "uniform"], "--recompute-method uniform chooses the layers full recomputation covers: "
+                                        "add --recompute-granularity full"),
     (["--optimizer", "sgd"], "--optimizer sgd: --optimizer adam only (megatron-core's Adam"),
     (["--dataloader-type", "cyclic"], "--dataloader-type cyclic: --dataloader-type single only"),
     (["--distributed-backend", OTHER_BACKEND], f"--distributed-backend {OTHER_BACKEND}: this machine runs "
@@ -590,6 +686,8 @@ def test_bad_kernel_and_optimizer_settings_name_the_field(kw, field):
                                               "checkpoints here are megatron-core's dp_reshardable format"),
     (["--rotary-interleaved"], "--rotary-interleaved: Qwen/Llama/Mistral rotate the two halves of each head"),
     (["--apply-query-key-layer-scaling"], "--apply-query-key-layer-scaling: ConSA's core attention scales"),
+    (["--rotary-seq-len-interpolation-factor", "4"], "--rotary-seq-len-interpolation-factor: megatron-core's linear "
+                                                     "position interpolation is not part of these models' configs"),
 ])
 def test_megatron_lm_flags_that_disagree_are_refused_by_name(flags, message):
     from megatron_consa.training.arguments import ArgumentError, parse_run_config
@@ -776,6 +874,83 @@ def test_a_resume_that_would_not_fit_the_saved_optimizer_is_refused(tmp_path, sa
                        world_size=1).resume
 
 
+@pytest.mark.parametrize("shape", [["--hidden-size", "65", "--num-attention-heads", "4"],
+                                   ["--hidden-size", "64", "--num-attention-heads", "3", "--kv-channels", "16"]])
+def test_a_shape_no_checkpoint_config_can_describe_is_refused_before_any_work(shape):
+    """Each checkpoint carries a Hugging Face config.json built from the shape flags: transformers' Llama
+    refuses a hidden size that is not a multiple of the head count (even with --kv-channels), which would
+    otherwise end the run at its first save, after the work; Qwen3 (--qk-layernorm) takes it."""
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5", "--consa-granularity", "layer", "--consa-target-sparsity", "0.5"]
+    hidden, heads = shape[1], shape[3]
+    with pytest.raises(ArgumentError, match=re.escape(
+            f"--hidden-size {hidden}, --num-attention-heads {heads}: the checkpoints' config.json (llama) cannot "
+            f"describe this model (The hidden size ({hidden}) is not a multiple of the number of attention heads "
+            f"({heads})); choose a hidden size that is a multiple of the head count")):
+        prepare_run(parse_run_config(base + shape), world_size=1)
+    if "--kv-channels" in shape:
+        assert prepare_run(parse_run_config(base + shape + ["--qk-layernorm"]), world_size=1).run.arch.head_dim == 16
+
+
+def test_the_first_launch_of_load_d_save_d_starts_from_random_weights(tmp_path, caplog):
+    """A job script's `--load D --save D` (the same command at every requeue): while D holds no checkpoint,
+    the run starts from random weights with a warning, as Megatron-LM's; a --load elsewhere holding none
+    is still refused (a mistyped path), and so are flags that need a checkpoint to read."""
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5"]
+    job = tmp_path / "job"
+    for made in (False, True):  # no directory yet; one a job wrote its logs into before the first save
+        if made:
+            job.mkdir()
+            (job / "slurm.log").write_text("x")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
+            prepared = prepare_run(parse_run_config(base + ["--load", str(job), "--save", str(job)]), world_size=1)
+        assert prepared.load_dir is None and not prepared.resume and prepared.run.checkpoint.save == str(job)
+        assert f"--load {job} holds no checkpoint yet: starting from random weights (as Megatron-LM)" in caplog.text
+    with pytest.raises(ArgumentError, match=re.escape(f"--load {tmp_path / 'elsewhere'}: no such directory")):
+        prepare_run(parse_run_config(base + ["--load", str(tmp_path / "elsewhere"), "--save", str(job)]), world_size=1)
+    with pytest.raises(ArgumentError, match=re.escape(f"--load {job}: neither a checkpoint")):  # Megatron-LM's flag
+        prepare_run(parse_run_config(base + ["--load", str(job), "--save", str(job), "--exit-on-missing-checkpoint"]),
+                    world_size=1)
+    for extra in (["--finetune"], ["--ckpt-step", "4"]):
+        with pytest.raises(ArgumentError, match=re.escape(f"{extra[0]}: --load {job} holds no checkpoint yet")):
+            parse_run_config(base + ["--load", str(job), "--save", str(job)] + extra)
+
+
+@pytest.mark.parametrize("saved_gates_only", [True, False])
+def test_a_resume_that_turns_gates_only_on_or_off_is_refused(tmp_path, saved_gates_only):
+    """--consa-gates-only trains another set of parameters (another optimizer's parameter groups): a
+    resume that switches it is refused naming the flag, before megatron-core fails to merge the groups."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5"]
+    meta = {"iteration": 8, "resumable": True,
+            "consa": ConsaConfig(target_warmup_iters=5, gates_only=saved_gates_only).to_dict(),
+            "architecture": {}, "training": {}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "consa_run.json").write_text(json.dumps(meta))
+    same = ["--consa-gates-only"] if saved_gates_only else []
+    other = [] if saved_gates_only else ["--consa-gates-only"]
+    message = ("saved with --consa-gates-only, this run asks for no --consa-gates-only" if saved_gates_only else
+               "saved without --consa-gates-only, this run asks for --consa-gates-only")
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        prepare_run(parse_run_config(base + other + ["--load", str(tmp_path / "run")]), world_size=1)
+    for extra in (same, other + ["--no-load-optim"], other + ["--finetune"]):
+        prepare_run(parse_run_config(base + extra + ["--load", str(tmp_path / "run")]), world_size=1)
+
+
 def test_a_model_sized_by_its_tokenizer_pads_the_vocabulary_as_megatron_lm(tmp_path):
     """--make-vocab-size-divisible-by (default 128) times the TP size; --vocab-size is taken as it is."""
     import sys
@@ -804,6 +979,73 @@ def test_a_model_sized_by_its_tokenizer_pads_the_vocabulary_as_megatron_lm(tmp_p
         parse_run_config(base + ["--make-vocab-size-divisible-by", "0"])
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--untie-embeddings-and-output-weights"], "--untie-embeddings-and-output-weights: the checkpoint has True, "
+                                                "this run's model False"),
+    (["--rotary-base", "10000"], "--rotary-base: the checkpoint has 10000.0, this run's model 1000000.0"),
+    (["--ffn-hidden-size", "96"], "--ffn-hidden-size: the checkpoint has 96, this run's model 128"),
+    (["--kv-channels", "16"], "--kv-channels: the checkpoint has 16, this run's model 8"),
+    (["--add-qkv-bias"], "--add-qkv-bias: the checkpoint has True, this run's model False"),
+    (["--norm-epsilon", "1e-5"], "--norm-epsilon: the checkpoint has 1e-05, this run's model 1e-06"),
+    (["--use-rope-scaling"], "--rope-scaling-factor: the checkpoint has 8.0, this run's model None"),
+    (["--vocab-size", "128"], "--vocab-size: the checkpoint has 128, this run's model 64"),
+])
+def test_a_load_of_another_model_is_refused_naming_the_flag(tmp_path, flags, message):
+    """Every field of the saved model is checked against the run's, by the flag that sets it: a
+    resume or a start from weights of another model (an untied output layer, another RoPE base)
+    would otherwise load what matches and drop or keep the rest silently. A longer context
+    (--max-position-embeddings) is not another model."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5"]
+    saved = parse_run_config(base + flags + ["--max-position-embeddings", "16"])
+    meta = {"iteration": 8, "resumable": True, "consa": ConsaConfig(target_warmup_iters=5).to_dict(),
+            "architecture": saved.arch.__dict__, "training": {}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "consa_run.json").write_text(json.dumps(meta))
+    for extra in ([], ["--finetune"]):
+        with pytest.raises(ArgumentError, match=re.escape(f"--load {tmp_path / 'run'}: {message}: describe the model")):
+            prepare_run(parse_run_config(base + extra + ["--load", str(tmp_path / "run")]), world_size=1)
+    assert prepare_run(parse_run_config(base + flags + ["--load", str(tmp_path / "run")]), world_size=1).resume
+
+
+def test_a_model_sized_by_its_tokenizer_loads_its_checkpoint_at_another_tp(tmp_path):
+    """The vocabulary padded from the tokenizer depends on the TP size (128 x TP rows); a checkpoint
+    saved at another TP keeps its own padding where it holds the tokenizer and splits over this TP."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tokenizer_fixtures import hf_tokenizer_dir
+
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    tok = hf_tokenizer_dir(["some text to train a tokenizer on, with words and more words"] * 20, tmp_path / "tok")
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--consa-target-warmup-iters", "5",
+            "--tokenizer-model", str(tok), "--make-vocab-size-divisible-by", "64"]
+    at_tp1 = prepare_run(parse_run_config(base), world_size=1).run.arch
+    at_tp2 = prepare_run(parse_run_config(base + ["--tensor-model-parallel-size", "2"]), world_size=2).run.arch
+    assert at_tp1.vocab_size != at_tp2.vocab_size  # (so the case shows)
+    for name, arch in (("tp1", at_tp1), ("tp2", at_tp2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "consa_run.json").write_text(json.dumps(
+            {"iteration": 8, "resumable": True, "consa": ConsaConfig(target_warmup_iters=5).to_dict(),
+             "architecture": arch.__dict__, "training": {}}))
+    loaded = prepare_run(parse_run_config(base + ["--tensor-model-parallel-size", "2", "--load", str(tmp_path / "tp1")]),
+                         world_size=2)
+    assert loaded.resume and loaded.run.arch.vocab_size == at_tp1.vocab_size
+    assert prepare_run(parse_run_config(base + ["--load", str(tmp_path / "tp2")]), world_size=1).run.arch == at_tp2
+    with pytest.raises(ArgumentError, match=re.escape(f"--vocab-size: the checkpoint has {at_tp1.vocab_size}")):
+        prepare_run(parse_run_config(base + ["--vocab-size", str(at_tp2.vocab_size), "--load", str(tmp_path / "tp1")]),
+                    world_size=1)
+
+
 def test_save_directory_problems_are_named_before_any_work_and_nothing_is_made(tmp_path):
     """--save is checked where it would be made: a file in its place or in its path, and a directory this
     process cannot write in (a read-only mode; root writes anywhere, so that case is checked only as a
@@ -826,6 +1068,15 @@ def test_save_directory_problems_are_named_before_any_work_and_nothing_is_made(t
     if os.geteuid() != 0:
         with pytest.raises(ArgumentError, match=f"--save {locked / 'run'}: {locked} is not writable"):
             _check_save_dir(str(locked / "run"))
+    # a checkpoint (an import, one iter_* of a run) or finalize's output: its iter_* would shadow what it holds
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "consa_run.json").write_text("{}")
+    (tmp_path / "finalized" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "finalized" / "checkpoint" / "consa_run.json").write_text("{}")
+    for path, what in (("ckpt", "a checkpoint (it holds consa_run.json)"),
+                       ("finalized", "finalize's output (it holds checkpoint/consa_run.json)")):
+        with pytest.raises(ArgumentError, match=re.escape(f"--save {tmp_path / path}: {what}, not a --save directory")):
+            _check_save_dir(str(tmp_path / path))
 
 
 def test_straggler_flags_reach_the_training_config_and_bad_values_name_the_flag(capsys):
