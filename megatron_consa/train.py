@@ -54,8 +54,12 @@ def main(argv=None) -> int:
 
         prepared = prepare_run(run, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, FileNotFoundError) as err:
-        if rank == 0:
+        from megatron_consa.training.arguments import LocalPathError
+
+        if rank == 0:  # (every rank meets the same flag errors: one reports them)
             report_user_error(flag_names(str(err)))
+        elif isinstance(err, LocalPathError) and os.environ.get("LOCAL_RANK", "0") == "0":  # another node's paths
+            report_user_error(f"(rank {rank}) {err}")
         return USER_ERROR_EXIT
     if "WORLD_SIZE" not in os.environ:  # plain `python -m megatron_consa.train`: a one-rank world (in-memory store)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

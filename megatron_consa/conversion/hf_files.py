@@ -42,6 +42,7 @@ def generation_eos_ids(directory: str | Path) -> list[int]:
     `generate` stops (a chat model may list several: Llama 3 Instruct's end of turn beside its
     end of text); [] without the file or the field."""
     from megatron_consa.cli import UserInputError
+    from megatron_consa.data.tokenizer import id_list
     from megatron_consa.files import read_json
 
     file = Path(directory) / GENERATION_CONFIG
@@ -49,9 +50,9 @@ def generation_eos_ids(directory: str | Path) -> list[int]:
         return []
     data = read_json(file, what="generation config", error=UserInputError)
     eos = data.get("eos_token_id") if isinstance(data, dict) else None
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
-    if not isinstance(data, dict) or not (
-            isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+    ids = id_list(eos) if eos is None or isinstance(eos, (int, list)) else None
+    if not isinstance(data, dict) or ids is None or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                            for i in ids):
         raise UserInputError(f"{file}: expected a JSON object whose eos_token_id is an id or a list of ids; fix it "
                              "or remove it")
     return ids

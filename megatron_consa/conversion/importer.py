@@ -33,7 +33,7 @@ from megatron_consa.allocation import Allocation
 from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfig
 from megatron_consa.conversion.hf_files import (
-    copy_tokenizer_files, load_hf_config, read_safetensors, safetensors_meta, staged_directory,
+    TOKENIZER_FILES, copy_tokenizer_files, load_hf_config, read_safetensors, safetensors_meta, staged_directory,
 )
 from megatron_consa.conversion.keymap import check_hf_shapes, hf_to_mcore
 from megatron_consa.conversion.sharding import RankLayout, check_layout, hf_tensor_part, rank_architecture, stage_state_dict
@@ -84,7 +84,10 @@ def check_output_dir(save: Path, marker: dict, overwrite: bool) -> bool:
     if not overwrite:
         source_changed = isinstance(held, dict) and {k: v for k, v in held.items() if k != "source_files"} == {
             k: v for k, v in marker.items() if k != "source_files"}
-        what = ("a conversion of this --hf-path as its files were before (they changed since)" if source_changed
+        older = source_changed and any(len(e) == 2 and isinstance(e[1], int) for e in held.get("source_files", []))
+        what = ("a conversion of this --hf-path recorded by an earlier version of the converter (which cannot tell "
+                "whether the files changed since)" if older else
+                "a conversion of this --hf-path as its files were before (they changed since)" if source_changed
                 else "a different checkpoint or other files")
         raise OutputExistsError(
             f"{save} already exists and holds {what}: choose another --save directory, or pass --overwrite "
@@ -94,14 +97,14 @@ def check_output_dir(save: Path, marker: dict, overwrite: bool) -> bool:
 
 
 def _source_fingerprint(hf_path: Path) -> list:
-    """What says a rerun's source is the one already converted: each config/tokenizer file's
+    """What says a rerun's source is the one already converted: each config and tokenizer file's
     content hash, and each weight file's size and modification time (as make judges a
     target; hashing gigabytes would cost a fair share of the import). A source re-saved in
     place (fine-tuned weights of the same shapes, an edited config.json) differs, so the
     rerun is refused without --overwrite instead of keeping the old checkpoint."""
     entries = []
     for path in hf_path.iterdir():
-        if path.suffix == ".json":
+        if path.suffix == ".json" or path.name in TOKENIZER_FILES:  # (tokenizer.model, merges.txt, ...: copied too)
             entries.append([path.name, hashlib.sha256(path.read_bytes()).hexdigest()])
         elif path.suffix == ".safetensors":
             stat = path.stat()

@@ -170,11 +170,12 @@ def documents_per_split(num_documents: int, split: str) -> list[int]:
 
 
 def has_test_split(config: DataConfig) -> bool:
-    """Whether the data has a test split to evaluate: a --test-data-path blend, or a --split test
-    share (of mock data; of a blend, holding documents of every dataset: the default 969,30,1 gives a
-    small corpus none)."""
+    """Whether the data has a test split to evaluate: a --test-data-path blend holding documents, or a
+    --split test share (of mock data; of a blend, holding documents of every dataset: the default
+    969,30,1 gives a small corpus none)."""
     if config.per_split:
-        return bool(config.test_data_path)
+        prefixes = _parse_blend(config.test_data_path, "--test-data-path")[0] if config.test_data_path else []
+        return bool(prefixes) and all(_index_counts(prefix)[0] > 0 for prefix in prefixes)
     if config.mock:  # (its dataset has every split; the run reads the ones --split gives a share)
         return documents_per_split(1000, config.split)[2] > 0
     prefixes, _ = _parse_blend(config.data_path)

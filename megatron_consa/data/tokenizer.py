@@ -40,6 +40,11 @@ TEXT_TOKENIZER_TYPES = tuple(t for t in TOKENIZER_TYPES if t != "NullTokenizer")
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer")
 
 
+def id_list(ids) -> list[int]:
+    """None, one token id or a sequence of them (what transformers' `eos_token_id` fields hold) as a list."""
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 class TokenizerError(ValueError):
     """A tokenizer that cannot be built or does not fit; the message names the flag and the fix."""
 

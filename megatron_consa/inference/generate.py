@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from megatron_consa.attention import ConsaCoreAttention
+from megatron_consa.data.tokenizer import id_list
 from megatron_consa.inference.cache import HybridKVCache, LayerKVCache, hybrid_attention
 from megatron_consa.inference.sampling import SamplingConfig, next_token
 
@@ -161,9 +162,7 @@ def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_
     generator = sampling.generator(prompt.device)
     tokens, step_logits = prompt, []
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
-    eos = None if eos_token_id is None else torch.tensor(
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=prompt.dtype,
-        device=prompt.device)
+    eos = torch.tensor(id_list(eos_token_id), dtype=prompt.dtype, device=prompt.device)
     with kv_cache_attached(model, cache):
         chunk = prefill_chunk or n
         for start in range(0, n, chunk):
@@ -171,7 +170,7 @@ def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_
         for _ in range(max_new_tokens):
             last = logits[:, -1].float()
             token = next_token(last, sampling, generator)
-            if eos is not None and eos.numel():
+            if eos.numel():
                 token = torch.where(done, eos[0], token)
                 done |= torch.isin(token, eos)
             tokens = torch.cat([tokens, token[:, None]], dim=1)

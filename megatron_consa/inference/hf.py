@@ -37,6 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from megatron_consa.allocation import Allocation, make_preset
 from megatron_consa.architecture import CONSA_HF_CONFIG_KEY, ArchitectureConfig
 from megatron_consa.conversion.windows import CONSA_ATTENTION, CONSA_ATTENTION_IN_CONFIG, allocation_from_hf
+from megatron_consa.data.tokenizer import id_list
 from megatron_consa.inference.cache import CachedKV, HybridKVCache, LayerKVCache, hybrid_attention
 from megatron_consa.inference.sampling import SamplingConfig
 
@@ -262,10 +263,9 @@ def generate_hf(
     """
     cache = HybridCache.for_model(model, max_length=prompt.size(1) + max_new_tokens)
     kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
-    extra = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    extra = id_list(eos_token_id)
     if extra:  # besides the generation config's own (a chat model may list several)
-        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        own = [] if own is None else [own] if isinstance(own, int) else list(own)
+        own = id_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         kwargs["eos_token_id"] = own + [i for i in extra if i not in own]
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,6 +39,11 @@ PHASES = ("learn", "fixed")
 
 class ArgumentError(ValueError):
     """A flag with a bad value, or flags that do not fit together; the message names the flag."""
+
+
+class LocalPathError(ArgumentError):
+    """A path flag this process cannot use (not writable, a file in the way): the nodes of a job may
+    see different file systems, so any rank may be the one that meets it, and reports it."""
 
 
 @dataclass
@@ -368,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, default=argparse.SUPPRESS, help="linear LR warm-up (default: 0)")
     g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the rate the warm-up starts from (default: 0)")
     g.add_argument("--lr-warmup-fraction", type=float, default=argparse.SUPPRESS,
-                   help="the warm-up as a fraction of the decay iterations (instead of --lr-warmup-iters)")
+                   help="the warm-up as a fraction of the decay iterations (instead of --lr-warmup-iters; below 1 "
+                        "unless --lr-decay-style constant)")
     g.add_argument("--lr-decay-iters", type=int, default=argparse.SUPPRESS,
                    help="iterations of the decay to --min-lr (default: --train-iters)")
     g.add_argument("--weight-decay", type=float, default=0.1,
@@ -676,7 +683,8 @@ def architecture_mismatch(saved: ArchitectureConfig, ours: ArchitectureConfig) -
     they agree. The vocabulary counts; max_position_embeddings does not (it shapes no weight: a
     run may extend the context)."""
     for name, field in _SHAPE_FIELD.items():
-        if name in ("max_position_embeddings", "use_rope_scaling"):  # (use_rope_scaling: as rope_scaling_factor)
+        if name == "max_position_embeddings" or (name == "rope_scaling_factor" and None in (
+                saved.rope_scaling_factor, ours.rope_scaling_factor)):  # (scaling on one side: --use-rope-scaling's)
             continue
         if field(saved) != field(ours):
             return f"--{name.replace('_', '-')}: the checkpoint has {field(saved)}, this run's model {field(ours)}"
@@ -816,20 +824,26 @@ def _read_data_args(a: argparse.Namespace) -> None:
 
 def _recompute_granularity(a: argparse.Namespace) -> Optional[str]:
     """--recompute-granularity, or Megatron-LM's --recompute-activations (selective). --recompute-method and
-    --recompute-num-layers say which layers full recomputation covers: without it they would do nothing
-    (Megatron-LM asserts the same for selective)."""
+    --recompute-num-layers choose the layers full recomputation covers: with selective recomputation they
+    are refused (Megatron-LM asserts it), without recomputation ignored with a warning (Megatron-LM ignores
+    them silently)."""
     granularity = a.recompute_granularity
+    selective_flag = "--recompute-granularity selective"
     if hasattr(a, "recompute_activations"):
         if granularity not in (None, "selective"):
             raise ArgumentError(f"--recompute-activations (selective) and --recompute-granularity {granularity}: "
                                 "give one")
-        granularity = "selective"
-    if granularity != "full":
-        for flag, value in (("--recompute-method", a.recompute_method), ("--recompute-num-layers",
-                                                                          a.recompute_num_layers)):
-            if value is not None:
-                raise ArgumentError(f"{flag} {value} chooses the layers full recomputation covers: add "
-                                    "--recompute-granularity full, or drop the flag")
+        granularity, selective_flag = "selective", "--recompute-activations"
+    given = [f"{flag} {value}" for flag, value in (("--recompute-method", a.recompute_method),
+                                                   ("--recompute-num-layers", a.recompute_num_layers))
+             if value is not None]
+    if given and granularity == "selective":
+        raise ArgumentError(f"{given[0]} chooses the layers full recomputation covers, not selective recomputation "
+                            f"({selective_flag}): replace {selective_flag} with --recompute-granularity full, or "
+                            "drop the flag")
+    if given and granularity is None:
+        logger.warning("%s without --recompute-granularity full: no activation is recomputed, so it does nothing",
+                       " and ".join(given))
     return granularity
 
 
@@ -906,13 +920,11 @@ def _holds_checkpoint(load: str) -> bool:
     """Whether `--load` holds a checkpoint to resume: a `--save` directory with its marker or a complete
     checkpoint, a checkpoint, or finalize's output (not: no such directory, an empty one, or one a job
     wrote logs into before its first save); what `training.checkpoint.resolve_load_dir` resolves."""
-    from megatron_consa.training.checkpoint import CONSA_META_FILE, TRACKER_FILE, saved_iterations
-    from megatron_consa.training.finalize import CHECKPOINT_DIR
+    from megatron_consa.training.checkpoint import TRACKER_FILE, checkpoint_marker, saved_iterations
 
     path = Path(load)
-    return path.is_dir() and (
-        any((path / name).exists() for name in (TRACKER_FILE, CONSA_META_FILE, f"{CHECKPOINT_DIR}/{CONSA_META_FILE}"))
-        or bool(saved_iterations(path)))
+    return path.is_dir() and ((path / TRACKER_FILE).exists() or checkpoint_marker(path) is not None
+                              or bool(saved_iterations(path)))
 
 
 def _first_launch_of_a_resumable_job(a: argparse.Namespace) -> None:
@@ -928,8 +940,9 @@ def _first_launch_of_a_resumable_job(a: argparse.Namespace) -> None:
         if given:
             raise ArgumentError(f"{flag}: --load {a.load} holds no checkpoint yet; give one to read (or drop {flag} "
                                 "to start this job from random weights)")
-    logger.warning("--load %s holds no checkpoint yet: starting from random weights (as Megatron-LM); launches of "
-                   "this command after its first save resume it", a.load)
+    if os.environ.get("RANK", "0") == "0":  # (every rank parses the flags)
+        logger.warning("--load %s holds no checkpoint yet: starting from random weights (as Megatron-LM); launches "
+                       "of this command after its first save resume it", a.load)
     a.load = None
 
 
@@ -999,6 +1012,10 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     warmup = a.lr_warmup_iters or 0
     if a.lr_warmup_fraction is not None:  # Megatron-LM: a fraction of the decay iterations
         warmup = round(a.lr_warmup_fraction * (a.lr_decay_iters or a.train_iters))
+        if a.lr_decay_style != "constant" and warmup >= (a.lr_decay_iters or a.train_iters):
+            raise ArgumentError(f"--lr-warmup-fraction {a.lr_warmup_fraction}: a warm-up of the whole decay ({warmup} "
+                                "iterations) leaves none to decay (megatron-core's schedule asserts warm-up < decay); "
+                                "give a fraction below 1, or --lr-decay-style constant")
     scaling = {name: getattr(a, name) for name in (flag[2:].replace("-", "_") for flag, *_ in _LOSS_SCALE_FLAGS)
                if hasattr(a, name)}  # the flags given (argparse.SUPPRESS): TrainingConfig's defaults otherwise
     if scaling and not a.fp16:

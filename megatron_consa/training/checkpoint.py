@@ -630,6 +630,16 @@ def _delete_in_background(directory: Path) -> bool:
     return True
 
 
+def checkpoint_marker(path: str | os.PathLike) -> Optional[str]:
+    """What makes `path` one checkpoint: its `consa_run.json`, or finalize's output's
+    `checkpoint/consa_run.json` (returned relative to `path`); None otherwise (a `--save` directory
+    of `iter_*` checkpoints included)."""
+    for marker in (CONSA_META_FILE, f"{FINALIZED_CHECKPOINT_DIR}/{CONSA_META_FILE}"):
+        if (Path(path) / marker).is_file():
+            return marker
+    return None
+
+
 def resolve_load_dir(load: str | os.PathLike, *, step: Optional[int] = None, flag: Optional[str] = "--load") -> Path:
     """The checkpoint directory `--load` means: the latest in a `--save` directory (or its
     iteration `step`: Megatron-LM's `--ckpt-step`), the directory itself, or the checkpoint in

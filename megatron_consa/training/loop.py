@@ -855,13 +855,6 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
     if not consa.learning:
         return
     consa.check_target_representable(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads)
-    if training.seq_length <= consa.window + consa.sink_tokens:  # (a smoke test's short sequences, say: warned)
-        logger.warning(
-            "ConsaConfig.window=%d (with %d sink tokens) covers the whole TrainingConfig.seq_length=%d: no position "
-            "lies beyond the window, so a windowed unit computes what full attention does and the loss cannot tell "
-            "the gates which to keep (the allocation learned is arbitrary); choose a window shorter than the "
-            "sequences (a quarter of them, say), or longer sequences", consa.window, consa.sink_tokens,
-            training.seq_length)
     if training.train_iters == 0:
         return
     if consa.target_warmup_iters >= training.train_iters:
@@ -873,6 +866,12 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
         )
     # settle_report's tail: the last ceil(fraction x n) of the controller's records, one an iteration (0-based)
     first_judged = training.train_iters - math.ceil(consa.settle_tail_fraction * training.train_iters)
+    if first_judged < consa.target_warmup_iters and consa.settle_tail_fraction >= 1:
+        raise ConsaConfigError(
+            f"ConsaConfig.settle_tail_fraction={consa.settle_tail_fraction} judges the whole run, which starts inside "
+            f"the target warm-up (ConsaConfig.target_warmup_iters={consa.target_warmup_iters}): finalize could never "
+            "accept the allocation; judge a smaller tail, or set no warm-up"
+        )
     if first_judged < consa.target_warmup_iters:
         raise ConsaConfigError(
             f"ConsaConfig.target_warmup_iters={consa.target_warmup_iters}: the run's judged tail (iterations "

@@ -26,7 +26,8 @@ from megatron_consa.architecture import ArchitectureConfig
 from megatron_consa.config import ConsaConfigError
 from megatron_consa.data.gpt import check_data_paths
 from megatron_consa.data.tokenizer import build_tokenizer
-from megatron_consa.training.arguments import ArgumentError, RunConfig, architecture_mismatch
+from megatron_consa.evaluation.flags import warn_past_positions
+from megatron_consa.training.arguments import ArgumentError, LocalPathError, RunConfig, architecture_mismatch
 from megatron_consa.training.config import ParallelConfig
 from megatron_consa.unit_scores import UnitScores
 
@@ -126,18 +127,18 @@ def _check_save_dir(save: str) -> None:
     """--save is a directory this process can write, or can be made in one (not made here: a run refused
     later leaves nothing behind; the first save makes it)."""
     from megatron_consa.files import unwritable_reason
-    from megatron_consa.training.checkpoint import CONSA_META_FILE, FINALIZED_CHECKPOINT_DIR
+    from megatron_consa.training.checkpoint import CONSA_META_FILE, checkpoint_marker
 
     if Path(save).exists() and not Path(save).is_dir():
         raise ArgumentError(f"--save {save}: exists and is not a directory")
-    for inside, what in ((CONSA_META_FILE, "a checkpoint"), (Path(FINALIZED_CHECKPOINT_DIR) / CONSA_META_FILE,
-                                                             "finalize's output")):
-        if (Path(save) / inside).is_file():  # its iter_* would shadow it: a later --load of it would read them
-            raise ArgumentError(f"--save {save}: {what} (it holds {inside}), not a --save directory: save into a "
-                                "directory of its own")
+    marker = checkpoint_marker(save)
+    if marker:  # its iter_* would shadow what it holds: a later --load of it would read them
+        what = "a checkpoint" if marker == CONSA_META_FILE else "finalize's output"
+        raise ArgumentError(f"--save {save}: {what} (it holds {marker}), not a --save directory: save into a "
+                            "directory of its own")
     problem = unwritable_reason(save)
     if problem:
-        raise ArgumentError(f"--save {save}: {problem}; choose a directory you can write")
+        raise LocalPathError(f"--save {save}: {problem}; choose a directory you can write")
 
 
 def _check_output_dirs(run: RunConfig) -> None:
@@ -149,7 +150,7 @@ def _check_output_dirs(run: RunConfig) -> None:
                             ("--wandb-save-dir", run.training.wandb_save_dir)):
         problem = directory and unwritable_reason(directory)
         if problem:
-            raise ArgumentError(f"{flag} {directory}: {problem}; choose a directory you can write")
+            raise LocalPathError(f"{flag} {directory}: {problem}; choose a directory you can write")
 
 
 def _check_describable(arch: ArchitectureConfig) -> None:
@@ -165,10 +166,12 @@ def _check_describable(arch: ArchitectureConfig) -> None:
     except (StrictDataclassError, ValueError) as err:
         cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
         problem = " ".join(str(cause).split()).rstrip(".")
+        fix = ("choose a hidden size that is a multiple of the head count" if "multiple" in problem else
+               f"choose an even head dimension (--kv-channels, else --hidden-size / --num-attention-heads: "
+               f"{arch.head_dim} now)" if "even" in problem else "change the shape flags to a model it can describe")
         raise ArgumentError(
             f"--hidden-size {arch.hidden_size}, --num-attention-heads {arch.num_attention_heads}: the checkpoints' "
-            f"config.json ({arch.model_type}) cannot describe this model ({problem}); choose a hidden size that is a "
-            "multiple of the head count"
+            f"config.json ({arch.model_type}) cannot describe this model ({problem}); {fix}"
         ) from err
 
 
@@ -203,11 +206,16 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         )
     if not run.hf_config:
         _check_describable(arch)
-    if run.training.seq_length > arch.max_position_embeddings and dist_rank() == 0:
-        logger.warning("--seq-length %d is past the model's max_position_embeddings (%d, which the checkpoints' "
-                       "config.json records): a longer context than the model says it serves; pass "
-                       "--max-position-embeddings %d to record it (Megatron-LM refuses this)",
-                       run.training.seq_length, arch.max_position_embeddings, run.training.seq_length)
+    else:  # what every checkpoint will carry beside it: a damaged one is refused now, not at the first save
+        from megatron_consa.conversion.hf_files import generation_eos_ids, hf_config_file
+
+        try:
+            generation_eos_ids(hf_config_file(run.hf_config).parent)
+        except ValueError as err:
+            raise ArgumentError(f"--hf-config {run.hf_config}: {err}") from err
+    if dist_rank() == 0:
+        warn_past_positions(run.training.seq_length, arch.max_position_embeddings,
+                            f"--seq-length {run.training.seq_length}", logger)
     if not run.data.mock:
         try:
             check_data_paths(run.data)
@@ -312,6 +320,12 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         check_learning_run(consa, arch=arch, training=training, tp_size=tp)
     except ConsaConfigError as err:
         raise ArgumentError(str(err)) from err
+    if consa.learning and training.seq_length <= consa.window + consa.sink_tokens and dist_rank() == 0:
+        logger.warning(  # (a smoke test's short sequences, say: warned, not refused)
+            "--consa-window %d (and %d --consa-sink-tokens) covers the whole --seq-length %d: no position lies beyond "
+            "the window, so a windowed unit computes what full attention does and the loss cannot tell the gates "
+            "which to keep (the allocation learned is arbitrary); choose a window shorter than the sequences (a "
+            "quarter of them, say), or longer sequences", consa.window, consa.sink_tokens, training.seq_length)
     if run.checkpoint.save:
         _check_save_dir(run.checkpoint.save)
     _check_output_dirs(run)
@@ -538,6 +552,18 @@ def _check_same_allocation(run: RunConfig, load_dir: Path, load_meta: dict, allo
         )
 
 
+def _relaunch_advice(run: RunConfig) -> str:
+    """How to go on from a checkpoint an early exit saved: the flags its resume needs (what it was saved without)."""
+    save = run.checkpoint.save
+    without = [flag for flag, saved in (("--no-load-optim", run.checkpoint.save_optim),
+                                        ("--no-load-rng", run.checkpoint.save_rng)) if not saved]
+    if not without:
+        return f"saved to {save}; launch again with --load {save} to resume"
+    parts = " and ".join("its optimizer state" if f == "--no-load-optim" else "its RNG states" for f in without)
+    return (f"saved to {save} without {parts} ({', '.join(f.replace('load', 'save') for f in without)}); launch "
+            f"again with --load {save} {' '.join(without)} to continue")
+
+
 def _evaluates_test(run: RunConfig) -> bool:
     """The test split is evaluated once, after training (Megatron-LM's do_test), where the run
     evaluates (--eval-interval) or names a test blend (--test-data-path), and it holds documents."""
@@ -562,9 +588,7 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
     generation_config.json beside it goes along (the EOS ids generation stops at).
     """
 
-    from megatron_consa.conversion.hf_files import (
-        GENERATION_CONFIG, generation_eos_ids, hf_config_file, hf_config_from_arch, load_hf_config,
-    )
+    from megatron_consa.conversion.hf_files import GENERATION_CONFIG, hf_config_file, hf_config_from_arch, load_hf_config
     from megatron_consa.conversion.windows import allocation_from_hf, hf_window_fields, set_window_fields
 
     # The run's --hf-config, read now: it may sit in a checkpoint of --load that a later save's
@@ -573,8 +597,7 @@ def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
     if run.hf_config:
         source = hf_config_file(run.hf_config)  # (a file already when it came through the arguments)
         source_config = load_hf_config(source)
-        if (source.parent / GENERATION_CONFIG).is_file():
-            generation_eos_ids(source.parent)  # a damaged one is refused now, not in every checkpoint
+        if (source.parent / GENERATION_CONFIG).is_file():  # (checked by prepare_run)
             generation_bytes = (source.parent / GENERATION_CONFIG).read_bytes()
         if allocation_from_hf(source_config, run.arch) is None:
             source_bytes, source_config = source.read_bytes(), None
@@ -721,11 +744,7 @@ def run_training(prepared: PreparedRun):
                     writer.wait()
                     if dist_rank() == 0:
                         logger.info("stopping after iteration %d of %d (%s): %s", k, training.train_iters, stop,
-                                    (f"saved to {save}; launch again with --load {save} to resume" if
-                                     run.checkpoint.save_optim else
-                                     f"saved to {save} without its optimizer state (--no-save-optim); launch again "
-                                     f"with --load {save} --no-load-optim to continue with a new optimizer")
-                                    if save else "nothing saved (no --save)")
+                                    _relaunch_advice(run) if save else "nothing saved (no --save)")
                     trainer.close()
                     writer.close()
                     torch.distributed.barrier()

@@ -160,6 +160,8 @@ def whole_run(tmp_path_factory) -> tuple[Path, str]:
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path, whole_run, capsys):
     whole_save, whole_log = whole_run
+    assert "test | iter" not in whole_log  # --split 90,10,0: no test split to evaluate after training
+    assert list(_validation(whole_log)) == [4, 8, 12, 16]  # (16 is a multiple: no second evaluation at the end)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([PY, "-m", "megatron_consa.train", *RESUME_RUN, "--save", str(killed)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -663,6 +663,19 @@ def test_a_rerun_over_a_changed_source_is_refused_not_skipped(tmp_path, capsys, 
     assert weights.stat().st_size == size
     assert run_tool(IMPORT.main, argv) == 2
     assert "they changed since" in capsys.readouterr().err
+    assert run_tool(IMPORT.main, argv + ["--overwrite"]) == 0
+    (source / "merges.txt").write_text("#version: 0.2\n")  # a tokenizer file the import copies, not JSON
+    assert run_tool(IMPORT.main, argv + ["--overwrite"]) == 0 and (target / "merges.txt").is_file()
+    (source / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert run_tool(IMPORT.main, argv) == 2
+    assert "they changed since" in capsys.readouterr().err
+    # an output whose record is an earlier converter's (names and sizes): said so, not "changed"
+    assert run_tool(IMPORT.main, argv + ["--overwrite"]) == 0
+    meta = json.loads((target / "consa_run.json").read_text())
+    meta["conversion"]["source_files"] = [[e[0], 1] for e in meta["conversion"]["source_files"]]
+    (target / "consa_run.json").write_text(json.dumps(meta))
+    assert run_tool(IMPORT.main, argv) == 2
+    assert "recorded by an earlier version of the converter" in capsys.readouterr().err
 
 
 def test_a_tied_config_with_its_own_head_in_the_weights(tmp_path, capsys, single_rank_mcore):

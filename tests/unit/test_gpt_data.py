@@ -76,6 +76,22 @@ def test_a_weighted_blend_that_does_not_pair_is_refused_naming_the_flag(paths, m
     assert _parse_blend(["1", "a", "3", "b"]) == (["a", "b"], [1.0, 3.0])
 
 
+def test_a_test_split_is_evaluated_only_where_it_holds_documents(tmp_path):
+    """What the run evaluates after training: mock data's test share, a blend's test share where it holds a
+    document of every dataset (969,30,1 gives 37 documents none), a --test-data-path blend with documents."""
+    from megatron_consa.data.gpt import has_test_split
+
+    prefix = _dataset(tmp_path / "d", 37)
+    tiny = _letters_dataset(tmp_path / "tiny", 2, 0, 5)  # 80,10,10 gives its test share no document
+    assert documents_per_split(2, "80,10,10")[2] == 0 < documents_per_split(37, "80,10,10")[2]
+    assert has_test_split(DataConfig(mock=True)) and not has_test_split(DataConfig(mock=True, split="90,10,0"))
+    assert not has_test_split(DataConfig(data_path=[prefix], split="969,30,1"))
+    assert has_test_split(DataConfig(data_path=[prefix], split="80,10,10"))
+    assert not has_test_split(DataConfig(data_path=["1", prefix, "1", tiny], split="80,10,10"))
+    assert not has_test_split(DataConfig(train_data_path=[prefix], valid_data_path=[prefix]))
+    assert has_test_split(DataConfig(train_data_path=[prefix], test_data_path=[tiny]))
+
+
 def test_documents_per_split_is_megatron_cores_split(tmp_path):
     """The count the checks use is the one megatron-core builds (documents in each split)."""
     prefix = _dataset(tmp_path / "d", 37)

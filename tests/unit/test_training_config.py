@@ -595,25 +595,29 @@ def test_a_learn_run_too_short_for_its_judged_tail_is_refused_before_any_work(wa
                 check_learning_run(consa, arch=arch, training=training, tp_size=1)
         else:
             check_learning_run(consa, arch=arch, training=training, tp_size=1)
+    whole = ConsaConfig(target_warmup_iters=warmup, target_sparsity=0.5, settle_tail_fraction=1.0)
+    with pytest.raises(ConsaConfigError, match="judges the whole run, which starts inside the target warm-up"):
+        check_learning_run(whole, arch=arch, training=TrainingConfig(train_iters=10 * warmup, seq_length=1024),
+                           tp_size=1)
 
 
 def test_a_learn_run_whose_window_covers_its_sequences_is_warned_about(caplog):
     """With every position inside the window (and sinks), a windowed unit computes what full attention
-    does: the gates learn nothing from the loss. Warned before any work (a smoke test's short sequences
-    may mean it); one position past it, no warning."""
-    from megatron_consa.architecture import ArchitectureConfig
-    from megatron_consa.config import ConsaConfig
-    from megatron_consa.training.loop import check_learning_run
+    does: the gates learn nothing from the loss. Warned once before any work, in flag terms (a smoke
+    test's short sequences may mean it); one position past it, or a fixed phase, no warning."""
+    from megatron_consa.training.arguments import parse_run_config
+    from megatron_consa.training.run import prepare_run
 
-    arch = ArchitectureConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                              num_attention_heads=4, num_kv_heads=2)
-    consa = ConsaConfig(window=48, sink_tokens=16, target_warmup_iters=5, target_sparsity=0.5)
-    said = "ConsaConfig.window=48 (with 16 sink tokens) covers the whole TrainingConfig.seq_length=64"
-    for seq, warned in ((64, True), (65, False)):
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--train-iters", "100", "--mock-data", "--vocab-size", "64", "--consa-target-warmup-iters", "5",
+            "--consa-window", "48", "--consa-sink-tokens", "16"]
+    said = "--consa-window 48 (and 16 --consa-sink-tokens) covers the whole --seq-length 64"
+    for seq, extra, warned in (("64", [], True), ("65", [], False),
+                               ("64", ["--consa-phase", "fixed", "--consa-allocation", "all_swa"], False)):
         caplog.clear()
-        with caplog.at_level("WARNING", logger="megatron_consa.training.loop"):
-            check_learning_run(consa, arch=arch, training=TrainingConfig(train_iters=100, seq_length=seq), tp_size=1)
-        assert (said in caplog.text) is warned, caplog.text
+        with caplog.at_level("WARNING", logger="megatron_consa.training.run"):
+            prepare_run(parse_run_config(base + ["--seq-length", seq] + extra), world_size=1)
+        assert caplog.text.count(said) == int(warned), caplog.text
 
 
 def test_an_unwritable_tensorboard_dir_is_refused_before_any_work(tmp_path):
@@ -634,9 +638,30 @@ def test_an_unwritable_tensorboard_dir_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "tb").exists()
 
 
+def test_a_path_only_another_node_cannot_use_is_reported_by_that_node(tmp_path, monkeypatch, capsys):
+    """Flag errors are the same on every rank: rank 0 reports them. A path this rank cannot use may be
+    another node's file system alone: the first rank of each node that meets it reports it, with its rank."""
+    from megatron_consa.train import main
+
+    (tmp_path / "file").write_text("x")
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64",
+            "--consa-target-warmup-iters", "5"]
+    for rank, local, argv, said in (
+            ("4", "0", ["--tensorboard-dir", str(tmp_path / "file")], f"error: (rank 4) --tensorboard-dir {tmp_path}"),
+            ("5", "1", ["--tensorboard-dir", str(tmp_path / "file")], None),  # (that node's first rank reports)
+            ("4", "0", ["--save", str(tmp_path / "file" / "run")], "error: (rank 4) --save"),
+            ("4", "0", ["--eval-iters", "0"], None)):  # a flag error: rank 0's to report
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert main(base + argv) == 2
+        err = capsys.readouterr().err
+        assert (said in err) if said else "error:" not in err, err
+
+
 def test_sequences_past_the_models_positions_are_warned_about(caplog):
-    """--seq-length beyond --max-position-embeddings (or --hf-config's): the checkpoints would record a
-    shorter context than the run trains; warned, naming the flag that records it."""
+    """--seq-length beyond --max-position-embeddings (or --hf-config's): positions the model was not built
+    for (the checkpoints record the shorter context); warned as the evaluation tools warn."""
     from megatron_consa.training.arguments import parse_run_config
     from megatron_consa.training.run import prepare_run
 
@@ -647,8 +672,63 @@ def test_sequences_past_the_models_positions_are_warned_about(caplog):
         caplog.clear()
         with caplog.at_level("WARNING", logger="megatron_consa.training.run"):
             prepare_run(parse_run_config(base + ["--max-position-embeddings", positions]), world_size=1)
-        said = "--seq-length 64 is past the model's max_position_embeddings (32"
-        assert (said in caplog.text) is warned and ("--max-position-embeddings 64 to record it" in caplog.text) is warned
+        said = "--seq-length 64: 64 positions, past the model's max_position_embeddings (32)"
+        assert (said in caplog.text) is warned, caplog.text
+
+
+def test_an_early_exit_names_the_flags_its_checkpoint_resumes_with():
+    """A run stopped early (--exit-interval, a signal) says how to go on: a checkpoint saved without its
+    optimizer state or RNG states resumes only with --no-load-optim / --no-load-rng (prepare_run refuses
+    otherwise), so the advice names them."""
+    from types import SimpleNamespace
+
+    from megatron_consa.training.run import _relaunch_advice
+
+    def advice(optim: bool, rng: bool) -> str:
+        return _relaunch_advice(SimpleNamespace(checkpoint=SimpleNamespace(save="/s", save_optim=optim, save_rng=rng)))
+
+    assert advice(True, True) == "saved to /s; launch again with --load /s to resume"
+    assert advice(False, True).endswith("(--no-save-optim); launch again with --load /s --no-load-optim to continue")
+    assert advice(True, False).endswith("(--no-save-rng); launch again with --load /s --no-load-rng to continue")
+    assert advice(False, False) == ("saved to /s without its optimizer state and its RNG states (--no-save-optim, "
+                                    "--no-save-rng); launch again with --load /s --no-load-optim --no-load-rng to "
+                                    "continue")
+
+
+def test_a_damaged_generation_config_beside_the_hf_config_is_refused_before_any_work(tmp_path):
+    """Each checkpoint carries the generation_config.json beside --hf-config (generation stops at its EOS
+    ids): one that cannot be read is refused by prepare_run, naming the flag and the file."""
+    import shutil
+
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    shutil.copyfile(ROOT / "examples" / "checkpoints" / "demo_dense" / "config.json", tmp_path / "config.json")
+    base = ["--hf-config", str(tmp_path), "--seq-length", "32", "--train-iters", "20", "--mock-data",
+            "--consa-target-warmup-iters", "5", "--consa-window", "8"]
+    prepare_run(parse_run_config(base), world_size=1)  # none there: nothing to carry
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "w3"}')
+    with pytest.raises(ArgumentError, match=re.escape(f"--hf-config {tmp_path / 'config.json'}: "
+                                                      f"{tmp_path / 'generation_config.json'}"
+                                                      ": expected a JSON object whose eos_token_id")):
+        prepare_run(parse_run_config(base), world_size=1)
+
+
+def test_recompute_layer_flags_without_full_recomputation_are_warned_about(caplog):
+    """--recompute-method / --recompute-num-layers without any recomputation do nothing (Megatron-LM ignores
+    them silently): warned, naming both; with --recompute-granularity full, taken, no warning."""
+    from megatron_consa.training.arguments import parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "20", "--mock-data", "--vocab-size", "64", "--recompute-method", "uniform",
+            "--recompute-num-layers", "1"]
+    for extra, warned in (([], True), (["--recompute-granularity", "full"], False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
+            run = parse_run_config(base + extra)
+        said = "--recompute-method uniform and --recompute-num-layers 1 without --recompute-granularity full"
+        assert (said in caplog.text) is warned, caplog.text
+        assert run.parallel.recompute_granularity == ("full" if extra else None)
 
 
 def test_a_constant_schedule_may_warm_up_for_the_whole_run():
@@ -673,8 +753,9 @@ def test_a_constant_schedule_may_warm_up_for_the_whole_run():
     (["--fp8-format", "hybrid", "--fp8-amax-history-len", "1024", "--fp8-param-gather"],
      "--fp8-format: fp8 training is not supported here"),
     (["--recompute-granularity", "full"], "--recompute-activations (selective) and --recompute-granularity full"),
-    (["--recompute-method", "uniform"], "--recompute-method uniform chooses the layers full recomputation covers: "
-                                        "add --recompute-granularity full"),
+    (["--recompute-method", "uniform"], "--recompute-method uniform chooses the layers full recomputation covers, not "
+                                        "selective recomputation (--recompute-activations): replace "
+                                        "--recompute-activations with --recompute-granularity full"),
     (["--optimizer", "sgd"], "--optimizer sgd: --optimizer adam only (megatron-core's Adam"),
     (["--dataloader-type", "cyclic"], "--dataloader-type cyclic: --dataloader-type single only"),
     (["--distributed-backend", OTHER_BACKEND], f"--distributed-backend {OTHER_BACKEND}: this machine runs "
@@ -686,6 +767,8 @@ def test_a_constant_schedule_may_warm_up_for_the_whole_run():
                                               "checkpoints here are megatron-core's dp_reshardable format"),
     (["--rotary-interleaved"], "--rotary-interleaved: Qwen/Llama/Mistral rotate the two halves of each head"),
     (["--apply-query-key-layer-scaling"], "--apply-query-key-layer-scaling: ConSA's core attention scales"),
+    (["--lr-warmup-fraction", "1"], "--lr-warmup-fraction 1.0: a warm-up of the whole decay (80 iterations) leaves "
+                                    "none to decay"),
     (["--rotary-seq-len-interpolation-factor", "4"], "--rotary-seq-len-interpolation-factor: megatron-core's linear "
                                                      "position interpolation is not part of these models' configs"),
 ])
@@ -893,6 +976,11 @@ def test_a_shape_no_checkpoint_config_can_describe_is_refused_before_any_work(sh
         prepare_run(parse_run_config(base + shape), world_size=1)
     if "--kv-channels" in shape:
         assert prepare_run(parse_run_config(base + shape + ["--qk-layernorm"]), world_size=1).run.arch.head_dim == 16
+    # an odd head dimension (no RoPE over it): the advice names the head dimension, not the multiple
+    odd = ["--hidden-size", "99", "--num-attention-heads", "3", "--qk-layernorm"]
+    with pytest.raises(ArgumentError, match=re.escape("choose an even head dimension (--kv-channels, else "
+                                                      "--hidden-size / --num-attention-heads: 33 now)")):
+        prepare_run(parse_run_config(base + odd), world_size=1)
 
 
 def test_the_first_launch_of_load_d_save_d_starts_from_random_weights(tmp_path, caplog):
@@ -987,7 +1075,7 @@ def test_a_model_sized_by_its_tokenizer_pads_the_vocabulary_as_megatron_lm(tmp_p
     (["--kv-channels", "16"], "--kv-channels: the checkpoint has 16, this run's model 8"),
     (["--add-qkv-bias"], "--add-qkv-bias: the checkpoint has True, this run's model False"),
     (["--norm-epsilon", "1e-5"], "--norm-epsilon: the checkpoint has 1e-05, this run's model 1e-06"),
-    (["--use-rope-scaling"], "--rope-scaling-factor: the checkpoint has 8.0, this run's model None"),
+    (["--use-rope-scaling"], "--use-rope-scaling: the checkpoint has True, this run's model False"),
     (["--vocab-size", "128"], "--vocab-size: the checkpoint has 128, this run's model 64"),
 ])
 def test_a_load_of_another_model_is_refused_naming_the_flag(tmp_path, flags, message):
