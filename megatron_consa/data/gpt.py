@@ -253,7 +253,7 @@ def _blend_weights(prefixes: list[str], weights: Optional[list[float]], counts: 
 
 def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_samples: int,
                       valid_samples: int, test_samples: int = 0):
-    """(train, valid, test) sample sources (None where a split is empty)."""
+    """(train, valid, test) sample sources (None where a split is empty or asked for no samples)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -308,4 +308,6 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
         cls = GPTDataset
     datasets = BlendedMegatronDatasetBuilder(cls, list(wanted), lambda: True, ds_config).build()
     eod_mask_id = int(tokenizer.eod) if config.eod_mask_loss else None
-    return tuple(None if d is None else GPTSampleSource(d, int(tokenizer.vocab_size), eod_mask_id) for d in datasets)
+    # (a split asked for no samples is not the run's, even where megatron-core built one: mock data has every split)
+    return tuple(None if d is None or n == 0 else GPTSampleSource(d, int(tokenizer.vocab_size), eod_mask_id)
+                 for d, n in zip(datasets, wanted))

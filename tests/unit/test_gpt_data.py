@@ -90,6 +90,10 @@ def test_a_test_split_is_evaluated_only_where_it_holds_documents(tmp_path):
     assert not has_test_split(DataConfig(data_path=["1", prefix, "1", tiny], split="80,10,10"))
     assert not has_test_split(DataConfig(train_data_path=[prefix], valid_data_path=[prefix]))
     assert has_test_split(DataConfig(train_data_path=[prefix], test_data_path=[tiny]))
+    # a split asked for no samples is no source, mock data's included (megatron-core builds all three there)
+    train, valid, test = build_gpt_sources(DataConfig(mock=True, cache_path=str(tmp_path / "cache")), CharTokenizer(),
+                                           seq_length=16, train_samples=4, valid_samples=0, test_samples=2)
+    assert train is not None and valid is None and test is not None
 
 
 def test_documents_per_split_is_megatron_cores_split(tmp_path):
