@@ -732,8 +732,16 @@ def test_recompute_layer_flags_without_full_recomputation_are_warned_about(caplo
 
 
 def test_a_constant_schedule_may_warm_up_for_the_whole_run():
-    TrainingConfig(train_iters=5, lr_warmup_iters=5, lr_decay_style="constant").validate(dp_size=1)
-    TrainingConfig(train_iters=6, lr_warmup_iters=5, lr_decay_style="cosine").validate(dp_size=1)
+    """The warm-up-before-decay refusal is for decaying schedules: a constant one may warm up for the whole
+    run, and a cosine decay one iteration longer than its warm-up is fine."""
+    for style, iters, refused in (("constant", 5, False), ("cosine", 5, True), ("cosine", 6, False)):
+        config = TrainingConfig(train_iters=iters, lr_warmup_iters=5, lr_decay_style=style, global_batch_size=4,
+                                micro_batch_size=2)
+        if refused:
+            with pytest.raises(ConsaConfigError, match="lr_warmup_iters=5 is invalid"):
+                config.validate(dp_size=1)
+        else:
+            assert config.validate(dp_size=1) == 2  # (micro-batches per step: the config passed every check)
 
 
 @pytest.mark.parametrize("flags,message", [
