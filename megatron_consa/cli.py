@@ -56,6 +56,15 @@ PRESET_FLAGS = {"target_sparsity": "--target-sparsity", "calibration_scores": "-
 that make a preset from them (`in_flag_terms`)."""
 
 
+def below_minimum(*checks: tuple[str, Optional[float], float]) -> Optional[str]:
+    """`'<flag> <value>: must be >= <minimum>'` for the first (flag, value, minimum) whose value, when
+    given (not None), is below its minimum; None when all are in range."""
+    for flag, value, minimum in checks:
+        if value is not None and value < minimum:
+            return f"{flag} {value}: must be >= {minimum}"
+    return None
+
+
 def check_output_file(flag: str, path: str | os.PathLike, *, example: Optional[str] = None) -> None:
     """Refuse, before any work, an output file `path` that cannot be written: an existing
     directory, a file where a parent directory must be, or a directory without write

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 from megatron_consa.cli import (
     UserInputError,
+    below_minimum,
     check_distinct_outputs,
     check_output_file,
     run_tool,
@@ -74,10 +75,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserInputError("no calibration data: give --text FILE, --data-path PREFIX or --stdlib-text")
     if args.save_allocation and args.target_sparsity is None:
         raise UserInputError("--save-allocation needs --target-sparsity (the allocation's budget)")
-    for flag, value, minimum in (("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0),
-                                 ("--batch-size", args.batch_size, 1)):
-        if value is not None and value < minimum:
-            raise UserInputError(f"{flag} {value}: must be >= {minimum}")
+    problem = below_minimum(("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0),
+                            ("--batch-size", args.batch_size, 1))
+    if problem:
+        raise UserInputError(problem)
     # the outputs before the model loads: not a traceback after the calibration
     check_output_file("--output", args.output, example="scores.json")
     if args.save_allocation:

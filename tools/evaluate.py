@@ -30,6 +30,7 @@ from megatron_consa.allocation import list_presets
 from megatron_consa.cli import (
     PRESET_FLAGS,
     UserInputError,
+    below_minimum,
     check_output_file,
     flag_error,
     in_flag_terms,
@@ -96,13 +97,12 @@ def _check(args: argparse.Namespace) -> None:
         raise UserInputError("--retrieval needs --distances (tokens between the needle and the question)")
     if args.distances and not args.retrieval:
         raise UserInputError("--distances is for --retrieval: name the tasks (passkey, kv)")
-    for flag, value, minimum in (("--batch-size", args.batch_size, 1), ("--kv-batch-size", args.kv_batch_size, 1),
-                                 ("--samples-per-distance", args.samples_per_distance, 1),
-                                 ("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0),
-                                 ("--context-length", args.context_length, 1),
-                                 ("--kv-context-length", args.kv_context_length, 0)):
-        if value is not None and value < minimum:
-            raise UserInputError(f"{flag} {value}: must be >= {minimum}")
+    problem = below_minimum(("--batch-size", args.batch_size, 1), ("--kv-batch-size", args.kv_batch_size, 1),
+                            ("--samples-per-distance", args.samples_per_distance, 1), ("--window", args.window, 1),
+                            ("--sink-tokens", args.sink_tokens, 0), ("--context-length", args.context_length, 1),
+                            ("--kv-context-length", args.kv_context_length, 0))
+    if problem:
+        raise UserInputError(problem)
     if not (args.text or args.data_path or args.stdlib_text or args.retrieval) and args.kv_context_length is None:
         raise UserInputError("--kv-context-length is needed when no perplexity data or retrieval sets a length")
     if args.haystack and not os.path.isfile(args.haystack):

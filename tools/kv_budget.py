@@ -18,7 +18,9 @@ from typing import Optional, Sequence
 
 from megatron_consa.allocation import Allocation, allocation_from_spec, list_presets
 from megatron_consa.architecture import ArchitectureConfig
-from megatron_consa.cli import PRESET_FLAGS, UserInputError, flag_error, in_flag_terms, run_tool, setup_logging
+from megatron_consa.cli import (
+    PRESET_FLAGS, UserInputError, below_minimum, flag_error, in_flag_terms, run_tool, setup_logging,
+)
 from megatron_consa.conversion.hf_files import load_hf_config
 from megatron_consa.evaluation.kv_memory import (
     DTYPE_BYTES,
@@ -54,10 +56,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--budget", help="KV-cache memory you have, e.g. 24GiB: prints the target sparsity that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    for flag, value, least in (("--context-length", args.context_length, 0), ("--batch-size", args.batch_size, 1),
-                               ("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0)):
-        if value is not None and value < least:
-            p.error(f"{flag} {value}: must be >= {least}")
+    problem = below_minimum(("--context-length", args.context_length, 0), ("--batch-size", args.batch_size, 1),
+                            ("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0))
+    if problem:
+        p.error(problem)
     return args
 
 
