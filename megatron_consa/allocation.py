@@ -362,6 +362,12 @@ class Allocation:
                     raise AllocationError(
                         f"{where}: field 'log_alpha' [{l}][{g}] is {v!r}; entries must be finite numbers"
                     )
+            if self.granularity == "layer" and len(set(row)) > 1:
+                raise AllocationError(
+                    f"{where}: field 'log_alpha' row {l} is {list(row)} but granularity is 'layer': a layer has "
+                    "one gate, repeated over its KV heads; repeat the layer's value in every column, or use "
+                    "granularity 'kv_head'"
+                )
 
     # ----------------------------------------------------------------- dict / file
 
@@ -427,7 +433,11 @@ class Allocation:
             alloc.log_alpha = [[float(v) for v in row] for row in alloc.log_alpha]
         claimed = d.get("achieved_sparsity")
         if claimed is not None:
-            if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or abs(claimed - alloc.achieved_sparsity) > _SPARSITY_ATOL:
+            if (
+                isinstance(claimed, bool)
+                or not isinstance(claimed, (int, float))
+                or not abs(claimed - alloc.achieved_sparsity) <= _SPARSITY_ATOL  # NaN fails too
+            ):
                 raise AllocationError(
                     f"{where}: field 'achieved_sparsity' is {claimed!r} but 'fa' has "
                     f"{alloc.num_fa_kv_heads} of {alloc.num_layers * alloc.num_kv_heads} KV heads FA "

@@ -56,17 +56,18 @@ from megatron_consa.group_layout import kv_group_order, rank_groups, type_runs
 logger = logging.getLogger(__name__)
 
 
-_checked_mask: Optional[tuple] = None  # (weakref to the last mask found plain causal, its version)
+_checked_mask: Optional[tuple] = None  # (weakref to the last mask found plain causal, its version, seq)
 
 
 def _check_causal_mask(mask: Tensor, seq: int, layer_index: int) -> None:
     """Refuse an `attention_mask` ([b or 1, 1, s, s], True = hidden, megatron's convention)
     that hides anything other than the future: the kernels apply causality (and the window)
     themselves and would silently drop a padding or document mask. The last mask checked
-    is remembered, so a model's layers compare it once per micro-batch."""
+    is remembered with the sequence length it was checked at, so a model's layers compare it
+    once per micro-batch."""
     global _checked_mask
     tracked = not mask.is_inference()  # inference tensors have no version counter: checked every time
-    if tracked and _checked_mask is not None and _checked_mask[0]() is mask and _checked_mask[1] == mask._version:
+    if tracked and _checked_mask is not None and _checked_mask[1:] == (mask._version, seq) and _checked_mask[0]() is mask:
         return
     if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq, seq):
         raise ConsaConfigError(
@@ -81,7 +82,7 @@ def _check_causal_mask(mask: Tensor, seq: int, layer_index: int) -> None:
             "attention_mask=None with unpadded sequences (megatron's --reset-attention-mask is not supported)"
         )
     if tracked:
-        _checked_mask = (weakref.ref(mask), mask._version)
+        _checked_mask = (weakref.ref(mask), mask._version, seq)
 
 
 class _KeepInGraph(torch.autograd.Function):

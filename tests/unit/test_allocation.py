@@ -194,6 +194,10 @@ def test_load_validation_error_names_path(tmp_path):
         (dict(log_alpha=[[0.0, 0.0]] * 3), "'log_alpha' has 3 rows"),
         (dict(log_alpha=[[0.0]] * 4), "'log_alpha' row 0"),
         (dict(log_alpha=[[0.0, float("nan")]] * 4), "log_alpha"),
+        (
+            dict(granularity="layer", fa=[[1, 1], [0, 0], [0, 0], [1, 1]], log_alpha=[[1.0, 1.0], [0.5, -0.5], [0.0, 0.0], [2.0, 2.0]]),
+            r"'log_alpha' row 1 .*granularity is 'layer'",
+        ),
         (dict(metadata={"x": object()}), "metadata"),
     ],
 )
@@ -212,8 +216,9 @@ def test_from_dict_errors():
             Allocation.from_dict(d)
     with pytest.raises(AllocationError, match="format_version"):
         Allocation.from_dict({**good, "format_version": 99})
-    with pytest.raises(AllocationError, match="achieved_sparsity"):
-        Allocation.from_dict({**good, "achieved_sparsity": 0.25})
+    for wrong in (0.25, float("nan"), "0.5"):
+        with pytest.raises(AllocationError, match="achieved_sparsity"):
+            Allocation.from_dict({**good, "achieved_sparsity": wrong})
     with pytest.raises(AllocationError, match="unknown field.*'extra'.*metadata"):
         Allocation.from_dict({**good, "extra": 1})
     d = dict(good)

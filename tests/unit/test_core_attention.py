@@ -208,6 +208,11 @@ class TestCoreAttention:
                 attn(q, k, v, padded, attn_mask_type=mask_type)
         with pytest.raises(ConsaConfigError, match="attention_mask of shape"):
             attn(q, k, v, causal.float())
+        # a mask already found causal is remembered, but not for another sequence length
+        short = torch.ones(S - 1, S - 1, dtype=torch.bool).triu(1)[None, None]
+        attn(q[:-1], k[:-1], v[:-1], short)
+        with pytest.raises(ConsaConfigError, match="attention_mask of shape"):
+            attn(q, k, v, short)
         with pytest.raises(NotImplementedError, match="KV cache"):
             attn(q[-1:], k, v, None)
 
