@@ -12,14 +12,15 @@ ARG BASE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE}
 
 WORKDIR /workspace/megatron-consa
+# the dependencies first, in layers of their own: a change to the code below reinstalls none of them
 RUN pip install --no-cache-dir "packaging>=24.2" psutil && \
-    pip install --no-cache-dir --no-deps "megatron-core==0.19.2"
+    pip install --no-cache-dir --no-deps "megatron-core==0.19.2" && \
+    pip install --no-cache-dir sentencepiece protobuf safetensors "transformers>=5.23" tqdm tensorboard matplotlib \
+        ninja "wandb>=0.19.10" nvidia-ml-py
 COPY setup.py README.md ./
 COPY megatron_consa ./megatron_consa
 COPY tools ./tools
 COPY examples ./examples
 RUN pip install --no-cache-dir --no-deps -e . && \
-    pip install --no-cache-dir sentencepiece safetensors "transformers>=5.23" tqdm tensorboard matplotlib ninja \
-        "wandb>=0.19.10" nvidia-ml-py && \
     python -c "import megatron_consa, megatron_consa.inference.hf, transformer_engine; print('megatron-consa ready, TE', transformer_engine.__version__)"
 ENV PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1

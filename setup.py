@@ -5,6 +5,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+# tools/<tool>.py: installed as megatron_consa_tools.<tool>, with the console script consa-<tool>
+TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if p.stem != "__init__")
 
 setup(
     name="megatron-consa",
@@ -20,7 +22,11 @@ setup(
     # first with `pip install --no-deps --ignore-requires-python megatron-core==0.19.2`, as
     # the Makefile does
     python_requires=">=3.11",
-    packages=find_packages(include=["megatron_consa", "megatron_consa.*"]),
+    packages=find_packages(include=["megatron_consa", "megatron_consa.*"]) + ["megatron_consa_tools"],
+    package_dir={"megatron_consa_tools": "tools"},
+    entry_points={
+        "console_scripts": [f"consa-{tool.replace('_', '-')} = megatron_consa_tools.{tool}:cli" for tool in TOOLS],
+    },
     # The banded CPU SWA kernel is compiled from this source on first use (ninja + a C++ compiler).
     package_data={"megatron_consa.backends": ["csrc/*.cpp"]},
     install_requires=[

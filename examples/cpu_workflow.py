@@ -40,22 +40,28 @@ TRAIN_TEXT_DOCUMENTS = 150
 """Standard-library chunks in the corpus (the first ones, in sorted path order); later ones are held out."""
 
 
+def absolute_path(text: str) -> Path:
+    """An argparse type: the path made absolute against the caller's working directory (the
+    tools run with the repository as theirs)."""
+    return Path(text).expanduser().resolve()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (replaced)")
-    p.add_argument("--start", type=Path, default=SHIPPED_START,
+    p.add_argument("--out", type=absolute_path, default="runs/demo", help="output directory (replaced)")
+    p.add_argument("--start", type=absolute_path, default=SHIPPED_START,
                    help="dense checkpoint (with tokenizer.model and config.json) the allocation is learned from")
     p.add_argument("--pretrain", action="store_true",
                    help="pretrain the dense start here instead of using --start (adds about 1.5 minutes)")
-    p.add_argument("--make-start", type=Path, metavar="DIR",
+    p.add_argument("--make-start", type=absolute_path, metavar="DIR",
                    help="only pretrain a dense start checkpoint and write it to DIR (how --start's default was made)")
-    p.add_argument("--pretrain-iters", type=int, default=400)
+    p.add_argument("--pretrain-iters", type=int, default=400, help="iterations of a pretrained start")
     p.add_argument("--num-layers", type=int, default=4, help="layers of a pretrained start")
     p.add_argument("--seed", type=int, default=1234, help="seed of a pretrained start")
     p.add_argument("--learn-iters", type=int, default=320,
                    help="allocation phase: the 200-iteration target warm-up, then settling on the target")
-    p.add_argument("--fixed-iters", type=int, default=100)
+    p.add_argument("--fixed-iters", type=int, default=100, help="continued training of the hybrid model")
     p.add_argument("--target", type=float, default=0.75, help="SWA share of KV heads")
     p.add_argument("--window", type=int, default=8, help="SWA window (the recall key repeats further apart)")
     p.add_argument("--nproc", type=_even_ranks, default=2,

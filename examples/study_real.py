@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_workflow import Workflow, learned_map_row  # noqa: E402
+from cpu_workflow import Workflow, absolute_path, learned_map_row  # noqa: E402
 
 from megatron_consa.files import write_text_atomic  # noqa: E402
 
@@ -96,9 +96,10 @@ def learning_schedule(s: Settings, target: float) -> tuple[int, int]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/study_real"), help="output directory (resumed)")
+    p.add_argument("--out", type=absolute_path, default="runs/study_real", help="output directory (resumed)")
     p.add_argument("--quick", action="store_true", help="one target, kv_head only, short runs, few evaluation tokens")
-    p.add_argument("--hf-dir", type=Path, help="an existing SmolLM2 HF directory (default: made from the GGUF)")
+    p.add_argument("--hf-dir", type=absolute_path,
+                   help="an existing SmolLM2 HF directory; None: one made from the GGUF")
     p.add_argument("--parts", nargs="+", default=["prepare", "learn", "evaluate", "report"],
                    choices=["prepare", "learn", "evaluate", "report"])
     args = p.parse_args(argv)

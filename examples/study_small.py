@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_workflow import (  # noqa: E402
-    KEY_WORDS, REPEATS, ROOT, TRAIN_TEXT_DOCUMENTS, Workflow, data_flags, learned_map_row, write_corpus,
+    KEY_WORDS, REPEATS, ROOT, TRAIN_TEXT_DOCUMENTS, Workflow, absolute_path, data_flags, learned_map_row, write_corpus,
 )
 
 from megatron_consa.files import write_text_atomic  # noqa: E402
@@ -54,7 +54,7 @@ SAME_TOTAL_CONTROLS = ["heuristic", "all_fa"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/study_small"), help="output directory (resumed, not replaced)")
+    p.add_argument("--out", type=absolute_path, default="runs/study_small", help="output directory (resumed, not replaced)")
     p.add_argument("--seeds", type=int, nargs="+", default=sorted(STARTS), choices=sorted(STARTS),
                    help="pretraining seeds (dense starts) to run")
     p.add_argument("--target", type=float, default=0.75, help="SWA share of KV heads, for every variant")

@@ -32,5 +32,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The `consa-build-cpu-kernel` console script."""
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

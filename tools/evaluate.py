@@ -197,5 +197,10 @@ def _warn_nothing_beyond_the_window(allocations, seq_length: int) -> None:
             seq_length, ", ".join(blind))
 
 
+def cli() -> int:
+    """The `consa-evaluate` console script: `main` with user errors reported as `error: ...`, exit 2."""
+    return run_tool(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(cli())

@@ -198,5 +198,10 @@ def _kv_report(cache, allocation, arch, total_tokens: int, dtype) -> None:
           f"{format_bytes(cache.nbytes)} allocated; all FA: {format_bytes(all_fa_bytes(shape))}")
 
 
+def cli() -> int:
+    """The `consa-generate` console script: `main` with user errors reported as `error: ...`, exit 2."""
+    return run_tool(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(cli())

@@ -175,5 +175,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The `consa-kv-budget` console script: `main` with user errors reported as `error: ...`, exit 2."""
+    return run_tool(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_tool(main))
+    sys.exit(cli())

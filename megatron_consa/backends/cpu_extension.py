@@ -8,10 +8,12 @@ tiles inside the window, dK/dV accumulated in place) and is what
 on the CPU when it builds.
 
 It is compiled with ``torch.utils.cpp_extension.load`` (ninja and a C++
-compiler; about 40 s, once per machine and torch version: torch caches
+compiler; about 40 s, once per machine and torch installation: torch caches
 the build under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``, and a file lock lets concurrent processes wait
-for one build). The vector code is compiled for the CPU capability torch
+for one build). torch runs ``ninja`` from ``PATH``; the ``ninja`` package
+installed with this one is put there for the build when ``PATH`` has none (a
+virtualenv's python run without activating it). The vector code is compiled for the CPU capability torch
 itself dispatches to (``torch.backends.cpu.get_cpu_capability()``). The matrix
 products run on oneDNN brgemm ukernels (torch's ``cpublas::brgemm``) in an
 AVX-512 build: fp32, and bf16 on VNNI-packed blocks where the CPU has bf16 dot
@@ -25,9 +27,12 @@ x86 builds carry (``brgemm_fp32``, ``bf16_dot_products`` say which, here).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -72,10 +77,34 @@ def capability() -> str:
 
 
 def module_name() -> str:
-    """The compiled module's name, which is also its cache folder: per CPU capability and
-    torch version (a module built against other torch headers must not be loaded)."""
+    """The compiled module's name, which is also its cache folder: per CPU capability, torch
+    version (a module built against other torch headers must not be loaded) and torch
+    installation (two virtualenvs with the same torch would otherwise rewrite each other's
+    build files, with their own include paths, and rebuild at every switch)."""
     version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    return f"consa_swa_cpu_{capability().lower()}_torch{version}"
+    where = hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    return f"consa_swa_cpu_{capability().lower()}_torch{version}_{where}"
+
+
+@contextlib.contextmanager
+def ninja_on_path():
+    """``PATH`` with a ``ninja`` on it while the block runs, where the ``ninja`` package has one
+    and ``PATH`` has none (torch's build runs ``ninja`` from ``PATH``, and a virtualenv's
+    ``bin`` is not on it unless the virtualenv is activated); ``PATH`` as it was afterwards."""
+    old = os.environ.get("PATH")
+    try:
+        import ninja  # the PyPI package: the binary and its folder
+    except ImportError:
+        ninja = None
+    if shutil.which("ninja") is None and ninja is not None and shutil.which("ninja", path=ninja.BIN_DIR):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR] + ([old] if old else []))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 def build(name: str, source: Path):
@@ -85,7 +114,8 @@ def build(name: str, source: Path):
 
     # -fopenmp: at::parallel_for is inline and runs serially in code compiled without it.
     flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + _CAPABILITY_FLAGS.get(capability(), [])
-    return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    with ninja_on_path():
+        return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ the visible set built row by row from the convention).
 """
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,31 @@ def test_builds_for_this_cpu():
     assert cpu_extension.capability() in ("AVX512", "AVX2", "DEFAULT")
     ext = _ext()
     assert ext.__name__ == cpu_extension.module_name() and cpu_extension.capability().lower() in ext.__name__
+
+
+def test_build_finds_the_ninja_package_off_path(tmp_path, monkeypatch):
+    """torch's build runs `ninja` from PATH: a virtualenv's python run without activating it
+    (the Makefile's, torchrun's ranks) has the ninja package's binary off PATH. The build puts
+    it there for its own time only."""
+    import shutil
+
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without ninja
+    assert shutil.which("ninja") is None
+    with cpu_extension.ninja_on_path():
+        found = shutil.which("ninja")
+        assert found is not None and Path(found).parent == Path(ninja.BIN_DIR)
+    assert shutil.which("ninja") is None and os.environ["PATH"] == str(tmp_path)
+
+
+def test_cache_folder_per_torch_installation(monkeypatch, tmp_path):
+    """Two environments with the same torch version build into folders of their own (one
+    folder would have its build files rewritten, and the module rebuilt, at every switch)."""
+    here = cpu_extension.module_name()
+    assert here.startswith(f"consa_swa_cpu_{cpu_extension.capability().lower()}_torch")
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other_venv" / "torch" / "__init__.py"))
+    other = cpu_extension.module_name()
+    assert other != here and other.rsplit("_", 1)[0] == here.rsplit("_", 1)[0]
 
 
 # (b, hq, hkv, s, d, W, S, q_tile, kv_tile)

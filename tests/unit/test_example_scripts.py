@@ -187,6 +187,10 @@ def test_slurm_example_calls_parse(tmp_path, monkeypatch):
     assert (run.checkpoint.load, run.checkpoint.finetune) == (f"{out}/imported", True)
     sbatch = (ROOT / "examples" / "slurm_multinode.sbatch").read_text()
     assert "#SBATCH --signal=TERM@" in sbatch  # the warning --exit-signal-handler acts on
+    # the first line: a stop well before the limit, which needs no signal to reach the ranks in time
+    hours, minutes, _ = (int(x) for x in sbatch.split("#SBATCH --time=")[1].split()[0].split(":"))
+    assert run.exit.duration_in_mins is not None and (hours * 60 + minutes) - run.exit.duration_in_mins >= 20
+    assert "SRUN_CPUS_PER_TASK" in sbatch
 
 
 def test_study_small_calls_parse(tmp_path, monkeypatch):
@@ -212,9 +216,13 @@ def test_study_small_calls_parse(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("_example_study_small", ROOT / "examples" / "study_small.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    assert study.main(["--out", str(tmp_path / "study"), "--seeds", "1"]) == 0
+    monkeypatch.chdir(tmp_path)  # a relative --out: the launches run in the repository
+    assert study.main(["--out", "study", "--seeds", "1"]) == 0
     trains, tools = [], []
     for cmd in calls:
+        for flag in ("--save", "--output", "--output-prefix"):  # (the starts are the repository's)
+            if flag in cmd:
+                assert Path(cmd[cmd.index(flag) + 1]).is_relative_to(tmp_path / "study"), (flag, cmd)
         if "megatron_consa.train" in cmd:
             trains.append(parse_run_config(cmd[cmd.index("megatron_consa.train") + 1:]))
         else:
@@ -226,3 +234,18 @@ def test_study_small_calls_parse(tmp_path, monkeypatch):
     assert [t.phase for t in trains] == ["learn"] + ["fixed"] * len(variants)
     assert tools.count("tools/evaluate.py") == 2 * len(variants) and "tools/analyze_allocation.py" in tools
     assert (tmp_path / "study" / "study_small.md").is_file()
+
+
+@pytest.mark.parametrize("script", ["cpu_workflow", "study_small", "study_real"])
+def test_example_paths_are_taken_from_the_callers_directory(script, tmp_path, monkeypatch):
+    """The examples launch the tools with the repository as their working directory: a relative
+    --out (or the default) is the caller's, made absolute before it is handed on."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location(f"_example_paths_{script}", ROOT / "examples" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # (its dataclasses look themselves up there)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    assert module.parse_args(["--out", "rel"]).out == tmp_path / "rel"
+    default = module.parse_args([]).out
+    assert default.is_absolute() and default.is_relative_to(tmp_path)
