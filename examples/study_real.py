@@ -25,7 +25,9 @@ the project's converter; its weights stay frozen. Through the real tools:
    study_real.json (the same numbers), written atomically.
 
 Every step writes its output and is skipped when that output exists: the study
-resumes where it stopped, and `--parts` runs some steps only.
+resumes where it stopped, and `--parts` runs some steps only. `--restore-learned
+study_real.json` takes an earlier run's learned maps instead of learning, to
+re-evaluate them under this version's evaluation.
 
     python examples/study_real.py --out runs/study_real            # about 2 hours on 2 cores
     python examples/study_real.py --out runs/study_real_quick --quick   # a few minutes (tested in make test)
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_workflow import Workflow, absolute_path, learned_map_row  # noqa: E402
 
+from megatron_consa.evaluation.perplexity import paired_difference  # noqa: E402
 from megatron_consa.files import write_text_atomic  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,7 +105,13 @@ def parse_args(argv=None):
                    help="an existing SmolLM2 HF directory; None: one made from the GGUF")
     p.add_argument("--parts", nargs="+", default=["prepare", "learn", "evaluate", "report"],
                    choices=["prepare", "learn", "evaluate", "report"])
+    p.add_argument("--restore-learned", type=absolute_path, metavar="STUDY_JSON",
+                   help="instead of learning, the learned maps (and their allocation phase's cost) of an earlier "
+                        "run's study_real.json at the same settings: re-evaluates that run's maps under this "
+                        "version's evaluation (with --parts prepare evaluate report)")
     args = p.parse_args(argv)
+    if args.restore_learned is not None and "learn" in args.parts:
+        p.error("--restore-learned replaces the learn part: give --parts prepare evaluate report")
     if args.hf_dir is not None and not (args.hf_dir / "config.json").is_file():
         p.error(f"--hf-dir {args.hf_dir} holds no Hugging Face model (no config.json): give the directory "
                 "tools/convert_gguf_to_hf.py wrote, or leave --hf-dir out to convert the GGUF here")
@@ -170,6 +179,8 @@ def main(argv=None) -> int:
         if s.ablation_sequences and not ablation.is_file():
             flow.run("ablation ranking (kv_head; a layer is ranked by its heads)", calibrate_cmd(
                 out, hf, ckpt, s, "ablation", "kv_head", s.ablation_sequences, ablation))
+    if args.restore_learned is not None:
+        restore_learned(out, s, args.restore_learned)
     for target in s.targets:
         for granularity in s.granularities:
             name = unit_name(target, granularity)
@@ -202,6 +213,27 @@ def main(argv=None) -> int:
         write_text_atomic(out / "study_real.json", json.dumps(summary, indent=1) + "\n")
         print("\n" + table)
     return 0
+
+
+def restore_learned(out: Path, s: Settings, report_file: Path) -> None:
+    """Write each run's finalized allocation.json (its learned FA map; the gates' log_alpha is not in a report)
+    and cost file from an earlier report at these settings, where they are absent."""
+    from megatron_consa.allocation import Allocation
+
+    summary = json.loads(report_file.read_text())
+    if json.loads(json.dumps(dataclasses.asdict(s))) != summary.get("settings"):
+        raise SystemExit(f"error: --restore-learned {report_file}: its settings {summary.get('settings')} are not "
+                         f"this run's {dataclasses.asdict(s)} (--quick or not, or another version of the study)")
+    for name, run in summary["runs"].items():
+        fa = next(r for r in run["allocations"] if r["allocation"] == "learned")["fa"]
+        final = out / f"finalized_{name}" / "allocation.json"
+        if not final.is_file():
+            Allocation(granularity=run["granularity"], num_layers=len(fa), num_kv_heads=len(fa[0]), window=s.window,
+                       sink_tokens=0, target_sparsity=run["target"], fa=fa, source="consa",
+                       metadata={"restored_from": str(report_file)}).save(final)
+        cost = out / f"cost_{name}.json"
+        if "allocation_phase" in run and not cost.is_file():
+            write_text_atomic(cost, json.dumps(run["allocation_phase"]) + "\n")
 
 
 def up_to_date(output: Path, *inputs: Path) -> bool:
@@ -267,7 +299,8 @@ def _row(r: dict, s: Settings) -> dict:
     acc = {f"{b['task']}@{b['distance']}": b["accuracy"] for b in r["retrieval"]}
     return {"allocation": name, "sparsity": r["sparsity"], "ppl_beyond_window": ppl["perplexity_beyond_window"],
             "nll_beyond_window": ppl["mean_nll_beyond_window"],
-            "nll_std_error": ppl.get("nll_beyond_window_std_error"), "retrieval": acc, "kv_bytes": r["kv_bytes"],
+            "nll_std_error": ppl.get("nll_beyond_window_std_error"),
+            "nll_per_sequence": ppl.get("nll_beyond_window_per_sequence"), "retrieval": acc, "kv_bytes": r["kv_bytes"],
             "fa": r["fa"]}
 
 
@@ -277,16 +310,25 @@ def _fmt(value) -> str:
 
 def _verdict(rows: list[dict]) -> dict:
     """Where the learned allocation ranks by perplexity beyond the window, and who beats it or loses to it by more
-    than 2 s.e. of the learned allocation's mean NLL (None without an s.e.: fewer than 2 sequences)."""
+    than 2 standard errors of the paired difference (every allocation is scored on the same sequences: each
+    sequence's NLL difference, their mean over their s.e.; None where a row has no per-sequence values or there
+    are fewer than 2 sequences). `paired`: each other allocation's NLL minus the learned one's, per sequence."""
     learned = next(r for r in rows if r["allocation"] == "learned")
     others = [r for r in rows if r is not learned]
-    nll, se = learned["nll_beyond_window"], learned["nll_std_error"]
+    nll = learned["nll_beyond_window"]
+    paired = None
+    if learned.get("nll_per_sequence") and all(r.get("nll_per_sequence") for r in others):
+        paired = {r["allocation"]: paired_difference(learned["nll_per_sequence"], r["nll_per_sequence"])
+                  for r in others}
+        if any(d["z"] is None for d in paired.values()):
+            paired = None
     return {"rank": 1 + sum(r["nll_beyond_window"] < nll for r in others), "of": len(rows),
             "beaten_by": [r["allocation"] for r in others if r["nll_beyond_window"] < nll],
-            "beaten_by_more_than_2_se": None if se is None else [
-                r["allocation"] for r in others if r["nll_beyond_window"] < nll - 2 * se],
-            "beats_by_more_than_2_se": None if se is None else [
-                r["allocation"] for r in others if r["nll_beyond_window"] > nll + 2 * se]}
+            "beaten_by_more_than_2_paired_se": None if paired is None else [
+                name for name, d in paired.items() if d["z"] < -2],
+            "beats_by_more_than_2_paired_se": None if paired is None else [
+                name for name, d in paired.items() if d["z"] > 2],
+            "paired": paired}
 
 
 def _retrieval_cells(row: dict, s: Settings) -> list[str]:
@@ -297,17 +339,23 @@ def report(out: Path, s: Settings) -> tuple[str, dict]:
     """Markdown tables (references, then one per target and granularity, then the learned maps' patterns) and the
     same numbers as JSON."""
     summary: dict = {"settings": dataclasses.asdict(s), "references": [], "runs": {}}
-    head = ("| allocation | SWA share | ppl beyond W | ± s.e. (NLL) | " +
+    head = ("| allocation | SWA share | ppl beyond W | ± s.e. (NLL) | ΔNLL vs learned (paired z) | " +
             " | ".join(f"{task} @{d}" for task in ("passkey", "kv") for d in s.distances) + " |")
-    rule = "|---|---:|---:|---:|" + "---:|" * (2 * len(s.distances))
+    rule = "|---|---:|---:|---:|---:|" + "---:|" * (2 * len(s.distances))
     lines = [f"SmolLM2-135M, weights frozen, W={s.window}, seq {s.seq_length}: perplexity beyond the window on "
-             f"held-out stdlib text ({s.eval_sequences} x {s.seq_length} tokens; s.e. of the mean NLL over sequences) "
+             f"held-out stdlib text ({s.eval_sequences} x {s.seq_length} tokens; s.e. of the mean NLL over sequences; "
+             "ΔNLL: this allocation's mean NLL minus the learned one's, z: that over the s.e. of the per-sequence "
+             "differences, every allocation being scored on the same sequences) "
              f"and retrieval accuracy by distance ({s.samples_per_distance} prompts each). Every allocation of a "
              "table has the same KV budget and window."]
 
-    def table_rows(rows):
+    def vs_learned(r, paired) -> str:
+        d = (paired or {}).get(r["allocation"])
+        return "-" if d is None else f"{d['mean']:+.3f} ({d['z']:+.1f})"
+
+    def table_rows(rows, paired=None):
         return [f"| {'**learned**' if r['allocation'] == 'learned' else r['allocation']} | {r['sparsity']:.3f} | "
-                f"{r['ppl_beyond_window']:.2f} | {_fmt(r['nll_std_error'])} | "
+                f"{r['ppl_beyond_window']:.2f} | {_fmt(r['nll_std_error'])} | {vs_learned(r, paired)} | "
                 + " | ".join(_retrieval_cells(r, s)) + " |" for r in rows]
 
     refs = out / "eval_references.json"
@@ -332,13 +380,15 @@ def report(out: Path, s: Settings) -> tuple[str, dict]:
                 patterns.append((name, run["analysis"]))
             summary["runs"][name] = run
             v = run["verdict"]
-            lines += ["", f"### {granularity}, target {target:.4f}", "", head, rule, *table_rows(rows), "",
+            lines += ["", f"### {granularity}, target {target:.4f}", "", head, rule,
+                      *table_rows(rows, v["paired"]), "",
                       f"Learned ranks {v['rank']} of {v['of']} by perplexity beyond W"
                       + (f"; beaten by {', '.join(v['beaten_by'])}" if v["beaten_by"] else "")
-                      + (f" (by more than 2 s.e.: {', '.join(v['beaten_by_more_than_2_se']) or 'none'})"
-                         if v["beaten_by"] and v["beaten_by_more_than_2_se"] is not None else "")
-                      + (f"; beats by more than 2 s.e.: {', '.join(v['beats_by_more_than_2_se']) or 'none'}"
-                         if v["beats_by_more_than_2_se"] is not None else "") + "."]
+                      + (f" (by more than 2 paired s.e.: {', '.join(v['beaten_by_more_than_2_paired_se']) or 'none'})"
+                         if v["beaten_by"] and v["beaten_by_more_than_2_paired_se"] is not None else "")
+                      + (f"; beats by more than 2 paired s.e.: "
+                         f"{', '.join(v['beats_by_more_than_2_paired_se']) or 'none'}"
+                         if v["beats_by_more_than_2_paired_se"] is not None else "") + "."]
             if "allocation_phase" in run:
                 c = run["allocation_phase"]
                 lines.append(f"Allocation phase: {c['iterations']} iterations, {c['tokens']} tokens, "

@@ -815,6 +815,12 @@ def make_preset(
     ).validate(where)
 
 
+def names_a_file(spec: str) -> bool:
+    """Whether an allocation flag's value is an ``allocation.json`` path (ends in ``.json`` or is a file),
+    not a preset name."""
+    return spec.endswith(".json") or os.path.isfile(spec)
+
+
 def allocation_from_spec(
     spec: str,
     *,
@@ -836,7 +842,7 @@ def allocation_from_spec(
     (:class:`megatron_consa.unit_scores.UnitScores` for this model); other specs
     ignore them.
     """
-    if spec.endswith(".json") or os.path.isfile(spec):
+    if names_a_file(spec):
         alloc = Allocation.load(spec)
         alloc.check_compatible(num_layers, num_kv_heads)
         return alloc
@@ -870,6 +876,7 @@ __all__ = [
     "AllocationError",
     "allocation_from_spec",
     "fa_unit_budget",
+    "names_a_file",
     "finalize_topk",
     "list_presets",
     "make_preset",

@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from megatron_consa.allocation import list_presets
+from megatron_consa.allocation import list_presets, names_a_file
 from megatron_consa.cli import (
     PRESET_FLAGS,
     UserInputError,
@@ -151,7 +151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                sink_tokens=args.sink_tokens, calibration_scores=scores)
         except ValueError as err:
             hint = " (--calibration-scores FILE)" if spec == "heuristic" and scores is None else ""
-            raise flag_error("--allocation", spec, in_flag_terms(str(err), PRESET_FLAGS) + hint) from err
+            # a preset's message names make_preset's parameters; a file's names its own fields
+            message = str(err) if names_a_file(spec) else in_flag_terms(str(err), PRESET_FLAGS)
+            raise flag_error("--allocation", spec, message + hint) from err
     needs_text = source is not None or args.retrieval
     tokenizer = checkpoint_tokenizer(models, args.tokenizer_model) if needs_text else None
     samples = []

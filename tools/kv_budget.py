@@ -139,11 +139,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.budget:
         if window is None:
             raise UserInputError("--budget needs --window (or an --allocation file that has one)")
-        fit = sparsity_for_budget(
-            shape, parse_bytes(args.budget), window=window, sink_tokens=sinks, granularity=args.granularity
-        )
+        try:
+            budget_bytes = parse_bytes(args.budget)
+            fit = sparsity_for_budget(shape, budget_bytes, window=window, sink_tokens=sinks,
+                                      granularity=args.granularity)
+        except ValueError as err:
+            raise flag_error("--budget", args.budget, err) from err
         report.update(
-            budget_bytes=parse_bytes(args.budget),
+            budget_bytes=budget_bytes,
             window=window,
             sink_tokens=sinks,
             granularity=args.granularity,

@@ -29,8 +29,10 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line and the fix."""
 
 
-def iter_jsonl_texts(paths: Iterable[str | os.PathLike], json_key: str = "text") -> Iterator[str]:
-    """The `json_key` field of every line of every JSONL file, in order (errors name file and line)."""
+def iter_jsonl_texts(paths: Iterable[str | os.PathLike], json_key: str = "text", *,
+                     key_flag: str = "--json-keys") -> Iterator[str]:
+    """The `json_key` field of every line of every JSONL file, in order (errors name file and line, and
+    `key_flag`, the caller's flag that chooses the field)."""
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -49,7 +51,7 @@ def iter_jsonl_texts(paths: Iterable[str | os.PathLike], json_key: str = "text")
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}:{n}: not a JSON object ({err.msg}); one JSON document per line") from err
                 if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
-                    raise DataError(f"{path}:{n}: no string field {json_key!r} (choose it with --json-keys)")
+                    raise DataError(f"{path}:{n}: no string field {json_key!r} (choose it with {key_flag})")
                 yield obj[json_key]
 
 

@@ -46,7 +46,8 @@ def add_sequence_arguments(p: argparse.ArgumentParser, *, what: str, seq_length:
     g.add_argument("--seq-length", type=int, default=seq_length,
                    help=f"tokens per sequence (default: {seq_length})")
     g.add_argument("--num-sequences", type=int, default=num_sequences,
-                   help=f"sequences to score (default: {num_sequences}; fewer when a text file runs out)")
+                   help=f"sequences to score (default: {num_sequences}; fewer when a text file or a --data-path split "
+                        "runs out)")
     g.add_argument("--data-seed", type=int, default=None,
                    help="megatron-core's shuffling seed for --data-path (default: the checkpoint's training run's, "
                         "else 1234)")

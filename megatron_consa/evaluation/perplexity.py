@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,11 @@ class PerplexityResult:
     """None when no position lies beyond the window (seq_length <= window + sinks)."""
     nll_beyond_window_std_error: Optional[float] = None
     """The standard error of ``mean_nll_beyond_window`` over sequences (each sequence's mean NLL beyond the window,
-    sample standard deviation / sqrt(N)): the spread to compare two allocations by. None for fewer than 2 sequences."""
+    sample standard deviation / sqrt(N)): the spread of one allocation's figure. None for fewer than 2 sequences."""
+    nll_beyond_window_per_sequence: Optional[list[float]] = None
+    """Each sequence's mean NLL beyond the window, in the order scored: two allocations scored on the same
+    sequences compare by the paired differences (their spread is far below either allocation's own). None when
+    no position lies beyond the window."""
 
     @property
     def perplexity(self) -> float:
@@ -83,7 +87,21 @@ def evaluate_perplexity(logits_fn: LogitsFn, sequences: torch.Tensor, *, window:
         tokens_beyond_window=far_tokens, mean_nll_beyond_window=nll_far / far_tokens if far_tokens else None,
         nll_beyond_window_std_error=(torch.tensor(per_sequence_far, dtype=torch.float64).std().item() / math.sqrt(n)
                                      if len(per_sequence_far) >= 2 else None),
+        nll_beyond_window_per_sequence=per_sequence_far or None,
     )
 
 
-__all__ = ["PerplexityResult", "beyond_window", "evaluate_perplexity"]
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """``b - a`` over the same sequences (e.g. two allocations' ``nll_beyond_window_per_sequence``): the mean
+    difference, its standard error (the differences' sample standard deviation / sqrt(N)), z = mean / s.e.
+    (None where the s.e. is 0 or N < 2) and on how many sequences ``b`` is the larger."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference needs values of the same sequences: {len(a)} and {len(b)} given")
+    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    se = d.std().item() / math.sqrt(len(d)) if len(d) >= 2 else None
+    mean = d.mean().item()
+    return {"mean": mean, "std_error": se, "z": mean / se if se else None, "larger_on": int((d > 0).sum()),
+            "sequences": len(d)}
+
+
+__all__ = ["PerplexityResult", "beyond_window", "evaluate_perplexity", "paired_difference"]

@@ -15,6 +15,7 @@ Every source gives one int64 tensor ``[N, seq_length + 1]``: a row's first
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -24,6 +25,7 @@ import torch
 from megatron_consa.data.indexed import DataError, document_ids, iter_jsonl_texts
 
 SPLITS = ("train", "valid", "test")
+logger = logging.getLogger(__name__)
 
 
 DEFAULT_SPLIT = "969,30,1"
@@ -87,7 +89,7 @@ def text_file_documents(path: str | Path, *, json_key: str = "text") -> Iterator
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix in (".jsonl", ".json"):
-        yield from iter_jsonl_texts([path], json_key)
+        yield from iter_jsonl_texts([path], json_key, key_flag="--json-key")
     else:
         yield path.read_text(encoding="utf-8")
 
@@ -110,24 +112,60 @@ def pack_documents(documents: Iterable[str], tokenizer, *, seq_length: int, max_
     return data.unfold(0, seq_length + 1, seq_length).contiguous()
 
 
+def _epochs(dataset, drawn: int) -> list[tuple[int, int]]:
+    """(samples drawn, samples in one epoch) of each megatron-core GPTDataset behind ``dataset`` (itself, or
+    a BlendedDataset's parts) when its first ``drawn`` samples are read."""
+    import numpy
+
+    parts = list(getattr(dataset, "datasets", None) or [dataset])
+    if len(parts) == 1:
+        counts = [drawn]
+    else:
+        index = numpy.asarray(dataset.dataset_index[:drawn])
+        counts = [int((index == i).sum()) for i in range(len(parts))]
+    return [(n, (part._get_num_tokens_per_epoch() - part.config.add_extra_token_to_sequence)
+             // part.config.sequence_length) for n, part in zip(counts, parts)]
+
+
 def indexed_split_sequences(data_path: list[str], tokenizer, *, split: str, which: str, seq_length: int,
                             num_sequences: int, seed: int = 1234, cache_path: Optional[str] = None) -> torch.Tensor:
     """`num_sequences` GPTDataset samples of the `which` split (`train`, `valid` or `test`).
 
-    megatron-core draws them as in training (shuffled with `seed`); a split holding
-    fewer samples than asked is repeated over epochs, as megatron-core does.
+    megatron-core draws them as in training (shuffled with `seed`). A split holding fewer samples than asked
+    would repeat its text (megatron-core's next epoch, shuffled in with the first), and the standard error
+    over sequences would understate the noise: one dataset gives its one epoch instead, with a warning; a
+    blend whose part runs out is warned about.
     """
     from megatron_consa.data.gpt import DataConfig, build_gpt_sources
 
     if which not in SPLITS:
         raise DataError(f"split {which!r}: use one of {', '.join(SPLITS)}")
-    sizes = {name: (num_sequences if name == which else 0) for name in SPLITS}
-    sources = build_gpt_sources(DataConfig(data_path=list(data_path), split=split, seed=seed, cache_path=cache_path),
-                                tokenizer, seq_length=seq_length, train_samples=sizes["train"],
-                                valid_samples=sizes["valid"], test_samples=sizes["test"])
-    source = sources[SPLITS.index(which)]
-    if source is None:
-        raise DataError(f"--split {split}: the {which} split is empty; give it a share of the data")
+
+    def draw(count: int):
+        sizes = {name: (count if name == which else 0) for name in SPLITS}
+        sources = build_gpt_sources(DataConfig(data_path=list(data_path), split=split, seed=seed,
+                                               cache_path=cache_path), tokenizer, seq_length=seq_length,
+                                    train_samples=sizes["train"], valid_samples=sizes["valid"],
+                                    test_samples=sizes["test"])
+        source = sources[SPLITS.index(which)]
+        if source is None:
+            raise DataError(f"--split {split}: the {which} split is empty; give it a share of the data")
+        return source
+
+    source = draw(num_sequences)
+    epochs = _epochs(source.dataset, num_sequences)
+    if len(epochs) == 1 and epochs[0][0] > epochs[0][1] >= 1:
+        logger.warning(
+            "--num-sequences %d: the %s split of --data-path holds %d sequences of %d tokens; scoring those "
+            "(more would repeat its text and understate the standard error)", num_sequences, which,
+            epochs[0][1], seq_length)
+        num_sequences = epochs[0][1]
+        source = draw(num_sequences)
+    elif any(n > per_epoch for n, per_epoch in epochs):
+        logger.warning(
+            "--num-sequences %d: parts of the --data-path blend run out in the %s split (samples drawn / held: "
+            "%s); their text repeats, which understates the standard error: ask for fewer sequences",
+            num_sequences, which, ", ".join(f"{n} / {per_epoch}" for n, per_epoch in epochs))
     return torch.stack([source.sample(i) for i in range(num_sequences)])
 
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_consa.allocation import Allocation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +49,12 @@ def test_study_real_quick_mode_runs_end_to_end_and_writes_the_table(smollm2_hf_d
         assert refs["all_fa"]["ppl_beyond_window"] < row["ppl_beyond_window"], name  # windowing half the heads costs
     nll = rows["learned"]["nll_beyond_window"]
     assert run["verdict"]["rank"] == 1 + sum(r["nll_beyond_window"] < nll for n, r in rows.items() if n != "learned")
+    paired = run["verdict"]["paired"]  # every allocation scored on the same sequences: differences per sequence
+    assert set(paired) == RULES
+    for name, d in paired.items():
+        assert d["sequences"] == len(rows["learned"]["nll_per_sequence"]) == len(rows[name]["nll_per_sequence"])
+        assert d["mean"] == pytest.approx(rows[name]["nll_beyond_window"] - nll, abs=1e-9), name
+    assert run["verdict"]["beats_by_more_than_2_paired_se"] == [n for n, d in paired.items() if d["z"] > 2]
     assert run["allocation_phase"]["iterations"] == 160 and run["allocation_phase"]["tokens"] == 160 * 64
     comparisons = {c["kind"] for c in run["analysis"]["comparisons"]}
     assert comparisons == {"attention_mass"}  # quick mode has no ablation ranking
@@ -54,7 +62,7 @@ def test_study_real_quick_mode_runs_end_to_end_and_writes_the_table(smollm2_hf_d
 
     table = (out / "study_real.md").read_text()
     assert table in proc.stdout
-    assert "| **learned** | 0.500 |" in table and "### kv_head, target 0.5000" in table and "### learned maps" in table
+    assert "ΔNLL vs learned (paired z)" in table and "| **learned** | 0.500 |" in table and "### kv_head, target 0.5000" in table and "### learned maps" in table
     for rule in RULES:
         assert f"| {rule} | 0.500 |" in table
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -162,20 +163,29 @@ def test_perplexity_and_kv_bytes_equal_direct_computations(tmp_path, docs, singl
     assert report["kv_context_length"] == 1000
 
 
-def test_indexed_split_rows_are_windows_of_its_text(tmp_path, docs, tokenizers, single_rank_mcore):
-    """--data-path: the rows megatron-core's GPTDataset draws from the split are the document's own tokens."""
+def test_indexed_split_rows_are_windows_of_its_text(tmp_path, docs, tokenizers, single_rank_mcore, caplog):
+    """--data-path: the rows megatron-core's GPTDataset draws from the split are the document's own tokens;
+    a split that runs out gives its one epoch (more rows would repeat its text), with a warning."""
     from megatron_consa.data.indexed import write_indexed_dataset
     from megatron_consa.evaluation.sequences import indexed_split_sequences
 
     tok = tokenizers["sentencepiece"]
     text = " ".join(docs)
     write_indexed_dataset([text], tmp_path / "one", tokenizer_factory=lambda: tok)
+    stream = tok.encode(text) + [tok.eod]  # the only document
+    held = (len(stream) - 1) // 32
+    assert held >= 5
     rows = indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="valid", seq_length=32,
                                    num_sequences=5)
-    stream = (tok.encode(text) + [tok.eod]) * 2  # the only document, over two epochs at most
     assert rows.shape == (5, 33)
     for row in rows.tolist():
         assert _find(stream, row), "a row is not a contiguous window of the document + EOD"
+    with caplog.at_level(logging.WARNING, logger="megatron_consa.evaluation.sequences"):
+        rows = indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="valid", seq_length=32,
+                                       num_sequences=held + 7)
+    assert rows.shape == (held, 33) and f"holds {held} sequences of 32 tokens" in caplog.text
+    # every row of the one epoch once, no text twice
+    assert sorted(rows.tolist()) == sorted(stream[32 * i:32 * i + 33] for i in range(held))
     with pytest.raises(ValueError, match="--split 0,1,0: the test split of --data-path .* holds no document"):
         indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="test", seq_length=32,
                                 num_sequences=1)
@@ -203,6 +213,21 @@ def test_an_imported_sliding_window_model_runs_its_own_allocation(tmp_path, sing
     assert ours.mean_nll_beyond_window == pytest.approx(nll[:, WINDOW:].mean().item(), rel=1e-5)
     per_row = nll[:, WINDOW:].mean(dim=1)  # two rows: sample std = |a - b| / sqrt(2), over sqrt(2)
     assert ours.nll_beyond_window_std_error == pytest.approx(abs(per_row[0] - per_row[1]).item() / 2, rel=1e-5)
+    assert ours.nll_beyond_window_per_sequence == pytest.approx(per_row.tolist(), rel=1e-5)
+
+
+def test_paired_difference_against_a_hand_computation():
+    from megatron_consa.evaluation.perplexity import paired_difference
+
+    a, b = [2.0, 3.0, 4.0, 5.0], [2.5, 3.1, 4.6, 5.2]  # differences 0.5, 0.1, 0.6, 0.2
+    d = paired_difference(a, b)
+    mean, sd = 0.35, (((0.15 ** 2) * 2 + (0.25 ** 2) * 2) / 3) ** 0.5
+    assert d["mean"] == pytest.approx(mean) and d["std_error"] == pytest.approx(sd / 2)
+    assert d["z"] == pytest.approx(mean / (sd / 2)) and d["larger_on"] == 4 and d["sequences"] == 4
+    # the unpaired spread of either list (about 0.65 / 2) would hide a difference the pairing shows
+    assert d["z"] > 2 > mean / ((torch.tensor(a).var().item() / 4 + torch.tensor(b).var().item() / 4) ** 0.5)
+    with pytest.raises(ValueError, match="same sequences"):
+        paired_difference(a, b[:3])
 
 
 # ----------------------------------------------------------------------------- retrieval generators, on tokens
@@ -384,6 +409,12 @@ def test_cli_allocation_errors_name_the_file(tmp_path, capsys, single_rank_mcore
     assert run_tool(EVALUATE.main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --allocation {other}: ") and "'num_layers' is 3" in err
+    # a file's own field names stay as written (a preset's parameters are named by their flags)
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"kind": "attention_mass", "scores": [[0.1] * 2] * 4}))
+    assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--kv-context-length", "64", "--allocation", str(scores)]) == 2
+    err = capsys.readouterr().err
+    assert "sink_tokens, target_sparsity" in err and "--sink-tokens" not in err, err
 
 
 def test_a_fixed_checkpoints_own_allocation_is_read_from_its_metadata(tmp_path):
@@ -429,3 +460,17 @@ def test_the_evaluation_split_defaults_to_the_training_runs():
     assert (imported.split, imported.seed) == (DEFAULT_SPLIT, DEFAULT_DATA_SEED)
     text = SequenceSource(seq_length=32, num_sequences=4, text="a.txt")
     assert with_training_split(text, trained) == text  # no --data-path: nothing to split
+
+
+def test_a_jsonl_without_the_field_names_the_tools_flag(tmp_path):
+    """evaluate / calibrate_heuristic choose the field with --json-key (preprocess_data with --json-keys)."""
+    from megatron_consa.data.indexed import DataError, iter_jsonl_texts
+    from megatron_consa.evaluation.sequences import text_file_documents
+
+    path = tmp_path / "held_out.jsonl"
+    path.write_text(json.dumps({"content": "a document"}) + "\n")
+    with pytest.raises(DataError, match=r"held_out.jsonl:1: no string field 'text' \(choose it with --json-key\)"):
+        list(text_file_documents(path))
+    assert list(text_file_documents(path, json_key="content")) == ["a document"]
+    with pytest.raises(DataError, match=r"\(choose it with --json-keys\)"):
+        list(iter_jsonl_texts([path]))

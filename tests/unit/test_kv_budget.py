@@ -127,6 +127,12 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
             tool.main(argv)
         assert exit.value.code == 2
         assert f"error: {flag} {value}: must be >= {least}" in capsys.readouterr().err
+    base = ["--hf-config", str(tmp_path), "--context-length", "4096", "--window", "8"]
+    assert run_tool(tool.main, base + ["--budget", "abc"]) == 2
+    assert capsys.readouterr().err.startswith("error: --budget abc: cannot read 'abc' as a byte count")
+    assert run_tool(tool.main, base + ["--budget", "1KiB"]) == 2  # below the all-SWA cache
+    err = capsys.readouterr().err
+    assert err.startswith("error: --budget 1KiB: ") and "below the all-SWA KV cache" in err, err
 
 
 def _qwen3_config(**fields) -> dict:
