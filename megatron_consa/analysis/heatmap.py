@@ -1,7 +1,8 @@
 """Allocation heatmaps (layers x KV heads) with matplotlib, headless.
 
-`allocation_figure` draws the learned log_alpha (a diverging map) or the 0/1
-allocation, FA units marked; `save_heatmap` writes it as a PNG (temp file, then
+`allocation_figure` draws the learned log_alpha (a diverging map, FA units
+outlined) or the 0/1 allocation (FA black, SWA white, with a legend), layer 0 at
+the bottom; `save_heatmap` writes it as a PNG (temp file, then
 rename, nothing left behind on failure); `heatmap_image` returns an HWC uint8 array for TensorBoard.
 """
 
@@ -29,19 +30,27 @@ def allocation_figure(fa: Sequence[Sequence[int]], log_alpha: Optional[Sequence[
     if log_alpha is not None:
         values = np.asarray(log_alpha, dtype=float)
         bound = max(1e-6, float(np.abs(values).max()))
-        im = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+        im = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest",
+                       origin="lower")
         fig.colorbar(im, ax=ax, label="log_alpha")
         ys, xs = np.nonzero(fa_arr > 0)
         ax.scatter(xs, ys, marker="s", facecolors="none", edgecolors="black", s=40, linewidths=1.0, label="FA")
+        marked = "FA outlined"
     else:
-        ax.imshow(fa_arr, cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        from matplotlib.patches import Patch
+
+        ax.imshow(fa_arr, cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest", origin="lower")
+        ax.legend(handles=[Patch(facecolor="black", edgecolor="black", label="FA"),
+                           Patch(facecolor="white", edgecolor="black", label="SWA")],
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        marked = "FA black"
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(heads))
     step = max(1, layers // 16)
     ax.set_yticks(range(0, layers, step))
     swa = 1.0 - fa_arr.mean()
-    ax.set_title(title or f"FA/SWA allocation (SWA share {swa:.3f}; FA outlined)", fontsize=9)
+    ax.set_title(title or f"FA/SWA allocation (SWA share {swa:.3f}; {marked})", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -166,6 +166,27 @@ def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+def test_heatmap_draws_layer_zero_at_the_bottom_and_names_the_colours():
+    """The text says "bottom layers" for layer 0 and up: so does the picture; a 0/1 map has a legend."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from megatron_consa.analysis.heatmap import allocation_figure
+
+    for log_alpha in (None, [[float(v) - 0.5 for v in row] for row in A]):
+        fig = allocation_figure(A, log_alpha)
+        ax = fig.axes[0]
+        image = ax.get_images()[0]
+        assert image.origin == "lower" and not ax.yaxis_inverted()
+        np.testing.assert_array_equal(np.asarray(image.get_array()), np.asarray(log_alpha if log_alpha else A))
+        if log_alpha is None:
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FA", "SWA"]
+            assert "FA black" in ax.get_title()
+        else:
+            assert "FA outlined" in ax.get_title()
+        plt.close(fig)
+
+
 def test_save_heatmap_leaves_nothing_behind_when_it_fails(tmp_path):
     from megatron_consa.analysis.heatmap import save_heatmap
 
