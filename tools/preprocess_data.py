@@ -6,11 +6,12 @@ r"""JSONL -> megatron-core indexed dataset (.bin/.idx) for `--data-path`.
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
         --train-sentencepiece 4096            # trains data/corpus.model on the input first
 
-One JSON object per line; the text is in --json-keys (default `text`). Each
+One JSON object per line; the text is in --json-keys (default `text`; several keys
+write one dataset each, as Megatron-LM's preprocessing does). Each
 document is tokenized as Megatron-LM's preprocessing does (a Hugging Face
 tokenizer with its special tokens: a Llama or Mistral BOS first) and followed by
 the tokenizer's end-of-document token (its EOS; a tokenizer without one is
-refused). Documents without text are skipped. Writes <output-prefix>_<key>_document.bin/.idx
+refused), once: Megatron-LM's `--append-eod` is accepted and changes nothing. Documents without text are skipped. Writes <output-prefix>_<key>_document.bin/.idx
 (Megatron-LM's naming: `_text_document` for the default key) atomically.
 --tokenizer-model alone is a Hugging Face tokenizer when it is a directory, a
 sentencepiece model when it is a file (as in training).
@@ -33,7 +34,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL file(s)")
     p.add_argument("--output-prefix", required=True, help="output prefix; writes <prefix>_<json key>_document.bin/.idx (_text_document by default)")
-    p.add_argument("--json-keys", default="text", help="the JSON field holding the text")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="the JSON field(s) holding the text; one dataset per field")
+    p.add_argument("--append-eod", action="store_true",
+                   help="accepted for Megatron-LM's command lines: every document ends with the EOD here, once")
     p.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES,
                    help="default: HuggingFaceTokenizer for a --tokenizer-model directory, else SentencePieceTokenizer "
                         "(= Megatron-LM's GPTSentencePieceTokenizer)")
@@ -50,12 +54,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.workers < 1:
         raise UserInputError(f"--workers {args.workers}: must be >= 1")
-    missing = [path for path in args.input if not Path(path).is_file()]
-    if missing:  # (before a tokenizer is trained, a worker started or a directory made)
-        raise UserInputError(f"--input {missing[0]}: no such file; give the JSONL file(s) to tokenize")
-    prefix = f"{args.output_prefix}_{args.json_keys}_document"
-    for suffix in (".bin", ".idx"):  # before any tokenizing: not a traceback at the end
-        check_output_file(f"--output-prefix {args.output_prefix}: the output", prefix + suffix)
+    for path in args.input:  # (before a tokenizer is trained, a worker started or a directory made)
+        if not Path(path).is_file():
+            raise UserInputError(f"--input {path}: {'a directory' if Path(path).is_dir() else 'no such file'}; "
+                                 "give the JSONL file(s) to tokenize")
+    if len(set(args.json_keys)) != len(args.json_keys):
+        raise UserInputError(f"--json-keys {' '.join(args.json_keys)}: a key given twice")
+    prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
+    for prefix in prefixes.values():
+        for suffix in (".bin", ".idx"):  # before any tokenizing: not a traceback at the end
+            check_output_file(f"--output-prefix {args.output_prefix}: the output", prefix + suffix)
     model = args.tokenizer_model
     if args.train_sentencepiece:
         if args.tokenizer_type not in (None, *SENTENCEPIECE_TYPES):
@@ -65,17 +73,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "--train-sentencepiece to use that model")
         if args.train_sentencepiece < 64:
             raise UserInputError(f"--train-sentencepiece {args.train_sentencepiece}: use a vocabulary of 64 or more")
-        model = str(train_sentencepiece(iter_jsonl_texts(args.input, args.json_keys), args.output_prefix,
-                                        vocab_size=args.train_sentencepiece))
+        texts = (text for key in args.json_keys for text in iter_jsonl_texts(args.input, key))
+        model = str(train_sentencepiece(texts, args.output_prefix, vocab_size=args.train_sentencepiece))
         print(f"trained {model}")
     if not model:
         raise UserInputError("--tokenizer-model is missing (or pass --train-sentencepiece VOCAB)")
     factory = functools.partial(build_tokenizer, args.tokenizer_type or tokenizer_type_of(model), model)
     factory().eod  # noqa: B018  fail early on a bad tokenizer, or one without an EOS to end documents
-    with tqdm(desc="documents", unit="doc") as bar:
-        stats = write_indexed_dataset(iter_jsonl_texts(args.input, args.json_keys), prefix, tokenizer_factory=factory,
-                                      workers=args.workers, progress=bar.update)
-    print(f"wrote {prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens")
+    for key, prefix in prefixes.items():
+        with tqdm(desc=f"documents ({key})", unit="doc") as bar:
+            stats = write_indexed_dataset(iter_jsonl_texts(args.input, key), prefix, tokenizer_factory=factory,
+                                          workers=args.workers, progress=bar.update)
+        print(f"wrote {prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens")
     return 0
 
 

@@ -83,8 +83,9 @@ class DataConfig:
 class GPTSampleSource:
     """A megatron-core GPT dataset seen as a `SampleSource` (index -> seq_length + 1 tokens)."""
 
-    def __init__(self, dataset, vocab_size: int, eod_mask_id: Optional[int] = None):
+    def __init__(self, dataset, vocab_size: int, eod_mask_id: Optional[int] = None, null_tokenizer: bool = False):
         self.dataset = dataset
+        self.null_tokenizer = null_tokenizer
         self.vocab_size = vocab_size
         self.eod_mask_id = eod_mask_id
         """The token whose positions carry no loss (`DataConfig.eod_mask_loss`), or None."""
@@ -97,6 +98,13 @@ class GPTSampleSource:
         tokens = torch.cat([item["tokens"], item["labels"][-1:]]).long()
         top = int(tokens.max())
         if top >= self.vocab_size:  # on a GPU the embedding would fail with a device-side assert
+            if self.null_tokenizer:
+                raise DataError(
+                    f"sample {index} holds token id {top}, beyond the NullTokenizer's {self.vocab_size} ids "
+                    f"(--vocab-size {self.vocab_size}; its EOD is the last id, {self.vocab_size - 1}): data "
+                    "pre-tokenized under Megatron-LM's NullTokenizer with --vocab-size V holds ids 0..V with the EOD V, "
+                    "which --vocab-size V+1 reads here"
+                )
             raise DataError(
                 f"sample {index} holds token id {top}, beyond the tokenizer's {self.vocab_size} ids: the data was "
                 "tokenized with another tokenizer; give --data-path and --tokenizer-model that belong together"
@@ -126,8 +134,8 @@ def _parse_blend(paths: list[str], flag: str = "--data-path") -> tuple[list[str]
         raise DataError(f"{flag} {' '.join(paths)}: a weighted blend alternates WEIGHT PREFIX pairs{where}; give a "
                         "weight before every prefix, or none at all")
     weights = [float(w) for w in paths[0::2]]
-    if any(w <= 0 for w in weights):
-        raise DataError(f"{flag} weights {weights} must all be > 0")
+    if not all(0 < w < float("inf") for w in weights):  # (NaN fails too)
+        raise DataError(f"{flag} weights {weights} must all be finite numbers > 0")
     return list(paths[1::2]), weights
 
 
@@ -151,9 +159,9 @@ def check_split(split: str) -> None:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if not 1 <= len(values) <= 3 or any(not v >= 0 for v in values) or sum(values) <= 0:
-        raise DataError(f"--split {split!r}: give up to three non-negative train,valid,test weights with a positive "
-                        "sum, e.g. 969,30,1")
+    if not 1 <= len(values) <= 3 or any(not 0 <= v < float("inf") for v in values) or sum(values) <= 0:
+        raise DataError(f"--split {split!r}: give up to three finite non-negative train,valid,test weights with a "
+                        "positive sum, e.g. 969,30,1")
 
 
 def documents_per_split(num_documents: int, split: str) -> list[int]:
@@ -309,5 +317,6 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
     datasets = BlendedMegatronDatasetBuilder(cls, list(wanted), lambda: True, ds_config).build()
     eod_mask_id = int(tokenizer.eod) if config.eod_mask_loss else None
     # (a split asked for no samples is not the run's, even where megatron-core built one: mock data has every split)
-    return tuple(None if d is None or n == 0 else GPTSampleSource(d, int(tokenizer.vocab_size), eod_mask_id)
+    null = type(tokenizer).__name__ == "NullTokenizer"
+    return tuple(None if d is None or n == 0 else GPTSampleSource(d, int(tokenizer.vocab_size), eod_mask_id, null)
                  for d, n in zip(datasets, wanted))

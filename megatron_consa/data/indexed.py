@@ -52,6 +52,12 @@ def iter_jsonl_texts(paths: Iterable[str | os.PathLike], json_key: str = "text",
                     raise DataError(f"{path}:{n}: not a JSON object ({err.msg}); one JSON document per line") from err
                 if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
                     raise DataError(f"{path}:{n}: no string field {json_key!r} (choose it with {key_flag})")
+                try:
+                    obj[json_key].encode("utf-8")
+                except UnicodeEncodeError as err:  # a lone surrogate escape (\\ud800): valid JSON, not text
+                    raise DataError(f"{path}:{n}: field {json_key!r} holds {err.object[err.start:err.end]!r}, a "
+                                    "lone surrogate escape no tokenizer can encode: drop or replace it in that "
+                                    "line") from None
                 yield obj[json_key]
 
 

@@ -30,10 +30,13 @@ A sentencepiece model also writes itself as Hugging Face tokenizer files
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer", "GPTSentencePieceTokenizer")
 TEXT_TOKENIZER_TYPES = tuple(t for t in TOKENIZER_TYPES if t != "NullTokenizer")
@@ -92,8 +95,10 @@ class SentencePieceTokenizer(_Tokenizer):
         return list(self._sp.encode(text))
 
     def encode_prompt(self, text: str) -> list[int]:
-        """A generation prompt: the text after the BOS, where the model has one."""
-        return ([] if self.bos is None else [self.bos]) + self.encode(text)
+        """A generation prompt, as a dataset document starts: the text alone, no BOS even where the model
+        has one (Megatron-LM's GPTSentencePieceTokenizer writes none into the data, so a model trained on
+        it never saw one; the Hugging Face tokenizer an export carries encodes alike)."""
+        return self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode(list(ids))
@@ -144,8 +149,8 @@ def sentencepiece_as_hf(model_file: str | os.PathLike):
     prefix and byte fallback; BPE merges ranked by piece score), with what sentencepiece never does
     from text kept out: a special token's text (`</s>`) is encoded as text (`split_special_tokens`), and
     a unigram model's control, unknown, byte and unused pieces never match text. Special tokens: the
-    model's unk / bos / eos / pad; with special tokens an encoding starts with the BOS where the model
-    has one (as `encode_prompt`). No `clean_up_tokenization_spaces` (it would change decoded text).
+    model's unk / bos / eos / pad; an encoding with special tokens adds none (no BOS, as `encode_prompt`
+    and the dataset documents). No `clean_up_tokenization_spaces` (it would change decoded text).
     `HF_PROBES` are checked before it is returned: a model it does not reproduce is a `TokenizerError`.
     (transformers' LlamaTokenizer, legacy=False, does not reproduce these models: it encodes leading
     spaces otherwise and adds a `<s>` the model does not have.)
@@ -156,7 +161,6 @@ def sentencepiece_as_hf(model_file: str | os.PathLike):
     decode to more replacement characters than sentencepiece's.
     """
     import sentencepiece
-    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
@@ -182,10 +186,6 @@ def sentencepiece_as_hf(model_file: str | os.PathLike):
     spec = proto.trainer_spec
     special = {f"{name}_token": pieces[i].piece for name, i in
                (("unk", spec.unk_id), ("bos", spec.bos_id), ("eos", spec.eos_id), ("pad", spec.pad_id)) if i >= 0}
-    if "bos_token" in special:
-        bos = special["bos_token"]
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                         split_special_tokens=True, **special)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
@@ -295,26 +295,61 @@ def tokenizer_from_path(path: str | os.PathLike) -> Optional[_Tokenizer]:
     return None
 
 
+_SP_TRAINING_CHARS = 1 << 14
+"""The longest piece of text sentencepiece is given to train on: its limit is 64 KiB of UTF-8 per "sentence"
+(`max_sentence_length`), and it skips longer ones without a word."""
+
+
+def _training_pieces(texts: Iterable[str], errors: list) -> Iterator[str]:
+    """Each text in pieces of at most `_SP_TRAINING_CHARS` characters, cut after a newline where one is
+    near (newlines stay inside the pieces: code keeps them); an exception of `texts` is kept in `errors`
+    (sentencepiece would report it as its own failure)."""
+    try:
+        for text in texts:
+            while len(text) > _SP_TRAINING_CHARS:
+                cut = text.rfind("\n", _SP_TRAINING_CHARS // 2, _SP_TRAINING_CHARS) + 1 or _SP_TRAINING_CHARS
+                yield text[:cut]
+                text = text[cut:]
+            if text:
+                yield text
+    except Exception as err:  # noqa: BLE001 - re-raised by train_sentencepiece
+        errors.append(err)
+        raise
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *, vocab_size: int,
                         model_type: str = "bpe") -> Path:
     """Train a sentencepiece model on `texts` (offline); returns the `.model` path.
 
     Byte fallback is on (no unknown tokens on any input), the text is kept as it is
     (no NFKC, newlines and runs of spaces kept: code decodes to itself), and id 1 is
-    the EOS the datasets use as the end-of-document token.
+    the EOS the datasets use as the end-of-document token. Long documents are given to
+    sentencepiece in pieces (it skips any over 64 KiB); a vocabulary smaller than asked (a
+    corpus with fewer merges to make) is a warning.
     """
     import sentencepiece
 
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    errors: list = []
     try:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, character_coverage=0.9995, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
-            max_sentence_length=1 << 16, num_threads=1, minloglevel=2, hard_vocab_limit=False,
+            sentence_iterator=_training_pieces(texts, errors), model_prefix=str(prefix), vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=True, character_coverage=0.9995, unk_id=0, eos_id=1, bos_id=-1,
+            pad_id=-1, max_sentence_length=1 << 16, num_threads=1, minloglevel=2, hard_vocab_limit=False,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
         )
     except RuntimeError as err:
-        raise TokenizerError(f"--train-sentencepiece {vocab_size}: sentencepiece refused ({err}); "
-                             "a larger vocabulary usually fixes it") from err
-    return prefix.with_name(prefix.name + ".model")  # sentencepiece appends it (a dotted prefix keeps its dots)
+        if errors:  # the input's own error (a bad JSONL line), not sentencepiece's
+            raise errors[0] from None
+        advice = {"sentences_.empty()": "the input holds no text to train on",
+                  "Vocabulary size": "a larger vocabulary fixes it"}
+        hint = next((fix for key, fix in advice.items() if key in str(err)), "")
+        raise TokenizerError(f"--train-sentencepiece {vocab_size}: sentencepiece refused ({err})"
+                             + (f": {hint}" if hint else "")) from err
+    model = prefix.with_name(prefix.name + ".model")  # sentencepiece appends it (a dotted prefix keeps its dots)
+    made = sentencepiece.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+    if made < vocab_size:
+        logger.warning("--train-sentencepiece %d: the input gave a vocabulary of %d pieces (sentencepiece found "
+                       "no more merges in it): train on more text for a larger one", vocab_size, made)
+    return model

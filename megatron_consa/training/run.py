@@ -204,6 +204,14 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             f"--tokenizer-model: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
             f"{arch.vocab_size} (--vocab-size / --hf-config): use the model's own tokenizer or a larger vocabulary"
         )
+    if arch.vocab_size % tp:  # megatron-core's vocab-parallel embedding splits the rows evenly (it asserts)
+        source = f"--hf-config {run.hf_config}" if run.hf_config else f"--vocab-size {arch.vocab_size}"
+        raise ArgumentError(
+            f"{source}: a vocabulary of {arch.vocab_size} does not split over --tensor-model-parallel-size {tp} "
+            f"(the embedding and output layer split their rows evenly): give a multiple of {tp} (e.g. "
+            f"{math.ceil(arch.vocab_size / (128 * tp)) * 128 * tp}), or leave --vocab-size out to pad the tokenizer's "
+            "to a multiple of --make-vocab-size-divisible-by x TP"
+        )
     if not run.hf_config:
         _check_describable(arch)
     else:  # what every checkpoint will carry beside it: a damaged one is refused now, not at the first save

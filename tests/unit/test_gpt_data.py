@@ -52,7 +52,7 @@ def test_a_blend_built_by_several_threads_reads_the_same_samples(tmp_path):
     assert len({tuple(t.tolist()) for t in serial_train}) > 50  # (distinct samples: the comparison means something)
 
 
-@pytest.mark.parametrize("bad", ["abc", "0,0,0", "1,1,1,1", "-1,2,0", ""])
+@pytest.mark.parametrize("bad", ["abc", "0,0,0", "1,1,1,1", "-1,2,0", "", "1,inf", "nan,1,1"])
 def test_a_bad_split_is_refused_naming_the_flag(bad):
     with pytest.raises(DataError, match="--split"):
         check_split(bad)
@@ -62,7 +62,9 @@ def test_a_bad_split_is_refused_naming_the_flag(bad):
     (["0.3", "a", "b"], "a weighted blend alternates WEIGHT PREFIX pairs ('b' stands where a weight should)"),
     (["0.3", "a", "0.7"], "a weighted blend alternates WEIGHT PREFIX pairs; give a weight before every prefix"),
     (["0.3", "a", "b", "c"], "('b' stands where a weight should)"),
-    (["0.3", "a", "0", "b"], "weights [0.3, 0.0] must all be > 0"),
+    (["0.3", "a", "0", "b"], "weights [0.3, 0.0] must all be finite numbers > 0"),
+    (["nan", "a", "1", "b"], "weights [nan, 1.0] must all be finite numbers > 0"),
+    (["inf", "a", "1", "b"], "weights [inf, 1.0] must all be finite numbers > 0"),
 ])
 def test_a_weighted_blend_that_does_not_pair_is_refused_naming_the_flag(paths, message):
     """`--data-path 0.3 A B` (a weight without its pair) is named as such, not read as a prefix called 0.3;
@@ -271,9 +273,9 @@ def test_a_trained_sentencepiece_model_keeps_code_as_it_is(tmp_path):
 def test_a_sentencepiece_model_saves_itself_as_the_same_hugging_face_tokenizer(tmp_path, kind):
     """`save_hf` writes files `AutoTokenizer` loads (whatever config.json's model_type: a qwen3 one
     once gave Qwen2's byte-level tokenizer) as a tokenizer that encodes and decodes as the
-    sentencepiece model itself on varied text; its special tokens are the model's, a BOS first where
-    it has one (as encode_prompt). Our models (bpe, unigram: identity normalization) and
-    sentencepiece's defaults (unigram, NFKC, a BOS)."""
+    sentencepiece model itself on varied text; its special tokens are the model's, none added to an
+    encoding (a document, a prompt: Megatron-LM's GPTSentencePieceTokenizer puts no BOS in the data). Our models (bpe, unigram: identity normalization) and
+    sentencepiece's defaults (unigram, NFKC, a BOS: defined, never added)."""
     import json
     import sys
     from pathlib import Path
@@ -303,10 +305,15 @@ def test_a_sentencepiece_model_saves_itself_as_the_same_hugging_face_tokenizer(t
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (bos, sp.eos_id(), sp.unk_id()) == (
         2 if kind == "defaults_with_bos" else None, 1, 0)
     text = "def f(x):\n    return x"
-    assert hf.encode(text) == SentencePieceTokenizer(model).encode_prompt(text) == ([bos] if bos else []) + sp.encode(text)
+    assert hf.encode(text) == SentencePieceTokenizer(model).encode_prompt(text) == sp.encode(text)
     # the tools read the directory as a Hugging Face tokenizer, with the same ids
     again = tokenizer_from_path(out)
     assert isinstance(again, HuggingFaceTokenizer) and again.encode(text) == sp.encode(text) and again.eos == 1
+    # one document, one encoding: the data written with the model file or with its export, and a prompt
+    from megatron_consa.data.indexed import document_ids
+
+    doc = document_ids(SentencePieceTokenizer(model), text)
+    assert doc == document_ids(again, text) == sp.encode(text) + [1]
 
 
 def test_a_sentencepiece_model_transformers_cannot_reproduce_is_refused(tmp_path):
@@ -334,6 +341,12 @@ def test_data_from_another_tokenizer_is_refused_by_name(tmp_path):
     train, _, _ = build_gpt_sources(config, Smaller(), seq_length=16, train_samples=8, valid_samples=0)
     with pytest.raises(DataError, match="beyond the tokenizer's 16 ids.*--data-path and --tokenizer-model"):
         train.sample(0)
+    # pre-tokenized data read with the NullTokenizer: the advice is Megatron-LM's convention, not a tokenizer
+    from megatron_consa.data.tokenizer import NullTokenizer
+
+    train, _, _ = build_gpt_sources(config, NullTokenizer(16), seq_length=16, train_samples=8, valid_samples=0)
+    with pytest.raises(DataError, match=r"beyond the NullTokenizer's 16 ids .*its EOD is the last id, 15.*--vocab-size V\+1"):
+        train.sample(0)
 
 
 def test_input_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
@@ -342,6 +355,9 @@ def test_input_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
     bad = tmp_path / "in.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"in\.jsonl:2: not UTF-8"):
+        list(iter_jsonl_texts([bad]))
+    bad.write_text('{"text": "fine"}\n{"text": "scraped \\ud800 text"}\n')  # valid JSON, a lone surrogate
+    with pytest.raises(DataError, match=r"in\.jsonl:2: field 'text' holds '\\ud800', a lone surrogate"):
         list(iter_jsonl_texts([bad]))
 
 
@@ -465,3 +481,44 @@ def test_preprocess_takes_a_tokenizer_directory_as_hugging_face_and_names_the_ou
     err = capsys.readouterr().err
     assert err.startswith(f"error: --output-prefix {tmp_path / 'taken'}: ") and "is a directory" in err
     assert not (tmp_path / "taken_content_document.bin").exists()
+    # Megatron-LM's command line: several keys (one dataset each) and --append-eod (one EOD, as always)
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps({"content": d, "title": f"f{i}"}) + "\n"
+                                                for i, d in enumerate(docs)))
+    assert run_tool(tool.main, ["--input", str(tmp_path / "two.jsonl"), "--output-prefix", str(tmp_path / "two"),
+                                "--json-keys", "content", "title", "--append-eod", "--tokenizer-model", str(tok)]) == 0
+    for key, texts in (("content", docs), ("title", [f"f{i}" for i in range(30)])):
+        written = IndexedDataset(str(tmp_path / f"two_{key}_document"))
+        assert [written[i].tolist() for i in (0, 7)] == [
+            reference.encode(texts[i], add_special_tokens=False) + [reference.eos_token_id] for i in (0, 7)]
+    assert run_tool(tool.main, ["--input", str(tmp_path), "--output-prefix", str(tmp_path / "d"),
+                                "--tokenizer-model", str(tok)]) == 2
+    assert f"--input {tmp_path}: a directory" in capsys.readouterr().err
+
+
+def test_train_sentencepiece_learns_from_long_documents_and_reports_the_inputs_errors(tmp_path, caplog):
+    """sentencepiece skips any training "sentence" over 64 KiB without a word: long documents are given
+    to it in pieces. A bad input line is reported as itself; a vocabulary smaller than asked is a warning."""
+    import json
+    import logging
+
+    from megatron_consa.data.demo_corpus import stdlib_documents
+    from megatron_consa.data.indexed import DataError, iter_jsonl_texts
+    from megatron_consa.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    text = "".join(stdlib_documents(max_documents=200, chars=3000))
+    long_docs = [text[i:i + 70_000] for i in range(0, 210_000, 70_000)]
+    assert all(len(d.encode()) > 1 << 16 for d in long_docs)
+    model = train_sentencepiece(long_docs + ["short doc one"], tmp_path / "long", vocab_size=800)
+    tok = SentencePieceTokenizer(model)
+    assert tok.vocab_size == 800
+    sample = long_docs[1][:5000]
+    assert len(tok.encode(sample)) < 0.75 * len(sample.encode())  # learned from them (skipped: 1 id per byte)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + "{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not a JSON object"):
+        train_sentencepiece(iter_jsonl_texts([bad]), tmp_path / "bad", vocab_size=300)
+
+    with caplog.at_level(logging.WARNING, logger="megatron_consa.data.tokenizer"):
+        small = SentencePieceTokenizer(train_sentencepiece(["ab ab ab"] * 20, tmp_path / "small", vocab_size=5000))
+    assert small.vocab_size < 5000 and f"a vocabulary of {small.vocab_size} pieces" in caplog.text

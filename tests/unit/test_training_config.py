@@ -1196,3 +1196,18 @@ def test_straggler_flags_reach_the_training_config_and_bad_values_name_the_flag(
         assert main(base + ["--log-straggler", flag, value]) == 2
         err = capsys.readouterr().err
         assert flag in err and why in err, err
+
+
+def test_a_vocabulary_that_does_not_split_over_tp_is_refused_before_any_work():
+    """megatron-core's vocab-parallel embedding asserts an even split deep in model building, on every
+    rank after start-up: refused by the flag first, with a multiple that works."""
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--consa-target-warmup-iters", "5",
+            "--tensor-model-parallel-size", "2"]
+    with pytest.raises(ArgumentError, match=re.escape("--vocab-size 501: a vocabulary of 501 does not split over "
+                                                      "--tensor-model-parallel-size 2") + ".*e\\.g\\. 512"):
+        prepare_run(parse_run_config(base + ["--vocab-size", "501"]), world_size=2)
+    prepare_run(parse_run_config(base + ["--vocab-size", "502"]), world_size=2)
