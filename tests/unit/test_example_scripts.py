@@ -249,3 +249,33 @@ def test_example_paths_are_taken_from_the_callers_directory(script, tmp_path, mo
     assert module.parse_args(["--out", "rel"]).out == tmp_path / "rel"
     default = module.parse_args([]).out
     assert default.is_absolute() and default.is_relative_to(tmp_path)
+
+
+def test_study_real_restores_an_earlier_runs_learned_maps(tmp_path, monkeypatch):
+    """--restore-learned: each run's learned FA map and allocation-phase cost from an earlier report at the
+    same settings, where they are absent (then evaluate / report re-evaluate them); other settings refused."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("_example_restore_study_real", ROOT / "examples" / "study_real.py")
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, study)
+    spec.loader.exec_module(study)
+    from megatron_consa.allocation import Allocation
+
+    fa = [[1, 0, 0]] * 15 + [[0, 1, 1]] * 15  # 30 layers x 3 KV heads, 45 FA
+    cost = {"iterations": 160, "tokens": 10240, "wall_s": 1.0, "processes": 1, "cores": 2}
+    report = {"settings": json.loads(json.dumps(dataclasses.asdict(study.QUICK))), "references": [], "runs": {
+        "kv_head_0500": {"target": 0.5, "granularity": "kv_head", "allocation_phase": cost,
+                         "allocations": [{"allocation": "top_swa", "fa": [[0] * 3] * 30},
+                                         {"allocation": "learned", "fa": fa}]}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "out"
+    study.restore_learned(out, study.QUICK, tmp_path / "report.json")
+    restored = Allocation.load(out / "finalized_kv_head_0500" / "allocation.json")
+    assert restored.fa == fa and restored.window == study.QUICK.window and restored.granularity == "kv_head"
+    assert restored.achieved_sparsity == 0.5 and json.loads((out / "cost_kv_head_0500.json").read_text()) == cost
+    with pytest.raises(SystemExit, match="settings"):
+        study.restore_learned(tmp_path / "other", study.Settings(), tmp_path / "report.json")
+    with pytest.raises(SystemExit):  # it replaces learning
+        study.parse_args(["--restore-learned", str(tmp_path / "report.json")])
