@@ -317,6 +317,8 @@ def build_gpt_sources(config: DataConfig, tokenizer, *, seq_length: int, train_s
     datasets = BlendedMegatronDatasetBuilder(cls, list(wanted), lambda: True, ds_config).build()
     eod_mask_id = int(tokenizer.eod) if config.eod_mask_loss else None
     # (a split asked for no samples is not the run's, even where megatron-core built one: mock data has every split)
-    null = type(tokenizer).__name__ == "NullTokenizer"
+    from megatron_consa.data.tokenizer import NullTokenizer
+
+    null = isinstance(tokenizer, NullTokenizer)
     return tuple(None if d is None or n == 0 else GPTSampleSource(d, int(tokenizer.vocab_size), eod_mask_id, null)
                  for d, n in zip(datasets, wanted))
