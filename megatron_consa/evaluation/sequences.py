@@ -123,7 +123,8 @@ def _epochs(dataset, drawn: int) -> list[tuple[int, int]]:
     else:
         index = numpy.asarray(dataset.dataset_index[:drawn])
         counts = [int((index == i).sum()) for i in range(len(parts))]
-    return [(n, (part._get_num_tokens_per_epoch() - part.config.add_extra_token_to_sequence)
+    # (an epoch's tokens: its documents' lengths, as GPTDataset._get_num_tokens_per_epoch counts them)
+    return [(n, (int(numpy.sum(part.dataset.sequence_lengths[part.indices])) - part.config.add_extra_token_to_sequence)
              // part.config.sequence_length) for n, part in zip(counts, parts)]
 
 

@@ -661,6 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The ConsaConfig fields only the learn phase reads (their --consa-* flags do nothing in the fixed phase).
+_LEARN_PHASE_ONLY = ("target_warmup_iters", "gate_lr", "lagrangian_lr", "lagrangian_rho", "noise_seed",
+                     "init_log_alpha", "settle_tolerance")
+
+
 # The model's shape flags (-> what the ArchitectureConfig holds for each): --hf-config describes all of it,
 # so none of them may come with it.
 _SHAPE_FIELD = {
@@ -1169,6 +1174,12 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
         raise ArgumentError("--consa-allocation is for --consa-phase fixed; the learn phase learns one")
     if a.consa_phase == "fixed" and a.consa_gates_only:
         raise ArgumentError("--consa-gates-only is for --consa-phase learn; a fixed allocation has no gates")
+    if a.consa_phase == "fixed":
+        unused = [f"--consa-{name.replace('_', '-')}" for name in _LEARN_PHASE_ONLY
+                  if getattr(consa, name) != getattr(ConsaConfig(), name)]
+        if unused:  # (a script may share its flags between the phases: a warning, not an error)
+            logger.warning("%s: for --consa-phase learn (the gates, their noise and the Lagrangian); a fixed "
+                           "allocation has none of them, so ignored", ", ".join(unused))
     _read_data_args(a)
     per_split = [f"--{w}-data-path" for w in ("train", "valid", "test") if getattr(a, f"{w}_data_path")]
     if per_split and (a.data_path or hasattr(a, "split")):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -186,6 +187,15 @@ def test_indexed_split_rows_are_windows_of_its_text(tmp_path, docs, tokenizers, 
     assert rows.shape == (held, 33) and f"holds {held} sequences of 32 tokens" in caplog.text
     # every row of the one epoch once, no text twice
     assert sorted(rows.tolist()) == sorted(stream[32 * i:32 * i + 33] for i in range(held))
+    # a blend whose parts run out: each part's drawn / held samples named (megatron-core's epochs per part)
+    write_indexed_dataset([" ".join(reversed(docs))], tmp_path / "two", tokenizer_factory=lambda: tok)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_consa.evaluation.sequences"):
+        rows = indexed_split_sequences(["1", str(tmp_path / "one"), "1", str(tmp_path / "two")], tok, split="0,1,0",
+                                       which="valid", seq_length=32, num_sequences=3 * held)
+    assert rows.shape == (3 * held, 33) and "parts of the --data-path blend run out" in caplog.text
+    drawn = re.search(r"held: (\d+) / (\d+), (\d+) / (\d+)\)", caplog.text)
+    assert drawn and int(drawn[1]) + int(drawn[3]) == 3 * held and int(drawn[2]) == held, caplog.text
     with pytest.raises(ValueError, match="--split 0,1,0: the test split of --data-path .* holds no document"):
         indexed_split_sequences([str(tmp_path / "one")], tok, split="0,1,0", which="test", seq_length=32,
                                 num_sequences=1)

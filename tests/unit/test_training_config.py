@@ -1211,3 +1211,25 @@ def test_a_vocabulary_that_does_not_split_over_tp_is_refused_before_any_work():
                                                       "--tensor-model-parallel-size 2") + ".*e\\.g\\. 512"):
         prepare_run(parse_run_config(base + ["--vocab-size", "501"]), world_size=2)
     prepare_run(parse_run_config(base + ["--vocab-size", "502"]), world_size=2)
+
+
+def test_learn_phase_flags_in_the_fixed_phase_are_named_as_ignored(caplog):
+    """A fixed allocation has no gates, noise or Lagrangian: their --consa-* flags, which a script may share
+    between its phases, are ignored with a warning naming them (not silently); the learn phase reads them."""
+    from megatron_consa.training.arguments import parse_run_config
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--train-iters", "4", "--mock-data", "--vocab-size", "64"]
+    learn_flags = ["--consa-gate-lr", "0.5", "--consa-noise-seed", "7", "--consa-target-warmup-iters", "1"]
+    with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
+        parse_run_config(base + ["--consa-phase", "fixed", "--consa-allocation", "all_fa"])
+    assert "ignored" not in caplog.text
+    with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
+        run = parse_run_config(base + ["--consa-phase", "fixed", "--consa-allocation", "all_fa", *learn_flags])
+    assert ("--consa-target-warmup-iters, --consa-gate-lr, --consa-noise-seed: for --consa-phase learn" in caplog.text
+            and "so ignored" in caplog.text)
+    assert (run.phase, run.allocation_source) == ("fixed", "all_fa")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
+        run = parse_run_config(base + learn_flags)
+    assert "ignored" not in caplog.text and (run.consa.gate_lr, run.consa.noise_seed) == (0.5, 7)
