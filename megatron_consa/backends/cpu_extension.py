@@ -78,11 +78,13 @@ def capability() -> str:
 
 def module_name() -> str:
     """The compiled module's name, which is also its cache folder: per CPU capability, torch
-    version (a module built against other torch headers must not be loaded) and torch
-    installation (two virtualenvs with the same torch would otherwise rewrite each other's
-    build files, with their own include paths, and rebuild at every switch)."""
+    version (a module built against other torch headers must not be loaded), torch
+    installation and source file (two virtualenvs with the same torch, or two checkouts of
+    this repository, would otherwise rewrite each other's build files, with their own include
+    paths or source path, and rebuild at every switch)."""
     version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    where = hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    where = hashlib.sha1("\0".join(str(p) for p in (Path(torch.__file__).resolve().parent, SOURCE.resolve()))
+                         .encode()).hexdigest()[:8]
     return f"consa_swa_cpu_{capability().lower()}_torch{version}_{where}"
 
 

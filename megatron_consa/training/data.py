@@ -14,6 +14,7 @@ one data-parallel rank so that every layout sees the same samples.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import signal
 from dataclasses import dataclass
@@ -148,11 +149,14 @@ class _IterationBatches(torch.utils.data.Dataset):
         return iteration, {key: torch.stack([b[key] for b in batches]) for key in batches[0]}
 
 
-def _worker_ignores_sigterm(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
     """A SIGTERM meant for the job (Slurm's --signal reaches every process of a step) would kill the
     worker, and the trainer with it, before `--exit-signal-handler` saves: the trainer handles it
-    and stops the workers itself (they also exit when their parent does)."""
+    and stops the workers itself (they also exit when their parent does). A worker killed by a
+    fault (SIGSEGV, SIGBUS) prints its Python stack first, then torch's message: the trainer's
+    error names the worker's pid only."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faulthandler.enable(all_threads=True)
 
 
 class PrefetchedBatches:
@@ -182,7 +186,7 @@ class PrefetchedBatches:
             self._loader = iter(torch.utils.data.DataLoader(
                 _IterationBatches(self.source, **self.layout), batch_size=None,
                 sampler=itertools.count(iteration),  # (a run may step past its planned length: train(n))
-                num_workers=self.num_workers, multiprocessing_context="fork", worker_init_fn=_worker_ignores_sigterm,
+                num_workers=self.num_workers, multiprocessing_context="fork", worker_init_fn=_init_worker,
             ))
         k, stacked = next(self._loader)
         if k != iteration:  # (the sampler hands the iterations in order)

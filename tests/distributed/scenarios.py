@@ -371,6 +371,73 @@ def save_weights(model, directory: Path, arch: ArchitectureConfig) -> None:
     torch.distributed.barrier()
 
 
+def data_loader_workers(*, out_dir: str) -> dict:
+    """--num-workers in a fresh process, as a training rank forks its loader (a worker forked from a
+    long-lived test process inherits whatever hundreds of earlier tests left in it). The losses of a
+    fixed-allocation run with the batches read in the trainer and from 2 forked workers; then the
+    micro-batches a 1-worker PrefetchedBatches hands for iterations asked out of order (a resume)."""
+    from megatron_consa.training.data import PrefetchedBatches, micro_batches
+
+    consa = ConsaConfig(window=8, allocation=FIXED_ALLOCATION)
+
+    def run(num_workers: int):
+        training = TrainingConfig(train_iters=4, micro_batch_size=2, global_batch_size=4, seq_length=32, lr=1e-2,
+                                  min_lr=1e-2, lr_decay_style="constant", num_workers=num_workers)
+        initialize_distributed(ParallelConfig(), seed=training.seed)
+        trainer = ConsaTrainer(arch=ARCH, consa=consa, parallel=ParallelConfig(), training=training,
+                               data=EodMaskedData())
+        losses = [r.loss for r in trainer.train()]
+        loader = type(getattr(trainer._loader, "_loader", None)).__name__
+        trainer.close()
+        return losses, loader
+
+    (inline, _), (workers, loader) = run(0), run(2)
+    layout = dict(global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1)
+    prefetched = PrefetchedBatches(EodMaskedData(), num_workers=1, **layout)
+    out_of_order = {}
+    for k in (10, 11, 3, 4):
+        got, want = prefetched.get(k), micro_batches(EodMaskedData(), iteration=k, **layout)
+        out_of_order[k] = len(got) == len(want) == 2 and all(
+            torch.equal(g[key], w[key]) for g, w in zip(got, want) for key in w)
+    prefetched.close()
+    return {"inline": inline, "workers": workers, "loader": loader, "out_of_order": out_of_order,
+            "fault": _worker_fault_report(Path(out_dir), layout)}
+
+
+class _FaultingData:
+    """A sample source whose reads crash the process (a read at address 8)."""
+
+    def sample(self, index: int) -> torch.Tensor:
+        import ctypes
+
+        return torch.tensor(list(ctypes.string_at(8, 8)))  # (address 0 would allocate: ctypes reads NULL as "new")
+
+
+def _worker_fault_report(out: Path, layout: dict) -> dict:
+    """What a worker killed by SIGSEGV leaves: the error `get` raises, and its stderr (no core file)."""
+    import os
+    import resource
+
+    from megatron_consa.training.data import PrefetchedBatches
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    log, saved = out / "worker_stderr.txt", os.dup(2)
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        loader = PrefetchedBatches(_FaultingData(), num_workers=1, **layout)
+        try:
+            loader.get(0)
+            error = None
+        except RuntimeError as err:
+            error = str(err)
+        loader.close()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return {"error": error, "stderr": log.read_text()}
+
+
 def group_balance(*, out_dir: str) -> dict:
     """Fixed mixed models (BALANCE_ALLOCATION) at TP2 and TP4 in the stored KV-group order.
 

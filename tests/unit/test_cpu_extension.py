@@ -78,13 +78,18 @@ def test_build_finds_the_ninja_package_off_path(tmp_path, monkeypatch):
 
 
 def test_cache_folder_per_torch_installation(monkeypatch, tmp_path):
-    """Two environments with the same torch version build into folders of their own (one
-    folder would have its build files rewritten, and the module rebuilt, at every switch)."""
+    """Two environments with the same torch version, or two checkouts, build into folders of their own
+    (one folder would have its build files rewritten, and the module rebuilt, at every switch)."""
     here = cpu_extension.module_name()
     assert here.startswith(f"consa_swa_cpu_{cpu_extension.capability().lower()}_torch")
-    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other_venv" / "torch" / "__init__.py"))
-    other = cpu_extension.module_name()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__file__", str(tmp_path / "other_venv" / "torch" / "__init__.py"))
+        other = cpu_extension.module_name()
     assert other != here and other.rsplit("_", 1)[0] == here.rsplit("_", 1)[0]
+    # another checkout of this repository: its own folder too (its source path is in the build files)
+    monkeypatch.setattr(cpu_extension, "SOURCE", tmp_path / "other_checkout" / "swa_cpu.cpp")
+    checkout = cpu_extension.module_name()
+    assert checkout not in (here, other) and checkout.rsplit("_", 1)[0] == here.rsplit("_", 1)[0]
 
 
 # (b, hq, hkv, s, d, W, S, q_tile, kv_tile)

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -822,23 +824,24 @@ class TestMegatronTrainingFlags:
         trainer.evaluate(DATA, iterations=3)
         assert len(calls) == 2 * per_step + 3 * per_eval_batch
 
-    def test_data_loader_workers_prepare_the_same_batches_ahead(self):
-        """--num-workers: the micro-batches come from forked worker processes, the same tensors
-        as read in the trainer, so the same run; asked out of order (a resume) it starts over."""
-        from megatron_consa.training.data import PrefetchedBatches, micro_batches
+    def test_data_loader_workers_prepare_the_same_batches_ahead(self, tmp_path):
+        """--num-workers: the micro-batches come from forked worker processes, the same tensors as read in
+        the trainer, so the same run; asked out of order (a resume) it starts over. In a fresh process
+        (tests/distributed/scenarios.py::data_loader_workers), as a training rank forks its workers: forked
+        from this long-lived test process, which earlier tests left with their threads and state, a worker
+        crashed now and then (SIGSEGV) while the same runs through torchrun never did."""
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+        from harness import launch
 
-        consa = ConsaConfig(window=4, allocation=[[1, 0], [0, 1]])
-        inline = [r.loss for r in _trainer(consa, data=EodMaskedData(), train_iters=4).train()]
-        trainer = _trainer(consa, data=EodMaskedData(), train_iters=4, num_workers=2)
-        assert [r.loss for r in trainer.train()] == inline
-        assert isinstance(trainer._loader._loader, torch.utils.data.dataloader._MultiProcessingDataLoaderIter)
-        trainer.close()
-        layout = dict(global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1)
-        loader = PrefetchedBatches(EodMaskedData(), num_workers=1, **layout)
-        for k in (10, 11, 3, 4):
-            got, want = loader.get(k), micro_batches(EodMaskedData(), iteration=k, **layout)
-            assert all(torch.equal(g[key], w[key]) for g, w in zip(got, want) for key in w) and len(got) == 2
-        loader.close()
+        (result,) = launch("data_loader_workers", 1, tmp_path)
+        assert result["workers"] == result["inline"] and len(result["inline"]) == 4, result
+        assert result["loader"] == "_MultiProcessingDataLoaderIter"
+        assert result["out_of_order"] == {10: True, 11: True, 3: True, 4: True}
+        # a worker killed by a fault: the error names it, and its stderr has its Python stack (faulthandler)
+        fault = result["fault"]
+        assert fault["error"] and "DataLoader worker" in fault["error"], fault
+        assert "Segmentation fault" in fault["stderr"] and "in sample" in fault["stderr"], fault["stderr"]
+        assert "Unexpected segmentation fault encountered in worker" in fault["stderr"]  # torch's handler after it
 
     def test_attention_backend_sets_transformer_engines_switches(self, monkeypatch):
         """megatron-core turns the choice into TE's NVTE_*_ATTN switches when the model is built
