@@ -90,6 +90,21 @@ def atomic_output(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[
     _fsync_dir(directory)
 
 
+def replaced_input(save: str | os.PathLike, inputs: dict[str, Optional[str | os.PathLike]]) -> Optional[str]:
+    """Why writing the directory `save` as a whole (`staged_directory`: the new one renamed into place, the
+    old one deleted) would delete one of `inputs` ({flag: path}; None skipped): `save` is that input or a
+    folder holding it. None when it is neither."""
+    out = Path(save).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == out or out in source.parents:
+            return (f"--save {save} {'is' if source == out else 'holds'} {flag} {path}: writing it would replace "
+                    f"that input, deleting it; choose another --save")
+    return None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically (`atomic_output`). Returns the path."""
     with atomic_output(path) as tmp:

@@ -627,6 +627,39 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted
     assert "pass --overwrite" in capsys.readouterr().err and (tmp_path / "hf" / "keep.txt").exists()
 
 
+def test_an_output_that_is_or_holds_the_input_is_refused_even_with_overwrite(tmp_path, capsys, converted):
+    """Writing --save replaces that directory whole: were it the input, or a folder holding it, --overwrite
+    would delete the input. Refused before any work, without pointing at --overwrite, input untouched."""
+    import shutil
+
+    from megatron_consa.conversion import gguf
+
+    _, out = converted
+    hf = tmp_path / "models" / "hf"
+    shutil.copytree(out["qwen3"][0], hf)
+    ckpt = tmp_path / "models" / "ckpt"
+    assert run_tool(IMPORT.main, ["--hf-path", str(hf), "--save", str(ckpt)]) == 0
+    capsys.readouterr()
+    held = {p: sorted(q.name for q in p.iterdir()) for p in (hf, ckpt)}
+    for tool, argv, flag, source in (
+            (IMPORT, ["--hf-path", str(hf), "--save", str(hf)], "--hf-path", hf),
+            (IMPORT, ["--hf-path", str(hf), "--save", str(tmp_path / "models")], "--hf-path", hf),
+            (EXPORT, ["--load", str(ckpt), "--save", str(ckpt)], "--load", ckpt),
+            (EXPORT, ["--load", str(ckpt) + "/", "--save", str(tmp_path / "models" / ".." / "models")], "--load", ckpt)):
+        for extra in ([], ["--overwrite"]):
+            assert run_tool(tool.main, argv + extra) == 2, argv + extra
+            err = capsys.readouterr().err
+            assert f" {flag} " in err and "would replace that input, deleting it; choose another --save" in err, err
+            assert "--overwrite" not in err, err
+    allocation = tmp_path / "models" / "ckpt" / "allocation.json"
+    assert run_tool(EXPORT.main, ["--load", str(out["qwen3"][1]), "--allocation", str(allocation), "--save",
+                                  str(ckpt), "--overwrite"]) == 2
+    assert "holds --allocation" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="--save .* is --gguf-file .*: writing it would replace"):
+        gguf.gguf_to_hf(hf / "model.safetensors", hf / "model.safetensors", overwrite=True)
+    assert {p: sorted(q.name for q in p.iterdir()) for p in (hf, ckpt)} == held
+
+
 def test_a_rerun_over_a_changed_source_is_refused_not_skipped(tmp_path, capsys, converted):
     """The same command after the source changed in place (an edited config.json; weights
     re-saved with the same shapes, so the same sizes) is not "nothing to do": it is refused

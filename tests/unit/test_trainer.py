@@ -59,7 +59,7 @@ class TestTrainer:
     def test_gates_only_mode_trains_gates_and_freezes_weights(self, tmp_path):
         """... and finalize makes its checkpoint a fixed-phase start (whose weights train: no gates-only)."""
         from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
-        from megatron_consa.training.finalize import CHECKPOINT_DIR, FinalizeRequest, finalize_checkpoint
+        from megatron_consa.training.finalize import CHECKPOINT_DIR, FinalizeError, FinalizeRequest, finalize_checkpoint
 
         trainer = _trainer(ConsaConfig(window=4, gates_only=True, init_log_alpha=0.0, target_warmup_iters=0))
         before = _weights(trainer)
@@ -71,6 +71,9 @@ class TestTrainer:
             else:
                 assert torch.equal(value, after[name]), name
         save_checkpoint(trainer, tmp_path / "learn")
+        for save in (tmp_path / "learn", tmp_path):  # (replacing --save would delete the learn checkpoint)
+            with pytest.raises(FinalizeError, match="writing it would replace that input, deleting it"):
+                finalize_checkpoint(FinalizeRequest(load=str(tmp_path / "learn"), save=str(save), overwrite=True))
         allocation = finalize_checkpoint(FinalizeRequest(load=str(tmp_path / "learn"), save=str(tmp_path / "final"),
                                                          tolerance=1.0))
         meta = json.loads((tmp_path / "final" / CHECKPOINT_DIR / "consa_run.json").read_text())
