@@ -16,7 +16,8 @@ window plus the sinks.
 
 Prints the generated continuation (as token ids when there is no tokenizer).
 The tokenizer is the model directory's (--tokenizer to choose another). Sampling is greedy unless --temperature > 0; for the same --seed
-the two back ends may sample different tokens (their sampling code is their own).
+the two back ends may sample different tokens (their sampling code is their own). Of the model's
+generation_config.json only the EOS ids count: its sampling settings and penalties are not applied.
 """
 
 from __future__ import annotations

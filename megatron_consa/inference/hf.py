@@ -259,20 +259,31 @@ def generate_hf(
     Sampling is transformers' own (temperature, top-k, top-p), seeded by
     `torch.manual_seed(sampling.seed)`; it draws other numbers than
     `megatron_consa.inference.generate` does for the same seed. It stops at the
-    generation config's EOS ids and at `eos_token_id`'s (an id or a list).
+    generation config's EOS ids and at `eos_token_id`'s (an id or a list). Of the
+    model's generation config only the special ids count: its sampling settings and
+    penalties (`repetition_penalty`, `no_repeat_ngram_size`, ...), which `generate`
+    would apply, are left out, so the decoding is `sampling`'s, as on the Megatron side.
     """
+    from transformers import GenerationConfig
+
     cache = HybridCache.for_model(model, max_length=prompt.size(1) + max_new_tokens)
+    own_config = getattr(model, "generation_config", None)
+    ids = {key: getattr(own_config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
     extra = id_list(eos_token_id)
     if extra:  # besides the generation config's own (a chat model may list several)
-        own = id_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        own = id_list(ids["eos_token_id"])
         kwargs["eos_token_id"] = own + [i for i in extra if i not in own]
     if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         torch.manual_seed(sampling.seed)
-    tokens = model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs
-    )
+    # (generate fills what it is not given from model.generation_config: swapped for one of the ids only)
+    model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                                max_new_tokens=max_new_tokens, **kwargs)
+    finally:
+        model.generation_config = own_config
     return tokens, cache
 
 

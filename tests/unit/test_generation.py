@@ -352,6 +352,32 @@ def test_generate_cli_prints_the_same_text_from_the_checkpoint_and_its_export(ge
     assert texts[0] == texts[1] and len(texts[0].split()) == NEW, texts
 
 
+def test_generate_cli_leaves_a_generation_configs_sampling_and_penalties_out(generation_dirs, tmp_path, capsys):
+    """A chat model's generation_config.json also sets sampling and penalties (Qwen2.5-Instruct:
+    repetition_penalty 1.05, do_sample, temperature, top_k, top_p). transformers' generate would apply
+    them; the CLI's decoding is its flags' on both back ends (greedy here), so the export prints what
+    the checkpoint does, as without them."""
+    import json
+    import shutil
+
+    ckpt, export, allocation = generation_dirs
+    tool = _tool("generate")
+    prompt = " ".join(f"w{i}" for i in _prompt(1)[0].tolist())
+    chat = tmp_path / "export_chat"
+    shutil.copytree(export, chat)
+    config = json.loads((chat / "generation_config.json").read_text()) if (chat / "generation_config.json").is_file() else {}
+    config.update(repetition_penalty=1.3, no_repeat_ngram_size=2, do_sample=True, temperature=0.7, top_k=20, top_p=0.8)
+    (chat / "generation_config.json").write_text(json.dumps(config))
+    texts = []
+    for source in (["--load", str(ckpt), "--allocation", str(allocation)], ["--hf-path", str(chat)]):
+        assert run_tool(tool.main, [*source, "--prompt", prompt, "--max-new-tokens", str(NEW)]) == 0
+        texts.append(capsys.readouterr().out.strip())
+    assert texts[0] == texts[1] and len(texts[0].split()) == NEW, texts
+    words = texts[0].split()
+    assert any(words[i:i + 2] == words[j:j + 2] for i in range(len(words)) for j in range(i + 1, len(words) - 1)), (
+        "the greedy text repeats no pair of words: no_repeat_ngram_size would not have changed it", words)
+
+
 def test_generate_cli_stops_at_the_tokenizers_eos_on_both_back_ends(generation_dirs, tmp_path, capsys):
     """With a tokenizer whose EOS is a token greedy decoding emits after the first, both back
     ends print the same tokens up to it and stop there."""
