@@ -39,7 +39,7 @@ from megatron_consa.conversion.keymap import check_hf_shapes, hf_to_mcore
 from megatron_consa.conversion.sharding import RankLayout, check_layout, hf_tensor_part, rank_architecture, stage_state_dict
 from megatron_consa.conversion.windows import allocation_from_hf
 from megatron_consa.conversion.world import conversion_world
-from megatron_consa.files import replaced_input
+from megatron_consa.files import read_json, replaced_input
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,10 @@ def check_output_dir(save: Path, marker: dict, overwrite: bool) -> bool:
     if not save.exists() or (save.is_dir() and not any(save.iterdir())):
         return False
     meta_file = save / "consa_run.json"
-    held = json.loads(meta_file.read_text()).get("conversion") if meta_file.is_file() else None
+    record = read_json(meta_file, what="record of the checkpoint in --save", error=OutputExistsError,
+                       hint=": --save holds a damaged checkpoint; choose another --save, or pass --overwrite to "
+                            "replace it") if meta_file.is_file() else {}
+    held = record.get("conversion") if isinstance(record, dict) else None
     if held == marker:
         return True
     if not overwrite:

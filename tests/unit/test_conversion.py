@@ -625,6 +625,10 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted
     (tmp_path / "hf" / "keep.txt").write_text("x")
     assert run_tool(EXPORT.main, ["--load", str(target), "--save", str(tmp_path / "hf")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and (tmp_path / "hf" / "keep.txt").exists()
+    (target / "consa_run.json").write_text("{not json")  # a damaged record: named, not a bare JSON error
+    assert run_tool(IMPORT.main, ["--hf-path", str(hf_llama), "--save", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"{target / 'consa_run.json'}: not valid JSON" in err and "--save holds a damaged checkpoint" in err, err
 
 
 def test_an_output_that_is_or_holds_the_input_is_refused_even_with_overwrite(tmp_path, capsys, converted):
