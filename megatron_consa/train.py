@@ -54,12 +54,13 @@ def main(argv=None) -> int:
 
         prepared = prepare_run(run, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, FileNotFoundError) as err:
-        from megatron_consa.training.arguments import LocalPathError
-
-        if rank == 0:  # (every rank meets the same flag errors: one reports them)
+        # Flag errors are the same on every rank, but a path (--data-path, --tokenizer-model, --load, --save,
+        # ...) may be missing or unusable on one node's file system only, whose ranks would otherwise exit
+        # unheard while the others wait at the rendezvous: each node's first rank reports, with its rank.
+        if rank == 0:
             report_user_error(flag_names(str(err)))
-        elif isinstance(err, LocalPathError) and os.environ.get("LOCAL_RANK", "0") == "0":  # another node's paths
-            report_user_error(f"(rank {rank}) {err}")
+        elif os.environ.get("LOCAL_RANK", "0") == "0":
+            report_user_error(f"(rank {rank}) {flag_names(str(err))}")
         return USER_ERROR_EXIT
     if "WORLD_SIZE" not in os.environ:  # plain `python -m megatron_consa.train`: a one-rank world (in-memory store)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

@@ -639,8 +639,9 @@ def test_an_unwritable_tensorboard_dir_is_refused_before_any_work(tmp_path):
 
 
 def test_a_path_only_another_node_cannot_use_is_reported_by_that_node(tmp_path, monkeypatch, capsys):
-    """Flag errors are the same on every rank: rank 0 reports them. A path this rank cannot use may be
-    another node's file system alone: the first rank of each node that meets it reports it, with its rank."""
+    """A path may be missing or unusable on another node's file system alone (a --data-path read, a --save
+    written): the first rank of each node reports what it meets, with its rank (a node whose ranks left
+    unheard would leave the others waiting at the rendezvous); the other ranks of a node stay quiet."""
     from megatron_consa.train import main
 
     (tmp_path / "file").write_text("x")
@@ -651,10 +652,13 @@ def test_a_path_only_another_node_cannot_use_is_reported_by_that_node(tmp_path, 
             ("4", "0", ["--tensorboard-dir", str(tmp_path / "file")], f"error: (rank 4) --tensorboard-dir {tmp_path}"),
             ("5", "1", ["--tensorboard-dir", str(tmp_path / "file")], None),  # (that node's first rank reports)
             ("4", "0", ["--save", str(tmp_path / "file" / "run")], "error: (rank 4) --save"),
-            ("4", "0", ["--eval-iters", "0"], None)):  # a flag error: rank 0's to report
+            ("4", "0", ["--data-path", str(tmp_path / "corpus")], f"error: (rank 4) --data-path {tmp_path / 'corpus'}"),
+            ("5", "1", ["--data-path", str(tmp_path / "corpus")], None),  # (both without --mock-data)
+            ("4", "0", ["--eval-iters", "0"], "error: (rank 4) --eval-iters")):  # (the same on every node)
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", local)
-        assert main(base + argv) == 2
+        flags = [f for f in base if f != "--mock-data" or "--data-path" not in argv] + argv
+        assert main(flags) == 2
         err = capsys.readouterr().err
         assert (said in err) if said else "error:" not in err, err
 
