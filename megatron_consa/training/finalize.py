@@ -134,5 +134,8 @@ def _write_fixed_checkpoint(src: Path, dst: Path, meta: dict, arch: Architecture
         shutil.copyfile(src / HF_CONFIG_FILE, dst / HF_CONFIG_FILE)  # (the mode the umask gives, as every output)
     write_checkpoint_meta(dst, {
         "iteration": 0, "consa": consa.to_dict(), "architecture": dataclasses.asdict(arch), "training": training,
-        "finalized_from": str(src), "resumable": False, **({"tokenizer": meta["tokenizer"]} if "tokenizer" in meta else {}),
+        "finalized_from": str(src), "resumable": False,
+        # (the data record too: evaluation reads the run's --split and seed from it, so its valid split holds
+        # no training document)
+        **{key: meta[key] for key in ("tokenizer", "data") if key in meta},
     })

@@ -697,6 +697,10 @@ def test_finalize_refuses_what_it_must_and_writes_nothing(tmp_path, capsys):
     assert run_tool(tool.main, load + ["--save", str(tmp_path / "fin"), "--tolerance", "1"]) == 0
     allocation = Allocation.load(tmp_path / "fin" / "allocation.json")
     assert allocation.achieved_sparsity == 0.5 and (tmp_path / "fin" / "checkpoint" / "consa_run.json").is_file()
+    # the run's data record goes along: evaluating the finalized checkpoint holds out that run's valid split
+    learned = json.loads((tmp_path / "learn" / "iter_0000006" / "consa_run.json").read_text())
+    finalized = json.loads((tmp_path / "fin" / "checkpoint" / "consa_run.json").read_text())
+    assert learned.get("data") and finalized.get("data") == learned["data"], (learned, finalized)
     before = (tmp_path / "fin" / "allocation.json").read_bytes()
     refused(load + ["--save", str(tmp_path / "fin"), "--tolerance", "1"], "--overwrite", None)
     assert (tmp_path / "fin" / "allocation.json").read_bytes() == before
