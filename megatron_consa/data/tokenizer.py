@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -82,8 +81,11 @@ class SentencePieceTokenizer(_Tokenizer):
         if not path.is_file():
             raise TokenizerError(f"--tokenizer-model {path}: no sentencepiece model file there")
         self.model_file = self.source = path
+        # (read once: a run saves it beside every checkpoint, and the file may go meanwhile, e.g. from a checkpoint
+        # of --load that --save-retain-interval deletes)
+        self._model_bytes = path.read_bytes()
         try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=self._model_bytes)
         except (RuntimeError, OSError) as err:
             raise TokenizerError(f"--tokenizer-model {path}: not a sentencepiece model ({err})") from None
         self.vocab_size = int(self._sp.get_piece_size())
@@ -104,7 +106,7 @@ class SentencePieceTokenizer(_Tokenizer):
         return self._sp.decode(list(ids))
 
     def save_to(self, directory: Path) -> None:
-        shutil.copyfile(self.model_file, Path(directory) / "tokenizer.model")  # the umask's mode, not the source's
+        (Path(directory) / "tokenizer.model").write_bytes(self._model_bytes)  # (the umask's mode, not the source's)
 
     @functools.cached_property
     def hf_tokenizer(self):

@@ -238,6 +238,16 @@ def test_gpt_sentencepiece_tokenizer_is_ours_and_every_text_tokenizer_saves_itse
         saved.mkdir()
         tokenizer.save_to(saved)
         assert tokenizer_from_path(saved).encode(text) == tokenizer.encode(text), name
+    # a sentencepiece model is read once: saved again after its file went (a checkpoint of --load that
+    # --save-retain-interval deleted), the same bytes
+    source = tmp_path / "gone" / "tokenizer.model"
+    source.parent.mkdir()
+    source.write_bytes(model.read_bytes())
+    tokenizer = build_tokenizer("SentencePieceTokenizer", str(source))
+    source.unlink()
+    (tmp_path / "after").mkdir()
+    tokenizer.save_to(tmp_path / "after")
+    assert (tmp_path / "after" / "tokenizer.model").read_bytes() == model.read_bytes()
 
 
 def test_a_tokenizer_without_eos_has_no_end_of_document(tmp_path):
