@@ -1158,28 +1158,20 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
     if a.train_iters < 1:
         raise ArgumentError(f"--train-iters {a.train_iters}: must be >= 1")
     given = {name: getattr(a, f"consa_{name}") for name in _ALLOCATION_FLAGS if hasattr(a, f"consa_{name}")}
-    consa = ConsaConfig(
-        **given,
-        backend=a.consa_backend,
-        target_warmup_iters=a.consa_target_warmup_iters,
-        lagrangian_rho=a.consa_lagrangian_rho,
-        lagrangian_lr=a.consa_lagrangian_lr,
-        gate_lr=a.consa_gate_lr,
-        gates_only=a.consa_gates_only,
-        settle_tolerance=a.consa_settle_tolerance,
-        noise_seed=a.consa_noise_seed,
-        init_log_alpha=a.consa_init_log_alpha,
-    )
     if a.consa_phase == "learn" and a.consa_allocation:
         raise ArgumentError("--consa-allocation is for --consa-phase fixed; the learn phase learns one")
     if a.consa_phase == "fixed" and a.consa_gates_only:
         raise ArgumentError("--consa-gates-only is for --consa-phase learn; a fixed allocation has no gates")
+    learning = {name: getattr(a, f"consa_{name}") for name in _LEARN_PHASE_ONLY}
     if a.consa_phase == "fixed":
-        unused = [f"--consa-{name.replace('_', '-')}" for name in _LEARN_PHASE_ONLY
-                  if getattr(consa, name) != getattr(ConsaConfig(), name)]
+        defaults = ConsaConfig()
+        unused = [f"--consa-{name.replace('_', '-')}" for name, value in learning.items()
+                  if value != getattr(defaults, name)]
         if unused:  # (a script may share its flags between the phases: a warning, not an error)
             logger.warning("%s: for --consa-phase learn (the gates, their noise and the Lagrangian); a fixed "
                            "allocation has none of them, so ignored", ", ".join(unused))
+        learning = {name: getattr(defaults, name) for name in learning}
+    consa = ConsaConfig(**given, **learning, backend=a.consa_backend, gates_only=a.consa_gates_only)
     _read_data_args(a)
     per_split = [f"--{w}-data-path" for w in ("train", "valid", "test") if getattr(a, f"{w}_data_path")]
     if per_split and (a.data_path or hasattr(a, "split")):

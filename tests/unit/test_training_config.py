@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_consa.compat import distributed_backend
-from megatron_consa.config import ConsaConfigError
+from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.training.config import ParallelConfig, TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1224,16 +1224,20 @@ def test_learn_phase_flags_in_the_fixed_phase_are_named_as_ignored(caplog):
 
     base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
             "--train-iters", "4", "--mock-data", "--vocab-size", "64"]
-    learn_flags = ["--consa-gate-lr", "0.5", "--consa-noise-seed", "7", "--consa-target-warmup-iters", "1"]
+    learn_flags = ["--consa-gate-lr", "0.5", "--consa-noise-seed", "7", "--consa-target-warmup-iters", "1",
+                   "--consa-init-log-alpha", "20"]  # (out of the gates' range: not even checked where ignored)
     with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
         parse_run_config(base + ["--consa-phase", "fixed", "--consa-allocation", "all_fa"])
     assert "ignored" not in caplog.text
     with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
         run = parse_run_config(base + ["--consa-phase", "fixed", "--consa-allocation", "all_fa", *learn_flags])
-    assert ("--consa-target-warmup-iters, --consa-gate-lr, --consa-noise-seed: for --consa-phase learn" in caplog.text
-            and "so ignored" in caplog.text)
+    assert ("--consa-target-warmup-iters, --consa-gate-lr, --consa-noise-seed, --consa-init-log-alpha: for "
+            "--consa-phase learn" in caplog.text and "so ignored" in caplog.text)
     assert (run.phase, run.allocation_source) == ("fixed", "all_fa")
+    assert (run.consa.gate_lr, run.consa.noise_seed) == (ConsaConfig().gate_lr, ConsaConfig().noise_seed)
     caplog.clear()
     with caplog.at_level("WARNING", logger="megatron_consa.training.arguments"):
-        run = parse_run_config(base + learn_flags)
+        run = parse_run_config(base + learn_flags[:-2])
     assert "ignored" not in caplog.text and (run.consa.gate_lr, run.consa.noise_seed) == (0.5, 7)
+    with pytest.raises(ConsaConfigError, match="init_log_alpha"):  # the learn phase checks what it uses
+        parse_run_config(base + learn_flags)
