@@ -688,6 +688,11 @@ def _parse_preset(name: Any) -> tuple[str, int | None]:
     base, sep, arg = name.partition(":")
     key = base + (":K" if base == "interleave" else ":SEED" if base == "random" else "")
     if key not in _PRESETS:
+        if os.path.isdir(name):  # (finalize's --save, say)
+            inside = os.path.join(name, "allocation.json")
+            raise AllocationError(f"{name!r}: a directory, not an allocation file or a preset: " + (
+                f"give {inside} (finalize's allocation)" if os.path.isfile(inside) else
+                "give an allocation.json file or a preset name"))
         raise bad("unknown preset")
     if key == base:
         if sep:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from megatron_consa.allocation import (
     GRANULARITIES,
     Allocation,
     AllocationError,
+    allocation_from_spec,
     fa_unit_budget,
     finalize_topk,
     list_presets,
@@ -441,6 +443,17 @@ def test_all_fa_all_swa():
 def test_bad_preset_names(name):
     with pytest.raises(AllocationError, match="valid presets: all_fa"):
         make_preset(name, num_layers=4, num_kv_heads=2, granularity="layer", target_sparsity=0.5, window=16)
+
+
+def test_a_directory_is_told_to_name_its_allocation_file(tmp_path):
+    """finalize's output directory given where an allocation is asked for: pointed at its allocation.json."""
+    kw = dict(num_layers=4, num_kv_heads=2, granularity="layer", target_sparsity=0.5, window=16)
+    with pytest.raises(AllocationError, match="a directory, not an allocation file or a preset: give an allocation"):
+        allocation_from_spec(str(tmp_path), **kw)
+    make_preset("top_swa", **kw).save(tmp_path / "allocation.json")
+    with pytest.raises(AllocationError, match=re.escape(f"give {tmp_path / 'allocation.json'} (finalize's")):
+        allocation_from_spec(str(tmp_path), **kw)
+    assert allocation_from_spec(str(tmp_path / "allocation.json"), **kw).fa == make_preset("top_swa", **kw).fa
 
 
 def test_preset_argument_errors():
