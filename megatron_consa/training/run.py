@@ -757,7 +757,21 @@ def run_training(prepared: PreparedRun):
                     writer.close()
                     torch.distributed.barrier()
                     return trainer
-        writer.wait()
+            writer.wait()
+            # The final save, still under --exit-signal-handler's handler: a SIGTERM now (Slurm's warning) waits
+            # for it instead of killing the process halfway through it.
+            unchanged = prepared.resume and not prepared.load_dir.name.endswith(".old")  # (.old: saved back in place)
+            # a finished run launched again (a requeue), or --ckpt-step back to a checkpoint at --train-iters: it
+            # is in --save already
+            in_save = save is not None and prepared.load_dir is not None and \
+                prepared.load_dir.resolve().parent == Path(save).resolve()
+            if save and trainer.iteration == start and unchanged and in_save:
+                if dist_rank() == 0:
+                    logger.info("nothing to train: iteration %d reached; %s stays as it is", start, prepared.load_dir)
+            elif save:
+                checkpoint()
+            writer.close()  # (the final save written and in place)
+            signalled = early_exit.reason(trainer.iteration) if run.exit.signal_handler else None
     except TrainingDivergedError:
         writer.close()  # the checkpoints before the diverging step (every rank stops at it)
         trainer.close()  # the TensorBoard scalars up to the diverging step
@@ -767,17 +781,12 @@ def run_training(prepared: PreparedRun):
         with contextlib.suppress(Exception):  # (the error raised is the one to report)
             trainer.close()  # data-loader workers, the TensorBoard and W&B runs
         raise
-    unchanged = prepared.resume and not prepared.load_dir.name.endswith(".old")  # (an .old is saved back in place)
-    # a finished run launched again (a requeue), or --ckpt-step back to a checkpoint at --train-iters: it is
-    # in --save already
-    in_save = save is not None and prepared.load_dir is not None and \
-        prepared.load_dir.resolve().parent == Path(save).resolve()
-    if save and trainer.iteration == start and unchanged and in_save:
+    if signalled and signalled.startswith("--exit-signal-handler"):  # the job is ending: no evaluation to start
         if dist_rank() == 0:
-            logger.info("nothing to train: iteration %d reached; %s stays as it is", start, prepared.load_dir)
-    elif save:
-        checkpoint()
-    writer.close()  # (the final save written and in place)
+            logger.info("stopping after the final save (%s): the evaluation after training is skipped", signalled)
+        trainer.close()
+        torch.distributed.barrier()
+        return trainer
     if trainer.iteration > start:  # as Megatron-LM after training: the validation split, then the test split
         k = trainer.iteration
         if run.eval_interval and k % run.eval_interval:  # (at a multiple, the loop has just evaluated it)

@@ -367,6 +367,34 @@ def _kill_during_the_save_at_8(args: list[str]) -> None:
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
+def test_sigterm_during_the_final_save_waits_for_it_and_skips_the_evaluation_after(tmp_path):
+    """--exit-signal-handler: a SIGTERM that arrives while the final checkpoint is being saved (here sent by
+    the process to itself when that save starts) does not kill the process halfway through the save: the
+    checkpoint is written and marked latest, the evaluation after training (the job is ending) is skipped,
+    exit 0."""
+    driver = (
+        "import os, signal, sys\n"
+        "import megatron_consa\n"
+        "import megatron_consa.training.checkpoint as ck\n"
+        "save = ck.save_run_checkpoint\n"
+        "def final_save_signalled(trainer, *a, **k):\n"
+        "    if trainer.iteration == trainer.training.train_iters:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return save(trainer, *a, **k)\n"
+        "ck.save_run_checkpoint = final_save_signalled\n"
+        "from megatron_consa.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = MODEL + ["--mock-data", "--vocab-size", "128", "--train-iters", "3", "--consa-target-warmup-iters", "1",
+                   "--eval-interval", "2", "--eval-iters", "1", "--save", str(tmp_path / "run"), "--exit-signal-handler"]
+    proc = subprocess.run([PY, "-c", driver, *run], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    log = _ok(proc)
+    assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert (tmp_path / "run" / "iter_0000003" / "consa_run.json").is_file()
+    assert ("stopping after the final save (--exit-signal-handler: SIGTERM received): the evaluation after "
+            "training is skipped") in log, log[-2000:]
+    assert "validation | iter 2" in log and "validation | iter 3" not in log, log[-2000:]
+
+
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Under torchrun (2 ranks, DP=2), a SIGTERM that reaches one worker only, and every process it
     started (its data-loader process, megatron-core's checkpoint-writer queue server, a background
