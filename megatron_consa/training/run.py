@@ -291,6 +291,15 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
             )
     save = run.checkpoint.save
     held = saved_iterations(save) if save and not resume and Path(save).is_dir() else []
+    resumed_elsewhere = resume and save and Path(save).is_dir() and \
+        Path(save).resolve() not in (load_dir.resolve().parent, load_dir.resolve())
+    other_run = saved_iterations(save) if resumed_elsewhere else []
+    if other_run:  # (a --save mistyped for another run's directory: its checkpoints and marker would be replaced)
+        raise ArgumentError(
+            f"--save {save} holds the checkpoints of another run (iterations {', '.join(map(str, other_run))}); this "
+            f"run resumes {load_dir} and would save over them: --save {load_dir.parent} to continue where it was "
+            "saved, or an empty --save to copy the run on"
+        )
     if held:  # (a relaunched --finetune command line, say: it would restart and save over the run it began)
         raise ArgumentError(
             f"--save {save} holds the checkpoints of an earlier run (iterations {', '.join(map(str, held))}); this run "

@@ -268,6 +268,10 @@ def test_pretrained_checkpoint_starts_a_phase_and_the_same_command_resumes_it(tm
     err = _bad(run + ["--load", str(whole_save), "--finetune", "--save", str(phase)], capsys)
     assert f"--save {phase} holds the checkpoints of an earlier run (iterations 4, 8)" in err
     assert f"--load {phase} --save {phase} --pretrained-checkpoint {whole_save}" in err
+    # a resume whose --save is another run's directory (a typo, say) would replace its checkpoints and marker
+    err = _bad(run + ["--load", str(whole_save), "--save", str(phase)], capsys)
+    assert f"--save {phase} holds the checkpoints of another run (iterations 4, 8); this run resumes " in err, err
+    assert f"--save {whole_save} to continue where it was saved" in err, err
     assert "drop --finetune (it starts over" in _bad(run + ["--load", str(phase), "--finetune", "--save", str(phase)],
                                                      capsys)
     assert "drop --finetune" in _bad(command + ["--finetune"], capsys)
