@@ -350,18 +350,21 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                        allocation=allocation)
 
 
-# What a resumed learn phase must keep: its gates, multipliers and noise stream were built on these.
+# What a resumed learn phase must keep: its gates, multipliers and noise stream were built on these, and the
+# multipliers move by these.
 _LEARNING_SETUP = {
     "target_sparsity": "--consa-target-sparsity", "noise_seed": "--consa-noise-seed",
     "granularity": "--consa-granularity", "window": "--consa-window", "sink_tokens": "--consa-sink-tokens",
-    "target_warmup_iters": "--consa-target-warmup-iters",
+    "target_warmup_iters": "--consa-target-warmup-iters", "lagrangian_lr": "--consa-lagrangian-lr",
+    "lagrangian_rho": "--consa-lagrangian-rho",
 }
 
 
 def _check_same_learning_setup(run: RunConfig, load_meta: dict) -> None:
     """Refuse to resume a learn phase under a changed target, noise seed, gate granularity,
-    window or target ramp: the saved multipliers were integrated against the old target, and
-    the run would no longer be the one the checkpoint continues (nor an exact resume)."""
+    window, target ramp or multiplier step (rho, eta): the saved multipliers were integrated against
+    the old target at the old rates, and the run would no longer be the one the checkpoint continues
+    (nor an exact resume)."""
     saved = load_meta.get("consa") or {}
     for name, flag in _LEARNING_SETUP.items():
         if name in saved and saved[name] != getattr(run.consa, name):

@@ -598,6 +598,10 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, corpus, monkeypa
     assert "--consa-target-sparsity 0.5" in err and "--finetune" in err
     err = _bad(BASE + ["--load", str(learned), "--consa-target-sparsity", "0.5", "--consa-noise-seed", "7"], capsys)
     assert "--consa-noise-seed" in err
+    for flag, value in (("--consa-lagrangian-lr", "9.0"), ("--consa-lagrangian-rho", "9.0")):  # the multipliers' step
+        err = _bad(BASE + ["--load", str(learned), "--consa-target-sparsity", "0.5", flag, value], capsys)
+        name = flag[len("--consa-"):].replace("-", "_")
+        assert f"the learn phase was run with {flag} {saved_consa[name]}, this run asks for 9.0" in err, err
     same = BASE + ["--load", str(learned), "--consa-target-sparsity", "0.5"]
     err = _bad(same + ["--lr", "1e-3", "--min-lr", "1e-4"], capsys)  # the optimizer's groups are keyed by lr
     assert "--lr 0.0003" in err and "--finetune" in err
