@@ -90,19 +90,19 @@ def atomic_output(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[
     _fsync_dir(directory)
 
 
-def replaced_input(save: str | os.PathLike, inputs: dict[str, Optional[str | os.PathLike]]) -> Optional[str]:
-    """Why writing the directory `save` as a whole (`staged_directory`: the new one renamed into place, the
-    old one deleted) would delete one of `inputs` ({flag: path}; None skipped): `save` is that input or a
-    folder holding it. None when it is neither."""
+def refuse_replacing_input(save: str | os.PathLike, inputs: dict[str, Optional[str | os.PathLike]], *,
+                           error: type[Exception]) -> None:
+    """Raise `error` when writing the directory `save` as a whole (`staged_directory`: the new one renamed into
+    place, the old one deleted) would delete one of `inputs` ({flag: path}; None skipped): `save` is that
+    input or a folder holding it."""
     out = Path(save).resolve()
     for flag, path in inputs.items():
         if path is None:
             continue
         source = Path(path).resolve()
         if source == out or out in source.parents:
-            return (f"--save {save} {'is' if source == out else 'holds'} {flag} {path}: writing it would replace "
-                    f"that input, deleting it; choose another --save")
-    return None
+            raise error(f"--save {save} {'is' if source == out else 'holds'} {flag} {path}: writing it would "
+                        f"replace that input, deleting it; choose another --save")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -34,7 +34,7 @@ from megatron_consa.conversion.importer import ALLOCATION_FILE, DTYPES, HF_CONFI
 from megatron_consa.conversion.keymap import mcore_to_hf
 from megatron_consa.conversion.windows import hf_window_fields, set_window_fields
 from megatron_consa.data.tokenizer import SentencePieceTokenizer, tokenizer_from_path
-from megatron_consa.files import replaced_input
+from megatron_consa.files import refuse_replacing_input
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,8 @@ class ExportRequest:
 
 def export_to_hf(request: ExportRequest) -> Path:
     max_shard_size = shard_size_bytes(request.max_shard_size)
-    problem = replaced_input(request.save, {"--load": request.load, "--allocation": request.allocation})
-    if problem:
-        raise OutputExistsError(problem)
+    refuse_replacing_input(request.save, {"--load": request.load, "--allocation": request.allocation},
+                           error=OutputExistsError)
     info = read_checkpoint_info(request.load, request.allocation)
     load, save, arch, allocation = info.path, Path(request.save), info.arch, info.allocation
     info.warn_if_unfinalized(logger, "the export")

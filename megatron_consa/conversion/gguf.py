@@ -21,7 +21,7 @@ from pathlib import Path
 
 from megatron_consa.conversion.hf_files import SAFETENSORS_FILE, save_safetensors, staged_directory
 from megatron_consa.conversion.importer import DTYPES, OutputExistsError
-from megatron_consa.files import replaced_input
+from megatron_consa.files import refuse_replacing_input
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ def gguf_to_hf(gguf_file: str | Path, save: str | Path, *, dtype: str = "fp32", 
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("reading a GGUF file needs the 'gguf' package: pip install gguf (make install does)")
-    problem = replaced_input(save, {"--gguf-file": gguf_file})
-    if problem:
-        raise OutputExistsError(problem)
+    refuse_replacing_input(save, {"--gguf-file": gguf_file}, error=OutputExistsError)
     if save.exists() and (not save.is_dir() or any(save.iterdir())) and not overwrite:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
     from transformers import AutoModelForCausalLM, AutoTokenizer

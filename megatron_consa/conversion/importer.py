@@ -39,7 +39,7 @@ from megatron_consa.conversion.keymap import check_hf_shapes, hf_to_mcore
 from megatron_consa.conversion.sharding import RankLayout, check_layout, hf_tensor_part, rank_architecture, stage_state_dict
 from megatron_consa.conversion.windows import allocation_from_hf
 from megatron_consa.conversion.world import conversion_world
-from megatron_consa.files import read_json, replaced_input
+from megatron_consa.files import read_json, refuse_replacing_input
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +177,7 @@ def prepare_import(request: ImportRequest) -> _Prepared:
 
 def import_hf_checkpoint(request: ImportRequest) -> Path:
     """Convert `request.hf_path` into `request.save` (see the module docstring)."""
-    problem = replaced_input(request.save, {"--hf-path": request.hf_path})
-    if problem:
-        raise OutputExistsError(problem)
+    refuse_replacing_input(request.save, {"--hf-path": request.hf_path}, error=OutputExistsError)
     prepared = prepare_import(request)
     save = Path(request.save)
     if check_output_dir(save, prepared.marker, request.overwrite):

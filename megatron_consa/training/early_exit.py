@@ -83,6 +83,15 @@ class EarlyExit:
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True
 
+    def signalled(self) -> bool:
+        """Whether any rank received the exit signal (a collective on every rank): the same answer everywhere."""
+        from megatron_consa.training.parallel import device
+
+        flag = torch.tensor([float(self._signalled)], dtype=torch.float64, device=device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def reason(self, iteration: int) -> Optional[str]:
         """Why the run stops after `iteration` (a flag, in words), or None; a collective on
         every rank when the config takes one (see `ExitConfig.needs_agreement`)."""

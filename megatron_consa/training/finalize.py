@@ -58,15 +58,13 @@ class FinalizeRequest:
 
 
 def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
-    from megatron_consa.files import replaced_input, unwritable_reason
+    from megatron_consa.files import refuse_replacing_input, unwritable_reason
     from megatron_consa.training.checkpoint import read_checkpoint_meta, read_common_state, resolve_load_dir
 
     out = Path(request.save)  # (checked before the checkpoint is read and ranked)
     if out.exists() and not out.is_dir():
         raise FinalizeError(f"--save {out}: a file, not a directory; give the output directory (it is made)")
-    problem = replaced_input(out, {"--load": request.load})
-    if problem:
-        raise FinalizeError(problem)
+    refuse_replacing_input(out, {"--load": request.load}, error=FinalizeError)
     if out.is_dir() and any(out.iterdir()) and not request.overwrite:
         raise FinalizeError(f"--save {out}: exists and is not empty; choose another directory or pass --overwrite")
     problem = unwritable_reason(out.parent)  # (it is written beside, then renamed)

@@ -652,7 +652,7 @@ def run_training(prepared: PreparedRun):
 
     from megatron_consa.data.gpt import build_gpt_sources
     from megatron_consa.training.checkpoint import load_checkpoint, save_run_checkpoint
-    from megatron_consa.training.early_exit import EarlyExit
+    from megatron_consa.training.early_exit import EXIT_SIGNAL, EarlyExit
     from megatron_consa.training.loop import ConsaTrainer, TrainingDivergedError
     from megatron_consa.training.manual_gc import ManualGC
     from megatron_consa.training.parallel import apply_deterministic_mode, initialize_distributed
@@ -783,7 +783,7 @@ def run_training(prepared: PreparedRun):
             elif save:
                 checkpoint()
             writer.close()  # (the final save written and in place)
-            signalled = early_exit.reason(trainer.iteration) if run.exit.signal_handler else None
+            signalled = run.exit.signal_handler and early_exit.signalled()
     except TrainingDivergedError:
         writer.close()  # the checkpoints before the diverging step (every rank stops at it)
         trainer.close()  # the TensorBoard scalars up to the diverging step
@@ -793,9 +793,10 @@ def run_training(prepared: PreparedRun):
         with contextlib.suppress(Exception):  # (the error raised is the one to report)
             trainer.close()  # data-loader workers, the TensorBoard and W&B runs
         raise
-    if signalled and signalled.startswith("--exit-signal-handler"):  # the job is ending: no evaluation to start
+    if signalled:  # the job is ending: no evaluation to start
         if dist_rank() == 0:
-            logger.info("stopping after the final save (%s): the evaluation after training is skipped", signalled)
+            logger.info("stopping after the final save (--exit-signal-handler: %s received): the evaluation after "
+                        "training is skipped", EXIT_SIGNAL.name)
         trainer.close()
         torch.distributed.barrier()
         return trainer
