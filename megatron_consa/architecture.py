@@ -5,6 +5,7 @@ No megatron-core import: conversion code and tools read it without building a mo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -72,6 +73,25 @@ class ArchitectureConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
+
+    @classmethod
+    def from_record(cls, record: dict, where: str) -> "ArchitectureConfig":
+        """From a checkpoint's `architecture` record (consa_run.json); `where` names the checkpoint in errors.
+
+        A field this version does not know (a checkpoint written by a newer megatron-consa) or a
+        missing one is refused by name: dropping a field could build another model silently."""
+        fields = set(cls.__dataclass_fields__)
+        unknown = sorted(set(record) - fields)
+        if unknown:
+            raise ConsaConfigError(
+                f"{where}: its architecture record has field(s) {', '.join(map(repr, unknown))} that this version of "
+                "megatron-consa does not know (written by a newer version?): upgrade megatron-consa to read it")
+        required = {name for name, f in cls.__dataclass_fields__.items() if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(record))
+        if missing:
+            raise ConsaConfigError(f"{where}: its architecture record lacks {', '.join(map(repr, missing))}: "
+                                   "the checkpoint's consa_run.json is damaged")
+        return cls(**record)
 
     @classmethod
     def from_hf(cls, hf_config: Any, *, allow_sliding_window: bool = False) -> "ArchitectureConfig":

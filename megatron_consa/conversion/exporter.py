@@ -104,10 +104,14 @@ def _set_special_ids(hf_config: Any, tokenizer: Any, *, own_config: bool) -> Non
 
 
 def _check_config_describes(hf_config: Any, arch: ArchitectureConfig, load: Path) -> None:
-    """The config.json exported must build the model the weights are (a Qwen3 config on a
-    model without QK norm would load with q_norm / k_norm at their initial values)."""
+    """The config.json exported must build the model the weights are, shapes and function: a Qwen3 config on a
+    model without QK norm would load with q_norm / k_norm at their initial values, another vocabulary or MLP width
+    fails in `from_pretrained`, another RoPE base or norm epsilon loads and computes another function.
+    max_position_embeddings may differ (it shapes no weight; a run may extend the context)."""
     described = ArchitectureConfig.from_hf(hf_config, allow_sliding_window=True)
-    for name in ("qk_norm", "qkv_bias", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim"):
+    for name in ("qk_norm", "qkv_bias", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
+                 "vocab_size", "intermediate_size", "tie_word_embeddings", "rope_theta", "rope_scaling_factor",
+                 "rms_norm_eps"):
         if getattr(described, name) != getattr(arch, name):
             raise ValueError(
                 f"{load / HF_CONFIG_FILE} describes a {hf_config.model_type} model with {name}="

@@ -26,7 +26,7 @@ import torch
 
 from megatron_consa.allocation import Allocation
 from megatron_consa.architecture import ArchitectureConfig
-from megatron_consa.config import ConsaConfig
+from megatron_consa.config import ConsaConfig, ConsaConfigError
 from megatron_consa.controller import judge_settling
 from megatron_consa.conversion.hf_files import copy_tokenizer_files, staged_directory
 
@@ -74,10 +74,13 @@ def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
     meta = read_checkpoint_meta(path) or {}
     if not meta.get("consa"):
         raise FinalizeError(f"--load {request.load}: {path} has no ConSA metadata")
+    try:
+        arch = ArchitectureConfig.from_record(meta["architecture"], f"--load {request.load}")
+    except ConsaConfigError as err:
+        raise FinalizeError(str(err)) from None
     consa = ConsaConfig.from_dict(meta["consa"])
     if not consa.learning:
         raise FinalizeError(f"--load {request.load}: a fixed-allocation checkpoint has no gates to finalize")
-    arch = ArchitectureConfig(**meta["architecture"])
     common = read_common_state(path)
     log_alpha = common.get("consa_log_alpha")
     if log_alpha is None:

@@ -259,8 +259,10 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
                                ", ".join(map(str, later)))
         load_meta = read_checkpoint_meta(load_dir) or {}
         if load_meta.get("architecture"):
-            fields = {f.name for f in dataclasses.fields(ArchitectureConfig)}
-            saved_arch = ArchitectureConfig(**{k: v for k, v in load_meta["architecture"].items() if k in fields})
+            try:
+                saved_arch = ArchitectureConfig.from_record(load_meta["architecture"], run.checkpoint.load_flag())
+            except ConsaConfigError as err:
+                raise ArgumentError(str(err)) from None
             if not run.arch.vocab_size and arch.vocab_size != saved_arch.vocab_size:
                 # the vocabulary was padded here from the tokenizer (to 128 x TP rows): the checkpoint's padding
                 # serves as well where it holds the tokenizer and splits over this TP size

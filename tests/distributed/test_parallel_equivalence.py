@@ -86,8 +86,11 @@ def test_tflops_per_gpu_divide_the_iterations_flops_over_the_four_ranks(launched
         assert lines, name
         for line in lines:
             tokens, tflops = re.search(r"\| (\d+) tok/s \| ([0-9.e+-]+) TFLOP/s/GPU \|", line).groups()
-            expected = float(tokens) * flops / (8 * 32) / 4 / 1e12  # (global batch 8 x 32 tokens)
-            assert float(tflops) == pytest.approx(expected, rel=2e-2), (name, line)
+            per_token = flops / (8 * 32) / 4 / 1e12  # (global batch 8 x 32 tokens, over 4 ranks)
+            # the printed token rate is rounded to a whole token (7 tok/s is 6.5 to 7.5: 7% at a slow first
+            # iteration), the TFLOP/s to 3 significant digits
+            low, high = (float(tokens) - 0.5) * per_token, (float(tokens) + 0.5) * per_token
+            assert low * (1 - 5e-3) <= float(tflops) <= high * (1 + 5e-3), (name, line, low, high)
 
 
 def test_timers_report_every_rank_in_a_pipeline(launched):

@@ -55,7 +55,7 @@ def test_study_real_quick_mode_runs_end_to_end_and_writes_the_table(smollm2_hf_d
         assert d["sequences"] == len(rows["learned"]["nll_per_sequence"]) == len(rows[name]["nll_per_sequence"])
         assert d["mean"] == pytest.approx(rows[name]["nll_beyond_window"] - nll, abs=1e-9), name
     assert run["verdict"]["beats_by_more_than_2_paired_se"] == [n for n, d in paired.items() if d["z"] > 2]
-    assert run["allocation_phase"]["iterations"] == 160 and run["allocation_phase"]["tokens"] == 160 * 64
+    assert run["allocation_phase"]["iterations"] == 160 and run["allocation_phase"]["tokens"] == 160 * 32
     comparisons = {c["kind"] for c in run["analysis"]["comparisons"]}
     assert comparisons == {"attention_mass"}  # quick mode has no ablation ranking
     assert (out / "heatmap_kv_head_0500.png").stat().st_size > 0

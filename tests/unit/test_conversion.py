@@ -272,6 +272,63 @@ def _with_allocation(ckpt: Path, allocation: Allocation, copy: Path) -> Path:
     return copy
 
 
+@pytest.mark.parametrize("field, value", [
+    ("intermediate_size", 40), ("vocab_size", 300), ("tie_word_embeddings", True), ("rope_theta", 12345.0),
+    ("rms_norm_eps", 1e-3), ("num_key_value_heads", 4),
+])
+def test_export_refuses_a_config_json_that_describes_another_model(converted, tmp_path, capsys, field, value):
+    """The checkpoint's config.json is what the export writes: one that no longer describes the weights (edited by
+    hand, copied from another model) is refused by the field, nothing written; another RoPE base or epsilon would
+    load in transformers and compute another function, another width would fail only in from_pretrained."""
+    import shutil
+
+    _, out = converted
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out["qwen3"][1], ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    where = config["rope_parameters"] if field == "rope_theta" and "rope_parameters" in config else config
+    assert where[field] != value
+    where[field] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    save = tmp_path / "hf"
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(save)]) == 2
+    err = capsys.readouterr().err
+    name = {"num_key_value_heads": "num_kv_heads", "rope_theta": "rope_theta"}.get(field, field)
+    assert f"with {name}=" in err and "remove that config.json" in err, err
+    assert not save.exists()
+
+
+def test_a_checkpoint_from_a_newer_version_is_refused_by_its_unknown_field(converted, tmp_path, capsys):
+    """An architecture field this version does not know is named (not a TypeError traceback, and not dropped: it
+    could change the model) by every reader of a checkpoint: the export, finalize and the training entry point."""
+    import shutil
+
+    from megatron_consa.training.arguments import ArgumentError, parse_run_config
+    from megatron_consa.training.finalize import FinalizeError, FinalizeRequest, finalize_checkpoint
+    from megatron_consa.training.run import prepare_run
+
+    _, out = converted
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out["qwen3"][1], ckpt)
+    meta = json.loads((ckpt / "consa_run.json").read_text())
+    meta["architecture"]["sliding_window_pattern"] = 6
+    (ckpt / "consa_run.json").write_text(json.dumps(meta))
+    assert run_tool(EXPORT.main, ["--load", str(ckpt), "--save", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "'sliding_window_pattern'" in err and "newer version" in err and "upgrade megatron-consa" in err, err
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(FinalizeError, match=f"--load {ckpt}: .*'sliding_window_pattern'.*upgrade megatron-consa"):
+        finalize_checkpoint(FinalizeRequest(load=str(ckpt), save=str(tmp_path / "final")))
+    assert not (tmp_path / "final").exists()
+    base = ["--hf-config", str(ckpt), "--load", str(ckpt), "--mock-data", "--seq-length", "16", "--train-iters", "4",
+            "--consa-target-warmup-iters", "1"]
+    with pytest.raises(ArgumentError, match=f"--load {ckpt}: .*'sliding_window_pattern'.*upgrade megatron-consa"):
+        prepare_run(parse_run_config(base), world_size=1)
+    del meta["architecture"]["hidden_size"], meta["architecture"]["sliding_window_pattern"]
+    with pytest.raises(ConsaConfigError, match="lacks 'hidden_size'.*damaged"):
+        ArchitectureConfig.from_record(meta["architecture"], str(ckpt))
+
+
 def test_layer_wise_hybrid_export_runs_in_stock_transformers(converted, single_rank_mcore):
     """A learned-style layer allocation on a Qwen3 import: stock transformers == our fixed-mode model."""
     from scenarios import checkpoint_logits
