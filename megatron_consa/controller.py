@@ -243,7 +243,8 @@ class SettleReport:
 
     target: float
     first_iteration: int
-    """First iteration of the judged tail (-1 when nothing could be judged)."""
+    """First iteration of the judged tail, counted as the log lines count (1: the first step); -1 when nothing
+    could be judged."""
     last_iteration: int
     max_gap: float
     """max |s_hat - target| over the tail (inf when nothing could be judged)."""
@@ -274,11 +275,12 @@ def judge_settling(
 ) -> SettleReport:
     """Judge a learning run by the tail of its s_hat record, not by one sample.
 
-    `history` holds [iteration, s_hat] pairs in order. The tail is the last
-    ceil(tail_fraction * n) of the n records (at least one); every one of them
+    `history` holds [step index, s_hat] pairs in order (the controller's record: 0 for the first step).
+    The tail is the last ceil(tail_fraction * n) of the n records (at least one); every one of them
     must come after the target warm-up and lie within `tolerance` of the
     final target. A limit cycle that happens to cross the target at the last
-    step fails here, since its swing lies in the tail.
+    step fails here, since its swing lies in the tail. The report and its messages number iterations
+    as the training log does (iterations done: the step at index k is iteration k + 1).
     """
     def unsettled(reason: str, first: int = -1, last: int = -1, gap: float = math.inf) -> SettleReport:
         return SettleReport(target_sparsity, first, last, gap, tolerance, reason)
@@ -287,17 +289,17 @@ def judge_settling(
         return unsettled("no s_hat was recorded: the run has no learning iterations to judge")
     n = len(history)
     tail = history[n - max(1, math.ceil(tail_fraction * n)):]
-    first, last = int(tail[0][0]), int(tail[-1][0])
+    first, last = int(tail[0][0]) + 1, int(tail[-1][0]) + 1
     gaps = [abs(float(s) - target_sparsity) for _, s in tail]
     worst = max(gaps)
-    if first < warmup_iters:
+    if first <= warmup_iters:  # (the step at index warmup_iters is the first at the final target)
         return unsettled(
             f"the judged tail (iterations {first}..{last}, the last {tail_fraction:.0%} of the run) starts "
             f"inside the target warm-up ({warmup_iters} iterations): train longer so the tail comes after it",
             first, last, worst,
         )
     if worst > tolerance:
-        k = int(tail[gaps.index(worst)][0])
+        k = int(tail[gaps.index(worst)][0]) + 1
         return unsettled(
             f"s_hat did not settle: over iterations {first}..{last} it strayed up to {worst:.4f} from target "
             f"{target_sparsity} (at iteration {k}; tolerance {tolerance}). Train longer, or finalize anyway "

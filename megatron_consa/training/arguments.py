@@ -445,12 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02,
                    help="std of the random initialisation (a run that loads weights does not use it)")
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
-    g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines")
+    g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines (counted from 1 as Megatron-LM counts; the first and "
+                        "the last iteration are logged too)")
     g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, metavar="N",
                    help="every N iterations, check that the data-parallel replicas hold bit-identical weights (a "
                         "SHA-1 of each parameter): a mismatch stops every rank, naming the ranks")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
-    g.add_argument("--tensorboard-log-interval", type=int, default=1, help="iterations between TensorBoard scalars")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1, help="iterations between TensorBoard scalars (their step: iterations done, as "
+                        "Megatron-LM's)")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="TensorBoard gets the validation perplexity beside the validation loss")
     g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,

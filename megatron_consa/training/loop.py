@@ -579,8 +579,7 @@ class ConsaTrainer:
         total, count = reduced_loss([x["lm loss"] for x in losses], per_token=self.training.calculate_per_token_loss)
         loss = total / max(count, 1.0)
         lr, gate_lr = self._learning_rates()
-        interval = self.training.log_interval
-        log_now = bool(interval) and (k % interval == 0 or k == self.training.train_iters - 1)
+        log_now = self._logs_iteration(k + 1)
         fa_per_layer = self.fa_per_layer() if self.consa.learning and log_now else None  # collectives: every
         params_norm = self.params_norm() if self.training.log_params_norm and log_now else None  # rank takes them
         record = StepRecord(
@@ -720,25 +719,33 @@ class ConsaTrainer:
             gate_lr = self.scheduler.get_lr({"max_lr": self.consa.gate_lr, "min_lr": self.consa.gate_lr})
         return float(lr), None if gate_lr is None else float(gate_lr)
 
+    def _logs_iteration(self, done: int) -> bool:
+        """Whether the step that makes `done` iterations gets a log line: every `log_interval`-th (counted as
+        Megatron-LM counts, from 1), and the first (its ETA) and the last (the final loss)."""
+        interval = self.training.log_interval
+        return bool(interval) and (done % interval == 0 or done in (1, self.training.train_iters))
+
     def _log(self, r: StepRecord) -> None:
-        if self.metrics is not None and r.iteration % self.training.tensorboard_log_interval == 0:
+        """The log line and the TensorBoard / W&B scalars of step `r`, numbered by the iterations done with it
+        (Megatron-LM's `iteration`: 1 for the first step; validation, checkpoints and the heatmap count so too)."""
+        done = r.iteration + 1
+        if self.metrics is not None and done % self.training.tensorboard_log_interval == 0:
             for key in ("loss", "s_hat", "target", "lambda1", "lambda2", "lr", "gate_lr", "grad_norm", "gate_grad_norm",
                         "loss_scale", "params_norm", "num_zeros_in_grad"):
                 if getattr(r, key) is not None:
-                    self.metrics.add_scalar(f"consa/{key}", getattr(r, key), r.iteration)
+                    self.metrics.add_scalar(f"consa/{key}", getattr(r, key), done)
             if r.fa_per_layer is not None:
                 for layer, count in enumerate(r.fa_per_layer):
-                    self.metrics.add_scalar(f"consa_fa_heads/layer_{layer:03d}", count, r.iteration)
+                    self.metrics.add_scalar(f"consa_fa_heads/layer_{layer:03d}", count, done)
             if self.training.log_memory_to_tensorboard:
                 for name, value in memory_scalars().items():
-                    self.metrics.add_scalar(name, value, r.iteration)
+                    self.metrics.add_scalar(name, value, done)
             if self.training.log_world_size_to_tensorboard:
-                self.metrics.add_scalar("world-size", torch.distributed.get_world_size(), r.iteration)
+                self.metrics.add_scalar("world-size", torch.distributed.get_world_size(), done)
             if self.training.log_batch_size_to_tensorboard:
-                self.metrics.add_scalar("batch-size", self.training.global_batch_size, r.iteration)
-        interval = self.training.log_interval
-        if interval and (r.iteration % interval == 0 or r.skipped):
-            now, done = time.time(), r.iteration + 1
+                self.metrics.add_scalar("batch-size", self.training.global_batch_size, done)
+        if self._logs_iteration(done) or (self.training.log_interval and r.skipped):
+            now = time.time()
             prev_time, prev_iter = self._last_log
             per_iter = (now - prev_time) / max(1, done - prev_iter)
             self._last_log = (now, done)
@@ -749,13 +756,13 @@ class ConsaTrainer:
                 STRAGGLER_DETECTOR.report(self.flops_per_iteration * (done - prev_iter), done - prev_iter)
             timings = report_timers(  # (a collective: every rank)
                 self.timers, iterations=done - prev_iter, writers=self.metrics,
-                to_writers=self.training.log_timers_to_tensorboard, step=r.iteration,
+                to_writers=self.training.log_timers_to_tensorboard, step=done,
             )
             if self.metrics is not None:
-                self.metrics.add_scalar("consa/tokens_per_s", tokens_per_s, r.iteration)
-                self.metrics.add_scalar("throughput", tflops_per_gpu, r.iteration)  # (Megatron-LM's tag)
+                self.metrics.add_scalar("consa/tokens_per_s", tokens_per_s, done)
+                self.metrics.add_scalar("throughput", tflops_per_gpu, done)  # (Megatron-LM's tag)
                 if self.training.log_timers_to_tensorboard:
-                    self.metrics.add_scalar("iteration-time", per_iter, r.iteration)
+                    self.metrics.add_scalar("iteration-time", per_iter, done)
             if torch.distributed.get_rank() != 0:
                 return
             gate = "" if r.gate_lr is None else f" | gate lr {r.gate_lr:.3g}"
@@ -769,7 +776,7 @@ class ConsaTrainer:
             logger.info(
                 "iter %6d/%d | loss %.4f | lr %.3g%s%s%s | %.0f tok/s | %.3g TFLOP/s/GPU | elapsed %s | ETA %s | "
                 "s_hat %.4f | target %.4f | lambda1 %+.4f | lambda2 %.4f%s%s",
-                r.iteration, self.training.train_iters, r.loss, r.lr, gate, norm, scale, tokens_per_s, tflops_per_gpu,
+                done, self.training.train_iters, r.loss, r.lr, gate, norm, scale, tokens_per_s, tflops_per_gpu,
                 _hms(now - self._start_time), _hms(eta), r.s_hat, r.target, r.lambda1, r.lambda2, fa,
                 " | skipped (loss scale)" if r.skipped else "",
             )
@@ -864,7 +871,7 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
             "allocation phase ends, so it could never settle; train for longer than the warm-up (a few hundred "
             "iterations more) or shorten the warm-up"
         )
-    # settle_report's tail: the last ceil(fraction x n) of the controller's records, one an iteration (0-based)
+    # settle_report's tail: the last ceil(fraction x n) of the controller's records, one a step (index 0-based)
     first_judged = training.train_iters - math.ceil(consa.settle_tail_fraction * training.train_iters)
     if first_judged < consa.target_warmup_iters and consa.settle_tail_fraction >= 1:
         raise ConsaConfigError(
@@ -875,7 +882,7 @@ def check_learning_run(consa: ConsaConfig, *, arch: ArchitectureConfig, training
     if first_judged < consa.target_warmup_iters:
         raise ConsaConfigError(
             f"ConsaConfig.target_warmup_iters={consa.target_warmup_iters}: the run's judged tail (iterations "
-            f"{first_judged}..{training.train_iters - 1}, the last {consa.settle_tail_fraction:.0%} of "
+            f"{first_judged + 1}..{training.train_iters}, the last {consa.settle_tail_fraction:.0%} of "
             f"TrainingConfig.train_iters={training.train_iters}) starts inside the target warm-up, so finalize could "
             f"never accept the allocation; train for at least {_least_iters(consa)} iterations or shorten the warm-up"
         )
@@ -896,7 +903,7 @@ def _check_finite(r: StepRecord) -> None:
     if bad:
         found = ", ".join(f"{k} {v}" for k, v in bad.items())
         raise TrainingDivergedError(
-            f"iteration {r.iteration}: {found}: training diverged (nothing from this step on is saved). "
+            f"iteration {r.iteration + 1}: {found}: training diverged (nothing from this step on is saved). "
             "Resume from the last checkpoint (--load <the --save directory>; with --no-load-optim to lower --lr or "
             "--consa-gate-lr there), or pass --no-check-for-nan-in-loss-and-grad to train on regardless"
         )

@@ -98,7 +98,7 @@ def test_timers_report_every_rank_in_a_pipeline(launched):
     the step's timers on every rank, a pipeline receive of activations only on the ranks of the
     second stage, and no timer longer than the whole forward-backward but the optimizer's."""
     reports = launched[0]["timer_reports"]["pp2"]
-    assert len(reports) == 1  # the log line of iteration 0 (--log-interval 10)
+    assert len(reports) == 2  # the log lines of iterations 1 (the first) and 10 (--log-interval 10)
     second_stage = {r["rank"] for r in launched if r["stages"]["pp2"] == 1}
     assert len(second_stage) == 2
     for report in reports:
@@ -199,7 +199,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(launched):
     """The divergence check needs no collective of its own: the loss, the grad norms and s_hat
     are the same on every rank, so all raise together (none is left waiting)."""
     errors = {r["rank"]: r["diverged"] for r in launched}
-    assert all(e is not None and e.startswith("iteration 1: loss nan") for e in errors.values()), errors
+    assert all(e is not None and e.startswith("iteration 2: loss nan") for e in errors.values()), errors  # (the second step)
 
 
 def test_consistency_guard_names_the_rank_that_differs(launched):

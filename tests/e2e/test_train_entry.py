@@ -97,11 +97,11 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
         str(tmp_path / "tb"), "--tensorboard-log-interval", "4", "--eval-interval", "5", "--eval-iters", "1",
         "--log-validation-ppl-to-tensorboard", "--deterministic-mode"]))
     losses = _losses(log)
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # iterations 1 (the first), 4, 8 and 12
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
-    assert [e.step for e in events.Scalars("consa/loss")] == [0, 4, 8]  # every --tensorboard-log-interval
+    assert [e.step for e in events.Scalars("consa/loss")] == [4, 8, 12]  # every --tensorboard-log-interval
     valid = {e.step: e.value for e in events.Scalars("consa/valid_loss")}
     ppl = {e.step: e.value for e in events.Scalars("consa/valid_ppl")}
     # every --eval-interval and, as Megatron-LM, once more after the last iteration; then the test split once
@@ -334,8 +334,8 @@ def test_async_save_writes_what_the_synchronous_save_writes(tmp_path, whole_run)
             assert events.index(["Deleted checkpoint", f"Iteration: {k}"]) > events.index(
                 ["Saved async checkpoint", f"Iteration: {k + 2}"])
     assert len(events) == 1 + 8 * 2 + 4
-    # the save after iteration 4 is finalized after a later step at the earliest (0-based "iter 4" is the 5th)
-    assert log.index("saved checkpoint at iteration 4 ") > log.index("iter      4/16 |")
+    # the save after iteration 4 is finalized after a later step at the earliest (the 5th)
+    assert log.index("saved checkpoint at iteration 4 ") > log.index("iter      5/16 |")
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "16"
     assert sorted(p.name for p in save.iterdir()) == [
         "iter_0000004", "iter_0000008", "iter_0000012", "iter_0000016", "latest_checkpointed_iteration.txt",
@@ -489,9 +489,9 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_saves_nothing_of
     assert proc.returncode == 3, proc.stderr[-3000:]
     found = re.search(r"error: iteration (\d+): [^\n]*nan[^\n]*: training diverged", proc.stderr)
     assert found, proc.stderr[-3000:]
-    step = int(found.group(1))
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(step)  # the steps before it
-    assert not (save / f"iter_{step + 1:07d}").exists()
+    step = int(found.group(1))  # (counted from 1, as the log lines and checkpoints count)
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(step - 1)  # the steps before it
+    assert not (save / f"iter_{step:07d}").exists()
     assert _ok(_train(_with(run, "--save", str(tmp_path / "on")) + ["--no-check-for-nan-in-loss-and-grad"]))
 
 
@@ -718,7 +718,7 @@ def test_finalize_refuses_what_it_must_and_writes_nothing(tmp_path, capsys):
     from wandb_records import config, history, run_file
 
     logged = history(run_file(tmp_path / "learn" / "wandb"))
-    assert list(logged["consa/loss"]) == list(range(6)) and list(logged["consa/s_hat"]) == list(range(6))
+    assert list(logged["consa/loss"]) == list(range(1, 7)) and list(logged["consa/s_hat"]) == list(range(1, 7))
     assert logged["consa/allocation_heatmap"][6]["_type"] == "image-file"  # at the save
     assert config(run_file(tmp_path / "learn" / "wandb"))["training"]["train_iters"] == 6
 

@@ -345,7 +345,7 @@ def test_train_throughput_runs_every_model_through_the_entry_point(tmp_path):
     assert all(len(r) == 1 and r[0] == rates[name] for name, r in saved["tokens_per_s_per_round"].items())
     assert saved["vs_all_fa"] == pytest.approx({name: r / rates["consa all-FA"] for name, r in rates.items()})
     with pytest.raises(ValueError, match="logged 1 interval"):
-        bench.tokens_per_s("12:00:00 iter      0/6 | loss 6.9 | lr 0.001 | 823 tok/s | elapsed 0:00:00 | ETA 0\n")
+        bench.tokens_per_s("12:00:00 iter      1/6 | loss 6.9 | lr 0.001 | 823 tok/s | elapsed 0:00:00 | ETA 0\n")
 
 
 def test_decode_benchmark_checks_the_cache_against_the_formula(tmp_path):

@@ -205,7 +205,7 @@ class TestTrainer:
                 trainer.controller.lambda1 = float("nan")
         message = "loss nan, grad norm nan" if broken == "weight" else r"gate grad norm nan: training diverged"
         if check:
-            with pytest.raises(TrainingDivergedError, match=rf"iteration 1: {message}"):
+            with pytest.raises(TrainingDivergedError, match=rf"iteration 2: {message}"):  # (the second step)
                 trainer.train_step()
             assert trainer.iteration == 1 and len(trainer.history) == 1
         else:
@@ -771,7 +771,7 @@ class TestMegatronTrainingFlags:
         assert trainer.metrics.tensorboard.max_queue == 3  # --tensorboard-queue-size
         trainer.close()
         reports = [r.getMessage() for r in caplog.records if "time across ranks (ms)" in r.getMessage()]
-        assert len(reports) == 2  # at iterations 0 and 2
+        assert len(reports) == 3  # at iterations 1 (the first), 2 and 4 (counted as Megatron-LM counts)
         for name in ("forward-backward", "forward-compute", "backward-compute", "batch-generator", "all-grads-sync",
                      "optimizer-inner-step", "optimizer", "consa-constraint", "consa-dual-step"):
             assert f"\n    {name} ." in reports[-1], (name, reports[-1])
@@ -781,22 +781,22 @@ class TestMegatronTrainingFlags:
             return {e.step: e.value for e in events.Scalars(tag)}
 
         iteration = scalars("iteration-time")
-        assert list(iteration) == [0, 2]
-        for step in (0, 2):  # each timer's mean per iteration (s) over the same iterations as iteration-time
+        assert list(iteration) == [1, 2, 4]
+        for step in (1, 2, 4):  # each timer's mean per iteration (s) over the same iterations as iteration-time
             whole = scalars("forward-backward-time")[step]
             parts = scalars("forward-compute-time")[step] + scalars("backward-compute-time")[step]
             assert 0 < parts <= whole * 1.001 and whole + scalars("optimizer-time")[step] <= iteration[step] * 1.001
             assert scalars("optimizer-inner-step-time")[step] <= scalars("optimizer-time")[step] * 1.001
         # Megatron-LM's "throughput" (TFLOP/s per GPU): the iteration's FLOPs at the logged token rate
         tokens, throughput = scalars("consa/tokens_per_s"), scalars("throughput")
-        for step in (0, 2):
+        for step in (1, 2, 4):
             assert throughput[step] == pytest.approx(
                 tokens[step] * trainer.flops_per_iteration / (4 * 32) / 1e12, rel=1e-5)
         assert trainer.flops_per_iteration > 6 * 4 * 32 * (ARCH.hidden_size * ARCH.vocab_size)
         rss, peak = scalars("mem-rss-bytes"), scalars("mem-max-rss-bytes")
-        assert list(rss) == [0, 1, 2, 3] and all(1e7 < rss[k] <= peak[k] for k in rss), (rss, peak)
+        assert list(rss) == [1, 2, 3, 4] and all(1e7 < rss[k] <= peak[k] for k in rss), (rss, peak)
         assert set(scalars("world-size").values()) == {1.0}
-        assert scalars("batch-size") == {k: float(trainer.training.global_batch_size) for k in range(4)}
+        assert scalars("batch-size") == {k: float(trainer.training.global_batch_size) for k in range(1, 5)}
 
         caplog.clear()
         quiet = _trainer(consa, train_iters=2, log_interval=1)
