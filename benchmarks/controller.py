@@ -36,6 +36,7 @@ def _representable(target: float, units: int) -> bool:
 
 
 def _settle_iteration(s_hat: list[float], target: float) -> int | None:
+    """The step index (0: the first step) from which s_hat stays within TOLERANCE of `target`; None: never."""
     last_bad = max((k for k, s in enumerate(s_hat) if abs(s - target) > TOLERANCE), default=-1)
     return None if last_bad + 1 >= len(s_hat) else last_bad + 1
 
@@ -140,8 +141,8 @@ def markdown(rows: list[dict], title: str) -> str:
         s = _summary([r for r in rows if r["controller"] == name])
         if not s["cases"]:
             continue
-        out.append(f"| {name} | {s['cases']} | {s['settled_within_1000']} | {s['worst_settle'] or 'never'} | "
-                   f"{s['worst_tail_gap']:.4f} |")
+        worst = "never" if s["worst_settle"] is None else s["worst_settle"]
+        out.append(f"| {name} | {s['cases']} | {s['settled_within_1000']} | {worst} | {s['worst_tail_gap']:.4f} |")
     return "\n".join(out)
 
 
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         text.append("| controller | granularity | target | settled by it. | tail gap | finalize | final loss |")
         text.append("|---|---|---:|---:|---:|---|---:|")
         for r in trainer:
-            text.append(f"| {r['controller']} | {r['granularity']} | {r['target']} | {r['settled_by'] or 'never'} | "
+            text.append(f"| {r['controller']} | {r['granularity']} | {r['target']} | {'never' if r['settled_by'] is None else r['settled_by']} | "
                         f"{r['tail_gap']:.4f} | {'accepts' if r['finalize_ok'] else 'refuses'} | {r['final_loss']:.3f} |")
     report = "\n\n".join(text) if not trainer else "\n\n".join(text[:2]) + "\n" + "\n".join(text[2:])
     print(report)

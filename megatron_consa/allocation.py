@@ -521,7 +521,7 @@ class Allocation:
                 raise AllocationError(f"finalize: {settle.describe()}; top-k would hide that")
             meta.update(
                 settle_max_gap=float(settle.max_gap),
-                settle_tail=[int(settle.first_iteration), int(settle.last_iteration)],
+                settle_tail=[int(settle.first_iteration), int(settle.last_iteration)],  # (as the log counts them)
             )
         order = _order_by_score(scores)
         k = fa_unit_budget(n, target_sparsity)

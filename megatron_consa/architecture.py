@@ -80,6 +80,9 @@ class ArchitectureConfig:
 
         A field this version does not know (a checkpoint written by a newer megatron-consa) or a
         missing one is refused by name: dropping a field could build another model silently."""
+        if not isinstance(record, dict):
+            raise ConsaConfigError(f"{where}: its architecture record is {type(record).__name__}, not a JSON object: "
+                                   "the checkpoint's consa_run.json is damaged")
         fields = set(cls.__dataclass_fields__)
         unknown = sorted(set(record) - fields)
         if unknown:
@@ -91,7 +94,11 @@ class ArchitectureConfig:
         if missing:
             raise ConsaConfigError(f"{where}: its architecture record lacks {', '.join(map(repr, missing))}: "
                                    "the checkpoint's consa_run.json is damaged")
-        return cls(**record)
+        try:
+            return cls(**record)
+        except (TypeError, ValueError, ZeroDivisionError) as err:  # (a value __post_init__ cannot take)
+            raise ConsaConfigError(f"{where}: its architecture record {record} describes no model ({err}): the "
+                                   "checkpoint's consa_run.json is damaged") from None
 
     @classmethod
     def from_hf(cls, hf_config: Any, *, allow_sliding_window: bool = False) -> "ArchitectureConfig":

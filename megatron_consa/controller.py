@@ -97,7 +97,7 @@ class ConsaController:
         self.lambda2 = 0.0
         self.last_s_hat: Optional[float] = None
         # [iteration, s_hat] of every iteration run so far (saved in checkpoints)
-        self.s_hat_history: list[list[float]] = []
+        self.s_hat_history: list[list[float]] = []  # [step index (0: the first step), s_hat]
 
     # ---- schedule ----------------------------------------------------------
     def target(self, iteration: Optional[int] = None) -> float:

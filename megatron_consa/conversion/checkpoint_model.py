@@ -60,7 +60,7 @@ def read_checkpoint_info(load: str | Path, allocation: Optional[str | Path] = No
     meta = read_checkpoint_meta(path)
     if meta is None:
         raise FileNotFoundError(f"{path} is not a megatron-consa checkpoint (no consa_run.json)")
-    arch = ArchitectureConfig.from_record(meta["architecture"], str(path))
+    arch = ArchitectureConfig.from_record(meta.get("architecture"), str(path))
     alloc = Allocation.load(allocation) if allocation else checkpoint_allocation(path, meta)
     if alloc is not None:
         alloc.check_compatible(arch.num_layers, arch.num_kv_heads)

@@ -445,14 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02,
                    help="std of the random initialisation (a run that loads weights does not use it)")
     g.add_argument("--seed", type=int, default=1234, help="weight initialisation and data shuffling seed")
-    g.add_argument("--log-interval", type=int, default=10, help="iterations between log lines (counted from 1 as Megatron-LM counts; the first and "
-                        "the last iteration are logged too)")
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="iterations between log lines (counted from 1 as Megatron-LM counts; the first and the last "
+                        "iteration are logged too)")
     g.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, metavar="N",
                    help="every N iterations, check that the data-parallel replicas hold bit-identical weights (a "
                         "SHA-1 of each parameter): a mismatch stops every rank, naming the ranks")
     g.add_argument("--tensorboard-dir", help="write TensorBoard scalars and allocation heatmaps here")
-    g.add_argument("--tensorboard-log-interval", type=int, default=1, help="iterations between TensorBoard scalars (their step: iterations done, as "
-                        "Megatron-LM's)")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="iterations between TensorBoard scalars (their step: the iterations done, as Megatron-LM's)")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="TensorBoard gets the validation perplexity beside the validation loss")
     g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
@@ -492,12 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "wandb/, as in Megatron-LM)")
     g.add_argument("--wandb-entity", help="the W&B team or user (default: the logged-in user's)")
     g.add_argument("--profile", action="store_true",
-                   help="profile iterations --profile-step-start to --profile-step-end - 1 on --profile-ranks: CUDA's "
+                   help="profile iterations --profile-step-start + 1 to --profile-step-end (as the log numbers them; "
+                        "Megatron-LM's flags) on --profile-ranks: CUDA's "
                         "profiler for nsys (nsys profile --capture-range=cudaProfilerApi), or --use-pytorch-profiler")
     g.add_argument("--use-pytorch-profiler", action="store_true",
                    help="with --profile: torch.profiler, its traces into --tensorboard-dir")
-    g.add_argument("--profile-step-start", type=int, default=10, help="the first iteration profiled")
-    g.add_argument("--profile-step-end", type=int, default=12, help="the first iteration not profiled")
+    g.add_argument("--profile-step-start", type=int, default=10,
+                   help="the iterations done before the first profiled one")
+    g.add_argument("--profile-step-end", type=int, default=12,
+                   help="the last iteration profiled (as the log numbers it)")
     g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="the global ranks that profile")
     g.add_argument("--eval-interval", type=int, help="iterations between validation-loss evaluations")
     g.add_argument("--eval-iters", type=int, default=10,

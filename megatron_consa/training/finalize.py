@@ -75,7 +75,7 @@ def finalize_checkpoint(request: FinalizeRequest) -> Allocation:
     if not meta.get("consa"):
         raise FinalizeError(f"--load {request.load}: {path} has no ConSA metadata")
     try:
-        arch = ArchitectureConfig.from_record(meta["architecture"], f"--load {request.load}")
+        arch = ArchitectureConfig.from_record(meta.get("architecture"), f"--load {request.load}")
     except ConsaConfigError as err:
         raise FinalizeError(str(err)) from None
     consa = ConsaConfig.from_dict(meta["consa"])

@@ -610,11 +610,11 @@ class ConsaTrainer:
         if interval and (self.iteration % interval == 0 or self.iteration == 1):
             if self.gates:
                 self.finish_param_gather()
-            check_gates_consistent([g.log_alpha for g in self.gates], iteration=k)
+            check_gates_consistent([g.log_alpha for g in self.gates], iteration=self.iteration)
         interval = self.training.check_weight_hash_across_dp_replicas_interval
         if interval and self.iteration % interval == 0:
             self.finish_param_gather()  # (the distributed optimizer's shards back in every replica)
-            check_weights_consistent(self.chunks, iteration=k)
+            check_weights_consistent(self.chunks, iteration=self.iteration)
         return record
 
     def params_norm(self) -> float:

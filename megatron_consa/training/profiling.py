@@ -30,11 +30,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ProfileConfig:
     enabled: bool = False
-    """Profile iterations [step_start, step_end) on `ranks`."""
+    """Profile the steps taken with step_start up to step_end - 1 iterations done (Megatron-LM's flags: 10 and 12
+    profile the iterations the log numbers 11 and 12) on `ranks`."""
     step_start: int = 10
-    """The first iteration profiled (0-based: the iterations done before it)."""
+    """The iterations done before the first profiled step."""
     step_end: int = 12
-    """The first iteration not profiled."""
+    """The iterations done before the first step not profiled (the last profiled one's number in the log)."""
     ranks: tuple[int, ...] = (0,)
     """The global ranks that profile."""
     use_pytorch_profiler: bool = False
@@ -85,8 +86,8 @@ class StepProfiler:
         if self._first is None:
             self._first = iteration
             if iteration > c.step_start:
-                logger.warning("--profile-step-start %d: this run starts at iteration %d, after it; nothing is "
-                               "profiled", c.step_start, iteration)
+                logger.warning("--profile-step-start %d: this run starts with %d iterations done, after it; nothing "
+                               "is profiled", c.step_start, iteration)
         if c.use_pytorch_profiler:
             # one warm-up iteration before step_start, where the run has one (a resume may start at it)
             warmup = 1 if c.step_start > 0 and self._first < c.step_start else 0
@@ -100,13 +101,13 @@ class StepProfiler:
                     with_stack=True,
                 )
                 self._torch.start()
-                logger.info("profiling iterations %d-%d (torch.profiler, into %s)", c.step_start, c.step_end - 1,
+                logger.info("profiling iterations %d-%d (torch.profiler, into %s)", c.step_start + 1, c.step_end,
                             c.trace_dir)
         elif iteration == c.step_start:
             torch.cuda.cudart().cudaProfilerStart()
             self._nvtx = torch.autograd.profiler.emit_nvtx(record_shapes=True)
             self._nvtx.__enter__()
-            logger.info("profiling iterations %d-%d (CUDA profiler)", c.step_start, c.step_end - 1)
+            logger.info("profiling iterations %d-%d (CUDA profiler)", c.step_start + 1, c.step_end)
 
     def after_step(self, iteration: int) -> None:
         """`iteration`: the iterations done, this one included."""

@@ -112,7 +112,7 @@ def test_hugging_face_tokenizer_directory_preprocesses_and_trains(corpus, tmp_pa
     traces = list((tmp_path / "tb").glob("*.pt.trace.json"))
     assert len(traces) == 1, traces
     steps = set(re.findall(r'"ProfilerStep#(\d+)"', traces[0].read_text()))
-    assert steps == {"1", "2"}, steps  # (iteration 0 is the warm-up, not recorded)
+    assert steps == {"1", "2"}, steps  # (torch's step numbers: the log's iterations 2 and 3; 1 is the warm-up)
     saved = tmp_path / "run" / "iter_0000012"
     assert AutoTokenizer.from_pretrained(str(saved), local_files_only=True).encode("x = 1") == \
         reference.encode("x = 1")  # the checkpoint carries its tokenizer

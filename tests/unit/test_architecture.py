@@ -99,3 +99,19 @@ def test_shape_built_models_export_as_their_family(qk_norm, qkv_bias, family, si
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, ours(tokens, torch.arange(12)[None], attention_mask=None),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_record_that_describes_no_model_is_named_not_a_traceback():
+    """`ArchitectureConfig.from_record` (every reader of a checkpoint's consa_run.json): a record that is not an
+    object, lacks a field, has one this version does not know, or holds a value no model has is a ConsaConfigError
+    naming the checkpoint (the tools print it as an error line), never a TypeError or ZeroDivisionError."""
+    good = dataclasses.asdict(ArchitectureConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                                 num_attention_heads=4, num_kv_heads=2))
+    assert ArchitectureConfig.from_record(dict(good), "ckpt") == ArchitectureConfig(**good)
+    for record, said in ((None, "is NoneType, not a JSON object"), ({**good, "extra": 1}, "'extra'.*newer version"),
+                         ({k: v for k, v in good.items() if k != "num_layers"}, "lacks 'num_layers'"),
+                         ({**good, "num_kv_heads": 0}, "describes no model"),
+                         ({**good, "num_attention_heads": 0, "head_dim": None}, "describes no model"),
+                         ({**good, "num_kv_heads": "2"}, "describes no model")):
+        with pytest.raises(ConsaConfigError, match=f"^ckpt: .*{said}"):
+            ArchitectureConfig.from_record(record, "ckpt")

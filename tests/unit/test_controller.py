@@ -149,6 +149,12 @@ def test_judge_settling_reads_the_tail_not_one_sample():
     early = judge_settling(history([0.5] * 20), target_sparsity=0.5, warmup_iters=19, tail_fraction=0.1,
                            tolerance=0.01)
     assert not early.settled and "warm-up" in early.describe()
+    assert "(iterations 19..20," in early.describe()  # (numbered as the log lines: the step at index k is k + 1)
+    # the boundary: the step at index warmup_iters (iteration warmup_iters + 1) is the first at the final target
+    edge = judge_settling(history([0.5] * 20), target_sparsity=0.5, warmup_iters=18, tail_fraction=0.1,
+                          tolerance=0.01)
+    assert edge.settled and (edge.first_iteration, edge.last_iteration) == (19, 20), edge
+    assert "over iterations 19..20 " in edge.describe()
     assert not judge_settling([], target_sparsity=0.5, warmup_iters=0, tail_fraction=0.1, tolerance=0.01).settled
 
 
