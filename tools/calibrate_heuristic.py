@@ -35,6 +35,7 @@ from megatron_consa.evaluation.flags import (
     add_checkpoint_arguments,
     add_sequence_arguments,
     checkpoint_tokenizer,
+    load_flagged_sequences,
     sequence_source,
     tqdm_progress,
     warn_past_positions,
@@ -75,6 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserInputError("no calibration data: give --text FILE, --data-path PREFIX or --stdlib-text")
     if args.save_allocation and args.target_sparsity is None:
         raise UserInputError("--save-allocation needs --target-sparsity (the allocation's budget)")
+    if args.target_sparsity is not None and not args.save_allocation:
+        raise UserInputError("--target-sparsity is the budget of --save-allocation's allocation: give --save-allocation "
+                             "FILE, or drop it (the scores file serves every budget)")
     problem = below_minimum(("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0),
                             ("--batch-size", args.batch_size, 1))
     if problem:
@@ -92,7 +96,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_consa.evaluation.ablation import checkpoint_ablation
     from megatron_consa.evaluation.calibration import attention_mass_scores
     from megatron_consa.evaluation.models import CheckpointModels
-    from megatron_consa.evaluation.sequences import load_sequences
     from megatron_consa.gates import rank_units
 
     models = CheckpointModels(args.load)
@@ -114,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserInputError(f"--target-sparsity {args.target_sparsity}: {err}") from err
     progress = tqdm_progress(not args.no_progress)
     with models:
-        sequences = load_sequences(source, tokenizer)
+        sequences = load_flagged_sequences(source, tokenizer)
         if args.mode == "attention":
             bar = progress(sequences.shape[0], "attention mass") if progress else None
             scores = attention_mass_scores(models.model(models.all_fa()), sequences, window=window, sink_tokens=sinks,

@@ -41,6 +41,7 @@ from megatron_consa.evaluation.flags import (
     add_checkpoint_arguments,
     add_sequence_arguments,
     checkpoint_tokenizer,
+    load_flagged_sequences,
     sequence_source,
     tqdm_progress,
     warn_past_positions,
@@ -81,7 +82,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     g.add_argument("--retrieval-seed", type=int, default=0, help="seed of values, keys and haystack offsets (default: 0)")
     g = p.add_argument_group("KV cache")
     g.add_argument("--kv-context-length", type=int,
-                   help="tokens per sequence for the KV bytes (default: the longest sequence evaluated; needed when "
+                   help="tokens per sequence for the KV bytes (default: the longest input the model reads; needed when "
                         "nothing is evaluated)")
     g.add_argument("--kv-batch-size", type=int, default=1, help="sequences cached at once (default: 1)")
     g.add_argument("--kv-dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="KV-cache element type (default: bf16)")
@@ -95,8 +96,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def _check(args: argparse.Namespace) -> None:
     if args.retrieval and not args.distances:
         raise UserInputError("--retrieval needs --distances (tokens between the needle and the question)")
-    if args.distances and not args.retrieval:
-        raise UserInputError("--distances is for --retrieval: name the tasks (passkey, kv)")
+    for flag, value in (("--distances", args.distances), ("--context-length", args.context_length),
+                        ("--haystack", args.haystack)):
+        if value and not args.retrieval:
+            raise UserInputError(f"{flag} is for --retrieval: name the tasks (passkey, kv), or drop {flag}")
     problem = below_minimum(("--batch-size", args.batch_size, 1), ("--kv-batch-size", args.kv_batch_size, 1),
                             ("--samples-per-distance", args.samples_per_distance, 1), ("--window", args.window, 1),
                             ("--sink-tokens", args.sink_tokens, 0), ("--context-length", args.context_length, 1),
@@ -124,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     from megatron_consa.evaluation.models import CheckpointModels
     from megatron_consa.evaluation.retrieval import RetrievalConfig, make_samples
-    from megatron_consa.evaluation.sequences import load_sequences, text_file_documents
+    from megatron_consa.evaluation.sequences import text_file_documents
     from megatron_consa.evaluation.suite import (
         CHECKPOINT_SPEC,
         EvaluationRequest,
@@ -175,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             "--context-length)")
     with models:
         request = EvaluationRequest(
-            allocations=tuple(allocations), perplexity_sequences=load_sequences(source, tokenizer) if source else None,
+            allocations=tuple(allocations), perplexity_sequences=load_flagged_sequences(source, tokenizer) if source else None,
             retrieval_samples=tuple(samples), kv_context_length=args.kv_context_length,
             kv_batch_size=args.kv_batch_size, kv_dtype=args.kv_dtype, batch_size=args.batch_size,
         )

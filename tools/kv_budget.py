@@ -56,10 +56,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--budget", help="KV-cache memory you have, e.g. 24GiB: prints the target sparsity that fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    problem = below_minimum(("--context-length", args.context_length, 0), ("--batch-size", args.batch_size, 1),
+    problem = below_minimum(("--context-length", args.context_length, 1), ("--batch-size", args.batch_size, 1),
                             ("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0))
     if problem:
         p.error(problem)
+    if args.preset is None and args.target_sparsity is not None:
+        p.error("--target-sparsity is a --preset's target: give --preset (an --allocation file has its own sparsity)")
+    if args.calibration_scores and args.preset != "heuristic":
+        p.error("--calibration-scores are the heuristic's input: give --preset heuristic, or drop the flag")
     return args
 
 

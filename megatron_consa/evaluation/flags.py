@@ -32,7 +32,8 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sequence_arguments(p: argparse.ArgumentParser, *, what: str, seq_length: int, num_sequences: int) -> None:
     g = p.add_argument_group(f"{what} data (one of --text, --data-path, --stdlib-text)")
-    g.add_argument("--text", metavar="FILE", help="a plain-text file (one document) or a .jsonl file (one per line)")
+    g.add_argument("--text", metavar="FILE",
+                   help="a plain-text file (one document), or a .jsonl or .json file: one JSON object per line")
     g.add_argument("--json-key", default="text", help="the JSONL field holding the text (default: text)")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
                    help="indexed dataset prefixes (tools/preprocess_data.py), Megatron-LM's --data-path (blends too)")
@@ -72,12 +73,31 @@ def sequence_source(args: argparse.Namespace) -> Optional[SequenceSource]:
         raise UserInputError(f"{' and '.join(named)}: give one source of sequences")
     if args.text and not Path(args.text).is_file():
         raise UserInputError(f"--text {args.text}: no such file")
+    for flag, value in (("--split", args.split), ("--data-seed", args.data_seed)):
+        if value is not None and not args.data_path:
+            raise UserInputError(f"{flag} {value} is for --data-path (an indexed dataset's split and shuffling): "
+                                 f"drop it with {named[0]}")
     for flag, value in (("--seq-length", args.seq_length), ("--num-sequences", args.num_sequences)):
         if value < 1:
             raise UserInputError(f"{flag} {value}: must be >= 1")
     return SequenceSource(seq_length=args.seq_length, num_sequences=args.num_sequences, text=args.text,
                           json_key=args.json_key, data_path=tuple(args.data_path or ()), split=args.split,
                           data_split=args.data_split, stdlib=args.stdlib_text, seed=args.data_seed)
+
+
+def load_flagged_sequences(source: SequenceSource, tokenizer) -> "torch.Tensor":
+    """`load_sequences(source, tokenizer)`, a damaged --text file's error naming the flag (a `.json` file is read as
+    JSONL, one object per line)."""
+    from megatron_consa.data.indexed import DataError
+    from megatron_consa.evaluation.sequences import load_sequences
+
+    try:
+        return load_sequences(source, tokenizer)
+    except DataError as err:
+        if not source.text:
+            raise
+        hint = " (a .json file is read as JSONL: one JSON object per line)" if source.text.endswith(".json") else ""
+        raise UserInputError(f"--text {source.text}: {err}{hint}") from None
 
 
 def with_training_split(source: Optional[SequenceSource], meta: dict) -> Optional[SequenceSource]:

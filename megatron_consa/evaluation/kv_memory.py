@@ -128,9 +128,16 @@ def parse_bytes(text: str) -> int:
     s = text.strip().lower().replace(" ", "")
     number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = s[len(number):]
-    if unit not in units or not number:
-        raise ValueError(f"cannot read {text!r} as a byte count; write e.g. 24GiB, 1.5GB or 1000000")
-    return int(float(number) * units[unit])
+    hint = "write e.g. 24GiB, 1.5GB or 1000000"
+    try:
+        value = float(number) * units[unit] if number and unit in units else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise ValueError(f"cannot read {text!r} as a byte count; {hint}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a finite, non-negative byte count; {hint}")
+    return int(value)
 
 
 __all__ = [

@@ -124,10 +124,12 @@ class AllocationResult:
 
 
 def kv_context_length(request: EvaluationRequest, samples: Sequence[RetrievalSample]) -> int:
-    """The context the KV bytes are counted at: the request's, else the longest sequence evaluated."""
+    """The context the KV bytes are counted at: the request's, else the longest input the model read (a retrieval
+    sample's prompt and answer but its last token, as a perplexity sequence's: teacher forcing feeds every token
+    but the last)."""
     if request.kv_context_length is not None:
         return request.kv_context_length
-    lengths = [len(s.tokens) for s in samples]
+    lengths = [len(s.tokens) - 1 for s in samples]
     if request.perplexity_sequences is not None:
         lengths.append(request.perplexity_sequences.shape[1] - 1)
     if not lengths:

@@ -276,6 +276,8 @@ def test_calibrate_cli_bad_input_is_one_error_line(capsys, tmp_path):
         (["--stdlib-text", "--save-allocation", str(tmp_path / "a.json")], "--save-allocation needs --target-sparsity"),
         (["--stdlib-text", "--save-allocation", str(tmp_path / "a.json"), "--target-sparsity", "1.5"],
          "--target-sparsity 1.5"),
+        (["--stdlib-text", "--target-sparsity", "0.5"], "--target-sparsity is the budget of --save-allocation"),
+        (["--stdlib-text", "--split", "1,0,0"], "--split 1,0,0 is for --data-path"),
     ]
     for extra, message in cases:
         assert run_tool(tool.main, ["--load", str(DEMO), "--output", str(tmp_path / "s.json")] + extra) == 2

@@ -386,6 +386,11 @@ def test_cli_retrieval_buckets_and_the_checkpoints_own_allocation(tmp_path, sing
     (["--retrieval", "passkey", "--distances", "64", "--haystack", "missing.txt"], "--haystack"),
     (["--batch-size", "0"], "--batch-size"),
     (["--kv-context-length", "-1"], "--kv-context-length"),
+    # flags that would be ignored
+    (["--stdlib-text", "--split", "1,0,0"], "--split 1,0,0 is for --data-path"),
+    (["--stdlib-text", "--data-seed", "3"], "--data-seed 3 is for --data-path"),
+    (["--context-length", "300"], "--context-length is for --retrieval"),
+    (["--haystack", "x.txt"], "--haystack is for --retrieval"),
 ])
 def test_cli_bad_input_is_one_error_line(argv, flag, capsys, single_rank_mcore):
     assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--no-progress", "--kv-context-length", "64"] + argv) == 2
@@ -484,3 +489,32 @@ def test_a_jsonl_without_the_field_names_the_tools_flag(tmp_path):
     assert list(text_file_documents(path, json_key="content")) == ["a document"]
     with pytest.raises(DataError, match=r"\(choose it with --json-keys\)"):
         list(iter_jsonl_texts([path]))
+
+
+def test_the_kv_context_is_the_longest_input_the_model_reads():
+    """The KV bytes' default context: teacher forcing feeds a retrieval sample's prompt and answer but its last
+    token, as a perplexity sequence of seq_length + 1 tokens feeds seq_length: no cache ever holds the last token."""
+    import torch
+
+    from megatron_consa.evaluation.retrieval import RetrievalSample
+    from megatron_consa.evaluation.suite import EvaluationRequest, kv_context_length
+
+    sample = RetrievalSample(task="passkey", tokens=list(range(12)), prompt_length=10, answer=[10, 11],
+                             value_span=(3, 5), requested_distance=5)
+    assert kv_context_length(EvaluationRequest(allocations=()), [sample]) == 11
+    with_ppl = EvaluationRequest(allocations=(), perplexity_sequences=torch.zeros(2, 17, dtype=torch.long))
+    assert kv_context_length(with_ppl, [sample]) == 16 and kv_context_length(with_ppl, []) == 16
+    assert kv_context_length(EvaluationRequest(allocations=(), kv_context_length=5), [sample]) == 5
+
+
+def test_a_damaged_text_file_is_named_by_its_flag(tmp_path, capsys, single_rank_mcore):
+    """--text FILE.json pretty-printed (a .json file is read as JSONL): the error names --text and says how it is
+    read, one line, exit 2, nothing written."""
+    bad = tmp_path / "docs.json"
+    bad.write_text(json.dumps([{"text": "one"}, {"text": "two"}], indent=2))
+    out = tmp_path / "eval.json"
+    assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--no-progress", "--text", str(bad), "--seq-length", "16",
+                                    "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --text {bad}: ") and "one JSON object per line" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

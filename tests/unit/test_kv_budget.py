@@ -68,6 +68,9 @@ def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("1.5 GB") == 1_500_000_000 and parse_bytes("77") == 77
     with pytest.raises(ValueError, match="byte count"):
         parse_bytes("lots")
+    for text in ("1e400", "-5GB", "1e400KiB"):  # (a ValueError the tool reports on its flag, no traceback)
+        with pytest.raises(ValueError, match="not a finite, non-negative byte count"):
+            parse_bytes(text)
 
 
 def test_cli_reports_formula_values(tmp_path, capsys):
@@ -121,7 +124,7 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     assert "model_type='gpt2' is not supported" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps(_qwen3_config()))
     for flag, value, least in (("--window", "0", 1), ("--window", "-50", 1), ("--sink-tokens", "-1", 0),
-                               ("--batch-size", "0", 1), ("--context-length", "-5", 0)):
+                               ("--batch-size", "0", 1), ("--context-length", "0", 1)):
         argv = ["--hf-config", str(tmp_path), "--context-length", "10", "--budget", "1KiB", "--window", "8", flag, value]
         with pytest.raises(SystemExit) as exit:
             tool.main(argv)
@@ -209,6 +212,17 @@ def test_cli_errors_name_the_flag_not_the_field(tmp_path, capsys):
     assert "--target-sparsity 0.5 with --preset all_fa: that preset's sparsity is 0" in _one_error_line(capsys)
     assert run_tool(tool.main, base + ["--preset", "all_fa", "--window", "8"]) == 0
     capsys.readouterr()
+    # flags that would be ignored are refused, and an empty context (0 bytes: no ratio to all-FA) too
+    for extra, said in ((["--target-sparsity", "0.5"], "--target-sparsity is a --preset's target"),
+                        (["--preset", "uniform_heads", "--window", "8", "--target-sparsity", "0.5",
+                          "--calibration-scores", str(tmp_path / "s.json")], "--calibration-scores are the heuristic's"),
+                        (["--context-length", "0", "--preset", "uniform_heads", "--window", "8", "--target-sparsity",
+                          "0.5"], "--context-length")):
+        with pytest.raises(SystemExit) as exit_:
+            run_tool(tool.main, base + extra)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err, extra
+    assert run_tool(tool.main, base + ["--budget", "1e400", "--window", "8"]) == 2
+    assert "--budget 1e400" in _one_error_line(capsys)
     other = tmp_path / "other.json"
     make_preset("all_fa", num_layers=L - 1, num_kv_heads=G, granularity="layer", target_sparsity=None,
                 window=8).save(other)
