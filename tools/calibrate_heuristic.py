@@ -77,8 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.save_allocation and args.target_sparsity is None:
         raise UserInputError("--save-allocation needs --target-sparsity (the allocation's budget)")
     if args.target_sparsity is not None and not args.save_allocation:
-        raise UserInputError("--target-sparsity is the budget of --save-allocation's allocation: give --save-allocation "
-                             "FILE, or drop it (the scores file serves every budget)")
+        raise UserInputError("--target-sparsity is the budget of --save-allocation's allocation: give "
+                             "--save-allocation FILE, or drop it (the scores file serves every budget)")
     problem = below_minimum(("--window", args.window, 1), ("--sink-tokens", args.sink_tokens, 0),
                             ("--batch-size", args.batch_size, 1))
     if problem:

@@ -215,7 +215,8 @@ def test_cli_errors_name_the_flag_not_the_field(tmp_path, capsys):
     # flags that would be ignored are refused, and an empty context (0 bytes: no ratio to all-FA) too
     for extra, said in ((["--target-sparsity", "0.5"], "--target-sparsity is a --preset's target"),
                         (["--preset", "uniform_heads", "--window", "8", "--target-sparsity", "0.5",
-                          "--calibration-scores", str(tmp_path / "s.json")], "--calibration-scores are the heuristic's"),
+                          "--calibration-scores", str(tmp_path / "s.json")],
+                         "--calibration-scores are the heuristic's"),
                         (["--context-length", "0", "--preset", "uniform_heads", "--window", "8", "--target-sparsity",
                           "0.5"], "--context-length")):
         with pytest.raises(SystemExit) as exit_:
