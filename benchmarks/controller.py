@@ -173,7 +173,8 @@ def main(argv=None) -> int:
         text.append("| controller | granularity | target | settled by it. | tail gap | finalize | final loss |")
         text.append("|---|---|---:|---:|---:|---|---:|")
         for r in trainer:
-            text.append(f"| {r['controller']} | {r['granularity']} | {r['target']} | {'never' if r['settled_by'] is None else r['settled_by']} | "
+            settled = "never" if r["settled_by"] is None else r["settled_by"]
+            text.append(f"| {r['controller']} | {r['granularity']} | {r['target']} | {settled} | "
                         f"{r['tail_gap']:.4f} | {'accepts' if r['finalize_ok'] else 'refuses'} | {r['final_loss']:.3f} |")
     report = "\n\n".join(text) if not trainer else "\n\n".join(text[:2]) + "\n" + "\n".join(text[2:])
     print(report)
