@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from megatron_consa.cli import UserInputError
+from megatron_consa.cli import UserInputError, flag_error
 from megatron_consa.evaluation.sequences import DEFAULT_DATA_SEED, DEFAULT_SPLIT, SPLITS, SequenceSource
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def load_flagged_sequences(source: SequenceSource, tokenizer) -> "torch.Tensor":
         if not source.text:
             raise
         hint = " (a .json file is read as JSONL: one JSON object per line)" if source.text.endswith(".json") else ""
-        raise UserInputError(f"--text {source.text}: {err}{hint}") from None
+        raise flag_error("--text", source.text, f"{err}{hint}") from None
 
 
 def with_training_split(source: Optional[SequenceSource], meta: dict) -> Optional[SequenceSource]:

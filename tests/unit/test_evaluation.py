@@ -516,5 +516,6 @@ def test_a_damaged_text_file_is_named_by_its_flag(tmp_path, capsys, single_rank_
     assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--no-progress", "--text", str(bad), "--seq-length", "16",
                                     "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --text {bad}: ") and "one JSON object per line" in err, err
+    assert err.startswith(f"error: --text {bad}") and "one JSON object per line" in err, err
+    assert err.count(str(bad)) == 1, err  # the path once: the flag's value, not repeated by the message
     assert len(err.strip().splitlines()) == 1 and not out.exists()
