@@ -50,7 +50,7 @@ class EodMaskedData:
 
 
 def consa_config(granularity: str = "kv_head") -> ConsaConfig:
-    # Fast-moving gates and multipliers so 10 iterations exercise the constraint.
+    # Fast-moving gates and multipliers so 8 iterations exercise the constraint.
     return ConsaConfig(
         window=8,
         target_sparsity=0.5,
@@ -64,7 +64,7 @@ def consa_config(granularity: str = "kv_head") -> ConsaConfig:
 
 def training_config(**kw) -> TrainingConfig:
     base = dict(
-        train_iters=10,
+        train_iters=8,
         micro_batch_size=1,
         global_batch_size=8,
         seq_length=32,
@@ -184,7 +184,7 @@ class _captured_log:
 
 
 def layouts(
-    *, out_dir: str, names: list[str], iters: int = 10, resume_from: str = "tp2pp2", resume_at: int = 5,
+    *, out_dir: str, names: list[str], iters: int = 8, resume_from: str = "tp2pp2", resume_at: int = 5,
     resume_into: tuple[str, ...] = ("tp1pp1", "pp2"), granularity: str = "kv_head",
     self_resumes: tuple[str, ...] = (),
 ) -> dict:

@@ -1,6 +1,6 @@
 """One ConSA run at every parallel layout, on 4 spawned gloo ranks, against TP1PP1.
 
-A single launch trains the same 10 iterations (same initial checkpoint, same
+A single launch trains the same 8 iterations (same initial checkpoint, same
 data, same gate noise) at TP1PP1, TP2, PP2, interleaved PP2, TP2xPP2, TP2+SP,
 TP2 with the distributed optimizer (its parameter all-gather also overlapped with the
 forward, there and at interleaved PP2), PP2 with full recomputation and TP2 with
@@ -27,7 +27,7 @@ from megatron_consa.training.data import micro_batches
 
 REFERENCE = "tp1pp1"
 COMPARED = [name for name in LAYOUTS if name != REFERENCE]
-ITERS, RESUME_AT = 10, 5
+ITERS, RESUME_AT = 8, 5
 SELF_RESUMES = ("pp2_vpp2", "pp2_vpp2_bf16")  # the interleaved pipeline's chunks once hid each other's optimizer state
 
 
@@ -98,7 +98,7 @@ def test_timers_report_every_rank_in_a_pipeline(launched):
     the step's timers on every rank, a pipeline receive of activations only on the ranks of the
     second stage, and no timer longer than the whole forward-backward but the optimizer's."""
     reports = launched[0]["timer_reports"]["pp2"]
-    assert len(reports) == 2  # the log lines of iterations 1 (the first) and 10 (--log-interval 10)
+    assert len(reports) == 2  # the log lines of iterations 1 (the first) and 8 (the last; --log-interval 10)
     second_stage = {r["rank"] for r in launched if r["stages"]["pp2"] == 1}
     assert len(second_stage) == 2
     for report in reports:
@@ -118,7 +118,7 @@ def test_layout_follows_the_tp1pp1_trajectory(launched, layout):
     _assert_same_trajectory(runs[layout], runs[REFERENCE], layout)
     # the run really moved: gates learned, multipliers acted
     first, last = runs[REFERENCE][0], runs[REFERENCE][-1]
-    assert last["log_alpha"].abs().max() > 0.02  # init_log_alpha is 0
+    assert last["log_alpha"].abs().max() > 1e-3  # init_log_alpha is 0; 1000x the trajectories' tolerance
     assert abs(last["lambda1"]) > 0.1 and last["s_hat"] != first["s_hat"]
 
 
@@ -213,7 +213,7 @@ def test_consistency_guard_names_the_rank_that_differs(launched):
 
 def test_weight_hash_check_names_the_replica_that_differs(launched):
     """--check-weight-hash-across-dp-replicas-interval (every layout above checked its replicas at
-    iterations 5 and 10 and found them alike): rank 2's nudged weight differs from its data-parallel
+    iteration 5 and found them alike): rank 2's nudged weight differs from its data-parallel
     replica 0 (rank 0), and every rank stops with the same message."""
     errors = {r["rank"]: r["guard_error"][1] for r in launched}
     assert all(e is not None for e in errors.values()), errors
