@@ -287,6 +287,16 @@ def _check_megatron_compat(a: argparse.Namespace) -> None:
             )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except a `--no-X` switch's: its stored default (X on: True) would read as
+    the switch being on by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse._StoreFalseAction):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_consa.train",
@@ -296,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
             "tools/finalize_allocation.py, then `fixed` (continued training with the allocation fixed). "
             "Launch with torchrun: torchrun --nproc-per-node N -m megatron_consa.train ..."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("model (or --hf-config)")
     g.add_argument("--hf-config", help="a Hugging Face config.json (or its directory) describing the model")

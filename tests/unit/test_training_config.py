@@ -1241,3 +1241,24 @@ def test_learn_phase_flags_in_the_fixed_phase_are_named_as_ignored(caplog):
     assert "ignored" not in caplog.text and (run.consa.gate_lr, run.consa.noise_seed) == (0.5, 7)
     with pytest.raises(ConsaConfigError, match="init_log_alpha"):  # the learn phase checks what it uses
         parse_run_config(base + learn_flags)
+
+
+def test_help_gives_no_default_for_a_switch_that_turns_something_off():
+    """`--no-X` stores False into a setting that is on (True) by default: --help must not read "(default: True)"
+    beside it, while an option's own default stays shown (--ckpt-fully-parallel-save is on by default)."""
+    import argparse
+
+    from megatron_consa.training.arguments import build_parser
+
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    shown = {a.option_strings[0]: formatter._expand_help(a) for a in parser._actions if a.option_strings and a.help}
+    switches = {a.option_strings[0] for a in parser._actions if isinstance(a, argparse._StoreFalseAction)}
+    assert switches >= {"--no-manual-gc-eval", "--no-check-for-nan-in-loss-and-grad", "--no-barrier-with-level-1-timing",
+                        "--no-mmap-bin-files", "--no-ckpt-fully-parallel-save"}
+    for flag in switches:
+        assert "(default:" not in shown[flag], (flag, shown[flag])
+    assert shown["--ckpt-fully-parallel-save"].endswith("(default: True)")
+    assert shown["--micro-batch-size"].endswith("(default: 1)")
+    help_text = " ".join(parser.format_help().split())  # (argparse wraps lines)
+    assert " ".join(shown["--no-check-for-nan-in-loss-and-grad"].split()) in help_text
