@@ -24,13 +24,14 @@ Sequences of a batch must have the same length (no padding): a padded
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -65,10 +66,6 @@ def _layer_setting(module: torch.nn.Module) -> tuple[tuple[int, ...], int, int]:
         allocation = config_allocation(config)
         setting = (tuple(allocation.fa[module.layer_idx]), allocation.window, allocation.sink_tokens)
         module._consa_layer = setting
-        if getattr(config, CONSA_HF_CONFIG_KEY, None) is not None and "attn_implementation" not in vars(config):
-            # transformers does not save the attention a model was loaded with; keep the name in
-            # the config so that `save_pretrained` writes it back and stock transformers still refuses.
-            config.attn_implementation = CONSA_ATTENTION_IN_CONFIG
     return setting
 
 
@@ -287,12 +284,61 @@ def generate_hf(
     return tokens, cache
 
 
+def _needs_consa(config: Any) -> bool:
+    """Whether a config's allocation runs only under the consa attention (an export's `consa` field: a head-wise
+    mix or sinks; its stock fields then say all FA)."""
+    return getattr(config, CONSA_HF_CONFIG_KEY, None) is not None
+
+
+def _guard_transformers() -> None:
+    """Keep an export that needs the consa attention from running under another one, and from losing the name.
+
+    - transformers' check of a model's attention implementation (at `__init__`, so in `from_pretrained`, and in
+      `set_attn_implementation`) refuses any other for such a config: `from_pretrained(export,
+      attn_implementation="sdpa")` would otherwise run every head with full attention, silently.
+    - A config's `to_dict` (what `save_pretrained` writes, the model's and the config's alone) names the consa
+      attention for such a config: transformers keeps the name it loaded with apart and does not write it back,
+      and a copy without it would load in stock transformers as all FA.
+    """
+    check = PreTrainedModel._check_and_adjust_attn_implementation
+    if getattr(check, "__consa_guard__", False):
+        return
+
+    @functools.wraps(check)
+    def checked(self, attn_implementation, *args, **kwargs):
+        chosen = check(self, attn_implementation, *args, **kwargs)
+        if _needs_consa(self.config) and chosen not in (CONSA_ATTENTION, CONSA_ATTENTION_IN_CONFIG):
+            raise ValueError(
+                f"attn_implementation={chosen!r}: this model's allocation (its config's {CONSA_HF_CONFIG_KEY!r} "
+                "field: SWA heads beside FA heads in a layer, or sink tokens) runs only with the consa attention; "
+                f'any other would run every head with full attention. Load it with attn_implementation="{CONSA_ATTENTION}" '
+                "(or none: its config.json names it), after import megatron_consa"
+            )
+        return chosen
+
+    checked.__consa_guard__ = True
+    PreTrainedModel._check_and_adjust_attn_implementation = checked
+
+    to_dict = PreTrainedConfig.to_dict
+
+    @functools.wraps(to_dict)
+    def to_dict_naming_the_attention(self) -> dict[str, Any]:
+        out = to_dict(self)
+        if _needs_consa(self):
+            out["attn_implementation"] = CONSA_ATTENTION_IN_CONFIG
+        return out
+
+    PreTrainedConfig.to_dict = to_dict_naming_the_attention
+
+
 def register() -> None:
     """Register the consa attention (and its mask function) with transformers, under
-    `CONSA_ATTENTION` and under the name exports write into config.json."""
+    `CONSA_ATTENTION` and under the name exports write into config.json; guard the exports
+    that need it (`_guard_transformers`)."""
     for name in (CONSA_ATTENTION, CONSA_ATTENTION_IN_CONFIG):
         AttentionInterface.register(name, consa_attention)
         AttentionMaskInterface.register(name, consa_attention_mask)
+    _guard_transformers()
 
 
 register()  # importing this module registers (see megatron_consa.inference.hf_hook)

@@ -404,17 +404,25 @@ def test_head_wise_export_runs_with_the_consa_attention(converted, head_wise_exp
 
 def test_head_wise_export_without_the_package_fails_loudly(converted, head_wise_exports, tmp_path):
     """Stock transformers, in a fresh process that has not imported megatron_consa, refuses the export,
-    and so it does after the model was loaded with the package and saved again by transformers. Importing
-    the package afterwards (transformers already loaded) registers the attention at once."""
+    and so it does after the model was loaded with the package and saved again by transformers (after a
+    forward, before any, or its config alone). Importing the package afterwards (transformers already
+    loaded) registers the attention at once."""
+    import shutil
     import subprocess
 
     from megatron_consa.conversion.windows import CONSA_ATTENTION_IN_CONFIG
 
     back, _ = head_wise_exports["qwen3"]
     model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "resaved-unrun")
     with torch.no_grad():
         model(tokens()[:, :4])
     model.save_pretrained(tmp_path / "resaved")
+    shutil.copytree(back, tmp_path / "config-resaved")
+    transformers.AutoConfig.from_pretrained(back).save_pretrained(tmp_path / "config-resaved")
+    for copy in ("resaved-unrun", "resaved", "config-resaved"):
+        assert json.loads((tmp_path / copy / "config.json").read_text())["attn_implementation"] == \
+            CONSA_ATTENTION_IN_CONFIG, copy
     script = (
         "import json, sys\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -431,7 +439,8 @@ def test_head_wise_export_without_the_package_fails_loudly(converted, head_wise_
         "print(json.dumps(AutoModelForCausalLM.from_pretrained(sys.argv[1]).config._attn_implementation))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", script, str(back), str(tmp_path / "resaved")], capture_output=True,
+    copies = [str(tmp_path / copy) for copy in ("resaved", "resaved-unrun", "config-resaved")]
+    run = subprocess.run([sys.executable, "-c", script, str(back), *copies], capture_output=True,
                          text=True, cwd=tmp_path, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     errors = json.loads(run.stdout.strip().splitlines()[-2])
@@ -439,6 +448,23 @@ def test_head_wise_export_without_the_package_fails_loudly(converted, head_wise_
         assert error is not None and "import megatron_consa" in error, errors
     loaded_with = json.loads(run.stdout.strip().splitlines()[-1])  # loaded once the package is imported
     assert loaded_with == CONSA_ATTENTION_IN_CONFIG
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_head_wise_export_refuses_another_attention(converted, head_wise_exports, implementation):
+    """Asked for another attention (from_pretrained's argument, or set_attn_implementation), a head-wise export is
+    refused: its stock fields say all FA, so any other attention would drop its windows silently. A layer-wise
+    export, which stock attention runs, still loads with it."""
+    back, _ = head_wise_exports["qwen3"]
+    with pytest.raises(ValueError, match=rf"attn_implementation='{implementation}'.*runs only with the consa attention"):
+        transformers.AutoModelForCausalLM.from_pretrained(back, attn_implementation=implementation)
+    model = transformers.AutoModelForCausalLM.from_pretrained(back)
+    with pytest.raises(ValueError, match="runs only with the consa attention"):
+        model.set_attn_implementation(implementation)
+    config = transformers.AutoConfig.from_pretrained(back)
+    del config.consa  # (the same model, all FA: nothing to guard)
+    plain = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    assert plain.config._attn_implementation == implementation
 
 
 def test_head_wise_export_imports_back(converted, head_wise_exports, tmp_path):
