@@ -66,9 +66,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
     p.add_argument("--max-new-tokens", type=_POSITIVE, default=64, help="tokens to generate at most (default 64; both back ends stop at the generation_config.json's EOS ids and the tokenizer's EOS)")
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0: greedy (default); > 0: sample")
-    p.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=_PROBABILITY, default=1.0, help="nucleus sampling mass (1: all)")
-    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed (0 .. 2**63 - 1)")
+    p.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="with --temperature > 0: sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_PROBABILITY, default=1.0, help="with --temperature > 0: nucleus sampling mass (1: all)")
+    p.add_argument("--seed", type=_SEED, default=0, help="with --temperature > 0: sampling seed (0 .. 2**63 - 1)")
     p.add_argument("--prefill-chunk", type=_POSITIVE, help="with --load: prefill the prompt in chunks of this many tokens")
     p.add_argument("--kv-report", action="store_true", help="also print the KV-cache bytes held and allocated, and all FA's at the same length")
     return p.parse_args(argv)
@@ -106,6 +106,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tokenizer = tokenizer_from_path(args.tokenizer) if args.tokenizer else None
     if args.tokenizer and tokenizer is None:
         raise UserInputError(f"--tokenizer {args.tokenizer}: no sentencepiece model or Hugging Face tokenizer there")
+    if args.temperature == 0:
+        for flag, value, default in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0), ("--seed", args.seed, 0)):
+            if value != default:
+                raise UserInputError(f"{flag} {value} is for sampling: give --temperature > 0 as well "
+                                     "(0, the default, decodes greedily)")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     if args.load:

@@ -31,14 +31,18 @@ from megatron_consa.inference.sampling import SamplingConfig, next_token
 class GenerationResult:
     tokens: Tensor
     """Prompt and generated tokens, ``[b, n + new]``."""
-    logits: Tensor
-    """The logits each generated token was chosen from, ``[b, new, vocab]`` (float32)."""
     cache: HybridKVCache
     """The cache after the last step (it holds every token but the last generated one)."""
+    prompt_length: int
+    """n: the prompt's tokens at the start of `tokens`."""
+    logits: Optional[Tensor] = None
+    """With `generate(..., return_logits=True)`: the logits each generated token was chosen from,
+    ``[b, new, vocab]`` (float32); None otherwise (they would outgrow the all-FA KV cache: 4 bytes per
+    vocabulary entry per token)."""
 
     @property
     def new_tokens(self) -> Tensor:
-        return self.tokens[:, self.tokens.size(1) - self.logits.size(1) :]
+        return self.tokens[:, self.prompt_length :]
 
 
 class CachedCoreAttention(torch.nn.Module):
@@ -118,8 +122,25 @@ def _offset_rope(rotary: torch.nn.Module, cache: HybridKVCache, max_seq_len: int
     return type(rotary).forward(rotary, max_seq_len, offset + cache.seq_length, **kwargs)
 
 
+@contextlib.contextmanager
+def _last_position_logits(model: torch.nn.Module) -> Iterator[None]:
+    """While inside, the model computes the logits of each sequence's last position only (``[b, 1, vocab]``):
+    its output layer gets the last hidden state (megatron-core's ``[s, b, h]``), not a prompt's worth of
+    vocabulary-wide rows (a 32k-token prompt at a 152k vocabulary: 19.9 GB of float32 logits)."""
+
+    def last_only(module, args, kwargs):
+        return (args[0][-1:], *args[1:]), kwargs
+
+    handle = model.output_layer.register_forward_pre_hook(last_only, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _forward(model: torch.nn.Module, tokens: Tensor, start: int) -> Tensor:
-    """Logits ``[b, m, vocab]`` of tokens at positions ``start ..`` (the model reads the rest from the cache)."""
+    """Logits ``[b, m, vocab]`` of tokens at positions ``start ..`` (the model reads the rest from the cache);
+    under `_last_position_logits`, ``[b, 1, vocab]``: the last position's."""
     positions = torch.arange(start, start + tokens.size(1), device=tokens.device).expand_as(tokens)
     return model(tokens, positions, attention_mask=None)
 
@@ -133,6 +154,7 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     prefill_chunk: Optional[int] = None,
     eos_token_id: Union[int, Sequence[int], None] = None,
+    return_logits: bool = False,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt` (``[b, n]`` token ids) with the hybrid KV cache.
 
@@ -140,7 +162,7 @@ def generate(
     None); each new token is one forward of one token. Sampling draws from a
     generator seeded with `sampling.seed`. A sequence that emits an `eos_token_id` (one id, or
     several as in a generation config) continues with the first; generation stops when every
-    sequence has.
+    sequence has. With `return_logits`, the result keeps the logits each new token was chosen from.
     """
     if prompt.dim() != 2 or prompt.size(1) < 1:
         raise ValueError(f"prompt must be [batch, tokens] with at least one token, got shape {tuple(prompt.shape)}")
@@ -151,34 +173,36 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_id)
+        return _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_id, return_logits)
     finally:
         model.train(was_training)  # a generation mid-training (samples at an eval step) leaves it as it was
 
 
-def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_id) -> GenerationResult:
+def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_id, return_logits) -> GenerationResult:
     n = prompt.size(1)
     cache = cache_for_model(model, max_length=n + max_new_tokens)
     generator = sampling.generator(prompt.device)
     tokens, step_logits = prompt, []
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
     eos = torch.tensor(id_list(eos_token_id), dtype=prompt.dtype, device=prompt.device)
-    with kv_cache_attached(model, cache):
+    with kv_cache_attached(model, cache), _last_position_logits(model):
         chunk = prefill_chunk or n
         for start in range(0, n, chunk):
             logits = _forward(model, prompt[:, start : start + chunk], start)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             last = logits[:, -1].float()
             token = next_token(last, sampling, generator)
             if eos.numel():
                 token = torch.where(done, eos[0], token)
                 done |= torch.isin(token, eos)
             tokens = torch.cat([tokens, token[:, None]], dim=1)
-            step_logits.append(last)
-            if len(step_logits) == max_new_tokens or bool(done.all()):
+            if return_logits:
+                step_logits.append(last)
+            if step + 1 == max_new_tokens or bool(done.all()):
                 break
             logits = _forward(model, token[:, None], tokens.size(1) - 1)
-    return GenerationResult(tokens=tokens, logits=torch.stack(step_logits, dim=1), cache=cache)
+    return GenerationResult(tokens=tokens, cache=cache, prompt_length=n,
+                            logits=torch.stack(step_logits, dim=1) if return_logits else None)
 
 
 __all__ = ["CachedCoreAttention", "GenerationResult", "cache_for_model", "generate", "kv_cache_attached"]

@@ -5,7 +5,8 @@ as transformers' modeling code is imported, see `hf_hook`)::
 
     model = AutoModelForCausalLM.from_pretrained(export_dir)          # config.json names the attention
     model = AutoModelForCausalLM.from_pretrained(export_dir, attn_implementation="consa")  # the same, by its short name
-    out = model.generate(ids, past_key_values=HybridCache.for_model(model), max_new_tokens=64)
+    cache = HybridCache.for_model(model, max_length=ids.size(1) + 64)    # without it the FA buffers grow by doubling
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
 
 `consa_attention` runs each layer's allocation row (FA heads see every earlier
 token, SWA heads the window plus the sinks) for the Qwen3, Qwen2, Llama and
@@ -246,6 +247,12 @@ class HybridCache(Cache):
         return self.kv.nbytes
 
 
+TRANSFORMERS_MIN_TEMPERATURE = 1e-20
+"""Below it `generate_hf` decodes greedily: transformers divides float32 logits by the temperature, which
+overflows to inf (then NaN probabilities) from about 1e-36 on, and sampling there is the argmax anyway (a
+logit 1e-6 below the best is e^-(1e14) as likely); `next_token` computes such temperatures in float64."""
+
+
 @torch.no_grad()
 def generate_hf(
     model: Any, prompt: Tensor, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
@@ -254,8 +261,9 @@ def generate_hf(
     """transformers' `generate` with a `HybridCache`: ``([b, n + new] tokens, the cache)``.
 
     Sampling is transformers' own (temperature, top-k, top-p), seeded by
-    `torch.manual_seed(sampling.seed)`; it draws other numbers than
-    `megatron_consa.inference.generate` does for the same seed. It stops at the
+    `torch.manual_seed(sampling.seed)` (the caller's global generator is restored after); it draws
+    other numbers than `megatron_consa.inference.generate` does for the same seed (a temperature
+    below `TRANSFORMERS_MIN_TEMPERATURE` decodes greedily). It stops at the
     generation config's EOS ids and at `eos_token_id`'s (an id or a list). Of the
     model's generation config only the special ids count: its sampling settings and
     penalties (`repetition_penalty`, `no_repeat_ngram_size`, ...), which `generate`
@@ -266,19 +274,21 @@ def generate_hf(
     cache = HybridCache.for_model(model, max_length=prompt.size(1) + max_new_tokens)
     own_config = getattr(model, "generation_config", None)
     ids = {key: getattr(own_config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
+    sample = sampling.temperature >= TRANSFORMERS_MIN_TEMPERATURE
+    kwargs: dict[str, Any] = {"do_sample": sample}
     extra = id_list(eos_token_id)
     if extra:  # besides the generation config's own (a chat model may list several)
         own = id_list(ids["eos_token_id"])
         kwargs["eos_token_id"] = own + [i for i in extra if i not in own]
-    if not sampling.greedy:
+    if sample:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-        torch.manual_seed(sampling.seed)
     # (generate fills what it is not given from model.generation_config: swapped for one of the ids only)
     model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
     try:
-        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
-                                max_new_tokens=max_new_tokens, **kwargs)
+        with torch.random.fork_rng(devices=[prompt.device] if prompt.device.type == "cuda" else []):
+            torch.manual_seed(sampling.seed)
+            tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                                    max_new_tokens=max_new_tokens, **kwargs)
     finally:
         model.generation_config = own_config
     return tokens, cache
@@ -344,6 +354,6 @@ def register() -> None:
 register()  # importing this module registers (see megatron_consa.inference.hf_hook)
 
 __all__ = [
-    "HybridCache", "HybridCacheLayer", "config_allocation", "consa_attention", "consa_attention_mask", "generate_hf",
+    "TRANSFORMERS_MIN_TEMPERATURE", "HybridCache", "HybridCacheLayer", "config_allocation", "consa_attention", "consa_attention_mask", "generate_hf",
     "register",
 ]

@@ -179,7 +179,8 @@ def test_megatron_generation_with_the_cache_equals_recomputing_the_prefix(single
         ref_tokens, ref_logits = _recompute(model, prompt, sampling)
         for chunk in (None, 5):
             model.train(chunk is None)  # generating leaves the model in the mode it was in
-            result = generate(model, prompt, max_new_tokens=NEW, sampling=sampling, prefill_chunk=chunk)
+            result = generate(model, prompt, max_new_tokens=NEW, sampling=sampling, prefill_chunk=chunk,
+                              return_logits=True)
             assert model.training == (chunk is None)
             model.eval()
             assert torch.equal(result.tokens, ref_tokens), (sampling, chunk)
@@ -192,6 +193,27 @@ def test_megatron_generation_with_the_cache_equals_recomputing_the_prefix(single
     # the window matters at this length: the same weights with every head FA give other logits
     all_fa = _megatron_model(None, weights=model.state_dict())
     assert (_recompute(all_fa, prompt, SamplingConfig())[1] - greedy_logits).abs().max() > 1e-2
+
+
+def test_megatron_generation_computes_the_last_positions_logits_only(single_rank_mcore):
+    """The output layer sees one position per forward, the prefill's included (a long prompt's vocabulary-wide
+    logits are never made), and the logits are kept only when asked for: the same tokens either way."""
+    from megatron_consa.inference.generate import generate
+
+    model = _megatron_model(_allocation(0))
+    prompt = _prompt()
+    positions_seen = []
+    handle = model.output_layer.register_forward_hook(lambda m, args, out: positions_seen.append(args[0].size(0)))
+    try:
+        plain = generate(model, prompt, max_new_tokens=NEW, sampling=SAMPLED)
+    finally:
+        handle.remove()
+    assert positions_seen == [1] * NEW  # the prefill, then one forward per new token but the last
+    kept = generate(model, prompt, max_new_tokens=NEW, sampling=SAMPLED, return_logits=True)
+    assert plain.logits is None and kept.logits.shape == (prompt.size(0), NEW, VOCAB)
+    assert torch.equal(plain.tokens, kept.tokens) and torch.equal(plain.new_tokens, kept.tokens[:, PROMPT_LEN:])
+    assert plain.new_tokens.shape == (prompt.size(0), NEW)
+    assert model(prompt, torch.arange(PROMPT_LEN)[None], attention_mask=None).size(1) == PROMPT_LEN  # hook removed
 
 
 def test_megatron_generation_refuses_a_learning_mode_model(single_rank_mcore):
@@ -352,6 +374,26 @@ def test_generate_cli_prints_the_same_text_from_the_checkpoint_and_its_export(ge
     assert texts[0] == texts[1] and len(texts[0].split()) == NEW, texts
 
 
+def test_a_temperature_below_float32s_range_decodes_greedily_on_both_back_ends(generation_dirs, capsys):
+    """--temperature 1e-40 (transformers' float32 division would give inf, then NaN probabilities) prints the
+    greedy text from the export as from the checkpoint; sampling leaves the caller's global generator as it was."""
+    ckpt, export, allocation = generation_dirs
+    tool = _tool("generate")
+    prompt = " ".join(f"w{i}" for i in _prompt(1)[0].tolist())
+    texts = []
+    for source, temperature in ((["--hf-path", str(export)], []), (["--hf-path", str(export)], ["--temperature", "1e-40"]),
+                                (["--load", str(ckpt), "--allocation", str(allocation)], ["--temperature", "1e-40"])):
+        state = torch.random.get_rng_state()
+        assert run_tool(tool.main, [*source, "--prompt", prompt, "--max-new-tokens", str(NEW), *temperature]) == 0
+        assert torch.equal(torch.random.get_rng_state(), state), source
+        texts.append(capsys.readouterr().out.strip().splitlines()[0])
+    assert texts[0] == texts[1] == texts[2], texts
+    state = torch.random.get_rng_state()  # sampled through transformers, seeded by --seed
+    assert run_tool(tool.main, ["--hf-path", str(export), "--prompt", prompt, "--max-new-tokens", str(NEW),
+                                "--temperature", "0.9", "--seed", "5"]) == 0
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_generate_cli_leaves_a_generation_configs_sampling_and_penalties_out(generation_dirs, tmp_path, capsys):
     """A chat model's generation_config.json also sets sampling and penalties (Qwen2.5-Instruct:
     repetition_penalty 1.05, do_sample, temperature, top_k, top_p). transformers' generate would apply
@@ -496,6 +538,9 @@ def test_generate_cli_refuses_bad_input(generation_dirs, tmp_path, capsys):
         (["--load", str(tmp_path / "missing"), "--prompt-ids", "1"], "no such directory"),
         (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(tmp_path)], f"--tokenizer {tmp_path}: no sentencepiece"),
         (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(readme)], "not a sentencepiece model"),
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--top-k", "5"], "--top-k 5 is for sampling: give --temperature > 0"),
+        (["--hf-path", str(export), "--prompt-ids", "1", "--top-p", "0.9"], "--top-p 0.9 is for sampling: give --temperature"),
+        (["--load", str(ckpt), "--prompt-ids", "1,2", "--seed", "3"], "--seed 3 is for sampling: give --temperature > 0"),
     ]
     for argv, message in cases:
         assert _exit_status(tool, argv) == 2, argv

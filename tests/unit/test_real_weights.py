@@ -145,7 +145,7 @@ def test_hybrid_cache_generation_equals_recomputing_the_prefix(imported, text, s
                         target_sparsity=0.5, window=32, sink_tokens=4)
     prompt = text[:, :96]
     with one_rank_model(info, fixed_consa_config(arch, mixed)) as model, torch.no_grad():
-        result = generate(model, prompt, max_new_tokens=new)
+        result = generate(model, prompt, max_new_tokens=new, return_logits=True)
         tokens, logits = prompt, []
         for _ in range(new):
             last = model(tokens, torch.arange(tokens.size(1))[None], attention_mask=None)[:, -1].float()
