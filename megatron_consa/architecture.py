@@ -101,7 +101,8 @@ class ArchitectureConfig:
                                    "checkpoint's consa_run.json is damaged") from None
 
     @classmethod
-    def from_hf(cls, hf_config: Any, *, allow_sliding_window: bool = False) -> "ArchitectureConfig":
+    def from_hf(cls, hf_config: Any, *, allow_sliding_window: bool = False,
+                for_transformers: bool = False) -> "ArchitectureConfig":
         """From a transformers `PretrainedConfig` of a supported model type.
 
         A config whose layers already use sliding windows (see `hf_sliding_layers`),
@@ -109,13 +110,21 @@ class ArchitectureConfig:
         is refused unless `allow_sliding_window=True`: the architecture alone would
         build a full-attention model. With it, the caller carries the windows over,
         as the importer does (`megatron_consa.conversion.windows.allocation_from_hf`).
+
+        `for_transformers=True`: for readers of a model transformers runs (the consa
+        attention, `HybridCache`, `tools/generate.py --hf-path`, KV budgets), which
+        need the shapes only. What the megatron-core model here cannot build (RoPE
+        scaling other than llama3's, as a long-context YaRN; attention or MLP biases)
+        is then not refused, and an unsupported RoPE scaling reads as
+        `rope_scaling_factor=None`: build no megatron-core model from such a result.
         """
         model_type = getattr(hf_config, "model_type", None)
         if model_type not in SUPPORTED_HF_MODEL_TYPES:
             raise ConsaConfigError(
                 f"model_type={model_type!r} is not supported; supported: {SUPPORTED_HF_MODEL_TYPES}"
             )
-        _reject_unsupported_hf_features(hf_config, model_type)
+        if not for_transformers:
+            _reject_unsupported_hf_features(hf_config, model_type)
         if getattr(hf_config, CONSA_HF_CONFIG_KEY, None) is not None and not allow_sliding_window:
             raise ConsaConfigError(
                 f"{model_type} config carries a hybrid FA/SWA allocation in its {CONSA_HF_CONFIG_KEY!r} field "
@@ -150,7 +159,7 @@ class ArchitectureConfig:
             num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
             head_dim=getattr(hf_config, "head_dim", None),
             rope_theta=float(rope_theta),
-            rope_scaling_factor=hf_rope_scaling_factor(hf_config),
+            rope_scaling_factor=_rope_scaling_factor_read(hf_config) if for_transformers else hf_rope_scaling_factor(hf_config),
             rms_norm_eps=hf_config.rms_norm_eps,
             qk_norm=model_type == "qwen3",
             qkv_bias=qkv_bias or model_type == "qwen2",
@@ -186,6 +195,14 @@ def hf_rope_scaling_factor(hf_config: Any) -> Optional[float]:
             f"{LLAMA3_ROPE_FIXED} (only factor may differ)"
         )
     return float(scaling["factor"])
+
+
+def _rope_scaling_factor_read(hf_config: Any) -> Optional[float]:
+    """`hf_rope_scaling_factor`, None where megatron-core could not run the scaling (transformers does)."""
+    try:
+        return hf_rope_scaling_factor(hf_config)
+    except ConsaConfigError:
+        return None
 
 
 def _reject_unsupported_hf_features(hf_config: Any, model_type: str) -> None:

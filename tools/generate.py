@@ -100,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "use --load (or export it with tools/convert_megatron_to_hf.py)")
         try:  # a bad config or missing / damaged weights: a clear error, not transformers' traceback
             check_safetensors(model_dir)
-            hf_arch = ArchitectureConfig.from_hf(load_hf_config(model_dir), allow_sliding_window=True)
+            hf_arch = ArchitectureConfig.from_hf(load_hf_config(model_dir), allow_sliding_window=True,
+                                                 for_transformers=True)  # (transformers runs it: any RoPE scaling)
         except (ValueError, FileNotFoundError, NotImplementedError) as err:
             raise flag_error("--hf-path", model_dir, err) from err
     tokenizer = tokenizer_from_path(args.tokenizer) if args.tokenizer else None

@@ -71,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        arch = ArchitectureConfig.from_hf(load_hf_config(args.hf_config), allow_sliding_window=True)
+        arch = ArchitectureConfig.from_hf(load_hf_config(args.hf_config), allow_sliding_window=True,
+                                          for_transformers=True)  # (the KV shapes only: any RoPE scaling)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         raise flag_error("--hf-config", args.hf_config, err) from err
     shape = KvCacheShape(

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 def config_allocation(config: Any) -> Allocation:
     """The allocation a transformers config runs: its `consa` field, its stock sliding
     windows, or all FA (window 1, never used)."""
-    arch = ArchitectureConfig.from_hf(config, allow_sliding_window=True)
+    arch = ArchitectureConfig.from_hf(config, allow_sliding_window=True, for_transformers=True)
     allocation = allocation_from_hf(config, arch)
     if allocation is None:
         allocation = make_preset(

@@ -394,6 +394,37 @@ def test_a_temperature_below_float32s_range_decodes_greedily_on_both_back_ends(g
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_an_export_with_rope_scaling_megatron_core_lacks_still_serves(generation_dirs, tmp_path, capsys):
+    """YaRN added to an export's config.json (as Qwen3's model card says, for long contexts): transformers computes
+    the RoPE, so the consa attention, HybridCache, generate --hf-path and kv_budget run it with its allocation; the
+    import into megatron-core, which has no YaRN, still refuses it by name."""
+    import json
+    import shutil
+
+    import transformers
+
+    from megatron_consa.inference.hf import HybridCache, config_allocation
+
+    _, export, allocation = generation_dirs
+    yarn = tmp_path / "yarn"
+    shutil.copytree(export, yarn)
+    config = json.loads((yarn / "config.json").read_text())
+    config["rope_parameters"] = {**(config.get("rope_parameters") or {}), "rope_type": "yarn", "factor": 2.0,
+                                 "original_max_position_embeddings": 32}
+    (yarn / "config.json").write_text(json.dumps(config))
+    model = transformers.AutoModelForCausalLM.from_pretrained(yarn, dtype=torch.float32)
+    assert config_allocation(model.config).fa == Allocation.load(allocation).fa
+    with torch.no_grad():
+        out = model.generate(_prompt(1), past_key_values=HybridCache.for_model(model, max_length=PROMPT_LEN + 3),
+                             max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, PROMPT_LEN + 3)
+    assert run_tool(_tool("generate").main, ["--hf-path", str(yarn), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]) == 0
+    assert run_tool(_tool("kv_budget").main, ["--hf-config", str(yarn), "--context-length", "64"]) == 0
+    capsys.readouterr()
+    assert run_tool(_tool("convert_hf_to_megatron").main, ["--hf-path", str(yarn), "--save", str(tmp_path / "m")]) == 2
+    assert "rope_scaling type 'yarn' is not supported" in capsys.readouterr().err
+
+
 def test_generate_cli_leaves_a_generation_configs_sampling_and_penalties_out(generation_dirs, tmp_path, capsys):
     """A chat model's generation_config.json also sets sampling and penalties (Qwen2.5-Instruct:
     repetition_penalty 1.05, do_sample, temperature, top_k, top_p). transformers' generate would apply
