@@ -104,6 +104,40 @@ def _keep_in_graph(out: Tensor, z: Tensor) -> Tensor:
     return _KeepInGraph.apply(out, z)
 
 
+class _GateBlend(torch.autograd.Function):
+    """``swa + z * (fa - swa)`` per query head (`torch.lerp` in the model's dtype), with the gate's
+    gradient summed in float32.
+
+    lerp's own backward reduces ``grad * (fa - swa)`` over every position, batch entry and channel of
+    a head into a bf16 / fp16 value (rounded by 0.4% in bf16, and in fp16 the first gradient of the
+    model to overflow at large shapes and loss scales: a skipped step and a halved scale); here it
+    accumulates and stays in float32, as the gates do. The branches' gradients are lerp's.
+    """
+
+    @staticmethod
+    def forward(ctx, swa: Tensor, fa: Tensor, z: Tensor, heads_per_group: int) -> Tensor:
+        ctx.save_for_backward(swa, fa, z)
+        ctx.heads_per_group = heads_per_group
+        return torch.lerp(swa, fa, _per_head(z, heads_per_group, swa.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        swa, fa, z = ctx.saved_tensors
+        zh = _per_head(z, ctx.heads_per_group, grad.dtype)
+        grad_fa = grad * zh if ctx.needs_input_grad[1] else None
+        grad_swa = grad * (1 - zh) if ctx.needs_input_grad[0] else None
+        grad_z = None
+        if ctx.needs_input_grad[2]:
+            per_head = (grad * (fa - swa)).sum(dim=(0, 1, 3), dtype=torch.float32)  # [np]
+            grad_z = per_head.view(-1, ctx.heads_per_group).sum(dim=1).to(z.dtype)  # [ng]
+        return grad_swa, grad_fa, grad_z, None
+
+
+def _per_head(z: Tensor, heads_per_group: int, dtype: torch.dtype) -> Tensor:
+    """Each KV group's z for its query heads, ``[np, 1]`` (broadcast over ``[sq, b, np, hn]``)."""
+    return z.to(dtype).repeat_interleave(heads_per_group)[:, None]
+
+
 class ConsaCoreAttention(MegatronModule):
     """Hybrid full / sliding-window core attention with optional learned gates.
 
@@ -336,10 +370,9 @@ class ConsaCoreAttention(MegatronModule):
         if saturated:
             fa = tuple(bool(v) for v in (z_host == 1).tolist())
             return _keep_in_graph(self._by_type(query, key, value, fa), z)
-        zh = z.to(query.dtype).repeat_interleave(self.heads_per_group)[:, None]  # [np, 1]
         fa = self.backend.full(query, key, value)  # [sq, b, np, hn]
         swa = self.backend.sliding(query, key, value)
-        return torch.lerp(swa, fa, zh)  # swa + z * (fa - swa), one fused op
+        return _GateBlend.apply(swa, fa, z, self.heads_per_group)  # swa + z * (fa - swa), one fused op
 
     def _fixed(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         return self._by_type(query, key, value, self.fa_local)

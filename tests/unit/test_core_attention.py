@@ -254,3 +254,45 @@ def test_kv_groups_not_divisible_by_tp_names_the_fix():
 def test_gates_only_with_a_fixed_allocation_is_refused():
     with pytest.raises(ConsaConfigError, match="gates_only"):
         ConsaConfig(allocation=[[1, 0]], gates_only=True)
+
+
+def _lerp_reference(swa, fa, z, rep):
+    return torch.lerp(swa, fa, z.to(swa.dtype).repeat_interleave(rep)[:, None])
+
+
+def test_gate_blend_is_lerp_with_the_gate_gradient_summed_in_float32():
+    """Learning mode's blend swa + z (fa - swa): in fp32 lerp exactly, values and every gradient; in bf16 / fp16
+    the gate's gradient is the float32 sum of the model-dtype products grad * (fa - swa) (lerp's own backward
+    rounds it to the model's dtype: 0.4% in bf16, and in fp16 a total past 65504 is inf)."""
+    from megatron_consa.attention import _GateBlend
+
+    rep = HEADS // G
+    g = torch.Generator().manual_seed(3)
+    swa, fa, grad = (torch.randn(S, B, HEADS, D, generator=g, dtype=torch.float64) for _ in range(3))
+    z0 = torch.rand(G, generator=g, dtype=torch.float64).float()
+
+    def run(fn, dtype, grad_out, fa=fa):
+        a, b = swa.to(dtype).requires_grad_(), fa.to(dtype).requires_grad_()
+        z = z0.clone().requires_grad_()
+        out = fn(a, b, z)
+        out.backward(grad_out.to(dtype))
+        return out, a.grad, b.grad, z.grad
+
+    ours = run(lambda a, b, z: _GateBlend.apply(a, b, z, rep), torch.float32, grad)
+    ref = run(lambda a, b, z: _lerp_reference(a, b, z, rep), torch.float32, grad)
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    above = swa + (fa - swa).abs()  # FA's output above SWA's everywhere
+    for dtype, grad_out, fa_out in ((torch.bfloat16, grad, fa), (torch.float16, grad.abs() * 1000, above)):
+        # fp16: a loss-scaled gradient of one sign against a difference of one sign, so each head's total (~1e6)
+        # is past fp16's range
+        out, grad_swa, grad_fa, grad_z = run(lambda a, b, z: _GateBlend.apply(a, b, z, rep), dtype, grad_out, fa_out)
+        lerp_out, lerp_swa, lerp_fa, _ = run(lambda a, b, z: _lerp_reference(a, b, z, rep), dtype, grad_out, fa_out)
+        assert torch.equal(out, lerp_out) and torch.equal(grad_swa, lerp_swa) and torch.equal(grad_fa, lerp_fa)
+        products = (grad_out.to(dtype) * (fa_out.to(dtype) - swa.to(dtype))).double()  # what the backward sums
+        want = products.sum(dim=(0, 1, 3)).view(G, rep).sum(1)
+        assert grad_z.dtype == torch.float32 and torch.isfinite(grad_z).all(), (dtype, grad_z)
+        torch.testing.assert_close(grad_z.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        if dtype == torch.float16:
+            assert want.abs().min() > 65504  # lerp's fp16 total would be inf
