@@ -30,12 +30,12 @@ weights are stored changes (see `megatron_consa.self_attention`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["kv_group_order", "rank_groups", "type_runs", "fa_per_rank", "take_groups", "inverse_order"]
+__all__ = ["kv_group_order", "rank_groups", "type_runs", "fa_per_rank", "take_groups", "inverse_order", "stored_orders"]
 
 
 def _rank_sizes(num_groups: int, tp_size: int) -> int:
@@ -94,6 +94,15 @@ def kv_group_order(fa_row: Sequence[int], tp_size: int) -> tuple[int, ...]:
         if len(type_runs([fa[g] for g in s])) > 2:
             s.sort(key=lambda g: not fa[g])  # stable: FA first, each type in index order
     return tuple(g for s in slots for g in s)
+
+
+def stored_orders(allocation: Optional[Sequence[Sequence[int]]], tp_size: int, permute: bool) -> list[list[int]]:
+    """Each layer's stored KV-group order in a model built with `allocation` (None: learning mode or
+    all FA unreordered) at `tp_size`, with or without `ConsaConfig.permute_kv_groups`: identity where
+    nothing moves. What a distributed optimizer's flat state is laid out in (see `checkpoint`)."""
+    if allocation is None:
+        return []
+    return [list(kv_group_order(row, tp_size)) if permute else list(range(len(row))) for row in allocation]
 
 
 def inverse_order(order: Sequence[int]) -> tuple[int, ...]:

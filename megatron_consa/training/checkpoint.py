@@ -50,6 +50,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_consa.group_layout import stored_orders
 from megatron_consa.model import unwrap_model
 from megatron_consa.training.config import DIST_CKPT_STRICTNESS
 from megatron_consa.training.finalize import CHECKPOINT_DIR as FINALIZED_CHECKPOINT_DIR
@@ -310,6 +311,8 @@ def save_checkpoint(trainer, directory: str | os.PathLike, *, extras: Optional[C
         "architecture": trainer.arch.__dict__,
         "training": trainer.training.to_dict(),
         "parallel": dataclasses.asdict(trainer.parallel),
+        # the model's KV-group order per layer: the distributed optimizer's flat state is laid out in it
+        "kv_group_orders": _kv_group_orders(trainer.consa.to_dict(), trainer.parallel.tensor_model_parallel_size),
         "world_size": dist.get_world_size(),
         "resumable": with_optimizer,
         "rng": with_optimizer and with_rng,
@@ -378,6 +381,33 @@ def _resolve(directory: str | os.PathLike) -> Path:
     )
 
 
+def _kv_group_orders(consa: dict, tp_size: int) -> list[list[int]]:
+    """Each layer's stored KV-group order of a model with the ConsaConfig `consa` (its dict) at `tp_size`
+    (`group_layout.stored_orders`; a record from before the reordering has no `permute_kv_groups`: none)."""
+    return stored_orders(consa.get("allocation"), tp_size, bool(consa.get("permute_kv_groups", False)))
+
+
+def _check_same_kv_group_orders(trainer, meta: dict, path: Path) -> None:
+    """The distributed optimizer's state (dp_reshardable: flat buffers per bucket) holds each layer's KV groups in
+    the order of the model that saved it, which the model's own canonical save does not undo: a model storing them
+    in another order would take other groups' main weights and Adam moments, silently."""
+    saved_tp = (meta.get("parallel") or {}).get("tensor_model_parallel_size", trainer.parallel.tensor_model_parallel_size)
+    saved = meta.get("kv_group_orders")
+    if saved is None:  # (written since the check; before, the order followed from the saved config)
+        saved = _kv_group_orders(meta.get("consa") or {}, saved_tp)
+    ours = _kv_group_orders(trainer.consa.to_dict(), trainer.parallel.tensor_model_parallel_size)
+    if (saved or ours) and saved != ours:
+        identity = [list(range(len(row))) for row in (trainer.consa.allocation or [])]
+        layer = next((i for i, (a, b) in enumerate(zip(saved or identity, ours or identity)) if a != b), 0)
+        permute = bool((meta.get("consa") or {}).get("permute_kv_groups", False))
+        raise ValueError(
+            f"checkpoint {path}: its distributed-optimizer state holds the KV groups in another order than this "
+            f"model (layer {layer}: {(saved or identity)[layer]} against {(ours or identity)[layer]}), and would load "
+            f"into other groups' weights: build the model as the checkpoint's was (ConsaConfig.permute_kv_groups="
+            f"{permute}), or load it without the optimizer state"
+        )
+
+
 def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool = False, load_optimizer: bool = True,
                     load_rng: bool = True, fully_parallel: bool = False, strict: str = "assume_ok_unexpected") -> int:
     """Load a checkpoint into `trainer`; returns the iteration it was saved at.
@@ -419,6 +449,8 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
             f"{saved_gran}), or start from weights without learned gates"
         )
     load_optimizer = load_optimizer and not weights_only and bool(meta.get("resumable", True))
+    if load_optimizer and trainer.parallel.use_distributed_optimizer:
+        _check_same_kv_group_orders(trainer, meta, path)
     cpu = cpu_shims_active()
     if cpu and load_optimizer:
         # the torch-Adam fallback creates its state lazily; megatron expects it filled

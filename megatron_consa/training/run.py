@@ -334,6 +334,14 @@ def prepare_run(run: RunConfig, *, world_size: int) -> PreparedRun:
         consa = dataclasses.replace(consa, allocation=allocation.fa, granularity=allocation.granularity,
                                     window=allocation.window, sink_tokens=allocation.sink_tokens)
         consa.validate()
+    if resume and run.phase == "fixed" and run.checkpoint.load_optim and run.parallel.use_distributed_optimizer:
+        # its distributed-optimizer state holds the KV groups in the saved model's order: build the model so (a
+        # checkpoint from before the reordering, which has no permute_kv_groups, stored them unreordered)
+        saved_permute = bool((load_meta.get("consa") or {}).get("permute_kv_groups", False))
+        if saved_permute != consa.permute_kv_groups:
+            logger.info("KV groups %s, as in the checkpoint (its distributed-optimizer state is laid out so)",
+                        "reordered by type" if saved_permute else "in megatron's order")
+            consa = dataclasses.replace(consa, permute_kv_groups=saved_permute)
     run = dataclasses.replace(run, arch=arch, consa=consa, training=training)
     try:
         check_learning_run(consa, arch=arch, training=training, tp_size=tp)

@@ -56,6 +56,48 @@ def _adam_tensors(trainer) -> list:
 
 @pytest.mark.usefixtures("single_rank_mcore")
 class TestTrainer:
+    def test_a_distributed_optimizer_resume_keeps_the_saved_kv_group_order(self, tmp_path):
+        """The distributed optimizer's flat state holds each layer's KV groups in the order of the model that saved
+        it: a model reordered otherwise (ConsaConfig.permute_kv_groups flipped, or a checkpoint from before the
+        reordering, which records neither) is refused, naming the setting; weights alone load in any order; the
+        same order resumes the run as it went on uninterrupted."""
+        from megatron_consa.self_attention import to_canonical_order
+        from megatron_consa.training.checkpoint import CONSA_META_FILE, load_checkpoint, save_checkpoint
+
+        arch = dataclasses.replace(ARCH, num_attention_heads=8, num_kv_heads=4, head_dim=8)
+        alloc = [[1, 0, 1, 0], [0, 1, 1, 0]]  # both layers reorder at TP1: (0, 2, 1, 3) and (1, 2, 0, 3)
+
+        def make(permute: bool) -> ConsaTrainer:
+            return _trainer(ConsaConfig(window=4, allocation=alloc, permute_kv_groups=permute),
+                            ParallelConfig(use_distributed_optimizer=True), arch=arch, train_iters=4)
+
+        def canonical(trainer):
+            model = unwrap_model(trainer.chunks[0])
+            return to_canonical_order(model, {n: p.detach().clone() for n, p in model.named_parameters()})
+
+        whole = make(True)
+        whole.train_step(), whole.train_step()
+        save_checkpoint(whole, tmp_path / "ck")
+        whole.train_step()
+        meta_file = tmp_path / "ck" / CONSA_META_FILE
+        assert json.loads(meta_file.read_text())["kv_group_orders"] == [[0, 2, 1, 3], [1, 2, 0, 3]]
+        with pytest.raises(ValueError, match=r"another order than this model \(layer 0: \[0, 2, 1, 3\] against "
+                                             r"\[0, 1, 2, 3\]\).*permute_kv_groups=True"):
+            load_checkpoint(make(False), tmp_path / "ck")
+        load_checkpoint(make(False), tmp_path / "ck", load_optimizer=False)
+        resumed = make(True)
+        load_checkpoint(resumed, tmp_path / "ck")
+        resumed.train_step()
+        after, want = canonical(resumed), canonical(whole)
+        assert all(torch.equal(after[n], want[n]) for n in want)
+
+        meta = json.loads(meta_file.read_text())  # as written before the reordering: unreordered groups
+        del meta["kv_group_orders"], meta["consa"]["permute_kv_groups"]
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="permute_kv_groups=False"):
+            load_checkpoint(make(True), tmp_path / "ck")
+        load_checkpoint(make(False), tmp_path / "ck")
+
     def test_gates_only_mode_trains_gates_and_freezes_weights(self, tmp_path):
         """... and finalize makes its checkpoint a fixed-phase start (whose weights train: no gates-only)."""
         from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint

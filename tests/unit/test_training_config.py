@@ -1262,3 +1262,31 @@ def test_help_gives_no_default_for_a_switch_that_turns_something_off():
     assert shown["--micro-batch-size"].endswith("(default: 1)")
     help_text = " ".join(parser.format_help().split())  # (argparse wraps lines)
     assert " ".join(shown["--no-check-for-nan-in-loss-and-grad"].split()) in help_text
+
+
+@pytest.mark.parametrize("saved_permute", [None, False, True])
+def test_a_distributed_optimizer_resume_builds_the_saved_kv_group_order(tmp_path, saved_permute):
+    """A fixed phase resumed with the distributed optimizer's state builds its layers' KV groups in the checkpoint's
+    order (a checkpoint from before the reordering records none: megatron's order), since that state is laid out in
+    it; without the optimizer state (--no-load-optim) the run reorders them as any new one does."""
+    from megatron_consa.config import ConsaConfig
+    from megatron_consa.training.arguments import parse_run_config
+    from megatron_consa.training.run import prepare_run
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "8", "--num-query-groups", "4",
+            "--seq-length", "32", "--train-iters", "20", "--mock-data", "--vocab-size", "64", "--consa-phase", "fixed",
+            "--consa-window", "4", "--use-distributed-optimizer", "--lr", "3e-4", "--min-lr", "3e-5"]
+    consa = ConsaConfig(window=4, allocation=[[1, 0, 1, 0], [0, 1, 1, 0]]).to_dict()
+    if saved_permute is None:
+        del consa["permute_kv_groups"]
+    else:
+        consa["permute_kv_groups"] = saved_permute
+    meta = {"iteration": 8, "resumable": True, "consa": consa, "architecture": {},
+            "training": {"lr": 3e-4, "min_lr": 3e-5}, "parallel": {"use_distributed_optimizer": True}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "consa_run.json").write_text(json.dumps(meta))
+    resumed = prepare_run(parse_run_config(base + ["--load", str(tmp_path / "run")]), world_size=1)
+    assert resumed.resume and resumed.run.consa.permute_kv_groups is bool(saved_permute)
+    fresh_optimizer = prepare_run(parse_run_config(base + ["--load", str(tmp_path / "run"), "--no-load-optim"]),
+                                  world_size=1)
+    assert fresh_optimizer.resume and fresh_optimizer.run.consa.permute_kv_groups is True
