@@ -89,7 +89,8 @@ def attention_mass_scores(model: torch.nn.Module, sequences: Tensor, *, window: 
         key = args[1] if len(args) > 1 else kwargs["key"]
         mass = far_attention_mass(query, key, scale=module.softmax_scale, window=window, sink_tokens=sink_tokens,
                                   query_block=query_block)
-        totals[module.layer_index] += mass.sum(dim=(0, 2, 3)).double().cpu()
+        # (the groups as the layer stores them: a reordered fixed model's are not in megatron's order)
+        totals[module.layer_index, list(module.local_groups)] += mass.sum(dim=(0, 2, 3)).double().cpu()
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     logits = model_logits_fn(model)

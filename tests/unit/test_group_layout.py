@@ -160,6 +160,17 @@ class TestReorderedModel:
         assert isinstance(sharded["decoder.layers.0.self_attention.linear_qkv.weight"], ShardedTensor)
         assert isinstance(model.sharded_state_dict()["decoder.layers.0.self_attention.linear_qkv.weight"], ShardedTensorFactory)
 
+    def test_attention_mass_scores_are_per_canonical_head_in_a_reordered_model(self):
+        """Calibration reads each layer's groups as it stores them: a reordered model scores each KV head as the
+        same model in megatron's order does (both compute one function)."""
+        from megatron_consa.evaluation.calibration import attention_mass_scores
+
+        tokens = torch.randint(0, ARCH.vocab_size, (2, SEQ + 1), generator=torch.Generator().manual_seed(2))
+        reordered, megatron_order = (attention_mass_scores(_model(permute=p), tokens, window=WINDOW, batch_size=2)
+                                     for p in (True, False))
+        torch.testing.assert_close(torch.tensor(reordered.scores), torch.tensor(megatron_order.scores), rtol=0, atol=1e-6)
+        assert len({round(v, 6) for row in megatron_order.scores[:2] for v in row}) == 8  # the heads differ
+
     def test_plain_state_dicts_convert_between_orders_in_one_process(self):
         reordered = _model(permute=True)
         canonical = to_canonical_order(reordered, reordered.state_dict())
