@@ -529,19 +529,20 @@ class Allocation:
             boundary = scores[order[k - 1]] - scores[order[k]]
             meta["boundary_margin"] = float(boundary)
             if boundary < margin:
-                # Every unit whose log_alpha lies within `margin` of the boundary pair
-                # could have gone either way: name them, so the user sees which part
-                # of the allocation is not a learned choice.
+                # An FA unit within `margin` of the best SWA unit, and an SWA unit within `margin` of the
+                # last FA unit, could have gone either way: name them, so the user sees which part of the
+                # allocation is not a learned choice.
                 lo, hi = scores[order[k]], scores[order[k - 1]]
-                undecided = [u for u in order if lo - margin <= scores[u] <= hi + margin]
+                undecided = ([u for u in order[:k] if scores[u] - lo < margin]
+                             + [u for u in order[k:] if hi - scores[u] < margin])
                 names = [
                     [u, 0] if granularity == "layer" else [u // num_kv_heads, u % num_kv_heads] for u in undecided
                 ]
                 meta["undecided_units"] = names
                 logger.warning(
                     "finalize: too close to call: the last FA unit (log_alpha %.4f) and the first SWA unit "
-                    "(%.4f) differ by less than margin=%s; %d units [layer, head] within the margin of the "
-                    "boundary (%s) were ranked by differences below the margin (exact ties by unit index), not "
+                    "(%.4f) differ by less than margin=%s; %d units [layer, head] ([layer, 0]: a layer) within the margin "
+                    "of the other side (%s) were ranked by differences below the margin (exact ties by unit index), not "
                     "by a learned preference. The budget holds; train longer if the choice among them matters",
                     hi, lo, margin, len(undecided), names,
                 )

@@ -79,13 +79,20 @@ def check_output_file(flag: str, path: str | os.PathLike, *, example: Optional[s
         raise UserInputError(f"{flag} {path}: {problem}; choose another path")
 
 
-def check_distinct_outputs(*flags_and_paths: tuple[str, Optional[str | os.PathLike]]) -> None:
-    """Refuse two output flags naming the same file (the second write would replace the first)."""
+def check_distinct_outputs(*flags_and_paths: tuple[str, Optional[str | os.PathLike]],
+                           inputs: Sequence[tuple[str, Optional[str | os.PathLike]]] = ()) -> None:
+    """Refuse two output flags naming the same file (the second write would replace the first), and an output
+    naming one of `inputs` ((flag, path) the tool reads; None skipped): its write would replace that input."""
+    read = {Path(path).resolve(): (flag, path) for flag, path in inputs if path is not None}
     seen: dict[Path, str] = {}
     for flag, path in flags_and_paths:
         if path is None:
             continue
-        key = Path(os.path.abspath(path))
+        key = Path(path).resolve()
+        if key in read:
+            source_flag, source = read[key]
+            raise UserInputError(f"{flag} {path} is {source_flag} {source}: writing it would replace that input; "
+                                 f"give {flag} another file")
         if key in seen:
             raise UserInputError(f"{seen[key]} and {flag} both name {path}: give each its own file")
         seen[key] = flag

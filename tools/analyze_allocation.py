@@ -53,7 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag, path, example in (("--heatmap", args.heatmap, "allocation.png"), ("--output", args.output, "analysis.json")):
         if path:
             check_output_file(flag, path, example=example)
-    check_distinct_outputs(("--heatmap", args.heatmap), ("--output", args.output))
+    check_distinct_outputs(("--heatmap", args.heatmap), ("--output", args.output),
+                           inputs=[("--allocation", args.allocation), *(("--compare", c) for c in args.compare or ())])
     setup_logging()
     from megatron_consa.allocation import Allocation
     from megatron_consa.analysis.report import analyze, load_compared

@@ -87,7 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_output_file("--output", args.output, example="scores.json")
     if args.save_allocation:
         check_output_file("--save-allocation", args.save_allocation, example="allocation.json")
-        check_distinct_outputs(("--output", args.output), ("--save-allocation", args.save_allocation))
+    check_distinct_outputs(("--output", args.output), ("--save-allocation", args.save_allocation),
+                           inputs=[("--text", args.text)])
     setup_logging()
     import warnings
 

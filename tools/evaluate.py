@@ -31,6 +31,7 @@ from megatron_consa.cli import (
     PRESET_FLAGS,
     UserInputError,
     below_minimum,
+    check_distinct_outputs,
     check_output_file,
     flag_error,
     in_flag_terms,
@@ -115,6 +116,9 @@ def _check(args: argparse.Namespace) -> None:
             raise UserInputError(f"--distances {d}: distances are >= 1 token")
     if args.output:  # before the models load: not a traceback after the evaluation
         check_output_file("--output", args.output, example="eval.json")
+        check_distinct_outputs(("--output", args.output), inputs=[
+            *(("--allocation", spec) for spec in args.allocation or ()), ("--calibration-scores", args.calibration_scores),
+            ("--text", args.text), ("--haystack", args.haystack)])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_consa.cli import run_tool, setup_logging
+from megatron_consa.cli import UserInputError, run_tool, setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -26,6 +26,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-checkpoint", action="store_true", help="write allocation.json and the heatmap only")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     args = p.parse_args(argv)
+    for flag, value in (("--tolerance", args.tolerance), ("--margin", args.margin)):
+        if value is not None and not value >= 0:  # (NaN too: it would pass every comparison)
+            raise UserInputError(f"{flag} {value}: must be a number >= 0")
     setup_logging()
     import warnings
 

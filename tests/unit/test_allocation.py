@@ -487,3 +487,9 @@ def test_finalize_says_when_units_are_too_close_to_call(caplog):
     clear = Allocation.from_log_alpha(_torch.tensor([[3.0, 2.0], [-3.0, -8.0]]), target_sparsity=0.5,
                                       granularity="kv_head", num_kv_heads=2, window=8, margin=0.1)
     assert "undecided_units" not in clear.metadata and clear.metadata["boundary_margin"] == pytest.approx(5.0)
+    # only units within the margin of the other side: FA 0.18 is 0.18 above every SWA unit, SWA -0.05 is 0.14
+    # below every FA unit; the boundary pair (0.09 and 0.0) alone lies within 0.1 of it
+    layers = Allocation.from_log_alpha(_torch.tensor([5.0, 0.09, 0.0, -0.05, -0.2, 0.18]), target_sparsity=0.5,
+                                       granularity="layer", num_kv_heads=2, window=8, margin=0.1)
+    assert [l for l, row in enumerate(layers.fa) if row[0]] == [0, 1, 5]
+    assert layers.metadata["undecided_units"] == [[1, 0], [2, 0]]

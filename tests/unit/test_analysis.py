@@ -158,6 +158,10 @@ def test_cli_output_paths_are_checked_before_any_work(tmp_path, capsys):
         (["--output", str(taken)], f"--output {taken}: is a directory"),
         (["--output", str(tmp_path / "a.json" / "x.json")], "a.json is a file, not a directory"),
         (["--heatmap", str(tmp_path / "same"), "--output", str(tmp_path / "same")], "--heatmap and --output both name"),
+        # an output over an input: the report (or a PNG) would replace the allocation it analyses
+        (["--output", str(tmp_path / "a.json")], f"--output {tmp_path / 'a.json'} is --allocation {tmp_path / 'a.json'}: "
+                                                  "writing it would replace that input"),
+        (["--compare", str(tmp_path / "a.json"), "--heatmap", str(tmp_path / "a.json")], "--heatmap"),
     ]
     for extra, message in cases:
         assert run_tool(tool.main, ["--allocation", str(tmp_path / "a.json")] + extra) == 2
@@ -228,3 +232,9 @@ def test_finalize_cli_checks_save_before_reading_the_checkpoint(tmp_path, capsys
     assert (occupied / "keep").read_text() == "x" and a_file.read_text() == "x"
     assert run_tool(tool.main, ["--load", str(tmp_path / "no-checkpoint"), "--save", str(occupied), "--overwrite"]) == 2
     assert "--load" in capsys.readouterr().err  # --overwrite: on to the checkpoint, which is missing
+    # a NaN tolerance would accept a run that never settled, a negative one refuse every run; NaN margin: no report
+    for flag, value in (("--tolerance", "nan"), ("--tolerance", "-0.01"), ("--margin", "nan"), ("--margin", "-1")):
+        assert run_tool(tool.main, ["--load", str(tmp_path / "no-checkpoint"), "--save", str(tmp_path / "new"),
+                                    flag, value]) == 2
+        assert f"error: {flag} {float(value)}: must be a number >= 0" in capsys.readouterr().err, (flag, value)
+    assert not (tmp_path / "new").exists()

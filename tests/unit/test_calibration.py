@@ -303,3 +303,8 @@ def test_calibrate_cli_outputs_are_checked_before_the_checkpoint_loads(capsys, t
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["taken"]
+    docs = tmp_path / "taken" / "docs.jsonl"  # the scores written over the text they are computed from
+    docs.write_text('{"text": "one"}\n')
+    assert run_tool(tool.main, ["--load", missing, "--text", str(docs), "--output", str(docs)]) == 2
+    assert f"error: --output {docs} is --text {docs}: writing it would replace that input" in capsys.readouterr().err
+    assert docs.read_text() == '{"text": "one"}\n'

@@ -507,6 +507,16 @@ def test_the_kv_context_is_the_longest_input_the_model_reads():
     assert kv_context_length(EvaluationRequest(allocations=(), kv_context_length=5), [sample]) == 5
 
 
+def test_the_report_is_not_written_over_an_input(tmp_path, capsys):
+    """--output naming the allocation file (or the text) evaluated: refused before any work, the input kept."""
+    allocation = tmp_path / "alloc.json"
+    allocation.write_text("{}")
+    assert run_tool(EVALUATE.main, ["--load", str(DEMO), "--no-progress", "--stdlib-text", "--allocation", str(allocation),
+                                    "--output", str(allocation)]) == 2
+    assert f"--output {allocation} is --allocation {allocation}: writing it would replace" in capsys.readouterr().err
+    assert allocation.read_text() == "{}"
+
+
 def test_a_damaged_text_file_is_named_by_its_flag(tmp_path, capsys, single_rank_mcore):
     """--text FILE.json pretty-printed (a .json file is read as JSONL): the error names --text and says how it is
     read, one line, exit 2, nothing written."""
