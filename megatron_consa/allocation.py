@@ -646,7 +646,8 @@ _PRESETS: dict[str, str] = {
     "interleave:K": "Gemma style: layers K-1, 2K-1, ... FA first, then the others spread evenly",
     "top_swa": "Qwen max_window_layers: bottom layers FA, top layers SWA",
     "bottom_swa": "bottom layers SWA, top layers FA",
-    "uniform_heads": "same number of FA heads in every layer (kv_head); evenly spaced FA layers (layer)",
+    "uniform_heads": "the same number of FA heads in every layer, one more in evenly spaced layers where the budget "
+                     "does not divide (kv_head); evenly spaced FA layers, the top one among them (layer)",
     "random:SEED": "uniformly random set of FA units, reproducible from SEED (integer >= 0)",
     "heuristic": "units with the most attention mass beyond the window (calibration_scores [L, G]) are FA",
 }
@@ -677,6 +678,26 @@ def _spread_order(num_layers: int, first: Sequence[int] = ()) -> list[int]:
             taken.append(best)
             anchors.append(best)
     return taken
+
+
+def _evenly_spaced(num_layers: int, k: int) -> list[int]:
+    """k of the layers evenly spaced, the top one first: L-1 - floor(i L / k) for i < k (every 4th layer
+    from the top at k = L/4, whatever L); [] at k = 0."""
+    return [num_layers - 1 - (i * num_layers) // k for i in range(k)]
+
+
+def _uniform_order(num_layers: int, num_kv_heads: int, granularity: str, budget: int) -> list[int]:
+    """`uniform_heads`' priority order for `budget` FA units: layer granularity, `budget` evenly spaced layers
+    first; KV heads, `budget // L` heads in every layer and one more in `budget % L` evenly spaced layers."""
+    if granularity == "layer":
+        first = _evenly_spaced(num_layers, budget)
+        return first + [l for l in range(num_layers) if l not in set(first)]
+    per_layer, extra = divmod(budget, num_layers)
+    order = [l * num_kv_heads + g for g in range(min(per_layer, num_kv_heads)) for l in range(num_layers)]
+    if per_layer < num_kv_heads:
+        order += [l * num_kv_heads + per_layer for l in _evenly_spaced(num_layers, extra)]
+    taken = set(order)
+    return order + [u for u in range(num_layers * num_kv_heads) if u not in taken]
 
 
 def _parse_preset(name: Any) -> tuple[str, int | None]:
@@ -719,17 +740,15 @@ def _layer_rule_order(base: str, arg: int | None, num_layers: int) -> list[int]:
 
 
 def _preset_order(
-    base: str, arg: int | None, granularity: str, num_layers: int, num_kv_heads: int, calibration_scores: Any
+    base: str, arg: int | None, granularity: str, num_layers: int, num_kv_heads: int, calibration_scores: Any,
+    budget: int,
 ) -> list[int]:
-    """Priority order over units (unit indices at ``granularity``)."""
+    """Priority order over units (unit indices at ``granularity``); `budget`: the FA units to be taken."""
     n = num_units(granularity, num_layers, num_kv_heads)
     if base in ("interleave", "top_swa", "bottom_swa"):
         return _expand_layer_order(_layer_rule_order(base, arg, num_layers), granularity, num_kv_heads)
     if base == "uniform_heads":
-        layers = _spread_order(num_layers)
-        if granularity == "layer":
-            return layers
-        return [l * num_kv_heads + g for g in range(num_kv_heads) for l in layers]
+        return _uniform_order(num_layers, num_kv_heads, granularity, budget)
     if base == "random":
         order = list(range(n))
         random.Random(arg).shuffle(order)
@@ -806,8 +825,9 @@ def make_preset(
         if target_sparsity is None:
             raise AllocationError(f"{where}: target_sparsity is required (a number in [0, 1))")
         _check_target(target_sparsity, where)
-        order = _preset_order(base, arg, granularity, num_layers, num_kv_heads, calibration_scores)
-        fa = _take_units(order, fa_unit_budget(n, target_sparsity), granularity, num_layers, num_kv_heads)
+        budget = fa_unit_budget(n, target_sparsity)
+        order = _preset_order(base, arg, granularity, num_layers, num_kv_heads, calibration_scores, budget)
+        fa = _take_units(order, budget, granularity, num_layers, num_kv_heads)
         recorded = float(target_sparsity)
     return Allocation(
         granularity=granularity,

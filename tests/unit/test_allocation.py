@@ -396,6 +396,19 @@ def test_uniform_heads():
     assert sum(counts) == 14 and max(counts) - min(counts) <= 1
     c = make_preset("uniform_heads", num_layers=8, num_kv_heads=2, granularity="layer", target_sparsity=0.75, window=16)
     assert [l for l in range(8) if c.fa[l][0]] == [3, 7]
+    # evenly spaced where L / K is no power of two: Qwen3-8B's 28 layers keep every 4th (7 FA), every other (14)
+    for target, every in ((0.75, 4), (0.5, 2)):
+        d = make_preset("uniform_heads", num_layers=28, num_kv_heads=8, granularity="layer", target_sparsity=target,
+                        window=16)
+        assert [l for l in range(28) if d.fa[l][0]] == list(range(every - 1, 28, every)), target
+    # a budget that does not divide over the layers (SmolLM2's 30 x 3 KV heads): at 22/30, 24 FA heads, one in each
+    # layer but 6 evenly spaced ones; at 1/2, 45: one in every layer and a second in every other layer
+    e = make_preset("uniform_heads", num_layers=30, num_kv_heads=3, granularity="kv_head", target_sparsity=22 / 30,
+                    window=16)
+    assert [sum(row) for row in e.fa] == [0 if l % 5 == 0 else 1 for l in range(30)]
+    f = make_preset("uniform_heads", num_layers=30, num_kv_heads=3, granularity="kv_head", target_sparsity=0.5,
+                    window=16)
+    assert [sum(row) for row in f.fa] == [1 + l % 2 for l in range(30)]
 
 
 def test_random_reproducible():
