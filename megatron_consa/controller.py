@@ -292,6 +292,10 @@ def judge_settling(
     first, last = int(tail[0][0]) + 1, int(tail[-1][0]) + 1
     gaps = [abs(float(s) - target_sparsity) for _, s in tail]
     worst = max(gaps)
+    if not all(math.isfinite(g) for g in gaps):  # (max and > pass a NaN by: a diverged run looked settled)
+        k = int(tail[next(i for i, g in enumerate(gaps) if not math.isfinite(g))][0]) + 1
+        return unsettled(f"s_hat was not finite at iteration {k} (in the judged tail {first}..{last}): the gates "
+                         "diverged", first, last, math.inf)
     if first <= warmup_iters:  # (the step at index warmup_iters is the first at the final target)
         return unsettled(
             f"the judged tail (iterations {first}..{last}, the last {tail_fraction:.0%} of the run) starts "

@@ -156,6 +156,14 @@ def test_judge_settling_reads_the_tail_not_one_sample():
     assert edge.settled and (edge.first_iteration, edge.last_iteration) == (19, 20), edge
     assert "over iterations 19..20 " in edge.describe()
     assert not judge_settling([], target_sparsity=0.5, warmup_iters=0, tail_fraction=0.1, tolerance=0.01).settled
+    # a non-finite s_hat anywhere in the tail (a run trained on with --no-check-for-nan-in-loss-and-grad) never
+    # settles: max() and > let a NaN by
+    for at in (18, 19):
+        values = [0.5] * 20
+        values[at] = float("nan")
+        diverged = judge_settling(history(values), target_sparsity=0.5, warmup_iters=2, tail_fraction=0.1,
+                                  tolerance=0.01)
+        assert not diverged.settled and f"s_hat was not finite at iteration {at + 1}" in diverged.describe(), at
 
 
 def test_unrepresentable_target_is_refused_naming_the_nearest():
