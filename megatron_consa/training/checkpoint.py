@@ -396,15 +396,16 @@ def _check_same_kv_group_orders(trainer, meta: dict, path: Path) -> None:
     if saved is None:  # (written since the check; before, the order followed from the saved config)
         saved = _kv_group_orders(meta.get("consa") or {}, saved_tp)
     ours = _kv_group_orders(trainer.consa.to_dict(), trainer.parallel.tensor_model_parallel_size)
-    if (saved or ours) and saved != ours:
-        identity = [list(range(len(row))) for row in (trainer.consa.allocation or [])]
-        layer = next((i for i, (a, b) in enumerate(zip(saved or identity, ours or identity)) if a != b), 0)
+    identity = [list(range(trainer.arch.num_kv_heads))] * trainer.arch.num_layers  # (no allocation: none moved)
+    saved, ours = saved or identity, ours or identity
+    if saved != ours:
+        layer = next(i for i, (a, b) in enumerate(zip(saved, ours)) if a != b)
         permute = bool((meta.get("consa") or {}).get("permute_kv_groups", False))
         raise ValueError(
             f"checkpoint {path}: its distributed-optimizer state holds the KV groups in another order than this "
-            f"model (layer {layer}: {(saved or identity)[layer]} against {(ours or identity)[layer]}), and would load "
-            f"into other groups' weights: build the model as the checkpoint's was (ConsaConfig.permute_kv_groups="
-            f"{permute}), or load it without the optimizer state"
+            f"model (layer {layer}: {saved[layer]} against {ours[layer]}), and would load into other groups' "
+            f"weights: build the model as the checkpoint's was (ConsaConfig.permute_kv_groups={permute}), or load "
+            "it without the optimizer state"
         )
 
 
