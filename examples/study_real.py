@@ -134,10 +134,11 @@ def passkey_document(rng: random.Random, filler: list[str]) -> str:
 
 
 def write_data(out: Path, s: Settings) -> None:
-    from megatron_consa.data.demo_corpus import stdlib_documents
+    from megatron_consa.data.demo_corpus import held_out_stdlib_documents, stdlib_documents
 
-    docs = list(stdlib_documents(max_documents=s.train_documents + s.eval_sequences * 4, chars=3000))
-    train, held_out = docs[: s.train_documents], docs[s.train_documents:]
+    train = list(stdlib_documents(max_documents=s.train_documents, chars=3000))
+    held_out = held_out_stdlib_documents(after_documents=s.train_documents, max_documents=s.eval_sequences * 4,
+                                         chars=3000)
     rng = random.Random(0)
     train += [passkey_document(rng, train) for _ in range(s.passkey_documents)]
     rng.shuffle(train)

@@ -144,12 +144,13 @@ def analyze(args) -> None:
 
 
 def write_held_out(out: Path, seed: int) -> dict[str, Path]:
-    """Text the runs never trained on: later stdlib chunks, and recall documents of another seed."""
-    from megatron_consa.data.demo_corpus import recall_documents, stdlib_documents
+    """Text the runs never trained on: stdlib files the corpus took no chunk from, and recall documents of another
+    seed."""
+    from megatron_consa.data.demo_corpus import held_out_stdlib_documents, recall_documents
 
     files = {"text": out / "held_out_text.jsonl", "recall": out / "held_out_recall.jsonl"}
     if not all(f.is_file() for f in files.values()):
-        text = list(stdlib_documents(max_documents=TRAIN_TEXT_DOCUMENTS + 64))[TRAIN_TEXT_DOCUMENTS:]
+        text = held_out_stdlib_documents(after_documents=TRAIN_TEXT_DOCUMENTS, max_documents=64)
         recall = recall_documents(64, key_words=KEY_WORDS, repeats=REPEATS, seed=10_000 + seed)
         for kind, docs in (("text", text), ("recall", recall)):
             files[kind].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -691,7 +691,8 @@ def _uniform_order(num_layers: int, num_kv_heads: int, granularity: str, budget:
     first; KV heads, `budget // L` heads in every layer and one more in `budget % L` evenly spaced layers."""
     if granularity == "layer":
         first = _evenly_spaced(num_layers, budget)
-        return first + [l for l in range(num_layers) if l not in set(first)]
+        taken = set(first)
+        return first + [l for l in range(num_layers) if l not in taken]
     per_layer, extra = divmod(budget, num_layers)
     order = [l * num_kv_heads + g for g in range(min(per_layer, num_kv_heads)) for l in range(num_layers)]
     if per_layer < num_kv_heads:

@@ -29,20 +29,48 @@ RECALL_WORDS = (
 ).split()
 
 
-def stdlib_documents(*, max_documents: int, chars: int = 1000) -> Iterator[str]:
-    """Chunks of the standard library's .py sources (sorted paths, deterministic)."""
+def _stdlib_sources() -> Iterator[str]:
+    """The text of each readable .py file of the standard library, in sorted path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    produced = 0
     for path in sorted(root.glob("*.py")):
         try:
-            text = path.read_text(encoding="utf-8")
+            yield path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        for start in range(0, len(text) - chars // 2, chars):
-            yield text[start:start + chars]
+
+
+def _chunks(text: str, chars: int) -> list[str]:
+    return [text[start:start + chars] for start in range(0, len(text) - chars // 2, chars)]
+
+
+def stdlib_documents(*, max_documents: int, chars: int = 1000) -> Iterator[str]:
+    """Chunks of the standard library's .py sources (sorted paths, deterministic)."""
+    produced = 0
+    for text in _stdlib_sources():
+        for chunk in _chunks(text, chars):
+            yield chunk
             produced += 1
             if produced >= max_documents:
                 return
+
+
+def held_out_stdlib_documents(*, after_documents: int, max_documents: int, chars: int = 1000) -> list[str]:
+    """Text from none of the files that `stdlib_documents(max_documents=after_documents, chars=chars)` cut:
+    the first chunk of each later file, one file a document (so packed evaluation rows span many files).
+
+    Taking the chunks that follow the first `after_documents` instead would start in the middle of the last file
+    those drew from, whose beginning is in the training text."""
+    documents: list[str] = []
+    seen = 0
+    for text in _stdlib_sources():
+        chunks = _chunks(text, chars)
+        if seen < after_documents:
+            seen += len(chunks)
+        elif chunks:
+            documents.append(chunks[0])
+            if len(documents) >= max_documents:
+                break
+    return documents
 
 
 def recall_document(rng: random.Random, *, key_words: int, repeats: int) -> str:

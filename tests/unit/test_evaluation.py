@@ -240,6 +240,34 @@ def test_paired_difference_against_a_hand_computation():
         paired_difference(a, b[:3])
 
 
+@pytest.mark.parametrize("after, chars", [(150, 1000), (400, 3000)])  # the small and the real study's corpora
+def test_held_out_text_is_from_files_the_training_text_never_touched(after, chars):
+    """The studies' held-out text: no file the training chunks came from (the chunks right after them began in the
+    middle of a file whose beginning was trained on), and each document from another file."""
+    import sysconfig
+    from pathlib import Path
+
+    from megatron_consa.data.demo_corpus import held_out_stdlib_documents
+
+    train = "".join(stdlib_documents(max_documents=after, chars=chars))
+    held_out = held_out_stdlib_documents(after_documents=after, max_documents=64, chars=chars)
+    assert len(held_out) == 64
+    sources = {}
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            sources[path.name] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+    files = [[name for name, text in sources.items() if text.startswith(doc)] for doc in held_out]
+    assert all(len(f) == 1 for f in files) and len({f[0] for f in files}) == 64  # a file's start, each its own file
+    trained = [name for name, text in sources.items() if text[:chars // 2] in train]
+    assert trained and not {f[0] for f in files} & set(trained)
+    assert all(doc[:200] not in train for doc in held_out)
+    # what the chunks that follow the training ones would have been: the rest of the last file trained on
+    following = list(stdlib_documents(max_documents=after + 1, chars=chars))[after]
+    assert any(following in sources[name] for name in trained)
+
+
 # ----------------------------------------------------------------------------- retrieval generators, on tokens
 
 
