@@ -19,6 +19,7 @@ Public API::
     seed_cpu_rng(seed, **kw)            # == megatron's model_parallel_cuda_manual_seed, shimmed
     cuda_to_cpu_mode()                  # context manager: device mapping for another thread
     CpuSequenceParallelNorm             # torch LN/RMSNorm accepting sequence_parallel
+    torch_adam_fallback() -> bool       # megatron-core runs torch's Adam (no apex/TE: CPU, or a GPU without them)
     prepare_distrib_optimizer_for_load(optimizer) -> int
     fix_param_steps_after_load(optimizer, step=None) -> int
     patch_fp32_param_checkpointing(optimizer) -> int   # float32 gates in a bf16/fp16 model's checkpoint
@@ -71,6 +72,7 @@ from megatron_consa.compat.cpu import (  # noqa: E402  (torch import after the l
     fix_param_steps_after_load,
     prepare_distrib_optimizer_for_load,
     seed_cpu_rng,
+    torch_adam_fallback,
 )
 from megatron_consa.compat.optimizer import patch_fp32_param_checkpointing  # noqa: E402
 
@@ -92,6 +94,7 @@ __all__ = [
     "CpuSequenceParallelNorm",
     "CpuStream",
     "CpuEvent",
+    "torch_adam_fallback",
     "prepare_distrib_optimizer_for_load",
     "fix_param_steps_after_load",
     "patch_fp32_param_checkpointing",

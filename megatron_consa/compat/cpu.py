@@ -712,6 +712,15 @@ def _torch_optimizers(optimizer: Any):
         yield optimizer
 
 
+def torch_adam_fallback() -> bool:
+    """True where megatron-core's optimizers run torch's Adam (neither apex nor Transformer Engine imports: every
+    CPU, and a GPU install without them): the distributed optimizer's load then needs
+    ``prepare_distrib_optimizer_for_load`` and ``fix_param_steps_after_load``, whatever the device."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
 def prepare_distrib_optimizer_for_load(optimizer: Any) -> int:
     """Pre-fill Adam state (``exp_avg``, ``exp_avg_sq``, ``step``) of every parameter that
     has none, so ``DistributedOptimizer.load_state_dict`` / ``sharded_state_dict`` find

@@ -55,7 +55,7 @@ from megatron_consa.model import unwrap_model
 from megatron_consa.training.config import DIST_CKPT_STRICTNESS
 from megatron_consa.training.finalize import CHECKPOINT_DIR as FINALIZED_CHECKPOINT_DIR
 from megatron_consa.training.parallel import device
-from megatron_consa.compat import cpu_shims_active, fix_param_steps_after_load, prepare_distrib_optimizer_for_load
+from megatron_consa.compat import fix_param_steps_after_load, prepare_distrib_optimizer_for_load, torch_adam_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -452,9 +452,10 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
     load_optimizer = load_optimizer and not weights_only and bool(meta.get("resumable", True))
     if load_optimizer and trainer.parallel.use_distributed_optimizer:
         _check_same_kv_group_orders(trainer, meta, path)
-    cpu = cpu_shims_active()
-    if cpu and load_optimizer:
-        # the torch-Adam fallback creates its state lazily; megatron expects it filled
+    # without apex or TE (every CPU, a GPU install without them) megatron-core runs torch's Adam, whose state is
+    # created lazily; megatron expects it filled, and its load shares one step tensor between parameters
+    torch_adam = load_optimizer and torch_adam_fallback()
+    if torch_adam:
         prepare_distrib_optimizer_for_load(trainer.optimizer)
     state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
     checkpoint_has_gates = meta.get("consa", {}).get("allocation", None) is None and bool(meta) and not untrained_import
@@ -479,7 +480,7 @@ def load_checkpoint(trainer, directory: str | os.PathLike, *, weights_only: bool
     if load_optimizer:
         with torch.no_grad():
             trainer.optimizer.load_state_dict(loaded["optimizer"])
-        if cpu:
+        if torch_adam:
             fix_param_steps_after_load(trainer.optimizer)
         trainer.scheduler.load_state_dict(loaded["opt_param_scheduler"])
         # (megatron-core sets the groups' decay before it takes the saved decay schedule: again, with it)

@@ -508,6 +508,35 @@ class TestTrainer:
         for a, b in zip(*states):
             assert torch.equal(a, b)
 
+    def test_a_distributed_optimizer_resume_without_apex_or_te_is_exact_on_any_device(self, tmp_path, monkeypatch):
+        """Without apex or TE megatron-core runs torch's Adam on a GPU too: the distributed optimizer's load needs its
+        state filled and a step tensor per parameter there as well, so the fix-up follows the optimizer, not the CPU
+        shims (with them reported off the load asserted on the empty state)."""
+        from megatron.core.optimizer import distrib_optimizer
+
+        from megatron_consa.compat import cpu as compat_cpu
+        from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
+
+        assert not distrib_optimizer.HAVE_APEX_OR_TE
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        parallel = ParallelConfig(use_distributed_optimizer=True)
+        first = _trainer(consa, parallel, train_iters=4)
+        first.train(2)
+        save_checkpoint(first, tmp_path / "ckpt")
+        first.train(2)
+        resumed = _trainer(consa, parallel, train_iters=4)
+        with monkeypatch.context() as m:
+            m.setattr(compat_cpu, "_INSTALLED", False)  # as on a GPU: no CPU shims
+            assert load_checkpoint(resumed, tmp_path / "ckpt") == 2
+        steps = [opt.optimizer.state[p]["step"] for opt in getattr(resumed.optimizer, "chained_optimizers",
+                                                                   [resumed.optimizer])
+                 for group in opt.optimizer.param_groups for p in group["params"]]
+        assert len({id(t) for t in steps}) == len(steps) and {t.item() for t in steps} == {2.0}
+        resumed.train(2)
+        assert [r.loss for r in resumed.history] == [r.loss for r in first.history]
+        for a, b in zip(_adam_tensors(first), _adam_tensors(resumed), strict=True):
+            assert torch.equal(a, b)
+
     def test_no_load_optim_continues_at_the_saved_iteration_with_a_new_optimizer(self, tmp_path):
         """--no-load-optim: weights, gates, controller and iteration load; the optimizer is the
         new run's (here bf16 after fp32) with no moments, its schedule at the saved iteration;
