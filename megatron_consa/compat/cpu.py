@@ -538,12 +538,21 @@ def _mode_on_this_thread() -> Optional[CudaToCpuMode]:
 def enter_cuda_to_cpu_mode() -> bool:
     """Enter ``CudaToCpuMode`` on the calling thread and keep it active (no exit).
 
-    Idempotent per thread. Returns True if it was entered now.
+    Idempotent per thread. Returns True if it was entered now. Called inside the caller's own
+    modes (``with torch.device(...)``, a ``TorchFunctionMode``) it goes under them (on top, it
+    would be what their exit pops, leaving their mode on for good and this one gone), above
+    ``torch.set_default_device``'s context, which torch keeps at the bottom.
     """
     if cuda_to_cpu_mode_active():
         return False
+    from torch.overrides import _pop_mode, _push_mode
+
     mode = CudaToCpuMode()
-    mode.__enter__()
+    stack = [_pop_mode() for _ in range(torch._C._len_torch_function_stack())][::-1]  # bottom first
+    default_device = getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None)
+    keep = 1 if stack and default_device is not None and stack[0] is default_device else 0
+    for m in (*stack[:keep], mode, *stack[keep:]):
+        _push_mode(m)
     _TLS.mode = mode
     return True
 

@@ -10,6 +10,7 @@ stops working), these tests say which one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -464,6 +465,48 @@ def test_shim5_mode_is_per_thread(shims):
     th.join()
     assert outcome["bare"] in ("RuntimeError", "AssertionError")  # torch: no CUDA
     assert outcome == {"bare": outcome["bare"], "ctx": "cpu", "applied": True, "after": "cpu"}
+
+
+@cpu_only
+@pytest.mark.parametrize("context", ["device_meta", "device_cpu", "mode", "default_device"])
+def test_shim5_entered_inside_a_callers_mode_stays_under_it(shims, context):
+    """apply_cpu_shims (build_gpt_model calls it) inside `with torch.device(...)`, another
+    TorchFunctionMode or torch.set_default_device: the caller's context still ends where it ends
+    and the mapping stays (entered on top, the caller's exit popped it and left the caller's
+    mode on)."""
+    outcome = {}
+
+    class Tag(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def default_device():
+        torch.set_default_device("meta")
+        try:
+            yield
+        finally:
+            torch.set_default_device(None)
+
+    def worker():  # a thread: a mode stack without the shim yet
+        try:
+            ctx = {"device_meta": torch.device("meta"), "device_cpu": torch.device("cpu"), "mode": Tag(),
+                   "default_device": default_device()}[context]
+            with ctx:
+                compat.apply_cpu_shims()
+                outcome["inside"] = (torch.zeros(1).device.type, torch.zeros(1, device="cuda").device.type)
+            from torch.overrides import _get_current_function_mode_stack
+
+            outcome["stack"] = [type(m).__name__ for m in _get_current_function_mode_stack()]
+            outcome["after"] = (torch.zeros(1).device.type, torch.zeros(1, device="cuda").device.type)
+        except Exception as e:
+            outcome["error"] = repr(e)
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    default = "meta" if context in ("device_meta", "default_device") else "cpu"
+    assert outcome == {"inside": (default, "cpu"), "stack": ["CudaToCpuMode"], "after": ("cpu", "cpu")}
 
 
 # --------------------------------------------------------------------------------------
