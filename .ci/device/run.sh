@@ -24,8 +24,10 @@
 #   bench-te model step, TE spec: megatron-core's stock TE-spec GPTModel vs ConSA + TE backend
 #            (NVTE_DEBUG logs the attention backend TE picked: FusedAttention, not the unfused
 #            path with a dense window mask); only when te passed
-#   tests    pytest tests/gpu, test names as they run (TE backend vs torch backend, TE layer
-#            spec, NCCL runs); with TE, CONSA_REQUIRE_TE=1 turns a TE skip into a failure
+#   tests-te the TE tests of tests/gpu (TE backend vs torch backend, TE layer spec), only when te
+#            passed, with CONSA_REQUIRE_TE=1 (a TE skip is a failure)
+#   tests    pytest tests/gpu, test names as they run, the TE tests left out when tests-te ran them
+#            (the torch backend's CUDA kernels, NCCL runs, async save, determinism)
 #   bench    model step, torch backend (local spec): stock, all-FA, 75% SWA, learning
 # The benchmarks come before the tests and the test stage is capped, so the figures the
 # README needs are taken first. STAGES="env install build te tests" runs a subset; a warm
@@ -41,7 +43,7 @@ WHEELS=${WHEELS:-.ci/device/wheels}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-580}
 LIMIT_SCALE=${LIMIT_SCALE:-1}  # stage limits x this (prepare.py's build on a 2-core machine: 20)
-STAGES=${STAGES:-env install build te bench-te tests bench}
+STAGES=${STAGES:-env install build te bench-te tests-te tests bench}
 BENCH_ARGS=${BENCH_ARGS:---device cuda --dtype bf16 --seq-len 8192 --window 1024 --layers 4 --hidden 2048 --heads 16 --kv-heads 8 --head-dim 128 --reps 10}
 mkdir -p "$OUT"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,6 +51,12 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=
 # TE loads cuDNN, cuBLAS and NCCL by name: where CUDA torch's pip packages keep them, and the toolkit
 NVIDIA_LIBS=$("$PY" -c "import glob, os, torch; r = os.path.dirname(os.path.dirname(torch.__file__)); print(':'.join(sorted(glob.glob(os.path.join(r, 'nvidia', '*', 'lib')))))" 2>/dev/null)
 export LD_LIBRARY_PATH="${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# TE looks for cuDNN, NVRTC and cuRAND under <NAME>_HOME first, then CUDA_HOME, unversioned names on
+# LD_LIBRARY_PATH, and its own Python's purelib: point the first at CUDA torch's pip packages
+NVIDIA_ROOT=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia'))" 2>/dev/null)
+if [ -n "$NVIDIA_ROOT" ] && [ -d "$NVIDIA_ROOT" ]; then
+  for lib in CUDNN NVRTC CURAND; do v=${lib}_HOME; [ -n "${!v:-}" ] || export "$v=$NVIDIA_ROOT"; done
+fi
 if [ -z "${CUDA_HOME:-}" ]; then
   for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent/bin/nvcc)")")")"; do
     if [ -f "$c/include/cuda_runtime.h" ]; then export CUDA_HOME=$c; break; fi
@@ -81,7 +89,7 @@ env_info() {
   command -v ninja && ninja --version
   "$PY" -m pip --version
   "$PY" -c "import numpy, platform, sysconfig, torch; print('numpy', numpy.__version__, 'glibc', platform.libc_ver()); print('cudnn', torch.backends.cudnn.version()); print('purelib', sysconfig.get_path('purelib'), 'torch at', torch.__file__)"
-  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  echo "CUDA_HOME=${CUDA_HOME:-unset} CUDNN_HOME=${CUDNN_HOME:-unset} NVRTC_HOME=${NVRTC_HOME:-unset} CURAND_HOME=${CURAND_HOME:-unset}"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   nproc
 }
@@ -128,7 +136,7 @@ build_te_torch() {
   # The toolkit's headers first (TE finds it through CUDA_HOME, set above, else next to
   # nvcc, which may be a wrapper script in /usr/local/bin), then what CUDA torch's pip
   # packages carry and a bare toolkit lacks: cuBLAS, cuDNN, NCCL (nvidia/*/include).
-  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+  echo "CUDA_HOME=${CUDA_HOME:-unset} CUDNN_HOME=${CUDNN_HOME:-unset} NVRTC_HOME=${NVRTC_HOME:-unset} CURAND_HOME=${CURAND_HOME:-unset}"
   local inc
   inc=$("$PY" -c "import glob, os, torch; r = os.path.dirname(os.path.dirname(torch.__file__)); print(':'.join(sorted(glob.glob(os.path.join(r, 'nvidia', '*', 'include')))))")
   export CPATH="${inc}${CPATH:+:$CPATH}"
@@ -171,14 +179,29 @@ stage env 30 env_info
 stage install 120 install_wheels || { log "install failed: nothing else can run"; exit 1; }
 failed=0
 stage build 300 build_te_torch || failed=1
+te_ok=0
 if stage te 60 with_te te_import; then
+  te_ok=1
   export PYTHONPATH="$SITE_TE:$PYTHONPATH" CONSA_REQUIRE_TE=1  # TE imports: every later stage has it
   stage bench-te 120 bench_te || failed=1
 else
   failed=1
   log "bench-te: skipped, Transformer Engine does not import (te.log); the tests and bench run without it"
 fi
-stage tests 150 "$PY" -m pytest tests/gpu -v -rA --durations=0 -p no:cacheprovider || failed=1
+PYTEST=("$PY" -m pytest -v -rA --durations=0 -p no:cacheprovider)
+G=tests/gpu/test_gpu_backends.py
+TE_TESTS=("$G::TestCudaAttention::test_fixed_mode_bf16_matches_dense_fp64[te]"
+          "$G::TestCudaAttention::test_te_learning_mode_matches_torch_backend"
+          "$G::TestCudaAttention::test_te_backend_selects_once_per_configuration"
+          "$G::TestSingleRankNccl::test_te_backend_run_matches_torch_backend"
+          "$G::TestSingleRankNccl::test_te_layer_spec_run_matches_torch_backend_in_the_same_spec"
+          "$G::TestTransformerEngineSpec")
+deselect=()
+if ((te_ok)); then  # the TE tests first: behind the torch-backend runs the cap could cut them
+  stage tests-te 150 "${PYTEST[@]}" "${TE_TESTS[@]}" || failed=1
+  for t in "${TE_TESTS[@]}"; do deselect+=(--deselect "$t"); done
+fi
+stage tests 150 "${PYTEST[@]}" tests/gpu "${deselect[@]}" || failed=1
 stage bench 120 bench model_step_torch || failed=1
 log "done$( ((failed)) && echo ', with failures (see above)')"
 exit $failed

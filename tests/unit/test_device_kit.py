@@ -164,3 +164,23 @@ def test_run_sh_keeps_a_broken_transformer_engine_away_from_the_torch_stages(tmp
     assert "FileNotFoundError" in (out / "te.log").read_text()
     names = [row["model"] for row in json.loads((out / "model_step_torch.json").read_text())["rows"]]
     assert "consa learning" in names
+
+
+def test_run_sh_names_te_tests_that_exist():
+    """run.sh's tests-te stage names the TE tests by node id (and the tests stage deselects them): a renamed test
+    would otherwise run nowhere, found out only on a lent GPU."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    script = (root / ".ci" / "device" / "run.sh").read_text()
+    module = re.search(r"^G=(\S+)$", script, re.M).group(1)
+    block = re.search(r"^TE_TESTS=\((.*?)\)$", script, re.M | re.S).group(1)
+    ids = [i.replace("$G", module) for i in re.findall(r'"([^"]+)"', block)]
+    assert len(ids) >= 5
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    collected = [line for line in done.stdout.splitlines() if line.startswith(module + "::")]
+    for i in ids:
+        assert any(c == i or c.startswith(i + "::") for c in collected), (i, collected)
