@@ -145,18 +145,21 @@ def _tiles(row) -> str:
     return f"{row['block_size']}" if bwd is None else f"{row['block_size']} / {bwd}"
 
 
-def score_entries(n: int, window: int | None = None) -> float:
+def score_entries(n: int, window: int | None = None, sinks: int = 0) -> float:
     """The score entries a query sequence of n sees: n(n+1)/2 causal (window None), or
-    n*W - W(W-1)/2 in a window of W (no sinks)."""
+    n*W - W(W-1)/2 in a window of W, plus the sink keys left of the window: the sum over
+    positions p of min(S, max(0, p + 1 - W))."""
     w = n if window is None else min(window, n)
-    return n * w - w * (w - 1) / 2
+    past = n - w  # positions whose window has left key 0 behind: p + 1 - W = 1 .. n - W
+    s = min(sinks, past)
+    return n * w - w * (w - 1) / 2 + s * (s + 1) / 2 + sinks * max(0, past - sinks)
 
 
-def swa_work_ratio(n: int, window: int) -> float:
-    """Score entries of exact SWA over those of causal FA: (n*W - W(W-1)/2) / (n(n+1)/2).
+def swa_work_ratio(n: int, window: int, sinks: int = 0) -> float:
+    """Score entries of exact SWA over those of causal FA: (n*W - W(W-1)/2 + sinks') / (n(n+1)/2).
     About 2W/n for W << n; 0.44 at W = n/4, where a kernel has to do its work 1.46x as fast
     as FA does FA's to reach 0.30x (see :func:`floor_ratio`)."""
-    return score_entries(n, window) / score_entries(n)
+    return score_entries(n, window, sinks) / score_entries(n)
 
 
 # Floating-point operations per visible score entry per head and head dimension: the
@@ -217,7 +220,7 @@ def product_rates(dt: str, head_dim: int) -> dict:
 def grid_rates(row) -> dict:
     """FA's and ours' rates of exact work (GFLOP/s) in a grid row: ``{fa,swa}_{fwd,fwd_bwd}``."""
     n, shape = row["seq_len"], dict(batch=row.get("batch", 1), heads=row["heads"], head_dim=row["head_dim"])
-    entries = {"fa": score_entries(n), "swa": score_entries(n, row["window"])}
+    entries = {"fa": score_entries(n), "swa": score_entries(n, row["window"], row.get("sinks", 0))}
     return {f"{m}_{part}": gflops(row[f"{m}_{part}_ms"], entries[m], part=part, **shape)
             for m in ("fa", "swa") for part in ("fwd", "fwd_bwd")}
 
@@ -338,7 +341,7 @@ def run_grid(args):
                 "dtype": dt,
                 "block_size": args.block_size or swa_tile(W, n, ratio, dtype, d),
                 "bwd_block_size": args.block_size or swa_tile(W, n, ratio, dtype, d, backward=True),
-                "ideal": swa_work_ratio(n, W),
+                "sinks": S, "ideal": swa_work_ratio(n, W, S),
                 "fa_fwd_ms": 1e3 * med["fa"]["fwd"], "swa_fwd_ms": 1e3 * med[W]["fwd"],
                 "fwd_ratio": med[W]["fwd"] / med["fa"]["fwd"],
                 "fa_fwd_bwd_ms": 1e3 * med["fa"]["fwd_bwd"], "swa_fwd_bwd_ms": 1e3 * med[W]["fwd_bwd"],
@@ -568,7 +571,7 @@ def main(argv=None):
         "threads": args.threads, "reps": len(times[fa_name]["fwd"]), "warmup": args.warmup,
         "min_time": args.min_time, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-        "ideal_swa_ratio": swa_work_ratio(n, W),
+        "ideal_swa_ratio": swa_work_ratio(n, W, S),
         "max_abs_err_ours_vs_dense": max_err,
     }
     print(

@@ -46,7 +46,9 @@ def _summary(rows: list[dict]) -> dict:
     return {
         "cases": len(rows),
         "settled_within_1000": len(ok),
-        "worst_settle": max((r["settled_by"] for r in rows if r["settled_by"] is not None), default=None),
+        # None ("never") as soon as one case never settles
+        "worst_settle": None if any(r["settled_by"] is None for r in rows) else max(
+            (r["settled_by"] for r in rows), default=None),
         "worst_tail_gap": max((r["tail_gap"] for r in rows), default=0.0),
     }
 

@@ -20,7 +20,8 @@ their default products and the tiles the library picks (``cpu_q_tile``, ``cpu_kv
     python benchmarks/cpu_kernel_products.py --baseline 7e22247 --dtype bf16
 
 A shape is n:W:ratio (query heads per KV head; --heads query heads, head dim
---head-dim). Times are the minimum over --reps of each call (every call warm).
+--head-dim). Times are the minimum over --reps of each call, rounded up to even: two
+interleaved rounds of half each (every call warm).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def main(argv=None):
     (a, (ext_a, fast_a)), (b, (ext_b, fast_b)) = variants.items()
     torch.set_num_threads(args.threads)
     d, hq, dtype = args.head_dim, args.heads, DTYPES[args.dtype]
-    print(f"banded kernel, {args.dtype}, {a} vs {b}, b=1 hq={hq} d={d} threads={args.threads} min of {args.reps}; "
+    print(f"banded kernel, {args.dtype}, {a} vs {b}, b=1 hq={hq} d={d} threads={args.threads} min of {2 * math.ceil(args.reps / 2)}; "
           f"torch={torch.__version__} cpu={platform.processor() or platform.machine()}")
     print()
     print(f"| n | W | hq/hkv | tile fwd / bwd | fwd {a} (ms) | fwd {b} (ms) | fwd {a} / {b} "
@@ -157,7 +158,7 @@ def main(argv=None):
         diff = max((x.float() - y.float()).abs().max().item() / max(1.0, y.float().abs().max().item())
                    for x, y in zip((out, *grads), (ref_out, *ref_grads)))
         times = {f"{pass_}_{name}": [] for pass_ in ("fwd", "bwd") for name in (a, b)}
-        reps = max(1, args.reps // 2)
+        reps = math.ceil(args.reps / 2)  # per round, two rounds: at least --reps timed calls per variant
         for _ in range(2):  # interleaved: load that comes and goes hits both alike
             for name, (e, fast) in variants.items():
                 times[f"fwd_{name}"].append(_best_ms(lambda: e.forward(q, k, v, *fixed, allow_pack=fast), reps))
@@ -175,7 +176,7 @@ def main(argv=None):
         if diff > TOLERANCE[args.dtype] and not args.no_check:
             raise SystemExit(f"cpu_kernel_products: {a} and {b} differ by {diff:.2e} at n={n} W={W} ratio={ratio}")
     if args.json:
-        config = {"heads": hq, "head_dim": d, "threads": args.threads, "reps": args.reps, "dtype": args.dtype,
+        config = {"heads": hq, "head_dim": d, "threads": args.threads, "reps": 2 * math.ceil(args.reps / 2), "dtype": args.dtype,
                   "checked": not args.no_check,
                   "baseline": args.baseline, "torch": torch.__version__,
                   "cpu": platform.processor() or platform.machine(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}

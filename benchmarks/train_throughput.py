@@ -8,7 +8,8 @@ Four runs of the same small model on megatron-core's mock data, each
   consa learning  ConSA gates learning (both branches run while gates are interior)
   consa 75% SWA   fixed allocation uniform_heads at sparsity 0.75
 
-A run's tokens/s is the median over its log intervals after the first (warm-up).
+A run's tokens/s is the median over its log intervals after the first --log-interval
+iterations (warm-up; the log's line at iteration 1 and the one at --log-interval).
 The four runs are repeated --rounds times, interleaved (stock, all-FA, learning,
 75% SWA, then again), so that a machine's drift hits every model alike. A model's
 tokens/s is the median over its rounds; its ratios pair each run with the baseline
@@ -39,15 +40,18 @@ CASES = {
                                       "--consa-target-sparsity", "0.75"],
 }
 # The training log line of `megatron_consa.training.loop`: "iter  N/M | loss ... | 1234 tok/s | ..."
-_RATE = re.compile(r"\biter\s+\d+/\d+ \|.*?\| (\d+(?:\.\d+)?) tok/s \|")
+_RATE = re.compile(r"\biter\s+(\d+)/\d+ \|.*?\| (\d+(?:\.\d+)?) tok/s \|")
 
 
-def tokens_per_s(log: str) -> float:
-    """The median tokens/s over a run's log intervals after the first (the warm-up)."""
-    rates = [float(m.group(1)) for m in map(_RATE.search, log.splitlines()) if m]
+def tokens_per_s(log: str, warmup_iters: int) -> float:
+    """The median tokens/s over a run's log intervals that end after `warmup_iters` iterations (the loop logs
+    iteration 1 too: with --log-interval 5, the intervals ending at 1 and 5 are the warm-up)."""
+    lines = [m for m in map(_RATE.search, log.splitlines()) if m]
+    rates = [float(m.group(2)) for m in lines if int(m.group(1)) > warmup_iters]
     if len(rates) < 2:
-        raise ValueError(f"the run logged {len(rates)} interval(s); it needs 2 or more: raise --iters")
-    return statistics.median(rates[1:])
+        raise ValueError(f"the run logged {len(rates)} interval(s) after its first {warmup_iters} iterations; it "
+                         "needs 2 or more: raise --iters")
+    return statistics.median(rates)
 
 
 def run(extra: list[str], args) -> float:
@@ -67,7 +71,7 @@ def run(extra: list[str], args) -> float:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
-    return tokens_per_s(proc.stdout + proc.stderr)
+    return tokens_per_s(proc.stdout + proc.stderr, args.log_interval)
 
 
 def main(argv=None) -> dict[str, float]:
@@ -80,8 +84,9 @@ def main(argv=None) -> dict[str, float]:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/bench_train_throughput.json"))
     args = p.parse_args(argv)
-    if args.iters <= args.log_interval:
-        p.error(f"--iters {args.iters} must exceed --log-interval {args.log_interval}: the first interval is warm-up")
+    if args.iters < 3 * args.log_interval:
+        p.error(f"--iters {args.iters} must be at least 3 x --log-interval {args.log_interval}: the first interval is "
+                "warm-up, and two more are timed")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     per_round = {name: [] for name in CASES}

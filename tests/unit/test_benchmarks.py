@@ -35,6 +35,13 @@ def test_work_ratio(attention_cpu):
         mask = torch.ones(n, n).tril()
         band = mask.triu(-(w - 1))
         assert attention_cpu.swa_work_ratio(n, w) == pytest.approx(band.sum().item() / mask.sum().item())
+    # with sinks: the first S keys stay visible left of the window (the kernel computes them)
+    for n, w, sinks in [(200, 24, 2), (64, 16, 4), (20, 16, 8), (16, 16, 4), (30, 8, 30)]:
+        mask = torch.ones(n, n).tril()
+        band = mask.triu(-(w - 1))
+        band[:, :sinks] = mask[:, :sinks]
+        assert attention_cpu.score_entries(n, w, sinks) == band.sum().item(), (n, w, sinks)
+        assert attention_cpu.swa_work_ratio(n, w, sinks) == pytest.approx(band.sum().item() / mask.sum().item())
 
 
 def test_time_interleaved_repeats_until_min_time(attention_cpu, monkeypatch):
@@ -344,8 +351,12 @@ def test_train_throughput_runs_every_model_through_the_entry_point(tmp_path):
     assert saved["tokens_per_s"] == rates
     assert all(len(r) == 1 and r[0] == rates[name] for name, r in saved["tokens_per_s_per_round"].items())
     assert saved["vs_all_fa"] == pytest.approx({name: r / rates["consa all-FA"] for name, r in rates.items()})
+    line = "12:00:00 iter {:>6}/20 | loss 6.9 | lr 0.001 | {} tok/s | elapsed 0:00:00 | ETA 0\n"
     with pytest.raises(ValueError, match="logged 1 interval"):
-        bench.tokens_per_s("12:00:00 iter      1/6 | loss 6.9 | lr 0.001 | 823 tok/s | elapsed 0:00:00 | ETA 0\n")
+        bench.tokens_per_s(line.format(1, 823) + line.format(5, 900) + line.format(10, 950), 5)
+    # the lines at iteration 1 and at the first --log-interval are the warm-up
+    log = "".join(line.format(i, r) for i, r in ((1, 100), (5, 200), (10, 300), (15, 400), (20, 1000)))
+    assert bench.tokens_per_s(log, 5) == 400
 
 
 def test_decode_benchmark_checks_the_cache_against_the_formula(tmp_path):
@@ -374,3 +385,11 @@ def test_controller_benchmark_toy_grid(tmp_path):
     assert {r["controller"] for r in toy} == {"old", "new"} and len(toy) == 120  # 60 representable cases, each twice
     report = (out / "controller.md").read_text()
     assert "| old | 60 |" in report and "| new | 60 |" in report
+
+
+def test_controller_summary_worst_settle_is_never_when_one_case_never_settles():
+    controller = _load("controller")
+    rows = [{"settled_by": None, "finalize_ok": False, "tail_gap": 0.2},
+            {"settled_by": 1476, "finalize_ok": True, "tail_gap": 0.01}]
+    assert controller._summary(rows)["worst_settle"] is None
+    assert controller._summary(rows[1:])["worst_settle"] == 1476 and controller._summary([])["worst_settle"] is None
