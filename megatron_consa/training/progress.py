@@ -3,7 +3,7 @@
 Each line is Megatron-LM's, tab-separated, so the scripts that read its progress logs read
 these: the time, the Slurm job id, the number of ranks, then the event:
 
-    2026-12-07 10:00:00	Job ID: 4242	# GPUs: 8	Starting job
+    2026-12-07 10:00:00	Job ID: 4242	# GPUs: 8	Starting job	Floating-point operations: 2.58e+18
     2026-12-07 10:20:00	Job ID: 4242	# GPUs: 8	Saved checkpoint	Iteration: 500	Job throughput: 312.4 TFLOP/s/GPU	Cumulative throughput: 309.9 TFLOP/s/GPU	Floating-point operations: 2.99e+18	Tokens (in billions): 1.05
 
 With `--async-save` the save line reads "Saving async checkpoint" when the save is
@@ -13,7 +13,9 @@ checkpoint	Iteration: N" when `--save-retain-interval` drops one.
 Job throughput: the floating-point operations this process trained since it started,
 over its wall time (evaluations and saves included) and ranks. Cumulative: the same
 since the first job of this world size that the log records (a resize starts the count
-again), from the operations the checkpoint it loaded had counted. The operations are the
+again), from the operations the checkpoint it loaded had counted, which its start line
+records (written once the checkpoint is loaded, stamped with the job's start; a start line
+without them, Megatron-LM's, counts from the save before it). The operations are the
 log line's TFLOP/s count (`training.flops`), summed over the iterations and kept in each
 checkpoint. Only the first rank writes; nothing here is a collective.
 """
@@ -45,16 +47,19 @@ class ProgressLog:
         self.start_time = start_time
         self.flops_at_start = flops_at_start
 
-    def _append(self, event: str) -> None:
+    def _append(self, event: str, when: Optional[datetime] = None) -> None:
         if self.rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         job = os.environ.get("SLURM_JOB_ID", "")
+        stamp = (when or datetime.now()).strftime(_TIME_FORMAT)
         with open(self.path, "a") as f:
-            f.write(f"{datetime.now().strftime(_TIME_FORMAT)}\tJob ID: {job}\t# GPUs: {self.world_size}\t{event}\n")
+            f.write(f"{stamp}\tJob ID: {job}\t# GPUs: {self.world_size}\t{event}\n")
 
     def starting_job(self) -> None:
-        self._append("Starting job")
+        """The job's start line, once `flops_at_start` is known (after the load), stamped with `start_time`."""
+        self._append(f"Starting job\tFloating-point operations: {self.flops_at_start:.2e}",
+                     when=datetime.fromtimestamp(self.start_time))
 
     def checkpoint_saved(self, iteration: int, *, flops: float, tokens: int, asynchronous: bool = False) -> None:
         """After a save (or, `asynchronous`, when it is scheduled): the throughputs and the counts so far."""
@@ -80,21 +85,21 @@ class ProgressLog:
 
     def _first_job_of_this_size(self) -> tuple[Optional[datetime], float]:
         """When the earliest job of this world size that the log records (since the last resize)
-        started, and the operations counted by the checkpoint saved last before it (Megatron-LM's
+        started, and the operations it started from: those its start line records, else (a line
+        of Megatron-LM's) those counted by the checkpoint saved last before it (Megatron-LM's
         reading: an async save counts once it is in place)."""
         start: Optional[datetime] = None
         start_flops = latest = 0.0
         pending: Optional[float] = None
-        start_line = last_start_line = -1
         if not self.path.is_file():
             return None, 0.0
-        for i, line in enumerate(self.path.read_text().splitlines()):
+        for line in self.path.read_text().splitlines():
             fields = line.split("\t")
             try:  # (a line another program wrote, or cut short, is skipped: the log never stops a run)
                 size, event = int(fields[2].split(": ")[1]), fields[3]
                 when = datetime.strptime(fields[0], _TIME_FORMAT)
-                count = float(fields[7].split(": ")[1]) if event in ("Saved checkpoint",
-                                                                    "Saving async checkpoint") else None
+                field = {"Saved checkpoint": 7, "Saving async checkpoint": 7, "Starting job": 4}.get(event)
+                count = float(fields[field].split(": ")[1]) if field is not None and len(fields) > field else None
             except (IndexError, ValueError):
                 continue
             if event == "Saved checkpoint":
@@ -106,9 +111,6 @@ class ProgressLog:
             if size != self.world_size:
                 start = None
                 continue
-            if event == "Starting job":
-                last_start_line = i
-                if start is None:
-                    start, start_flops, start_line = when, latest, i
-        # the first start is this job's own (e.g. --log-progress added on a resume): it began from the loaded count
-        return start, self.flops_at_start if start is not None and start_line == last_start_line else start_flops
+            if event == "Starting job" and start is None:
+                start, start_flops = when, latest if count is None else count
+        return start, start_flops

@@ -683,7 +683,6 @@ def run_training(prepared: PreparedRun):
     if run.checkpoint.log_progress:
         progress = ProgressLog(save, rank=dist_rank(), world_size=torch.distributed.get_world_size(),
                                start_time=job_start)
-        progress.starting_job()
     samples = training.train_iters * training.global_batch_size
     test_samples = run.eval_iters * training.global_batch_size if _evaluates_test(run) else 0
     train_src, valid_src, test_src = build_gpt_sources(
@@ -706,8 +705,9 @@ def run_training(prepared: PreparedRun):
                         prepared.load_dir, at,
                         "; a new optimizer, this run's schedule" if prepared.resume and not run.checkpoint.load_optim
                         else "")
-    if progress is not None:
+    if progress is not None:  # its start line records the operations the loaded checkpoint had counted
         progress.flops_at_start = trainer.floating_point_operations_so_far
+        progress.starting_job()
     interval = run.checkpoint.save_interval
     writer = run.checkpoint.writer()
     # validation batch j is the same at every layout and on resume: the evaluations before

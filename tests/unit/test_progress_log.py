@@ -78,14 +78,50 @@ def test_a_log_begun_by_this_job_counts_from_the_loaded_checkpoint(tmp_path, mon
         def now(cls, tz=None):
             return clock["now"]
 
+    start = clock["now"].timestamp()
     monkeypatch.setattr("megatron_consa.training.progress.datetime", Clock)
-    monkeypatch.setattr("megatron_consa.training.progress.time.time", lambda: 1000.0 + 100)
-    progress = ProgressLog(tmp_path, rank=0, world_size=2, start_time=1000.0, flops_at_start=4e15)
+    monkeypatch.setattr("megatron_consa.training.progress.time.time", lambda: start + 100)
+    progress = ProgressLog(tmp_path, rank=0, world_size=2, start_time=start, flops_at_start=4e15)
+    clock["now"] += timedelta(seconds=30)  # (the start line, written after the load, keeps the job's start)
     progress.starting_job()
-    clock["now"] += timedelta(seconds=100)
+    assert (tmp_path / PROGRESS_FILE).read_text().split("\t")[0] == "2026-01-01 00:00:00"
+    clock["now"] += timedelta(seconds=70)
     progress.checkpoint_saved(8, flops=6e15, tokens=0)
     progress.checkpoint_saved(9, flops=8e15, tokens=0)  # (its own first save in the log does not move the start)
     for line, flops in zip((tmp_path / PROGRESS_FILE).read_text().splitlines()[1:], (2e15, 4e15)):
         job, cumulative = (float(f.split(": ")[1].split()[0]) for f in line.split("\t")[5:7])
         # (not 6e15 over the job's time: the operations before it are not its)
         assert job == cumulative == pytest.approx(flops / (100 * 2 * 1e12), abs=0.05)
+
+
+def test_the_next_job_counts_from_the_first_jobs_loaded_operations(tmp_path, monkeypatch):
+    """The log's first job started from a checkpoint that had counted 1e17 operations and trained 0.5e17 in 100 s;
+    the next job saves at once, having trained nothing: its cumulative figure stays 0.5e17 over their time (from
+    the first job's start line; reading the save before it, there is none, counted from 0 and jumped to 1.5e17)."""
+    clock = {"now": datetime(2026, 1, 1, 0, 0, 0)}
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return clock["now"]
+
+    monkeypatch.setattr("megatron_consa.training.progress.datetime", Clock)
+    t0 = clock["now"].timestamp()
+    first = ProgressLog(tmp_path, rank=0, world_size=1, start_time=t0, flops_at_start=1e17)
+    first.starting_job()
+    clock["now"] += timedelta(seconds=100)
+    monkeypatch.setattr("megatron_consa.training.progress.time.time", lambda: t0 + 100)
+    first.checkpoint_saved(10, flops=1.5e17, tokens=0)
+    clock["now"] += timedelta(seconds=100)
+    monkeypatch.setattr("megatron_consa.training.progress.time.time", lambda: t0 + 200)
+    second = ProgressLog(tmp_path, rank=0, world_size=1, start_time=t0 + 200, flops_at_start=1.5e17)
+    second.starting_job()
+    second.checkpoint_saved(10, flops=1.5e17, tokens=0)
+    lines = (tmp_path / PROGRESS_FILE).read_text().splitlines()
+    assert lines[0].split("\t")[3:] == ["Starting job", "Floating-point operations: 1.00e+17"]
+    cumulative = [float(line.split("\t")[6].split(": ")[1].split()[0]) for line in (lines[1], lines[3])]
+    assert cumulative == [pytest.approx(0.5e17 / (100 * 1e12), abs=0.05), pytest.approx(0.5e17 / (200 * 1e12),
+                                                                                         abs=0.05)]
+    # a start line without the count (Megatron-LM's): the save before it
+    (tmp_path / PROGRESS_FILE).write_text(lines[0].rsplit("\t", 1)[0] + "\n")
+    assert second._first_job_of_this_size()[1] == 0.0
