@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import sys
@@ -536,6 +537,19 @@ class TestTrainer:
         assert [r.loss for r in resumed.history] == [r.loss for r in first.history]
         for a, b in zip(_adam_tensors(first), _adam_tensors(resumed), strict=True):
             assert torch.equal(a, b)
+
+    def test_the_log_lines_loss_is_the_mean_over_its_interval(self, caplog):
+        """As Megatron-LM's: the log line's loss is the mean over the iterations since the last line (the first line
+        its own), not the last iteration's."""
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        trainer = _trainer(consa, train_iters=7, log_interval=3)
+        with caplog.at_level(logging.INFO, logger="megatron_consa.training.loop"):
+            history = [r.loss for r in trainer.train()]
+        logged = {int(m.group(1)): float(m.group(2)) for m in (
+            re.search(r"iter +(\d+)/7 \| loss ([0-9.]+)", r.getMessage()) for r in caplog.records) if m}
+        assert logged == {1: pytest.approx(history[0], abs=1e-4), 3: pytest.approx(sum(history[1:3]) / 2, abs=1e-4),
+                          6: pytest.approx(sum(history[3:6]) / 3, abs=1e-4), 7: pytest.approx(history[6], abs=1e-4)}
+        assert logged[6] != pytest.approx(history[5], abs=1e-4)
 
     def test_no_load_optim_continues_at_the_saved_iteration_with_a_new_optimizer(self, tmp_path):
         """--no-load-optim: weights, gates, controller and iteration load; the optimizer is the
