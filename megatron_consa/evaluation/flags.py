@@ -43,7 +43,9 @@ def add_sequence_arguments(p: argparse.ArgumentParser, *, what: str, seq_length:
     g.add_argument("--data-split", choices=SPLITS, default="valid",
                    help="which split of --data-path to draw sequences from (default: valid)")
     g.add_argument("--stdlib-text", action="store_true",
-                   help="the Python standard library's sources: real text every machine has")
+                   help="the Python standard library's sources from the first file on: real text every machine "
+                        "has; the demo corpus and the shipped start checkpoints trained on its first files, so it "
+                        "is not held-out text for them")
     g.add_argument("--seq-length", type=int, default=seq_length,
                    help=f"tokens per sequence (default: {seq_length})")
     g.add_argument("--num-sequences", type=int, default=num_sequences,
