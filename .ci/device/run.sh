@@ -197,7 +197,8 @@ TE_TESTS=("$G::TestCudaAttention::test_fixed_mode_bf16_matches_dense_fp64[te]"
           "$G::TestSingleRankNccl::test_te_layer_spec_run_matches_torch_backend_in_the_same_spec"
           "$G::TestTransformerEngineSpec")
 deselect=()
-if ((te_ok)); then  # the TE tests first: behind the torch-backend runs the cap could cut them
+case " $STAGES " in *" tests-te "*) te_first=1 ;; *) te_first=0 ;; esac
+if ((te_ok && te_first)); then  # the TE tests first: behind the torch-backend runs the cap could cut them
   stage tests-te 150 "${PYTEST[@]}" "${TE_TESTS[@]}" || failed=1
   for t in "${TE_TESTS[@]}"; do deselect+=(--deselect "$t"); done
 fi

@@ -444,7 +444,7 @@ class ConsaTrainer:
         # (time, iterations done) at the previous log line; set at this process's first step
         # (a resume starts at the saved iteration, not 0)
         self._last_log: Optional[tuple[float, int]] = None
-        self._interval_loss = [0.0, 0.0]  # the log interval's applied iterations: loss total and count
+        self._interval_loss = [0.0, 0]  # the log interval's applied iterations: their losses' sum, their number
         self._untimed_depth = 0
         # TensorBoard and W&B: megatron's convention, the last rank writes them (it holds the loss)
         self.metrics: Optional[MetricWriters] = None
@@ -579,9 +579,9 @@ class ConsaTrainer:
 
         total, count = reduced_loss([x["lm loss"] for x in losses], per_token=self.training.calculate_per_token_loss)
         loss = total / max(count, 1.0)
-        if update_ok:  # (as Megatron-LM's log line: a skipped iteration's loss is not in the interval's)
-            self._interval_loss[0] += total
-            self._interval_loss[1] += count
+        if update_ok:  # (as Megatron-LM's log line: each applied iteration's loss counts once, a skipped one not)
+            self._interval_loss[0] += loss
+            self._interval_loss[1] += 1
         lr, gate_lr = self._learning_rates()
         log_now = self._logs_iteration(k + 1)
         fa_per_layer = self.fa_per_layer() if self.consa.learning and log_now else None  # collectives: every
@@ -754,7 +754,7 @@ class ConsaTrainer:
             per_iter = (now - prev_time) / max(1, done - prev_iter)
             self._last_log = (now, done)
             total, count = self._interval_loss
-            self._interval_loss = [0.0, 0.0]
+            self._interval_loss = [0.0, 0]
             interval_loss = total / count if count else r.loss  # (every iteration since the last line skipped)
             tokens_per_s = self.training.global_batch_size * self.training.seq_length / max(per_iter, 1e-9)
             tflops_per_gpu = self.flops_per_iteration / max(per_iter, 1e-9) / torch.distributed.get_world_size() / 1e12

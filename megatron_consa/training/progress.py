@@ -3,7 +3,7 @@
 Each line is Megatron-LM's, tab-separated, so the scripts that read its progress logs read
 these: the time, the Slurm job id, the number of ranks, then the event:
 
-    2026-12-07 10:00:00	Job ID: 4242	# GPUs: 8	Starting job	Floating-point operations: 2.58e+18
+    2026-12-07 10:00:00	Job ID: 4242	# GPUs: 8	Starting job	Floating-point operations: 2.5836e+18
     2026-12-07 10:20:00	Job ID: 4242	# GPUs: 8	Saved checkpoint	Iteration: 500	Job throughput: 312.4 TFLOP/s/GPU	Cumulative throughput: 309.9 TFLOP/s/GPU	Floating-point operations: 2.99e+18	Tokens (in billions): 1.05
 
 With `--async-save` the save line reads "Saving async checkpoint" when the save is
@@ -57,8 +57,9 @@ class ProgressLog:
             f.write(f"{stamp}\tJob ID: {job}\t# GPUs: {self.world_size}\t{event}\n")
 
     def starting_job(self) -> None:
-        """The job's start line, once `flops_at_start` is known (after the load), stamped with `start_time`."""
-        self._append(f"Starting job\tFloating-point operations: {self.flops_at_start:.2e}",
+        """The job's start line, once `flops_at_start` is known (after the load), stamped with `start_time`; the
+        count in full (the cumulative figures subtract it)."""
+        self._append(f"Starting job\tFloating-point operations: {self.flops_at_start:.17g}",
                      when=datetime.fromtimestamp(self.start_time))
 
     def checkpoint_saved(self, iteration: int, *, flops: float, tokens: int, asynchronous: bool = False) -> None:
@@ -98,8 +99,10 @@ class ProgressLog:
             try:  # (a line another program wrote, or cut short, is skipped: the log never stops a run)
                 size, event = int(fields[2].split(": ")[1]), fields[3]
                 when = datetime.strptime(fields[0], _TIME_FORMAT)
-                field = {"Saved checkpoint": 7, "Saving async checkpoint": 7, "Starting job": 4}.get(event)
-                count = float(fields[field].split(": ")[1]) if field is not None and len(fields) > field else None
+                count = float(fields[7].split(": ")[1]) if event in ("Saved checkpoint",
+                                                                    "Saving async checkpoint") else None
+                if event == "Starting job" and len(fields) > 4:  # (Megatron-LM's start line has no count)
+                    count = float(fields[4].split(": ")[1])
             except (IndexError, ValueError):
                 continue
             if event == "Saved checkpoint":

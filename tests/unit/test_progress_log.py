@@ -118,10 +118,30 @@ def test_the_next_job_counts_from_the_first_jobs_loaded_operations(tmp_path, mon
     second.starting_job()
     second.checkpoint_saved(10, flops=1.5e17, tokens=0)
     lines = (tmp_path / PROGRESS_FILE).read_text().splitlines()
-    assert lines[0].split("\t")[3:] == ["Starting job", "Floating-point operations: 1.00e+17"]
+    assert lines[0].split("\t")[3:] == ["Starting job", "Floating-point operations: 1e+17"]
     cumulative = [float(line.split("\t")[6].split(": ")[1].split()[0]) for line in (lines[1], lines[3])]
     assert cumulative == [pytest.approx(0.5e17 / (100 * 1e12), abs=0.05), pytest.approx(0.5e17 / (200 * 1e12),
                                                                                          abs=0.05)]
-    # a start line without the count (Megatron-LM's): the save before it
-    (tmp_path / PROGRESS_FILE).write_text(lines[0].rsplit("\t", 1)[0] + "\n")
+    # a start line without the count (Megatron-LM's): the save before it; a save line cut short is skipped
+    (tmp_path / PROGRESS_FILE).write_text(lines[1].rsplit("\t", 2)[0] + "\n" + lines[0].rsplit("\t", 1)[0] + "\n")
     assert second._first_job_of_this_size()[1] == 0.0
+    second.checkpoint_saved(11, flops=1.6e17, tokens=0)
+
+
+def test_the_start_line_keeps_the_loaded_count_in_full(tmp_path, monkeypatch):
+    """A count that two significant digits would round (1.2349e17): the job's cumulative figure equals its job
+    figure, nothing of the rounding in it."""
+    t0 = datetime(2026, 1, 1).timestamp()
+    monkeypatch.setattr("megatron_consa.training.progress.time.time", lambda: t0 + 100)
+    progress = ProgressLog(tmp_path, rank=0, world_size=1, start_time=t0, flops_at_start=1.2349e17)
+    progress.starting_job()
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.fromtimestamp(t0 + 100)
+
+    monkeypatch.setattr("megatron_consa.training.progress.datetime", Clock)
+    progress.checkpoint_saved(5, flops=1.2349e17 + 1e15, tokens=0)
+    job, cumulative = (f.split(": ")[1] for f in _fields(tmp_path / PROGRESS_FILE)[5:7])
+    assert job == cumulative == "10.0 TFLOP/s/GPU"

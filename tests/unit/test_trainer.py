@@ -518,7 +518,8 @@ class TestTrainer:
         from megatron_consa.compat import cpu as compat_cpu
         from megatron_consa.training.checkpoint import load_checkpoint, save_checkpoint
 
-        assert not distrib_optimizer.HAVE_APEX_OR_TE
+        if distrib_optimizer.HAVE_APEX_OR_TE:
+            pytest.skip("apex or Transformer Engine imports here: megatron-core runs their fused Adam, not torch's")
         consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
         parallel = ParallelConfig(use_distributed_optimizer=True)
         first = _trainer(consa, parallel, train_iters=4)
