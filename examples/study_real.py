@@ -345,7 +345,8 @@ def report(out: Path, s: Settings) -> tuple[str, dict]:
             " | ".join(f"{task} @{d}" for task in ("passkey", "kv") for d in s.distances) + " |")
     rule = "|---|---:|---:|---:|---:|" + "---:|" * (2 * len(s.distances))
     lines = [f"SmolLM2-135M, weights frozen, W={s.window}, seq {s.seq_length}: perplexity beyond the window on "
-             f"held-out stdlib text ({s.eval_sequences} x {s.seq_length} tokens; s.e. of the mean NLL over sequences; "
+             f"held-out stdlib text ({s.eval_sequences} x {s.seq_length} tokens from the first chunks of the files "
+             "after those the learning text was cut from; s.e. of the mean NLL over sequences; "
              "ΔNLL: this allocation's mean NLL minus the learned one's, z: that over the s.e. of the per-sequence "
              "differences, every allocation being scored on the same sequences) "
              f"and retrieval accuracy by distance ({s.samples_per_distance} prompts each). Every allocation of a "
