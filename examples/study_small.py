@@ -25,7 +25,7 @@ the single-head ablation ranking and the other seed's map. Every step writes its
 output directory and is skipped when that output exists, so the study resumes
 where it stopped; `--parts` runs some steps only.
 
-    python examples/study_small.py --out runs/study_small              # both seeds (about 45 min on 2 cores)
+    python examples/study_small.py --out runs/study_small              # both seeds (about 20 min on 2 cores)
     python examples/study_small.py --out runs/study_small --seeds 1    # one seed
 """
 
