@@ -54,8 +54,9 @@ export LD_LIBRARY_PATH="${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # TE looks for cuDNN, NVRTC and cuRAND under <NAME>_HOME first, then CUDA_HOME, unversioned names on
 # LD_LIBRARY_PATH, and its own Python's purelib: point the first at CUDA torch's pip packages
 NVIDIA_ROOT=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia'))" 2>/dev/null)
-if [ -n "$NVIDIA_ROOT" ] && [ -d "$NVIDIA_ROOT" ]; then
-  for lib in CUDNN NVRTC CURAND; do v=${lib}_HOME; [ -n "${!v:-}" ] || export "$v=$NVIDIA_ROOT"; done
+if [ -n "$NVIDIA_ROOT" ] && [ -d "$NVIDIA_ROOT" ]; then  # (cuDNN's own folder, as TE's README sets it)
+  [ -n "${CUDNN_HOME:-}" ] || [ ! -d "$NVIDIA_ROOT/cudnn" ] || export CUDNN_HOME=$NVIDIA_ROOT/cudnn
+  for lib in NVRTC CURAND; do v=${lib}_HOME; [ -n "${!v:-}" ] || export "$v=$NVIDIA_ROOT"; done
 fi
 if [ -z "${CUDA_HOME:-}" ]; then
   for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent/bin/nvcc)")")")"; do
@@ -136,7 +137,7 @@ build_te_torch() {
   # The toolkit's headers first (TE finds it through CUDA_HOME, set above, else next to
   # nvcc, which may be a wrapper script in /usr/local/bin), then what CUDA torch's pip
   # packages carry and a bare toolkit lacks: cuBLAS, cuDNN, NCCL (nvidia/*/include).
-  echo "CUDA_HOME=${CUDA_HOME:-unset} CUDNN_HOME=${CUDNN_HOME:-unset} NVRTC_HOME=${NVRTC_HOME:-unset} CURAND_HOME=${CURAND_HOME:-unset}"
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
   local inc
   inc=$("$PY" -c "import glob, os, torch; r = os.path.dirname(os.path.dirname(torch.__file__)); print(':'.join(sorted(glob.glob(os.path.join(r, 'nvidia', '*', 'include')))))")
   export CPATH="${inc}${CPATH:+:$CPATH}"
