@@ -55,7 +55,9 @@ from megatron_consa.model import unwrap_model
 from megatron_consa.training.config import DIST_CKPT_STRICTNESS
 from megatron_consa.training.finalize import CHECKPOINT_DIR as FINALIZED_CHECKPOINT_DIR
 from megatron_consa.training.parallel import device
-from megatron_consa.compat import fix_param_steps_after_load, prepare_distrib_optimizer_for_load, torch_adam_fallback
+from megatron_consa.compat import (
+    cpu_shims_active, fix_param_steps_after_load, prepare_distrib_optimizer_for_load, torch_adam_fallback,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ def _rng_file(directory: Path, rank: int) -> Path:
 def _rng_state() -> dict:
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "device": _rng_device()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -82,12 +85,26 @@ def _rng_state() -> dict:
     return state
 
 
+def _rng_device() -> str:
+    """The kind of generator megatron-core's RNG tracker holds here: "cpu" under the CPU shims (CPU
+    generator states), "cuda" on a GPU (Philox states, which a CPU generator cannot take, nor back)."""
+    return "cuda" if torch.cuda.is_available() and not cpu_shims_active() else "cpu"
+
+
 def _set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    saved = state.get("device", "cuda" if "cuda" in state else "cpu")  # (checkpoints from before the field)
+    if saved != _rng_device():
+        if dist.get_rank() == 0:
+            logger.warning("the checkpoint's RNG states were saved on %s, this run is on %s: its host generators "
+                           "(python, numpy, torch) are restored, the %s ones keep this run's --seed "
+                           "(--no-load-rng restores none)", saved.upper(), _rng_device().upper(),
+                           _rng_device().upper())
+        return
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     if "tracker" in state:

@@ -725,13 +725,14 @@ def run_training(prepared: PreparedRun):
         else:  # the test split, once, at the end (its first --eval-iters batches)
             loss = trainer.evaluate(test_src, iterations=run.eval_iters)
         manual_gc.after_eval()
+        ppl = math.exp(min(20.0, loss))  # (capped as Megatron-LM caps it)
         if trainer.metrics is not None:
             trainer.metrics.add_scalar(f"consa/{split}_loss", loss, k)
             if training.log_validation_ppl_to_tensorboard:
-                trainer.metrics.add_scalar(f"consa/{split}_ppl", math.exp(min(loss, 50.0)), k)
+                trainer.metrics.add_scalar(f"consa/{split}_ppl", ppl, k)
         if dist_rank() == 0:
             logger.info("%s | iter %d | loss %.4f | ppl %.3f", "validation" if split == "valid" else "test", k, loss,
-                        math.exp(min(loss, 50.0)))
+                        ppl)
 
     extras = _checkpoint_extras(run, prepared.tokenizer)
 

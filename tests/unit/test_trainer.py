@@ -575,6 +575,38 @@ class TestTrainer:
         assert not any(opt.optimizer.state for opt in resumed.optimizer.chained_optimizers)  # no moments loaded
         assert resumed.train_step().lr == fresh_schedule[3]  # the schedule's 4th step, not its first
 
+
+    def test_rng_states_saved_on_a_gpu_resume_on_the_cpu(self, tmp_path, caplog):
+        """A checkpoint written on a GPU holds Philox states (16 bytes) for megatron-core's RNG tracker,
+        which a CPU generator cannot take: the host generators are restored, the tracker keeps this
+        run's seed, and the warning says so (it failed at the tracker's next fork before)."""
+        import logging
+        import random
+
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        from megatron_consa.training.checkpoint import _rng_file, load_checkpoint, save_checkpoint
+
+        consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
+        first = _trainer(consa, train_iters=4)
+        first.train(2)
+        save_checkpoint(first, tmp_path / "ckpt")
+        rng_file = _rng_file(tmp_path / "ckpt", 0)
+        saved = torch.load(rng_file, weights_only=False)
+        assert saved["device"] == "cpu"
+        philox = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state
+        saved.update(device="cuda", cuda=philox, tracker={name: philox for name in saved["tracker"]})
+        torch.save(saved, rng_file)
+        resumed = _trainer(consa, train_iters=4)
+        tracker = get_cuda_rng_tracker().get_states()
+        with caplog.at_level(logging.WARNING, logger="megatron_consa.training.checkpoint"):
+            assert load_checkpoint(resumed, tmp_path / "ckpt") == 2
+        assert "saved on CUDA, this run is on CPU" in caplog.text
+        assert torch.equal(torch.get_rng_state(), saved["torch"]) and random.getstate() == saved["python"]
+        assert all(torch.equal(state, tracker[name]) for name, state in get_cuda_rng_tracker().get_states().items())
+        with get_cuda_rng_tracker().fork():
+            torch.rand(1)
+        assert resumed.train_step().iteration == 2  # (trains on)
     def test_fp16_loss_scale_settings_reach_the_scaler(self):
         """Megatron-LM's --loss-scale (static) and the dynamic scaler's window and hysteresis."""
         consa = ConsaConfig(window=4, target_sparsity=0.5, target_warmup_iters=0, init_log_alpha=0.0)
