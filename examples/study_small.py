@@ -145,15 +145,22 @@ def analyze(args) -> None:
 
 def write_held_out(out: Path, seed: int) -> dict[str, Path]:
     """Text the runs never trained on: stdlib files the corpus took no chunk from, and recall documents of another
-    seed."""
+    seed. Made afresh on every call (a few ms): where an output directory holds other text (an earlier version's),
+    it is replaced and the evaluations of it are removed, so a resumed study evaluates this version's text."""
     from megatron_consa.data.demo_corpus import held_out_stdlib_documents, recall_documents
+    from megatron_consa.files import atomic_output
 
     files = {"text": out / "held_out_text.jsonl", "recall": out / "held_out_recall.jsonl"}
-    if not all(f.is_file() for f in files.values()):
-        text = held_out_stdlib_documents(after_documents=TRAIN_TEXT_DOCUMENTS, max_documents=64)
-        recall = recall_documents(64, key_words=KEY_WORDS, repeats=REPEATS, seed=10_000 + seed)
-        for kind, docs in (("text", text), ("recall", recall)):
-            files[kind].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    text = held_out_stdlib_documents(after_documents=TRAIN_TEXT_DOCUMENTS, max_documents=64)
+    recall = recall_documents(64, key_words=KEY_WORDS, repeats=REPEATS, seed=10_000 + seed)
+    for kind, docs in (("text", text), ("recall", recall)):
+        content = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+        if files[kind].is_file() and files[kind].read_text() == content:
+            continue
+        for stale in (out / "eval").glob(f"*.{kind}.json"):
+            stale.unlink()
+        with atomic_output(files[kind]) as tmp:
+            tmp.write_text(content)
     return files
 
 

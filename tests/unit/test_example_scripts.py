@@ -236,6 +236,25 @@ def test_study_small_calls_parse(tmp_path, monkeypatch):
     assert (tmp_path / "study" / "study_small.md").is_file()
 
 
+def test_study_small_replaces_other_held_out_text_and_its_evaluations(tmp_path):
+    """A resumed study in an output directory written by an earlier version (other held-out text) evaluates this
+    version's text: the file is replaced and the reports on the old text go; reports on the same text stay."""
+    spec = importlib.util.spec_from_file_location("_example_study_small", ROOT / "examples" / "study_small.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    files = study.write_held_out(tmp_path, seed=0)
+    (tmp_path / "eval").mkdir()
+    reports = {kind: tmp_path / "eval" / f"learned.{kind}.json" for kind in files}
+    for report in reports.values():
+        report.write_text("{}")
+    assert study.write_held_out(tmp_path, seed=0) == files and all(r.is_file() for r in reports.values())
+    current = files["text"].read_text()
+    files["text"].write_text('{"text": "the rest of a file the gates learned on"}\n')
+    study.write_held_out(tmp_path, seed=0)
+    assert files["text"].read_text() == current
+    assert not reports["text"].exists() and reports["recall"].is_file()
+
+
 @pytest.mark.parametrize("script", ["cpu_workflow", "study_small", "study_real"])
 def test_example_paths_are_taken_from_the_callers_directory(script, tmp_path, monkeypatch):
     """The examples launch the tools with the repository as their working directory: a relative
