@@ -174,7 +174,8 @@ _FIXED_SWITCHES = (  # on in every model here; Megatron-LM needs them said
     ("--no-create-attention-mask-in-dataloader", "(no mask is built: the hybrid attention is causal by construction)"),
     ("--log-throughput", "(tokens/s and TFLOP/s per GPU are always logged)"),
     ("--log-loss-scale-to-tensorboard", "(TensorBoard always gets the fp16 loss scale)"),
-    ("--accumulate-allreduce-grads-in-fp32", "(gradients are always accumulated and reduced in fp32)"),
+    ("--accumulate-allreduce-grads-in-fp32", "(gradients are accumulated and reduced in fp32 unless "
+     "--grad-reduce-in-bf16, which wins as in Megatron-LM; the gates' always in fp32)"),
     ("--use-dist-ckpt", "(checkpoints are always megatron-core's dist_checkpointing)"),
     ("--no-async-tensor-model-parallel-allreduce", "(deprecated in Megatron-LM, where it does nothing either)"),
     ("--auto-detect-ckpt-format", "(every checkpoint here is megatron-core's torch_dist: --load's format is known)"),
