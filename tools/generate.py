@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                  for_transformers=True)  # (transformers runs it: any RoPE scaling)
         except (ValueError, FileNotFoundError, NotImplementedError) as err:
             raise flag_error("--hf-path", model_dir, err) from err
-    tokenizer = tokenizer_from_path(args.tokenizer) if args.tokenizer else None
+    tokenizer = tokenizer_from_path(args.tokenizer, flag="--tokenizer") if args.tokenizer else None
     if args.tokenizer and tokenizer is None:
         raise UserInputError(f"--tokenizer {args.tokenizer}: no sentencepiece model or Hugging Face tokenizer there")
     if args.temperature == 0:
@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise
             raise flag_error("--allocation", args.allocation, err) from err
         info.warn_if_unfinalized(logging.getLogger("megatron_consa.generate"), "generation")
-        tokenizer = tokenizer or tokenizer_from_path(info.path)
+        tokenizer = tokenizer or tokenizer_from_path(info.path, flag="--load")
         ids = _prompt_ids(args, tokenizer, info.arch.vocab_size)
         warn_past_positions(ids.size(1) + args.max_new_tokens, info.arch.max_position_embeddings,
                             "the prompt and --max-new-tokens", logging.getLogger("megatron_consa.generate"))
@@ -141,11 +141,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_consa.inference.hf import config_allocation, generate_hf
 
         arch = hf_arch
-        tokenizer = tokenizer or tokenizer_from_path(model_dir)
+        tokenizer = tokenizer or tokenizer_from_path(model_dir, flag="--hf-path")
         ids = _prompt_ids(args, tokenizer, arch.vocab_size)
         warn_past_positions(ids.size(1) + args.max_new_tokens, arch.max_position_embeddings,
                             "the prompt and --max-new-tokens", logging.getLogger("megatron_consa.generate"))
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32, output_loading_info=True)
+        missing = sorted(loading["missing_keys"]) + sorted(key for key, *_ in loading["mismatched_keys"])
+        if missing:  # (transformers would start them at random and only log it)
+            raise UserInputError(f"--hf-path {model_dir}: the weights lack or misshape {len(missing)} of the model's "
+                                 f"tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): export "
+                                 "the checkpoint again with tools/convert_megatron_to_hf.py")
         tokens, cache = generate_hf(model.eval(), ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                     eos_token_id=_eos(tokenizer, model_dir))
         allocation, dtype = config_allocation(model.config), torch.float32

@@ -51,18 +51,25 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be built or does not fit; the message names the flag and the fix."""
 
 
+TOKENIZER_FLAG = "--tokenizer-model"
+"""The flag a tokenizer's errors name unless its caller gives its own (`flag=`: a tool's --tokenizer, or the
+--load / --hf-path whose directory it was read from)."""
+
+
 class _Tokenizer:
     @property
     def unique_identifiers(self) -> dict:
         """What megatron-core hashes into its dataset cache keys (it reads this attribute)."""
         return {"class": type(self).__name__, "source": str(getattr(self, "source", "")), "vocab_size": self.vocab_size}
 
+    flag = TOKENIZER_FLAG
+
     @property
     def eod(self) -> int:
         """The end-of-document id the datasets put between documents: the EOS."""
         if self.eos is None:
             raise TokenizerError(
-                f"--tokenizer-model {getattr(self, 'source', '')}: the tokenizer has no EOS token, which ends each "
+                f"{self.flag} {getattr(self, 'source', '')}: the tokenizer has no EOS token, which ends each "
                 "document in the datasets (any other id is ordinary text): use a tokenizer with one "
                 "(tools/preprocess_data.py --train-sentencepiece trains one with EOS id 1)"
             )
@@ -74,20 +81,21 @@ class _Tokenizer:
 
 
 class SentencePieceTokenizer(_Tokenizer):
-    def __init__(self, model_file: str | os.PathLike):
+    def __init__(self, model_file: str | os.PathLike, *, flag: str = TOKENIZER_FLAG):
         import sentencepiece
 
         path = Path(model_file)
         if not path.is_file():
-            raise TokenizerError(f"--tokenizer-model {path}: no sentencepiece model file there")
+            raise TokenizerError(f"{flag} {path}: no sentencepiece model file there")
         self.model_file = self.source = path
+        self.flag = flag
         # (read once: a run saves it beside every checkpoint, and the file may go meanwhile, e.g. from a checkpoint
         # of --load that --save-retain-interval deletes)
         self._model_bytes = path.read_bytes()
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=self._model_bytes)
         except (RuntimeError, OSError) as err:
-            raise TokenizerError(f"--tokenizer-model {path}: not a sentencepiece model ({err})") from None
+            raise TokenizerError(f"{flag} {path}: not a sentencepiece model ({err})") from None
         self.vocab_size = int(self._sp.get_piece_size())
         eos, bos = int(self._sp.eos_id()), int(self._sp.bos_id())
         self.eos: Optional[int] = eos if eos >= 0 else None
@@ -203,14 +211,19 @@ def sentencepiece_as_hf(model_file: str | os.PathLike):
 
 
 class HuggingFaceTokenizer(_Tokenizer):
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, flag: str = TOKENIZER_FLAG):
         from transformers import AutoTokenizer
 
         path = Path(directory)
         if not path.is_dir():
-            raise TokenizerError(f"--tokenizer-model {path}: not a Hugging Face tokenizer directory")
+            raise TokenizerError(f"{flag} {path}: not a Hugging Face tokenizer directory")
         self.directory = self.source = path
-        self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.flag = flag
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # (a damaged tokenizer.json: a JSONDecodeError)
+            raise TokenizerError(f"{flag} {path}: transformers cannot read the tokenizer there "
+                                 f"({type(err).__name__}: {err})") from None
         self.vocab_size = int(len(self._tok))
         eos = self._tok.eos_token_id
         self.eos: Optional[int] = int(eos) if eos is not None else None
@@ -284,16 +297,17 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 """Any of these marks a Hugging Face tokenizer directory."""
 
 
-def tokenizer_from_path(path: str | os.PathLike) -> Optional[_Tokenizer]:
+def tokenizer_from_path(path: str | os.PathLike, *, flag: str = TOKENIZER_FLAG) -> Optional[_Tokenizer]:
     """The tokenizer at `path`: a sentencepiece `.model` file, or a directory holding a Hugging Face
-    tokenizer or a `tokenizer.model` (a model or checkpoint directory); None when there is none."""
+    tokenizer or a `tokenizer.model` (a model or checkpoint directory); None when there is none. Its
+    errors name `flag`, the flag that gave `path`."""
     path = Path(path)
     if path.is_file():
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, flag=flag)
     if any((path / name).is_file() for name in HF_TOKENIZER_FILES):
-        return HuggingFaceTokenizer(path)
+        return HuggingFaceTokenizer(path, flag=flag)
     if (path / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(path / "tokenizer.model")
+        return SentencePieceTokenizer(path / "tokenizer.model", flag=flag)
     return None
 
 

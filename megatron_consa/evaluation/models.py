@@ -79,7 +79,7 @@ class CheckpointModels:
         """The tokenizer saved beside the weights (sentencepiece or Hugging Face), or None."""
         from megatron_consa.data.tokenizer import tokenizer_from_path
 
-        return tokenizer_from_path(self.path)
+        return tokenizer_from_path(self.path, flag="--load")
 
     def all_fa(self) -> list[list[int]]:
         return [[1] * self.arch.num_kv_heads for _ in range(self.arch.num_layers)]

@@ -161,7 +161,7 @@ def generate(
     The prompt is prefilled in chunks of `prefill_chunk` tokens (all at once when
     None); each new token is one forward of one token. Sampling draws from a
     generator seeded with `sampling.seed`. A sequence that emits an `eos_token_id` (one id, or
-    several as in a generation config) continues with the first; generation stops when every
+    several as in a generation config) continues with the first in the vocabulary; generation stops when every
     sequence has. With `return_logits`, the result keeps the logits each new token was chosen from.
     """
     if prompt.dim() != 2 or prompt.size(1) < 1:
@@ -184,7 +184,9 @@ def _generate(model, prompt, max_new_tokens, sampling, prefill_chunk, eos_token_
     generator = sampling.generator(prompt.device)
     tokens, step_logits = prompt, []
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
-    eos = torch.tensor(id_list(eos_token_id), dtype=prompt.dtype, device=prompt.device)
+    # (an id outside the vocabulary is never emitted, and would break a finished row's next input)
+    eos_ids = [i for i in id_list(eos_token_id) if 0 <= i < model.vocab_size]
+    eos = torch.tensor(eos_ids, dtype=prompt.dtype, device=prompt.device)
     with kv_cache_attached(model, cache), _last_position_logits(model):
         chunk = prefill_chunk or n
         for start in range(0, n, chunk):

@@ -17,6 +17,7 @@ mixes an all-FA layer, two mixed layers and an all-SWA layer, with sinks and wit
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -214,6 +215,24 @@ def test_megatron_generation_computes_the_last_positions_logits_only(single_rank
     assert torch.equal(plain.tokens, kept.tokens) and torch.equal(plain.new_tokens, kept.tokens[:, PROMPT_LEN:])
     assert plain.new_tokens.shape == (prompt.size(0), NEW)
     assert model(prompt, torch.arange(PROMPT_LEN)[None], attention_mask=None).size(1) == PROMPT_LEN  # hook removed
+
+
+def test_megatron_generation_stops_each_sequence_at_its_eos(single_rank_mcore):
+    """A sequence that emits an EOS continues with the first EOS in the vocabulary while the others go on as
+    without EOS; an id outside the vocabulary (a generation config's) is never emitted and never fed back."""
+    from megatron_consa.inference.generate import generate
+
+    model = _megatron_model(_allocation(0))
+    prompt = _prompt()
+    free = generate(model, prompt, max_new_tokens=NEW).new_tokens
+    stop = int(free[0, 1])
+    result = generate(model, prompt, max_new_tokens=NEW, eos_token_id=[VOCAB + 5, stop]).new_tokens
+    for row in range(prompt.size(0)):
+        hits = (free[row] == stop).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else NEW
+        assert torch.equal(result[row, :end], free[row, :end]), row
+        assert (result[row, end:] == stop).all(), row
+    assert result.size(1) == max(int((r == stop).nonzero()[0]) + 1 if (r == stop).any() else NEW for r in free)
 
 
 def test_megatron_generation_refuses_a_learning_mode_model(single_rank_mcore):
@@ -553,7 +572,19 @@ def test_generate_cli_refuses_bad_input(generation_dirs, tmp_path, capsys):
     other = tmp_path / "other.json"  # an allocation of another model (one layer fewer)
     Allocation(granularity="kv_head", num_layers=L - 1, num_kv_heads=G, window=W, sink_tokens=0, target_sparsity=None,
                fa=MIXED[:-1]).validate().save(other)
+    from safetensors.torch import load_file, save_file
+
+    damaged_tokenizer, short = shutil.copytree(export, tmp_path / "damaged"), shutil.copytree(export, tmp_path / "short")
+    (damaged_tokenizer / "tokenizer.json").write_text("{not json")
+    weights = load_file(short / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.weight"]  # (transformers would start it at random and only log it)
+    save_file(weights, short / "model.safetensors", metadata={"format": "pt"})
     cases = [
+        (["--hf-path", str(damaged_tokenizer), "--prompt-ids", "1"],
+         f"--hf-path {damaged_tokenizer}: transformers cannot read the tokenizer there (JSONDecodeError"),
+        (["--hf-path", str(short), "--prompt-ids", "1"],
+         f"--hf-path {short}: the weights lack or misshape 1 of the model's tensors "
+         "(model.layers.1.self_attn.k_proj.weight): export the checkpoint again"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--allocation", str(other)],
          f"--allocation {other}: allocation field 'num_layers' is {L - 1}"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
@@ -568,7 +599,7 @@ def test_generate_cli_refuses_bad_input(generation_dirs, tmp_path, capsys):
         (["--hf-path", str(export), "--prompt-ids", "1", "--allocation", "a.json"], "--allocation and --prefill-chunk go with --load"),
         (["--load", str(tmp_path / "missing"), "--prompt-ids", "1"], "no such directory"),
         (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(tmp_path)], f"--tokenizer {tmp_path}: no sentencepiece"),
-        (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(readme)], "not a sentencepiece model"),
+        (["--load", str(ckpt), "--prompt", "w1", "--tokenizer", str(readme)], f"--tokenizer {readme}: not a sentencepiece model"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--top-k", "5"], "--top-k 5 is for sampling: give --temperature > 0"),
         (["--hf-path", str(export), "--prompt-ids", "1", "--top-p", "0.9"], "--top-p 0.9 is for sampling: give --temperature"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--seed", "3"], "--seed 3 is for sampling: give --temperature > 0"),
