@@ -13,8 +13,9 @@ tokenizer with its special tokens: a Llama or Mistral BOS first) and followed by
 the tokenizer's end-of-document token (its EOS; a tokenizer without one is
 refused), once: Megatron-LM's `--append-eod` is accepted and changes nothing. Documents without text are skipped. Writes <output-prefix>_<key>_document.bin/.idx
 (Megatron-LM's naming: `_text_document` for the default key) atomically.
---tokenizer-model alone is a Hugging Face tokenizer when it is a directory, a
-sentencepiece model when it is a file (as in training).
+--tokenizer-model alone is a sentencepiece model when it is a file or a directory holding
+only a `tokenizer.model` (a sentencepiece run's checkpoint), else a Hugging Face tokenizer
+directory (as in training).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--append-eod", action="store_true",
                    help="accepted for Megatron-LM's command lines: every document ends with the EOD here, once")
     p.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES,
-                   help="default: HuggingFaceTokenizer for a --tokenizer-model directory, else SentencePieceTokenizer "
-                        "(= Megatron-LM's GPTSentencePieceTokenizer)")
+                   help="default: HuggingFaceTokenizer for a --tokenizer-model directory, SentencePieceTokenizer "
+                        "(= Megatron-LM's GPTSentencePieceTokenizer) for a file or a directory holding a "
+                        "tokenizer.model and no Hugging Face tokenizer files")
     p.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     p.add_argument("--train-sentencepiece", type=int, metavar="VOCAB",
                    help="train a sentencepiece model of this vocabulary on the input (written to <prefix>.model)")
@@ -49,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     from tqdm import tqdm
 
-    from megatron_consa.data.indexed import iter_jsonl_texts, write_indexed_dataset
+    from megatron_consa.data.indexed import iter_jsonl_records, write_indexed_datasets
     from megatron_consa.data.tokenizer import build_tokenizer, tokenizer_type_of, train_sentencepiece
 
     if args.workers < 1:
@@ -73,18 +75,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "--train-sentencepiece to use that model")
         if args.train_sentencepiece < 64:
             raise UserInputError(f"--train-sentencepiece {args.train_sentencepiece}: use a vocabulary of 64 or more")
-        texts = (text for key in args.json_keys for text in iter_jsonl_texts(args.input, key))
+        texts = (text for record in iter_jsonl_records(args.input, args.json_keys) for text in record)
         model = str(train_sentencepiece(texts, args.output_prefix, vocab_size=args.train_sentencepiece))
         print(f"trained {model}")
     if not model:
         raise UserInputError("--tokenizer-model is missing (or pass --train-sentencepiece VOCAB)")
     factory = functools.partial(build_tokenizer, args.tokenizer_type or tokenizer_type_of(model), model)
     factory().eod  # noqa: B018  fail early on a bad tokenizer, or one without an EOS to end documents
-    for key, prefix in prefixes.items():
-        with tqdm(desc=f"documents ({key})", unit="doc") as bar:
-            stats = write_indexed_dataset(iter_jsonl_texts(args.input, key), prefix, tokenizer_factory=factory,
-                                          workers=args.workers, progress=bar.update)
-        print(f"wrote {prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens")
+    with tqdm(desc="documents", unit="doc") as bar:  # (one pass for every key, as Megatron-LM's)
+        stats = write_indexed_datasets(iter_jsonl_records(args.input, args.json_keys), list(prefixes.values()),
+                                       tokenizer_factory=factory, workers=args.workers, progress=bar.update)
+    for prefix, stat in zip(prefixes.values(), stats):
+        print(f"wrote {prefix}.bin/.idx: {stat['documents']} documents, {stat['tokens']} tokens")
     return 0
 
 

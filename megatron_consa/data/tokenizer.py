@@ -283,14 +283,22 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, 
     if not tokenizer_model:
         raise TokenizerError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model (a file or directory)")
     if tokenizer_type in SENTENCEPIECE_TYPES:
-        return SentencePieceTokenizer(tokenizer_model)
+        model = Path(tokenizer_model)
+        return SentencePieceTokenizer(model / "tokenizer.model" if model.is_dir() else model)
     return HuggingFaceTokenizer(tokenizer_model)
 
 
 def tokenizer_type_of(model: str | os.PathLike) -> str:
-    """The `--tokenizer-type` a `--tokenizer-model` given alone means: a directory is a
-    Hugging Face tokenizer, a file a sentencepiece model."""
-    return "HuggingFaceTokenizer" if Path(model).is_dir() else "SentencePieceTokenizer"
+    """The `--tokenizer-type` a `--tokenizer-model` given alone means, as `tokenizer_from_path` reads a
+    path: a file is a sentencepiece model, a directory a Hugging Face tokenizer unless it holds no Hugging
+    Face tokenizer files but a `tokenizer.model` (a sentencepiece run's checkpoint: its `config.json` would
+    have transformers build another tokenizer from the model type)."""
+    path = Path(model)
+    if not path.is_dir():
+        return "SentencePieceTokenizer"
+    if not any((path / name).is_file() for name in HF_TOKENIZER_FILES) and (path / "tokenizer.model").is_file():
+        return "SentencePieceTokenizer"
+    return "HuggingFaceTokenizer"
 
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")

@@ -547,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
                    help="SentencePieceTokenizer (= Megatron-LM's GPTSentencePieceTokenizer) / HuggingFaceTokenizer "
                         "(with --tokenizer-model), NullTokenizer; default: from --tokenizer-model (a directory: "
-                        "Hugging Face, a file: sentencepiece)")
+                        "Hugging Face, a file or a directory with a tokenizer.model and no Hugging Face tokenizer "
+                        "files: sentencepiece)")
     g.add_argument("--tokenizer-model", help="sentencepiece .model file or HF tokenizer directory")
     g.add_argument("--vocab-size", type=int, help="vocabulary of the NullTokenizer / model when no tokenizer")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -1212,7 +1213,7 @@ def run_config_from_args(a: argparse.Namespace) -> RunConfig:
                       valid_data_path=list(a.valid_data_path), test_data_path=list(a.test_data_path),
                       eod_mask_loss=a.eod_mask_loss, mmap_bin_files=a.mmap_bin_files,
                       num_dataset_builder_threads=a.num_dataset_builder_threads)
-    tok_type = a.tokenizer_type or (  # a directory is a Hugging Face tokenizer, a file a sentencepiece model
+    tok_type = a.tokenizer_type or (  # (as tokenizer_from_path reads the path)
         "NullTokenizer" if a.tokenizer_model is None
         else tokenizer_type_of(a.tokenizer_model)
     )

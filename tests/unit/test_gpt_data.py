@@ -279,6 +279,44 @@ def test_a_trained_sentencepiece_model_keeps_code_as_it_is(tmp_path):
     assert tokenizer.eos == 1 and tokenizer.eod == 1 and tokenizer.bos is None
 
 
+def test_a_sentencepiece_runs_checkpoint_as_tokenizer_model_is_its_sentencepiece_model(tmp_path):
+    """A checkpoint of a sentencepiece run holds `tokenizer.model` beside a config.json: given alone as
+    --tokenizer-model, preprocessing and training read it as that model (as evaluation and export do), not as
+    the tokenizer transformers would build from the config's model type (other ids, an added EOS)."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_consa.cli import run_tool
+    from megatron_consa.data.demo_corpus import stdlib_documents
+    from megatron_consa.data.tokenizer import SentencePieceTokenizer, tokenizer_from_path, train_sentencepiece
+    from megatron_consa.training.arguments import parse_run_config
+
+    docs = list(stdlib_documents(max_documents=20))
+    model = train_sentencepiece(docs, tmp_path / "tok", vocab_size=400)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(model, ckpt / "tokenizer.model")
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 512}))
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("preprocess_data", root / "tools" / "preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d[:2000]}) + "\n" for d in docs))
+    assert run_tool(tool.main, ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                                "--tokenizer-model", str(ckpt)]) == 0
+    reference = SentencePieceTokenizer(model)
+    written = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert [written[i].tolist() for i in range(len(docs))] == [reference.encode(d[:2000]) + [1] for d in docs]
+    assert isinstance(tokenizer_from_path(ckpt), SentencePieceTokenizer)
+    run = parse_run_config(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length",
+                            "32", "--train-iters", "1", "--mock-data", "--tokenizer-model", str(ckpt)])
+    assert run.tokenizer.tokenizer_type == "SentencePieceTokenizer"
+
+
 @pytest.mark.parametrize("kind", ["bpe", "unigram", "defaults_with_bos"])
 def test_a_sentencepiece_model_saves_itself_as_the_same_hugging_face_tokenizer(tmp_path, kind):
     """`save_hf` writes files `AutoTokenizer` loads (whatever config.json's model_type: a qwen3 one
@@ -500,6 +538,12 @@ def test_preprocess_takes_a_tokenizer_directory_as_hugging_face_and_names_the_ou
         written = IndexedDataset(str(tmp_path / f"two_{key}_document"))
         assert [written[i].tolist() for i in (0, 7)] == [
             reference.encode(texts[i], add_special_tokens=False) + [reference.eos_token_id] for i in (0, 7)]
+    # a key the input lacks: refused before any output is made, whichever key it is (one pass for all)
+    for keys in (["content", "nosuch"], ["nosuch", "content"]):
+        assert run_tool(tool.main, ["--input", str(tmp_path / "two.jsonl"), "--output-prefix", str(tmp_path / "three"),
+                                    "--json-keys", *keys, "--tokenizer-model", str(tok)]) == 2
+        assert "two.jsonl:1: no string field 'nosuch' (choose it with --json-keys)" in capsys.readouterr().err
+        assert not list(tmp_path.glob("three*"))
     assert run_tool(tool.main, ["--input", str(tmp_path), "--output-prefix", str(tmp_path / "d"),
                                 "--tokenizer-model", str(tok)]) == 2
     assert f"--input {tmp_path}: a directory" in capsys.readouterr().err
