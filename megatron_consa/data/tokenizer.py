@@ -57,12 +57,12 @@ TOKENIZER_FLAG = "--tokenizer-model"
 
 
 class _Tokenizer:
+    flag = TOKENIZER_FLAG  # (the flag its errors name)
+
     @property
     def unique_identifiers(self) -> dict:
         """What megatron-core hashes into its dataset cache keys (it reads this attribute)."""
         return {"class": type(self).__name__, "source": str(getattr(self, "source", "")), "vocab_size": self.vocab_size}
-
-    flag = TOKENIZER_FLAG
 
     @property
     def eod(self) -> int:
@@ -294,15 +294,17 @@ def tokenizer_type_of(model: str | os.PathLike) -> str:
     Face tokenizer files but a `tokenizer.model` (a sentencepiece run's checkpoint: its `config.json` would
     have transformers build another tokenizer from the model type)."""
     path = Path(model)
-    if not path.is_dir():
-        return "SentencePieceTokenizer"
-    if not any((path / name).is_file() for name in HF_TOKENIZER_FILES) and (path / "tokenizer.model").is_file():
-        return "SentencePieceTokenizer"
-    return "HuggingFaceTokenizer"
+    if path.is_dir() and (_holds_hf_tokenizer(path) or not (path / "tokenizer.model").is_file()):
+        return "HuggingFaceTokenizer"
+    return "SentencePieceTokenizer"
 
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 """Any of these marks a Hugging Face tokenizer directory."""
+
+
+def _holds_hf_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in HF_TOKENIZER_FILES)
 
 
 def tokenizer_from_path(path: str | os.PathLike, *, flag: str = TOKENIZER_FLAG) -> Optional[_Tokenizer]:
@@ -312,7 +314,7 @@ def tokenizer_from_path(path: str | os.PathLike, *, flag: str = TOKENIZER_FLAG) 
     path = Path(path)
     if path.is_file():
         return SentencePieceTokenizer(path, flag=flag)
-    if any((path / name).is_file() for name in HF_TOKENIZER_FILES):
+    if _holds_hf_tokenizer(path):
         return HuggingFaceTokenizer(path, flag=flag)
     if (path / "tokenizer.model").is_file():
         return SentencePieceTokenizer(path / "tokenizer.model", flag=flag)
