@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_consa.cli import run_tool, setup_logging
+from megatron_consa.cli import flag_error, run_tool, setup_logging
 from megatron_consa.conversion.importer import DTYPES, ImportRequest, import_hf_checkpoint
 
 
@@ -37,17 +37,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    import_hf_checkpoint(
-        ImportRequest(
-            hf_path=args.hf_path,
-            save=args.save,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            dtype=args.dtype,
-            granularity=args.granularity,
-            overwrite=args.overwrite,
-        )
+    request = ImportRequest(
+        hf_path=args.hf_path,
+        save=args.save,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        dtype=args.dtype,
+        granularity=args.granularity,
+        overwrite=args.overwrite,
     )
+    try:
+        import_hf_checkpoint(request)
+    except FileNotFoundError as err:  # (a file of the source missing: its config.json, a weight file)
+        raise flag_error("--hf-path", args.hf_path, err) from err
     return 0
 
 

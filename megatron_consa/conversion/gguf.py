@@ -34,7 +34,7 @@ def gguf_to_hf(gguf_file: str | Path, save: str | Path, *, dtype: str = "fp32", 
     """
     gguf_file, save = Path(gguf_file), Path(save)
     if not gguf_file.is_file():
-        raise FileNotFoundError(f"{gguf_file} does not exist: pass a .gguf file")
+        raise FileNotFoundError(f"--gguf-file {gguf_file}: no such file; pass a .gguf file")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if importlib.util.find_spec("gguf") is None:

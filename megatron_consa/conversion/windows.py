@@ -101,20 +101,23 @@ def _stock_fields(allocation: Optional[Allocation], arch: ArchitectureConfig) ->
     """Stock config fields for `allocation` (None: all FA), or None when stock attention cannot run it."""
     n = arch.num_layers
     if allocation is None:
-        if arch.model_type in LAYER_TYPES_FAMILIES:
-            return {"sliding_window": None, "use_sliding_window": False, "max_window_layers": n,
-                    "layer_types": ["full_attention"] * n}
+        if arch.model_type in LAYER_TYPES_FAMILIES:  # (max_window_layers is read only with use_sliding_window:
+            # a source's stays as it was)
+            return {"sliding_window": None, "use_sliding_window": False, "layer_types": ["full_attention"] * n}
         return {"sliding_window": None} if arch.model_type == "mistral" else {}
     if allocation.sink_tokens or any(len(set(row)) > 1 for row in allocation.fa):
         return None  # sinks or a head-wise mix: stock attention has neither
     sliding = [row[0] == 0 for row in allocation.fa]
     if arch.model_type in LAYER_TYPES_FAMILIES:
-        return {
+        fields = {
             "use_sliding_window": True,
             "sliding_window": allocation.window,
-            "max_window_layers": next((i for i, s in enumerate(sliding) if s), n),
             "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
         }
+        first = next((i for i, s in enumerate(sliding) if s), n)
+        if all(sliding[first:]):  # (the older field, where it can say the same: layers from `first` on slide)
+            fields["max_window_layers"] = first
+        return fields
     if arch.model_type == "mistral" and all(sliding):
         return {"sliding_window": allocation.window}
     return None  # a per-layer mix Llama/Mistral configs cannot express

@@ -194,6 +194,9 @@ def test_round_trip_through_the_clis_is_bit_exact(converted, kind):
     src = read_weights(hf_dir)
     src.pop("lm_head.weight", None) if kind == "llama_tied" else None
     assert_weights_equal(read_weights(back), src)
+    source, exported = (json.loads((d / "config.json").read_text()) for d in (hf_dir, back))
+    assert {k: (source.get(k), exported.get(k)) for k in source.keys() | exported.keys()
+            if source.get(k) != exported.get(k)} == {}
     # the exported directory runs in stock transformers, windows included
     assert rel_err(hf_logits(back), hf_logits(hf_dir)) < TOL
 
@@ -690,6 +693,16 @@ def test_a_damaged_source_is_refused_naming_the_file(tmp_path, capsys):
         assert run_tool(generate.main, ["--hf-path", str(source), "--prompt-ids", "1,2"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --hf-path {source}: ") and message in err and len(err.strip().splitlines()) == 1
+    # a source missing its files: the import's errors name the flag too
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    shutil.copy(good / "config.json", weightless)
+    for source, message in ((tmp_path / "nowhere", f"error: --hf-path {tmp_path / 'nowhere'} does not exist"),
+                            (weightless, f"error: --hf-path {weightless}: no model.safetensors or "
+                                         f"model.safetensors.index.json in {weightless}")):
+        _assert_refused(capsys, IMPORT, ["--hf-path", str(source), "--save", str(save)], message, save)
+    _assert_refused(capsys, tool("convert_gguf_to_hf"), ["--gguf-file", str(tmp_path / "x.gguf"), "--save", str(save)],
+                    f"error: --gguf-file {tmp_path / 'x.gguf'}: no such file", save)
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted):
