@@ -92,7 +92,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import torch
 
 from megatron_consa.config import GRANULARITIES
-from megatron_consa.files import read_json, write_text_atomic
+from megatron_consa.files import json_round_trip_problem, read_json, write_text_atomic
 from megatron_consa.gates import fa_budget, rank_units
 
 if TYPE_CHECKING:
@@ -269,10 +269,6 @@ def _check_grid_shape(grid: Any, name: str, where: str, num_layers: int, num_kv_
             )
 
 
-def _json_default(o: Any) -> Any:
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
-
-
 @dataclass
 class Allocation:
     """A binary FA/SWA allocation (see the module docstring for the file format)."""
@@ -329,10 +325,9 @@ class Allocation:
             raise AllocationError(f"{where}: field 'source' must be a non-empty string, got {self.source!r}")
         if not isinstance(self.metadata, dict):
             raise AllocationError(f"{where}: field 'metadata' must be a JSON object (dict), got {type(self.metadata).__name__}")
-        try:
-            json.dumps(self.metadata, default=_json_default, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise AllocationError(f"{where}: field 'metadata' is not JSON serializable ({e}); store plain JSON values") from None
+        problem = json_round_trip_problem(self.metadata)
+        if problem:
+            raise AllocationError(f"{where}: field 'metadata' {problem}; store plain JSON values")
         self._validate_fa(where)
         self._validate_log_alpha(where)
         return self

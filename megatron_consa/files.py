@@ -127,6 +127,18 @@ def read_json(path: str | os.PathLike, *, what: str, error: type[Exception] = Va
         raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from None
 
 
+def json_round_trip_problem(value: Any) -> Optional[str]:
+    """Why `value` would not come back equal from a JSON file (a value JSON cannot hold, NaN, a non-string
+    key, a tuple), as a predicate ("is not JSON serializable (...)"), or None."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        return f"is not JSON serializable ({err})"
+    if json.loads(text) != value:
+        return "would not read back as written (keys must be strings and sequences lists)"
+    return None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """`obj` as indented JSON (no NaN / inf: they are not JSON), written atomically."""
     return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

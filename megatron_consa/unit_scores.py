@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from megatron_consa.config import GRANULARITIES
-from megatron_consa.files import read_json, write_text_atomic
+from megatron_consa.files import json_round_trip_problem, read_json, write_text_atomic
 
 UNIT_SCORES_FORMAT_VERSION = 1
 SCORE_KINDS = ("attention_mass", "ablation")
@@ -84,7 +84,8 @@ class UnitScores:
 
     def validate(self, where: str = "unit scores") -> "UnitScores":
         """Check every field; raise :class:`UnitScoresError` naming it. Returns self."""
-        if self.format_version != UNIT_SCORES_FORMAT_VERSION:
+        version = self.format_version
+        if isinstance(version, bool) or not isinstance(version, int) or version != UNIT_SCORES_FORMAT_VERSION:
             raise UnitScoresError(f"{where}: field 'format_version' is {self.format_version!r}; this version reads "
                                   f"{UNIT_SCORES_FORMAT_VERSION}")
         if self.kind not in SCORE_KINDS:
@@ -112,6 +113,9 @@ class UnitScores:
                                       "'layer': repeat the layer's value along its row")
         if not isinstance(self.metadata, dict):
             raise UnitScoresError(f"{where}: field 'metadata' must be a JSON object")
+        problem = json_round_trip_problem(self.metadata)
+        if problem:
+            raise UnitScoresError(f"{where}: field 'metadata' {problem}; store plain JSON values")
         return self
 
     def check_compatible(self, num_layers: int, num_kv_heads: int) -> None:

@@ -201,6 +201,9 @@ def test_load_validation_error_names_path(tmp_path):
             r"'log_alpha' row 1 .*granularity is 'layer'",
         ),
         (dict(metadata={"x": object()}), "metadata"),
+        (dict(metadata={1: "int key", "1": "str key"}), "field 'metadata' would not read back as written"),
+        (dict(metadata={"t": (1, 2)}), "field 'metadata' would not read back as written"),
+        (dict(metadata={"x": float("nan")}), "field 'metadata' is not JSON serializable"),
     ],
 )
 def test_validation_errors_name_field(kw, pattern):

@@ -100,6 +100,12 @@ def test_unit_scores_file_round_trip_and_errors(tmp_path):
         UnitScores.from_dict(dict(s.to_dict(), granularity="layer"))
     with pytest.raises(UnitScoresError, match="num_kv_heads"):
         s.check_compatible(2, 4)
+    for version in (True, 1.0, "1"):  # (True == 1 == 1.0 in Python: the type is checked too)
+        with pytest.raises(UnitScoresError, match="'format_version'"):
+            UnitScores.from_dict(dict(s.to_dict(), format_version=version))
+    for metadata in ({"x": float("nan")}, {1: "an int key"}, {"t": (1, 2)}):  # what a JSON file cannot give back
+        with pytest.raises(UnitScoresError, match="field 'metadata'"):
+            UnitScores.from_dict(dict(s.to_dict(), metadata=metadata))
 
 
 def test_cli_writes_heatmap_statistics_and_overlaps(tmp_path, capsys):
