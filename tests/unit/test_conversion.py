@@ -701,8 +701,6 @@ def test_a_damaged_source_is_refused_naming_the_file(tmp_path, capsys):
                             (weightless, f"error: --hf-path {weightless}: no model.safetensors or "
                                          f"model.safetensors.index.json in {weightless}")):
         _assert_refused(capsys, IMPORT, ["--hf-path", str(source), "--save", str(save)], message, save)
-    _assert_refused(capsys, tool("convert_gguf_to_hf"), ["--gguf-file", str(tmp_path / "x.gguf"), "--save", str(save)],
-                    f"error: --gguf-file {tmp_path / 'x.gguf'}: no such file", save)
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, converted):

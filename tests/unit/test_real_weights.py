@@ -104,7 +104,7 @@ def test_the_gguf_became_a_plain_hf_checkpoint(smollm2_hf_dir):
 def test_gguf_cli_refuses_bad_input_before_reading(smollm2_hf_dir, tmp_path, capsys):
     argv = ["--gguf-file", str(tmp_path / "none.gguf"), "--save", str(tmp_path / "out")]
     assert run_tool(GGUF_TO_HF.main, argv) == 2
-    assert "none.gguf does not exist" in capsys.readouterr().err
+    assert f"error: --gguf-file {tmp_path / 'none.gguf'}: no such file" in capsys.readouterr().err
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     assert run_tool(GGUF_TO_HF.main, ["--gguf-file", str(gguf_path()), "--save", str(tmp_path / "out")]) == 2
