@@ -146,7 +146,8 @@ def analyze(args) -> None:
 def write_held_out(out: Path, seed: int) -> dict[str, Path]:
     """Text the runs never trained on: stdlib files the corpus took no chunk from, and recall documents of another
     seed. Made afresh on every call (a few ms): where an output directory holds other text (an earlier version's),
-    it is replaced and the evaluations of it are removed, so a resumed study evaluates this version's text."""
+    it is replaced and what was computed from it (evaluations; the ablation ranking and the analysis) is removed,
+    so a resumed study evaluates this version's text."""
     from megatron_consa.data.demo_corpus import held_out_stdlib_documents, recall_documents
     from megatron_consa.files import atomic_output
 
@@ -157,8 +158,11 @@ def write_held_out(out: Path, seed: int) -> dict[str, Path]:
         content = "".join(json.dumps({"text": d}) + "\n" for d in docs)
         if files[kind].is_file() and files[kind].read_text() == content:
             continue
-        for stale in (out / "eval").glob(f"*.{kind}.json"):
-            stale.unlink()
+        stale = list((out / "eval").glob(f"*.{kind}.json"))
+        if kind == "text":  # (the ablation ranks heads by their loss on it; the analysis compares with that)
+            stale += [f for f in (out / "ablation_scores.json", out / "analysis.json") if f.is_file()]
+        for f in stale:
+            f.unlink()
         with atomic_output(files[kind]) as tmp:
             tmp.write_text(content)
     return files

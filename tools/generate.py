@@ -146,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warn_past_positions(ids.size(1) + args.max_new_tokens, arch.max_position_embeddings,
                             "the prompt and --max-new-tokens", logging.getLogger("megatron_consa.generate"))
         model, loading = AutoModelForCausalLM.from_pretrained(
-            model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32, output_loading_info=True)
+            model_dir, attn_implementation=CONSA_ATTENTION, dtype=torch.float32, output_loading_info=True,
+            ignore_mismatched_sizes=True)  # (listed, then refused below, not a RuntimeError)
         missing = sorted(loading["missing_keys"]) + sorted(key for key, *_ in loading["mismatched_keys"])
         if missing:  # (transformers would start them at random and only log it)
             raise UserInputError(f"--hf-path {model_dir}: the weights lack or misshape {len(missing)} of the model's "

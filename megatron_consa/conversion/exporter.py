@@ -66,7 +66,7 @@ def export_to_hf(request: ExportRequest) -> Path:
     occupied = save.exists() and (not save.is_dir() or any(save.iterdir()))
     if occupied and not request.overwrite:
         raise OutputExistsError(f"{save} already exists and is not empty: choose another --save, or pass --overwrite")
-    tokenizer = tokenizer_from_path(load)
+    tokenizer = tokenizer_from_path(load, flag="--load")
     _set_special_ids(hf_config, tokenizer, own_config=(load / HF_CONFIG_FILE).is_file())
     if isinstance(tokenizer, SentencePieceTokenizer):
         tokenizer.hf_tokenizer  # noqa: B018  converted (or refused) before the weights are read

@@ -93,7 +93,11 @@ def set_window_fields(hf_config: Any, fields: dict[str, Any]) -> None:
     for key in (CONSA_HF_CONFIG_KEY, "attn_implementation"):
         if key in vars(hf_config):
             delattr(hf_config, key)
+    n = hf_config.num_hidden_layers
     for key, value in fields.items():
+        own = getattr(hf_config, key, None)
+        if key == "max_window_layers" and isinstance(own, int) and min(own, n) == min(value, n):
+            continue  # (any value from n on says "none slide": the config's own is kept, a round trip changes nothing)
         setattr(hf_config, key, value)
 
 
@@ -114,9 +118,10 @@ def _stock_fields(allocation: Optional[Allocation], arch: ArchitectureConfig) ->
             "sliding_window": allocation.window,
             "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
         }
+        # the older field (read without layer_types): layers from `first` on slide, where that says the same;
+        # else n, none (a reader of it alone runs the mix all FA: full attention, never a wrong window)
         first = next((i for i, s in enumerate(sliding) if s), n)
-        if all(sliding[first:]):  # (the older field, where it can say the same: layers from `first` on slide)
-            fields["max_window_layers"] = first
+        fields["max_window_layers"] = first if all(sliding[first:]) else n
         return fields
     if arch.model_type == "mistral" and all(sliding):
         return {"sliding_window": allocation.window}

@@ -130,7 +130,8 @@ def checkpoint_tokenizer(models, tokenizer_model: Optional[str]):
         if tokenizer is None:
             raise UserInputError(f"--load {models.path}: the checkpoint holds no tokenizer; give --tokenizer-model")
     if tokenizer.vocab_size > models.arch.vocab_size:
-        raise UserInputError(f"--tokenizer-model: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+        source = "--tokenizer-model" if tokenizer_model else f"--load {models.path}: the checkpoint's tokenizer"
+        raise UserInputError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                              f"vocabulary is {models.arch.vocab_size}: use the model's own tokenizer")
     return tokenizer
 

@@ -609,6 +609,12 @@ def _eval_samples(run: RunConfig) -> int:
     return evals * run.eval_iters * run.training.global_batch_size
 
 
+def validation_perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(20) as Megatron-LM caps the validation perplexity it logs (a diverged
+    run's loss would overflow it)."""
+    return math.exp(min(20.0, loss))
+
+
 def _checkpoint_extras(run: RunConfig, tokenizer) -> Callable[[Path], dict]:
     """What makes a checkpoint self-describing: its tokenizer and a Hugging Face config.json.
 
@@ -725,7 +731,7 @@ def run_training(prepared: PreparedRun):
         else:  # the test split, once, at the end (its first --eval-iters batches)
             loss = trainer.evaluate(test_src, iterations=run.eval_iters)
         manual_gc.after_eval()
-        ppl = math.exp(min(20.0, loss))  # (capped as Megatron-LM caps it)
+        ppl = validation_perplexity(loss)
         if trainer.metrics is not None:
             trainer.metrics.add_scalar(f"consa/{split}_loss", loss, k)
             if training.log_validation_ppl_to_tensorboard:

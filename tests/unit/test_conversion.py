@@ -185,6 +185,32 @@ def test_llama3_rope_scaling_is_carried_over_or_refused(tmp_path, single_rank_mc
             ArchitectureConfig.from_hf(cfg)
 
 
+def test_max_window_layers_says_what_layer_types_does_or_that_none_slide():
+    """Exported Qwen windows: layer_types (what transformers reads) and max_window_layers (what a reader without
+    layer_types reads): the first sliding layer where every later one slides, else the layer count (none slide:
+    such a reader runs full attention, never a wrong window); a config's own value meaning the same is kept."""
+    from megatron_consa.conversion.windows import hf_window_fields, set_window_fields
+
+    arch = ArchitectureConfig.from_hf(transformers.Qwen3Config(num_hidden_layers=4, num_key_value_heads=2,
+                                                               num_attention_heads=4, hidden_size=64, head_dim=16))
+
+    def fields(rows):
+        allocation = Allocation(granularity="layer", num_layers=4, num_kv_heads=2, window=8, sink_tokens=0,
+                                target_sparsity=None, fa=[[r, r] for r in rows]).validate()
+        return hf_window_fields(allocation, arch)
+
+    assert fields([1, 1, 0, 0])["max_window_layers"] == 2
+    mixed = fields([0, 1, 0, 1])
+    assert mixed["max_window_layers"] == 4 and mixed["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    for own, written in ((28, 28), (4, 4), (1, 4)):
+        config = transformers.Qwen3Config(num_hidden_layers=4, max_window_layers=own)
+        set_window_fields(config, mixed)
+        assert config.max_window_layers == written and config.layer_types == mixed["layer_types"]
+    config = transformers.Qwen3Config(num_hidden_layers=4, max_window_layers=28)
+    set_window_fields(config, hf_window_fields(None, arch))  # all FA: the field is not written
+    assert config.max_window_layers == 28 and not config.use_sliding_window
+
+
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_round_trip_through_the_clis_is_bit_exact(converted, kind):
     root, out = converted
@@ -645,6 +671,11 @@ def test_bad_inputs_are_refused_with_a_clear_error_and_nothing_written(tmp_path,
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
         _assert_refused(capsys, IMPORT, ["--hf-path", str(out["qwen3"][0]), "--save", str(save), flag, "0"],
                         f"{flag}=0: must be >= 1", save)
+    # a checkpoint whose tokenizer transformers cannot read: named by the flag that gave it
+    damaged = shutil.copytree(out["qwen3"][1], tmp_path / "damaged_tokenizer")
+    (damaged / "tokenizer.json").write_text("{not json")
+    _assert_refused(capsys, EXPORT, ["--load", str(damaged), "--save", str(save)],
+                    f"error: --load {damaged}: transformers cannot read the tokenizer there", save)
     # an allocation made for another model
     other = make_preset("all_swa", num_layers=6, num_kv_heads=2, granularity="layer", target_sparsity=None, window=8)
     other.save(tmp_path / "other.json")

@@ -245,14 +245,16 @@ def test_study_small_replaces_other_held_out_text_and_its_evaluations(tmp_path):
     files = study.write_held_out(tmp_path, seed=0)
     (tmp_path / "eval").mkdir()
     reports = {kind: tmp_path / "eval" / f"learned.{kind}.json" for kind in files}
-    for report in reports.values():
+    from_text = [tmp_path / "ablation_scores.json", tmp_path / "analysis.json"]  # (ranked on the held-out text)
+    for report in [*reports.values(), *from_text]:
         report.write_text("{}")
-    assert study.write_held_out(tmp_path, seed=0) == files and all(r.is_file() for r in reports.values())
+    assert study.write_held_out(tmp_path, seed=0) == files and all(r.is_file() for r in [*reports.values(), *from_text])
     current = files["text"].read_text()
     files["text"].write_text('{"text": "the rest of a file the gates learned on"}\n')
     study.write_held_out(tmp_path, seed=0)
     assert files["text"].read_text() == current
     assert not reports["text"].exists() and reports["recall"].is_file()
+    assert not any(f.exists() for f in from_text)
 
 
 @pytest.mark.parametrize("script", ["cpu_workflow", "study_small", "study_real"])

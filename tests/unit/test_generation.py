@@ -574,17 +574,22 @@ def test_generate_cli_refuses_bad_input(generation_dirs, tmp_path, capsys):
                fa=MIXED[:-1]).validate().save(other)
     from safetensors.torch import load_file, save_file
 
-    damaged_tokenizer, short = shutil.copytree(export, tmp_path / "damaged"), shutil.copytree(export, tmp_path / "short")
+    damaged_tokenizer = shutil.copytree(export, tmp_path / "damaged")
     (damaged_tokenizer / "tokenizer.json").write_text("{not json")
-    weights = load_file(short / "model.safetensors")
-    del weights["model.layers.1.self_attn.k_proj.weight"]  # (transformers would start it at random and only log it)
-    save_file(weights, short / "model.safetensors", metadata={"format": "pt"})
+    short, misshaped = shutil.copytree(export, tmp_path / "short"), shutil.copytree(export, tmp_path / "misshaped")
+    key = "model.layers.1.self_attn.k_proj.weight"
+    for copy in (short, misshaped):  # (transformers would start the tensor at random, or raise its own error)
+        weights = load_file(copy / "model.safetensors")
+        if copy == short:
+            del weights[key]
+        else:
+            weights[key] = weights[key][:-1].clone()
+        save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
     cases = [
         (["--hf-path", str(damaged_tokenizer), "--prompt-ids", "1"],
          f"--hf-path {damaged_tokenizer}: transformers cannot read the tokenizer there (JSONDecodeError"),
-        (["--hf-path", str(short), "--prompt-ids", "1"],
-         f"--hf-path {short}: the weights lack or misshape 1 of the model's tensors "
-         "(model.layers.1.self_attn.k_proj.weight): export the checkpoint again"),
+        *((["--hf-path", str(copy), "--prompt-ids", "1"], f"--hf-path {copy}: the weights lack or misshape 1 of the "
+           f"model's tensors ({key}): export the checkpoint again") for copy in (short, misshaped)),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--allocation", str(other)],
          f"--allocation {other}: allocation field 'num_layers' is {L - 1}"),
         (["--load", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),

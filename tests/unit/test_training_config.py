@@ -1290,3 +1290,14 @@ def test_a_distributed_optimizer_resume_builds_the_saved_kv_group_order(tmp_path
     fresh_optimizer = prepare_run(parse_run_config(base + ["--load", str(tmp_path / "run"), "--no-load-optim"]),
                                   world_size=1)
     assert fresh_optimizer.resume and fresh_optimizer.run.consa.permute_kv_groups is True
+
+
+def test_validation_perplexity_is_capped_as_megatron_lms():
+    """exp(loss) up to a loss of 20, exp(20) beyond (Megatron-LM's `math.exp(min(20, loss))`): a diverged run's
+    validation loss logs a number, not an OverflowError."""
+    import math
+
+    from megatron_consa.training.run import validation_perplexity
+
+    assert validation_perplexity(2.5) == math.exp(2.5) and validation_perplexity(20.0) == math.exp(20.0)
+    assert validation_perplexity(25.0) == validation_perplexity(1e6) == math.exp(20.0)
